@@ -1,0 +1,96 @@
+/// The state of every shard at one log position: what recovery rebuilds and snapshots store.
+///
+/// ``apply(_:)`` replays one logged fact. It checks that the fact fits the state (the SKU and order
+/// it names exist, the order is pending) and refuses one that does not, so a log that passed its
+/// checksums but does not belong to this state stops recovery instead of corrupting it.
+public struct EngineState: Sendable {
+    public var shards: [ShardState]
+    /// The log position (sequence number of the last record) this state includes.
+    public var lsn: UInt64
+
+    public init(shardCount: Int) {
+        precondition(shardCount >= 1 && shardCount <= Limits.shardCountMax)
+        shards = (0..<shardCount).map { ShardState(shard: $0) }
+        lsn = 0
+    }
+
+    public init(shards: [ShardState], lsn: UInt64) {
+        precondition(shards.enumerated().allSatisfy { $0.offset == $0.element.shard })
+        self.shards = shards
+        self.lsn = lsn
+    }
+
+    /// A replayed fact that does not fit the state it is applied to.
+    public struct ReplayError: Error, CustomStringConvertible, Sendable {
+        public var reason: String
+        public var description: String { reason }
+    }
+
+    /// Applies one record and advances ``lsn``.
+    public mutating func apply(_ record: Record) throws(ReplayError) {
+        switch record {
+        case let .skuAdded(shard, skuIndex, sku, total, limit):
+            try checkShard(shard)
+            guard Int(skuIndex) == shards[shard].skus.count, shards[shard].skuIndexByName[sku] == nil else {
+                throw ReplayError(reason: "SKU \(sku) added at index \(skuIndex) out of order")
+            }
+            shards[shard].applySkuAdded(index: skuIndex, sku: sku, total: total, limit: limit)
+        case let .restocked(shard, skuIndex, delta):
+            let s = try sku(shard, skuIndex)
+            guard s.total + delta >= s.reserved + s.sold else { throw ReplayError(reason: "restock below committed on \(s.name)") }
+            shards[shard].applyRestocked(index: skuIndex, delta: delta)
+        case let .pausedChanged(shard, skuIndex, paused):
+            _ = try sku(shard, skuIndex)
+            shards[shard].applyPaused(index: skuIndex, paused: paused)
+        case let .deducted(shard, skuIndex, quantity):
+            let s = try sku(shard, skuIndex)
+            guard quantity > 0, s.available >= quantity else { throw ReplayError(reason: "deduct past available on \(s.name)") }
+            shards[shard].applyDeducted(index: skuIndex, quantity: quantity)
+        case let .orderCreated(created):
+            guard let owner = created.id.shard, owner < shards.count,
+                Int(created.id.sequence) == shards[owner].orders.count + 1
+            else { throw ReplayError(reason: "order \(created.id) created out of sequence") }
+            var names: [String] = []
+            names.reserveCapacity(created.items.count)
+            for item in created.items {
+                let s = try sku(item.shard, item.skuIndex)
+                guard item.quantity > 0, s.available >= Int64(item.quantity) else {
+                    throw ReplayError(reason: "order \(created.id) holds more than available on \(s.name)")
+                }
+                names.append(s.name)
+            }
+            guard !created.items.isEmpty else { throw ReplayError(reason: "order \(created.id) has no items") }
+            for item in created.items {
+                shards[item.shard].applyHold(user: created.user, index: item.skuIndex, quantity: Int64(item.quantity))
+            }
+            shards[owner].storeOrder(created, skus: names)
+        case let .orderPaid(id): try transition(id, to: .paid)
+        case let .orderCancelled(id): try transition(id, to: .cancelled)
+        case let .orderExpired(id): try transition(id, to: .expired)
+        }
+        lsn += 1
+    }
+
+    private func checkShard(_ shard: Int) throws(ReplayError) {
+        guard shard >= 0, shard < shards.count else { throw ReplayError(reason: "record names shard \(shard) of \(shards.count)") }
+    }
+
+    private func sku(_ shard: Int, _ index: UInt32) throws(ReplayError) -> ShardState.Sku {
+        try checkShard(shard)
+        guard Int(index) < shards[shard].skus.count else { throw ReplayError(reason: "record names unknown SKU \(shard)/\(index)") }
+        return shards[shard].skus[Int(index)]
+    }
+
+    private mutating func transition(_ id: OrderID, to state: OrderState) throws(ReplayError) {
+        guard let owner = id.shard, owner < shards.count, let seq = shards[owner].localSequence(id) else {
+            throw ReplayError(reason: "record names unknown order \(id)")
+        }
+        guard shards[owner].orders[Int(seq) - 1].state == .pending else {
+            throw ReplayError(reason: "order \(id) is not pending")
+        }
+        for effect in shards[owner].applyTransition(seq: seq, to: state) {
+            try checkShard(effect.shard)
+            shards[effect.shard].apply(effect)
+        }
+    }
+}

@@ -1,0 +1,211 @@
+/// A log record: one state change, as a fact. Replaying the records in log order rebuilds the state;
+/// replay applies facts and never decides again. Layouts are in docs/FORMAT.md.
+public enum Record: Equatable, Sendable {
+    case skuAdded(shard: Int, skuIndex: UInt32, sku: String, total: Int64, limit: Int64)
+    case restocked(shard: Int, skuIndex: UInt32, delta: Int64)
+    case pausedChanged(shard: Int, skuIndex: UInt32, paused: Bool)
+    case deducted(shard: Int, skuIndex: UInt32, quantity: Int64)
+    case orderCreated(OrderCreated)
+    case orderPaid(OrderID)
+    case orderCancelled(OrderID)
+    case orderExpired(OrderID)
+
+    /// The facts of a new order. Items name their SKUs by (shard, index): stable, since a SKU's
+    /// `skuAdded` record always precedes any order on it.
+    public struct OrderCreated: Equatable, Sendable {
+        public var id: OrderID
+        public var deadlineMillis: Int64
+        public var user: String
+        /// Empty when the client gave no request id.
+        public var requestId: String
+        public var items: [Item]
+    }
+
+    public struct Item: Equatable, Sendable {
+        public var shard: Int
+        public var skuIndex: UInt32
+        public var quantity: UInt32
+    }
+
+    /// Record kinds as stored in the first byte of each record.
+    public enum Kind: UInt8, Sendable {
+        case skuAdded = 1, restocked = 2, pausedChanged = 3, deducted = 4
+        case orderCreated = 5, orderPaid = 6, orderCancelled = 7, orderExpired = 8
+    }
+}
+
+/// Appends encoded records to a growable byte buffer. Every record is
+/// `[kind u8][body length u16][body]`, integers little-endian, strings as `[length u8][UTF-8]`.
+public struct RecordBuffer: Sendable {
+    public private(set) var bytes: [UInt8] = []
+    public private(set) var count = 0
+
+    public init(capacity: Int = 4096) { bytes.reserveCapacity(capacity) }
+
+    public var isEmpty: Bool { count == 0 }
+
+    public mutating func removeAll() {
+        bytes.removeAll(keepingCapacity: true)
+        count = 0
+    }
+
+    @inline(__always) private mutating func begin(_ kind: Record.Kind) -> Int {
+        bytes.append(kind.rawValue)
+        bytes.append(0)
+        bytes.append(0)
+        return bytes.count
+    }
+
+    @inline(__always) private mutating func end(_ bodyStart: Int) {
+        let length = bytes.count - bodyStart
+        precondition(length <= Int(UInt16.max), "record body over 64 KiB")
+        bytes[bodyStart - 2] = UInt8(truncatingIfNeeded: length)
+        bytes[bodyStart - 1] = UInt8(truncatingIfNeeded: length >> 8)
+        count += 1
+    }
+
+    public mutating func skuAdded(shard: Int, skuIndex: UInt32, sku: String, total: Int64, limit: Int64) {
+        let start = begin(.skuAdded)
+        bytes.appendLE(UInt16(shard)); bytes.appendLE(skuIndex); bytes.appendLE(total); bytes.appendLE(limit)
+        bytes.appendName(sku)
+        end(start)
+    }
+
+    public mutating func restocked(shard: Int, skuIndex: UInt32, delta: Int64) {
+        let start = begin(.restocked)
+        bytes.appendLE(UInt16(shard)); bytes.appendLE(skuIndex); bytes.appendLE(delta)
+        end(start)
+    }
+
+    public mutating func pausedChanged(shard: Int, skuIndex: UInt32, paused: Bool) {
+        let start = begin(.pausedChanged)
+        bytes.appendLE(UInt16(shard)); bytes.appendLE(skuIndex); bytes.append(paused ? 1 : 0)
+        end(start)
+    }
+
+    public mutating func deducted(shard: Int, skuIndex: UInt32, quantity: Int64) {
+        let start = begin(.deducted)
+        bytes.appendLE(UInt16(shard)); bytes.appendLE(skuIndex); bytes.appendLE(quantity)
+        end(start)
+    }
+
+    /// The single-item order, written without building an items array (the hot path).
+    public mutating func orderCreated(
+        id: OrderID, deadlineMillis: Int64, user: String, requestId: String?,
+        shard: Int, skuIndex: UInt32, quantity: UInt32
+    ) {
+        let start = begin(.orderCreated)
+        bytes.appendLE(id.rawValue); bytes.appendLE(deadlineMillis)
+        bytes.appendName(user); bytes.appendName(requestId ?? "")
+        bytes.appendLE(UInt16(1))
+        bytes.appendLE(UInt16(shard)); bytes.appendLE(skuIndex); bytes.appendLE(quantity)
+        end(start)
+    }
+
+    public mutating func orderCreated(_ order: Record.OrderCreated) {
+        let start = begin(.orderCreated)
+        bytes.appendLE(order.id.rawValue); bytes.appendLE(order.deadlineMillis)
+        bytes.appendName(order.user); bytes.appendName(order.requestId)
+        bytes.appendLE(UInt16(order.items.count))
+        for item in order.items {
+            bytes.appendLE(UInt16(item.shard)); bytes.appendLE(item.skuIndex); bytes.appendLE(item.quantity)
+        }
+        end(start)
+    }
+
+    public mutating func orderTransition(_ kind: Record.Kind, _ id: OrderID) {
+        precondition(kind == .orderPaid || kind == .orderCancelled || kind == .orderExpired)
+        let start = begin(kind)
+        bytes.appendLE(id.rawValue)
+        end(start)
+    }
+
+    public mutating func append(_ record: Record) {
+        switch record {
+        case let .skuAdded(shard, skuIndex, sku, total, limit):
+            skuAdded(shard: shard, skuIndex: skuIndex, sku: sku, total: total, limit: limit)
+        case let .restocked(shard, skuIndex, delta): restocked(shard: shard, skuIndex: skuIndex, delta: delta)
+        case let .pausedChanged(shard, skuIndex, paused): pausedChanged(shard: shard, skuIndex: skuIndex, paused: paused)
+        case let .deducted(shard, skuIndex, quantity): deducted(shard: shard, skuIndex: skuIndex, quantity: quantity)
+        case let .orderCreated(order): orderCreated(order)
+        case let .orderPaid(id): orderTransition(.orderPaid, id)
+        case let .orderCancelled(id): orderTransition(.orderCancelled, id)
+        case let .orderExpired(id): orderTransition(.orderExpired, id)
+        }
+    }
+
+    /// Appends records already encoded by another buffer.
+    public mutating func append(contentsOf other: RecordBuffer) {
+        bytes.append(contentsOf: other.bytes)
+        count += other.count
+    }
+}
+
+/// Why a byte sequence is not a valid record stream.
+public struct RecordDecodingError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// Offset of the bad record within the decoded bytes.
+    public var offset: Int
+    public var reason: String
+    public var description: String { "bad record at payload offset \(offset): \(reason)" }
+}
+
+extension Record {
+    /// Decodes every record in `bytes`, calling `body` for each in order.
+    public static func decodeAll(
+        _ bytes: UnsafeRawBufferPointer, _ body: (Record) throws -> Void
+    ) throws {
+        var reader = ByteReader(bytes)
+        while !reader.isAtEnd {
+            let recordStart = reader.offset
+            do {
+                let record = try decodeOne(&reader)
+                try body(record)
+            } catch let error as ByteReader.Underflow {
+                throw RecordDecodingError(offset: recordStart, reason: error.reason)
+            }
+        }
+    }
+
+    static func decodeOne(_ reader: inout ByteReader) throws -> Record {
+        let kindByte: UInt8 = try reader.read()
+        let length = Int(try reader.read() as UInt16)
+        var body = try reader.sub(length)
+        guard let kind = Kind(rawValue: kindByte) else {
+            throw ByteReader.Underflow(reason: "unknown record kind \(kindByte)")
+        }
+        let record: Record
+        switch kind {
+        case .skuAdded:
+            let shard = Int(try body.read() as UInt16)
+            let skuIndex: UInt32 = try body.read()
+            let total: Int64 = try body.read()
+            let limit: Int64 = try body.read()
+            record = .skuAdded(shard: shard, skuIndex: skuIndex, sku: try body.readName(), total: total, limit: limit)
+        case .restocked:
+            record = .restocked(shard: Int(try body.read() as UInt16), skuIndex: try body.read(), delta: try body.read())
+        case .pausedChanged:
+            record = .pausedChanged(
+                shard: Int(try body.read() as UInt16), skuIndex: try body.read(), paused: (try body.read() as UInt8) != 0)
+        case .deducted:
+            record = .deducted(shard: Int(try body.read() as UInt16), skuIndex: try body.read(), quantity: try body.read())
+        case .orderCreated:
+            let id = OrderID(rawValue: try body.read())
+            let deadline: Int64 = try body.read()
+            let user = try body.readName()
+            let requestId = try body.readName()
+            let itemCount = Int(try body.read() as UInt16)
+            var items: [Item] = []
+            items.reserveCapacity(itemCount)
+            for _ in 0..<itemCount {
+                items.append(Item(shard: Int(try body.read() as UInt16), skuIndex: try body.read(), quantity: try body.read()))
+            }
+            record = .orderCreated(OrderCreated(id: id, deadlineMillis: deadline, user: user, requestId: requestId, items: items))
+        case .orderPaid: record = .orderPaid(OrderID(rawValue: try body.read()))
+        case .orderCancelled: record = .orderCancelled(OrderID(rawValue: try body.read()))
+        case .orderExpired: record = .orderExpired(OrderID(rawValue: try body.read()))
+        }
+        guard body.isAtEnd else { throw ByteReader.Underflow(reason: "\(body.remaining) stray bytes in \(kind) record") }
+        return record
+    }
+}
+

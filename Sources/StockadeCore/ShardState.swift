@@ -1,0 +1,586 @@
+/// One shard's SKUs and orders: a pure, deterministic state machine.
+///
+/// No clock, no I/O, no randomness: "now" is an argument, and every change it makes is also written to
+/// a ``RecordBuffer`` the caller hands in. Methods named `apply…` make a change without deciding
+/// anything; the live path calls them after its checks and replay calls them for each logged fact, so
+/// both paths change state the same way.
+public struct ShardState: Sendable {
+    public let shard: Int
+
+    struct Sku {
+        var name: String
+        var total: Int64
+        var available: Int64
+        var reserved: Int64
+        var sold: Int64
+        var limit: Int64
+        var paused: Bool
+        let counter: StockCounter
+    }
+
+    /// One order, 32 bytes. Orders live in a dense array indexed by sequence - 1; single-SKU orders
+    /// (the common case) keep their item inline, others in ``multiItems``.
+    struct OrderSlot {
+        var deadlineMillis: Int64
+        var userIndex: UInt32
+        var skuIndex: UInt32
+        var quantity: UInt32
+        /// This user's previous order in this shard (sequence), 0 for none: the user's order list.
+        var previousOfUser: UInt32
+        var state: OrderState
+        var isMulti: Bool
+    }
+
+    /// An item of a multi-SKU (or cross-shard) order, with its SKU's id for display.
+    struct MultiItem {
+        var item: Record.Item
+        var sku: String
+    }
+
+    struct RequestKey: Hashable {
+        var user: UInt32
+        var requestId: String
+    }
+
+    var skus: [Sku] = []
+    var skuIndexByName: [String: UInt32] = [:]
+    var users: [String] = []
+    var userIndexByName: [String: UInt32] = [:]
+    var lastOrderOfUser: [UInt32] = []
+    var orders: [OrderSlot] = []
+    var multiItems: [UInt32: [MultiItem]] = [:]
+    /// Request id -> order sequence; 0 marks a multi-shard request being placed right now.
+    var requests: [RequestKey: UInt32] = [:]
+    /// PENDING + PAID units per (user << 32 | sku), kept only for SKUs with a per-user limit.
+    var heldByUserSku: [UInt64: Int64] = [:]
+    var expiry = ExpiryHeap()
+
+    public init(shard: Int) {
+        precondition(shard >= 0 && shard < Limits.shardCountMax)
+        self.shard = shard
+    }
+
+    public var skuCount: Int { skus.count }
+    public var orderCount: Int { orders.count }
+    public var pendingOrderCount: Int { orders.reduce(0) { $0 + ($1.state == .pending ? 1 : 0) } }
+
+    // MARK: - Reads
+
+    public func skuIndex(_ sku: String) -> UInt32? { skuIndexByName[sku] }
+
+    public func stock(_ sku: String) -> SkuInfo? {
+        skuIndexByName[sku].map { info(Int($0)) }
+    }
+
+    func info(_ index: Int) -> SkuInfo {
+        let s = skus[index]
+        return SkuInfo(
+            sku: s.name, total: s.total, available: s.available, reserved: s.reserved, sold: s.sold,
+            limit: s.limit, paused: s.paused)
+    }
+
+    /// The counter a SKU publishes its available stock to.
+    public func counter(_ sku: String) -> StockCounter? { skuIndexByName[sku].map { skus[Int($0)].counter } }
+
+    /// Every SKU id with its counter, in index order (for publishing after recovery).
+    public var counters: [(String, StockCounter)] { skus.map { ($0.name, $0.counter) } }
+
+    /// Checks `available + reserved + sold == total`, all non-negative, and that the published counter
+    /// agrees; for one SKU or, with nil, all of them.
+    public func audit(_ sku: String?) -> [AuditFinding]? {
+        let indices: [Int]
+        if let sku {
+            guard let index = skuIndexByName[sku] else { return nil }
+            indices = [Int(index)]
+        } else {
+            indices = Array(skus.indices)
+        }
+        return indices.map { index in
+            let s = skus[index]
+            var problems: [String] = []
+            if s.available + s.reserved + s.sold != s.total {
+                problems.append("available \(s.available) + reserved \(s.reserved) + sold \(s.sold) != total \(s.total)")
+            }
+            if s.available < 0 || s.reserved < 0 || s.sold < 0 { problems.append("negative count") }
+            let published = s.counter.available
+            if published != s.available { problems.append("published counter \(published) != available \(s.available)") }
+            return AuditFinding(sku: s.name, ok: problems.isEmpty, problem: problems.joined(separator: "; "))
+        }
+    }
+
+    public func order(_ id: OrderID) -> OrderInfo? {
+        guard let seq = localSequence(id) else { return nil }
+        return orderInfo(seq)
+    }
+
+    /// This shard's orders of `user`, oldest first.
+    public func orders(ofUser user: String) -> [OrderInfo] {
+        guard let userIndex = userIndexByName[user] else { return [] }
+        var result: [OrderInfo] = []
+        var seq = lastOrderOfUser[Int(userIndex)]
+        while seq != 0 {
+            result.append(orderInfo(seq))
+            seq = orders[Int(seq) - 1].previousOfUser
+        }
+        return result.reversed()
+    }
+
+    func localSequence(_ id: OrderID) -> UInt32? {
+        let seq = id.sequence
+        guard id.shard == shard, seq >= 1, Int(seq) <= orders.count else { return nil }
+        return seq
+    }
+
+    func orderInfo(_ seq: UInt32) -> OrderInfo {
+        let slot = orders[Int(seq) - 1]
+        let lines: [OrderLine]
+        if slot.isMulti {
+            lines = (multiItems[seq] ?? []).map { OrderLine(sku: $0.sku, quantity: Int64($0.item.quantity)) }
+        } else {
+            lines = [OrderLine(sku: skus[Int(slot.skuIndex)].name, quantity: Int64(slot.quantity))]
+        }
+        return OrderInfo(
+            id: OrderID(shard: shard, sequence: seq), user: users[Int(slot.userIndex)], lines: lines,
+            state: slot.state, deadlineMillis: slot.deadlineMillis)
+    }
+
+    // MARK: - SKU changes
+
+    public mutating func addSku(_ sku: String, total: Int64, limit: Int64, log: inout RecordBuffer) -> Reply {
+        guard isValidName(sku) else { return .rejected(.badArgument("SKU id must be 1 to \(Limits.nameBytesMax) bytes")) }
+        guard total >= 0, total <= Limits.stockMax else {
+            return .rejected(.badArgument("total must be 0 to \(Limits.stockMax)"))
+        }
+        guard limit >= 0, limit <= Limits.quantityMax else {
+            return .rejected(.badArgument("limit must be 0 (none) to \(Limits.quantityMax)"))
+        }
+        guard skuIndexByName[sku] == nil else { return .rejected(.skuExists) }
+        let index = UInt32(skus.count)
+        applySkuAdded(index: index, sku: sku, total: total, limit: limit)
+        log.skuAdded(shard: shard, skuIndex: index, sku: sku, total: total, limit: limit)
+        return .done
+    }
+
+    public mutating func restock(_ sku: String, delta: Int64, log: inout RecordBuffer) -> Reply {
+        guard let index = skuIndexByName[sku] else { return .rejected(.noSuchSku) }
+        guard delta >= -Limits.stockMax, delta <= Limits.stockMax else { return .rejected(.badQuantity) }
+        let s = skus[Int(index)]
+        let committed = s.reserved + s.sold
+        guard s.total + delta >= committed else { return .rejected(.belowCommitted(committed: committed)) }
+        guard s.total + delta <= Limits.stockMax else {
+            return .rejected(.badArgument("total would exceed \(Limits.stockMax)"))
+        }
+        if delta != 0 {
+            applyRestocked(index: index, delta: delta)
+            log.restocked(shard: shard, skuIndex: index, delta: delta)
+        }
+        return .stock(info(Int(index)))
+    }
+
+    public mutating func setPaused(_ sku: String, paused: Bool, log: inout RecordBuffer) -> Reply {
+        guard let index = skuIndexByName[sku] else { return .rejected(.noSuchSku) }
+        if skus[Int(index)].paused != paused {
+            applyPaused(index: index, paused: paused)
+            log.pausedChanged(shard: shard, skuIndex: index, paused: paused)
+        }
+        return .done
+    }
+
+    /// The Redis stock script's semantics: 1 deducted, 0 not enough (or paused), -1 no such SKU.
+    /// Deducted units count as sold at once; they belong to no order.
+    public mutating func deduct(_ sku: String, quantity: Int64, log: inout RecordBuffer) -> Reply {
+        guard quantity >= 1, quantity <= Limits.quantityMax else { return .rejected(.badQuantity) }
+        guard let index = skuIndexByName[sku] else { return .deducted(-1) }
+        let s = skus[Int(index)]
+        guard !s.paused, s.available >= quantity else { return .deducted(0) }
+        applyDeducted(index: index, quantity: quantity)
+        log.deducted(shard: shard, skuIndex: index, quantity: quantity)
+        return .deducted(1)
+    }
+
+    // MARK: - Orders
+
+    /// Places a hold for `lines`, all of which live on this shard, all or nothing.
+    /// Arguments must have passed ``ShardState/validateReserve(user:lines:requestId:ttlMillis:)``.
+    public mutating func reserve(
+        user: String, lines: [OrderLine], requestId: String?, ttlMillis: Int64, now: Int64, log: inout RecordBuffer
+    ) -> Reply {
+        let knownUser = userIndexByName[user]
+        if let requestId, let knownUser, let seq = requests[RequestKey(user: knownUser, requestId: requestId)] {
+            return replayedRequest(seq)
+        }
+        if lines.count == 1 {
+            // The hot path: one SKU, no arrays built.
+            let line = lines[0]
+            guard let index = skuIndexByName[line.sku] else { return .rejected(.noSuchSku) }
+            if let rejection = check(index: index, quantity: line.quantity, knownUser: knownUser) {
+                return .rejected(rejection)
+            }
+            let userIndex = knownUser ?? intern(user)
+            applyHold(userIndex: userIndex, index: index, quantity: line.quantity)
+            let seq = UInt32(orders.count + 1)
+            let deadline = now + ttlMillis
+            storeSingleOrder(
+                seq: seq, userIndex: userIndex, index: index, quantity: UInt32(line.quantity), deadlineMillis: deadline,
+                requestId: requestId)
+            let id = OrderID(shard: shard, sequence: seq)
+            log.orderCreated(
+                id: id, deadlineMillis: deadline, user: user, requestId: requestId, shard: shard, skuIndex: index,
+                quantity: UInt32(line.quantity))
+            return .reserved(id, deadlineMillis: deadline, replayed: false)
+        }
+        let items: [Record.Item]
+        switch prepareHold(user: user, lines: lines) {
+        case .failure(let rejection): return .rejected(rejection)
+        case .success(let held): items = held
+        }
+        let id = commitOrder(
+            user: user, requestId: requestId, items: items, skus: lines.map(\.sku), deadlineMillis: now + ttlMillis,
+            log: &log)
+        return .reserved(id, deadlineMillis: now + ttlMillis, replayed: false)
+    }
+
+    /// Checks that `quantity` of SKU `index` can be held for the user, without changing anything.
+    func check(index: UInt32, quantity: Int64, knownUser: UInt32?) -> Rejection? {
+        let s = skus[Int(index)]
+        if s.paused { return .paused }
+        if s.available == 0 { return .soldOut }
+        if s.available < quantity { return .insufficient(available: s.available) }
+        if s.limit > 0 {
+            let bought = knownUser.map { heldByUserSku[Self.key($0, index)] ?? 0 } ?? 0
+            if bought + quantity > s.limit { return .limitReached(bought: bought, limit: s.limit) }
+        }
+        return nil
+    }
+
+    func replayedRequest(_ seq: UInt32) -> Reply {
+        if seq == 0 { return .rejected(.requestInFlight) }
+        return .reserved(
+            OrderID(shard: shard, sequence: seq), deadlineMillis: orders[Int(seq) - 1].deadlineMillis, replayed: true)
+    }
+
+    /// Validates a reservation's arguments before it is routed anywhere.
+    public static func validateReserve(user: String, lines: [OrderLine], requestId: String?, ttlMillis: Int64) -> Rejection? {
+        guard isValidName(user) else { return .badArgument("user id must be 1 to \(Limits.nameBytesMax) bytes") }
+        if let requestId, !isValidName(requestId) {
+            return .badArgument("request id must be 1 to \(Limits.nameBytesMax) bytes")
+        }
+        guard ttlMillis >= 1, ttlMillis <= Limits.ttlMillisMax else {
+            return .badArgument("TTL must be 1 to \(Limits.ttlMillisMax) ms")
+        }
+        guard !lines.isEmpty, lines.count <= Limits.itemsPerOrderMax else {
+            return .badArgument("an order has 1 to \(Limits.itemsPerOrderMax) SKUs")
+        }
+        for (position, line) in lines.enumerated() {
+            guard isValidName(line.sku) else { return .badArgument("SKU id must be 1 to \(Limits.nameBytesMax) bytes") }
+            guard line.quantity >= 1, line.quantity <= Limits.quantityMax else { return .badQuantity }
+            if lines[..<position].contains(where: { $0.sku == line.sku }) {
+                return .badArgument("SKU \(line.sku) listed twice")
+            }
+        }
+        return nil
+    }
+
+    // MARK: Multi-shard orders (the engine coordinates: begin, prepare on each shard, commit or abort)
+
+    /// Looks up a request id; when it is new, marks it as being placed. Returns the reply to give
+    /// instead of placing the order, or nil to go on.
+    public mutating func beginRequest(user: String, requestId: String?) -> Reply? {
+        guard let requestId else { return nil }
+        let key = RequestKey(user: userIndexByName[user] ?? intern(user), requestId: requestId)
+        if let seq = requests[key] { return replayedRequest(seq) }
+        requests[key] = 0
+        return nil
+    }
+
+    /// Withdraws a request marked by ``beginRequest(user:requestId:)`` whose order was not placed.
+    public mutating func abortRequest(user: String, requestId: String?) {
+        guard let requestId, let userIndex = userIndexByName[user] else { return }
+        let key = RequestKey(user: userIndex, requestId: requestId)
+        if requests[key] == 0 { requests[key] = nil }
+    }
+
+    /// Holds every line (all on this shard) or none. The holds are not logged: the order's record,
+    /// written by the owning shard on commit, carries them.
+    public mutating func prepareHold(user: String, lines: [OrderLine]) -> Result<[Record.Item], Rejection> {
+        let knownUser = userIndexByName[user]
+        var items: [Record.Item] = []
+        items.reserveCapacity(lines.count)
+        for line in lines {
+            guard let index = skuIndexByName[line.sku] else { return .failure(.noSuchSku) }
+            if let rejection = check(index: index, quantity: line.quantity, knownUser: knownUser) {
+                return .failure(rejection)
+            }
+            items.append(Record.Item(shard: shard, skuIndex: index, quantity: UInt32(line.quantity)))
+        }
+        let userIndex = knownUser ?? intern(user)
+        for item in items { applyHold(userIndex: userIndex, index: item.skuIndex, quantity: Int64(item.quantity)) }
+        return .success(items)
+    }
+
+    /// Returns prepared holds (the order was not placed). Not logged, as the holds were not.
+    public mutating func releasePrepared(user: String, items: [Record.Item]) {
+        for item in items where item.shard == shard {
+            applyRelease(user: user, index: item.skuIndex, quantity: Int64(item.quantity))
+        }
+    }
+
+    /// Records an order whose items were all held by ``prepareHold(user:lines:)`` on their shards.
+    public mutating func commitOrder(
+        user: String, requestId: String?, items: [Record.Item], skus names: [String], deadlineMillis: Int64,
+        log: inout RecordBuffer
+    ) -> OrderID {
+        let seq = UInt32(orders.count + 1)
+        let created = Record.OrderCreated(
+            id: OrderID(shard: shard, sequence: seq), deadlineMillis: deadlineMillis, user: user,
+            requestId: requestId ?? "", items: items)
+        storeOrder(created, skus: names)
+        log.orderCreated(created)
+        return created.id
+    }
+
+    /// Confirms payment. Past the deadline the order expires instead (its stock goes back) and the
+    /// reply is ``Rejection/expired``. Effects on other shards' SKUs are returned for the engine to apply.
+    public mutating func confirm(_ id: OrderID, now: Int64, log: inout RecordBuffer) -> (Reply, [ForeignEffect]) {
+        finish(id, as: .paid, now: now, log: &log)
+    }
+
+    /// Cancels a pending order and returns its stock.
+    public mutating func cancel(_ id: OrderID, now: Int64, log: inout RecordBuffer) -> (Reply, [ForeignEffect]) {
+        finish(id, as: .cancelled, now: now, log: &log)
+    }
+
+    mutating func finish(_ id: OrderID, as target: OrderState, now: Int64, log: inout RecordBuffer) -> (Reply, [ForeignEffect]) {
+        guard let seq = localSequence(id) else { return (.rejected(.noSuchOrder), []) }
+        let slot = orders[Int(seq) - 1]
+        switch slot.state {
+        case .pending:
+            if now >= slot.deadlineMillis {
+                let effects = applyTransition(seq: seq, to: .expired)
+                log.orderTransition(.orderExpired, id)
+                return (.rejected(.expired), effects)
+            }
+            let effects = applyTransition(seq: seq, to: target)
+            log.orderTransition(target == .paid ? .orderPaid : .orderCancelled, id)
+            return (.orderState(id, target), effects)
+        case .expired:
+            return (.rejected(.expired), [])
+        case let state:
+            return (state == target ? .orderState(id, state) : .rejected(.wrongState(state)), [])
+        }
+    }
+
+    /// Expires every pending order whose deadline is at or before `now`.
+    public mutating func expireDue(now: Int64, log: inout RecordBuffer) -> [ForeignEffect] {
+        var effects: [ForeignEffect] = []
+        while let top = expiry.top, top.deadlineMillis <= now {
+            expiry.pop()
+            guard orders[Int(top.sequence) - 1].state == .pending else { continue }
+            effects += applyTransition(seq: top.sequence, to: .expired)
+            log.orderTransition(.orderExpired, OrderID(shard: shard, sequence: top.sequence))
+        }
+        return effects
+    }
+
+    /// The earliest deadline of a pending order, if any (stale entries may make it early, never late).
+    public var nextDeadlineMillis: Int64? { expiry.top?.deadlineMillis }
+
+    // MARK: - Applying facts (shared by the live path and replay)
+
+    /// A change a shard's order makes to a SKU owned by another shard.
+    public struct ForeignEffect: Equatable, Sendable {
+        public var shard: Int
+        public var skuIndex: UInt32
+        public var quantity: Int64
+        public var user: String
+        /// true: the hold is released (cancel, expiry); false: it is sold (paid).
+        public var release: Bool
+    }
+
+    mutating func intern(_ user: String) -> UInt32 {
+        let index = UInt32(users.count)
+        users.append(user)
+        userIndexByName[user] = index
+        lastOrderOfUser.append(0)
+        return index
+    }
+
+    @inline(__always) static func key(_ user: UInt32, _ sku: UInt32) -> UInt64 { UInt64(user) << 32 | UInt64(sku) }
+
+    @inline(__always) mutating func publishAndCheck(_ index: Int) {
+        let s = skus[index]
+        assert(s.available >= 0 && s.reserved >= 0 && s.sold >= 0, "negative count on \(s.name)")
+        assert(s.available + s.reserved + s.sold == s.total, "invariant broken on \(s.name)")
+        s.counter.publish(s.available)
+    }
+
+    mutating func applySkuAdded(index: UInt32, sku: String, total: Int64, limit: Int64) {
+        precondition(Int(index) == skus.count, "SKU index out of order")
+        skus.append(
+            Sku(name: sku, total: total, available: total, reserved: 0, sold: 0, limit: limit, paused: false,
+                counter: StockCounter(total)))
+        skuIndexByName[sku] = index
+    }
+
+    mutating func applyRestocked(index: UInt32, delta: Int64) {
+        skus[Int(index)].total += delta
+        skus[Int(index)].available += delta
+        publishAndCheck(Int(index))
+    }
+
+    mutating func applyPaused(index: UInt32, paused: Bool) {
+        skus[Int(index)].paused = paused
+    }
+
+    mutating func applyDeducted(index: UInt32, quantity: Int64) {
+        skus[Int(index)].available -= quantity
+        skus[Int(index)].sold += quantity
+        publishAndCheck(Int(index))
+    }
+
+    mutating func applyHold(userIndex: UInt32, index: UInt32, quantity: Int64) {
+        skus[Int(index)].available -= quantity
+        skus[Int(index)].reserved += quantity
+        if skus[Int(index)].limit > 0 { heldByUserSku[Self.key(userIndex, index), default: 0] += quantity }
+        publishAndCheck(Int(index))
+    }
+
+    mutating func applyHold(user: String, index: UInt32, quantity: Int64) {
+        applyHold(userIndex: userIndexByName[user] ?? intern(user), index: index, quantity: quantity)
+    }
+
+    mutating func applyRelease(user: String, index: UInt32, quantity: Int64) {
+        skus[Int(index)].available += quantity
+        skus[Int(index)].reserved -= quantity
+        if skus[Int(index)].limit > 0, let userIndex = userIndexByName[user] {
+            let key = Self.key(userIndex, index)
+            let left = (heldByUserSku[key] ?? 0) - quantity
+            assert(left >= 0)
+            heldByUserSku[key] = left > 0 ? left : nil
+        }
+        publishAndCheck(Int(index))
+    }
+
+    mutating func applySold(index: UInt32, quantity: Int64) {
+        skus[Int(index)].reserved -= quantity
+        skus[Int(index)].sold += quantity
+        publishAndCheck(Int(index))
+    }
+
+    /// Applies an effect another shard's order has on one of this shard's SKUs.
+    public mutating func apply(_ effect: ForeignEffect) {
+        precondition(effect.shard == shard && Int(effect.skuIndex) < skus.count)
+        if effect.release {
+            applyRelease(user: effect.user, index: effect.skuIndex, quantity: effect.quantity)
+        } else {
+            applySold(index: effect.skuIndex, quantity: effect.quantity)
+        }
+    }
+
+    mutating func storeSingleOrder(
+        seq: UInt32, userIndex: UInt32, index: UInt32, quantity: UInt32, deadlineMillis: Int64, requestId: String?
+    ) {
+        precondition(Int(seq) == orders.count + 1 && orders.count < Limits.ordersPerShardMax, "order sequence out of order")
+        orders.append(
+            OrderSlot(
+                deadlineMillis: deadlineMillis, userIndex: userIndex, skuIndex: index, quantity: quantity,
+                previousOfUser: lastOrderOfUser[Int(userIndex)], state: .pending, isMulti: false))
+        lastOrderOfUser[Int(userIndex)] = seq
+        if let requestId, !requestId.isEmpty { requests[RequestKey(user: userIndex, requestId: requestId)] = seq }
+        expiry.push(deadlineMillis: deadlineMillis, sequence: seq)
+    }
+
+    /// Stores an order whose holds were already applied. `names` are the items' SKU ids, for display.
+    mutating func storeOrder(_ created: Record.OrderCreated, skus names: [String]) {
+        let seq = created.id.sequence
+        let userIndex = userIndexByName[created.user] ?? intern(created.user)
+        let requestId: String? = created.requestId.isEmpty ? nil : created.requestId
+        if created.items.count == 1, created.items[0].shard == shard {
+            storeSingleOrder(
+                seq: seq, userIndex: userIndex, index: created.items[0].skuIndex, quantity: created.items[0].quantity,
+                deadlineMillis: created.deadlineMillis, requestId: requestId)
+            return
+        }
+        precondition(Int(seq) == orders.count + 1 && orders.count < Limits.ordersPerShardMax, "order sequence out of order")
+        orders.append(
+            OrderSlot(
+                deadlineMillis: created.deadlineMillis, userIndex: userIndex, skuIndex: 0, quantity: 0,
+                previousOfUser: lastOrderOfUser[Int(userIndex)], state: .pending, isMulti: true))
+        lastOrderOfUser[Int(userIndex)] = seq
+        multiItems[seq] = zip(created.items, names).map { MultiItem(item: $0, sku: $1) }
+        if let requestId { requests[RequestKey(user: userIndex, requestId: requestId)] = seq }
+        expiry.push(deadlineMillis: created.deadlineMillis, sequence: seq)
+    }
+
+    /// Moves a pending order to a final state and applies what that does to stock: local SKUs here,
+    /// other shards' SKUs returned as effects.
+    mutating func applyTransition(seq: UInt32, to target: OrderState) -> [ForeignEffect] {
+        let slot = orders[Int(seq) - 1]
+        precondition(slot.state == .pending && target != .pending, "order \(seq) is not pending")
+        orders[Int(seq) - 1].state = target
+        let release = target != .paid
+        if !slot.isMulti {
+            if release {
+                applyRelease(user: users[Int(slot.userIndex)], index: slot.skuIndex, quantity: Int64(slot.quantity))
+            } else {
+                applySold(index: slot.skuIndex, quantity: Int64(slot.quantity))
+            }
+            return []
+        }
+        var effects: [ForeignEffect] = []
+        let user = users[Int(slot.userIndex)]
+        for multi in multiItems[seq] ?? [] {
+            let effect = ForeignEffect(
+                shard: multi.item.shard, skuIndex: multi.item.skuIndex, quantity: Int64(multi.item.quantity), user: user,
+                release: release)
+            if effect.shard == shard { apply(effect) } else { effects.append(effect) }
+        }
+        return effects
+    }
+}
+
+/// Pending orders by deadline: a binary min-heap of (deadline, sequence). Entries of orders that were
+/// paid or cancelled stay until their deadline and are skipped then.
+struct ExpiryHeap {
+    struct Entry {
+        var deadlineMillis: Int64
+        var sequence: UInt32
+    }
+
+    private(set) var entries: [Entry] = []
+
+    var top: Entry? { entries.first }
+    var count: Int { entries.count }
+
+    mutating func push(deadlineMillis: Int64, sequence: UInt32) {
+        entries.append(Entry(deadlineMillis: deadlineMillis, sequence: sequence))
+        var child = entries.count - 1
+        while child > 0 {
+            let parent = (child - 1) / 2
+            guard Self.less(entries[child], entries[parent]) else { break }
+            entries.swapAt(child, parent)
+            child = parent
+        }
+    }
+
+    mutating func pop() {
+        guard !entries.isEmpty else { return }
+        entries.swapAt(0, entries.count - 1)
+        entries.removeLast()
+        var parent = 0
+        while true {
+            let left = 2 * parent + 1
+            let right = left + 1
+            var smallest = parent
+            if left < entries.count, Self.less(entries[left], entries[smallest]) { smallest = left }
+            if right < entries.count, Self.less(entries[right], entries[smallest]) { smallest = right }
+            if smallest == parent { return }
+            entries.swapAt(parent, smallest)
+            parent = smallest
+        }
+    }
+
+    static func less(_ a: Entry, _ b: Entry) -> Bool {
+        a.deadlineMillis != b.deadlineMillis ? a.deadlineMillis < b.deadlineMillis : a.sequence < b.sequence
+    }
+}

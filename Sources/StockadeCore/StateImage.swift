@@ -1,0 +1,240 @@
+/// The byte image of an ``EngineState`` that snapshots store (before compression), and the state hash
+/// that tests compare. Layout in docs/FORMAT.md.
+extension EngineState {
+    /// Image layout version; bump on any change and keep reading the old ones.
+    public static let imageVersion: UInt32 = 1
+
+    /// Encodes every shard. Calls `flush` whenever at least `chunkBytes` are buffered, so a large
+    /// state is written out in bounded pieces.
+    public func encodeImage(chunkBytes: Int = 4 << 20, flush: ([UInt8]) throws -> Void) rethrows {
+        var out: [UInt8] = []
+        out.reserveCapacity(chunkBytes + 4096)
+        func spill() throws {
+            if out.count >= chunkBytes {
+                try flush(out)
+                out.removeAll(keepingCapacity: true)
+            }
+        }
+        out.appendLE(Self.imageVersion)
+        out.appendLE(lsn)
+        out.appendLE(UInt32(shards.count))
+        for state in shards {
+            out.appendLE(UInt16(state.shard))
+            out.appendLE(UInt32(state.skus.count))
+            for s in state.skus {
+                out.appendName(s.name)
+                out.appendLE(s.total); out.appendLE(s.available); out.appendLE(s.reserved); out.appendLE(s.sold)
+                out.appendLE(s.limit); out.append(s.paused ? 1 : 0)
+            }
+            try spill()
+            out.appendLE(UInt32(state.users.count))
+            for (i, user) in state.users.enumerated() {
+                out.appendName(user)
+                if i & 4095 == 0 { try spill() }
+            }
+            out.appendLE(UInt32(state.orders.count))
+            for (i, o) in state.orders.enumerated() {
+                out.appendLE(o.deadlineMillis); out.appendLE(o.userIndex); out.appendLE(o.skuIndex)
+                out.appendLE(o.quantity); out.appendLE(o.previousOfUser); out.append(o.state.rawValue)
+                out.append(o.isMulti ? 1 : 0)
+                if i & 4095 == 0 { try spill() }
+            }
+            let multi = state.multiItems.sorted { $0.key < $1.key }
+            out.appendLE(UInt32(multi.count))
+            for (seq, items) in multi {
+                out.appendLE(seq)
+                out.appendLE(UInt16(items.count))
+                for m in items {
+                    out.appendLE(UInt16(m.item.shard)); out.appendLE(m.item.skuIndex); out.appendLE(m.item.quantity)
+                    out.appendName(m.sku)
+                }
+                try spill()
+            }
+            let requests = state.requests.filter { $0.value != 0 }.sorted { ($0.value, $0.key.user) < ($1.value, $1.key.user) }
+            out.appendLE(UInt32(requests.count))
+            for (i, (key, seq)) in requests.enumerated() {
+                out.appendLE(key.user); out.appendLE(seq); out.appendName(key.requestId)
+                if i & 4095 == 0 { try spill() }
+            }
+            let held = state.heldByUserSku.sorted { $0.key < $1.key }
+            out.appendLE(UInt32(held.count))
+            for (i, (key, units)) in held.enumerated() {
+                out.appendLE(key); out.appendLE(units)
+                if i & 4095 == 0 { try spill() }
+            }
+        }
+        if !out.isEmpty { try flush(out) }
+    }
+
+    /// The image as one array (tests and small states).
+    public func encodeImage() -> [UInt8] {
+        var all: [UInt8] = []
+        encodeImage { all += $0 }
+        return all
+    }
+
+    /// Why an image could not be read.
+    public struct ImageError: Error, CustomStringConvertible, Sendable {
+        public var reason: String
+        public var description: String { reason }
+    }
+
+    /// Rebuilds a state from its image, checking every index it stores.
+    public static func decodeImage(_ bytes: UnsafeRawBufferPointer) throws(ImageError) -> EngineState {
+        var r = ByteReader(bytes)
+        do {
+            let version: UInt32 = try r.read()
+            guard version == imageVersion else { throw ImageError(reason: "image version \(version), this build reads \(imageVersion)") }
+            let lsn: UInt64 = try r.read()
+            let shardCount = Int(try r.read() as UInt32)
+            guard shardCount >= 1, shardCount <= Limits.shardCountMax else { throw ImageError(reason: "shard count \(shardCount)") }
+            var shards: [ShardState] = []
+            for expected in 0..<shardCount {
+                let shard = Int(try r.read() as UInt16)
+                guard shard == expected else { throw ImageError(reason: "shard \(shard) where \(expected) was expected") }
+                var state = ShardState(shard: shard)
+                let skuCount = Int(try r.read() as UInt32)
+                try need(skuCount, r, each: 42)
+                state.skus.reserveCapacity(skuCount)
+                for index in 0..<skuCount {
+                    let name = try r.readName()
+                    let total: Int64 = try r.read(), available: Int64 = try r.read()
+                    let reserved: Int64 = try r.read(), sold: Int64 = try r.read()
+                    let limit: Int64 = try r.read()
+                    let paused = (try r.read() as UInt8) != 0
+                    guard available >= 0, reserved >= 0, sold >= 0, available + reserved + sold == total,
+                        state.skuIndexByName[name] == nil
+                    else { throw ImageError(reason: "SKU \(name) does not add up") }
+                    state.skus.append(
+                        ShardState.Sku(
+                            name: name, total: total, available: available, reserved: reserved, sold: sold, limit: limit,
+                            paused: paused, counter: StockCounter(available)))
+                    state.skuIndexByName[name] = UInt32(index)
+                }
+                let userCount = Int(try r.read() as UInt32)
+                try need(userCount, r, each: 2)
+                state.users.reserveCapacity(userCount)
+                state.userIndexByName.reserveCapacity(userCount)
+                for index in 0..<userCount {
+                    let user = try r.readName()
+                    state.users.append(user)
+                    state.userIndexByName[user] = UInt32(index)
+                }
+                state.lastOrderOfUser = Array(repeating: 0, count: userCount)
+                let orderCount = Int(try r.read() as UInt32)
+                try need(orderCount, r, each: 30)
+                state.orders.reserveCapacity(orderCount)
+                for index in 0..<orderCount {
+                    let deadline: Int64 = try r.read()
+                    let userIndex: UInt32 = try r.read(), skuIndex: UInt32 = try r.read(), quantity: UInt32 = try r.read()
+                    let previous: UInt32 = try r.read()
+                    let stateByte: UInt8 = try r.read()
+                    let isMulti = (try r.read() as UInt8) != 0
+                    guard let orderState = OrderState(rawValue: stateByte), Int(userIndex) < userCount,
+                        isMulti || Int(skuIndex) < skuCount, Int(previous) <= index
+                    else { throw ImageError(reason: "order \(index + 1) of shard \(shard) is malformed") }
+                    let seq = UInt32(index + 1)
+                    state.orders.append(
+                        ShardState.OrderSlot(
+                            deadlineMillis: deadline, userIndex: userIndex, skuIndex: skuIndex, quantity: quantity,
+                            previousOfUser: previous, state: orderState, isMulti: isMulti))
+                    state.lastOrderOfUser[Int(userIndex)] = seq
+                    if orderState == .pending { state.expiry.push(deadlineMillis: deadline, sequence: seq) }
+                }
+                let multiCount = Int(try r.read() as UInt32)
+                try need(multiCount, r, each: 6)
+                for _ in 0..<multiCount {
+                    let seq: UInt32 = try r.read()
+                    let itemCount = Int(try r.read() as UInt16)
+                    guard seq >= 1, Int(seq) <= orderCount, state.orders[Int(seq) - 1].isMulti else {
+                        throw ImageError(reason: "multi-SKU items for order \(seq) that is not multi-SKU")
+                    }
+                    var items: [ShardState.MultiItem] = []
+                    for _ in 0..<itemCount {
+                        let itemShard = Int(try r.read() as UInt16)
+                        let item = Record.Item(shard: itemShard, skuIndex: try r.read(), quantity: try r.read())
+                        guard itemShard < shardCount else { throw ImageError(reason: "item on shard \(itemShard)") }
+                        items.append(ShardState.MultiItem(item: item, sku: try r.readName()))
+                    }
+                    state.multiItems[seq] = items
+                }
+                let requestCount = Int(try r.read() as UInt32)
+                try need(requestCount, r, each: 9)
+                for _ in 0..<requestCount {
+                    let user: UInt32 = try r.read(), seq: UInt32 = try r.read()
+                    let requestId = try r.readName()
+                    guard Int(user) < userCount, seq >= 1, Int(seq) <= orderCount else {
+                        throw ImageError(reason: "request id \(requestId) names a missing order")
+                    }
+                    state.requests[ShardState.RequestKey(user: user, requestId: requestId)] = seq
+                }
+                let heldCount = Int(try r.read() as UInt32)
+                try need(heldCount, r, each: 16)
+                for _ in 0..<heldCount {
+                    let key: UInt64 = try r.read(), units: Int64 = try r.read()
+                    state.heldByUserSku[key] = units
+                }
+                shards.append(state)
+            }
+            guard r.isAtEnd else { throw ImageError(reason: "\(r.remaining) stray bytes after the last shard") }
+            return EngineState(shards: shards, lsn: lsn)
+        } catch let error as ImageError {
+            throw error
+        } catch {
+            throw ImageError(reason: "image is truncated: \(error)")
+        }
+    }
+
+    /// Refuses a count whose entries cannot fit in the bytes left, before reserving memory for it.
+    private static func need(_ count: Int, _ r: ByteReader, each: Int) throws(ImageError) {
+        guard count <= r.remaining / each else { throw ImageError(reason: "count \(count) larger than the image") }
+    }
+
+    /// A hash of the state as clients can observe it: SKUs, orders (with user and SKU ids, not the
+    /// internal indexes), per-user held units and request ids. Two states with equal hashes answer
+    /// every query alike, whatever order users were first seen in.
+    public func stateHash() -> UInt64 {
+        var h = FNV64()
+        h.add(UInt32(shards.count))
+        for state in shards {
+            h.add(UInt32(state.skus.count))
+            for s in state.skus {
+                h.add(s.name); h.add(s.total); h.add(s.available); h.add(s.reserved); h.add(s.sold); h.add(s.limit)
+                h.add(UInt8(s.paused ? 1 : 0))
+            }
+            h.add(UInt32(state.orders.count))
+            for seq in 0..<state.orders.count {
+                let info = state.orderInfo(UInt32(seq + 1))
+                h.add(info.id.rawValue); h.add(info.user); h.add(info.state.rawValue); h.add(info.deadlineMillis)
+                for line in info.lines { h.add(line.sku); h.add(line.quantity) }
+            }
+            let held = state.heldByUserSku.map { (state.users[Int($0.key >> 32)], state.skus[Int($0.key & 0xFFFF_FFFF)].name, $0.value) }
+                .sorted { ($0.0, $0.1) < ($1.0, $1.1) }
+            h.add(UInt32(held.count))
+            for (user, sku, units) in held { h.add(user); h.add(sku); h.add(units) }
+            let requests = state.requests.filter { $0.value != 0 }.map { (state.users[Int($0.key.user)], $0.key.requestId, $0.value) }
+                .sorted { ($0.0, $0.1) < ($1.0, $1.1) }
+            h.add(UInt32(requests.count))
+            for (user, requestId, seq) in requests { h.add(user); h.add(requestId); h.add(seq) }
+        }
+        return h.value
+    }
+}
+
+/// FNV-1a, 64-bit: stable across processes and builds (Swift's `Hasher` is seeded per process).
+struct FNV64 {
+    private(set) var value: UInt64 = 0xcbf2_9ce4_8422_2325
+
+    mutating func add<T: FixedWidthInteger>(_ x: T) {
+        withUnsafeBytes(of: x.littleEndian) { for b in $0 { byte(b) } }
+    }
+
+    mutating func add(_ s: String) {
+        add(UInt8(truncatingIfNeeded: s.utf8.count))
+        for b in s.utf8 { byte(b) }
+    }
+
+    @inline(__always) private mutating func byte(_ b: UInt8) {
+        value = (value ^ UInt64(b)) &* 0x100_0000_01b3
+    }
+}

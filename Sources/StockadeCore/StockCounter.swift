@@ -1,0 +1,42 @@
+import Atomics
+
+/// A SKU's available stock, published by its shard after every change so that any thread can read it
+/// without entering the shard: stock queries and the sold-out fast path.
+public final class StockCounter: Sendable {
+    private let value: ManagedAtomic<Int64>
+
+    public init(_ available: Int64) { value = ManagedAtomic(available) }
+
+    /// The last published available count. Lock-free; may trail the shard by the change being made.
+    @inlinable public var available: Int64 { load() }
+
+    @usableFromInline func load() -> Int64 { value.load(ordering: .acquiring) }
+
+    /// Only the owning shard publishes.
+    @inline(__always) func publish(_ available: Int64) { value.store(available, ordering: .releasing) }
+}
+
+/// A shard's SKU ids mapped to their counters, readable from any thread without a lock: the shard
+/// (single writer) publishes a new immutable map when it adds a SKU, readers load the current one.
+public final class SkuDirectory: Sendable {
+    final class Map: AtomicReference, Sendable {
+        let counters: [String: StockCounter]
+        init(_ counters: [String: StockCounter]) { self.counters = counters }
+    }
+
+    private let current = ManagedAtomic(Map([:]))
+
+    public init() {}
+
+    /// The counter of `sku`, or nil when this shard has no such SKU (yet).
+    public func counter(_ sku: String) -> StockCounter? {
+        current.load(ordering: .acquiring).counters[sku]
+    }
+
+    /// Adds counters. Copies the map (SKU adds are rare; reads are not).
+    func publish(_ additions: [(String, StockCounter)]) {
+        var counters = current.load(ordering: .acquiring).counters
+        for (sku, counter) in additions { counters[sku] = counter }
+        current.store(Map(counters), ordering: .releasing)
+    }
+}

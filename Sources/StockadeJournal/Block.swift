@@ -1,0 +1,108 @@
+import StockadeCore
+
+/// The framed unit of the log and of snapshots: a header, then the payload (LZ4-compressed when
+/// that is smaller). One CRC32C covers the header and the payload. Layout in docs/FORMAT.md.
+public struct BlockHeader: Equatable, Sendable {
+    public static let magic: UInt32 = 0x4B4C_4253  // "SBLK" little-endian
+    public static let version: UInt16 = 1
+    public static let size = 36
+    /// Largest raw payload of one block: bounds the memory a reader allocates for a block it has not
+    /// yet verified, and keeps one block's loss on a torn write small.
+    public static let rawBytesMax = 4 << 20
+
+    public static let flagCompressed: UInt16 = 1
+
+    public var flags: UInt16
+    public var payloadLength: Int
+    public var rawLength: Int
+    /// Log position of the first record (log blocks); the covered position (snapshot blocks).
+    public var firstLSN: UInt64
+    public var recordCount: Int
+    public var checksum: UInt32
+
+    public var isCompressed: Bool { flags & Self.flagCompressed != 0 }
+    public var totalLength: Int { Self.size + payloadLength }
+
+    /// Writes the header bytes (with `checksum` as given).
+    func encode(into out: inout [UInt8]) {
+        out.appendLE(Self.magic); out.appendLE(Self.version); out.appendLE(flags)
+        out.appendLE(UInt32(payloadLength)); out.appendLE(UInt32(rawLength)); out.appendLE(firstLSN)
+        out.appendLE(UInt32(recordCount)); out.appendLE(UInt32(0)); out.appendLE(checksum)
+    }
+
+    /// Parses a header; nil when the magic, version or lengths cannot be a block's.
+    static func parse(_ bytes: UnsafeRawBufferPointer) -> BlockHeader? {
+        guard bytes.count >= size else { return nil }
+        var r = ByteReader(bytes)
+        guard let magic: UInt32 = try? r.read(), magic == Self.magic,
+            let version: UInt16 = try? r.read(), version == Self.version,
+            let flags: UInt16 = try? r.read(), let payload: UInt32 = try? r.read(), let raw: UInt32 = try? r.read(),
+            let lsn: UInt64 = try? r.read(), let count: UInt32 = try? r.read(), let _: UInt32 = try? r.read(),
+            let crc: UInt32 = try? r.read()
+        else { return nil }
+        guard Int(raw) <= rawBytesMax, Int(payload) <= rawBytesMax + rawBytesMax / 255 + 16 else { return nil }
+        return BlockHeader(
+            flags: flags, payloadLength: Int(payload), rawLength: Int(raw), firstLSN: lsn, recordCount: Int(count),
+            checksum: crc)
+    }
+}
+
+/// Frames raw payloads into blocks.
+public enum BlockCodec {
+    /// Appends one framed block holding `raw` (compressed when that helps) to `out`.
+    public static func appendBlock(raw: UnsafeRawBufferPointer, firstLSN: UInt64, recordCount: Int, to out: inout [UInt8]) {
+        precondition(raw.count <= BlockHeader.rawBytesMax)
+        let headerStart = out.count
+        out.append(contentsOf: repeatElement(0, count: BlockHeader.size))
+        let payloadStart = out.count
+        var flags: UInt16 = 0
+        if LZ4.compress(raw, appendingTo: &out) != nil {
+            flags = BlockHeader.flagCompressed
+        } else {
+            out.append(contentsOf: raw)
+        }
+        var header = BlockHeader(
+            flags: flags, payloadLength: out.count - payloadStart, rawLength: raw.count, firstLSN: firstLSN,
+            recordCount: recordCount, checksum: 0)
+        var headerBytes: [UInt8] = []
+        headerBytes.reserveCapacity(BlockHeader.size)
+        header.encode(into: &headerBytes)
+        let headerCRC = headerBytes.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<32])) }
+        let crc = out.withUnsafeBytes { all in
+            CRC32C.checksum(UnsafeRawBufferPointer(rebasing: all[payloadStart...]), continuing: headerCRC)
+        }
+        header.checksum = crc
+        headerBytes.removeAll(keepingCapacity: true)
+        header.encode(into: &headerBytes)
+        out.replaceSubrange(headerStart..<payloadStart, with: headerBytes)
+    }
+
+    /// What reading one block found.
+    public enum ReadResult {
+        case block(BlockHeader, payload: [UInt8])
+        /// Fewer bytes than a header, or than the header's declared length: a write cut short.
+        case truncated
+        /// Complete, but the magic, version or checksum is wrong, or the payload does not decompress.
+        case invalid(String)
+    }
+
+    /// Reads the block that starts at `offset` of `bytes` and checks it.
+    public static func read(_ bytes: UnsafeRawBufferPointer, at offset: Int) -> ReadResult {
+        let available = bytes.count - offset
+        guard available >= BlockHeader.size else { return .truncated }
+        let headerBytes = UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + BlockHeader.size])
+        guard let header = BlockHeader.parse(headerBytes) else { return .invalid("bad block header") }
+        guard available >= header.totalLength else { return .truncated }
+        let payload = UnsafeRawBufferPointer(rebasing: bytes[offset + BlockHeader.size..<offset + header.totalLength])
+        let crc = CRC32C.checksum(payload, continuing: CRC32C.checksum(UnsafeRawBufferPointer(rebasing: headerBytes[0..<32])))
+        guard crc == header.checksum else { return .invalid("checksum mismatch") }
+        if header.isCompressed {
+            guard let raw = LZ4.decompress(payload, rawLength: header.rawLength) else {
+                return .invalid("payload does not decompress to \(header.rawLength) bytes")
+            }
+            return .block(header, payload: raw)
+        }
+        guard header.payloadLength == header.rawLength else { return .invalid("raw payload length mismatch") }
+        return .block(header, payload: Array(payload))
+    }
+}

@@ -1,0 +1,78 @@
+import StockadeCore
+
+/// File names and fixed headers of a data directory:
+/// `wal-<first LSN, 20 digits>.log` segments and `snap-<LSN, 20 digits>.snap` snapshots.
+public struct DataDirectory: Sendable {
+    public let path: String
+
+    public init(_ path: String) { self.path = path }
+
+    public func create() throws(JournalError) { try File.makeDirectory(path) }
+
+    public func segmentPath(firstLSN: UInt64) -> String { "\(path)/wal-\(Self.digits(firstLSN)).log" }
+    public func snapshotPath(lsn: UInt64) -> String { "\(path)/snap-\(Self.digits(lsn)).snap" }
+
+    static func digits(_ n: UInt64) -> String {
+        let s = String(n)
+        return String(repeating: "0", count: max(0, 20 - s.count)) + s
+    }
+
+    /// Segments present, oldest first: (first LSN, path).
+    public func segments() throws(JournalError) -> [(firstLSN: UInt64, path: String)] {
+        try entries(prefix: "wal-", suffix: ".log").map { (firstLSN: $0.0, path: $0.1) }
+    }
+
+    /// Snapshots present, oldest first: (covered LSN, path).
+    public func snapshots() throws(JournalError) -> [(lsn: UInt64, path: String)] {
+        try entries(prefix: "snap-", suffix: ".snap").map { (lsn: $0.0, path: $0.1) }
+    }
+
+    private func entries(prefix: String, suffix: String) throws(JournalError) -> [(UInt64, String)] {
+        guard File.exists(path) else { return [] }
+        return try File.list(path).compactMap { name in
+            guard name.hasPrefix(prefix), name.hasSuffix(suffix) else { return nil }
+            let digits = name.dropFirst(prefix.count).dropLast(suffix.count)
+            guard digits.count == 20, let n = UInt64(digits) else { return nil }
+            return (n, "\(path)/\(name)")
+        }.sorted { $0.0 < $1.0 }
+    }
+}
+
+/// The first 32 bytes of every log segment.
+public struct SegmentHeader: Equatable, Sendable {
+    public static let magic: [UInt8] = Array("STOCKWAL".utf8)
+    public static let version: UInt32 = 1
+    public static let size = 32
+
+    public var shardCount: Int
+    public var firstLSN: UInt64
+
+    func encode() -> [UInt8] {
+        var out = Self.magic
+        out.appendLE(Self.version); out.appendLE(UInt32(shardCount)); out.appendLE(firstLSN)
+        out.appendLE(CRC32C.checksum(out)); out.appendLE(UInt32(0))
+        return out
+    }
+
+    enum Parsed {
+        case header(SegmentHeader)
+        case truncated
+        case invalid(String)
+    }
+
+    static func parse(_ bytes: UnsafeRawBufferPointer) -> Parsed {
+        guard bytes.count >= size else { return .truncated }
+        guard Array(bytes[0..<8]) == magic else { return .invalid("not a Stockade log segment (bad magic)") }
+        var r = ByteReader(bytes, offset: 8)
+        let version: UInt32 = (try? r.read()) ?? 0
+        let shards: UInt32 = (try? r.read()) ?? 0
+        let first: UInt64 = (try? r.read()) ?? 0
+        let crc: UInt32 = (try? r.read()) ?? 0
+        guard crc == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: bytes[0..<24])) else {
+            return .invalid("segment header checksum mismatch")
+        }
+        guard version == Self.version else { return .invalid("segment format version \(version), this build reads \(Self.version)") }
+        guard shards >= 1, shards <= UInt32(Limits.shardCountMax) else { return .invalid("shard count \(shards)") }
+        return .header(SegmentHeader(shardCount: Int(shards), firstLSN: first))
+    }
+}

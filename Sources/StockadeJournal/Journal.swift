@@ -1,0 +1,326 @@
+import Foundation
+import StockadeCore
+
+/// When the log is forced to disk, and so what a crash can take back.
+public enum FsyncPolicy: String, Sendable, CaseIterable {
+    /// fdatasync after every group-commit batch, before any caller in it is answered: a crash loses
+    /// nothing that was acknowledged. The default.
+    case always
+    /// Answer after write(); fdatasync at most once a second: a machine crash loses up to a second of
+    /// acknowledged changes, a process crash loses nothing (the kernel has the pages).
+    case everysec
+    /// Answer after write(), never fdatasync (the kernel flushes when it likes): a machine crash loses
+    /// whatever the kernel had not flushed.
+    case none
+}
+
+/// The write-ahead log: shards append encoded records; one writer thread frames them into LZ4 blocks,
+/// writes each batch with one write and one fdatasync (group commit), then answers every caller whose
+/// records the batch held.
+public final class Journal: ChangeLog, @unchecked Sendable {
+    public struct Options: Sendable {
+        public var fsync: FsyncPolicy = .always
+        /// A segment file is closed and a new one started past this size: bounds the unit that
+        /// snapshots let us delete.
+        public var segmentBytesMax = 64 << 20
+        /// Records waiting to be written, in bytes, past which changes are refused with BUSY rather
+        /// than queued without limit (about a quarter-second of writes at disk speed).
+        public var pendingBytesMax = 32 << 20
+        public init() {}
+    }
+
+    /// Group-commit figures since start, for metrics and benchmarks.
+    public struct Stats: Sendable {
+        public var batches = 0
+        public var blocks = 0
+        public var records = 0
+        public var rawBytes = 0
+        public var writtenBytes = 0
+        public var syncs = 0
+        public var syncNanosTotal: UInt64 = 0
+        public var syncNanosMax: UInt64 = 0
+        public var largestBatchRecords = 0
+    }
+
+    public let directory: DataDirectory
+    public let shardCount: Int
+    public let options: Options
+
+    // Guarded by `mutex`.
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let wake = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private var pending: [UInt8] = []
+    private var spare: [UInt8] = []
+    private var pendingRecords = 0
+    private var pendingFirstLSN: UInt64
+    private var appendedLSN: UInt64
+    private var durableLSN: UInt64
+    private var waiters: [(lsn: UInt64, continuation: CheckedContinuation<Bool, Never>)] = []
+    private var failure: String?
+    private var stopping = false
+    private var stats = Stats()
+    private var segments: [(firstLSN: UInt64, path: String)]
+
+    // Owned by the writer thread.
+    private var segment: File
+    private var segmentBytes: Int
+    private var lastSyncNanos: UInt64 = 0
+    private var unsynced = false
+    private let done = DispatchSemaphore(value: 0)
+
+    /// Opens the log for appending after recovery reached `lsn`: starts a new segment there.
+    public init(directory: DataDirectory, shardCount: Int, lsn: UInt64, options: Options = Options()) throws(JournalError) {
+        self.directory = directory
+        self.shardCount = shardCount
+        self.options = options
+        appendedLSN = lsn
+        durableLSN = lsn
+        pendingFirstLSN = lsn + 1
+        try directory.create()
+        let path = directory.segmentPath(firstLSN: lsn + 1)
+        segment = try File.open(path, create: true, truncate: true)
+        try segment.write(SegmentHeader(shardCount: shardCount, firstLSN: lsn + 1).encode())
+        try segment.dataSync()
+        try File.syncDirectory(directory.path)
+        segmentBytes = SegmentHeader.size
+        segments = try directory.segments()
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(wake, nil)
+        pending.reserveCapacity(1 << 20)
+        spare.reserveCapacity(1 << 20)
+        let thread = Thread { [self] in self.writerLoop() }
+        thread.name = "stockade-journal"
+        thread.start()
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        pthread_cond_destroy(wake)
+        mutex.deallocate()
+        wake.deallocate()
+    }
+
+    @inline(__always) private func locked<T>(_ body: () throws -> T) rethrows -> T {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+
+    // MARK: ChangeLog
+
+    public func append(_ records: RecordBuffer) throws(Rejection) -> UInt64 {
+        pthread_mutex_lock(mutex)
+        if let failure {
+            pthread_mutex_unlock(mutex)
+            throw .unavailable(failure)
+        }
+        if stopping {
+            pthread_mutex_unlock(mutex)
+            throw .unavailable("the journal is closed")
+        }
+        if pendingRecords == 0 { pendingFirstLSN = appendedLSN + 1 }
+        pending.append(contentsOf: records.bytes)
+        pendingRecords += records.count
+        appendedLSN += UInt64(records.count)
+        let lsn = appendedLSN
+        pthread_cond_signal(wake)
+        pthread_mutex_unlock(mutex)
+        return lsn
+    }
+
+    public func waitDurable(_ lsn: UInt64) async throws(Rejection) {
+        let ok: Bool = await withCheckedContinuation { continuation in
+            pthread_mutex_lock(mutex)
+            if durableLSN >= lsn {
+                pthread_mutex_unlock(mutex)
+                continuation.resume(returning: true)
+            } else if failure != nil {
+                pthread_mutex_unlock(mutex)
+                continuation.resume(returning: false)
+            } else {
+                waiters.append((lsn, continuation))
+                pthread_mutex_unlock(mutex)
+            }
+        }
+        if !ok { throw .unavailable(locked { failure } ?? "journal failed") }
+    }
+
+    public var admitsChanges: Bool { locked { pending.count < options.pendingBytesMax && failure == nil } }
+
+    // MARK: State for operators
+
+    public var lastAppendedLSN: UInt64 { locked { appendedLSN } }
+    public var lastDurableLSN: UInt64 { locked { durableLSN } }
+    public var failureReason: String? { locked { failure } }
+    public var statistics: Stats { locked { stats } }
+    /// Bytes of records appended but not yet written.
+    public var pendingBytes: Int { locked { pending.count } }
+
+    /// Writes and syncs what is pending, stops the writer, and closes the segment.
+    public func close() {
+        locked {
+            stopping = true
+            pthread_cond_signal(wake)
+        }
+        done.wait()
+    }
+
+    /// Removes segments whose every record is at or before `lsn` (covered by a snapshot), keeping
+    /// the newest `keep` of those and never the one being written.
+    public func removeSegments(coveredThrough lsn: UInt64, keep: Int) throws(JournalError) -> [String] {
+        let list = locked { segments }
+        var covered: [String] = []
+        for (i, s) in list.enumerated() where i + 1 < list.count && list[i + 1].firstLSN <= lsn + 1 {
+            covered.append(s.path)
+        }
+        let doomed = Array(covered.dropLast(max(0, keep)))
+        for path in doomed { try File.remove(path) }
+        if !doomed.isEmpty {
+            try File.syncDirectory(directory.path)
+            locked { segments.removeAll { doomed.contains($0.path) } }
+        }
+        return doomed
+    }
+
+    // MARK: Writer thread
+
+    private func writerLoop() {
+        var framed: [UInt8] = []
+        framed.reserveCapacity(1 << 20)
+        while true {
+            pthread_mutex_lock(mutex)
+            while pendingRecords == 0 && !stopping && failure == nil {
+                if unsynced && options.fsync == .everysec {
+                    var deadline = timespec()
+                    clock_gettime(CLOCK_REALTIME, &deadline)
+                    deadline.tv_sec += 1
+                    if pthread_cond_timedwait(wake, mutex, &deadline) == ETIMEDOUT { break }
+                } else {
+                    pthread_cond_wait(wake, mutex)
+                }
+            }
+            if failure != nil || (stopping && pendingRecords == 0) {
+                pthread_mutex_unlock(mutex)
+                if unsynced { try? segment.dataSync() }
+                segment.close()
+                done.signal()
+                return
+            }
+            swap(&pending, &spare)
+            let firstLSN = pendingFirstLSN
+            let count = pendingRecords
+            pendingRecords = 0
+            pthread_mutex_unlock(mutex)
+
+            do {
+                if count > 0 {
+                    framed.removeAll(keepingCapacity: true)
+                    let blocks = frame(spare, firstLSN: firstLSN, into: &framed)
+                    try writeBatch(framed, firstLSN: firstLSN)
+                    let synced = try syncIfDue()
+                    let rawBytes = spare.count
+                    spare.removeAll(keepingCapacity: spare.capacity <= 8 << 20)
+                    complete(
+                        through: firstLSN + UInt64(count) - 1, records: count, blocks: blocks, raw: rawBytes,
+                        written: framed.count, synced: synced)
+                } else {
+                    _ = try syncIfDue()
+                }
+            } catch {
+                fail("\(error)")
+            }
+        }
+    }
+
+    /// Splits raw records (at record boundaries) into blocks of at most ``BlockHeader/rawBytesMax``.
+    private func frame(_ raw: [UInt8], firstLSN: UInt64, into out: inout [UInt8]) -> Int {
+        var blocks = 0
+        raw.withUnsafeBytes { bytes in
+            var start = 0
+            var lsn = firstLSN
+            while start < bytes.count {
+                var end = start
+                var records = 0
+                while end < bytes.count {
+                    let length = 3 + (Int(bytes[end + 1]) | Int(bytes[end + 2]) << 8)
+                    if end + length - start > BlockHeader.rawBytesMax && records > 0 { break }
+                    end += length
+                    records += 1
+                }
+                BlockCodec.appendBlock(
+                    raw: UnsafeRawBufferPointer(rebasing: bytes[start..<end]), firstLSN: lsn, recordCount: records, to: &out)
+                lsn += UInt64(records)
+                start = end
+                blocks += 1
+            }
+        }
+        return blocks
+    }
+
+    private func writeBatch(_ framed: [UInt8], firstLSN: UInt64) throws(JournalError) {
+        if segmentBytes + framed.count > options.segmentBytesMax && segmentBytes > SegmentHeader.size {
+            if unsynced || options.fsync != .none { try segment.dataSync() }
+            segment.close()
+            let path = directory.segmentPath(firstLSN: firstLSN)
+            segment = try File.open(path, create: true, truncate: true)
+            try segment.write(SegmentHeader(shardCount: shardCount, firstLSN: firstLSN).encode())
+            try File.syncDirectory(directory.path)
+            segmentBytes = SegmentHeader.size
+            locked { segments.append((firstLSN, path)) }
+        }
+        try segment.write(framed)
+        segmentBytes += framed.count
+        unsynced = true
+    }
+
+    /// fdatasync as the policy asks; returns the nanoseconds it took (0 when it did not sync).
+    private func syncIfDue() throws(JournalError) -> UInt64 {
+        guard unsynced else { return 0 }
+        let now = monotonicNanos()
+        switch options.fsync {
+        case .always: break
+        case .everysec: guard now - lastSyncNanos >= 1_000_000_000 else { return 0 }
+        case .none: return 0
+        }
+        try segment.dataSync()
+        let end = monotonicNanos()
+        lastSyncNanos = end
+        unsynced = false
+        return max(1, end - now)
+    }
+
+    private func complete(through lsn: UInt64, records: Int, blocks: Int, raw: Int, written: Int, synced: UInt64) {
+        var ready: [CheckedContinuation<Bool, Never>] = []
+        locked {
+            durableLSN = lsn
+            stats.batches += 1
+            stats.blocks += blocks
+            stats.records += records
+            stats.rawBytes += raw
+            stats.writtenBytes += written
+            stats.largestBatchRecords = max(stats.largestBatchRecords, records)
+            if synced > 0 {
+                stats.syncs += 1
+                stats.syncNanosTotal += synced
+                stats.syncNanosMax = max(stats.syncNanosMax, synced)
+            }
+            var kept: [(lsn: UInt64, continuation: CheckedContinuation<Bool, Never>)] = []
+            for waiter in waiters {
+                if waiter.lsn <= lsn { ready.append(waiter.continuation) } else { kept.append(waiter) }
+            }
+            waiters = kept
+        }
+        for continuation in ready { continuation.resume(returning: true) }
+    }
+
+    /// A write or sync failed: nothing more is accepted, and every waiter is told no.
+    private func fail(_ reason: String) {
+        var all: [CheckedContinuation<Bool, Never>] = []
+        locked {
+            failure = "log write failed, changes are refused until restart: \(reason)"
+            all = waiters.map(\.continuation)
+            waiters = []
+        }
+        for continuation in all { continuation.resume(returning: false) }
+    }
+}

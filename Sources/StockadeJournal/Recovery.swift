@@ -1,0 +1,229 @@
+import Foundation
+import StockadeCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Rebuilds the state from a data directory: the newest snapshot that verifies, then the log after it.
+public enum Recovery {
+    public struct Options: Sendable {
+        /// Shard count for a directory that holds nothing yet; an existing directory keeps its own.
+        public var shardCount: Int
+        /// Cut a torn last block off the file (start-up does; read-only tools and snapshots do not).
+        public var repair: Bool
+        /// On a checksum failure before the end of the log, truncate there instead of refusing to start.
+        /// What followed the bad block, acknowledged or not, is lost.
+        public var truncateCorrupt: Bool
+        /// Stop after this log position (snapshots built while the log is being written).
+        public var upToLSN: UInt64?
+
+        public init(shardCount: Int, repair: Bool = true, truncateCorrupt: Bool = false, upToLSN: UInt64? = nil) {
+            self.shardCount = shardCount
+            self.repair = repair
+            self.truncateCorrupt = truncateCorrupt
+            self.upToLSN = upToLSN
+        }
+    }
+
+    /// What recovery found and did, for the start-up log.
+    public struct Report: Sendable, CustomStringConvertible {
+        public var snapshotPath: String?
+        public var snapshotLSN: UInt64 = 0
+        /// Snapshots that failed verification, each with why; recovery used an older one and more log.
+        public var skippedSnapshots: [String] = []
+        public var segmentsRead = 0
+        public var blocksRead = 0
+        public var recordsReplayed = 0
+        /// A torn last block that was cut off: file, offset, bytes removed.
+        public var tornTail: String?
+        /// Corruption truncated on request (`truncateCorrupt`).
+        public var truncatedCorruption: String?
+        public var lsn: UInt64 = 0
+        public var durationNanos: UInt64 = 0
+
+        public var description: String {
+            var parts = ["recovered to log position \(lsn)"]
+            if let snapshotPath { parts.append("from snapshot \(snapshotPath) (position \(snapshotLSN))") } else { parts.append("without a snapshot") }
+            parts.append("replayed \(recordsReplayed) records in \(blocksRead) blocks from \(segmentsRead) segments")
+            parts.append(String(format: "in %.3f s", Double(durationNanos) / 1e9))
+            for skipped in skippedSnapshots { parts.append("skipped snapshot \(skipped)") }
+            if let tornTail { parts.append("cut torn tail: \(tornTail)") }
+            if let truncatedCorruption { parts.append("TRUNCATED CORRUPTION: \(truncatedCorruption)") }
+            return parts.joined(separator: "; ")
+        }
+    }
+
+    public static func recover(_ directory: DataDirectory, options: Options) throws(JournalError) -> (EngineState, Report) {
+        let started = monotonicNanos()
+        var report = Report()
+        var state = EngineState(shardCount: options.shardCount)
+        var fromSnapshot = false
+        for snapshot in try directory.snapshots().reversed() {
+            if let upTo = options.upToLSN, snapshot.lsn > upTo { continue }
+            do {
+                state = try SnapshotFile.read(snapshot.path)
+                report.snapshotPath = snapshot.path
+                report.snapshotLSN = snapshot.lsn
+                fromSnapshot = true
+                break
+            } catch {
+                report.skippedSnapshots.append("\(snapshot.path): \(error.message)")
+            }
+        }
+
+        let segments = try directory.segments()
+        // Segments wholly before the state's position need not be read.
+        var first = 0
+        while first + 1 < segments.count, segments[first + 1].firstLSN <= state.lsn + 1 { first += 1 }
+        var index = first
+        segmentLoop: while index < segments.count {
+            let segment = segments[index]
+            let isLast = index == segments.count - 1
+            let bytes = try File.readAll(segment.path)
+            report.segmentsRead += 1
+            let outcome = try typed {
+                try bytes.withUnsafeBytes { all in
+                  try replaySegment(
+                    all, path: segment.path, isLast: isLast, state: &state, adoptShardCount: !fromSnapshot && state.lsn == 0,
+                    options: options, report: &report)
+                }
+            }
+            switch outcome {
+            case .complete:
+                index += 1
+            case .reachedLimit:
+                break segmentLoop
+            case .torn(let offset, let why):
+                report.tornTail = "\(segment.path) at offset \(offset), \(bytes.count - offset) bytes (\(why))"
+                if options.repair { try cut(segment.path, at: offset) }
+                break segmentLoop
+            case .corrupt(let offset, let why):
+                guard options.truncateCorrupt else {
+                    throw JournalError(
+                        .corrupt,
+                        "\(segment.path) at offset \(offset): \(why). This is corruption before the end of the log, not a torn write; "
+                            + "the records after it cannot be trusted. Restore the data directory from a copy, or start with "
+                            + "--truncate-corrupt to keep only what precedes offset \(offset) (everything after it is lost).")
+                }
+                report.truncatedCorruption = "\(segment.path) at offset \(offset) (\(why)); later segments removed"
+                if options.repair {
+                    try cut(segment.path, at: offset)
+                    for later in segments[(index + 1)...] { try File.remove(later.path) }
+                }
+                break segmentLoop
+            }
+        }
+        report.lsn = state.lsn
+        report.durationNanos = monotonicNanos() - started
+        return (state, report)
+    }
+
+    enum SegmentOutcome {
+        case complete
+        case reachedLimit
+        case torn(offset: Int, String)
+        case corrupt(offset: Int, String)
+    }
+
+    private static func replaySegment(
+        _ all: UnsafeRawBufferPointer, path: String, isLast: Bool, state: inout EngineState, adoptShardCount: Bool,
+        options: Options, report: inout Report
+    ) throws(JournalError) -> SegmentOutcome {
+        let header: SegmentHeader
+        switch SegmentHeader.parse(all) {
+        case .header(let parsed): header = parsed
+        case .truncated:
+            return isLast ? .torn(offset: 0, "segment header incomplete") : .corrupt(offset: 0, "segment header incomplete")
+        case .invalid(let why):
+            return isLast && allZero(all, from: 0) ? .torn(offset: 0, "zeroed segment header") : .corrupt(offset: 0, why)
+        }
+        if header.shardCount != state.shards.count {
+            guard adoptShardCount else {
+                throw JournalError(.format, "\(path) was written with \(header.shardCount) shards, the state has \(state.shards.count)")
+            }
+            state = EngineState(shardCount: header.shardCount)
+        }
+        if header.firstLSN > state.lsn + 1 {
+            throw JournalError(.gap, "\(path) starts at log position \(header.firstLSN); records after \(state.lsn) are missing")
+        }
+        var offset = SegmentHeader.size
+        var expectedLSN = header.firstLSN
+        while offset < all.count {
+            switch BlockCodec.read(all, at: offset) {
+            case .truncated:
+                return isLast ? .torn(offset: offset, "block cut short") : .corrupt(offset: offset, "block cut short mid-log")
+            case .invalid(let why):
+                if isLast {
+                    if let h = BlockHeader.parse(UnsafeRawBufferPointer(rebasing: all[offset...])), offset + h.totalLength == all.count {
+                        return .torn(offset: offset, "last block: \(why)")
+                    }
+                    if allZero(all, from: offset) { return .torn(offset: offset, "zeroed tail") }
+                }
+                return .corrupt(offset: offset, why)
+            case .block(let h, let payload):
+                guard h.firstLSN == expectedLSN else {
+                    return .corrupt(offset: offset, "block starts at position \(h.firstLSN), expected \(expectedLSN)")
+                }
+                report.blocksRead += 1
+                var lsn = h.firstLSN
+                var decoded = 0
+                do {
+                    try payload.withUnsafeBytes { raw in
+                        try Record.decodeAll(raw) { record in
+                            decoded += 1
+                            defer { lsn += 1 }
+                            guard lsn > state.lsn else { return }
+                            if let upTo = options.upToLSN, lsn > upTo { throw StopReplay() }
+                            guard lsn == state.lsn + 1 else {
+                                throw JournalError(.gap, "\(path): record \(lsn) follows \(state.lsn)")
+                            }
+                            try state.apply(record)
+                            report.recordsReplayed += 1
+                        }
+                    }
+                } catch is StopReplay {
+                    return .reachedLimit
+                } catch let error as JournalError {
+                    throw error
+                } catch let error as EngineState.ReplayError {
+                    throw JournalError(.replay, "\(path) block at offset \(offset), record \(lsn): \(error.reason)")
+                } catch {
+                    return .corrupt(offset: offset, "\(error)")
+                }
+                guard decoded == h.recordCount else {
+                    return .corrupt(offset: offset, "block holds \(decoded) records, header says \(h.recordCount)")
+                }
+                expectedLSN = h.firstLSN + UInt64(h.recordCount)
+                offset += h.totalLength
+                if let upTo = options.upToLSN, state.lsn >= upTo { return .reachedLimit }
+            }
+        }
+        return .complete
+    }
+
+    private struct StopReplay: Error {}
+
+    private static func allZero(_ all: UnsafeRawBufferPointer, from offset: Int) -> Bool {
+        all[offset...].allSatisfy { $0 == 0 }
+    }
+
+    /// Cuts a file at `offset`; a segment cut inside its header is removed, as it holds nothing.
+    private static func cut(_ path: String, at offset: Int) throws(JournalError) {
+        if offset < SegmentHeader.size { try File.remove(path) } else { try File.truncate(path, to: offset) }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: for durations only.
+public func monotonicNanos() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+/// CLOCK_REALTIME in milliseconds: the "now" the edges pass into the engine for deadlines.
+public func wallClockMillis() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
+}
