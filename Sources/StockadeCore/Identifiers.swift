@@ -63,6 +63,14 @@ public struct OrderInfo: Equatable, Sendable {
     public var lines: [OrderLine]
     public var state: OrderState
     public var deadlineMillis: Int64
+
+    public init(id: OrderID, user: String, lines: [OrderLine], state: OrderState, deadlineMillis: Int64) {
+        self.id = id
+        self.user = user
+        self.lines = lines
+        self.state = state
+        self.deadlineMillis = deadlineMillis
+    }
 }
 
 /// A SKU's numbers as clients see them. Always `available + reserved + sold == total`.
@@ -75,6 +83,16 @@ public struct SkuInfo: Equatable, Sendable {
     /// Per-user limit on PENDING + PAID units; 0 means none.
     public var limit: Int64
     public var paused: Bool
+
+    public init(sku: String, total: Int64, available: Int64, reserved: Int64, sold: Int64, limit: Int64, paused: Bool) {
+        self.sku = sku
+        self.total = total
+        self.available = available
+        self.reserved = reserved
+        self.sold = sold
+        self.limit = limit
+        self.paused = paused
+    }
 }
 
 /// The result of checking one SKU's invariant.
@@ -83,4 +101,10 @@ public struct AuditFinding: Equatable, Sendable {
     public var ok: Bool
     /// Empty when ``ok``; otherwise what does not add up.
     public var problem: String
+
+    public init(sku: String, ok: Bool, problem: String) {
+        self.sku = sku
+        self.ok = ok
+        self.problem = problem
+    }
 }

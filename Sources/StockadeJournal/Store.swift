@@ -66,8 +66,12 @@ public final class Store: Sendable {
                 try File.remove(old.path)
                 removedSnapshots.append(old.path)
             }
-            let oldestKept = try directory.snapshots().first?.lsn ?? 0
-            let removed = try journal.removeSegments(coveredThrough: oldestKept, keep: options.coveredSegmentsKept)
+            // Only once the fallback snapshot exists: the log after it is what an invalid newest snapshot needs.
+            let kept = try directory.snapshots()
+            var removed: [String] = []
+            if kept.count >= max(1, options.snapshotsKept), let oldest = kept.first {
+                removed = try journal.removeSegments(coveredThrough: oldest.lsn, keep: options.coveredSegmentsKept)
+            }
             return SnapshotReport(
                 written: written, durationNanos: monotonicNanos() - started, removedSegments: removed,
                 removedSnapshots: removedSnapshots)

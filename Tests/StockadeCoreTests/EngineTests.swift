@@ -1,0 +1,284 @@
+import Testing
+@testable import StockadeCore
+
+private func makeEngine(shards: Int = 3) -> Engine {
+    Engine(state: EngineState(shardCount: shards), log: MemoryChangeLog())
+}
+
+private func reserve(_ user: String, _ sku: String, _ quantity: Int64 = 1, request: String? = nil, ttl: Int64? = nil) -> Command {
+    .reserve(user: user, lines: [OrderLine(sku: sku, quantity: quantity)], requestId: request, ttlMillis: ttl)
+}
+
+private func orderID(_ reply: Reply) -> OrderID? {
+    if case .reserved(let id, _, _) = reply { return id }
+    return nil
+}
+
+@Suite struct ModelTests {
+    /// Random sequences against the reference model: same reply to every command, same final state.
+    @Test(arguments: [1 as UInt64, 2, 3, 4, 5, 6, 7, 8])
+    func engineMatchesReferenceModel(seed: UInt64) async {
+        let shards = Int(seed % 3) + 1
+        let engine = makeEngine(shards: shards)
+        var model = ReferenceModel(shardCount: shards)
+        var workload = RandomWorkload(seed: seed)
+        var now: Int64 = 1_000
+        for step in 0..<3_000 {
+            now += Int64.random(in: 0...20, using: &workload.rng)
+            await engine.expire(now: now)
+            model.expire(now: now)
+            let command = workload.next()
+            let got = await engine.execute(command, now: now)
+            let want = model.apply(command, now: now)
+            workload.observe(got)
+            #expect(got == want, "seed \(seed) step \(step): \(command)")
+            if got != want { return }
+        }
+        for sku in workload.skus {
+            let got = await engine.execute(.stock(sku: sku), now: now)
+            #expect(got == model.apply(.stock(sku: sku), now: now))
+        }
+        for id in workload.orders {
+            let got = await engine.execute(.order(id), now: now)
+            #expect(got == model.apply(.order(id), now: now))
+        }
+        let audit = await engine.execute(.audit(sku: nil), now: now)
+        guard case .audit(let findings) = audit else { Issue.record("audit reply \(audit)"); return }
+        #expect(findings.allSatisfy { $0.ok })
+    }
+}
+
+@Suite struct ConcurrencyTests {
+    /// Many tasks race for one SKU: successes equal stock exactly, never negative.
+    @Test func racingReservationsNeverOversell() async {
+        let engine = makeEngine(shards: 4)
+        _ = await engine.execute(.addSku(sku: "phone", total: 500, limit: 0), now: 0)
+        let successes = await withTaskGroup(of: Int.self) { group in
+            for task in 0..<32 {
+                group.addTask {
+                    var won = 0
+                    for batch in 0..<25 {
+                        let commands = (0..<8).map { reserve("t\(task)-\(batch)-\($0)", "phone") }
+                        for reply in await engine.execute(commands, now: 0) where orderID(reply) != nil { won += 1 }
+                        #expect((engine.available("phone") ?? -1) >= 0)
+                    }
+                    return won
+                }
+            }
+            return await group.reduce(0, +)
+        }
+        #expect(successes == 500)
+        #expect(await engine.execute(.stock(sku: "phone"), now: 0)
+            == .stock(SkuInfo(sku: "phone", total: 500, available: 0, reserved: 500, sold: 0, limit: 0, paused: false)))
+    }
+
+    /// Baskets over several SKUs on different shards race with single reservations: every SKU sells
+    /// exactly its stock, baskets are whole or absent, per-user limits hold.
+    @Test func racingBasketsAcrossShardsAreAllOrNothing() async {
+        let engine = makeEngine(shards: 4)
+        let skus = ["a", "b", "c", "d", "e", "f"]
+        #expect(Set(skus.map(engine.shardIndex(of:))).count > 1)
+        for sku in skus { _ = await engine.execute(.addSku(sku: sku, total: 60, limit: 2), now: 0) }
+        let placed = await withTaskGroup(of: [(String, [OrderLine])].self) { group in
+            for task in 0..<16 {
+                group.addTask {
+                    var rng = SplitMix64(seed: UInt64(task))
+                    var mine: [(String, [OrderLine])] = []
+                    for n in 0..<40 {
+                        let user = "user\(Int.random(in: 0..<40, using: &rng))"
+                        let lines = skus.shuffled(using: &rng).prefix(Int.random(in: 1...3, using: &rng))
+                            .map { OrderLine(sku: $0, quantity: Int64.random(in: 1...2, using: &rng)) }
+                        let reply = await engine.execute(
+                            .reserve(user: user, lines: lines, requestId: "\(task)-\(n)", ttlMillis: nil), now: 0)
+                        if orderID(reply) != nil { mine.append((user, lines)) }
+                    }
+                    return mine
+                }
+            }
+            return await group.reduce(into: []) { $0 += $1 }
+        }
+        var sold: [String: Int64] = [:]
+        var perUser: [String: Int64] = [:]
+        for (user, lines) in placed {
+            for line in lines {
+                sold[line.sku, default: 0] += line.quantity
+                perUser[user + "|" + line.sku, default: 0] += line.quantity
+            }
+        }
+        for sku in skus {
+            guard case .stock(let info) = await engine.execute(.stock(sku: sku), now: 0) else { Issue.record("no stock"); continue }
+            #expect(info.reserved == sold[sku, default: 0])
+            #expect(info.available == 60 - info.reserved && info.available >= 0)
+        }
+        #expect(perUser.values.allSatisfy { $0 <= 2 })
+        let audit = await engine.execute(.audit(sku: nil), now: 0)
+        guard case .audit(let findings) = audit else { Issue.record("audit reply \(audit)"); return }
+        #expect(findings.count == skus.count && findings.allSatisfy { $0.ok })
+    }
+}
+
+@Suite struct ExactResultTests {
+    @Test func reserveOutcomes() async {
+        let engine = makeEngine()
+        #expect(await engine.execute(.addSku(sku: "tv", total: 3, limit: 2), now: 0) == .done)
+        #expect(await engine.execute(.addSku(sku: "tv", total: 9, limit: 0), now: 0) == .rejected(.skuExists))
+        #expect(await engine.execute(reserve("u1", "nope"), now: 0) == .rejected(.noSuchSku))
+        #expect(await engine.execute(reserve("u1", "tv", 3), now: 0) == .rejected(.limitReached(bought: 0, limit: 2)))
+        #expect(orderID(await engine.execute(reserve("u1", "tv", 2), now: 0)) != nil)
+        #expect(await engine.execute(reserve("u1", "tv", 1), now: 0) == .rejected(.limitReached(bought: 2, limit: 2)))
+        #expect(await engine.execute(reserve("u2", "tv", 2), now: 0) == .rejected(.insufficient(available: 1)))
+        #expect(orderID(await engine.execute(reserve("u2", "tv", 1), now: 0)) != nil)
+        #expect(await engine.execute(reserve("u3", "tv", 1), now: 0) == .rejected(.soldOut))
+        #expect(await engine.execute(.setPaused(sku: "tv", paused: true), now: 0) == .done)
+        #expect(await engine.execute(.restock(sku: "tv", delta: 1), now: 0)
+            == .stock(SkuInfo(sku: "tv", total: 4, available: 1, reserved: 3, sold: 0, limit: 2, paused: true)))
+        #expect(await engine.execute(reserve("u3", "tv", 1), now: 0) == .rejected(.paused))
+    }
+
+    @Test func badArguments() async {
+        let engine = makeEngine()
+        let long = String(repeating: "x", count: 65)
+        #expect(await engine.execute(.addSku(sku: "", total: 1, limit: 0), now: 0) == .rejected(.badArgument("SKU id must be 1 to 64 bytes")))
+        #expect(await engine.execute(.addSku(sku: long, total: 1, limit: 0), now: 0) == .rejected(.badArgument("SKU id must be 1 to 64 bytes")))
+        #expect(await engine.execute(.addSku(sku: "s", total: -1, limit: 0), now: 0) == .rejected(.badArgument("total must be 0 to 1099511627776")))
+        #expect(await engine.execute(.addSku(sku: "s", total: Limits.stockMax + 1, limit: 0), now: 0)
+            == .rejected(.badArgument("total must be 0 to 1099511627776")))
+        #expect(await engine.execute(.addSku(sku: "s", total: 5, limit: -1), now: 0) == .rejected(.badArgument("limit must be 0 (none) to 1000000000")))
+        _ = await engine.execute(.addSku(sku: "s", total: 5, limit: 0), now: 0)
+        for quantity in [0, -1, Limits.quantityMax + 1, Int64.max, Int64.min] {
+            #expect(await engine.execute(reserve("u", "s", quantity), now: 0) == .rejected(.badQuantity))
+            #expect(await engine.execute(.deduct(sku: "s", quantity: quantity), now: 0) == .rejected(.badQuantity))
+        }
+        #expect(await engine.execute(reserve("", "s"), now: 0) == .rejected(.badArgument("user id must be 1 to 64 bytes")))
+        #expect(await engine.execute(reserve(long, "s"), now: 0) == .rejected(.badArgument("user id must be 1 to 64 bytes")))
+        #expect(await engine.execute(reserve("u", "s", request: long), now: 0) == .rejected(.badArgument("request id must be 1 to 64 bytes")))
+        #expect(await engine.execute(reserve("u", "s", ttl: 0), now: 0) == .rejected(.badArgument("TTL must be 1 to 604800000 ms")))
+        #expect(await engine.execute(.reserve(user: "u", lines: [], requestId: nil, ttlMillis: nil), now: 0)
+            == .rejected(.badArgument("an order has 1 to 64 SKUs")))
+        #expect(await engine.execute(.reserve(user: "u", lines: [OrderLine(sku: "s", quantity: 1), OrderLine(sku: "s", quantity: 1)], requestId: nil, ttlMillis: nil), now: 0)
+            == .rejected(.badArgument("SKU s listed twice")))
+        #expect(await engine.execute(.restock(sku: "s", delta: Int64.max), now: 0) == .rejected(.badQuantity))
+        #expect(await engine.execute(.confirm(OrderID(rawValue: 0)), now: 0) == .rejected(.noSuchOrder))
+        #expect(await engine.execute(.confirm(OrderID(rawValue: UInt64.max)), now: 0) == .rejected(.noSuchOrder))
+        // Nothing above changed the SKU.
+        #expect(await engine.execute(.stock(sku: "s"), now: 0)
+            == .stock(SkuInfo(sku: "s", total: 5, available: 5, reserved: 0, sold: 0, limit: 0, paused: false)))
+    }
+
+    @Test func expiryReturnsStockExactlyOnce() async {
+        let engine = makeEngine()
+        _ = await engine.execute(.addSku(sku: "cam", total: 2, limit: 0), now: 0)
+        let id = orderID(await engine.execute(reserve("u", "cam", 2, ttl: 100), now: 1_000))!
+        #expect(engine.available("cam") == 0)
+        // At the deadline the order is expired: confirming fails and the stock is back.
+        #expect(await engine.execute(.confirm(id), now: 1_100) == .rejected(.expired))
+        #expect(engine.available("cam") == 2)
+        #expect(await engine.execute(.cancel(id), now: 1_200) == .rejected(.expired))
+        await engine.expire(now: 5_000)
+        #expect(await engine.execute(.stock(sku: "cam"), now: 5_000)
+            == .stock(SkuInfo(sku: "cam", total: 2, available: 2, reserved: 0, sold: 0, limit: 0, paused: false)))
+        guard case .order(let info) = await engine.execute(.order(id), now: 5_000) else { Issue.record("no order"); return }
+        #expect(info.state == .expired)
+        // The expiry timer alone also expires.
+        let second = orderID(await engine.execute(reserve("u", "cam", 1, ttl: 50), now: 6_000))!
+        await engine.expire(now: 6_050)
+        guard case .order(let info2) = await engine.execute(.order(second), now: 6_050) else { Issue.record("no order"); return }
+        #expect(info2.state == .expired)
+        #expect(engine.available("cam") == 2)
+    }
+
+    @Test func confirmAndCancelAreIdempotent() async {
+        let engine = makeEngine()
+        _ = await engine.execute(.addSku(sku: "cup", total: 5, limit: 0), now: 0)
+        let a = orderID(await engine.execute(reserve("u", "cup", 2), now: 0))!
+        let b = orderID(await engine.execute(reserve("u", "cup", 1), now: 0))!
+        #expect(await engine.execute(.confirm(a), now: 1) == .orderState(a, .paid))
+        #expect(await engine.execute(.confirm(a), now: 2) == .orderState(a, .paid))
+        #expect(await engine.execute(.cancel(a), now: 2) == .rejected(.wrongState(.paid)))
+        #expect(await engine.execute(.cancel(b), now: 3) == .orderState(b, .cancelled))
+        #expect(await engine.execute(.cancel(b), now: 4) == .orderState(b, .cancelled))
+        #expect(await engine.execute(.confirm(b), now: 4) == .rejected(.wrongState(.cancelled)))
+        #expect(await engine.execute(.stock(sku: "cup"), now: 5)
+            == .stock(SkuInfo(sku: "cup", total: 5, available: 3, reserved: 0, sold: 2, limit: 0, paused: false)))
+    }
+
+    @Test func sameRequestIdReturnsTheOriginalOrder() async {
+        let engine = makeEngine()
+        _ = await engine.execute(.addSku(sku: "hat", total: 1, limit: 0), now: 0)
+        let first = await engine.execute(reserve("u", "hat", request: "r-1"), now: 0)
+        guard case .reserved(let id, let deadline, false) = first else { Issue.record("\(first)"); return }
+        // Sold out now, yet the retry finds its order rather than a refusal or a second hold.
+        #expect(await engine.execute(reserve("u", "hat", request: "r-1"), now: 10) == .reserved(id, deadlineMillis: deadline, replayed: true))
+        #expect(await engine.execute(reserve("v", "hat", request: "r-1"), now: 10) == .rejected(.soldOut))
+        #expect(await engine.execute(.orders(user: "u"), now: 10) == .orders([
+            OrderInfo(id: id, user: "u", lines: [OrderLine(sku: "hat", quantity: 1)], state: .pending, deadlineMillis: deadline)
+        ]))
+    }
+
+    @Test func basketRollsBackWhenOneLineFails() async {
+        let engine = makeEngine(shards: 4)
+        let skus = ["a", "b", "c", "d", "e", "f", "g", "h"]
+        for sku in skus { _ = await engine.execute(.addSku(sku: sku, total: 3, limit: 0), now: 0) }
+        // A basket over several shards whose last line cannot be met.
+        let shardsUsed = Set(skus.prefix(4).map(engine.shardIndex(of:)))
+        #expect(shardsUsed.count > 1)
+        let lines = skus.prefix(3).map { OrderLine(sku: $0, quantity: 2) } + [OrderLine(sku: skus[3], quantity: 4)]
+        #expect(await engine.execute(.reserve(user: "u", lines: lines, requestId: "basket", ttlMillis: nil), now: 0)
+            == .rejected(.insufficient(available: 3)))
+        for sku in skus { #expect(engine.available(sku) == 3) }
+        // The request id was released with the failure: the corrected basket goes through.
+        let fixed = skus.prefix(4).map { OrderLine(sku: $0, quantity: 2) }
+        let reply = await engine.execute(.reserve(user: "u", lines: fixed, requestId: "basket", ttlMillis: 100), now: 0)
+        guard let id = orderID(reply) else { Issue.record("\(reply)"); return }
+        for sku in skus.prefix(4) { #expect(engine.available(sku) == 1) }
+        #expect(await engine.execute(.cancel(id), now: 10) == .orderState(id, .cancelled))
+        for sku in skus { #expect(engine.available(sku) == 3) }
+    }
+
+    @Test func restockNeverGoesBelowCommitted() async {
+        let engine = makeEngine()
+        _ = await engine.execute(.addSku(sku: "mug", total: 10, limit: 0), now: 0)
+        let id = orderID(await engine.execute(reserve("u", "mug", 4), now: 0))!
+        _ = await engine.execute(.confirm(id), now: 0)
+        _ = await engine.execute(reserve("v", "mug", 3), now: 0)
+        #expect(await engine.execute(.restock(sku: "mug", delta: -4), now: 0) == .rejected(.belowCommitted(committed: 7)))
+        #expect(await engine.execute(.restock(sku: "mug", delta: -3), now: 0)
+            == .stock(SkuInfo(sku: "mug", total: 7, available: 0, reserved: 3, sold: 4, limit: 0, paused: false)))
+        #expect(await engine.execute(.restock(sku: "nope", delta: 1), now: 0) == .rejected(.noSuchSku))
+    }
+
+    @Test func deductSpeaksTheLuaScriptsLanguage() async {
+        let engine = makeEngine()
+        _ = await engine.execute(.addSku(sku: "pen", total: 2, limit: 0), now: 0)
+        #expect(await engine.execute(.deduct(sku: "pen", quantity: 1), now: 0) == .deducted(1))
+        #expect(await engine.execute(.deduct(sku: "pen", quantity: 2), now: 0) == .deducted(0))
+        #expect(await engine.execute(.deduct(sku: "pen", quantity: 1), now: 0) == .deducted(1))
+        #expect(await engine.execute(.deduct(sku: "pen", quantity: 1), now: 0) == .deducted(0))
+        #expect(await engine.execute(.deduct(sku: "ink", quantity: 1), now: 0) == .deducted(-1))
+    }
+}
+
+@Suite struct RecordTests {
+    @Test func recordsRoundTrip() throws {
+        let records: [Record] = [
+            .skuAdded(shard: 1, skuIndex: 7, sku: "sku-é", total: 100, limit: 2),
+            .restocked(shard: 0, skuIndex: 3, delta: -5),
+            .pausedChanged(shard: 2, skuIndex: 1, paused: true),
+            .deducted(shard: 0, skuIndex: 0, quantity: 9),
+            .orderCreated(.init(id: OrderID(shard: 1, sequence: 42), deadlineMillis: 123_456, user: "u", requestId: "",
+                                items: [.init(shard: 1, skuIndex: 2, quantity: 3), .init(shard: 0, skuIndex: 5, quantity: 1)])),
+            .orderPaid(OrderID(shard: 0, sequence: 1)),
+            .orderCancelled(OrderID(shard: 0, sequence: 2)),
+            .orderExpired(OrderID(shard: 3, sequence: 3)),
+        ]
+        var buffer = RecordBuffer()
+        for record in records { buffer.append(record) }
+        #expect(buffer.count == records.count)
+        var decoded: [Record] = []
+        try buffer.bytes.withUnsafeBytes { try Record.decodeAll($0) { decoded.append($0) } }
+        #expect(decoded == records)
+        // A truncated stream is refused, never misread.
+        let cut = Array(buffer.bytes.dropLast(3))
+        #expect(throws: RecordDecodingError.self) { try cut.withUnsafeBytes { try Record.decodeAll($0) { _ in } } }
+    }
+}

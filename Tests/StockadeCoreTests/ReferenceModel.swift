@@ -1,0 +1,136 @@
+import StockadeCore
+
+/// A deliberately simple model of the engine's rules: dictionaries, no shards, no indexes.
+/// The engine must give the same reply to every command and end in the same state.
+struct ReferenceModel {
+    struct Sku {
+        var total: Int64, available: Int64, reserved: Int64, sold: Int64, limit: Int64, paused: Bool
+    }
+    struct Order {
+        var user: String, lines: [OrderLine], state: OrderState, deadline: Int64
+    }
+
+    let shardCount: Int
+    var skus: [String: Sku] = [:]
+    var orders: [OrderID: Order] = [:]
+    var nextSequence: [UInt32]
+    var held: [String: Int64] = [:]
+    var requests: [String: OrderID] = [:]
+
+    init(shardCount: Int) {
+        self.shardCount = shardCount
+        nextSequence = Array(repeating: 1, count: shardCount)
+    }
+
+    func shard(_ sku: String) -> Int { Engine.shardIndex(of: sku, shardCount: shardCount) }
+
+    func info(_ name: String) -> SkuInfo {
+        let s = skus[name]!
+        return SkuInfo(sku: name, total: s.total, available: s.available, reserved: s.reserved, sold: s.sold, limit: s.limit, paused: s.paused)
+    }
+
+    mutating func expire(now: Int64) {
+        for (id, order) in orders where order.state == .pending && order.deadline <= now { finish(id, .expired) }
+    }
+
+    mutating func finish(_ id: OrderID, _ state: OrderState) {
+        let order = orders[id]!
+        orders[id]!.state = state
+        for line in order.lines {
+            if state == .paid {
+                skus[line.sku]!.reserved -= line.quantity
+                skus[line.sku]!.sold += line.quantity
+            } else {
+                skus[line.sku]!.reserved -= line.quantity
+                skus[line.sku]!.available += line.quantity
+                if skus[line.sku]!.limit > 0 { held[order.user + "|" + line.sku, default: 0] -= line.quantity }
+            }
+        }
+    }
+
+    mutating func apply(_ command: Command, now: Int64) -> Reply {
+        switch command {
+        case let .addSku(sku, total, limit):
+            if skus[sku] != nil { return .rejected(.skuExists) }
+            skus[sku] = Sku(total: total, available: total, reserved: 0, sold: 0, limit: limit, paused: false)
+            return .done
+        case let .restock(sku, delta):
+            guard var s = skus[sku] else { return .rejected(.noSuchSku) }
+            if s.total + delta < s.reserved + s.sold { return .rejected(.belowCommitted(committed: s.reserved + s.sold)) }
+            s.total += delta
+            s.available += delta
+            skus[sku] = s
+            return .stock(info(sku))
+        case let .setPaused(sku, paused):
+            guard skus[sku] != nil else { return .rejected(.noSuchSku) }
+            skus[sku]!.paused = paused
+            return .done
+        case let .stock(sku):
+            return skus[sku] == nil ? .rejected(.noSuchSku) : .stock(info(sku))
+        case let .deduct(sku, quantity):
+            if quantity < 1 { return .rejected(.badQuantity) }
+            guard let s = skus[sku] else { return .deducted(-1) }
+            if s.paused || s.available < quantity { return .deducted(0) }
+            skus[sku]!.available -= quantity
+            skus[sku]!.sold += quantity
+            return .deducted(1)
+        case let .reserve(user, lines, requestId, ttl):
+            if let rejection = ShardState.validateReserve(user: user, lines: lines, requestId: requestId, ttlMillis: ttl ?? Limits.ttlMillisDefault) {
+                return .rejected(rejection)
+            }
+            if lines.count == 1, requestId == nil, let s = skus[lines[0].sku], s.available == 0 { return .rejected(.soldOut) }
+            // Request ids are kept by the shard that owns the order (its first SKU's): a retry resends the same command.
+            let requestKey = requestId.map { "\(user)|\($0)|\(shard(lines[0].sku))" }
+            if let requestKey, let id = requests[requestKey] {
+                return .reserved(id, deadlineMillis: orders[id]!.deadline, replayed: true)
+            }
+            let ordered = lines.enumerated().sorted { (shard($0.element.sku), $0.offset) < (shard($1.element.sku), $1.offset) }
+            for (_, line) in ordered {
+                guard let s = skus[line.sku] else { return .rejected(.noSuchSku) }
+                if s.paused { return .rejected(.paused) }
+                if s.available == 0 { return .rejected(.soldOut) }
+                if s.available < line.quantity { return .rejected(.insufficient(available: s.available)) }
+                if s.limit > 0 {
+                    let bought = held[user + "|" + line.sku] ?? 0
+                    if bought + line.quantity > s.limit { return .rejected(.limitReached(bought: bought, limit: s.limit)) }
+                }
+            }
+            for line in lines {
+                skus[line.sku]!.available -= line.quantity
+                skus[line.sku]!.reserved += line.quantity
+                if skus[line.sku]!.limit > 0 { held[user + "|" + line.sku, default: 0] += line.quantity }
+            }
+            let owner = shard(lines[0].sku)
+            let id = OrderID(shard: owner, sequence: nextSequence[owner])
+            nextSequence[owner] += 1
+            let deadline = now + (ttl ?? Limits.ttlMillisDefault)
+            orders[id] = Order(user: user, lines: lines, state: .pending, deadline: deadline)
+            if let requestKey { requests[requestKey] = id }
+            return .reserved(id, deadlineMillis: deadline, replayed: false)
+        case let .confirm(id), let .cancel(id):
+            guard let order = orders[id] else { return .rejected(.noSuchOrder) }
+            let target: OrderState
+            if case .confirm = command { target = .paid } else { target = .cancelled }
+            switch order.state {
+            case .pending:
+                if now >= order.deadline {
+                    finish(id, .expired)
+                    return .rejected(.expired)
+                }
+                finish(id, target)
+                return .orderState(id, target)
+            case .expired: return .rejected(.expired)
+            case let state: return state == target ? .orderState(id, state) : .rejected(.wrongState(state))
+            }
+        case let .order(id):
+            guard let o = orders[id] else { return .rejected(.noSuchOrder) }
+            return .order(OrderInfo(id: id, user: o.user, lines: o.lines, state: o.state, deadlineMillis: o.deadline))
+        case let .orders(user):
+            return .orders(orders.filter { $0.value.user == user }.sorted { $0.key < $1.key }.map {
+                OrderInfo(id: $0.key, user: user, lines: $0.value.lines, state: $0.value.state, deadlineMillis: $0.value.deadline)
+            })
+        case .audit:
+            return .done
+        }
+    }
+}
