@@ -49,16 +49,6 @@ let benchmarks: @Sendable () -> Void = {
         }
     }
 
-    Benchmark("Reserve: engine, 2 shards, batches of 64, no journal", configuration: .init(scalingFactor: .kilo)) { benchmark in
-        let engine = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog())
-        _ = await engine.execute([.addSku(sku: "a", total: Limits.stockMax, limit: 0), .addSku(sku: "b", total: Limits.stockMax, limit: 0)], now: 0)
-        let batch = (0..<64).map { Command.reserve(user: users[$0], lines: [OrderLine(sku: $0 % 2 == 0 ? "a" : "b", quantity: 1)], requestId: nil, ttlMillis: 60_000) }
-        benchmark.startMeasurement()
-        for _ in 0..<(benchmark.scaledIterations.count / 64) {
-            blackHole(await engine.execute(batch, now: 0))
-        }
-    }
-
     Benchmark(
         "Journal: group commit, fdatasync always, 32 writers x 16 records",
         configuration: .init(metrics: [.throughput, .wallClock, .custom("records per fdatasync", polarity: .prefersLarger, useScalingFactor: false)],
@@ -93,17 +83,25 @@ let benchmarks: @Sendable () -> Void = {
     Benchmark("Recovery: replay 1M order records from the log", configuration: .init(scalingFactor: .mega, maxIterations: 3)) { benchmark in
         let dir = NSTemporaryDirectory() + "stockade-bench-\(UUID().uuidString)"
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        var options = Store.Options(shardCount: 1)
-        options.journal.fsync = .none
-        let store = try! Store(path: dir, options: options)
-        _ = await store.engine.execute(.addSku(sku: "hot", total: Limits.stockMax, limit: 0), now: 0)
-        for first in stride(from: 0, to: benchmark.scaledIterations.count, by: 1024) {
-            _ = await store.engine.execute((first..<first + 1024).map { Command.reserve(user: users[$0 % users.count], lines: lines, requestId: nil, ttlMillis: 60_000) }, now: 0)
+        // The log a shard would write for 1M reservations, written straight through the journal.
+        var options = Journal.Options()
+        options.fsync = .none
+        let journal = try! Journal(directory: DataDirectory(dir), shardCount: 1, lsn: 0, options: options)
+        var state = ShardState(shard: 0)
+        var log = RecordBuffer(capacity: 1 << 20)
+        _ = state.addSku("hot", total: Limits.stockMax, limit: 0, log: &log)
+        for i in benchmark.scaledIterations {
+            _ = state.reserve(user: users[i % users.count], lines: lines, requestId: nil, ttlMillis: 60_000, now: 0, log: &log)
+            if log.count >= 4096 {
+                _ = try! journal.append(log)
+                log.removeAll()
+            }
         }
-        store.close()
+        if !log.isEmpty { _ = try! journal.append(log) }
+        journal.close()
         benchmark.startMeasurement()
-        let (state, report) = try! Recovery.recover(DataDirectory(dir), options: .init(shardCount: 1, repair: false))
+        let (recovered, report) = try! Recovery.recover(DataDirectory(dir), options: .init(shardCount: 1, repair: false))
         benchmark.stopMeasurement()
-        precondition(report.recordsReplayed == benchmark.scaledIterations.count + 1 && state.shards[0].orderCount == benchmark.scaledIterations.count)
+        precondition(report.recordsReplayed == benchmark.scaledIterations.count + 1 && recovered.shards[0].orderCount == benchmark.scaledIterations.count)
     }
 }

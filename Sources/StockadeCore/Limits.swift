@@ -16,8 +16,8 @@ public enum Limits {
     public static let ttlMillisMax: Int64 = 7 * 24 * 3600 * 1000
     /// Shards are numbered into the top byte of an order id (see ``OrderID``).
     public static let shardCountMax = 255
-    /// Orders per shard: the sequence part of an order id is 32 bits in memory (4 billion per shard).
-    public static let ordersPerShardMax = Int(UInt32.max - 1)
+    /// Orders per shard: sequences are 31 bits in memory (2 billion orders per shard).
+    public static let ordersPerShardMax = Int(Int32.max - 1)
 }
 
 /// Validates a client-supplied id: 1 to ``Limits/nameBytesMax`` bytes of UTF-8.

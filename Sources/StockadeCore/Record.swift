@@ -89,17 +89,31 @@ public struct RecordBuffer: Sendable {
         end(start)
     }
 
-    /// The single-item order, written without building an items array (the hot path).
+    /// The single-item order, written without building an items array and with one copy into the
+    /// buffer (the hot path).
     public mutating func orderCreated(
         id: OrderID, deadlineMillis: Int64, user: String, requestId: String?,
         shard: Int, skuIndex: UInt32, quantity: UInt32
     ) {
-        let start = begin(.orderCreated)
-        bytes.appendLE(id.rawValue); bytes.appendLE(deadlineMillis)
-        bytes.appendName(user); bytes.appendName(requestId ?? "")
-        bytes.appendLE(UInt16(1))
-        bytes.appendLE(UInt16(shard)); bytes.appendLE(skuIndex); bytes.appendLE(quantity)
-        end(start)
+        var user = user
+        var requestId = requestId ?? ""
+        user.withUTF8 { userBytes in
+            requestId.withUTF8 { requestBytes in
+                precondition(userBytes.count <= 255 && requestBytes.count <= 255)
+                let body = 8 + 8 + 1 + userBytes.count + 1 + requestBytes.count + 2 + 2 + 4 + 4
+                withUnsafeTemporaryAllocation(byteCount: 3 + body, alignment: 8) { out in
+                    var w = RawWriter(out)
+                    w.put(Record.Kind.orderCreated.rawValue); w.put(UInt16(body))
+                    w.put(id.rawValue); w.put(deadlineMillis)
+                    w.put(UInt8(userBytes.count)); w.put(userBytes)
+                    w.put(UInt8(requestBytes.count)); w.put(requestBytes)
+                    w.put(UInt16(1)); w.put(UInt16(shard)); w.put(skuIndex); w.put(quantity)
+                    assert(w.offset == 3 + body)
+                    bytes.append(contentsOf: UnsafeRawBufferPointer(out))
+                }
+            }
+        }
+        count += 1
     }
 
     public mutating func orderCreated(_ order: Record.OrderCreated) {
@@ -115,9 +129,12 @@ public struct RecordBuffer: Sendable {
 
     public mutating func orderTransition(_ kind: Record.Kind, _ id: OrderID) {
         precondition(kind == .orderPaid || kind == .orderCancelled || kind == .orderExpired)
-        let start = begin(kind)
-        bytes.appendLE(id.rawValue)
-        end(start)
+        withUnsafeTemporaryAllocation(byteCount: 11, alignment: 8) { out in
+            var w = RawWriter(out)
+            w.put(kind.rawValue); w.put(UInt16(8)); w.put(id.rawValue)
+            bytes.append(contentsOf: UnsafeRawBufferPointer(out))
+        }
+        count += 1
     }
 
     public mutating func append(_ record: Record) {
@@ -209,3 +226,22 @@ extension Record {
     }
 }
 
+
+/// Writes little-endian fields into a buffer sized in advance (a record built on the stack).
+struct RawWriter {
+    let base: UnsafeMutableRawBufferPointer
+    private(set) var offset = 0
+
+    init(_ base: UnsafeMutableRawBufferPointer) { self.base = base }
+
+    @inline(__always) mutating func put<T: FixedWidthInteger>(_ value: T) {
+        base.storeBytes(of: value.littleEndian, toByteOffset: offset, as: T.self)
+        offset += MemoryLayout<T>.size
+    }
+
+    @inline(__always) mutating func put(_ bytes: UnsafeBufferPointer<UInt8>) {
+        guard let source = bytes.baseAddress, bytes.count > 0 else { return }
+        (base.baseAddress! + offset).copyMemory(from: source, byteCount: bytes.count)
+        offset += bytes.count
+    }
+}

@@ -18,17 +18,39 @@ public struct ShardState: Sendable {
         let counter: StockCounter
     }
 
-    /// One order, 32 bytes. Orders live in a dense array indexed by sequence - 1; single-SKU orders
-    /// (the common case) keep their item inline, others in ``multiItems``.
+    /// One order, 24 bytes. Orders live in a dense array indexed by sequence - 1; single-SKU orders
+    /// (the common case) keep their item inline, others in ``multiItems``. The state shares a word
+    /// with the quantity (which is below 2^30), the multi-SKU flag with the previous-order link
+    /// (sequences are below 2^31).
     struct OrderSlot {
         var deadlineMillis: Int64
         var userIndex: UInt32
         var skuIndex: UInt32
-        var quantity: UInt32
+        private var quantityAndState: UInt32
+        private var previousAndMulti: UInt32
+
+        init(
+            deadlineMillis: Int64, userIndex: UInt32, skuIndex: UInt32, quantity: UInt32, previousOfUser: UInt32,
+            state: OrderState, isMulti: Bool
+        ) {
+            precondition(quantity < 1 << 30 && previousOfUser < 1 << 31)
+            self.deadlineMillis = deadlineMillis
+            self.userIndex = userIndex
+            self.skuIndex = skuIndex
+            quantityAndState = quantity | UInt32(state.rawValue - 1) << 30
+            previousAndMulti = previousOfUser | (isMulti ? 1 << 31 : 0)
+        }
+
+        var quantity: UInt32 { quantityAndState & (1 << 30 - 1) }
+
+        var state: OrderState {
+            get { OrderState(rawValue: UInt8(quantityAndState >> 30) + 1)! }
+            set { quantityAndState = quantity | UInt32(newValue.rawValue - 1) << 30 }
+        }
+
         /// This user's previous order in this shard (sequence), 0 for none: the user's order list.
-        var previousOfUser: UInt32
-        var state: OrderState
-        var isMulti: Bool
+        var previousOfUser: UInt32 { previousAndMulti & (1 << 31 - 1) }
+        var isMulti: Bool { previousAndMulti >> 31 != 0 }
     }
 
     /// An item of a multi-SKU (or cross-shard) order, with its SKU's id for display.
@@ -43,16 +65,16 @@ public struct ShardState: Sendable {
     }
 
     var skus: [Sku] = []
-    var skuIndexByName: [String: UInt32] = [:]
+    var skuIndexByName = NameIndex()
     var users: [String] = []
-    var userIndexByName: [String: UInt32] = [:]
+    var userIndexByName = NameIndex()
     var lastOrderOfUser: [UInt32] = []
     var orders: [OrderSlot] = []
     var multiItems: [UInt32: [MultiItem]] = [:]
     /// Request id -> order sequence; 0 marks a multi-shard request being placed right now.
     var requests: [RequestKey: UInt32] = [:]
     /// PENDING + PAID units per (user << 32 | sku), kept only for SKUs with a per-user limit.
-    var heldByUserSku: [UInt64: Int64] = [:]
+    var heldByUserSku: [UInt64: UInt32] = [:]
     var expiry = ExpiryHeap()
 
     public init(shard: Int) {
@@ -242,13 +264,16 @@ public struct ShardState: Sendable {
 
     /// Checks that `quantity` of SKU `index` can be held for the user, without changing anything.
     func check(index: UInt32, quantity: Int64, knownUser: UInt32?) -> Rejection? {
-        let s = skus[Int(index)]
-        if s.paused { return .paused }
-        if s.available == 0 { return .soldOut }
-        if s.available < quantity { return .insufficient(available: s.available) }
-        if s.limit > 0 {
-            let bought = knownUser.map { heldByUserSku[Self.key($0, index)] ?? 0 } ?? 0
-            if bought + quantity > s.limit { return .limitReached(bought: bought, limit: s.limit) }
+        // Fields read one by one: copying the whole Sku would retain its name and counter.
+        let i = Int(index)
+        if skus[i].paused { return .paused }
+        let available = skus[i].available
+        if available == 0 { return .soldOut }
+        if available < quantity { return .insufficient(available: available) }
+        let limit = skus[i].limit
+        if limit > 0 {
+            let bought = knownUser.map { Int64(heldByUserSku[Self.key($0, index)] ?? 0) } ?? 0
+            if bought + quantity > limit { return .limitReached(bought: bought, limit: limit) }
         }
         return nil
     }
@@ -373,17 +398,17 @@ public struct ShardState: Sendable {
     /// Expires every pending order whose deadline is at or before `now`.
     public mutating func expireDue(now: Int64, log: inout RecordBuffer) -> [ForeignEffect] {
         var effects: [ForeignEffect] = []
-        while let top = expiry.top, top.deadlineMillis <= now {
-            expiry.pop()
-            guard orders[Int(top.sequence) - 1].state == .pending else { continue }
-            effects += applyTransition(seq: top.sequence, to: .expired)
-            log.orderTransition(.orderExpired, OrderID(shard: shard, sequence: top.sequence))
+        while let top = expiry.top, orders[Int(top) - 1].deadlineMillis <= now {
+            expiry.pop(orders)
+            guard orders[Int(top) - 1].state == .pending else { continue }
+            effects += applyTransition(seq: top, to: .expired)
+            log.orderTransition(.orderExpired, OrderID(shard: shard, sequence: top))
         }
         return effects
     }
 
     /// The earliest deadline of a pending order, if any (stale entries may make it early, never late).
-    public var nextDeadlineMillis: Int64? { expiry.top?.deadlineMillis }
+    public var nextDeadlineMillis: Int64? { expiry.top.map { orders[Int($0) - 1].deadlineMillis } }
 
     // MARK: - Applying facts (shared by the live path and replay)
 
@@ -408,10 +433,9 @@ public struct ShardState: Sendable {
     @inline(__always) static func key(_ user: UInt32, _ sku: UInt32) -> UInt64 { UInt64(user) << 32 | UInt64(sku) }
 
     @inline(__always) mutating func publishAndCheck(_ index: Int) {
-        let s = skus[index]
-        assert(s.available >= 0 && s.reserved >= 0 && s.sold >= 0, "negative count on \(s.name)")
-        assert(s.available + s.reserved + s.sold == s.total, "invariant broken on \(s.name)")
-        s.counter.publish(s.available)
+        assert(skus[index].available >= 0 && skus[index].reserved >= 0 && skus[index].sold >= 0, "negative count on \(skus[index].name)")
+        assert(skus[index].available + skus[index].reserved + skus[index].sold == skus[index].total, "invariant broken on \(skus[index].name)")
+        skus[index].counter.publish(skus[index].available)
     }
 
     mutating func applySkuAdded(index: UInt32, sku: String, total: Int64, limit: Int64) {
@@ -441,7 +465,7 @@ public struct ShardState: Sendable {
     mutating func applyHold(userIndex: UInt32, index: UInt32, quantity: Int64) {
         skus[Int(index)].available -= quantity
         skus[Int(index)].reserved += quantity
-        if skus[Int(index)].limit > 0 { heldByUserSku[Self.key(userIndex, index), default: 0] += quantity }
+        if skus[Int(index)].limit > 0 { heldByUserSku[Self.key(userIndex, index), default: 0] += UInt32(quantity) }
         publishAndCheck(Int(index))
     }
 
@@ -454,9 +478,9 @@ public struct ShardState: Sendable {
         skus[Int(index)].reserved -= quantity
         if skus[Int(index)].limit > 0, let userIndex = userIndexByName[user] {
             let key = Self.key(userIndex, index)
-            let left = (heldByUserSku[key] ?? 0) - quantity
+            let left = Int64(heldByUserSku[key] ?? 0) - quantity
             assert(left >= 0)
-            heldByUserSku[key] = left > 0 ? left : nil
+            heldByUserSku[key] = left > 0 ? UInt32(left) : nil
         }
         publishAndCheck(Int(index))
     }
@@ -487,7 +511,7 @@ public struct ShardState: Sendable {
                 previousOfUser: lastOrderOfUser[Int(userIndex)], state: .pending, isMulti: false))
         lastOrderOfUser[Int(userIndex)] = seq
         if let requestId, !requestId.isEmpty { requests[RequestKey(user: userIndex, requestId: requestId)] = seq }
-        expiry.push(deadlineMillis: deadlineMillis, sequence: seq)
+        expiry.push(seq, orders)
     }
 
     /// Stores an order whose holds were already applied. `names` are the items' SKU ids, for display.
@@ -509,7 +533,7 @@ public struct ShardState: Sendable {
         lastOrderOfUser[Int(userIndex)] = seq
         multiItems[seq] = zip(created.items, names).map { MultiItem(item: $0, sku: $1) }
         if let requestId { requests[RequestKey(user: userIndex, requestId: requestId)] = seq }
-        expiry.push(deadlineMillis: created.deadlineMillis, sequence: seq)
+        expiry.push(seq, orders)
     }
 
     /// Moves a pending order to a final state and applies what that does to stock: local SKUs here,
@@ -539,31 +563,27 @@ public struct ShardState: Sendable {
     }
 }
 
-/// Pending orders by deadline: a binary min-heap of (deadline, sequence). Entries of orders that were
-/// paid or cancelled stay until their deadline and are skipped then.
+/// Pending orders by deadline: a binary min-heap of order sequence numbers (4 bytes an order),
+/// ordered by the deadlines in the order slots. Orders that were paid or cancelled stay until their
+/// deadline and are skipped then.
 struct ExpiryHeap {
-    struct Entry {
-        var deadlineMillis: Int64
-        var sequence: UInt32
-    }
+    private(set) var entries: [UInt32] = []
 
-    private(set) var entries: [Entry] = []
-
-    var top: Entry? { entries.first }
+    var top: UInt32? { entries.first }
     var count: Int { entries.count }
 
-    mutating func push(deadlineMillis: Int64, sequence: UInt32) {
-        entries.append(Entry(deadlineMillis: deadlineMillis, sequence: sequence))
+    mutating func push(_ sequence: UInt32, _ orders: [ShardState.OrderSlot]) {
+        entries.append(sequence)
         var child = entries.count - 1
         while child > 0 {
             let parent = (child - 1) / 2
-            guard Self.less(entries[child], entries[parent]) else { break }
+            guard Self.less(entries[child], entries[parent], orders) else { break }
             entries.swapAt(child, parent)
             child = parent
         }
     }
 
-    mutating func pop() {
+    mutating func pop(_ orders: [ShardState.OrderSlot]) {
         guard !entries.isEmpty else { return }
         entries.swapAt(0, entries.count - 1)
         entries.removeLast()
@@ -572,15 +592,17 @@ struct ExpiryHeap {
             let left = 2 * parent + 1
             let right = left + 1
             var smallest = parent
-            if left < entries.count, Self.less(entries[left], entries[smallest]) { smallest = left }
-            if right < entries.count, Self.less(entries[right], entries[smallest]) { smallest = right }
+            if left < entries.count, Self.less(entries[left], entries[smallest], orders) { smallest = left }
+            if right < entries.count, Self.less(entries[right], entries[smallest], orders) { smallest = right }
             if smallest == parent { return }
             entries.swapAt(parent, smallest)
             parent = smallest
         }
     }
 
-    static func less(_ a: Entry, _ b: Entry) -> Bool {
-        a.deadlineMillis != b.deadlineMillis ? a.deadlineMillis < b.deadlineMillis : a.sequence < b.sequence
+    @inline(__always)
+    static func less(_ a: UInt32, _ b: UInt32, _ orders: [ShardState.OrderSlot]) -> Bool {
+        let da = orders[Int(a) - 1].deadlineMillis, db = orders[Int(b) - 1].deadlineMillis
+        return da != db ? da < db : a < b
     }
 }

@@ -131,7 +131,7 @@ extension EngineState {
                     let stateByte: UInt8 = try r.read()
                     let isMulti = (try r.read() as UInt8) != 0
                     guard let orderState = OrderState(rawValue: stateByte), Int(userIndex) < userCount,
-                        isMulti || Int(skuIndex) < skuCount, Int(previous) <= index
+                        isMulti || Int(skuIndex) < skuCount, Int(previous) <= index, quantity < 1 << 30
                     else { throw ImageError(reason: "order \(index + 1) of shard \(shard) is malformed") }
                     let seq = UInt32(index + 1)
                     state.orders.append(
@@ -139,7 +139,7 @@ extension EngineState {
                             deadlineMillis: deadline, userIndex: userIndex, skuIndex: skuIndex, quantity: quantity,
                             previousOfUser: previous, state: orderState, isMulti: isMulti))
                     state.lastOrderOfUser[Int(userIndex)] = seq
-                    if orderState == .pending { state.expiry.push(deadlineMillis: deadline, sequence: seq) }
+                    if orderState == .pending { state.expiry.push(seq, state.orders) }
                 }
                 let multiCount = Int(try r.read() as UInt32)
                 try need(multiCount, r, each: 6)
@@ -169,9 +169,9 @@ extension EngineState {
                     state.requests[ShardState.RequestKey(user: user, requestId: requestId)] = seq
                 }
                 let heldCount = Int(try r.read() as UInt32)
-                try need(heldCount, r, each: 16)
+                try need(heldCount, r, each: 12)
                 for _ in 0..<heldCount {
-                    let key: UInt64 = try r.read(), units: Int64 = try r.read()
+                    let key: UInt64 = try r.read(), units: UInt32 = try r.read()
                     state.heldByUserSku[key] = units
                 }
                 shards.append(state)
@@ -211,7 +211,7 @@ extension EngineState {
             let held = state.heldByUserSku.map { (state.users[Int($0.key >> 32)], state.skus[Int($0.key & 0xFFFF_FFFF)].name, $0.value) }
                 .sorted { ($0.0, $0.1) < ($1.0, $1.1) }
             h.add(UInt32(held.count))
-            for (user, sku, units) in held { h.add(user); h.add(sku); h.add(units) }
+            for (user, sku, units) in held { h.add(user); h.add(sku); h.add(Int64(units)) }
             let requests = state.requests.filter { $0.value != 0 }.map { (state.users[Int($0.key.user)], $0.key.requestId, $0.value) }
                 .sorted { ($0.0, $0.1) < ($1.0, $1.1) }
             h.add(UInt32(requests.count))
