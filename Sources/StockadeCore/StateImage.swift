@@ -122,7 +122,7 @@ extension EngineState {
                 }
                 state.lastOrderOfUser = Array(repeating: 0, count: userCount)
                 let orderCount = Int(try r.read() as UInt32)
-                try need(orderCount, r, each: 30)
+                try need(orderCount, r, each: 26)
                 state.orders.reserveCapacity(orderCount)
                 for index in 0..<orderCount {
                     let deadline: Int64 = try r.read()

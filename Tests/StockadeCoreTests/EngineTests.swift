@@ -282,3 +282,28 @@ private func orderID(_ reply: Reply) -> OrderID? {
         #expect(throws: RecordDecodingError.self) { try cut.withUnsafeBytes { try Record.decodeAll($0) { _ in } } }
     }
 }
+
+@Suite struct ImageTests {
+    /// An image made mostly of orders (as a large flash sale's is) decodes to the same state.
+    @Test func imageWithManyOrdersRoundTrips() throws {
+        var state = ShardState(shard: 0)
+        var log = RecordBuffer()
+        _ = state.addSku("hot", total: 100_000, limit: 0, log: &log)
+        for i in 0..<20_000 {
+            _ = state.reserve(user: "u", lines: [OrderLine(sku: "hot", quantity: 1)], requestId: i == 3 ? "r3" : nil,
+                              ttlMillis: 1_000, now: Int64(i), log: &log)
+        }
+        var paidLog = RecordBuffer()
+        _ = state.confirm(OrderID(shard: 0, sequence: 7), now: 0, log: &paidLog)
+        let engine = EngineState(shards: [state], lsn: 42)
+        let image = engine.encodeImage()
+        let decoded = try image.withUnsafeBytes { try EngineState.decodeImage($0) }
+        #expect(decoded.lsn == 42)
+        #expect(decoded.stateHash() == engine.stateHash())
+        #expect(decoded.shards[0].orderCount == 20_000)
+        // Any truncation is refused.
+        for cut in [1, 26, image.count / 2, image.count - 1] {
+            #expect(throws: EngineState.ImageError.self) { try Array(image.prefix(cut)).withUnsafeBytes { try EngineState.decodeImage($0) } }
+        }
+    }
+}
