@@ -1,3 +1,4 @@
+import Synchronization
 import ArgumentParser
 import CJemalloc
 import Foundation
@@ -118,6 +119,9 @@ struct EngineThroughput: AsyncParsableCommand {
     @Option(help: "Journal: off, or a data directory (fsync always) that is removed first.")
     var journal = "off"
 
+    @Flag(help: "Take snapshots back to back while the load runs (needs a journal): shows what they cost the shards.")
+    var snapshots = false
+
     func run() async throws {
         let engine: Engine
         var store: Store?
@@ -132,22 +136,46 @@ struct EngineThroughput: AsyncParsableCommand {
         _ = await engine.execute(skus.map { .addSku(sku: $0, total: Limits.stockMax, limit: 0) }, now: 0)
         let perClient = requests / clients / batch
         let clients = clients, batch = batch
+        // Users are long enough (over 15 bytes) to be heap strings: what real ids look like.
         let started = monotonicNanos()
-        await withTaskGroup(of: Void.self) { group in
+        let loadDone = ManagedFlag()
+        let snapshotter = Task { [store, snapshots] () -> Int in
+            guard snapshots, let store else { return 0 }
+            var taken = 0
+            while !loadDone.isSet {
+                _ = try? await store.snapshot()
+                taken += 1
+            }
+            return taken
+        }
+        let latencies = await withTaskGroup(of: [UInt64].self) { group in
             for client in 0..<clients {
                 group.addTask {
                     let commands = (0..<batch).map { k in
                         Command.reserve(user: "c\(client)-\(k)", lines: [OrderLine(sku: skus[(client * batch + k) % skus.count], quantity: 1)],
                                         requestId: nil, ttlMillis: Limits.ttlMillisMax)
                     }
-                    for _ in 0..<perClient { _ = await engine.execute(commands, now: 0) }
+                    var mine: [UInt64] = []
+                    mine.reserveCapacity(perClient)
+                    for _ in 0..<perClient {
+                        let sent = monotonicNanos()
+                        _ = await engine.execute(commands, now: 0)
+                        mine.append(monotonicNanos() - sent)
+                    }
+                    return mine
                 }
             }
+            return await group.reduce(into: []) { $0 += $1 }.sorted()
         }
+        loadDone.set()
+        let snapshotsTaken = await snapshotter.value
         let seconds = Double(monotonicNanos() - started) / 1e9
         let done = perClient * clients * batch
-        print(String(format: "%d reservations, %d clients x batches of %d, %d shards, journal %@: %.2f s, %.0f reservations/s",
-                     done, clients, batch, shards, journal == "off" ? "off" : "fsync always", seconds, Double(done) / seconds))
+        print(String(format: "%d reservations, %d clients x batches of %d, %d shards, journal %@%@: %.2f s, %.0f reservations/s",
+                     done, clients, batch, shards, journal == "off" ? "off" : "fsync always",
+                     snapshots ? ", \(snapshotsTaken) snapshots during the run" : "", seconds, Double(done) / seconds))
+        func ms(_ q: Double) -> Double { Double(latencies[min(latencies.count - 1, Int(Double(latencies.count) * q))]) / 1e6 }
+        print(String(format: "batch latency: p50 %.2f ms, p99 %.2f ms, max %.2f ms", ms(0.5), ms(0.99), Double(latencies.last ?? 0) / 1e6))
         if let store {
             let stats = store.journal.statistics
             print(String(format: "journal: %d records in %d batches (%.0f records per fdatasync), fdatasync mean %.2f ms, max %.2f ms",
@@ -167,4 +195,11 @@ func allocatedBytes() -> Int {
     var size = MemoryLayout<Int>.size
     guard mallctl("stats.allocated", &allocated, &size, nil, 0) == 0 else { return 0 }
     return allocated
+}
+
+/// A flag one task sets and others poll.
+final class ManagedFlag: Sendable {
+    private let flag = Mutex(false)
+    var isSet: Bool { flag.withLock { $0 } }
+    func set() { flag.withLock { $0 = true } }
 }
