@@ -4,7 +4,8 @@ import PackageDescription
 /// Stockade: an in-memory, sharded order engine for flash sales.
 ///
 /// Data flows one way through the modules:
-/// `stockade` (CLI) -> ``StockadeCore`` (shards decide, emit records) -> ``StockadeJournal`` (blocks, fsync, snapshots).
+/// socket -> ``StockadeWire`` (parse RESP) -> ``StockadeServer`` (route, admit, batch)
+///        -> ``StockadeCore`` (shards decide, emit records) -> ``StockadeJournal`` (blocks, fsync, snapshots).
 let package = Package(
     name: "Stockade",
     platforms: [.macOS(.v15)],
@@ -12,8 +13,12 @@ let package = Package(
         .executable(name: "stockade", targets: ["stockade"]),
         .library(name: "StockadeCore", targets: ["StockadeCore"]),
         .library(name: "StockadeJournal", targets: ["StockadeJournal"]),
+        .library(name: "StockadeServer", targets: ["StockadeServer"]),
     ],
     dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/apple/swift-atomics.git", from: "1.3.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/ordo-one/benchmark.git", from: "1.38.1", traits: ["MallocInterposer"]),
@@ -34,15 +39,36 @@ let package = Package(
             name: "StockadeJournal",
             dependencies: ["StockadeCore", "CLZ4", "CCRC32C"]
         ),
+        // RESP2: the incremental request parser and reply encoding. No sockets.
+        .target(
+            name: "StockadeWire",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")]
+        ),
+        // The TCP front: connections, command table, admission control, events, metrics.
+        .target(
+            name: "StockadeServer",
+            dependencies: [
+                "StockadeCore", "StockadeJournal", "StockadeWire", "CJemalloc",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ]
+        ),
         .executableTarget(
             name: "stockade",
             dependencies: [
-                "StockadeCore", "StockadeJournal", "CJemalloc",
+                "StockadeCore", "StockadeJournal", "StockadeServer", "CJemalloc",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(name: "StockadeCoreTests", dependencies: ["StockadeCore"]),
         .testTarget(name: "StockadeJournalTests", dependencies: ["StockadeCore", "StockadeJournal"]),
+        .testTarget(
+            name: "StockadeWireTests",
+            dependencies: ["StockadeWire", .product(name: "NIOCore", package: "swift-nio")]
+        ),
         .executableTarget(
             name: "StockadeBenchmarks",
             dependencies: [

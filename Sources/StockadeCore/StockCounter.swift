@@ -21,10 +21,15 @@ public final class StockCounter: Sendable {
 public final class SkuDirectory: Sendable {
     final class Map: AtomicReference, Sendable {
         let counters: [String: StockCounter]
-        init(_ counters: [String: StockCounter]) { self.counters = counters }
+        /// SKU ids by index, for naming SKUs that records refer to by index.
+        let names: [String]
+        init(_ counters: [String: StockCounter], _ names: [String]) {
+            self.counters = counters
+            self.names = names
+        }
     }
 
-    private let current = ManagedAtomic(Map([:]))
+    private let current = ManagedAtomic(Map([:], []))
 
     public init() {}
 
@@ -33,10 +38,24 @@ public final class SkuDirectory: Sendable {
         current.load(ordering: .acquiring).counters[sku]
     }
 
-    /// Adds counters. Copies the map (SKU adds are rare; reads are not).
+    /// The id of the SKU at `index` in this shard, if it exists yet.
+    public func name(at index: Int) -> String? {
+        let names = current.load(ordering: .acquiring).names
+        return index >= 0 && index < names.count ? names[index] : nil
+    }
+
+    /// Every SKU id of this shard, in index order.
+    public var names: [String] { current.load(ordering: .acquiring).names }
+
+    /// Adds counters of newly added SKUs, in index order. Copies the map (SKU adds are rare; reads are not).
     func publish(_ additions: [(String, StockCounter)]) {
-        var counters = current.load(ordering: .acquiring).counters
-        for (sku, counter) in additions { counters[sku] = counter }
-        current.store(Map(counters), ordering: .releasing)
+        let map = current.load(ordering: .acquiring)
+        var counters = map.counters
+        var names = map.names
+        for (sku, counter) in additions {
+            counters[sku] = counter
+            names.append(sku)
+        }
+        current.store(Map(counters, names), ordering: .releasing)
     }
 }

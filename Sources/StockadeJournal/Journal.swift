@@ -40,6 +40,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         public var syncNanosTotal: UInt64 = 0
         public var syncNanosMax: UInt64 = 0
         public var largestBatchRecords = 0
+        public init() {}
     }
 
     public let directory: DataDirectory

@@ -4,6 +4,7 @@ import CJemalloc
 import Foundation
 import StockadeCore
 import StockadeJournal
+import StockadeServer
 
 /// Measurements that are not throughput loops: memory per order and start-up time with a large state.
 /// The figures in BENCHMARKS.md come from these commands (release build).
@@ -185,16 +186,6 @@ struct EngineThroughput: AsyncParsableCommand {
             try? FileManager.default.removeItem(atPath: journal)
         }
     }
-}
-
-/// Bytes the process has allocated and not freed, as jemalloc counts them.
-func allocatedBytes() -> Int {
-    var epoch: UInt64 = 1
-    _ = mallctl("epoch", nil, nil, &epoch, MemoryLayout<UInt64>.size)
-    var allocated = 0
-    var size = MemoryLayout<Int>.size
-    guard mallctl("stats.allocated", &allocated, &size, nil, 0) == 0 else { return 0 }
-    return allocated
 }
 
 /// A flag one task sets and others poll.

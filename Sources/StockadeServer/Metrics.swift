@@ -1,0 +1,102 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Prometheus
+import StockadeJournal
+import Synchronization
+
+/// The server's Prometheus metrics (swift-prometheus), exposed as text on `/metrics`.
+final class ServerMetrics: Sendable {
+    let registry = PrometheusCollectorRegistry()
+    private let commandCounters = Mutex<[String: Counter]>([:])
+    let commandDuration: DurationHistogram
+    let connectedClients: Gauge
+    let rejectedConnections: Counter
+    let logBatchRecords: ValueHistogram
+    let fsyncSeconds: ValueHistogram
+    let pendingLogBytes: Gauge
+    let snapshotAgeSeconds: Gauge
+    let snapshotDurationSeconds: Gauge
+    let logPosition: Gauge
+
+    init() {
+        commandDuration = registry.makeDurationHistogram(
+            name: "stockade_command_duration_seconds",
+            buckets: [.microseconds(50), .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1),
+                      .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(50), .milliseconds(250), .seconds(1)],
+            help: "From the read that carried a command to its reply being written, per command.")
+        connectedClients = registry.makeGauge(name: "stockade_connected_clients", help: "Open client connections.")
+        rejectedConnections = registry.makeCounter(name: "stockade_rejected_connections_total", help: "Connections refused (maxclients).")
+        logBatchRecords = registry.makeValueHistogram(
+            name: "stockade_log_batch_records", buckets: [1, 4, 16, 64, 256, 1024, 4096, 16384],
+            help: "Records per group-commit batch (one write, one fdatasync).")
+        fsyncSeconds = registry.makeValueHistogram(
+            name: "stockade_fsync_seconds", buckets: [0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5],
+            help: "fdatasync latency of the log.")
+        pendingLogBytes = registry.makeGauge(name: "stockade_log_pending_bytes", help: "Records appended but not yet written.")
+        snapshotAgeSeconds = registry.makeGauge(name: "stockade_snapshot_age_seconds", help: "Seconds since the last snapshot (or start).")
+        snapshotDurationSeconds = registry.makeGauge(name: "stockade_snapshot_duration_seconds", help: "How long the last snapshot took.")
+        logPosition = registry.makeGauge(name: "stockade_log_position", help: "Position of the last durable record.")
+    }
+
+    /// Counts one command by name and outcome (`ok` or the error code).
+    func count(_ command: String, outcome: String) {
+        let key = command + "|" + outcome
+        let counter = commandCounters.withLock { counters in
+            if let existing = counters[key] { return existing }
+            let made = registry.makeCounter(
+                name: "stockade_commands_total", labels: [("command", command), ("outcome", outcome)],
+                help: "Commands processed, by command and outcome.")
+            counters[key] = made
+            return made
+        }
+        counter.increment()
+    }
+
+    private let lastStats = Mutex(Journal.Stats())
+
+    /// Folds the journal's counters since the last call into the histograms.
+    func observe(_ journal: Journal) {
+        let stats = journal.statistics
+        let previous = lastStats.withLock { last in
+            defer { last = stats }
+            return last
+        }
+        let batches = stats.batches - previous.batches
+        if batches > 0 { logBatchRecords.record(Double(stats.records - previous.records) / Double(batches)) }
+        let syncs = stats.syncs - previous.syncs
+        if syncs > 0 { fsyncSeconds.record(Double(stats.syncNanosTotal - previous.syncNanosTotal) / Double(syncs) / 1e9) }
+        pendingLogBytes.set(Double(journal.pendingBytes))
+        logPosition.set(Double(journal.lastDurableLSN))
+    }
+}
+
+/// Serves `GET /metrics` (and nothing else) over HTTP/1.1.
+final class MetricsHTTPHandler: ChannelInboundHandler, Sendable {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    let metrics: ServerMetrics
+
+    init(metrics: ServerMetrics) { self.metrics = metrics }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard case .head(let head) = unwrapInboundIn(data) else { return }
+        let found = head.method == .GET && (head.uri == "/metrics" || head.uri.hasPrefix("/metrics?"))
+        var body = context.channel.allocator.buffer(capacity: 4096)
+        if found {
+            body.writeBytes(metrics.registry.emitToBuffer())
+        } else {
+            body.writeString("not found: try /metrics\n")
+        }
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: found ? "text/plain; version=0.0.4" : "text/plain")
+        headers.add(name: "Content-Length", value: String(body.readableBytes))
+        headers.add(name: "Connection", value: "close")
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: found ? .ok : .notFound, headers: headers))), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        let written = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: written)
+        written.futureResult.whenComplete { [channel = context.channel] _ in channel.close(promise: nil) }
+    }
+}

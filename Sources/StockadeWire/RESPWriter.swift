@@ -1,0 +1,51 @@
+import NIOCore
+
+/// Writes RESP2 replies into a `ByteBuffer`: all replies of one read go into one buffer and one flush.
+extension ByteBuffer {
+    /// `+text\r\n`. The text must not contain CR or LF.
+    public mutating func writeRESPSimple(_ text: String) {
+        writeInteger(UInt8(ascii: "+"))
+        writeRESPLine(text)
+    }
+
+    /// `-text\r\n`: the first word is the error code clients branch on.
+    public mutating func writeRESPError(_ text: String) {
+        writeInteger(UInt8(ascii: "-"))
+        writeRESPLine(text)
+    }
+
+    public mutating func writeRESPInteger(_ value: Int64) {
+        writeInteger(UInt8(ascii: ":"))
+        writeString(String(value))
+        writeStaticString("\r\n")
+    }
+
+    /// `$length\r\nbytes\r\n`, or the null bulk `$-1\r\n` for nil.
+    public mutating func writeRESPBulk(_ text: String?) {
+        guard let text else {
+            writeStaticString("$-1\r\n")
+            return
+        }
+        writeInteger(UInt8(ascii: "$"))
+        writeString(String(text.utf8.count))
+        writeStaticString("\r\n")
+        writeString(text)
+        writeStaticString("\r\n")
+    }
+
+    public mutating func writeRESPArrayHeader(_ count: Int) {
+        writeInteger(UInt8(ascii: "*"))
+        writeString(String(count))
+        writeStaticString("\r\n")
+    }
+
+    /// Replaces CR and LF (which would end the line early) with spaces.
+    private mutating func writeRESPLine(_ text: String) {
+        if text.utf8.contains(where: { $0 == 13 || $0 == 10 }) {
+            writeString(String(text.map { $0 == "\r" || $0 == "\n" || $0 == "\r\n" ? " " : $0 }))
+        } else {
+            writeString(text)
+        }
+        writeStaticString("\r\n")
+    }
+}

@@ -1,0 +1,94 @@
+import ArgumentParser
+import Foundation
+import Logging
+import StockadeCore
+import StockadeJournal
+import StockadeServer
+
+/// `stockade serve`: the RESP-compatible server.
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Serve the engine over TCP with a RESP-compatible protocol (redis-cli, redis-benchmark and Redis clients work).")
+
+    @Option(help: "Address to listen on. Anything but loopback requires --requirepass.")
+    var host = "127.0.0.1"
+
+    @Option(help: "TCP port (0: any free port, printed at start).")
+    var port = 7379
+
+    @OptionGroup var store: StoreOptions
+
+    @Option(name: .customLong("snapshot-every-changes"), help: "Snapshot after this many logged changes (0: never by count).")
+    var snapshotEveryChanges: UInt64 = 1_000_000
+
+    @Option(name: .customLong("snapshot-every-seconds"), help: "Snapshot after this many seconds if anything changed (0: never by time).")
+    var snapshotEverySeconds = 3600
+
+    @Option(name: .customLong("events-retention-segments"), help: "Log segments kept for EVENTS readers after a snapshot covers them.")
+    var eventsRetentionSegments = 4
+
+    @Option(help: "Password clients must send with AUTH.")
+    var requirepass: String?
+
+    @Option(help: "Most client connections at once.")
+    var maxclients = 10_000
+
+    @Option(name: .customLong("metrics-port"), help: "Serve Prometheus metrics on http://host:PORT/metrics.")
+    var metricsPort: Int?
+
+    @Option(name: .customLong("rate-limit"), help: "Changes per second per client (0: no limit); over it: -BUSY.")
+    var rateLimit = 0
+
+    @Option(name: .customLong("max-output-bytes"), help: "Unread reply bytes after which a client is disconnected.")
+    var maxOutputBytes = 64 << 20
+
+    @Option(name: .customLong("client-stall-seconds"), help: "Seconds a client may leave its replies unread before it is disconnected.")
+    var clientStallSeconds = 30
+
+    @Option(name: .customLong("max-inline-bytes"), help: "Longest inline command line.")
+    var maxInlineBytes = 64 * 1024
+
+    @Option(name: .customLong("max-bulk-bytes"), help: "Longest bulk string argument.")
+    var maxBulkBytes = 512 * 1024
+
+    @Option(name: .customLong("max-arguments"), help: "Most arguments in one command.")
+    var maxArguments = 1024
+
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
+    var logLevel = "info"
+
+    func run() async throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        var config = ServerConfiguration()
+        config.host = host
+        config.port = port
+        config.dataDirectory = store.dataDir
+        config.shards = store.shards
+        config.fsync = FsyncPolicy(rawValue: store.fsync)!
+        config.truncateCorrupt = store.truncateCorrupt
+        config.snapshotEveryChanges = snapshotEveryChanges
+        config.snapshotEverySeconds = snapshotEverySeconds
+        config.eventsRetentionSegments = eventsRetentionSegments
+        config.requirePassword = requirepass
+        config.maxClients = maxclients
+        config.metricsPort = metricsPort
+        config.rateLimitPerSecond = rateLimit
+        config.clientOutputBytesMax = maxOutputBytes
+        config.clientStallSeconds = clientStallSeconds
+        config.parserLimits.inlineBytesMax = maxInlineBytes
+        config.parserLimits.bulkBytesMax = maxBulkBytes
+        config.parserLimits.argumentsMax = maxArguments
+        let logger = Logger(label: "stockade")
+        do {
+            try await StockadeServer(configuration: config, logger: logger).run()
+        } catch {
+            logger.critical("\(error)")
+            throw ExitCode(1)
+        }
+    }
+}
