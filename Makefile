@@ -1,31 +1,42 @@
 # Stockade: the two commands a fresh Debian machine needs.
-#   make run   installs system packages if missing, builds release, runs the built-in flash-sale demo
-#   make test  installs the same, builds, runs every test
+#   make run   installs what is missing, builds release, serves on 127.0.0.1:7379 (data in ./data)
+#   make test  installs what is missing, builds, runs the Swift tests and the integration tests
+#              against the real server process with redis-cli, redis-benchmark and redis-py
 
 SWIFT ?= swift
+PYTHON ?= python3
 DATA_DIR ?= ./data
-APT_PACKAGES := liblz4-dev libjemalloc-dev pkg-config
+APT_PACKAGES := liblz4-dev libjemalloc-dev pkg-config redis-tools
+PIP_PACKAGES := redis pytest
 
-.PHONY: run test deps build release bench clean
+.PHONY: run test deps build release bench demo clean
 
 deps:
-	@if ! pkg-config --exists liblz4 jemalloc 2>/dev/null; then \
+	@if ! pkg-config --exists liblz4 jemalloc 2>/dev/null || ! command -v redis-cli >/dev/null || ! command -v redis-benchmark >/dev/null; then \
 		echo "installing $(APT_PACKAGES)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	fi
+	@if ! $(PYTHON) -c "import redis, pytest" 2>/dev/null; then \
+		echo "installing $(PIP_PACKAGES)"; \
+		$(PYTHON) -m pip install -q $(PIP_PACKAGES); \
 	fi
 
 release: deps
 	$(SWIFT) build -c release --product stockade
 
 run: release
+	.build/release/stockade serve --data-dir $(DATA_DIR) --metrics-port 9379
+
+demo: release
 	.build/release/stockade demo --data-dir $(DATA_DIR)
 
 build: deps
 	$(SWIFT) build --product stockade
 
-# The crash test starts .build/debug/stockade as a child process, so it is built first.
+# The crash tests start .build/debug/stockade as a child process, so it is built first.
 test: build
 	STOCKADE_BIN=$(CURDIR)/.build/debug/stockade $(SWIFT) test
+	STOCKADE_BIN=$(CURDIR)/.build/debug/stockade $(PYTHON) -m pytest -q tests/integration
 
 bench: deps
 	$(SWIFT) package benchmark

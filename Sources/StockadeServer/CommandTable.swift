@@ -18,7 +18,8 @@ enum Request: Equatable {
     /// CLIENT SETINFO / SETNAME and the like: accepted and ignored.
     case clientAccepted
     case clientID
-    case hello(version: Int?)
+    /// HELLO [version [AUTH user password] [SETNAME name]]
+    case hello(version: Int?, password: String?)
     case select(Int)
     /// A reply to send as is: a wrong argument, an unknown command.
     case invalid(String)
@@ -115,9 +116,25 @@ enum CommandTable {
             default: return .invalid("ERR unknown CLIENT subcommand")
             }
         case "HELLO":
-            guard let first = args.first else { return .hello(version: nil) }
+            let list = Array(args)
+            guard let first = list.first else { return .hello(version: nil, password: nil) }
             guard let version = Int(first) else { return .invalid("NOPROTO unsupported protocol version") }
-            return .hello(version: version)
+            var password: String?
+            var i = 1
+            while i < list.count {
+                switch list[i].uppercased() {
+                case "AUTH":
+                    guard i + 2 < list.count else { return .invalid("ERR syntax error in HELLO option 'auth'") }
+                    password = list[i + 2]
+                    i += 3
+                case "SETNAME":
+                    guard i + 1 < list.count else { return .invalid("ERR syntax error in HELLO option 'setname'") }
+                    i += 2
+                default:
+                    return .invalid("ERR syntax error in HELLO option '\(list[i])'")
+                }
+            }
+            return .hello(version: version, password: password)
         case "SELECT":
             guard args.count == 1 else { return arity(false)! }
             guard let db = Int(args[args.startIndex]) else { return notInteger }

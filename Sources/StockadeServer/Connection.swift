@@ -165,13 +165,22 @@ final class ConnectionHandler: ChannelDuplexHandler {
             case .shutdown: asyncStep = .shutdown
             case .info(let section): asyncStep = .info(section)
             case .events(let from, let count, let block): asyncStep = .events(from: from, count: count, blockMillis: block)
+            case .hello(_, let password) where !authenticated:
+                if let password, let expected = server.configuration.requirePassword, constantTimeEqual(password, expected) {
+                    authenticated = true
+                    server.writeLocal(request, clientID: ObjectIdentifier(self), into: &out)
+                } else if password != nil {
+                    out.writeRESPError("WRONGPASS invalid username-password pair or user is disabled.")
+                } else {
+                    out.writeRESPError("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time")
+                }
             case .auth(_, let password):
                 if let expected = server.configuration.requirePassword, !expected.isEmpty {
                     if constantTimeEqual(password, expected) {
                         authenticated = true
                         out.writeRESPSimple("OK")
                     } else {
-                        out.writeRESPError("WRONGPASS invalid password")
+                        out.writeRESPError("WRONGPASS invalid username-password pair or user is disabled.")
                     }
                 } else {
                     out.writeRESPError("ERR AUTH called without any password configured")
@@ -186,6 +195,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
             if asyncStep != nil || closeAfter { break parsing }
         }
         inbound = input.readableBytes > 0 ? input : nil
+        // Only part of a command so far: wait for the next read.
+        if slots.isEmpty && asyncStep == nil { return }
 
         if batch.isEmpty && asyncStep == nil {
             finish(context: context, slots: slots, replies: [], tail: nil, closeAfter: closeAfter, started: started)

@@ -128,15 +128,17 @@ final class ServerContext: Sendable {
             out.writeRESPSimple("OK")
         case .clientID:
             out.writeRESPInteger(Int64(truncatingIfNeeded: UInt64(UInt(bitPattern: clientID.hashValue)) >> 1))
-        case .hello(let version):
-            if let version, version != 2 {
-                out.writeRESPError("NOPROTO this server speaks RESP2 only")
+        case .hello(let version, _):
+            // Replies are the same in RESP2 and RESP3 (no maps, sets or doubles), so both are
+            // accepted; only this reply differs: a map for 3, an array for 2.
+            if let version, version != 2 && version != 3 {
+                out.writeRESPError("NOPROTO sorry, this protocol version is not supported")
                 return
             }
-            out.writeRESPArrayHeader(14)
+            if version == 3 { out.writeRESP3MapHeader(7) } else { out.writeRESPArrayHeader(14) }
             out.writeRESPBulk("server"); out.writeRESPBulk("stockade")
             out.writeRESPBulk("version"); out.writeRESPBulk(stockadeVersion)
-            out.writeRESPBulk("proto"); out.writeRESPInteger(2)
+            out.writeRESPBulk("proto"); out.writeRESPInteger(Int64(version ?? 2))
             out.writeRESPBulk("id"); out.writeRESPInteger(1)
             out.writeRESPBulk("mode"); out.writeRESPBulk("standalone")
             out.writeRESPBulk("role"); out.writeRESPBulk("master")

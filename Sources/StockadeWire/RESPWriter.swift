@@ -39,6 +39,14 @@ extension ByteBuffer {
         writeStaticString("\r\n")
     }
 
+    /// `%count\r\n`: a RESP3 map header (only the reply to `HELLO 3` uses it; every other reply
+    /// Stockade sends is valid in RESP2 and RESP3 alike).
+    public mutating func writeRESP3MapHeader(_ count: Int) {
+        writeInteger(UInt8(ascii: "%"))
+        writeString(String(count))
+        writeStaticString("\r\n")
+    }
+
     /// Replaces CR and LF (which would end the line early) with spaces.
     private mutating func writeRESPLine(_ text: String) {
         if text.utf8.contains(where: { $0 == 13 || $0 == 10 }) {
