@@ -241,6 +241,7 @@ final class ServerContext: Sendable {
         add("Stats", [
             ("total_connections_received", String(c.connectionsReceived)), ("rejected_connections", String(c.connectionsRejected)),
             ("log_records", String(stats.records)), ("log_batches", String(stats.batches)),
+            ("rounds_in_flight", String(c.roundsInFlight)),
         ])
         let syncMeanMillis = stats.syncs > 0 ? Double(stats.syncNanosTotal) / Double(stats.syncs) / 1e6 : 0
         add("Persistence", [

@@ -1,0 +1,97 @@
+import NIOCore
+import NIOPosix
+import StockadeWire
+import Synchronization
+
+/// A plain request/reply connection for setup and audits (not for load).
+final class CommandClient: Sendable {
+    private let channel: Channel
+    private let handler: NIOLoopBound<ReplyHandler>
+
+    private init(channel: Channel, handler: NIOLoopBound<ReplyHandler>) {
+        self.channel = channel
+        self.handler = handler
+    }
+
+    static func connect(group: EventLoopGroup, target: BenchTarget, password: String?) async throws -> CommandClient {
+        let channel = try await ClientBootstrap(group: group)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ReplyHandler())
+                }
+            }
+            .connect(host: target.host, port: target.port).get()
+        let handler = try await channel.eventLoop.submit {
+            NIOLoopBound(try channel.pipeline.syncOperations.handler(type: ReplyHandler.self), eventLoop: channel.eventLoop)
+        }.get()
+        let client = CommandClient(channel: channel, handler: handler)
+        if let password, !password.isEmpty {
+            let reply = try await client.send(["AUTH", password])
+            guard reply == .simple("OK") else { throw BenchError("AUTH failed: \(reply)") }
+        }
+        return client
+    }
+
+    func send(_ command: [String]) async throws -> RESPReply {
+        try await pipeline([command])[0]
+    }
+
+    /// Sends commands in one write and returns their replies in order.
+    func pipeline(_ commands: [[String]]) async throws -> [RESPReply] {
+        let handler = self.handler
+        let channel = self.channel
+        return try await channel.eventLoop.flatSubmit {
+            let promise = channel.eventLoop.makePromise(of: [RESPReply].self)
+            var out = channel.allocator.buffer(capacity: 256)
+            for command in commands {
+                out.writeRESPArrayHeader(command.count)
+                for word in command { out.writeRESPBulk(word) }
+            }
+            handler.value.expect(commands.count, promise)
+            channel.writeAndFlush(out, promise: nil)
+            return promise.futureResult
+        }.get()
+    }
+
+    func close() { channel.close(promise: nil) }
+}
+
+final class ReplyHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+
+    private var buffer: ByteBuffer?
+    private var waiting: [(count: Int, promise: EventLoopPromise<[RESPReply]>)] = []
+    private var collected: [RESPReply] = []
+    private let parser = RESPReplyParser()
+
+    func expect(_ count: Int, _ promise: EventLoopPromise<[RESPReply]>) {
+        waiting.append((count, promise))
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        if buffer == nil { buffer = bytes } else { buffer!.writeBuffer(&bytes) }
+        do {
+            while let reply = try parser.next(&buffer!) {
+                collected.append(reply)
+                if let first = waiting.first, collected.count == first.count {
+                    waiting.removeFirst()
+                    first.promise.succeed(collected)
+                    collected = []
+                }
+            }
+        } catch {
+            fail(BenchError("bad reply stream: \(error.message)"))
+            context.close(promise: nil)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        fail(BenchError("connection closed"))
+    }
+
+    private func fail(_ error: Error) {
+        for (_, promise) in waiting { promise.fail(error) }
+        waiting = []
+    }
+}

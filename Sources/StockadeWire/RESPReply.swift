@@ -1,0 +1,99 @@
+import NIOCore
+
+/// A RESP2/RESP3 reply as a client sees it (the benchmark harness's client).
+public indirect enum RESPReply: Equatable, Sendable {
+    case simple(String)
+    case error(String)
+    case integer(Int64)
+    case bulk(String?)
+    case array([RESPReply]?)
+
+    /// The text of a simple or bulk string.
+    public var string: String? {
+        switch self {
+        case .simple(let s): s
+        case .bulk(let s): s
+        default: nil
+        }
+    }
+
+    /// The first word of an error reply (the code a client branches on).
+    public var errorCode: String? {
+        if case .error(let message) = self { return String(message.prefix { $0 != " " }) }
+        return nil
+    }
+}
+
+/// Parses replies incrementally; leaves a partial reply in the buffer.
+public struct RESPReplyParser: Sendable {
+    /// A reply line longer than this, or a bulk or array larger, is a broken stream.
+    public var lineBytesMax = 64 * 1024
+    public var bulkBytesMax = 64 << 20
+    public var elementsMax = 1 << 20
+
+    public init() {}
+
+    public struct ParseError: Error, Equatable, Sendable {
+        public var message: String
+    }
+
+    /// The next complete reply, or nil when more bytes are needed (nothing consumed).
+    public func next(_ buffer: inout ByteBuffer) throws(ParseError) -> RESPReply? {
+        let start = buffer.readerIndex
+        guard let reply = try parse(&buffer) else {
+            buffer.moveReaderIndex(to: start)
+            return nil
+        }
+        return reply
+    }
+
+    private func line(_ buffer: inout ByteBuffer) throws(ParseError) -> String? {
+        let view = buffer.readableBytesView
+        let limit = view.index(view.startIndex, offsetBy: min(view.count, lineBytesMax + 2))
+        guard let newline = view[view.startIndex..<limit].firstIndex(of: UInt8(ascii: "\n")) else {
+            if view.count > lineBytesMax + 1 { throw ParseError(message: "reply line too long") }
+            return nil
+        }
+        guard newline > buffer.readerIndex, buffer.getInteger(at: newline - 1, as: UInt8.self) == UInt8(ascii: "\r") else {
+            throw ParseError(message: "reply line not ended by CRLF")
+        }
+        let text = buffer.getString(at: buffer.readerIndex, length: newline - 1 - buffer.readerIndex) ?? ""
+        buffer.moveReaderIndex(to: newline + 1)
+        return text
+    }
+
+    private func parse(_ buffer: inout ByteBuffer) throws(ParseError) -> RESPReply? {
+        guard let type: UInt8 = buffer.readInteger() else { return nil }
+        guard let text = try line(&buffer) else { return nil }
+        switch type {
+        case UInt8(ascii: "+"): return .simple(text)
+        case UInt8(ascii: "-"): return .error(text)
+        case UInt8(ascii: ":"):
+            guard let value = Int64(text) else { throw ParseError(message: "bad integer reply '\(text)'") }
+            return .integer(value)
+        case UInt8(ascii: "$"):
+            guard let length = Int(text), length >= -1, length <= bulkBytesMax else { throw ParseError(message: "bad bulk length '\(text)'") }
+            if length == -1 { return .bulk(nil) }
+            guard buffer.readableBytes >= length + 2 else { return nil }
+            let value = buffer.readString(length: length)
+            buffer.moveReaderIndex(forwardBy: 2)
+            return .bulk(value)
+        case UInt8(ascii: "*"), UInt8(ascii: "%"), UInt8(ascii: "~"), UInt8(ascii: ">"):
+            guard let count = Int(text), count >= -1, count <= elementsMax else { throw ParseError(message: "bad array length '\(text)'") }
+            if count == -1 { return .array(nil) }
+            let elements = type == UInt8(ascii: "%") ? count * 2 : count
+            var items: [RESPReply] = []
+            items.reserveCapacity(elements)
+            for _ in 0..<elements {
+                guard let item = try parse(&buffer) else { return nil }
+                items.append(item)
+            }
+            return .array(items)
+        case UInt8(ascii: "_"): return .bulk(nil)
+        case UInt8(ascii: "#"): return .integer(text == "t" ? 1 : 0)
+        case UInt8(ascii: ","): return .bulk(text)
+        default:
+            throw ParseError(message: "unknown reply type '\(Character(Unicode.Scalar(type)))'")
+        }
+    }
+}

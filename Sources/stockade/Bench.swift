@@ -1,0 +1,111 @@
+import ArgumentParser
+import Foundation
+import StockadeBench
+
+/// `stockade bench`: drives a flash-sale scenario against a running server and reports.
+struct Bench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a flash-sale load against a running Stockade (or Redis + Lua) and audit the outcome.",
+        discussion: """
+            Scenarios: sellout (K SKUs with stock S, far more requests than stock, per-user limit), sustained \
+            (stock never runs out; closed loop, or open loop with --rate), lifecycle (reserve, then confirm / cancel / \
+            let expire; the server must match the harness's record). Exit status 1 when an audit fails.
+            """)
+
+    @Argument(help: "sellout, sustained or lifecycle.")
+    var scenario: String = "sellout"
+
+    @Option(help: "stockade://host:port or redis://host:port (Redis with the Lua stock script).")
+    var target = "stockade://127.0.0.1:7379"
+
+    @Option(help: "Run the same scenario against this target afterwards and print both with the ratio.")
+    var compare: String?
+
+    @Option(help: "Password (AUTH) for the targets.")
+    var password: String?
+
+    @Option(help: "SKUs.") var skus = 10
+    @Option(help: "Stock of each SKU (sellout, lifecycle).") var stock = 1_000
+    @Option(help: "Distinct users.") var users = 1_000_000
+    @Option(help: "Per-user limit of each SKU (sellout, lifecycle; 0: none).") var limit = 1
+    @Option(name: [.short, .long], help: "Connections.") var connections = 50
+    @Option(name: [.customShort("P"), .long], help: "Requests in flight per connection (closed loop).") var pipeline = 16
+    @Option(name: [.short, .long], help: "Reservations to send.") var requests = 1_000_000
+    @Option(help: "Send for this many seconds instead of a count.") var duration: Double?
+    @Option(help: "Open loop: offered requests per second (latency from the intended send time).") var rate: Double?
+    @Option(help: "Zipf exponent of SKU popularity (hot spots); uniform when absent.") var zipf: Double?
+    @Option(help: "Lifecycle: percent of holds confirmed.") var confirm = 50
+    @Option(help: "Lifecycle: percent of holds cancelled (the rest expire).") var cancel = 25
+    @Option(help: "Lifecycle: hold TTL in ms.") var ttl = 2_000
+    @Option(help: "Client event-loop threads.") var clientThreads = 1
+    @Option(help: "Seed of the request choices.") var seed: UInt64 = 1
+    @Flag(help: "Print the report as JSON.") var json = false
+    @Flag(help: "No live progress line.") var quiet = false
+
+    func run() async throws {
+        guard let scenario = BenchOptions.Scenario(rawValue: scenario) else {
+            throw ValidationError("scenario must be sellout, sustained or lifecycle")
+        }
+        guard let first = BenchTarget(url: target) else { throw ValidationError("--target must be stockade://host:port or redis://host:port") }
+        var options = BenchOptions()
+        options.scenario = scenario
+        options.target = first
+        options.password = password
+        options.skus = skus
+        options.stock = stock
+        options.users = users
+        options.limit = limit
+        options.connections = connections
+        options.pipeline = rate == nil ? pipeline : 1
+        options.requests = requests
+        options.durationSeconds = duration
+        options.rate = rate
+        options.zipf = zipf
+        options.confirmPercent = confirm
+        options.cancelPercent = cancel
+        options.ttlMillis = ttl
+        options.clientThreads = clientThreads
+        options.progress = !quiet && !json
+        options.seed = seed
+        guard skus >= 1, stock >= 1, users >= 1, connections >= 1, pipeline >= 1, requests >= 1 else {
+            throw ValidationError("counts must be at least 1")
+        }
+        if scenario == .lifecycle, first.isRedis { throw ValidationError("lifecycle needs a Stockade target") }
+
+        let log: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("\($0)\n".utf8)) }
+        var reports = [try await Harness.run(options, log: log)]
+        if let compare {
+            guard let second = BenchTarget(url: compare) else { throw ValidationError("--compare must be stockade://host:port or redis://host:port") }
+            options.target = second
+            reports.append(try await Harness.run(options, log: log))
+        }
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(reports.count == 1 ? AnyReports.one(reports[0]) : AnyReports.many(reports)), as: UTF8.self))
+        } else {
+            for report in reports { print(report.text) }
+            if reports.count == 2 {
+                let (a, b) = (reports[0], reports[1])
+                print(String(format: "%@ / %@: throughput x%.2f, p50 x%.2f, p99 x%.2f (above 1: %@ is faster; latency ratios are %@ / %@)",
+                             a.system, b.system, a.throughput / b.throughput,
+                             Double(b.latencyMicros["p50"] ?? 1) / Double(max(1, a.latencyMicros["p50"] ?? 1)),
+                             Double(b.latencyMicros["p99"] ?? 1) / Double(max(1, a.latencyMicros["p99"] ?? 1)),
+                             a.system, b.system, a.system))
+            }
+        }
+        if reports.contains(where: { !$0.auditPassed }) { throw ExitCode(1) }
+    }
+}
+
+/// One report as an object, several as an array.
+enum AnyReports: Encodable {
+    case one(BenchReport)
+    case many([BenchReport])
+    func encode(to encoder: Encoder) throws {
+        switch self {
+        case .one(let r): try r.encode(to: encoder)
+        case .many(let r): try r.encode(to: encoder)
+        }
+    }
+}
