@@ -83,7 +83,8 @@ let package = Package(
         .executableTarget(
             name: "StockadeBenchmarks",
             dependencies: [
-                "StockadeCore", "StockadeJournal", "CJemalloc",
+                "StockadeCore", "StockadeJournal", "StockadeWire", "StockadeServer", "CJemalloc",
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Benchmark", package: "benchmark"),
             ],
             path: "Benchmarks/StockadeBenchmarks",

@@ -1,6 +1,9 @@
 import Benchmark
 import CJemalloc
 import Foundation
+import NIOCore
+import StockadeServer
+import StockadeWire
 import StockadeCore
 import StockadeJournal
 
@@ -107,5 +110,34 @@ let benchmarks: @Sendable () -> Void = {
         let (recovered, report) = try! Recovery.recover(DataDirectory(dir), options: .init(shardCount: 1, repair: false))
         benchmark.stopMeasurement()
         precondition(report.recordsReplayed == benchmark.scaledIterations.count + 1 && recovered.shards[0].orderCount == benchmark.scaledIterations.count)
+    }
+
+    // The front's per-read work: one read of 64 pipelined RESERVE commands, parsed; 64 replies encoded.
+    let pipelined: ByteBuffer = {
+        var buffer = ByteBufferAllocator().buffer(capacity: 8192)
+        for i in 0..<64 {
+            let words = ["RESERVE", "user:\(100_000 + i)", "sku-42", "1"]
+            buffer.writeRESPArrayHeader(words.count)
+            for word in words { buffer.writeRESPBulk(word) }
+        }
+        return buffer
+    }()
+
+    Benchmark("RESP: parse a read of 64 pipelined RESERVE commands (per command)", configuration: .init(scalingFactor: .mega)) { benchmark in
+        let parser = RESPParser()
+        for _ in 0..<(benchmark.scaledIterations.count / 64) {
+            var buffer = pipelined
+            while case .command(let args)? = try? parser.next(&buffer) { blackHole(args) }
+        }
+    }
+
+    Benchmark("RESP: encode 64 RESERVE replies into one buffer (per reply)", configuration: .init(scalingFactor: .mega)) { benchmark in
+        let replies = (0..<64).map { Reply.reserved(OrderID(shard: 1, sequence: UInt32($0 + 1)), deadlineMillis: 0, replayed: false) }
+        var out = ByteBufferAllocator().buffer(capacity: 64 * 32)
+        for _ in 0..<(benchmark.scaledIterations.count / 64) {
+            out.clear()
+            for reply in replies { ReplyEncoding.write(reply, into: &out) }
+            blackHole(out.readableBytes)
+        }
     }
 }

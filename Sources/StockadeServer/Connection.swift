@@ -23,6 +23,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var authenticated: Bool
     private var bucket: TokenBucket?
     private var stallTimer: Scheduled<Void>?
+    private var executor: EventLoopTaskExecutor?
 
     init(server: ServerContext) {
         self.server = server
@@ -40,6 +41,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     // MARK: Lifecycle
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        executor = EventLoopTaskExecutor(loop: context.eventLoop)
+    }
 
     func channelActive(context: ChannelHandlerContext) {
         guard server.admit(context.channel) else {
@@ -212,7 +217,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
         let roundSlots = slots
         let roundCloses = closeAfter
         server.beginRound()
-        Task {
+        Task(executorPreference: executor) {
             let replies = commands.isEmpty ? [] : await engine.execute(commands, now: wallClockMillis())
             let (tail, stepCloses): (ByteBuffer?, Bool) = if let step { await server.run(step: step) } else { (nil, false) }
             server.endRound()
@@ -226,16 +231,19 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     private func finish(context: ChannelHandlerContext, slots: [Slot], replies: [Reply], tail: ByteBuffer?, closeAfter: Bool, started: UInt64) {
         var out = context.channel.allocator.buffer(capacity: 64 * max(1, slots.count))
-        let elapsed = Duration.nanoseconds(Int64(monotonicNanos() - started))
+        var tally = Tally()
         for slot in slots {
             switch slot {
             case .bytes(var bytes): out.writeBuffer(&bytes)
             case .engine(let index, let name):
                 let reply = replies[index]
                 ReplyEncoding.write(reply, into: &out)
-                server.metrics.count(name, outcome: ReplyEncoding.outcome(reply))
-                server.metrics.commandDuration.record(elapsed)
+                tally.add(name, ReplyEncoding.outcome(reply))
             }
+        }
+        server.metrics.count(tally)
+        if !replies.isEmpty {
+            server.metrics.roundDuration.record(Duration.nanoseconds(Int64(monotonicNanos() - started)))
         }
         if var tail { out.writeBuffer(&tail) }
         guard context.channel.isActive else { return }

@@ -8,8 +8,8 @@ import Synchronization
 /// The server's Prometheus metrics (swift-prometheus), exposed as text on `/metrics`.
 final class ServerMetrics: Sendable {
     let registry = PrometheusCollectorRegistry()
-    private let commandCounters = Mutex<[String: Counter]>([:])
-    let commandDuration: DurationHistogram
+    private let commandCounters = Mutex<[Tally.Key: Counter]>([:])
+    let roundDuration: DurationHistogram
     let connectedClients: Gauge
     let rejectedConnections: Counter
     let logBatchRecords: ValueHistogram
@@ -20,11 +20,11 @@ final class ServerMetrics: Sendable {
     let logPosition: Gauge
 
     init() {
-        commandDuration = registry.makeDurationHistogram(
-            name: "stockade_command_duration_seconds",
+        roundDuration = registry.makeDurationHistogram(
+            name: "stockade_read_duration_seconds",
             buckets: [.microseconds(50), .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1),
                       .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(50), .milliseconds(250), .seconds(1)],
-            help: "From the read that carried a command to its reply being written, per command.")
+            help: "From a read that carried commands to their replies being written (a pipelined read counts once).")
         connectedClients = registry.makeGauge(name: "stockade_connected_clients", help: "Open client connections.")
         rejectedConnections = registry.makeCounter(name: "stockade_rejected_connections_total", help: "Connections refused (maxclients).")
         logBatchRecords = registry.makeValueHistogram(
@@ -41,16 +41,27 @@ final class ServerMetrics: Sendable {
 
     /// Counts one command by name and outcome (`ok` or the error code).
     func count(_ command: String, outcome: String) {
-        let key = command + "|" + outcome
-        let counter = commandCounters.withLock { counters in
-            if let existing = counters[key] { return existing }
-            let made = registry.makeCounter(
-                name: "stockade_commands_total", labels: [("command", command), ("outcome", outcome)],
-                help: "Commands processed, by command and outcome.")
-            counters[key] = made
-            return made
+        var tally = Tally()
+        tally.add(command, outcome)
+        count(tally)
+    }
+
+    /// Adds a round's counts: one lock per read, not per command.
+    func count(_ tally: Tally) {
+        guard !tally.counts.isEmpty else { return }
+        let counters = commandCounters.withLock { counters in
+            tally.counts.map { key, n in
+                let counter = counters[key] ?? {
+                    let made = registry.makeCounter(
+                        name: "stockade_commands_total", labels: [("command", key.command), ("outcome", key.outcome)],
+                        help: "Commands processed, by command and outcome.")
+                    counters[key] = made
+                    return made
+                }()
+                return (counter, n)
+            }
         }
-        counter.increment()
+        for (counter, n) in counters { counter.increment(by: Int64(n)) }
     }
 
     private let lastStats = Mutex(Journal.Stats())
@@ -98,5 +109,19 @@ final class MetricsHTTPHandler: ChannelInboundHandler, Sendable {
         let written = context.eventLoop.makePromise(of: Void.self)
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: written)
         written.futureResult.whenComplete { [channel = context.channel] _ in channel.close(promise: nil) }
+    }
+}
+
+/// Command counts of one round, by command and outcome.
+struct Tally {
+    struct Key: Hashable, Sendable {
+        var command: String
+        var outcome: String
+    }
+
+    private(set) var counts: [Key: Int] = [:]
+
+    mutating func add(_ command: String, _ outcome: String) {
+        counts[Key(command: command, outcome: outcome), default: 0] += 1
     }
 }

@@ -4,8 +4,8 @@ import StockadeWire
 
 /// Engine replies as RESP2. Every business outcome has a stable error code as its first word
 /// (docs/PROTOCOL.md); a client branches on it.
-enum ReplyEncoding {
-    static func write(_ reply: Reply, into out: inout ByteBuffer) {
+package enum ReplyEncoding {
+    package static func write(_ reply: Reply, into out: inout ByteBuffer) {
         switch reply {
         case .done:
             out.writeRESPSimple("OK")

@@ -30,7 +30,7 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Per-user limit of each SKU (sellout, lifecycle; 0: none).") var limit = 1
     @Option(name: [.short, .long], help: "Connections.") var connections = 50
     @Option(name: [.customShort("P"), .long], help: "Requests in flight per connection (closed loop).") var pipeline = 16
-    @Option(name: [.short, .long], help: "Reservations to send.") var requests = 1_000_000
+    @Option(name: [.customShort("n"), .long], help: "Reservations to send.") var requests = 1_000_000
     @Option(help: "Send for this many seconds instead of a count.") var duration: Double?
     @Option(help: "Open loop: offered requests per second (latency from the intended send time).") var rate: Double?
     @Option(help: "Zipf exponent of SKU popularity (hot spots); uniform when absent.") var zipf: Double?
