@@ -18,7 +18,7 @@ public struct ShardState: Sendable {
         let counter: StockCounter
     }
 
-    /// One order, 24 bytes. Orders live in a dense array indexed by sequence - 1; single-SKU orders
+    /// One order, 24 bytes. Orders live in a dense, chunked array indexed by sequence - 1; single-SKU orders
     /// (the common case) keep their item inline, others in ``multiItems``. The state shares a word
     /// with the quantity (which is below 2^30), the multi-SKU flag with the previous-order link
     /// (sequences are below 2^31).
@@ -69,7 +69,7 @@ public struct ShardState: Sendable {
     var users: [String] = []
     var userIndexByName = NameIndex()
     var lastOrderOfUser: [UInt32] = []
-    var orders: [OrderSlot] = []
+    var orders = ChunkedArray<OrderSlot>()
     var multiItems: [UInt32: [MultiItem]] = [:]
     /// Request id -> order sequence; 0 marks a multi-shard request being placed right now.
     var requests: [RequestKey: UInt32] = [:]
@@ -572,7 +572,7 @@ struct ExpiryHeap {
     var top: UInt32? { entries.first }
     var count: Int { entries.count }
 
-    mutating func push(_ sequence: UInt32, _ orders: [ShardState.OrderSlot]) {
+    mutating func push(_ sequence: UInt32, _ orders: ChunkedArray<ShardState.OrderSlot>) {
         entries.append(sequence)
         var child = entries.count - 1
         while child > 0 {
@@ -583,7 +583,7 @@ struct ExpiryHeap {
         }
     }
 
-    mutating func pop(_ orders: [ShardState.OrderSlot]) {
+    mutating func pop(_ orders: ChunkedArray<ShardState.OrderSlot>) {
         guard !entries.isEmpty else { return }
         entries.swapAt(0, entries.count - 1)
         entries.removeLast()
@@ -601,7 +601,7 @@ struct ExpiryHeap {
     }
 
     @inline(__always)
-    static func less(_ a: UInt32, _ b: UInt32, _ orders: [ShardState.OrderSlot]) -> Bool {
+    static func less(_ a: UInt32, _ b: UInt32, _ orders: ChunkedArray<ShardState.OrderSlot>) -> Bool {
         let da = orders[Int(a) - 1].deadlineMillis, db = orders[Int(b) - 1].deadlineMillis
         return da != db ? da < db : a < b
     }

@@ -71,3 +71,12 @@ def test_compare_with_redis_lua(server):
         redis.terminate()
         redis.wait()
         shutil.rmtree(redis_dir, ignore_errors=True)
+
+
+def test_redis_benchmark_script_is_the_harness_script():
+    """scripts/stock.lua (for redis-benchmark EVALSHA) must be the script the harness loads."""
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    source = open(os.path.join(root, "Sources", "StockadeBench", "Target.swift")).read()
+    embedded = re.search(r'let redisStockScript = """\n(.*?)"""', source, re.S).group(1)
+    assert open(os.path.join(root, "scripts", "stock.lua")).read() == embedded
