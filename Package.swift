@@ -61,7 +61,7 @@ let package = Package(
         .target(
             name: "StockadeBench",
             dependencies: [
-                "StockadeWire",
+                "StockadeWire", "StockadeCore",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),

@@ -1,5 +1,6 @@
 import Foundation
 import Histogram
+import StockadeCore
 import NIOCore
 import StockadeWire
 import Synchronization
@@ -52,7 +53,7 @@ final class RunState: Sendable {
         return true
     }
 
-    func pickSku(_ rng: inout SplitMix) -> Int {
+    func pickSku(_ rng: inout SplitMix64) -> Int {
         if skuCDF.isEmpty { return Int(rng.next() % UInt64(skuNames.count)) }
         let u = Double(rng.next() >> 11) / Double(1 << 53)
         var low = 0, high = skuCDF.count - 1
@@ -119,7 +120,7 @@ final class LoadConnection: ChannelInboundHandler {
     private var inbound: ByteBuffer?
     private var pending: [Pending] = []
     private var pendingHead = 0
-    private var rng: SplitMix
+    private var rng: SplitMix64
     private var result = ConnectionResult()
     private var intervalLatency = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
     private var finishedIssuing = false
@@ -132,7 +133,7 @@ final class LoadConnection: ChannelInboundHandler {
     init(state: RunState, index: Int, done: EventLoopPromise<ConnectionResult>) {
         self.state = state
         self.done = done
-        rng = SplitMix(seed: state.options.seed &* 1_000_003 &+ UInt64(index))
+        rng = SplitMix64(seed: state.options.seed &* 1_000_003 &+ UInt64(index))
         if let rate = state.options.rate {
             intervalNanos = UInt64(Double(state.options.connections) / rate * 1e9)
         } else {
@@ -298,19 +299,6 @@ final class LoadConnection: ChannelInboundHandler {
             result.protocolError = result.protocolError ?? "connection closed with \(inFlight) requests in flight"
         }
         report()
-    }
-}
-
-/// SplitMix64: seeded, so a run's choices reproduce.
-struct SplitMix {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
 
