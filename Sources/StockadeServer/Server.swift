@@ -331,9 +331,13 @@ public final class StockadeServer: Sendable {
         let state = store.recovery
         logger.info("recovered \(configuration.dataDirectory): \(state)")
         let context = ServerContext(configuration: configuration, store: store, logger: logger) { [self] in requestStop() }
-        var skus = 0
-        for shard in store.engine.shards { skus += shard.directory.names.count }
-        logger.info("\(skus) SKUs on \(store.engine.shardCount) shards, log position \(state.lsn), fsync \(configuration.fsync.rawValue)")
+        var skus = 0, orders = 0
+        for shard in store.engine.shards {
+            let copy = await shard.snapshotState()
+            skus += copy.skuCount
+            orders += copy.orderCount
+        }
+        logger.info("\(skus) SKUs and \(orders) orders on \(store.engine.shardCount) shards, log position \(state.lsn), fsync \(configuration.fsync.rawValue)")
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, System.coreCount))
         let bootstrap = ServerBootstrap(group: group)
