@@ -17,9 +17,10 @@ BINARY = os.environ.get("STOCKADE_BIN", os.path.join(ROOT, ".build", "debug", "s
 class Server:
     """A stockade server process; stops by SIGTERM (graceful) or SIGKILL (crash)."""
 
-    def __init__(self, data_dir, *args):
+    def __init__(self, data_dir, *args, preexec_fn=None):
         self.data_dir = data_dir
         self.args = list(args)
+        self.preexec_fn = preexec_fn
         self.proc = None
         self.port = None
         self.log_path = os.path.join(data_dir + "-logs", f"server-{time.time_ns()}.log")
@@ -29,7 +30,7 @@ class Server:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [BINARY, "serve", "--port", "0", "--data-dir", self.data_dir, *self.args],
-            stdout=subprocess.PIPE, stderr=self.log,
+            stdout=subprocess.PIPE, stderr=self.log, preexec_fn=self.preexec_fn,
         )
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -1,5 +1,6 @@
 """The real server process, driven by real Redis tools: redis-cli, redis-benchmark, redis-py."""
 import os
+import signal
 import random
 import socket
 import subprocess
@@ -354,3 +355,43 @@ def test_non_loopback_without_password_is_refused(data_dir):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "refusing to listen on 0.0.0.0 without a password" in out.stderr
+
+
+def test_log_write_failure_refuses_changes_and_loses_nothing_acknowledged(data_dir):
+    """The log's file may grow only 64 KiB (RLIMIT_FSIZE): once a write fails, every change is refused with
+    UNAVAILABLE (and so are reads that could show a change that never became durable), INFO says why,
+    and after a restart without the limit every acknowledged hold is there."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    s = Server(data_dir, "--shards", "2", "--snapshot-every-changes", "0", preexec_fn=small_files).start()
+    r = s.client()
+    r.execute_command("SKU.ADD", "disk", 1_000_000)
+    acknowledged, refused = [], []
+    for i in range(5000):
+        try:
+            acknowledged.append((r.execute_command("RESERVE", f"u{i}", "disk", 1), f"u{i}"))
+        except redis.ResponseError as e:
+            refused.append(str(e))
+            if len(refused) >= 3:
+                break
+    assert refused and all(x.startswith("UNAVAILABLE") for x in refused), refused[:3]
+    assert acknowledged
+    with pytest.raises(redis.ResponseError, match="^UNAVAILABLE"):
+        r.execute_command("SKU.ADD", "more", 1)
+    with pytest.raises(redis.ResponseError, match="^UNAVAILABLE"):
+        r.execute_command("STOCK", "disk")                   # it could show a hold that is not durable
+    assert r.ping()
+    assert "log write failed" in str(r.info("persistence").get("log_failure"))
+    s.kill9()
+
+    restarted = Server(data_dir, "--shards", "2").start()
+    r = restarted.client()
+    for order_id, user in acknowledged:
+        assert r.execute_command("ORDER", order_id)[3] == user
+    assert stock(r, "disk")["reserved"] >= len(acknowledged)
+    assert audit_ok(r)
+    restarted.stop()
