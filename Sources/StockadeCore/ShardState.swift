@@ -84,7 +84,6 @@ public struct ShardState: Sendable {
 
     public var skuCount: Int { skus.count }
     public var orderCount: Int { orders.count }
-    public var pendingOrderCount: Int { orders.reduce(0) { $0 + ($1.state == .pending ? 1 : 0) } }
 
     // MARK: - Reads
 

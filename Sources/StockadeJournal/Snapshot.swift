@@ -74,52 +74,50 @@ public enum SnapshotFile {
     }
 
     private static func decode(_ all: UnsafeRawBufferPointer, path: String) throws(JournalError) -> EngineState {
-        do {
-            guard all.count >= headerSize, Array(all[0..<8]) == magic else {
-                throw JournalError(.format, "\(path) is not a Stockade snapshot (bad magic or short file)")
-            }
-            var r = ByteReader(all, offset: 8)
-            let version: UInt32 = (try? r.read()) ?? 0
-            let shardCount: UInt32 = (try? r.read()) ?? 0
-            let lsn: UInt64 = (try? r.read()) ?? 0
-            let rawTotal: UInt64 = (try? r.read()) ?? 0
-            let blockCount: UInt32 = (try? r.read()) ?? 0
-            let crc: UInt32 = (try? r.read()) ?? 0
-            guard crc == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: all[0..<36])) else {
-                throw JournalError(.corrupt, "\(path): header checksum mismatch at offset 0")
-            }
-            guard version == Self.version else {
-                throw JournalError(.format, "\(path): snapshot version \(version), this build reads \(Self.version)")
-            }
-            guard rawTotal <= UInt64(all.count) * 256 else { throw JournalError(.corrupt, "\(path): implausible image size") }
-            var image: [UInt8] = []
-            image.reserveCapacity(Int(rawTotal))
-            var offset = headerSize
-            for index in 0..<blockCount {
-                switch BlockCodec.read(all, at: offset) {
-                case .block(let header, let payload):
-                    guard header.firstLSN == lsn else { throw JournalError(.corrupt, "\(path): block \(index) at offset \(offset) is of another snapshot") }
-                    image += payload
-                    offset += header.totalLength
-                case .truncated:
-                    throw JournalError(.corrupt, "\(path): truncated at block \(index), offset \(offset)")
-                case .invalid(let why):
-                    throw JournalError(.corrupt, "\(path): block \(index) at offset \(offset): \(why)")
-                }
-            }
-            guard offset == all.count, image.count == Int(rawTotal) else {
-                throw JournalError(.corrupt, "\(path): length mismatch (\(all.count - offset) stray bytes, image \(image.count) of \(rawTotal))")
-            }
-            let state: EngineState
-            do {
-                state = try image.withUnsafeBytes { try EngineState.decodeImage($0) }
-            } catch {
-                throw JournalError(.corrupt, "\(path): image does not decode: \(error)")
-            }
-            guard state.lsn == lsn, state.shards.count == Int(shardCount) else {
-                throw JournalError(.corrupt, "\(path): image disagrees with its header")
-            }
-            return state
+        guard all.count >= headerSize, Array(all[0..<8]) == magic else {
+            throw JournalError(.format, "\(path) is not a Stockade snapshot (bad magic or short file)")
         }
+        var r = ByteReader(all, offset: 8)
+        let version: UInt32 = (try? r.read()) ?? 0
+        let shardCount: UInt32 = (try? r.read()) ?? 0
+        let lsn: UInt64 = (try? r.read()) ?? 0
+        let rawTotal: UInt64 = (try? r.read()) ?? 0
+        let blockCount: UInt32 = (try? r.read()) ?? 0
+        let crc: UInt32 = (try? r.read()) ?? 0
+        guard crc == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: all[0..<36])) else {
+            throw JournalError(.corrupt, "\(path): header checksum mismatch at offset 0")
+        }
+        guard version == Self.version else {
+            throw JournalError(.format, "\(path): snapshot version \(version), this build reads \(Self.version)")
+        }
+        guard rawTotal <= UInt64(all.count) * 256 else { throw JournalError(.corrupt, "\(path): implausible image size") }
+        var image: [UInt8] = []
+        image.reserveCapacity(Int(rawTotal))
+        var offset = headerSize
+        for index in 0..<blockCount {
+            switch BlockCodec.read(all, at: offset) {
+            case .block(let header, let payload):
+                guard header.firstLSN == lsn else { throw JournalError(.corrupt, "\(path): block \(index) at offset \(offset) is of another snapshot") }
+                image += payload
+                offset += header.totalLength
+            case .truncated:
+                throw JournalError(.corrupt, "\(path): truncated at block \(index), offset \(offset)")
+            case .invalid(let why):
+                throw JournalError(.corrupt, "\(path): block \(index) at offset \(offset): \(why)")
+            }
+        }
+        guard offset == all.count, image.count == Int(rawTotal) else {
+            throw JournalError(.corrupt, "\(path): length mismatch (\(all.count - offset) stray bytes, image \(image.count) of \(rawTotal))")
+        }
+        let state: EngineState
+        do {
+            state = try image.withUnsafeBytes { try EngineState.decodeImage($0) }
+        } catch {
+            throw JournalError(.corrupt, "\(path): image does not decode: \(error)")
+        }
+        guard state.lsn == lsn, state.shards.count == Int(shardCount) else {
+            throw JournalError(.corrupt, "\(path): image disagrees with its header")
+        }
+        return state
     }
 }
