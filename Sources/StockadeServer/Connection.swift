@@ -4,9 +4,10 @@ import StockadeJournal
 import StockadeWire
 
 /// One client connection. Per read: parse every complete command, hand the engine commands to the
-/// engine in one batch, write every reply of that read into one buffer and flush once. While a batch
-/// is in flight no more is read from this client (backpressure), so its commands stay in order and its
-/// input never piles up; other clients are not affected.
+/// engine in one batch, write every reply of that read into one buffer and flush once. Commands that
+/// arrive while a batch is in flight wait in the input buffer for the next round, so a client's
+/// commands stay in order; past ``inboundHoldBytes`` of waiting input, reading pauses (backpressure),
+/// so its input never piles up and other clients are not affected.
 final class ConnectionHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
@@ -83,8 +84,14 @@ final class ConnectionHandler: ChannelDuplexHandler {
         if !busy { process(context: context) }
     }
 
+    /// Input buffered while a round runs, past which reading from this client pauses. Below it the
+    /// socket stays registered for reads (no epoll change per round); above it a flooding client
+    /// only fills its own socket buffer.
+    private static let inboundHoldBytes = 256 * 1024
+
     func read(context: ChannelHandlerContext) {
-        if busy || closing || !context.channel.isWritable {
+        let flooding = busy && (inbound?.readableBytes ?? 0) >= Self.inboundHoldBytes
+        if flooding || closing || !context.channel.isWritable {
             readWanted = true
         } else {
             context.read()
@@ -111,7 +118,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     private func resumeReading(context: ChannelHandlerContext) {
-        if readWanted && !busy && !closing && context.channel.isWritable {
+        if readWanted && !closing && context.channel.isWritable
+            && (!busy || (inbound?.readableBytes ?? 0) < Self.inboundHoldBytes) {
             readWanted = false
             context.read()
         }
