@@ -30,6 +30,8 @@ public struct ServerConfiguration: Sendable {
     public var clientOutputBytesMax = 64 << 20
     /// A client whose socket stays unwritable this long (it stopped reading) is disconnected.
     public var clientStallSeconds = 30
+    /// SwiftNIO event-loop threads serving connections (0: one per core).
+    public var ioThreads = 0
     /// How long shutdown waits for commands in flight to be answered.
     public var shutdownGraceSeconds = 10
 
@@ -46,6 +48,7 @@ public struct ServerConfiguration: Sendable {
         if shards < 1 || shards > Limits.shardCountMax { return "--shards must be 1 to \(Limits.shardCountMax)" }
         if maxClients < 1 { return "--maxclients must be at least 1" }
         if rateLimitPerSecond < 0 { return "--rate-limit must be 0 (none) or more" }
+        if ioThreads < 0 || ioThreads > 64 { return "--io-threads must be 0 (one per core) to 64" }
         return nil
     }
 }

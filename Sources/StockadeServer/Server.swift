@@ -339,7 +339,7 @@ public final class StockadeServer: Sendable {
         }
         logger.info("\(skus) SKUs and \(orders) orders on \(store.engine.shardCount) shards, log position \(state.lsn), fsync \(configuration.fsync.rawValue)")
 
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, System.coreCount))
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.ioThreads > 0 ? configuration.ioThreads : max(1, System.coreCount))
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)

@@ -54,6 +54,9 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("max-arguments"), help: "Most arguments in one command.")
     var maxArguments = 1024
 
+    @Option(name: .customLong("io-threads"), help: "Event-loop threads for connections (0: one per core).")
+    var ioThreads = 0
+
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -83,6 +86,7 @@ struct Serve: AsyncParsableCommand {
         config.parserLimits.inlineBytesMax = maxInlineBytes
         config.parserLimits.bulkBytesMax = maxBulkBytes
         config.parserLimits.argumentsMax = maxArguments
+        config.ioThreads = ioThreads
         let logger = Logger(label: "stockade")
         do {
             try await StockadeServer(configuration: config, logger: logger).run()
