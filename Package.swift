@@ -76,6 +76,7 @@ let package = Package(
         ),
         .testTarget(name: "StockadeCoreTests", dependencies: ["StockadeCore"]),
         .testTarget(name: "StockadeJournalTests", dependencies: ["StockadeCore", "StockadeJournal"]),
+        .testTarget(name: "StockadeServerTests", dependencies: ["StockadeServer", "StockadeCore"]),
         .testTarget(
             name: "StockadeWireTests",
             dependencies: ["StockadeWire", .product(name: "NIOCore", package: "swift-nio")]

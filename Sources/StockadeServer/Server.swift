@@ -286,16 +286,31 @@ public func allocatedBytes() -> Int {
     return allocated
 }
 
-/// Redis-style glob with `*` and `?` (CONFIG GET patterns).
+/// Redis-style glob with `*` and `?` (CONFIG GET patterns). Iterative, remembering only the last
+/// `*`, so a pattern of many stars costs O(pattern x text), never exponential time.
 func globMatch(_ pattern: String, _ text: String) -> Bool {
     let p = Array(pattern), t = Array(text)
-    func match(_ i: Int, _ j: Int) -> Bool {
-        if i == p.count { return j == t.count }
-        if p[i] == "*" { return (j...t.count).contains { match(i + 1, $0) } }
-        guard j < t.count, p[i] == "?" || p[i] == t[j] else { return false }
-        return match(i + 1, j + 1)
+    var i = 0, j = 0
+    var star: Int?
+    var resume = 0
+    while j < t.count {
+        if i < p.count && (p[i] == "?" || p[i] == t[j]) {
+            i += 1
+            j += 1
+        } else if i < p.count && p[i] == "*" {
+            star = i
+            resume = j
+            i += 1
+        } else if let s = star {
+            i = s + 1
+            resume += 1
+            j = resume
+        } else {
+            return false
+        }
     }
-    return match(0, 0)
+    while i < p.count && p[i] == "*" { i += 1 }
+    return i == p.count
 }
 
 /// `stockade serve`: recovers the data directory, listens, and runs until SIGTERM, SIGINT or SHUTDOWN.
