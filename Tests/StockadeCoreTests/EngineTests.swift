@@ -307,3 +307,25 @@ private func orderID(_ reply: Reply) -> OrderID? {
         }
     }
 }
+
+/// A log that is full: it admits no changes (as the journal does past its pending bound).
+private final class FullChangeLog: ChangeLog {
+    func append(_ records: RecordBuffer) throws(Rejection) -> UInt64 { throw .busy }
+    func waitDurable(_ lsn: UInt64) async throws(Rejection) {}
+    var admitsChanges: Bool { false }
+}
+
+@Suite struct OverloadTests {
+    @Test func changesAreRefusedWithBusyWhileTheLogIsFull() async {
+        var state = EngineState(shardCount: 2)
+        var log = RecordBuffer()
+        _ = state.shards[Engine.shardIndex(of: "tv", shardCount: 2)].addSku("tv", total: 5, limit: 0, log: &log)
+        let engine = Engine(state: state, log: FullChangeLog())
+        #expect(await engine.execute(reserve("u", "tv"), now: 0) == .rejected(.busy))
+        #expect(await engine.execute(.reserve(user: "u", lines: [OrderLine(sku: "tv", quantity: 1), OrderLine(sku: "zz", quantity: 1)], requestId: nil, ttlMillis: nil), now: 0) == .rejected(.busy))
+        #expect(await engine.execute(.deduct(sku: "tv", quantity: 1), now: 0) == .rejected(.busy))
+        // Reads still answer, and nothing changed.
+        #expect(await engine.execute(.stock(sku: "tv"), now: 0)
+            == .stock(SkuInfo(sku: "tv", total: 5, available: 5, reserved: 0, sold: 0, limit: 0, paused: false)))
+    }
+}
