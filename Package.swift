@@ -79,7 +79,7 @@ let package = Package(
         .testTarget(name: "StockadeServerTests", dependencies: ["StockadeServer", "StockadeCore"]),
         .testTarget(
             name: "StockadeWireTests",
-            dependencies: ["StockadeWire", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["StockadeWire", "StockadeCore", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .executableTarget(
             name: "StockadeBenchmarks",

@@ -131,7 +131,7 @@ public final class Engine: Sendable {
             var lsn: UInt64 = 0
             for shard in shards {
                 all += await shard.orders(ofUser: user)
-                lsn = max(lsn, await shard.durableWatermark)
+                lsn = max(lsn, await shard.lastAppendedPosition)
             }
             return (.orders(all.sorted { $0.id < $1.id }), lsn)
         case .audit:
@@ -152,7 +152,7 @@ public final class Engine: Sendable {
         guard log.admitsChanges else { return (.rejected(.busy), 0) }
         let owner = shardIndex(of: lines[0].sku)
         if let reply = await shards[owner].beginRequest(user: user, requestId: requestId) {
-            return (reply, await shards[owner].durableWatermark)
+            return (reply, await shards[owner].lastAppendedPosition)
         }
         var byShard: [Int: [OrderLine]] = [:]
         for line in lines { byShard[shardIndex(of: line.sku), default: []].append(line) }
@@ -221,6 +221,4 @@ public final class MemoryChangeLog: ChangeLog {
 
     public func waitDurable(_ lsn: UInt64) async throws(Rejection) {}
     public var admitsChanges: Bool { true }
-    /// Position of the last record appended.
-    public var lsn: UInt64 { position.withLock { $0 } }
 }

@@ -150,12 +150,6 @@ public struct RecordBuffer: Sendable {
         case let .orderExpired(id): orderTransition(.orderExpired, id)
         }
     }
-
-    /// Appends records already encoded by another buffer.
-    public mutating func append(contentsOf other: RecordBuffer) {
-        bytes.append(contentsOf: other.bytes)
-        count += other.count
-    }
 }
 
 /// Why a byte sequence is not a valid record stream.

@@ -155,5 +155,6 @@ public actor Shard {
     public func orders(ofUser user: String) -> [OrderInfo] { state.orders(ofUser: user) }
     public func audit() -> [AuditFinding] { state.audit(nil) ?? [] }
     public func snapshotState() -> ShardState { state }
-    public var durableWatermark: UInt64 { lastAppendedLSN }
+    /// The position a reply must wait for to show only durable state (see ``lastAppendedLSN``).
+    public var lastAppendedPosition: UInt64 { lastAppendedLSN }
 }

@@ -87,8 +87,6 @@ public struct ShardState: Sendable {
 
     // MARK: - Reads
 
-    public func skuIndex(_ sku: String) -> UInt32? { skuIndexByName[sku] }
-
     public func stock(_ sku: String) -> SkuInfo? {
         skuIndexByName[sku].map { info(Int($0)) }
     }
@@ -405,9 +403,6 @@ public struct ShardState: Sendable {
         }
         return effects
     }
-
-    /// The earliest deadline of a pending order, if any (stale entries may make it early, never late).
-    public var nextDeadlineMillis: Int64? { expiry.top.map { orders[Int($0) - 1].deadlineMillis } }
 
     // MARK: - Applying facts (shared by the live path and replay)
 

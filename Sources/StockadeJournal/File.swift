@@ -60,16 +60,6 @@ final class File: @unchecked Sendable {
         guard fsync(fd) == 0 else { throw Self.error("fsync failed on", path) }
     }
 
-    func size() throws(JournalError) -> Int {
-        var st = stat()
-        guard fstat(fd, &st) == 0 else { throw Self.error("fstat failed on", path) }
-        return Int(st.st_size)
-    }
-
-    func seekToEnd() throws(JournalError) {
-        guard lseek(fd, 0, SEEK_END) >= 0 else { throw Self.error("lseek failed on", path) }
-    }
-
     func close() {
         if fd >= 0 { _ = Glibc.close(fd) }
         fd = -1

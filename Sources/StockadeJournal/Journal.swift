@@ -39,7 +39,6 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         public var syncs = 0
         public var syncNanosTotal: UInt64 = 0
         public var syncNanosMax: UInt64 = 0
-        public var largestBatchRecords = 0
         public init() {}
     }
 
@@ -299,7 +298,6 @@ public final class Journal: ChangeLog, @unchecked Sendable {
             stats.records += records
             stats.rawBytes += raw
             stats.writtenBytes += written
-            stats.largestBatchRecords = max(stats.largestBatchRecords, records)
             if synced > 0 {
                 stats.syncs += 1
                 stats.syncNanosTotal += synced

@@ -155,15 +155,15 @@ final class ConnectionHandler: ChannelDuplexHandler {
             if !authenticated && !request.allowedBeforeAuth {
                 request = .invalid("NOAUTH Authentication required.")
             }
-            var out = context.channel.allocator.buffer(capacity: 64)
-            switch request {
-            case .engine(let command):
+            // Engine commands (the hot path) only join the batch: no reply buffer of their own.
+            if case .engine(let command) = request {
                 if command.isChange, var tokens = bucket {
                     let allowed = tokens.take(nowNanos: monotonicNanos())
                     bucket = tokens
                     if !allowed {
-                        out.writeRESPError("BUSY rate limit of \(server.configuration.rateLimitPerSecond) changes per second")
-                        slots.append(.bytes(out))
+                        var refusal = context.channel.allocator.buffer(capacity: 64)
+                        refusal.writeRESPError("BUSY rate limit of \(server.configuration.rateLimitPerSecond) changes per second")
+                        slots.append(.bytes(refusal))
                         server.metrics.count(request.metricName, outcome: "busy")
                         continue
                     }
@@ -171,6 +171,11 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 batch.append(command)
                 slots.append(.engine(batch.count - 1, name: request.metricName))
                 continue
+            }
+            var out = context.channel.allocator.buffer(capacity: 64)
+            switch request {
+            case .engine:
+                preconditionFailure("engine commands were batched above")
             case .quit:
                 out.writeRESPSimple("OK")
                 closeAfter = true

@@ -1,4 +1,5 @@
 import NIOCore
+import StockadeCore
 import Testing
 @testable import StockadeWire
 
@@ -70,7 +71,7 @@ private func encode(_ command: [String]) -> [UInt8] {
     /// Random and mutated byte streams: the parser never crashes, never reads past what it was
     /// given, and every valid command in a stream split at any point is parsed exactly as sent.
     @Test func fuzzedStreams() {
-        var rng = SeededGenerator(seed: 7)
+        var rng = SplitMix64(seed: 7)
         let words = ["RESERVE", "alice", "phone", "1", "", "with space", "quote\"d", "é", "\r\n", "BUY", "x"]
         for round in 0..<2_000 {
             // A valid pipeline, fed in random splits.
@@ -106,18 +107,5 @@ private func encode(_ command: [String]) -> [UInt8] {
             #expect(result.leftover <= mutated.count)
             #expect(result.commands.allSatisfy { !$0.isEmpty })
         }
-    }
-}
-
-/// SplitMix64, so failures reproduce.
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
