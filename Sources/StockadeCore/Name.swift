@@ -1,0 +1,153 @@
+/// A client-chosen id (SKU, user, request id): a byte string, binary-safe like a Redis key.
+///
+/// Two names are the same only when their bytes are the same. Swift's `String` compares by Unicode
+/// canonical equivalence (`"caf\u{E9}" == "cafe\u{301}"`), so ids kept as `String` in one table and
+/// hashed as bytes in another silently disagree; a `Name` is hashed, compared, routed, logged and
+/// returned byte for byte, and invalid UTF-8 is kept as sent.
+///
+/// Up to ``inlineBytesMax`` bytes live inline in the value (no allocation: most ids are short);
+/// longer ones, up to ``Limits/nameBytesMax``, in a shared immutable buffer. 24 bytes either way.
+public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
+    /// Bytes kept inline: two words, less the length byte.
+    public static let inlineBytesMax = 15
+
+    /// Inline: bytes 0..<8. Long: unused (0).
+    @usableFromInline let word0: UInt64
+    /// Inline: bytes 8..<15 in the low 7 bytes, the length in the top byte. Long: the length in the top byte.
+    @usableFromInline let word1: UInt64
+    /// The bytes of a name longer than ``inlineBytesMax``; nil for inline names.
+    @usableFromInline let long: LongBytes?
+
+    @usableFromInline final class LongBytes: Sendable {
+        @usableFromInline let bytes: [UInt8]
+        @usableFromInline init(_ bytes: [UInt8]) { self.bytes = bytes }
+    }
+
+    /// The empty name (never a valid id; used where a record stores "none").
+    public static let empty = Name(UnsafeRawBufferPointer(start: nil, count: 0))
+
+    /// A name of the given bytes. Any length; ``isValid`` says whether it may be an id.
+    @inlinable
+    public init(_ bytes: UnsafeRawBufferPointer) {
+        let count = bytes.count
+        if count <= Self.inlineBytesMax {
+            var w0: UInt64 = 0, w1: UInt64 = 0
+            for i in 0..<count {
+                let b = UInt64(bytes[i])
+                if i < 8 { w0 |= b << (8 * UInt64(i)) } else { w1 |= b << (8 * UInt64(i - 8)) }
+            }
+            word0 = w0
+            word1 = w1 | UInt64(count) << 56
+            long = nil
+        } else {
+            word0 = 0
+            word1 = UInt64(min(count, 255)) << 56
+            long = LongBytes(Array(bytes))
+        }
+    }
+
+    /// A name of the given bytes.
+    @inlinable
+    public init<C: Collection>(bytes: C) where C.Element == UInt8 {
+        if let done = bytes.withContiguousStorageIfAvailable({ Name(UnsafeRawBufferPointer($0)) }) {
+            self = done
+        } else {
+            let array = Array(bytes)
+            self = array.withUnsafeBytes { Name($0) }
+        }
+    }
+
+    /// The UTF-8 bytes of `text` (for tests, tools and literals; clients' ids arrive as bytes).
+    @inlinable
+    public init(_ text: String) {
+        var text = text
+        self = text.withUTF8 { Name(UnsafeRawBufferPointer($0)) }
+    }
+
+    /// Length in bytes.
+    @inlinable public var count: Int { Int(word1 >> 56) }
+    @inlinable public var isEmpty: Bool { count == 0 }
+
+    /// 1 to ``Limits/nameBytesMax`` bytes: what an id may be.
+    @inlinable public var isValid: Bool { count >= 1 && count <= Limits.nameBytesMax && (long == nil || long!.bytes.count <= Limits.nameBytesMax) }
+
+    /// Calls `body` with the bytes, without copying.
+    @inlinable
+    public func withBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        if let long { return try long.bytes.withUnsafeBytes(body) }
+        return try withUnsafeBytes(of: (word0, word1)) { try body(UnsafeRawBufferPointer(rebasing: $0[0..<count])) }
+    }
+
+    /// The bytes, copied.
+    public var bytes: [UInt8] { withBytes { Array($0) } }
+
+    @inlinable
+    public static func == (a: Name, b: Name) -> Bool {
+        if a.long == nil && b.long == nil { return a.word0 == b.word0 && a.word1 == b.word1 }
+        guard a.count == b.count, let x = a.long, let y = b.long else { return false }
+        return x === y || x.bytes == y.bytes
+    }
+
+    /// Byte order (shorter first on a common prefix), as Redis orders keys.
+    public static func < (a: Name, b: Name) -> Bool {
+        a.withBytes { x in b.withBytes { y in x.lexicographicallyPrecedes(y) } }
+    }
+
+    public func hash(into hasher: inout Hasher) { hasher.combine(fastHash(seed: 0)) }
+
+    public func _rawHashValue(seed: Int) -> Int { Int(truncatingIfNeeded: fastHash(seed: UInt64(bitPattern: Int64(seed)))) }
+
+    /// A fast 64-bit multiply-mix of the bytes. Tables seed it per process, so collisions cannot be
+    /// chosen in advance; ``Engine/shardIndex(of:shardCount:)`` uses FNV-1a instead, which is stable.
+    @inlinable
+    public func fastHash(seed: UInt64) -> UInt64 {
+        if long == nil {
+            // Inline: the two words are the bytes, zero-padded, with the length in the top byte.
+            var h = (seed ^ word0) &* 0xBF58_476D_1CE4_E5B9
+            h ^= h >> 31
+            h = (h ^ word1) &* 0x94D0_49BB_1331_11EB
+            h ^= h >> 29
+            h = h &* 0xBF58_476D_1CE4_E5B9
+            return h ^ (h >> 32)
+        }
+        return withBytes { bytes in
+            var h = seed ^ (UInt64(bytes.count) &* 0x9E37_79B9_7F4A_7C15)
+            var i = 0
+            while i + 8 <= bytes.count {
+                h = (h ^ bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self)) &* 0xBF58_476D_1CE4_E5B9
+                h ^= h >> 31
+                i += 8
+            }
+            var tail: UInt64 = 0
+            var shift: UInt64 = 0
+            while i < bytes.count {
+                tail |= UInt64(bytes[i]) << shift
+                shift += 8
+                i += 1
+            }
+            h = (h ^ tail) &* 0x94D0_49BB_1331_11EB
+            h ^= h >> 29
+            h = h &* 0xBF58_476D_1CE4_E5B9
+            return h ^ (h >> 32)
+        }
+    }
+
+    /// The bytes as text for people: valid UTF-8 as is, anything else with invalid bytes as `\xHH`.
+    /// Only for display (logs, `inspect`); never compare or look up by it.
+    public var description: String {
+        withBytes { bytes in
+            if let text = String(validating: bytes, as: UTF8.self) { return text }
+            var out = ""
+            for byte in bytes {
+                if byte >= 0x20 && byte < 0x7F { out.unicodeScalars.append(Unicode.Scalar(byte)) } else {
+                    out += "\\x" + (byte < 16 ? "0" : "") + String(byte, radix: 16)
+                }
+            }
+            return out
+        }
+    }
+}
+
+extension Name: ExpressibleByStringLiteral {
+    public init(stringLiteral value: String) { self.init(value) }
+}
