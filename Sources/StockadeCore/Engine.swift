@@ -16,16 +16,18 @@ public final class Engine: Sendable {
 
     /// The shard that owns a SKU: FNV-1a of its UTF-8 bytes, modulo the shard count. Stable across
     /// processes and builds, so a data directory always maps SKUs the same way.
-    public static func shardIndex(of sku: String, shardCount: Int) -> Int {
-        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-        for byte in sku.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
-        return Int(hash % UInt64(shardCount))
+    public static func shardIndex(of sku: Name, shardCount: Int) -> Int {
+        sku.withBytes { bytes in
+            var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+            for byte in bytes { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+            return Int(hash % UInt64(shardCount))
+        }
     }
 
-    public func shardIndex(of sku: String) -> Int { Self.shardIndex(of: sku, shardCount: shards.count) }
+    public func shardIndex(of sku: Name) -> Int { Self.shardIndex(of: sku, shardCount: shards.count) }
 
     /// Available stock of a SKU read from its published counter, without entering the shard.
-    public func available(_ sku: String) -> Int64? {
+    public func available(_ sku: Name) -> Int64? {
         shards[shardIndex(of: sku)].directory.counter(sku)?.available
     }
 
@@ -147,7 +149,7 @@ public final class Engine: Sendable {
     /// each shard's lines in shard order, and either record the order on the owner or give every hold
     /// back. Holds are in memory only until the owner's single record makes the order durable.
     private func reserveAcrossShards(
-        user: String, lines: [OrderLine], requestId: String?, deadlineMillis: Int64
+        user: Name, lines: [OrderLine], requestId: Name?, deadlineMillis: Int64
     ) async -> (Reply, UInt64) {
         guard log.admitsChanges else { return (.rejected(.busy), 0) }
         let owner = shardIndex(of: lines[0].sku)

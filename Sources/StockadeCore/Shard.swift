@@ -49,7 +49,7 @@ public actor Shard {
         result.replies.reserveCapacity(batch.count)
         result.effects = state.expireDue(now: now, log: &scratch)
         let admits = log.admitsChanges
-        var added: [(String, StockCounter)] = []
+        var added: [(Name, StockCounter)] = []
         for (slot, command) in batch {
             if command.isChange {
                 if let failure {
@@ -121,27 +121,27 @@ public actor Shard {
 
     // MARK: Multi-shard orders
 
-    public func beginRequest(user: String, requestId: String?) -> Reply? {
+    public func beginRequest(user: Name, requestId: Name?) -> Reply? {
         if let failure { return .rejected(.unavailable(failure)) }
         return state.beginRequest(user: user, requestId: requestId)
     }
 
-    public func abortRequest(user: String, requestId: String?) {
+    public func abortRequest(user: Name, requestId: Name?) {
         state.abortRequest(user: user, requestId: requestId)
     }
 
-    public func prepareHold(user: String, lines: [OrderLine]) -> Result<[Record.Item], Rejection> {
+    public func prepareHold(user: Name, lines: [OrderLine]) -> Result<[Record.Item], Rejection> {
         if let failure { return .failure(.unavailable(failure)) }
         return state.prepareHold(user: user, lines: lines)
     }
 
-    public func releasePrepared(user: String, items: [Record.Item]) {
+    public func releasePrepared(user: Name, items: [Record.Item]) {
         state.releasePrepared(user: user, items: items)
     }
 
     /// Records the order and returns its id and the log position to wait for.
     public func commitOrder(
-        user: String, requestId: String?, items: [Record.Item], skus: [String], deadlineMillis: Int64
+        user: Name, requestId: Name?, items: [Record.Item], skus: [Name], deadlineMillis: Int64
     ) -> Result<(OrderID, UInt64), Rejection> {
         scratch.removeAll()
         let id = state.commitOrder(
@@ -152,7 +152,7 @@ public actor Shard {
 
     // MARK: Reads for the engine and tests
 
-    public func orders(ofUser user: String) -> [OrderInfo] { state.orders(ofUser: user) }
+    public func orders(ofUser user: Name) -> [OrderInfo] { state.orders(ofUser: user) }
     public func audit() -> [AuditFinding] { state.audit(nil) ?? [] }
     public func snapshotState() -> ShardState { state }
     /// The position a reply must wait for to show only durable state (see ``lastAppendedLSN``).

@@ -8,7 +8,7 @@ public struct ShardState: Sendable {
     public let shard: Int
 
     struct Sku {
-        var name: String
+        var name: Name
         var total: Int64
         var available: Int64
         var reserved: Int64
@@ -56,17 +56,17 @@ public struct ShardState: Sendable {
     /// An item of a multi-SKU (or cross-shard) order, with its SKU's id for display.
     struct MultiItem {
         var item: Record.Item
-        var sku: String
+        var sku: Name
     }
 
     struct RequestKey: Hashable {
         var user: UInt32
-        var requestId: String
+        var requestId: Name
     }
 
     var skus: [Sku] = []
     var skuIndexByName = NameIndex()
-    var users: [String] = []
+    var users: [Name] = []
     var userIndexByName = NameIndex()
     var lastOrderOfUser: [UInt32] = []
     var orders = ChunkedArray<OrderSlot>()
@@ -87,7 +87,7 @@ public struct ShardState: Sendable {
 
     // MARK: - Reads
 
-    public func stock(_ sku: String) -> SkuInfo? {
+    public func stock(_ sku: Name) -> SkuInfo? {
         skuIndexByName[sku].map { info(Int($0)) }
     }
 
@@ -99,14 +99,14 @@ public struct ShardState: Sendable {
     }
 
     /// The counter a SKU publishes its available stock to.
-    public func counter(_ sku: String) -> StockCounter? { skuIndexByName[sku].map { skus[Int($0)].counter } }
+    public func counter(_ sku: Name) -> StockCounter? { skuIndexByName[sku].map { skus[Int($0)].counter } }
 
     /// Every SKU id with its counter, in index order (for publishing after recovery).
-    public var counters: [(String, StockCounter)] { skus.map { ($0.name, $0.counter) } }
+    public var counters: [(Name, StockCounter)] { skus.map { ($0.name, $0.counter) } }
 
     /// Checks `available + reserved + sold == total`, all non-negative, and that the published counter
     /// agrees; for one SKU or, with nil, all of them.
-    public func audit(_ sku: String?) -> [AuditFinding]? {
+    public func audit(_ sku: Name?) -> [AuditFinding]? {
         let indices: [Int]
         if let sku {
             guard let index = skuIndexByName[sku] else { return nil }
@@ -133,7 +133,7 @@ public struct ShardState: Sendable {
     }
 
     /// This shard's orders of `user`, oldest first.
-    public func orders(ofUser user: String) -> [OrderInfo] {
+    public func orders(ofUser user: Name) -> [OrderInfo] {
         guard let userIndex = userIndexByName[user] else { return [] }
         var result: [OrderInfo] = []
         var seq = lastOrderOfUser[Int(userIndex)]
@@ -165,7 +165,7 @@ public struct ShardState: Sendable {
 
     // MARK: - SKU changes
 
-    public mutating func addSku(_ sku: String, total: Int64, limit: Int64, log: inout RecordBuffer) -> Reply {
+    public mutating func addSku(_ sku: Name, total: Int64, limit: Int64, log: inout RecordBuffer) -> Reply {
         guard isValidName(sku) else { return .rejected(.badArgument("SKU id must be 1 to \(Limits.nameBytesMax) bytes")) }
         guard total >= 0, total <= Limits.stockMax else {
             return .rejected(.badArgument("total must be 0 to \(Limits.stockMax)"))
@@ -180,7 +180,7 @@ public struct ShardState: Sendable {
         return .done
     }
 
-    public mutating func restock(_ sku: String, delta: Int64, log: inout RecordBuffer) -> Reply {
+    public mutating func restock(_ sku: Name, delta: Int64, log: inout RecordBuffer) -> Reply {
         guard let index = skuIndexByName[sku] else { return .rejected(.noSuchSku) }
         guard delta >= -Limits.stockMax, delta <= Limits.stockMax else { return .rejected(.badQuantity) }
         let s = skus[Int(index)]
@@ -196,7 +196,7 @@ public struct ShardState: Sendable {
         return .stock(info(Int(index)))
     }
 
-    public mutating func setPaused(_ sku: String, paused: Bool, log: inout RecordBuffer) -> Reply {
+    public mutating func setPaused(_ sku: Name, paused: Bool, log: inout RecordBuffer) -> Reply {
         guard let index = skuIndexByName[sku] else { return .rejected(.noSuchSku) }
         if skus[Int(index)].paused != paused {
             applyPaused(index: index, paused: paused)
@@ -207,7 +207,7 @@ public struct ShardState: Sendable {
 
     /// The Redis stock script's semantics: 1 deducted, 0 not enough (or paused), -1 no such SKU.
     /// Deducted units count as sold at once; they belong to no order.
-    public mutating func deduct(_ sku: String, quantity: Int64, log: inout RecordBuffer) -> Reply {
+    public mutating func deduct(_ sku: Name, quantity: Int64, log: inout RecordBuffer) -> Reply {
         guard quantity >= 1, quantity <= Limits.quantityMax else { return .rejected(.badQuantity) }
         guard let index = skuIndexByName[sku] else { return .deducted(-1) }
         let s = skus[Int(index)]
@@ -222,7 +222,7 @@ public struct ShardState: Sendable {
     /// Places a hold for `lines`, all of which live on this shard, all or nothing.
     /// Arguments must have passed ``ShardState/validateReserve(user:lines:requestId:ttlMillis:)``.
     public mutating func reserve(
-        user: String, lines: [OrderLine], requestId: String?, ttlMillis: Int64, now: Int64, log: inout RecordBuffer
+        user: Name, lines: [OrderLine], requestId: Name?, ttlMillis: Int64, now: Int64, log: inout RecordBuffer
     ) -> Reply {
         let knownUser = userIndexByName[user]
         if let requestId, let knownUser, let seq = requests[RequestKey(user: knownUser, requestId: requestId)] {
@@ -282,7 +282,7 @@ public struct ShardState: Sendable {
     }
 
     /// Validates a reservation's arguments before it is routed anywhere.
-    public static func validateReserve(user: String, lines: [OrderLine], requestId: String?, ttlMillis: Int64) -> Rejection? {
+    public static func validateReserve(user: Name, lines: [OrderLine], requestId: Name?, ttlMillis: Int64) -> Rejection? {
         guard isValidName(user) else { return .badArgument("user id must be 1 to \(Limits.nameBytesMax) bytes") }
         if let requestId, !isValidName(requestId) {
             return .badArgument("request id must be 1 to \(Limits.nameBytesMax) bytes")
@@ -307,7 +307,7 @@ public struct ShardState: Sendable {
 
     /// Looks up a request id; when it is new, marks it as being placed. Returns the reply to give
     /// instead of placing the order, or nil to go on.
-    public mutating func beginRequest(user: String, requestId: String?) -> Reply? {
+    public mutating func beginRequest(user: Name, requestId: Name?) -> Reply? {
         guard let requestId else { return nil }
         let key = RequestKey(user: userIndexByName[user] ?? intern(user), requestId: requestId)
         if let seq = requests[key] { return replayedRequest(seq) }
@@ -316,7 +316,7 @@ public struct ShardState: Sendable {
     }
 
     /// Withdraws a request marked by ``beginRequest(user:requestId:)`` whose order was not placed.
-    public mutating func abortRequest(user: String, requestId: String?) {
+    public mutating func abortRequest(user: Name, requestId: Name?) {
         guard let requestId, let userIndex = userIndexByName[user] else { return }
         let key = RequestKey(user: userIndex, requestId: requestId)
         if requests[key] == 0 { requests[key] = nil }
@@ -324,7 +324,7 @@ public struct ShardState: Sendable {
 
     /// Holds every line (all on this shard) or none. The holds are not logged: the order's record,
     /// written by the owning shard on commit, carries them.
-    public mutating func prepareHold(user: String, lines: [OrderLine]) -> Result<[Record.Item], Rejection> {
+    public mutating func prepareHold(user: Name, lines: [OrderLine]) -> Result<[Record.Item], Rejection> {
         let knownUser = userIndexByName[user]
         var items: [Record.Item] = []
         items.reserveCapacity(lines.count)
@@ -341,7 +341,7 @@ public struct ShardState: Sendable {
     }
 
     /// Returns prepared holds (the order was not placed). Not logged, as the holds were not.
-    public mutating func releasePrepared(user: String, items: [Record.Item]) {
+    public mutating func releasePrepared(user: Name, items: [Record.Item]) {
         for item in items where item.shard == shard {
             applyRelease(user: user, index: item.skuIndex, quantity: Int64(item.quantity))
         }
@@ -349,7 +349,7 @@ public struct ShardState: Sendable {
 
     /// Records an order whose items were all held by ``prepareHold(user:lines:)`` on their shards.
     public mutating func commitOrder(
-        user: String, requestId: String?, items: [Record.Item], skus names: [String], deadlineMillis: Int64,
+        user: Name, requestId: Name?, items: [Record.Item], skus names: [Name], deadlineMillis: Int64,
         log: inout RecordBuffer
     ) -> OrderID {
         let seq = UInt32(orders.count + 1)
@@ -411,12 +411,12 @@ public struct ShardState: Sendable {
         public var shard: Int
         public var skuIndex: UInt32
         public var quantity: Int64
-        public var user: String
+        public var user: Name
         /// true: the hold is released (cancel, expiry); false: it is sold (paid).
         public var release: Bool
     }
 
-    mutating func intern(_ user: String) -> UInt32 {
+    mutating func intern(_ user: Name) -> UInt32 {
         let index = UInt32(users.count)
         users.append(user)
         userIndexByName[user] = index
@@ -432,7 +432,7 @@ public struct ShardState: Sendable {
         skus[index].counter.publish(skus[index].available)
     }
 
-    mutating func applySkuAdded(index: UInt32, sku: String, total: Int64, limit: Int64) {
+    mutating func applySkuAdded(index: UInt32, sku: Name, total: Int64, limit: Int64) {
         precondition(Int(index) == skus.count, "SKU index out of order")
         skus.append(
             Sku(name: sku, total: total, available: total, reserved: 0, sold: 0, limit: limit, paused: false,
@@ -463,11 +463,11 @@ public struct ShardState: Sendable {
         publishAndCheck(Int(index))
     }
 
-    mutating func applyHold(user: String, index: UInt32, quantity: Int64) {
+    mutating func applyHold(user: Name, index: UInt32, quantity: Int64) {
         applyHold(userIndex: userIndexByName[user] ?? intern(user), index: index, quantity: quantity)
     }
 
-    mutating func applyRelease(user: String, index: UInt32, quantity: Int64) {
+    mutating func applyRelease(user: Name, index: UInt32, quantity: Int64) {
         skus[Int(index)].available += quantity
         skus[Int(index)].reserved -= quantity
         if skus[Int(index)].limit > 0, let userIndex = userIndexByName[user] {
@@ -496,7 +496,7 @@ public struct ShardState: Sendable {
     }
 
     mutating func storeSingleOrder(
-        seq: UInt32, userIndex: UInt32, index: UInt32, quantity: UInt32, deadlineMillis: Int64, requestId: String?
+        seq: UInt32, userIndex: UInt32, index: UInt32, quantity: UInt32, deadlineMillis: Int64, requestId: Name?
     ) {
         precondition(Int(seq) == orders.count + 1 && orders.count < Limits.ordersPerShardMax, "order sequence out of order")
         orders.append(
@@ -509,10 +509,10 @@ public struct ShardState: Sendable {
     }
 
     /// Stores an order whose holds were already applied. `names` are the items' SKU ids, for display.
-    mutating func storeOrder(_ created: Record.OrderCreated, skus names: [String]) {
+    mutating func storeOrder(_ created: Record.OrderCreated, skus names: [Name]) {
         let seq = created.id.sequence
         let userIndex = userIndexByName[created.user] ?? intern(created.user)
-        let requestId: String? = created.requestId.isEmpty ? nil : created.requestId
+        let requestId: Name? = created.requestId.isEmpty ? nil : created.requestId
         if created.items.count == 1, created.items[0].shard == shard {
             storeSingleOrder(
                 seq: seq, userIndex: userIndex, index: created.items[0].skuIndex, quantity: created.items[0].quantity,

@@ -229,9 +229,11 @@ struct FNV64 {
         withUnsafeBytes(of: x.littleEndian) { for b in $0 { byte(b) } }
     }
 
-    mutating func add(_ s: String) {
-        add(UInt8(truncatingIfNeeded: s.utf8.count))
-        for b in s.utf8 { byte(b) }
+    mutating func add(_ s: Name) {
+        s.withBytes { bytes in
+            add(UInt8(truncatingIfNeeded: bytes.count))
+            for b in bytes { byte(b) }
+        }
     }
 
     @inline(__always) private mutating func byte(_ b: UInt8) {
