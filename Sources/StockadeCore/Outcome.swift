@@ -23,6 +23,9 @@ public enum Rejection: Error, Equatable, Sendable {
     case wrongState(OrderState)
     /// The same request id is being placed right now on another connection; retry to get its order.
     case requestInFlight
+    /// The request id was used before, for this user, with other SKUs or quantities (the order it names):
+    /// a request id stands for one request, as with Stripe's idempotency keys.
+    case requestConflict(OrderID)
     /// The journal cannot take more work right now; retry later.
     case busy
     /// The engine stopped accepting changes (a log write or fsync failed); the message says why.

@@ -64,6 +64,11 @@ public struct ShardState: Sendable {
         var requestId: Name
     }
 
+    struct InFlightKey: Hashable {
+        var user: Name
+        var requestId: Name
+    }
+
     var skus: [Sku] = []
     var skuIndexByName = NameIndex()
     var users: [Name] = []
@@ -71,11 +76,17 @@ public struct ShardState: Sendable {
     var lastOrderOfUser: [UInt32] = []
     var orders = ChunkedArray<OrderSlot>()
     var multiItems: [UInt32: [MultiItem]] = [:]
-    /// Request id -> order sequence; 0 marks a multi-shard request being placed right now.
+    /// Request id -> order sequence.
     var requests: [RequestKey: UInt32] = [:]
+    /// Multi-shard requests being placed right now (between ``beginRequest(user:requestId:lines:)`` and
+    /// commit or abort). Keyed by the ids themselves, so that marking one interns nothing.
+    var requestsInFlight: Set<InFlightKey> = []
     /// PENDING + PAID units per (user << 32 | sku), kept only for SKUs with a per-user limit.
     var heldByUserSku: [UInt64: UInt32] = [:]
     var expiry = ExpiryHeap()
+    /// Pending orders with items on other shards, by deadline: their expiry changes other shards' stock,
+    /// so the engine expires them before a batch touches any shard (see ``nextForeignDeadlineMillis``).
+    var foreignExpiry = ExpiryHeap()
 
     public init(shard: Int) {
         precondition(shard >= 0 && shard < Limits.shardCountMax)
@@ -83,6 +94,12 @@ public struct ShardState: Sendable {
     }
 
     public var skuCount: Int { skus.count }
+
+    /// The earliest deadline of an order in the expiry heap (pending or not); `Int64.max` for none.
+    public var nextDeadlineMillis: Int64 { expiry.top.map { orders[Int($0) - 1].deadlineMillis } ?? .max }
+
+    /// The earliest deadline of an order with items on other shards; `Int64.max` for none.
+    public var nextForeignDeadlineMillis: Int64 { foreignExpiry.top.map { orders[Int($0) - 1].deadlineMillis } ?? .max }
     public var orderCount: Int { orders.count }
 
     // MARK: - Reads
@@ -152,12 +169,7 @@ public struct ShardState: Sendable {
 
     func orderInfo(_ seq: UInt32) -> OrderInfo {
         let slot = orders[Int(seq) - 1]
-        let lines: [OrderLine]
-        if slot.isMulti {
-            lines = (multiItems[seq] ?? []).map { OrderLine(sku: $0.sku, quantity: Int64($0.item.quantity)) }
-        } else {
-            lines = [OrderLine(sku: skus[Int(slot.skuIndex)].name, quantity: Int64(slot.quantity))]
-        }
+        let lines = orderLines(seq)
         return OrderInfo(
             id: OrderID(shard: shard, sequence: seq), user: users[Int(slot.userIndex)], lines: lines,
             state: slot.state, deadlineMillis: slot.deadlineMillis)
@@ -225,8 +237,13 @@ public struct ShardState: Sendable {
         user: Name, lines: [OrderLine], requestId: Name?, ttlMillis: Int64, now: Int64, log: inout RecordBuffer
     ) -> Reply {
         let knownUser = userIndexByName[user]
-        if let requestId, let knownUser, let seq = requests[RequestKey(user: knownUser, requestId: requestId)] {
-            return replayedRequest(seq)
+        if let requestId {
+            if let knownUser, let seq = requests[RequestKey(user: knownUser, requestId: requestId)] {
+                return replayedRequest(seq, lines: lines)
+            }
+            if !requestsInFlight.isEmpty, requestsInFlight.contains(InFlightKey(user: user, requestId: requestId)) {
+                return .rejected(.requestInFlight)
+            }
         }
         if lines.count == 1 {
             // The hot path: one SKU, no arrays built.
@@ -249,7 +266,8 @@ public struct ShardState: Sendable {
             return .reserved(id, deadlineMillis: deadline, replayed: false)
         }
         let items: [Record.Item]
-        switch prepareHold(user: user, lines: lines) {
+        var internedUser = false
+        switch prepareHold(user: user, lines: lines, internedUser: &internedUser) {
         case .failure(let rejection): return .rejected(rejection)
         case .success(let held): items = held
         }
@@ -263,9 +281,10 @@ public struct ShardState: Sendable {
     func check(index: UInt32, quantity: Int64, knownUser: UInt32?) -> Rejection? {
         // Fields read one by one: copying the whole Sku would retain its name and counter.
         let i = Int(index)
-        if skus[i].paused { return .paused }
         let available = skus[i].available
+        // Sold out before paused: the same answer the published counter gives without entering the shard.
         if available == 0 { return .soldOut }
+        if skus[i].paused { return .paused }
         if available < quantity { return .insufficient(available: available) }
         let limit = skus[i].limit
         if limit > 0 {
@@ -275,10 +294,21 @@ public struct ShardState: Sendable {
         return nil
     }
 
-    func replayedRequest(_ seq: UInt32) -> Reply {
-        if seq == 0 { return .rejected(.requestInFlight) }
-        return .reserved(
-            OrderID(shard: shard, sequence: seq), deadlineMillis: orders[Int(seq) - 1].deadlineMillis, replayed: true)
+    /// The reply to a retried request id: its order, or ``Rejection/requestConflict(_:)`` when the
+    /// retry asks for other SKUs or quantities than the order holds (the TTL of a retry is not compared).
+    func replayedRequest(_ seq: UInt32, lines: [OrderLine]) -> Reply {
+        let id = OrderID(shard: shard, sequence: seq)
+        guard orderLines(seq) == lines else { return .rejected(.requestConflict(id)) }
+        return .reserved(id, deadlineMillis: orders[Int(seq) - 1].deadlineMillis, replayed: true)
+    }
+
+    /// An order's lines in the order the client listed them.
+    func orderLines(_ seq: UInt32) -> [OrderLine] {
+        let slot = orders[Int(seq) - 1]
+        if slot.isMulti {
+            return (multiItems[seq] ?? []).map { OrderLine(sku: $0.sku, quantity: Int64($0.item.quantity)) }
+        }
+        return [OrderLine(sku: skus[Int(slot.skuIndex)].name, quantity: Int64(slot.quantity))]
     }
 
     /// Validates a reservation's arguments before it is routed anywhere.
@@ -306,26 +336,31 @@ public struct ShardState: Sendable {
     // MARK: Multi-shard orders (the engine coordinates: begin, prepare on each shard, commit or abort)
 
     /// Looks up a request id; when it is new, marks it as being placed. Returns the reply to give
-    /// instead of placing the order, or nil to go on.
-    public mutating func beginRequest(user: Name, requestId: Name?) -> Reply? {
+    /// instead of placing the order, or nil to go on. Marking interns nothing: a refused request
+    /// leaves no trace.
+    public mutating func beginRequest(user: Name, requestId: Name?, lines: [OrderLine]) -> Reply? {
         guard let requestId else { return nil }
-        let key = RequestKey(user: userIndexByName[user] ?? intern(user), requestId: requestId)
-        if let seq = requests[key] { return replayedRequest(seq) }
-        requests[key] = 0
+        if let userIndex = userIndexByName[user], let seq = requests[RequestKey(user: userIndex, requestId: requestId)] {
+            return replayedRequest(seq, lines: lines)
+        }
+        let key = InFlightKey(user: user, requestId: requestId)
+        if requestsInFlight.contains(key) { return .rejected(.requestInFlight) }
+        requestsInFlight.insert(key)
         return nil
     }
 
-    /// Withdraws a request marked by ``beginRequest(user:requestId:)`` whose order was not placed.
+    /// Withdraws a request marked by ``beginRequest(user:requestId:lines:)`` whose order was not placed.
     public mutating func abortRequest(user: Name, requestId: Name?) {
-        guard let requestId, let userIndex = userIndexByName[user] else { return }
-        let key = RequestKey(user: userIndex, requestId: requestId)
-        if requests[key] == 0 { requests[key] = nil }
+        guard let requestId else { return }
+        requestsInFlight.remove(InFlightKey(user: user, requestId: requestId))
     }
 
     /// Holds every line (all on this shard) or none. The holds are not logged: the order's record,
-    /// written by the owning shard on commit, carries them.
-    public mutating func prepareHold(user: Name, lines: [OrderLine]) -> Result<[Record.Item], Rejection> {
+    /// written by the owning shard on commit, carries them. `internedUser` is set when the user was new
+    /// here, so that ``releasePrepared(user:items:internedUser:)`` can forget it again.
+    public mutating func prepareHold(user: Name, lines: [OrderLine], internedUser: inout Bool) -> Result<[Record.Item], Rejection> {
         let knownUser = userIndexByName[user]
+        internedUser = false
         var items: [Record.Item] = []
         items.reserveCapacity(lines.count)
         for line in lines {
@@ -336,14 +371,23 @@ public struct ShardState: Sendable {
             items.append(Record.Item(shard: shard, skuIndex: index, quantity: UInt32(line.quantity)))
         }
         let userIndex = knownUser ?? intern(user)
+        internedUser = knownUser == nil
         for item in items { applyHold(userIndex: userIndex, index: item.skuIndex, quantity: Int64(item.quantity)) }
         return .success(items)
     }
 
-    /// Returns prepared holds (the order was not placed). Not logged, as the holds were not.
-    public mutating func releasePrepared(user: Name, items: [Record.Item]) {
+    /// Returns prepared holds (the order was not placed). Not logged, as the holds were not. A user
+    /// that the prepare interned is forgotten again while it is still the newest one and owns nothing.
+    public mutating func releasePrepared(user: Name, items: [Record.Item], internedUser: Bool = false) {
         for item in items where item.shard == shard {
             applyRelease(user: user, index: item.skuIndex, quantity: Int64(item.quantity))
+        }
+        if internedUser, let index = userIndexByName[user], Int(index) == users.count - 1, lastOrderOfUser[Int(index)] == 0,
+           !items.contains(where: { heldByUserSku[Self.key(index, $0.skuIndex)] != nil })
+        {
+            users.removeLast()
+            lastOrderOfUser.removeLast()
+            userIndexByName[user] = nil
         }
     }
 
@@ -357,6 +401,7 @@ public struct ShardState: Sendable {
             id: OrderID(shard: shard, sequence: seq), deadlineMillis: deadlineMillis, user: user,
             requestId: requestId ?? "", items: items)
         storeOrder(created, skus: names)
+        if let requestId { requestsInFlight.remove(InFlightKey(user: user, requestId: requestId)) }
         log.orderCreated(created)
         return created.id
     }
@@ -401,7 +446,14 @@ public struct ShardState: Sendable {
             effects += applyTransition(seq: top, to: .expired)
             log.orderTransition(.orderExpired, OrderID(shard: shard, sequence: top))
         }
+        dropSettledForeign()
         return effects
+    }
+
+    /// Pops orders that are no longer pending off the top of ``foreignExpiry``, so that its top is the
+    /// earliest deadline that can still change another shard.
+    mutating func dropSettledForeign() {
+        while let top = foreignExpiry.top, orders[Int(top) - 1].state != .pending { foreignExpiry.pop(orders) }
     }
 
     // MARK: - Applying facts (shared by the live path and replay)
@@ -528,6 +580,7 @@ public struct ShardState: Sendable {
         multiItems[seq] = zip(created.items, names).map { MultiItem(item: $0, sku: $1) }
         if let requestId { requests[RequestKey(user: userIndex, requestId: requestId)] = seq }
         expiry.push(seq, orders)
+        if created.items.contains(where: { $0.shard != shard }) { foreignExpiry.push(seq, orders) }
     }
 
     /// Moves a pending order to a final state and applies what that does to stock: local SKUs here,
@@ -536,6 +589,7 @@ public struct ShardState: Sendable {
         let slot = orders[Int(seq) - 1]
         precondition(slot.state == .pending && target != .pending, "order \(seq) is not pending")
         orders[Int(seq) - 1].state = target
+        if slot.isMulti { dropSettledForeign() }
         let release = target != .paid
         if !slot.isMulti {
             if release {

@@ -157,6 +157,9 @@ extension EngineState {
                         items.append(ShardState.MultiItem(item: item, sku: try r.readName()))
                     }
                     state.multiItems[seq] = items
+                    if state.orders[Int(seq) - 1].state == .pending, items.contains(where: { $0.item.shard != shard }) {
+                        state.foreignExpiry.push(seq, state.orders)
+                    }
                 }
                 let requestCount = Int(try r.read() as UInt32)
                 try need(requestCount, r, each: 9)

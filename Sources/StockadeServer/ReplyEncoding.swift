@@ -76,6 +76,7 @@ package enum ReplyEncoding {
         case .expired: "EXPIRED"
         case .wrongState(let state): "WRONGSTATE \(state)"
         case .requestInFlight: "INFLIGHT"
+        case .requestConflict(let id): "REQCONFLICT request id already used for order \(id) with other SKUs or quantities"
         case .busy: "BUSY"
         case .unavailable(let reason): "UNAVAILABLE \(reason)"
         }

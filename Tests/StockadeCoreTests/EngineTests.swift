@@ -313,6 +313,7 @@ private final class FullChangeLog: ChangeLog {
     func append(_ records: RecordBuffer) throws(Rejection) -> UInt64 { throw .busy }
     func waitDurable(_ lsn: UInt64) async throws(Rejection) {}
     var admitsChanges: Bool { false }
+    var failureReason: String? { nil }
 }
 
 @Suite struct OverloadTests {

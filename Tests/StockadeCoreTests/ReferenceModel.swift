@@ -84,13 +84,15 @@ struct ReferenceModel {
             // Request ids are kept by the shard that owns the order (its first SKU's): a retry resends the same command.
             let requestKey = requestId.map { RequestKey(user: user, requestId: $0, shard: shard(lines[0].sku)) }
             if let requestKey, let id = requests[requestKey] {
+                // A request id stands for one request: a retry with other lines is refused.
+                if orders[id]!.lines != lines { return .rejected(.requestConflict(id)) }
                 return .reserved(id, deadlineMillis: orders[id]!.deadline, replayed: true)
             }
             let ordered = lines.enumerated().sorted { (shard($0.element.sku), $0.offset) < (shard($1.element.sku), $1.offset) }
             for (_, line) in ordered {
                 guard let s = skus[line.sku] else { return .rejected(.noSuchSku) }
-                if s.paused { return .rejected(.paused) }
                 if s.available == 0 { return .rejected(.soldOut) }
+                if s.paused { return .rejected(.paused) }
                 if s.available < line.quantity { return .rejected(.insufficient(available: s.available)) }
                 if s.limit > 0 {
                     let bought = held[HeldKey(user: user, sku: line.sku)] ?? 0
