@@ -66,6 +66,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     private var appendedLSN: UInt64
     private var durableLSN: UInt64
     private var waiters: [(lsn: UInt64, continuation: CheckedContinuation<Bool, Never>)] = []
+    private var waitingHook: (@Sendable () -> Void)?
     private var failed: String?
     private var stopping = false
     private var closed = false
@@ -155,7 +156,9 @@ public final class Journal: ChangeLog, @unchecked Sendable {
                 continuation.resume(returning: false)
             } else {
                 waiters.append((lsn, continuation))
+                let hook = waitingHook
                 pthread_mutex_unlock(mutex)
+                hook?()
             }
         }
         if !ok { throw .unavailable(locked { failed } ?? "the journal is closed") }
@@ -199,6 +202,14 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         // Anyone still waiting (records appended after a failure or the close) is told no.
         failWaiters()
     }
+
+    /// Calls `body` (on the caller's thread, outside the journal's lock) each time a caller starts
+    /// waiting for a position that is not durable yet: a deterministic driver in manual mode learns
+    /// that a reply is parked and can decide when to ``writePending()``.
+    public func onWaiting(_ body: @escaping @Sendable () -> Void) { locked { waitingHook = body } }
+
+    /// Callers waiting for a position that is not durable yet.
+    public var waiterCount: Int { locked { waiters.count } }
 
     /// Manual mode (``Options/writerThread`` off): writes everything appended so far as one batch
     /// (framing, one write, the sync the policy asks for), answers its waiters, and returns the

@@ -26,16 +26,21 @@ import Glibc
 /// journal with its writer thread runs on it too; a deterministic driver sets
 /// ``Journal/Options/writerThread`` off instead.
 ///
-/// A simulator's loop, in short:
+/// A simulator's loop, in short (the real journal, store and recovery on the simulated disk, in
+/// place of an in-memory change log):
 ///
 ///     let disk = SimulatedStorage(seed: seed)
-///     var store = try Store(directory: DataDirectory("/sim", storage: disk), options: options)
+///     let directory = DataDirectory("/sim/data", storage: disk)
+///     var options = Store.Options(shardCount: 4)
+///     options.journal.writerThread = false       // no thread: the driver decides when to write
+///     var store = try Store(directory: directory, options: options)
+///     store.journal.onWaiting { ... }            // a reply is parked waiting for durability
 ///     disk.faults.syncEIO = 0.01                 // faults on while the engine runs
-///     ... run commands, call store.journal.writePending() ...
-///     disk.crash()                               // power cut: unsynced bytes go
-///     disk.faults = .init()                      // faults off for recovery, or not
-///     store = try Store(directory: DataDirectory("/sim", storage: disk), options: options)
-///     ... check every acknowledged change is there ...
+///     ... run commands; store.journal.writePending() writes + syncs one batch, answering its waiters ...
+///     disk.crash()                               // power cut: unsynced bytes go, handles die
+///     disk.faults = .init()                      // faults off for recovery (or not)
+///     store = try Store(directory: directory, options: options)   // recovery, under a fresh lock
+///     ... check every acknowledged change is there, or that start-up refused with a located error ...
 public final class SimulatedStorage: Storage, @unchecked Sendable {
     /// Random faults, each a probability per matching operation (0: never). All off by default.
     public struct FaultPlan: Sendable {

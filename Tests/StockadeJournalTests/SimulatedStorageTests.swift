@@ -117,6 +117,28 @@ func simulatedJournal(seed: UInt64, fsync: FsyncPolicy = .always) throws -> (Sim
         #expect(!journal.admitsChanges)
     }
 
+    /// Manual mode: an engine over a journal without a writer thread parks its reply until the driver
+    /// calls writePending(); the waiting hook tells the driver when that happened.
+    @Test func manualJournalParksRepliesUntilTheDriverWrites() async throws {
+        let disk = SimulatedStorage(seed: 8)
+        var options = Journal.Options()
+        options.writerThread = false
+        let journal = try Journal(directory: DataDirectory("/data", storage: disk), shardCount: 1, lsn: 0, options: options)
+        let parked = AsyncStream<Void>.makeStream()
+        journal.onWaiting { parked.continuation.yield() }
+        let engine = Engine(state: EngineState(shardCount: 1), log: journal)
+        let reply = Task { await engine.execute(.addSku(sku: "tv", total: 5, limit: 0), now: 0) }
+        var events = parked.stream.makeAsyncIterator()
+        _ = await events.next()
+        #expect(journal.waiterCount == 1 && journal.lastDurableLSN == 0)
+        #expect(journal.writePending() == 1)
+        #expect(await reply.value == .done)
+        #expect(journal.waiterCount == 0 && journal.lastDurableLSN == 1)
+        journal.close()
+        let (state, _) = try Recovery.recover(DataDirectory("/data", storage: disk), options: .init(shardCount: 1))
+        #expect(state.lsn == 1)
+    }
+
     /// A slow fsync is a hook, not a sleep: the simulator sees each one.
     @Test func slowSyncsCallTheHook() throws {
         let (disk, _, journal) = try simulatedJournal(seed: 5)
