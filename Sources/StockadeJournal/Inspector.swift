@@ -8,7 +8,11 @@ import StockadeCore
 public enum Inspector {
     /// Calls `emit` with one line per snapshot, segment and block (and record, with `records`).
     /// Returns false when anything fails verification.
+    /// Throws when there is no directory at the path (a typo must not look like an empty, healthy one).
     public static func inspect(_ directory: DataDirectory, records: Bool, emit: (String) -> Void) throws(JournalError) -> Bool {
+        guard directory.storage.exists(directory.path) else {
+            throw JournalError(.io, "no data directory at \(directory.path)")
+        }
         var ok = true
         for snapshot in try directory.snapshots() {
             do {

@@ -201,3 +201,36 @@ func makeChanges(_ store: Store, tag: String) async {
         #expect(PosixStorage.parent(of: "x/y/z/") == "x/y" && PosixStorage.parent(of: "x") == "." && PosixStorage.parent(of: "/x") == "/")
     }
 }
+
+/// Issue #7 D27 (the journal's part): inspecting a path that does not exist is an error, not an empty
+/// healthy directory.
+@Suite struct InspectorTests {
+    @Test func missingDirectoryIsAnError() throws {
+        let disk = SimulatedStorage(seed: 1)
+        #expect(throws: JournalError.self) {
+            _ = try Inspector.inspect(DataDirectory("/nowhere", storage: disk), records: false) { _ in }
+        }
+        try DataDirectory("/here", storage: disk).create()
+        #expect(try Inspector.inspect(DataDirectory("/here", storage: disk), records: false) { _ in })
+    }
+
+    /// A block damaged in the middle of the log is reported as corruption, one at the end as a torn tail.
+    @Test func damageIsReportedAsTailOrCorruption() async throws {
+        let disk = SimulatedStorage(seed: 2)
+        let directory = DataDirectory("/data", storage: disk)
+        let store = try Store(directory: directory, options: Store.Options(shardCount: 1))
+        for i in 0..<4 { _ = await store.engine.execute(.addSku(sku: Name("s\(i)"), total: 1, limit: 0), now: 0) }
+        store.close()
+        let segment = try directory.segments().last!.path
+        let blocks = blockOffsets(disk.contents(segment)!)
+        disk.flipBit(segment, at: blocks[1] + 9, bit: 3)
+        var lines: [String] = []
+        #expect(try !Inspector.inspect(directory, records: false) { lines.append($0) })
+        #expect(lines.contains { $0.contains("@\(blocks[1]): CORRUPT") }, "\(lines)")
+        disk.flipBit(segment, at: blocks[1] + 9, bit: 3)
+        disk.flipBit(segment, at: blocks[3] + 9, bit: 3)
+        lines = []
+        #expect(try !Inspector.inspect(directory, records: false) { lines.append($0) })
+        #expect(lines.contains { $0.contains("@\(blocks[3]): torn tail") }, "\(lines)")
+    }
+}
