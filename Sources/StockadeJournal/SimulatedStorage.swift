@@ -110,7 +110,7 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
     private var durableNames: [String: Inode] = [:]
     private var directories: Set<String> = ["/", "."]
     private var lockHolders: [String: ObjectIdentifier] = [:]
-    private var oneShots: [(operation: Operation, errno: Int32, pathContaining: String?)] = []
+    private var oneShots: [(operation: Operation, errno: Int32, pathContaining: String?, keepBytes: Int?)] = []
     /// Bumped by every crash: handles from an older generation belong to a dead process.
     private(set) var generation = 0
 
@@ -132,7 +132,14 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
     /// Makes the next operation of kind `operation` (on a path containing `pathContaining`, if given)
     /// fail with `errno`. Queued one-shots fire in order.
     public func failNext(_ operation: Operation, errno code: Int32 = EIO, pathContaining: String? = nil) {
-        locked { oneShots.append((operation, code, pathContaining)) }
+        locked { oneShots.append((operation, code, pathContaining, nil)) }
+    }
+
+    /// Makes the next write (on a path containing `pathContaining`, if given) store only its first
+    /// `bytes` bytes and then fail with EIO: a write torn at exactly that byte.
+    public func tearNextWrite(keeping bytes: Int, pathContaining: String? = nil) {
+        precondition(bytes >= 0)
+        locked { oneShots.append((.write, EIO, pathContaining, bytes)) }
     }
 
     /// A power cut. See the type's documentation for what survives.
@@ -308,6 +315,11 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
     /// Returns how many bytes to store and the error to throw after storing them. Under the lock.
     func writeFate(_ path: String, byteCount: Int) throws(JournalError) -> (bytes: Int, error: JournalError?) {
         count.writes += 1
+        if let index = oneShotIndex(.write, path), let keep = oneShots[index].keepBytes {
+            oneShots.remove(at: index)
+            count.injectedFaults += 1
+            return (min(keep, byteCount), Self.error("write failed on", path, EIO))
+        }
         try injectOneShot(.write, path)
         try inject(plan.writeEIO, EIO, "write failed on", path)
         try inject(plan.writeENOSPC, ENOSPC, "write failed on", path)
@@ -358,12 +370,14 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
         case .remove: what = "cannot remove"
         case .truncate: what = "cannot truncate"
         }
-        guard let index = oneShots.firstIndex(where: { $0.operation == operation && ($0.pathContaining.map { path.contains($0) } ?? true) }) else {
-            return
-        }
+        guard let index = oneShotIndex(operation, path) else { return }
         let shot = oneShots.remove(at: index)
         count.injectedFaults += 1
         throw Self.error(what, path, shot.errno)
+    }
+
+    private func oneShotIndex(_ operation: Operation, _ path: String) -> Int? {
+        oneShots.firstIndex { $0.operation == operation && ($0.pathContaining.map { path.contains($0) } ?? true) }
     }
 
     static func error(_ what: String, _ path: String, _ code: Int32) -> JournalError {

@@ -86,6 +86,36 @@ func simulatedJournal(seed: UInt64, fsync: FsyncPolicy = .always) throws -> (Sim
         #expect(tornTails > 20, "the seeds hardly ever tore a write")
     }
 
+    /// A batch's write torn at every byte in turn: after the process dies, recovery keeps every synced
+    /// record and cuts the torn block as a tail; after the power goes too, the same.
+    @Test func writeTornAtEveryByteKeepsEverySyncedRecord() throws {
+        // The size of the batch to tear: three records in one block.
+        let (probe, _, probeJournal) = try simulatedJournal(seed: 0)
+        let before = probe.contents("/data/wal-00000000000000000001.log")!.count
+        for _ in 0..<3 { _ = try probeJournal.append(oneRecord()) }
+        probeJournal.writePending()
+        let batchBytes = probe.contents("/data/wal-00000000000000000001.log")!.count - before
+        for keep in 0...batchBytes {
+            let (disk, directory, journal) = try simulatedJournal(seed: UInt64(keep))
+            _ = try journal.append(oneRecord())
+            journal.writePending()
+            let acknowledged = journal.lastDurableLSN
+            disk.tearNextWrite(keeping: keep)
+            for _ in 0..<3 { _ = try journal.append(oneRecord()) }
+            journal.writePending()
+            #expect(journal.failure != nil)
+            let whole = keep == batchBytes  // the write stored everything, then reported EIO
+            // The process dies (the page cache keeps the torn write): a torn tail iff part of the block is there.
+            let (state, report) = try Recovery.recover(directory, options: .init(shardCount: 1, repair: false))
+            #expect(state.lsn == acknowledged + (whole ? 3 : 0), "torn at \(keep) of \(batchBytes): \(report)")
+            #expect((report.tornTail != nil) == (keep > 0 && !whole), "torn at \(keep): \(report)")
+            // Then the power goes too: nothing of the torn batch was synced, at most a prefix survives.
+            disk.crash()
+            let (afterCrash, crashReport) = try Recovery.recover(directory, options: .init(shardCount: 1))
+            #expect(afterCrash.lsn == acknowledged || (whole && afterCrash.lsn == acknowledged + 3), "torn at \(keep): \(crashReport)")
+        }
+    }
+
     /// EIO on fdatasync: the journal fails for good, says why (synchronously), refuses appends with
     /// that reason, and every caller waiting for durability is told it never will be.
     @Test func syncFailureFailsTheJournalAndItsWaiters() async throws {
