@@ -42,7 +42,7 @@ let package = Package(
         ),
         // The deterministic simulator: the engine and its log under a seeded clock, clients and faults,
         // checked against a reference model after every step.
-        .target(name: "StockadeSimulator", dependencies: ["StockadeCore"]),
+        .target(name: "StockadeSimulator", dependencies: ["StockadeCore", "StockadeJournal"]),
         // RESP2: the incremental request parser and reply encoding. No sockets.
         .target(
             name: "StockadeWire",
@@ -78,7 +78,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "StockadeCoreTests", dependencies: ["StockadeCore", "StockadeSimulator"]),
-        .testTarget(name: "StockadeSimulatorTests", dependencies: ["StockadeSimulator", "StockadeCore"]),
+        .testTarget(name: "StockadeSimulatorTests", dependencies: ["StockadeSimulator", "StockadeCore", "StockadeJournal"]),
         .testTarget(name: "StockadeJournalTests", dependencies: ["StockadeCore", "StockadeJournal"]),
         .testTarget(name: "StockadeServerTests", dependencies: ["StockadeServer", "StockadeCore"]),
         .testTarget(

@@ -215,7 +215,19 @@ public enum Recovery {
         if let next = BlockCodec.nextValidBlock(all, from: from) {
             return .corrupt(offset: offset, "\(why); a valid block follows at offset \(next), so this is not a torn tail")
         }
-        return .torn(offset: offset, why)
+        // Nothing valid follows. A torn write leaves the last block cut short by the end of the file (or
+        // zeros where a file system extended it); a block that is all there and fails its checksum was
+        // damaged after it was written, and may hold acknowledged records: that is corruption too.
+        let remaining = all.count - offset
+        if remaining < BlockHeader.size || allZero(all, from: offset) {
+            return .torn(offset: offset, why)
+        }
+        if let header = BlockHeader.parse(UnsafeRawBufferPointer(rebasing: all[offset...])),
+           offset + header.totalLength > all.count
+        {
+            return .torn(offset: offset, why)
+        }
+        return .corrupt(offset: offset, "\(why); the block is complete up to the end of the file, so it was damaged after it was written, not torn")
     }
 
     private static func allZero(_ all: UnsafeRawBufferPointer, from offset: Int) -> Bool {

@@ -148,6 +148,8 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
             count.crashes += 1
             generation += 1
             lockHolders = [:]
+            // Faults armed for the dead process's next operations die with it.
+            oneShots.removeAll()
             names = durableNames
             var seen = Set<ObjectIdentifier>()
             for inode in names.values where seen.insert(ObjectIdentifier(inode)).inserted {

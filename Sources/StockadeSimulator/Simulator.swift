@@ -1,4 +1,5 @@
 import StockadeCore
+import StockadeJournal
 
 /// A deterministic simulation of the engine and its log, driven by one seed (in the spirit of
 /// TigerBeetle's VOPR): many logical clients send pipelined batches of every command (baskets across
@@ -28,6 +29,9 @@ package enum Simulator {
         package var crashPerMille = 15
         package var syncFailurePerMille = 6
         package var appendFailurePerMille = 6
+        /// Run on the real journal, snapshots and recovery on a simulated disk (torn writes, lost unsynced
+        /// bytes, bit flips, EIO/ENOSPC on write, fsync and rename) instead of the in-memory log.
+        package var disk = false
         package init() {}
     }
 
@@ -45,6 +49,11 @@ package enum Simulator {
         package var clockJumpsBack = 0
         package var tornTails = 0
         package var durabilityChecks = 0
+        package var snapshots = 0
+        package var bitFlips = 0
+        package var refusedStartUps = 0
+        package var diskFaults = 0
+        package var quietRecoveries = 0
         package var failure: String?
 
         package init(seed: UInt64) { self.seed = seed }
@@ -54,7 +63,9 @@ package enum Simulator {
             return "seed \(seed): \(outcome) (\(shards) shards, \(batches) batches, \(commands) commands, "
                 + "\(acknowledged) acknowledged, \(syncs) syncs, \(crashes) crashes (\(tornTails) with a torn tail), "
                 + "\(syncFailures) sync failures, \(appendFailures) append failures, \(clockJumpsBack) clock jumps back, "
-                + "\(durabilityChecks) durability checks)"
+                + "\(durabilityChecks) durability checks, \(quietRecoveries) recoveries compared by state hash"
+                + (snapshots + bitFlips + diskFaults > 0
+                    ? ", \(snapshots) snapshots, \(diskFaults) disk faults, \(bitFlips) bit flips, \(refusedStartUps) refused start-ups)" : ")")
         }
     }
 
@@ -83,8 +94,19 @@ package enum Simulator {
         report.shards = shardCount
         var workload = RandomWorkload(seed: rng.next())
         var model = ReferenceModel(shardCount: shardCount)
-        var log = SimulatedLog()
-        var engine = Engine(state: EngineState(shardCount: shardCount), log: log)
+        let target: any SimulationTarget
+        if options.disk {
+            do {
+                target = try DiskTarget(shardCount: shardCount, seed: rng.next())
+            } catch {
+                report.failure = "the store did not open on an empty disk: \(error)"
+                return report
+            }
+        } else {
+            target = MemoryTarget(shardCount: shardCount)
+        }
+        /// The highest position an acknowledged batch wrote: recovery must reach it.
+        var acknowledgedPosition: UInt64 = 0
         var now: Int64 = 1_000_000
         /// The engine's time never goes back (``Engine``); the model's follows it. A restarted process
         /// starts from the clock as it finds it.
@@ -92,16 +114,12 @@ package enum Simulator {
         var inFlight = [InFlight?](repeating: nil, count: options.clients)
         /// The model is in step with the log until a failure leaves the log's content uncertain.
         var inStep = true
-        /// Replay of the log's durable prefix, for the durability check; extended as positions grow.
-        var replayed = EngineState(shardCount: shardCount)
-        var replayedRecords: [[UInt8]] = []
 
         let (events, eventSink) = AsyncStream<Event>.makeStream()
         var eventIterator = events.makeAsyncIterator()
-        func wire(_ log: SimulatedLog) { log.onSuspend { eventSink.yield(.suspended) } }
+        target.onSuspend { eventSink.yield(.suspended) }
         // A batch answered before it waited wrote what the log gained while it ran: `appendedAfter` 0
         // marks it not yet known.
-        wire(log)
 
         func fail(_ message: String) -> Report {
             var failed = report
@@ -112,7 +130,7 @@ package enum Simulator {
         /// Waits until every batch in flight is either answered (its replies checked, or dropped with
         /// `discard` when the process died) or waiting for a sync.
         func settle(discard: Bool = false) async -> String? {
-            while inFlight.lazy.filter({ $0 != nil }).count > log.waiterCount {
+            while inFlight.lazy.filter({ $0 != nil }).count > target.waiterCount {
                 guard let event = await eventIterator.next() else { return "event stream ended" }
                 guard case .finished(let client, let replies) = event else { continue }
                 guard let batch = inFlight[client] else { return "replies for client \(client), which sent nothing" }
@@ -120,7 +138,7 @@ package enum Simulator {
                 if discard { continue }
                 for reply in replies { workload.observe(reply) }
                 var answered = batch
-                if answered.appendedAfter == 0 { answered.appendedAfter = log.appendedPosition }
+                if answered.appendedAfter == 0 { answered.appendedAfter = target.appendedPosition }
                 if let problem = check(answered, replies) { return "client \(client): \(problem)" }
             }
             return nil
@@ -138,15 +156,16 @@ package enum Simulator {
             guard let expected = batch.expected else {
                 return refused ? nil : "a batch run after the log failed was answered: \(replies)"
             }
-            if refused, log.failureReason != nil { return nil }  // the failure came while it waited
+            if refused, target.failureReason != nil { return nil }  // the failure came while it waited
             // When the log failed while the batch ran, commands from the failed append on are refused.
-            let failedDuring = log.failureReason != nil
+            let failedDuring = target.failureReason != nil
             for (i, reply) in replies.enumerated() where reply != expected[i] {
                 if failedDuring, case .rejected(.unavailable) = reply { continue }
                 return "\(batch.commands[i]) at \(batch.now): got \(reply), the model says \(expected[i]) (batch of \(replies.count), #\(i))"
             }
             report.acknowledged += 1
-            let durable = log.durablePosition
+            let durable = target.durablePosition
+            if batch.appendedAfter > batch.appendedBefore { acknowledgedPosition = max(acknowledgedPosition, batch.appendedAfter) }
             guard batch.appendedAfter == batch.appendedBefore || durable >= batch.appendedAfter else {
                 return "acknowledged before its own records were durable (durable \(durable), batch wrote \(batch.appendedBefore) to "
                     + "\(batch.appendedAfter)): \(zip(batch.commands, replies).map { "\($0) -> \($1)" })"
@@ -156,15 +175,11 @@ package enum Simulator {
             let visible = min(durable, batch.appendedBefore)
             guard visible < batch.appendedBefore else { return nil }
             report.durabilityChecks += 1
-            if UInt64(replayedRecords.count) < visible {
-                for bytes in log.records(from: UInt64(replayedRecords.count), to: visible) {
-                    replayedRecords.append(bytes)
-                    do {
-                        try bytes.withUnsafeBytes { raw in try Record.decodeAll(raw) { try replayed.apply($0) } }
-                    } catch {
-                        return "record \(replayedRecords.count) does not replay: \(error)"
-                    }
-                }
+            let replayed: EngineState
+            do {
+                replayed = try target.durableState(through: visible)
+            } catch {
+                return "the durable log up to \(visible) does not replay: \(error)"
             }
             var durableModel = ReferenceModel(from: replayed)
             durableModel.expire(now: batch.now)
@@ -184,43 +199,49 @@ package enum Simulator {
             if roll < options.crashPerMille {
                 // The process dies: what was not synced is lost, or a prefix of it survives.
                 report.crashes += 1
-                let unsynced = Int(log.appendedPosition - log.durablePosition)
-                let kept = unsynced == 0 ? 0 : Int.random(in: 0...unsynced, using: &rng)
-                if kept > 0 { report.tornTails += 1 }
-                let surviving = log.survivingRecords(keptBeyondDurable: kept)
-                log.failSync("the process crashed")
+                let quiet = target.failureReason == nil && target.durablePosition == target.appendedPosition
+                let liveHash = quiet ? await target.engine.captureState(lsn: 0).stateHash() : nil
+                let flipsBefore = report.bitFlips
+                let outcome = await target.crashAndRecover(rng: &rng, report: &report)
+                // Replies of the dead process are never delivered.
                 if let problem = await settle(discard: true) { return fail("step \(step): \(problem)") }
-                var recovered = EngineState(shardCount: shardCount)
-                for (index, bytes) in surviving.enumerated() {
-                    do {
-                        try bytes.withUnsafeBytes { raw in try Record.decodeAll(raw) { try recovered.apply($0) } }
-                    } catch {
-                        return fail("step \(step): recovery failed at record \(index + 1) of \(surviving.count): \(error)")
+                inFlight = inFlight.map { _ in nil }
+                let recovered: EngineState
+                switch outcome {
+                case .failure(let failure): return fail("step \(step): \(failure)")
+                case .success(let state): recovered = state
+                }
+                guard recovered.lsn >= acknowledgedPosition else {
+                    return fail("step \(step): recovered to position \(recovered.lsn), but position \(acknowledgedPosition) was acknowledged"
+                        + (target.damage.map { " (\($0))" } ?? ""))
+                }
+                if let liveHash, report.bitFlips == flipsBefore {
+                    report.quietRecoveries += 1
+                    guard recovered.stateHash() == liveHash else {
+                        return fail("step \(step): the state recovered at a quiet point differs from the live state")
                     }
                 }
                 for shard in recovered.shards where !(shard.audit(nil) ?? []).allSatisfy(\.ok) {
                     return fail("step \(step): recovered shard \(shard.shard) fails its audit: \(shard.audit(nil) ?? [])")
                 }
-                log = SimulatedLog(records: surviving)
-                wire(log)
-                engine = Engine(state: recovered, log: log)
                 model = ReferenceModel(from: recovered)
                 modelNow = .min
                 inStep = true
-                replayed = EngineState(shardCount: shardCount)
-                replayedRecords = []
                 continue
             }
             if roll < options.crashPerMille + options.syncFailurePerMille {
-                if log.failureReason == nil { report.syncFailures += 1 }
-                inStep = false
-                log.failSync("EIO on fdatasync (injected)")
+                let failedBefore = target.failureReason != nil
+                target.failSync()
+                if target.failureReason != nil {
+                    if !failedBefore { report.syncFailures += 1 }
+                    inStep = false
+                }
                 if let problem = await settle() { return fail("step \(step): \(problem)") }
                 continue
             }
             if roll < options.crashPerMille + options.syncFailurePerMille + options.appendFailurePerMille {
-                if log.failureReason == nil { report.appendFailures += 1 }
-                log.failNextAppend("ENOSPC on write (injected)")
+                if target.failureReason == nil { report.appendFailures += 1 }
+                target.failNextAppend()
                 continue
             }
             switch roll % 20 {
@@ -229,8 +250,8 @@ package enum Simulator {
                 let client = idle.randomElement(using: &rng)!
                 let size = Int.random(in: 1...options.batchCommandsMax, using: &rng)
                 let commands = (0..<size).map { _ in workload.next() }
-                let appendedBefore = log.appendedPosition
-                let failedBefore = log.failureReason != nil
+                let appendedBefore = target.appendedPosition
+                let failedBefore = target.failureReason != nil
                 var expected: [Reply]?
                 modelNow = max(modelNow, now)
                 if inStep && !failedBefore {
@@ -238,7 +259,7 @@ package enum Simulator {
                     expected = commands.map { model.apply($0, now: modelNow) }
                 }
                 let batchNow = now
-                let batchEngine = engine
+                let batchEngine = target.engine
                 report.batches += 1
                 report.commands += size
                 Task {
@@ -250,21 +271,26 @@ package enum Simulator {
                 // Run until this batch waits for a sync or is answered (and so is every batch a failed
                 // append answered meanwhile).
                 if let problem = await settle() { return fail("step \(step): \(problem)") }
-                if inFlight[client] != nil { inFlight[client]!.appendedAfter = log.appendedPosition }
-                if log.failureReason != nil { inStep = false }
+                if inFlight[client] != nil { inFlight[client]!.appendedAfter = target.appendedPosition }
+                if target.failureReason != nil { inStep = false }
             case 11..<15:
                 report.syncs += 1
-                log.sync()
+                target.sync()
+                if target.failureReason != nil { inStep = false }
                 if let problem = await settle() { return fail("step \(step): \(problem)") }
             case 15..<17:
                 // The housekeeping timer: expire what is due (its records are synced with the next batch's).
-                let before = log.appendedPosition
-                await engine.expire(now: now)
+                let before = target.appendedPosition
+                await target.engine.expire(now: now)
                 modelNow = max(modelNow, now)
-                if inStep && log.failureReason == nil { model.expire(now: modelNow) }
-                if log.appendedPosition != before && log.failureReason != nil {
+                if inStep && target.failureReason == nil { model.expire(now: modelNow) }
+                if target.appendedPosition != before && target.failureReason != nil {
                     return fail("step \(step): expiry logged after the log failed")
                 }
+            case 17 where options.disk && Int.random(in: 0..<4, using: &rng) == 0:
+                // A snapshot of what is durable, and pruning behind it (while batches wait for syncs).
+                report.snapshots += 1
+                if let problem = await target.snapshot() { return fail("step \(step): \(problem)") }
             default:
                 // The clock: mostly small steps, sometimes a jump forward past deadlines, sometimes back.
                 switch Int.random(in: 0..<10, using: &rng) {
@@ -277,13 +303,11 @@ package enum Simulator {
             }
         }
         // Drain: everything in flight is synced and answered.
-        if log.failureReason == nil {
-            report.syncs += 1
-            log.sync()
-        } else {
-            log.failSync("end")
-        }
+        report.syncs += 1
+        target.sync()
+        if target.failureReason != nil { target.failSync() }
         if let problem = await settle() { return fail("end: \(problem)") }
+        if let disk = target as? DiskTarget { report.diskFaults = disk.disk.counters.injectedFaults }
         eventSink.finish()
         return report
     }

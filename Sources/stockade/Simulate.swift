@@ -27,6 +27,9 @@ struct Simulate: AsyncParsableCommand {
     @Option(help: "Steps per seed.")
     var steps = 400
 
+    @Flag(help: "Run on the real journal, snapshots and recovery on a simulated faulty disk.")
+    var disk = false
+
     func validate() throws {
         guard steps >= 1 && steps <= 1_000_000 else { throw ValidationError("--steps must be 1 to 1000000") }
         guard seeds >= 1 else { throw ValidationError("--seeds must be at least 1") }
@@ -36,6 +39,7 @@ struct Simulate: AsyncParsableCommand {
     func run() async throws {
         var options = Simulator.Options()
         options.steps = steps
+        options.disk = disk
         if let seed {
             let report = await Simulator.run(seed: seed, options: options)
             print(report)
@@ -59,10 +63,15 @@ struct Simulate: AsyncParsableCommand {
             total.appendFailures += report.appendFailures
             total.clockJumpsBack += report.clockJumpsBack
             total.durabilityChecks += report.durabilityChecks
+            total.quietRecoveries += report.quietRecoveries
+            total.snapshots += report.snapshots
+            total.diskFaults += report.diskFaults
+            total.bitFlips += report.bitFlips
+            total.refusedStartUps += report.refusedStartUps
             if report.failure != nil {
                 failed.append(next)
                 print(report)
-                print("replay: stockade simulate --seed \(next) --steps \(steps)")
+                print("replay: stockade simulate --seed \(next) --steps \(steps)\(disk ? " --disk" : "")")
             }
             next &+= 1
         }
@@ -72,7 +81,8 @@ struct Simulate: AsyncParsableCommand {
             \(total.batches) batches, \(total.commands) commands, \(total.acknowledged) acknowledged batches, \
             \(total.crashes) crashes (\(total.tornTails) with a torn tail), \(total.syncFailures) sync failures, \
             \(total.appendFailures) append failures, \(total.clockJumpsBack) clock jumps back, \
-            \(total.durabilityChecks) durability checks
+            \(total.durabilityChecks) durability checks, \(total.quietRecoveries) recoveries compared by state hash\
+            \(disk ? "; \(total.snapshots) snapshots, \(total.diskFaults) disk faults, \(total.bitFlips) bit flips, \(total.refusedStartUps) refused start-ups" : "")
             """)
         if !failed.isEmpty { throw ExitCode(1) }
     }

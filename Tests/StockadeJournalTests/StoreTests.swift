@@ -214,7 +214,7 @@ func makeChanges(_ store: Store, tag: String) async {
         #expect(try Inspector.inspect(DataDirectory("/here", storage: disk), records: false) { _ in })
     }
 
-    /// A block damaged in the middle of the log is reported as corruption, one at the end as a torn tail.
+    /// A block damaged in the middle of the log is reported as corruption, one cut short at the end as a torn tail.
     @Test func damageIsReportedAsTailOrCorruption() async throws {
         let disk = SimulatedStorage(seed: 2)
         let directory = DataDirectory("/data", storage: disk)
@@ -228,7 +228,13 @@ func makeChanges(_ store: Store, tag: String) async {
         #expect(try !Inspector.inspect(directory, records: false) { lines.append($0) })
         #expect(lines.contains { $0.contains("@\(blocks[1]): CORRUPT") }, "\(lines)")
         disk.flipBit(segment, at: blocks[1] + 9, bit: 3)
+        // The last block damaged in full is corruption too; cut short by the end of the file, a torn tail.
         disk.flipBit(segment, at: blocks[3] + 9, bit: 3)
+        lines = []
+        #expect(try !Inspector.inspect(directory, records: false) { lines.append($0) })
+        #expect(lines.contains { $0.contains("@\(blocks[3]): CORRUPT") }, "\(lines)")
+        disk.flipBit(segment, at: blocks[3] + 9, bit: 3)
+        disk.setContents(segment, Array(disk.contents(segment)!.prefix(blocks[3] + 20)))
         lines = []
         #expect(try !Inspector.inspect(directory, records: false) { lines.append($0) })
         #expect(lines.contains { $0.contains("@\(blocks[3]): torn tail") }, "\(lines)")
