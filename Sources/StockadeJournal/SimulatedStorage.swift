@@ -152,7 +152,8 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
             oneShots.removeAll()
             names = durableNames
             var seen = Set<ObjectIdentifier>()
-            for inode in names.values where seen.insert(ObjectIdentifier(inode)).inserted {
+            // In path order: the random torn prefixes must not depend on the dictionary's hash seed.
+            for (_, inode) in names.sorted(by: { $0.key < $1.key }) where seen.insert(ObjectIdentifier(inode)).inserted {
                 var survivor = inode.synced
                 if plan.crashKeepsTornPrefix, inode.data.count > inode.synced.count, inode.data.starts(with: inode.synced) {
                     let extra = inode.data.count - inode.synced.count

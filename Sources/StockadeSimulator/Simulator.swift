@@ -76,6 +76,9 @@ package enum Simulator {
 
     /// A batch sent and not yet answered.
     private struct InFlight {
+        /// Order of sending, and who sent it.
+        var sequence: Int
+        var client: Int
         var commands: [Command]
         var now: Int64
         /// What the model answered when the engine ran the batch (nil: the log had failed, or the model
@@ -130,16 +133,22 @@ package enum Simulator {
         /// Waits until every batch in flight is either answered (its replies checked, or dropped with
         /// `discard` when the process died) or waiting for a sync.
         func settle(discard: Bool = false) async -> String? {
+            // Batches released together finish in whatever order their tasks run: collect them, then
+            // check them (and learn their order ids) in the order they were sent, so the run stays
+            // deterministic.
+            var answered: [(batch: InFlight, replies: [Reply])] = []
             while inFlight.lazy.filter({ $0 != nil }).count > target.waiterCount {
                 guard let event = await eventIterator.next() else { return "event stream ended" }
                 guard case .finished(let client, let replies) = event else { continue }
-                guard let batch = inFlight[client] else { return "replies for client \(client), which sent nothing" }
+                guard var batch = inFlight[client] else { return "replies for client \(client), which sent nothing" }
                 inFlight[client] = nil
-                if discard { continue }
+                if batch.appendedAfter == 0 { batch.appendedAfter = target.appendedPosition }
+                answered.append((batch, replies))
+            }
+            if discard { return nil }
+            for (batch, replies) in answered.sorted(by: { $0.batch.sequence < $1.batch.sequence }) {
                 for reply in replies { workload.observe(reply) }
-                var answered = batch
-                if answered.appendedAfter == 0 { answered.appendedAfter = target.appendedPosition }
-                if let problem = check(answered, replies) { return "client \(client): \(problem)" }
+                if let problem = check(batch, replies) { return "client \(batch.client): \(problem)" }
             }
             return nil
         }
@@ -267,7 +276,7 @@ package enum Simulator {
                     eventSink.yield(.finished(client: client, replies: replies))
                 }
                 inFlight[client] = InFlight(
-                    commands: commands, now: modelNow, expected: expected, appendedBefore: appendedBefore, appendedAfter: 0)
+                    sequence: report.batches, client: client, commands: commands, now: modelNow, expected: expected, appendedBefore: appendedBefore, appendedAfter: 0)
                 // Run until this batch waits for a sync or is answered (and so is every batch a failed
                 // append answered meanwhile).
                 if let problem = await settle() { return fail("step \(step): \(problem)") }

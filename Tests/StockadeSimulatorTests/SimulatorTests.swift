@@ -1,3 +1,4 @@
+import Foundation
 import StockadeCore
 import Testing
 @testable import StockadeSimulator
@@ -53,6 +54,29 @@ import Testing
     func seedsThatFoundDefects(seed: UInt64) async {
         let report = await Simulator.run(seed: seed)
         #expect(report.failure == nil, "\(report)")
+    }
+
+    /// Two processes (each with its own hash seed for dictionaries) running the same seeds do the same
+    /// thing. Failed before: batches released together were learned in task order, and the simulated
+    /// disk drew torn prefixes in dictionary order.
+    @Test(arguments: [false, true])
+    func seedsReplayExactlyAcrossProcesses(disk: Bool) throws {
+        guard let binary = ProcessInfo.processInfo.environment["STOCKADE_BIN"] else { return }
+        func run() throws -> String {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: binary)
+            process.arguments = ["simulate", "--seeds", "25", "--from", "300"] + (disk ? ["--disk"] : [])
+            let pipe = Pipe()
+            process.standardOutput = pipe
+            try process.run()
+            let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            process.waitUntilExit()
+            // The elapsed time is the only thing allowed to differ.
+            return output.replacingOccurrences(of: #"in [0-9.]+ s"#, with: "", options: .regularExpression)
+        }
+        let first = try run()
+        #expect(first.contains("25 seeds"))
+        #expect(try run() == first)
     }
 
     /// The same seed does the same thing: a failing seed replays exactly.
