@@ -61,7 +61,7 @@ public final class Engine: Sendable {
         case let .confirm(id), let .cancel(id), let .order(id):
             guard let shard = id.shard, shard < shards.count else { return .immediate(.rejected(.noSuchOrder)) }
             return .shard(shard)
-        case let .orders(user):
+        case let .orders(user, _, _):
             return isValidName(user) ? .global : .immediate(.rejected(.badArgument("user id must be 1 to \(Limits.nameBytesMax) bytes")))
         }
     }
@@ -126,14 +126,16 @@ public final class Engine: Sendable {
         case let .reserve(user, lines, requestId, ttlMillis):
             return await reserveAcrossShards(
                 user: user, lines: lines, requestId: requestId, deadlineMillis: now + (ttlMillis ?? Limits.ttlMillisDefault))
-        case let .orders(user):
-            var all: [OrderInfo] = []
+        case let .orders(user, after, count):
+            // Ids sort by shard, then sequence: the page is the shards' orders in shard order.
+            var page: [OrderInfo] = []
             var lsn: UInt64 = 0
-            for shard in shards {
-                all += await shard.orders(ofUser: user)
+            for (index, shard) in shards.enumerated() where page.count < count && index >= (after?.shard ?? 0) {
+                let afterSequence = index == after?.shard ? UInt32(clamping: after!.rawValue & (1 << 56 - 1)) : 0
+                page += await shard.orders(ofUser: user, afterSequence: afterSequence, count: count - page.count)
                 lsn = max(lsn, await shard.lastAppendedPosition)
             }
-            return (.orders(all.sorted { $0.id < $1.id }), lsn)
+            return (.orders(page), lsn)
         case .audit:
             var all: [AuditFinding] = []
             for shard in shards { all += await shard.audit() }

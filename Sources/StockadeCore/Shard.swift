@@ -83,7 +83,7 @@ public actor Shard {
                 reply = r
                 result.effects += effects
             case let .order(id): reply = state.order(id).map(Reply.order) ?? .rejected(.noSuchOrder)
-            case let .orders(user): reply = .orders(state.orders(ofUser: user))
+            case let .orders(user, _, count): reply = .orders(state.orders(ofUser: user, afterSequence: 0, count: count))
             case let .deduct(sku, quantity): reply = state.deduct(sku, quantity: quantity, log: &scratch)
             }
             result.replies.append((slot, reply))
@@ -153,6 +153,10 @@ public actor Shard {
     // MARK: Reads for the engine and tests
 
     public func orders(ofUser user: String) -> [OrderInfo] { state.orders(ofUser: user) }
+    /// A page of ``ShardState/orders(ofUser:afterSequence:count:)``.
+    public func orders(ofUser user: String, afterSequence: UInt32, count: Int) -> [OrderInfo] {
+        state.orders(ofUser: user, afterSequence: afterSequence, count: count)
+    }
     public func audit() -> [AuditFinding] { state.audit(nil) ?? [] }
     public func snapshotState() -> ShardState { state }
     /// The position a reply must wait for to show only durable state (see ``lastAppendedLSN``).
