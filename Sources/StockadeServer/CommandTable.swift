@@ -152,8 +152,8 @@ enum Verb: CaseIterable {
 enum CommandTable {
     /// An id as the engine takes it: the bytes as sent. The one place that says how an argument
     /// becomes an id.
-    static func id(_ argument: ByteBuffer) -> String {
-        String(decoding: argument.readableBytesView, as: UTF8.self)
+    static func id(_ argument: ByteBuffer) -> Name {
+        argument.withUnsafeReadableBytes { Name($0) }
     }
 
     static let notInteger = Request.invalid("ERR value is not an integer or out of range")

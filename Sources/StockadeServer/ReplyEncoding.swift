@@ -103,6 +103,7 @@ package enum ReplyEncoding {
         case .expired: "EXPIRED"
         case .wrongState(let state): "WRONGSTATE \(state)"
         case .requestInFlight: "INFLIGHT"
+        case .requestConflict(let id): "REQCONFLICT request id already used for order \(id) with other SKUs or quantities"
         case .busy: "BUSY"
         case .unavailable(let reason): "UNAVAILABLE \(reason)"
         }
@@ -115,7 +116,7 @@ package enum ReplyEncoding {
     }
 
     /// One event: `[position, type, fields...]`. SKUs are named by id (looked up from the engine).
-    static func writeEvent(position: UInt64, record: Record, skuName: (Int, UInt32) -> String, into out: inout ByteBuffer) {
+    static func writeEvent(position: UInt64, record: Record, skuName: (Int, UInt32) -> Name, into out: inout ByteBuffer) {
         switch record {
         case let .skuAdded(_, _, sku, total, limit):
             out.writeRESPArrayHeader(5)
@@ -150,5 +151,12 @@ package enum ReplyEncoding {
             out.writeRESPArrayHeader(3)
             out.writeRESPInteger(Int64(position)); out.writeRESPBulk(type); out.writeRESPBulk(id.description)
         }
+    }
+}
+
+extension ByteBuffer {
+    /// An id as a bulk string, byte for byte.
+    mutating func writeRESPBulk(_ name: Name) {
+        name.withBytes { writeRESPBulk(bytes: $0) }
     }
 }

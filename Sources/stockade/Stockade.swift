@@ -61,7 +61,7 @@ struct Demo: AsyncParsableCommand {
         let opened = try store.open()
         log("recovery: \(opened.recovery)")
         let engine = opened.engine
-        let sku = "demo-\(wallClockMillis())"
+        let sku = Name("demo-\(wallClockMillis())")
         _ = await engine.execute(.addSku(sku: sku, total: stock, limit: 1), now: wallClockMillis())
         let started = monotonicNanos()
         var reserved: [OrderID] = []
@@ -69,7 +69,7 @@ struct Demo: AsyncParsableCommand {
         let batch = 256
         for first in stride(from: 0, to: users, by: batch) {
             let commands = (first..<min(users, first + batch)).map {
-                Command.reserve(user: "user-\($0)", lines: [OrderLine(sku: sku, quantity: 1)], requestId: "r\($0)", ttlMillis: 60_000)
+                Command.reserve(user: Name("user-\($0)"), lines: [OrderLine(sku: sku, quantity: 1)], requestId: Name("r\($0)"), ttlMillis: 60_000)
             }
             for reply in await engine.execute(commands, now: wallClockMillis()) {
                 switch reply {
@@ -164,7 +164,7 @@ struct CrashWorker: AsyncParsableCommand {
     func run() async throws {
         let opened = try store.open()
         let engine = opened.engine
-        let names = (0..<skus).map { "crash-sku-\($0)" }
+        let names = (0..<skus).map { Name("crash-sku-\($0)") }
         for name in names { _ = await engine.execute(.addSku(sku: name, total: stock, limit: 0), now: wallClockMillis()) }
         let runID = UInt64(getpid())
         ackOutput.write("READY\n")
@@ -176,7 +176,7 @@ struct CrashWorker: AsyncParsableCommand {
                         n += 1
                         let commands = (0..<16).map { k in
                             Command.reserve(
-                                user: "u\(runID)-\(client)-\(n)-\(k)", lines: [OrderLine(sku: names[(client + k) % names.count], quantity: 1)],
+                                user: Name("u\(runID)-\(client)-\(n)-\(k)"), lines: [OrderLine(sku: names[(client + k) % names.count], quantity: 1)],
                                 requestId: nil, ttlMillis: Limits.ttlMillisMax)
                         }
                         let replies = await engine.execute(commands, now: wallClockMillis())
