@@ -168,7 +168,8 @@ enum CommandTable {
         if !authenticated && !verb.allowedBeforeAuth { return noAuth }
         let args = arguments[1...]
         func arg(_ i: Int) -> ByteBuffer { args[args.startIndex + i] }
-        let wrongArity = Request.invalid("ERR wrong number of arguments for '\(verb.name)' command")
+        // Built only when needed: the hot path makes no message.
+        var wrongArity: Request { .invalid("ERR wrong number of arguments for '\(verb.name)' command") }
         func arity(_ ok: Bool) -> Request? { ok ? nil : wrongArity }
 
         switch verb {
@@ -235,7 +236,8 @@ enum CommandTable {
             if let sku = args.first, let refusal = idProblem(sku, "SKU") { return refusal }
             return .engine(.audit(sku: args.first.map(id)))
         case .reserve, .buy:
-            return reserve(Array(args), basket: verb == .buy, wrongArity: wrongArity)
+            guard args.count >= 3 else { return wrongArity }
+            return reserve(args, basket: verb == .buy)
         case .confirm, .cancel, .order:
             guard args.count == 1 else { return wrongArity }
             // An id that is not a number cannot be an order of ours.
@@ -304,37 +306,37 @@ enum CommandTable {
     }
 
     /// RESERVE user sku qty [REQ id] [TTL ms]; BUY user sku qty [sku qty ...] [REQ id] [TTL ms].
-    private static func reserve(_ list: [ByteBuffer], basket: Bool, wrongArity: Request) -> Request {
-        guard list.count >= 3 else { return wrongArity }
-        if let refusal = idProblem(list[0], "user") { return refusal }
+    private static func reserve(_ list: ArraySlice<ByteBuffer>, basket: Bool) -> Request {
+        let base = list.startIndex
+        if let refusal = idProblem(list[base + 0], "user") { return refusal }
         var lines: [OrderLine] = []
         var i = 1
-        while i + 1 < list.count, lines.isEmpty || !isOption(list[i]) {
+        while i + 1 < list.count, lines.isEmpty || !isOption(list[base + i]) {
             guard lines.count < Limits.itemsPerOrderMax else {
                 return .invalid("ERR an order has 1 to \(Limits.itemsPerOrderMax) SKUs")
             }
-            if let refusal = idProblem(list[i], "SKU") { return refusal }
-            guard let quantity = integer(list[i + 1]) else { return notInteger }
-            lines.append(OrderLine(sku: id(list[i]), quantity: quantity))
+            if let refusal = idProblem(list[base + i], "SKU") { return refusal }
+            guard let quantity = integer(list[base + i + 1]) else { return notInteger }
+            lines.append(OrderLine(sku: id(list[base + i]), quantity: quantity))
             i += 2
             if !basket { break }
         }
         var requestId: ByteBuffer?
         var ttl: Int64?
         while i < list.count {
-            guard i + 1 < list.count else { return .invalid("ERR syntax error: \(shown(list[i])) needs a value") }
-            switch Word(list[i]) {
+            guard i + 1 < list.count else { return .invalid("ERR syntax error: \(shown(list[base + i])) needs a value") }
+            switch Word(list[base + i]) {
             case .req:
-                if let refusal = idProblem(list[i + 1], "request") { return refusal }
-                requestId = list[i + 1]
+                if let refusal = idProblem(list[base + i + 1], "request") { return refusal }
+                requestId = list[base + i + 1]
             case .ttl:
-                guard let value = integer(list[i + 1]) else { return notInteger }
+                guard let value = integer(list[base + i + 1]) else { return notInteger }
                 ttl = value
-            default: return .invalid("ERR syntax error near '\(shown(list[i]))': expected REQ id or TTL ms")
+            default: return .invalid("ERR syntax error near '\(shown(list[base + i]))': expected REQ id or TTL ms")
             }
             i += 2
         }
-        return .engine(.reserve(user: id(list[0]), lines: lines, requestId: requestId.map(id), ttlMillis: ttl))
+        return .engine(.reserve(user: id(list[base + 0]), lines: lines, requestId: requestId.map(id), ttlMillis: ttl))
     }
 
     /// HELLO [protover [AUTH user password] [SETNAME name]], checked in Redis's order: the version,
