@@ -1,3 +1,4 @@
+import Atomics
 import Synchronization
 
 /// The shards and the log together: routes each command to the shard that owns its SKU or order,
@@ -5,6 +6,9 @@ import Synchronization
 public final class Engine: Sendable {
     public let shards: [Shard]
     private let log: any ChangeLog
+    /// The latest "now" any caller passed: time as the engine sees it never goes back, so a wall clock
+    /// stepped backwards cannot make an expired hold pending again on a shard that has not expired it yet.
+    private let clockMillis = ManagedAtomic<Int64>(.min)
 
     /// Starts the engine on a recovered (or empty) state.
     public init(state: EngineState, log: any ChangeLog) {
@@ -113,6 +117,7 @@ public final class Engine: Sendable {
     /// shards are applied before the next group, and a command that needs several shards runs alone.
     /// Replies come back once every change they show is durable.
     public func execute(_ commands: [Command], now: Int64) async -> [Reply] {
+        let now = monotonic(now)
         var replies = [Reply](repeating: .done, count: commands.count)
         var waitFor = await expireBaskets(now: now)
         var perShard = [[(slot: Int, command: Command)]](repeating: [], count: shards.count)
@@ -207,6 +212,17 @@ public final class Engine: Sendable {
         return result.lsn
     }
 
+    /// `now`, or the latest time seen when `now` is earlier.
+    private func monotonic(_ now: Int64) -> Int64 {
+        var seen = clockMillis.load(ordering: .relaxed)
+        while now > seen {
+            let (exchanged, original) = clockMillis.compareExchange(expected: seen, desired: now, ordering: .relaxed)
+            if exchanged { return now }
+            seen = original
+        }
+        return seen
+    }
+
     /// One command, for callers that have no batch.
     public func execute(_ command: Command, now: Int64) async -> Reply {
         await execute([command], now: now)[0]
@@ -282,9 +298,11 @@ public final class Engine: Sendable {
             case .success(let prepared):
                 held[s] = prepared
             case .failure(let rejection):
+                // The refusal shows this shard's state (a SKU missing, paused, sold out): it waits for it.
+                let shown = await shards[s].visiblePosition
                 await settleAll(committedAt: nil)
                 await shards[owner].abortRequest(user: user, requestId: requestId)
-                return (.rejected(rejection), expiredAt)
+                return (.rejected(rejection), max(expiredAt, shown))
             }
         }
         // Items in the client's order, for the record and for display.
@@ -316,6 +334,7 @@ public final class Engine: Sendable {
 
     /// Expires due orders on every shard; a timer calls this so holds on idle SKUs still come back.
     public func expire(now: Int64) async {
+        let now = monotonic(now)
         for shard in shards { _ = await expire(shard, now: now) }
     }
 

@@ -166,6 +166,17 @@ public struct ShardState: Sendable {
         return ordered.reversed().map(orderInfo)
     }
 
+    /// Every SKU, in index order (for the simulator's model and tools).
+    package var allSkus: [SkuInfo] { skus.indices.map(info) }
+
+    /// Every order, oldest first (for the simulator's model and tools).
+    package var allOrders: [OrderInfo] { (0..<orders.count).map { orderInfo(UInt32($0 + 1)) } }
+
+    /// Every request id with its order (for the simulator's model and tools).
+    package var requestIds: [(user: Name, requestId: Name, order: OrderID)] {
+        requests.map { (users[Int($0.key.user)], $0.key.requestId, OrderID(shard: shard, sequence: $0.value)) }
+    }
+
     func localSequence(_ id: OrderID) -> UInt32? {
         let seq = id.sequence
         guard id.shard == shard, seq >= 1, Int(seq) <= orders.count else { return nil }

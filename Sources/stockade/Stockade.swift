@@ -9,7 +9,7 @@ struct Stockade: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stockade",
         abstract: "An in-memory, sharded order engine for flash sales, with a write-ahead log.",
-        subcommands: [Serve.self, Bench.self, Demo.self, Inspect.self, Snapshot.self, Measure.self, CrashWorker.self],
+        subcommands: [Serve.self, Bench.self, Demo.self, Inspect.self, Snapshot.self, Measure.self, Simulate.self, CrashWorker.self],
         defaultSubcommand: Demo.self)
 }
 

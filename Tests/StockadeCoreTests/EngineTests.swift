@@ -1,5 +1,6 @@
 import Testing
 @testable import StockadeCore
+import StockadeSimulator
 
 private func makeEngine(shards: Int = 3) -> Engine {
     Engine(state: EngineState(shardCount: shards), log: MemoryChangeLog())

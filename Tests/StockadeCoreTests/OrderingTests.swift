@@ -1,5 +1,6 @@
 import Testing
 @testable import StockadeCore
+import StockadeSimulator
 
 /// A client's commands take effect in the order sent, also when one read carries commands for several
 /// shards whose effects interact (#7 B6, B7). Each scenario below failed on the engine that grouped a
