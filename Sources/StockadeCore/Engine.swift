@@ -238,10 +238,13 @@ public final class Engine: Sendable {
             // Ids sort by shard, then sequence: a page is the shards' orders in shard order.
             var page: [OrderInfo] = []
             var lsn: UInt64 = 0
-            for (index, shard) in shards.enumerated() where page.count < count && index >= (after?.shard ?? 0) {
+            // Every shard is asked (with 0 wanted when the page is full or it is before `after`), so
+            // a refusal (a log failure) is answered whatever the page holds.
+            for (index, shard) in shards.enumerated() {
                 lsn = max(lsn, await expire(shard, now: now))
+                let wanted = index >= (after?.shard ?? 0) ? count - page.count : 0
                 let afterSequence = index == after?.shard ? UInt32(clamping: after!.rawValue & (1 << 56 - 1)) : 0
-                switch await shard.orders(ofUser: user, afterSequence: afterSequence, count: count - page.count) {
+                switch await shard.orders(ofUser: user, afterSequence: afterSequence, count: wanted) {
                 case .success(let (orders, visible)):
                     page += orders
                     lsn = max(lsn, visible)
