@@ -1,17 +1,29 @@
 import StockadeCore
 
 /// The framed unit of the log and of snapshots: a header, then the payload (LZ4-compressed when
-/// that is smaller). One CRC32C covers the header and the payload. Layout in docs/FORMAT.md.
+/// that is smaller). Layout in docs/FORMAT.md.
+///
+/// Version 2 (written since issue #7) gives the header a CRC32C of its own (bytes 28..<32, over bytes
+/// 0..<28), so a reader can trust a header's lengths before it trusts the payload: a flipped bit in a
+/// length is then a bad header, not a "block cut short" that looks like a torn tail. Version 1 (that
+/// field zero) is still read: its lengths are only confirmed by the block's CRC. In both, the block CRC
+/// (bytes 32..<36) covers header bytes 0..<32, then the stored payload.
 public struct BlockHeader: Equatable, Sendable {
     public static let magic: UInt32 = 0x4B4C_4253  // "SBLK" little-endian
-    public static let version: UInt16 = 1
+    /// The version this build writes.
+    public static let version: UInt16 = 2
+    /// Versions this build reads: 1 (no header checksum) and 2.
+    public static let versionsRead: ClosedRange<UInt16> = 1...2
     public static let size = 36
     /// Largest raw payload of one block: bounds the memory a reader allocates for a block it has not
     /// yet verified, and keeps one block's loss on a torn write small.
     public static let rawBytesMax = 4 << 20
+    /// Largest stored payload: LZ4's worst case for ``rawBytesMax`` (raw storage is never larger).
+    static let payloadBytesMax = rawBytesMax + rawBytesMax / 255 + 16
 
     public static let flagCompressed: UInt16 = 1
 
+    public var version: UInt16 = Self.version
     public var flags: UInt16
     public var payloadLength: Int
     public var rawLength: Int
@@ -22,28 +34,38 @@ public struct BlockHeader: Equatable, Sendable {
 
     public var isCompressed: Bool { flags & Self.flagCompressed != 0 }
     public var totalLength: Int { Self.size + payloadLength }
+    /// Whether the header checked its own checksum (version 2), so its lengths can be trusted
+    /// before the payload is read.
+    public var headerVerified: Bool { version >= 2 }
 
-    /// Writes the header bytes (with `checksum` as given).
+    /// Writes the header bytes (with `checksum` as given; the header checksum computed for version 2).
     func encode(into out: inout [UInt8]) {
-        out.appendLE(Self.magic); out.appendLE(Self.version); out.appendLE(flags)
+        let start = out.count
+        out.appendLE(Self.magic); out.appendLE(version); out.appendLE(flags)
         out.appendLE(UInt32(payloadLength)); out.appendLE(UInt32(rawLength)); out.appendLE(firstLSN)
-        out.appendLE(UInt32(recordCount)); out.appendLE(UInt32(0)); out.appendLE(checksum)
+        out.appendLE(UInt32(recordCount))
+        let headerCRC = version >= 2 ? out.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[start..<start + 28])) } : 0
+        out.appendLE(headerCRC); out.appendLE(checksum)
     }
 
-    /// Parses a header; nil when the magic, version or lengths cannot be a block's.
+    /// Parses a header; nil when the magic, version, header checksum (version 2) or lengths cannot
+    /// be a block's.
     static func parse(_ bytes: UnsafeRawBufferPointer) -> BlockHeader? {
         guard bytes.count >= size else { return nil }
         var r = ByteReader(bytes)
         guard let magic: UInt32 = try? r.read(), magic == Self.magic,
-            let version: UInt16 = try? r.read(), version == Self.version,
+            let version: UInt16 = try? r.read(), versionsRead.contains(version),
             let flags: UInt16 = try? r.read(), let payload: UInt32 = try? r.read(), let raw: UInt32 = try? r.read(),
-            let lsn: UInt64 = try? r.read(), let count: UInt32 = try? r.read(), let _: UInt32 = try? r.read(),
+            let lsn: UInt64 = try? r.read(), let count: UInt32 = try? r.read(), let headerCRC: UInt32 = try? r.read(),
             let crc: UInt32 = try? r.read()
         else { return nil }
-        guard Int(raw) <= rawBytesMax, Int(payload) <= rawBytesMax + rawBytesMax / 255 + 16 else { return nil }
+        if version >= 2 {
+            guard headerCRC == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: bytes[0..<28])) else { return nil }
+        }
+        guard Int(raw) <= rawBytesMax, Int(payload) <= payloadBytesMax else { return nil }
         return BlockHeader(
-            flags: flags, payloadLength: Int(payload), rawLength: Int(raw), firstLSN: lsn, recordCount: Int(count),
-            checksum: crc)
+            version: version, flags: flags, payloadLength: Int(payload), rawLength: Int(raw), firstLSN: lsn,
+            recordCount: Int(count), checksum: crc)
     }
 }
 
@@ -68,10 +90,9 @@ public enum BlockCodec {
         headerBytes.reserveCapacity(BlockHeader.size)
         header.encode(into: &headerBytes)
         let headerCRC = headerBytes.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<32])) }
-        let crc = out.withUnsafeBytes { all in
+        header.checksum = out.withUnsafeBytes { all in
             CRC32C.checksum(UnsafeRawBufferPointer(rebasing: all[payloadStart...]), continuing: headerCRC)
         }
-        header.checksum = crc
         headerBytes.removeAll(keepingCapacity: true)
         header.encode(into: &headerBytes)
         out.replaceSubrange(headerStart..<payloadStart, with: headerBytes)
@@ -80,9 +101,11 @@ public enum BlockCodec {
     /// What reading one block found.
     public enum ReadResult {
         case block(BlockHeader, payload: [UInt8])
-        /// Fewer bytes than a header, or than the header's declared length: a write cut short.
+        /// Fewer bytes than a header, or than the header's declared length: a write cut short, or a
+        /// length that a flipped bit made too large (version 1 headers cannot tell these apart;
+        /// ``Recovery`` scans on to decide).
         case truncated
-        /// Complete, but the magic, version or checksum is wrong, or the payload does not decompress.
+        /// Complete, but the magic, version, a checksum is wrong, or the payload does not decompress.
         case invalid(String)
     }
 
@@ -104,5 +127,22 @@ public enum BlockCodec {
         }
         guard header.payloadLength == header.rawLength else { return .invalid("raw payload length mismatch") }
         return .block(header, payload: Array(payload))
+    }
+
+    /// The offset of the first block at or after `start` that verifies completely, or nil when none
+    /// does. A reader that met damage at some offset asks this from just past it: a valid block after
+    /// the damage means the damage is corruption in the middle of the log, not a torn tail.
+    ///
+    /// Cost: a byte scan for the magic; every candidate's header is checked, and its payload only when
+    /// the header passes.
+    public static func nextValidBlock(_ bytes: UnsafeRawBufferPointer, from start: Int) -> Int? {
+        guard start >= 0 else { return nil }
+        var offset = start
+        let magic0 = UInt8(truncatingIfNeeded: BlockHeader.magic)
+        while offset + BlockHeader.size <= bytes.count {
+            if bytes[offset] == magic0, case .block = read(bytes, at: offset) { return offset }
+            offset += 1
+        }
+        return nil
     }
 }

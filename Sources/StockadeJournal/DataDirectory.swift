@@ -1,20 +1,45 @@
 import StockadeCore
 
-/// File names and fixed headers of a data directory:
-/// `wal-<first LSN, 20 digits>.log` segments and `snap-<LSN, 20 digits>.snap` snapshots.
+/// A data directory on some ``Storage``: its file names, its listing, and its lock.
+///
+/// `wal-<first LSN, 20 digits>.log` segments, `snap-<LSN, 20 digits>.snap` snapshots, and the lock
+/// file `LOCK` (which holds the process id of the process that has the directory open).
 public struct DataDirectory: Sendable {
     public let path: String
+    /// Where the files are: real files unless a test or the simulator says otherwise.
+    public let storage: any Storage
 
-    public init(_ path: String) { self.path = path }
+    public init(_ path: String, storage: any Storage = PosixStorage.shared) {
+        self.path = path
+        self.storage = storage
+    }
 
-    public func create() throws(JournalError) { try File.makeDirectory(path) }
+    /// Creates the directory and any missing parents (`mkdir -p`), fsyncing each new entry's parent.
+    public func create() throws(JournalError) { try storage.makeDirectories(path) }
 
     public func segmentPath(firstLSN: UInt64) -> String { "\(path)/wal-\(Self.digits(firstLSN)).log" }
     public func snapshotPath(lsn: UInt64) -> String { "\(path)/snap-\(Self.digits(lsn)).snap" }
+    /// The lock file: `flock`ed by the process that has the directory open, holding its process id.
+    public var lockPath: String { "\(path)/LOCK" }
 
     static func digits(_ n: UInt64) -> String {
         let s = String(n)
         return String(repeating: "0", count: max(0, 20 - s.count)) + s
+    }
+
+    /// Takes the directory's exclusive lock, held until the returned lock is released (``Store`` holds
+    /// it from before recovery until ``Store/close()``). A second opener, in this process or another,
+    /// fails at once with ``JournalError/Code/locked`` naming the holder's process id.
+    public func lock() throws(JournalError) -> any StorageLock {
+        try storage.lock(lockPath)
+    }
+
+    /// The error a second opener gets.
+    static func inUse(lockPath: String, holder: String) -> JournalError {
+        JournalError(
+            .locked,
+            "the data directory is in use by process \(holder) (lock file \(lockPath)); two processes writing one "
+                + "directory destroy each other's log. Stop that process first, or use another --data-dir.")
     }
 
     /// Segments present, oldest first: (first LSN, path).
@@ -27,9 +52,15 @@ public struct DataDirectory: Sendable {
         try entries(prefix: "snap-", suffix: ".snap").map { (lsn: $0.0, path: $0.1) }
     }
 
+    /// Snapshots a crash interrupted while they were being written (`snap-*.snap.tmp`).
+    public func unfinishedSnapshots() throws(JournalError) -> [String] {
+        guard storage.exists(path) else { return [] }
+        return try storage.list(path).filter { $0.hasPrefix("snap-") && $0.hasSuffix(".snap.tmp") }.map { "\(path)/\($0)" }
+    }
+
     private func entries(prefix: String, suffix: String) throws(JournalError) -> [(UInt64, String)] {
-        guard File.exists(path) else { return [] }
-        return try File.list(path).compactMap { name in
+        guard storage.exists(path) else { return [] }
+        return try storage.list(path).compactMap { name in
             guard name.hasPrefix(prefix), name.hasSuffix(suffix) else { return nil }
             let digits = name.dropFirst(prefix.count).dropLast(suffix.count)
             guard digits.count == 20, let n = UInt64(digits) else { return nil }

@@ -2,14 +2,21 @@ import Foundation
 import StockadeCore
 
 /// Prints what a data directory holds and verifies every checksum, without changing anything.
+///
+/// It takes no lock, so it can look at the directory of a running server; the newest block may then
+/// be in the middle of being written and show as cut short.
 public enum Inspector {
     /// Calls `emit` with one line per snapshot, segment and block (and record, with `records`).
     /// Returns false when anything fails verification.
+    /// Throws when there is no directory at the path (a typo must not look like an empty, healthy one).
     public static func inspect(_ directory: DataDirectory, records: Bool, emit: (String) -> Void) throws(JournalError) -> Bool {
+        guard directory.storage.exists(directory.path) else {
+            throw JournalError(.io, "no data directory at \(directory.path)")
+        }
         var ok = true
         for snapshot in try directory.snapshots() {
             do {
-                let state = try SnapshotFile.read(snapshot.path)
+                let state = try SnapshotFile.read(snapshot.path, storage: directory.storage)
                 let orders = state.shards.reduce(0) { $0 + $1.orderCount }
                 let skus = state.shards.reduce(0) { $0 + $1.skuCount }
                 emit("snapshot \(snapshot.path): position \(state.lsn), \(state.shards.count) shards, \(skus) SKUs, \(orders) orders, checksums OK, state hash \(String(state.stateHash(), radix: 16))")
@@ -20,7 +27,7 @@ public enum Inspector {
         }
         let segments = try directory.segments()
         for (index, segment) in segments.enumerated() {
-            let bytes = try File.readAll(segment.path)
+            let bytes = try directory.storage.readAll(segment.path)
             let isLast = index == segments.count - 1
             let segmentOK = bytes.withUnsafeBytes { all in
                 inspectSegment(all, path: segment.path, isLast: isLast, records: records, emit: emit)
@@ -67,14 +74,25 @@ public enum Inspector {
                 }
                 offset += h.totalLength
             case .truncated:
-                emit("  @\(offset): \(all.count - offset) bytes of a block cut short\(isLast ? " (torn tail: recovery cuts it)" : " MID-LOG")")
+                report(Recovery.damage(all, at: offset, isLast: isLast, "block cut short"), bytes: all.count - offset, emit: emit)
                 return false
             case .invalid(let why):
-                emit("  @\(offset): INVALID block: \(why)")
+                report(Recovery.damage(all, at: offset, isLast: isLast, why), bytes: all.count - offset, emit: emit)
                 return false
             }
         }
         emit("  \(blocks) blocks, \(recordCount) records, all checksums OK")
         return true
+    }
+
+    private static func report(_ outcome: Recovery.SegmentOutcome, bytes: Int, emit: (String) -> Void) {
+        switch outcome {
+        case .torn(let offset, let why):
+            emit("  @\(offset): torn tail, \(bytes) bytes (\(why)): nothing valid follows; recovery cuts it")
+        case .corrupt(let offset, let why):
+            emit("  @\(offset): CORRUPT: \(why); start-up refuses (see --truncate-corrupt)")
+        case .complete, .reachedLimit:
+            break
+        }
     }
 }

@@ -17,6 +17,13 @@ public enum FsyncPolicy: String, Sendable, CaseIterable {
 /// The write-ahead log: shards append encoded records; one writer thread frames them into LZ4 blocks,
 /// writes each batch with one write and one fdatasync (group commit), then answers every caller whose
 /// records the batch held.
+///
+/// Its files go through the directory's ``Storage``. With ``Options/writerThread`` off there is no
+/// thread: whoever drives the journal (the deterministic simulator) calls ``writePending()`` to
+/// write one batch, so every interleaving is chosen by a seed.
+///
+/// After a write or sync fails, the journal is failed for good: ``failure`` says why, every change is
+/// refused with that reason, and every caller still waiting is told its records will never be durable.
 public final class Journal: ChangeLog, @unchecked Sendable {
     public struct Options: Sendable {
         public var fsync: FsyncPolicy = .always
@@ -26,6 +33,9 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         /// Records waiting to be written, in bytes, past which changes are refused with BUSY rather
         /// than queued without limit (about a quarter-second of writes at disk speed).
         public var pendingBytesMax = 32 << 20
+        /// Run the writer on its own thread (the server). Off: nothing is written until the owner
+        /// calls ``Journal/writePending()`` (deterministic tests and the simulator).
+        public var writerThread = true
         public init() {}
     }
 
@@ -56,16 +66,20 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     private var appendedLSN: UInt64
     private var durableLSN: UInt64
     private var waiters: [(lsn: UInt64, continuation: CheckedContinuation<Bool, Never>)] = []
-    private var failure: String?
+    private var waitingHook: (@Sendable () -> Void)?
+    private var failed: String?
     private var stopping = false
+    private var closed = false
+    private var writerFinished = false
     private var stats = Stats()
     private var segments: [(firstLSN: UInt64, path: String)]
 
     // Owned by the writer thread.
-    private var segment: File
+    private var segment: any StorageFile
     private var segmentBytes: Int
     private var lastSyncNanos: UInt64 = 0
     private var unsynced = false
+    private var framed: [UInt8] = []
     private let done = DispatchSemaphore(value: 0)
 
     /// Opens the log for appending after recovery reached `lsn`: starts a new segment there.
@@ -78,19 +92,22 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         pendingFirstLSN = lsn + 1
         try directory.create()
         let path = directory.segmentPath(firstLSN: lsn + 1)
-        segment = try File.open(path, create: true, truncate: true)
-        try segment.write(SegmentHeader(shardCount: shardCount, firstLSN: lsn + 1).encode())
+        segment = try directory.storage.open(path, .create)
+        try segment.append(SegmentHeader(shardCount: shardCount, firstLSN: lsn + 1).encode())
         try segment.dataSync()
-        try File.syncDirectory(directory.path)
+        try directory.storage.syncDirectory(directory.path)
         segmentBytes = SegmentHeader.size
         segments = try directory.segments()
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(wake, nil)
         pending.reserveCapacity(1 << 20)
         spare.reserveCapacity(1 << 20)
-        let thread = Thread { [self] in self.writerLoop() }
-        thread.name = "stockade-journal"
-        thread.start()
+        framed.reserveCapacity(1 << 20)
+        if options.writerThread {
+            let thread = Thread { [self] in self.writerLoop() }
+            thread.name = "stockade-journal"
+            thread.start()
+        }
     }
 
     deinit {
@@ -110,9 +127,9 @@ public final class Journal: ChangeLog, @unchecked Sendable {
 
     public func append(_ records: RecordBuffer) throws(Rejection) -> UInt64 {
         pthread_mutex_lock(mutex)
-        if let failure {
+        if let failed {
             pthread_mutex_unlock(mutex)
-            throw .unavailable(failure)
+            throw .unavailable(failed)
         }
         if stopping {
             pthread_mutex_unlock(mutex)
@@ -134,35 +151,74 @@ public final class Journal: ChangeLog, @unchecked Sendable {
             if durableLSN >= lsn {
                 pthread_mutex_unlock(mutex)
                 continuation.resume(returning: true)
-            } else if failure != nil {
+            } else if failed != nil || writerFinished {
                 pthread_mutex_unlock(mutex)
                 continuation.resume(returning: false)
             } else {
                 waiters.append((lsn, continuation))
+                let hook = waitingHook
                 pthread_mutex_unlock(mutex)
+                hook?()
             }
         }
-        if !ok { throw .unavailable(locked { failure } ?? "journal failed") }
+        if !ok { throw .unavailable(locked { failed } ?? "the journal is closed") }
     }
 
-    public var admitsChanges: Bool { locked { pending.count < options.pendingBytesMax && failure == nil } }
+    /// false while the records waiting to be written are over ``Options/pendingBytesMax`` (retry
+    /// later), and for good once the journal failed (see ``failure``, which tells the two apart).
+    public var admitsChanges: Bool { locked { pending.count < options.pendingBytesMax && failed == nil } }
 
     // MARK: State for operators
 
     public var lastAppendedLSN: UInt64 { locked { appendedLSN } }
     public var lastDurableLSN: UInt64 { locked { durableLSN } }
-    public var failureReason: String? { locked { failure } }
+    /// Why the journal stopped accepting changes: set once, by the first write or sync that failed,
+    /// and never cleared (only a restart, with recovery, brings the log back). nil while healthy.
+    /// Read synchronously, from any thread: every shard checks it to refuse with this reason
+    /// (`UNAVAILABLE`) rather than `BUSY`.
+    public var failure: String? { locked { failed } }
+    /// The same as ``failure`` (the name INFO's code uses).
+    public var failureReason: String? { failure }
     public var statistics: Stats { locked { stats } }
     /// Bytes of records appended but not yet written.
     public var pendingBytes: Int { locked { pending.count } }
 
-    /// Writes and syncs what is pending, stops the writer, and closes the segment.
+    /// Writes and syncs what is pending, stops the writer, and closes the segment. Calling it again
+    /// does nothing; appends afterwards are refused.
     public func close() {
-        locked {
+        let first = locked { () -> Bool in
+            defer { closed = true }
             stopping = true
             pthread_cond_signal(wake)
+            return !closed
         }
-        done.wait()
+        guard first else { return }
+        if options.writerThread {
+            done.wait()
+        } else {
+            while locked({ pendingRecords > 0 && failed == nil }) { writeOnce() }
+            finishWriter()
+        }
+        // Anyone still waiting (records appended after a failure or the close) is told no.
+        failWaiters()
+    }
+
+    /// Calls `body` (on the caller's thread, outside the journal's lock) each time a caller starts
+    /// waiting for a position that is not durable yet: a deterministic driver in manual mode learns
+    /// that a reply is parked and can decide when to ``writePending()``.
+    public func onWaiting(_ body: @escaping @Sendable () -> Void) { locked { waitingHook = body } }
+
+    /// Callers waiting for a position that is not durable yet.
+    public var waiterCount: Int { locked { waiters.count } }
+
+    /// Manual mode (``Options/writerThread`` off): writes everything appended so far as one batch
+    /// (framing, one write, the sync the policy asks for), answers its waiters, and returns the
+    /// number of records written; 0 when nothing was pending or the journal has failed.
+    @discardableResult
+    public func writePending() -> Int {
+        precondition(!options.writerThread, "writePending() is for a journal without a writer thread")
+        guard locked({ failed == nil && !closed }) else { return 0 }
+        return writeOnce()
     }
 
     /// Removes segments whose every record is at or before `lsn` (covered by a snapshot), keeping
@@ -174,9 +230,9 @@ public final class Journal: ChangeLog, @unchecked Sendable {
             covered.append(s.path)
         }
         let doomed = Array(covered.dropLast(max(0, keep)))
-        for path in doomed { try File.remove(path) }
+        for path in doomed { try directory.storage.remove(path) }
         if !doomed.isEmpty {
-            try File.syncDirectory(directory.path)
+            try directory.storage.syncDirectory(directory.path)
             locked { segments.removeAll { doomed.contains($0.path) } }
         }
         return doomed
@@ -185,11 +241,9 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     // MARK: Writer thread
 
     private func writerLoop() {
-        var framed: [UInt8] = []
-        framed.reserveCapacity(1 << 20)
         while true {
             pthread_mutex_lock(mutex)
-            while pendingRecords == 0 && !stopping && failure == nil {
+            while pendingRecords == 0 && !stopping && failed == nil {
                 if unsynced && options.fsync == .everysec {
                     var deadline = timespec()
                     clock_gettime(CLOCK_REALTIME, &deadline)
@@ -199,36 +253,55 @@ public final class Journal: ChangeLog, @unchecked Sendable {
                     pthread_cond_wait(wake, mutex)
                 }
             }
-            if failure != nil || (stopping && pendingRecords == 0) {
-                pthread_mutex_unlock(mutex)
-                if unsynced { try? segment.dataSync() }
-                segment.close()
+            let exit = failed != nil || (stopping && pendingRecords == 0)
+            pthread_mutex_unlock(mutex)
+            if exit {
+                finishWriter()
                 done.signal()
                 return
             }
-            swap(&pending, &spare)
-            let firstLSN = pendingFirstLSN
-            let count = pendingRecords
-            pendingRecords = 0
-            pthread_mutex_unlock(mutex)
+            writeOnce()
+        }
+    }
 
-            do {
-                if count > 0 {
-                    framed.removeAll(keepingCapacity: true)
-                    let blocks = frame(spare, firstLSN: firstLSN, into: &framed)
-                    try writeBatch(framed, firstLSN: firstLSN)
-                    let synced = try syncIfDue()
-                    let rawBytes = spare.count
-                    spare.removeAll(keepingCapacity: spare.capacity <= 8 << 20)
-                    complete(
-                        through: firstLSN + UInt64(count) - 1, records: count, blocks: blocks, raw: rawBytes,
-                        written: framed.count, synced: synced)
-                } else {
-                    _ = try syncIfDue()
-                }
-            } catch {
-                fail("\(error)")
+    /// The writer's last act: sync what the policy left unsynced, close the segment.
+    private func finishWriter() {
+        if unsynced && locked({ failed == nil }) {
+            do { try segment.dataSync() } catch { fail("\(error)") }
+        }
+        segment.close()
+        locked { writerFinished = true }
+    }
+
+    /// Takes everything pending and writes it as one batch; with nothing pending, syncs if the
+    /// policy is due. Returns the number of records written. Writer thread (or manual driver) only.
+    @discardableResult
+    private func writeOnce() -> Int {
+        pthread_mutex_lock(mutex)
+        swap(&pending, &spare)
+        let firstLSN = pendingFirstLSN
+        let count = pendingRecords
+        pendingRecords = 0
+        pthread_mutex_unlock(mutex)
+        do {
+            guard count > 0 else {
+                _ = try syncIfDue()
+                return 0
             }
+            framed.removeAll(keepingCapacity: true)
+            let blocks = frame(spare, firstLSN: firstLSN, into: &framed)
+            try writeBatch(framed, firstLSN: firstLSN)
+            let synced = try syncIfDue()
+            let rawBytes = spare.count
+            spare.removeAll(keepingCapacity: spare.capacity <= 8 << 20)
+            complete(
+                through: firstLSN + UInt64(count) - 1, records: count, blocks: blocks, raw: rawBytes,
+                written: framed.count, synced: synced)
+            return count
+        } catch {
+            spare.removeAll(keepingCapacity: true)
+            fail("\(error)")
+            return 0
         }
     }
 
@@ -259,16 +332,19 @@ public final class Journal: ChangeLog, @unchecked Sendable {
 
     private func writeBatch(_ framed: [UInt8], firstLSN: UInt64) throws(JournalError) {
         if segmentBytes + framed.count > options.segmentBytesMax && segmentBytes > SegmentHeader.size {
-            if unsynced || options.fsync != .none { try segment.dataSync() }
+            // Always synced, whatever the policy: a segment that a later one follows must be whole,
+            // or recovery would take its lost tail for corruption in the middle of the log.
+            try segment.dataSync()
+            unsynced = false
             segment.close()
             let path = directory.segmentPath(firstLSN: firstLSN)
-            segment = try File.open(path, create: true, truncate: true)
-            try segment.write(SegmentHeader(shardCount: shardCount, firstLSN: firstLSN).encode())
-            try File.syncDirectory(directory.path)
+            segment = try directory.storage.open(path, .create)
+            try segment.append(SegmentHeader(shardCount: shardCount, firstLSN: firstLSN).encode())
+            try directory.storage.syncDirectory(directory.path)
             segmentBytes = SegmentHeader.size
             locked { segments.append((firstLSN, path)) }
         }
-        try segment.write(framed)
+        try segment.append(framed)
         segmentBytes += framed.count
         unsynced = true
     }
@@ -314,9 +390,19 @@ public final class Journal: ChangeLog, @unchecked Sendable {
 
     /// A write or sync failed: nothing more is accepted, and every waiter is told no.
     private func fail(_ reason: String) {
+        locked {
+            if failed == nil { failed = "log write failed, changes are refused until restart: \(reason)" }
+            // What was appended but not written can never become durable.
+            pending.removeAll(keepingCapacity: false)
+            pendingRecords = 0
+        }
+        failWaiters()
+    }
+
+    /// Answers every waiter whose position is not durable with "never".
+    private func failWaiters() {
         var all: [CheckedContinuation<Bool, Never>] = []
         locked {
-            failure = "log write failed, changes are refused until restart: \(reason)"
             all = waiters.map(\.continuation)
             waiters = []
         }

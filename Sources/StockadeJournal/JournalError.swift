@@ -2,7 +2,7 @@
 public struct JournalError: Error, CustomStringConvertible, Sendable {
     /// What kind of failure, for callers that branch; new codes may be added.
     public struct Code: Hashable, Sendable, CustomStringConvertible {
-        private enum Value: Hashable, Sendable { case io, corrupt, gap, format, replay }
+        private enum Value: Hashable, Sendable { case io, corrupt, gap, format, replay, locked }
         private let value: Value
         /// A system call on a file failed.
         public static let io = Code(value: .io)
@@ -14,6 +14,8 @@ public struct JournalError: Error, CustomStringConvertible, Sendable {
         public static let format = Code(value: .format)
         /// A record does not fit the state it is replayed onto.
         public static let replay = Code(value: .replay)
+        /// Another process (or another ``Store`` in this one) has the data directory open.
+        public static let locked = Code(value: .locked)
         public var description: String { "\(value)" }
     }
 

@@ -1,9 +1,5 @@
 import StockadeCore
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Reads durable records back from the log by position: the order event stream. Only block headers
 /// are read until the block holding the first wanted position; only verified blocks are returned.
 public struct LogReader: Sendable {
@@ -38,17 +34,20 @@ public struct LogReader: Sendable {
     private func readSegment(
         _ path: String, from: UInt64, count: Int, durable: UInt64, into result: inout [(position: UInt64, record: Record)]
     ) throws(ReadError) {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw .unreadable("cannot open \(path)") }
-        defer { close(fd) }
-        var st = stat()
-        fstat(fd, &st)
-        let size = Int(st.st_size)
+        let file: any StorageFile
+        let size: Int
+        do {
+            file = try directory.storage.open(path, .read)
+            size = try file.size()
+        } catch {
+            throw .unreadable(error.message)
+        }
+        defer { file.close() }
         var offset = SegmentHeader.size
-        var header = [UInt8](repeating: 0, count: BlockHeader.size)
         while offset + BlockHeader.size <= size, result.count < count {
-            let got = header.withUnsafeMutableBytes { pread(fd, $0.baseAddress, BlockHeader.size, off_t(offset)) }
-            guard got == BlockHeader.size, let h = header.withUnsafeBytes({ BlockHeader.parse($0) }) else { return }
+            let header: [UInt8]
+            do { header = try file.read(at: offset, count: BlockHeader.size) } catch { throw .unreadable(error.message) }
+            guard header.count == BlockHeader.size, let h = header.withUnsafeBytes({ BlockHeader.parse($0) }) else { return }
             let last = h.firstLSN + UInt64(h.recordCount) - 1
             if h.firstLSN > durable { return }
             if last < from || h.recordCount == 0 {
@@ -56,9 +55,9 @@ public struct LogReader: Sendable {
                 continue
             }
             guard offset + h.totalLength <= size else { return }
-            var block = [UInt8](repeating: 0, count: h.totalLength)
-            let read = block.withUnsafeMutableBytes { pread(fd, $0.baseAddress, h.totalLength, off_t(offset)) }
-            guard read == h.totalLength else { throw .unreadable("short read in \(path) at offset \(offset)") }
+            let block: [UInt8]
+            do { block = try file.read(at: offset, count: h.totalLength) } catch { throw .unreadable(error.message) }
+            guard block.count == h.totalLength else { throw .unreadable("short read in \(path) at offset \(offset)") }
             switch block.withUnsafeBytes({ BlockCodec.read($0, at: 0) }) {
             case .block(_, let payload):
                 var position = h.firstLSN

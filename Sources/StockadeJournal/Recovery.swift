@@ -62,7 +62,7 @@ public enum Recovery {
         for snapshot in try directory.snapshots().reversed() {
             if let upTo = options.upToLSN, snapshot.lsn > upTo { continue }
             do {
-                state = try SnapshotFile.read(snapshot.path)
+                state = try SnapshotFile.read(snapshot.path, storage: directory.storage)
                 report.snapshotPath = snapshot.path
                 report.snapshotLSN = snapshot.lsn
                 fromSnapshot = true
@@ -80,7 +80,7 @@ public enum Recovery {
         segmentLoop: while index < segments.count {
             let segment = segments[index]
             let isLast = index == segments.count - 1
-            let bytes = try File.readAll(segment.path)
+            let bytes = try directory.storage.readAll(segment.path)
             report.segmentsRead += 1
             let outcome = try typed {
                 try bytes.withUnsafeBytes { all in
@@ -96,7 +96,7 @@ public enum Recovery {
                 break segmentLoop
             case .torn(let offset, let why):
                 report.tornTail = "\(segment.path) at offset \(offset), \(bytes.count - offset) bytes (\(why))"
-                if options.repair { try cut(segment.path, at: offset) }
+                if options.repair { try cut(segment.path, at: offset, in: directory) }
                 break segmentLoop
             case .corrupt(let offset, let why):
                 guard options.truncateCorrupt else {
@@ -108,8 +108,9 @@ public enum Recovery {
                 }
                 report.truncatedCorruption = "\(segment.path) at offset \(offset) (\(why)); later segments removed"
                 if options.repair {
-                    try cut(segment.path, at: offset)
-                    for later in segments[(index + 1)...] { try File.remove(later.path) }
+                    try cut(segment.path, at: offset, in: directory)
+                    for later in segments[(index + 1)...] { try directory.storage.remove(later.path) }
+                    try directory.storage.syncDirectory(directory.path)
                 }
                 break segmentLoop
             }
@@ -152,15 +153,9 @@ public enum Recovery {
         while offset < all.count {
             switch BlockCodec.read(all, at: offset) {
             case .truncated:
-                return isLast ? .torn(offset: offset, "block cut short") : .corrupt(offset: offset, "block cut short mid-log")
+                return damage(all, at: offset, isLast: isLast, "block cut short")
             case .invalid(let why):
-                if isLast {
-                    if let h = BlockHeader.parse(UnsafeRawBufferPointer(rebasing: all[offset...])), offset + h.totalLength == all.count {
-                        return .torn(offset: offset, "last block: \(why)")
-                    }
-                    if allZero(all, from: offset) { return .torn(offset: offset, "zeroed tail") }
-                }
-                return .corrupt(offset: offset, why)
+                return damage(all, at: offset, isLast: isLast, allZero(all, from: offset) ? "zeroed tail" : why)
             case .block(let h, let payload):
                 guard h.firstLSN == expectedLSN else {
                     return .corrupt(offset: offset, "block starts at position \(h.firstLSN), expected \(expectedLSN)")
@@ -204,13 +199,42 @@ public enum Recovery {
 
     private struct StopReplay: Error {}
 
+    /// Decides what a block that fails at `offset` is. Only a true tail, with nothing valid after it
+    /// in the last segment, is a torn write that can be cut: acknowledgement waits for the write, so a
+    /// tail that never became a whole block held nothing acknowledged. Damage followed by a valid
+    /// block, or in a segment that later segments follow, is corruption, whatever it looks like (a
+    /// flipped bit in a length looks like a block cut short).
+    static func damage(_ all: UnsafeRawBufferPointer, at offset: Int, isLast: Bool, _ why: String) -> SegmentOutcome {
+        guard isLast else { return .corrupt(offset: offset, "\(why), in a segment that later segments follow") }
+        // Past the damaged block when its header checked its own checksum (its length is then true and
+        // the bytes inside it are its payload); from the next byte when it did not.
+        var from = offset + 1
+        if let header = BlockHeader.parse(UnsafeRawBufferPointer(rebasing: all[offset...])), header.headerVerified {
+            from = offset + header.totalLength
+        }
+        if let next = BlockCodec.nextValidBlock(all, from: from) {
+            return .corrupt(offset: offset, "\(why); a valid block follows at offset \(next), so this is not a torn tail")
+        }
+        return .torn(offset: offset, why)
+    }
+
     private static func allZero(_ all: UnsafeRawBufferPointer, from offset: Int) -> Bool {
         all[offset...].allSatisfy { $0 == 0 }
     }
 
-    /// Cuts a file at `offset`; a segment cut inside its header is removed, as it holds nothing.
-    private static func cut(_ path: String, at offset: Int) throws(JournalError) {
-        if offset < SegmentHeader.size { try File.remove(path) } else { try File.truncate(path, to: offset) }
+    /// Cuts a file at `offset` and syncs the cut (a cut that a crash undid would bring back a torn
+    /// block in front of the segment the journal starts next); a segment cut inside its header is
+    /// removed, as it holds nothing.
+    private static func cut(_ path: String, at offset: Int, in directory: DataDirectory) throws(JournalError) {
+        if offset < SegmentHeader.size {
+            try directory.storage.remove(path)
+            try directory.storage.syncDirectory(directory.path)
+        } else {
+            let file = try directory.storage.open(path, .update)
+            defer { file.close() }
+            try file.truncate(to: offset)
+            try file.sync()
+        }
     }
 }
 

@@ -2,7 +2,8 @@ import StockadeCore
 
 /// Snapshot files: a 48-byte header, then the state image in LZ4 blocks (the log's block format).
 /// Written to a temporary file, fsynced, renamed into place, and the directory fsynced, so a
-/// snapshot is either whole or absent. Layout in docs/FORMAT.md.
+/// snapshot is either whole or absent (a crash can leave the `.snap.tmp`; ``Store`` removes it at
+/// start-up). Layout in docs/FORMAT.md.
 public enum SnapshotFile {
     public static let magic: [UInt8] = Array("STOCKSNP".utf8)
     public static let version: UInt32 = 1
@@ -21,12 +22,13 @@ public enum SnapshotFile {
     public static func write(_ state: EngineState, to directory: DataDirectory) throws(JournalError) -> Written {
         let finalPath = directory.snapshotPath(lsn: state.lsn)
         let tmpPath = finalPath + ".tmp"
-        let file = try File.open(tmpPath, create: true, truncate: true)
+        let storage = directory.storage
+        let file = try storage.open(tmpPath, .create)
         var blockCount: UInt32 = 0
         var rawTotal = 0
         var written = headerSize
         do {
-            try file.write([UInt8](repeating: 0, count: headerSize))
+            try file.append([UInt8](repeating: 0, count: headerSize))
             var framed: [UInt8] = []
             try state.encodeImage(chunkBytes: BlockHeader.rawBytesMax) { chunk in
                 var start = 0
@@ -38,7 +40,7 @@ public enum SnapshotFile {
                             raw: UnsafeRawBufferPointer(rebasing: $0[start..<end]), firstLSN: state.lsn, recordCount: 0,
                             to: &framed)
                     }
-                    try file.write(framed)
+                    try file.append(framed)
                     written += framed.count
                     blockCount += 1
                     rawTotal += end - start
@@ -50,30 +52,56 @@ public enum SnapshotFile {
             header.appendLE(UInt64(rawTotal)); header.appendLE(blockCount)
             header.appendLE(CRC32C.checksum(header))
             header.append(contentsOf: repeatElement(0, count: headerSize - header.count))
-            try file.pwrite(header, at: 0)
+            try file.write(header, at: 0)
             try file.sync()
             file.close()
-            try File.rename(tmpPath, finalPath)
-            try File.syncDirectory(directory.path)
+            try storage.rename(tmpPath, to: finalPath)
+            try storage.syncDirectory(directory.path)
         } catch let error as JournalError {
             file.close()
-            try? File.remove(tmpPath)
+            try? storage.remove(tmpPath)
             throw error
         } catch {
             file.close()
-            try? File.remove(tmpPath)
+            try? storage.remove(tmpPath)
             throw JournalError(.io, "snapshot \(finalPath): \(error)")
         }
         return Written(path: finalPath, lsn: state.lsn, bytes: written, rawBytes: rawTotal)
     }
 
     /// Reads and fully verifies a snapshot: header checksum, every block's checksum, lengths, and the image.
-    public static func read(_ path: String) throws(JournalError) -> EngineState {
-        let bytes = try File.readAll(path)
+    public static func read(_ path: String, storage: any Storage = PosixStorage.shared) throws(JournalError) -> EngineState {
+        let bytes = try storage.readAll(path)
         return try typed { try bytes.withUnsafeBytes { all in try decode(all, path: path) } }
     }
 
+    /// Checks a snapshot's header, every block's checksum and length, and the image length, without
+    /// building the state: what pruning asks before it counts a snapshot as a fallback. Throws what
+    /// ``read(_:storage:)`` would for a damaged file.
+    public static func verify(_ path: String, storage: any Storage = PosixStorage.shared) throws(JournalError) {
+        let bytes = try storage.readAll(path)
+        try typed { try bytes.withUnsafeBytes { all in _ = try checkBlocks(all, path: path, keepImage: false) } }
+    }
+
     private static func decode(_ all: UnsafeRawBufferPointer, path: String) throws(JournalError) -> EngineState {
+        let (image, lsn, shardCount) = try checkBlocks(all, path: path, keepImage: true)
+        let state: EngineState
+        do {
+            state = try image.withUnsafeBytes { try EngineState.decodeImage($0) }
+        } catch {
+            throw JournalError(.corrupt, "\(path): image does not decode: \(error)")
+        }
+        guard state.lsn == lsn, state.shards.count == Int(shardCount) else {
+            throw JournalError(.corrupt, "\(path): image disagrees with its header")
+        }
+        return state
+    }
+
+    /// Verifies the header and every block; returns the image (empty unless `keepImage`), the
+    /// position and the shard count the header states.
+    private static func checkBlocks(
+        _ all: UnsafeRawBufferPointer, path: String, keepImage: Bool
+    ) throws(JournalError) -> (image: [UInt8], lsn: UInt64, shardCount: UInt32) {
         guard all.count >= headerSize, Array(all[0..<8]) == magic else {
             throw JournalError(.format, "\(path) is not a Stockade snapshot (bad magic or short file)")
         }
@@ -92,13 +120,15 @@ public enum SnapshotFile {
         }
         guard rawTotal <= UInt64(all.count) * 256 else { throw JournalError(.corrupt, "\(path): implausible image size") }
         var image: [UInt8] = []
-        image.reserveCapacity(Int(rawTotal))
+        if keepImage { image.reserveCapacity(Int(rawTotal)) }
+        var imageBytes = 0
         var offset = headerSize
         for index in 0..<blockCount {
             switch BlockCodec.read(all, at: offset) {
             case .block(let header, let payload):
                 guard header.firstLSN == lsn else { throw JournalError(.corrupt, "\(path): block \(index) at offset \(offset) is of another snapshot") }
-                image += payload
+                if keepImage { image += payload }
+                imageBytes += payload.count
                 offset += header.totalLength
             case .truncated:
                 throw JournalError(.corrupt, "\(path): truncated at block \(index), offset \(offset)")
@@ -106,18 +136,9 @@ public enum SnapshotFile {
                 throw JournalError(.corrupt, "\(path): block \(index) at offset \(offset): \(why)")
             }
         }
-        guard offset == all.count, image.count == Int(rawTotal) else {
-            throw JournalError(.corrupt, "\(path): length mismatch (\(all.count - offset) stray bytes, image \(image.count) of \(rawTotal))")
+        guard offset == all.count, imageBytes == Int(rawTotal) else {
+            throw JournalError(.corrupt, "\(path): length mismatch (\(all.count - offset) stray bytes, image \(imageBytes) of \(rawTotal))")
         }
-        let state: EngineState
-        do {
-            state = try image.withUnsafeBytes { try EngineState.decodeImage($0) }
-        } catch {
-            throw JournalError(.corrupt, "\(path): image does not decode: \(error)")
-        }
-        guard state.lsn == lsn, state.shards.count == Int(shardCount) else {
-            throw JournalError(.corrupt, "\(path): image disagrees with its header")
-        }
-        return state
+        return (image, lsn, shardCount)
     }
 }

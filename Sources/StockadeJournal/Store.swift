@@ -7,12 +7,16 @@ import StockadeCore
 /// A snapshot is built off to the side, not from the live shards: the newest snapshot plus the
 /// durable log is replayed into a fresh state up to the durable position and written out. The shards
 /// never pause for it, and a snapshot is, by construction, exactly what recovery would rebuild.
+///
+/// A store holds the directory's exclusive lock (``DataDirectory/lock()``) from before recovery until
+/// ``close()``: a second store on the same directory, in this process or another, fails at once.
 public final class Store: Sendable {
     public struct Options: Sendable {
         public var shardCount: Int
         public var journal = Journal.Options()
         public var truncateCorrupt = false
-        /// Snapshots kept; the older one (and the log after it) is the fallback if the newest fails to verify.
+        /// Verified snapshots kept; the older one (and the log after it) is the fallback if the newest
+        /// fails to verify later. Invalid snapshots are never counted, and are removed.
         public var snapshotsKept = 2
         /// Log segments wholly covered by the oldest kept snapshot that are kept anyway (for readers of the log).
         public var coveredSegmentsKept = 0
@@ -24,17 +28,42 @@ public final class Store: Sendable {
     public let engine: Engine
     public let journal: Journal
     public let recovery: Recovery.Report
+    /// Unfinished snapshots (`.snap.tmp`) a crash left behind, removed at start-up.
+    public let removedUnfinishedSnapshots: [String]
     private let snapshotLock = AsyncLock()
+    private let directoryLock: any StorageLock
 
-    public init(path: String, options: Options) throws(JournalError) {
-        directory = DataDirectory(path)
+    /// Opens the data directory at `path` on real files.
+    public convenience init(path: String, options: Options) throws(JournalError) {
+        try self.init(directory: DataDirectory(path), options: options)
+    }
+
+    /// Opens a data directory on any storage: creates it (and missing parents), takes its lock,
+    /// removes unfinished snapshots, recovers, and starts the journal at the recovered position.
+    public init(directory: DataDirectory, options: Options) throws(JournalError) {
+        self.directory = directory
         self.options = options
         try directory.create()
-        let (state, report) = try Recovery.recover(
-            directory, options: Recovery.Options(shardCount: options.shardCount, truncateCorrupt: options.truncateCorrupt))
-        recovery = report
-        journal = try Journal(directory: directory, shardCount: state.shards.count, lsn: state.lsn, options: options.journal)
-        engine = Engine(state: state, log: journal)
+        let lock = try directory.lock()
+        do {
+            // Only under the lock: another process's snapshot in progress is not ours to remove.
+            var removed: [String] = []
+            for tmp in try directory.unfinishedSnapshots() {
+                try directory.storage.remove(tmp)
+                removed.append(tmp)
+            }
+            if !removed.isEmpty { try directory.storage.syncDirectory(directory.path) }
+            removedUnfinishedSnapshots = removed
+            let (state, report) = try Recovery.recover(
+                directory, options: Recovery.Options(shardCount: options.shardCount, truncateCorrupt: options.truncateCorrupt))
+            recovery = report
+            journal = try Journal(directory: directory, shardCount: state.shards.count, lsn: state.lsn, options: options.journal)
+            engine = Engine(state: state, log: journal)
+        } catch {
+            lock.release()
+            throw error
+        }
+        directoryLock = lock
     }
 
     /// What a snapshot did.
@@ -43,11 +72,15 @@ public final class Store: Sendable {
         public var durationNanos: UInt64
         public var removedSegments: [String]
         public var removedSnapshots: [String]
+        /// Snapshots that failed verification while pruning (each with why); removed, never counted.
+        public var invalidSnapshots: [String] = []
         public var description: String {
-            String(
+            var text = String(
                 format: "snapshot %@ at position %llu: %d bytes (%d raw) in %.3f s; removed %d segments, %d snapshots",
                 written.path, written.lsn, written.bytes, written.rawBytes, Double(durationNanos) / 1e9,
                 removedSegments.count, removedSnapshots.count)
+            for invalid in invalidSnapshots { text += "; removed INVALID snapshot \(invalid)" }
+            return text
         }
     }
 
@@ -60,26 +93,59 @@ public final class Store: Sendable {
             let (state, _) = try Recovery.recover(
                 directory, options: Recovery.Options(shardCount: options.shardCount, repair: false, upToLSN: upTo))
             let written = try SnapshotFile.write(state, to: directory)
-            var removedSnapshots: [String] = []
-            let snapshots = try directory.snapshots()
-            for old in snapshots.dropLast(max(1, options.snapshotsKept)) {
-                try File.remove(old.path)
-                removedSnapshots.append(old.path)
-            }
-            // Only once the fallback snapshot exists: the log after it is what an invalid newest snapshot needs.
-            let kept = try directory.snapshots()
-            var removed: [String] = []
-            if kept.count >= max(1, options.snapshotsKept), let oldest = kept.first {
-                removed = try journal.removeSegments(coveredThrough: oldest.lsn, keep: options.coveredSegmentsKept)
-            }
+            let pruned = try prune(justWritten: written.path)
             return SnapshotReport(
-                written: written, durationNanos: monotonicNanos() - started, removedSegments: removed,
-                removedSnapshots: removedSnapshots)
+                written: written, durationNanos: monotonicNanos() - started, removedSegments: pruned.segments,
+                removedSnapshots: pruned.snapshots, invalidSnapshots: pruned.invalid)
         }
     }
 
-    /// Flushes and syncs the log and stops its writer. The engine refuses changes afterwards.
-    public func close() { journal.close() }
+    /// Keeps the newest ``Options/snapshotsKept`` snapshots that verify now and the log after the
+    /// oldest of them; removes every other snapshot (older ones, and any that fail verification) and
+    /// the segments that oldest one covers. Until that many verify, no segment is removed.
+    ///
+    /// So what remains always recovers everything: if any one kept snapshot goes bad later, another
+    /// kept one plus the log after the oldest covers it; and a bad one found here is not counted, so a
+    /// second fault later is covered the same way.
+    private func prune(justWritten: String) throws(JournalError) -> (snapshots: [String], segments: [String], invalid: [String]) {
+        let keepCount = max(1, options.snapshotsKept)
+        var kept: [(lsn: UInt64, path: String)] = []
+        var doomed: [String] = []
+        var invalid: [String] = []
+        for snapshot in try directory.snapshots().reversed() {
+            if kept.count == keepCount {
+                doomed.append(snapshot.path)
+                continue
+            }
+            do {
+                try SnapshotFile.verify(snapshot.path, storage: directory.storage)
+                kept.append(snapshot)
+            } catch {
+                invalid.append("\(snapshot.path): \(error.message)")
+                doomed.append(snapshot.path)
+            }
+        }
+        guard kept.contains(where: { $0.path == justWritten }) else {
+            // Nothing is removed on the word of a snapshot that did not read back.
+            let why = invalid.first { $0.hasPrefix(justWritten) } ?? justWritten
+            try? directory.storage.remove(justWritten)
+            throw JournalError(.corrupt, "snapshot failed verification right after it was written, removed it: \(why)")
+        }
+        for path in doomed { try directory.storage.remove(path) }
+        if !doomed.isEmpty { try directory.storage.syncDirectory(directory.path) }
+        var segments: [String] = []
+        if kept.count == keepCount, let oldest = kept.last {
+            segments = try journal.removeSegments(coveredThrough: oldest.lsn, keep: options.coveredSegmentsKept)
+        }
+        return (doomed.filter { path in !invalid.contains { $0.hasPrefix(path + ":") } }, segments, invalid)
+    }
+
+    /// Flushes and syncs the log, stops its writer, and releases the directory's lock. The engine
+    /// refuses changes afterwards.
+    public func close() {
+        journal.close()
+        directoryLock.release()
+    }
 }
 
 /// Runs one async operation at a time (snapshots), without blocking a thread while waiting.

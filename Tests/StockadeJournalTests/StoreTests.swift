@@ -1,0 +1,236 @@
+import Foundation
+import Testing
+@testable import StockadeCore
+@testable import StockadeJournal
+
+/// Flips one bit in the middle of a snapshot's first block, so that it fails verification.
+func corruptSnapshot(_ path: String) throws {
+    var bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
+    bytes[SnapshotFile.headerSize + BlockHeader.size + 3] ^= 0x10
+    try Data(bytes).write(to: URL(fileURLWithPath: path))
+    #expect(throws: JournalError.self) { try SnapshotFile.read(path) }
+}
+
+/// Some reserves and a restock through a store: changes to recover.
+func makeChanges(_ store: Store, tag: String) async {
+    let commands = (0..<6).map { Command.reserve(user: Name("\(tag)-\($0)"), lines: [OrderLine(sku: "tv", quantity: 1)], requestId: nil, ttlMillis: 600_000) }
+    _ = await store.engine.execute(commands + [.restock(sku: "tv", delta: 1)], now: 0)
+}
+
+/// Issue #7 A2: pruning only counts snapshots that verify, so what stays on disk recovers everything
+/// after one snapshot fault, and after a second one later.
+@Suite struct PruningTests {
+    static func options() -> Store.Options {
+        var options = Store.Options(shardCount: 2)
+        options.journal.segmentBytesMax = 600
+        options.coveredSegmentsKept = 0  // --events-retention-segments 0
+        return options
+    }
+
+    /// The issue's repro: S1, restart, S2; S2 corrupted; restart (S2 skipped); changes; S3 deleted S1
+    /// and the log after it and kept the bad S2; S3 corrupted: start-up failed with a gap. Then one
+    /// more round of the same, and every state on the way is recovered whole.
+    @Test func aKnownBadSnapshotIsNeverCountedAsTheFallback() async throws {
+        let path = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        var store = try Store(path: path, options: Self.options())
+        _ = await store.engine.execute(.addSku(sku: "tv", total: 10_000, limit: 0), now: 0)
+        await makeChanges(store, tag: "a")
+        _ = try await store.snapshot()  // S1
+        store.close()
+        store = try Store(path: path, options: Self.options())
+        await makeChanges(store, tag: "b")
+        let s2 = try await store.snapshot()
+        store.close()
+        try corruptSnapshot(s2.written.path)
+        var previousBad = s2.written.path
+        for round in 0..<3 {
+            store = try Store(path: path, options: Self.options())
+            #expect(store.recovery.skippedSnapshots.count == 1, "round \(round): \(store.recovery)")
+            await makeChanges(store, tag: "c\(round)")
+            let next = try await store.snapshot()
+            #expect(next.invalidSnapshots.count == 1 && next.invalidSnapshots[0].hasPrefix(previousBad), "\(next)")
+            #expect(!FileManager.default.fileExists(atPath: previousBad), "the bad snapshot was kept")
+            await makeChanges(store, tag: "d\(round)")
+            let live = await liveState(store)
+            store.close()
+            // The next fault: the newest snapshot goes bad too.
+            try corruptSnapshot(next.written.path)
+            previousBad = next.written.path
+            let (state, report) = try recover(path)
+            #expect(state.lsn == live.lsn && state.stateHash() == live.stateHash(), "round \(round): \(report)")
+        }
+    }
+
+    /// After every snapshot, each snapshot on disk in turn is corrupted (a copy of the directory each
+    /// time): the rest still recovers the live state exactly.
+    @Test func anySingleSnapshotFaultRecoversEverything() async throws {
+        let path = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let scratch = path + "-fault"
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        let store = try Store(path: path, options: Self.options())
+        _ = await store.engine.execute(.addSku(sku: "tv", total: 10_000, limit: 0), now: 0)
+        for round in 0..<5 {
+            await makeChanges(store, tag: "r\(round)")
+            _ = try await store.snapshot()
+            await makeChanges(store, tag: "s\(round)")
+            let live = await liveState(store)
+            let snapshots = try DataDirectory(path).snapshots()
+            #expect(snapshots.count == min(round + 1, 2))
+            for victim in snapshots {
+                try copyDirectory(path, to: scratch)
+                // The live segment is still open: recovery of the copy sees exactly the durable bytes.
+                try corruptSnapshot(scratch + "/" + (victim.path as NSString).lastPathComponent)
+                let (state, report) = try recover(scratch)
+                #expect(state.lsn == live.lsn && state.stateHash() == live.stateHash(), "round \(round), \(victim.path) bad: \(report)")
+            }
+        }
+        store.close()
+    }
+
+    /// A `.snap.tmp` left by a crash while a snapshot was written is removed at start-up.
+    @Test func leftoverTemporarySnapshotsAreRemovedAtStartUp() async throws {
+        let path = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let leftover = path + "/snap-00000000000000000007.snap.tmp"
+        try Data(repeating: 0xAB, count: 100).write(to: URL(fileURLWithPath: leftover))
+        let store = try Store(path: path, options: Self.options())
+        #expect(!FileManager.default.fileExists(atPath: leftover))
+        #expect(store.removedUnfinishedSnapshots == [leftover])
+        store.close()
+    }
+}
+
+/// Issue #7 A5: one data directory, one process.
+@Suite struct DirectoryLockTests {
+    /// A second store on the same directory in the same process fails at once, naming this process;
+    /// after the first closes, it opens.
+    @Test func secondStoreInProcessIsRefused() async throws {
+        let path = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let first = try Store(path: path, options: Store.Options(shardCount: 1))
+        #expect {
+            try Store(path: path, options: Store.Options(shardCount: 1))
+        } throws: { error in
+            guard let error = error as? JournalError else { return false }
+            return error.code == .locked && error.message.contains("process \(getpid())") && error.message.contains(path + "/LOCK")
+        }
+        // The refused opener changed nothing: the first store still works.
+        let reply = await first.engine.execute(.addSku(sku: "tv", total: 1, limit: 0), now: 0)
+        #expect(first.journal.failure == nil, "\(reply)")
+        first.close()
+        let second = try Store(path: path, options: Store.Options(shardCount: 1))
+        #expect(second.recovery.lsn == 1)
+        second.close()
+    }
+
+    /// Two real processes: a crash worker holds the directory; a second `stockade snapshot` on it
+    /// fails at once naming the worker's PID, and so does a store in this process. After the worker is
+    /// killed with SIGKILL, the kernel has dropped its lock and the directory opens.
+    @Test func secondProcessIsRefusedNamingTheHolder() async throws {
+        let binary = stockadeBinary()
+        try #require(FileManager.default.isExecutableFile(atPath: binary), "build \(binary) first (make test does)")
+        let path = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let holder = Process()
+        holder.executableURL = URL(fileURLWithPath: binary)
+        holder.arguments = ["crash-worker", "--data-dir", path, "--shards", "1", "--clients", "1"]
+        let output = Pipe()
+        holder.standardOutput = output
+        holder.standardError = FileHandle.nullDevice
+        try holder.run()
+        defer { if holder.isRunning { kill(holder.processIdentifier, SIGKILL) } }
+        let reader = AckReader(output.fileHandleForReading)
+        let deadline = Date().addingTimeInterval(60)
+        while !reader.ready && Date() < deadline { try await Task.sleep(for: .milliseconds(10)) }
+        try #require(reader.ready, "crash worker did not start")
+        let pid = holder.processIdentifier
+
+        let second = Process()
+        second.executableURL = URL(fileURLWithPath: binary)
+        second.arguments = ["snapshot", "--data-dir", path, "--shards", "1"]
+        let errors = Pipe()
+        second.standardError = errors
+        second.standardOutput = FileHandle.nullDevice
+        let started = Date()
+        try second.run()
+        let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        second.waitUntilExit()
+        #expect(second.terminationStatus != 0)
+        #expect(message.contains("in use by process \(pid)"), "\(message)")
+        #expect(Date().timeIntervalSince(started) < 30, "the second opener waited instead of failing at once")
+
+        #expect {
+            try Store(path: path, options: Store.Options(shardCount: 1))
+        } throws: { error in
+            (error as? JournalError)?.message.contains("in use by process \(pid)") == true
+        }
+
+        kill(pid, SIGKILL)
+        holder.waitUntilExit()
+        _ = reader.finish()
+        // The lock file still names the dead process, but the lock died with it.
+        let store = try Store(path: path, options: Store.Options(shardCount: 1))
+        #expect(try String(contentsOfFile: path + "/LOCK", encoding: .utf8) == "\(getpid())\n")
+        store.close()
+    }
+}
+
+/// Issue #7 C25: a data directory whose parents are missing is created with them.
+@Suite struct DataDirectoryCreationTests {
+    @Test func missingParentsAreCreated() async throws {
+        let root = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let path = root + "/a/b/c"
+        let store = try Store(path: path, options: Store.Options(shardCount: 1))
+        _ = await store.engine.execute(.addSku(sku: "tv", total: 1, limit: 0), now: 0)
+        store.close()
+        let (state, _) = try recover(path)
+        #expect(state.lsn == 1)
+    }
+
+    /// A relative path with missing parents, and each directory's creation synced into its parent
+    /// (counted on the simulated storage).
+    @Test func parentsAreSyncedOnTheSimulatedDisk() throws {
+        let disk = SimulatedStorage(seed: 1)
+        try DataDirectory("x/y/z", storage: disk).create()
+        #expect(disk.exists("x/y/z") && disk.exists("x/y") && disk.exists("x"))
+        #expect(disk.counters.directorySyncs == 3)  // ".", "x", "x/y"
+        #expect(throws: Never.self) { try DataDirectory("x/y/z", storage: disk).create() }  // exists: fine
+        #expect(PosixStorage.parent(of: "x/y/z/") == "x/y" && PosixStorage.parent(of: "x") == "." && PosixStorage.parent(of: "/x") == "/")
+    }
+}
+
+/// Issue #7 D27 (the journal's part): inspecting a path that does not exist is an error, not an empty
+/// healthy directory.
+@Suite struct InspectorTests {
+    @Test func missingDirectoryIsAnError() throws {
+        let disk = SimulatedStorage(seed: 1)
+        #expect(throws: JournalError.self) {
+            _ = try Inspector.inspect(DataDirectory("/nowhere", storage: disk), records: false) { _ in }
+        }
+        try DataDirectory("/here", storage: disk).create()
+        #expect(try Inspector.inspect(DataDirectory("/here", storage: disk), records: false) { _ in })
+    }
+
+    /// A block damaged in the middle of the log is reported as corruption, one at the end as a torn tail.
+    @Test func damageIsReportedAsTailOrCorruption() async throws {
+        let disk = SimulatedStorage(seed: 2)
+        let directory = DataDirectory("/data", storage: disk)
+        let store = try Store(directory: directory, options: Store.Options(shardCount: 1))
+        for i in 0..<4 { _ = await store.engine.execute(.addSku(sku: Name("s\(i)"), total: 1, limit: 0), now: 0) }
+        store.close()
+        let segment = try directory.segments().last!.path
+        let blocks = blockOffsets(disk.contents(segment)!)
+        disk.flipBit(segment, at: blocks[1] + 9, bit: 3)
+        var lines: [String] = []
+        #expect(try !Inspector.inspect(directory, records: false) { lines.append($0) })
+        #expect(lines.contains { $0.contains("@\(blocks[1]): CORRUPT") }, "\(lines)")
+        disk.flipBit(segment, at: blocks[1] + 9, bit: 3)
+        disk.flipBit(segment, at: blocks[3] + 9, bit: 3)
+        lines = []
+        #expect(try !Inspector.inspect(directory, records: false) { lines.append($0) })
+        #expect(lines.contains { $0.contains("@\(blocks[3]): torn tail") }, "\(lines)")
+    }
+}
