@@ -124,7 +124,7 @@ let benchmarks: @Sendable () -> Void = {
     }()
 
     Benchmark("RESP: parse a read of 64 pipelined RESERVE commands (per command)", configuration: .init(scalingFactor: .mega)) { benchmark in
-        let parser = RESPParser()
+        var parser = RESPParser()
         for _ in 0..<(benchmark.scaledIterations.count / 64) {
             var buffer = pipelined
             while case .command(let args)? = try? parser.next(&buffer) { blackHole(args) }

@@ -79,7 +79,7 @@ public final class Engine: Sendable {
         case let .confirm(id), let .cancel(id), let .order(id):
             guard let shard = id.shard, shard < shards.count else { return .immediate(.rejected(.noSuchOrder), lsn: 0) }
             return .shard(shard)
-        case let .orders(user):
+        case let .orders(user, _, _):
             return isValidName(user)
                 ? .global : .immediate(.rejected(.badArgument("user id must be 1 to \(Limits.nameBytesMax) bytes")), lsn: 0)
         }
@@ -234,19 +234,24 @@ public final class Engine: Sendable {
             return await reserveAcrossShards(
                 user: user, lines: lines, requestId: requestId, now: now,
                 deadlineMillis: now + (ttlMillis ?? Limits.ttlMillisDefault))
-        case let .orders(user):
-            var all: [OrderInfo] = []
+        case let .orders(user, after, count):
+            // Ids sort by shard, then sequence: a page is the shards' orders in shard order.
+            var page: [OrderInfo] = []
             var lsn: UInt64 = 0
-            for shard in shards {
+            // Every shard is asked (with 0 wanted when the page is full or it is before `after`), so
+            // a refusal (a log failure) is answered whatever the page holds.
+            for (index, shard) in shards.enumerated() {
                 lsn = max(lsn, await expire(shard, now: now))
-                switch await shard.orders(ofUser: user) {
+                let wanted = index >= (after?.shard ?? 0) ? count - page.count : 0
+                let afterSequence = index == after?.shard ? UInt32(clamping: after!.rawValue & (1 << 56 - 1)) : 0
+                switch await shard.orders(ofUser: user, afterSequence: afterSequence, count: wanted) {
                 case .success(let (orders, visible)):
-                    all += orders
+                    page += orders
                     lsn = max(lsn, visible)
                 case .failure(let rejection): return (.rejected(rejection), 0)
                 }
             }
-            return (.orders(all.sorted { $0.id < $1.id }), lsn)
+            return (.orders(page), lsn)
         case .audit:
             var all: [AuditFinding] = []
             var lsn: UInt64 = 0

@@ -61,7 +61,8 @@ public enum Command: Sendable, Equatable {
     case confirm(OrderID)
     case cancel(OrderID)
     case order(OrderID)
-    case orders(user: Name)
+    /// A page of a user's orders by order id: up to `count` orders with ids after `after` (nil: from the first).
+    case orders(user: Name, after: OrderID?, count: Int)
     case deduct(sku: Name, quantity: Int64)
 
     /// Whether the command can change state (and so must be refused while the journal is overloaded).

@@ -50,7 +50,11 @@ package struct RandomWorkload: Sendable {
         case 86..<90: return .order(pickOrder())
         case 90..<94: return .stock(sku: sku)
         case 94..<96: return .reserve(user: "", lines: [OrderLine(sku: sku, quantity: 1)], requestId: nil, ttlMillis: 10)
-        default: return .orders(user: user)
+        default:
+            // Pages: from the start or after a known order, of 1 to 3 orders or the default. Chosen
+            // from what was drawn already (no draw of its own), so seeds keep their sequences.
+            let after = orders.isEmpty || orders.count % 3 == 0 ? nil : orders[orders.count / 2]
+            return .orders(user: user, after: after, count: [1, 2, 3, 100][orders.count % 4])
         }
     }
 

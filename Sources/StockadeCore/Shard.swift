@@ -125,7 +125,7 @@ public actor Shard {
                 reply = r
                 result.effects += effects
             case let .order(id): reply = state.order(id).map(Reply.order) ?? .rejected(.noSuchOrder)
-            case let .orders(user): reply = .orders(state.orders(ofUser: user))
+            case let .orders(user, _, count): reply = .orders(state.orders(ofUser: user, afterSequence: 0, count: count))
             case let .deduct(sku, quantity): reply = state.deduct(sku, quantity: quantity, log: &scratch)
             }
             result.replies.append((slot, reply))
@@ -258,10 +258,11 @@ public actor Shard {
 
     // MARK: Reads for the engine and tests
 
-    /// This shard's orders of a user and the position the reply must wait for.
-    public func orders(ofUser user: Name) -> Result<([OrderInfo], UInt64), Rejection> {
+    /// A page of this shard's orders of a user (``ShardState/orders(ofUser:afterSequence:count:)``)
+    /// and the position the reply must wait for.
+    public func orders(ofUser user: Name, afterSequence: UInt32, count: Int) -> Result<([OrderInfo], UInt64), Rejection> {
         if let refusal = refusal { return .failure(.unavailable(refusal)) }
-        return .success((state.orders(ofUser: user), visibleLSN))
+        return .success((state.orders(ofUser: user, afterSequence: afterSequence, count: count), visibleLSN))
     }
 
     /// Every SKU's audit and the position the reply must wait for; waits while basket holds are placed.

@@ -149,16 +149,21 @@ public struct ShardState: Sendable {
         return orderInfo(seq)
     }
 
-    /// This shard's orders of `user`, oldest first.
-    public func orders(ofUser user: Name) -> [OrderInfo] {
-        guard let userIndex = userIndexByName[user] else { return [] }
-        var result: [OrderInfo] = []
+    /// A page of this shard's orders of `user`, oldest first: the first `count` with a sequence
+    /// above `afterSequence`. Walks the user's orders newer than that, keeping only `count`.
+    public func orders(ofUser user: Name, afterSequence: UInt32, count: Int) -> [OrderInfo] {
+        guard count > 0, let userIndex = userIndexByName[user] else { return [] }
+        var newest: [UInt32] = []  // a ring of the last `count` sequences seen, walking newest first
+        var seen = 0
         var seq = lastOrderOfUser[Int(userIndex)]
-        while seq != 0 {
-            result.append(orderInfo(seq))
+        while seq > afterSequence {
+            if newest.count < count { newest.append(seq) } else { newest[seen % count] = seq }
+            seen += 1
             seq = orders[Int(seq) - 1].previousOfUser
         }
-        return result.reversed()
+        // The oldest `count` walked are the page; the ring holds them, the oldest last written.
+        let ordered = newest.count < count ? newest : Array(newest[(seen % count)...] + newest[..<(seen % count)])
+        return ordered.reversed().map(orderInfo)
     }
 
     /// Every SKU, in index order (for the simulator's model and tools).

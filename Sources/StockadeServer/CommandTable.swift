@@ -1,36 +1,31 @@
+import NIOCore
 import StockadeCore
+import StockadeWire
 
 /// What one RESP command asks for, once its arguments are checked.
 enum Request: Equatable {
     /// Goes to the engine, in a batch with the other engine commands of the same read.
     case engine(Command)
-    case ping(String?)
-    case echo(String)
+    case ping(ByteBuffer?)
+    case echo(ByteBuffer)
     case quit
-    case auth(user: String?, password: String)
+    case auth(user: ByteBuffer?, password: ByteBuffer)
     case info(section: String?)
     case shutdown
     case snapshot
     case events(from: UInt64, count: Int, blockMillis: Int)
     /// COMMAND and its subcommands: answered with an empty array (clients only use it for hints).
     case commandInfo
-    case configGet(pattern: String)
+    /// CONFIG GET: the pattern's bytes, ASCII letters lowered.
+    case configGet(pattern: [UInt8])
     /// CLIENT SETINFO / SETNAME and the like: accepted and ignored.
     case clientAccepted
     case clientID
-    /// HELLO [version [AUTH user password] [SETNAME name]]
-    case hello(version: Int?, password: String?)
+    /// HELLO [2|3 [AUTH user password] [SETNAME name]]: the version is nil, 2 or 3 (others are refused here).
+    case hello(version: Int?, password: ByteBuffer?)
     case select(Int)
     /// A reply to send as is: a wrong argument, an unknown command.
     case invalid(String)
-
-    /// Commands allowed before AUTH when a password is set.
-    var allowedBeforeAuth: Bool {
-        switch self {
-        case .auth, .ping, .quit, .hello, .invalid: true
-        default: false
-        }
-    }
 
     /// The name used in metrics.
     var metricName: String {
@@ -76,165 +71,356 @@ enum EventLimits {
     static let blockMillisMax = 60_000
 }
 
-/// Parses the arguments of one command into a ``Request``. Names are case-insensitive, as in Redis.
-enum CommandTable {
-    static func parse(_ arguments: [String]) -> Request {
-        let name = arguments[0].uppercased()
-        let args = arguments.dropFirst()
-        func arity(_ ok: Bool) -> Request? { ok ? nil : .invalid("ERR wrong number of arguments for '\(arguments[0].lowercased())' command") }
-        func integer(_ text: String) -> Int64? { Int64(text) }
-        let notInteger = Request.invalid("ERR value is not an integer or out of range")
+/// Bounds of ORDERS pages.
+enum OrdersLimits {
+    /// A page of 100 orders is at most about 600 KiB (64-SKU baskets of 64-byte ids), usually ~15 KiB.
+    static let countDefault = 100
+    /// Bounds one reply (and the engine's work for it): a user with more pages with AFTER.
+    static let countMax = 1000
+}
 
-        switch name {
-        case "PING":
-            return arity(args.count <= 1) ?? .ping(args.first)
-        case "ECHO":
-            return arity(args.count == 1) ?? .echo(args[args.startIndex])
-        case "QUIT":
-            return .quit
-        case "AUTH":
-            if args.count == 1 { return .auth(user: nil, password: args[args.startIndex]) }
-            if args.count == 2 { return .auth(user: args[args.startIndex], password: args[args.startIndex + 1]) }
-            return arity(false)!
-        case "INFO":
-            return arity(args.count <= 1) ?? .info(section: args.first?.lowercased())
-        case "SHUTDOWN":
-            return .shutdown
-        case "SNAPSHOT", "SAVE", "BGSAVE":
-            return arity(args.isEmpty) ?? .snapshot
-        case "COMMAND":
-            return .commandInfo
-        case "CONFIG":
-            guard args.count == 2, args[args.startIndex].uppercased() == "GET" else {
-                return .invalid("ERR only CONFIG GET <pattern> is supported")
-            }
-            return .configGet(pattern: args[args.startIndex + 1])
-        case "CLIENT":
-            switch args.first?.uppercased() {
-            case "SETINFO", "SETNAME", "NO-EVICT", "NO-TOUCH", "REPLY": return .clientAccepted
-            case "ID": return .clientID
-            default: return .invalid("ERR unknown CLIENT subcommand")
-            }
-        case "HELLO":
-            let list = Array(args)
-            guard let first = list.first else { return .hello(version: nil, password: nil) }
-            guard let version = Int(first) else { return .invalid("NOPROTO unsupported protocol version") }
-            var password: String?
-            var i = 1
-            while i < list.count {
-                switch list[i].uppercased() {
-                case "AUTH":
-                    guard i + 2 < list.count else { return .invalid("ERR syntax error in HELLO option 'auth'") }
-                    password = list[i + 2]
-                    i += 3
-                case "SETNAME":
-                    guard i + 1 < list.count else { return .invalid("ERR syntax error in HELLO option 'setname'") }
-                    i += 2
-                default:
-                    return .invalid("ERR syntax error in HELLO option '\(list[i])'")
-                }
-            }
-            return .hello(version: version, password: password)
-        case "SELECT":
-            guard args.count == 1 else { return arity(false)! }
-            guard let db = Int(args[args.startIndex]) else { return notInteger }
-            return .select(db)
+/// A command name or option word, matched as ASCII bytes without regard to case (as Redis does):
+/// up to 15 bytes packed into two words with the length, so a lookup is two compares and no
+/// `String` is ever made of what a client sent.
+struct Word: Hashable {
+    let low: UInt64
+    let high: UInt64
 
-        case "SKU.ADD":
-            guard args.count == 2 || args.count == 4 else { return arity(false)! }
-            guard let total = integer(args[args.startIndex + 1]) else { return notInteger }
-            var limit: Int64 = 0
-            if args.count == 4 {
-                guard args[args.startIndex + 2].uppercased() == "LIMIT" else { return .invalid("ERR syntax error: expected LIMIT n") }
-                guard let value = integer(args[args.startIndex + 3]) else { return notInteger }
-                limit = value
+    /// Longer than any name we know: such an argument is no word of ours.
+    static let bytesMax = 15
+
+    /// nil when the bytes are empty or longer than ``bytesMax``.
+    init?(_ bytes: ByteBuffer) {
+        let count = bytes.readableBytes
+        guard count >= 1, count <= Self.bytesMax else { return nil }
+        var low: UInt64 = 0, high: UInt64 = 0
+        bytes.withUnsafeReadableBytes { raw in
+            for i in 0..<count {
+                var byte = raw[i]
+                if byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "z") { byte -= 32 }
+                if i < 8 { low |= UInt64(byte) << (8 * UInt64(i)) } else { high |= UInt64(byte) << (8 * UInt64(i - 8)) }
             }
-            return .engine(.addSku(sku: Name(args[args.startIndex]), total: total, limit: limit))
-        case "SKU.RESTOCK":
-            guard args.count == 2 else { return arity(false)! }
-            guard let delta = integer(args[args.startIndex + 1]) else { return notInteger }
-            return .engine(.restock(sku: Name(args[args.startIndex]), delta: delta))
-        case "SKU.PAUSE", "SKU.RESUME":
-            return arity(args.count == 1) ?? .engine(.setPaused(sku: Name(args[args.startIndex]), paused: name == "SKU.PAUSE"))
-        case "STOCK":
-            return arity(args.count == 1) ?? .engine(.stock(sku: Name(args[args.startIndex])))
-        case "AUDIT":
-            return arity(args.count <= 1) ?? .engine(.audit(sku: args.first.map { Name($0) }))
-        case "RESERVE", "BUY":
-            // RESERVE user sku qty [REQ id] [TTL ms]; BUY user sku qty [sku qty ...] [REQ id] [TTL ms]
-            guard args.count >= 3 else { return arity(false)! }
-            let list = Array(args)
-            let user = Name(list[0])
-            var lines: [OrderLine] = []
-            var i = 1
-            while i + 1 < list.count, !isOption(list[i]) || lines.isEmpty {
-                guard let quantity = integer(list[i + 1]) else { return notInteger }
-                lines.append(OrderLine(sku: Name(list[i]), quantity: quantity))
-                i += 2
-                if name == "RESERVE" { break }
-            }
-            var requestId: Name?
-            var ttl: Int64?
-            while i < list.count {
-                guard i + 1 < list.count else { return .invalid("ERR syntax error: \(list[i]) needs a value") }
-                switch list[i].uppercased() {
-                case "REQ": requestId = Name(list[i + 1])
-                case "TTL":
-                    guard let value = integer(list[i + 1]) else { return notInteger }
-                    ttl = value
-                default: return .invalid("ERR syntax error near '\(list[i])': expected REQ id or TTL ms")
-                }
-                i += 2
-            }
-            return .engine(.reserve(user: user, lines: lines, requestId: requestId, ttlMillis: ttl))
-        case "CONFIRM", "CANCEL", "ORDER":
-            guard args.count == 1 else { return arity(false)! }
-            // An id that is not a number cannot be an order of ours.
-            let id = OrderID(args[args.startIndex]) ?? OrderID(rawValue: 0)
-            switch name {
-            case "CONFIRM": return .engine(.confirm(id))
-            case "CANCEL": return .engine(.cancel(id))
-            default: return .engine(.order(id))
-            }
-        case "ORDERS":
-            return arity(args.count == 1) ?? .engine(.orders(user: Name(args[args.startIndex])))
-        case "DEDUCT":
-            guard args.count == 1 || args.count == 2 else { return arity(false)! }
-            var quantity: Int64 = 1
-            if args.count == 2 {
-                guard let value = integer(args[args.startIndex + 1]) else { return notInteger }
-                quantity = value
-            }
-            return .engine(.deduct(sku: Name(args[args.startIndex]), quantity: quantity))
-        case "EVENTS":
-            guard args.count >= 1, args.count % 2 == 1 else { return arity(false)! }
-            let list = Array(args)
-            guard let from = UInt64(list[0]) else { return notInteger }
-            var count = EventLimits.countDefault
-            var block = 0
-            var i = 1
-            while i + 1 < list.count {
-                guard let value = Int(list[i + 1]), value >= 0 else { return notInteger }
-                switch list[i].uppercased() {
-                case "COUNT":
-                    guard value >= 1, value <= EventLimits.countMax else { return .invalid("ERR COUNT must be 1 to \(EventLimits.countMax)") }
-                    count = value
-                case "BLOCK":
-                    guard value <= EventLimits.blockMillisMax else { return .invalid("ERR BLOCK must be 0 to \(EventLimits.blockMillisMax) ms") }
-                    block = value
-                default: return .invalid("ERR syntax error near '\(list[i])': expected COUNT n or BLOCK ms")
-                }
-                i += 2
-            }
-            return .events(from: from, count: count, blockMillis: block)
-        default:
-            let shown = arguments[0].prefix(64)
-            return .invalid("ERR unknown command '\(shown)'")
+        }
+        self.low = low
+        self.high = high | UInt64(count) << 56
+    }
+
+    init(_ literal: StaticString) {
+        self.init(ByteBuffer(staticString: literal))!
+    }
+
+    static let req = Word("REQ"), ttl = Word("TTL"), limit = Word("LIMIT"), count = Word("COUNT")
+    static let block = Word("BLOCK"), auth = Word("AUTH"), setname = Word("SETNAME"), get = Word("GET")
+    static let after = Word("AFTER")
+}
+
+/// The command a request names.
+enum Verb: CaseIterable {
+    case ping, echo, quit, auth, info, shutdown, snapshot, save, bgsave, command, config, client, hello, select
+    case skuAdd, skuRestock, skuPause, skuResume, stock, audit, reserve, buy, confirm, cancel, order, orders, deduct, events
+
+    /// The name as clients spell it (in lower case, as Redis shows it in errors).
+    var name: String {
+        switch self {
+        case .skuAdd: "sku.add"
+        case .skuRestock: "sku.restock"
+        case .skuPause: "sku.pause"
+        case .skuResume: "sku.resume"
+        default: "\(self)"
         }
     }
 
-    private static func isOption(_ word: String) -> Bool {
-        let upper = word.uppercased()
-        return upper == "REQ" || upper == "TTL"
+    /// Commands allowed before AUTH when a password is set.
+    var allowedBeforeAuth: Bool {
+        switch self {
+        case .auth, .ping, .quit, .hello: true
+        default: false
+        }
+    }
+
+    /// Every command by its name, built once.
+    static let byWord: [Word: Verb] = {
+        var table: [Word: Verb] = [:]
+        for verb in allCases { table[Word(ByteBuffer(string: verb.name))!] = verb }
+        return table
+    }()
+}
+
+/// Parses the arguments of one command into a ``Request``. Works on bytes only: names and option
+/// words are compared as ASCII without regard to case, ids go to the engine as the bytes sent (their
+/// length checked first), numbers are read from ASCII digits. Cost is linear in the arguments' bytes.
+enum CommandTable {
+    /// An id as the engine takes it: the bytes as sent. The one place that says how an argument
+    /// becomes an id.
+    static func id(_ argument: ByteBuffer) -> Name {
+        argument.withUnsafeReadableBytes { Name($0) }
+    }
+
+    static let notInteger = Request.invalid("ERR value is not an integer or out of range")
+    static let noAuth = Request.invalid("NOAUTH Authentication required.")
+
+    /// The request `arguments` make. Before authentication (`authenticated` false) only the
+    /// commands allowed then are looked at beyond their name.
+    static func parse(_ arguments: [ByteBuffer], authenticated: Bool = true) -> Request {
+        guard let verb = Word(arguments[0]).flatMap({ Verb.byWord[$0] }) else {
+            return .invalid("ERR unknown command '\(shown(arguments[0]))'")
+        }
+        if !authenticated && !verb.allowedBeforeAuth { return noAuth }
+        let args = arguments[1...]
+        func arg(_ i: Int) -> ByteBuffer { args[args.startIndex + i] }
+        // Built only when needed: the hot path makes no message.
+        var wrongArity: Request { .invalid("ERR wrong number of arguments for '\(verb.name)' command") }
+        func arity(_ ok: Bool) -> Request? { ok ? nil : wrongArity }
+
+        switch verb {
+        case .ping:
+            return arity(args.count <= 1) ?? .ping(args.first)
+        case .echo:
+            return arity(args.count == 1) ?? .echo(arg(0))
+        case .quit:
+            return .quit
+        case .auth:
+            if args.count == 1 { return .auth(user: nil, password: arg(0)) }
+            if args.count == 2 { return .auth(user: arg(0), password: arg(1)) }
+            return wrongArity
+        case .info:
+            return arity(args.count <= 1) ?? .info(section: args.first.map(section))
+        case .shutdown:
+            return .shutdown
+        case .snapshot, .save, .bgsave:
+            return arity(args.isEmpty) ?? .snapshot
+        case .command:
+            return .commandInfo
+        case .config:
+            guard args.count == 2, Word(arg(0)) == .get else { return .invalid("ERR only CONFIG GET <pattern> is supported") }
+            return .configGet(pattern: lowered(arg(1)))
+        case .client:
+            switch args.first.flatMap(Word.init) {
+            case Word("SETINFO"), Word("SETNAME"), Word("NO-EVICT"), Word("NO-TOUCH"), Word("REPLY"): return .clientAccepted
+            case Word("ID"): return .clientID
+            default: return .invalid("ERR unknown CLIENT subcommand")
+            }
+        case .hello:
+            return hello(args)
+        case .select:
+            guard args.count == 1 else { return wrongArity }
+            guard let db = integer(arg(0)) else { return notInteger }
+            return .select(Int(db))
+
+        case .skuAdd:
+            guard args.count == 2 || args.count == 4 else { return wrongArity }
+            if let refusal = idProblem(arg(0), "SKU") { return refusal }
+            guard let total = integer(arg(1)) else { return notInteger }
+            var limit: Int64 = 0
+            if args.count == 4 {
+                guard Word(arg(2)) == .limit else { return .invalid("ERR syntax error: expected LIMIT n") }
+                guard let value = integer(arg(3)) else { return notInteger }
+                limit = value
+            }
+            return .engine(.addSku(sku: id(arg(0)), total: total, limit: limit))
+        case .skuRestock:
+            guard args.count == 2 else { return wrongArity }
+            if let refusal = idProblem(arg(0), "SKU") { return refusal }
+            guard let delta = integer(arg(1)) else { return notInteger }
+            return .engine(.restock(sku: id(arg(0)), delta: delta))
+        case .skuPause, .skuResume:
+            guard args.count == 1 else { return wrongArity }
+            if let refusal = idProblem(arg(0), "SKU") { return refusal }
+            return .engine(.setPaused(sku: id(arg(0)), paused: verb == .skuPause))
+        case .stock:
+            guard args.count == 1 else { return wrongArity }
+            if let refusal = idProblem(arg(0), "SKU") { return refusal }
+            return .engine(.stock(sku: id(arg(0))))
+        case .audit:
+            guard args.count <= 1 else { return wrongArity }
+            if let sku = args.first, let refusal = idProblem(sku, "SKU") { return refusal }
+            return .engine(.audit(sku: args.first.map(id)))
+        case .reserve, .buy:
+            guard args.count >= 3 else { return wrongArity }
+            return reserve(args, basket: verb == .buy)
+        case .confirm, .cancel, .order:
+            guard args.count == 1 else { return wrongArity }
+            // An id that is not a number cannot be an order of ours.
+            let order = orderID(arg(0)) ?? OrderID(rawValue: 0)
+            switch verb {
+            case .confirm: return .engine(.confirm(order))
+            case .cancel: return .engine(.cancel(order))
+            default: return .engine(.order(order))
+            }
+        case .orders:
+            // ORDERS user [AFTER order-id] [COUNT n]
+            guard args.count >= 1, args.count % 2 == 1 else { return wrongArity }
+            if let refusal = idProblem(arg(0), "user") { return refusal }
+            var after: OrderID?
+            var count = OrdersLimits.countDefault
+            var i = 1
+            while i + 1 < args.count {
+                switch Word(arg(i)) {
+                case .after:
+                    guard let order = orderID(arg(i + 1)) else { return .invalid("ERR AFTER needs an order id (an unsigned 64-bit number)") }
+                    after = order
+                case .count:
+                    guard let value = integer(arg(i + 1)), value >= 1, value <= Int64(OrdersLimits.countMax) else {
+                        return .invalid("ERR COUNT must be 1 to \(OrdersLimits.countMax)")
+                    }
+                    count = Int(value)
+                default: return .invalid("ERR syntax error near '\(shown(arg(i)))': expected AFTER order-id or COUNT n")
+                }
+                i += 2
+            }
+            return .engine(.orders(user: id(arg(0)), after: after, count: count))
+        case .deduct:
+            guard args.count == 1 || args.count == 2 else { return wrongArity }
+            if let refusal = idProblem(arg(0), "SKU") { return refusal }
+            var quantity: Int64 = 1
+            if args.count == 2 {
+                guard let value = integer(arg(1)) else { return notInteger }
+                quantity = value
+            }
+            return .engine(.deduct(sku: id(arg(0)), quantity: quantity))
+        case .events:
+            guard args.count >= 1, args.count % 2 == 1 else { return wrongArity }
+            guard let from = integer(arg(0)), from >= 0 else { return .invalid("ERR from-position must be 0 to \(Int64.max)") }
+            var count = EventLimits.countDefault
+            var block = 0
+            var i = 1
+            while i + 1 < args.count {
+                let value = integer(arg(i + 1))
+                switch Word(arg(i)) {
+                case .count:
+                    guard let value, value >= 1, value <= Int64(EventLimits.countMax) else {
+                        return .invalid("ERR COUNT must be 1 to \(EventLimits.countMax)")
+                    }
+                    count = Int(value)
+                case .block:
+                    guard let value, value >= 0, value <= Int64(EventLimits.blockMillisMax) else {
+                        return .invalid("ERR BLOCK must be 0 to \(EventLimits.blockMillisMax) ms")
+                    }
+                    block = Int(value)
+                default: return .invalid("ERR syntax error near '\(shown(arg(i)))': expected COUNT n or BLOCK ms")
+                }
+                i += 2
+            }
+            return .events(from: UInt64(from), count: count, blockMillis: block)
+        }
+    }
+
+    /// RESERVE user sku qty [REQ id] [TTL ms]; BUY user sku qty [sku qty ...] [REQ id] [TTL ms].
+    private static func reserve(_ list: ArraySlice<ByteBuffer>, basket: Bool) -> Request {
+        let base = list.startIndex
+        if let refusal = idProblem(list[base + 0], "user") { return refusal }
+        var lines: [OrderLine] = []
+        var i = 1
+        while i + 1 < list.count, lines.isEmpty || !isOption(list[base + i]) {
+            guard lines.count < Limits.itemsPerOrderMax else {
+                return .invalid("ERR an order has 1 to \(Limits.itemsPerOrderMax) SKUs")
+            }
+            if let refusal = idProblem(list[base + i], "SKU") { return refusal }
+            guard let quantity = integer(list[base + i + 1]) else { return notInteger }
+            lines.append(OrderLine(sku: id(list[base + i]), quantity: quantity))
+            i += 2
+            if !basket { break }
+        }
+        var requestId: ByteBuffer?
+        var ttl: Int64?
+        while i < list.count {
+            guard i + 1 < list.count else { return .invalid("ERR syntax error: \(shown(list[base + i])) needs a value") }
+            switch Word(list[base + i]) {
+            case .req:
+                if let refusal = idProblem(list[base + i + 1], "request") { return refusal }
+                requestId = list[base + i + 1]
+            case .ttl:
+                guard let value = integer(list[base + i + 1]) else { return notInteger }
+                ttl = value
+            default: return .invalid("ERR syntax error near '\(shown(list[base + i]))': expected REQ id or TTL ms")
+            }
+            i += 2
+        }
+        return .engine(.reserve(user: id(list[base + 0]), lines: lines, requestId: requestId.map(id), ttlMillis: ttl))
+    }
+
+    /// HELLO [protover [AUTH user password] [SETNAME name]], checked in Redis's order: the version,
+    /// then the options. A HELLO refused here changes nothing.
+    private static func hello(_ args: ArraySlice<ByteBuffer>) -> Request {
+        let list = Array(args)
+        guard let first = list.first else { return .hello(version: nil, password: nil) }
+        guard let version = integer(first) else { return .invalid("ERR Protocol version is not an integer or out of range") }
+        guard version == 2 || version == 3 else { return .invalid("NOPROTO unsupported protocol version") }
+        var password: ByteBuffer?
+        var i = 1
+        while i < list.count {
+            switch Word(list[i]) {
+            case .auth:
+                guard i + 2 < list.count else { return .invalid("ERR Syntax error in HELLO option 'AUTH'") }
+                password = list[i + 2]
+                i += 3
+            case .setname:
+                guard i + 1 < list.count else { return .invalid("ERR Syntax error in HELLO option 'SETNAME'") }
+                i += 2
+            default:
+                return .invalid("ERR Syntax error in HELLO option '\(shown(list[i]))'")
+            }
+        }
+        return .hello(version: Int(version), password: password)
+    }
+
+    private static func isOption(_ word: ByteBuffer) -> Bool {
+        let w = Word(word)
+        return w == .req || w == .ttl
+    }
+
+    /// The refusal for an id of the wrong length (checked before the id is used for anything).
+    /// The message is the engine's own for the same check.
+    static func idProblem(_ argument: ByteBuffer, _ what: String) -> Request? {
+        let count = argument.readableBytes
+        guard count < 1 || count > Limits.nameBytesMax else { return nil }
+        return .invalid("ERR \(what) id must be 1 to \(Limits.nameBytesMax) bytes")
+    }
+
+    /// A signed 64-bit decimal, from ASCII digits.
+    static func integer(_ argument: ByteBuffer) -> Int64? {
+        argument.withUnsafeReadableBytes { RESPParser.decimal($0) }.map { Int64($0) }
+    }
+
+    /// An order id as clients send it back: an unsigned 64-bit decimal.
+    static func orderID(_ argument: ByteBuffer) -> OrderID? {
+        let count = argument.readableBytes
+        guard count >= 1, count <= 20 else { return nil }
+        var value: UInt64 = 0
+        for byte in argument.readableBytesView {
+            guard byte >= 48 && byte <= 57 else { return nil }
+            let (times10, o1) = value.multipliedReportingOverflow(by: 10)
+            let (next, o2) = times10.addingReportingOverflow(UInt64(byte - 48))
+            guard !o1 && !o2 else { return nil }
+            value = next
+        }
+        return OrderID(rawValue: value)
+    }
+
+    /// ASCII letters lowered, every other byte kept.
+    static func lowered(_ argument: ByteBuffer) -> [UInt8] {
+        argument.readableBytesView.map { $0 >= 65 && $0 <= 90 ? $0 + 32 : $0 }
+    }
+
+    /// An INFO section name: at most 32 bytes, lowered (a longer one names no section).
+    private static func section(_ argument: ByteBuffer) -> String {
+        guard argument.readableBytes <= 32 else { return "?" }
+        return String(decoding: lowered(argument), as: UTF8.self)
+    }
+
+    /// A client's argument in an error message: its first 64 bytes, printable ASCII as is and
+    /// everything else as `\xHH`. Bounded and byte-wise: no Unicode work on what a client sent.
+    static func shown(_ argument: ByteBuffer) -> String {
+        let shownBytesMax = 64
+        var text = ""
+        for byte in argument.readableBytesView.prefix(shownBytesMax) {
+            if byte >= 0x20 && byte < 0x7F && byte != UInt8(ascii: "'") && byte != UInt8(ascii: "\\") {
+                text.unicodeScalars.append(Unicode.Scalar(byte))
+            } else {
+                text += "\\x" + (byte < 16 ? "0" : "") + String(byte, radix: 16)
+            }
+        }
+        if argument.readableBytes > shownBytesMax { text += "..." }
+        return text
     }
 }

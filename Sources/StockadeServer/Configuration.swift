@@ -49,6 +49,7 @@ public struct ServerConfiguration: Sendable {
         if maxClients < 1 { return "--maxclients must be at least 1" }
         if rateLimitPerSecond < 0 { return "--rate-limit must be 0 (none) or more" }
         if ioThreads < 0 || ioThreads > 64 { return "--io-threads must be 0 (one per core) to 64" }
+        if let problem = parserLimits.problem() { return problem }
         return nil
     }
 }

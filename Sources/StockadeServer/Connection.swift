@@ -1,7 +1,9 @@
+import Logging
 import NIOCore
 import StockadeCore
 import StockadeJournal
 import StockadeWire
+import Synchronization
 
 /// One client connection. Per read: parse every complete command, hand the engine commands to the
 /// engine in one batch, write every reply of that read into one buffer and flush once. Commands that
@@ -14,8 +16,15 @@ final class ConnectionHandler: ChannelDuplexHandler {
     typealias OutboundOut = ByteBuffer
 
     private let server: ServerContext
-    private let parser: RESPParser
+    /// Holds a request that arrived in part, so the next read continues where this one stopped.
+    private var parser: RESPParser
     private var inbound: ByteBuffer?
+    /// A command parsed but left for the next round (the round's replies reached their bound).
+    private var carried: Request?
+    /// The client half-closed (sent FIN): answer what it sent, then close.
+    private var inputClosed = false
+    /// The last write, so a close can wait for it to reach the socket.
+    private var lastWrite: EventLoopFuture<Void>?
     /// A round (batch, then its async step) is running; reads wait.
     private var busy = false
     private var readWanted = false
@@ -69,6 +78,15 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         context.close(promise: nil)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event {
+            inputClosed = true
+            if !busy { process(context: context) }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     // MARK: Reading
@@ -127,49 +145,93 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     // MARK: Rounds
 
-    /// Parses every complete command buffered and answers them: at once when none needs the engine
-    /// or an async step, otherwise after one engine batch (and at most one async step, which ends the round).
+    /// Worst-case reply bytes of the commands one round admits (or ``ServerConfiguration/clientOutputBytesMax``
+    /// if smaller). Commands past it wait for the next round, after this one's replies were written:
+    /// a pipeline of commands with large replies (ORDERS, AUDIT) is answered a few at a time, so the
+    /// replies built at once stay bounded whatever one read holds.
+    static let roundReplyBytesMax = 4 << 20
+
+    /// Parses the commands buffered and answers them, round after round: a round without engine
+    /// commands or an async step is answered at once and the next one starts; otherwise the round
+    /// waits for one engine batch (and at most one async step, which ends the round) and ``finish``
+    /// starts the next.
     private func process(context: ChannelHandlerContext) {
-        guard var input = inbound, input.readableBytes > 0, !closing else { return }
-        let started = monotonicNanos()
+        while !busy && !closing {
+            guard let round = buildRound(context: context) else { break }
+            if round.batch.isEmpty && round.step == nil {
+                finish(context: context, round: round, replies: [], tail: nil, closeAfter: round.closeAfter)
+                continue
+            }
+            run(round, context: context)
+            return
+        }
+        if !busy && !closing && inputClosed {
+            // The client half-closed: everything it sent before is answered; now close.
+            closeAfterWrites(context: context)
+        }
+    }
+
+    /// One round's commands, in order.
+    private struct Round {
         var slots: [Slot] = []
         var batch: [Command] = []
-        var asyncStep: RoundStep?
+        var step: RoundStep?
         var closeAfter = false
-        parsing: while true {
-            let arguments: [String]
-            do {
-                guard case .command(let parsed) = try parser.next(&input) else { break }
-                arguments = parsed
-            } catch {
-                var out = context.channel.allocator.buffer(capacity: 128)
-                out.writeRESPError("ERR Protocol error: \(error.message)")
-                slots.append(.bytes(out))
-                server.metrics.count("protocol", outcome: "error")
-                server.logger.info("protocol error, closing connection: \(error.message)", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
-                input.moveReaderIndex(to: input.writerIndex)
-                closeAfter = true
-                break
-            }
-            var request = CommandTable.parse(arguments)
-            if !authenticated && !request.allowedBeforeAuth {
-                request = .invalid("NOAUTH Authentication required.")
+        var started: UInt64
+    }
+
+    /// Parses commands from the buffered input into a round: until the input runs out, an async
+    /// step or QUIT or a protocol error ends it, or the replies admitted reach the round's bound.
+    /// nil when nothing complete was buffered.
+    private func buildRound(context: ChannelHandlerContext) -> Round? {
+        var round = Round(started: monotonicNanos())
+        let replyBudget = min(Self.roundReplyBytesMax, server.configuration.clientOutputBytesMax)
+        var replyBytes = 0
+        var input = inbound ?? ByteBuffer()
+        parsing: while replyBytes < replyBudget {
+            var request: Request
+            if let waiting = carried {
+                request = waiting
+                carried = nil
+            } else {
+                guard input.readableBytes > 0 else { break }
+                do {
+                    guard case .command(let arguments) = try parser.next(&input) else { break }
+                    request = CommandTable.parse(arguments, authenticated: authenticated)
+                } catch {
+                    var out = context.channel.allocator.buffer(capacity: 128)
+                    out.writeRESPError("ERR Protocol error: \(error.message)")
+                    round.slots.append(.bytes(out))
+                    server.metrics.count("protocol", outcome: "error")
+                    server.protocolErrorLog.record(
+                        "protocol error, closing connection: \(error.message)",
+                        peer: context.remoteAddress.map { "\($0)" } ?? "?", logger: server.logger, loop: context.eventLoop)
+                    input.moveReaderIndex(to: input.writerIndex)
+                    round.closeAfter = true
+                    break
+                }
             }
             // Engine commands (the hot path) only join the batch: no reply buffer of their own.
             if case .engine(let command) = request {
+                let replyMax = ReplyEncoding.replyBytesMax(command)
+                if !round.slots.isEmpty, replyBytes + (replyMax ?? replyBudget) > replyBudget {
+                    carried = request  // it starts the next round
+                    break
+                }
+                replyBytes += replyMax ?? replyBudget
                 if command.isChange, var tokens = bucket {
                     let allowed = tokens.take(nowNanos: monotonicNanos())
                     bucket = tokens
                     if !allowed {
                         var refusal = context.channel.allocator.buffer(capacity: 64)
                         refusal.writeRESPError("BUSY rate limit of \(server.configuration.rateLimitPerSecond) changes per second")
-                        slots.append(.bytes(refusal))
+                        round.slots.append(.bytes(refusal))
                         server.metrics.count(request.metricName, outcome: "busy")
                         continue
                     }
                 }
-                batch.append(command)
-                slots.append(.engine(batch.count - 1, name: request.metricName))
+                round.batch.append(command)
+                round.slots.append(.engine(round.batch.count - 1, name: request.metricName))
                 continue
             }
             var out = context.channel.allocator.buffer(capacity: 64)
@@ -178,27 +240,34 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 preconditionFailure("engine commands were batched above")
             case .quit:
                 out.writeRESPSimple("OK")
-                closeAfter = true
-            case .snapshot: asyncStep = .snapshot
-            case .shutdown: asyncStep = .shutdown
-            case .info(let section): asyncStep = .info(section)
-            case .events(let from, let count, let block): asyncStep = .events(from: from, count: count, blockMillis: block)
-            case .hello(_, let password) where !authenticated:
-                if let password, let expected = server.configuration.requirePassword, constantTimeEqual(password, expected) {
+                round.closeAfter = true
+            case .snapshot: round.step = .snapshot
+            case .shutdown: round.step = .shutdown
+            case .info(let section): round.step = .info(section)
+            case .events(let from, let count, let block): round.step = .events(from: from, count: count, blockMillis: block)
+            case .hello(_, let password):
+                // Redis's order: the version and options were checked by the command table; then the
+                // password. A HELLO that fails changes nothing.
+                if let password, let expected = server.configuration.requirePassword, !expected.isEmpty {
+                    guard constantTimeEqual(password, expected) else {
+                        out.writeRESPError(Self.wrongPassword)
+                        break
+                    }
                     authenticated = true
-                    server.writeLocal(request, clientID: ObjectIdentifier(self), into: &out)
-                } else if password != nil {
-                    out.writeRESPError("WRONGPASS invalid username-password pair or user is disabled.")
-                } else {
+                } else if !authenticated {
                     out.writeRESPError("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time")
+                    break
                 }
+                server.writeLocal(request, clientID: ObjectIdentifier(self), into: &out)
             case .auth(_, let password):
                 if let expected = server.configuration.requirePassword, !expected.isEmpty {
+                    // A wrong password leaves the connection as it was (as in Redis): an
+                    // authenticated client stays authenticated, others stay out.
                     if constantTimeEqual(password, expected) {
                         authenticated = true
                         out.writeRESPSimple("OK")
                     } else {
-                        out.writeRESPError("WRONGPASS invalid username-password pair or user is disabled.")
+                        out.writeRESPError(Self.wrongPassword)
                     }
                 } else {
                     out.writeRESPError("ERR AUTH called without any password configured")
@@ -206,78 +275,101 @@ final class ConnectionHandler: ChannelDuplexHandler {
             default:
                 server.writeLocal(request, clientID: ObjectIdentifier(self), into: &out)
             }
-            if asyncStep == nil {
+            if round.step == nil {
                 server.metrics.count(request.metricName, outcome: outcomeOf(out))
-                slots.append(.bytes(out))
+                replyBytes += out.readableBytes
+                round.slots.append(.bytes(out))
             }
-            if asyncStep != nil || closeAfter { break parsing }
+            if round.step != nil || round.closeAfter { break parsing }
         }
         inbound = input.readableBytes > 0 ? input : nil
-        // Only part of a command so far: wait for the next read.
-        if slots.isEmpty && asyncStep == nil { return }
-
-        if batch.isEmpty && asyncStep == nil {
-            finish(context: context, slots: slots, replies: [], tail: nil, closeAfter: closeAfter, started: started)
-            return
+        // Bytes taken in stay at the front of the buffer until it is emptied; drop them once they
+        // outweigh what is left, so moving the rest costs no more than what was read (linear).
+        if var rest = inbound, rest.readerIndex >= max(rest.readableBytes, 4096) {
+            rest.discardReadBytes()
+            inbound = rest
         }
+        // Only part of a command so far: wait for the next read.
+        if round.slots.isEmpty && round.step == nil { return nil }
+        return round
+    }
+
+    private static let wrongPassword = "WRONGPASS invalid username-password pair or user is disabled."
+
+    /// Runs a round's engine batch and async step off the event loop, then finishes it on the loop.
+    private func run(_ round: Round, context: ChannelHandlerContext) {
         busy = true
         let engine = server.engine
         let server = self.server
-        let step = asyncStep
         let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
-        let commands = batch
         let loop = context.eventLoop
-        let roundSlots = slots
-        let roundCloses = closeAfter
         server.beginRound()
         Task(executorPreference: executor) {
-            let replies = commands.isEmpty ? [] : await engine.execute(commands, now: wallClockMillis())
-            let (tail, stepCloses): (ByteBuffer?, Bool) = if let step { await server.run(step: step) } else { (nil, false) }
+            let replies = round.batch.isEmpty ? [] : await engine.execute(round.batch, now: wallClockMillis())
+            let (tail, stepCloses): (ByteBuffer?, Bool) = if let step = round.step { await server.run(step: step) } else { (nil, false) }
             server.endRound()
             loop.execute {
                 let (handler, context) = bound.value
                 handler.busy = false
-                handler.finish(context: context, slots: roundSlots, replies: replies, tail: tail, closeAfter: roundCloses || stepCloses, started: started)
+                handler.finish(context: context, round: round, replies: replies, tail: tail, closeAfter: round.closeAfter || stepCloses)
+                // Commands that arrived while this round ran.
+                handler.process(context: context)
+                handler.resumeReading(context: context)
             }
         }
     }
 
-    private func finish(context: ChannelHandlerContext, slots: [Slot], replies: [Reply], tail: ByteBuffer?, closeAfter: Bool, started: UInt64) {
-        var out = context.channel.allocator.buffer(capacity: 64 * max(1, slots.count))
+    /// Writes a round's replies in order with one flush. Checks the output limit while they are
+    /// built: past ``ServerConfiguration/clientOutputBytesMax`` of unread replies, the rest of the
+    /// round is not encoded, the client gets an error and is disconnected.
+    private func finish(context: ChannelHandlerContext, round: Round, replies: [Reply], tail: ByteBuffer?, closeAfter: Bool) {
+        guard context.channel.isActive else { return }
+        let outputMax = server.configuration.clientOutputBytesMax
+        let unread = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
+        var out = context.channel.allocator.buffer(capacity: 64 * max(1, round.slots.count))
         var tally = Tally()
-        for slot in slots {
+        var overLimit = false
+        for slot in round.slots {
             switch slot {
             case .bytes(var bytes): out.writeBuffer(&bytes)
             case .engine(let index, let name):
                 let reply = replies[index]
-                ReplyEncoding.write(reply, into: &out)
+                ReplyEncoding.write(reply, to: round.batch[index], into: &out)
                 tally.add(name, ReplyEncoding.outcome(reply))
+            }
+            if unread + out.readableBytes > outputMax {
+                overLimit = true
+                break
             }
         }
         server.metrics.count(tally)
         if !replies.isEmpty {
-            server.metrics.roundDuration.record(Duration.nanoseconds(Int64(monotonicNanos() - started)))
+            server.metrics.roundDuration.record(Duration.nanoseconds(Int64(monotonicNanos() - round.started)))
         }
-        if var tail { out.writeBuffer(&tail) }
-        guard context.channel.isActive else { return }
-        if out.readableBytes > 0 { context.writeAndFlush(wrapOutboundOut(out), promise: nil) }
-        if closeAfter {
+        if var tail, !overLimit { out.writeBuffer(&tail) }
+        if overLimit || unread + out.readableBytes > outputMax {
+            server.logger.warning("closing a client with more than \(outputMax) bytes of unread replies (--max-output-bytes)")
+            out.writeRESPError("ERR output buffer limit reached: more than \(outputMax) bytes of replies unread (--max-output-bytes); closing")
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
             closing = true
+            inbound = nil
             context.close(promise: nil)
             return
         }
-        if let buffered = try? context.channel.syncOptions?.getOption(.bufferedWritableBytes),
-           buffered > server.configuration.clientOutputBytesMax {
-            server.logger.warning("closing a client with \(buffered) bytes of unread replies (limit \(server.configuration.clientOutputBytesMax))")
-            closing = true
-            context.close(promise: nil)
-            return
+        if out.readableBytes > 0 { lastWrite = context.writeAndFlush(wrapOutboundOut(out)) }
+        if closeAfter { closeAfterWrites(context: context) }
+    }
+
+    /// Closes once everything written so far has reached the socket (or failed).
+    private func closeAfterWrites(context: ChannelHandlerContext) {
+        closing = true
+        inbound = nil
+        let channel = context.channel
+        if let lastWrite {
+            lastWrite.whenComplete { _ in channel.close(promise: nil) }
+        } else {
+            channel.close(promise: nil)
         }
-        // Commands that arrived while this round ran.
-        if inbound != nil {
-            process(context: context)
-        }
-        resumeReading(context: context)
     }
 
     private func outcomeOf(_ out: ByteBuffer) -> String {
@@ -288,8 +380,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
 }
 
 /// Compares without returning early, so the time taken does not reveal how much of a guess matched.
-func constantTimeEqual(_ a: String, _ b: String) -> Bool {
-    let x = Array(a.utf8), y = Array(b.utf8)
+func constantTimeEqual(_ a: ByteBuffer, _ b: String) -> Bool {
+    let x = Array(a.readableBytesView), y = Array(b.utf8)
     var difference = UInt8(x.count == y.count ? 0 : 1)
     for i in 0..<max(x.count, y.count) {
         difference |= (i < x.count ? x[i] : 0) ^ (i < y.count ? y[i] : 0)
@@ -317,4 +409,68 @@ struct TokenBucket {
         tokens -= 1
         return true
     }
+}
+
+/// Lines about protocol errors, at most ``linesPerSecond`` a second for the whole server: a client
+/// cannot flood the log by sending garbage. Lines past that are counted, and one line says how many
+/// were left out when the second is over.
+final class ProtocolErrorLog: Sendable {
+    /// Enough to see what is going on; few enough that a flood of bad connections costs the log
+    /// at most a few KiB a second.
+    static let linesPerSecond = 10
+
+    private struct Window {
+        var startNanos: UInt64 = 0
+        var logged = 0
+        var suppressed = 0
+        var summaryScheduled = false
+    }
+
+    private let window = Mutex(Window())
+    private let nowNanos: @Sendable () -> UInt64
+
+    init(nowNanos: @escaping @Sendable () -> UInt64 = { monotonicNanos() }) { self.nowNanos = nowNanos }
+
+    /// Logs `message` unless this second's lines are used up; then the first suppressed line
+    /// schedules the summary on `loop` for when the second ends.
+    func record(_ message: String, peer: String, logger: Logger, loop: EventLoop?) {
+        enum Decision { case log(summary: Int), suppress(scheduleSummary: Bool) }
+        let now = nowNanos()
+        let decision: Decision = window.withLock { w in
+            var summary = 0
+            if now - w.startNanos >= 1_000_000_000 {
+                summary = w.suppressed
+                w = Window(startNanos: now)
+            }
+            if w.logged < Self.linesPerSecond {
+                w.logged += 1
+                return .log(summary: summary)
+            }
+            w.suppressed += 1
+            defer { w.summaryScheduled = true }
+            return .suppress(scheduleSummary: !w.summaryScheduled)
+        }
+        switch decision {
+        case .log(let summary):
+            if summary > 0 { logger.info("\(summary) more protocol errors were not logged (at most \(Self.linesPerSecond) lines a second)") }
+            logger.info("\(message)", metadata: ["peer": "\(peer)"])
+        case .suppress(let scheduleSummary):
+            guard scheduleSummary, let loop else { return }
+            loop.scheduleTask(in: .seconds(1)) { self.flushSummary(logger: logger) }
+        }
+    }
+
+    /// Logs how many lines were left out in a second that is over (the next error would say it too).
+    func flushSummary(logger: Logger) {
+        let now = nowNanos()
+        let summary: Int = window.withLock { w in
+            guard now - w.startNanos >= 1_000_000_000, w.suppressed > 0 else { return 0 }
+            defer { w = Window(startNanos: w.startNanos, logged: w.logged, suppressed: 0, summaryScheduled: false) }
+            return w.suppressed
+        }
+        if summary > 0 { logger.info("\(summary) more protocol errors were not logged (at most \(Self.linesPerSecond) lines a second)") }
+    }
+
+    /// Lines logged and suppressed in the current second (for tests).
+    var counts: (logged: Int, suppressed: Int) { window.withLock { ($0.logged, $0.suppressed) } }
 }

@@ -5,7 +5,8 @@ import StockadeWire
 /// Engine replies as RESP2. Every business outcome has a stable error code as its first word
 /// (docs/PROTOCOL.md); a client branches on it.
 package enum ReplyEncoding {
-    package static func write(_ reply: Reply, into out: inout ByteBuffer) {
+    /// Writes `reply`, the engine's answer to `command` (which says which bound an error names).
+    package static func write(_ reply: Reply, to command: Command? = nil, into out: inout ByteBuffer) {
         switch reply {
         case .done:
             out.writeRESPSimple("OK")
@@ -29,9 +30,30 @@ package enum ReplyEncoding {
                 out.writeRESPBulk(finding.ok ? "OK" : finding.problem)
             }
         case .rejected(let rejection):
-            out.writeRESPError(errorText(rejection))
+            out.writeRESPError(errorText(rejection, to: command))
         }
     }
+
+    /// The most bytes the reply to `command` can take, from the bounds on what it returns: ids of
+    /// at most ``Limits/nameBytesMax`` bytes, baskets of at most ``Limits/itemsPerOrderMax`` SKUs,
+    /// pages of ORDERS. A connection admits commands into a round while the sum stays bounded, so
+    /// one read cannot make the server build an unbounded pile of replies. `nil`: unbounded (AUDIT
+    /// of every SKU), so the command gets a round of its own.
+    static func replyBytesMax(_ command: Command) -> Int? {
+        switch command {
+        case .orders(_, _, let count): 16 + count * orderBytesMax
+        case .order: orderBytesMax
+        case .audit(let sku): sku == nil ? nil : 256 + errorBytesMax
+        default: stockBytesMax + errorBytesMax
+        }
+    }
+
+    /// An error line: a code, numbers, a reason (a log failure's text is the longest).
+    static let errorBytesMax = 1024
+    /// The STOCK array: 14 elements, one an id.
+    static let stockBytesMax = 512
+    /// One ORDER array: 10 elements, ids, and a basket of up to 64 SKUs and quantities.
+    static let orderBytesMax = 256 + Limits.itemsPerOrderMax * (Limits.nameBytesMax + 40)
 
     /// `sku <id> total n available n reserved n sold n limit n paused 0|1`: a flat field/value array.
     static func writeStock(_ info: SkuInfo, into out: inout ByteBuffer) {
@@ -60,15 +82,20 @@ package enum ReplyEncoding {
         }
     }
 
-    /// The error line of a rejection: a stable code, then details.
-    static func errorText(_ rejection: Rejection) -> String {
+    /// The error line of a rejection: a stable code, then details naming the bound that applies.
+    static func errorText(_ rejection: Rejection, to command: Command? = nil) -> String {
         switch rejection {
         case .soldOut: "SOLDOUT"
         case .insufficient(let available): "INSUFFICIENT \(available)"
         case .limitReached(let bought, let limit): "LIMIT \(bought) \(limit)"
         case .noSuchSku: "NOSKU"
         case .paused: "PAUSED"
-        case .badQuantity: "BADQTY quantity must be 1 to \(Limits.quantityMax)"
+        case .badQuantity:
+            if case .restock = command {
+                "BADQTY delta must be -\(Limits.stockMax) to \(Limits.stockMax)"
+            } else {
+                "BADQTY quantity must be 1 to \(Limits.quantityMax)"
+            }
         case .badArgument(let message): "ERR \(message)"
         case .skuExists: "EXISTS"
         case .belowCommitted(let committed): "BELOWCOMMITTED \(committed)"
@@ -130,16 +157,6 @@ package enum ReplyEncoding {
 extension ByteBuffer {
     /// An id as a bulk string, byte for byte.
     mutating func writeRESPBulk(_ name: Name) {
-        name.withBytes { bytes in
-            writeRESPArrayLengthLine(prefix: UInt8(ascii: "$"), bytes.count)
-            writeBytes(bytes)
-            writeStaticString("\r\n")
-        }
-    }
-
-    private mutating func writeRESPArrayLengthLine(prefix: UInt8, _ count: Int) {
-        writeInteger(prefix)
-        writeString(String(count))
-        writeStaticString("\r\n")
+        name.withBytes { writeRESPBulk(bytes: $0) }
     }
 }

@@ -17,6 +17,7 @@ final class ServerContext: Sendable {
     let engine: Engine
     let metrics: ServerMetrics
     let logger: Logger
+    let protocolErrorLog = ProtocolErrorLog()
     let startedNanos = monotonicNanos()
     let startedWallMillis = wallClockMillis()
     /// Called by SHUTDOWN.
@@ -121,7 +122,7 @@ final class ServerContext: Sendable {
                 ("appendfsync", configuration.fsync.rawValue), ("maxclients", String(configuration.maxClients)),
                 ("port", String(configuration.port)), ("databases", "1"),
             ]
-            let matching = values.filter { globMatch(pattern.lowercased(), $0.0) }
+            let matching = values.filter { globMatch(pattern, $0.0) }
             out.writeRESPArrayHeader(matching.count * 2)
             for (key, value) in matching { out.writeRESPBulk(key); out.writeRESPBulk(value) }
         case .clientAccepted:
@@ -286,18 +287,19 @@ public func allocatedBytes() -> Int {
     return allocated
 }
 
-/// Redis-style glob with `*` and `?` (CONFIG GET patterns). Iterative, remembering only the last
-/// `*`, so a pattern of many stars costs O(pattern x text), never exponential time.
-func globMatch(_ pattern: String, _ text: String) -> Bool {
-    let p = Array(pattern), t = Array(text)
+/// Redis-style glob with `*` and `?` (CONFIG GET patterns), on bytes (no Unicode work on what a
+/// client sent). Iterative, remembering only the last `*`, so a pattern of many stars costs
+/// O(pattern x text), never exponential time; our texts are short config names.
+func globMatch(_ pattern: [UInt8], _ text: String) -> Bool {
+    let p = pattern, t = Array(text.utf8)
     var i = 0, j = 0
     var star: Int?
     var resume = 0
     while j < t.count {
-        if i < p.count && (p[i] == "?" || p[i] == t[j]) {
+        if i < p.count && (p[i] == UInt8(ascii: "?") || p[i] == t[j]) {
             i += 1
             j += 1
-        } else if i < p.count && p[i] == "*" {
+        } else if i < p.count && p[i] == UInt8(ascii: "*") {
             star = i
             resume = j
             i += 1
@@ -309,7 +311,7 @@ func globMatch(_ pattern: String, _ text: String) -> Bool {
             return false
         }
     }
-    while i < p.count && p[i] == "*" { i += 1 }
+    while i < p.count && p[i] == UInt8(ascii: "*") { i += 1 }
     return i == p.count
 }
 
@@ -362,6 +364,7 @@ public final class StockadeServer: Sendable {
             .childChannelOption(.maxMessagesPerRead, value: 4)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 256 << 10, high: 1 << 20))
             .childChannelOption(.autoRead, value: true)
+            .childChannelOption(.allowRemoteHalfClosure, value: true)  // answer a client that half-closed (ConnectionHandler)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(ConnectionHandler(server: context))

@@ -158,8 +158,8 @@ package struct ReferenceModel: Sendable {
         case let .order(id):
             guard let o = orders[id] else { return .rejected(.noSuchOrder) }
             return .order(OrderInfo(id: id, user: o.user, lines: o.lines, state: o.state, deadlineMillis: o.deadline))
-        case let .orders(user):
-            return .orders(orders.filter { $0.value.user == user }.sorted { $0.key < $1.key }.map {
+        case let .orders(user, after, count):
+            return .orders(orders.filter { $0.value.user == user && $0.key > (after ?? OrderID(rawValue: 0)) }.sorted { $0.key < $1.key }.prefix(count).map {
                 OrderInfo(id: $0.key, user: user, lines: $0.value.lines, state: $0.value.state, deadlineMillis: $0.value.deadline)
             })
         case .audit:

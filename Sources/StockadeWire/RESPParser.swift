@@ -2,8 +2,12 @@ import NIOCore
 
 /// Parses RESP2 requests: arrays of bulk strings (what redis-cli, redis-benchmark and client
 /// libraries send) and inline commands (a line of words with Redis's quoting rules, what `nc` and
-/// telnet send). Incremental: it parses every complete command in a buffer and leaves a partial one
-/// for the next read.
+/// telnet send).
+///
+/// Arguments are bytes (``ByteBuffer`` slices), never `String`: ids are binary-safe, and no Unicode
+/// work is ever done on what a client sends. Incremental and resumable: a request that arrives in
+/// parts is taken in where the last read stopped (its complete arguments are kept by the parser),
+/// so the cost of a request is linear in its bytes however it is split. One parser per connection.
 public struct RESPParser: Sendable {
     /// Bounds on what one request may make the server hold.
     public struct Limits: Sendable {
@@ -14,7 +18,20 @@ public struct RESPParser: Sendable {
         public var bulkBytesMax = 512 * 1024
         /// Arguments of one command: a basket of 64 SKUs takes about 140.
         public var argumentsMax = 1024
+        /// One whole request (every header, argument and line end). Our largest real command, a
+        /// 64-SKU basket of 64-byte ids, is under 10 KiB; 4 MiB leaves room for ECHO of a full bulk
+        /// and stops `*1024` of 512 KiB arguments (512 MiB) from being buffered for one request.
+        public var requestBytesMax = 4 << 20
         public init() {}
+
+        /// Why these limits cannot be used (a flag out of range); nil when they can.
+        public func problem() -> String? {
+            if inlineBytesMax < 16 || inlineBytesMax > 1 << 30 { return "--max-inline-bytes must be 16 to \(1 << 30)" }
+            if bulkBytesMax < 64 || bulkBytesMax > 1 << 30 { return "--max-bulk-bytes must be 64 to \(1 << 30)" }
+            if argumentsMax < 1 || argumentsMax > 1 << 20 { return "--max-arguments must be 1 to \(1 << 20)" }
+            if requestBytesMax < 64 || requestBytesMax > 1 << 30 { return "--max-request-bytes must be 64 to \(1 << 30)" }
+            return nil
+        }
     }
 
     /// A request the stream can no longer be trusted after: the connection is answered and closed.
@@ -24,121 +41,228 @@ public struct RESPParser: Sendable {
     }
 
     public enum Outcome: Equatable, Sendable {
-        /// One command's arguments (never empty).
-        case command([String])
-        /// More bytes are needed; nothing was consumed.
+        /// One command's arguments (never empty), as bytes.
+        case command([ByteBuffer])
+        /// More bytes are needed. What was complete has been taken in (the buffer's reader index
+        /// moved past it); the parser continues from there on the next call.
         case incomplete
     }
 
     public let limits: Limits
 
+    /// Where the parser stands inside a request that has not arrived whole.
+    private enum State: Sendable {
+        /// Between requests.
+        case idle
+        /// Inside a multibulk of `count` arguments; the next thing is a `$length` line.
+        case header(count: Int)
+        /// Inside a multibulk; the `$length` line of the next argument was read, its bytes were not.
+        case body(count: Int, length: Int)
+        /// Inside an inline line: `scanned` bytes after the reader index hold no `\n`.
+        case inline(scanned: Int)
+    }
+
+    private var state = State.idle
+    /// Bytes of the current request taken in so far (headers, arguments, line ends).
+    private var requestBytes = 0
+    /// Arguments of the current request taken in by earlier calls, copied here so the caller's
+    /// buffer can be reused; ``heldEnds`` marks where each ends.
+    private var held = ByteBuffer()
+    private var heldEnds: [Int] = []
+    /// Arguments of the current request taken in by this call: slices of the caller's buffer.
+    private var fresh: [ByteBuffer] = []
+
     public init(limits: Limits = Limits()) { self.limits = limits }
 
-    /// Parses the next command at the buffer's reader index and moves past it. Empty requests
+    /// Whether a request was started and not finished (bytes are held for it).
+    public var inRequest: Bool {
+        if case .idle = state { return false }
+        return true
+    }
+
+    /// Parses the next command from the buffer's reader index and moves past it. Empty requests
     /// (`*0`, a blank line) are skipped. Throws ``ProtocolError`` for a request that breaks the
-    /// protocol or a limit; the buffer is then left as it was.
-    public func next(_ buffer: inout ByteBuffer) throws(ProtocolError) -> Outcome {
-        while buffer.readableBytes > 0 {
-            let start = buffer.readerIndex
-            let result: Outcome?
-            if buffer.getInteger(at: start, as: UInt8.self) == UInt8(ascii: "*") {
-                result = try multibulk(&buffer)
-            } else {
-                result = try inline(&buffer)
+    /// protocol or a limit; the parser then forgets the request (the connection is closed anyway).
+    public mutating func next(_ buffer: inout ByteBuffer) throws(ProtocolError) -> Outcome {
+        do throws(ProtocolError) {
+            while true {
+                switch state {
+                case .idle:
+                    guard let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return .incomplete }
+                    requestBytes = 0
+                    if first == UInt8(ascii: "*") {
+                        guard let count = try readNumberLine(&buffer, what: "multibulk") else { return .incomplete }
+                        if count <= 0 { continue }  // an empty request: skipped, as Redis does
+                        guard count <= limits.argumentsMax else {
+                            throw ProtocolError(message: "invalid multibulk length (\(count) arguments, at most \(limits.argumentsMax))")
+                        }
+                        state = .header(count: count)
+                    } else {
+                        state = .inline(scanned: 0)
+                    }
+                case .header(let count):
+                    guard let marker = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return suspend(&buffer) }
+                    guard marker == UInt8(ascii: "$") else {
+                        throw ProtocolError(message: "expected '$', got '\(Self.shown(marker))'")
+                    }
+                    guard let length = try readNumberLine(&buffer, what: "bulk") else { return suspend(&buffer) }
+                    guard length >= 0, length <= limits.bulkBytesMax else {
+                        throw ProtocolError(message: "invalid bulk length (\(length) bytes, at most \(limits.bulkBytesMax))")
+                    }
+                    try charge(length + 2)
+                    state = .body(count: count, length: length)
+                case .body(let count, let length):
+                    guard buffer.readableBytes >= length + 2 else { return suspend(&buffer) }
+                    guard buffer.getInteger(at: buffer.readerIndex + length, as: UInt8.self) == UInt8(ascii: "\r"),
+                          buffer.getInteger(at: buffer.readerIndex + length + 1, as: UInt8.self) == UInt8(ascii: "\n")
+                    else { throw ProtocolError(message: "bulk string not followed by CRLF") }
+                    fresh.append(buffer.readSlice(length: length)!)
+                    buffer.moveReaderIndex(forwardBy: 2)
+                    if heldEnds.count + fresh.count < count {
+                        state = .header(count: count)
+                        continue
+                    }
+                    return .command(finishRequest())
+                case .inline(let scanned):
+                    guard let words = try inline(&buffer, scanned: scanned) else { return .incomplete }
+                    state = .idle
+                    if words.isEmpty { continue }
+                    return .command(words)
+                }
             }
-            switch result {
-            case .none: continue  // an empty request was skipped
-            case .some(.incomplete):
-                buffer.moveReaderIndex(to: start)
-                return .incomplete
-            case .some(let outcome):
-                return outcome
-            }
+        } catch {
+            reset()
+            throw error
         }
+    }
+
+    /// Adds `bytes` to the current request; past ``Limits/requestBytesMax`` the request is refused
+    /// before its bytes are waited for.
+    private mutating func charge(_ bytes: Int) throws(ProtocolError) {
+        requestBytes += bytes
+        guard requestBytes <= limits.requestBytesMax else {
+            throw ProtocolError(message: "request too big (over \(limits.requestBytesMax) bytes)")
+        }
+    }
+
+    /// The arguments of the request just completed; the parser is then between requests.
+    private mutating func finishRequest() -> [ByteBuffer] {
+        var arguments: [ByteBuffer]
+        if heldEnds.isEmpty {
+            arguments = fresh  // the common case: the whole request came in one read, no copy
+        } else {
+            arguments = []
+            arguments.reserveCapacity(heldEnds.count + fresh.count)
+            var start = held.readerIndex
+            for end in heldEnds {
+                arguments.append(held.getSlice(at: start, length: end - start)!)
+                start = end
+            }
+            arguments += fresh
+        }
+        held = ByteBuffer()
+        heldEnds.removeAll()
+        fresh.removeAll(keepingCapacity: true)
+        state = .idle
+        return arguments
+    }
+
+    /// Keeps the arguments this call took in (copying them out of the caller's buffer, which the
+    /// caller will reuse) and asks for more bytes.
+    private mutating func suspend(_ buffer: inout ByteBuffer) -> Outcome {
+        for var argument in fresh {
+            held.writeBuffer(&argument)
+            heldEnds.append(held.writerIndex)
+        }
+        fresh.removeAll(keepingCapacity: true)
         return .incomplete
     }
 
-    private enum LineEnd {
-        /// Buffer index of the `\n`.
-        case found(Int)
-        case incomplete
-        case tooLong
+    private mutating func reset() {
+        state = .idle
+        requestBytes = 0
+        held = ByteBuffer()
+        heldEnds.removeAll()
+        fresh.removeAll()
     }
 
-    /// Finds the `\n` ending the line at the reader index, looking at most `limit` bytes (+ CRLF).
-    private func lineEnd(_ buffer: ByteBuffer, limit: Int) -> LineEnd {
+    /// Reads `<marker><decimal>\r\n` at the reader index (the marker is `*` or `$`); nil when the
+    /// line is not complete yet (nothing consumed). At most 32 bytes are looked at.
+    private mutating func readNumberLine(_ buffer: inout ByteBuffer, what: String) throws(ProtocolError) -> Int? {
+        let lineBytesMax = 32
         let view = buffer.readableBytesView
-        let searchEnd = view.index(view.startIndex, offsetBy: min(view.count, limit + 2))
-        if let newline = view[view.startIndex..<searchEnd].firstIndex(of: UInt8(ascii: "\n")) { return .found(newline) }
-        return view.count > limit + 1 ? .tooLong : .incomplete
-    }
-
-    private func readNumberLine(_ buffer: inout ByteBuffer, what: String) throws(ProtocolError) -> Int? {
-        let newline: Int
-        switch lineEnd(buffer, limit: 32) {
-        case .incomplete: return nil
-        case .tooLong: throw ProtocolError(message: "invalid \(what) length")
-        case .found(let index): newline = index
+        let searchEnd = view.index(view.startIndex, offsetBy: min(view.count, lineBytesMax + 2))
+        guard let newline = view[view.startIndex..<searchEnd].firstIndex(of: UInt8(ascii: "\n")) else {
+            if view.count > lineBytesMax + 1 { throw ProtocolError(message: "invalid \(what) length") }
+            return nil
         }
-        guard newline > buffer.readerIndex,
-              buffer.getInteger(at: newline - 1, as: UInt8.self) == UInt8(ascii: "\r")
+        let digitsEnd = newline - 1 - buffer.readerIndex  // before the \r, relative to the reader index
+        guard digitsEnd > 1,
+              buffer.getInteger(at: newline - 1, as: UInt8.self) == UInt8(ascii: "\r"),
+              let value = buffer.withUnsafeReadableBytes({ Self.decimal(UnsafeRawBufferPointer(rebasing: $0[1..<digitsEnd])) })
         else { throw ProtocolError(message: "invalid \(what) length") }
-        let digits = buffer.getString(at: buffer.readerIndex + 1, length: newline - 1 - (buffer.readerIndex + 1)) ?? ""
-        guard let value = Int(digits) else { throw ProtocolError(message: "invalid \(what) length") }
+        try charge(newline + 1 - buffer.readerIndex)
         buffer.moveReaderIndex(to: newline + 1)
         return value
     }
 
-    private func multibulk(_ buffer: inout ByteBuffer) throws(ProtocolError) -> Outcome? {
-        guard let count = try readNumberLine(&buffer, what: "multibulk") else { return .incomplete }
-        if count <= 0 { return nil }
-        guard count <= limits.argumentsMax else {
-            throw ProtocolError(message: "invalid multibulk length (\(count) arguments, at most \(limits.argumentsMax))")
+    /// A decimal integer with an optional sign, as ASCII bytes; nil if it is not one or overflows Int64.
+    public static func decimal(_ bytes: UnsafeRawBufferPointer) -> Int? {
+        guard !bytes.isEmpty, bytes.count <= 32 else { return nil }
+        var i = 0
+        var negative = false
+        if bytes[0] == UInt8(ascii: "-") || bytes[0] == UInt8(ascii: "+") {
+            negative = bytes[0] == UInt8(ascii: "-")
+            i = 1
+            guard bytes.count > 1 else { return nil }
         }
-        var arguments: [String] = []
-        arguments.reserveCapacity(count)
-        for _ in 0..<count {
-            guard buffer.readableBytes > 0 else { return .incomplete }
-            guard buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) == UInt8(ascii: "$") else {
-                let byte = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) ?? 0
-                throw ProtocolError(message: "expected '$', got '\(Character(Unicode.Scalar(byte)))'")
-            }
-            guard let length = try readNumberLine(&buffer, what: "bulk") else { return .incomplete }
-            guard length >= 0, length <= limits.bulkBytesMax else {
-                throw ProtocolError(message: "invalid bulk length (\(length) bytes, at most \(limits.bulkBytesMax))")
-            }
-            guard buffer.readableBytes >= length + 2 else { return .incomplete }
-            guard buffer.getInteger(at: buffer.readerIndex + length, as: UInt8.self) == UInt8(ascii: "\r"),
-                  buffer.getInteger(at: buffer.readerIndex + length + 1, as: UInt8.self) == UInt8(ascii: "\n")
-            else { throw ProtocolError(message: "bulk string not followed by CRLF") }
-            arguments.append(buffer.readString(length: length)!)
-            buffer.moveReaderIndex(forwardBy: 2)
+        var value = 0
+        while i < bytes.count {
+            let digit = Int(bytes[i]) - 48
+            guard digit >= 0 && digit <= 9 else { return nil }
+            let (times10, o1) = value.multipliedReportingOverflow(by: 10)
+            let (next, o2) = negative ? times10.subtractingReportingOverflow(digit) : times10.addingReportingOverflow(digit)
+            guard !o1 && !o2 else { return nil }
+            value = next
+            i += 1
         }
-        return .command(arguments)
+        return value
     }
 
-    private func inline(_ buffer: inout ByteBuffer) throws(ProtocolError) -> Outcome? {
-        let newline: Int
-        switch lineEnd(buffer, limit: limits.inlineBytesMax) {
-        case .incomplete: return .incomplete
-        case .tooLong: throw ProtocolError(message: "too big inline request (over \(limits.inlineBytesMax) bytes)")
-        case .found(let index): newline = index
+    /// An inline line: its words, or nil when its `\n` has not arrived (the bytes searched so far
+    /// are remembered, so a long line sent in small reads is searched once).
+    private mutating func inline(_ buffer: inout ByteBuffer, scanned: Int) throws(ProtocolError) -> [ByteBuffer]? {
+        let view = buffer.readableBytesView
+        let limit = limits.inlineBytesMax + 2  // the line and its CRLF
+        let searchEnd = view.index(view.startIndex, offsetBy: min(view.count, limit))
+        let searchStart = view.index(view.startIndex, offsetBy: min(scanned, view.count))
+        guard let newline = view[searchStart..<searchEnd].firstIndex(of: UInt8(ascii: "\n")) else {
+            if view.count > limits.inlineBytesMax + 1 {
+                throw ProtocolError(message: "too big inline request (over \(limits.inlineBytesMax) bytes)")
+            }
+            state = .inline(scanned: view.count)
+            return nil
         }
         var end = newline
         if end > buffer.readerIndex, buffer.getInteger(at: end - 1, as: UInt8.self) == UInt8(ascii: "\r") { end -= 1 }
         let line = buffer.getBytes(at: buffer.readerIndex, length: end - buffer.readerIndex) ?? []
         buffer.moveReaderIndex(to: newline + 1)
         guard let words = Self.splitInline(line) else { throw ProtocolError(message: "unbalanced quotes in request") }
-        if words.isEmpty { return nil }
         guard words.count <= limits.argumentsMax else { throw ProtocolError(message: "too many arguments in inline request") }
-        return .command(words)
+        return words.map { ByteBuffer(bytes: $0) }
+    }
+
+    /// A byte for an error message: printable ASCII as is, anything else as `\xHH`.
+    static func shown(_ byte: UInt8) -> String {
+        if byte >= 0x20 && byte < 0x7F { return String(UnicodeScalar(byte)) }
+        return "\\x" + (byte < 16 ? "0" : "") + String(byte, radix: 16)
     }
 
     /// Splits an inline command like Redis's `sdssplitargs`: words separated by spaces; "double
     /// quotes" with \n \r \t \b \a \\ \" and \xHH escapes; 'single quotes' with \' only. A closing
-    /// quote must be followed by a space or the end. nil for unbalanced quotes.
-    public static func splitInline(_ line: [UInt8]) -> [String]? {
-        var words: [String] = []
+    /// quote must be followed by a space or the end. nil for unbalanced quotes. Linear in the line.
+    public static func splitInline(_ line: [UInt8]) -> [[UInt8]]? {
+        var words: [[UInt8]] = []
         var i = 0
         func isSpace(_ c: UInt8) -> Bool { c == 32 || c == 9 || c == 10 || c == 13 || c == 11 || c == 12 }
         func hex(_ c: UInt8) -> UInt8? {
@@ -205,7 +329,7 @@ public struct RESPParser: Sendable {
                 }
                 if i < line.count { i += 1 }
             }
-            words.append(String(decoding: current, as: UTF8.self))
+            words.append(current)
         }
     }
 }

@@ -33,6 +33,20 @@ extension ByteBuffer {
         writeStaticString("\r\n")
     }
 
+    /// `$length\r\nbytes\r\n` of raw bytes: ids and echoed arguments go back exactly as sent.
+    public mutating func writeRESPBulk(bytes: UnsafeRawBufferPointer) {
+        writeInteger(UInt8(ascii: "$"))
+        writeString(String(bytes.count))
+        writeStaticString("\r\n")
+        writeBytes(bytes)
+        writeStaticString("\r\n")
+    }
+
+    /// `$length\r\nbytes\r\n` of another buffer's readable bytes.
+    public mutating func writeRESPBulk(_ bytes: ByteBuffer) {
+        bytes.withUnsafeReadableBytes { writeRESPBulk(bytes: $0) }
+    }
+
     public mutating func writeRESPArrayHeader(_ count: Int) {
         writeInteger(UInt8(ascii: "*"))
         writeString(String(count))
@@ -47,12 +61,12 @@ extension ByteBuffer {
         writeStaticString("\r\n")
     }
 
-    /// Replaces CR and LF (which would end the line early) with spaces.
+    /// Replaces CR and LF (which would end the line early) with spaces, byte by byte (no Unicode work).
     private mutating func writeRESPLine(_ text: String) {
-        if text.utf8.contains(where: { $0 == 13 || $0 == 10 }) {
-            writeString(String(text.map { $0 == "\r" || $0 == "\n" || $0 == "\r\n" ? " " : $0 }))
-        } else {
-            writeString(text)
+        let start = writerIndex
+        writeString(text)
+        for index in start..<writerIndex where getInteger(at: index, as: UInt8.self) == 13 || getInteger(at: index, as: UInt8.self) == 10 {
+            setInteger(UInt8(ascii: " "), at: index)
         }
         writeStaticString("\r\n")
     }

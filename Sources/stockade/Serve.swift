@@ -54,6 +54,9 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("max-arguments"), help: "Most arguments in one command.")
     var maxArguments = 1024
 
+    @Option(name: .customLong("max-request-bytes"), help: "Largest request (one command with all its arguments).")
+    var maxRequestBytes = 4 << 20
+
     @Option(name: .customLong("io-threads"), help: "Event-loop threads for connections (0: one per core).")
     var ioThreads = 0
 
@@ -86,6 +89,7 @@ struct Serve: AsyncParsableCommand {
         config.parserLimits.inlineBytesMax = maxInlineBytes
         config.parserLimits.bulkBytesMax = maxBulkBytes
         config.parserLimits.argumentsMax = maxArguments
+        config.parserLimits.requestBytesMax = maxRequestBytes
         config.ioThreads = ioThreads
         let logger = Logger(label: "stockade")
         do {

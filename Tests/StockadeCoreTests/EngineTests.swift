@@ -211,7 +211,7 @@ private func orderID(_ reply: Reply) -> OrderID? {
         // Sold out now, yet the retry finds its order rather than a refusal or a second hold.
         #expect(await engine.execute(reserve("u", "hat", request: "r-1"), now: 10) == .reserved(id, deadlineMillis: deadline, replayed: true))
         #expect(await engine.execute(reserve("v", "hat", request: "r-1"), now: 10) == .rejected(.soldOut))
-        #expect(await engine.execute(.orders(user: "u"), now: 10) == .orders([
+        #expect(await engine.execute(.orders(user: "u", after: nil, count: 100), now: 10) == .orders([
             OrderInfo(id: id, user: "u", lines: [OrderLine(sku: "hat", quantity: 1)], state: .pending, deadlineMillis: deadline)
         ]))
     }

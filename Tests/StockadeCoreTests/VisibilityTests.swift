@@ -94,7 +94,7 @@ final class ControlledLog: ChangeLog {
         _ = await engine.execute(.restock(sku: b, delta: 1), now: 1)
         for command in [Command.restock(sku: a, delta: 1), .stock(sku: a), .deduct(sku: a, quantity: 1),
                         .reserve(user: "u", lines: [OrderLine(sku: a, quantity: 1)], requestId: nil, ttlMillis: nil),
-                        .orders(user: "carol"), .audit(sku: nil)] {
+                        .orders(user: "carol", after: nil, count: 100), .audit(sku: nil)] {
             let reply = await engine.execute(command, now: 2)
             guard case .rejected(.unavailable(let reason)) = reply else { Issue.record("\(command): \(reply)"); continue }
             #expect(reason.contains("injected"))

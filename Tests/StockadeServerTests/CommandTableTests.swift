@@ -1,32 +1,195 @@
+import Foundation
+import Logging
+import NIOCore
+import Synchronization
 import StockadeCore
 import Testing
 @testable import StockadeServer
 
+/// Parses a command given as words (the bytes of each word, as a client sends them).
+private func parse(_ words: [String], authenticated: Bool = true) -> Request {
+    CommandTable.parse(words.map { ByteBuffer(string: $0) }, authenticated: authenticated)
+}
+
 @Suite struct CommandTableTests {
     @Test func parsesEngineCommandsAndRefusesBadArguments() {
-        #expect(CommandTable.parse(["reserve", "ann", "tv", "2", "req", "r1", "TTL", "500"])
+        #expect(parse(["reserve", "ann", "tv", "2", "req", "r1", "TTL", "500"])
             == .engine(.reserve(user: "ann", lines: [OrderLine(sku: "tv", quantity: 2)], requestId: "r1", ttlMillis: 500)))
-        #expect(CommandTable.parse(["BUY", "bob", "a", "1", "b", "2", "REQ", "x"])
+        #expect(parse(["BUY", "bob", "a", "1", "b", "2", "REQ", "x"])
             == .engine(.reserve(user: "bob", lines: [OrderLine(sku: "a", quantity: 1), OrderLine(sku: "b", quantity: 2)], requestId: "x", ttlMillis: nil)))
-        #expect(CommandTable.parse(["RESERVE", "ann", "tv", "many"]) == .invalid("ERR value is not an integer or out of range"))
-        #expect(CommandTable.parse(["RESERVE", "ann", "tv"]) == .invalid("ERR wrong number of arguments for 'reserve' command"))
-        #expect(CommandTable.parse(["BUY", "bob", "a", "1", "TTL"]) == .invalid("ERR syntax error: TTL needs a value"))
-        #expect(CommandTable.parse(["SKU.ADD", "x", "5", "LIMIT", "1"]) == .engine(.addSku(sku: "x", total: 5, limit: 1)))
-        #expect(CommandTable.parse(["DEDUCT", "x"]) == .engine(.deduct(sku: "x", quantity: 1)))
-        #expect(CommandTable.parse(["CONFIRM", "not-a-number"]) == .engine(.confirm(OrderID(rawValue: 0))))
-        #expect(CommandTable.parse(["EVENTS", "5", "COUNT", "0"]) == .invalid("ERR COUNT must be 1 to 10000"))
-        #expect(CommandTable.parse(["EVENTS", "5", "BLOCK", "100"]) == .events(from: 5, count: 100, blockMillis: 100))
-        #expect(CommandTable.parse(["HELLO", "3", "AUTH", "default", "pw"]) == .hello(version: 3, password: "pw"))
-        #expect(CommandTable.parse(["nope"]) == .invalid("ERR unknown command 'nope'"))
+        #expect(parse(["RESERVE", "ann", "tv", "many"]) == .invalid("ERR value is not an integer or out of range"))
+        #expect(parse(["RESERVE", "ann", "tv"]) == .invalid("ERR wrong number of arguments for 'reserve' command"))
+        #expect(parse(["BUY", "bob", "a", "1", "TTL"]) == .invalid("ERR syntax error: TTL needs a value"))
+        #expect(parse(["SKU.ADD", "x", "5", "LIMIT", "1"]) == .engine(.addSku(sku: "x", total: 5, limit: 1)))
+        #expect(parse(["DEDUCT", "x"]) == .engine(.deduct(sku: "x", quantity: 1)))
+        #expect(parse(["CONFIRM", "not-a-number"]) == .engine(.confirm(OrderID(rawValue: 0))))
+        #expect(parse(["EVENTS", "5", "COUNT", "0"]) == .invalid("ERR COUNT must be 1 to 10000"))
+        #expect(parse(["EVENTS", "5", "BLOCK", "100"]) == .events(from: 5, count: 100, blockMillis: 100))
+        #expect(parse(["HELLO", "3", "AUTH", "default", "pw"]) == .hello(version: 3, password: ByteBuffer(string: "pw")))
+        #expect(parse(["nope"]) == .invalid("ERR unknown command 'nope'"))
     }
 
     @Test func globMatchesLikeRedisAndStaysFast() {
-        #expect(globMatch("*", "save"))
-        #expect(globMatch("app*", "appendfsync"))
-        #expect(globMatch("?ave", "save"))
-        #expect(!globMatch("app*x", "appendfsync"))
-        #expect(globMatch("*fsync", "appendfsync"))
+        func glob(_ pattern: String, _ text: String) -> Bool { globMatch(Array(pattern.utf8), text) }
+        #expect(glob("*", "save"))
+        #expect(glob("app*", "appendfsync"))
+        #expect(glob("?ave", "save"))
+        #expect(!glob("app*x", "appendfsync"))
+        #expect(glob("*fsync", "appendfsync"))
         // Many stars against a non-matching text: answered at once, not in exponential time.
-        #expect(!globMatch(String(repeating: "*", count: 10_000) + "z", "appendfsync"))
+        #expect(!glob(String(repeating: "*", count: 10_000) + "z", "appendfsync"))
     }
+}
+
+@Suite struct CommandTableBytesTests {
+    /// (#7 C14) Names and option words are ASCII bytes compared without regard to ASCII case, not
+    /// Unicode case mappings: `ſ` (U+017F) upper-cases to `S` as a String, so the old table took
+    /// `ſku.add` for SKU.ADD and `reſerve ... ſeq` words likewise.
+    @Test func namesAreMatchedAsASCIIBytes() {
+        #expect(parse(["rEsErVe", "ann", "tv", "1", "rEq", "r1"])
+            == .engine(.reserve(user: CommandTable.id(ByteBuffer(string: "ann")), lines: [OrderLine(sku: CommandTable.id(ByteBuffer(string: "tv")), quantity: 1)],
+                                requestId: CommandTable.id(ByteBuffer(string: "r1")), ttlMillis: nil)))
+        #expect(parse(["\u{17F}ku.add", "x", "1"]) == .invalid("ERR unknown command '\\xc5\\xbfku.add'"))
+        #expect(parse(["RESERVE", "ann", "tv", "1", "RE\u{17F}", "r1"]) == .invalid("ERR syntax error near 'RE\\xc5\\xbf': expected REQ id or TTL ms"))
+        #expect(parse(["PING\u{0}"]) == .invalid("ERR unknown command 'PING\\x00'"))
+    }
+
+    /// (#7 C14) A long name of combining marks costs nothing beyond its bytes: it is no name of ours
+    /// (longer than any), and the error shows its first 64 bytes. The old table upper-cased it as a
+    /// String: 6 s for 64 KB. Compared here as a ratio of CPU time, 256 KB against 1 MB.
+    @Test func combiningMarksCostLinearTime() {
+        func marks(_ bytes: Int) -> ByteBuffer {
+            let pair = Array("\u{301}\u{316}".utf8)  // combining classes 230 and 220, alternating
+            return ByteBuffer(bytes: [UInt8(ascii: "a")] + Array([[UInt8]](repeating: pair, count: bytes / pair.count).joined()))
+        }
+        func cost(_ bytes: Int) -> UInt64 {
+            let name = marks(bytes)
+            let pattern = [ByteBuffer(string: "CONFIG"), ByteBuffer(string: "GET"), name]
+            return leastCPUNanos {
+                guard case .invalid(let message) = CommandTable.parse([name, name]) else { Issue.record("parsed"); return }
+                #expect(message.utf8.count < 400)
+                guard case .configGet(let lowered) = CommandTable.parse(pattern) else { Issue.record("not CONFIG GET"); return }
+                #expect(!globMatch(lowered, "appendfsync"))
+                #expect(CommandTable.parse([name], authenticated: false) == .invalid("ERR unknown command '\(CommandTable.shown(name))'"))
+            }
+        }
+        let small = cost(256 << 10), large = cost(1 << 20)
+        #expect(Double(large) / Double(max(small, 1)) < 10, "256 KB: \(small) ns, 1 MB: \(large) ns")
+    }
+
+    /// (#7 C14) Ids are length-checked before anything looks them up; the message is the engine's.
+    @Test func idLengthIsCheckedFirst() {
+        let long = String(repeating: "k", count: 65)
+        #expect(parse(["STOCK", long]) == .invalid("ERR SKU id must be 1 to 64 bytes"))
+        #expect(parse(["SKU.RESTOCK", long, "1"]) == .invalid("ERR SKU id must be 1 to 64 bytes"))
+        #expect(parse(["DEDUCT", ""]) == .invalid("ERR SKU id must be 1 to 64 bytes"))
+        #expect(parse(["ORDERS", long]) == .invalid("ERR user id must be 1 to 64 bytes"))
+        #expect(parse(["RESERVE", "u", "tv", "1", "REQ", long]) == .invalid("ERR request id must be 1 to 64 bytes"))
+        #expect(parse(["BUY", "u", "tv", "1", long, "1"]) == .invalid("ERR SKU id must be 1 to 64 bytes"))
+        let basket = ["BUY", "u"] + (0..<65).flatMap { ["s\($0)", "1"] }
+        #expect(parse(basket) == .invalid("ERR an order has 1 to 64 SKUs"))
+        if case .engine = parse(["STOCK", String(repeating: "k", count: 64)]) {} else { Issue.record("64 bytes refused") }
+    }
+
+    /// (#7 C14) Before AUTH only AUTH, HELLO, PING and QUIT are looked at beyond their name.
+    @Test func beforeAuthOnlyTheNameIsRead() {
+        #expect(parse(["ECHO", "x"], authenticated: false) == .invalid("NOAUTH Authentication required."))
+        #expect(parse(["CONFIG", "GET", "*"], authenticated: false) == .invalid("NOAUTH Authentication required."))
+        #expect(parse(["STOCK", String(repeating: "k", count: 100)], authenticated: false) == .invalid("NOAUTH Authentication required."))
+        #expect(parse(["PING"], authenticated: false) == .ping(nil))
+        #expect(parse(["AUTH", "pw"], authenticated: false) == .auth(user: nil, password: ByteBuffer(string: "pw")))
+    }
+
+    /// (#7 B9) HELLO is checked in Redis's order, and a refused HELLO carries no password to act on.
+    @Test func helloChecksVersionThenOptions() {
+        #expect(parse(["HELLO", "4", "AUTH", "u", "pw"]) == .invalid("NOPROTO unsupported protocol version"))
+        #expect(parse(["HELLO", "x", "AUTH", "u", "pw"]) == .invalid("ERR Protocol version is not an integer or out of range"))
+        #expect(parse(["HELLO", "3", "AUTH", "u", "pw", "SETNAME"]) == .invalid("ERR Syntax error in HELLO option 'SETNAME'"))
+        #expect(parse(["HELLO", "3", "AUTH", "u"]) == .invalid("ERR Syntax error in HELLO option 'AUTH'"))
+        #expect(parse(["HELLO", "2", "auth", "u", "pw", "setname", "n"]) == .hello(version: 2, password: ByteBuffer(string: "pw")))
+        #expect(parse(["HELLO"]) == .hello(version: nil, password: nil))
+    }
+
+    /// (#7 B10, C16) Every numeric argument's error names the bound its check applies.
+    @Test func numericErrorsNameTheirBound() {
+        #expect(parse(["EVENTS", "1", "COUNT", "-1"]) == .invalid("ERR COUNT must be 1 to 10000"))
+        #expect(parse(["EVENTS", "1", "BLOCK", "-5"]) == .invalid("ERR BLOCK must be 0 to 60000 ms"))
+        #expect(parse(["EVENTS", "-1"]) == .invalid("ERR from-position must be 0 to 9223372036854775807"))
+        #expect(parse(["ORDERS", "u", "COUNT", "1001"]) == .invalid("ERR COUNT must be 1 to 1000"))
+        #expect(parse(["ORDERS", "u", "COUNT", "0"]) == .invalid("ERR COUNT must be 1 to 1000"))
+        #expect(parse(["SKU.RESTOCK", "a", "99999999999999999999"]) == .invalid("ERR value is not an integer or out of range"))
+        let restock = Command.restock(sku: CommandTable.id(ByteBuffer(string: "a")), delta: .max)
+        #expect(ReplyEncoding.errorText(.badQuantity, to: restock) == "BADQTY delta must be -1099511627776 to 1099511627776")
+        let deduct = Command.deduct(sku: CommandTable.id(ByteBuffer(string: "a")), quantity: 0)
+        #expect(ReplyEncoding.errorText(.badQuantity, to: deduct) == "BADQTY quantity must be 1 to 1000000000")
+    }
+
+    /// (#7 C16) ORDERS pages: AFTER an order id, COUNT 1 to 1000, 100 by default.
+    @Test func ordersArePaged() {
+        let u = CommandTable.id(ByteBuffer(string: "u"))
+        #expect(parse(["ORDERS", "u"]) == .engine(.orders(user: u, after: nil, count: 100)))
+        #expect(parse(["ORDERS", "u", "after", "72057594037927937", "count", "1000"])
+            == .engine(.orders(user: u, after: OrderID(rawValue: 72_057_594_037_927_937), count: 1000)))
+        #expect(parse(["ORDERS", "u", "AFTER", "x"]) == .invalid("ERR AFTER needs an order id (an unsigned 64-bit number)"))
+        #expect(parse(["ORDERS", "u", "AFTER"]) == .invalid("ERR wrong number of arguments for 'orders' command"))
+        // The reply bound a round counts on grows with the page.
+        #expect(ReplyEncoding.replyBytesMax(.orders(user: u, after: nil, count: 1000))! > 1000 * ReplyEncoding.orderBytesMax - 1)
+        #expect(ReplyEncoding.replyBytesMax(.audit(sku: nil)) == nil)
+    }
+}
+
+@Suite struct ProtocolErrorLogTests {
+    /// Collects log lines.
+    final class Lines: @unchecked Sendable {
+        private let lock = NSLock()
+        private var lines: [String] = []
+        func append(_ line: String) { lock.withLock { lines.append(line) } }
+        var all: [String] { lock.withLock { lines } }
+    }
+
+    struct Handler: LogHandler {
+        let lines: Lines
+        var logLevel: Logger.Level = .trace
+        var metadata: Logger.Metadata = [:]
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+        func log(event: LogEvent) { lines.append("\(event.message)") }
+    }
+
+    /// (#7 C24) A flood of protocol errors logs at most 10 lines a second, then one line that says
+    /// how many were left out.
+    @Test func floodIsRateLimited() {
+        let lines = Lines()
+        let logger = Logger(label: "test") { _ in Handler(lines: lines) }
+        let clock = Mutex<UInt64>(5_000_000_000)
+        let log = ProtocolErrorLog(nowNanos: { clock.withLock { $0 } })
+        for i in 0..<1000 { log.record("protocol error \(i)", peer: "p", logger: logger, loop: nil) }
+        #expect(lines.all.count == ProtocolErrorLog.linesPerSecond)
+        #expect(log.counts == (logged: 10, suppressed: 990))
+        log.flushSummary(logger: logger)  // the second is not over yet
+        #expect(lines.all.count == 10)
+        clock.withLock { $0 += 1_000_000_000 }
+        log.flushSummary(logger: logger)
+        #expect(lines.all.last == "990 more protocol errors were not logged (at most 10 lines a second)")
+        log.record("protocol error again", peer: "p", logger: logger, loop: nil)
+        #expect(lines.all.suffix(1) == ["protocol error again"])
+        #expect(lines.all.count == 12)
+    }
+}
+
+/// The least CPU time of this thread over three runs of `body`: for comparing the cost of two
+/// inputs as a ratio (the least run is the one least disturbed by other work on the machine).
+func leastCPUNanos(_ body: () -> Void) -> UInt64 {
+    func now() -> UInt64 {
+        var time = timespec()
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &time)
+        return UInt64(time.tv_sec) * 1_000_000_000 + UInt64(time.tv_nsec)
+    }
+    return (0..<3).map { _ in
+        let start = now()
+        body()
+        return now() - start
+    }.min()!
 }

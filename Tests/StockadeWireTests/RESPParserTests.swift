@@ -1,3 +1,4 @@
+import Glibc
 import NIOCore
 import StockadeCore
 import Testing
@@ -6,12 +7,12 @@ import Testing
 /// Parses everything complete in `bytes`; returns the commands, or the protocol error that stopped it.
 private func parseAll(_ bytes: [UInt8], limits: RESPParser.Limits = .init()) -> (commands: [[String]], error: String?, leftover: Int) {
     var buffer = ByteBuffer(bytes: bytes)
-    let parser = RESPParser(limits: limits)
+    var parser = RESPParser(limits: limits)
     var commands: [[String]] = []
     while true {
         do {
             switch try parser.next(&buffer) {
-            case .command(let args): commands.append(args)
+            case .command(let args): commands.append(args.map(text))
             case .incomplete: return (commands, nil, buffer.readableBytes)
             }
         } catch {
@@ -19,6 +20,9 @@ private func parseAll(_ bytes: [UInt8], limits: RESPParser.Limits = .init()) -> 
         }
     }
 }
+
+/// An argument as text, for comparing with what a test sent (the parser itself never makes Strings).
+private func text(_ argument: ByteBuffer) -> String { String(decoding: argument.readableBytesView, as: UTF8.self) }
 
 private func encode(_ command: [String]) -> [UInt8] {
     var out = "*\(command.count)\r\n"
@@ -35,7 +39,7 @@ private func encode(_ command: [String]) -> [UInt8] {
     }
 
     @Test func inlineQuotingFollowsRedis() {
-        #expect(RESPParser.splitInline(Array(#"SET "a b" 'c d' "x\"y" "\x41\n" 'it\'s'"#.utf8)) == ["SET", "a b", "c d", "x\"y", "A\n", "it's"])
+        #expect(RESPParser.splitInline(Array(#"SET "a b" 'c d' "x\"y" "\x41\n" 'it\'s'"#.utf8)) == ["SET", "a b", "c d", "x\"y", "A\n", "it's"].map { Array($0.utf8) })
         #expect(RESPParser.splitInline(Array(#"SET "open"#.utf8)) == nil)
         #expect(RESPParser.splitInline(Array(#"SET "a"b"#.utf8)) == nil)
         #expect(RESPParser.splitInline(Array("   ".utf8)) == [])
@@ -44,10 +48,17 @@ private func encode(_ command: [String]) -> [UInt8] {
     }
 
     @Test func partialFramesWaitForMoreBytes() {
-        let input = encode(["BUY", "bob", "a", "1", "b", "2", "REQ", "r-1"])
+        let command = ["BUY", "bob", "a", "1", "b", "2", "REQ", "r-1"]
+        let input = encode(command)
         for cut in 0..<input.count {
-            let result = parseAll(Array(input[..<cut]))
-            #expect(result.commands.isEmpty && result.error == nil && result.leftover == cut, "cut \(cut)")
+            // The first part is taken in as far as it goes; the rest completes the command.
+            var parser = RESPParser()
+            var buffer = ByteBuffer(bytes: input[..<cut])
+            #expect((try? parser.next(&buffer)) == .incomplete, "cut \(cut)")
+            #expect(parser.inRequest == (cut >= 4), "cut \(cut)")  // from the end of the `*8` line on, it holds a request
+            buffer.writeBytes(input[cut...])
+            guard case .command(let args)? = try? parser.next(&buffer) else { Issue.record("cut \(cut)"); continue }
+            #expect(args.map(text) == command && buffer.readableBytes == 0 && !parser.inRequest, "cut \(cut)")
         }
     }
 
@@ -81,13 +92,13 @@ private func encode(_ command: [String]) -> [UInt8] {
             let stream = commands.flatMap(encode)
             var buffer = ByteBufferAllocator().buffer(capacity: 0)
             var parsed: [[String]] = []
-            let parser = RESPParser()
+            var parser = RESPParser()
             var offset = 0
             while offset < stream.count {
                 let step = Int.random(in: 1...max(1, stream.count - offset), using: &rng)
                 buffer.writeBytes(stream[offset..<offset + step])
                 offset += step
-                while case .command(let args)? = try? parser.next(&buffer) { parsed.append(args) }
+                while case .command(let args)? = try? parser.next(&buffer) { parsed.append(args.map(text)) }
             }
             #expect(parsed == commands, "round \(round)")
             #expect(buffer.readableBytes == 0)
@@ -107,5 +118,115 @@ private func encode(_ command: [String]) -> [UInt8] {
             #expect(result.leftover <= mutated.count)
             #expect(result.commands.allSatisfy { !$0.isEmpty })
         }
+    }
+}
+
+/// CPU time of this thread, for comparing the cost of two inputs (not a speed goal: a ratio).
+func threadCPUNanos() -> UInt64 {
+    var time = timespec()
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &time)
+    return UInt64(time.tv_sec) * 1_000_000_000 + UInt64(time.tv_nsec)
+}
+
+/// The least CPU time of three runs of `body` (the least is the one least disturbed by other work).
+func leastCPUNanos(_ body: () -> Void) -> UInt64 {
+    (0..<3).map { _ in
+        let start = threadCPUNanos()
+        body()
+        return threadCPUNanos() - start
+    }.min()!
+}
+
+@Suite struct RESPParserCostTests {
+    /// A multibulk of `bytes` bytes: `argumentCount` arguments, each a run of combining marks of two
+    /// classes after a letter (what made Unicode work quadratic), which the parser must not care about.
+    static func request(bytes: Int, argumentCount: Int = 256) -> [UInt8] {
+        let marks: [UInt8] = Array("\u{301}\u{316}".utf8)  // classes 230 and 220, alternating
+        let argumentBytes = bytes / argumentCount
+        var argument: [UInt8] = [UInt8(ascii: "a")]
+        while argument.count + marks.count <= argumentBytes { argument += marks }
+        var out = Array("*\(argumentCount)\r\n".utf8)
+        for _ in 0..<argumentCount { out += Array("$\(argument.count)\r\n".utf8) + argument + [13, 10] }
+        return out
+    }
+
+    static var generousLimits: RESPParser.Limits {
+        var limits = RESPParser.Limits()
+        limits.requestBytesMax = 64 << 20
+        return limits
+    }
+
+    /// Parses `stream` fed `readBytes` at a time, as a connection would; returns the commands.
+    static func feed(_ stream: [UInt8], readBytes: Int) -> Int {
+        var parser = RESPParser(limits: generousLimits)
+        var buffer = ByteBuffer()
+        var commands = 0
+        var offset = 0
+        while offset < stream.count {
+            let end = min(stream.count, offset + readBytes)
+            buffer.writeBytes(stream[offset..<end])
+            offset = end
+            while case .command? = try? parser.next(&buffer) { commands += 1 }
+            if buffer.readerIndex >= max(buffer.readableBytes, 4096) { buffer.discardReadBytes() }
+        }
+        return commands
+    }
+
+    /// (#7 C15) A request sent whole costs time linear in its size: 4 MB costs about 4 times 1 MB.
+    @Test func parsingCostIsLinearInRequestSize() {
+        let small = Self.request(bytes: 1 << 20), large = Self.request(bytes: 4 << 20)
+        let smallNanos = leastCPUNanos { #expect(Self.feed(small, readBytes: small.count) == 1) }
+        let largeNanos = leastCPUNanos { #expect(Self.feed(large, readBytes: large.count) == 1) }
+        // Linear is 4; quadratic would be 16. The factor is wide so a busy machine does not fail it.
+        #expect(Double(largeNanos) / Double(max(smallNanos, 1)) < 10, "1 MB: \(smallNanos) ns, 4 MB: \(largeNanos) ns")
+    }
+
+    /// (#7 C15) The same requests arriving in 1 KiB reads: each read continues where the last one
+    /// stopped. The old parser re-parsed a partial multibulk from its start on every read (quadratic).
+    @Test func manySmallReadsOfAHugeMultibulkAreLinear() {
+        let small = Self.request(bytes: 1 << 20), large = Self.request(bytes: 4 << 20)
+        let smallNanos = leastCPUNanos { #expect(Self.feed(small, readBytes: 1024) == 1) }
+        let largeNanos = leastCPUNanos { #expect(Self.feed(large, readBytes: 1024) == 1) }
+        #expect(Double(largeNanos) / Double(max(smallNanos, 1)) < 10, "1 MB: \(smallNanos) ns, 4 MB: \(largeNanos) ns")
+    }
+
+    /// (#7 C15) `*1024` then `$524288` arguments: refused once the request passes
+    /// ``RESPParser/Limits/requestBytesMax``, without waiting for (or holding) the rest.
+    @Test func wholeRequestIsBounded() {
+        var limits = RESPParser.Limits()
+        limits.requestBytesMax = 1 << 20
+        var parser = RESPParser(limits: limits)
+        var buffer = ByteBuffer(string: "*1024\r\n")
+        let argument = "$524288\r\n" + String(repeating: "x", count: 524_288) + "\r\n"
+        var fed = 0
+        var failure: String?
+        while fed < 8, failure == nil {
+            buffer.writeString(argument)
+            fed += 1
+            do { _ = try parser.next(&buffer) } catch let error { failure = error.message }
+        }
+        #expect(failure == "request too big (over 1048576 bytes)")
+        #expect(fed == 2)  // the second argument's length line alone says the request would not fit
+        // A request under the bound parses.
+        var ok = RESPParser(limits: limits)
+        var small = ByteBuffer(bytes: encode(["ECHO", String(repeating: "y", count: 500_000)]))
+        guard case .command(let args)? = try? ok.next(&small) else { Issue.record("not parsed"); return }
+        #expect(args[1].readableBytes == 500_000)
+    }
+
+    /// Arguments are the bytes sent: invalid UTF-8 and canonically equivalent spellings stay apart.
+    @Test func argumentsAreBytes() throws {
+        var parser = RESPParser()
+        let nfc = Array("caf\u{e9}".utf8), nfd = Array("cafe\u{301}".utf8), invalid: [UInt8] = [0xff, 0xfe, 0x41]
+        var buffer = ByteBuffer(string: "*3\r\n$\(nfc.count)\r\n")
+        buffer.writeBytes(nfc)
+        buffer.writeString("\r\n$\(nfd.count)\r\n")
+        buffer.writeBytes(nfd)
+        buffer.writeString("\r\n$3\r\n")
+        buffer.writeBytes(invalid)
+        buffer.writeString("\r\n")
+        guard case .command(let args) = try parser.next(&buffer) else { Issue.record("incomplete"); return }
+        #expect(args.map { Array($0.readableBytesView) } == [nfc, nfd, invalid])
+        #expect(args[0] != args[1])
     }
 }

@@ -1,0 +1,404 @@
+"""The protocol front against the real server: hostile input stays bounded, replies match what
+happened, ids are bytes. Each test names the finding of issue #7 it covers."""
+import os
+import random
+import re
+import socket
+import time
+
+import pytest
+import redis
+
+from conftest import Server
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def connect(server, timeout=10):
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+    return s
+
+
+def read_until_closed(s, limit=1 << 20):
+    data = b""
+    while len(data) < limit:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def ask(s, payload):
+    """Sends payload and reads one reply line (and a bulk's body)."""
+    s.sendall(payload)
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def encode(*words):
+    out = b"*%d\r\n" % len(words)
+    for w in words:
+        w = w if isinstance(w, bytes) else str(w).encode()
+        out += b"$%d\r\n%s\r\n" % (len(w), w)
+    return out
+
+
+def shard_of(sku: bytes, shards=2):
+    """Engine.shardIndex: FNV-1a 64 of the id's bytes, modulo the shard count."""
+    h = 0xcbf29ce484222325
+    for b in sku:
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h % shards
+
+
+def marks(n_bytes):
+    """A letter then alternating combining marks of two classes (quadratic for Unicode normalization)."""
+    return b"a" + ("\u0301\u0316".encode() * (n_bytes // 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# C14: no Unicode work on untrusted input, before or after AUTH
+
+def test_combining_mark_names_and_patterns_cost_linear_time(data_dir):
+    """(#7 C14) A 500 KB command name of combining marks before AUTH, CONFIG GET with a 348 KB such
+    pattern after it: answered at once, other clients unaffected. The old server spent 6 s on 64 KB."""
+    s = Server(data_dir, "--requirepass", "pw").start()
+    try:
+        pid = s.proc.pid
+        before = cpu_seconds(pid)
+        with connect(s, timeout=30) as c:
+            reply = ask(c, encode(marks(500_000)))
+            assert reply.startswith(b"-ERR unknown command 'a\\xcc\\x81\\xcc\\x96") and len(reply) < 400, reply[:100]
+            assert ask(c, encode("CONFIG", "GET", marks(348_000))) == b"-NOAUTH Authentication required.\r\n"
+            assert ask(c, encode("STOCK", marks(400_000))) == b"-NOAUTH Authentication required.\r\n"
+            assert ask(c, b"AUTH pw\r\n") == b"+OK\r\n"
+            assert ask(c, encode("CONFIG", "GET", marks(348_000))) == b"*0\r\n"
+            assert ask(c, encode("STOCK", marks(400_000))) == b"-ERR SKU id must be 1 to 64 bytes\r\n"
+            # Inline, at the inline limit.
+            assert ask(c, marks(60_000) + b"\r\n").startswith(b"-ERR unknown command")
+        r = s.client(password="pw")
+        assert r.ping()
+        assert cpu_seconds(pid) - before < 3.0
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# C15: partial requests resume; a request is bounded
+
+def test_huge_multibulk_in_small_reads_is_bounded_and_cheap(server):
+    """(#7 C15) `*1024` then `$524288` arguments sent 4 KiB at a time: the server takes each read in
+    where the last stopped and refuses the request once it passes --max-request-bytes (4 MiB by
+    default). The old server re-parsed from the start on every read and had no bound."""
+    pid = server.proc.pid
+    before = cpu_seconds(pid)
+    other = server.client()
+    with connect(server, timeout=30) as c:
+        stream = b"*1024\r\n" + (b"$524288\r\n" + b"x" * 524288 + b"\r\n") * 32  # 16 MiB
+        sent = 0
+        try:
+            while sent < len(stream):
+                c.sendall(stream[sent:sent + 4096])
+                sent += 4096
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = read_until_closed(c)
+    assert reply.startswith(b"-ERR Protocol error: request too big (over 4194304 bytes)"), reply[:200]
+    assert sent < 12 << 20  # refused near the bound (plus what socket buffers took), not at the end
+    assert other.ping()
+    assert cpu_seconds(pid) - before < 5.0
+
+
+def test_max_request_bytes_flag(data_dir):
+    """(#7 C15) --max-request-bytes sets the bound; start-up refuses a value out of range."""
+    s = Server(data_dir, "--max-request-bytes", "100000").start()
+    try:
+        r = s.client()
+        assert r.execute_command("ECHO", "y" * 90_000) == "y" * 90_000
+        with connect(s) as c:
+            c.sendall(encode("ECHO", b"z" * 100_000))
+            assert read_until_closed(c).startswith(b"-ERR Protocol error: request too big (over 100000 bytes)")
+        assert r.ping()
+    finally:
+        s.stop()
+    import subprocess
+    from conftest import BINARY
+    out = subprocess.run([BINARY, "serve", "--port", "0", "--data-dir", data_dir, "--max-request-bytes", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "--max-request-bytes must be" in out.stderr + out.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# C16: reply amplification; ORDERS pages
+
+def place_orders(r, user, count, skus):
+    p = r.pipeline(transaction=False)
+    for i in range(count):
+        p.execute_command("RESERVE", user, skus[i % len(skus)], 1)
+    ids = p.execute()
+    assert all(isinstance(x, str) for x in ids)
+    return ids
+
+
+def two_skus_on_two_shards():
+    a = next(f"pa{i}" for i in range(100) if shard_of(f"pa{i}".encode()) == 0)
+    b = next(f"pb{i}" for i in range(100) if shard_of(f"pb{i}".encode()) == 1)
+    return a, b
+
+
+def test_orders_are_paged_across_shards(server):
+    """(#7 C16) ORDERS user [AFTER order-id] [COUNT n]: by order id, 100 by default, at most 1000;
+    paging with AFTER the last id returns every order once, across shards."""
+    r = server.client()
+    a, b = two_skus_on_two_shards()
+    for sku in (a, b):
+        r.execute_command("SKU.ADD", sku, 100_000)
+    ids = place_orders(r, "pager", 250, [a, b])
+    place_orders(r, "someone-else", 5, [a, b])
+    first = r.execute_command("ORDERS", "pager")
+    assert len(first) == 100
+    seen, after = [], None
+    while True:
+        args = ["ORDERS", "pager", "COUNT", 70] + (["AFTER", after] if after else [])
+        page = r.execute_command(*args)
+        if not page:
+            break
+        assert len(page) <= 70
+        seen += [o[1] for o in page]
+        after = page[-1][1]
+    assert seen == sorted(ids, key=int) and all(o[3] == "pager" for o in first)
+    assert [o[1] for o in first] == seen[:100]
+    assert len(r.execute_command("ORDERS", "pager", "COUNT", 1000)) == 250
+    for bad, message in [(["COUNT", 0], "COUNT must be 1 to 1000"), (["COUNT", 1001], "COUNT must be 1 to 1000"),
+                         (["AFTER", "x"], "AFTER needs an order id"), (["SINCE", 1], "syntax error")]:
+        with pytest.raises(redis.ResponseError, match=message):
+            r.execute_command("ORDERS", "pager", *bad)
+
+
+def test_pipelined_orders_do_not_amplify_memory(data_dir):
+    """(#7 C16) One write of `ORDERS victim` x 1000 (1000 orders) from a client that never reads: the
+    server builds a round's replies only up to a bound (and a page is 100 orders by default), checks
+    --max-output-bytes as it encodes, answers -ERR and closes. The old server built every reply
+    first (29 MB -> 935 MB for 2000 x 1000 orders)."""
+    s = Server(data_dir, "--shards", "2", "--max-output-bytes", "1000000").start()
+    try:
+        r = s.client()
+        a, b = two_skus_on_two_shards()
+        for sku in (a, b):
+            r.execute_command("SKU.ADD", sku, 100_000)
+        place_orders(r, "victim", 1000, [a, b])
+        pid = s.proc.pid
+        r.execute_command("ORDERS", "victim")  # warm: one page is in the baseline
+        baseline = peak_rss_bytes(pid)
+        hog = socket.socket()
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.connect(("127.0.0.1", s.port))
+        hog.sendall(b"ORDERS victim\r\n" * 1000)
+        deadline = time.time() + 60
+        while time.time() < deadline and "bytes of unread replies" not in s.logs():
+            time.sleep(0.2)
+        assert "bytes of unread replies" in s.logs()
+        grown = peak_rss_bytes(pid) - baseline
+        assert grown < 16 << 20, f"peak RSS grew {grown >> 20} MiB"
+        assert r.ping()
+        hog.settimeout(10)
+        data = read_until_closed(hog, limit=64 << 20)
+        assert len(data) < 8 << 20  # what the kernel buffers held; the rest was never built
+        hog.close()
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# B9: HELLO and AUTH that fail change nothing
+
+def test_failed_hello_or_auth_changes_nothing(data_dir):
+    """(#7 B9) `HELLO 4 AUTH u <right>` is NOPROTO and does not log in; a HELLO with a syntax error
+    neither; a wrong password is WRONGPASS also when already logged in, and (as in Redis) leaves the
+    connection logged in."""
+    s = Server(data_dir, "--requirepass", "s3cret").start()
+    try:
+        with connect(s) as c:
+            assert ask(c, b"HELLO 4 AUTH default s3cret\r\n").startswith(b"-NOPROTO")
+            assert ask(c, b"STOCK x\r\n") == b"-NOAUTH Authentication required.\r\n"
+            assert ask(c, b"HELLO x AUTH default s3cret\r\n").startswith(b"-ERR Protocol version is not an integer")
+            assert ask(c, b"HELLO 3 AUTH default s3cret SETNAME\r\n").startswith(b"-ERR Syntax error in HELLO option")
+            assert ask(c, b"STOCK x\r\n") == b"-NOAUTH Authentication required.\r\n"
+            assert ask(c, b"HELLO 3 AUTH default wrong\r\n").startswith(b"-WRONGPASS")
+            assert ask(c, b"STOCK x\r\n") == b"-NOAUTH Authentication required.\r\n"
+            assert ask(c, b"AUTH s3cret\r\n") == b"+OK\r\n"
+            assert ask(c, b"HELLO 3 AUTH default wrong\r\n").startswith(b"-WRONGPASS")
+            assert ask(c, b"AUTH wrong\r\n").startswith(b"-WRONGPASS")
+            assert ask(c, b"STOCK x\r\n") == b"-NOSKU\r\n"  # still logged in
+        with connect(s) as c:
+            c.sendall(b"HELLO 2 AUTH default s3cret\r\n")
+            time.sleep(0.3)
+            assert c.recv(4096).startswith(b"*14\r\n$6\r\nserver")
+            assert ask(c, b"STOCK x\r\n") == b"-NOSKU\r\n"
+        assert s.client(password="s3cret").ping()  # redis-py: HELLO 3 AUTH
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# B10: errors name the bound that applies
+
+def test_numeric_errors_name_their_bound(server):
+    """(#7 B10)"""
+    r = server.client()
+    r.execute_command("SKU.ADD", "a", 5)
+    with pytest.raises(redis.ResponseError, match=r"^BADQTY delta must be -1099511627776 to 1099511627776$"):
+        r.execute_command("SKU.RESTOCK", "a", 9223372036854775807)
+    with pytest.raises(redis.ResponseError, match=r"^BADQTY quantity must be 1 to 1000000000$"):
+        r.execute_command("RESERVE", "u", "a", 1_000_000_001)
+    with pytest.raises(redis.ResponseError, match=r"^total must be 0 to 1099511627776$"):
+        r.execute_command("SKU.ADD", "b", 1 << 41)
+    with pytest.raises(redis.ResponseError, match=r"^COUNT must be 1 to 10000$"):
+        r.execute_command("EVENTS", 0, "COUNT", -1)
+    with pytest.raises(redis.ResponseError, match=r"^BLOCK must be 0 to 60000 ms$"):
+        r.execute_command("EVENTS", 0, "BLOCK", -1)
+    with pytest.raises(redis.ResponseError, match=r"^TTL must be 1 to 604800000 ms$"):
+        r.execute_command("RESERVE", "u", "a", 1, "TTL", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# B11: a protocol error after good commands in the same read
+
+def test_commands_before_a_bad_frame_are_executed_and_answered(server):
+    """(#7 B11) What PROTOCOL.md says: the complete commands before a bad frame are executed, logged
+    and answered in order; then the error; the bad frame and everything after it are discarded."""
+    with connect(server) as c:
+        c.sendall(b"SKU.ADD pe 5\r\nRESERVE u pe 1\r\n*1\r\n:5\r\nSTOCK pe\r\nSKU.ADD after 1\r\n")
+        replies = read_until_closed(c)
+    lines = replies.split(b"\r\n")
+    assert lines[0] == b"+OK" and lines[1].startswith(b"$") and lines[2].isdigit()
+    assert lines[3] == b"-ERR Protocol error: expected '$', got ':'" and lines[4:] == [b""]
+    r = server.client()
+    stock = r.execute_command("STOCK", "pe")
+    assert dict(zip(stock[0::2], stock[1::2]))["reserved"] == 1
+    assert [e[1] for e in r.execute_command("EVENTS", 0)] == ["sku-added", "created"]  # logged
+    with pytest.raises(redis.ResponseError, match="^NOSKU"):
+        r.execute_command("STOCK", "after")
+
+
+# ---------------------------------------------------------------------------------------------
+# B12: half-close
+
+def test_half_closed_client_gets_every_reply(server):
+    """(#7 B12) Commands, then shutdown(SHUT_WR): every reply comes back, then the server closes."""
+    with connect(server) as c:
+        c.sendall(b"SKU.ADD hc 10\r\n" + b"RESERVE u hc 1\r\n" * 3 + b"STOCK hc\r\nPING\r\n*2\r\n$4\r\nECHO")
+        c.shutdown(socket.SHUT_WR)
+        replies = read_until_closed(c)
+    assert replies.startswith(b"+OK\r\n") and replies.count(b"\r\n$") >= 3
+    assert b"$9\r\navailable\r\n:7\r\n" in replies and replies.endswith(b"+PONG\r\n")
+    # And a pipeline through the same path with nothing after the FIN being partial.
+    with connect(server) as c:
+        c.sendall(b"PING\r\n" * 1000)
+        c.shutdown(socket.SHUT_WR)
+        assert read_until_closed(c) == b"+PONG\r\n" * 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# C24: protocol errors cannot flood the log
+
+def test_protocol_error_log_lines_are_rate_limited(server):
+    """(#7 C24) 300 connections with a bad frame each: at most 10 log lines a second, then a line
+    that counts the rest."""
+    started = time.time()
+    for _ in range(300):
+        with connect(server) as c:
+            c.sendall(b"*1\r\n:5\r\n")
+            read_until_closed(c)
+    elapsed = time.time() - started
+    time.sleep(1.5)  # the summary of the last second
+    logs = server.logs()
+    lines = logs.count("protocol error, closing connection")
+    assert lines <= 10 * (elapsed + 2), (lines, elapsed)
+    suppressed = sum(int(n) for n in re.findall(r"(\d+) more protocol errors were not logged", logs))
+    assert lines + suppressed == 300, (lines, suppressed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ids are bytes (B8 with the front): a property test through the real server
+
+def random_id(rng):
+    kind = rng.randrange(4)
+    if kind == 0:
+        return bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))  # often invalid UTF-8
+    if kind == 1:
+        return rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf"]) + str(rng.random()).encode()[:20]
+    if kind == 2:
+        word = rng.choice(["caf", "na", "r", "\u00c5ngstr", "fi"])
+        return (word + rng.choice(["\u00e9", "e\u0301", "\u212b", "A\u030a", "\ufb01", "fi"])).encode()
+    return "".join(rng.choice("ab\u00e9\u0301\u0316 \r\n\t") for _ in range(rng.randint(1, 12))).encode()[:64]
+
+
+def test_random_byte_ids_are_distinct_and_come_back_exact(server):
+    """Random byte-string ids, invalid UTF-8 and canonically equivalent pairs (`caf\\u00e9` and
+    `cafe\\u0301`) included, are distinct SKUs, users and request ids, and come back byte for byte in
+    STOCK, ORDER, ORDERS and EVENTS. The old server compared ids as Strings (equivalent pairs
+    collided) and replaced invalid UTF-8 with U+FFFD."""
+    r = redis.Redis(host="127.0.0.1", port=server.port, decode_responses=False)
+    used_skus, used_requests = set(), set()
+    placed = {}  # request id -> (order, user, sku)
+    for seed in range(5):
+        rng = random.Random(seed)
+        skus = list({random_id(rng) for _ in range(40)} | {"caf\u00e9".encode() + bytes([seed]), "cafe\u0301".encode() + bytes([seed])})
+        skus = [sku for sku in skus if sku not in used_skus]
+        used_skus.update(skus)
+        for sku in skus:
+            assert r.execute_command("SKU.ADD", sku, 1000) == b"OK", sku
+        for sku in skus:
+            values = r.execute_command("STOCK", sku)
+            assert values[1] == sku and values[3] == 1000
+        users = list({random_id(rng) for _ in range(10)} | {"\u00c5".encode() + bytes([seed]), "A\u030a".encode() + bytes([seed])})
+        requests = list({random_id(rng) for _ in range(30)} | {b"k\xc3\xa9" + bytes([seed]), b"ke\xcc\x81" + bytes([seed])})
+        requests = [req for req in requests if req not in used_requests]
+        used_requests.update(requests)
+        for req in requests:
+            user, sku = rng.choice(users), rng.choice(skus)
+            order = r.execute_command("RESERVE", user, sku, 1, "REQ", req)
+            placed[req] = (order, user, sku)
+            # A retry with the same bytes finds the same order.
+            assert r.execute_command("RESERVE", user, sku, 1, "REQ", req) == order
+        assert len({order for order, _, _ in placed.values()}) == len(placed)  # every request id is its own
+        for order, user, sku in placed.values():
+            info = r.execute_command("ORDER", order)
+            assert info[3] == user and info[9] == [sku, 1]
+        for user in users:
+            mine = sorted((o for o, u, _ in placed.values() if u == user), key=int)
+            listed = r.execute_command("ORDERS", user, "COUNT", 1000)
+            assert [o[1] for o in listed] == mine and all(o[3] == user for o in listed)
+        for sku in skus:
+            held = sum(1 for _, _, s in placed.values() if s == sku)
+            values = r.execute_command("STOCK", sku)
+            assert values[1] == sku and values[7] == held
+    events = r.execute_command("EVENTS", 0, "COUNT", 10000)
+    added = [e[2] for e in events if e[1] == b"sku-added"]
+    assert len(added) == len(set(added)) and "cafe\u0301".encode() + b"\x00" in added
