@@ -106,7 +106,7 @@ public struct ServerConfiguration: Sendable {
         switch ListenAddress.resolve(host) {
         case .failure(let why): return "--host \(host): \(why)"
         case .success(let address) where !address.isLoopback && !passwordSet:
-            return "refusing to listen on \(host) (\(address.numeric)) without a password: anyone who can reach it could place and cancel orders. "
+            return "refusing to listen on \(address.naming(host)) without a password: anyone who can reach it could place and cancel orders. "
                 + "Set --requirepass, or bind 127.0.0.1."
         default: break
         }
@@ -114,7 +114,7 @@ public struct ServerConfiguration: Sendable {
             switch ListenAddress.resolve(metricsHost) {
             case .failure(let why): return "--metrics-host \(metricsHost): \(why)"
             case .success(let address) where !address.isLoopback && !passwordSet:
-                return "refusing to serve metrics on \(metricsHost) (\(address.numeric)) without a password set: "
+                return "refusing to serve metrics on \(address.naming(metricsHost)) without a password set: "
                     + "the metrics port has no authentication. Set --requirepass, or keep --metrics-host on loopback."
             default: break
             }
@@ -130,6 +130,9 @@ public struct ListenAddress: Sendable, Equatable {
     public var numeric: String
     /// Every address the name resolved to is a loopback address (127.0.0.0/8, ::1, ::ffff:127.x).
     public var isLoopback: Bool
+
+    /// `host`, followed by the address it resolved to when that is spelled differently.
+    func naming(_ host: String) -> String { numeric == host ? host : "\(host) (\(numeric))" }
 
     /// Resolves `host` with getaddrinfo (numeric addresses need no lookup).
     public static func resolve(_ host: String) -> Result<ListenAddress, ResolveError> {
