@@ -9,7 +9,7 @@ DATA_DIR ?= ./data
 APT_PACKAGES := liblz4-dev libjemalloc-dev pkg-config redis-tools redis-server
 PIP_PACKAGES := redis pytest
 
-.PHONY: run test deps build release bench demo clean
+.PHONY: run test deps build release bench demo simulate clean
 
 deps:
 	@if ! pkg-config --exists liblz4 jemalloc 2>/dev/null || ! command -v redis-cli >/dev/null || ! command -v redis-benchmark >/dev/null || ! command -v redis-server >/dev/null; then \
@@ -37,6 +37,12 @@ build: deps
 test: build
 	STOCKADE_BIN=$(CURDIR)/.build/debug/stockade $(SWIFT) test
 	STOCKADE_BIN=$(CURDIR)/.build/debug/stockade $(PYTHON) -m pytest -q tests/integration
+
+# The deterministic simulator for a while (SECONDS=600 by default); `make test` runs a bounded set.
+# A failing seed prints the command that replays it.
+SIMULATE_SECONDS ?= 600
+simulate: release
+	.build/release/stockade simulate --seconds $(SIMULATE_SECONDS) --from $$(date +%s)
 
 bench: deps
 	$(SWIFT) package benchmark

@@ -40,6 +40,9 @@ let package = Package(
             name: "StockadeJournal",
             dependencies: ["StockadeCore", "CLZ4", "CCRC32C"]
         ),
+        // The deterministic simulator: the engine and its log under a seeded clock, clients and faults,
+        // checked against a reference model after every step.
+        .target(name: "StockadeSimulator", dependencies: ["StockadeCore"]),
         // RESP2: the incremental request parser and reply encoding. No sockets.
         .target(
             name: "StockadeWire",
@@ -70,11 +73,12 @@ let package = Package(
         .executableTarget(
             name: "stockade",
             dependencies: [
-                "StockadeCore", "StockadeJournal", "StockadeServer", "StockadeBench", "CJemalloc",
+                "StockadeCore", "StockadeJournal", "StockadeServer", "StockadeBench", "StockadeSimulator", "CJemalloc",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .testTarget(name: "StockadeCoreTests", dependencies: ["StockadeCore"]),
+        .testTarget(name: "StockadeCoreTests", dependencies: ["StockadeCore", "StockadeSimulator"]),
+        .testTarget(name: "StockadeSimulatorTests", dependencies: ["StockadeSimulator", "StockadeCore"]),
         .testTarget(name: "StockadeJournalTests", dependencies: ["StockadeCore", "StockadeJournal"]),
         .testTarget(name: "StockadeServerTests", dependencies: ["StockadeServer", "StockadeCore"]),
         .testTarget(

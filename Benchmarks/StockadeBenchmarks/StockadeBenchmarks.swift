@@ -16,7 +16,7 @@ let benchmarks: @Sendable () -> Void = {
 
     let recordsPerSync = BenchmarkMetric.custom("records per fdatasync", polarity: .prefersLarger, useScalingFactor: false)
     let recordsPerSecond = BenchmarkMetric.custom("records per second", polarity: .prefersLarger, useScalingFactor: false)
-    let users = (0..<100_000).map { "user-\($0)" }
+    let users = (0..<100_000).map { Name("user-\($0)") }
     let lines = [OrderLine(sku: "hot", quantity: 1)]
 
     func freshShard() -> ShardState {

@@ -5,14 +5,13 @@ extension Array where Element == UInt8 {
         Swift.withUnsafeBytes(of: value.littleEndian) { append(contentsOf: $0) }
     }
 
-    /// Appends a string of at most 255 UTF-8 bytes as `[length u8][bytes]`.
+    /// Appends a name of at most 255 bytes as `[length u8][bytes]`.
     @inlinable
-    package mutating func appendName(_ name: String) {
-        var name = name
-        name.withUTF8 { utf8 in
-            precondition(utf8.count <= 255)
-            append(UInt8(utf8.count))
-            append(contentsOf: utf8)
+    package mutating func appendName(_ name: Name) {
+        name.withBytes { bytes in
+            precondition(bytes.count <= 255)
+            append(UInt8(bytes.count))
+            append(contentsOf: bytes)
         }
     }
 }
@@ -44,12 +43,13 @@ package struct ByteReader {
         return T(littleEndian: value)
     }
 
-    package mutating func readName() throws -> String {
+    /// Reads a `[length u8][bytes]` name, byte for byte.
+    package mutating func readName() throws -> Name {
         let length = Int(try read() as UInt8)
         guard end - offset >= length else { throw Underflow(reason: "truncated string at offset \(offset)") }
-        let text = String(decoding: UnsafeRawBufferPointer(rebasing: base[offset..<offset + length]), as: UTF8.self)
+        let name = Name(UnsafeRawBufferPointer(rebasing: base[offset..<offset + length]))
         offset += length
-        return text
+        return name
     }
 
     /// A reader over the next `length` bytes; this reader moves past them.

@@ -1,3 +1,4 @@
+import Atomics
 import Synchronization
 
 /// The shards and the log together: routes each command to the shard that owns its SKU or order,
@@ -5,6 +6,9 @@ import Synchronization
 public final class Engine: Sendable {
     public let shards: [Shard]
     private let log: any ChangeLog
+    /// The latest "now" any caller passed: time as the engine sees it never goes back, so a wall clock
+    /// stepped backwards cannot make an expired hold pending again on a shard that has not expired it yet.
+    private let clockMillis = ManagedAtomic<Int64>(.min)
 
     /// Starts the engine on a recovered (or empty) state.
     public init(state: EngineState, log: any ChangeLog) {
@@ -16,16 +20,18 @@ public final class Engine: Sendable {
 
     /// The shard that owns a SKU: FNV-1a of its UTF-8 bytes, modulo the shard count. Stable across
     /// processes and builds, so a data directory always maps SKUs the same way.
-    public static func shardIndex(of sku: String, shardCount: Int) -> Int {
-        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-        for byte in sku.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
-        return Int(hash % UInt64(shardCount))
+    public static func shardIndex(of sku: Name, shardCount: Int) -> Int {
+        sku.withBytes { bytes in
+            var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+            for byte in bytes { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+            return Int(hash % UInt64(shardCount))
+        }
     }
 
-    public func shardIndex(of sku: String) -> Int { Self.shardIndex(of: sku, shardCount: shards.count) }
+    public func shardIndex(of sku: Name) -> Int { Self.shardIndex(of: sku, shardCount: shards.count) }
 
     /// Available stock of a SKU read from its published counter, without entering the shard.
-    public func available(_ sku: String) -> Int64? {
+    public func available(_ sku: Name) -> Int64? {
         shards[shardIndex(of: sku)].directory.counter(sku)?.available
     }
 
@@ -33,10 +39,20 @@ public final class Engine: Sendable {
         case shard(Int)
         /// Needs several shards: runs alone, after everything before it.
         case global
-        case immediate(Reply)
+        /// Answered without entering a shard; the reply waits for `lsn` to be durable.
+        case immediate(Reply, lsn: UInt64)
     }
 
-    private func route(_ command: Command) -> Route {
+    /// What earlier commands of the same batch did, which decides whether a later one may be answered
+    /// from the published counters (it may only answer what it would have got in order).
+    private struct BatchProgress {
+        /// Shards that earlier commands of the batch go to.
+        var touched: [Bool]
+        /// An earlier command may change stock on any shard (confirm, cancel, a multi-shard command).
+        var crossShard = false
+    }
+
+    private func route(_ command: Command, now: Int64, progress: BatchProgress) -> Route {
         switch command {
         case let .addSku(sku, _, _), let .restock(sku, _), let .setPaused(sku, _), let .stock(sku), let .deduct(sku, _):
             return .shard(shardIndex(of: sku))
@@ -46,61 +62,106 @@ public final class Engine: Sendable {
             if let rejection = ShardState.validateReserve(
                 user: user, lines: lines, requestId: requestId, ttlMillis: ttlMillis ?? Limits.ttlMillisDefault)
             {
-                return .immediate(.rejected(rejection))
+                return .immediate(.rejected(rejection), lsn: 0)
             }
             let owner = shardIndex(of: lines[0].sku)
             if lines.count == 1 {
-                // Sold-out fast path: answered from the published counter, no shard hop. Not for
-                // requests with an id, whose retry must find the original order.
-                if requestId == nil, let counter = shards[owner].directory.counter(lines[0].sku), counter.available == 0 {
-                    return .immediate(.rejected(.soldOut))
+                // Sold-out fast path, no shard hop: not for requests with an id (a retry must find its
+                // order), and only when nothing earlier in this batch could have changed the SKU.
+                if requestId == nil, !progress.touched[owner], !progress.crossShard,
+                   let lsn = soldOutWithoutEntering(owner: owner, sku: lines[0].sku, now: now)
+                {
+                    return .immediate(.rejected(.soldOut), lsn: lsn)
                 }
                 return .shard(owner)
             }
             return lines.allSatisfy({ shardIndex(of: $0.sku) == owner }) ? .shard(owner) : .global
         case let .confirm(id), let .cancel(id), let .order(id):
-            guard let shard = id.shard, shard < shards.count else { return .immediate(.rejected(.noSuchOrder)) }
+            guard let shard = id.shard, shard < shards.count else { return .immediate(.rejected(.noSuchOrder), lsn: 0) }
             return .shard(shard)
         case let .orders(user):
-            return isValidName(user) ? .global : .immediate(.rejected(.badArgument("user id must be 1 to \(Limits.nameBytesMax) bytes")))
+            return isValidName(user)
+                ? .global : .immediate(.rejected(.badArgument("user id must be 1 to \(Limits.nameBytesMax) bytes")), lsn: 0)
         }
     }
 
-    /// Executes commands in order and returns their replies in the same order. Commands on one shard
-    /// run in one hop; a command that needs several shards runs after all before it. Replies come
-    /// back once every change they depend on is durable.
+    /// The position to wait for when the SKU's published counter shows a state, with every record behind
+    /// it appended, in which a reservation is sold out; nil when the shard must decide (stock left, a run
+    /// or a basket in progress, a hold due to expire, the log failed).
+    private func soldOutWithoutEntering(owner: Int, sku: Name, now: Int64) -> UInt64? {
+        let shard = shards[owner]
+        let gauges = shard.gauges
+        let epoch = gauges.runEpoch.load(ordering: .acquiring)
+        guard epoch & 1 == 0, gauges.preparing.load(ordering: .acquiring) == 0,
+              gauges.nextDeadlineMillis.load(ordering: .relaxed) > now,
+              let counter = shard.directory.counter(sku), counter.available == 0
+        else { return nil }
+        let lsn = gauges.visibleLSN.load(ordering: .acquiring)
+        guard gauges.runEpoch.load(ordering: .acquiring) == epoch, log.failureReason == nil else { return nil }
+        return lsn
+    }
+
+    /// Whether a command can change stock on a shard other than the one it runs on (a basket's
+    /// confirm or cancel releases or sells its items on their shards).
+    private static func mayAffectOtherShards(_ command: Command) -> Bool {
+        switch command {
+        case .confirm, .cancel: true
+        default: false
+        }
+    }
+
+    /// Executes commands with the effect of running them one by one in order, and returns their
+    /// replies in the same order. Consecutive commands are grouped per shard (one hop per shard), which
+    /// is the same as running them in order because commands on different shards do not interact; a
+    /// command that can (confirm, cancel) closes its group and runs last in it, its effects on other
+    /// shards are applied before the next group, and a command that needs several shards runs alone.
+    /// Replies come back once every change they show is durable.
     public func execute(_ commands: [Command], now: Int64) async -> [Reply] {
+        let now = monotonic(now)
         var replies = [Reply](repeating: .done, count: commands.count)
+        var waitFor = await expireBaskets(now: now)
         var perShard = [[(slot: Int, command: Command)]](repeating: [], count: shards.count)
-        var waitFor: UInt64 = 0
+        var progress = BatchProgress(touched: [Bool](repeating: false, count: shards.count))
         var position = 0
         while position < commands.count {
             var pending = false
+            var closing: Int?
             while position < commands.count {
-                let route = route(commands[position])
+                let command = commands[position]
+                let route = route(command, now: now, progress: progress)
                 if case .global = route { break }
+                position += 1
                 switch route {
                 case .shard(let s):
-                    perShard[s].append((position, commands[position]))
+                    perShard[s].append((position - 1, command))
+                    progress.touched[s] = true
                     pending = true
-                case .immediate(let reply): replies[position] = reply
+                    if Self.mayAffectOtherShards(command) {
+                        progress.crossShard = true
+                        closing = s
+                    }
+                case .immediate(let reply, let lsn):
+                    replies[position - 1] = reply
+                    waitFor = max(waitFor, lsn)
                 case .global: break
                 }
-                position += 1
+                if closing != nil { break }
             }
             if pending {
-                for s in perShard.indices where !perShard[s].isEmpty {
-                    let result = await shards[s].run(perShard[s], now: now)
-                    for (slot, reply) in result.replies { replies[slot] = reply }
-                    waitFor = max(waitFor, result.lsn)
-                    await applyEffects(result.effects)
+                for s in perShard.indices where !perShard[s].isEmpty && s != closing {
+                    waitFor = max(waitFor, await runGroup(s, perShard[s], now: now, into: &replies))
+                    perShard[s].removeAll(keepingCapacity: true)
+                }
+                if let s = closing {
+                    waitFor = max(waitFor, await runGroup(s, perShard[s], now: now, into: &replies))
                     perShard[s].removeAll(keepingCapacity: true)
                 }
             }
-            if position < commands.count {
+            if closing == nil, position < commands.count {
                 let (reply, lsn) = await executeGlobal(commands[position], now: now)
                 replies[position] = reply
                 waitFor = max(waitFor, lsn)
+                progress.crossShard = true
                 position += 1
             }
         }
@@ -116,6 +177,52 @@ public final class Engine: Sendable {
         return replies
     }
 
+    /// Runs one shard's group, waiting first while basket holds are placed there, applies its effects on
+    /// other shards, and returns the position its replies wait for.
+    private func runGroup(
+        _ s: Int, _ group: [(slot: Int, command: Command)], now: Int64, into replies: inout [Reply]
+    ) async -> UInt64 {
+        var result = await shards[s].run(group, now: now)
+        while result.deferred {
+            await shards[s].settled()
+            result = await shards[s].run(group, now: now)
+        }
+        for (slot, reply) in result.replies { replies[slot] = reply }
+        await applyEffects(result.effects, causedAt: result.lsn)
+        return result.lsn
+    }
+
+    /// Expires, before a batch runs, the due baskets whose items lie on other shards: at `now` they are
+    /// expired, and a command on another shard must see their stock back. Returns the position to wait for.
+    private func expireBaskets(now: Int64) async -> UInt64 {
+        var lsn: UInt64 = 0
+        for shard in shards where shard.gauges.nextForeignDeadlineMillis.load(ordering: .relaxed) <= now {
+            lsn = max(lsn, await expire(shard, now: now))
+        }
+        return lsn
+    }
+
+    private func expire(_ shard: Shard, now: Int64) async -> UInt64 {
+        var result = await shard.expire(now: now)
+        while result.deferred {
+            await shard.settled()
+            result = await shard.expire(now: now)
+        }
+        await applyEffects(result.effects, causedAt: result.lsn)
+        return result.lsn
+    }
+
+    /// `now`, or the latest time seen when `now` is earlier.
+    private func monotonic(_ now: Int64) -> Int64 {
+        var seen = clockMillis.load(ordering: .relaxed)
+        while now > seen {
+            let (exchanged, original) = clockMillis.compareExchange(expected: seen, desired: now, ordering: .relaxed)
+            if exchanged { return now }
+            seen = original
+        }
+        return seen
+    }
+
     /// One command, for callers that have no batch.
     public func execute(_ command: Command, now: Int64) async -> Reply {
         await execute([command], now: now)[0]
@@ -125,19 +232,34 @@ public final class Engine: Sendable {
         switch command {
         case let .reserve(user, lines, requestId, ttlMillis):
             return await reserveAcrossShards(
-                user: user, lines: lines, requestId: requestId, deadlineMillis: now + (ttlMillis ?? Limits.ttlMillisDefault))
+                user: user, lines: lines, requestId: requestId, now: now,
+                deadlineMillis: now + (ttlMillis ?? Limits.ttlMillisDefault))
         case let .orders(user):
             var all: [OrderInfo] = []
             var lsn: UInt64 = 0
             for shard in shards {
-                all += await shard.orders(ofUser: user)
-                lsn = max(lsn, await shard.lastAppendedPosition)
+                lsn = max(lsn, await expire(shard, now: now))
+                switch await shard.orders(ofUser: user) {
+                case .success(let (orders, visible)):
+                    all += orders
+                    lsn = max(lsn, visible)
+                case .failure(let rejection): return (.rejected(rejection), 0)
+                }
             }
             return (.orders(all.sorted { $0.id < $1.id }), lsn)
         case .audit:
             var all: [AuditFinding] = []
-            for shard in shards { all += await shard.audit() }
-            return (.audit(all), 0)
+            var lsn: UInt64 = 0
+            for shard in shards {
+                lsn = max(lsn, await expire(shard, now: now))
+                switch await shard.audit() {
+                case .success(let (findings, visible)):
+                    all += findings
+                    lsn = max(lsn, visible)
+                case .failure(let rejection): return (.rejected(rejection), 0)
+                }
+            }
+            return (.audit(all), lsn)
         default:
             preconditionFailure("\(command) is not a multi-shard command")
         }
@@ -145,26 +267,40 @@ public final class Engine: Sendable {
 
     /// All-or-nothing across shards: mark the request id on the owner (the first SKU's shard), hold
     /// each shard's lines in shard order, and either record the order on the owner or give every hold
-    /// back. Holds are in memory only until the owner's single record makes the order durable.
+    /// back. Holds are in memory only until the owner's single record makes the order durable; while
+    /// they are, commands on their shards wait (``Shard/settled()``), so no reply shows them early.
     private func reserveAcrossShards(
-        user: String, lines: [OrderLine], requestId: String?, deadlineMillis: Int64
+        user: Name, lines: [OrderLine], requestId: Name?, now: Int64, deadlineMillis: Int64
     ) async -> (Reply, UInt64) {
+        if let reason = log.failureReason { return (.rejected(.unavailable(reason)), 0) }
         guard log.admitsChanges else { return (.rejected(.busy), 0) }
         let owner = shardIndex(of: lines[0].sku)
-        if let reply = await shards[owner].beginRequest(user: user, requestId: requestId) {
-            return (reply, await shards[owner].lastAppendedPosition)
+        if let reply = await shards[owner].beginRequest(user: user, requestId: requestId, lines: lines) {
+            return (reply, await shards[owner].visiblePosition)
         }
         var byShard: [Int: [OrderLine]] = [:]
         for line in lines { byShard[shardIndex(of: line.sku), default: []].append(line) }
-        var held: [Int: [Record.Item]] = [:]
+        // Holds due at `now` are expired first, so that the basket sees the stock they return.
+        var expiredAt: UInt64 = 0
+        for s in byShard.keys.sorted() where shards[s].gauges.nextDeadlineMillis.load(ordering: .relaxed) <= now {
+            expiredAt = max(expiredAt, await expire(shards[s], now: now))
+        }
+        var held: [Int: (items: [Record.Item], internedUser: Bool)] = [:]
+        func settleAll(committedAt lsn: UInt64?) async {
+            for (h, prepared) in held {
+                await shards[h].settle(user: user, items: prepared.items, internedUser: prepared.internedUser, committedAt: lsn)
+            }
+        }
         for s in byShard.keys.sorted() {
             switch await shards[s].prepareHold(user: user, lines: byShard[s]!) {
-            case .success(let items):
-                held[s] = items
+            case .success(let prepared):
+                held[s] = prepared
             case .failure(let rejection):
-                for (h, items) in held { await shards[h].releasePrepared(user: user, items: items) }
+                // The refusal shows this shard's state (a SKU missing, paused, sold out): it waits for it.
+                let shown = await shards[s].visiblePosition
+                await settleAll(committedAt: nil)
                 await shards[owner].abortRequest(user: user, requestId: requestId)
-                return (.rejected(rejection), 0)
+                return (.rejected(rejection), max(expiredAt, shown))
             }
         }
         // Items in the client's order, for the record and for display.
@@ -172,30 +308,32 @@ public final class Engine: Sendable {
         var items: [Record.Item] = []
         for line in lines {
             let s = shardIndex(of: line.sku)
-            items.append(held[s]![next[s, default: 0]])
+            items.append(held[s]!.items[next[s, default: 0]])
             next[s, default: 0] += 1
         }
         switch await shards[owner].commitOrder(
             user: user, requestId: requestId, items: items, skus: lines.map(\.sku), deadlineMillis: deadlineMillis)
         {
-        case .success(let (id, lsn)): return (.reserved(id, deadlineMillis: deadlineMillis, replayed: false), lsn)
-        case .failure(let rejection): return (.rejected(rejection), 0)
+        case .success(let (id, lsn)):
+            await settleAll(committedAt: lsn)
+            return (.reserved(id, deadlineMillis: deadlineMillis, replayed: false), lsn)
+        case .failure(let rejection):
+            await settleAll(committedAt: nil)
+            return (.rejected(rejection), 0)
         }
     }
 
-    private func applyEffects(_ effects: [ShardState.ForeignEffect]) async {
+    private func applyEffects(_ effects: [ShardState.ForeignEffect], causedAt lsn: UInt64) async {
         guard !effects.isEmpty else { return }
         var byShard: [Int: [ShardState.ForeignEffect]] = [:]
         for effect in effects { byShard[effect.shard, default: []].append(effect) }
-        for (s, list) in byShard { await shards[s].apply(list) }
+        for s in byShard.keys.sorted() { await shards[s].apply(byShard[s]!, causedAt: lsn) }
     }
 
     /// Expires due orders on every shard; a timer calls this so holds on idle SKUs still come back.
     public func expire(now: Int64) async {
-        for shard in shards {
-            let result = await shard.expire(now: now)
-            await applyEffects(result.effects)
-        }
+        let now = monotonic(now)
+        for shard in shards { _ = await expire(shard, now: now) }
     }
 
     /// Copies every shard's state. A consistent cut only while no commands run (tests, shutdown).
@@ -221,4 +359,5 @@ public final class MemoryChangeLog: ChangeLog {
 
     public func waitDurable(_ lsn: UInt64) async throws(Rejection) {}
     public var admitsChanges: Bool { true }
+    public var failureReason: String? { nil }
 }

@@ -50,7 +50,7 @@ public struct EngineState: Sendable {
             guard let owner = created.id.shard, owner < shards.count,
                 Int(created.id.sequence) == shards[owner].orders.count + 1
             else { throw ReplayError(reason: "order \(created.id) created out of sequence") }
-            var names: [String] = []
+            var names: [Name] = []
             names.reserveCapacity(created.items.count)
             for item in created.items {
                 let s = try sku(item.shard, item.skuIndex)

@@ -48,9 +48,9 @@ public enum OrderState: UInt8, Sendable, CustomStringConvertible {
 
 /// One line of an order as a client states it.
 public struct OrderLine: Hashable, Sendable {
-    public var sku: String
+    public var sku: Name
     public var quantity: Int64
-    public init(sku: String, quantity: Int64) {
+    public init(sku: Name, quantity: Int64) {
         self.sku = sku
         self.quantity = quantity
     }
@@ -59,12 +59,12 @@ public struct OrderLine: Hashable, Sendable {
 /// An order as clients see it.
 public struct OrderInfo: Equatable, Sendable {
     public var id: OrderID
-    public var user: String
+    public var user: Name
     public var lines: [OrderLine]
     public var state: OrderState
     public var deadlineMillis: Int64
 
-    public init(id: OrderID, user: String, lines: [OrderLine], state: OrderState, deadlineMillis: Int64) {
+    public init(id: OrderID, user: Name, lines: [OrderLine], state: OrderState, deadlineMillis: Int64) {
         self.id = id
         self.user = user
         self.lines = lines
@@ -75,7 +75,7 @@ public struct OrderInfo: Equatable, Sendable {
 
 /// A SKU's numbers as clients see them. Always `available + reserved + sold == total`.
 public struct SkuInfo: Equatable, Sendable {
-    public var sku: String
+    public var sku: Name
     public var total: Int64
     public var available: Int64
     public var reserved: Int64
@@ -84,7 +84,7 @@ public struct SkuInfo: Equatable, Sendable {
     public var limit: Int64
     public var paused: Bool
 
-    public init(sku: String, total: Int64, available: Int64, reserved: Int64, sold: Int64, limit: Int64, paused: Bool) {
+    public init(sku: Name, total: Int64, available: Int64, reserved: Int64, sold: Int64, limit: Int64, paused: Bool) {
         self.sku = sku
         self.total = total
         self.available = available
@@ -97,12 +97,12 @@ public struct SkuInfo: Equatable, Sendable {
 
 /// The result of checking one SKU's invariant.
 public struct AuditFinding: Equatable, Sendable {
-    public var sku: String
+    public var sku: Name
     public var ok: Bool
     /// Empty when ``ok``; otherwise what does not add up.
     public var problem: String
 
-    public init(sku: String, ok: Bool, problem: String) {
+    public init(sku: Name, ok: Bool, problem: String) {
         self.sku = sku
         self.ok = ok
         self.problem = problem

@@ -20,9 +20,6 @@ public enum Limits {
     public static let ordersPerShardMax = Int(Int32.max - 1)
 }
 
-/// Validates a client-supplied id: 1 to ``Limits/nameBytesMax`` bytes of UTF-8.
+/// Validates a client-supplied id: 1 to ``Limits/nameBytesMax`` bytes, any bytes.
 @inlinable
-package func isValidName(_ name: String) -> Bool {
-    let count = name.utf8.count
-    return count >= 1 && count <= Limits.nameBytesMax
-}
+package func isValidName(_ name: Name) -> Bool { name.isValid }

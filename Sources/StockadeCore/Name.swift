@@ -132,14 +132,18 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
         }
     }
 
-    /// The bytes as text for people: valid UTF-8 as is, anything else with invalid bytes as `\xHH`.
-    /// Only for display (logs, `inspect`); never compare or look up by it.
+    /// The bytes as text for people: printable UTF-8 as is; control characters and bytes that are
+    /// not valid UTF-8 as `\xHH`, so the text never breaks a line (logs, error replies, `inspect`).
+    /// Only for display; never compare or look up by it.
     public var description: String {
         withBytes { bytes in
-            if let text = String(validating: bytes, as: UTF8.self) { return text }
+            let printable = !bytes.contains { $0 < 0x20 || $0 == 0x7F || $0 == UInt8(ascii: "\\") }
+            if printable, let text = String(validating: bytes, as: UTF8.self) { return text }
             var out = ""
             for byte in bytes {
-                if byte >= 0x20 && byte < 0x7F { out.unicodeScalars.append(Unicode.Scalar(byte)) } else {
+                if byte >= 0x20 && byte < 0x7F && byte != UInt8(ascii: "\\") {
+                    out.unicodeScalars.append(Unicode.Scalar(byte))
+                } else {
                     out += "\\x" + (byte < 16 ? "0" : "") + String(byte, radix: 16)
                 }
             }

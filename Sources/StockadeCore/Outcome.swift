@@ -23,6 +23,9 @@ public enum Rejection: Error, Equatable, Sendable {
     case wrongState(OrderState)
     /// The same request id is being placed right now on another connection; retry to get its order.
     case requestInFlight
+    /// The request id was used before, for this user, with other SKUs or quantities (the order it names):
+    /// a request id stands for one request, as with Stripe's idempotency keys.
+    case requestConflict(OrderID)
     /// The journal cannot take more work right now; retry later.
     case busy
     /// The engine stopped accepting changes (a log write or fsync failed); the message says why.
@@ -48,18 +51,18 @@ public enum Reply: Equatable, Sendable {
 
 /// A request to the engine. Commands on one SKU are applied in the order they are given.
 public enum Command: Sendable, Equatable {
-    case addSku(sku: String, total: Int64, limit: Int64)
-    case restock(sku: String, delta: Int64)
-    case setPaused(sku: String, paused: Bool)
-    case stock(sku: String)
-    case audit(sku: String?)
+    case addSku(sku: Name, total: Int64, limit: Int64)
+    case restock(sku: Name, delta: Int64)
+    case setPaused(sku: Name, paused: Bool)
+    case stock(sku: Name)
+    case audit(sku: Name?)
     /// Reserve one or more lines, all or nothing. `ttlMillis` nil means ``Limits/ttlMillisDefault``.
-    case reserve(user: String, lines: [OrderLine], requestId: String?, ttlMillis: Int64?)
+    case reserve(user: Name, lines: [OrderLine], requestId: Name?, ttlMillis: Int64?)
     case confirm(OrderID)
     case cancel(OrderID)
     case order(OrderID)
-    case orders(user: String)
-    case deduct(sku: String, quantity: Int64)
+    case orders(user: Name)
+    case deduct(sku: Name, quantity: Int64)
 
     /// Whether the command can change state (and so must be refused while the journal is overloaded).
     public var isChange: Bool {

@@ -15,8 +15,13 @@ package struct SplitMix64: RandomNumberGenerator, Sendable {
 /// (sold out, limits, repeats, cross-shard baskets, bad arguments) happen often.
 package struct RandomWorkload: Sendable {
     package var rng: SplitMix64
-    package let skus = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date"]
-    package let users = ["ann", "bob", "cy", "dee", "eve", "fay"]
+    /// Includes ids equal as Unicode but not as bytes (NFC and NFD "café"), invalid UTF-8 and a
+    /// 64-byte id: each must be its own SKU or user.
+    package let skus: [Name] = [
+        "apple", "pear", "plum", "fig", "kiwi", "caf\u{E9}", "cafe\u{301}", Name(bytes: [0xFF, 0x00, 0xC3]),
+        Name(String(repeating: "k", count: Limits.nameBytesMax)),
+    ]
+    package let users: [Name] = ["ann", "bob", "cy", "\u{C5}sa", "A\u{30A}sa", Name(bytes: [0xC0, 0x80])]
     /// Order ids handed out so far (confirm and cancel pick from them).
     package var orders: [OrderID] = []
 
@@ -30,14 +35,14 @@ package struct RandomWorkload: Sendable {
         case 8..<12: return .restock(sku: sku, delta: Int64.random(in: -6...8, using: &rng))
         case 12..<15: return .setPaused(sku: sku, paused: Bool.random(using: &rng))
         case 15..<45:
-            let requestId = Bool.random(using: &rng) ? "q\(Int.random(in: 0..<6, using: &rng))" : nil
+            let requestId = Bool.random(using: &rng) ? Name("q\(Int.random(in: 0..<6, using: &rng))") : nil
             let quantity = Int.random(in: 0..<20, using: &rng) == 0 ? 0 : Int64.random(in: 1...3, using: &rng)
             return .reserve(user: user, lines: [OrderLine(sku: sku, quantity: quantity)], requestId: requestId,
                             ttlMillis: Int64.random(in: 1...400, using: &rng))
         case 45..<55:
             let count = Int.random(in: 2...3, using: &rng)
             let lines = skus.shuffled(using: &rng).prefix(count).map { OrderLine(sku: $0, quantity: Int64.random(in: 1...2, using: &rng)) }
-            let requestId = Bool.random(using: &rng) ? "m\(Int.random(in: 0..<4, using: &rng))" : nil
+            let requestId = Bool.random(using: &rng) ? Name("m\(Int.random(in: 0..<4, using: &rng))") : nil
             return .reserve(user: user, lines: Array(lines), requestId: requestId, ttlMillis: Int64.random(in: 1...400, using: &rng))
         case 55..<70: return .confirm(pickOrder())
         case 70..<80: return .cancel(pickOrder())

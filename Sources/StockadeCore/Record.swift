@@ -1,7 +1,7 @@
 /// A log record: one state change, as a fact. Replaying the records in log order rebuilds the state;
 /// replay applies facts and never decides again. Layouts are in docs/FORMAT.md.
 public enum Record: Equatable, Sendable {
-    case skuAdded(shard: Int, skuIndex: UInt32, sku: String, total: Int64, limit: Int64)
+    case skuAdded(shard: Int, skuIndex: UInt32, sku: Name, total: Int64, limit: Int64)
     case restocked(shard: Int, skuIndex: UInt32, delta: Int64)
     case pausedChanged(shard: Int, skuIndex: UInt32, paused: Bool)
     case deducted(shard: Int, skuIndex: UInt32, quantity: Int64)
@@ -15,9 +15,9 @@ public enum Record: Equatable, Sendable {
     public struct OrderCreated: Equatable, Sendable {
         public var id: OrderID
         public var deadlineMillis: Int64
-        public var user: String
+        public var user: Name
         /// Empty when the client gave no request id.
-        public var requestId: String
+        public var requestId: Name
         public var items: [Item]
     }
 
@@ -64,7 +64,7 @@ public struct RecordBuffer: Sendable {
         count += 1
     }
 
-    public mutating func skuAdded(shard: Int, skuIndex: UInt32, sku: String, total: Int64, limit: Int64) {
+    public mutating func skuAdded(shard: Int, skuIndex: UInt32, sku: Name, total: Int64, limit: Int64) {
         let start = begin(.skuAdded)
         bytes.appendLE(UInt16(shard)); bytes.appendLE(skuIndex); bytes.appendLE(total); bytes.appendLE(limit)
         bytes.appendName(sku)
@@ -92,13 +92,12 @@ public struct RecordBuffer: Sendable {
     /// The single-item order, written without building an items array and with one copy into the
     /// buffer (the hot path).
     public mutating func orderCreated(
-        id: OrderID, deadlineMillis: Int64, user: String, requestId: String?,
+        id: OrderID, deadlineMillis: Int64, user: Name, requestId: Name?,
         shard: Int, skuIndex: UInt32, quantity: UInt32
     ) {
-        var user = user
-        var requestId = requestId ?? ""
-        user.withUTF8 { userBytes in
-            requestId.withUTF8 { requestBytes in
+        let requestId = requestId ?? .empty
+        user.withBytes { userBytes in
+            requestId.withBytes { requestBytes in
                 precondition(userBytes.count <= 255 && requestBytes.count <= 255)
                 let body = 8 + 8 + 1 + userBytes.count + 1 + requestBytes.count + 2 + 2 + 4 + 4
                 withUnsafeTemporaryAllocation(byteCount: 3 + body, alignment: 8) { out in
@@ -233,7 +232,7 @@ struct RawWriter {
         offset += MemoryLayout<T>.size
     }
 
-    @inline(__always) mutating func put(_ bytes: UnsafeBufferPointer<UInt8>) {
+    @inline(__always) mutating func put(_ bytes: UnsafeRawBufferPointer) {
         guard let source = bytes.baseAddress, bytes.count > 0 else { return }
         (base.baseAddress! + offset).copyMemory(from: source, byteCount: bytes.count)
         offset += bytes.count

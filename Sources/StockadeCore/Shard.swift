@@ -1,3 +1,5 @@
+import Atomics
+
 /// Where shards send the records of their changes. ``StockadeJournal``'s journal writes them to disk;
 /// ``MemoryChangeLog`` keeps nothing (the engine without durability, for tests and benchmarks).
 public protocol ChangeLog: AnyObject, Sendable {
@@ -9,6 +11,26 @@ public protocol ChangeLog: AnyObject, Sendable {
     func waitDurable(_ lsn: UInt64) async throws(Rejection)
     /// false while the queue of records not yet written is over its bound: changes get ``Rejection/busy``.
     var admitsChanges: Bool { get }
+    /// Why the log stopped accepting records (a write or sync failed), or nil. Once set it stays set:
+    /// memory may then hold changes that are not in the log, so every shard refuses every command.
+    var failureReason: String? { get }
+}
+
+/// What any thread may read of a shard without entering it: published by the shard, read lock-free
+/// by the engine's sold-out fast path and its expiry pre-pass.
+public final class ShardGauges: Sendable {
+    /// Even between runs, odd while a run (or a prepare) changes state. A reader that sees the same even
+    /// value before and after reading a counter read a state whose records are all appended.
+    let runEpoch = ManagedAtomic<UInt64>(0)
+    /// ``Shard/visiblePosition`` as of the last completed run.
+    let visibleLSN = ManagedAtomic<UInt64>(0)
+    /// Basket holds placed here and not yet committed or released.
+    let preparing = ManagedAtomic<Int>(0)
+    /// ``ShardState/nextDeadlineMillis`` and ``ShardState/nextForeignDeadlineMillis`` after the last run.
+    let nextDeadlineMillis = ManagedAtomic<Int64>(.max)
+    let nextForeignDeadlineMillis = ManagedAtomic<Int64>(.max)
+
+    init() {}
 }
 
 /// One shard: the only writer of its SKUs and orders. Work arrives in batches (one actor hop per
@@ -18,13 +40,19 @@ public actor Shard {
     private(set) var state: ShardState
     /// SKU id -> counter, for lock-free reads from any thread.
     public nonisolated let directory: SkuDirectory
+    /// Published position, epoch and deadlines (see ``ShardGauges``).
+    public nonisolated let gauges = ShardGauges()
     private let log: any ChangeLog
     private var scratch = RecordBuffer()
-    /// Position of the last record this shard appended. Replies wait for it to be durable, reads
-    /// included, so no client is shown a change that a crash could still take back.
-    private var lastAppendedLSN: UInt64 = 0
-    /// Set once an append failed: from then on every change is refused with this reason.
+    /// The log position every reply from this shard waits for: the last record this shard appended,
+    /// or the record of another shard's order whose effect (a release or sale of this shard's stock)
+    /// was applied here, whichever is later. Reads wait for it too, so no client is shown a change
+    /// that a crash could still take back.
+    private var visibleLSN: UInt64 = 0
+    /// Set once an append failed: from then on every command is refused with this reason.
     private var failure: String?
+    /// Runs waiting for the basket holds placed here to be committed or released.
+    private var settleWaiters: [CheckedContinuation<Void, Never>] = []
 
     public init(state: ShardState, log: any ChangeLog) {
         index = state.shard
@@ -32,6 +60,8 @@ public actor Shard {
         self.log = log
         directory = SkuDirectory()
         directory.publish(state.counters)
+        gauges.nextDeadlineMillis.store(state.nextDeadlineMillis, ordering: .relaxed)
+        gauges.nextForeignDeadlineMillis.store(state.nextForeignDeadlineMillis, ordering: .relaxed)
     }
 
     /// What a batch did: a reply per command (by its position in the caller's list), effects on other
@@ -40,26 +70,38 @@ public actor Shard {
         public var replies: [(slot: Int, reply: Reply)] = []
         public var effects: [ShardState.ForeignEffect] = []
         public var lsn: UInt64 = 0
+        /// Nothing ran: basket holds are being placed here. Wait with ``Shard/settled()`` and run again.
+        public var deferred = false
     }
 
+    /// Why this shard refuses everything, if it does: its own append failed, or the log's did.
+    private var refusal: String? { failure ?? log.failureReason }
+
     /// Runs a batch of commands that all belong to this shard, in order. Orders due at `now` expire first.
+    /// While a basket's holds are being placed here, nothing runs (``BatchResult/deferred``): a reply
+    /// could otherwise show a hold that is not logged yet.
     public func run(_ batch: [(slot: Int, command: Command)], now: Int64) -> BatchResult {
-        scratch.removeAll()
         var result = BatchResult()
+        if gauges.preparing.load(ordering: .relaxed) > 0 {
+            result.deferred = true
+            return result
+        }
+        if let refusal = refusal {
+            result.replies = batch.map { ($0.slot, .rejected(.unavailable(refusal))) }
+            result.lsn = visibleLSN
+            return result
+        }
+        beginChange()
+        defer { endChange() }
+        scratch.removeAll()
         result.replies.reserveCapacity(batch.count)
         result.effects = state.expireDue(now: now, log: &scratch)
         let admits = log.admitsChanges
-        var added: [(String, StockCounter)] = []
+        var added: [(Name, StockCounter)] = []
         for (slot, command) in batch {
-            if command.isChange {
-                if let failure {
-                    result.replies.append((slot, .rejected(.unavailable(failure))))
-                    continue
-                }
-                if !admits {
-                    result.replies.append((slot, .rejected(.busy)))
-                    continue
-                }
+            if command.isChange && !admits {
+                result.replies.append((slot, .rejected(.busy)))
+                continue
             }
             let reply: Reply
             switch command {
@@ -90,20 +132,35 @@ public actor Shard {
         }
         if !added.isEmpty { directory.publish(added) }
         if !flush() {
-            for i in result.replies.indices where batch[i].command.isChange {
-                result.replies[i].reply = .rejected(.unavailable(failure ?? "journal failed"))
-            }
+            // Nothing of this run may be seen: not its replies, not its effects on other shards.
+            result.replies = batch.map { ($0.slot, .rejected(.unavailable(failure ?? "journal failed"))) }
+            result.effects = []
         }
-        result.lsn = lastAppendedLSN
+        result.lsn = visibleLSN
         return result
     }
 
+    /// Marks a change in progress for lock-free readers (``ShardGauges/runEpoch`` odd).
+    private func beginChange() { gauges.runEpoch.wrappingIncrement(ordering: .acquiringAndReleasing) }
+
+    /// Publishes the position and deadlines, then ends the change (epoch even again).
+    private func endChange() {
+        gauges.visibleLSN.store(visibleLSN, ordering: .releasing)
+        publishDeadlines()
+        gauges.runEpoch.wrappingIncrement(ordering: .acquiringAndReleasing)
+    }
+
+    private func publishDeadlines() {
+        gauges.nextDeadlineMillis.store(state.nextDeadlineMillis, ordering: .relaxed)
+        gauges.nextForeignDeadlineMillis.store(state.nextForeignDeadlineMillis, ordering: .relaxed)
+    }
+
     /// Appends what the scratch buffer holds. false when the log refused it: the shard then stops
-    /// accepting changes, since its memory is ahead of what can be made durable.
+    /// accepting anything, since its memory is ahead of what can be made durable.
     private func flush() -> Bool {
         guard !scratch.isEmpty else { return true }
         do {
-            lastAppendedLSN = try log.append(scratch)
+            visibleLSN = max(visibleLSN, try log.append(scratch))
             return true
         } catch {
             if case .unavailable(let reason) = error { failure = reason } else { failure = "journal refused a write: \(error)" }
@@ -111,50 +168,108 @@ public actor Shard {
         }
     }
 
-    /// Expires due orders (the engine's timer calls this for shards that see no traffic).
+    /// Expires due orders (the engine calls this before a batch for shards whose baskets are due, and a
+    /// timer for shards that see no traffic). Does nothing once the log has failed: a change that cannot
+    /// be logged must not be made.
     public func expire(now: Int64) -> BatchResult { run([], now: now) }
 
-    /// Applies effects of other shards' orders on this shard's SKUs.
-    public func apply(_ effects: [ShardState.ForeignEffect]) {
+    /// Applies effects of another shard's orders on this shard's SKUs; `lsn` is the position of the
+    /// record that caused them, which replies from this shard then wait for.
+    public func apply(_ effects: [ShardState.ForeignEffect], causedAt lsn: UInt64) {
+        beginChange()
         for effect in effects { state.apply(effect) }
+        visibleLSN = max(visibleLSN, lsn)
+        endChange()
+    }
+
+    /// Returns once no basket holds are being placed here (at once when none are).
+    public func settled() async {
+        guard gauges.preparing.load(ordering: .relaxed) > 0 else { return }
+        await withCheckedContinuation { settleWaiters.append($0) }
+    }
+
+    private func endPrepare() {
+        let left = gauges.preparing.wrappingDecrementThenLoad(ordering: .relaxed)
+        precondition(left >= 0, "more basket holds settled than placed")
+        if left == 0 {
+            let waiters = settleWaiters
+            settleWaiters.removeAll()
+            for waiter in waiters { waiter.resume() }
+        }
     }
 
     // MARK: Multi-shard orders
 
-    public func beginRequest(user: String, requestId: String?) -> Reply? {
-        if let failure { return .rejected(.unavailable(failure)) }
-        return state.beginRequest(user: user, requestId: requestId)
+    public func beginRequest(user: Name, requestId: Name?, lines: [OrderLine]) -> Reply? {
+        if let refusal = refusal { return .rejected(.unavailable(refusal)) }
+        return state.beginRequest(user: user, requestId: requestId, lines: lines)
     }
 
-    public func abortRequest(user: String, requestId: String?) {
+    public func abortRequest(user: Name, requestId: Name?) {
         state.abortRequest(user: user, requestId: requestId)
     }
 
-    public func prepareHold(user: String, lines: [OrderLine]) -> Result<[Record.Item], Rejection> {
-        if let failure { return .failure(.unavailable(failure)) }
-        return state.prepareHold(user: user, lines: lines)
+    /// Holds this shard's lines of a basket. On success the holds count as being placed (runs here
+    /// wait) until ``settle(user:items:internedUser:committedAt:)`` commits or releases them.
+    public func prepareHold(user: Name, lines: [OrderLine]) -> Result<(items: [Record.Item], internedUser: Bool), Rejection> {
+        if let refusal = refusal { return .failure(.unavailable(refusal)) }
+        beginChange()
+        defer { endChange() }
+        var interned = false
+        switch state.prepareHold(user: user, lines: lines, internedUser: &interned) {
+        case .failure(let rejection): return .failure(rejection)
+        case .success(let items):
+            gauges.preparing.wrappingIncrement(ordering: .relaxed)
+            return .success((items, interned))
+        }
     }
 
-    public func releasePrepared(user: String, items: [Record.Item]) {
-        state.releasePrepared(user: user, items: items)
+    /// Ends a prepared hold: with a position, the order was recorded there (replies here wait for it);
+    /// with nil, the basket failed and the holds are given back.
+    public func settle(user: Name, items: [Record.Item], internedUser: Bool, committedAt lsn: UInt64?) {
+        beginChange()
+        if let lsn {
+            visibleLSN = max(visibleLSN, lsn)
+        } else {
+            state.releasePrepared(user: user, items: items, internedUser: internedUser)
+        }
+        endChange()
+        endPrepare()
     }
 
     /// Records the order and returns its id and the log position to wait for.
     public func commitOrder(
-        user: String, requestId: String?, items: [Record.Item], skus: [String], deadlineMillis: Int64
+        user: Name, requestId: Name?, items: [Record.Item], skus: [Name], deadlineMillis: Int64
     ) -> Result<(OrderID, UInt64), Rejection> {
+        if let refusal = refusal {
+            state.abortRequest(user: user, requestId: requestId)
+            return .failure(.unavailable(refusal))
+        }
+        beginChange()
+        defer { endChange() }
         scratch.removeAll()
         let id = state.commitOrder(
             user: user, requestId: requestId, items: items, skus: skus, deadlineMillis: deadlineMillis, log: &scratch)
         guard flush() else { return .failure(.unavailable(failure ?? "journal failed")) }
-        return .success((id, lastAppendedLSN))
+        return .success((id, visibleLSN))
     }
 
     // MARK: Reads for the engine and tests
 
-    public func orders(ofUser user: String) -> [OrderInfo] { state.orders(ofUser: user) }
-    public func audit() -> [AuditFinding] { state.audit(nil) ?? [] }
+    /// This shard's orders of a user and the position the reply must wait for.
+    public func orders(ofUser user: Name) -> Result<([OrderInfo], UInt64), Rejection> {
+        if let refusal = refusal { return .failure(.unavailable(refusal)) }
+        return .success((state.orders(ofUser: user), visibleLSN))
+    }
+
+    /// Every SKU's audit and the position the reply must wait for; waits while basket holds are placed.
+    public func audit() async -> Result<([AuditFinding], UInt64), Rejection> {
+        while gauges.preparing.load(ordering: .relaxed) > 0 { await settled() }
+        if let refusal = refusal { return .failure(.unavailable(refusal)) }
+        return .success((state.audit(nil) ?? [], visibleLSN))
+    }
+
     public func snapshotState() -> ShardState { state }
-    /// The position a reply must wait for to show only durable state (see ``lastAppendedLSN``).
-    public var lastAppendedPosition: UInt64 { lastAppendedLSN }
+    /// The position a reply must wait for to show only durable state (see ``visibleLSN``).
+    public var visiblePosition: UInt64 { visibleLSN }
 }

@@ -8,7 +8,7 @@ public struct ShardState: Sendable {
     public let shard: Int
 
     struct Sku {
-        var name: String
+        var name: Name
         var total: Int64
         var available: Int64
         var reserved: Int64
@@ -56,26 +56,37 @@ public struct ShardState: Sendable {
     /// An item of a multi-SKU (or cross-shard) order, with its SKU's id for display.
     struct MultiItem {
         var item: Record.Item
-        var sku: String
+        var sku: Name
     }
 
     struct RequestKey: Hashable {
         var user: UInt32
-        var requestId: String
+        var requestId: Name
+    }
+
+    struct InFlightKey: Hashable {
+        var user: Name
+        var requestId: Name
     }
 
     var skus: [Sku] = []
     var skuIndexByName = NameIndex()
-    var users: [String] = []
+    var users: [Name] = []
     var userIndexByName = NameIndex()
     var lastOrderOfUser: [UInt32] = []
     var orders = ChunkedArray<OrderSlot>()
     var multiItems: [UInt32: [MultiItem]] = [:]
-    /// Request id -> order sequence; 0 marks a multi-shard request being placed right now.
+    /// Request id -> order sequence.
     var requests: [RequestKey: UInt32] = [:]
+    /// Multi-shard requests being placed right now (between ``beginRequest(user:requestId:lines:)`` and
+    /// commit or abort). Keyed by the ids themselves, so that marking one interns nothing.
+    var requestsInFlight: Set<InFlightKey> = []
     /// PENDING + PAID units per (user << 32 | sku), kept only for SKUs with a per-user limit.
     var heldByUserSku: [UInt64: UInt32] = [:]
     var expiry = ExpiryHeap()
+    /// Pending orders with items on other shards, by deadline: their expiry changes other shards' stock,
+    /// so the engine expires them before a batch touches any shard (see ``nextForeignDeadlineMillis``).
+    var foreignExpiry = ExpiryHeap()
 
     public init(shard: Int) {
         precondition(shard >= 0 && shard < Limits.shardCountMax)
@@ -83,11 +94,17 @@ public struct ShardState: Sendable {
     }
 
     public var skuCount: Int { skus.count }
+
+    /// The earliest deadline of an order in the expiry heap (pending or not); `Int64.max` for none.
+    public var nextDeadlineMillis: Int64 { expiry.top.map { orders[Int($0) - 1].deadlineMillis } ?? .max }
+
+    /// The earliest deadline of an order with items on other shards; `Int64.max` for none.
+    public var nextForeignDeadlineMillis: Int64 { foreignExpiry.top.map { orders[Int($0) - 1].deadlineMillis } ?? .max }
     public var orderCount: Int { orders.count }
 
     // MARK: - Reads
 
-    public func stock(_ sku: String) -> SkuInfo? {
+    public func stock(_ sku: Name) -> SkuInfo? {
         skuIndexByName[sku].map { info(Int($0)) }
     }
 
@@ -99,14 +116,14 @@ public struct ShardState: Sendable {
     }
 
     /// The counter a SKU publishes its available stock to.
-    public func counter(_ sku: String) -> StockCounter? { skuIndexByName[sku].map { skus[Int($0)].counter } }
+    public func counter(_ sku: Name) -> StockCounter? { skuIndexByName[sku].map { skus[Int($0)].counter } }
 
     /// Every SKU id with its counter, in index order (for publishing after recovery).
-    public var counters: [(String, StockCounter)] { skus.map { ($0.name, $0.counter) } }
+    public var counters: [(Name, StockCounter)] { skus.map { ($0.name, $0.counter) } }
 
     /// Checks `available + reserved + sold == total`, all non-negative, and that the published counter
     /// agrees; for one SKU or, with nil, all of them.
-    public func audit(_ sku: String?) -> [AuditFinding]? {
+    public func audit(_ sku: Name?) -> [AuditFinding]? {
         let indices: [Int]
         if let sku {
             guard let index = skuIndexByName[sku] else { return nil }
@@ -133,7 +150,7 @@ public struct ShardState: Sendable {
     }
 
     /// This shard's orders of `user`, oldest first.
-    public func orders(ofUser user: String) -> [OrderInfo] {
+    public func orders(ofUser user: Name) -> [OrderInfo] {
         guard let userIndex = userIndexByName[user] else { return [] }
         var result: [OrderInfo] = []
         var seq = lastOrderOfUser[Int(userIndex)]
@@ -144,6 +161,17 @@ public struct ShardState: Sendable {
         return result.reversed()
     }
 
+    /// Every SKU, in index order (for the simulator's model and tools).
+    package var allSkus: [SkuInfo] { skus.indices.map(info) }
+
+    /// Every order, oldest first (for the simulator's model and tools).
+    package var allOrders: [OrderInfo] { (0..<orders.count).map { orderInfo(UInt32($0 + 1)) } }
+
+    /// Every request id with its order (for the simulator's model and tools).
+    package var requestIds: [(user: Name, requestId: Name, order: OrderID)] {
+        requests.map { (users[Int($0.key.user)], $0.key.requestId, OrderID(shard: shard, sequence: $0.value)) }
+    }
+
     func localSequence(_ id: OrderID) -> UInt32? {
         let seq = id.sequence
         guard id.shard == shard, seq >= 1, Int(seq) <= orders.count else { return nil }
@@ -152,12 +180,7 @@ public struct ShardState: Sendable {
 
     func orderInfo(_ seq: UInt32) -> OrderInfo {
         let slot = orders[Int(seq) - 1]
-        let lines: [OrderLine]
-        if slot.isMulti {
-            lines = (multiItems[seq] ?? []).map { OrderLine(sku: $0.sku, quantity: Int64($0.item.quantity)) }
-        } else {
-            lines = [OrderLine(sku: skus[Int(slot.skuIndex)].name, quantity: Int64(slot.quantity))]
-        }
+        let lines = orderLines(seq)
         return OrderInfo(
             id: OrderID(shard: shard, sequence: seq), user: users[Int(slot.userIndex)], lines: lines,
             state: slot.state, deadlineMillis: slot.deadlineMillis)
@@ -165,7 +188,7 @@ public struct ShardState: Sendable {
 
     // MARK: - SKU changes
 
-    public mutating func addSku(_ sku: String, total: Int64, limit: Int64, log: inout RecordBuffer) -> Reply {
+    public mutating func addSku(_ sku: Name, total: Int64, limit: Int64, log: inout RecordBuffer) -> Reply {
         guard isValidName(sku) else { return .rejected(.badArgument("SKU id must be 1 to \(Limits.nameBytesMax) bytes")) }
         guard total >= 0, total <= Limits.stockMax else {
             return .rejected(.badArgument("total must be 0 to \(Limits.stockMax)"))
@@ -180,7 +203,7 @@ public struct ShardState: Sendable {
         return .done
     }
 
-    public mutating func restock(_ sku: String, delta: Int64, log: inout RecordBuffer) -> Reply {
+    public mutating func restock(_ sku: Name, delta: Int64, log: inout RecordBuffer) -> Reply {
         guard let index = skuIndexByName[sku] else { return .rejected(.noSuchSku) }
         guard delta >= -Limits.stockMax, delta <= Limits.stockMax else { return .rejected(.badQuantity) }
         let s = skus[Int(index)]
@@ -196,7 +219,7 @@ public struct ShardState: Sendable {
         return .stock(info(Int(index)))
     }
 
-    public mutating func setPaused(_ sku: String, paused: Bool, log: inout RecordBuffer) -> Reply {
+    public mutating func setPaused(_ sku: Name, paused: Bool, log: inout RecordBuffer) -> Reply {
         guard let index = skuIndexByName[sku] else { return .rejected(.noSuchSku) }
         if skus[Int(index)].paused != paused {
             applyPaused(index: index, paused: paused)
@@ -207,7 +230,7 @@ public struct ShardState: Sendable {
 
     /// The Redis stock script's semantics: 1 deducted, 0 not enough (or paused), -1 no such SKU.
     /// Deducted units count as sold at once; they belong to no order.
-    public mutating func deduct(_ sku: String, quantity: Int64, log: inout RecordBuffer) -> Reply {
+    public mutating func deduct(_ sku: Name, quantity: Int64, log: inout RecordBuffer) -> Reply {
         guard quantity >= 1, quantity <= Limits.quantityMax else { return .rejected(.badQuantity) }
         guard let index = skuIndexByName[sku] else { return .deducted(-1) }
         let s = skus[Int(index)]
@@ -222,11 +245,16 @@ public struct ShardState: Sendable {
     /// Places a hold for `lines`, all of which live on this shard, all or nothing.
     /// Arguments must have passed ``ShardState/validateReserve(user:lines:requestId:ttlMillis:)``.
     public mutating func reserve(
-        user: String, lines: [OrderLine], requestId: String?, ttlMillis: Int64, now: Int64, log: inout RecordBuffer
+        user: Name, lines: [OrderLine], requestId: Name?, ttlMillis: Int64, now: Int64, log: inout RecordBuffer
     ) -> Reply {
         let knownUser = userIndexByName[user]
-        if let requestId, let knownUser, let seq = requests[RequestKey(user: knownUser, requestId: requestId)] {
-            return replayedRequest(seq)
+        if let requestId {
+            if let knownUser, let seq = requests[RequestKey(user: knownUser, requestId: requestId)] {
+                return replayedRequest(seq, lines: lines)
+            }
+            if !requestsInFlight.isEmpty, requestsInFlight.contains(InFlightKey(user: user, requestId: requestId)) {
+                return .rejected(.requestInFlight)
+            }
         }
         if lines.count == 1 {
             // The hot path: one SKU, no arrays built.
@@ -249,7 +277,8 @@ public struct ShardState: Sendable {
             return .reserved(id, deadlineMillis: deadline, replayed: false)
         }
         let items: [Record.Item]
-        switch prepareHold(user: user, lines: lines) {
+        var internedUser = false
+        switch prepareHold(user: user, lines: lines, internedUser: &internedUser) {
         case .failure(let rejection): return .rejected(rejection)
         case .success(let held): items = held
         }
@@ -263,9 +292,10 @@ public struct ShardState: Sendable {
     func check(index: UInt32, quantity: Int64, knownUser: UInt32?) -> Rejection? {
         // Fields read one by one: copying the whole Sku would retain its name and counter.
         let i = Int(index)
-        if skus[i].paused { return .paused }
         let available = skus[i].available
+        // Sold out before paused: the same answer the published counter gives without entering the shard.
         if available == 0 { return .soldOut }
+        if skus[i].paused { return .paused }
         if available < quantity { return .insufficient(available: available) }
         let limit = skus[i].limit
         if limit > 0 {
@@ -275,14 +305,25 @@ public struct ShardState: Sendable {
         return nil
     }
 
-    func replayedRequest(_ seq: UInt32) -> Reply {
-        if seq == 0 { return .rejected(.requestInFlight) }
-        return .reserved(
-            OrderID(shard: shard, sequence: seq), deadlineMillis: orders[Int(seq) - 1].deadlineMillis, replayed: true)
+    /// The reply to a retried request id: its order, or ``Rejection/requestConflict(_:)`` when the
+    /// retry asks for other SKUs or quantities than the order holds (the TTL of a retry is not compared).
+    func replayedRequest(_ seq: UInt32, lines: [OrderLine]) -> Reply {
+        let id = OrderID(shard: shard, sequence: seq)
+        guard orderLines(seq) == lines else { return .rejected(.requestConflict(id)) }
+        return .reserved(id, deadlineMillis: orders[Int(seq) - 1].deadlineMillis, replayed: true)
+    }
+
+    /// An order's lines in the order the client listed them.
+    func orderLines(_ seq: UInt32) -> [OrderLine] {
+        let slot = orders[Int(seq) - 1]
+        if slot.isMulti {
+            return (multiItems[seq] ?? []).map { OrderLine(sku: $0.sku, quantity: Int64($0.item.quantity)) }
+        }
+        return [OrderLine(sku: skus[Int(slot.skuIndex)].name, quantity: Int64(slot.quantity))]
     }
 
     /// Validates a reservation's arguments before it is routed anywhere.
-    public static func validateReserve(user: String, lines: [OrderLine], requestId: String?, ttlMillis: Int64) -> Rejection? {
+    public static func validateReserve(user: Name, lines: [OrderLine], requestId: Name?, ttlMillis: Int64) -> Rejection? {
         guard isValidName(user) else { return .badArgument("user id must be 1 to \(Limits.nameBytesMax) bytes") }
         if let requestId, !isValidName(requestId) {
             return .badArgument("request id must be 1 to \(Limits.nameBytesMax) bytes")
@@ -306,26 +347,31 @@ public struct ShardState: Sendable {
     // MARK: Multi-shard orders (the engine coordinates: begin, prepare on each shard, commit or abort)
 
     /// Looks up a request id; when it is new, marks it as being placed. Returns the reply to give
-    /// instead of placing the order, or nil to go on.
-    public mutating func beginRequest(user: String, requestId: String?) -> Reply? {
+    /// instead of placing the order, or nil to go on. Marking interns nothing: a refused request
+    /// leaves no trace.
+    public mutating func beginRequest(user: Name, requestId: Name?, lines: [OrderLine]) -> Reply? {
         guard let requestId else { return nil }
-        let key = RequestKey(user: userIndexByName[user] ?? intern(user), requestId: requestId)
-        if let seq = requests[key] { return replayedRequest(seq) }
-        requests[key] = 0
+        if let userIndex = userIndexByName[user], let seq = requests[RequestKey(user: userIndex, requestId: requestId)] {
+            return replayedRequest(seq, lines: lines)
+        }
+        let key = InFlightKey(user: user, requestId: requestId)
+        if requestsInFlight.contains(key) { return .rejected(.requestInFlight) }
+        requestsInFlight.insert(key)
         return nil
     }
 
-    /// Withdraws a request marked by ``beginRequest(user:requestId:)`` whose order was not placed.
-    public mutating func abortRequest(user: String, requestId: String?) {
-        guard let requestId, let userIndex = userIndexByName[user] else { return }
-        let key = RequestKey(user: userIndex, requestId: requestId)
-        if requests[key] == 0 { requests[key] = nil }
+    /// Withdraws a request marked by ``beginRequest(user:requestId:lines:)`` whose order was not placed.
+    public mutating func abortRequest(user: Name, requestId: Name?) {
+        guard let requestId else { return }
+        requestsInFlight.remove(InFlightKey(user: user, requestId: requestId))
     }
 
     /// Holds every line (all on this shard) or none. The holds are not logged: the order's record,
-    /// written by the owning shard on commit, carries them.
-    public mutating func prepareHold(user: String, lines: [OrderLine]) -> Result<[Record.Item], Rejection> {
+    /// written by the owning shard on commit, carries them. `internedUser` is set when the user was new
+    /// here, so that ``releasePrepared(user:items:internedUser:)`` can forget it again.
+    public mutating func prepareHold(user: Name, lines: [OrderLine], internedUser: inout Bool) -> Result<[Record.Item], Rejection> {
         let knownUser = userIndexByName[user]
+        internedUser = false
         var items: [Record.Item] = []
         items.reserveCapacity(lines.count)
         for line in lines {
@@ -336,20 +382,29 @@ public struct ShardState: Sendable {
             items.append(Record.Item(shard: shard, skuIndex: index, quantity: UInt32(line.quantity)))
         }
         let userIndex = knownUser ?? intern(user)
+        internedUser = knownUser == nil
         for item in items { applyHold(userIndex: userIndex, index: item.skuIndex, quantity: Int64(item.quantity)) }
         return .success(items)
     }
 
-    /// Returns prepared holds (the order was not placed). Not logged, as the holds were not.
-    public mutating func releasePrepared(user: String, items: [Record.Item]) {
+    /// Returns prepared holds (the order was not placed). Not logged, as the holds were not. A user
+    /// that the prepare interned is forgotten again while it is still the newest one and owns nothing.
+    public mutating func releasePrepared(user: Name, items: [Record.Item], internedUser: Bool = false) {
         for item in items where item.shard == shard {
             applyRelease(user: user, index: item.skuIndex, quantity: Int64(item.quantity))
+        }
+        if internedUser, let index = userIndexByName[user], Int(index) == users.count - 1, lastOrderOfUser[Int(index)] == 0,
+           !items.contains(where: { heldByUserSku[Self.key(index, $0.skuIndex)] != nil })
+        {
+            users.removeLast()
+            lastOrderOfUser.removeLast()
+            userIndexByName[user] = nil
         }
     }
 
     /// Records an order whose items were all held by ``prepareHold(user:lines:)`` on their shards.
     public mutating func commitOrder(
-        user: String, requestId: String?, items: [Record.Item], skus names: [String], deadlineMillis: Int64,
+        user: Name, requestId: Name?, items: [Record.Item], skus names: [Name], deadlineMillis: Int64,
         log: inout RecordBuffer
     ) -> OrderID {
         let seq = UInt32(orders.count + 1)
@@ -357,6 +412,7 @@ public struct ShardState: Sendable {
             id: OrderID(shard: shard, sequence: seq), deadlineMillis: deadlineMillis, user: user,
             requestId: requestId ?? "", items: items)
         storeOrder(created, skus: names)
+        if let requestId { requestsInFlight.remove(InFlightKey(user: user, requestId: requestId)) }
         log.orderCreated(created)
         return created.id
     }
@@ -401,7 +457,14 @@ public struct ShardState: Sendable {
             effects += applyTransition(seq: top, to: .expired)
             log.orderTransition(.orderExpired, OrderID(shard: shard, sequence: top))
         }
+        dropSettledForeign()
         return effects
+    }
+
+    /// Pops orders that are no longer pending off the top of ``foreignExpiry``, so that its top is the
+    /// earliest deadline that can still change another shard.
+    mutating func dropSettledForeign() {
+        while let top = foreignExpiry.top, orders[Int(top) - 1].state != .pending { foreignExpiry.pop(orders) }
     }
 
     // MARK: - Applying facts (shared by the live path and replay)
@@ -411,12 +474,12 @@ public struct ShardState: Sendable {
         public var shard: Int
         public var skuIndex: UInt32
         public var quantity: Int64
-        public var user: String
+        public var user: Name
         /// true: the hold is released (cancel, expiry); false: it is sold (paid).
         public var release: Bool
     }
 
-    mutating func intern(_ user: String) -> UInt32 {
+    mutating func intern(_ user: Name) -> UInt32 {
         let index = UInt32(users.count)
         users.append(user)
         userIndexByName[user] = index
@@ -432,7 +495,7 @@ public struct ShardState: Sendable {
         skus[index].counter.publish(skus[index].available)
     }
 
-    mutating func applySkuAdded(index: UInt32, sku: String, total: Int64, limit: Int64) {
+    mutating func applySkuAdded(index: UInt32, sku: Name, total: Int64, limit: Int64) {
         precondition(Int(index) == skus.count, "SKU index out of order")
         skus.append(
             Sku(name: sku, total: total, available: total, reserved: 0, sold: 0, limit: limit, paused: false,
@@ -463,11 +526,11 @@ public struct ShardState: Sendable {
         publishAndCheck(Int(index))
     }
 
-    mutating func applyHold(user: String, index: UInt32, quantity: Int64) {
+    mutating func applyHold(user: Name, index: UInt32, quantity: Int64) {
         applyHold(userIndex: userIndexByName[user] ?? intern(user), index: index, quantity: quantity)
     }
 
-    mutating func applyRelease(user: String, index: UInt32, quantity: Int64) {
+    mutating func applyRelease(user: Name, index: UInt32, quantity: Int64) {
         skus[Int(index)].available += quantity
         skus[Int(index)].reserved -= quantity
         if skus[Int(index)].limit > 0, let userIndex = userIndexByName[user] {
@@ -496,7 +559,7 @@ public struct ShardState: Sendable {
     }
 
     mutating func storeSingleOrder(
-        seq: UInt32, userIndex: UInt32, index: UInt32, quantity: UInt32, deadlineMillis: Int64, requestId: String?
+        seq: UInt32, userIndex: UInt32, index: UInt32, quantity: UInt32, deadlineMillis: Int64, requestId: Name?
     ) {
         precondition(Int(seq) == orders.count + 1 && orders.count < Limits.ordersPerShardMax, "order sequence out of order")
         orders.append(
@@ -509,10 +572,10 @@ public struct ShardState: Sendable {
     }
 
     /// Stores an order whose holds were already applied. `names` are the items' SKU ids, for display.
-    mutating func storeOrder(_ created: Record.OrderCreated, skus names: [String]) {
+    mutating func storeOrder(_ created: Record.OrderCreated, skus names: [Name]) {
         let seq = created.id.sequence
         let userIndex = userIndexByName[created.user] ?? intern(created.user)
-        let requestId: String? = created.requestId.isEmpty ? nil : created.requestId
+        let requestId: Name? = created.requestId.isEmpty ? nil : created.requestId
         if created.items.count == 1, created.items[0].shard == shard {
             storeSingleOrder(
                 seq: seq, userIndex: userIndex, index: created.items[0].skuIndex, quantity: created.items[0].quantity,
@@ -528,6 +591,7 @@ public struct ShardState: Sendable {
         multiItems[seq] = zip(created.items, names).map { MultiItem(item: $0, sku: $1) }
         if let requestId { requests[RequestKey(user: userIndex, requestId: requestId)] = seq }
         expiry.push(seq, orders)
+        if created.items.contains(where: { $0.shard != shard }) { foreignExpiry.push(seq, orders) }
     }
 
     /// Moves a pending order to a final state and applies what that does to stock: local SKUs here,
@@ -536,6 +600,7 @@ public struct ShardState: Sendable {
         let slot = orders[Int(seq) - 1]
         precondition(slot.state == .pending && target != .pending, "order \(seq) is not pending")
         orders[Int(seq) - 1].state = target
+        if slot.isMulti { dropSettledForeign() }
         let release = target != .paid
         if !slot.isMulti {
             if release {

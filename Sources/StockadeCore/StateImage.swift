@@ -157,6 +157,9 @@ extension EngineState {
                         items.append(ShardState.MultiItem(item: item, sku: try r.readName()))
                     }
                     state.multiItems[seq] = items
+                    if state.orders[Int(seq) - 1].state == .pending, items.contains(where: { $0.item.shard != shard }) {
+                        state.foreignExpiry.push(seq, state.orders)
+                    }
                 }
                 let requestCount = Int(try r.read() as UInt32)
                 try need(requestCount, r, each: 9)
@@ -229,9 +232,11 @@ struct FNV64 {
         withUnsafeBytes(of: x.littleEndian) { for b in $0 { byte(b) } }
     }
 
-    mutating func add(_ s: String) {
-        add(UInt8(truncatingIfNeeded: s.utf8.count))
-        for b in s.utf8 { byte(b) }
+    mutating func add(_ s: Name) {
+        s.withBytes { bytes in
+            add(UInt8(truncatingIfNeeded: bytes.count))
+            for b in bytes { byte(b) }
+        }
     }
 
     @inline(__always) private mutating func byte(_ b: UInt8) {

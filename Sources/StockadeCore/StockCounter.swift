@@ -20,10 +20,10 @@ public final class StockCounter: Sendable {
 /// (single writer) publishes a new immutable map when it adds a SKU, readers load the current one.
 public final class SkuDirectory: Sendable {
     final class Map: AtomicReference, Sendable {
-        let counters: [String: StockCounter]
+        let counters: [Name: StockCounter]
         /// SKU ids by index, for naming SKUs that records refer to by index.
-        let names: [String]
-        init(_ counters: [String: StockCounter], _ names: [String]) {
+        let names: [Name]
+        init(_ counters: [Name: StockCounter], _ names: [Name]) {
             self.counters = counters
             self.names = names
         }
@@ -34,21 +34,21 @@ public final class SkuDirectory: Sendable {
     public init() {}
 
     /// The counter of `sku`, or nil when this shard has no such SKU (yet).
-    public func counter(_ sku: String) -> StockCounter? {
+    public func counter(_ sku: Name) -> StockCounter? {
         current.load(ordering: .acquiring).counters[sku]
     }
 
     /// The id of the SKU at `index` in this shard, if it exists yet.
-    public func name(at index: Int) -> String? {
+    public func name(at index: Int) -> Name? {
         let names = current.load(ordering: .acquiring).names
         return index >= 0 && index < names.count ? names[index] : nil
     }
 
     /// Every SKU id of this shard, in index order.
-    public var names: [String] { current.load(ordering: .acquiring).names }
+    public var names: [Name] { current.load(ordering: .acquiring).names }
 
     /// Adds counters of newly added SKUs, in index order. Copies the map (SKU adds are rare; reads are not).
-    func publish(_ additions: [(String, StockCounter)]) {
+    func publish(_ additions: [(Name, StockCounter)]) {
         let map = current.load(ordering: .acquiring)
         var counters = map.counters
         var names = map.names

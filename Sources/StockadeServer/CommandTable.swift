@@ -149,36 +149,36 @@ enum CommandTable {
                 guard let value = integer(args[args.startIndex + 3]) else { return notInteger }
                 limit = value
             }
-            return .engine(.addSku(sku: args[args.startIndex], total: total, limit: limit))
+            return .engine(.addSku(sku: Name(args[args.startIndex]), total: total, limit: limit))
         case "SKU.RESTOCK":
             guard args.count == 2 else { return arity(false)! }
             guard let delta = integer(args[args.startIndex + 1]) else { return notInteger }
-            return .engine(.restock(sku: args[args.startIndex], delta: delta))
+            return .engine(.restock(sku: Name(args[args.startIndex]), delta: delta))
         case "SKU.PAUSE", "SKU.RESUME":
-            return arity(args.count == 1) ?? .engine(.setPaused(sku: args[args.startIndex], paused: name == "SKU.PAUSE"))
+            return arity(args.count == 1) ?? .engine(.setPaused(sku: Name(args[args.startIndex]), paused: name == "SKU.PAUSE"))
         case "STOCK":
-            return arity(args.count == 1) ?? .engine(.stock(sku: args[args.startIndex]))
+            return arity(args.count == 1) ?? .engine(.stock(sku: Name(args[args.startIndex])))
         case "AUDIT":
-            return arity(args.count <= 1) ?? .engine(.audit(sku: args.first))
+            return arity(args.count <= 1) ?? .engine(.audit(sku: args.first.map { Name($0) }))
         case "RESERVE", "BUY":
             // RESERVE user sku qty [REQ id] [TTL ms]; BUY user sku qty [sku qty ...] [REQ id] [TTL ms]
             guard args.count >= 3 else { return arity(false)! }
             let list = Array(args)
-            let user = list[0]
+            let user = Name(list[0])
             var lines: [OrderLine] = []
             var i = 1
             while i + 1 < list.count, !isOption(list[i]) || lines.isEmpty {
                 guard let quantity = integer(list[i + 1]) else { return notInteger }
-                lines.append(OrderLine(sku: list[i], quantity: quantity))
+                lines.append(OrderLine(sku: Name(list[i]), quantity: quantity))
                 i += 2
                 if name == "RESERVE" { break }
             }
-            var requestId: String?
+            var requestId: Name?
             var ttl: Int64?
             while i < list.count {
                 guard i + 1 < list.count else { return .invalid("ERR syntax error: \(list[i]) needs a value") }
                 switch list[i].uppercased() {
-                case "REQ": requestId = list[i + 1]
+                case "REQ": requestId = Name(list[i + 1])
                 case "TTL":
                     guard let value = integer(list[i + 1]) else { return notInteger }
                     ttl = value
@@ -197,7 +197,7 @@ enum CommandTable {
             default: return .engine(.order(id))
             }
         case "ORDERS":
-            return arity(args.count == 1) ?? .engine(.orders(user: args[args.startIndex]))
+            return arity(args.count == 1) ?? .engine(.orders(user: Name(args[args.startIndex])))
         case "DEDUCT":
             guard args.count == 1 || args.count == 2 else { return arity(false)! }
             var quantity: Int64 = 1
@@ -205,7 +205,7 @@ enum CommandTable {
                 guard let value = integer(args[args.startIndex + 1]) else { return notInteger }
                 quantity = value
             }
-            return .engine(.deduct(sku: args[args.startIndex], quantity: quantity))
+            return .engine(.deduct(sku: Name(args[args.startIndex]), quantity: quantity))
         case "EVENTS":
             guard args.count >= 1, args.count % 2 == 1 else { return arity(false)! }
             let list = Array(args)

@@ -76,6 +76,7 @@ package enum ReplyEncoding {
         case .expired: "EXPIRED"
         case .wrongState(let state): "WRONGSTATE \(state)"
         case .requestInFlight: "INFLIGHT"
+        case .requestConflict(let id): "REQCONFLICT request id already used for order \(id) with other SKUs or quantities"
         case .busy: "BUSY"
         case .unavailable(let reason): "UNAVAILABLE \(reason)"
         }
@@ -88,7 +89,7 @@ package enum ReplyEncoding {
     }
 
     /// One event: `[position, type, fields...]`. SKUs are named by id (looked up from the engine).
-    static func writeEvent(position: UInt64, record: Record, skuName: (Int, UInt32) -> String, into out: inout ByteBuffer) {
+    static func writeEvent(position: UInt64, record: Record, skuName: (Int, UInt32) -> Name, into out: inout ByteBuffer) {
         switch record {
         case let .skuAdded(_, _, sku, total, limit):
             out.writeRESPArrayHeader(5)
@@ -123,5 +124,22 @@ package enum ReplyEncoding {
             out.writeRESPArrayHeader(3)
             out.writeRESPInteger(Int64(position)); out.writeRESPBulk(type); out.writeRESPBulk(id.description)
         }
+    }
+}
+
+extension ByteBuffer {
+    /// An id as a bulk string, byte for byte.
+    mutating func writeRESPBulk(_ name: Name) {
+        name.withBytes { bytes in
+            writeRESPArrayLengthLine(prefix: UInt8(ascii: "$"), bytes.count)
+            writeBytes(bytes)
+            writeStaticString("\r\n")
+        }
+    }
+
+    private mutating func writeRESPArrayLengthLine(prefix: UInt8, _ count: Int) {
+        writeInteger(prefix)
+        writeString(String(count))
+        writeStaticString("\r\n")
     }
 }

@@ -252,7 +252,7 @@ final class ServerContext: Sendable {
         metrics.count("events", outcome: "ok")
     }
 
-    func skuName(_ shard: Int, _ index: UInt32) -> String {
+    func skuName(_ shard: Int, _ index: UInt32) -> Name {
         guard shard < engine.shards.count else { return "?" }
         return engine.shards[shard].directory.name(at: Int(index)) ?? "?"
     }

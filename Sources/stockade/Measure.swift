@@ -29,8 +29,8 @@ struct Measure: AsyncParsableCommand {
         var limit: Int64 = 0
 
         func run() throws {
-            let userNames = (0..<users).map { "user-\($0)" }
-            let skuNames = (0..<skus).map { "sku-\($0)" }
+            let userNames = (0..<users).map { Name("user-\($0)") }
+            let skuNames = (0..<skus).map { Name("sku-\($0)") }
             var log = RecordBuffer(capacity: 1 << 20)
             let before = allocatedBytes()
             var state = ShardState(shard: 0)
@@ -72,12 +72,12 @@ struct Measure: AsyncParsableCommand {
             var options = Store.Options(shardCount: shards)
             options.journal.fsync = .none
             let store = try Store(path: dataDir, options: options)
-            let skus = (0..<64).map { "sku-\($0)" }
+            let skus = (0..<64).map { Name("sku-\($0)") }
             _ = await store.engine.execute(skus.map { .addSku(sku: $0, total: Limits.stockMax, limit: 0) }, now: 0)
             func place(_ count: Int, offset: Int) async {
                 for first in stride(from: 0, to: count, by: 4096) {
                     let commands = (first..<min(count, first + 4096)).map { i in
-                        Command.reserve(user: "user-\((offset + i) % 1_000_000)", lines: [OrderLine(sku: skus[i % skus.count], quantity: 1)],
+                        Command.reserve(user: Name("user-\((offset + i) % 1_000_000)"), lines: [OrderLine(sku: skus[i % skus.count], quantity: 1)],
                                         requestId: nil, ttlMillis: Limits.ttlMillisMax)
                     }
                     _ = await store.engine.execute(commands, now: 0)
@@ -133,7 +133,7 @@ struct EngineThroughput: AsyncParsableCommand {
             store = try Store(path: journal, options: Store.Options(shardCount: shards))
             engine = store!.engine
         }
-        let skus = (0..<16).map { "sku-\($0)" }
+        let skus = (0..<16).map { Name("sku-\($0)") }
         _ = await engine.execute(skus.map { .addSku(sku: $0, total: Limits.stockMax, limit: 0) }, now: 0)
         let perClient = requests / clients / batch
         let clients = clients, batch = batch
@@ -153,7 +153,7 @@ struct EngineThroughput: AsyncParsableCommand {
             for client in 0..<clients {
                 group.addTask {
                     let commands = (0..<batch).map { k in
-                        Command.reserve(user: "c\(client)-\(k)", lines: [OrderLine(sku: skus[(client * batch + k) % skus.count], quantity: 1)],
+                        Command.reserve(user: Name("c\(client)-\(k)"), lines: [OrderLine(sku: skus[(client * batch + k) % skus.count], quantity: 1)],
                                         requestId: nil, ttlMillis: Limits.ttlMillisMax)
                     }
                     var mine: [UInt64] = []

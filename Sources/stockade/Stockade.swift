@@ -12,7 +12,7 @@ struct Stockade: AsyncParsableCommand {
         abstract: "An in-memory, sharded order engine for flash sales, with a write-ahead log.",
         discussion: "Start a server with `stockade serve` (data in ./data); try it without a server with `stockade demo`.",
         version: stockadeVersion,
-        subcommands: [Serve.self, Bench.self, Demo.self, Inspect.self, Snapshot.self, Measure.self, CrashWorker.self])
+        subcommands: [Serve.self, Bench.self, Demo.self, Inspect.self, Snapshot.self, Measure.self, Simulate.self, CrashWorker.self])
 }
 
 /// Options every command that opens a data directory shares.
@@ -90,7 +90,7 @@ struct Demo: AsyncParsableCommand {
         let opened = try store.open(at: directory)
         log("recovery: \(opened.recovery)")
         let engine = opened.engine
-        let sku = "demo-\(wallClockMillis())"
+        let sku = Name("demo-\(wallClockMillis())")
         _ = await engine.execute(.addSku(sku: sku, total: stock, limit: 1), now: wallClockMillis())
         let started = monotonicNanos()
         var reserved: [OrderID] = []
@@ -98,7 +98,7 @@ struct Demo: AsyncParsableCommand {
         let batch = 256
         for first in stride(from: 0, to: users, by: batch) {
             let commands = (first..<min(users, first + batch)).map {
-                Command.reserve(user: "user-\($0)", lines: [OrderLine(sku: sku, quantity: 1)], requestId: "r\($0)", ttlMillis: 60_000)
+                Command.reserve(user: Name("user-\($0)"), lines: [OrderLine(sku: sku, quantity: 1)], requestId: Name("r\($0)"), ttlMillis: 60_000)
             }
             for reply in await engine.execute(commands, now: wallClockMillis()) {
                 switch reply {
@@ -206,7 +206,7 @@ struct CrashWorker: AsyncParsableCommand {
     func run() async throws {
         let opened = try store.open()
         let engine = opened.engine
-        let names = (0..<skus).map { "crash-sku-\($0)" }
+        let names = (0..<skus).map { Name("crash-sku-\($0)") }
         for name in names { _ = await engine.execute(.addSku(sku: name, total: stock, limit: 0), now: wallClockMillis()) }
         let runID = UInt64(getpid())
         ackOutput.write("READY\n")
@@ -218,7 +218,7 @@ struct CrashWorker: AsyncParsableCommand {
                         n += 1
                         let commands = (0..<16).map { k in
                             Command.reserve(
-                                user: "u\(runID)-\(client)-\(n)-\(k)", lines: [OrderLine(sku: names[(client + k) % names.count], quantity: 1)],
+                                user: Name("u\(runID)-\(client)-\(n)-\(k)"), lines: [OrderLine(sku: names[(client + k) % names.count], quantity: 1)],
                                 requestId: nil, ttlMillis: Limits.ttlMillisMax)
                         }
                         let replies = await engine.execute(commands, now: wallClockMillis())

@@ -1,11 +1,12 @@
 import Testing
 @testable import StockadeCore
+import StockadeSimulator
 
 private func makeEngine(shards: Int = 3) -> Engine {
     Engine(state: EngineState(shardCount: shards), log: MemoryChangeLog())
 }
 
-private func reserve(_ user: String, _ sku: String, _ quantity: Int64 = 1, request: String? = nil, ttl: Int64? = nil) -> Command {
+private func reserve(_ user: Name, _ sku: Name, _ quantity: Int64 = 1, request: Name? = nil, ttl: Int64? = nil) -> Command {
     .reserve(user: user, lines: [OrderLine(sku: sku, quantity: quantity)], requestId: request, ttlMillis: ttl)
 }
 
@@ -58,7 +59,7 @@ private func orderID(_ reply: Reply) -> OrderID? {
                 group.addTask {
                     var won = 0
                     for batch in 0..<25 {
-                        let commands = (0..<8).map { reserve("t\(task)-\(batch)-\($0)", "phone") }
+                        let commands = (0..<8).map { reserve(Name("t\(task)-\(batch)-\($0)"), "phone") }
                         for reply in await engine.execute(commands, now: 0) where orderID(reply) != nil { won += 1 }
                         #expect((engine.available("phone") ?? -1) >= 0)
                     }
@@ -76,20 +77,20 @@ private func orderID(_ reply: Reply) -> OrderID? {
     /// exactly its stock, baskets are whole or absent, per-user limits hold.
     @Test func racingBasketsAcrossShardsAreAllOrNothing() async {
         let engine = makeEngine(shards: 4)
-        let skus = ["a", "b", "c", "d", "e", "f"]
+        let skus: [Name] = ["a", "b", "c", "d", "e", "f"]
         #expect(Set(skus.map(engine.shardIndex(of:))).count > 1)
         for sku in skus { _ = await engine.execute(.addSku(sku: sku, total: 60, limit: 2), now: 0) }
-        let placed = await withTaskGroup(of: [(String, [OrderLine])].self) { group in
+        let placed = await withTaskGroup(of: [(Name, [OrderLine])].self) { group in
             for task in 0..<16 {
                 group.addTask {
                     var rng = SplitMix64(seed: UInt64(task))
-                    var mine: [(String, [OrderLine])] = []
+                    var mine: [(Name, [OrderLine])] = []
                     for n in 0..<40 {
-                        let user = "user\(Int.random(in: 0..<40, using: &rng))"
+                        let user = Name("user\(Int.random(in: 0..<40, using: &rng))")
                         let lines = skus.shuffled(using: &rng).prefix(Int.random(in: 1...3, using: &rng))
                             .map { OrderLine(sku: $0, quantity: Int64.random(in: 1...2, using: &rng)) }
                         let reply = await engine.execute(
-                            .reserve(user: user, lines: lines, requestId: "\(task)-\(n)", ttlMillis: nil), now: 0)
+                            .reserve(user: user, lines: lines, requestId: Name("\(task)-\(n)"), ttlMillis: nil), now: 0)
                         if orderID(reply) != nil { mine.append((user, lines)) }
                     }
                     return mine
@@ -97,12 +98,12 @@ private func orderID(_ reply: Reply) -> OrderID? {
             }
             return await group.reduce(into: []) { $0 += $1 }
         }
-        var sold: [String: Int64] = [:]
+        var sold: [Name: Int64] = [:]
         var perUser: [String: Int64] = [:]
         for (user, lines) in placed {
             for line in lines {
                 sold[line.sku, default: 0] += line.quantity
-                perUser[user + "|" + line.sku, default: 0] += line.quantity
+                perUser["\(user)|\(line.sku)", default: 0] += line.quantity
             }
         }
         for sku in skus {
@@ -137,7 +138,7 @@ private func orderID(_ reply: Reply) -> OrderID? {
 
     @Test func badArguments() async {
         let engine = makeEngine()
-        let long = String(repeating: "x", count: 65)
+        let long = Name(String(repeating: "x", count: 65))
         #expect(await engine.execute(.addSku(sku: "", total: 1, limit: 0), now: 0) == .rejected(.badArgument("SKU id must be 1 to 64 bytes")))
         #expect(await engine.execute(.addSku(sku: long, total: 1, limit: 0), now: 0) == .rejected(.badArgument("SKU id must be 1 to 64 bytes")))
         #expect(await engine.execute(.addSku(sku: "s", total: -1, limit: 0), now: 0) == .rejected(.badArgument("total must be 0 to 1099511627776")))
@@ -217,7 +218,7 @@ private func orderID(_ reply: Reply) -> OrderID? {
 
     @Test func basketRollsBackWhenOneLineFails() async {
         let engine = makeEngine(shards: 4)
-        let skus = ["a", "b", "c", "d", "e", "f", "g", "h"]
+        let skus: [Name] = ["a", "b", "c", "d", "e", "f", "g", "h"]
         for sku in skus { _ = await engine.execute(.addSku(sku: sku, total: 3, limit: 0), now: 0) }
         // A basket over several shards whose last line cannot be met.
         let shardsUsed = Set(skus.prefix(4).map(engine.shardIndex(of:)))
@@ -313,6 +314,7 @@ private final class FullChangeLog: ChangeLog {
     func append(_ records: RecordBuffer) throws(Rejection) -> UInt64 { throw .busy }
     func waitDurable(_ lsn: UInt64) async throws(Rejection) {}
     var admitsChanges: Bool { false }
+    var failureReason: String? { nil }
 }
 
 @Suite struct OverloadTests {

@@ -48,7 +48,7 @@ func stockadeBinary() -> String {
             var missing = 0
             for (id, user, sku) in acknowledged {
                 let reply = await engine.execute(.order(id), now: 0)
-                guard case .order(let info) = reply, info.user == user, info.lines.first?.sku == sku else {
+                guard case .order(let info) = reply, info.user == Name(user), info.lines.first?.sku == Name(sku) else {
                     missing += 1
                     continue
                 }

@@ -94,7 +94,7 @@ func recover(_ path: String, repair: Bool = false, truncateCorrupt: Bool = false
         var hashes: [UInt64: UInt64] = [:]  // position -> state hash at that position
         hashes[store.journal.lastAppendedLSN] = await liveState(store).stateHash()
         for round in 0..<6 {
-            let commands = (0..<(round + 1)).map { Command.reserve(user: "u\(round)-\($0)", lines: [OrderLine(sku: "tv", quantity: 1)], requestId: nil, ttlMillis: 60_000) }
+            let commands = (0..<(round + 1)).map { Command.reserve(user: Name("u\(round)-\($0)"), lines: [OrderLine(sku: "tv", quantity: 1)], requestId: nil, ttlMillis: 60_000) }
             _ = await store.engine.execute(commands, now: 0)
             hashes[store.journal.lastAppendedLSN] = await liveState(store).stateHash()
         }
@@ -133,7 +133,7 @@ func recover(_ path: String, repair: Bool = false, truncateCorrupt: Bool = false
         _ = await store.engine.execute(.addSku(sku: "tv", total: 1_000, limit: 0), now: 0)
         let afterAdd = store.journal.lastAppendedLSN
         for round in 0..<4 {
-            _ = await store.engine.execute((0..<8).map { Command.reserve(user: "u\(round)-\($0)", lines: [OrderLine(sku: "tv", quantity: 1)], requestId: nil, ttlMillis: 60_000) }, now: 0)
+            _ = await store.engine.execute((0..<8).map { Command.reserve(user: Name("u\(round)-\($0)"), lines: [OrderLine(sku: "tv", quantity: 1)], requestId: nil, ttlMillis: 60_000) }, now: 0)
         }
         store.close()
         let segment = try DataDirectory(path).segments().last!.path
@@ -162,7 +162,7 @@ func recover(_ path: String, repair: Bool = false, truncateCorrupt: Bool = false
         let store = try Store(path: path, options: Store.Options(shardCount: 2))
         _ = await store.engine.execute(.addSku(sku: "tv", total: 1_000, limit: 0), now: 0)
         _ = try await store.snapshot()
-        _ = await store.engine.execute((0..<20).map { Command.reserve(user: "u\($0)", lines: [OrderLine(sku: "tv", quantity: 1)], requestId: nil, ttlMillis: 60_000) }, now: 0)
+        _ = await store.engine.execute((0..<20).map { Command.reserve(user: Name("u\($0)"), lines: [OrderLine(sku: "tv", quantity: 1)], requestId: nil, ttlMillis: 60_000) }, now: 0)
         let newest = try await store.snapshot()
         let live = await liveState(store)
         store.close()

@@ -1,35 +1,65 @@
 import StockadeCore
 
-/// A deliberately simple model of the engine's rules: dictionaries, no shards, no indexes.
-/// The engine must give the same reply to every command and end in the same state.
-struct ReferenceModel {
-    struct Sku {
+/// A deliberately simple model of the engine's rules: dictionaries, no shards, no indexes, commands
+/// applied one by one. The engine must give the same reply to every command, whatever batches and
+/// shards it runs them in.
+package struct ReferenceModel: Sendable {
+    package struct Sku: Sendable {
         var total: Int64, available: Int64, reserved: Int64, sold: Int64, limit: Int64, paused: Bool
     }
-    struct Order {
-        var user: String, lines: [OrderLine], state: OrderState, deadline: Int64
+    package struct Order: Sendable {
+        var user: Name, lines: [OrderLine], state: OrderState, deadline: Int64
     }
 
-    let shardCount: Int
-    var skus: [String: Sku] = [:]
-    var orders: [OrderID: Order] = [:]
+    package let shardCount: Int
+    package var skus: [Name: Sku] = [:]
+    package var orders: [OrderID: Order] = [:]
     var nextSequence: [UInt32]
-    var held: [String: Int64] = [:]
-    var requests: [String: OrderID] = [:]
+    var held: [HeldKey: Int64] = [:]
+    var requests: [RequestKey: OrderID] = [:]
+    struct HeldKey: Hashable { var user: Name, sku: Name }
+    struct RequestKey: Hashable { var user: Name, requestId: Name, shard: Int }
 
-    init(shardCount: Int) {
+    package init(shardCount: Int) {
         self.shardCount = shardCount
         nextSequence = Array(repeating: 1, count: shardCount)
     }
 
-    func shard(_ sku: String) -> Int { Engine.shardIndex(of: sku, shardCount: shardCount) }
+    /// The model of a state the engine recovered: what a restarted process goes on from.
+    package init(from state: EngineState) {
+        self.init(shardCount: state.shards.count)
+        for shard in state.shards {
+            for info in shard.allSkus {
+                skus[info.sku] = Sku(
+                    total: info.total, available: info.available, reserved: info.reserved, sold: info.sold, limit: info.limit,
+                    paused: info.paused)
+            }
+        }
+        for shard in state.shards {
+            let all = shard.allOrders
+            nextSequence[shard.shard] = UInt32(all.count + 1)
+            for info in all {
+                orders[info.id] = Order(user: info.user, lines: info.lines, state: info.state, deadline: info.deadlineMillis)
+                guard info.state == .pending || info.state == .paid else { continue }
+                for line in info.lines where skus[line.sku]!.limit > 0 {
+                    held[HeldKey(user: info.user, sku: line.sku), default: 0] += line.quantity
+                }
+            }
+            for (user, requestId, order) in shard.requestIds {
+                requests[RequestKey(user: user, requestId: requestId, shard: shard.shard)] = order
+            }
+        }
+    }
 
-    func info(_ name: String) -> SkuInfo {
+    package func shard(_ sku: Name) -> Int { Engine.shardIndex(of: sku, shardCount: shardCount) }
+
+    package func info(_ name: Name) -> SkuInfo {
         let s = skus[name]!
         return SkuInfo(sku: name, total: s.total, available: s.available, reserved: s.reserved, sold: s.sold, limit: s.limit, paused: s.paused)
     }
 
-    mutating func expire(now: Int64) {
+    /// Expires every pending order due at `now`, as the engine does before any command at `now`.
+    package mutating func expire(now: Int64) {
         for (id, order) in orders where order.state == .pending && order.deadline <= now { finish(id, .expired) }
     }
 
@@ -43,12 +73,13 @@ struct ReferenceModel {
             } else {
                 skus[line.sku]!.reserved -= line.quantity
                 skus[line.sku]!.available += line.quantity
-                if skus[line.sku]!.limit > 0 { held[order.user + "|" + line.sku, default: 0] -= line.quantity }
+                if skus[line.sku]!.limit > 0 { held[HeldKey(user: order.user, sku: line.sku), default: 0] -= line.quantity }
             }
         }
     }
 
-    mutating func apply(_ command: Command, now: Int64) -> Reply {
+    /// The reply the engine must give to `command` at `now`, and its change to the model.
+    package mutating func apply(_ command: Command, now: Int64) -> Reply {
         switch command {
         case let .addSku(sku, total, limit):
             if skus[sku] != nil { return .rejected(.skuExists) }
@@ -80,25 +111,27 @@ struct ReferenceModel {
             }
             if lines.count == 1, requestId == nil, let s = skus[lines[0].sku], s.available == 0 { return .rejected(.soldOut) }
             // Request ids are kept by the shard that owns the order (its first SKU's): a retry resends the same command.
-            let requestKey = requestId.map { "\(user)|\($0)|\(shard(lines[0].sku))" }
+            let requestKey = requestId.map { RequestKey(user: user, requestId: $0, shard: shard(lines[0].sku)) }
             if let requestKey, let id = requests[requestKey] {
+                // A request id stands for one request: a retry with other lines is refused.
+                if orders[id]!.lines != lines { return .rejected(.requestConflict(id)) }
                 return .reserved(id, deadlineMillis: orders[id]!.deadline, replayed: true)
             }
             let ordered = lines.enumerated().sorted { (shard($0.element.sku), $0.offset) < (shard($1.element.sku), $1.offset) }
             for (_, line) in ordered {
                 guard let s = skus[line.sku] else { return .rejected(.noSuchSku) }
-                if s.paused { return .rejected(.paused) }
                 if s.available == 0 { return .rejected(.soldOut) }
+                if s.paused { return .rejected(.paused) }
                 if s.available < line.quantity { return .rejected(.insufficient(available: s.available)) }
                 if s.limit > 0 {
-                    let bought = held[user + "|" + line.sku] ?? 0
+                    let bought = held[HeldKey(user: user, sku: line.sku)] ?? 0
                     if bought + line.quantity > s.limit { return .rejected(.limitReached(bought: bought, limit: s.limit)) }
                 }
             }
             for line in lines {
                 skus[line.sku]!.available -= line.quantity
                 skus[line.sku]!.reserved += line.quantity
-                if skus[line.sku]!.limit > 0 { held[user + "|" + line.sku, default: 0] += line.quantity }
+                if skus[line.sku]!.limit > 0 { held[HeldKey(user: user, sku: line.sku), default: 0] += line.quantity }
             }
             let owner = shard(lines[0].sku)
             let id = OrderID(shard: owner, sequence: nextSequence[owner])

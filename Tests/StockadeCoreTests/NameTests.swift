@@ -1,0 +1,68 @@
+import Testing
+@testable import StockadeCore
+
+/// Ids are byte strings: equal only when their bytes are (#7 B8). On the code before `Name`, the NFD SKU's
+/// counter answered for the NFC one (a wrong SOLDOUT), two request ids shared one order, and the name
+/// index crashed on duplicate keys.
+@Suite struct NameTests {
+    let nfc: Name = "caf\u{E9}"
+    let nfd: Name = "cafe\u{301}"
+
+    @Test func canonicallyEquivalentIdsAreDistinct() {
+        #expect(nfc != nfd)
+        #expect("caf\u{E9}" == "cafe\u{301}" as String)  // what String would have said
+        #expect(nfc.bytes == [0x63, 0x61, 0x66, 0xC3, 0xA9])
+        #expect(Set([nfc, nfd]).count == 2)
+    }
+
+    @Test func bytesRoundTripInlineAndLong() {
+        for length in [0, 1, 7, 8, 14, 15, 16, 17, 63, 64, 65] {
+            let bytes = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 37 &+ 0x80) }
+            let name = Name(bytes: bytes)
+            #expect(name.bytes == bytes)
+            #expect(name.count == length)
+            #expect(name == Name(bytes: bytes))
+            #expect(name.hashValue == Name(bytes: bytes).hashValue)
+            #expect(name.isValid == (length >= 1 && length <= Limits.nameBytesMax))
+            if length > 0 { #expect(name != Name(bytes: bytes.dropLast() + [bytes.last! ^ 1])) }
+        }
+        // A zero byte at the end is part of the id: "a" and "a\0" differ.
+        #expect(Name(bytes: [0x61]) != Name(bytes: [0x61, 0]))
+    }
+
+    @Test func invalidUTF8IsKeptAndPrintedEscaped() {
+        let name = Name(bytes: [0xFF, 0x0D, 0x0A, 0x41])
+        #expect(name.bytes == [0xFF, 0x0D, 0x0A, 0x41])
+        #expect(name.description == "\\xff\\x0d\\x0aA")
+        #expect(!name.description.contains("\r"))
+    }
+
+    @Test func engineKeepsEquivalentIdsApart() async {
+        let engine = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog())
+        #expect(await engine.execute(.addSku(sku: nfc, total: 40, limit: 0), now: 0) == .done)
+        #expect(await engine.execute(.addSku(sku: nfd, total: 0, limit: 0), now: 0) == .done)
+        #expect(engine.available(nfc) == 40)
+        #expect(engine.available(nfd) == 0)
+        for _ in 0..<40 {
+            guard case .reserved = await engine.execute(
+                .reserve(user: "u", lines: [OrderLine(sku: nfc, quantity: 1)], requestId: nil, ttlMillis: nil), now: 0)
+            else { Issue.record("reserve on the NFC SKU refused"); return }
+        }
+        // Request ids and users equal as Unicode but not as bytes are different requests and users.
+        await engine.execute(.restock(sku: nfc, delta: 2), now: 0)
+        let first = await engine.execute(
+            .reserve(user: nfc, lines: [OrderLine(sku: nfc, quantity: 1)], requestId: nfc, ttlMillis: nil), now: 0)
+        let second = await engine.execute(
+            .reserve(user: nfc, lines: [OrderLine(sku: nfc, quantity: 1)], requestId: nfd, ttlMillis: nil), now: 0)
+        guard case .reserved(let a, _, false) = first, case .reserved(let b, _, false) = second else {
+            Issue.record("expected two new orders, got \(first) and \(second)")
+            return
+        }
+        #expect(a != b)
+        let state = await engine.captureState(lsn: 0)
+        // The snapshot image keeps both apart too.
+        let image = state.encodeImage()
+        let decoded = try? image.withUnsafeBytes { try EngineState.decodeImage($0) }
+        #expect(decoded?.stateHash() == state.stateHash())
+    }
+}
