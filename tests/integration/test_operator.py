@@ -156,7 +156,7 @@ def test_snapshot_does_not_block_the_event_loop(data_dir):
     try:
         r = s.client()
         r.execute_command("SKU.ADD", "big", 1 << 40)
-        bench = subprocess.run(["redis-benchmark", "-p", str(s.port), "-n", "150000", "-r", "100000000", "-P", "64",
+        bench = subprocess.run(["redis-benchmark", "-p", str(s.port), "-n", "100000", "-r", "100000000", "-P", "64",
                                 "-c", "4", "-q", "RESERVE", "u:__rand_int__", "big", "1"],
                                capture_output=True, text=True, timeout=300)
         assert bench.returncode == 0, bench.stderr
