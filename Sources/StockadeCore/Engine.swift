@@ -285,7 +285,7 @@ public final class Engine: Sendable {
         for s in byShard.keys.sorted() where shards[s].gauges.nextDeadlineMillis.load(ordering: .relaxed) <= now {
             expiredAt = max(expiredAt, await expire(shards[s], now: now))
         }
-        var held: [Int: (items: [Record.Item], internedUser: Bool)] = [:]
+        var held: [Int: (items: [Record.Item], internedUser: Bool, visible: UInt64)] = [:]
         func settleAll(committedAt lsn: UInt64?) async {
             for (h, prepared) in held {
                 await shards[h].settle(user: user, items: prepared.items, internedUser: prepared.internedUser, committedAt: lsn)
@@ -296,8 +296,10 @@ public final class Engine: Sendable {
             case .success(let prepared):
                 held[s] = prepared
             case .failure(let rejection):
-                // The refusal shows this shard's state (a SKU missing, paused, sold out): it waits for it.
-                let shown = await shards[s].visiblePosition
+                // The refusal shows this shard's state (a SKU missing, paused, sold out), and that the
+                // shards before it could hold their lines: it waits for all of theirs.
+                var shown = await shards[s].visiblePosition
+                for h in held.keys { shown = max(shown, held[h]!.visible) }
                 await settleAll(committedAt: nil)
                 await shards[owner].abortRequest(user: user, requestId: requestId)
                 return (.rejected(rejection), max(expiredAt, shown))

@@ -211,7 +211,9 @@ public actor Shard {
 
     /// Holds this shard's lines of a basket. On success the holds count as being placed (runs here
     /// wait) until ``settle(user:items:internedUser:committedAt:)`` commits or releases them.
-    public func prepareHold(user: Name, lines: [OrderLine]) -> Result<(items: [Record.Item], internedUser: Bool), Rejection> {
+    public func prepareHold(
+        user: Name, lines: [OrderLine]
+    ) -> Result<(items: [Record.Item], internedUser: Bool, visible: UInt64), Rejection> {
         if let refusal = refusal { return .failure(.unavailable(refusal)) }
         beginChange()
         defer { endChange() }
@@ -220,7 +222,7 @@ public actor Shard {
         case .failure(let rejection): return .failure(rejection)
         case .success(let items):
             gauges.preparing.wrappingIncrement(ordering: .relaxed)
-            return .success((items, interned))
+            return .success((items, interned, visibleLSN))
         }
     }
 

@@ -19,6 +19,14 @@ import Testing
         #expect(checks > 100)
     }
 
+    /// Seeds that found defects, kept as regressions. 1213: a basket refused by its third shard (LIMIT)
+    /// was answered before the first shard's RESUME was durable, though passing that shard showed it.
+    @Test(arguments: [1213 as UInt64])
+    func seedsThatFoundDefects(seed: UInt64) async {
+        let report = await Simulator.run(seed: seed)
+        #expect(report.failure == nil, "\(report)")
+    }
+
     /// The same seed does the same thing: a failing seed replays exactly.
     @Test func aSeedReplaysExactly() async {
         let first = await Simulator.run(seed: 42)
