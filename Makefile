@@ -27,8 +27,9 @@ release: deps
 run: release
 	.build/release/stockade serve --data-dir $(DATA_DIR) --metrics-port 9379
 
+# In a temporary directory: the demo's sale must not land in the data `make run` serves.
 demo: release
-	.build/release/stockade demo --data-dir $(DATA_DIR)
+	.build/release/stockade demo
 
 build: deps
 	$(SWIFT) build --product stockade

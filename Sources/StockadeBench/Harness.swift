@@ -32,7 +32,13 @@ public struct BenchOptions: Sendable {
     public var zipf: Double?
     public var confirmPercent = 50
     public var cancelPercent = 25
+    /// Lifecycle: the TTL of the holds, which the scenario waits out.
     public var ttlMillis = 2_000
+    /// Sellout and sustained: the TTL of the holds. They are cancelled at the end anyway; the TTL
+    /// bounds how long they would stay if the harness were killed before cleaning up.
+    public var holdTTLMillis = 300_000
+    /// Leave the holds and SKUs as the load left them (no cleanup).
+    public var keep = false
     public var clientThreads = 1
     public var progress = true
     public var seed: UInt64 = 1
@@ -53,7 +59,18 @@ public struct BenchReport: Codable, Sendable {
     public var throughput: Double
     public var latencyMicros: [String: UInt64]
     public var outcomes: [String: Int]
+    /// Units acknowledged: holds on Stockade (orders that are not sales until confirmed), deductions on Redis + Lua.
     public var successes: Int
+    /// Holds placed (Stockade RESERVE answered with an order id).
+    public var holds: Int
+    /// Units sold: confirmed orders on Stockade, successful deductions on Redis + Lua.
+    public var sales: Int
+    /// What the harness sent, one line each: setup, load, cleanup.
+    public var plan: [String]
+    /// What the cleanup did (empty with --keep).
+    public var cleanup: [String]
+    /// The SKUs of this run.
+    public var skuNames: [String]
     public var sellOutSeconds: Double?
     public var auditPassed: Bool
     public var auditProblems: [String]
@@ -68,9 +85,14 @@ public struct BenchReport: Codable, Sendable {
         lines.append(String(format: "  latency ms: p50 %.3f  p90 %.3f  p99 %.3f  p99.9 %.3f  max %.3f",
                             Double(l["p50"] ?? 0) / 1000, Double(l["p90"] ?? 0) / 1000, Double(l["p99"] ?? 0) / 1000,
                             Double(l["p99.9"] ?? 0) / 1000, Double(l["max"] ?? 0) / 1000))
+        for line in plan { lines.append("  sent: \(line)") }
         lines.append("  outcomes: " + outcomes.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
-        if let sellOutSeconds { lines.append(String(format: "  sold out after %.3f s (%d units)", sellOutSeconds, successes)) }
+        lines.append("  holds placed: \(holds); units sold: \(sales)")
+        if let sellOutSeconds {
+            lines.append(String(format: "  all stock taken after %.3f s (%d units %@)", sellOutSeconds, successes, holds > 0 ? "held" : "sold"))
+        }
         lines.append("  audit: " + (auditPassed ? "PASSED" : "FAILED: " + auditProblems.joined(separator: "; ")))
+        for line in cleanup { lines.append("  cleanup: \(line)") }
         for error in errors { lines.append("  error: \(error)") }
         return lines.joined(separator: "\n")
     }
@@ -93,16 +115,23 @@ public enum Harness {
     private static func run(
         _ options: BenchOptions, group: MultiThreadedEventLoopGroup, log: @escaping @Sendable (String) -> Void
     ) async throws -> BenchReport {
-        let control = try await CommandClient.connect(group: group, target: options.target, password: options.password)
+        let control: CommandClient
+        do {
+            control = try await CommandClient.connect(group: group, target: options.target, password: options.password)
+        } catch {
+            throw BenchError(readableError(error, target: options.target))
+        }
         defer { control.close() }
 
         // Setup: fresh SKU names per run, so runs never collide in one server.
         let runID = String(UInt64(Date().timeIntervalSince1970 * 1000) % 100_000_000, radix: 36)
         let skuNames = (0..<options.skus).map { "bench-\(runID)-\($0)" }
         var dialect = Dialect(target: options.target)
-        if options.scenario == .lifecycle { dialect.ttlMillis = options.ttlMillis }
+        dialect.ttlMillis = options.scenario == .lifecycle ? options.ttlMillis : options.holdTTLMillis
         let stock = options.scenario == .sustained ? 1 << 40 : options.stock
         let limit = options.scenario == .sustained ? 0 : options.limit
+        let plan = describePlan(options, dialect: dialect, skuNames: skuNames, stock: stock, limit: limit)
+        for line in plan { log("sending: \(line)") }
         if options.target.isRedis {
             guard case .bulk(let sha?) = try await control.send(["SCRIPT", "LOAD", redisStockScript]) else {
                 throw BenchError("SCRIPT LOAD failed")
@@ -138,7 +167,7 @@ public enum Harness {
             do {
                 _ = try await bootstrap.connect(host: options.target.host, port: options.target.port).get()
             } catch {
-                promise.fail(error)
+                promise.fail(BenchError(readableError(error, target: options.target)))
             }
             futures.append(promise.futureResult)
         }
@@ -153,11 +182,13 @@ public enum Harness {
                 merged.perUserSku.merge(result.perUserSku, uniquingKeysWith: +)
                 merged.lastSuccessNanos = max(merged.lastSuccessNanos, result.lastSuccessNanos)
                 merged.orders += result.orders
+                merged.heldOrders += result.heldOrders
                 if let error = result.protocolError { errors.append(error) }
             } catch {
-                errors.append("connection failed: \(error)")
+                errors.append("\(error)")
             }
         }
+        errors = collapse(errors)
         let seconds = Double(monotonicNanos() - state.startNanos) / 1e9
         progress?.cancel()
 
@@ -176,7 +207,18 @@ public enum Harness {
                 try await auditLifecycle(options, control: control, skuNames: skuNames, merged: merged, problems: &problems, log: log)
             }
         }
-        if !errors.isEmpty { problems.append("\(errors.count) connection errors") }
+        if !errors.isEmpty { problems.append("connection errors (below)") }
+
+        var cleanup: [String] = []
+        if !options.keep {
+            do {
+                cleanup = try await cleanUp(options, control: control, skuNames: skuNames, held: merged.heldOrders, log: log)
+            } catch {
+                cleanup = ["failed: \(readableError(error, target: options.target))"]
+            }
+        }
+        let holds = options.target.isRedis ? 0 : (merged.outcomes["held"] ?? 0)
+        let sales = options.target.isRedis ? successes : (merged.outcomes["paid"] ?? 0)
 
         let h = merged.latency
         let requests = Int(h.totalCount)
@@ -186,7 +228,8 @@ public enum Harness {
             seconds: seconds, throughput: Double(requests) / seconds,
             latencyMicros: ["p50": h.valueAtPercentile(50), "p90": h.valueAtPercentile(90), "p99": h.valueAtPercentile(99),
                             "p99.9": h.valueAtPercentile(99.9), "max": h.max],
-            outcomes: merged.outcomes, successes: successes,
+            outcomes: merged.outcomes, successes: successes, holds: holds, sales: sales, plan: plan, cleanup: cleanup,
+            skuNames: skuNames,
             sellOutSeconds: options.scenario == .sellout && successes >= options.skus * options.stock && merged.lastSuccessNanos > 0
                 ? Double(merged.lastSuccessNanos - state.startNanos) / 1e9 : nil,
             auditPassed: problems.isEmpty, auditProblems: problems, errors: errors)
@@ -258,6 +301,60 @@ public enum Harness {
         }
     }
 
+    /// What the run sends, in the target's commands, for the log and the report.
+    private static func describePlan(
+        _ options: BenchOptions, dialect: Dialect, skuNames: [String], stock: Int, limit: Int
+    ) -> [String] {
+        let skus = skuNames.count == 1 ? skuNames[0] : "\(skuNames[0]) ... \(skuNames[skuNames.count - 1])"
+        let amount = options.durationSeconds.map { String(format: "for %.1f s", $0) } ?? "\(options.requests) times"
+        let pacing = options.rate.map { String(format: "open loop at %.0f/s", $0) } ?? "pipeline \(options.pipeline)"
+        var plan: [String] = []
+        if options.target.isRedis {
+            plan.append("setup: SCRIPT LOAD (the stock script), SET stock:<sku> \(stock) for \(skuNames.count) SKUs \(skus)")
+            plan.append("load: EVALSHA <script> 2 stock:<sku> bought:<sku> <user> \(limit) 1 (deduct 1 unit, per-user limit \(limit)), "
+                + "\(amount) over \(options.connections) connections, \(pacing), users out of \(options.users)")
+        } else {
+            plan.append("setup: SKU.ADD <sku> \(stock) LIMIT \(limit) for \(skuNames.count) SKUs \(skus)")
+            let example = dialect.reserve(user: "<user>", sku: "<sku>", limit: limit).joined(separator: " ")
+            plan.append("load: \(example) (a hold, not a sale), \(amount) over \(options.connections) connections, \(pacing), users out of \(options.users)")
+            if options.scenario == .lifecycle {
+                plan.append("then per hold: CONFIRM \(options.confirmPercent)%, CANCEL \(options.cancelPercent)%, the rest expire after \(options.ttlMillis) ms")
+            }
+        }
+        plan.append(options.keep ? "cleanup: none (--keep)" : options.target.isRedis
+            ? "cleanup: DEL stock:<sku> bought:<sku>"
+            : "cleanup: CANCEL every hold left, then SKU.RESTOCK <sku> -<available> and SKU.PAUSE <sku> (a SKU cannot be deleted)")
+        return plan
+    }
+
+    /// Leaves the target as it was, as far as the protocol allows: holds cancelled, SKUs emptied and paused.
+    private static func cleanUp(
+        _ options: BenchOptions, control: CommandClient, skuNames: [String], held: [UInt64], log: @Sendable (String) -> Void
+    ) async throws -> [String] {
+        if options.target.isRedis {
+            _ = try await control.pipeline(skuNames.map { ["DEL", "stock:\($0)", "bought:\($0)"] })
+            return ["deleted the keys of \(skuNames.count) SKUs"]
+        }
+        var cancelled = 0
+        if !held.isEmpty { log("cleanup: cancelling \(held.count) holds") }
+        for chunk in stride(from: 0, to: held.count, by: 512) {
+            let replies = try await control.pipeline(held[chunk..<min(held.count, chunk + 512)].map { ["CANCEL", String($0)] })
+            cancelled += replies.filter { $0 == .simple("CANCELLED") }.count
+        }
+        var emptied = 0
+        for sku in skuNames {
+            let available = try await stockInfo(control, sku)["available", default: 0]
+            if available > 0, case .array = try await control.send(["SKU.RESTOCK", sku, String(-available)]) { emptied += 1 }
+            _ = try await control.send(["SKU.PAUSE", sku])
+        }
+        var lines: [String] = []
+        if !held.isEmpty {
+            lines.append("cancelled \(cancelled) of \(held.count) holds" + (cancelled < held.count ? " (the others had expired)" : ""))
+        }
+        lines.append("\(skuNames.count) SKUs paused with no stock left (\(emptied) emptied); sales stay sold")
+        return lines
+    }
+
     private static func stockInfo(_ control: CommandClient, _ sku: String) async throws -> [String: Int] {
         guard case .array(let fields?) = try await control.send(["STOCK", sku]) else { return [:] }
         var info: [String: Int] = [:]
@@ -282,6 +379,41 @@ public enum Harness {
             lastNanos = now
         }
     }
+}
+
+/// Identical errors of many connections as one line: `8 connections: <error>`.
+func collapse(_ errors: [String]) -> [String] {
+    var order: [String] = []
+    var counts: [String: Int] = [:]
+    for error in errors {
+        if counts[error] == nil { order.append(error) }
+        counts[error, default: 0] += 1
+    }
+    return order.map { counts[$0]! > 1 ? "\(counts[$0]!) connections: \($0)" : $0 }
+}
+
+/// One line a person can read for a connection error, instead of SwiftNIO's nested type dump.
+func readableError(_ error: Error, target: BenchTarget) -> String {
+    func reason(_ error: Error) -> String {
+        if let io = error as? IOError { return "\(String(cString: strerror(io.errnoCode))) (errno \(io.errnoCode))" }
+        if let channel = error as? ChannelError {
+            switch channel {
+            case .connectTimeout(let amount): return "timed out after \(amount.nanoseconds / 1_000_000) ms"
+            case .ioOnClosedChannel, .alreadyClosed, .eof: return "the connection was closed"
+            default: return "\(channel)"
+            }
+        }
+        if let bench = error as? BenchError { return bench.description }
+        return "\(error)"
+    }
+    if let connection = error as? NIOConnectionError {
+        if let failure = connection.connectionErrors.first {
+            return "cannot connect to \(target.host):\(target.port): \(reason(failure.error))"
+        }
+        if let dns = connection.dnsAError ?? connection.dnsAAAAError { return "cannot resolve \(target.host): \(reason(dns))" }
+        return "cannot connect to \(target.host):\(target.port)"
+    }
+    return reason(error)
 }
 
 public struct BenchError: Error, CustomStringConvertible {

@@ -90,6 +90,8 @@ struct ConnectionResult: Sendable {
     var lastSuccessNanos: UInt64 = 0
     /// Lifecycle: orders and what the harness did with them.
     var orders: [(order: String, sku: Int, action: LifecycleAction, acknowledged: Bool)] = []
+    /// Sellout and sustained on Stockade: the holds placed, to cancel at the end (ids are decimal u64).
+    var heldOrders: [UInt64] = []
     var protocolError: String?
 }
 
@@ -254,6 +256,9 @@ final class LoadConnection: ChannelInboundHandler {
             result.successesPerSku[sku, default: 0] += 1
             result.perUserSku[user * state.skuNames.count + sku, default: 0] += 1
             result.lastSuccessNanos = now
+            if state.options.scenario != .lifecycle, !state.options.keep, let order, let id = UInt64(order) {
+                result.heldOrders.append(id)
+            }
             if state.options.scenario == .lifecycle, let order {
                 let roll = Int(rng.next() % 100)
                 let action: LifecycleAction =
@@ -289,7 +294,7 @@ final class LoadConnection: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        result.protocolError = "\(error)"
+        result.protocolError = readableError(error, target: state.options.target)
         context.close(promise: nil)
     }
 

@@ -48,7 +48,8 @@ enum Outcome: Equatable {
 
     var label: String {
         switch self {
-        case .success: "ok"
+        // A Stockade RESERVE places a hold (not a sale); the Redis script deducts (a sale).
+        case .success(let order): order == nil ? "sold" : "held"
         case .soldOut: "SOLDOUT"
         case .limit: "LIMIT"
         case .other(let code): code

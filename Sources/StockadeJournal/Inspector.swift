@@ -14,9 +14,11 @@ public enum Inspector {
             throw JournalError(.io, "no data directory at \(directory.path)")
         }
         var ok = true
+        var names = SkuNames()
         for snapshot in try directory.snapshots() {
             do {
                 let state = try SnapshotFile.read(snapshot.path, storage: directory.storage)
+                names.learn(from: state)
                 let orders = state.shards.reduce(0) { $0 + $1.orderCount }
                 let skus = state.shards.reduce(0) { $0 + $1.skuCount }
                 emit("snapshot \(snapshot.path): position \(state.lsn), \(state.shards.count) shards, \(skus) SKUs, \(orders) orders, checksums OK, state hash \(String(state.stateHash(), radix: 16))")
@@ -30,7 +32,7 @@ public enum Inspector {
             let bytes = try directory.storage.readAll(segment.path)
             let isLast = index == segments.count - 1
             let segmentOK = bytes.withUnsafeBytes { all in
-                inspectSegment(all, path: segment.path, isLast: isLast, records: records, emit: emit)
+                inspectSegment(all, path: segment.path, isLast: isLast, records: records, names: &names, emit: emit)
             }
             ok = ok && segmentOK
         }
@@ -38,7 +40,7 @@ public enum Inspector {
     }
 
     private static func inspectSegment(
-        _ all: UnsafeRawBufferPointer, path: String, isLast: Bool, records: Bool, emit: (String) -> Void
+        _ all: UnsafeRawBufferPointer, path: String, isLast: Bool, records: Bool, names: inout SkuNames, emit: (String) -> Void
     ) -> Bool {
         guard case .header(let header) = SegmentHeader.parse(all) else {
             emit("segment \(path): INVALID header (\(all.count) bytes)")
@@ -63,7 +65,8 @@ public enum Inspector {
                     do {
                         try payload.withUnsafeBytes { raw in
                             try Record.decodeAll(raw) { record in
-                                emit("    \(lsn) \(record)")
+                                names.learn(from: record)
+                                emit("    " + describe(record, position: lsn, skuName: names.name))
                                 lsn += 1
                             }
                         }
@@ -95,4 +98,48 @@ public enum Inspector {
             break
         }
     }
+
+    /// One record in the words of docs/PROTOCOL.md's EVENTS, on one line:
+    /// `#12 created 144115188075855873 user alice REQ k1 deadline 1712345678901 items phone x1`.
+    /// `skuName` names a SKU by (shard, index), as records refer to them.
+    public static func describe(_ record: Record, position: UInt64, skuName: (Int, UInt32) -> String) -> String {
+        switch record {
+        case let .skuAdded(_, _, sku, total, limit):
+            return "#\(position) sku-added \(sku) total \(total) limit \(limit)"
+        case let .restocked(shard, index, delta):
+            return "#\(position) restocked \(skuName(shard, index)) delta \(delta)"
+        case let .pausedChanged(shard, index, paused):
+            return "#\(position) \(paused ? "paused" : "resumed") \(skuName(shard, index))"
+        case let .deducted(shard, index, quantity):
+            return "#\(position) deducted \(skuName(shard, index)) qty \(quantity)"
+        case let .orderCreated(order):
+            var line = "#\(position) created \(order.id) user \(order.user)"
+            let requestId = "\(order.requestId)"
+            if !requestId.isEmpty { line += " REQ \(requestId)" }
+            line += " deadline \(order.deadlineMillis) items"
+            for item in order.items { line += " \(skuName(item.shard, item.skuIndex)) x\(item.quantity)" }
+            return line
+        case let .orderPaid(id): return "#\(position) paid \(id)"
+        case let .orderCancelled(id): return "#\(position) cancelled \(id)"
+        case let .orderExpired(id): return "#\(position) expired \(id)"
+        }
+    }
+}
+
+/// SKU names by (shard, index), learnt from a snapshot and the `sku-added` records that follow it.
+struct SkuNames {
+    private var byShard: [Int: [UInt32: String]] = [:]
+
+    mutating func learn(from state: EngineState) {
+        for (shard, shardState) in state.shards.enumerated() {
+            for (index, counter) in shardState.counters.enumerated() { byShard[shard, default: [:]][UInt32(index)] = "\(counter.0)" }
+        }
+    }
+
+    mutating func learn(from record: Record) {
+        if case let .skuAdded(shard, index, sku, _, _) = record { byShard[shard, default: [:]][index] = "\(sku)" }
+    }
+
+    /// The name, or `shard<s>#<index>` for a SKU added before the oldest snapshot and log kept.
+    func name(_ shard: Int, _ index: UInt32) -> String { byShard[shard]?[index] ?? "shard\(shard)#\(index)" }
 }

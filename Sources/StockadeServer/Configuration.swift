@@ -1,8 +1,14 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import StockadeCore
 import StockadeJournal
 import StockadeWire
 
-/// Everything `stockade serve` can be told. Each limit is explicit, with its default and why.
+/// Everything `stockade serve` can be told. Each limit is explicit, with its default, its range
+/// (``ServerConfiguration/problem()``) and why.
 public struct ServerConfiguration: Sendable {
     public var host = "127.0.0.1"
     /// 7379: Redis's port with a 7, so both can run side by side.
@@ -20,8 +26,17 @@ public struct ServerConfiguration: Sendable {
     public var requirePassword: String?
     /// Connections beyond this are answered with an error and closed. Each costs a few KiB.
     public var maxClients = 10_000
-    /// Prometheus text on http://host:metricsPort/metrics; nil: no metrics listener.
+    /// Prometheus text on http://metricsHost:metricsPort/metrics; nil: no metrics listener.
     public var metricsPort: Int?
+    /// The metrics listener has no authentication, so it stays on loopback unless told otherwise;
+    /// a non-loopback address needs a password set, like the main port.
+    public var metricsHost = "127.0.0.1"
+    /// Metrics connections open at once, past which a new one is closed at once: a scraper needs one,
+    /// and every connection costs a file descriptor the clients may need.
+    public var metricsConnectionsMax = 64
+    /// A metrics connection that sends no complete request in this long is closed: an idle or
+    /// trickling connection must not hold a descriptor (a scrape asks at once).
+    public var metricsIdleSeconds = 5
     /// Changes a client may make per second (token bucket, burst of the same size); 0: no limit.
     public var rateLimitPerSecond = 0
     public var parserLimits = RESPParser.Limits()
@@ -37,19 +52,141 @@ public struct ServerConfiguration: Sendable {
 
     public init() {}
 
-    /// Why the configuration cannot be served; nil when it can.
+    /// The range of every setting, as `stockade serve` documents them (docs/OPERATIONS.md). Each
+    /// bound keeps the arithmetic done with the value far from overflow (seconds become nanoseconds,
+    /// byte limits get a few bytes added) and is generous beyond any sane use.
+    public enum Range {
+        public static let port = 0...65535
+        /// Inline commands are one short line; 64 MiB bounds what one connection may buffer for one.
+        public static let inlineBytes = 16...(64 << 20)
+        /// Arguments are ids (at most 64 bytes), numbers and PING/ECHO payloads; Redis's hard maximum is 512 MiB.
+        public static let bulkBytes = 16...(512 << 20)
+        /// The longest command (BUY with 64 SKUs) has about 140 arguments.
+        public static let arguments = 1...(1 << 20)
+        /// A whole request: at least a small basket, at most 1 GiB (far past any command of ours).
+        public static let requestBytes = 1024...(1 << 30)
+        /// One descriptor each; no process gets a million.
+        public static let clients = 1...1_000_000
+        public static let rateLimit = 0...1_000_000_000
+        /// Below 64 KiB a client could not receive one large reply (ORDERS, EVENTS); above 1 TiB is no limit.
+        public static let outputBytes = (64 << 10)...(1 << 40)
+        /// A day.
+        public static let stallSeconds = 1...86_400
+        /// A year.
+        public static let snapshotSeconds = 0...31_536_000
+        /// More than any log holds between two snapshots (2^40 records).
+        public static let snapshotChanges: ClosedRange<UInt64> = 0...(1 << 40)
+        public static let retentionSegments = 0...100_000
+        public static let ioThreads = 0...64
+    }
+
+    /// Why the configuration cannot be served (a sentence naming the flag); nil when it can.
+    /// Checked before anything is recovered or bound. Resolves `host` (and `metricsHost`).
     public func problem() -> String? {
-        let loopback = host == "127.0.0.1" || host == "::1" || host == "localhost" || host.hasPrefix("127.")
-        if !loopback && (requirePassword ?? "").isEmpty {
-            return "refusing to listen on \(host) without a password: anyone who can reach it could place and cancel orders. "
-                + "Set --requirepass, or bind 127.0.0.1."
+        func outside<T: Comparable>(_ value: T, _ range: ClosedRange<T>, _ flag: String, _ note: String = "") -> String? {
+            range.contains(value) ? nil : "\(flag) must be \(range.lowerBound) to \(range.upperBound)\(note), not \(value)"
         }
-        if port < 0 || port > 65535 { return "--port must be 0 to 65535" }
-        if shards < 1 || shards > Limits.shardCountMax { return "--shards must be 1 to \(Limits.shardCountMax)" }
-        if maxClients < 1 { return "--maxclients must be at least 1" }
-        if rateLimitPerSecond < 0 { return "--rate-limit must be 0 (none) or more" }
-        if ioThreads < 0 || ioThreads > 64 { return "--io-threads must be 0 (one per core) to 64" }
-        if let problem = parserLimits.problem() { return problem }
+        let checks: [String?] = [
+            outside(port, Range.port, "--port", " (0: any free port)"),
+            metricsPort.flatMap { outside($0, Range.port, "--metrics-port", " (0: any free port)") },
+            metricsPort != nil && metricsPort == port && port != 0 ? "--metrics-port must differ from --port" : nil,
+            outside(shards, 1...Limits.shardCountMax, "--shards"),
+            outside(maxClients, Range.clients, "--maxclients"),
+            outside(rateLimitPerSecond, Range.rateLimit, "--rate-limit", " (0: no limit)"),
+            outside(clientOutputBytesMax, Range.outputBytes, "--max-output-bytes"),
+            outside(clientStallSeconds, Range.stallSeconds, "--client-stall-seconds"),
+            outside(parserLimits.inlineBytesMax, Range.inlineBytes, "--max-inline-bytes"),
+            outside(parserLimits.bulkBytesMax, Range.bulkBytes, "--max-bulk-bytes"),
+            outside(parserLimits.argumentsMax, Range.arguments, "--max-arguments"),
+            outside(parserLimits.requestBytesMax, Range.requestBytes, "--max-request-bytes"),
+            outside(snapshotEveryChanges, Range.snapshotChanges, "--snapshot-every-changes", " (0: never by count)"),
+            outside(snapshotEverySeconds, Range.snapshotSeconds, "--snapshot-every-seconds", " (0: never by time)"),
+            outside(eventsRetentionSegments, Range.retentionSegments, "--events-retention-segments"),
+            outside(ioThreads, Range.ioThreads, "--io-threads", " (0: one per core)"),
+        ]
+        if let first = checks.compactMap({ $0 }).first { return first }
+        let passwordSet = !(requirePassword ?? "").isEmpty
+        switch ListenAddress.resolve(host) {
+        case .failure(let why): return "--host \(host): \(why)"
+        case .success(let address) where !address.isLoopback && !passwordSet:
+            return "refusing to listen on \(address.naming(host)) without a password: anyone who can reach it could place and cancel orders. "
+                + "Set --requirepass, or bind 127.0.0.1."
+        default: break
+        }
+        if metricsPort != nil {
+            switch ListenAddress.resolve(metricsHost) {
+            case .failure(let why): return "--metrics-host \(metricsHost): \(why)"
+            case .success(let address) where !address.isLoopback && !passwordSet:
+                return "refusing to serve metrics on \(address.naming(metricsHost)) without a password set: "
+                    + "the metrics port has no authentication. Set --requirepass, or keep --metrics-host on loopback."
+            default: break
+            }
+        }
         return nil
+    }
+}
+
+/// A listening address decided by what a host name resolves to, not by how it is spelled:
+/// `127.example.com` may well resolve to a public address.
+public struct ListenAddress: Sendable, Equatable {
+    /// The numeric address the listener binds (the first the resolver gave).
+    public var numeric: String
+    /// Every address the name resolved to is a loopback address (127.0.0.0/8, ::1, ::ffff:127.x).
+    public var isLoopback: Bool
+
+    /// `host`, followed by the address it resolved to when that is spelled differently.
+    func naming(_ host: String) -> String { numeric == host ? host : "\(host) (\(numeric))" }
+
+    /// Resolves `host` with getaddrinfo (numeric addresses need no lookup).
+    public static func resolve(_ host: String) -> Result<ListenAddress, ResolveError> {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_flags = AI_PASSIVE
+        #if canImport(Glibc)
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        #else
+        hints.ai_socktype = SOCK_STREAM
+        #endif
+        var list: UnsafeMutablePointer<addrinfo>?
+        let status = getaddrinfo(host, nil, &hints, &list)
+        guard status == 0, let first = list else {
+            return .failure(ResolveError(message: "cannot resolve it (\(String(cString: gai_strerror(status))))"))
+        }
+        defer { freeaddrinfo(list) }
+        var numerics: [String] = []
+        var allLoopback = true
+        var entry: UnsafeMutablePointer<addrinfo>? = first
+        while let info = entry {
+            if let address = info.pointee.ai_addr {
+                switch Int32(address.pointee.sa_family) {
+                case AF_INET:
+                    let ip = address.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_addr.s_addr }
+                    let bytes = withUnsafeBytes(of: ip) { Array($0) }  // network order
+                    numerics.append(bytes.map(String.init).joined(separator: "."))
+                    allLoopback = allLoopback && bytes[0] == 127
+                case AF_INET6:
+                    let ip = address.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_addr }
+                    let bytes = withUnsafeBytes(of: ip) { Array($0) }
+                    var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
+                    var copy = ip
+                    inet_ntop(AF_INET6, &copy, &text, socklen_t(text.count))
+                    numerics.append(text.withUnsafeBufferPointer { String(cString: $0.baseAddress!) })
+                    let isOne = bytes[0..<15].allSatisfy { $0 == 0 } && bytes[15] == 1
+                    let mapped = bytes[0..<10].allSatisfy { $0 == 0 } && bytes[10] == 0xff && bytes[11] == 0xff && bytes[12] == 127
+                    allLoopback = allLoopback && (isOne || mapped)
+                default:
+                    allLoopback = false
+                }
+            }
+            entry = info.pointee.ai_next
+        }
+        guard let chosen = numerics.first else { return .failure(ResolveError(message: "it resolved to no IP address")) }
+        return .success(ListenAddress(numeric: chosen, isLoopback: allLoopback))
+    }
+
+    /// Why a host name could not be used.
+    public struct ResolveError: Error, Sendable, CustomStringConvertible {
+        public var message: String
+        public var description: String { message }
     }
 }

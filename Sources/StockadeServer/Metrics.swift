@@ -12,6 +12,7 @@ final class ServerMetrics: Sendable {
     let roundDuration: DurationHistogram
     let connectedClients: Gauge
     let rejectedConnections: Counter
+    let acceptFailures: Counter
     let logBatchRecords: ValueHistogram
     let fsyncSeconds: ValueHistogram
     let pendingLogBytes: Gauge
@@ -27,6 +28,8 @@ final class ServerMetrics: Sendable {
             help: "From a read that carried commands to their replies being written (a pipelined read counts once).")
         connectedClients = registry.makeGauge(name: "stockade_connected_clients", help: "Open client connections.")
         rejectedConnections = registry.makeCounter(name: "stockade_rejected_connections_total", help: "Connections refused (maxclients).")
+        acceptFailures = registry.makeCounter(
+            name: "stockade_accept_failures_total", help: "Failed accepts on the client and metrics ports (out of file descriptors).")
         logBatchRecords = registry.makeValueHistogram(
             name: "stockade_log_batch_records", buckets: [1, 4, 16, 64, 256, 1024, 4096, 16384],
             help: "Records per group-commit batch (one write, one fdatasync).")
@@ -79,6 +82,46 @@ final class ServerMetrics: Sendable {
         if syncs > 0 { fsyncSeconds.record(Double(stats.syncNanosTotal - previous.syncNanosTotal) / Double(syncs) / 1e9) }
         pendingLogBytes.set(Double(journal.pendingBytes))
         logPosition.set(Double(journal.lastDurableLSN))
+    }
+}
+
+/// First on a metrics connection: counts it against ``ServerConfiguration/metricsConnectionsMax``
+/// (past it the connection is closed at once) and closes it after `idle` whatever it does, so idle
+/// or trickling connections cannot take the descriptors clients need.
+final class MetricsConnectionGuard: ChannelInboundHandler {
+    typealias InboundIn = NIOAny
+
+    private let server: ServerContext
+    private let idle: TimeAmount
+    private var admitted = false
+    private var timer: Scheduled<Void>?
+
+    init(server: ServerContext, idle: TimeAmount) {
+        self.server = server
+        self.idle = idle
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        guard server.admitMetricsConnection() else {
+            context.close(promise: nil)
+            return
+        }
+        admitted = true
+        let channel = context.channel
+        timer = context.eventLoop.scheduleTask(in: idle) { channel.close(promise: nil) }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
+        if admitted { server.releaseMetricsConnection() }
+        admitted = false
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        context.close(promise: nil)
     }
 }
 

@@ -10,6 +10,10 @@ struct Bench: AsyncParsableCommand {
             Scenarios: sellout (K SKUs with stock S, far more requests than stock, per-user limit), sustained \
             (stock never runs out; closed loop, or open loop with --rate), lifecycle (reserve, then confirm / cancel / \
             let expire; the server must match the harness's record). Exit status 1 when an audit fails.
+
+            Each run creates its own SKUs (bench-<run>-<n>) and says what it sends. A RESERVE places a hold, \
+            not a sale: holds and sales are reported apart. At the end the harness cancels its holds, empties and \
+            pauses its SKUs (the protocol cannot delete a SKU); --keep leaves everything as the load left it.
             """)
 
     @Argument(help: "sellout, sustained or lifecycle.")
@@ -37,6 +41,9 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Lifecycle: percent of holds confirmed.") var confirm = 50
     @Option(help: "Lifecycle: percent of holds cancelled (the rest expire).") var cancel = 25
     @Option(help: "Lifecycle: hold TTL in ms.") var ttl = 2_000
+    @Option(name: .customLong("hold-ttl"), help: "Sellout, sustained: hold TTL in ms (the holds are cancelled at the end; the TTL bounds them if the run is killed).")
+    var holdTTL = 300_000
+    @Flag(help: "Leave the holds and SKUs on the target (no cleanup).") var keep = false
     @Option(help: "Client event-loop threads.") var clientThreads = 1
     @Option(help: "Seed of the request choices.") var seed: UInt64 = 1
     @Flag(help: "Print the report as JSON.") var json = false
@@ -64,20 +71,30 @@ struct Bench: AsyncParsableCommand {
         options.confirmPercent = confirm
         options.cancelPercent = cancel
         options.ttlMillis = ttl
+        options.holdTTLMillis = holdTTL
+        options.keep = keep
         options.clientThreads = clientThreads
         options.progress = !quiet && !json
         options.seed = seed
         guard skus >= 1, stock >= 1, users >= 1, connections >= 1, pipeline >= 1, requests >= 1 else {
             throw ValidationError("counts must be at least 1")
         }
+        guard (1...604_800_000).contains(ttl), (1...604_800_000).contains(holdTTL) else {
+            throw ValidationError("--ttl and --hold-ttl must be 1 to 604800000 ms (7 days)")
+        }
         if scenario == .lifecycle, first.isRedis { throw ValidationError("lifecycle needs a Stockade target") }
 
         let log: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("\($0)\n".utf8)) }
-        var reports = [try await Harness.run(options, log: log)]
-        if let compare {
-            guard let second = BenchTarget(url: compare) else { throw ValidationError("--compare must be stockade://host:port or redis://host:port") }
-            options.target = second
+        var reports: [BenchReport] = []
+        do {
             reports.append(try await Harness.run(options, log: log))
+            if let compare {
+                guard let second = BenchTarget(url: compare) else { throw ValidationError("--compare must be stockade://host:port or redis://host:port") }
+                options.target = second
+                reports.append(try await Harness.run(options, log: log))
+            }
+        } catch let error as BenchError {
+            throw CommandError("bench: \(error.description)")
         }
         if json {
             let encoder = JSONEncoder()

@@ -10,72 +10,78 @@ struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Serve the engine over TCP with a RESP-compatible protocol (redis-cli, redis-benchmark and Redis clients work).")
 
-    @Option(help: "Address to listen on. Anything but loopback requires --requirepass.")
+    @Option(help: "Address to listen on. Anything that resolves to other than loopback requires --requirepass.")
     var host = "127.0.0.1"
 
-    @Option(help: "TCP port (0: any free port, printed at start).")
+    @Option(help: "TCP port, 0 to 65535 (0: any free port, printed at start).")
     var port = 7379
 
     @OptionGroup var store: StoreOptions
 
-    @Option(name: .customLong("snapshot-every-changes"), help: "Snapshot after this many logged changes (0: never by count).")
+    @Option(name: .customLong("snapshot-every-changes"), help: "Snapshot after this many logged changes, 0 to 2^40 (0: never by count).")
     var snapshotEveryChanges: UInt64 = 1_000_000
 
-    @Option(name: .customLong("snapshot-every-seconds"), help: "Snapshot after this many seconds if anything changed (0: never by time).")
+    @Option(name: .customLong("snapshot-every-seconds"), help: "Snapshot after this many seconds if anything changed, 0 to 31536000 (0: never by time).")
     var snapshotEverySeconds = 3600
 
-    @Option(name: .customLong("events-retention-segments"), help: "Log segments kept for EVENTS readers after a snapshot covers them.")
+    @Option(name: .customLong("events-retention-segments"), help: "Log segments kept for EVENTS readers after a snapshot covers them, 0 to 100000.")
     var eventsRetentionSegments = 4
 
     @Option(help: "Password clients must send with AUTH.")
     var requirepass: String?
 
-    @Option(help: "Most client connections at once.")
+    @Option(help: "Most client connections at once, 1 to 1000000.")
     var maxclients = 10_000
 
-    @Option(name: .customLong("metrics-port"), help: "Serve Prometheus metrics on http://host:PORT/metrics.")
+    @Option(name: .customLong("metrics-port"), help: "Serve Prometheus metrics on http://METRICS-HOST:PORT/metrics (no authentication).")
     var metricsPort: Int?
 
-    @Option(name: .customLong("rate-limit"), help: "Changes per second per client (0: no limit); over it: -BUSY.")
+    @Option(name: .customLong("metrics-host"), help: "Address of the metrics listener; other than loopback requires --requirepass.")
+    var metricsHost = "127.0.0.1"
+
+    @Option(name: .customLong("rate-limit"), help: "Changes per second per client, 0 to 1000000000 (0: no limit); over it: -BUSY.")
     var rateLimit = 0
 
-    @Option(name: .customLong("max-output-bytes"), help: "Unread reply bytes after which a client is disconnected.")
+    @Option(name: .customLong("max-output-bytes"), help: "Unread reply bytes after which a client is disconnected, 64 KiB to 1 TiB.")
     var maxOutputBytes = 64 << 20
 
-    @Option(name: .customLong("client-stall-seconds"), help: "Seconds a client may leave its replies unread before it is disconnected.")
+    @Option(name: .customLong("client-stall-seconds"), help: "Seconds a client may leave its replies unread before it is disconnected, 1 to 86400.")
     var clientStallSeconds = 30
 
-    @Option(name: .customLong("max-inline-bytes"), help: "Longest inline command line.")
+    @Option(name: .customLong("max-inline-bytes"), help: "Longest inline command line, 16 bytes to 64 MiB.")
     var maxInlineBytes = 64 * 1024
 
-    @Option(name: .customLong("max-bulk-bytes"), help: "Longest bulk string argument.")
+    @Option(name: .customLong("max-bulk-bytes"), help: "Longest bulk string argument, 16 bytes to 512 MiB.")
     var maxBulkBytes = 512 * 1024
 
-    @Option(name: .customLong("max-arguments"), help: "Most arguments in one command.")
+    @Option(name: .customLong("max-arguments"), help: "Most arguments in one command, 1 to 1048576.")
     var maxArguments = 1024
 
-    @Option(name: .customLong("max-request-bytes"), help: "Largest request (one command with all its arguments).")
+    @Option(name: .customLong("max-request-bytes"), help: "Largest request (one command with all its arguments), 1 KiB to 1 GiB.")
     var maxRequestBytes = 4 << 20
 
-    @Option(name: .customLong("io-threads"), help: "Event-loop threads for connections (0: one per core).")
+    @Option(name: .customLong("io-threads"), help: "Event-loop threads for connections, 0 to 64 (0: one per core).")
     var ioThreads = 0
 
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
-    func run() async throws {
-        let level = Logger.Level(rawValue: logLevel) ?? .info
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
+    /// Every flag is checked here, before anything is recovered or bound: a bad one is a usage
+    /// error (exit 64) with a sentence naming it, never a trap or a silent default later.
+    func validate() throws {
+        guard Logger.Level(rawValue: logLevel) != nil else {
+            throw ValidationError("--log-level must be one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), not \(logLevel)")
         }
+        if let problem = configuration().problem() { throw ValidationError(problem) }
+    }
+
+    func configuration() -> ServerConfiguration {
         var config = ServerConfiguration()
         config.host = host
         config.port = port
-        config.dataDirectory = store.dataDir
+        config.dataDirectory = store.path
         config.shards = store.shards
-        config.fsync = FsyncPolicy(rawValue: store.fsync)!
+        config.fsync = FsyncPolicy(rawValue: store.fsync) ?? .always
         config.truncateCorrupt = store.truncateCorrupt
         config.snapshotEveryChanges = snapshotEveryChanges
         config.snapshotEverySeconds = snapshotEverySeconds
@@ -83,6 +89,7 @@ struct Serve: AsyncParsableCommand {
         config.requirePassword = requirepass
         config.maxClients = maxclients
         config.metricsPort = metricsPort
+        config.metricsHost = metricsHost
         config.rateLimitPerSecond = rateLimit
         config.clientOutputBytesMax = maxOutputBytes
         config.clientStallSeconds = clientStallSeconds
@@ -91,6 +98,17 @@ struct Serve: AsyncParsableCommand {
         config.parserLimits.argumentsMax = maxArguments
         config.parserLimits.requestBytesMax = maxRequestBytes
         config.ioThreads = ioThreads
+        return config
+    }
+
+    func run() async throws {
+        let level = Logger.Level(rawValue: logLevel)!
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let config = configuration()
         let logger = Logger(label: "stockade")
         do {
             try await StockadeServer(configuration: config, logger: logger).run()

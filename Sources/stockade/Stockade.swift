@@ -3,20 +3,25 @@ import CJemalloc
 import Foundation
 import StockadeCore
 import StockadeJournal
+import StockadeServer
 
 @main
 struct Stockade: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stockade",
         abstract: "An in-memory, sharded order engine for flash sales, with a write-ahead log.",
-        subcommands: [Serve.self, Bench.self, Demo.self, Inspect.self, Snapshot.self, Measure.self, Simulate.self, CrashWorker.self],
-        defaultSubcommand: Demo.self)
+        discussion: "Start a server with `stockade serve` (data in ./data); try it without a server with `stockade demo`.",
+        version: stockadeVersion,
+        subcommands: [Serve.self, Bench.self, Demo.self, Inspect.self, Snapshot.self, Measure.self, Simulate.self, CrashWorker.self])
 }
 
 /// Options every command that opens a data directory shares.
 struct StoreOptions: ParsableArguments {
-    @Option(name: .long, help: "Data directory (log segments and snapshots).")
-    var dataDir = "./data"
+    @Option(name: .long, help: "Data directory (log segments and snapshots). Default: ./data (demo: a new temporary directory).")
+    var dataDir: String?
+
+    /// The directory to open: the flag, or ./data (where `make run` keeps its data).
+    var path: String { dataDir ?? "./data" }
 
     @Option(name: .long, help: "Shards for a new data directory (an existing one keeps its own). Default: cores.")
     var shards = ProcessInfo.processInfo.activeProcessorCount
@@ -32,22 +37,30 @@ struct StoreOptions: ParsableArguments {
         guard shards >= 1 && shards <= Limits.shardCountMax else { throw ValidationError("--shards must be 1 to \(Limits.shardCountMax)") }
     }
 
-    func open() throws -> Store {
+    func open(at directory: String? = nil) throws -> Store {
         var options = Store.Options(shardCount: shards)
         options.journal.fsync = FsyncPolicy(rawValue: fsync)!
         options.truncateCorrupt = truncateCorrupt
-        return try Store(path: dataDir, options: options)
+        return try Store(path: directory ?? path, options: options)
     }
+}
+
+/// A failure a person can act on, printed as `Error: <message>` with exit status 1.
+struct CommandError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
 }
 
 func log(_ message: String) {
     FileHandle.standardError.write(Data("[stockade] \(message)\n".utf8))
 }
 
-/// A built-in flash sale against a data directory: recover, sell, snapshot, restart, compare.
+/// A built-in flash sale: recover, sell, snapshot, restart, compare. In a temporary directory
+/// (removed afterwards) unless `--data-dir` names one, so it never writes into a server's data.
 struct Demo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run a flash sale on the data directory, snapshot it, recover it again and check the state matches.")
+        abstract: "Run a flash sale in process, snapshot it, recover it again and check the state matches.",
+        discussion: "Uses a new temporary directory, removed at the end, unless --data-dir names one (which then keeps the sale).")
 
     @OptionGroup var store: StoreOptions
 
@@ -58,7 +71,23 @@ struct Demo: AsyncParsableCommand {
     var stock: Int64 = 1_000
 
     func run() async throws {
-        let opened = try store.open()
+        let directory: String
+        var temporary: String?
+        if let given = store.dataDir {
+            directory = given
+        } else {
+            var template = Array((NSTemporaryDirectory() as NSString).appendingPathComponent("stockade-demo-XXXXXX").utf8CString)
+            guard let made = mkdtemp(&template) else { throw ValidationError("cannot create a temporary directory: \(String(cString: strerror(errno)))") }
+            directory = String(cString: made)
+            temporary = directory
+            log("data directory: \(directory) (temporary, removed at the end; --data-dir DIR keeps it)")
+        }
+        defer { if let temporary { try? FileManager.default.removeItem(atPath: temporary) } }
+        try await sell(in: directory)
+    }
+
+    private func sell(in directory: String) async throws {
+        let opened = try store.open(at: directory)
         log("recovery: \(opened.recovery)")
         let engine = opened.engine
         let sku = Name("demo-\(wallClockMillis())")
@@ -86,10 +115,14 @@ struct Demo: AsyncParsableCommand {
         for (i, id) in reserved.enumerated() where i % 4 != 3 { commands.append(i % 4 == 2 ? .cancel(id) : .confirm(id)) }
         _ = await engine.execute(commands, now: wallClockMillis())
         let info = await engine.execute(.stock(sku: sku), now: wallClockMillis())
-        log("stock after payments: \(info)")
+        if case .stock(let s) = info {
+            log("after payments: STOCK \(s.sku): total \(s.total) available \(s.available) reserved \(s.reserved) sold \(s.sold) limit \(s.limit) paused \(s.paused ? 1 : 0)")
+        } else {
+            log("STOCK \(sku) failed: \(info)")
+        }
         let audit = await engine.execute(.audit(sku: nil), now: wallClockMillis())
         if case .audit(let findings) = audit, findings.contains(where: { !$0.ok }) {
-            log("AUDIT FAILED: \(findings.filter { !$0.ok })")
+            for finding in findings where !finding.ok { log("AUDIT FAILED: \(finding.sku): \(finding.problem)") }
             throw ExitCode(1)
         }
         let snapshot = try await opened.snapshot()
@@ -99,7 +132,7 @@ struct Demo: AsyncParsableCommand {
         log("journal: \(stats.records) records in \(stats.batches) batches, \(stats.syncs) fdatasyncs, \(stats.writtenBytes) bytes written")
         opened.close()
 
-        let reopened = try store.open()
+        let reopened = try store.open(at: directory)
         log("restart: \(reopened.recovery)")
         let recovered = await reopened.engine.captureState(lsn: reopened.journal.lastAppendedLSN)
         reopened.close()
@@ -122,7 +155,16 @@ struct Inspect: ParsableCommand {
     var records = false
 
     func run() throws {
-        let ok = try Inspector.inspect(DataDirectory(dataDir), records: records) { print($0) }
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: dataDir, isDirectory: &isDirectory) else {
+            throw CommandError("\(dataDir) does not exist")
+        }
+        guard isDirectory.boolValue else { throw CommandError("\(dataDir) is not a directory") }
+        let directory = DataDirectory(dataDir)
+        if try directory.snapshots().isEmpty && directory.segments().isEmpty {
+            throw CommandError("\(dataDir) holds no snapshot and no log segment: not a Stockade data directory")
+        }
+        let ok = try Inspector.inspect(directory, records: records) { print($0) }
         if !ok { throw ExitCode(1) }
     }
 }

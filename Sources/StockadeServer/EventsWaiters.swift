@@ -1,0 +1,121 @@
+import StockadeCore
+import StockadeJournal
+import Synchronization
+
+/// The clients blocked in `EVENTS ... BLOCK`, each waiting for the durable log position to reach its
+/// `from`. One task follows the journal (``follow(_:)``) and wakes the waiters a durable batch
+/// satisfies; a waiter costs nothing while nothing happens (no polling), and the housekeeping tick
+/// ends those whose time is up. ``close()`` (shutdown) answers every waiter at once.
+final class DurablePositionWatch: Sendable {
+    private struct Waiter {
+        var from: UInt64
+        var deadlineNanos: UInt64
+        var continuation: CheckedContinuation<Bool, Never>
+    }
+
+    private struct State {
+        var published: UInt64 = 0
+        var closed = false
+        var nextID = 0
+        var waiters: [Int: Waiter] = [:]
+        /// The earliest deadline of any waiter: the tick scans only when one is due.
+        var earliestDeadlineNanos = UInt64.max
+        /// The follower, parked while nobody waits.
+        var follower: CheckedContinuation<Bool, Never>?
+    }
+
+    private let state = Mutex(State())
+
+    /// Waiters now (INFO).
+    var count: Int { state.withLock { $0.waiters.count } }
+
+    /// Waits until the durable position is at least `from` (true), or the deadline passes or the
+    /// server shuts down (false).
+    func wait(from: UInt64, deadlineNanos: UInt64) async -> Bool {
+        await withCheckedContinuation { continuation in
+            let (immediate, follower): (Bool?, CheckedContinuation<Bool, Never>?) = state.withLock { s in
+                if s.closed { return (false, nil) }
+                if s.published >= from { return (true, nil) }
+                s.waiters[s.nextID] = Waiter(from: from, deadlineNanos: deadlineNanos, continuation: continuation)
+                s.nextID += 1
+                s.earliestDeadlineNanos = min(s.earliestDeadlineNanos, deadlineNanos)
+                defer { s.follower = nil }
+                return (nil, s.follower)
+            }
+            if let immediate { continuation.resume(returning: immediate) }
+            follower?.resume(returning: true)
+        }
+    }
+
+    /// Wakes every waiter whose `from` is at or below `durable`.
+    func publish(_ durable: UInt64) {
+        let ready: [CheckedContinuation<Bool, Never>] = state.withLock { s in
+            s.published = max(s.published, durable)
+            var ready: [CheckedContinuation<Bool, Never>] = []
+            for (id, waiter) in s.waiters where waiter.from <= durable {
+                ready.append(waiter.continuation)
+                s.waiters[id] = nil
+            }
+            return ready
+        }
+        for continuation in ready { continuation.resume(returning: true) }
+    }
+
+    /// Ends the waits whose deadline passed (called every housekeeping tick; scans only when one is due).
+    func expireDue(nowNanos: UInt64) {
+        let due: [CheckedContinuation<Bool, Never>] = state.withLock { s in
+            guard nowNanos >= s.earliestDeadlineNanos else { return [] }
+            var due: [CheckedContinuation<Bool, Never>] = []
+            var earliest = UInt64.max
+            for (id, waiter) in s.waiters {
+                if waiter.deadlineNanos <= nowNanos {
+                    due.append(waiter.continuation)
+                    s.waiters[id] = nil
+                } else {
+                    earliest = min(earliest, waiter.deadlineNanos)
+                }
+            }
+            s.earliestDeadlineNanos = earliest
+            return due
+        }
+        for continuation in due { continuation.resume(returning: false) }
+    }
+
+    /// Shutdown: every waiter is answered now, and later waits return at once.
+    func close() {
+        let all: [CheckedContinuation<Bool, Never>] = state.withLock { s in
+            s.closed = true
+            defer { s.waiters = [:] }
+            return s.waiters.values.map(\.continuation)
+        }
+        for continuation in all { continuation.resume(returning: false) }
+        let follower = state.withLock { s in
+            defer { s.follower = nil }
+            return s.follower
+        }
+        follower?.resume(returning: false)
+    }
+
+    /// Follows the journal's durable position while anyone waits: one journal wait at a time for
+    /// all waiters, woken by the journal's group commit. Returns when closed or the log fails (the
+    /// waiters then end at their deadlines; a failed log has no new events). At shutdown the journal
+    /// may never reach the next position; this task then stays parked in it until the process exits.
+    func follow(_ journal: Journal) async {
+        publish(journal.lastDurableLSN)
+        while true {
+            let proceed: Bool = await withCheckedContinuation { continuation in
+                let now: Bool? = state.withLock { s in
+                    if s.closed { return false }
+                    if !s.waiters.isEmpty { return true }
+                    s.follower = continuation
+                    return nil
+                }
+                if let now { continuation.resume(returning: now) }
+            }
+            guard proceed, !Task.isCancelled else { return }
+            let next = state.withLock { $0.published } + 1
+            do { try await journal.waitDurable(next) } catch { return }
+            publish(journal.lastDurableLSN)
+        }
+    }
+}

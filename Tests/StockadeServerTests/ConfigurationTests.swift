@@ -1,0 +1,66 @@
+import Testing
+@testable import StockadeServer
+
+/// `serve`'s flags: ranges and the loopback guard (#7 C21, C22).
+@Suite struct ConfigurationTests {
+    @Test func defaultsServe() {
+        #expect(ServerConfiguration().problem() == nil)
+    }
+
+    @Test(arguments: ["127.0.0.1", "127.0.0.2", "::1", "localhost", "::ffff:127.0.0.1"])
+    func loopbackNamesAndAddressesAreLoopback(host: String) throws {
+        let address = try ListenAddress.resolve(host).get()
+        #expect(address.isLoopback, "\(host) resolved to \(address.numeric)")
+    }
+
+    @Test(arguments: ["0.0.0.0", "::", "10.1.2.3", "192.168.0.1"])
+    func otherAddressesAreNot(host: String) throws {
+        #expect(!(try ListenAddress.resolve(host).get()).isLoopback)
+        var config = ServerConfiguration()
+        config.host = host
+        #expect(config.problem()?.contains("without a password") == true)
+        config.requirePassword = "secret"
+        #expect(config.problem() == nil)
+    }
+
+    /// The old guard was `host.hasPrefix("127.")`: a name is decided by what it resolves to.
+    @Test func aNameThatLooksLikeLoopbackIsResolved() {
+        var config = ServerConfiguration()
+        config.host = "127.nonexistent.invalid"
+        #expect(config.problem()?.contains("cannot resolve") == true)
+    }
+
+    @Test func metricsOnANetworkNeedAPassword() {
+        var config = ServerConfiguration()
+        config.metricsPort = 9379
+        config.metricsHost = "0.0.0.0"
+        #expect(config.problem()?.contains("metrics") == true)
+        config.metricsHost = "localhost"
+        #expect(config.problem() == nil)
+    }
+
+    @Test func extremesAreRefused() {
+        let cases: [(String, (inout ServerConfiguration) -> Void)] = [
+            ("--max-inline-bytes", { $0.parserLimits.inlineBytesMax = .max }),
+            ("--max-bulk-bytes", { $0.parserLimits.bulkBytesMax = .max }),
+            ("--max-arguments", { $0.parserLimits.argumentsMax = 0 }),
+            ("--port", { $0.port = 99_999 }),
+            ("--port", { $0.port = -1 }),
+            ("--client-stall-seconds", { $0.clientStallSeconds = .max }),
+            ("--snapshot-every-seconds", { $0.snapshotEverySeconds = .max }),
+            ("--snapshot-every-changes", { $0.snapshotEveryChanges = .max }),
+            ("--max-output-bytes", { $0.clientOutputBytesMax = .min }),
+            ("--maxclients", { $0.maxClients = 0 }),
+            ("--rate-limit", { $0.rateLimitPerSecond = -1 }),
+            ("--events-retention-segments", { $0.eventsRetentionSegments = .max }),
+            ("--io-threads", { $0.ioThreads = 65 }),
+            ("--shards", { $0.shards = 0 }),
+            ("--metrics-port", { $0.metricsPort = 70_000 }),
+        ]
+        for (flag, change) in cases {
+            var config = ServerConfiguration()
+            change(&config)
+            #expect(config.problem()?.hasPrefix(flag) == true, "\(flag): \(config.problem() ?? "accepted")")
+        }
+    }
+}
