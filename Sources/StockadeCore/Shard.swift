@@ -272,7 +272,11 @@ public actor Shard {
         return .success((state.audit(nil) ?? [], visibleLSN))
     }
 
+    /// A copy of the state. Costly while the shard keeps changing: its next change then copies every
+    /// array the copy shares (copy on write). For counts, use ``counts``.
     public func snapshotState() -> ShardState { state }
+    /// SKUs and orders held, without copying anything.
+    public var counts: (skus: Int, orders: Int) { (state.skuCount, state.orderCount) }
     /// The position a reply must wait for to show only durable state (see ``visibleLSN``).
     public var visiblePosition: UInt64 { visibleLSN }
 }

@@ -305,8 +305,8 @@ final class ServerContext: Sendable {
         if wanted.contains("shards") || section == "all" || section == "everything" {
             var pairs: [(String, String)] = []
             for shard in engine.shards {
-                let state = await shard.snapshotState()
-                pairs.append(("shard\(shard.index)", "skus=\(state.skuCount),orders=\(state.orderCount)"))
+                let counts = await shard.counts
+                pairs.append(("shard\(shard.index)", "skus=\(counts.skus),orders=\(counts.orders)"))
             }
             add("Shards", pairs)
         }
@@ -400,9 +400,9 @@ public final class StockadeServer: Sendable {
         let watcher = Task { await context.eventsWaiters.follow(store.journal) }
         var skus = 0, orders = 0
         for shard in store.engine.shards {
-            let copy = await shard.snapshotState()
-            skus += copy.skuCount
-            orders += copy.orderCount
+            let counts = await shard.counts
+            skus += counts.skus
+            orders += counts.orders
         }
         logger.info("\(skus) SKUs and \(orders) orders on \(store.engine.shardCount) shards, log position \(state.lsn), fsync \(configuration.fsync.rawValue)")
 
