@@ -50,7 +50,9 @@ import Testing
 
     /// Seeds that found defects, kept as regressions. 1213: a basket refused by its third shard (LIMIT)
     /// was answered before the first shard's RESUME was durable, though passing that shard showed it.
-    @Test(arguments: [1213 as UInt64])
+    /// 2159, 4434, 5113, 5818, 7061: the checker itself compared a refusal (the log failed while the batch
+    /// ran) with the durable model.
+    @Test(arguments: [1213 as UInt64, 2159, 4434, 5113, 5818, 7061])
     func seedsThatFoundDefects(seed: UInt64) async {
         let report = await Simulator.run(seed: seed)
         #expect(report.failure == nil, "\(report)")
