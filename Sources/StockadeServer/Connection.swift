@@ -27,6 +27,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var lastWrite: EventLoopFuture<Void>?
     /// A round (batch, then its async step) is running; reads wait.
     private var busy = false
+    /// A ``process(context:)`` is scheduled on the loop for the input left after a round.
+    private var processScheduled = false
+    /// Event-loop time the last round took (parsing it, encoding its replies).
+    private var loopNanos: UInt64 = 0
     private var readWanted = false
     private var closing = false
     private var counted = false
@@ -37,8 +41,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     init(server: ServerContext) {
         self.server = server
-        parser = RESPParser(limits: server.configuration.parserLimits)
         authenticated = (server.configuration.requirePassword ?? "").isEmpty
+        parser = RESPParser(limits: authenticated ? server.configuration.parserLimits : Self.unauthenticatedLimits(server.configuration.parserLimits))
         if server.configuration.rateLimitPerSecond > 0 {
             bucket = TokenBucket(perSecond: server.configuration.rateLimitPerSecond, nowNanos: monotonicNanos())
         }
@@ -120,6 +124,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
         if context.channel.isWritable {
             stallTimer?.cancel()
             stallTimer = nil
+            // Rounds paused while the client's replies piled up go on.
+            process(context: context)
             resumeReading(context: context)
         } else if stallTimer == nil {
             let seconds = server.configuration.clientStallSeconds
@@ -143,6 +149,25 @@ final class ConnectionHandler: ChannelDuplexHandler {
         }
     }
 
+    /// What a client may send before AUTH: enough for AUTH and HELLO with any real password, not
+    /// enough to make the server hold much for a stranger (as Redis bounds unauthenticated clients).
+    static func unauthenticatedLimits(_ configured: RESPParser.Limits) -> RESPParser.Limits {
+        var limits = configured
+        limits.inlineBytesMax = min(configured.inlineBytesMax, 16 << 10)
+        limits.bulkBytesMax = min(configured.bulkBytesMax, 16 << 10)
+        limits.argumentsMax = min(configured.argumentsMax, 16)
+        limits.requestBytesMax = min(configured.requestBytesMax, 64 << 10)
+        return limits
+    }
+
+    /// The connection is now authenticated: requests get the configured limits. Called between two
+    /// requests (right after AUTH or HELLO), so the parser holds no partial request.
+    private func becameAuthenticated() {
+        guard !authenticated else { return }
+        authenticated = true
+        parser = RESPParser(limits: server.configuration.parserLimits)
+    }
+
     // MARK: Rounds
 
     /// Worst-case reply bytes of the commands one round admits (or ``ServerConfiguration/clientOutputBytesMax``
@@ -151,23 +176,58 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// replies built at once stay bounded whatever one read holds.
     static let roundReplyBytesMax = 4 << 20
 
-    /// Parses the commands buffered and answers them, round after round: a round without engine
-    /// commands or an async step is answered at once and the next one starts; otherwise the round
-    /// waits for one engine batch (and at most one async step, which ends the round) and ``finish``
-    /// starts the next.
+    /// Commands in one round: a round is work done on the event loop in one go (parsing, local
+    /// replies, encoding), so it is bounded in count too, not only in reply bytes: a flood of small
+    /// commands (PING, HELLO) is answered a round per turn of the loop, with other clients between.
+    static let roundCommandsMax = 1024
+
+    /// Parses the commands buffered and answers the next round of them. A round without engine
+    /// commands or an async step is answered at once; otherwise it waits for one engine batch (and at
+    /// most one async step, which ends the round) and ``finish`` comes back here. Either way the next
+    /// round starts only on a later turn of the event loop (other clients' reads run in between), and
+    /// only while the client reads what it was sent (the channel is writable): a client whose replies
+    /// pile up is paced, not served ahead of everyone else.
     private func process(context: ChannelHandlerContext) {
-        while !busy && !closing {
-            guard let round = buildRound(context: context) else { break }
-            if round.batch.isEmpty && round.step == nil {
-                finish(context: context, round: round, replies: [], tail: nil, closeAfter: round.closeAfter)
-                continue
+        guard !busy && !closing else { return }
+        // Resumed by channelWritabilityChanged once the client has read its replies.
+        guard context.channel.isWritable else { return }
+        let parseStarted = monotonicNanos()
+        guard let round = buildRound(context: context) else {
+            if inputClosed {
+                // The client half-closed: everything it sent before is answered; now close.
+                closeAfterWrites(context: context)
             }
-            run(round, context: context)
             return
         }
-        if !busy && !closing && inputClosed {
-            // The client half-closed: everything it sent before is answered; now close.
-            closeAfterWrites(context: context)
+        if round.batch.isEmpty && round.step == nil {
+            finish(context: context, round: round, replies: [], tail: nil, closeAfter: round.closeAfter)
+            loopNanos = monotonicNanos() - parseStarted
+            processOnNextTurn(context: context)
+            return
+        }
+        loopNanos = monotonicNanos() - parseStarted
+        run(round, context: context)
+    }
+
+    /// How long the next round of a client with input left waits: as long as this round kept the loop
+    /// busy (parsing and encoding), within these bounds, so the loop polls its sockets first and a
+    /// flooding client gets at most about half of its loop. A SwiftNIO loop runs tasks until none are
+    /// left before it polls again (a task that is due by then runs in the same pass), so a round that
+    /// queued the next one at once would keep every other client on the loop waiting.
+    static let nextRoundDelayNanosMin: UInt64 = 50_000
+    static let nextRoundDelayNanosMax: UInt64 = 10_000_000
+
+    /// Schedules ``process(context:)`` for a later turn of the event loop when input is left.
+    private func processOnNextTurn(context: ChannelHandlerContext) {
+        guard !closing, !processScheduled, carried != nil || (inbound?.readableBytes ?? 0) > 0 || inputClosed else { return }
+        processScheduled = true
+        let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
+        let delay = min(max(loopNanos, Self.nextRoundDelayNanosMin), Self.nextRoundDelayNanosMax)
+        context.eventLoop.scheduleTask(in: .nanoseconds(Int64(delay))) {
+            let (handler, context) = bound.value
+            handler.processScheduled = false
+            handler.process(context: context)
+            handler.resumeReading(context: context)
         }
     }
 
@@ -188,7 +248,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
         let replyBudget = min(Self.roundReplyBytesMax, server.configuration.clientOutputBytesMax)
         var replyBytes = 0
         var input = inbound ?? ByteBuffer()
-        parsing: while replyBytes < replyBudget {
+        parsing: while replyBytes < replyBudget && round.slots.count < Self.roundCommandsMax {
             var request: Request
             if let waiting = carried {
                 request = waiting
@@ -253,7 +313,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
                         out.writeRESPError(Self.wrongPassword)
                         break
                     }
-                    authenticated = true
+                    becameAuthenticated()
                 } else if !authenticated {
                     out.writeRESPError("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time")
                     break
@@ -264,7 +324,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
                     // A wrong password leaves the connection as it was (as in Redis): an
                     // authenticated client stays authenticated, others stay out.
                     if constantTimeEqual(password, expected) {
-                        authenticated = true
+                        becameAuthenticated()
                         out.writeRESPSimple("OK")
                     } else {
                         out.writeRESPError(Self.wrongPassword)
@@ -311,9 +371,11 @@ final class ConnectionHandler: ChannelDuplexHandler {
             loop.execute {
                 let (handler, context) = bound.value
                 handler.busy = false
+                let encodeStarted = monotonicNanos()
                 handler.finish(context: context, round: round, replies: replies, tail: tail, closeAfter: round.closeAfter || stepCloses)
-                // Commands that arrived while this round ran.
-                handler.process(context: context)
+                handler.loopNanos += monotonicNanos() - encodeStarted
+                // Commands that arrived while this round ran, on the next turn of the loop.
+                handler.processOnNextTurn(context: context)
                 handler.resumeReading(context: context)
             }
         }

@@ -18,6 +18,8 @@ final class ServerContext: Sendable {
     let metrics: ServerMetrics
     let logger: Logger
     let protocolErrorLog = ProtocolErrorLog()
+    /// The port the listener got (the configured one, or the one `--port 0` was given).
+    let listeningPort = Mutex<Int>(0)
     let startedNanos = monotonicNanos()
     let startedWallMillis = wallClockMillis()
     /// Called by SHUTDOWN.
@@ -273,7 +275,7 @@ final class ServerContext: Sendable {
         }
         add("Server", [
             ("stockade_version", stockadeVersion), ("redis_version", "7.0.0-stockade"), ("process_id", String(getpid())),
-            ("tcp_port", String(configuration.port)), ("uptime_in_seconds", String((monotonicNanos() - startedNanos) / 1_000_000_000)),
+            ("tcp_port", String(listeningPort.withLock { $0 })), ("uptime_in_seconds", String((monotonicNanos() - startedNanos) / 1_000_000_000)),
             ("shards", String(engine.shardCount)), ("data_dir", store.directory.path),
         ])
         let accepts = acceptFailures.summary
@@ -444,6 +446,7 @@ public final class StockadeServer: Sendable {
             throw ServerError(message: "cannot listen on \(configuration.host):\(configuration.port): \(error)")
         }
         let port = listener.localAddress?.port ?? configuration.port
+        context.listeningPort.withLock { $0 = port }
         logger.info("listening on \(configuration.host):\(port)")
 
         var metricsListener: Channel?
@@ -506,11 +509,18 @@ public final class StockadeServer: Sendable {
         // Rounds still running (past the grace) are refused by the closed log and end now; only
         // then do the loops stop, so nothing is scheduled on a loop that is gone.
         await waitForRounds(context, until: monotonicNanos() + 2_000_000_000)
-        logger.info("log flushed and synced at position \(store.journal.lastDurableLSN); bye")
+        if let failure = store.journal.failure {
+            logger.error("the log failed while serving (\(failure)); durable up to position \(store.journal.lastDurableLSN), which the next start recovers")
+        } else {
+            logger.info("log flushed and synced at position \(store.journal.lastDurableLSN); bye")
+        }
         for source in signals { source.cancel() }
         watcher.cancel()
         try? await group.shutdownGracefully()
         try? await blockingWork.shutdown()
+        if let failure = store.journal.failure {
+            throw ServerError(message: "stopped after a log failure: \(failure)")
+        }
     }
 
     /// Accept attempts are retried after this while they fail (out of file descriptors): at most

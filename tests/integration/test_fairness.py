@@ -1,0 +1,90 @@
+"""One client's pipeline neither holds an event loop nor outruns its own reading (found by the hostile
+review of issue #7: a 114 KB write of ORDERS held an event loop for seconds, and a client reading its
+replies at 20 MB/s was disconnected instead of paced)."""
+import socket
+import threading
+import time
+
+from conftest import Server
+
+ORDERS = b"*4\r\n$6\r\nORDERS\r\n$6\r\nvictim\r\n$5\r\nCOUNT\r\n$4\r\n1000\r\n"
+
+
+def setup_victim(server, holds=1000):
+    r = server.client()
+    r.execute_command("SKU.ADD", "s", 10_000_000)
+    pipe = r.pipeline(transaction=False)
+    for _ in range(holds):
+        pipe.execute_command("RESERVE", "victim", "s", 1, "TTL", 600_000)
+    pipe.execute()
+    # One ORDERS reply's size, to know when a flood has been read in full.
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    s.sendall(ORDERS + b"PING\r\n")
+    data = b""
+    while not data.endswith(b"+PONG\r\n"):
+        data += s.recv(1 << 16)
+    s.close()
+    return len(data) - len(b"+PONG\r\n")
+
+
+def test_a_pipelining_client_does_not_hold_its_event_loop(data_dir):
+    server = Server(data_dir, "--io-threads", "1").start()
+    try:
+        reply_bytes = setup_victim(server)
+        copies = 60  # about 8 MB of replies; one round is at most one ORDERS page here
+        attacker = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+        done = threading.Event()
+        received = [0]
+
+        def flood():
+            attacker.sendall(ORDERS * copies)
+            while received[0] < reply_bytes * copies:
+                chunk = attacker.recv(1 << 20)
+                if not chunk:
+                    break
+                received[0] += len(chunk)
+            done.set()
+
+        thread = threading.Thread(target=flood)
+        pinger = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+        thread.start()
+        worst = 0.0
+        pings = 0
+        while not done.is_set() and pings < 2000:
+            started = time.monotonic()
+            pinger.sendall(b"PING\r\n")
+            assert pinger.recv(64) == b"+PONG\r\n"
+            worst = max(worst, time.monotonic() - started)
+            pings += 1
+            time.sleep(0.005)
+        thread.join(timeout=120)
+        assert received[0] == reply_bytes * copies, "the flood was not answered in full"
+        # Each turn of the loop answers at most one bounded round of the flood; before, the whole
+        # flood ran back to back (seconds on one loop).
+        assert worst < 0.5, f"PING waited {worst * 1000:.0f} ms behind another client's pipeline"
+        attacker.close()
+        pinger.close()
+    finally:
+        server.stop()
+
+
+def test_a_slow_reader_is_paced_not_disconnected(data_dir):
+    server = Server(data_dir, "--max-output-bytes", str(1 << 20)).start()
+    try:
+        reply_bytes = setup_victim(server)
+        copies = 60  # about 8 MB of replies, eight times --max-output-bytes
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+        s.sendall(ORDERS * copies)
+        received = 0
+        deadline = time.monotonic() + 120
+        while received < reply_bytes * copies and time.monotonic() < deadline:
+            chunk = s.recv(64 << 10)
+            if not chunk:
+                break
+            received += len(chunk)
+            time.sleep(0.01)  # about 6 MB/s at most
+        assert received == reply_bytes * copies, f"disconnected after {received} of {reply_bytes * copies} bytes"
+        assert "output buffer limit" not in server.logs()
+        s.close()
+    finally:
+        server.stop()
