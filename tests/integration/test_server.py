@@ -386,7 +386,10 @@ def test_log_write_failure_refuses_changes_and_loses_nothing_acknowledged(data_d
         r.execute_command("STOCK", "disk")                   # it could show a hold that is not durable
     assert r.ping()
     assert "log write failed" in str(r.info("persistence").get("log_failure"))
-    s.kill9()
+    assert r.info("server")["tcp_port"] == s.port     # the bound port, also with --port 0
+    # Stopped after a log failure: it says so and exits 1, not "flushed and synced".
+    assert s.stop() == 1
+    assert "the log failed while serving" in s.logs() and "bye" not in s.logs()
 
     restarted = Server(data_dir, "--shards", "2").start()
     r = restarted.client()
