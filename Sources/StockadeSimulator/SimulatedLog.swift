@@ -9,7 +9,7 @@ import Synchronization
 /// refuses everything after), and a crash (the process dies; what was not synced is lost, or a prefix
 /// of it survives, as a torn write leaves it).
 package final class SimulatedLog: ChangeLog {
-    /// One record as appended, with the step of the simulation that appended it.
+    /// One record as appended.
     package struct Entry: Sendable {
         package var bytes: [UInt8]
     }

@@ -1,6 +1,10 @@
 import StockadeCore
 import StockadeJournal
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// What the simulator runs the engine on: an in-memory log (fast, many seeds) or the real journal,
 /// store, snapshots and recovery on a ``SimulatedStorage`` disk (torn writes, lost unsynced bytes, bit
 /// flips, EIO and ENOSPC on write, fsync and rename).
@@ -133,7 +137,7 @@ final class DiskTarget: SimulationTarget {
         disk.failNext(.sync)
         _ = store.journal.writePending()
     }
-    func failNextAppend() { disk.failNext(.write, errno: 28) }
+    func failNextAppend() { disk.failNext(.write, errno: ENOSPC) }
 
     func snapshot() async -> String? {
         guard store.journal.failure == nil else { return nil }
