@@ -39,11 +39,13 @@ test: build
 	STOCKADE_BIN=$(CURDIR)/.build/debug/stockade $(SWIFT) test
 	STOCKADE_BIN=$(CURDIR)/.build/debug/stockade $(PYTHON) -m pytest -q tests/integration
 
-# The deterministic simulator for a while (SECONDS=600 by default); `make test` runs a bounded set.
+# The deterministic simulator for a while (SIMULATE_SECONDS=600 by default, half on the in-memory log,
+# half on the real journal over the simulated disk); `make test` runs a bounded set.
 # A failing seed prints the command that replays it.
 SIMULATE_SECONDS ?= 600
 simulate: release
-	.build/release/stockade simulate --seconds $(SIMULATE_SECONDS) --from $$(date +%s)
+	.build/release/stockade simulate --seconds $$(( $(SIMULATE_SECONDS) / 2 )) --from $$(date +%s)
+	.build/release/stockade simulate --disk --seconds $$(( $(SIMULATE_SECONDS) / 2 )) --from $$(date +%s)
 
 bench: deps
 	$(SWIFT) package benchmark
