@@ -80,6 +80,9 @@ public struct ServerConfiguration: Sendable {
         public static let ioThreads = 0...64
     }
 
+    /// Longest password: what one argument may be before AUTH (16 KiB, as the connection limits it).
+    public static let passwordBytesMax = 16 << 10
+
     /// Why the configuration cannot be served (a sentence naming the flag); nil when it can.
     /// Checked before anything is recovered or bound. Resolves `host` (and `metricsHost`).
     public func problem() -> String? {
@@ -105,6 +108,11 @@ public struct ServerConfiguration: Sendable {
             outside(ioThreads, Range.ioThreads, "--io-threads", " (0: one per core)"),
         ]
         if let first = checks.compactMap({ $0 }).first { return first }
+        // AUTH must fit the limits a client has before it is authenticated (and the configured ones).
+        let passwordBytesMax = min(Self.passwordBytesMax, parserLimits.bulkBytesMax, parserLimits.requestBytesMax - 64)
+        if let password = requirePassword, password.utf8.count > passwordBytesMax {
+            return "--requirepass must be at most \(passwordBytesMax) bytes (what AUTH may carry), not \(password.utf8.count)"
+        }
         let passwordSet = !(requirePassword ?? "").isEmpty
         switch ListenAddress.resolve(host) {
         case .failure(let why): return "--host \(host): \(why)"

@@ -103,7 +103,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
         } else {
             inbound!.writeBuffer(&bytes)
         }
-        if !busy { process(context: context) }
+        if !busy && !processScheduled { process(context: context) }
     }
 
     /// Input buffered while a round runs, past which reading from this client pauses. Below it the
@@ -112,7 +112,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private static let inboundHoldBytes = 256 * 1024
 
     func read(context: ChannelHandlerContext) {
-        let flooding = busy && (inbound?.readableBytes ?? 0) >= Self.inboundHoldBytes
+        // Work waiting (a round running, or the next one scheduled) and much input already buffered.
+        let flooding = (busy || processScheduled) && (inbound?.readableBytes ?? 0) >= Self.inboundHoldBytes
         if flooding || closing || !context.channel.isWritable {
             readWanted = true
         } else {
@@ -143,7 +144,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     private func resumeReading(context: ChannelHandlerContext) {
         if readWanted && !closing && context.channel.isWritable
-            && (!busy || (inbound?.readableBytes ?? 0) < Self.inboundHoldBytes) {
+            && ((!busy && !processScheduled) || (inbound?.readableBytes ?? 0) < Self.inboundHoldBytes) {
             readWanted = false
             context.read()
         }

@@ -88,3 +88,45 @@ def test_a_slow_reader_is_paced_not_disconnected(data_dir):
         s.close()
     finally:
         server.stop()
+
+
+def vm_hwm(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_flood_of_small_commands_is_not_buffered_without_bound(data_dir):
+    """(re-review of #7) PINGs sent in 1 MB writes by a client that reads its replies: rounds without
+    engine commands did not pause reading, so the server buffered everything sent (100 MB sent: 291 MB
+    held). Input waiting is bounded now, before AUTH too."""
+    server = Server(data_dir, "--io-threads", "1", "--requirepass", "pw").start()
+    try:
+        pid = server.proc.pid
+        before = vm_hwm(pid)
+        chunk = b"*1\r\n$4\r\nPING\r\n" * ((1 << 20) // 14)  # PING is allowed before AUTH
+        writes = 8
+        expected = len(b"+PONG\r\n") * (len(chunk) // 14) * writes
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=120)
+        received = [0]
+
+        def reader():
+            while received[0] < expected:
+                data = s.recv(1 << 20)
+                if not data:
+                    break
+                received[0] += len(data)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        for _ in range(writes):
+            s.sendall(chunk)
+        thread.join(timeout=300)
+        assert received[0] == expected
+        grown = vm_hwm(pid) - before
+        assert grown < 6 * (1 << 20), f"the server held {grown >> 20} MiB for {writes} MiB sent"
+        s.close()
+    finally:
+        server.stop()

@@ -409,3 +409,18 @@ def test_random_byte_ids_are_distinct_and_come_back_exact(server):
     events = r.execute_command("EVENTS", 0, "COUNT", 10000)
     added = [e[2] for e in events if e[1] == b"sku-added"]
     assert len(added) == len(set(added)) and "cafe\u0301".encode() + b"\x00" in added
+
+
+def test_a_password_no_client_could_send_is_refused_at_start_up(data_dir):
+    """(re-review of #7) A --requirepass longer than what AUTH may carry before authentication
+    (16 KiB) was accepted, and then no client could ever log in. It is a usage error now; 16 KiB works."""
+    import subprocess
+    from conftest import BINARY
+    out = subprocess.run([BINARY, "serve", "--port", "0", "--data-dir", data_dir, "--requirepass", "p" * 16_385],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 64 and "--requirepass must be at most 16384 bytes" in out.stderr + out.stdout
+    s = Server(data_dir, "--requirepass", "p" * 16_384).start()
+    try:
+        assert s.client(password="p" * 16_384).ping()
+    finally:
+        s.stop()
