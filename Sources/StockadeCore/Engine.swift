@@ -10,9 +10,12 @@ public final class Engine: Sendable {
     /// stepped backwards cannot make an expired hold pending again on a shard that has not expired it yet.
     private let clockMillis = ManagedAtomic<Int64>(.min)
 
-    /// Starts the engine on a recovered (or empty) state.
-    public init(state: EngineState, log: any ChangeLog) {
-        shards = state.shards.map { Shard(state: $0, log: log) }
+    /// Starts the engine on a recovered (or empty) state. Shard `i` runs on `executors[i % count]` (the
+    /// server's event loops), or on a queue of its own when `executors` is empty.
+    public init(state: EngineState, log: any ChangeLog, executors: [any SerialExecutor] = []) {
+        shards = state.shards.map {
+            Shard(state: $0, log: log, executor: executors.isEmpty ? nil : executors[$0.shard % executors.count])
+        }
         self.log = log
     }
 
@@ -165,16 +168,126 @@ public final class Engine: Sendable {
                 position += 1
             }
         }
-        if waitFor > 0 {
-            do {
-                try await log.waitDurable(waitFor)
-            } catch {
-                let reason: String
-                if case .unavailable(let why) = error { reason = why } else { reason = "\(error)" }
-                return replies.map { _ in .rejected(.unavailable(reason)) }
-            }
+        return await repliesWhenDurable(replies, waitFor: waitFor)
+    }
+
+    /// Returns `replies` once position `waitFor` is durable, or every one of them refused
+    /// (``Rejection/unavailable(_:)``) when the log fails first: a reply is never shown before what it
+    /// shows can survive a crash. (The server waits for ``executeLocally(_:now:localShards:)``'s
+    /// replies its own way, per event loop, with the same outcome.)
+    public func repliesWhenDurable(_ replies: [Reply], waitFor: UInt64) async -> [Reply] {
+        guard waitFor > 0 else { return replies }
+        do {
+            try await log.waitDurable(waitFor)
+        } catch {
+            let reason: String
+            if case .unavailable(let why) = error { reason = why } else { reason = "\(error)" }
+            return replies.map { _ in .rejected(.unavailable(reason)) }
         }
         return replies
+    }
+
+    /// The shard a command enters first: its SKU's (the first line's, for a reservation) or its order's.
+    /// nil for a command with no single home (ORDERS, AUDIT of every SKU) or an id no shard can own.
+    /// A server runs a batch on the executor of its first command's home (``executeLocally(_:now:localShards:)``).
+    public func homeShard(of command: Command) -> Int? {
+        switch command {
+        case let .addSku(sku, _, _), let .restock(sku, _), let .setPaused(sku, _), let .stock(sku), let .deduct(sku, _):
+            return shardIndex(of: sku)
+        case let .audit(sku): return sku.map(shardIndex(of:))
+        case let .reserve(_, lines, _, _): return lines.first.map { shardIndex(of: $0.sku) }
+        case let .confirm(id), let .cancel(id), let .order(id):
+            guard let shard = id.shard, shard < shards.count else { return nil }
+            return shard
+        case .orders: return nil
+        }
+    }
+
+    /// What ``executeLocally(_:now:localShards:)`` did.
+    public enum LocalOutcome: Sendable {
+        /// Every command ran: the replies, and the log position they wait for (0: none).
+        case answered([Reply], waitFor: UInt64)
+        /// Nothing ran: the batch needs a shard that is not local, several shards at once (a basket,
+        /// ORDERS, AUDIT), or a wait (basket holds being placed, a basket due to expire). Use ``execute(_:now:)``.
+        case needsAsync
+    }
+
+    /// Runs a batch synchronously, on the caller's thread, when every shard it enters runs on the
+    /// caller's executor (`localShards[s]` true: the event loop the caller is on): no task, no hop, no
+    /// suspension. Replies are the ones ``execute(_:now:)`` would give, in the same order; the caller
+    /// answers once `waitFor` is durable (or refuses them all if the log fails first). Decides before
+    /// anything runs, so ``LocalOutcome/needsAsync`` changes nothing.
+    ///
+    /// It declines what could reach beyond the local shards or wait: a multi-shard command, a shard on
+    /// another executor, basket holds being placed, a basket of any shard due to expire (its expiry
+    /// changes other shards), and the confirm or cancel of a basket.
+    public func executeLocally(_ commands: [Command], now: Int64, localShards: [Bool]) -> LocalOutcome {
+        precondition(localShards.count == shards.count, "a local flag per shard")
+        let now = monotonic(now)
+        for shard in shards where shard.gauges.nextForeignDeadlineMillis.load(ordering: .relaxed) <= now {
+            return .needsAsync
+        }
+        // Route everything first (nothing runs yet), exactly as `execute` would.
+        var routes = [Route]()
+        routes.reserveCapacity(commands.count)
+        var progress = BatchProgress(touched: [Bool](repeating: false, count: shards.count))
+        for command in commands {
+            let route = route(command, now: now, progress: progress)
+            switch route {
+            case .global: return .needsAsync
+            case .immediate: break
+            case .shard(let s):
+                guard localShards[s], shards[s].gauges.preparing.load(ordering: .relaxed) == 0 else { return .needsAsync }
+                progress.touched[s] = true
+                if Self.mayAffectOtherShards(command) {
+                    progress.crossShard = true
+                    if case let .confirm(id) = command, shards[s].assumeIsolated({ $0.mayAffectOtherShards(id) }) { return .needsAsync }
+                    if case let .cancel(id) = command, shards[s].assumeIsolated({ $0.mayAffectOtherShards(id) }) { return .needsAsync }
+                }
+            }
+            routes.append(route)
+        }
+        // Run: consecutive commands grouped per shard, a confirm or cancel closing its group, as `execute` does.
+        var replies = [Reply](repeating: .done, count: commands.count)
+        var waitFor: UInt64 = 0
+        var group: [(slot: Int, command: Command)] = []
+        var position = 0
+        while position < commands.count {
+            let stretchStart = position
+            var stretchShards: [Int] = []
+            var closing: Int?
+            while position < commands.count {
+                let slot = position
+                position += 1
+                switch routes[slot] {
+                case .shard(let s):
+                    if !stretchShards.contains(s) { stretchShards.append(s) }
+                    if Self.mayAffectOtherShards(commands[slot]) { closing = s }
+                case .immediate(let reply, let lsn):
+                    replies[slot] = reply
+                    waitFor = max(waitFor, lsn)
+                case .global: preconditionFailure("declined above")
+                }
+                if closing != nil { break }
+            }
+            // Shards in index order, the one whose confirm or cancel closed the stretch last, as in `execute`.
+            stretchShards.sort()
+            if let closing, let i = stretchShards.firstIndex(of: closing) {
+                stretchShards.remove(at: i)
+                stretchShards.append(closing)
+            }
+            for s in stretchShards {
+                group.removeAll(keepingCapacity: true)
+                for slot in stretchStart..<position {
+                    if case .shard(s) = routes[slot] { group.append((slot, commands[slot])) }
+                }
+                let result = shards[s].assumeIsolated { $0.run(group, now: now) }
+                precondition(!result.deferred && result.effects.isEmpty, "a local batch reached beyond its shards")
+                for (slot, reply) in result.replies { replies[slot] = reply }
+                waitFor = max(waitFor, result.lsn)
+            }
+        }
+        return .answered(replies, waitFor: waitFor)
     }
 
     /// Runs one shard's group, waiting first while basket holds are placed there, applies its effects on

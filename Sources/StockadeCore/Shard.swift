@@ -1,4 +1,5 @@
 import Atomics
+import Dispatch
 
 /// Where shards send the records of their changes. ``StockadeJournal``'s journal writes them to disk;
 /// ``MemoryChangeLog`` keeps nothing (the engine without durability, for tests and benchmarks).
@@ -35,8 +36,15 @@ public final class ShardGauges: Sendable {
 
 /// One shard: the only writer of its SKUs and orders. Work arrives in batches (one actor hop per
 /// batch, not per command), and no method awaits while it changes state.
+///
+/// A shard runs on the executor it is given: in the server, one of the event loops, so a connection on
+/// that loop enters it synchronously (``Engine/executeLocally(_:now:localShards:)``) and the rest hop
+/// to it once per batch. Without one it gets a serial queue of its own.
 public actor Shard {
     public nonisolated let index: Int
+    /// Where the shard's work runs (see the type's documentation).
+    public nonisolated let executor: any SerialExecutor
+    public nonisolated var unownedExecutor: UnownedSerialExecutor { executor.asUnownedSerialExecutor() }
     private(set) var state: ShardState
     /// SKU id -> counter, for lock-free reads from any thread.
     public nonisolated let directory: SkuDirectory
@@ -54,8 +62,9 @@ public actor Shard {
     /// Runs waiting for the basket holds placed here to be committed or released.
     private var settleWaiters: [CheckedContinuation<Void, Never>] = []
 
-    public init(state: ShardState, log: any ChangeLog) {
+    public init(state: ShardState, log: any ChangeLog, executor: (any SerialExecutor)? = nil) {
         index = state.shard
+        self.executor = executor ?? QueueExecutor(label: "stockade-shard-\(state.shard)")
         self.state = state
         self.log = log
         directory = SkuDirectory()
@@ -73,6 +82,10 @@ public actor Shard {
         /// Nothing ran: basket holds are being placed here. Wait with ``Shard/settled()`` and run again.
         public var deferred = false
     }
+
+    /// Whether confirming or cancelling order `id` here may change stock on another shard (the order is
+    /// a basket). For the engine's synchronous path, which must not reach other shards.
+    func mayAffectOtherShards(_ id: OrderID) -> Bool { state.isMultiShardOrder(id) }
 
     /// Why this shard refuses everything, if it does: its own append failed, or the log's did.
     private var refusal: String? { failure ?? log.failureReason }
@@ -279,4 +292,18 @@ public actor Shard {
     public var counts: (skus: Int, orders: Int) { (state.skuCount, state.orderCount) }
     /// The position a reply must wait for to show only durable state (see ``visibleLSN``).
     public var visiblePosition: UInt64 { visibleLSN }
+}
+
+/// A serial executor on a dispatch queue of its own: what a shard runs on when it is given no executor
+/// (tests, tools), and what the simulator gives all its shards (a stand-in for one event loop).
+public final class QueueExecutor: SerialExecutor, @unchecked Sendable {
+    private let queue: DispatchQueue
+
+    public init(label: String) { queue = DispatchQueue(label: label) }
+
+    public func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        let executor = asUnownedSerialExecutor()
+        queue.async { job.runSynchronously(on: executor) }
+    }
 }

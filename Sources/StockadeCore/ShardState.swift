@@ -433,6 +433,12 @@ public struct ShardState: Sendable {
         finish(id, as: .cancelled, now: now, log: &log)
     }
 
+    /// Whether `id` is an order of this shard whose items may lie on other shards (a basket).
+    public func isMultiShardOrder(_ id: OrderID) -> Bool {
+        guard let seq = localSequence(id) else { return false }
+        return orders[Int(seq) - 1].isMulti
+    }
+
     mutating func finish(_ id: OrderID, as target: OrderState, now: Int64, log: inout RecordBuffer) -> (Reply, [ForeignEffect]) {
         guard let seq = localSequence(id) else { return (.rejected(.noSuchOrder), []) }
         let slot = orders[Int(seq) - 1]

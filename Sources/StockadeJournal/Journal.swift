@@ -1,5 +1,6 @@
 import Foundation
 import StockadeCore
+import Synchronization
 
 /// When the log is forced to disk, and so what a crash can take back.
 public enum FsyncPolicy: String, Sendable, CaseIterable {
@@ -73,6 +74,17 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     private var writerFinished = false
     private var stats = Stats()
     private var segments: [(firstLSN: UInt64, path: String)]
+    private var observers: [@Sendable (UInt64) -> Void] = []
+
+    // Mirrors of guarded state, read without the lock on every shard run and every reply.
+    /// ``durableLSN``, stored after it changes (sequentially consistent: see ``onDurable(_:)``).
+    private let durableMirror: Atomic<UInt64>
+    /// ``pending``'s byte count.
+    private let pendingMirror = Atomic<Int>(0)
+    /// ``failed`` is set.
+    private let failedMirror = Atomic<Bool>(false)
+    /// The writer has finished (closed or failed): nothing more becomes durable.
+    private let finishedMirror = Atomic<Bool>(false)
 
     // Owned by the writer thread.
     private var segment: any StorageFile
@@ -89,6 +101,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         self.options = options
         appendedLSN = lsn
         durableLSN = lsn
+        durableMirror = Atomic(lsn)
         pendingFirstLSN = lsn + 1
         try directory.create()
         let path = directory.segmentPath(firstLSN: lsn + 1)
@@ -137,6 +150,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         }
         if pendingRecords == 0 { pendingFirstLSN = appendedLSN + 1 }
         pending.append(contentsOf: records.bytes)
+        pendingMirror.store(pending.count, ordering: .relaxed)
         pendingRecords += records.count
         appendedLSN += UInt64(records.count)
         let lsn = appendedLSN
@@ -166,17 +180,19 @@ public final class Journal: ChangeLog, @unchecked Sendable {
 
     /// false while the records waiting to be written are over ``Options/pendingBytesMax`` (retry
     /// later), and for good once the journal failed (see ``failure``, which tells the two apart).
-    public var admitsChanges: Bool { locked { pending.count < options.pendingBytesMax && failed == nil } }
+    public var admitsChanges: Bool {
+        pendingMirror.load(ordering: .relaxed) < options.pendingBytesMax && !failedMirror.load(ordering: .acquiring)
+    }
 
     // MARK: State for operators
 
     public var lastAppendedLSN: UInt64 { locked { appendedLSN } }
-    public var lastDurableLSN: UInt64 { locked { durableLSN } }
+    public var lastDurableLSN: UInt64 { durableMirror.load(ordering: .sequentiallyConsistent) }
     /// Why the journal stopped accepting changes: set once, by the first write or sync that failed,
     /// and never cleared (only a restart, with recovery, brings the log back). nil while healthy.
     /// Read synchronously, from any thread: every shard checks it to refuse with this reason
     /// (`UNAVAILABLE`) rather than `BUSY`.
-    public var failure: String? { locked { failed } }
+    public var failure: String? { failedMirror.load(ordering: .acquiring) ? locked { failed } : nil }
     /// The same as ``failure`` (the name INFO's code uses).
     public var failureReason: String? { failure }
     public var statistics: Stats { locked { stats } }
@@ -207,6 +223,29 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     /// waiting for a position that is not durable yet: a deterministic driver in manual mode learns
     /// that a reply is parked and can decide when to ``writePending()``.
     public func onWaiting(_ body: @escaping @Sendable () -> Void) { locked { waitingHook = body } }
+
+    /// Why nothing more will become durable: the failure, or "the journal is closed" once the writer has
+    /// finished; nil while records can still become durable.
+    public var terminalReason: String? {
+        if let failure { return failure }
+        return finishedMirror.load(ordering: .sequentiallyConsistent) ? "the journal is closed" : nil
+    }
+
+    /// Calls `observer` (on the writer's thread, outside the journal's lock) after each batch becomes
+    /// durable, with the new durable position, and once more when the journal fails or closes (see
+    /// ``terminalReason``). Register observers before any traffic.
+    ///
+    /// This is how a server answers many waiting clients with one hand-off per sync: an observer wakes
+    /// its event loop once, and the loop answers everything that waited for a position now durable.
+    /// The durable position is stored before observers run, with sequentially consistent ordering, so
+    /// a waiter that publishes itself and then reads ``lastDurableLSN`` (also sequentially consistent)
+    /// either sees its position durable or is seen by the observer.
+    public func onDurable(_ observer: @escaping @Sendable (UInt64) -> Void) { locked { observers.append(observer) } }
+
+    private func notifyObservers() {
+        let (list, lsn) = locked { (observers, durableLSN) }
+        for observer in list { observer(lsn) }
+    }
 
     /// Callers waiting for a position that is not durable yet.
     public var waiterCount: Int { locked { waiters.count } }
@@ -271,6 +310,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         }
         segment.close()
         locked { writerFinished = true }
+        finishedMirror.store(true, ordering: .sequentiallyConsistent)
     }
 
     /// Takes everything pending and writes it as one batch; with nothing pending, syncs if the
@@ -279,6 +319,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     private func writeOnce() -> Int {
         pthread_mutex_lock(mutex)
         swap(&pending, &spare)
+        pendingMirror.store(0, ordering: .relaxed)
         let firstLSN = pendingFirstLSN
         let count = pendingRecords
         pendingRecords = 0
@@ -369,6 +410,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         var ready: [CheckedContinuation<Bool, Never>] = []
         locked {
             durableLSN = lsn
+            durableMirror.store(lsn, ordering: .sequentiallyConsistent)
             stats.batches += 1
             stats.blocks += blocks
             stats.records += records
@@ -386,14 +428,17 @@ public final class Journal: ChangeLog, @unchecked Sendable {
             waiters = kept
         }
         for continuation in ready { continuation.resume(returning: true) }
+        notifyObservers()
     }
 
     /// A write or sync failed: nothing more is accepted, and every waiter is told no.
     private func fail(_ reason: String) {
         locked {
             if failed == nil { failed = "log write failed, changes are refused until restart: \(reason)" }
+            failedMirror.store(true, ordering: .sequentiallyConsistent)
             // What was appended but not written can never become durable.
             pending.removeAll(keepingCapacity: false)
+            pendingMirror.store(0, ordering: .relaxed)
             pendingRecords = 0
         }
         failWaiters()
@@ -407,5 +452,6 @@ public final class Journal: ChangeLog, @unchecked Sendable {
             waiters = []
         }
         for continuation in all { continuation.resume(returning: false) }
+        notifyObservers()
     }
 }

@@ -20,6 +20,9 @@ public final class Store: Sendable {
         public var snapshotsKept = 2
         /// Log segments wholly covered by the oldest kept snapshot that are kept anyway (for readers of the log).
         public var coveredSegmentsKept = 0
+        /// Where the shards run (``Engine/init(state:log:executors:)``): the server's event loops.
+        /// Empty: each shard on a queue of its own.
+        public var shardExecutors: [any SerialExecutor] = []
         public init(shardCount: Int) { self.shardCount = shardCount }
     }
 
@@ -58,7 +61,7 @@ public final class Store: Sendable {
                 directory, options: Recovery.Options(shardCount: options.shardCount, truncateCorrupt: options.truncateCorrupt))
             recovery = report
             journal = try Journal(directory: directory, shardCount: state.shards.count, lsn: state.lsn, options: options.journal)
-            engine = Engine(state: state, log: journal)
+            engine = Engine(state: state, log: journal, executors: options.shardExecutors)
         } catch {
             lock.release()
             throw error

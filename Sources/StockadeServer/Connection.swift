@@ -38,6 +38,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var bucket: TokenBucket?
     private var stallTimer: Scheduled<Void>?
     private var executor: EventLoopTaskExecutor?
+    /// This connection's loop: its shards and its rounds waiting for durability.
+    private var loopState: DurableReplies?
 
     init(server: ServerContext) {
         self.server = server
@@ -58,6 +60,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         executor = EventLoopTaskExecutor(loop: context.eventLoop)
+        loopState = server.durableReplies(for: context.eventLoop)
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -357,29 +360,83 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     private static let wrongPassword = "WRONGPASS invalid username-password pair or user is disabled."
 
-    /// Runs a round's engine batch and async step off the event loop, then finishes it on the loop.
+    /// Runs a round's engine batch and async step. A batch whose shards all run on one loop (and that
+    /// needs nothing else: see ``Engine/executeLocally(_:now:localShards:)``) runs in place on that
+    /// loop: this one (no hop at all), or its first command's home loop (one hop there and one back).
+    /// The round then waits on this loop's ``DurableReplies`` for its position: no task, no
+    /// continuation. Anything else runs in a task that awaits the shards it needs.
     private func run(_ round: Round, context: ChannelHandlerContext) {
         busy = true
+        server.beginRound()
+        guard round.step == nil, let loopState, let first = round.batch.first,
+              let home = server.engine.homeShard(of: first), let homeState = server.loopState(ofShard: home)
+        else {
+            runAsync(round, context: context)
+            return
+        }
+        if homeState === loopState {
+            // The batch's home shard runs on this loop: in place.
+            switch server.engine.executeLocally(round.batch, now: wallClockMillis(), localShards: loopState.localShards) {
+            case .answered(let replies, let waitFor): awaitDurable(round, replies: replies, waitFor: waitFor, context: context)
+            case .needsAsync: runAsync(round, context: context)
+            }
+            return
+        }
+        // One hop to the home shard's loop, which runs the batch in place, and one hop back.
+        let engine = server.engine
+        let batch = round.batch
+        let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
+        let ownLoop = context.eventLoop
+        homeState.loop.execute {
+            let outcome = engine.executeLocally(batch, now: wallClockMillis(), localShards: homeState.localShards)
+            ownLoop.execute {
+                let (handler, context) = bound.value
+                switch outcome {
+                case .answered(let replies, let waitFor): handler.awaitDurable(round, replies: replies, waitFor: waitFor, context: context)
+                case .needsAsync: handler.runAsync(round, context: context)
+                }
+            }
+        }
+    }
+
+    /// Answers a round whose commands ran once its position is durable (on this loop's ``DurableReplies``,
+    /// which the journal wakes once per sync), or refuses them all if the log fails first.
+    private func awaitDurable(_ round: Round, replies: [Reply], waitFor: UInt64, context: ChannelHandlerContext) {
+        guard let loopState else { preconditionFailure("only connections on a server loop run rounds in place") }
+        loopState.wait(for: waitFor) { failure in
+            let answered = failure.map { reason in replies.map { _ in Reply.rejected(.unavailable(reason)) } } ?? replies
+            self.server.endRound()
+            self.complete(round, replies: answered, tail: nil, closeAfter: round.closeAfter, context: context)
+        }
+    }
+
+    /// The general path: a task runs the batch with ``Engine/execute(_:now:)`` (which awaits each shard
+    /// it needs) and the round's async step, then finishes the round on the loop.
+    private func runAsync(_ round: Round, context: ChannelHandlerContext) {
         let engine = server.engine
         let server = self.server
         let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
         let loop = context.eventLoop
-        server.beginRound()
         Task(executorPreference: executor) {
             let replies = round.batch.isEmpty ? [] : await engine.execute(round.batch, now: wallClockMillis())
             let (tail, stepCloses): (ByteBuffer?, Bool) = if let step = round.step { await server.run(step: step) } else { (nil, false) }
             server.endRound()
             loop.execute {
                 let (handler, context) = bound.value
-                handler.busy = false
-                let encodeStarted = monotonicNanos()
-                handler.finish(context: context, round: round, replies: replies, tail: tail, closeAfter: round.closeAfter || stepCloses)
-                handler.loopNanos += monotonicNanos() - encodeStarted
-                // Commands that arrived while this round ran, on the next turn of the loop.
-                handler.processOnNextTurn(context: context)
-                handler.resumeReading(context: context)
+                handler.complete(round, replies: replies, tail: tail, closeAfter: round.closeAfter || stepCloses, context: context)
             }
         }
+    }
+
+    /// A round's replies are ready: write them, then go on with the input that arrived meanwhile.
+    private func complete(_ round: Round, replies: [Reply], tail: ByteBuffer?, closeAfter: Bool, context: ChannelHandlerContext) {
+        busy = false
+        let encodeStarted = monotonicNanos()
+        finish(context: context, round: round, replies: replies, tail: tail, closeAfter: closeAfter)
+        loopNanos += monotonicNanos() - encodeStarted
+        // Commands that arrived while this round ran, on the next turn of the loop.
+        processOnNextTurn(context: context)
+        resumeReading(context: context)
     }
 
     /// Writes a round's replies in order with one flush. Checks the output limit while they are

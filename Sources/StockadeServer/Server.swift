@@ -36,7 +36,6 @@ final class ServerContext: Sendable {
         var clients: [ObjectIdentifier: Channel] = [:]
         var connectionsReceived = 0
         var connectionsRejected = 0
-        var roundsInFlight = 0
         var lastSnapshotLSN: UInt64 = 0
         var lastSnapshotNanos: UInt64 = 0
         var lastSnapshotDurationNanos: UInt64 = 0
@@ -46,10 +45,15 @@ final class ServerContext: Sendable {
     }
 
     private let counters: Mutex<Counters>
+    private let rounds = Atomic<Int>(0)
+    /// Per event loop: the shards it runs and the rounds waiting there for durability.
+    private let loopStates: [ObjectIdentifier: DurableReplies]
+    /// The loop state of the loop each shard runs on, by shard.
+    private let shardLoops: [DurableReplies]
 
     init(
         configuration: ServerConfiguration, store: Store, logger: Logger, blockingWork: BlockingWorkExecutor,
-        requestShutdown: @escaping @Sendable () -> Void
+        loops: [EventLoop], requestShutdown: @escaping @Sendable () -> Void
     ) {
         self.configuration = configuration
         self.store = store
@@ -60,7 +64,25 @@ final class ServerContext: Sendable {
         self.requestShutdown = requestShutdown
         acceptFailures = AcceptFailureLog(logger: logger, metrics: metrics)
         counters = Mutex(Counters(lastSnapshotLSN: store.recovery.snapshotLSN, lastSnapshotNanos: monotonicNanos()))
+        var states: [ObjectIdentifier: DurableReplies] = [:]
+        var byIndex: [DurableReplies] = []
+        for (i, loop) in loops.enumerated() {
+            // Shard s runs on loop s % loops.count (``Engine/init(state:log:executors:)``).
+            let local = (0..<store.engine.shardCount).map { $0 % loops.count == i }
+            let state = DurableReplies(loop: loop, journal: store.journal, localShards: local)
+            states[ObjectIdentifier(loop)] = state
+            byIndex.append(state)
+            store.journal.onDurable { lsn in state.durable(lsn) }
+        }
+        loopStates = states
+        shardLoops = byIndex.isEmpty ? [] : (0..<store.engine.shardCount).map { byIndex[$0 % byIndex.count] }
     }
+
+    /// The state of the loop that shard `index` runs on.
+    func loopState(ofShard index: Int) -> DurableReplies? { index < shardLoops.count ? shardLoops[index] : nil }
+
+    /// The state of the loop a connection runs on (nil for a loop the server did not start, in tests).
+    func durableReplies(for loop: EventLoop) -> DurableReplies? { loopStates[ObjectIdentifier(loop)] }
 
     // MARK: Connections
 
@@ -105,9 +127,9 @@ final class ServerContext: Sendable {
 
     func releaseMetricsConnection() { counters.withLock { $0.metricsConnections -= 1 } }
 
-    func beginRound() { counters.withLock { $0.roundsInFlight += 1 } }
-    func endRound() { counters.withLock { $0.roundsInFlight -= 1 } }
-    var roundsInFlight: Int { counters.withLock { $0.roundsInFlight } }
+    func beginRound() { rounds.add(1, ordering: .relaxed) }
+    func endRound() { rounds.subtract(1, ordering: .relaxed) }
+    var roundsInFlight: Int { rounds.load(ordering: .relaxed) }
 
     // MARK: Snapshots
 
@@ -290,7 +312,7 @@ final class ServerContext: Sendable {
             ("rejected_metrics_connections", String(c.metricsConnectionsRejected)),
             ("accept_failures", String(accepts.count)), ("last_accept_failure", accepts.last),
             ("log_records", String(stats.records)), ("log_batches", String(stats.batches)),
-            ("rounds_in_flight", String(c.roundsInFlight)),
+            ("rounds_in_flight", String(roundsInFlight)),
         ])
         let syncMeanMillis = stats.syncs > 0 ? Double(stats.syncNanosTotal) / Double(stats.syncs) / 1e6 : 0
         add("Persistence", [
@@ -388,15 +410,27 @@ public final class StockadeServer: Sendable {
     /// Runs until stopped. Returns after a graceful shutdown: the log is flushed and synced.
     public func run() async throws {
         if let problem = configuration.problem() { throw ServerError(message: problem) }
+        // The loops come first: each shard runs on one of them.
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.ioThreads > 0 ? configuration.ioThreads : max(1, System.coreCount))
+        let loops = Array(group.makeIterator())
         var storeOptions = Store.Options(shardCount: configuration.shards)
         storeOptions.journal.fsync = configuration.fsync
         storeOptions.truncateCorrupt = configuration.truncateCorrupt
         storeOptions.coveredSegmentsKept = configuration.eventsRetentionSegments
-        let store = try Store(path: configuration.dataDirectory, options: storeOptions)
+        storeOptions.shardExecutors = loops.map { $0.executor }
+        let store: Store
+        do {
+            store = try Store(path: configuration.dataDirectory, options: storeOptions)
+        } catch {
+            try? await group.shutdownGracefully()
+            throw error
+        }
         let state = store.recovery
         logger.info("recovered \(configuration.dataDirectory): \(state)")
         let blockingWork = BlockingWorkExecutor(threads: BlockingWorkExecutor.threadCount)
-        let context = ServerContext(configuration: configuration, store: store, logger: logger, blockingWork: blockingWork) { [self] in
+        let context = ServerContext(
+            configuration: configuration, store: store, logger: logger, blockingWork: blockingWork, loops: loops
+        ) { [self] in
             requestStop()
         }
         let watcher = Task { await context.eventsWaiters.follow(store.journal) }
@@ -413,7 +447,6 @@ public final class StockadeServer: Sendable {
             logger.warning("--maxclients \(configuration.maxClients) is more than the open-files limit (\(limit), ulimit -n) allows: past about \(max(0, limit - Self.descriptorsReserved)) clients, new connections wait until descriptors free up")
         }
 
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.ioThreads > 0 ? configuration.ioThreads : max(1, System.coreCount))
         let acceptFailures = context.acceptFailures
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)

@@ -49,6 +49,8 @@ package enum Simulator {
         package var clockJumpsBack = 0
         package var tornTails = 0
         package var durabilityChecks = 0
+        /// Batches run in place (``Engine/executeLocally(_:now:localShards:)`` answered them).
+        package var inPlaceBatches = 0
         package var snapshots = 0
         package var bitFlips = 0
         package var refusedStartUps = 0
@@ -60,7 +62,7 @@ package enum Simulator {
 
         package var description: String {
             let outcome = failure.map { "FAILED: \($0)" } ?? "ok"
-            return "seed \(seed): \(outcome) (\(shards) shards, \(batches) batches, \(commands) commands, "
+            return "seed \(seed): \(outcome) (\(shards) shards, \(batches) batches (\(inPlaceBatches) in place), \(commands) commands, "
                 + "\(acknowledged) acknowledged, \(syncs) syncs, \(crashes) crashes (\(tornTails) with a torn tail), "
                 + "\(syncFailures) sync failures, \(appendFailures) append failures, \(clockJumpsBack) clock jumps back, "
                 + "\(durabilityChecks) durability checks, \(quietRecoveries) recoveries compared by state hash"
@@ -71,7 +73,7 @@ package enum Simulator {
 
     private enum Event: Sendable {
         case suspended
-        case finished(client: Int, replies: [Reply])
+        case finished(client: Int, replies: [Reply], inPlace: Bool)
     }
 
     /// A batch sent and not yet answered.
@@ -139,7 +141,8 @@ package enum Simulator {
             var answered: [(batch: InFlight, replies: [Reply])] = []
             while inFlight.lazy.filter({ $0 != nil }).count > target.waiterCount {
                 guard let event = await eventIterator.next() else { return "event stream ended" }
-                guard case .finished(let client, let replies) = event else { continue }
+                guard case .finished(let client, let replies, let inPlace) = event else { continue }
+                if inPlace { report.inPlaceBatches += 1 }
                 guard var batch = inFlight[client] else { return "replies for client \(client), which sent nothing" }
                 inFlight[client] = nil
                 if batch.appendedAfter == 0 { batch.appendedAfter = target.appendedPosition }
@@ -273,9 +276,25 @@ package enum Simulator {
                 let batchEngine = target.engine
                 report.batches += 1
                 report.commands += size
+                // Most batches go the way a server runs a connection's batch: in place on the loop its
+                // shards run on (here, with some shards taken as another loop's), falling back to
+                // `execute` when it declines; the rest go straight to `execute`.
+                let local: [Bool]? = Int.random(in: 0..<3, using: &rng) == 0
+                    ? nil : (0..<shardCount).map { _ in Int.random(in: 0..<8, using: &rng) != 0 }
+                let loop = target.loop
                 Task {
-                    let replies = await batchEngine.execute(commands, now: batchNow)
-                    eventSink.yield(.finished(client: client, replies: replies))
+                    var replies: [Reply]?
+                    if let local {
+                        switch await loop.runLocally(batchEngine, commands, now: batchNow, local: local) {
+                        case .answered(let answered, let waitFor):
+                            replies = await batchEngine.repliesWhenDurable(answered, waitFor: waitFor)
+                        case .needsAsync:
+                            break
+                        }
+                    }
+                    let inPlace = replies != nil
+                    if replies == nil { replies = await batchEngine.execute(commands, now: batchNow) }
+                    eventSink.yield(.finished(client: client, replies: replies!, inPlace: inPlace))
                 }
                 inFlight[client] = InFlight(
                     sequence: report.batches, client: client, commands: commands, now: modelNow, expected: expected, appendedBefore: appendedBefore, appendedAfter: 0)

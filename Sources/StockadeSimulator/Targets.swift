@@ -10,6 +10,9 @@ import Glibc
 /// flips, EIO and ENOSPC on write, fsync and rename).
 protocol SimulationTarget: AnyObject {
     var engine: Engine { get }
+    /// The one executor every shard runs on: the stand-in for a server's event loop, on which
+    /// ``Engine/executeLocally(_:now:localShards:)`` enters them in place.
+    var loop: SimulatedLoop { get }
     var appendedPosition: UInt64 { get }
     var durablePosition: UInt64 { get }
     var waiterCount: Int { get }
@@ -42,11 +45,12 @@ final class MemoryTarget: SimulationTarget {
     private(set) var log: SimulatedLog
     private(set) var engine: Engine
     let shardCount: Int
+    let loop = SimulatedLoop()
 
     init(shardCount: Int) {
         self.shardCount = shardCount
         log = SimulatedLog()
-        engine = Engine(state: EngineState(shardCount: shardCount), log: log)
+        engine = Engine(state: EngineState(shardCount: shardCount), log: log, executors: [loop.executor])
     }
 
     var appendedPosition: UInt64 { log.appendedPosition }
@@ -88,7 +92,7 @@ final class MemoryTarget: SimulationTarget {
         }
         log = SimulatedLog(records: surviving)
         if let suspend { log.onSuspend(suspend) }
-        engine = Engine(state: recovered, log: log)
+        engine = Engine(state: recovered, log: log, executors: [loop.executor])
         return .success(recovered)
     }
 }
@@ -102,6 +106,7 @@ final class DiskTarget: SimulationTarget {
     private(set) var store: Store
     private var suspend: (@Sendable () -> Void)?
     private(set) var damage: String?
+    let loop = SimulatedLoop()
 
     init(shardCount: Int, seed: UInt64) throws {
         var faults = SimulatedStorage.FaultPlan()
@@ -116,6 +121,7 @@ final class DiskTarget: SimulationTarget {
         options.journal.writerThread = false
         // Small segments, so that snapshots prune and recovery crosses segment boundaries.
         options.journal.segmentBytesMax = 16 << 10
+        options.shardExecutors = [loop.executor]
         self.options = options
         store = try Store(directory: directory, options: options)
         disk.faults = faults
@@ -196,5 +202,18 @@ final class DiskTarget: SimulationTarget {
         if let suspend { store.journal.onWaiting(suspend) }
         if store.recovery.tornTail != nil { report.tornTails += 1 }
         return .success(await store.engine.captureState(lsn: store.journal.lastAppendedLSN))
+    }
+}
+
+/// The simulator's stand-in for an event loop: an actor on the executor all the target's shards run
+/// on, so a batch can run in place on it (``Engine/executeLocally(_:now:localShards:)``) as a
+/// connection's batch does on a server loop.
+actor SimulatedLoop {
+    nonisolated let executor = QueueExecutor(label: "stockade-simulated-loop")
+    nonisolated var unownedExecutor: UnownedSerialExecutor { executor.asUnownedSerialExecutor() }
+
+    /// Runs `commands` in place, treating the shards flagged in `local` as this loop's.
+    func runLocally(_ engine: Engine, _ commands: [Command], now: Int64, local: [Bool]) -> Engine.LocalOutcome {
+        engine.executeLocally(commands, now: now, localShards: local)
     }
 }

@@ -63,6 +63,7 @@ struct Simulate: AsyncParsableCommand {
             total.appendFailures += report.appendFailures
             total.clockJumpsBack += report.clockJumpsBack
             total.durabilityChecks += report.durabilityChecks
+            total.inPlaceBatches += report.inPlaceBatches
             total.quietRecoveries += report.quietRecoveries
             total.snapshots += report.snapshots
             total.diskFaults += report.diskFaults
@@ -78,7 +79,7 @@ struct Simulate: AsyncParsableCommand {
         let elapsed = Date().timeIntervalSince(started)
         print("""
             \(ran) seeds (\(from)...\(from &+ ran &- 1)) in \(String(format: "%.1f", elapsed)) s: \(failed.count) failed; \
-            \(total.batches) batches, \(total.commands) commands, \(total.acknowledged) acknowledged batches, \
+            \(total.batches) batches (\(total.inPlaceBatches) run in place), \(total.commands) commands, \(total.acknowledged) acknowledged batches, \
             \(total.crashes) crashes (\(total.tornTails) with a torn tail), \(total.syncFailures) sync failures, \
             \(total.appendFailures) append failures, \(total.clockJumpsBack) clock jumps back, \
             \(total.durabilityChecks) durability checks, \(total.quietRecoveries) recoveries compared by state hash\

@@ -1,0 +1,87 @@
+import NIOCore
+import StockadeJournal
+import Synchronization
+
+/// The rounds of one event loop's connections whose replies wait for a log position to become durable.
+///
+/// The journal's writer calls ``durable(_:)`` once per sync; when anything here waits for a position
+/// now durable, it wakes the loop once, and the loop answers every such round in one pass (the way
+/// Redis answers its clients after the sync in `beforeSleep`). So a sync costs one cross-thread hand-off
+/// per loop, however many connections it answers.
+final class DurableReplies: @unchecked Sendable {
+    let loop: EventLoop
+    private let journal: Journal
+    /// Which shards run on this loop: ``Engine/executeLocally(_:now:localShards:)`` enters them in place.
+    let localShards: [Bool]
+
+    // Confined to `loop`.
+    private var waiting: [(lsn: UInt64, answer: (String?) -> Void)] = []
+
+    /// The lowest position waited for (UInt64.max: none). Written on the loop, read by the writer.
+    /// Sequentially consistent with the journal's durable position: a round that stores its position
+    /// here and then reads the durable position either sees it durable or is seen by ``durable(_:)``.
+    private let lowestWaiting = Atomic<UInt64>(.max)
+    /// A drain is queued on the loop: the writer queues at most one at a time.
+    private let drainQueued = Atomic<Bool>(false)
+
+    init(loop: EventLoop, journal: Journal, localShards: [Bool]) {
+        self.loop = loop
+        self.journal = journal
+        self.localShards = localShards
+    }
+
+    /// On the loop: calls `answer` with nil once `lsn` is durable (at once if it is already), or with
+    /// the reason it never will be (the log failed or closed).
+    func wait(for lsn: UInt64, _ answer: @escaping (String?) -> Void) {
+        loop.assertInEventLoop()
+        if journal.lastDurableLSN >= lsn {
+            answer(nil)
+            return
+        }
+        waiting.append((lsn, answer))
+        if lsn < lowestWaiting.load(ordering: .relaxed) { lowestWaiting.store(lsn, ordering: .sequentiallyConsistent) }
+        if journal.lastDurableLSN >= lsn || journal.terminalReason != nil { drain() }
+    }
+
+    /// The journal's observer (writer thread): queues one drain on the loop when something here waits
+    /// for a position at or before `lsn`, or when nothing will become durable any more.
+    func durable(_ lsn: UInt64) {
+        guard lowestWaiting.load(ordering: .sequentiallyConsistent) <= lsn || journal.terminalReason != nil else { return }
+        guard !drainQueued.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        loop.execute { self.drain() }
+    }
+
+    /// On the loop: answers every round whose position is durable (or all of them, once the log
+    /// failed or closed), until a pass finds none.
+    private func drain() {
+        drainQueued.store(false, ordering: .sequentiallyConsistent)
+        while !waiting.isEmpty {
+            let durable = journal.lastDurableLSN
+            let reason = journal.terminalReason
+            var ready: [(lsn: UInt64, answer: (String?) -> Void)] = []
+            var lowest = UInt64.max
+            waiting.removeAll { entry in
+                if entry.lsn <= durable || reason != nil {
+                    ready.append(entry)
+                    return true
+                }
+                lowest = min(lowest, entry.lsn)
+                return false
+            }
+            lowestWaiting.store(lowest, ordering: .sequentiallyConsistent)
+            for entry in ready { entry.answer(entry.lsn <= durable ? nil : reason) }
+            // Stop when nothing left is durable now; a sync after this store queues the next drain.
+            if ready.isEmpty && journal.lastDurableLSN < lowestWaiting.load(ordering: .sequentiallyConsistent)
+                && journal.terminalReason == nil
+            {
+                break
+            }
+        }
+    }
+
+    /// Rounds waiting (for tests and INFO).
+    var waitingCount: Int {
+        loop.assertInEventLoop()
+        return waiting.count
+    }
+}
