@@ -204,7 +204,10 @@ def pipelined_load(server, pipeline, n, command, expect):
     in_flight, done = len(state), 0
     try:
         while in_flight:
-            for key, _ in selector.select(timeout=30):
+            events = selector.select(timeout=30)
+            if not events:
+                raise RuntimeError(f"{server.name} answered nothing for 30 s during {command[0]}")
+            for key, _ in events:
                 s = key.fileobj
                 data = s.recv(1 << 16)
                 if not data:
