@@ -11,6 +11,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "stockade", targets: ["stockade"]),
+        .executable(name: "stockade-ceiling", targets: ["stockade-ceiling"]),
         .library(name: "StockadeCore", targets: ["StockadeCore"]),
         .library(name: "StockadeJournal", targets: ["StockadeJournal"]),
         .library(name: "StockadeServer", targets: ["StockadeServer"]),
@@ -75,6 +76,16 @@ let package = Package(
             dependencies: [
                 "StockadeCore", "StockadeJournal", "StockadeServer", "StockadeBench", "StockadeSimulator", "CJemalloc",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        // The ceiling for scripts/compare.py: a bare SwiftNIO server answering +PONG per request, one flush
+        // per read. Under Sources/, not Benchmarks/: the benchmark plugin takes every executable target
+        // directly under Benchmarks/ for a benchmark suite and would try to run it in `make bench`.
+        .executableTarget(
+            name: "stockade-ceiling",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
         .testTarget(name: "StockadeCoreTests", dependencies: ["StockadeCore", "StockadeSimulator"]),

@@ -3,13 +3,14 @@
 
 Each point is `stockade bench sustained --rate R --duration D` with latency measured from the intended
 send time, so queueing is not hidden. Writes docs/latency-vs-rate.svg and docs/latency-vs-rate.csv.
-Usage: python3 scripts/latency_curve.py [--rates 20000,40000,...] [--duration 3]
+Usage: python3 scripts/latency_curve.py [--rates 20000,40000,...] [--duration 3] [--stockade PATH]
 """
 import argparse
 import csv
 import math
 import os
 
+import compare
 from compare import ROOT, harness, start_all, url
 
 COLORS = {"stockade": "#1b7f3b", "redis-nopersist": "#c0392b", "redis-always": "#2c3e90"}
@@ -54,7 +55,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rates", default="20000,40000,60000,80000,100000,150000,200000,250000")
     ap.add_argument("--duration", type=float, default=3)
+    ap.add_argument("--stockade", default=compare.STOCKADE, help="the stockade binary (default: $STOCKADE_BIN or .build/release/stockade)")
     args = ap.parse_args()
+    compare.STOCKADE = os.path.abspath(args.stockade)  # harness() and start_all() read it from compare
     rates = [int(r) for r in args.rates.split(",")]
     servers = start_all()
     points = []
