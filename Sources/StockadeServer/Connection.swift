@@ -52,7 +52,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     /// What one command of a round answers with, in order.
     private enum Slot {
-        case bytes(ByteBuffer)
+        /// A reply already written, at these indices of the round's ``Round/local`` buffer.
+        case local(start: Int, end: Int)
         case engine(Int, name: String)
     }
 
@@ -238,6 +239,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// One round's commands, in order.
     private struct Round {
         var slots: [Slot] = []
+        /// Replies written while the round was built (commands answered without the engine, errors).
+        var local: ByteBuffer
+        /// Commands counted so far, for the metrics (counted once per round).
+        var tally = Tally()
         var batch: [Command] = []
         var step: RoundStep?
         var closeAfter = false
@@ -248,7 +253,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// step or QUIT or a protocol error ends it, or the replies admitted reach the round's bound.
     /// nil when nothing complete was buffered.
     private func buildRound(context: ChannelHandlerContext) -> Round? {
-        var round = Round(started: monotonicNanos())
+        var round = Round(local: context.channel.allocator.buffer(capacity: 256), started: monotonicNanos())
         let replyBudget = min(Self.roundReplyBytesMax, server.configuration.clientOutputBytesMax)
         var replyBytes = 0
         var input = inbound ?? ByteBuffer()
@@ -263,9 +268,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
                     guard case .command(let arguments) = try parser.next(&input) else { break }
                     request = CommandTable.parse(arguments, authenticated: authenticated)
                 } catch {
-                    var out = context.channel.allocator.buffer(capacity: 128)
-                    out.writeRESPError("ERR Protocol error: \(error.message)")
-                    round.slots.append(.bytes(out))
+                    let start = round.local.writerIndex
+                    round.local.writeRESPError("ERR Protocol error: \(error.message)")
+                    round.slots.append(.local(start: start, end: round.local.writerIndex))
                     server.metrics.count("protocol", outcome: "error")
                     server.protocolErrorLog.record(
                         "protocol error, closing connection: \(error.message)",
@@ -287,10 +292,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
                     let allowed = tokens.take(nowNanos: monotonicNanos())
                     bucket = tokens
                     if !allowed {
-                        var refusal = context.channel.allocator.buffer(capacity: 64)
-                        refusal.writeRESPError("BUSY rate limit of \(server.configuration.rateLimitPerSecond) changes per second")
-                        round.slots.append(.bytes(refusal))
-                        server.metrics.count(request.metricName, outcome: "busy")
+                        let start = round.local.writerIndex
+                        round.local.writeRESPError("BUSY rate limit of \(server.configuration.rateLimitPerSecond) changes per second")
+                        round.slots.append(.local(start: start, end: round.local.writerIndex))
+                        round.tally.add(request.metricName, "busy")
                         continue
                     }
                 }
@@ -298,12 +303,13 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 round.slots.append(.engine(round.batch.count - 1, name: request.metricName))
                 continue
             }
-            var out = context.channel.allocator.buffer(capacity: 64)
+            // Local replies go straight into the round's buffer: no buffer of their own.
+            let start = round.local.writerIndex
             switch request {
             case .engine:
                 preconditionFailure("engine commands were batched above")
             case .quit:
-                out.writeRESPSimple("OK")
+                round.local.writeRESPSimple("OK")
                 round.closeAfter = true
             case .snapshot: round.step = .snapshot
             case .shutdown: round.step = .shutdown
@@ -314,35 +320,35 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 // password. A HELLO that fails changes nothing.
                 if let password, let expected = server.configuration.requirePassword, !expected.isEmpty {
                     guard constantTimeEqual(password, expected) else {
-                        out.writeRESPError(Self.wrongPassword)
+                        round.local.writeRESPError(Self.wrongPassword)
                         break
                     }
                     becameAuthenticated()
                 } else if !authenticated {
-                    out.writeRESPError("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time")
+                    round.local.writeRESPError("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time")
                     break
                 }
-                server.writeLocal(request, clientID: ObjectIdentifier(self), into: &out)
+                server.writeLocal(request, clientID: ObjectIdentifier(self), into: &round.local)
             case .auth(_, let password):
                 if let expected = server.configuration.requirePassword, !expected.isEmpty {
                     // A wrong password leaves the connection as it was (as in Redis): an
                     // authenticated client stays authenticated, others stay out.
                     if constantTimeEqual(password, expected) {
                         becameAuthenticated()
-                        out.writeRESPSimple("OK")
+                        round.local.writeRESPSimple("OK")
                     } else {
-                        out.writeRESPError(Self.wrongPassword)
+                        round.local.writeRESPError(Self.wrongPassword)
                     }
                 } else {
-                    out.writeRESPError("ERR AUTH called without any password configured")
+                    round.local.writeRESPError("ERR AUTH called without any password configured")
                 }
             default:
-                server.writeLocal(request, clientID: ObjectIdentifier(self), into: &out)
+                server.writeLocal(request, clientID: ObjectIdentifier(self), into: &round.local)
             }
             if round.step == nil {
-                server.metrics.count(request.metricName, outcome: outcomeOf(out))
-                replyBytes += out.readableBytes
-                round.slots.append(.bytes(out))
+                round.tally.add(request.metricName, outcomeOf(round.local, at: start))
+                replyBytes += round.local.writerIndex - start
+                round.slots.append(.local(start: start, end: round.local.writerIndex))
             }
             if round.step != nil || round.closeAfter { break parsing }
         }
@@ -446,20 +452,28 @@ final class ConnectionHandler: ChannelDuplexHandler {
         guard context.channel.isActive else { return }
         let outputMax = server.configuration.clientOutputBytesMax
         let unread = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
-        var out = context.channel.allocator.buffer(capacity: 64 * max(1, round.slots.count))
-        var tally = Tally()
+        var out: ByteBuffer
+        var tally = round.tally
         var overLimit = false
-        for slot in round.slots {
-            switch slot {
-            case .bytes(var bytes): out.writeBuffer(&bytes)
-            case .engine(let index, let name):
-                let reply = replies[index]
-                ReplyEncoding.write(reply, to: round.batch[index], into: &out)
-                tally.add(name, ReplyEncoding.outcome(reply))
-            }
-            if unread + out.readableBytes > outputMax {
-                overLimit = true
-                break
+        if round.batch.isEmpty {
+            // Only replies written while the round was built: they are the output as they are.
+            out = round.local
+            overLimit = unread + out.readableBytes > outputMax
+        } else {
+            out = context.channel.allocator.buffer(capacity: round.local.readableBytes + 64 * round.batch.count)
+            for slot in round.slots {
+                switch slot {
+                case .local(let start, let end):
+                    out.writeImmutableBuffer(round.local.getSlice(at: start, length: end - start)!)
+                case .engine(let index, let name):
+                    let reply = replies[index]
+                    ReplyEncoding.write(reply, to: round.batch[index], into: &out)
+                    tally.add(name, ReplyEncoding.outcome(reply))
+                }
+                if unread + out.readableBytes > outputMax {
+                    overLimit = true
+                    break
+                }
             }
         }
         server.metrics.count(tally)
@@ -492,9 +506,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    private func outcomeOf(_ out: ByteBuffer) -> String {
-        guard out.getInteger(at: out.readerIndex, as: UInt8.self) == UInt8(ascii: "-") else { return "ok" }
-        let line = out.getString(at: out.readerIndex + 1, length: min(out.readableBytes - 1, 16)) ?? ""
+    /// The outcome label of the reply written at `start`: "ok", or the error's code in lower case.
+    private func outcomeOf(_ out: ByteBuffer, at start: Int) -> String {
+        guard out.getInteger(at: start, as: UInt8.self) == UInt8(ascii: "-") else { return "ok" }
+        let line = out.getString(at: start + 1, length: min(out.writerIndex - start - 1, 16)) ?? ""
         return line.prefix { $0 != " " && $0 != "\r" }.lowercased()
     }
 }

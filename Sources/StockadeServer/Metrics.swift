@@ -51,9 +51,9 @@ final class ServerMetrics: Sendable {
 
     /// Adds a round's counts: one lock per read, not per command.
     func count(_ tally: Tally) {
-        guard !tally.counts.isEmpty else { return }
+        guard !tally.isEmpty else { return }
         let counters = commandCounters.withLock { counters in
-            tally.counts.map { key, n in
+            tally.entries.map { key, n in
                 let counter = counters[key] ?? {
                     let made = registry.makeCounter(
                         name: "stockade_commands_total", labels: [("command", key.command), ("outcome", key.outcome)],
@@ -162,9 +162,18 @@ struct Tally {
         var outcome: String
     }
 
-    private(set) var counts: [Key: Int] = [:]
+    /// A round has few distinct (command, outcome) pairs, usually one: a short list searched from its
+    /// most recent entry beats hashing two strings per command. Labels are string literals, whose
+    /// comparison is a pointer comparison when equal.
+    private(set) var entries: [(key: Key, count: Int)] = []
+
+    var isEmpty: Bool { entries.isEmpty }
 
     mutating func add(_ command: String, _ outcome: String) {
-        counts[Key(command: command, outcome: outcome), default: 0] += 1
+        for i in entries.indices.reversed() where entries[i].key.command == command && entries[i].key.outcome == outcome {
+            entries[i].count += 1
+            return
+        }
+        entries.append((Key(command: command, outcome: outcome), 1))
     }
 }

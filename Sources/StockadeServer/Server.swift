@@ -165,7 +165,7 @@ final class ServerContext: Sendable {
     func writeLocal(_ request: Request, clientID: ObjectIdentifier, into out: inout ByteBuffer) {
         switch request {
         case .ping(let message):
-            if let message { out.writeRESPBulk(message) } else { out.writeRESPSimple("PONG") }
+            if let message { out.writeRESPBulk(message) } else { out.writeRESPPong() }
         case .echo(let message):
             out.writeRESPBulk(message)
         case .commandInfo:

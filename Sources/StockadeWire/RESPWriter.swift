@@ -16,9 +16,31 @@ extension ByteBuffer {
 
     public mutating func writeRESPInteger(_ value: Int64) {
         writeInteger(UInt8(ascii: ":"))
-        writeString(String(value))
+        writeDecimal(value)
         writeStaticString("\r\n")
     }
+
+    /// The decimal digits of `value` (with a leading `-` when negative), written in place: no String.
+    public mutating func writeDecimal(_ value: Int64) {
+        var magnitude = value.magnitude
+        var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)  // 24 bytes: room for 20 digits
+        withUnsafeMutableBytes(of: &digits) { buffer in
+            var index = buffer.count
+            repeat {
+                index -= 1
+                buffer[index] = UInt8(ascii: "0") + UInt8(truncatingIfNeeded: magnitude % 10)
+                magnitude /= 10
+            } while magnitude > 0
+            if value < 0 {
+                index -= 1
+                buffer[index] = UInt8(ascii: "-")
+            }
+            writeBytes(UnsafeRawBufferPointer(rebasing: buffer[index...]))
+        }
+    }
+
+    /// `+PONG\r\n`, the reply to the most frequent command of a health check or a benchmark.
+    public mutating func writeRESPPong() { writeStaticString("+PONG\r\n") }
 
     /// `$length\r\nbytes\r\n`, or the null bulk `$-1\r\n` for nil.
     public mutating func writeRESPBulk(_ text: String?) {
@@ -36,7 +58,7 @@ extension ByteBuffer {
     /// `$length\r\nbytes\r\n` of raw bytes: ids and echoed arguments go back exactly as sent.
     public mutating func writeRESPBulk(bytes: UnsafeRawBufferPointer) {
         writeInteger(UInt8(ascii: "$"))
-        writeString(String(bytes.count))
+        writeDecimal(Int64(bytes.count))
         writeStaticString("\r\n")
         writeBytes(bytes)
         writeStaticString("\r\n")
@@ -49,7 +71,7 @@ extension ByteBuffer {
 
     public mutating func writeRESPArrayHeader(_ count: Int) {
         writeInteger(UInt8(ascii: "*"))
-        writeString(String(count))
+        writeDecimal(Int64(count))
         writeStaticString("\r\n")
     }
 
