@@ -100,7 +100,13 @@ let package = Package(
         .testTarget(name: "StockadeCoreTests", dependencies: ["StockadeCore", "StockadeSimulator"]),
         .testTarget(name: "StockadeSimulatorTests", dependencies: ["StockadeSimulator", "StockadeCore", "StockadeJournal"]),
         .testTarget(name: "StockadeJournalTests", dependencies: ["StockadeCore", "StockadeJournal"]),
-        .testTarget(name: "StockadeServerTests", dependencies: ["StockadeServer", "StockadeCore"]),
+        .testTarget(
+            name: "StockadeServerTests",
+            dependencies: [
+                "StockadeServer", "StockadeCore", "StockadeJournal",
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]
+        ),
         .testTarget(
             name: "StockadeWireTests",
             dependencies: ["StockadeWire", "StockadeCore", .product(name: "NIOCore", package: "swift-nio")]

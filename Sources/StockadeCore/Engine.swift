@@ -57,8 +57,18 @@ public final class Engine: Sendable {
 
     private func route(_ command: Command, now: Int64, progress: BatchProgress) -> Route {
         switch command {
-        case let .addSku(sku, _, _), let .restock(sku, _), let .setPaused(sku, _), let .stock(sku), let .deduct(sku, _):
+        case let .addSku(sku, _, _), let .restock(sku, _), let .setPaused(sku, _), let .stock(sku):
             return .shard(shardIndex(of: sku))
+        case let .deduct(sku, quantity):
+            let owner = shardIndex(of: sku)
+            // The same fast path for the seed's own operation: a deduction the counter cannot cover
+            // answers 0 whether or not the SKU is paused (``ShardState/deduct(_:quantity:log:)``).
+            if quantity >= 1, quantity <= Limits.quantityMax, !progress.touched[owner], !progress.crossShard,
+               let lsn = soldOutWithoutEntering(owner: owner, sku: sku, now: now, needed: quantity)
+            {
+                return .immediate(.deducted(0), lsn: lsn)
+            }
+            return .shard(owner)
         case let .audit(sku):
             return sku.map { .shard(shardIndex(of: $0)) } ?? .global
         case let .reserve(user, lines, requestId, ttlMillis):
@@ -72,7 +82,7 @@ public final class Engine: Sendable {
                 // Sold-out fast path, no shard hop: not for requests with an id (a retry must find its
                 // order), and only when nothing earlier in this batch could have changed the SKU.
                 if requestId == nil, !progress.touched[owner], !progress.crossShard,
-                   let lsn = soldOutWithoutEntering(owner: owner, sku: lines[0].sku, now: now)
+                   let lsn = soldOutWithoutEntering(owner: owner, sku: lines[0].sku, now: now, needed: 1)
                 {
                     return .immediate(.rejected(.soldOut), lsn: lsn)
                 }
@@ -91,13 +101,13 @@ public final class Engine: Sendable {
     /// The position to wait for when the SKU's published counter shows a state, with every record behind
     /// it appended, in which a reservation is sold out; nil when the shard must decide (stock left, a run
     /// or a basket in progress, a hold due to expire, the log failed).
-    private func soldOutWithoutEntering(owner: Int, sku: Name, now: Int64) -> UInt64? {
+    private func soldOutWithoutEntering(owner: Int, sku: Name, now: Int64, needed: Int64) -> UInt64? {
         let shard = shards[owner]
         let gauges = shard.gauges
         let epoch = gauges.runEpoch.load(ordering: .acquiring)
         guard epoch & 1 == 0, gauges.preparing.load(ordering: .acquiring) == 0,
               gauges.nextDeadlineMillis.load(ordering: .relaxed) > now,
-              let counter = shard.directory.counter(sku), counter.available == 0
+              let counter = shard.directory.counter(sku), counter.available < needed
         else { return nil }
         let lsn = gauges.visibleLSN.load(ordering: .acquiring)
         guard gauges.runEpoch.load(ordering: .acquiring) == epoch, log.failureReason == nil else { return nil }
@@ -187,29 +197,16 @@ public final class Engine: Sendable {
         return replies
     }
 
-    /// The shard a command enters first: its SKU's (the first line's, for a reservation) or its order's.
-    /// nil for a command with no single home (ORDERS, AUDIT of every SKU) or an id no shard can own.
-    /// A server runs a batch on the executor of its first command's home (``executeLocally(_:now:localShards:)``).
-    public func homeShard(of command: Command) -> Int? {
-        switch command {
-        case let .addSku(sku, _, _), let .restock(sku, _), let .setPaused(sku, _), let .stock(sku), let .deduct(sku, _):
-            return shardIndex(of: sku)
-        case let .audit(sku): return sku.map(shardIndex(of:))
-        case let .reserve(_, lines, _, _): return lines.first.map { shardIndex(of: $0.sku) }
-        case let .confirm(id), let .cancel(id), let .order(id):
-            guard let shard = id.shard, shard < shards.count else { return nil }
-            return shard
-        case .orders: return nil
-        }
-    }
-
     /// What ``executeLocally(_:now:localShards:)`` did.
     public enum LocalOutcome: Sendable {
         /// Every command ran: the replies, and the log position they wait for (0: none).
         case answered([Reply], waitFor: UInt64)
-        /// Nothing ran: the batch needs a shard that is not local, several shards at once (a basket,
-        /// ORDERS, AUDIT), or a wait (basket holds being placed, a basket due to expire). Use ``execute(_:now:)``.
+        /// Nothing ran: the batch needs several shards at once (a basket, ORDERS, AUDIT) or a wait
+        /// (basket holds being placed, a basket due to expire). Use ``execute(_:now:)``.
         case needsAsync
+        /// Nothing ran: shard `shard`, which is not local, is the first the batch needs. Running it where
+        /// that shard is local may succeed.
+        case needsShard(Int)
     }
 
     /// Runs a batch synchronously, on the caller's thread, when every shard it enters runs on the
@@ -237,7 +234,8 @@ public final class Engine: Sendable {
             case .global: return .needsAsync
             case .immediate: break
             case .shard(let s):
-                guard localShards[s], shards[s].gauges.preparing.load(ordering: .relaxed) == 0 else { return .needsAsync }
+                guard localShards[s] else { return .needsShard(s) }
+                guard shards[s].gauges.preparing.load(ordering: .relaxed) == 0 else { return .needsAsync }
                 progress.touched[s] = true
                 if Self.mayAffectOtherShards(command) {
                     progress.crossShard = true

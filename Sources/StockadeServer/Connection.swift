@@ -368,27 +368,34 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     /// Runs a round's engine batch and async step. A batch whose shards all run on one loop (and that
     /// needs nothing else: see ``Engine/executeLocally(_:now:localShards:)``) runs in place on that
-    /// loop: this one (no hop at all), or its first command's home loop (one hop there and one back).
+    /// loop: this one (no hop at all), or the loop of the first shard it needs (one hop there and one
+    /// back).
     /// The round then waits on this loop's ``DurableReplies`` for its position: no task, no
     /// continuation. Anything else runs in a task that awaits the shards it needs.
     private func run(_ round: Round, context: ChannelHandlerContext) {
         busy = true
         server.beginRound()
-        guard round.step == nil, let loopState, let first = round.batch.first,
-              let home = server.engine.homeShard(of: first), let homeState = server.loopState(ofShard: home)
-        else {
+        guard round.step == nil, !round.batch.isEmpty, let loopState else {
             runAsync(round, context: context)
             return
         }
-        if homeState === loopState {
-            // The batch's home shard runs on this loop: in place.
-            switch server.engine.executeLocally(round.batch, now: wallClockMillis(), localShards: loopState.localShards) {
-            case .answered(let replies, let waitFor): awaitDurable(round, replies: replies, waitFor: waitFor, context: context)
-            case .needsAsync: runAsync(round, context: context)
-            }
+        // In place on this loop (sold-out answers from the counters need no shard at all).
+        let elsewhere: Int
+        switch server.engine.executeLocally(round.batch, now: wallClockMillis(), localShards: loopState.localShards) {
+        case .answered(let replies, let waitFor):
+            awaitDurable(round, replies: replies, waitFor: waitFor, context: context)
+            return
+        case .needsAsync:
+            runAsync(round, context: context)
+            return
+        case .needsShard(let shard):
+            elsewhere = shard
+        }
+        guard let homeState = server.loopState(ofShard: elsewhere), homeState !== loopState else {
+            runAsync(round, context: context)
             return
         }
-        // One hop to the home shard's loop, which runs the batch in place, and one hop back.
+        // One hop to the loop of the shard the batch needs, which runs it in place, and one hop back.
         let engine = server.engine
         let batch = round.batch
         let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
@@ -397,9 +404,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
             let outcome = engine.executeLocally(batch, now: wallClockMillis(), localShards: homeState.localShards)
             ownLoop.execute {
                 let (handler, context) = bound.value
-                switch outcome {
-                case .answered(let replies, let waitFor): handler.awaitDurable(round, replies: replies, waitFor: waitFor, context: context)
-                case .needsAsync: handler.runAsync(round, context: context)
+                if case .answered(let replies, let waitFor) = outcome {
+                    handler.awaitDurable(round, replies: replies, waitFor: waitFor, context: context)
+                } else {
+                    handler.runAsync(round, context: context)
                 }
             }
         }

@@ -288,7 +288,7 @@ package enum Simulator {
                         switch await loop.runLocally(batchEngine, commands, now: batchNow, local: local) {
                         case .answered(let answered, let waitFor):
                             replies = await batchEngine.repliesWhenDurable(answered, waitFor: waitFor)
-                        case .needsAsync:
+                        case .needsAsync, .needsShard:
                             break
                         }
                     }

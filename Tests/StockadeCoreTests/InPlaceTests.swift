@@ -1,0 +1,109 @@
+import Testing
+@testable import StockadeCore
+
+/// A stand-in for an event loop: an actor on the executor the engine's shards run on, so batches can
+/// run in place there (``Engine/executeLocally(_:now:localShards:)``).
+private actor Loop {
+    nonisolated let executor = QueueExecutor(label: "in-place-tests")
+    nonisolated var unownedExecutor: UnownedSerialExecutor { executor.asUnownedSerialExecutor() }
+
+    func run(_ engine: Engine, _ commands: [Command], now: Int64, local: [Bool]) -> Engine.LocalOutcome {
+        engine.executeLocally(commands, now: now, localShards: local)
+    }
+}
+
+/// Two SKU names that live on different shards of a two-shard engine.
+private func skusOnBothShards() -> (Name, Name) {
+    var first: Name?
+    for i in 0..<64 {
+        let sku = Name("sku-\(i)")
+        if first == nil {
+            first = sku
+        } else if Engine.shardIndex(of: sku, shardCount: 2) != Engine.shardIndex(of: first!, shardCount: 2) {
+            return Engine.shardIndex(of: first!, shardCount: 2) == 0 ? (first!, sku) : (sku, first!)
+        }
+    }
+    preconditionFailure("64 names on one shard")
+}
+
+/// The synchronous path (#8): it answers what ``Engine/execute(_:now:)`` answers, and it declines,
+/// changing nothing, what could reach another loop or wait.
+@Suite struct InPlaceTests {
+    @Test func declinesWhatReachesBeyondItsShardsAndChangesNothing() async {
+        let loop = Loop()
+        let engine = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog(), executors: [loop.executor])
+        let (a, b) = skusOnBothShards()  // a on shard 0, b on shard 1
+        _ = await engine.execute([.addSku(sku: a, total: 10, limit: 0), .addSku(sku: b, total: 10, limit: 0)], now: 1)
+        let before = await engine.captureState(lsn: 0).stateHash()
+        let both = [true, true]
+
+        let basket: Command = .reserve(
+            user: "u", lines: [OrderLine(sku: a, quantity: 1), OrderLine(sku: b, quantity: 1)], requestId: nil, ttlMillis: nil)
+        guard case .needsAsync = await loop.run(engine, [.stock(sku: a), basket], now: 2, local: both) else {
+            Issue.record("a basket over two shards ran in place")
+            return
+        }
+        guard case .needsAsync = await loop.run(engine, [.orders(user: "u", after: nil, count: 10)], now: 2, local: both) else {
+            Issue.record("ORDERS ran in place")
+            return
+        }
+        // Shard 1 is another loop's: the batch names it, and nothing of the batch ran (not even shard 0's part).
+        let split: [Command] = [.deduct(sku: a, quantity: 1), .deduct(sku: b, quantity: 1)]
+        guard case .needsShard(1) = await loop.run(engine, split, now: 2, local: [true, false]) else {
+            Issue.record("a batch needing another loop's shard was not declined for that shard")
+            return
+        }
+        #expect(await engine.captureState(lsn: 0).stateHash() == before)
+
+        // Where both shards are local it runs, and answers what `execute` answers on a copy.
+        guard case .answered(let replies, _) = await loop.run(engine, split, now: 2, local: both) else {
+            Issue.record("a batch of local shards was declined")
+            return
+        }
+        #expect(replies == [.deducted(1), .deducted(1)])
+        #expect(engine.available(a) == 9 && engine.available(b) == 9)
+    }
+
+    @Test func declinesTheConfirmOfABasketButRunsAPlainOne() async {
+        let loop = Loop()
+        let engine = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog(), executors: [loop.executor])
+        let (a, b) = skusOnBothShards()
+        _ = await engine.execute([.addSku(sku: a, total: 10, limit: 0), .addSku(sku: b, total: 10, limit: 0)], now: 1)
+        let replies = await engine.execute([
+            .reserve(user: "u", lines: [OrderLine(sku: a, quantity: 1), OrderLine(sku: b, quantity: 1)], requestId: nil, ttlMillis: nil),
+            .reserve(user: "u", lines: [OrderLine(sku: a, quantity: 1)], requestId: nil, ttlMillis: nil),
+        ], now: 2)
+        guard case .reserved(let basket, _, _) = replies[0], case .reserved(let plain, _, _) = replies[1] else {
+            Issue.record("setup: \(replies)")
+            return
+        }
+        guard case .needsAsync = await loop.run(engine, [.confirm(basket)], now: 3, local: [true, true]) else {
+            Issue.record("the confirm of a basket ran in place")
+            return
+        }
+        guard case .answered(let confirmed, _) = await loop.run(engine, [.confirm(plain)], now: 3, local: [true, true]) else {
+            Issue.record("the confirm of a single-shard order was declined")
+            return
+        }
+        #expect(confirmed == [.orderState(plain, .paid)])
+    }
+
+    @Test func soldOutDeductIsAnsweredFromTheCounterWithoutItsShard() async {
+        let loop = Loop()
+        let engine = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog(), executors: [loop.executor])
+        let (_, b) = skusOnBothShards()
+        _ = await engine.execute([.addSku(sku: b, total: 1, limit: 0)], now: 1)
+        // Shard 1 is not local, yet a deduction its counter cannot cover needs no shard.
+        guard case .answered(let replies, _) = await loop.run(engine, [.deduct(sku: b, quantity: 2)], now: 2, local: [true, false])
+        else {
+            Issue.record("a sold-out deduction needed its shard")
+            return
+        }
+        #expect(replies == [.deducted(0)])
+        // One it can cover needs the shard.
+        guard case .needsShard(1) = await loop.run(engine, [.deduct(sku: b, quantity: 1)], now: 2, local: [true, false]) else {
+            Issue.record("a deduction the counter covers was answered without its shard")
+            return
+        }
+    }
+}
