@@ -490,6 +490,12 @@ public struct ShardState: Sendable {
 
     mutating func intern(_ user: Name) -> UInt32 { intern(user, hash: userIndexByName.hash(user)) }
 
+    /// The index of `user`, interned first if it is new here (replay's path: one hash either way).
+    mutating func userIndex(interning user: Name) -> UInt32 {
+        let hash = userIndexByName.hash(user)
+        return userIndexByName.index(of: user, hash: hash) ?? intern(user, hash: hash)
+    }
+
     /// Adds a user that is not here yet, whose hash in ``userIndexByName`` is `hash`.
     mutating func intern(_ user: Name, hash: UInt64) -> UInt32 {
         lastOrderOfUser.append(0)
@@ -536,7 +542,7 @@ public struct ShardState: Sendable {
     }
 
     mutating func applyHold(user: Name, index: UInt32, quantity: Int64) {
-        applyHold(userIndex: userIndexByName[user] ?? intern(user), index: index, quantity: quantity)
+        applyHold(userIndex: userIndex(interning: user), index: index, quantity: quantity)
     }
 
     mutating func applyRelease(user: Name, index: UInt32, quantity: Int64) {
@@ -588,7 +594,7 @@ public struct ShardState: Sendable {
     /// Stores an order whose holds were already applied. `names` are the items' SKU ids, for display.
     mutating func storeOrder(_ created: Record.OrderCreated, skus names: [Name]) {
         let seq = created.id.sequence
-        let userIndex = userIndexByName[created.user] ?? intern(created.user)
+        let userIndex = userIndex(interning: created.user)
         let requestId: Name? = created.requestId.isEmpty ? nil : created.requestId
         if created.items.count == 1, created.items[0].shard == shard {
             storeSingleOrder(
