@@ -36,6 +36,14 @@ struct ChunkedArray<Element>: RandomAccessCollection {
         count += 1
     }
 
+    /// Removes the last element (a chunk left empty is freed, so that ``append(_:)`` starts the next).
+    mutating func removeLast() {
+        precondition(count > 0, "removeLast on an empty ChunkedArray")
+        chunks[chunks.count - 1].removeLast()
+        if chunks[chunks.count - 1].isEmpty { chunks.removeLast() }
+        count -= 1
+    }
+
     /// Reserves the chunk table only: chunks are allocated as they fill.
     mutating func reserveCapacity(_ capacity: Int) {
         chunks.reserveCapacity((capacity + Self.chunkSize - 1) >> Self.chunkShift)

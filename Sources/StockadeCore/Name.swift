@@ -93,12 +93,36 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
         a.withBytes { x in b.withBytes { y in x.lexicographicallyPrecedes(y) } }
     }
 
-    public func hash(into hasher: inout Hasher) { hasher.combine(fastHash(seed: 0)) }
+    /// The bytes themselves go into the (randomly seeded) hasher, so keys that hold a name (request
+    /// ids) hash as well as `Hasher` does. Feeding it a fixed-seed ``fastHash(seed:)`` instead let a
+    /// client compute, offline, any number of request ids with one hash.
+    public func hash(into hasher: inout Hasher) {
+        if let long {
+            hasher.combine(word1)
+            long.bytes.withUnsafeBytes { hasher.combine(bytes: $0) }
+        } else {
+            hasher.combine(word0)
+            hasher.combine(word1)
+        }
+    }
 
-    public func _rawHashValue(seed: Int) -> Int { Int(truncatingIfNeeded: fastHash(seed: UInt64(bitPattern: Int64(seed)))) }
+    /// `Dictionary` and `Set` pass a seed that is the table's address (see the standard library's
+    /// `_HashTable.hashSeed`), which is not secret; the process seed makes it so.
+    public func _rawHashValue(seed: Int) -> Int {
+        Int(truncatingIfNeeded: fastHash(seed: Self.processSeed ^ UInt64(bitPattern: Int64(seed))))
+    }
 
-    /// A fast 64-bit multiply-mix of the bytes. Tables seed it per process, so collisions cannot be
-    /// chosen in advance; ``Engine/shardIndex(of:shardCount:)`` uses FNV-1a instead, which is stable.
+    /// Drawn at random once per process, for ``_rawHashValue(seed:)``.
+    static let processSeed = UInt64.random(in: .min ... .max)
+
+    /// A fast 64-bit hash of the bytes, for tables that draw `seed` at random (``NameIndex``), so
+    /// that collisions cannot be chosen in advance; ``Engine/shardIndex(of:shardCount:)`` uses
+    /// FNV-1a instead, which is stable. Names over ``inlineBytesMax`` bytes fold each 8-byte word in
+    /// with a 64x64->128-bit multiply of data and state, each side mixed with the seed (as wyhash
+    /// does), so how a change in one word spreads depends on the seed: the multiply-xorshift used
+    /// before let a flipped top bit in one word be cancelled by the next word, whatever the seed
+    /// (seed-independent collisions). Not a cryptographic hash: it keeps chosen collisions out of
+    /// reach for clients who never see the seed.
     @inlinable
     public func fastHash(seed: UInt64) -> UInt64 {
         if long == nil {
@@ -111,11 +135,11 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
             return h ^ (h >> 32)
         }
         return withBytes { bytes in
+            let key = seed ^ 0xA076_1D64_78BD_642F
             var h = seed ^ (UInt64(bytes.count) &* 0x9E37_79B9_7F4A_7C15)
             var i = 0
             while i + 8 <= bytes.count {
-                h = (h ^ bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self)) &* 0xBF58_476D_1CE4_E5B9
-                h ^= h >> 31
+                h = Self.foldedMultiply(bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self) ^ key, h ^ 0xE703_7ED1_A0B4_28DB)
                 i += 8
             }
             var tail: UInt64 = 0
@@ -125,11 +149,16 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
                 shift += 8
                 i += 1
             }
-            h = (h ^ tail) &* 0x94D0_49BB_1331_11EB
-            h ^= h >> 29
-            h = h &* 0xBF58_476D_1CE4_E5B9
-            return h ^ (h >> 32)
+            h = Self.foldedMultiply(tail ^ key, h ^ 0x8EBC_6AF0_9C88_C6E3)
+            return Self.foldedMultiply(h, 0x5899_65CC_7537_4CC3 ^ seed)
         }
+    }
+
+    /// The high and low halves of the 128-bit product, xored.
+    @inlinable @inline(__always)
+    static func foldedMultiply(_ a: UInt64, _ b: UInt64) -> UInt64 {
+        let (high, low) = a.multipliedFullWidth(by: b)
+        return high ^ low
     }
 
     /// The bytes as text for people: printable UTF-8 as is; control characters and bytes that are

@@ -71,9 +71,10 @@ public struct ShardState: Sendable {
 
     var skus: [Sku] = []
     var skuIndexByName = NameIndex()
-    var users: [Name] = []
+    /// Users by index (``users``) and index by user.
     var userIndexByName = NameIndex()
-    var lastOrderOfUser: [UInt32] = []
+    /// Each user's newest order here (sequence, 0 for none), by user index.
+    var lastOrderOfUser = ChunkedArray<UInt32>()
     var orders = ChunkedArray<OrderSlot>()
     var multiItems: [UInt32: [MultiItem]] = [:]
     /// Request id -> order sequence.
@@ -94,6 +95,9 @@ public struct ShardState: Sendable {
     }
 
     public var skuCount: Int { skus.count }
+
+    /// Users that placed an order here, by index.
+    var users: ChunkedArray<Name> { userIndexByName.names }
 
     /// The earliest deadline of an order in the expiry heap (pending or not); `Int64.max` for none.
     public var nextDeadlineMillis: Int64 { expiry.top.map { orders[Int($0) - 1].deadlineMillis } ?? .max }
@@ -187,7 +191,7 @@ public struct ShardState: Sendable {
         let slot = orders[Int(seq) - 1]
         let lines = orderLines(seq)
         return OrderInfo(
-            id: OrderID(shard: shard, sequence: seq), user: users[Int(slot.userIndex)], lines: lines,
+            id: OrderID(shard: shard, sequence: seq), user: userIndexByName.names[Int(slot.userIndex)], lines: lines,
             state: slot.state, deadlineMillis: slot.deadlineMillis)
     }
 
@@ -252,7 +256,8 @@ public struct ShardState: Sendable {
     public mutating func reserve(
         user: Name, lines: [OrderLine], requestId: Name?, ttlMillis: Int64, now: Int64, log: inout RecordBuffer
     ) -> Reply {
-        let knownUser = userIndexByName[user]
+        let userHash = userIndexByName.hash(user)
+        let knownUser = userIndexByName.index(of: user, hash: userHash)
         if let requestId {
             if let knownUser, let seq = requests[RequestKey(user: knownUser, requestId: requestId)] {
                 return replayedRequest(seq, lines: lines)
@@ -268,7 +273,7 @@ public struct ShardState: Sendable {
             if let rejection = check(index: index, quantity: line.quantity, knownUser: knownUser) {
                 return .rejected(rejection)
             }
-            let userIndex = knownUser ?? intern(user)
+            let userIndex = knownUser ?? intern(user, hash: userHash)
             applyHold(userIndex: userIndex, index: index, quantity: line.quantity)
             let seq = UInt32(orders.count + 1)
             let deadline = now + ttlMillis
@@ -401,9 +406,8 @@ public struct ShardState: Sendable {
         if internedUser, let index = userIndexByName[user], Int(index) == users.count - 1, lastOrderOfUser[Int(index)] == 0,
            !items.contains(where: { heldByUserSku[Self.key(index, $0.skuIndex)] != nil })
         {
-            users.removeLast()
             lastOrderOfUser.removeLast()
-            userIndexByName[user] = nil
+            userIndexByName.removeLast()
         }
     }
 
@@ -490,12 +494,18 @@ public struct ShardState: Sendable {
         public var release: Bool
     }
 
-    mutating func intern(_ user: Name) -> UInt32 {
-        let index = UInt32(users.count)
-        users.append(user)
-        userIndexByName[user] = index
+    mutating func intern(_ user: Name) -> UInt32 { intern(user, hash: userIndexByName.hash(user)) }
+
+    /// The index of `user`, interned first if it is new here (replay's path: one hash either way).
+    mutating func userIndex(interning user: Name) -> UInt32 {
+        let hash = userIndexByName.hash(user)
+        return userIndexByName.index(of: user, hash: hash) ?? intern(user, hash: hash)
+    }
+
+    /// Adds a user that is not here yet, whose hash in ``userIndexByName`` is `hash`.
+    mutating func intern(_ user: Name, hash: UInt64) -> UInt32 {
         lastOrderOfUser.append(0)
-        return index
+        return userIndexByName.append(user, hash: hash)
     }
 
     @inline(__always) static func key(_ user: UInt32, _ sku: UInt32) -> UInt64 { UInt64(user) << 32 | UInt64(sku) }
@@ -511,7 +521,7 @@ public struct ShardState: Sendable {
         skus.append(
             Sku(name: sku, total: total, available: total, reserved: 0, sold: 0, limit: limit, paused: false,
                 counter: StockCounter(total)))
-        skuIndexByName[sku] = index
+        skuIndexByName.append(sku)
     }
 
     mutating func applyRestocked(index: UInt32, delta: Int64) {
@@ -538,13 +548,18 @@ public struct ShardState: Sendable {
     }
 
     mutating func applyHold(user: Name, index: UInt32, quantity: Int64) {
-        applyHold(userIndex: userIndexByName[user] ?? intern(user), index: index, quantity: quantity)
+        applyHold(userIndex: userIndex(interning: user), index: index, quantity: quantity)
     }
 
     mutating func applyRelease(user: Name, index: UInt32, quantity: Int64) {
+        applyRelease(userIndex: skus[Int(index)].limit > 0 ? userIndexByName[user] : nil, index: index, quantity: quantity)
+    }
+
+    /// Returns held units of SKU `index`; `userIndex` is the holder's (nil when not interned here).
+    mutating func applyRelease(userIndex: UInt32?, index: UInt32, quantity: Int64) {
         skus[Int(index)].available += quantity
         skus[Int(index)].reserved -= quantity
-        if skus[Int(index)].limit > 0, let userIndex = userIndexByName[user] {
+        if skus[Int(index)].limit > 0, let userIndex {
             let key = Self.key(userIndex, index)
             let left = Int64(heldByUserSku[key] ?? 0) - quantity
             assert(left >= 0)
@@ -585,7 +600,7 @@ public struct ShardState: Sendable {
     /// Stores an order whose holds were already applied. `names` are the items' SKU ids, for display.
     mutating func storeOrder(_ created: Record.OrderCreated, skus names: [Name]) {
         let seq = created.id.sequence
-        let userIndex = userIndexByName[created.user] ?? intern(created.user)
+        let userIndex = userIndex(interning: created.user)
         let requestId: Name? = created.requestId.isEmpty ? nil : created.requestId
         if created.items.count == 1, created.items[0].shard == shard {
             storeSingleOrder(
@@ -615,14 +630,14 @@ public struct ShardState: Sendable {
         let release = target != .paid
         if !slot.isMulti {
             if release {
-                applyRelease(user: users[Int(slot.userIndex)], index: slot.skuIndex, quantity: Int64(slot.quantity))
+                applyRelease(userIndex: slot.userIndex, index: slot.skuIndex, quantity: Int64(slot.quantity))
             } else {
                 applySold(index: slot.skuIndex, quantity: Int64(slot.quantity))
             }
             return []
         }
         var effects: [ForeignEffect] = []
-        let user = users[Int(slot.userIndex)]
+        let user = userIndexByName.names[Int(slot.userIndex)]
         for multi in multiItems[seq] ?? [] {
             let effect = ForeignEffect(
                 shard: multi.item.shard, skuIndex: multi.item.skuIndex, quantity: Int64(multi.item.quantity), user: user,

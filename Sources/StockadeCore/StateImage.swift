@@ -96,7 +96,7 @@ extension EngineState {
                 let skuCount = Int(try r.read() as UInt32)
                 try need(skuCount, r, each: 42)
                 state.skus.reserveCapacity(skuCount)
-                for index in 0..<skuCount {
+                for _ in 0..<skuCount {
                     let name = try r.readName()
                     let total: Int64 = try r.read(), available: Int64 = try r.read()
                     let reserved: Int64 = try r.read(), sold: Int64 = try r.read()
@@ -109,18 +109,18 @@ extension EngineState {
                         ShardState.Sku(
                             name: name, total: total, available: available, reserved: reserved, sold: sold, limit: limit,
                             paused: paused, counter: StockCounter(available)))
-                    state.skuIndexByName[name] = UInt32(index)
+                    state.skuIndexByName.append(name)
                 }
                 let userCount = Int(try r.read() as UInt32)
                 try need(userCount, r, each: 2)
-                state.users.reserveCapacity(userCount)
                 state.userIndexByName.reserveCapacity(userCount)
-                for index in 0..<userCount {
+                for _ in 0..<userCount {
                     let user = try r.readName()
-                    state.users.append(user)
-                    state.userIndexByName[user] = UInt32(index)
+                    guard state.userIndexByName[user] == nil else { throw ImageError(reason: "user \(user) listed twice") }
+                    state.userIndexByName.append(user)
                 }
-                state.lastOrderOfUser = Array(repeating: 0, count: userCount)
+                state.lastOrderOfUser.reserveCapacity(userCount)
+                for _ in 0..<userCount { state.lastOrderOfUser.append(0) }
                 let orderCount = Int(try r.read() as UInt32)
                 try need(orderCount, r, each: 26)
                 state.orders.reserveCapacity(orderCount)

@@ -65,4 +65,58 @@ import Testing
         let decoded = try? image.withUnsafeBytes { try EngineState.decodeImage($0) }
         #expect(decoded?.stateHash() == state.stateHash())
     }
+
+    /// The long-name hash before this one mixed words as `h = (h ^ w) * odd; h ^= h >> 31`: flipping
+    /// a word's top bit changes the state by a fixed mask (bits 63 and 32) whatever the seed, and the
+    /// next word can flip it back. These two 17-byte ids collided under every seed.
+    @Test func longNamesHaveNoSeedIndependentCollisions() {
+        var a = Array("user:000012345678".utf8)
+        var b = a
+        b[7] ^= 0x80  // top bit of the first word
+        b[15] ^= 0x80  // bits 63 and 32 of the second word cancel the difference
+        b[12] ^= 0x01
+        #expect(Name(bytes: a) != Name(bytes: b))
+        var rng = SplitMix64(seed: 7)
+        for _ in 0..<8 {
+            let seed = rng.next()
+            #expect(Name(bytes: a).fastHash(seed: seed) != Name(bytes: b).fastHash(seed: seed))
+        }
+        // The same trick on any other prefix.
+        a = Array(repeating: 0x41, count: 40)
+        b = a
+        b[23] ^= 0x80
+        b[31] ^= 0x80
+        b[28] ^= 0x01
+        #expect(Name(bytes: a).fastHash(seed: 1) != Name(bytes: b).fastHash(seed: 1))
+    }
+
+    /// Request ids reach `Dictionary` through `hash(into:)` (inside ``ShardState/RequestKey``). It fed
+    /// the hasher `fastHash(seed: 0)`, which anyone can compute: for inline names the first word
+    /// goes through a fixed mix and is then xored with the second, so ids whose second word undoes
+    /// the difference of their first all had one hash. Built here the same way, from that formula.
+    @Test func requestKeysDoNotCollideByConstruction() {
+        func firstStep(_ w0: UInt64) -> UInt64 {
+            var h = w0 &* 0xBF58_476D_1CE4_E5B9
+            h ^= h >> 31
+            return h
+        }
+        func name(_ w0: UInt64, _ w1: UInt64) -> Name {
+            Name(bytes: withUnsafeBytes(of: (w0.littleEndian, w1.littleEndian)) { Array($0[0..<15]) })
+        }
+        let length: UInt64 = 15 << 56
+        let w0 = UInt64(0x3030_3030_3030_3030)
+        let target = firstStep(w0) ^ (length | 0x0012_3456_789A_BCDE)  // what h ^ w1 must equal
+        var colliding = [name(w0, length | 0x0012_3456_789A_BCDE)]
+        var candidate = w0
+        while colliding.count < 4 {
+            candidate &+= 1
+            let w1 = target ^ firstStep(candidate)
+            guard w1 >> 56 == 15 else { continue }  // the top byte is the length
+            colliding.append(name(candidate, w1))
+        }
+        #expect(Set(colliding).count == 4)
+        let keys = colliding.map { ShardState.RequestKey(user: 0, requestId: $0).hashValue }
+        #expect(Set(keys).count == 4)
+        #expect(Set(colliding.map(\.hashValue)).count == 4)
+    }
 }

@@ -1,0 +1,113 @@
+import Testing
+@testable import StockadeCore
+
+/// ``NameIndex`` against a plain `Dictionary` model.
+@Suite struct NameIndexTests {
+    /// Random ids of the shapes clients send: short and long, binary, and many that share a long
+    /// prefix (only the last bytes differ, so they probe the same partitions' hash bits hardest).
+    static func randomName(_ rng: inout SplitMix64) -> Name {
+        switch rng.next() % 4 {
+        case 0:  // "user:" + 12 digits: 17 bytes, over the inline limit
+            let digits = String(rng.next() % 1_000_000_000_000)
+            return Name("user:" + String(repeating: "0", count: 12 - digits.count) + digits)
+        case 1:  // any bytes, any valid length
+            let length = 1 + Int(rng.next() % UInt64(Limits.nameBytesMax))
+            return Name(bytes: (0..<length).map { _ in UInt8(truncatingIfNeeded: rng.next()) })
+        case 2:  // a 48-byte shared prefix, then one to 16 binary bytes
+            let tail = (0..<(1 + rng.next() % 16)).map { _ in UInt8(truncatingIfNeeded: rng.next() % 4) }
+            return Name(bytes: Array(repeating: UInt8(ascii: "p"), count: 48) + tail)
+        default:  // short: inline, many repeats
+            return Name("u\(rng.next() % 5_000)")
+        }
+    }
+
+    @Test(arguments: [1, 2, 3])
+    func matchesDictionaryAcrossGrowthAndRemoval(seed: UInt64) {
+        var rng = SplitMix64(seed: seed)
+        var index = NameIndex()
+        var model: [Name: UInt32] = [:]
+        var order: [Name] = []
+        for step in 0..<60_000 {
+            let name = Self.randomName(&rng)
+            #expect(index[name] == model[name], "step \(step): lookup of \(name)")
+            if model[name] == nil {
+                if rng.next() % 16 == 0, let last = order.last {
+                    // The index only forgets its newest name (a prepared hold that was not placed).
+                    index.removeLast()
+                    model[last] = nil
+                    order.removeLast()
+                    #expect(index[last] == nil, "step \(step): \(last) still found after removeLast")
+                } else {
+                    let assigned = index.append(name)
+                    #expect(Int(assigned) == order.count)
+                    model[name] = assigned
+                    order.append(name)
+                }
+            }
+            #expect(index.count == model.count)
+        }
+        #expect(Array(index.names) == order)
+        for (i, name) in order.enumerated() { #expect(index[name] == UInt32(i)) }
+        // Names one byte off every stored name are absent.
+        for name in order.prefix(2_000) {
+            var bytes = name.bytes
+            bytes[bytes.count - 1] ^= 0x40
+            let other = Name(bytes: bytes)
+            #expect(index[other] == model[other])
+            #expect(index[Name(bytes: name.bytes + [0])] == model[Name(bytes: name.bytes + [0])])
+        }
+    }
+
+    @Test func removeLastUntilEmptyThenRefill() {
+        var index = NameIndex()
+        let names = (0..<5_000).map { Name("user:\(String(repeating: "x", count: $0 % 20))\($0)") }
+        for name in names { index.append(name) }
+        for (i, name) in names.enumerated().reversed() {
+            #expect(index[name] == UInt32(i))
+            index.removeLast()
+            #expect(index[name] == nil)
+        }
+        #expect(index.count == 0)
+        for (i, name) in names.enumerated() { #expect(index.append(name) == UInt32(i)) }
+        for (i, name) in names.enumerated() { #expect(index[name] == UInt32(i)) }
+    }
+
+    @Test func reserveCapacityKeepsEntries() {
+        var index = NameIndex()
+        for i in 0..<100 { index.append(Name("sku-\(i)")) }
+        index.reserveCapacity(100_000)
+        for i in 0..<100 { #expect(index[Name("sku-\(i)")] == UInt32(i)) }
+        #expect(index[Name("sku-100")] == nil)
+    }
+
+    /// A copy (a snapshot's) keeps its own entries while the original changes.
+    @Test func copiesAreValues() {
+        var index = NameIndex()
+        for i in 0..<1_000 { index.append(Name("user-\(i)")) }
+        let copy = index
+        for i in 1_000..<3_000 { index.append(Name("user-\(i)")) }
+        index.removeLast()
+        #expect(copy.count == 1_000)
+        #expect(copy[Name("user-1500")] == nil)
+        #expect(copy[Name("user-999")] == 999)
+        #expect(index[Name("user-1500")] == 1_500)
+    }
+
+    /// A snapshot image that names one user twice is refused (it used to load, and the first index
+    /// lost its name: that user's older orders could no longer be found by user).
+    @Test func imageWithADuplicateUserIsRefused() throws {
+        var state = EngineState(shardCount: 1)
+        var log = RecordBuffer()
+        _ = state.shards[0].addSku("s", total: 10, limit: 0, log: &log)
+        for user in ["ua", "ub"] {
+            _ = state.shards[0].reserve(
+                user: Name(user), lines: [OrderLine(sku: "s", quantity: 1)], requestId: nil, ttlMillis: 1_000, now: 0, log: &log)
+        }
+        var image = state.encodeImage()
+        #expect((try? image.withUnsafeBytes { try EngineState.decodeImage($0) }) != nil)
+        let ub = Array("ub".utf8)
+        let at = try #require((0..<image.count - 1).first { Array(image[$0..<$0 + 2]) == ub })
+        image[at + 1] = UInt8(ascii: "a")
+        #expect(throws: EngineState.ImageError.self) { try image.withUnsafeBytes { try EngineState.decodeImage($0) } }
+    }
+}
