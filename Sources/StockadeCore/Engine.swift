@@ -217,7 +217,8 @@ public final class Engine: Sendable {
     ///
     /// It declines what could reach beyond the local shards or wait: a multi-shard command, a shard on
     /// another executor, basket holds being placed, a basket of any shard due to expire (its expiry
-    /// changes other shards), and the confirm or cancel of a basket.
+    /// changes other shards), the confirm or cancel of a basket, and a shard whose holds are overdue by
+    /// more than ``inPlaceOverdueMillisMax`` (a backlog, expired a chunk at a time on the general path).
     public func executeLocally(_ commands: [Command], now: Int64, localShards: [Bool]) -> LocalOutcome {
         precondition(localShards.count == shards.count, "a local flag per shard")
         let now = monotonic(now)
@@ -235,7 +236,9 @@ public final class Engine: Sendable {
             case .immediate: break
             case .shard(let s):
                 guard localShards[s] else { return .needsShard(s) }
-                guard shards[s].gauges.preparing.load(ordering: .relaxed) == 0 else { return .needsAsync }
+                guard shards[s].gauges.preparing.load(ordering: .relaxed) == 0,
+                      shards[s].gauges.nextDeadlineMillis.load(ordering: .relaxed) > now - Self.inPlaceOverdueMillisMax
+                else { return .needsAsync }
                 progress.touched[s] = true
                 if Self.mayAffectOtherShards(command) {
                     progress.crossShard = true
@@ -293,6 +296,9 @@ public final class Engine: Sendable {
     private func runGroup(
         _ s: Int, _ group: [(slot: Int, command: Command)], now: Int64, into replies: inout [Reply]
     ) async -> UInt64 {
+        // A backlog of due orders goes a chunk at a time first, not all at once inside the run.
+        var expiredAt: UInt64 = 0
+        if shards[s].gauges.nextDeadlineMillis.load(ordering: .relaxed) <= now { expiredAt = await expire(shards[s], now: now) }
         var result = await shards[s].run(group, now: now)
         while result.deferred {
             await shards[s].settled()
@@ -300,7 +306,7 @@ public final class Engine: Sendable {
         }
         for (slot, reply) in result.replies { replies[slot] = reply }
         await applyEffects(result.effects, causedAt: result.lsn)
-        return result.lsn
+        return max(expiredAt, result.lsn)
     }
 
     /// Expires, before a batch runs, the due baskets whose items lie on other shards: at `now` they are
@@ -313,14 +319,32 @@ public final class Engine: Sendable {
         return lsn
     }
 
+    /// Due orders expired per call into a shard: a shard runs on an event loop in the server, and a
+    /// backlog of due holds (a restart after their deadlines, a clock step forward, a burst sharing one
+    /// deadline) is expired a chunk at a time with that loop's other work in between. About a
+    /// millisecond of work a chunk.
+    public static let expiryChunk = 4096
+
+    /// Holds overdue by more than this send a batch down the general path, which expires them a chunk
+    /// at a time before the batch runs, instead of all at once in place. Below it, what is due is what
+    /// came due since the housekeeping timer (every 10 ms) last ran: bounded by how fast holds are
+    /// placed.
+    public static let inPlaceOverdueMillisMax: Int64 = 50
+
+    /// Expires everything due on `shard` at `now`, ``expiryChunk`` orders per call.
     private func expire(_ shard: Shard, now: Int64) async -> UInt64 {
-        var result = await shard.expire(now: now)
-        while result.deferred {
-            await shard.settled()
-            result = await shard.expire(now: now)
+        var lsn: UInt64 = 0
+        while true {
+            var result = await shard.expire(now: now, limit: Self.expiryChunk)
+            while result.deferred {
+                await shard.settled()
+                result = await shard.expire(now: now, limit: Self.expiryChunk)
+            }
+            await applyEffects(result.effects, causedAt: result.lsn)
+            lsn = max(lsn, result.lsn)
+            // Done when nothing is due any more, or when the shard refuses (its log failed).
+            guard !result.refused, shard.gauges.nextDeadlineMillis.load(ordering: .relaxed) <= now else { return lsn }
         }
-        await applyEffects(result.effects, causedAt: result.lsn)
-        return result.lsn
     }
 
     /// `now`, or the latest time seen when `now` is earlier.

@@ -81,6 +81,8 @@ public actor Shard {
         public var lsn: UInt64 = 0
         /// Nothing ran: basket holds are being placed here. Wait with ``Shard/settled()`` and run again.
         public var deferred = false
+        /// The shard refused the run (its log failed): nothing changed, and nothing will.
+        public var refused = false
     }
 
     /// Whether confirming or cancelling order `id` here may change stock on another shard (the order is
@@ -94,6 +96,10 @@ public actor Shard {
     /// While a basket's holds are being placed here, nothing runs (``BatchResult/deferred``): a reply
     /// could otherwise show a hold that is not logged yet.
     public func run(_ batch: [(slot: Int, command: Command)], now: Int64) -> BatchResult {
+        run(batch, now: now, expiryLimit: .max)
+    }
+
+    private func run(_ batch: [(slot: Int, command: Command)], now: Int64, expiryLimit: Int) -> BatchResult {
         var result = BatchResult()
         if gauges.preparing.load(ordering: .relaxed) > 0 {
             result.deferred = true
@@ -102,13 +108,14 @@ public actor Shard {
         if let refusal = refusal {
             result.replies = batch.map { ($0.slot, .rejected(.unavailable(refusal))) }
             result.lsn = visibleLSN
+            result.refused = true
             return result
         }
         beginChange()
         defer { endChange() }
         scratch.removeAll()
         result.replies.reserveCapacity(batch.count)
-        result.effects = state.expireDue(now: now, log: &scratch)
+        result.effects = state.expireDue(now: now, limit: expiryLimit, log: &scratch)
         let admits = log.admitsChanges
         var added: [(Name, StockCounter)] = []
         for (slot, command) in batch {
@@ -148,6 +155,7 @@ public actor Shard {
             // Nothing of this run may be seen: not its replies, not its effects on other shards.
             result.replies = batch.map { ($0.slot, .rejected(.unavailable(failure ?? "journal failed"))) }
             result.effects = []
+            result.refused = true
         }
         result.lsn = visibleLSN
         return result
@@ -185,6 +193,10 @@ public actor Shard {
     /// timer for shards that see no traffic). Does nothing once the log has failed: a change that cannot
     /// be logged must not be made.
     public func expire(now: Int64) -> BatchResult { run([], now: now) }
+
+    /// Expires at most `limit` due orders (``ShardState/expireDue(now:limit:log:)``), so one call keeps
+    /// the shard's executor (an event loop, in the server) for a bounded time; more may stay due.
+    public func expire(now: Int64, limit: Int) -> BatchResult { run([], now: now, expiryLimit: limit) }
 
     /// Applies effects of another shard's orders on this shard's SKUs; `lsn` is the position of the
     /// record that caused them, which replies from this shard then wait for.

@@ -463,10 +463,13 @@ public struct ShardState: Sendable {
         }
     }
 
-    /// Expires every pending order whose deadline is at or before `now`.
-    public mutating func expireDue(now: Int64, log: inout RecordBuffer) -> [ForeignEffect] {
+    /// Expires every pending order whose deadline is at or before `now`, or, with `limit`, takes at
+    /// most that many entries off the expiry heap (the rest stay due: ``nextDeadlineMillis`` says so).
+    public mutating func expireDue(now: Int64, limit: Int = .max, log: inout RecordBuffer) -> [ForeignEffect] {
         var effects: [ForeignEffect] = []
-        while let top = expiry.top, orders[Int(top) - 1].deadlineMillis <= now {
+        var taken = 0
+        while taken < limit, let top = expiry.top, orders[Int(top) - 1].deadlineMillis <= now {
+            taken += 1
             expiry.pop(orders)
             guard orders[Int(top) - 1].state == .pending else { continue }
             effects += applyTransition(seq: top, to: .expired)
