@@ -248,47 +248,49 @@ public final class Engine: Sendable {
             }
             routes.append(route)
         }
-        // Run: consecutive commands grouped per shard, a confirm or cancel closing its group, as `execute` does.
+        // Run: the same stretches and groups as `execute`, each group entered in place.
         var replies = [Reply](repeating: .done, count: commands.count)
         var waitFor: UInt64 = 0
-        var group: [(slot: Int, command: Command)] = []
+        var perShard = [[(slot: Int, command: Command)]](repeating: [], count: shards.count)
         var position = 0
         while position < commands.count {
-            let stretchStart = position
-            var stretchShards: [Int] = []
             var closing: Int?
             while position < commands.count {
                 let slot = position
                 position += 1
                 switch routes[slot] {
                 case .shard(let s):
-                    if !stretchShards.contains(s) { stretchShards.append(s) }
+                    perShard[s].append((slot, commands[slot]))
                     if Self.mayAffectOtherShards(commands[slot]) { closing = s }
                 case .immediate(let reply, let lsn):
                     replies[slot] = reply
                     waitFor = max(waitFor, lsn)
-                case .global: preconditionFailure("declined above")
+                case .global:
+                    preconditionFailure("declined above")
                 }
                 if closing != nil { break }
             }
-            // Shards in index order, the one whose confirm or cancel closed the stretch last, as in `execute`.
-            stretchShards.sort()
-            if let closing, let i = stretchShards.firstIndex(of: closing) {
-                stretchShards.remove(at: i)
-                stretchShards.append(closing)
+            for s in perShard.indices where !perShard[s].isEmpty && s != closing {
+                waitFor = max(waitFor, runGroupInPlace(s, perShard[s], now: now, into: &replies))
+                perShard[s].removeAll(keepingCapacity: true)
             }
-            for s in stretchShards {
-                group.removeAll(keepingCapacity: true)
-                for slot in stretchStart..<position {
-                    if case .shard(s) = routes[slot] { group.append((slot, commands[slot])) }
-                }
-                let result = shards[s].assumeIsolated { $0.run(group, now: now) }
-                precondition(!result.deferred && result.effects.isEmpty, "a local batch reached beyond its shards")
-                for (slot, reply) in result.replies { replies[slot] = reply }
-                waitFor = max(waitFor, result.lsn)
+            if let s = closing {
+                waitFor = max(waitFor, runGroupInPlace(s, perShard[s], now: now, into: &replies))
+                perShard[s].removeAll(keepingCapacity: true)
             }
         }
         return .answered(replies, waitFor: waitFor)
+    }
+
+    /// ``runGroup(_:_:now:into:)`` for a shard on the caller's executor, which the caller checked
+    /// needs no wait and reaches no other shard.
+    private func runGroupInPlace(
+        _ s: Int, _ group: [(slot: Int, command: Command)], now: Int64, into replies: inout [Reply]
+    ) -> UInt64 {
+        let result = shards[s].assumeIsolated { $0.run(group, now: now) }
+        precondition(!result.deferred && result.effects.isEmpty, "a batch run in place reached beyond its shards")
+        for (slot, reply) in result.replies { replies[slot] = reply }
+        return result.lsn
     }
 
     /// Runs one shard's group, waiting first while basket holds are placed there, applies its effects on
