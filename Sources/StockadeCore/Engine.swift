@@ -14,10 +14,15 @@ public final class Engine: Sendable {
     /// server's event loops), or on a queue of its own when `executors` is empty.
     public init(state: EngineState, log: any ChangeLog, executors: [any SerialExecutor] = []) {
         shards = state.shards.map {
-            Shard(state: $0, log: log, executor: executors.isEmpty ? nil : executors[$0.shard % executors.count])
+            Shard(
+                state: $0, log: log,
+                executor: executors.isEmpty ? nil : executors[Self.executorIndex(ofShard: $0.shard, executorCount: executors.count)])
         }
         self.log = log
     }
+
+    /// Which of `executorCount` executors shard `shard` runs on: the one place that says so.
+    public static func executorIndex(ofShard shard: Int, executorCount: Int) -> Int { shard % executorCount }
 
     public var shardCount: Int { shards.count }
 

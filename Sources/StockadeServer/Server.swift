@@ -67,15 +67,15 @@ final class ServerContext: Sendable {
         var states: [ObjectIdentifier: DurableReplies] = [:]
         var byIndex: [DurableReplies] = []
         for (i, loop) in loops.enumerated() {
-            // Shard s runs on loop s % loops.count (``Engine/init(state:log:executors:)``).
-            let local = (0..<store.engine.shardCount).map { $0 % loops.count == i }
+            let local = (0..<store.engine.shardCount).map { Engine.executorIndex(ofShard: $0, executorCount: loops.count) == i }
             let state = DurableReplies(loop: loop, journal: store.journal, localShards: local)
             states[ObjectIdentifier(loop)] = state
             byIndex.append(state)
             store.journal.onDurable { lsn in state.durable(lsn) }
         }
         loopStates = states
-        shardLoops = byIndex.isEmpty ? [] : (0..<store.engine.shardCount).map { byIndex[$0 % byIndex.count] }
+        shardLoops = byIndex.isEmpty
+            ? [] : (0..<store.engine.shardCount).map { byIndex[Engine.executorIndex(ofShard: $0, executorCount: byIndex.count)] }
     }
 
     /// The state of the loop that shard `index` runs on.
