@@ -47,6 +47,12 @@ struct CommandCounter {
 
     private var state = State.requestStart
 
+    /// `value` with the decimal digit `digit` appended; nil past ``numberMax``.
+    private static func appending(digit: UInt8, to value: Int) -> Int? {
+        let next = value * 10 + Int(digit - UInt8(ascii: "0"))
+        return next <= numberMax ? next : nil
+    }
+
     /// Counts the requests that end in `bytes`; nil if `bytes` cannot continue a RESP stream.
     mutating func count(_ bytes: UnsafeRawBufferPointer) -> Int? {
         var complete = 0
@@ -74,8 +80,7 @@ struct CommandCounter {
                 index += 1
                 switch byte {
                 case UInt8(ascii: "0")...UInt8(ascii: "9"):
-                    let next = value * 10 + Int(byte - UInt8(ascii: "0"))
-                    guard next <= Self.numberMax else { return nil }
+                    guard let next = Self.appending(digit: byte, to: value) else { return nil }
                     state = .argumentCount(next)
                 case UInt8(ascii: "\r"): break
                 case UInt8(ascii: "\n"):
@@ -92,8 +97,7 @@ struct CommandCounter {
                 index += 1
                 switch byte {
                 case UInt8(ascii: "0")...UInt8(ascii: "9"):
-                    let next = value * 10 + Int(byte - UInt8(ascii: "0"))
-                    guard next <= Self.numberMax else { return nil }
+                    guard let next = Self.appending(digit: byte, to: value) else { return nil }
                     state = .bulkLength(next, argumentsLeft: argumentsLeft)
                 case UInt8(ascii: "\r"): break
                 case UInt8(ascii: "\n"): state = .bulkBody(bytesLeft: value + 2, argumentsLeft: argumentsLeft)
