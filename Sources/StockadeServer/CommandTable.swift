@@ -138,10 +138,36 @@ enum Verb: CaseIterable {
         }
     }
 
+    /// The command named `word`, or nil. Runs for every command: a multiplicative hash of the
+    /// packed name picks a slot of a small open-addressed table (no `Hasher`, whose seeded SipHash
+    /// cost more than the rest of the lookup), and one or two compares of two words settle it.
+    static func named(_ word: Word) -> Verb? {
+        let table = Self.table
+        var slot = Self.slot(of: word)
+        while let (name, verb) = table[slot] {
+            if name == word { return verb }
+            slot = (slot + 1) & (Self.tableSlots - 1)
+        }
+        return nil
+    }
+
+    /// A power of two, at least twice the commands, so probes stay short and one slot is always free.
+    private static let tableSlots = 64
+
+    private static func slot(of word: Word) -> Int {
+        Int(truncatingIfNeeded: ((word.low ^ word.high &* 31) &* 0x9E37_79B9_7F4A_7C15) >> 58) & (tableSlots - 1)
+    }
+
     /// Every command by its name, built once.
-    static let byWord: [Word: Verb] = {
-        var table: [Word: Verb] = [:]
-        for verb in allCases { table[Word(ByteBuffer(string: verb.name))!] = verb }
+    private static let table: [(Word, Verb)?] = {
+        precondition(allCases.count * 2 <= tableSlots, "the command table needs more slots")
+        var table = [(Word, Verb)?](repeating: nil, count: tableSlots)
+        for verb in allCases {
+            let word = Word(ByteBuffer(string: verb.name))!
+            var slot = slot(of: word)
+            while table[slot] != nil { slot = (slot + 1) & (tableSlots - 1) }
+            table[slot] = (word, verb)
+        }
         return table
     }()
 }
@@ -162,7 +188,7 @@ enum CommandTable {
     /// The request `arguments` make. Before authentication (`authenticated` false) only the
     /// commands allowed then are looked at beyond their name.
     static func parse(_ arguments: [ByteBuffer], authenticated: Bool = true) -> Request {
-        guard let verb = Word(arguments[0]).flatMap({ Verb.byWord[$0] }) else {
+        guard let verb = Word(arguments[0]).flatMap(Verb.named) else {
             return .invalid("ERR unknown command '\(shown(arguments[0]))'")
         }
         if !authenticated && !verb.allowedBeforeAuth { return noAuth }

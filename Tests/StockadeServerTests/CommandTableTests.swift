@@ -29,6 +29,25 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(parse(["nope"]) == .invalid("ERR unknown command 'nope'"))
     }
 
+    /// Every command is found by its name in any ASCII case, and nothing else is: names one byte
+    /// off, longer, shorter or empty, and every prefix of every name.
+    @Test func everyVerbIsFoundByItsNameAndNoOtherWord() {
+        for verb in Verb.allCases {
+            #expect(Word(ByteBuffer(string: verb.name)).flatMap(Verb.named) == verb, "\(verb.name)")
+            #expect(Word(ByteBuffer(string: verb.name.uppercased())).flatMap(Verb.named) == verb, "\(verb.name)")
+            for cut in 1..<verb.name.utf8.count {
+                let prefix = String(verb.name.prefix(cut))
+                let expected = Verb.allCases.first { $0.name == prefix }
+                #expect(Word(ByteBuffer(string: prefix)).flatMap(Verb.named) == expected, "\(prefix)")
+            }
+            #expect(Word(ByteBuffer(string: verb.name + "x")).flatMap(Verb.named) == nil, "\(verb.name)x")
+            var changed = Array(verb.name.utf8)
+            changed[changed.count - 1] ^= 1
+            #expect(Word(ByteBuffer(bytes: changed)).flatMap(Verb.named) == nil, "\(verb.name) changed")
+        }
+        #expect(Word(ByteBuffer()) == nil)
+    }
+
     @Test func globMatchesLikeRedisAndStaysFast() {
         func glob(_ pattern: String, _ text: String) -> Bool { globMatch(Array(pattern.utf8), text) }
         #expect(glob("*", "save"))
