@@ -30,6 +30,8 @@ public enum Rejection: Error, Equatable, Sendable {
     case busy
     /// The engine stopped accepting changes (a log write or fsync failed); the message says why.
     case unavailable(String)
+    /// This engine is a replica: its state changes only by the primary's log.
+    case readOnly
 }
 
 /// A reply from the engine to one ``Command``.

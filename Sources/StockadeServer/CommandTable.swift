@@ -24,6 +24,13 @@ enum Request: Equatable {
     /// HELLO [2|3 [AUTH user password] [SETNAME name]]: the version is nil, 2 or 3 (others are refused here).
     case hello(version: Int?, password: ByteBuffer?)
     case select(Int)
+    /// REPLICATE next [LISTENING-PORT port]: this connection becomes a replica's log stream.
+    case replicate(from: UInt64, listeningPort: Int)
+    case role
+    /// REPLICAOF host port (SLAVEOF is the same).
+    case replicaOf(host: String, port: Int)
+    /// REPLICAOF NO ONE: a replica becomes a primary.
+    case promote
     /// A reply to send as is: a wrong argument, an unknown command.
     case invalid(String)
 
@@ -57,6 +64,9 @@ enum Request: Equatable {
         case .clientAccepted, .clientID: "client"
         case .hello: "hello"
         case .select: "select"
+        case .replicate: "replicate"
+        case .role: "role"
+        case .replicaOf, .promote: "replicaof"
         case .invalid: "invalid"
         }
     }
@@ -118,6 +128,7 @@ struct Word: Hashable {
 enum Verb: CaseIterable {
     case ping, echo, quit, auth, info, shutdown, snapshot, save, bgsave, command, config, client, hello, select
     case skuAdd, skuRestock, skuPause, skuResume, stock, audit, reserve, buy, confirm, cancel, order, orders, deduct, events
+    case replicate, role, replicaof, slaveof
 
     /// The name as clients spell it (in lower case, as Redis shows it in errors).
     var name: String {
@@ -328,6 +339,27 @@ enum CommandTable {
                 i += 2
             }
             return .events(from: UInt64(from), count: count, blockMillis: block)
+        case .replicate:
+            guard args.count == 1 || args.count == 3 else { return wrongArity }
+            guard let from = integer(arg(0)), from >= 0 else { return .invalid("ERR position must be 0 to \(Int64.max)") }
+            var listeningPort = 0
+            if args.count == 3 {
+                guard Word(arg(1)) == Word("LISTENING-PORT"), let port = integer(arg(2)), port >= 0, port <= 65535 else {
+                    return .invalid("ERR syntax error: expected LISTENING-PORT 0-65535")
+                }
+                listeningPort = Int(port)
+            }
+            return .replicate(from: UInt64(from), listeningPort: listeningPort)
+        case .role:
+            return arity(args.isEmpty) ?? .role
+        case .replicaof, .slaveof:
+            guard args.count == 2 else { return wrongArity }
+            if Word(arg(0)) == Word("NO"), Word(arg(1)) == Word("ONE") { return .promote }
+            guard let port = integer(arg(1)), port >= 1, port <= 65535 else { return .invalid("ERR Invalid master port") }
+            guard arg(0).readableBytes <= 255, let host = String(validating: arg(0).readableBytesView, as: UTF8.self), !host.isEmpty else {
+                return .invalid("ERR Invalid master host")
+            }
+            return .replicaOf(host: host, port: Int(port))
         }
     }
 

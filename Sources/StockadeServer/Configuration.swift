@@ -49,8 +49,22 @@ public struct ServerConfiguration: Sendable {
     public var ioThreads = 0
     /// How long shutdown waits for commands in flight to be answered.
     public var shutdownGraceSeconds = 10
+    /// Follow this primary (`--replica-of HOST:PORT`): start read-only, apply its log.
+    public var replicaOf: (host: String, port: Int)?
+    /// The password the primary asks for (`--primary-auth`), sent with AUTH before REPLICATE.
+    public var primaryPassword: String?
 
     public init() {}
+
+    /// `HOST:PORT` (the host may be a name, an IPv4 address, or an IPv6 address in brackets); nil
+    /// when it is not one.
+    public static func hostAndPort(_ text: String) -> (host: String, port: Int)? {
+        guard let colon = text.lastIndex(of: ":") else { return nil }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        guard !host.isEmpty, let port = Int(text[text.index(after: colon)...]), (1...65535).contains(port) else { return nil }
+        return (host, port)
+    }
 
     /// The range of every setting, as `stockade serve` documents them (docs/OPERATIONS.md). Each
     /// bound keeps the arithmetic done with the value far from overflow (seconds become nanoseconds,

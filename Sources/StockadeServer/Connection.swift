@@ -40,6 +40,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var executor: EventLoopTaskExecutor?
     /// This connection's loop: its shards and its rounds waiting for durability.
     private var loopState: DurableReplies?
+    /// Set once the connection became a replica's log stream (REPLICATE): its input is acknowledgements.
+    private var feed: ReplicaFeed?
 
     init(server: ServerContext) {
         self.server = server
@@ -102,6 +104,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !closing else { return }
         var bytes = unwrapInboundIn(data)
+        if let feed {
+            feed.received(&bytes)
+            return
+        }
         if inbound == nil || inbound!.readableBytes == 0 {
             inbound = bytes
         } else {
@@ -204,6 +210,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
             }
             return
         }
+        if case .replicate(let from, let listeningPort)? = round.step {
+            startFeed(context: context, round: round, from: from, listeningPort: listeningPort)
+            return
+        }
         if round.batch.isEmpty && round.step == nil {
             finish(context: context, round: round, replies: [], tail: nil, closeAfter: round.closeAfter)
             loopNanos = monotonicNanos() - parseStarted
@@ -212,6 +222,20 @@ final class ConnectionHandler: ChannelDuplexHandler {
         }
         loopNanos = monotonicNanos() - parseStarted
         run(round, context: context)
+    }
+
+    /// The connection becomes a replica's log stream: the replies before REPLICATE are written, then
+    /// ``ReplicaFeed`` owns the socket until it closes. REPLICATE always starts a round of its own
+    /// (``buildRound(context:)``), so nothing of the engine is in flight here.
+    private func startFeed(context: ChannelHandlerContext, round: Round, from: UInt64, listeningPort: Int) {
+        finish(context: context, round: round, replies: [], tail: nil, closeAfter: false)
+        busy = true  // no more rounds on this connection
+        let feed = ReplicaFeed(server: server, channel: context.channel, from: from, listeningPort: listeningPort)
+        self.feed = feed
+        if var rest = inbound, rest.readableBytes > 0 { feed.received(&rest) }
+        inbound = nil
+        server.logger.info("a replica at \(context.remoteAddress.map { "\($0)" } ?? "?") follows the log from position \(from)")
+        Task { await feed.run() }
     }
 
     /// How long the next round of a client with input left waits: as long as this round kept the loop
@@ -282,6 +306,14 @@ final class ConnectionHandler: ChannelDuplexHandler {
             }
             // Engine commands (the hot path) only join the batch: no reply buffer of their own.
             if case .engine(let command) = request {
+                if command.isChange && server.engine.role.isReadOnly {
+                    let start = round.local.writerIndex
+                    round.local.writeRESPError(ReplyEncoding.errorText(.readOnly))
+                    round.slots.append(.local(start: start, end: round.local.writerIndex))
+                    round.tally.add(request.metricName, "readonly")
+                    replyBytes += round.local.writerIndex - start
+                    continue
+                }
                 let replyMax = ReplyEncoding.replyBytesMax(command)
                 if !round.slots.isEmpty, replyBytes + (replyMax ?? replyBudget) > replyBudget {
                     carried = request  // it starts the next round
@@ -315,6 +347,16 @@ final class ConnectionHandler: ChannelDuplexHandler {
             case .shutdown: round.step = .shutdown
             case .info(let section): round.step = .info(section)
             case .events(let from, let count, let block): round.step = .events(from: from, count: count, blockMillis: block)
+            case .replicate(let from, let listeningPort):
+                // A round of its own: the connection becomes a log stream after it.
+                guard round.slots.isEmpty else {
+                    carried = request
+                    break parsing
+                }
+                round.step = .replicate(from: from, listeningPort: listeningPort)
+            case .role: round.step = .role
+            case .replicaOf(let host, let port): round.step = .replicaOf(host: host, port: port)
+            case .promote: round.step = .promote
             case .hello(_, let password):
                 // Redis's order: the version and options were checked by the command table; then the
                 // password. A HELLO that fails changes nothing.

@@ -106,6 +106,8 @@ package enum ReplyEncoding {
         case .requestConflict(let id): "REQCONFLICT request id already used for order \(id) with other SKUs or quantities"
         case .busy: "BUSY"
         case .unavailable(let reason): "UNAVAILABLE \(reason)"
+        // Redis's words, which client libraries recognise.
+        case .readOnly: "READONLY You can't write against a read only replica."
         }
     }
 

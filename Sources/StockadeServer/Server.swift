@@ -31,6 +31,12 @@ final class ServerContext: Sendable {
     let eventsWaiters = DurablePositionWatch()
     /// Accept failures of both listeners (out of file descriptors), for INFO and a rate-limited log line.
     let acceptFailures: AcceptFailureLog
+    /// Role, replicas and the link to a primary (ROLE, INFO replication).
+    let replication = ReplicationState()
+    /// The link to the primary while this server is a replica.
+    let replicaLink = Mutex<ReplicaLink?>(nil)
+    /// The loops, for the replica's link to the primary.
+    let group: EventLoopGroup?
 
     private struct Counters {
         var clients: [ObjectIdentifier: Channel] = [:]
@@ -53,8 +59,9 @@ final class ServerContext: Sendable {
 
     init(
         configuration: ServerConfiguration, store: Store, logger: Logger, blockingWork: BlockingWorkExecutor,
-        loops: [EventLoop], requestShutdown: @escaping @Sendable () -> Void
+        loops: [EventLoop], group: EventLoopGroup? = nil, requestShutdown: @escaping @Sendable () -> Void
     ) {
+        self.group = group
         self.configuration = configuration
         self.store = store
         engine = store.engine
@@ -66,16 +73,21 @@ final class ServerContext: Sendable {
         counters = Mutex(Counters(lastSnapshotLSN: store.recovery.snapshotLSN, lastSnapshotNanos: monotonicNanos()))
         var states: [ObjectIdentifier: DurableReplies] = [:]
         var byIndex: [DurableReplies] = []
+        // The loops the shards run on: all of them, or the first alone on a replica (see ``StockadeServer/run()``).
+        // (None when the shards run elsewhere: then no batch runs in place.)
+        let shardLoopCount = min(loops.count, store.options.shardExecutors.count)
         for (i, loop) in loops.enumerated() {
-            let local = (0..<store.engine.shardCount).map { Engine.executorIndex(ofShard: $0, executorCount: loops.count) == i }
+            let local = (0..<store.engine.shardCount).map {
+                shardLoopCount > 0 && Engine.executorIndex(ofShard: $0, executorCount: shardLoopCount) == i
+            }
             let state = DurableReplies(loop: loop, journal: store.journal, localShards: local)
             states[ObjectIdentifier(loop)] = state
             byIndex.append(state)
             store.journal.onDurable { lsn in state.durable(lsn) }
         }
         loopStates = states
-        shardLoops = byIndex.isEmpty
-            ? [] : (0..<store.engine.shardCount).map { byIndex[Engine.executorIndex(ofShard: $0, executorCount: byIndex.count)] }
+        shardLoops = byIndex.isEmpty || shardLoopCount == 0
+            ? [] : (0..<store.engine.shardCount).map { byIndex[Engine.executorIndex(ofShard: $0, executorCount: shardLoopCount)] }
     }
 
     /// The state of the loop that shard `index` runs on.
@@ -230,8 +242,111 @@ final class ServerContext: Sendable {
             metrics.count("info", outcome: "ok")
         case .events(let from, let count, let blockMillis):
             await events(from: from, count: count, blockMillis: blockMillis, into: &out)
+        case .replicate:
+            out.writeRESPError("ERR REPLICATE must be the first command of its pipeline")
+        case .role:
+            writeRole(into: &out)
+            metrics.count("role", outcome: "ok")
+        case .replicaOf(let host, let port):
+            let (ok, message) = await follow(host: host, port: port)
+            if ok { out.writeRESPSimple(message) } else { out.writeRESPError(message) }
+            metrics.count("replicaof", outcome: ok ? "ok" : "err")
+        case .promote:
+            await promote()
+            out.writeRESPSimple("OK")
+            metrics.count("replicaof", outcome: "ok")
         }
         return (out, false)
+    }
+
+    // MARK: Replication
+
+    /// ROLE, in Redis's shape: `master`, the durable position, and each replica's address, listening
+    /// port and acknowledged position; or `slave`, the primary's host and port, the link's state and
+    /// the position applied here.
+    func writeRole(into out: inout ByteBuffer) {
+        if let link = replication.link {
+            out.writeRESPArrayHeader(5)
+            out.writeRESPBulk("slave")
+            out.writeRESPBulk(link.host)
+            out.writeRESPInteger(Int64(link.port))
+            out.writeRESPBulk(link.state)
+            out.writeRESPInteger(Int64(store.journal.lastDurableLSN))
+        } else {
+            let replicas = replication.replicas
+            out.writeRESPArrayHeader(3)
+            out.writeRESPBulk("master")
+            out.writeRESPInteger(Int64(store.journal.lastDurableLSN))
+            out.writeRESPArrayHeader(replicas.count)
+            for replica in replicas {
+                out.writeRESPArrayHeader(3)
+                out.writeRESPBulk(replica.address)
+                out.writeRESPBulk(String(replica.listeningPort))
+                out.writeRESPBulk(String(replica.ackedLSN))
+            }
+        }
+    }
+
+    /// Whether this server can follow a primary without a restart: a replica's shards share one
+    /// loop (``Engine/applyReplicated(_:at:)``), which only a server started with `--replica-of` has.
+    var canFollow: Bool { store.options.shardExecutors.count <= 1 && group != nil }
+
+    /// Starts following `host:port` (REPLICAOF host port, or `--replica-of` at start).
+    func follow(host: String, port: Int) async -> (Bool, String) {
+        guard canFollow, let group else {
+            return (false, "ERR this server was started as a primary, its shards on every loop; to follow \(host):\(port), restart it with --replica-of \(host):\(port)")
+        }
+        if let link = replicaLink.withLock({ $0 }) {
+            if link.host == host && link.port == port { return (true, "OK Already connected to specified master") }
+            await link.stop()
+        } else {
+            engine.role.setReadOnly(true)
+            // Changes that passed the check before it are let finish before the log is followed.
+            let deadline = monotonicNanos() + 2_000_000_000
+            while roundsInFlight > 0 && monotonicNanos() < deadline { try? await Task.sleep(for: .milliseconds(5)) }
+        }
+        let link = ReplicaLink(host: host, port: port, server: self, group: group)
+        replicaLink.withLock { $0 = link }
+        link.start()
+        logger.info("following \(host):\(port) (REPLICAOF): read-only")
+        return (true, "OK")
+    }
+
+    /// REPLICAOF NO ONE: stops following (nothing is applied after this returns) and takes changes.
+    func promote() async {
+        guard let link = replicaLink.withLock({ $0 }) else { return }
+        await link.stop()
+        replicaLink.withLock { $0 = nil }
+        replication.setLink(nil)
+        engine.role.setReadOnly(false)
+        logger.info("promoted to primary (REPLICAOF NO ONE) at log position \(store.journal.lastDurableLSN)")
+    }
+
+    /// INFO's replication section, in Redis's keys, positions for offsets.
+    func replicationInfo() -> [(String, String)] {
+        let durable = store.journal.lastDurableLSN
+        if let link = replication.link {
+            let now = monotonicNanos()
+            let lagRecords = link.primaryDurableLSN > durable ? link.primaryDurableLSN - durable : 0
+            let lagMillis = lagRecords == 0 ? 0 : (now - max(link.caughtUpNanos, startedNanos)) / 1_000_000
+            return [
+                ("role", "slave"), ("master_host", link.host), ("master_port", String(link.port)),
+                ("master_link_status", link.state == "connected" ? "up" : "down"),
+                ("master_link_state", link.state),
+                ("master_last_io_seconds_ago", link.lastIONanos == 0 ? "-1" : String((now - link.lastIONanos) / 1_000_000_000)),
+                ("master_repl_offset", String(link.primaryDurableLSN)), ("slave_repl_offset", String(durable)),
+                ("slave_read_only", "1"), ("replica_lag_records", String(lagRecords)), ("replica_lag_ms", String(lagMillis)),
+                ("master_link_error", link.lastError), ("master_links_made", String(link.linksMade)),
+            ]
+        }
+        let replicas = replication.replicas
+        var pairs: [(String, String)] = [("role", "master"), ("connected_slaves", String(replicas.count))]
+        for (i, replica) in replicas.enumerated() {
+            let lag = (monotonicNanos() - replica.lastAckNanos) / 1_000_000_000
+            pairs.append(("slave\(i)", "ip=\(replica.address),port=\(replica.listeningPort),state=online,offset=\(replica.ackedLSN),lag=\(lag),lag_records=\(durable > replica.ackedLSN ? durable - replica.ackedLSN : 0)"))
+        }
+        pairs.append(("master_repl_offset", String(durable)))
+        return pairs
     }
 
     /// EVENTS: durable records from `from`, waiting up to `blockMillis` for the first one. The log
@@ -284,7 +399,7 @@ final class ServerContext: Sendable {
 
     /// INFO, in Redis's `# Section` / `key:value` text.
     func info(section: String?) async -> String {
-        let wanted = section.map { [$0] } ?? ["server", "clients", "stats", "persistence", "shards", "memory"]
+        let wanted = section.map { [$0] } ?? ["server", "clients", "stats", "persistence", "replication", "shards", "memory"]
         let journal = store.journal
         let stats = journal.statistics
         let c = counters.withLock { $0 }
@@ -326,6 +441,7 @@ final class ServerContext: Sendable {
             ("last_snapshot_duration_ms", String(c.lastSnapshotDurationNanos / 1_000_000)),
             ("recovery", store.recovery.description),
         ])
+        add("Replication", replicationInfo())
         if wanted.contains("shards") || section == "all" || section == "everything" {
             var pairs: [(String, String)] = []
             for shard in engine.shards {
@@ -342,6 +458,7 @@ final class ServerContext: Sendable {
 /// A step that needs the server beyond the engine batch; it ends a connection's round.
 enum RoundStep: Sendable {
     case snapshot, shutdown, info(String?), events(from: UInt64, count: Int, blockMillis: Int)
+    case replicate(from: UInt64, listeningPort: Int), role, replicaOf(host: String, port: Int), promote
 }
 
 /// The version this build reports.
@@ -417,7 +534,10 @@ public final class StockadeServer: Sendable {
         storeOptions.journal.fsync = configuration.fsync
         storeOptions.truncateCorrupt = configuration.truncateCorrupt
         storeOptions.coveredSegmentsKept = configuration.eventsRetentionSegments
-        storeOptions.shardExecutors = loops.map { $0.executor }
+        // A replica's shards share the first loop: each record of the primary is applied to all of
+        // them in one run there (``Engine/applyReplicated(_:at:)``).
+        storeOptions.shardExecutors = configuration.replicaOf == nil ? loops.map { $0.executor } : [loops[0].executor]
+        storeOptions.readOnly = configuration.replicaOf != nil
         let store: Store
         do {
             store = try Store(path: configuration.dataDirectory, options: storeOptions)
@@ -429,7 +549,7 @@ public final class StockadeServer: Sendable {
         logger.info("recovered \(configuration.dataDirectory): \(state)")
         let blockingWork = BlockingWorkExecutor(threads: BlockingWorkExecutor.threadCount)
         let context = ServerContext(
-            configuration: configuration, store: store, logger: logger, blockingWork: blockingWork, loops: loops
+            configuration: configuration, store: store, logger: logger, blockingWork: blockingWork, loops: loops, group: group
         ) { [self] in
             requestStop()
         }
@@ -519,6 +639,10 @@ public final class StockadeServer: Sendable {
         // A line the tests and scripts can wait for, once every listener is up.
         FileHandle.standardOutput.write(Data("stockade listening on \(configuration.host):\(port)\n".utf8))
 
+        if let primary = configuration.replicaOf {
+            _ = await context.follow(host: primary.host, port: primary.port)
+        }
+
         let signals = installSignalHandlers()
         let background = Task { await self.housekeeping(context) }
 
@@ -529,6 +653,7 @@ public final class StockadeServer: Sendable {
 
         logger.info("shutting down: no new connections, answering what is in flight")
         background.cancel()
+        await context.replicaLink.withLock({ $0 })?.stop()
         try? await listener.close()
         try? await metricsListener?.close()
         // EVENTS ... BLOCK waiters get their empty array now instead of holding shutdown up.

@@ -66,11 +66,20 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
+    @Option(name: .customLong("replica-of"), help: "Follow the primary at HOST:PORT: read-only, its log applied here (docs/REPLICATION.md).")
+    var replicaOf: String?
+
+    @Option(name: .customLong("primary-auth"), help: "The password of the primary (its --requirepass), for --replica-of.")
+    var primaryAuth: String?
+
     /// Every flag is checked here, before anything is recovered or bound: a bad one is a usage
     /// error (exit 64) with a sentence naming it, never a trap or a silent default later.
     func validate() throws {
         guard Logger.Level(rawValue: logLevel) != nil else {
             throw ValidationError("--log-level must be one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), not \(logLevel)")
+        }
+        if let replicaOf, ServerConfiguration.hostAndPort(replicaOf) == nil {
+            throw ValidationError("--replica-of must be HOST:PORT with a port of 1 to 65535, not \(replicaOf)")
         }
         if let problem = configuration().problem() { throw ValidationError(problem) }
     }
@@ -98,6 +107,8 @@ struct Serve: AsyncParsableCommand {
         config.parserLimits.argumentsMax = maxArguments
         config.parserLimits.requestBytesMax = maxRequestBytes
         config.ioThreads = ioThreads
+        config.replicaOf = replicaOf.flatMap(ServerConfiguration.hostAndPort)
+        config.primaryPassword = primaryAuth
         return config
     }
 

@@ -1,0 +1,491 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import StockadeCore
+import StockadeJournal
+import StockadeWire
+import Synchronization
+
+// Replication: a replica follows a primary's log.
+//
+//   replica                                   primary
+//   AUTH password (when the primary has one)  -> +OK
+//   REPLICATE next [LISTENING-PORT p]         -> +CONTINUE next SHARDS n
+//                                             <- $n <block>  (log blocks as written: header, LZ4
+//                                                 payload, CRC32C; each verified on both sides)
+//                                             <- +HEARTBEAT durable  (once a second while idle)
+//   REPLACK position (durable on the replica) ->
+//
+// The replica verifies each block, writes its records to its own log (same positions), applies them
+// through recovery's replay (``Engine/applyReplicated(_:at:)``) and acknowledges what its own log
+// made durable. A broken link is retried from the replica's position; a position the primary no
+// longer keeps gets -TRIMMED.
+
+/// Bounds of the replication stream.
+enum ReplicationLimits {
+    /// Log bytes read and sent to a replica in one go: the most the primary holds for one replica.
+    static let chunkBytes = 1 << 20
+    /// A replica that leaves a chunk unread this long is cut off (it reconnects and resumes).
+    static let stallSeconds: Int64 = 30
+    /// An idle stream carries a heartbeat this often, so both sides see a dead link.
+    static let heartbeatMillis: Int64 = 1000
+    /// A replica that hears nothing from its primary this long drops the link and reconnects.
+    static let silenceSeconds: UInt64 = 10
+    /// Waits between attempts to reach the primary: from the first to the last, doubling.
+    static let retryMillisFirst: UInt64 = 100
+    static let retryMillisMax: UInt64 = 2000
+    /// The replica's unparsed input: a block is at most a header and 4 MiB raw, compressed.
+    static let inputBytesMax = 16 << 20
+}
+
+/// What a server knows of replication: its role, its replicas (on a primary) and its link (on a
+/// replica). For ROLE and INFO replication.
+final class ReplicationState: Sendable {
+    struct Replica: Sendable {
+        var address: String
+        var listeningPort: Int
+        /// The last position the replica said its log made durable.
+        var ackedLSN: UInt64
+        var lastAckNanos: UInt64
+    }
+
+    struct Link: Sendable {
+        var host: String
+        var port: Int
+        /// connect, connecting, sync, connected (Redis's words for master_link_status).
+        var state = "connect"
+        var lastIONanos: UInt64 = 0
+        /// The primary's durable position, as its last message said.
+        var primaryDurableLSN: UInt64 = 0
+        /// When this replica last had everything the primary had made durable.
+        var caughtUpNanos: UInt64 = 0
+        var lastError = ""
+        var linksMade = 0
+    }
+
+    private struct State {
+        var replicas: [Int: Replica] = [:]
+        var nextReplicaID = 0
+        var link: Link?
+    }
+
+    private let state = Mutex(State())
+
+    /// Registers a replica's stream; returns its id.
+    func addReplica(_ replica: Replica) -> Int {
+        state.withLock { s in
+            defer { s.nextReplicaID += 1 }
+            s.replicas[s.nextReplicaID] = replica
+            return s.nextReplicaID
+        }
+    }
+
+    func acknowledged(_ id: Int, lsn: UInt64) {
+        state.withLock { s in
+            guard var replica = s.replicas[id] else { return }
+            replica.ackedLSN = max(replica.ackedLSN, lsn)
+            replica.lastAckNanos = monotonicNanos()
+            s.replicas[id] = replica
+        }
+    }
+
+    func removeReplica(_ id: Int) { state.withLock { _ = $0.replicas.removeValue(forKey: id) } }
+
+    var replicas: [Replica] { state.withLock { s in s.replicas.keys.sorted().map { s.replicas[$0]! } } }
+
+    var link: Link? { state.withLock { $0.link } }
+
+    func updateLink(_ body: (inout Link) -> Void) {
+        state.withLock { s in
+            if var link = s.link {
+                body(&link)
+                s.link = link
+            }
+        }
+    }
+
+    func setLink(_ link: Link?) { state.withLock { $0.link = link } }
+}
+
+// MARK: Primary side
+
+/// Streams the log to one replica over its connection, from the position it asked for: reads whole
+/// verified blocks on the blocking pool, writes a chunk and waits until the socket took it before the
+/// next (so a replica costs at most one chunk of memory), and waits for the durable position when
+/// caught up, with a heartbeat each second. Acknowledgements (REPLACK) come back on the same socket.
+final class ReplicaFeed: @unchecked Sendable {
+    private let server: ServerContext
+    private let channel: Channel
+    private var next: UInt64
+    private let id: Int
+    /// Bytes the replica sent (REPLACK lines); only touched on the channel's loop.
+    private var input = ByteBuffer()
+    private var parser = RESPParser()
+
+    init(server: ServerContext, channel: Channel, from: UInt64, listeningPort: Int) {
+        self.server = server
+        self.channel = channel
+        next = max(from, 1)
+        let address = channel.remoteAddress?.ipAddress ?? "?"
+        id = server.replication.addReplica(
+            .init(address: address, listeningPort: listeningPort, ackedLSN: from > 0 ? from - 1 : 0, lastAckNanos: monotonicNanos()))
+    }
+
+    /// Takes bytes the replica sent: REPLACK commands. Called on the channel's loop.
+    func received(_ bytes: inout ByteBuffer) {
+        input.writeBuffer(&bytes)
+        while true {
+            let outcome: RESPParser.Outcome
+            do { outcome = try parser.next(&input) } catch {
+                channel.close(promise: nil)
+                return
+            }
+            guard case .command(let arguments) = outcome else { break }
+            if arguments.count == 2, Word(arguments[0]) == Word("REPLACK"),
+               let lsn = arguments[1].withUnsafeReadableBytes({ RESPParser.decimal($0) }), lsn >= 0 {
+                server.replication.acknowledged(id, lsn: UInt64(lsn))
+            }
+        }
+        input.discardReadBytes()
+    }
+
+    /// Streams until the link closes or the log cannot serve the replica. Refuses a replica whose
+    /// position is ahead of this log (it holds records this primary never made durable).
+    func run() async {
+        defer { server.replication.removeReplica(id) }
+        let journal = server.store.journal
+        let durableAtStart = journal.lastDurableLSN
+        guard next <= durableAtStart + 1 else {
+            await send("-ERR the replica is ahead of this primary: it asks for position \(next), this log ends at \(durableAtStart)\r\n", close: true)
+            return
+        }
+        guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount)\r\n") else { return }
+        let reader = LogReader(directory: server.store.directory)
+        var lastSentNanos = monotonicNanos()
+        while channel.isActive {
+            let durable = journal.lastDurableLSN
+            if next <= durable {
+                let from = next
+                let read: Result<[LogReader.RawBlock], LogReader.ReadError> = await withTaskExecutorPreference(server.blockingWork) {
+                    do throws(LogReader.ReadError) {
+                        return .success(try reader.readBlocks(from: from, bytesMax: ReplicationLimits.chunkBytes, durable: durable))
+                    } catch { return .failure(error) }
+                }
+                switch read {
+                case .failure(.trimmed(let oldest)):
+                    server.logger.warning("a replica asked for position \(from), which the log no longer keeps (oldest \(oldest))")
+                    await send("-TRIMMED \(oldest) the log before position \(oldest) was removed after a snapshot; the replica needs a full copy\r\n", close: true)
+                    return
+                case .failure(.unreadable(let why)):
+                    await send("-ERR cannot read the log: \(why)\r\n", close: true)
+                    return
+                case .success(let blocks) where blocks.isEmpty:
+                    // The position says there is more, the files do not show it yet: try again shortly.
+                    try? await Task.sleep(for: .milliseconds(5))
+                    continue
+                case .success(let blocks):
+                    var out = channel.allocator.buffer(capacity: blocks.reduce(0) { $0 + $1.bytes.count + 16 })
+                    for block in blocks {
+                        out.writeString("$\(block.bytes.count)\r\n")
+                        out.writeBytes(block.bytes)
+                        out.writeString("\r\n")
+                    }
+                    guard await send(out) else { return }
+                    next = blocks.last!.lastLSN + 1
+                    lastSentNanos = monotonicNanos()
+                }
+                continue
+            }
+            let deadline = monotonicNanos() + UInt64(ReplicationLimits.heartbeatMillis) * 1_000_000
+            _ = await server.eventsWaiters.wait(from: next, deadlineNanos: deadline)
+            if server.eventsWaiters.isClosed { break }
+            if monotonicNanos() - lastSentNanos >= UInt64(ReplicationLimits.heartbeatMillis) * 1_000_000 {
+                guard await send("+HEARTBEAT \(journal.lastDurableLSN)\r\n") else { return }
+                lastSentNanos = monotonicNanos()
+            }
+        }
+        channel.close(promise: nil)
+    }
+
+    @discardableResult
+    private func send(_ text: String, close: Bool = false) async -> Bool {
+        await send(channel.allocator.buffer(string: text), close: close)
+    }
+
+    /// Writes and waits until the socket took the bytes; a replica that leaves them unread for
+    /// ``ReplicationLimits/stallSeconds`` is cut off. false when the link is gone.
+    private func send(_ buffer: ByteBuffer, close: Bool = false) async -> Bool {
+        let channel = self.channel
+        let written = channel.eventLoop.makePromise(of: Void.self)
+        channel.writeAndFlush(buffer, promise: written)
+        let stall = channel.eventLoop.scheduleTask(in: .seconds(ReplicationLimits.stallSeconds)) {
+            channel.close(promise: nil)
+        }
+        defer { stall.cancel() }
+        do { try await written.futureResult.get() } catch { return false }
+        if close { try? await channel.close() }
+        return !close
+    }
+}
+
+// MARK: Replica side
+
+/// Follows a primary: connects, asks for the log after this replica's position, verifies and
+/// applies what comes, acknowledges what is durable here, and reconnects (from its position) when
+/// the link breaks. ``stop()`` returns once nothing more will be applied.
+final class ReplicaLink: Sendable {
+    let host: String
+    let port: Int
+    private let server: ServerContext
+    private let group: EventLoopGroup
+    private let task = Mutex<Task<Void, Never>?>(nil)
+
+    init(host: String, port: Int, server: ServerContext, group: EventLoopGroup) {
+        self.host = host
+        self.port = port
+        self.server = server
+        self.group = group
+    }
+
+    func start() {
+        server.replication.setLink(.init(host: host, port: port))
+        let task = Task { await self.follow() }
+        self.task.withLock { $0 = task }
+    }
+
+    /// Stops following; returns once the link's task has ended (nothing is applied after it).
+    func stop() async {
+        let task = self.task.withLock { $0 }
+        task?.cancel()
+        await task?.value
+    }
+
+    private func follow() async {
+        var retryMillis = ReplicationLimits.retryMillisFirst
+        while !Task.isCancelled {
+            server.replication.updateLink { $0.state = "connecting" }
+            do {
+                try await session()
+                retryMillis = ReplicationLimits.retryMillisFirst
+            } catch let error as ReplicationError where error.fatal {
+                server.logger.error("replication from \(host):\(port) stopped: \(error.message)")
+                server.replication.updateLink { $0.state = "stopped"; $0.lastError = error.message }
+                return
+            } catch {
+                if Task.isCancelled { break }
+                let message = (error as? ReplicationError)?.message ?? "\(error)"
+                server.logger.warning("replication link to \(host):\(port): \(message); retrying in \(retryMillis) ms")
+                server.replication.updateLink { $0.lastError = message }
+            }
+            server.replication.updateLink { $0.state = "connect" }
+            try? await Task.sleep(for: .milliseconds(Int64(retryMillis)))
+            retryMillis = min(retryMillis * 2, ReplicationLimits.retryMillisMax)
+        }
+    }
+
+    /// One connection to the primary, until it breaks or the task is cancelled.
+    private func session() async throws {
+        let channel = try await ClientBootstrap(group: group)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .connectTimeout(.seconds(5))
+            .connect(host: host, port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+                }
+            }
+        let server = self.server
+        let journal = server.store.journal
+        let engine = server.engine
+        // A link silent for ``ReplicationLimits/silenceSeconds`` (the primary sends heartbeats) is
+        // closed, which ends the reads below; so is the link of a cancelled task.
+        let raw = channel.channel
+        server.replication.updateLink { $0.lastIONanos = monotonicNanos() }
+        let watchdog = Task {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .milliseconds(250))
+                let last = server.replication.link?.lastIONanos ?? 0
+                if Task.isCancelled || monotonicNanos() - last > ReplicationLimits.silenceSeconds * 1_000_000_000 {
+                    raw.close(promise: nil)
+                    return
+                }
+            }
+        }
+        defer { watchdog.cancel() }
+        try await withTaskCancellationHandler {
+          try await channel.executeThenClose { inbound, outbound in
+            var iterator = inbound.makeAsyncIterator()
+            var input = ByteBuffer()
+            // Reads until one message is complete; nil when the link closed.
+            func message() async throws -> StreamMessage? {
+                while true {
+                    if let message = try StreamMessage.parse(&input) { return message }
+                    guard input.readableBytes <= ReplicationLimits.inputBytesMax else {
+                        throw ReplicationError("the primary sent a message over \(ReplicationLimits.inputBytesMax) bytes")
+                    }
+                    guard var bytes = try await iterator.next() else { return nil }
+                    input.writeBuffer(&bytes)
+                    server.replication.updateLink { $0.lastIONanos = monotonicNanos() }
+                }
+            }
+            if let password = server.configuration.primaryPassword {
+                try await outbound.write(Self.command(["AUTH", password]))
+                guard case .line(let reply)? = try await message(), reply == "+OK" else {
+                    throw ReplicationError("the primary refused the password (--primary-auth)", fatal: true)
+                }
+            }
+            var next = journal.lastAppendedLSN + 1
+            try await outbound.write(Self.command(["REPLICATE", String(next), "LISTENING-PORT", String(server.listeningPort.withLock { $0 })]))
+            switch try await message() {
+            case .line(let reply)? where reply.hasPrefix("+CONTINUE \(next) SHARDS "):
+                let shards = Int(reply.dropFirst("+CONTINUE \(next) SHARDS ".count)) ?? 0
+                guard shards == engine.shardCount else {
+                    throw ReplicationError(
+                        "the primary has \(shards) shards, this replica \(engine.shardCount): start the replica with --shards \(shards) on an empty data directory",
+                        fatal: true)
+                }
+            case .line(let reply)? where reply.hasPrefix("-TRIMMED"):
+                throw ReplicationError(
+                    "the primary no longer keeps the log after position \(next - 1) (\(reply.dropFirst())); this replica needs a full copy: "
+                        + "stop it, empty its data directory, and start it again", fatal: true)
+            case .line(let reply)? where reply.hasPrefix("-"):
+                throw ReplicationError("the primary refused: \(reply.dropFirst())", fatal: reply.hasPrefix("-ERR the replica is ahead"))
+            case let other:
+                throw ReplicationError("unexpected answer to REPLICATE: \(String(describing: other))")
+            }
+            server.replication.updateLink { $0.state = "connected"; $0.linksMade += 1; $0.lastError = "" }
+            server.logger.info("replicating from \(host):\(port) at position \(next)")
+            while !Task.isCancelled {
+                guard let first = try await message() else { throw ReplicationError("the primary closed the link") }
+                // Every block already here is applied together: one append, one run on the shards.
+                var pending = [first]
+                while pending.count < 256, let more = try StreamMessage.parse(&input) { pending.append(more) }
+                var records: [Record] = []
+                for item in pending {
+                    switch item {
+                    case .line(let line) where line.hasPrefix("+HEARTBEAT "):
+                        if let durable = UInt64(line.dropFirst("+HEARTBEAT ".count)) {
+                            server.replication.updateLink { link in
+                                link.primaryDurableLSN = max(link.primaryDurableLSN, durable)
+                                if next > durable { link.caughtUpNanos = monotonicNanos() }
+                            }
+                        }
+                    case .line(let line):
+                        throw ReplicationError("the primary said: \(line)")
+                    case .block(let bytes):
+                        switch LogReader.decodeBlock(bytes) {
+                        case .failure(let error):
+                            throw ReplicationError("refused a block from the primary: \(error)")
+                        case .success(let block):
+                            let expected = next + UInt64(records.count)
+                            guard block.firstLSN <= expected, block.firstLSN + UInt64(block.records.count) > expected else {
+                                throw ReplicationError("the primary sent positions \(block.firstLSN)... where \(expected) was expected")
+                            }
+                            records += block.records[Int(expected - block.firstLSN)...]
+                        }
+                    }
+                }
+                guard !records.isEmpty else {
+                    try await outbound.write(Self.command(["REPLACK", String(journal.lastDurableLSN)]))
+                    continue
+                }
+                // The replica's own log first (same positions), then the state.
+                var buffer = RecordBuffer(capacity: records.count * 64)
+                for record in records { buffer.append(record) }
+                var last: UInt64 = 0
+                while true {
+                    do throws(Rejection) {
+                        last = try journal.append(buffer)
+                        break
+                    } catch .busy {
+                        try await Task.sleep(for: .milliseconds(1))
+                    } catch {
+                        throw ReplicationError("this replica's log refused the records: \(error)", fatal: true)
+                    }
+                }
+                guard last == next + UInt64(records.count) - 1 else {
+                    throw ReplicationError("this replica's log put the records at \(last - UInt64(records.count) + 1)..., not \(next)...", fatal: true)
+                }
+                let (reached, failure) = await engine.applyReplicated(records, at: next - 1)
+                if let failure {
+                    throw ReplicationError("record \(reached + 1) from the primary does not fit this replica's state (\(failure)); stopped", fatal: true)
+                }
+                next = reached + 1
+                server.replication.updateLink { link in
+                    link.primaryDurableLSN = max(link.primaryDurableLSN, reached)
+                    if reached >= link.primaryDurableLSN { link.caughtUpNanos = monotonicNanos() }
+                }
+                do throws(Rejection) { try await journal.waitDurable(reached) } catch {
+                    throw ReplicationError("this replica's log failed: \(error)", fatal: true)
+                }
+                try await outbound.write(Self.command(["REPLACK", String(reached)]))
+            }
+          }
+        } onCancel: {
+            raw.close(promise: nil)
+        }
+    }
+
+    /// A command as a RESP array of bulk strings.
+    static func command(_ words: [String]) -> ByteBuffer {
+        var out = ByteBuffer()
+        out.writeRESPArrayHeader(words.count)
+        for word in words { out.writeRESPBulk(word) }
+        return out
+    }
+}
+
+/// Why a replication link ended; `fatal` ones stop replication until an operator acts.
+struct ReplicationError: Error, CustomStringConvertible {
+    var message: String
+    var fatal = false
+    init(_ message: String, fatal: Bool = false) {
+        self.message = message
+        self.fatal = fatal
+    }
+    var description: String { message }
+}
+
+/// One message of the stream as the replica reads it: a status line (with its `+` or `-`) or a
+/// block's bytes (binary-safe, unlike a client's reply parser).
+enum StreamMessage: Equatable {
+    case line(String)
+    case block([UInt8])
+
+    /// The longest status line: positions and error texts are short.
+    static let lineBytesMax = 4096
+
+    /// The next complete message, or nil when more bytes are needed (nothing consumed).
+    static func parse(_ buffer: inout ByteBuffer) throws(ReplicationError) -> StreamMessage? {
+        let view = buffer.readableBytesView
+        guard let first = view.first else { return nil }
+        let searchEnd = view.index(view.startIndex, offsetBy: min(view.count, lineBytesMax + 2))
+        guard let newline = view[view.startIndex..<searchEnd].firstIndex(of: UInt8(ascii: "\n")) else {
+            if view.count > lineBytesMax + 1 { throw ReplicationError("a line from the primary is over \(lineBytesMax) bytes") }
+            return nil
+        }
+        guard newline > buffer.readerIndex, buffer.getInteger(at: newline - 1, as: UInt8.self) == UInt8(ascii: "\r") else {
+            throw ReplicationError("a line from the primary does not end with CRLF")
+        }
+        let line = buffer.getString(at: buffer.readerIndex, length: newline - 1 - buffer.readerIndex) ?? ""
+        switch first {
+        case UInt8(ascii: "+"), UInt8(ascii: "-"):
+            buffer.moveReaderIndex(to: newline + 1)
+            return .line(line)
+        case UInt8(ascii: "$"):
+            guard let length = Int(line.dropFirst()), length > 0, length <= ReplicationLimits.inputBytesMax else {
+                throw ReplicationError("bad block length from the primary: \(line.prefix(40))")
+            }
+            let start = newline + 1
+            guard buffer.writerIndex - start >= length + 2 else { return nil }
+            guard buffer.getInteger(at: start + length, as: UInt8.self) == UInt8(ascii: "\r"),
+                  buffer.getInteger(at: start + length + 1, as: UInt8.self) == UInt8(ascii: "\n")
+            else { throw ReplicationError("a block from the primary is not followed by CRLF") }
+            let bytes = buffer.getBytes(at: start, length: length)!
+            buffer.moveReaderIndex(to: start + length + 2)
+            return .block(bytes)
+        default:
+            throw ReplicationError("unexpected byte \(first) from the primary")
+        }
+    }
+}
