@@ -160,6 +160,12 @@ final class ReplicaFeed: @unchecked Sendable {
             await send("-ERR the replica is ahead of this primary: it asks for position \(next), this log ends at \(durableAtStart)\r\n", close: true)
             return
         }
+        // A position the log no longer keeps is refused before the stream starts.
+        if let oldest = try? server.store.directory.segments().first?.firstLSN, oldest > next {
+            server.logger.warning("a replica asked for position \(next), which the log no longer keeps (oldest \(oldest))")
+            await send("-TRIMMED \(oldest) the log before position \(oldest) was removed after a snapshot; the replica needs a full copy\r\n", close: true)
+            return
+        }
         guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount)\r\n") else { return }
         let reader = LogReader(directory: server.store.directory)
         var lastSentNanos = monotonicNanos()
@@ -370,6 +376,10 @@ final class ReplicaLink: Sendable {
                                 if next > durable { link.caughtUpNanos = monotonicNanos() }
                             }
                         }
+                    case .line(let line) where line.hasPrefix("-TRIMMED"):
+                        throw ReplicationError(
+                            "the primary no longer keeps the log after position \(next - 1) (\(line.dropFirst())); this replica needs a full copy: "
+                                + "stop it, empty its data directory, and start it again", fatal: true)
                     case .line(let line):
                         throw ReplicationError("the primary said: \(line)")
                     case .block(let bytes):

@@ -336,7 +336,8 @@ final class ServerContext: Sendable {
                 ("master_last_io_seconds_ago", link.lastIONanos == 0 ? "-1" : String((now - link.lastIONanos) / 1_000_000_000)),
                 ("master_repl_offset", String(link.primaryDurableLSN)), ("slave_repl_offset", String(durable)),
                 ("slave_read_only", "1"), ("replica_lag_records", String(lagRecords)), ("replica_lag_ms", String(lagMillis)),
-                ("master_link_error", link.lastError), ("master_links_made", String(link.linksMade)),
+                // An INFO value holds no comma or line end (clients split on them).
+                ("master_link_error", String(link.lastError.map { $0 == "," ? ";" : $0.isNewline ? " " : $0 })), ("master_links_made", String(link.linksMade)),
             ]
         }
         let replicas = replication.replicas

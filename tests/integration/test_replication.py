@@ -1,0 +1,292 @@
+"""Replicas (docs/REPLICATION.md): real primary and replica processes on loopback, a relay in the
+middle that breaks or corrupts the stream, kill -9 on either side."""
+import os
+import socket
+import threading
+import time
+
+import pytest
+import redis
+
+from conftest import Server
+
+
+def info(r, section="replication"):
+    return r.info(section)
+
+
+def wait_caught_up(primary, replica, timeout=20):
+    """Waits until the replica's log position equals the primary's durable position."""
+    p, r = primary.client(), replica.client()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        target = int(info(p, "persistence")["log_position_durable"])
+        if int(info(r)["slave_repl_offset"]) == target:
+            return target
+        time.sleep(0.05)
+    raise AssertionError(f"replica did not catch up: primary {info(p)} replica {info(r)}\n{replica.logs()}")
+
+
+def state_of(r, skus, orders):
+    """Everything a client can read: STOCK of each SKU, ORDER of each order, AUDIT."""
+    return ([r.execute_command("STOCK", s) for s in skus],
+            [r.execute_command("ORDER", o) for o in orders],
+            r.execute_command("AUDIT"))
+
+
+def assert_same_state(primary, replica, skus, orders):
+    """The replica shows what the primary shows, once caught up. Reading the primary can expire
+    holds that came due (new records), so the primary is read until it stands still."""
+    for _ in range(10):
+        before = state_of(primary.client(), skus, orders)
+        wait_caught_up(primary, replica)
+        seen = state_of(replica.client(), skus, orders)
+        if state_of(primary.client(), skus, orders) == before:
+            assert seen == before
+            return
+        time.sleep(0.2)
+    raise AssertionError("the primary kept changing")
+
+
+def sale(r, skus, users, prefix="u"):
+    """A small flash sale: holds, baskets, confirms, cancels and holds left to expire."""
+    orders = []
+    for i in range(users):
+        try:
+            if i % 5 == 0:
+                orders.append(r.execute_command("BUY", f"{prefix}{i}", skus[0], 1, skus[1], 1, "REQ", f"{prefix}r{i}"))
+            else:
+                ttl = 300 if i % 7 == 0 else 60_000
+                orders.append(r.execute_command("RESERVE", f"{prefix}{i}", skus[i % len(skus)], 1, "TTL", ttl))
+        except redis.ResponseError as e:
+            assert str(e).startswith("SOLDOUT") or str(e).startswith("INSUFFICIENT"), e
+            continue
+        if i % 3 == 0:
+            r.execute_command("CONFIRM", orders[-1])
+        elif i % 4 == 0:
+            r.execute_command("CANCEL", orders[-1])
+    return orders
+
+
+@pytest.fixture
+def pair(data_dir):
+    primary = Server(os.path.join(data_dir, "primary"), "--shards", "2").start()
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2",
+                     "--replica-of", f"127.0.0.1:{primary.port}").start()
+    yield primary, replica
+    replica.stop()
+    primary.stop()
+
+
+def test_replica_follows_a_sale_serves_reads_and_refuses_writes(pair):
+    primary, replica = pair
+    p, r = primary.client(), replica.client()
+    skus = [f"sku{i}" for i in range(6)]
+    for s in skus:
+        p.execute_command("SKU.ADD", s, 40, "LIMIT", 3)
+    orders = sale(p, skus, 150)
+    time.sleep(0.5)  # holds with a 300 ms TTL expire on the primary; the expiry records follow
+    assert_same_state(primary, replica, skus, orders)
+    position = wait_caught_up(primary, replica)
+    assert r.execute_command("EVENTS", 1, "COUNT", 10000) == p.execute_command("EVENTS", 1, "COUNT", 10000)
+    assert any(o[5] == "EXPIRED" for o in state_of(r, skus, orders)[1]), "the sale left holds to expire"
+    # Writes get Redis's READONLY, which client libraries know; nothing changes.
+    for command in (["RESERVE", "x", skus[0], 1], ["SKU.ADD", "new", 1], ["CONFIRM", orders[0]], ["BUY", "x", skus[0], 1, skus[1], 1]):
+        with pytest.raises(redis.exceptions.ReadOnlyError):
+            r.execute_command(*command)
+    assert int(info(r)["slave_repl_offset"]) == position
+    assert r.execute_command("ROLE") == ["slave", "127.0.0.1", primary.port, "connected", position]
+    role = p.execute_command("ROLE")
+    assert role[0] == "master" and role[1] == position and len(role[2]) == 1
+    assert role[2][0][1] == str(replica.port)
+    # The replica acknowledges what its own log made durable.
+    deadline = time.time() + 5
+    while int(p.execute_command("ROLE")[2][0][2]) != position and time.time() < deadline:
+        time.sleep(0.05)
+    assert int(p.execute_command("ROLE")[2][0][2]) == position
+
+
+def test_replica_catches_up_after_either_side_is_killed(pair, data_dir):
+    primary, replica = pair
+    p = primary.client()
+    skus = ["a", "b", "c"]
+    for s in skus:
+        p.execute_command("SKU.ADD", s, 500)
+    orders = sale(p, skus, 60, "first")
+    wait_caught_up(primary, replica)
+    replica.kill9()
+    orders += sale(p, skus, 60, "second")  # while the replica is down
+    replica.start()
+    assert_same_state(primary, replica, skus, orders)
+    # The primary dies under load; restarted, the replica's link comes back by itself.
+    stop = threading.Event()
+    def load():
+        c = primary.client()
+        i = 0
+        while not stop.is_set():
+            try:
+                c.execute_command("RESERVE", f"load{i}", skus[i % 3], 1)
+            except (redis.ConnectionError, redis.ResponseError):
+                return
+            i += 1
+    t = threading.Thread(target=load)
+    t.start()
+    time.sleep(0.3)
+    primary.kill9()
+    stop.set()
+    t.join()
+    primary.start()  # same port is not guaranteed: the replica is told the new one
+    replica.client().execute_command("REPLICAOF", "127.0.0.1", primary.port)
+    orders += sale(primary.client(), skus, 30, "third")
+    assert_same_state(primary, replica, skus, orders)
+
+
+def test_promoted_replica_takes_changes(pair):
+    primary, replica = pair
+    p, r = primary.client(), replica.client()
+    p.execute_command("SKU.ADD", "tv", 10)
+    held = p.execute_command("RESERVE", "ann", "tv", 2)
+    wait_caught_up(primary, replica)
+    primary.kill9()
+    assert r.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+    assert r.execute_command("ROLE")[0] == "master"
+    assert r.execute_command("CONFIRM", held) == "PAID"
+    assert r.execute_command("RESERVE", "bob", "tv", 3) is not None
+    assert r.execute_command("STOCK", "tv")[5] == 5
+    # What the promoted replica acknowledged survives its own crash.
+    replica.kill9()
+    replica.args = ["--shards", "2"]
+    replica.start()
+    assert replica.client().execute_command("STOCK", "tv")[5] == 5
+
+
+class Relay:
+    """A TCP relay between a replica and its primary that can break the first stream: cut it in the
+    middle of a block, or flip one byte inside a block. Later connections are relayed as they are."""
+
+    def __init__(self, target_port, mode):
+        self.target_port = target_port
+        self.mode = mode
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.tampered = threading.Event()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            first = self.connections == 1
+            threading.Thread(target=self.pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self.pipe, args=(upstream, client, first), daemon=True).start()
+
+    def pipe(self, source, sink, tamper):
+        seen = b""
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if tamper and not self.tampered.is_set():
+                    seen += data
+                    # The first block: after "+CONTINUE ...\r\n", a "$n\r\n" header, then n bytes.
+                    start = seen.find(b"\r\n$")
+                    if start >= 0:
+                        header_end = seen.find(b"\r\n", start + 2)
+                        if header_end >= 0 and len(seen) >= header_end + 2 + 60:
+                            at = header_end + 2 + 50
+                            if self.mode == "cut":
+                                sink.sendall(seen[:at])
+                                self.tampered.set()
+                                break
+                            seen = seen[:at] + bytes([seen[at] ^ 0x10]) + seen[at + 1:]
+                            sink.sendall(seen)
+                            self.tampered.set()
+                            tamper = False
+                    continue
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.parametrize("mode", ["cut", "corrupt"])
+def test_broken_or_corrupted_stream_is_refused_then_resumed(data_dir, mode):
+    primary = Server(os.path.join(data_dir, "primary"), "--shards", "2").start()
+    p = primary.client()
+    p.execute_command("SKU.ADD", "tv", 1000)
+    p.execute_command("SKU.ADD", "cam", 1000)
+    orders = sale(p, ["tv", "cam"], 100)
+    relay = Relay(primary.port, mode)
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2", "--replica-of", f"127.0.0.1:{relay.port}").start()
+    try:
+        assert_same_state(primary, replica, ["tv", "cam"], orders)
+        assert relay.tampered.is_set() and relay.connections >= 2, "the first stream was tampered with, a second one resumed"
+        logs = replica.logs()
+        if mode == "corrupt":
+            assert "refused a block from the primary: unreadable(\"block fails verification" in logs, logs
+        else:
+            assert "the primary closed the link" in logs, logs
+    finally:
+        replica.stop()
+        relay.close()
+        primary.stop()
+
+
+def test_replica_behind_the_retained_log_is_told_to_resync(data_dir):
+    primary_dir = os.path.join(data_dir, "primary")
+    args = ["--shards", "2", "--events-retention-segments", "0", "--snapshot-every-changes", "0"]
+    primary = Server(primary_dir, *args).start()
+    p = primary.client()
+    p.execute_command("SKU.ADD", "tv", 1000)
+    p.execute_command("SKU.ADD", "cam", 1000)
+    # Each start begins a log segment; two snapshots later the first segment is removed.
+    for round_ in range(3):
+        sale(p, ["tv", "cam"], 10, f"r{round_}")
+        p.execute_command("SNAPSHOT")
+        primary.stop()
+        primary.start()
+        p = primary.client()
+    assert not os.path.exists(os.path.join(primary_dir, "wal-" + "0" * 19 + "1.log")), sorted(os.listdir(primary_dir))
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}").start()
+    try:
+        deadline = time.time() + 10
+        while info(replica.client())["master_link_state"] != "stopped" and time.time() < deadline:
+            time.sleep(0.05)
+        state = info(replica.client())
+        assert state["master_link_state"] == "stopped", state
+        assert "needs a full copy" in state["master_link_error"], state
+        assert int(state["slave_repl_offset"]) == 0
+    finally:
+        replica.stop()
+        primary.stop()
+
+
+def test_shard_count_mismatch_stops_replication_with_a_clear_error(data_dir):
+    primary = Server(os.path.join(data_dir, "primary"), "--shards", "3").start()
+    primary.client().execute_command("SKU.ADD", "tv", 1)
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}").start()
+    try:
+        deadline = time.time() + 10
+        while info(replica.client())["master_link_state"] != "stopped" and time.time() < deadline:
+            time.sleep(0.05)
+        assert "start the replica with --shards 3" in info(replica.client())["master_link_error"]
+    finally:
+        replica.stop()
+        primary.stop()
