@@ -32,6 +32,9 @@ public enum Rejection: Error, Equatable, Sendable {
     case unavailable(String)
     /// This engine is a replica: its state changes only by the primary's log.
     case readOnly
+    /// Semi-synchronous replication: the change is durable here, but only `acknowledged` of the
+    /// `wanted` replicas had it durably in time, so a failover may lose it.
+    case notReplicated(acknowledged: Int, wanted: Int)
 }
 
 /// A reply from the engine to one ``Command``.

@@ -31,6 +31,8 @@ enum Request: Equatable {
     case replicaOf(host: String, port: Int)
     /// REPLICAOF NO ONE: a replica becomes a primary.
     case promote
+    /// WAIT numreplicas timeout: until that many replicas acknowledged every change made before it.
+    case wait(replicas: Int, timeoutMillis: Int)
     /// A reply to send as is: a wrong argument, an unknown command.
     case invalid(String)
 
@@ -67,6 +69,7 @@ enum Request: Equatable {
         case .replicate: "replicate"
         case .role: "role"
         case .replicaOf, .promote: "replicaof"
+        case .wait: "wait"
         case .invalid: "invalid"
         }
     }
@@ -128,7 +131,7 @@ struct Word: Hashable {
 enum Verb: CaseIterable {
     case ping, echo, quit, auth, info, shutdown, snapshot, save, bgsave, command, config, client, hello, select
     case skuAdd, skuRestock, skuPause, skuResume, stock, audit, reserve, buy, confirm, cancel, order, orders, deduct, events
-    case replicate, role, replicaof, slaveof
+    case replicate, role, replicaof, slaveof, wait
 
     /// The name as clients spell it (in lower case, as Redis shows it in errors).
     var name: String {
@@ -163,10 +166,10 @@ enum Verb: CaseIterable {
     }
 
     /// A power of two, at least twice the commands, so probes stay short and one slot is always free.
-    private static let tableSlots = 64
+    private static let tableSlots = 128
 
     private static func slot(of word: Word) -> Int {
-        Int(truncatingIfNeeded: ((word.low ^ word.high &* 31) &* 0x9E37_79B9_7F4A_7C15) >> 58) & (tableSlots - 1)
+        Int(truncatingIfNeeded: ((word.low ^ word.high &* 31) &* 0x9E37_79B9_7F4A_7C15) >> 57) & (tableSlots - 1)
     }
 
     /// Every command by its name, built once.
@@ -352,6 +355,12 @@ enum CommandTable {
             return .replicate(from: UInt64(from), listeningPort: listeningPort)
         case .role:
             return arity(args.isEmpty) ?? .role
+        case .wait:
+            guard args.count == 2 else { return wrongArity }
+            guard let replicas = integer(arg(0)), replicas >= 0, replicas <= 64 else { return .invalid("ERR numreplicas must be 0 to 64") }
+            guard let timeout = integer(arg(1)), timeout >= 0 else { return .invalid("ERR timeout is negative") }
+            // 0 waits without a bound, as in Redis; any bound is held to a day.
+            return .wait(replicas: Int(replicas), timeoutMillis: Int(min(timeout, 86_400_000)))
         case .replicaof, .slaveof:
             guard args.count == 2 else { return wrongArity }
             if Word(arg(0)) == Word("NO"), Word(arg(1)) == Word("ONE") { return .promote }

@@ -53,6 +53,11 @@ public struct ServerConfiguration: Sendable {
     public var replicaOf: (host: String, port: Int)?
     /// The password the primary asks for (`--primary-auth`), sent with AUTH before REPLICATE.
     public var primaryPassword: String?
+    /// Semi-synchronous replication: a change is answered only once this many replicas have it
+    /// durably (0: answered once durable here). With fewer replicas connected, changes are refused.
+    public var minReplicasToWrite = 0
+    /// How long a change waits for those acknowledgements before it is answered NOREPLICAS.
+    public var minReplicasTimeoutMillis = 10_000
 
     public init() {}
 
@@ -120,6 +125,8 @@ public struct ServerConfiguration: Sendable {
             outside(snapshotEverySeconds, Range.snapshotSeconds, "--snapshot-every-seconds", " (0: never by time)"),
             outside(eventsRetentionSegments, Range.retentionSegments, "--events-retention-segments"),
             outside(ioThreads, Range.ioThreads, "--io-threads", " (0: one per core)"),
+            outside(minReplicasToWrite, 0...64, "--min-replicas-to-write", " (0: answer once durable here)"),
+            outside(minReplicasTimeoutMillis, 1...3_600_000, "--min-replicas-timeout-ms"),
         ]
         if let first = checks.compactMap({ $0 }).first { return first }
         // AUTH must fit the limits a client has before it is authenticated (and the configured ones).

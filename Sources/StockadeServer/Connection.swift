@@ -314,6 +314,17 @@ final class ConnectionHandler: ChannelDuplexHandler {
                     replyBytes += round.local.writerIndex - start
                     continue
                 }
+                // Semi-synchronous: with fewer replicas connected than a change must reach, it is
+                // refused before it changes anything (Redis's words).
+                let minReplicas = server.configuration.minReplicasToWrite
+                if minReplicas > 0, command.isChange, server.replication.replicaCount < minReplicas {
+                    let start = round.local.writerIndex
+                    round.local.writeRESPError("NOREPLICAS Not enough good replicas to write.")
+                    round.slots.append(.local(start: start, end: round.local.writerIndex))
+                    round.tally.add(request.metricName, "noreplicas")
+                    replyBytes += round.local.writerIndex - start
+                    continue
+                }
                 let replyMax = ReplyEncoding.replyBytesMax(command)
                 if !round.slots.isEmpty, replyBytes + (replyMax ?? replyBudget) > replyBudget {
                     carried = request  // it starts the next round
@@ -357,6 +368,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
             case .role: round.step = .role
             case .replicaOf(let host, let port): round.step = .replicaOf(host: host, port: port)
             case .promote: round.step = .promote
+            case .wait(let replicas, let timeoutMillis): round.step = .wait(replicas: replicas, timeoutMillis: timeoutMillis)
             case .hello(_, let password):
                 // Redis's order: the version and options were checked by the command table; then the
                 // password. A HELLO that fails changes nothing.
@@ -461,8 +473,21 @@ final class ConnectionHandler: ChannelDuplexHandler {
         guard let loopState else { preconditionFailure("only connections on a server loop run rounds in place") }
         loopState.wait(for: waitFor) { failure in
             let answered = failure.map { reason in replies.map { _ in Reply.rejected(.unavailable(reason)) } } ?? replies
-            self.server.endRound()
-            self.complete(round, replies: answered, tail: nil, closeAfter: round.closeAfter, context: context)
+            guard failure == nil, self.server.configuration.minReplicasToWrite > 0, round.batch.contains(where: \.isChange) else {
+                self.server.endRound()
+                self.complete(round, replies: answered, tail: nil, closeAfter: round.closeAfter, context: context)
+                return
+            }
+            // Semi-synchronous: then the replicas' acknowledgements, back on this loop.
+            let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
+            let loop = context.eventLoop
+            self.server.awaitReplicas(round.batch, answered, position: waitFor) { replicated in
+                loop.execute {
+                    let (handler, context) = bound.value
+                    handler.server.endRound()
+                    handler.complete(round, replies: replicated, tail: nil, closeAfter: round.closeAfter, context: context)
+                }
+            }
         }
     }
 
@@ -474,7 +499,14 @@ final class ConnectionHandler: ChannelDuplexHandler {
         let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
         let loop = context.eventLoop
         Task(executorPreference: executor) {
-            let replies = round.batch.isEmpty ? [] : await engine.execute(round.batch, now: wallClockMillis())
+            var replies = round.batch.isEmpty ? [] : await engine.execute(round.batch, now: wallClockMillis())
+            if server.configuration.minReplicasToWrite > 0, round.batch.contains(where: \.isChange) {
+                // Every change of the batch is durable here: the durable position covers them.
+                let position = server.store.journal.lastDurableLSN
+                replies = await withCheckedContinuation { continuation in
+                    server.awaitReplicas(round.batch, replies, position: position) { continuation.resume(returning: $0) }
+                }
+            }
             let (tail, stepCloses): (ByteBuffer?, Bool) = if let step = round.step { await server.run(step: step) } else { (nil, false) }
             server.endRound()
             loop.execute {

@@ -64,10 +64,23 @@ final class ReplicationState: Sendable {
         var linksMade = 0
     }
 
+    /// Someone waiting until `count` replicas acknowledged `position` (WAIT, semi-synchronous changes).
+    private struct AckWaiter {
+        var position: UInt64
+        var count: Int
+        var deadlineNanos: UInt64
+        var done: @Sendable (Int) -> Void
+    }
+
     private struct State {
         var replicas: [Int: Replica] = [:]
         var nextReplicaID = 0
         var link: Link?
+        var waiters: [Int: AckWaiter] = [:]
+        var nextWaiterID = 0
+        var closed = false
+
+        func acknowledged(_ position: UInt64) -> Int { replicas.values.reduce(0) { $0 + ($1.ackedLSN >= position ? 1 : 0) } }
     }
 
     private let state = Mutex(State())
@@ -82,12 +95,67 @@ final class ReplicationState: Sendable {
     }
 
     func acknowledged(_ id: Int, lsn: UInt64) {
-        state.withLock { s in
-            guard var replica = s.replicas[id] else { return }
+        let ready: [(@Sendable (Int) -> Void, Int)] = state.withLock { s in
+            guard var replica = s.replicas[id] else { return [] }
             replica.ackedLSN = max(replica.ackedLSN, lsn)
             replica.lastAckNanos = monotonicNanos()
             s.replicas[id] = replica
+            var ready: [(@Sendable (Int) -> Void, Int)] = []
+            for (key, waiter) in s.waiters {
+                let count = s.acknowledged(waiter.position)
+                if count >= waiter.count {
+                    ready.append((waiter.done, count))
+                    s.waiters[key] = nil
+                }
+            }
+            return ready
         }
+        for (done, count) in ready { done(count) }
+    }
+
+    /// Replicas connected now.
+    var replicaCount: Int { state.withLock { $0.replicas.count } }
+
+    /// Calls `done` with the number of replicas that acknowledged `position`, once `count` have or
+    /// at the deadline (``expireDue(nowNanos:)``) or shutdown (``close()``), whichever comes first.
+    func whenAcknowledged(by count: Int, position: UInt64, deadlineNanos: UInt64, _ done: @escaping @Sendable (Int) -> Void) {
+        let now: Int? = state.withLock { s in
+            let acked = s.acknowledged(position)
+            if acked >= count || s.closed { return acked }
+            s.waiters[s.nextWaiterID] = AckWaiter(position: position, count: count, deadlineNanos: deadlineNanos, done: done)
+            s.nextWaiterID += 1
+            return nil
+        }
+        if let now { done(now) }
+    }
+
+    func waitForAcknowledgements(by count: Int, position: UInt64, deadlineNanos: UInt64) async -> Int {
+        await withCheckedContinuation { continuation in
+            whenAcknowledged(by: count, position: position, deadlineNanos: deadlineNanos) { continuation.resume(returning: $0) }
+        }
+    }
+
+    /// Answers the waiters whose time is up (the housekeeping tick).
+    func expireDue(nowNanos: UInt64) {
+        let due: [(@Sendable (Int) -> Void, Int)] = state.withLock { s in
+            var due: [(@Sendable (Int) -> Void, Int)] = []
+            for (key, waiter) in s.waiters where waiter.deadlineNanos <= nowNanos {
+                due.append((waiter.done, s.acknowledged(waiter.position)))
+                s.waiters[key] = nil
+            }
+            return due
+        }
+        for (done, count) in due { done(count) }
+    }
+
+    /// Shutdown: every waiter is answered now, and later ones at once.
+    func close() {
+        let all: [(@Sendable (Int) -> Void, Int)] = state.withLock { s in
+            s.closed = true
+            defer { s.waiters = [:] }
+            return s.waiters.values.map { ($0.done, s.acknowledged($0.position)) }
+        }
+        for (done, count) in all { done(count) }
     }
 
     func removeReplica(_ id: Int) { state.withLock { _ = $0.replicas.removeValue(forKey: id) } }

@@ -255,6 +255,18 @@ final class ServerContext: Sendable {
             await promote()
             out.writeRESPSimple("OK")
             metrics.count("replicaof", outcome: "ok")
+        case .wait(let replicas, let timeoutMillis):
+            guard replication.link == nil else {
+                out.writeRESPError("ERR WAIT cannot be used with replica instances. Please also note that since Redis 4.0 if a replica is configured to be writable (which is not the default) writes to replicas are just local and are not propagated.")
+                break
+            }
+            // Every change answered before this command is durable here by now: waiting for the
+            // durable position covers this client's changes (and may cover more).
+            let position = store.journal.lastDurableLSN
+            let deadline = timeoutMillis == 0 ? UInt64.max : monotonicNanos() + UInt64(timeoutMillis) * 1_000_000
+            let acknowledged = await replication.waitForAcknowledgements(by: replicas, position: position, deadlineNanos: deadline)
+            out.writeRESPInteger(Int64(acknowledged))
+            metrics.count("wait", outcome: "ok")
         }
         return (out, false)
     }
@@ -320,6 +332,21 @@ final class ServerContext: Sendable {
         replication.setLink(nil)
         engine.role.setReadOnly(false)
         logger.info("promoted to primary (REPLICAOF NO ONE) at log position \(store.journal.lastDurableLSN)")
+    }
+
+    /// Semi-synchronous replication (``ServerConfiguration/minReplicasToWrite``): calls `done` with
+    /// the replies once that many replicas acknowledged `position`; if they do not in time, the
+    /// successful replies of changes become NOREPLICAS (the change is durable here, not on them).
+    func awaitReplicas(_ batch: [Command], _ replies: [Reply], position: UInt64, done: @escaping @Sendable ([Reply]) -> Void) {
+        let wanted = configuration.minReplicasToWrite
+        let deadline = monotonicNanos() + UInt64(configuration.minReplicasTimeoutMillis) * 1_000_000
+        replication.whenAcknowledged(by: wanted, position: position, deadlineNanos: deadline) { acknowledged in
+            guard acknowledged < wanted else { return done(replies) }
+            done(zip(batch, replies).map { command, reply in
+                if case .rejected = reply { return reply }
+                return command.isChange ? .rejected(.notReplicated(acknowledged: acknowledged, wanted: wanted)) : reply
+            })
+        }
     }
 
     /// INFO's replication section, in Redis's keys, positions for offsets.
@@ -460,6 +487,7 @@ final class ServerContext: Sendable {
 enum RoundStep: Sendable {
     case snapshot, shutdown, info(String?), events(from: UInt64, count: Int, blockMillis: Int)
     case replicate(from: UInt64, listeningPort: Int), role, replicaOf(host: String, port: Int), promote
+    case wait(replicas: Int, timeoutMillis: Int)
 }
 
 /// The version this build reports.
@@ -659,6 +687,7 @@ public final class StockadeServer: Sendable {
         try? await metricsListener?.close()
         // EVENTS ... BLOCK waiters get their empty array now instead of holding shutdown up.
         context.eventsWaiters.close()
+        context.replication.close()
         let graceEnd = monotonicNanos() + UInt64(configuration.shutdownGraceSeconds) * 1_000_000_000
         await waitForRounds(context, until: graceEnd)
         for channel in context.clientChannels { try? await channel.close() }
@@ -702,6 +731,7 @@ public final class StockadeServer: Sendable {
         while !Task.isCancelled {
             await context.engine.expire(now: wallClockMillis())
             context.eventsWaiters.expireDue(nowNanos: monotonicNanos())
+            context.replication.expireDue(nowNanos: monotonicNanos())
             ticks += 1
             if ticks % 100 == 0 {
                 context.metrics.observe(context.store.journal)

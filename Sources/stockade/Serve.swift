@@ -72,6 +72,12 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("primary-auth"), help: "The password of the primary (its --requirepass), for --replica-of.")
     var primaryAuth: String?
 
+    @Option(name: .customLong("min-replicas-to-write"), help: "Answer a change only once this many replicas have it durably, 0 to 64 (0: once durable here).")
+    var minReplicasToWrite = 0
+
+    @Option(name: .customLong("min-replicas-timeout-ms"), help: "How long a change waits for those replicas before it is answered NOREPLICAS, 1 to 3600000.")
+    var minReplicasTimeoutMillis = 10_000
+
     /// Every flag is checked here, before anything is recovered or bound: a bad one is a usage
     /// error (exit 64) with a sentence naming it, never a trap or a silent default later.
     func validate() throws {
@@ -109,6 +115,8 @@ struct Serve: AsyncParsableCommand {
         config.ioThreads = ioThreads
         config.replicaOf = replicaOf.flatMap(ServerConfiguration.hostAndPort)
         config.primaryPassword = primaryAuth
+        config.minReplicasToWrite = minReplicasToWrite
+        config.minReplicasTimeoutMillis = minReplicasTimeoutMillis
         return config
     }
 

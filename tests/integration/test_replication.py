@@ -1,6 +1,7 @@
 """Replicas (docs/REPLICATION.md): real primary and replica processes on loopback, a relay in the
 middle that breaks or corrupts the stream, kill -9 on either side."""
 import os
+import signal
 import socket
 import threading
 import time
@@ -287,6 +288,111 @@ def test_shard_count_mismatch_stops_replication_with_a_clear_error(data_dir):
         while info(replica.client())["master_link_state"] != "stopped" and time.time() < deadline:
             time.sleep(0.05)
         assert "start the replica with --shards 3" in info(replica.client())["master_link_error"]
+    finally:
+        replica.stop()
+        primary.stop()
+
+
+def test_wait_counts_the_replicas_that_have_every_change(pair):
+    primary, replica = pair
+    p = primary.client()
+    p.execute_command("SKU.ADD", "tv", 100)
+    p.execute_command("RESERVE", "ann", "tv", 1)
+    assert p.execute_command("WAIT", 1, 5000) == 1
+    started = time.time()
+    assert p.execute_command("WAIT", 2, 300) == 1  # only one replica: the timeout answers
+    assert time.time() - started >= 0.25
+    with pytest.raises(redis.ResponseError, match="replica instances"):
+        replica.client().execute_command("WAIT", 1, 10)
+    os.kill(replica.proc.pid, signal.SIGSTOP)  # connected, but acknowledging nothing
+    try:
+        p.execute_command("RESERVE", "bob", "tv", 1)
+        assert p.execute_command("WAIT", 1, 300) == 0
+    finally:
+        os.kill(replica.proc.pid, signal.SIGCONT)
+    assert p.execute_command("WAIT", 1, 5000) == 1
+
+
+def test_semi_synchronous_failover_loses_no_acknowledged_order(data_dir):
+    """--min-replicas-to-write 1: an order is acknowledged only once the replica has it durably, so
+    after kill -9 of the primary and promotion of the replica, every acknowledged order is there."""
+    primary = Server(os.path.join(data_dir, "primary"), "--shards", "2",
+                     "--min-replicas-to-write", "1", "--min-replicas-timeout-ms", "300").start()
+    p = primary.client()
+    with pytest.raises(redis.ResponseError, match="NOREPLICAS Not enough good replicas"):
+        p.execute_command("SKU.ADD", "tv", 100_000)  # no replica yet: refused, nothing changed
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2",
+                     "--replica-of", f"127.0.0.1:{primary.port}").start()
+    try:
+        deadline = time.time() + 10
+        while int(info(p)["connected_slaves"]) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        p.execute_command("SKU.ADD", "tv", 100_000)
+        acknowledged = []
+        errors = []
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def client(n):
+            c = primary.client()
+            i = 0
+            while not stop.is_set():
+                try:
+                    pipe = c.pipeline(transaction=False)
+                    for k in range(8):
+                        pipe.execute_command("RESERVE", f"c{n}-{i}-{k}", "tv", 1)
+                    ids = pipe.execute(raise_on_error=False)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    return
+                with lock:
+                    errors.extend(str(x) for x in ids if isinstance(x, Exception))
+                with lock:
+                    acknowledged.extend(x for x in ids if not isinstance(x, Exception))
+                i += 1
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        primary.kill9()
+        stop.set()
+        for t in threads:
+            t.join()
+        assert len(acknowledged) > 50, errors[:3]
+        r = replica.client()
+        assert r.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        def present(order):
+            try:
+                return isinstance(r.execute_command("ORDER", order), list)
+            except redis.ResponseError:  # NOORDER
+                return False
+        missing = [o for o in acknowledged if not present(o)]
+        assert missing == [], f"{len(missing)} of {len(acknowledged)} acknowledged orders missing"
+    finally:
+        replica.stop()
+        primary.stop()
+
+
+def test_semi_synchronous_change_without_acknowledgement_is_answered_noreplicas(data_dir):
+    primary = Server(os.path.join(data_dir, "primary"), "--shards", "2",
+                     "--min-replicas-to-write", "1", "--min-replicas-timeout-ms", "300").start()
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2",
+                     "--replica-of", f"127.0.0.1:{primary.port}").start()
+    p = primary.client()
+    try:
+        deadline = time.time() + 10
+        while int(info(p)["connected_slaves"]) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        p.execute_command("SKU.ADD", "tv", 10)
+        os.kill(replica.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(redis.ResponseError, match="NOREPLICAS the change is durable on this primary, but only 0 of 1"):
+                p.execute_command("RESERVE", "ann", "tv", 1)
+            assert p.execute_command("STOCK", "tv")[5] == 9  # durable here all the same
+        finally:
+            os.kill(replica.proc.pid, signal.SIGCONT)
+        assert p.execute_command("WAIT", 1, 5000) == 1
+        assert replica.client().execute_command("STOCK", "tv")[5] == 9
     finally:
         replica.stop()
         primary.stop()
