@@ -1,6 +1,7 @@
 """Replicas (docs/REPLICATION.md): real primary and replica processes on loopback, a relay in the
 middle that breaks or corrupts the stream, kill -9 on either side."""
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -274,6 +275,16 @@ def test_replica_behind_the_retained_log_is_told_to_resync(data_dir):
         assert state["master_link_state"] == "stopped", state
         assert "needs a full copy" in state["master_link_error"], state
         assert int(state["slave_repl_offset"]) == 0
+        # The copy by hand (docs/REPLICATION.md): an empty directory with the primary's newest
+        # snapshot; the replica continues after it.
+        replica.stop()
+        shutil.rmtree(replica.data_dir)
+        os.makedirs(replica.data_dir)
+        newest = sorted(f for f in os.listdir(primary_dir) if f.endswith(".snap"))[-1]
+        shutil.copy(os.path.join(primary_dir, newest), replica.data_dir)
+        replica.start()
+        sale(primary.client(), ["tv", "cam"], 10, "after")
+        assert_same_state(primary, replica, ["tv", "cam"], [])
     finally:
         replica.stop()
         primary.stop()
