@@ -26,6 +26,13 @@ public final class Engine: Sendable {
         self.log = log
     }
 
+    /// Replaces the whole state with a primary's (a full copy: its snapshot), every shard in one run
+    /// on the shards' one executor. Read-only engines only, with the shard count of the copy.
+    public func installReplicated(_ state: EngineState) async {
+        precondition(role.isReadOnly && state.shards.count == shards.count)
+        await shards[0].installReplicated(state, across: shards)
+    }
+
     /// Applies records of a primary's log, in order, to every shard, through recovery's replay
     /// (``EngineState/apply(_:)``): the same checks, so a record that does not fit this state stops
     /// replication instead of corrupting it. `lsn` is the position the state is at (the records are

@@ -332,6 +332,24 @@ public actor Shard {
         return (reached, failure)
     }
 
+    /// Replaces this shard's state with `replacement` (a full copy at `lsn`) and every shard's on this
+    /// executor in the same run (see ``Engine/installReplicated(_:)``).
+    func installReplicated(_ replacement: EngineState, across shards: [Shard]) {
+        for (i, shard) in shards.enumerated() {
+            precondition(shard === self || shard.executor === executor, "a replica's shards share one executor")
+            let state = replacement.shards[i]
+            if shard === self { install(state, at: replacement.lsn) } else { shard.assumeIsolated { $0.install(state, at: replacement.lsn) } }
+        }
+    }
+
+    private func install(_ replacement: ShardState, at lsn: UInt64) {
+        beginChange()
+        state = replacement
+        directory.replaceAll(state.counters)
+        visibleLSN = max(visibleLSN, lsn)
+        endChange()
+    }
+
     /// SKUs the state had when it was lent: those after it are published when it comes back.
     private var lentSkuCount = 0
 

@@ -24,8 +24,9 @@ enum Request: Equatable {
     /// HELLO [2|3 [AUTH user password] [SETNAME name]]: the version is nil, 2 or 3 (others are refused here).
     case hello(version: Int?, password: ByteBuffer?)
     case select(Int)
-    /// REPLICATE next [LISTENING-PORT port]: this connection becomes a replica's log stream.
-    case replicate(from: UInt64, listeningPort: Int)
+    /// REPLICATE next [LISTENING-PORT port] [FULLCOPY]: this connection becomes a replica's log
+    /// stream; with FULLCOPY, a position the log no longer keeps is answered with the newest snapshot.
+    case replicate(from: UInt64, listeningPort: Int, fullCopy: Bool)
     case role
     /// REPLICAOF host port (SLAVEOF is the same).
     case replicaOf(host: String, port: Int)
@@ -343,16 +344,23 @@ enum CommandTable {
             }
             return .events(from: UInt64(from), count: count, blockMillis: block)
         case .replicate:
-            guard args.count == 1 || args.count == 3 else { return wrongArity }
+            guard args.count >= 1, args.count <= 4 else { return wrongArity }
             guard let from = integer(arg(0)), from >= 0 else { return .invalid("ERR position must be 0 to \(Int64.max)") }
             var listeningPort = 0
-            if args.count == 3 {
-                guard Word(arg(1)) == Word("LISTENING-PORT"), let port = integer(arg(2)), port >= 0, port <= 65535 else {
-                    return .invalid("ERR syntax error: expected LISTENING-PORT 0-65535")
+            var fullCopy = false
+            var i = 1
+            while i < args.count {
+                if Word(arg(i)) == Word("FULLCOPY") {
+                    fullCopy = true
+                    i += 1
+                } else if Word(arg(i)) == Word("LISTENING-PORT"), i + 1 < args.count, let port = integer(arg(i + 1)), port >= 0, port <= 65535 {
+                    listeningPort = Int(port)
+                    i += 2
+                } else {
+                    return .invalid("ERR syntax error: expected LISTENING-PORT 0-65535 or FULLCOPY")
                 }
-                listeningPort = Int(port)
             }
-            return .replicate(from: UInt64(from), listeningPort: listeningPort)
+            return .replicate(from: UInt64(from), listeningPort: listeningPort, fullCopy: fullCopy)
         case .role:
             return arity(args.isEmpty) ?? .role
         case .wait:

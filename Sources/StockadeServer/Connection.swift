@@ -210,8 +210,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
             }
             return
         }
-        if case .replicate(let from, let listeningPort)? = round.step {
-            startFeed(context: context, round: round, from: from, listeningPort: listeningPort)
+        if case .replicate(let from, let listeningPort, let fullCopy)? = round.step {
+            startFeed(context: context, round: round, from: from, listeningPort: listeningPort, fullCopy: fullCopy)
             return
         }
         if round.batch.isEmpty && round.step == nil {
@@ -227,10 +227,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// The connection becomes a replica's log stream: the replies before REPLICATE are written, then
     /// ``ReplicaFeed`` owns the socket until it closes. REPLICATE always starts a round of its own
     /// (``buildRound(context:)``), so nothing of the engine is in flight here.
-    private func startFeed(context: ChannelHandlerContext, round: Round, from: UInt64, listeningPort: Int) {
+    private func startFeed(context: ChannelHandlerContext, round: Round, from: UInt64, listeningPort: Int, fullCopy: Bool) {
         finish(context: context, round: round, replies: [], tail: nil, closeAfter: false)
         busy = true  // no more rounds on this connection
-        let feed = ReplicaFeed(server: server, channel: context.channel, from: from, listeningPort: listeningPort)
+        let feed = ReplicaFeed(server: server, channel: context.channel, from: from, listeningPort: listeningPort, fullCopy: fullCopy)
         self.feed = feed
         if var rest = inbound, rest.readableBytes > 0 { feed.received(&rest) }
         inbound = nil
@@ -358,13 +358,13 @@ final class ConnectionHandler: ChannelDuplexHandler {
             case .shutdown: round.step = .shutdown
             case .info(let section): round.step = .info(section)
             case .events(let from, let count, let block): round.step = .events(from: from, count: count, blockMillis: block)
-            case .replicate(let from, let listeningPort):
+            case .replicate(let from, let listeningPort, let fullCopy):
                 // A round of its own: the connection becomes a log stream after it.
                 guard round.slots.isEmpty else {
                     carried = request
                     break parsing
                 }
-                round.step = .replicate(from: from, listeningPort: listeningPort)
+                round.step = .replicate(from: from, listeningPort: listeningPort, fullCopy: fullCopy)
             case .role: round.step = .role
             case .replicaOf(let host, let port): round.step = .replicaOf(host: host, port: port)
             case .promote: round.step = .promote

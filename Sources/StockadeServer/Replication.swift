@@ -187,13 +187,16 @@ final class ReplicaFeed: @unchecked Sendable {
     private let channel: Channel
     private var next: UInt64
     private let id: Int
+    /// The replica takes a full copy when its position is no longer kept.
+    private let fullCopy: Bool
     /// Bytes the replica sent (REPLACK lines); only touched on the channel's loop.
     private var input = ByteBuffer()
     private var parser = RESPParser()
 
-    init(server: ServerContext, channel: Channel, from: UInt64, listeningPort: Int) {
+    init(server: ServerContext, channel: Channel, from: UInt64, listeningPort: Int, fullCopy: Bool = false) {
         self.server = server
         self.channel = channel
+        self.fullCopy = fullCopy
         next = max(from, 1)
         let address = channel.remoteAddress?.ipAddress ?? "?"
         id = server.replication.addReplica(
@@ -228,11 +231,15 @@ final class ReplicaFeed: @unchecked Sendable {
             await send("-ERR the replica is ahead of this primary: it asks for position \(next), this log ends at \(durableAtStart)\r\n", close: true)
             return
         }
-        // A position the log no longer keeps is refused before the stream starts.
+        // A position the log no longer keeps: the newest snapshot first (FULLCOPY), or a refusal.
         if let oldest = try? server.store.directory.segments().first?.firstLSN, oldest > next {
-            server.logger.warning("a replica asked for position \(next), which the log no longer keeps (oldest \(oldest))")
-            await send("-TRIMMED \(oldest) the log before position \(oldest) was removed after a snapshot; the replica needs a full copy\r\n", close: true)
-            return
+            guard fullCopy else {
+                server.logger.warning("a replica asked for position \(next), which the log no longer keeps (oldest \(oldest))")
+                await send("-TRIMMED \(oldest) the log before position \(oldest) was removed after a snapshot; the replica needs a full copy\r\n", close: true)
+                return
+            }
+            guard let copied = await sendFullCopy() else { return }
+            next = copied + 1
         }
         guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount)\r\n") else { return }
         let reader = LogReader(directory: server.store.directory)
@@ -280,6 +287,54 @@ final class ReplicaFeed: @unchecked Sendable {
             }
         }
         channel.close(promise: nil)
+    }
+
+    /// Sends the newest snapshot that verifies: `+FULLCOPY lsn bytes`, then the file as one bulk
+    /// string, read and sent ``ReplicationLimits/chunkBytes`` at a time. Returns its position, or nil
+    /// when the link is gone or there is no snapshot to send (the replica is told why).
+    private func sendFullCopy() async -> UInt64? {
+        let directory = server.store.directory
+        typealias Opened = (lsn: UInt64, file: any StorageFile, size: Int)
+        let opened: Result<Opened, JournalError> = await withTaskExecutorPreference(server.blockingWork) {
+            do throws(JournalError) {
+                for snapshot in try directory.snapshots().reversed() {
+                    // Opened before it is verified: a snapshot pruned meanwhile stays readable.
+                    let file = try directory.storage.open(snapshot.path, .read)
+                    do throws(JournalError) {
+                        try SnapshotFile.verify(snapshot.path, storage: directory.storage)
+                        return .success((snapshot.lsn, file, try file.size()))
+                    } catch {
+                        file.close()
+                    }
+                }
+                return .failure(JournalError(.io, "no snapshot verifies"))
+            } catch { return .failure(error) }
+        }
+        guard case .success(let copy) = opened else {
+            if case .failure(let error) = opened {
+                await send("-ERR no full copy to send: \(error.message); take a SNAPSHOT on the primary\r\n", close: true)
+            }
+            return nil
+        }
+        defer { copy.file.close() }
+        server.logger.info("sending a replica a full copy: the snapshot at position \(copy.lsn), \(copy.size) bytes")
+        guard await send("+FULLCOPY \(copy.lsn) \(copy.size)\r\n$\(copy.size)\r\n") else { return nil }
+        var offset = 0
+        while offset < copy.size {
+            let count = min(ReplicationLimits.chunkBytes, copy.size - offset)
+            let at = offset
+            let chunk: [UInt8]? = await withTaskExecutorPreference(server.blockingWork) { try? copy.file.read(at: at, count: count) }
+            guard let chunk, chunk.count == count else {
+                await send("-ERR the snapshot could not be read\r\n", close: true)
+                return nil
+            }
+            var out = channel.allocator.buffer(capacity: count)
+            out.writeBytes(chunk)
+            guard await send(out) else { return nil }
+            offset += count
+        }
+        guard await send("\r\n") else { return nil }
+        return copy.lsn
     }
 
     @discardableResult
@@ -409,8 +464,53 @@ final class ReplicaLink: Sendable {
                 }
             }
             var next = journal.lastAppendedLSN + 1
-            try await outbound.write(Self.command(["REPLICATE", String(next), "LISTENING-PORT", String(server.listeningPort.withLock { $0 })]))
-            switch try await message() {
+            try await outbound.write(Self.command(["REPLICATE", String(next), "LISTENING-PORT", String(server.listeningPort.withLock { $0 }), "FULLCOPY"]))
+            var answer = try await message()
+            if case .line(let reply)? = answer, reply.hasPrefix("+FULLCOPY ") {
+                // The primary no longer keeps the log after this replica's position: its newest
+                // snapshot comes first, then the log after it.
+                let words = reply.split(separator: " ")
+                guard words.count == 3, let lsn = UInt64(words[1]), let size = Int(words[2]), size > 0, lsn >= next else {
+                    throw ReplicationError("bad full-copy header from the primary: \(reply.prefix(80))")
+                }
+                server.replication.updateLink { $0.state = "sync" }
+                server.logger.info("receiving a full copy from \(host):\(port): the snapshot at position \(lsn), \(size) bytes")
+                let path = server.store.directory.snapshotPath(lsn: lsn) + ".tmp"
+                let file = try server.store.directory.storage.open(path, .create)
+                var closed = false
+                defer { if !closed { file.close(); try? server.store.directory.storage.remove(path) } }
+                // "$size\r\n", the bytes, "\r\n": written to the file as they come, never held whole.
+                let header = "$\(size)\r\n"
+                while input.readableBytes < header.utf8.count {
+                    guard var bytes = try await iterator.next() else { throw ReplicationError("the primary closed the link during a full copy") }
+                    input.writeBuffer(&bytes)
+                }
+                guard input.readString(length: header.utf8.count) == header else { throw ReplicationError("bad full-copy framing from the primary") }
+                var left = size
+                while left > 0 {
+                    if input.readableBytes == 0 {
+                        guard var bytes = try await iterator.next() else { throw ReplicationError("the primary closed the link during a full copy") }
+                        input.writeBuffer(&bytes)
+                        server.replication.updateLink { $0.lastIONanos = monotonicNanos() }
+                    }
+                    let take = min(left, input.readableBytes)
+                    let chunk = input.readBytes(length: take)!
+                    try await withTaskExecutorPreference(server.blockingWork) { try Self.append(chunk, to: file) }
+                    left -= take
+                }
+                while input.readableBytes < 2 {
+                    guard var bytes = try await iterator.next() else { throw ReplicationError("the primary closed the link during a full copy") }
+                    input.writeBuffer(&bytes)
+                }
+                guard input.readString(length: 2) == "\r\n" else { throw ReplicationError("bad full-copy framing from the primary") }
+                try file.dataSync()
+                file.close()
+                closed = true
+                try await installFullCopy(path: path, lsn: lsn)
+                next = lsn + 1
+                answer = try await message()
+            }
+            switch answer {
             case .line(let reply)? where reply.hasPrefix("+CONTINUE \(next) SHARDS "):
                 let shards = Int(reply.dropFirst("+CONTINUE \(next) SHARDS ".count)) ?? 0
                 guard shards == engine.shardCount else {
@@ -502,6 +602,49 @@ final class ReplicaLink: Sendable {
         } onCancel: {
             raw.close(promise: nil)
         }
+    }
+
+    /// Puts a received snapshot in place and continues from it: verifies and reads it, renames it to
+    /// its final name (from then on recovery starts from it), starts the log again after its position,
+    /// replaces the state, and removes the segments and snapshots it supersedes. Each step leaves a
+    /// directory that recovers: before the rename the old state, after it the copy.
+    private func installFullCopy(path: String, lsn: UInt64) async throws {
+        let directory = server.store.directory
+        let journal = server.store.journal
+        let state: EngineState
+        do {
+            state = try await withTaskExecutorPreference(server.blockingWork) { try SnapshotFile.read(path, storage: directory.storage) }
+        } catch {
+            try? directory.storage.remove(path)
+            throw ReplicationError("the full copy from the primary does not verify: \(error)")
+        }
+        guard state.lsn == lsn, state.shards.count == server.engine.shardCount else {
+            try? directory.storage.remove(path)
+            throw ReplicationError("the full copy is of position \(state.lsn) with \(state.shards.count) shards, not \(lsn) with \(server.engine.shardCount)", fatal: true)
+        }
+        let final = directory.snapshotPath(lsn: lsn)
+        do {
+            try directory.storage.rename(path, to: final)
+            try directory.storage.syncDirectory(directory.path)
+            try journal.rebase(to: lsn)
+        } catch {
+            throw ReplicationError("this replica could not put the full copy in place: \(error)", fatal: true)
+        }
+        await server.engine.installReplicated(state)
+        // Superseded: the log before the copy and older snapshots (best effort: recovery skips them).
+        _ = try? journal.removeSegments(coveredThrough: lsn, keep: 0)
+        for old in (try? directory.snapshots()) ?? [] where old.path != final { try? directory.storage.remove(old.path) }
+        try? directory.storage.syncDirectory(directory.path)
+        server.replication.updateLink { $0.primaryDurableLSN = max($0.primaryDurableLSN, lsn) }
+        server.logger.info("full copy in place at position \(lsn); following the log after it")
+    }
+
+    private static func append(_ bytes: [UInt8], to file: any StorageFile) throws {
+        var failure: JournalError?
+        bytes.withUnsafeBytes { raw in
+            do throws(JournalError) { try file.append(raw) } catch { failure = error }
+        }
+        if let failure { throw failure }
     }
 
     /// A command as a RESP array of bulk strings.

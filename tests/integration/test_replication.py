@@ -251,42 +251,64 @@ def test_broken_or_corrupted_stream_is_refused_then_resumed(data_dir, mode):
         primary.stop()
 
 
-def test_replica_behind_the_retained_log_is_told_to_resync(data_dir):
+def trimmed_primary(data_dir, *extra):
+    """A primary whose first log segments were removed after snapshots (each start begins a segment;
+    two snapshots later the first one goes)."""
     primary_dir = os.path.join(data_dir, "primary")
-    args = ["--shards", "2", "--events-retention-segments", "0", "--snapshot-every-changes", "0"]
-    primary = Server(primary_dir, *args).start()
+    primary = Server(primary_dir, "--shards", "2", "--events-retention-segments", "0", "--snapshot-every-changes", "0", *extra).start()
     p = primary.client()
     p.execute_command("SKU.ADD", "tv", 1000)
     p.execute_command("SKU.ADD", "cam", 1000)
-    # Each start begins a log segment; two snapshots later the first segment is removed.
+    orders = []
     for round_ in range(3):
-        sale(p, ["tv", "cam"], 10, f"r{round_}")
+        orders += sale(p, ["tv", "cam"], 10, f"r{round_}")
         p.execute_command("SNAPSHOT")
         primary.stop()
         primary.start()
         p = primary.client()
     assert not os.path.exists(os.path.join(primary_dir, "wal-" + "0" * 19 + "1.log")), sorted(os.listdir(primary_dir))
-    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}").start()
+    return primary, orders
+
+
+def test_replica_behind_the_retained_log_takes_a_full_copy(data_dir):
+    primary, orders = trimmed_primary(data_dir)
+    orders += sale(primary.client(), ["tv", "cam"], 10, "late")  # after the newest snapshot
+    # A replica with a state of its own, behind the log kept: replaced by the copy.
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2").start()
+    replica.client().execute_command("SKU.ADD", "stale", 5)
+    replica.stop()
+    replica.args += ["--replica-of", f"127.0.0.1:{primary.port}"]
+    replica.start()
     try:
-        deadline = time.time() + 10
-        while info(replica.client())["master_link_state"] != "stopped" and time.time() < deadline:
-            time.sleep(0.05)
-        state = info(replica.client())
-        assert state["master_link_state"] == "stopped", state
-        assert "needs a full copy" in state["master_link_error"], state
-        assert int(state["slave_repl_offset"]) == 0
-        # The copy by hand (docs/REPLICATION.md): an empty directory with the primary's newest
-        # snapshot; the replica continues after it.
-        replica.stop()
-        shutil.rmtree(replica.data_dir)
-        os.makedirs(replica.data_dir)
-        newest = sorted(f for f in os.listdir(primary_dir) if f.endswith(".snap"))[-1]
-        shutil.copy(os.path.join(primary_dir, newest), replica.data_dir)
+        assert_same_state(primary, replica, ["tv", "cam"], orders)
+        assert "full copy in place" in replica.logs()
+        with pytest.raises(redis.ResponseError, match="NOSKU"):
+            replica.client().execute_command("STOCK", "stale")
+        # What it holds after the copy is its own: a kill -9 and a restart recover it, and the stream
+        # goes on from there.
+        replica.kill9()
+        orders += sale(primary.client(), ["tv", "cam"], 10, "after")
         replica.start()
-        sale(primary.client(), ["tv", "cam"], 10, "after")
-        assert_same_state(primary, replica, ["tv", "cam"], [])
+        assert_same_state(primary, replica, ["tv", "cam"], orders)
+        assert sorted(f for f in os.listdir(replica.data_dir) if f.endswith(".snap"))[:1], "the copy is kept"
     finally:
         replica.stop()
+        primary.stop()
+
+
+def test_full_copy_cut_midway_is_resumed(data_dir):
+    """A link cut in the middle of the snapshot leaves no file behind and no state change; the next
+    link takes the copy again."""
+    primary, orders = trimmed_primary(data_dir)
+    relay = Relay(primary.port, "cut")
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2", "--replica-of", f"127.0.0.1:{relay.port}").start()
+    try:
+        assert_same_state(primary, replica, ["tv", "cam"], orders)
+        assert relay.tampered.is_set() and relay.connections >= 2
+        assert not [f for f in os.listdir(replica.data_dir) if f.endswith(".tmp")]
+    finally:
+        replica.stop()
+        relay.close()
         primary.stop()
 
 
