@@ -142,6 +142,20 @@ public struct LogReader: Sendable {
 }
 
 extension LogReader {
+    /// A fingerprint of the record at `position` (FNV-1a over its encoding), or nil when the log does
+    /// not hold it (trimmed, or not written). Two logs whose records at a position have different
+    /// fingerprints diverged at or before it: what a replica and its primary compare when they meet.
+    public func fingerprint(at position: UInt64, durable: UInt64) -> UInt64? {
+        guard position >= 1, position <= durable,
+              let found = try? read(from: position, count: 1, durable: durable).first, found.position == position
+        else { return nil }
+        var buffer = RecordBuffer(capacity: 256)
+        buffer.append(found.record)
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in buffer.bytes { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+        return hash
+    }
+
     /// The records of one block as the replication stream carries it (``RawBlock/bytes``): verified
     /// (checksum, length, record count) and decoded, with the position of its first record; or why
     /// it cannot be trusted. The replica's side of ``readBlocks(from:bytesMax:durable:)``.

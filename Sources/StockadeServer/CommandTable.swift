@@ -26,7 +26,7 @@ enum Request: Equatable {
     case select(Int)
     /// REPLICATE next [LISTENING-PORT port] [FULLCOPY]: this connection becomes a replica's log
     /// stream; with FULLCOPY, a position the log no longer keeps is answered with the newest snapshot.
-    case replicate(from: UInt64, listeningPort: Int, fullCopy: Bool)
+    case replicate(from: UInt64, listeningPort: Int, fullCopy: Bool, last: UInt64?)
     case role
     /// REPLICAOF host port (SLAVEOF is the same).
     case replicaOf(host: String, port: Int)
@@ -344,23 +344,28 @@ enum CommandTable {
             }
             return .events(from: UInt64(from), count: count, blockMillis: block)
         case .replicate:
-            guard args.count >= 1, args.count <= 4 else { return wrongArity }
+            guard args.count >= 1, args.count <= 6 else { return wrongArity }
             guard let from = integer(arg(0)), from >= 0 else { return .invalid("ERR position must be 0 to \(Int64.max)") }
             var listeningPort = 0
             var fullCopy = false
+            var last: UInt64?
             var i = 1
             while i < args.count {
                 if Word(arg(i)) == Word("FULLCOPY") {
                     fullCopy = true
                     i += 1
+                } else if Word(arg(i)) == Word("LAST"), i + 1 < args.count,
+                          let value = String(validating: arg(i + 1).readableBytesView, as: UTF8.self).flatMap({ UInt64($0, radix: 16) }) {
+                    last = value
+                    i += 2
                 } else if Word(arg(i)) == Word("LISTENING-PORT"), i + 1 < args.count, let port = integer(arg(i + 1)), port >= 0, port <= 65535 {
                     listeningPort = Int(port)
                     i += 2
                 } else {
-                    return .invalid("ERR syntax error: expected LISTENING-PORT 0-65535 or FULLCOPY")
+                    return .invalid("ERR syntax error: expected LISTENING-PORT 0-65535, LAST fingerprint or FULLCOPY")
                 }
             }
-            return .replicate(from: UInt64(from), listeningPort: listeningPort, fullCopy: fullCopy)
+            return .replicate(from: UInt64(from), listeningPort: listeningPort, fullCopy: fullCopy, last: last)
         case .role:
             return arity(args.isEmpty) ?? .role
         case .wait:

@@ -210,8 +210,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
             }
             return
         }
-        if case .replicate(let from, let listeningPort, let fullCopy)? = round.step {
-            startFeed(context: context, round: round, from: from, listeningPort: listeningPort, fullCopy: fullCopy)
+        if case .replicate(let from, let listeningPort, let fullCopy, let last)? = round.step {
+            startFeed(context: context, round: round, from: from, listeningPort: listeningPort, fullCopy: fullCopy, last: last)
             return
         }
         if round.batch.isEmpty && round.step == nil {
@@ -227,10 +227,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// The connection becomes a replica's log stream: the replies before REPLICATE are written, then
     /// ``ReplicaFeed`` owns the socket until it closes. REPLICATE always starts a round of its own
     /// (``buildRound(context:)``), so nothing of the engine is in flight here.
-    private func startFeed(context: ChannelHandlerContext, round: Round, from: UInt64, listeningPort: Int, fullCopy: Bool) {
+    private func startFeed(context: ChannelHandlerContext, round: Round, from: UInt64, listeningPort: Int, fullCopy: Bool, last: UInt64?) {
         finish(context: context, round: round, replies: [], tail: nil, closeAfter: false)
         busy = true  // no more rounds on this connection
-        let feed = ReplicaFeed(server: server, channel: context.channel, from: from, listeningPort: listeningPort, fullCopy: fullCopy)
+        let feed = ReplicaFeed(server: server, channel: context.channel, from: from, listeningPort: listeningPort, fullCopy: fullCopy, last: last)
         self.feed = feed
         if var rest = inbound, rest.readableBytes > 0 { feed.received(&rest) }
         inbound = nil
@@ -358,13 +358,13 @@ final class ConnectionHandler: ChannelDuplexHandler {
             case .shutdown: round.step = .shutdown
             case .info(let section): round.step = .info(section)
             case .events(let from, let count, let block): round.step = .events(from: from, count: count, blockMillis: block)
-            case .replicate(let from, let listeningPort, let fullCopy):
+            case .replicate(let from, let listeningPort, let fullCopy, let last):
                 // A round of its own: the connection becomes a log stream after it.
                 guard round.slots.isEmpty else {
                     carried = request
                     break parsing
                 }
-                round.step = .replicate(from: from, listeningPort: listeningPort, fullCopy: fullCopy)
+                round.step = .replicate(from: from, listeningPort: listeningPort, fullCopy: fullCopy, last: last)
             case .role: round.step = .role
             case .replicaOf(let host, let port): round.step = .replicaOf(host: host, port: port)
             case .promote: round.step = .promote

@@ -189,14 +189,17 @@ final class ReplicaFeed: @unchecked Sendable {
     private let id: Int
     /// The replica takes a full copy when its position is no longer kept.
     private let fullCopy: Bool
+    /// The fingerprint of the replica's record before `next` (``LogReader/fingerprint(at:durable:)``).
+    private let last: UInt64?
     /// Bytes the replica sent (REPLACK lines); only touched on the channel's loop.
     private var input = ByteBuffer()
     private var parser = RESPParser()
 
-    init(server: ServerContext, channel: Channel, from: UInt64, listeningPort: Int, fullCopy: Bool = false) {
+    init(server: ServerContext, channel: Channel, from: UInt64, listeningPort: Int, fullCopy: Bool = false, last: UInt64? = nil) {
         self.server = server
         self.channel = channel
         self.fullCopy = fullCopy
+        self.last = last
         next = max(from, 1)
         let address = channel.remoteAddress?.ipAddress ?? "?"
         id = server.replication.addReplica(
@@ -230,6 +233,18 @@ final class ReplicaFeed: @unchecked Sendable {
         guard next <= durableAtStart + 1 else {
             await send("-ERR the replica is ahead of this primary: it asks for position \(next), this log ends at \(durableAtStart)\r\n", close: true)
             return
+        }
+        // Where the logs meet, the record before `next` must be the same on both sides: a replica
+        // whose log went another way (a former primary with records never shipped) is refused.
+        if let last, next > 1 {
+            let reader = LogReader(directory: server.store.directory)
+            let position = next - 1
+            let ours = await withTaskExecutorPreference(server.blockingWork) { reader.fingerprint(at: position, durable: durableAtStart) }
+            if let ours, ours != last {
+                server.logger.warning("a replica's log diverged from this one at or before position \(position); refused")
+                await send("-DIVERGED the replica's record at position \(position) is not this primary's: its log went another way (records this primary never had)\r\n", close: true)
+                return
+            }
         }
         // A position the log no longer keeps: the newest snapshot first (FULLCOPY), or a refusal.
         if let oldest = try? server.store.directory.segments().first?.firstLSN, oldest > next {
@@ -464,7 +479,14 @@ final class ReplicaLink: Sendable {
                 }
             }
             var next = journal.lastAppendedLSN + 1
-            try await outbound.write(Self.command(["REPLICATE", String(next), "LISTENING-PORT", String(server.listeningPort.withLock { $0 }), "FULLCOPY"]))
+            var request = ["REPLICATE", String(next), "LISTENING-PORT", String(server.listeningPort.withLock { $0 }), "FULLCOPY"]
+            let reader = LogReader(directory: server.store.directory)
+            let durable = journal.lastDurableLSN
+            let position = next - 1
+            if let last = await withTaskExecutorPreference(server.blockingWork, operation: { reader.fingerprint(at: position, durable: durable) }) {
+                request += ["LAST", String(last, radix: 16)]
+            }
+            try await outbound.write(Self.command(request))
             var answer = try await message()
             if case .line(let reply)? = answer, reply.hasPrefix("+FULLCOPY ") {
                 // The primary no longer keeps the log after this replica's position: its newest
@@ -522,8 +544,12 @@ final class ReplicaLink: Sendable {
                 throw ReplicationError(
                     "the primary no longer keeps the log after position \(next - 1) (\(reply.dropFirst())); this replica needs a full copy: "
                         + "stop it, empty its data directory, and start it again", fatal: true)
+            case .line(let reply)? where reply.hasPrefix("-DIVERGED") || reply.hasPrefix("-ERR the replica is ahead"):
+                throw ReplicationError(
+                    "the primary refused: \(reply.dropFirst()). This node holds records the primary does not (a former primary?): "
+                        + "move its data directory aside and start it again with --replica-of, which takes a full copy", fatal: true)
             case .line(let reply)? where reply.hasPrefix("-"):
-                throw ReplicationError("the primary refused: \(reply.dropFirst())", fatal: reply.hasPrefix("-ERR the replica is ahead"))
+                throw ReplicationError("the primary refused: \(reply.dropFirst())")
             case let other:
                 throw ReplicationError("unexpected answer to REPLICATE: \(String(describing: other))")
             }

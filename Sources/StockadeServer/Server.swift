@@ -486,7 +486,7 @@ final class ServerContext: Sendable {
 /// A step that needs the server beyond the engine batch; it ends a connection's round.
 enum RoundStep: Sendable {
     case snapshot, shutdown, info(String?), events(from: UInt64, count: Int, blockMillis: Int)
-    case replicate(from: UInt64, listeningPort: Int, fullCopy: Bool), role, replicaOf(host: String, port: Int), promote
+    case replicate(from: UInt64, listeningPort: Int, fullCopy: Bool, last: UInt64?), role, replicaOf(host: String, port: Int), promote
     case wait(replicas: Int, timeoutMillis: Int)
 }
 

@@ -429,3 +429,49 @@ def test_semi_synchronous_change_without_acknowledgement_is_answered_noreplicas(
     finally:
         replica.stop()
         primary.stop()
+
+
+def test_former_primary_rejoins_as_a_replica_unless_its_log_went_another_way(data_dir):
+    a = Server(os.path.join(data_dir, "a"), "--shards", "2").start()
+    b = Server(os.path.join(data_dir, "b"), "--shards", "2", "--replica-of", f"127.0.0.1:{a.port}").start()
+    c = None
+    try:
+        pa = a.client()
+        pa.execute_command("SKU.ADD", "tv", 1000)
+        pa.execute_command("SKU.ADD", "cam", 1000)
+        orders = sale(pa, ["tv", "cam"], 20, "a")
+        assert_same_state(a, b, ["tv", "cam"], orders)
+        # A dies with nothing unshipped; B is promoted and takes changes; A comes back as B's replica.
+        a.kill9()
+        assert b.client().execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        orders += sale(b.client(), ["tv", "cam"], 20, "b")
+        a.args = ["--shards", "2", "--replica-of", f"127.0.0.1:{b.port}"]
+        a.start()
+        assert_same_state(b, a, ["tv", "cam"], orders)
+        # Now B logs records A never gets (A is down), B dies, and A is restarted as a primary (a
+        # promotion by restart) and logs other records at those positions.
+        a.stop()
+        for i in range(5):
+            b.client().execute_command("RESERVE", f"lost{i}", "tv", 1)
+        b.kill9()
+        a.args = ["--shards", "2"]
+        a.start()
+        kept = sale(a.client(), ["tv", "cam"], 10, "c")
+        before = state_of(a.client(), ["tv", "cam"], orders + kept)
+        # B comes back as A's replica: its log holds records A never had at the same positions.
+        b.args = ["--shards", "2", "--replica-of", f"127.0.0.1:{a.port}"]
+        b.start()
+        deadline = time.time() + 10
+        while info(b.client())["master_link_state"] != "stopped" and time.time() < deadline:
+            time.sleep(0.05)
+        state = info(b.client())
+        assert state["master_link_state"] == "stopped", state
+        assert "DIVERGED" in state["master_link_error"] and "move its data directory aside" in state["master_link_error"], state
+        assert state_of(a.client(), ["tv", "cam"], orders + kept) == before
+    finally:
+        for node in (a, b):
+            try:
+                os.kill(node.proc.pid, signal.SIGCONT)
+            except (OSError, AttributeError):
+                pass
+            node.stop()
