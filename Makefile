@@ -6,13 +6,13 @@
 SWIFT ?= swift
 PYTHON ?= python3
 DATA_DIR ?= ./data
-APT_PACKAGES := liblz4-dev libjemalloc-dev pkg-config redis-tools redis-server
+APT_PACKAGES := liblz4-dev libjemalloc-dev pkg-config redis-tools redis-server etcd-server
 PIP_PACKAGES := redis pytest
 
 .PHONY: run test deps build release bench demo simulate clean
 
 deps:
-	@if ! pkg-config --exists liblz4 jemalloc 2>/dev/null || ! command -v redis-cli >/dev/null || ! command -v redis-benchmark >/dev/null || ! command -v redis-server >/dev/null; then \
+	@if ! pkg-config --exists liblz4 jemalloc 2>/dev/null || ! command -v redis-cli >/dev/null || ! command -v redis-benchmark >/dev/null || ! command -v redis-server >/dev/null || ! command -v etcd >/dev/null; then \
 		echo "installing $(APT_PACKAGES)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
 	fi

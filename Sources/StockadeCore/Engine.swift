@@ -1,5 +1,8 @@
 import Atomics
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The shards and the log together: routes each command to the shard that owns its SKU or order,
 /// coordinates orders that span shards, and answers only once the changes are durable.
@@ -524,14 +527,37 @@ public final class Engine: Sendable {
 /// replica). Shared by the engine and its shards; read on every shard run, lock-free.
 public final class EngineRole: Sendable {
     private let readOnly: ManagedAtomic<Bool>
+    /// CLOCK_MONOTONIC nanoseconds after which changes are refused (a coordinator's lease: see
+    /// ``setWritableUntil(_:)``); `.max`: no such bound.
+    private let writableUntil = ManagedAtomic<UInt64>(.max)
 
     public init(readOnly: Bool = false) { self.readOnly = ManagedAtomic(readOnly) }
 
-    /// A replica: changes are refused with ``Rejection/readOnly``, holds are not expired here.
-    public var isReadOnly: Bool { readOnly.load(ordering: .acquiring) }
+    /// Changes are refused with ``Rejection/readOnly`` and holds are not expired here: a replica, or
+    /// a primary past the end of its lease.
+    public var isReadOnly: Bool {
+        if readOnly.load(ordering: .acquiring) { return true }
+        let until = writableUntil.load(ordering: .acquiring)
+        return until != .max && Self.monotonicNanos() > until
+    }
+
+    /// A replica (its state moved by another's log), whatever the lease says.
+    public var isFollower: Bool { readOnly.load(ordering: .acquiring) }
 
     /// Promotes a replica (false) or makes an engine follow another's log (true).
     public func setReadOnly(_ value: Bool) { readOnly.store(value, ordering: .releasing) }
+
+    /// Fencing: changes are taken only until `nanos` (CLOCK_MONOTONIC, ``monotonicNanos()``), the
+    /// earliest moment the primary's lease could have lapsed; checked on every change, so a primary
+    /// that was frozen or cut off past it refuses changes the moment it runs again. 0: none now.
+    public func setWritableUntil(_ nanos: UInt64) { writableUntil.store(nanos, ordering: .releasing) }
+
+    /// CLOCK_MONOTONIC in nanoseconds (it keeps counting while the process is stopped).
+    public static func monotonicNanos() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
 }
 
 /// A ``ChangeLog`` that keeps nothing: positions advance, everything is "durable" at once.

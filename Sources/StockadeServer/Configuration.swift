@@ -58,6 +58,14 @@ public struct ServerConfiguration: Sendable {
     public var minReplicasToWrite = 0
     /// How long a change waits for those acknowledgements before it is answered NOREPLICAS.
     public var minReplicasTimeoutMillis = 10_000
+    /// `--coordinator etcd://host:port`: etcd decides who is primary (docs/REPLICATION.md).
+    public var coordinator: (host: String, port: Int)?
+    /// `--cluster NAME`: the nodes that share a primary under the coordinator.
+    public var cluster = "stockade"
+    /// `--advertise HOST:PORT`: how other nodes reach this one (default: the listening address).
+    public var advertise: String?
+    /// `--lease-seconds`: the primary's etcd lease; a failover takes about this long.
+    public var leaseSeconds = 2
 
     public init() {}
 
@@ -127,6 +135,9 @@ public struct ServerConfiguration: Sendable {
             outside(ioThreads, Range.ioThreads, "--io-threads", " (0: one per core)"),
             outside(minReplicasToWrite, 0...64, "--min-replicas-to-write", " (0: answer once durable here)"),
             outside(minReplicasTimeoutMillis, 1...3_600_000, "--min-replicas-timeout-ms"),
+            outside(leaseSeconds, 1...60, "--lease-seconds"),
+            coordinator != nil && replicaOf != nil ? "--replica-of and --coordinator exclude each other: under a coordinator, etcd names the primary" : nil,
+            cluster.isEmpty || cluster.utf8.count > 128 || cluster.contains("/") ? "--cluster must be 1 to 128 bytes without '/'" : nil,
         ]
         if let first = checks.compactMap({ $0 }).first { return first }
         // AUTH must fit the limits a client has before it is authenticated (and the configured ones).

@@ -11,7 +11,7 @@ import Synchronization
 //
 //   replica                                   primary
 //   AUTH password (when the primary has one)  -> +OK
-//   REPLICATE next [LISTENING-PORT p]         -> +CONTINUE next SHARDS n
+//   REPLICATE next [LISTENING-PORT p]         -> +CONTINUE next SHARDS n EPOCH e
 //                                             <- $n <block>  (log blocks as written: header, LZ4
 //                                                 payload, CRC32C; each verified on both sides)
 //                                             <- +HEARTBEAT durable  (once a second while idle)
@@ -256,7 +256,8 @@ final class ReplicaFeed: @unchecked Sendable {
             guard let copied = await sendFullCopy() else { return }
             next = copied + 1
         }
-        guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount)\r\n") else { return }
+        let epoch = server.replicationEpoch.withLock { $0 }
+        guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount) EPOCH \(epoch)\r\n") else { return }
         let reader = LogReader(directory: server.store.directory)
         var lastSentNanos = monotonicNanos()
         while channel.isActive {
@@ -534,7 +535,16 @@ final class ReplicaLink: Sendable {
             }
             switch answer {
             case .line(let reply)? where reply.hasPrefix("+CONTINUE \(next) SHARDS "):
-                let shards = Int(reply.dropFirst("+CONTINUE \(next) SHARDS ".count)) ?? 0
+                let words = reply.split(separator: " ")
+                let shards = words.count >= 4 ? Int(words[3]) ?? 0 : 0
+                let epoch = words.count >= 6 && words[4] == "EPOCH" ? UInt64(words[5]) ?? 0 : 0
+                // A primary of an older term (a former primary that has not learned it was replaced)
+                // is not followed.
+                let known = server.replicationEpoch.withLock { $0 }
+                guard epoch >= known else {
+                    throw ReplicationError("\(host):\(port) is a primary of epoch \(epoch), older than epoch \(known) this node knows; not followed")
+                }
+                server.replicationEpoch.withLock { $0 = max($0, epoch) }
                 guard shards == engine.shardCount else {
                     throw ReplicationError(
                         "the primary has \(shards) shards, this replica \(engine.shardCount): start the replica with --shards \(shards) on an empty data directory",

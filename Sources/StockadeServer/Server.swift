@@ -37,6 +37,14 @@ final class ServerContext: Sendable {
     let replicaLink = Mutex<ReplicaLink?>(nil)
     /// The loops, for the replica's link to the primary.
     let group: EventLoopGroup?
+    /// The highest primary epoch this node has seen (the coordinator's, or a primary's stream): a
+    /// stream from a lower epoch is refused. 0 without a coordinator.
+    let replicationEpoch = Mutex<UInt64>(0)
+    /// `--coordinator`: etcd decides who is primary.
+    let coordinator = Mutex<Coordinator?>(nil)
+
+    /// This node takes changes (as far as its role goes; a lapsed lease still refuses them).
+    var isPrimary: Bool { !engine.role.isFollower }
 
     private struct Counters {
         var clients: [ObjectIdentifier: Channel] = [:]
@@ -326,10 +334,10 @@ final class ServerContext: Sendable {
 
     /// REPLICAOF NO ONE: stops following (nothing is applied after this returns) and takes changes.
     func promote() async {
-        guard let link = replicaLink.withLock({ $0 }) else { return }
-        await link.stop()
+        if let link = replicaLink.withLock({ $0 }) { await link.stop() }
         replicaLink.withLock { $0 = nil }
         replication.setLink(nil)
+        guard engine.role.isFollower else { return }
         engine.role.setReadOnly(false)
         logger.info("promoted to primary (REPLICAOF NO ONE) at log position \(store.journal.lastDurableLSN)")
     }
@@ -365,16 +373,28 @@ final class ServerContext: Sendable {
                 ("slave_read_only", "1"), ("replica_lag_records", String(lagRecords)), ("replica_lag_ms", String(lagMillis)),
                 // An INFO value holds no comma or line end (clients split on them).
                 ("master_link_error", String(link.lastError.map { $0 == "," ? ";" : $0.isNewline ? " " : $0 })), ("master_links_made", String(link.linksMade)),
-            ]
+            ] + coordinatorInfo()
         }
         let replicas = replication.replicas
-        var pairs: [(String, String)] = [("role", "master"), ("connected_slaves", String(replicas.count))]
+        var pairs: [(String, String)] = [("role", engine.role.isFollower ? "none" : "master"), ("connected_slaves", String(replicas.count))]
         for (i, replica) in replicas.enumerated() {
             let lag = (monotonicNanos() - replica.lastAckNanos) / 1_000_000_000
             pairs.append(("slave\(i)", "ip=\(replica.address),port=\(replica.listeningPort),state=online,offset=\(replica.ackedLSN),lag=\(lag),lag_records=\(durable > replica.ackedLSN ? durable - replica.ackedLSN : 0)"))
         }
         pairs.append(("master_repl_offset", String(durable)))
-        return pairs
+        return pairs + coordinatorInfo()
+    }
+
+    /// INFO replication's lines about the coordinator (none without one).
+    func coordinatorInfo() -> [(String, String)] {
+        guard let coordinator = coordinator.withLock({ $0 }) else { return [] }
+        let view = coordinator.view.withLock { $0 }
+        return [
+            ("coordinator", "etcd://\(coordinator.etcd.host):\(coordinator.etcd.port)"), ("cluster", coordinator.cluster),
+            ("advertise", coordinator.advertise), ("epoch", String(view.epoch)), ("cluster_primary", view.primary),
+            ("writable", engine.role.isReadOnly ? "0" : "1"),
+            ("coordinator_error", String(view.lastError.map { $0 == "," ? ";" : $0.isNewline ? " " : $0 })),
+        ]
     }
 
     /// EVENTS: durable records from `from`, waiting up to `blockMillis` for the first one. The log
@@ -565,8 +585,11 @@ public final class StockadeServer: Sendable {
         storeOptions.coveredSegmentsKept = configuration.eventsRetentionSegments
         // A replica's shards share the first loop: each record of the primary is applied to all of
         // them in one run there (``Engine/applyReplicated(_:at:)``).
-        storeOptions.shardExecutors = configuration.replicaOf == nil ? loops.map { $0.executor } : [loops[0].executor]
-        storeOptions.readOnly = configuration.replicaOf != nil
+        // So do the shards of a node under a coordinator, which may become a replica at any time.
+        let mayFollow = configuration.replicaOf != nil || configuration.coordinator != nil
+        storeOptions.shardExecutors = mayFollow ? [loops[0].executor] : loops.map { $0.executor }
+        // Under a coordinator a node takes no change until etcd made it primary.
+        storeOptions.readOnly = mayFollow
         let store: Store
         do {
             store = try Store(path: configuration.dataDirectory, options: storeOptions)
@@ -671,6 +694,15 @@ public final class StockadeServer: Sendable {
         if let primary = configuration.replicaOf {
             _ = await context.follow(host: primary.host, port: primary.port)
         }
+        if let etcd = configuration.coordinator {
+            let advertise = configuration.advertise ?? "\(address.contains(":") ? "[\(address)]" : address):\(port)"
+            let coordinator = Coordinator(
+                etcd: EtcdClient(host: etcd.host, port: etcd.port, blockingWork: blockingWork), cluster: configuration.cluster,
+                advertise: advertise, leaseSeconds: configuration.leaseSeconds, server: context)
+            context.coordinator.withLock { $0 = coordinator }
+            coordinator.start()
+            logger.info("coordinator etcd://\(etcd.host):\(etcd.port), cluster \(configuration.cluster), this node \(advertise)")
+        }
 
         let signals = installSignalHandlers()
         let background = Task { await self.housekeeping(context) }
@@ -682,6 +714,7 @@ public final class StockadeServer: Sendable {
 
         logger.info("shutting down: no new connections, answering what is in flight")
         background.cancel()
+        await context.coordinator.withLock({ $0 })?.stop()
         await context.replicaLink.withLock({ $0 })?.stop()
         try? await listener.close()
         try? await metricsListener?.close()
