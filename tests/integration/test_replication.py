@@ -475,3 +475,34 @@ def test_former_primary_rejoins_as_a_replica_unless_its_log_went_another_way(dat
             except (OSError, AttributeError):
                 pass
             node.stop()
+
+
+def test_the_stream_needs_the_primarys_password(data_dir):
+    primary = Server(os.path.join(data_dir, "primary"), "--shards", "2", "--requirepass", "s3cret").start()
+    p = primary.client(password="s3cret")
+    p.execute_command("SKU.ADD", "tv", 10)
+    # A plain client cannot open the stream before AUTH.
+    with socket.create_connection(("127.0.0.1", primary.port)) as raw:
+        raw.sendall(b"REPLICATE 1\r\n")
+        assert raw.recv(200).startswith(b"-NOAUTH")
+    without = Server(os.path.join(data_dir, "without"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}").start()
+    wrong = Server(os.path.join(data_dir, "wrong"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}",
+                   "--primary-auth", "guess").start()
+    right = Server(os.path.join(data_dir, "right"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}",
+                   "--primary-auth", "s3cret").start()
+    try:
+        deadline = time.time() + 10
+        while int(info(right.client())["slave_repl_offset"]) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert right.client().execute_command("STOCK", "tv")[5] == 10
+        time.sleep(0.5)
+        assert "NOAUTH" in info(without.client())["master_link_error"]
+        assert info(without.client())["master_link_status"] == "down"
+        assert info(wrong.client())["master_link_state"] == "stopped"
+        assert "refused the password" in info(wrong.client())["master_link_error"]
+        for node in (without, wrong):
+            with pytest.raises(redis.ResponseError, match="NOSKU"):
+                node.client().execute_command("STOCK", "tv")
+    finally:
+        for node in (without, wrong, right, primary):
+            node.stop()
