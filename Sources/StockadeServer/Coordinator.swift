@@ -68,10 +68,7 @@ final class Coordinator: Sendable {
             do {
                 // The node's own lease: granted once, kept alive every tick, granted again if it lapsed.
                 if let current = lease, try await etcd.keepAlive(current) {
-                    if server.isPrimary {
-                        // Writes stay allowed until the lease could lapse, counted from when the renewal was sent.
-                        server.engine.role.setWritableUntil(sentNanos + UInt64(leaseSeconds) * 1_000_000_000 - Self.marginNanos)
-                    }
+                    // Renewed; writes are extended below only if the primary key is still held by this lease.
                 } else {
                     if server.isPrimary { server.engine.role.setWritableUntil(0) }
                     lease = try await etcd.grantLease(seconds: leaseSeconds)
@@ -96,12 +93,19 @@ final class Coordinator: Sendable {
     private func decide(lease: Int64, sentNanos: UInt64) async throws {
         if let holder = try await etcd.get(primaryKey) {
             view.withLock { $0.epoch = holder.createRevision; $0.primary = holder.value }
-            if holder.value == advertise {
-                if !server.isPrimary {
-                    // Ours (a restart within the lease, or the transaction's answer was lost).
-                    guard holder.lease == lease else { return }
+            if holder.value == advertise && holder.lease == lease {
+                if server.isPrimary {
+                    // Ours, and the lease renewed at `sentNanos`: writes stay allowed until it could lapse.
+                    server.engine.role.setWritableUntil(sentNanos + UInt64(leaseSeconds) * 1_000_000_000 - Self.marginNanos)
+                } else {
+                    // Ours but not acted on (the transaction's answer was lost).
                     await becomePrimary(epoch: holder.createRevision, sentNanos: sentNanos)
                 }
+                return
+            }
+            if holder.value == advertise {
+                // Our address under an older lease (this node restarted within it): it lapses by itself.
+                server.engine.role.setWritableUntil(0)
                 return
             }
             // Another node is primary: follow it (a primary whose lease lapsed steps down here).
