@@ -7,9 +7,11 @@
 - the replica's lag while the load runs (INFO replication: replica_lag_records, replica_lag_ms,
   sampled every 50 ms): median and max;
 - promotion: kill -9 of the primary under load, then REPLICAOF NO ONE on the replica: time until the
-  replica answers a change.
+  replica answers a change;
+- automatic failover (--etcd): three nodes under a coordinator (a real etcd), kill -9 of the primary
+  under load: time until another node acknowledges a change.
 
-    python3 scripts/replication_bench.py [--binary .build/release/stockade] [--rounds 3] [--seconds 8]
+    python3 scripts/replication_bench.py [--binary .build/release/stockade] [--rounds 3] [--seconds 8] [--etcd]
 """
 import argparse
 import os
@@ -132,12 +134,64 @@ def run_mode(binary, mode, seconds):
         shutil.rmtree(root, ignore_errors=True)
 
 
+def failover_with_etcd(binary, lease_seconds=2):
+    """Seconds from kill -9 of the primary of three coordinated nodes to a change acknowledged by
+    the next one, with a client that looks for the primary with ROLE, as clients do."""
+    root = tempfile.mkdtemp(prefix="stockade-failover-")
+    client_port, peer_port = free_port(), free_port()
+    etcd = subprocess.Popen(
+        ["etcd", "--data-dir", os.path.join(root, "etcd"), "--name", "b",
+         "--listen-client-urls", f"http://127.0.0.1:{client_port}", "--advertise-client-urls", f"http://127.0.0.1:{client_port}",
+         "--listen-peer-urls", f"http://127.0.0.1:{peer_port}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+         "--initial-cluster", f"b=http://127.0.0.1:{peer_port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nodes = []
+    try:
+        time.sleep(1.0)
+        nodes = [Node(binary, root, f"n{i}", "--coordinator", f"etcd://127.0.0.1:{client_port}", "--cluster", "bench",
+                      "--lease-seconds", str(lease_seconds)) for i in range(3)]
+
+        def primary(exclude=None):
+            while True:
+                for node in nodes:
+                    if node is exclude:
+                        continue
+                    try:
+                        if node.client().info("replication").get("writable") == 1:
+                            return node
+                    except redis.RedisError:
+                        pass
+                time.sleep(0.01)
+        first = primary()
+        first.client().execute_command("SKU.ADD", "tv", 1_000_000)
+        time.sleep(0.5)
+        first.stop(signal.SIGKILL)
+        killed = time.time()
+        while True:
+            target = primary(exclude=first)
+            try:
+                target.client().execute_command("RESERVE", "after", "tv", 1)
+                return time.time() - killed
+            except redis.RedisError:
+                time.sleep(0.01)
+    finally:
+        for node in nodes:
+            node.stop()
+        etcd.kill()
+        etcd.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--binary", default=".build/release/stockade")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--etcd", action="store_true", help="also measure automatic failover with a real etcd")
     a = parser.parse_args()
+    if a.etcd:
+        times = [failover_with_etcd(a.binary) for _ in range(a.rounds)]
+        print("automatic failover, kill -9 to the next acknowledged change (lease 2 s): "
+              + ", ".join(f"{t:.2f} s" for t in times) + f"; median {statistics.median(times):.2f} s", flush=True)
     modes = ["primary alone", "asynchronous replica", "semi-synchronous"]
     results = {m: [] for m in modes}
     for round_ in range(a.rounds):
