@@ -76,11 +76,42 @@ final class ReplicationState: Sendable {
         var replicas: [Int: Replica] = [:]
         var nextReplicaID = 0
         var link: Link?
-        var waiters: [Int: AckWaiter] = [:]
-        var nextWaiterID = 0
+        /// Waiters by the count they wait for, each list sorted by position: those an acknowledgement
+        /// satisfies are a prefix, so an acknowledgement costs what it answers, not every waiter.
+        var waiters: [Int: [AckWaiter]] = [:]
+        /// The earliest deadline of any waiter: the tick scans only when one is due.
+        var earliestDeadlineNanos = UInt64.max
         var closed = false
 
         func acknowledged(_ position: UInt64) -> Int { replicas.values.reduce(0) { $0 + ($1.ackedLSN >= position ? 1 : 0) } }
+
+        mutating func add(_ waiter: AckWaiter) {
+            var list = waiters[waiter.count, default: []]
+            if let last = list.last, last.position > waiter.position {
+                // Rare (positions mostly grow): insert in order.
+                let at = list.firstIndex { $0.position > waiter.position } ?? list.count
+                list.insert(waiter, at: at)
+            } else {
+                list.append(waiter)
+            }
+            waiters[waiter.count] = list
+            earliestDeadlineNanos = min(earliestDeadlineNanos, waiter.deadlineNanos)
+        }
+
+        /// Takes the waiters the acknowledgements now satisfy.
+        mutating func satisfied() -> [(@Sendable (Int) -> Void, Int)] {
+            let acks = replicas.values.map(\.ackedLSN).sorted(by: >)
+            var ready: [(@Sendable (Int) -> Void, Int)] = []
+            for (count, list) in waiters where count >= 1 && count <= acks.count {
+                let threshold = acks[count - 1]  // the count-th highest acknowledged position
+                let taken = list.prefix { $0.position <= threshold }
+                guard !taken.isEmpty else { continue }
+                for waiter in taken { ready.append((waiter.done, acks.prefix { $0 >= waiter.position }.count)) }
+                let rest = Array(list.dropFirst(taken.count))
+                waiters[count] = rest.isEmpty ? nil : rest
+            }
+            return ready
+        }
     }
 
     private let state = Mutex(State())
@@ -100,15 +131,7 @@ final class ReplicationState: Sendable {
             replica.ackedLSN = max(replica.ackedLSN, lsn)
             replica.lastAckNanos = monotonicNanos()
             s.replicas[id] = replica
-            var ready: [(@Sendable (Int) -> Void, Int)] = []
-            for (key, waiter) in s.waiters {
-                let count = s.acknowledged(waiter.position)
-                if count >= waiter.count {
-                    ready.append((waiter.done, count))
-                    s.waiters[key] = nil
-                }
-            }
-            return ready
+            return s.satisfied()
         }
         for (done, count) in ready { done(count) }
     }
@@ -116,14 +139,16 @@ final class ReplicationState: Sendable {
     /// Replicas connected now.
     var replicaCount: Int { state.withLock { $0.replicas.count } }
 
+    /// Waiters now (INFO).
+    var waiterCount: Int { state.withLock { $0.waiters.values.reduce(0) { $0 + $1.count } } }
+
     /// Calls `done` with the number of replicas that acknowledged `position`, once `count` have or
     /// at the deadline (``expireDue(nowNanos:)``) or shutdown (``close()``), whichever comes first.
     func whenAcknowledged(by count: Int, position: UInt64, deadlineNanos: UInt64, _ done: @escaping @Sendable (Int) -> Void) {
         let now: Int? = state.withLock { s in
             let acked = s.acknowledged(position)
             if acked >= count || s.closed { return acked }
-            s.waiters[s.nextWaiterID] = AckWaiter(position: position, count: count, deadlineNanos: deadlineNanos, done: done)
-            s.nextWaiterID += 1
+            s.add(AckWaiter(position: position, count: count, deadlineNanos: deadlineNanos, done: done))
             return nil
         }
         if let now { done(now) }
@@ -135,14 +160,25 @@ final class ReplicationState: Sendable {
         }
     }
 
-    /// Answers the waiters whose time is up (the housekeeping tick).
+    /// Answers the waiters whose time is up (the housekeeping tick); nothing to scan until one is.
     func expireDue(nowNanos: UInt64) {
         let due: [(@Sendable (Int) -> Void, Int)] = state.withLock { s in
+            guard nowNanos >= s.earliestDeadlineNanos else { return [] }
             var due: [(@Sendable (Int) -> Void, Int)] = []
-            for (key, waiter) in s.waiters where waiter.deadlineNanos <= nowNanos {
-                due.append((waiter.done, s.acknowledged(waiter.position)))
-                s.waiters[key] = nil
+            var earliest = UInt64.max
+            for (count, list) in s.waiters {
+                var kept: [AckWaiter] = []
+                for waiter in list {
+                    if waiter.deadlineNanos <= nowNanos {
+                        due.append((waiter.done, s.acknowledged(waiter.position)))
+                    } else {
+                        kept.append(waiter)
+                        earliest = min(earliest, waiter.deadlineNanos)
+                    }
+                }
+                s.waiters[count] = kept.isEmpty ? nil : kept
             }
+            s.earliestDeadlineNanos = earliest
             return due
         }
         for (done, count) in due { done(count) }
@@ -153,7 +189,7 @@ final class ReplicationState: Sendable {
         let all: [(@Sendable (Int) -> Void, Int)] = state.withLock { s in
             s.closed = true
             defer { s.waiters = [:] }
-            return s.waiters.values.map { ($0.done, s.acknowledged($0.position)) }
+            return s.waiters.values.flatMap { $0 }.map { ($0.done, s.acknowledged($0.position)) }
         }
         for (done, count) in all { done(count) }
     }
