@@ -68,10 +68,20 @@ public struct LogReader: Sendable {
             while offset + BlockHeader.size <= size, bytes < bytesMax {
                 let header: [UInt8]
                 do { header = try file.read(at: offset, count: BlockHeader.size) } catch { throw .unreadable(error.message) }
-                guard header.count == BlockHeader.size, let h = header.withUnsafeBytes({ BlockHeader.parse($0) }) else { break }
+                guard header.count == BlockHeader.size, let h = header.withUnsafeBytes({ BlockHeader.parse($0) }) else {
+                    // Past the durable position this may be a block being written; before it, the
+                    // log is damaged: said, not taken for the end of the log.
+                    if next <= durable {
+                        throw .unreadable("\(segment.path) at offset \(offset): block header fails verification")
+                    }
+                    break
+                }
                 if h.firstLSN > durable { return result }
+                if h.recordCount == 0 {
+                    throw .unreadable("\(segment.path) at offset \(offset): block header with no records")
+                }
                 let last = h.firstLSN + UInt64(h.recordCount) - 1
-                if last < next || h.recordCount == 0 {
+                if last < next {
                     offset += h.totalLength
                     continue
                 }
@@ -110,9 +120,9 @@ public struct LogReader: Sendable {
             let header: [UInt8]
             do { header = try file.read(at: offset, count: BlockHeader.size) } catch { throw .unreadable(error.message) }
             guard header.count == BlockHeader.size, let h = header.withUnsafeBytes({ BlockHeader.parse($0) }) else { return }
-            let last = h.firstLSN + UInt64(h.recordCount) - 1
             if h.firstLSN > durable { return }
-            if last < from || h.recordCount == 0 {
+            // (A count of 0 is checked first: position 0 with no records must not underflow.)
+            if h.recordCount == 0 || h.firstLSN + UInt64(h.recordCount) - 1 < from {
                 offset += h.totalLength
                 continue
             }

@@ -204,6 +204,7 @@ enum CommandTable {
     /// commands allowed then are looked at beyond their name.
     static func parse(_ arguments: [ByteBuffer], authenticated: Bool = true) -> Request {
         guard let verb = Word(arguments[0]).flatMap(Verb.named) else {
+            // Before AUTH too, as Redis 7 answers (its name check comes before the password's).
             return .invalid("ERR unknown command '\(shown(arguments[0]))'")
         }
         if !authenticated && !verb.allowedBeforeAuth { return noAuth }
@@ -371,7 +372,8 @@ enum CommandTable {
         case .wait:
             guard args.count == 2 else { return wrongArity }
             guard let replicas = integer(arg(0)), replicas >= 0, replicas <= 64 else { return .invalid("ERR numreplicas must be 0 to 64") }
-            guard let timeout = integer(arg(1)), timeout >= 0 else { return .invalid("ERR timeout is negative") }
+            guard let timeout = integer(arg(1)) else { return .invalid("ERR timeout is not an integer or out of range") }
+            guard timeout >= 0 else { return .invalid("ERR timeout is negative") }
             // 0 waits without a bound, as in Redis; any bound is held to a day.
             return .wait(replicas: Int(replicas), timeoutMillis: Int(min(timeout, 86_400_000)))
         case .replicaof, .slaveof:

@@ -42,6 +42,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var loopState: DurableReplies?
     /// Set once the connection became a replica's log stream (REPLICATE): its input is acknowledgements.
     private var feed: ReplicaFeed?
+    /// Whether the client is still there, for steps that wait on its behalf (WAIT).
+    private let presence = ClientPresence()
 
     init(server: ServerContext) {
         self.server = server
@@ -80,6 +82,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        presence.leave()
         if counted { server.release(context.channel) }
         counted = false
         stallTimer?.cancel()
@@ -93,6 +96,13 @@ final class ConnectionHandler: ChannelDuplexHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case ChannelEvent.inputClosed = event {
             inputClosed = true
+            presence.leave()
+            // A replica that closed its side is gone: its stream ends (the socket is not kept half open).
+            if feed != nil {
+                closing = true
+                context.close(promise: nil)
+                return
+            }
             if !busy { process(context: context) }
             return
         }
@@ -498,6 +508,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
         let server = self.server
         let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
         let loop = context.eventLoop
+        let presence = self.presence
         Task(executorPreference: executor) {
             var replies = round.batch.isEmpty ? [] : await engine.execute(round.batch, now: wallClockMillis())
             if server.configuration.minReplicasToWrite > 0, round.batch.contains(where: \.isChange) {
@@ -507,7 +518,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
                     server.awaitReplicas(round.batch, replies, position: position) { continuation.resume(returning: $0) }
                 }
             }
-            let (tail, stepCloses): (ByteBuffer?, Bool) = if let step = round.step { await server.run(step: step) } else { (nil, false) }
+            let (tail, stepCloses): (ByteBuffer?, Bool) = if let step = round.step { await server.run(step: step, presence: presence) } else { (nil, false) }
             server.endRound()
             loop.execute {
                 let (handler, context) = bound.value
@@ -594,6 +605,14 @@ final class ConnectionHandler: ChannelDuplexHandler {
         let line = out.getString(at: start + 1, length: min(out.writerIndex - start - 1, 16)) ?? ""
         return line.prefix { $0 != " " && $0 != "\r" }.lowercased()
     }
+}
+
+/// Whether a connection's client is still there (it has not closed or half-closed): a step that
+/// waits for it (WAIT) stops waiting once it is gone, so a closed socket is not held open.
+final class ClientPresence: Sendable {
+    private let gone = Atomic<Bool>(false)
+    func leave() { gone.store(true, ordering: .releasing) }
+    var isGone: Bool { gone.load(ordering: .acquiring) }
 }
 
 /// Compares without returning early, so the time taken does not reveal how much of a guess matched.

@@ -37,6 +37,9 @@ enum ReplicationLimits {
     static let retryMillisMax: UInt64 = 2000
     /// The replica's unparsed input: a block is at most a header and 4 MiB raw, compressed.
     static let inputBytesMax = 16 << 20
+    /// Replica streams a primary serves at once: each may hold a chunk (and the socket's buffers),
+    /// so they are bounded like clients are; real deployments have a handful.
+    static let replicasMax = 16
 }
 
 /// What a server knows of replication: its role, its replicas (on a primary) and its link (on a
@@ -116,9 +119,11 @@ final class ReplicationState: Sendable {
 
     private let state = Mutex(State())
 
-    /// Registers a replica's stream; returns its id.
-    func addReplica(_ replica: Replica) -> Int {
+    /// Registers a replica's stream; returns its id, or nil when ``ReplicationLimits/replicasMax``
+    /// streams are open.
+    func addReplica(_ replica: Replica) -> Int? {
         state.withLock { s in
+            guard s.replicas.count < ReplicationLimits.replicasMax else { return nil }
             defer { s.nextReplicaID += 1 }
             s.replicas[s.nextReplicaID] = replica
             return s.nextReplicaID
@@ -135,6 +140,9 @@ final class ReplicationState: Sendable {
         }
         for (done, count) in ready { done(count) }
     }
+
+    /// Shut down (``close()``).
+    var isClosed: Bool { state.withLock { $0.closed } }
 
     /// Replicas connected now.
     var replicaCount: Int { state.withLock { $0.replicas.count } }
@@ -222,11 +230,15 @@ final class ReplicaFeed: @unchecked Sendable {
     private let server: ServerContext
     private let channel: Channel
     private var next: UInt64
-    private let id: Int
+    /// nil: refused, too many replicas (``run()`` says so and closes).
+    private let id: Int?
     /// The replica takes a full copy when its position is no longer kept.
     private let fullCopy: Bool
     /// The fingerprint of the replica's record before `next` (``LogReader/fingerprint(at:durable:)``).
     private let last: UInt64?
+    /// The last position sent on this stream: an acknowledgement beyond it is capped to it (a client
+    /// cannot vouch for records it was never sent).
+    private let sentThrough = Atomic<UInt64>(0)
     /// Bytes the replica sent (REPLACK lines); only touched on the channel's loop.
     private var input = ByteBuffer()
     private var parser = RESPParser()
@@ -252,9 +264,9 @@ final class ReplicaFeed: @unchecked Sendable {
                 return
             }
             guard case .command(let arguments) = outcome else { break }
-            if arguments.count == 2, Word(arguments[0]) == Word("REPLACK"),
+            if let id, arguments.count == 2, Word(arguments[0]) == Word("REPLACK"),
                let lsn = arguments[1].withUnsafeReadableBytes({ RESPParser.decimal($0) }), lsn >= 0 {
-                server.replication.acknowledged(id, lsn: UInt64(lsn))
+                server.replication.acknowledged(id, lsn: min(UInt64(lsn), sentThrough.load(ordering: .acquiring)))
             }
         }
         input.discardReadBytes()
@@ -263,6 +275,10 @@ final class ReplicaFeed: @unchecked Sendable {
     /// Streams until the link closes or the log cannot serve the replica. Refuses a replica whose
     /// position is ahead of this log (it holds records this primary never made durable).
     func run() async {
+        guard let id else {
+            await send("-ERR too many replicas (at most \(ReplicationLimits.replicasMax) streams at once)\r\n", close: true)
+            return
+        }
         defer { server.replication.removeReplica(id) }
         let journal = server.store.journal
         let durableAtStart = journal.lastDurableLSN
@@ -292,10 +308,13 @@ final class ReplicaFeed: @unchecked Sendable {
             guard let copied = await sendFullCopy() else { return }
             next = copied + 1
         }
+        // What the replica holds already (its position, or the full copy just sent) counts as sent.
+        sentThrough.store(next - 1, ordering: .releasing)
         let epoch = server.replicationEpoch.withLock { $0 }
         guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount) EPOCH \(epoch)\r\n") else { return }
         let reader = LogReader(directory: server.store.directory)
         var lastSentNanos = monotonicNanos()
+        var emptySinceNanos: UInt64?
         while channel.isActive {
             let durable = journal.lastDurableLSN
             if next <= durable {
@@ -314,10 +333,19 @@ final class ReplicaFeed: @unchecked Sendable {
                     await send("-ERR cannot read the log: \(why)\r\n", close: true)
                     return
                 case .success(let blocks) where blocks.isEmpty:
-                    // The position says there is more, the files do not show it yet: try again shortly.
+                    // The position says there is more, the files do not show it yet: try again
+                    // shortly, but not for long: durable records that stay unreadable are damage.
+                    let since = emptySinceNanos ?? monotonicNanos()
+                    emptySinceNanos = since
+                    if monotonicNanos() - since > 2_000_000_000 {
+                        server.logger.error("the log does not show durable position \(from) to a replica: damaged? (see stockade inspect)")
+                        await send("-ERR the primary cannot read its log at position \(from)\r\n", close: true)
+                        return
+                    }
                     try? await Task.sleep(for: .milliseconds(5))
                     continue
                 case .success(let blocks):
+                    emptySinceNanos = nil
                     var out = channel.allocator.buffer(capacity: blocks.reduce(0) { $0 + $1.bytes.count + 16 })
                     for block in blocks {
                         out.writeString("$\(block.bytes.count)\r\n")
@@ -326,6 +354,7 @@ final class ReplicaFeed: @unchecked Sendable {
                     }
                     guard await send(out) else { return }
                     next = blocks.last!.lastLSN + 1
+                    sentThrough.store(next - 1, ordering: .releasing)
                     lastSentNanos = monotonicNanos()
                 }
                 continue
@@ -481,12 +510,15 @@ final class ReplicaLink: Sendable {
         // A link silent for ``ReplicationLimits/silenceSeconds`` (the primary sends heartbeats) is
         // closed, which ends the reads below; so is the link of a cancelled task.
         let raw = channel.channel
-        server.replication.updateLink { $0.lastIONanos = monotonicNanos() }
+        server.replication.updateLink { $0.lastIONanos = monotonicNanos(); $0.primaryDurableLSN = 0 }
+        let silent = Atomic<Bool>(false)
         let watchdog = Task {
             while !Task.isCancelled {
                 try? await Task.sleep(for: .milliseconds(250))
                 let last = server.replication.link?.lastIONanos ?? 0
-                if Task.isCancelled || monotonicNanos() - last > ReplicationLimits.silenceSeconds * 1_000_000_000 {
+                if Task.isCancelled { return }
+                if monotonicNanos() - last > ReplicationLimits.silenceSeconds * 1_000_000_000 {
+                    silent.store(true, ordering: .relaxed)
                     raw.close(promise: nil)
                     return
                 }
@@ -500,6 +532,9 @@ final class ReplicaLink: Sendable {
             // Reads until one message is complete; nil when the link closed.
             func message() async throws -> StreamMessage? {
                 while true {
+                    // Bytes taken in are dropped once they outweigh what is left: the buffer holds
+                    // at most about one message, however long the link lives.
+                    if input.readerIndex >= max(input.readableBytes, 64 << 10) { input.discardReadBytes() }
                     if let message = try StreamMessage.parse(&input) { return message }
                     guard input.readableBytes <= ReplicationLimits.inputBytesMax else {
                         throw ReplicationError("the primary sent a message over \(ReplicationLimits.inputBytesMax) bytes")
@@ -572,7 +607,7 @@ final class ReplicaLink: Sendable {
             switch answer {
             case .line(let reply)? where reply.hasPrefix("+CONTINUE \(next) SHARDS "):
                 let words = reply.split(separator: " ")
-                let shards = words.count >= 4 ? Int(words[3]) ?? 0 : 0
+                let shards = words.count >= 4 ? Int(words[3]) ?? -1 : -1
                 let epoch = words.count >= 6 && words[4] == "EPOCH" ? UInt64(words[5]) ?? 0 : 0
                 // A primary of an older term (a former primary that has not learned it was replaced)
                 // is not followed.
@@ -582,6 +617,9 @@ final class ReplicaLink: Sendable {
                 }
                 server.replicationEpoch.withLock { $0 = max($0, epoch) }
                 guard shards == engine.shardCount else {
+                    guard shards >= 1, shards <= Limits.shardCountMax else {
+                        throw ReplicationError("the primary's answer names no valid shard count: \(reply.prefix(80))", fatal: true)
+                    }
                     throw ReplicationError(
                         "the primary has \(shards) shards, this replica \(engine.shardCount): start the replica with --shards \(shards) on an empty data directory",
                         fatal: true)
@@ -602,7 +640,10 @@ final class ReplicaLink: Sendable {
             server.replication.updateLink { $0.state = "connected"; $0.linksMade += 1; $0.lastError = "" }
             server.logger.info("replicating from \(host):\(port) at position \(next)")
             while !Task.isCancelled {
-                guard let first = try await message() else { throw ReplicationError("the primary closed the link") }
+                guard let first = try await message() else {
+                    throw ReplicationError(silent.load(ordering: .relaxed)
+                        ? "nothing from the primary for \(ReplicationLimits.silenceSeconds) s; reconnecting" : "the primary closed the link")
+                }
                 // Every block already here is applied together: one append, one run on the shards.
                 var pending = [first]
                 while pending.count < 256, let more = try StreamMessage.parse(&input) { pending.append(more) }
@@ -639,26 +680,28 @@ final class ReplicaLink: Sendable {
                     try await outbound.write(Self.command(["REPLACK", String(journal.lastDurableLSN)]))
                     continue
                 }
-                // The replica's own log first (same positions), then the state.
-                var buffer = RecordBuffer(capacity: records.count * 64)
-                for record in records { buffer.append(record) }
-                var last: UInt64 = 0
-                while true {
-                    do throws(Rejection) {
-                        last = try journal.append(buffer)
-                        break
-                    } catch .busy {
-                        try await Task.sleep(for: .milliseconds(1))
-                    } catch {
-                        throw ReplicationError("this replica's log refused the records: \(error)", fatal: true)
-                    }
-                }
-                guard last == next + UInt64(records.count) - 1 else {
-                    throw ReplicationError("this replica's log put the records at \(last - UInt64(records.count) + 1)..., not \(next)...", fatal: true)
-                }
+                // The state first, through recovery's checks; then the replica's own log (same
+                // positions) gets exactly the records that fit, so its directory always recovers. Reads
+                // meanwhile wait for the log to make the applied position durable, as on a primary.
                 let (reached, failure) = await engine.applyReplicated(records, at: next - 1)
-                if let failure {
-                    throw ReplicationError("record \(reached + 1) from the primary does not fit this replica's state (\(failure)); stopped", fatal: true)
+                let applied = Int(reached - (next - 1))
+                if applied > 0 {
+                    var buffer = RecordBuffer(capacity: applied * 64)
+                    for record in records[..<applied] { buffer.append(record) }
+                    var last: UInt64 = 0
+                    while true {
+                        do throws(Rejection) {
+                            last = try journal.append(buffer)
+                            break
+                        } catch .busy {
+                            try await Task.sleep(for: .milliseconds(1))
+                        } catch {
+                            throw ReplicationError("this replica's log refused the records: \(error)", fatal: true)
+                        }
+                    }
+                    guard last == reached else {
+                        throw ReplicationError("this replica's log put the records at \(last + 1 - UInt64(applied))..., not \(next)...", fatal: true)
+                    }
                 }
                 next = reached + 1
                 server.replication.updateLink { link in
@@ -667,6 +710,11 @@ final class ReplicaLink: Sendable {
                 }
                 do throws(Rejection) { try await journal.waitDurable(reached) } catch {
                     throw ReplicationError("this replica's log failed: \(error)", fatal: true)
+                }
+                if let failure {
+                    throw ReplicationError(
+                        "record \(reached + 1) from the primary does not fit this replica's state (\(failure)); stopped at position \(reached), "
+                            + "which this replica holds durably. Is it following the right primary? To start over: move its data directory aside", fatal: true)
                 }
                 try await outbound.write(Self.command(["REPLACK", String(reached)]))
             }

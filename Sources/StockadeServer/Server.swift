@@ -228,7 +228,7 @@ final class ServerContext: Sendable {
     }
 
     /// Runs the step that ends a round; returns its reply (nil: none) and whether to close after it.
-    func run(step: RoundStep) async -> (ByteBuffer?, Bool) {
+    func run(step: RoundStep, presence: ClientPresence? = nil) async -> (ByteBuffer?, Bool) {
         var out = ByteBufferAllocator().buffer(capacity: 256)
         switch step {
         case .snapshot:
@@ -272,7 +272,13 @@ final class ServerContext: Sendable {
             // durable position covers this client's changes (and may cover more).
             let position = store.journal.lastDurableLSN
             let deadline = timeoutMillis == 0 ? UInt64.max : monotonicNanos() + UInt64(timeoutMillis) * 1_000_000
-            let acknowledged = await replication.waitForAcknowledgements(by: replicas, position: position, deadlineNanos: deadline)
+            // In slices of 100 ms: a client that went away stops its WAIT (and frees its socket).
+            var acknowledged = 0
+            while true {
+                let slice = min(deadline, monotonicNanos() + 100_000_000)
+                acknowledged = await replication.waitForAcknowledgements(by: replicas, position: position, deadlineNanos: slice)
+                if acknowledged >= replicas || monotonicNanos() >= deadline || presence?.isGone == true || replication.isClosed { break }
+            }
             out.writeRESPInteger(Int64(acknowledged))
             metrics.count("wait", outcome: "ok")
         }
@@ -317,7 +323,10 @@ final class ServerContext: Sendable {
             return (false, "ERR this server was started as a primary, its shards on every loop; to follow \(host):\(port), restart it with --replica-of \(host):\(port)")
         }
         if let link = replicaLink.withLock({ $0 }) {
-            if link.host == host && link.port == port { return (true, "OK Already connected to specified master") }
+            // The same primary again: nothing to do, unless the link stopped (then it starts over).
+            if link.host == host && link.port == port && replication.link?.state != "stopped" {
+                return (true, "OK Already connected to specified master")
+            }
             await link.stop()
         } else {
             engine.role.setReadOnly(true)
@@ -372,7 +381,7 @@ final class ServerContext: Sendable {
                 ("master_repl_offset", String(link.primaryDurableLSN)), ("slave_repl_offset", String(durable)),
                 ("slave_read_only", "1"), ("replica_lag_records", String(lagRecords)), ("replica_lag_ms", String(lagMillis)),
                 // An INFO value holds no comma or line end (clients split on them).
-                ("master_link_error", String(link.lastError.map { $0 == "," ? ";" : $0.isNewline ? " " : $0 })), ("master_links_made", String(link.linksMade)),
+                ("master_link_error", infoText(link.lastError)), ("master_links_made", String(link.linksMade)),
             ] + coordinatorInfo()
         }
         let replicas = replication.replicas
@@ -393,7 +402,7 @@ final class ServerContext: Sendable {
             ("coordinator", "etcd://\(coordinator.etcd.host):\(coordinator.etcd.port)"), ("cluster", coordinator.cluster),
             ("advertise", coordinator.advertise), ("epoch", String(view.epoch)), ("cluster_primary", view.primary),
             ("writable", engine.role.isReadOnly ? "0" : "1"),
-            ("coordinator_error", String(view.lastError.map { $0 == "," ? ";" : $0.isNewline ? " " : $0 })),
+            ("coordinator_error", infoText(view.lastError)),
         ]
     }
 
@@ -473,7 +482,7 @@ final class ServerContext: Sendable {
         add("Stats", [
             ("total_connections_received", String(c.connectionsReceived)), ("rejected_connections", String(c.connectionsRejected)),
             ("rejected_metrics_connections", String(c.metricsConnectionsRejected)),
-            ("accept_failures", String(accepts.count)), ("last_accept_failure", accepts.last),
+            ("accept_failures", String(accepts.count)), ("last_accept_failure", infoText(accepts.last)),
             ("log_records", String(stats.records)), ("log_batches", String(stats.batches)),
             ("rounds_in_flight", String(roundsInFlight)),
         ])
@@ -483,11 +492,11 @@ final class ServerContext: Sendable {
             ("log_position_durable", String(journal.lastDurableLSN)), ("log_pending_bytes", String(journal.pendingBytes)),
             ("log_fsyncs", String(stats.syncs)), ("log_fsync_mean_ms", String(format: "%.3f", syncMeanMillis)),
             ("log_fsync_max_ms", String(format: "%.3f", Double(stats.syncNanosMax) / 1e6)),
-            ("log_failure", journal.failureReason ?? ""),
+            ("log_failure", infoText(journal.failureReason ?? "")),
             ("snapshots_taken", String(c.snapshotsTaken)), ("last_snapshot_position", String(c.lastSnapshotLSN)),
             ("last_snapshot_age_seconds", String((monotonicNanos() - c.lastSnapshotNanos) / 1_000_000_000)),
             ("last_snapshot_duration_ms", String(c.lastSnapshotDurationNanos / 1_000_000)),
-            ("recovery", store.recovery.description),
+            ("recovery", infoText(store.recovery.description)),
         ])
         add("Replication", replicationInfo())
         if wanted.contains("shards") || section == "all" || section == "everything" {
@@ -501,6 +510,12 @@ final class ServerContext: Sendable {
         add("Memory", [("used_memory", String(allocatedBytes()))])
         return text
     }
+}
+
+/// Free text as an INFO value: no comma or line end, which clients split values on (redis-py turns
+/// `a,b` into a list), so a message stays one value.
+func infoText(_ text: String) -> String {
+    String(text.map { $0 == "," ? ";" : $0.isNewline ? " " : $0 })
 }
 
 /// A step that needs the server beyond the engine batch; it ends a connection's round.

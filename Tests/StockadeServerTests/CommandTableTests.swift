@@ -48,6 +48,17 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(Word(ByteBuffer()) == nil)
     }
 
+    /// Replication commands' arguments (the hostile review found a fraction taken for a negative).
+    @Test func replicationCommandsCheckTheirArguments() {
+        #expect(parse(["WAIT", "1", "1.5"]) == .invalid("ERR timeout is not an integer or out of range"))
+        #expect(parse(["WAIT", "1", "-1"]) == .invalid("ERR timeout is negative"))
+        #expect(parse(["WAIT", "2", "0"]) == .wait(replicas: 2, timeoutMillis: 0))
+        #expect(parse(["REPLICATE", "5", "LAST", "ff", "FULLCOPY"]) == .replicate(from: 5, listeningPort: 0, fullCopy: true, last: 255))
+        #expect(parse(["REPLICATE", "5", "LAST", "zz"]) == .invalid("ERR syntax error: expected LISTENING-PORT 0-65535, LAST fingerprint or FULLCOPY"))
+        #expect(parse(["REPLICAOF", "no", "one"]) == .promote)
+        #expect(parse(["SLAVEOF", "h", "70000"]) == .invalid("ERR Invalid master port"))
+    }
+
     @Test func globMatchesLikeRedisAndStaysFast() {
         func glob(_ pattern: String, _ text: String) -> Bool { globMatch(Array(pattern.utf8), text) }
         #expect(glob("*", "save"))

@@ -13,8 +13,8 @@ import Testing
     @Test func waitersAreAnsweredWhenEnoughReplicasAcknowledgeOrAtTheirDeadline() {
         let state = ReplicationState()
         let answers = Answers()
-        let a = state.addReplica(.init(address: "a", listeningPort: 1, ackedLSN: 0, lastAckNanos: 0))
-        let b = state.addReplica(.init(address: "b", listeningPort: 2, ackedLSN: 0, lastAckNanos: 0))
+        let a = state.addReplica(.init(address: "a", listeningPort: 1, ackedLSN: 0, lastAckNanos: 0))!
+        let b = state.addReplica(.init(address: "b", listeningPort: 2, ackedLSN: 0, lastAckNanos: 0))!
         state.whenAcknowledged(by: 1, position: 10, deadlineNanos: 1_000, answers.record("one@10"))
         state.whenAcknowledged(by: 2, position: 10, deadlineNanos: 1_000, answers.record("two@10"))
         state.whenAcknowledged(by: 1, position: 20, deadlineNanos: 1_000, answers.record("one@20"))
@@ -40,5 +40,15 @@ import Testing
         #expect(answers.all["after"] == 0)
         state.whenAcknowledged(by: 1, position: 11, deadlineNanos: .max, answers.record("closed"))
         #expect(answers.all["closed"] == 0)
+    }
+
+    /// Replica streams are bounded like clients: past the bound a stream is refused.
+    @Test func replicaStreamsAreBounded() {
+        let state = ReplicationState()
+        let ids = (0..<ReplicationLimits.replicasMax).compactMap { _ in state.addReplica(.init(address: "r", listeningPort: 0, ackedLSN: 0, lastAckNanos: 0)) }
+        #expect(ids.count == ReplicationLimits.replicasMax)
+        #expect(state.addReplica(.init(address: "r", listeningPort: 0, ackedLSN: 0, lastAckNanos: 0)) == nil)
+        state.removeReplica(ids[0])
+        #expect(state.addReplica(.init(address: "r", listeningPort: 0, ackedLSN: 0, lastAckNanos: 0)) != nil)
     }
 }

@@ -506,3 +506,220 @@ def test_the_stream_needs_the_primarys_password(data_dir):
     finally:
         for node in (without, wrong, right, primary):
             node.stop()
+
+
+# Defects found by the hostile review of replication, each with the test that failed before its fix.
+
+class FakePrimary:
+    """A primary on a socket that answers REPLICATE with `+CONTINUE 1 SHARDS 2 EPOCH 0` and then the
+    bytes `stream` returns, and keeps the link open."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.links = 0
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            self.links += 1
+            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+
+    def serve(self, c):
+        try:
+            data = b""
+            while b"REPLICATE" not in data or data.count(b"\r\n") < 9:
+                part = c.recv(4096)
+                if not part:
+                    return
+                data += part
+            c.sendall(b"+CONTINUE 1 SHARDS 2 EPOCH 0\r\n")
+            for chunk in self.stream():
+                c.sendall(chunk)
+            while c.recv(4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_record_that_does_not_fit_leaves_a_directory_that_starts(data_dir):
+    """The replica logged records before applying them: one that did not fit stayed in its log and
+    the directory no longer started (`replay ... record names unknown ...`). Now only what fits is
+    logged."""
+    from logblocks import block, bulk, restocked, sku_added
+    good = block(1, [sku_added(0, 0, "tv", 100), sku_added(1, 0, "tv", 100)])
+    bad = block(3, [restocked(0, 7, 5)])  # SKU index 7 does not exist
+    fake = FakePrimary(lambda: [bulk(good), bulk(bad)])
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2", "--replica-of", f"127.0.0.1:{fake.port}").start()
+    try:
+        deadline = time.time() + 10
+        while info(replica.client())["master_link_state"] != "stopped" and time.time() < deadline:
+            time.sleep(0.05)
+        state = info(replica.client())
+        assert state["master_link_state"] == "stopped" and "does not fit" in state["master_link_error"], state
+        assert int(state["slave_repl_offset"]) == 2
+        replica.stop()
+        replica.args = ["--shards", "2"]
+        replica.start()  # failed before: the bad record was in the log
+        assert replica.client().execute_command("STOCK", "tv")[5] == 100
+        assert int(replica.client().info("persistence")["log_position_durable"]) == 2
+    finally:
+        replica.stop()
+        fake.close()
+
+
+def test_replica_input_stays_bounded_on_a_long_link(data_dir):
+    """The replica kept every byte a link brought in its input buffer (541 MiB after 500 MB of
+    heartbeats). Now what was read is dropped."""
+    from logblocks import block, bulk, sku_added
+    # Long lines (a heartbeat with words after it, which a replica ignores): cheap to parse, so the
+    # flood arrives as fast as the socket carries it.
+    beat = (b"+HEARTBEAT 2 " + b"x" * 4000 + b"\r\n") * 16
+
+    def stream():
+        yield bulk(block(1, [sku_added(0, 0, "tv", 100), sku_added(1, 0, "tv", 100)]))
+        for _ in range((150 << 20) // len(beat)):
+            yield beat
+
+    fake = FakePrimary(stream)
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2", "--replica-of", f"127.0.0.1:{fake.port}").start()
+    try:
+        def rss_mib():
+            with open(f"/proc/{replica.proc.pid}/status") as f:
+                return int(next(l for l in f if l.startswith("VmHWM")).split()[1]) / 1024
+        deadline = time.time() + 60
+        while int(info(replica.client())["slave_repl_offset"]) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        start = rss_mib()
+        time.sleep(6)  # 150 MB of heartbeats arrive meanwhile
+        grown = rss_mib() - start
+        assert grown < 64, f"the replica grew by {grown:.0f} MiB on heartbeats"
+    finally:
+        replica.stop()
+        fake.close()
+
+
+def test_wait_of_a_client_that_left_is_released(data_dir):
+    """`WAIT 1 0` from clients that then closed kept their sockets (and client slots) forever."""
+    s = Server(data_dir, "--shards", "2", "--maxclients", "20").start()
+    try:
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", s.port)) as c:
+                c.sendall(b"WAIT 1 0\r\n")
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            try:
+                if s.client().ping():
+                    break
+            except redis.RedisError:
+                time.sleep(0.1)
+        assert s.client().ping()
+        deadline = time.time() + 5
+        while int(s.client().info("clients")["connected_clients"]) > 1 and time.time() < deadline:
+            time.sleep(0.1)
+        assert int(s.client().info("clients")["connected_clients"]) == 1
+    finally:
+        s.stop()
+
+
+def test_acknowledgements_beyond_what_was_sent_do_not_count(pair):
+    """A stream's REPLACK was trusted as sent: a client could acknowledge positions it never
+    received, and WAIT (or --min-replicas-to-write) counted it."""
+    primary, replica = pair
+    p = primary.client()
+    p.execute_command("SKU.ADD", "tv", 10)
+    assert p.execute_command("WAIT", 1, 5000) == 1
+    position = int(p.info("persistence")["log_position_durable"])
+    with socket.create_connection(("127.0.0.1", primary.port)) as liar:
+        liar.sendall(f"REPLICATE {position + 1}\r\n".encode())
+        assert liar.recv(100).startswith(b"+CONTINUE")
+        liar.sendall(b"REPLACK 9223372036854775807\r\n")
+        time.sleep(0.3)
+        os.kill(replica.proc.pid, signal.SIGSTOP)  # the honest replica acknowledges nothing now
+        try:
+            p.execute_command("RESERVE", "ann", "tv", 1)
+            assert p.execute_command("WAIT", 1, 300) == 0
+        finally:
+            os.kill(replica.proc.pid, signal.SIGCONT)
+
+
+def test_replica_streams_are_bounded(data_dir):
+    s = Server(data_dir, "--shards", "2").start()
+    streams = []
+    try:
+        for _ in range(16):
+            c = socket.create_connection(("127.0.0.1", s.port))
+            c.sendall(b"REPLICATE 1\r\n")
+            assert c.recv(100).startswith(b"+CONTINUE")
+            streams.append(c)
+        with socket.create_connection(("127.0.0.1", s.port)) as extra:
+            extra.sendall(b"REPLICATE 1\r\n")
+            assert extra.recv(200).startswith(b"-ERR too many replicas")
+        assert s.client().ping()
+    finally:
+        for c in streams:
+            c.close()
+        s.stop()
+
+
+def test_replica_promoted_and_sent_back_is_refused_when_logs_differ(pair):
+    """REPLICAOF NO ONE on the replica, changes on both, then REPLICAOF back: the replica reported
+    `connected` with different data. Now the logs are compared where they meet."""
+    primary, replica = pair
+    p, r = primary.client(), replica.client()
+    p.execute_command("SKU.ADD", "tv", 10)
+    assert p.execute_command("WAIT", 1, 5000) == 1
+    assert r.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+    p.execute_command("RESERVE", "on-primary", "tv", 1)
+    r.execute_command("RESERVE", "on-replica", "tv", 2)
+    assert r.execute_command("REPLICAOF", "127.0.0.1", primary.port) == "OK"
+    deadline = time.time() + 10
+    while info(r)["master_link_state"] != "stopped" and time.time() < deadline:
+        time.sleep(0.05)
+    state = info(r)
+    assert state["master_link_state"] == "stopped" and "DIVERGED" in state["master_link_error"], state
+
+
+def test_damaged_log_is_reported_to_the_replica_not_taken_for_the_end(data_dir):
+    """A block header of the primary's log that fails its checksum was taken for the end of the
+    log: the stream retried forever in silence, and each reconnection left another stream behind."""
+    primary = Server(os.path.join(data_dir, "primary"), "--shards", "2").start()
+    p = primary.client()
+    p.execute_command("SKU.ADD", "tv", 1000)
+    for i in range(20):
+        p.execute_command("RESERVE", f"u{i}", "tv", 1)
+    segment = sorted(f for f in os.listdir(primary.data_dir) if f.startswith("wal-"))[0]
+    with open(os.path.join(primary.data_dir, segment), "r+b") as f:
+        # The second block's header: after the segment header (32 bytes) and the first block (a
+        # 36-byte header whose bytes 8-11 give its payload's length, then the payload).
+        f.seek(32 + 8)
+        first_payload = int.from_bytes(f.read(4), "little")
+        at = 32 + 36 + first_payload + 16  # the second block's first position
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x40]))
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}").start()
+    try:
+        deadline = time.time() + 10
+        while "cannot read" not in info(replica.client())["master_link_error"] and time.time() < deadline:
+            time.sleep(0.1)
+        assert "cannot read" in info(replica.client())["master_link_error"], info(replica.client())
+        time.sleep(3)
+        assert int(p.info("replication")["connected_slaves"]) <= 1
+    finally:
+        replica.stop()
+        primary.stop()
