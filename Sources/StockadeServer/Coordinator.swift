@@ -74,7 +74,7 @@ final class Coordinator: Sendable {
                     lease = try await etcd.grantLease(seconds: leaseSeconds)
                 }
                 guard let lease else { continue }
-                try await etcd.put(nodesPrefix + advertise, String(server.store.journal.lastDurableLSN), lease: lease)
+                try await etcd.put(nodesPrefix + advertise, standing.map { "\($0.epoch) \($0.position)" } ?? "stopped", lease: lease)
                 try await decide(lease: lease, sentNanos: sentNanos)
                 view.withLock { $0.lastError = "" }
             } catch {
@@ -120,20 +120,51 @@ final class Coordinator: Sendable {
             }
             return
         }
-        // No primary: the most up-to-date node takes the key.
-        let nodes = try await etcd.prefix(nodesPrefix)
-        let mine = server.store.journal.lastDurableLSN
-        let best = nodes.map { (address: String($0.key.dropFirst(nodesPrefix.count)), position: UInt64($0.value) ?? 0) }
-            .max { ($0.position, $1.address) < ($1.position, $0.address) }
-        guard best == nil || best!.address == advertise || best!.position < mine else { return }
+        // No primary: the node with the newest history takes the key. A node that cannot stand (its
+        // history was refused) never does.
+        guard let mine = standing else { return }
+        var candidates = try await etcd.prefix(nodesPrefix).compactMap { kv -> Candidate? in
+            let address = String(kv.key.dropFirst(nodesPrefix.count))
+            guard address != advertise else { return nil }
+            let words = kv.value.split(separator: " ")
+            guard words.count == 2, let epoch = UInt64(words[0]), let position = UInt64(words[1]) else { return nil }
+            return Candidate(address: address, epoch: epoch, position: position)
+        }
+        candidates.append(Candidate(address: advertise, epoch: mine.epoch, position: mine.position))
+        guard Self.elected(candidates) == advertise else { return }
         if let epoch = try await etcd.create(primaryKey, advertise, lease: lease) {
             view.withLock { $0.epoch = epoch; $0.primary = advertise }
             await becomePrimary(epoch: epoch, sentNanos: sentNanos)
         }
     }
 
+    /// A node as it stands for election: the newest epoch it has followed or held, then its durable
+    /// position. (`stopped`, or a value that does not parse, stands for nothing.)
+    struct Candidate: Equatable {
+        var address: String
+        var epoch: UInt64
+        var position: UInt64
+    }
+
+    /// Who takes the key: the newest epoch first, then the most log, then the smallest address. So a
+    /// node that never followed this cluster (epoch 0: another data set, a fresh start) or a former
+    /// primary of an older term loses to any node that followed the latest primary, whatever its
+    /// position; positions compare only within one history.
+    static func elected(_ candidates: [Candidate]) -> String? {
+        candidates.max { ($0.epoch, $0.position, $1.address) < ($1.epoch, $1.position, $0.address) }?.address
+    }
+
+    /// What this node stands on, or nil when its link to a primary was refused for good (its log
+    /// went another way, it is ahead, a record did not fit, another shard count): such a node is not
+    /// elected until an operator resets it.
+    private var standing: (epoch: UInt64, position: UInt64)? {
+        if server.replication.link?.state == "stopped" { return nil }
+        return (server.historyEpoch.withLock { $0 }, server.store.journal.lastDurableLSN)
+    }
+
     private func becomePrimary(epoch: UInt64, sentNanos: UInt64) async {
         server.replicationEpoch.withLock { $0 = max($0, epoch) }
+        server.historyEpoch.withLock { $0 = epoch }
         server.engine.role.setWritableUntil(sentNanos + UInt64(leaseSeconds) * 1_000_000_000 - Self.marginNanos)
         await server.promote()
         server.logger.info("primary of cluster \(cluster) at epoch \(epoch), log position \(server.store.journal.lastDurableLSN)")

@@ -40,6 +40,9 @@ enum ReplicationLimits {
     /// Replica streams a primary serves at once: each may hold a chunk (and the socket's buffers),
     /// so they are bounded like clients are; real deployments have a handful.
     static let replicasMax = 16
+    /// The largest full copy a replica accepts: far above any state this engine holds in memory
+    /// (a snapshot is a compressed image of it), far below what would fill a disk by mistake.
+    static let fullCopyBytesMax = 64 << 30
 }
 
 /// What a server knows of replication: its role, its replicas (on a primary) and its link (on a
@@ -370,7 +373,7 @@ final class ReplicaFeed: @unchecked Sendable {
         channel.close(promise: nil)
     }
 
-    /// Sends the newest snapshot that verifies: `+FULLCOPY lsn bytes`, then the file as one bulk
+    /// Sends the newest snapshot that verifies: `+FULLCOPY lsn bytes EPOCH e`, then the file as one bulk
     /// string, read and sent ``ReplicationLimits/chunkBytes`` at a time. Returns its position, or nil
     /// when the link is gone or there is no snapshot to send (the replica is told why).
     private func sendFullCopy() async -> UInt64? {
@@ -399,7 +402,8 @@ final class ReplicaFeed: @unchecked Sendable {
         }
         defer { copy.file.close() }
         server.logger.info("sending a replica a full copy: the snapshot at position \(copy.lsn), \(copy.size) bytes")
-        guard await send("+FULLCOPY \(copy.lsn) \(copy.size)\r\n$\(copy.size)\r\n") else { return nil }
+        let epoch = server.replicationEpoch.withLock { $0 }
+        guard await send("+FULLCOPY \(copy.lsn) \(copy.size) EPOCH \(epoch)\r\n$\(copy.size)\r\n") else { return nil }
         var offset = 0
         while offset < copy.size {
             let count = min(ReplicationLimits.chunkBytes, copy.size - offset)
@@ -564,8 +568,15 @@ final class ReplicaLink: Sendable {
                 // The primary no longer keeps the log after this replica's position: its newest
                 // snapshot comes first, then the log after it.
                 let words = reply.split(separator: " ")
-                guard words.count == 3, let lsn = UInt64(words[1]), let size = Int(words[2]), size > 0, lsn >= next else {
+                guard words.count == 5, words[3] == "EPOCH", let lsn = UInt64(words[1]), let size = Int(words[2]), let epoch = UInt64(words[4]),
+                      size > 0, size <= ReplicationLimits.fullCopyBytesMax, lsn >= next
+                else {
                     throw ReplicationError("bad full-copy header from the primary: \(reply.prefix(80))")
+                }
+                // A primary of an older term does not replace this node's data.
+                let known = server.replicationEpoch.withLock { $0 }
+                guard epoch >= known else {
+                    throw ReplicationError("\(host):\(port) offers a full copy at epoch \(epoch), older than epoch \(known) this node knows; refused")
                 }
                 server.replication.updateLink { $0.state = "sync" }
                 server.logger.info("receiving a full copy from \(host):\(port): the snapshot at position \(lsn), \(size) bytes")
@@ -583,6 +594,7 @@ final class ReplicaLink: Sendable {
                 var left = size
                 while left > 0 {
                     if input.readableBytes == 0 {
+                        input.clear()  // what was written out is not kept: the copy is never held whole
                         guard var bytes = try await iterator.next() else { throw ReplicationError("the primary closed the link during a full copy") }
                         input.writeBuffer(&bytes)
                         server.replication.updateLink { $0.lastIONanos = monotonicNanos() }
@@ -616,6 +628,7 @@ final class ReplicaLink: Sendable {
                     throw ReplicationError("\(host):\(port) is a primary of epoch \(epoch), older than epoch \(known) this node knows; not followed")
                 }
                 server.replicationEpoch.withLock { $0 = max($0, epoch) }
+                server.historyEpoch.withLock { $0 = epoch }
                 guard shards == engine.shardCount else {
                     guard shards >= 1, shards <= Limits.shardCountMax else {
                         throw ReplicationError("the primary's answer names no valid shard count: \(reply.prefix(80))", fatal: true)

@@ -40,6 +40,10 @@ final class ServerContext: Sendable {
     /// The highest primary epoch this node has seen (the coordinator's, or a primary's stream): a
     /// stream from a lower epoch is refused. 0 without a coordinator.
     let replicationEpoch = Mutex<UInt64>(0)
+    /// The epoch of the history this node's log holds: the term it was primary in, or of the primary
+    /// whose stream it last accepted. What it stands on in an election (``Coordinator``): seeing a
+    /// newer epoch in etcd does not make a node's log part of it.
+    let historyEpoch = Mutex<UInt64>(0)
     /// `--coordinator`: etcd decides who is primary.
     let coordinator = Mutex<Coordinator?>(nil)
 

@@ -181,3 +181,37 @@ def test_frozen_primary_is_fenced_when_it_wakes(data_dir, etcd):
             except OSError:
                 pass
             node.stop()
+
+
+def test_a_node_of_another_history_is_not_elected(data_dir, etcd):
+    """A node holding another data set (more log) joins the cluster; the primary dies. The node that
+    followed the primary is elected, not the one with the most log; the stranger never leads (before:
+    it won, and the others took a full copy of its data: every acknowledged order gone)."""
+    stranger_dir = os.path.join(data_dir, "stranger")
+    alone = Server(stranger_dir, "--shards", "2").start()
+    alone.client().execute_command("SKU.ADD", "other", 5)
+    for i in range(60):
+        alone.client().execute_command("RESERVE", f"x{i}", "other", 1) if i < 5 else alone.client().execute_command("SKU.RESTOCK", "other", 1)
+    alone.stop()
+    nodes = cluster(data_dir, etcd, 2)
+    stranger = None
+    try:
+        first = primary_of(nodes)
+        p = first.client()
+        p.execute_command("SKU.ADD", "tv", 100)
+        orders = [p.execute_command("RESERVE", f"u{i}", "tv", 1) for i in range(10)]
+        assert p.execute_command("WAIT", 1, 5000) == 1
+        # The primary dies; the stranger starts while its key is still there (so the stranger cannot
+        # reach it and is not refused yet) and publishes a position far ahead of the replica's.
+        first.kill9()
+        stranger = Server(stranger_dir, "--shards", "2", "--coordinator", f"etcd://127.0.0.1:{etcd}",
+                          "--cluster", "sale", "--lease-seconds", str(LEASE_SECONDS)).start()
+        second = primary_of(nodes + [stranger], exclude=(first,), timeout=LEASE_SECONDS + 10)
+        assert second is not stranger, str([n.client().info("replication") for n in nodes[1:] + [stranger]])
+        r = second.client()
+        assert all(isinstance(r.execute_command("ORDER", o), list) for o in orders)
+        time.sleep(1)
+        assert primary_of(nodes + [stranger], exclude=(first,)) is second
+    finally:
+        for node in nodes + ([stranger] if stranger else []):
+            node.stop()
