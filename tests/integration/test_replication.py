@@ -723,3 +723,92 @@ def test_damaged_log_is_reported_to_the_replica_not_taken_for_the_end(data_dir):
     finally:
         replica.stop()
         primary.stop()
+
+
+class CopyingPrimary:
+    """A fake primary: the first link gets `+CONTINUE 1 SHARDS 2 EPOCH 5` and two records; every
+    later one gets `+FULLCOPY 100 <size> EPOCH <epoch>` and `size` bytes of junk."""
+
+    def __init__(self, size, epoch):
+        from logblocks import block, bulk, sku_added
+        self.first = b"+CONTINUE 1 SHARDS 2 EPOCH 5\r\n" + bulk(block(1, [sku_added(0, 0, "tv", 100), sku_added(1, 0, "tv", 100)]))
+        self.size, self.epoch = size, epoch
+        self.links = 0
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            self.links += 1
+            threading.Thread(target=self.serve, args=(c, self.links), daemon=True).start()
+
+    def serve(self, c, link):
+        try:
+            data = b""
+            while b"REPLICATE" not in data or data.count(b"\r\n") < 9:
+                part = c.recv(4096)
+                if not part:
+                    return
+                data += part
+            if link == 1:
+                c.sendall(self.first)
+                time.sleep(0.5)
+                return  # the link breaks; the replica comes back from position 3
+            c.sendall(b"+FULLCOPY 100 %d EPOCH %d\r\n$%d\r\n" % (self.size, self.epoch, self.size))
+            junk = b"\x00" * (1 << 20)
+            sent = 0
+            while sent < min(self.size, 200 << 20):
+                c.sendall(junk)
+                sent += len(junk)
+            time.sleep(2)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.parametrize("case", ["older epoch", "too large", "streamed"])
+def test_a_full_copy_is_checked_before_and_not_held_while_it_comes(data_dir, case):
+    """(Second review) A copy from a primary of an older epoch replaced the replica's data before the
+    epoch was checked; the copy's bytes were all held in memory while they came; any size was taken."""
+    size, epoch = {"older epoch": (1 << 20, 1), "too large": (1 << 40, 5), "streamed": (200 << 20, 5)}[case]
+    fake = CopyingPrimary(size, epoch)
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2", "--replica-of", f"127.0.0.1:{fake.port}").start()
+    try:
+        def hwm_mib():
+            with open(f"/proc/{replica.proc.pid}/status") as f:
+                return int(next(l for l in f if l.startswith("VmHWM")).split()[1]) / 1024
+        deadline = time.time() + 10
+        while int(info(replica.client())["slave_repl_offset"]) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        start = hwm_mib()
+        deadline = time.time() + 20
+        while fake.links < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(4)
+        state = info(replica.client())
+        if case == "older epoch":
+            assert "older than epoch 5" in state["master_link_error"], state
+        elif case == "too large":
+            assert "bad full-copy header" in state["master_link_error"], state
+        else:
+            assert hwm_mib() - start < 64, f"the replica grew by {hwm_mib() - start:.0f} MiB during a copy"
+        if case != "streamed":
+            assert not [f for f in os.listdir(replica.data_dir) if f.endswith(".tmp")]
+        # Its own data is untouched.
+        assert replica.client().execute_command("STOCK", "tv")[5] == 100
+        assert int(info(replica.client())["slave_repl_offset"]) == 2
+    finally:
+        replica.stop()
+        fake.close()
