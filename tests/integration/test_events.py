@@ -64,7 +64,7 @@ def test_events_dollar_waits_for_the_next_position(server):
     t = threading.Thread(target=follow)
     t.start()
     deadline = time.time() + 5
-    while time.time() < deadline and "blocked_events_clients:1" not in r.execute_command("INFO", "clients"):
+    while time.time() < deadline and r.info("clients")["blocked_events_clients"] != 1:
         time.sleep(0.01)
     order = r.execute_command("RESERVE", "bob", "tv", 2)
     t.join(10)
