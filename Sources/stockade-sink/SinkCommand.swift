@@ -55,31 +55,29 @@ struct SinkCommand: AsyncParsableCommand {
 
     /// Runs the sink until a signal (returns) or an error retrying cannot fix (throws).
     private func runSink() async throws(SinkError) {
-        do {
-            var configuration = SinkConfiguration(
-                server: try ServerAddress.parse(from),
-                database: try DatabaseAddress.parse(to, environment: ProcessInfo.processInfo.environment))
-            configuration.batchEventsMax = batchEvents
-            configuration.waitMillis = waitMs
-            configuration.keepEvents = keepEvents
-            configuration.metricsPort = metricsPort
-            configuration.metricsHost = metricsHost
-            configuration.progressSeconds = progressSeconds
-            configuration.retryDelayMillisMax = retryMaxMs
-            try configuration.validate()
-            let sink = Sink(configuration: configuration, logger: Logger(label: "stockade-sink"))
-            let signals = [SIGTERM, SIGINT].map { number in
-                signal(number, SIG_IGN)
-                let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-                source.setEventHandler {
-                    FileHandle.standardError.write(Data("[stockade-sink] \(number == SIGTERM ? "SIGTERM" : "SIGINT"): finishing the current batch\n".utf8))
-                    sink.stop()
-                }
-                source.resume()
-                return source
+        var configuration = SinkConfiguration(
+            server: try ServerAddress.parse(from),
+            database: try DatabaseAddress.parse(to, environment: ProcessInfo.processInfo.environment))
+        configuration.batchEventsMax = batchEvents
+        configuration.waitMillis = waitMs
+        configuration.keepEvents = keepEvents
+        configuration.metricsPort = metricsPort
+        configuration.metricsHost = metricsHost
+        configuration.progressSeconds = progressSeconds
+        configuration.retryDelayMillisMax = retryMaxMs
+        try configuration.validate()
+        let sink = Sink(configuration: configuration, logger: Logger(label: "stockade-sink"))
+        let signals = [SIGTERM, SIGINT].map { number in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler {
+                FileHandle.standardError.write(Data("[stockade-sink] \(number == SIGTERM ? "SIGTERM" : "SIGINT"): finishing the current batch\n".utf8))
+                sink.stop()
             }
-            defer { signals.forEach { $0.cancel() } }
-            try await sink.run()
+            source.resume()
+            return source
         }
+        defer { signals.forEach { $0.cancel() } }
+        try await sink.run()
     }
 }

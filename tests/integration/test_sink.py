@@ -127,7 +127,7 @@ def postgres():
     pg.destroy()
 
 
-def wait_applied(pg, position, timeout=30):
+def wait_applied(pg, position, timeout=30, sink=None):
     """Waits until the sink has committed up to `position`."""
     deadline = time.time() + timeout
     stored = None
@@ -137,7 +137,7 @@ def wait_applied(pg, position, timeout=30):
         if stored is not None and stored >= position:
             return stored
         time.sleep(0.05)
-    raise AssertionError(f"sink stopped at {stored}, expected {position}")
+    raise AssertionError(f"sink stopped at {stored}, expected {position}" + (f":\n{sink.logs()}" if sink else ""))
 
 
 def has_tables(pg):
@@ -192,12 +192,12 @@ def wait_expired(r, orders, timeout=10):
     raise AssertionError("holds did not expire")
 
 
-def settle(r, pg):
+def settle(r, pg, sink=None):
     """Waits until the sink has applied everything the server logged, and the server logged
     nothing more meanwhile; returns that position."""
     while True:
         last = durable_position(r)
-        wait_applied(pg, last)
+        wait_applied(pg, last, sink=sink)
         if durable_position(r) == last:
             return last
 
@@ -250,7 +250,7 @@ def test_flash_sale_lands_in_postgres_exactly(data_dir, postgres):
         metrics_port = int(sink.wait_for(r"metrics on http://[^:]+:(\d+)/metrics").group(1))
         orders = flash_sale(r)
         wait_expired(r, orders)
-        last = settle(r, postgres)
+        last = settle(r, postgres, sink)
         assert_matches_server(postgres, r, orders)
         events = postgres.sql("SELECT count(*), min(position), max(position) FROM events")
         assert events == [[str(last), "1", str(last)]]
@@ -292,7 +292,7 @@ def test_kill9_of_the_sink_mid_stream_then_restart_changes_nothing(data_dir, pos
             time.sleep(0.2)
             sink.kill9()
             sink = SinkProcess(server, postgres, "--batch-events", "7", "--keep-events")
-        last = settle(r, postgres)
+        last = settle(r, postgres, sink)
         assert_matches_server(postgres, r, orders)
         assert postgres.sql("SELECT count(*), count(DISTINCT position), min(position), max(position) FROM events") == \
             [[str(last), str(last), "1", str(last)]]
@@ -322,7 +322,7 @@ def test_postgres_restarted_under_the_sink_it_retries_and_catches_up(data_dir, p
         time.sleep(1.5)  # several tries while it is down
         assert sink.proc.poll() is None
         postgres.start()
-        last = settle(r, postgres)
+        last = settle(r, postgres, sink)
         assert_matches_server(postgres, r, orders)
         assert sink.stop() == 0
     finally:
