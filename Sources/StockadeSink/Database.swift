@@ -73,7 +73,7 @@ final class Database {
             guard from <= SinkSQL.schemaVersion else {
                 throw SinkError(.schema, "the database's sink schema is version \(from), newer than this sink's \(SinkSQL.schemaVersion): run the newer stockade-sink")
             }
-            for version in (from + 1)...max(from + 1, SinkSQL.schemaVersion) where version <= SinkSQL.schemaVersion {
+            for version in stride(from: from + 1, through: SinkSQL.schemaVersion, by: 1) {
                 for statement in SinkSQL.migrations[version - 1] { try await query(PostgresQuery(unsafeSQL: statement)) }
                 try await query(PostgresQuery(unsafeSQL: "INSERT INTO stockade_schema_version (version) VALUES (\(version))"))
             }
