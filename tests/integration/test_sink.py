@@ -14,6 +14,7 @@ import time
 import urllib.request
 
 import pytest
+import redis
 
 from conftest import BINARY, Server
 
@@ -204,7 +205,7 @@ def settle(r, pg, sink=None):
 
 def assert_matches_server(pg, r, orders):
     """Every SKU's row equals STOCK; every order's row equals ORDER; items add up; no gaps."""
-    rows = pg.sql("SELECT sku, total, available, reserved, sold, per_user_limit, paused::int FROM skus ORDER BY sku")
+    rows = pg.sql("SELECT sku, total, available, reserved, sold, per_user_limit, paused::int FROM skus WHERE sku IS NOT NULL ORDER BY sku")
     skus = {row[0]: row[1:] for row in rows}
     for sku in skus:
         stock = r.execute_command("STOCK", sku)
@@ -215,12 +216,12 @@ def assert_matches_server(pg, r, orders):
     agg = pg.sql("""
         SELECT i.sku, coalesce(sum(i.quantity) FILTER (WHERE o.state = 'PENDING'), 0),
                coalesce(sum(i.quantity) FILTER (WHERE o.state = 'PAID'), 0)
-        FROM order_items i JOIN orders o ON o.id = i.order_id GROUP BY i.sku ORDER BY i.sku""")
+        FROM order_items i JOIN orders o ON o.id = i.order_id WHERE i.sku IS NOT NULL GROUP BY i.sku ORDER BY i.sku""")
     for sku, reserved, paid in agg:
         assert reserved == skus[sku][2], sku
         assert int(paid) <= int(skus[sku][3]), sku
     by_id = {row[0]: row[1:] for row in pg.sql(
-        "SELECT id, user_id, state, deadline_ms FROM orders ORDER BY id")}
+        "SELECT id, user_id, state, deadline_ms FROM orders WHERE user_id IS NOT NULL ORDER BY id")}
     assert sorted(by_id) == sorted(orders)
     items = {}
     for order, sku, quantity in pg.sql("SELECT order_id, sku, quantity FROM order_items"):
@@ -253,8 +254,16 @@ def test_flash_sale_lands_in_postgres_exactly(data_dir, postgres):
              "--progress-seconds", "1", *sink_args], stdout=subprocess.DEVNULL, stderr=sink.log)
         metrics_port = int(sink.wait_for(r"metrics on http://[^:]+:(\d+)/metrics").group(1))
         orders = flash_sale(r)
+        # Ids that are no text: not UTF-8, with a NUL byte.
+        rb = redis.Redis(host="127.0.0.1", port=server.port, protocol=2)
+        rb.execute_command("SKU.ADD", b"\xff\x00bin", 10)
+        binary_order = rb.execute_command("RESERVE", b"u\x00\xfe", b"\xff\x00bin", 2).decode()
         wait_expired(r, orders)
         last = settle(r, postgres, sink)
+        assert postgres.sql("SELECT encode(sku_bytes, 'hex'), sku IS NULL, reserved FROM skus WHERE sku IS NULL") == \
+            [["ff0062696e", "t", "2"]]
+        assert postgres.sql("SELECT id, encode(user_bytes, 'hex'), user_id IS NULL FROM orders WHERE user_id IS NULL") == \
+            [[binary_order, "7500fe", "t"]]
         assert_matches_server(postgres, r, orders)
         events = postgres.sql("SELECT count(*), min(position), max(position) FROM events")
         assert events == [[str(last), "1", str(last)]]
@@ -372,3 +381,15 @@ def test_a_trimmed_log_stops_the_sink_with_how_to_recover(data_dir, postgres):
         if sink:
             sink.stop()
         server.stop()
+
+
+def test_stockade_sink_without_the_sink_binary_says_how_to_build_it(tmp_path):
+    """`stockade sink` runs the stockade-sink beside it; a stockade alone says how to build the sink."""
+    alone = tmp_path / "stockade"
+    shutil.copy(BINARY, alone)
+    out = subprocess.run([str(alone), "sink", "--to", "postgres://u@127.0.0.1/db"], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert f"{tmp_path}/stockade-sink" in out.stderr and "swift build --product stockade-sink" in out.stderr
+    # Beside its sibling, arguments (--help too) are the sink's own.
+    out = subprocess.run([BINARY, "sink", "--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "USAGE: stockade-sink" in out.stdout and "--keep-events" in out.stdout
