@@ -309,6 +309,16 @@ def test_kill9_of_the_sink_mid_stream_then_restart_changes_nothing(data_dir, pos
             stored = int(postgres.sql("SELECT position FROM stockade_sink_position")[0][0])
             killed_behind += stored < durable_position(r)
             sink = SinkProcess(server, postgres, "--batch-events", "7", "--keep-events")
+        # SIGTERM while it is (most likely) catching up: it commits the batch it is on, says where
+        # it stopped, exits 0.
+        before = durable_position(r)
+        for u in range(100):
+            orders.append(r.execute_command("RESERVE", f"late-{u}", "tv", 1))
+        wait_applied(postgres, before + 1, sink=sink)
+        assert sink.stop() == 0
+        stopped = int(re.search(r"stopped at position (\d+)", sink.logs()).group(1))
+        assert postgres.sql("SELECT position FROM stockade_sink_position") == [[str(stopped)]]
+        sink = SinkProcess(server, postgres, "--batch-events", "7", "--keep-events")
         last = settle(r, postgres, sink)
         assert_matches_server(postgres, r, orders)
         assert postgres.sql("SELECT count(*), count(DISTINCT position), min(position), max(position) FROM events") == \
