@@ -43,16 +43,19 @@ package final class CommandClient: Sendable {
         return client
     }
 
-    /// Sends one command and returns its reply.
-    package func send(_ command: [String]) async throws -> RESPReply {
-        try await pipeline([command])[0]
+    /// Sends one command and returns its reply; see ``pipeline(_:timeout:)`` for `timeout`.
+    package func send(_ command: [String], timeout: TimeAmount? = nil) async throws -> RESPReply {
+        try await pipeline([command], timeout: timeout)[0]
     }
 
-    /// Sends commands in one write and returns their replies in order.
-    package func pipeline(_ commands: [[String]]) async throws -> [RESPReply] {
+    /// Sends commands in one write and returns their replies in order. On a connection that is
+    /// already closed, or whose write fails, it fails at once (a reply that can never come must not
+    /// be waited for). `timeout`: no complete answer by then closes the connection, which fails it.
+    package func pipeline(_ commands: [[String]], timeout: TimeAmount? = nil) async throws -> [RESPReply] {
         let handler = self.handler
         let channel = self.channel
         return try await channel.eventLoop.flatSubmit {
+            guard channel.isActive else { return channel.eventLoop.makeFailedFuture(BenchError("connection closed")) }
             let promise = channel.eventLoop.makePromise(of: [RESPReply].self)
             var out = channel.allocator.buffer(capacity: 256)
             for command in commands {
@@ -60,7 +63,14 @@ package final class CommandClient: Sendable {
                 for word in command { out.writeRESPBulk(word) }
             }
             handler.value.expect(commands.count, promise)
-            channel.writeAndFlush(out, promise: nil)
+            channel.writeAndFlush(out).whenFailure { error in
+                handler.value.fail(BenchError("write failed: \(error)"))
+                channel.close(promise: nil)
+            }
+            if let timeout {
+                let timer = channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+                promise.futureResult.whenComplete { _ in timer.cancel() }
+            }
             return promise.futureResult
         }.get()
     }
@@ -105,7 +115,8 @@ final class ReplyHandler: ChannelInboundHandler {
         fail(BenchError("connection closed"))
     }
 
-    private func fail(_ error: Error) {
+    /// Fails every command waiting for its replies.
+    func fail(_ error: Error) {
         for (_, promise) in waiting { promise.fail(error) }
         waiting = []
     }

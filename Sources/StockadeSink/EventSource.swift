@@ -77,6 +77,10 @@ final class EventSource {
         }
     }
 
+    /// How long past its BLOCK a reply may take before the connection is given up as hung (and
+    /// reconnected): far more than a page of EVENTS takes to read and send.
+    static let replyTimeoutMillis: Int64 = 30_000
+
     /// Closes the connection: a command waiting for its reply fails at once (how SIGTERM cuts a
     /// BLOCK wait short).
     func close() { client.close() }
@@ -91,7 +95,9 @@ final class EventSource {
     func events(after position: UInt64, count: Int, blockMillis: Int) async throws(SinkError) -> [SinkEvent] {
         let reply: RESPReply
         do {
-            reply = try await client.send(["EVENTS", String(position + 1), "COUNT", String(count), "BLOCK", String(blockMillis)])
+            reply = try await client.send(
+                ["EVENTS", String(position + 1), "COUNT", String(count), "BLOCK", String(blockMillis)],
+                timeout: .milliseconds(Int64(blockMillis) + Self.replyTimeoutMillis))
         } catch {
             throw SinkError(.serverUnavailable, "Stockade at \(address.description): EVENTS: \(error)")
         }
@@ -112,7 +118,7 @@ final class EventSource {
     func serverPosition() async throws(SinkError) -> UInt64? {
         let reply: RESPReply
         do {
-            reply = try await client.send(["INFO", "persistence"])
+            reply = try await client.send(["INFO", "persistence"], timeout: .milliseconds(Self.replyTimeoutMillis))
         } catch {
             throw SinkError(.serverUnavailable, "Stockade at \(address.description): INFO: \(error)")
         }

@@ -359,6 +359,52 @@ def test_postgres_restarted_under_the_sink_it_retries_and_catches_up(data_dir, p
         server.stop()
 
 
+def test_stockade_restarted_under_the_sink_it_reconnects_and_catches_up(data_dir, postgres):
+    """The server stopped and started again on the same port: the sink retries, reconnects and
+    follows on from its position. The sink used to hang for good when it connected while the old
+    server was closing: its EVENTS went to a closed connection and no reply could ever come."""
+    port = free_port()
+    server = Server(data_dir, "--port", str(port))
+    server.args = []  # the fixture's --port 0 is replaced below
+
+    def start():
+        server.log = open(server.log_path, "ab")
+        server.proc = subprocess.Popen([BINARY, "serve", "--port", str(port), "--data-dir", data_dir],
+                                       stdout=subprocess.DEVNULL, stderr=server.log)
+        server.port = port
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("server did not start")
+
+    start()
+    sink = None
+    try:
+        r = server.client()
+        sink = SinkProcess(server, postgres)
+        r.execute_command("SKU.ADD", "tv", 1000)
+        orders = [r.execute_command("RESERVE", f"a{u}", "tv", 1) for u in range(20)]
+        settle(r, postgres, sink)
+        for _ in range(3):
+            server.stop()
+            time.sleep(1)  # the sink retries meanwhile (--retry-max-ms 500)
+            start()
+            r = server.client()
+            orders += [r.execute_command("RESERVE", f"b{len(orders)}-{u}", "tv", 1) for u in range(10)]
+            settle(r, postgres, sink)
+        sink.wait_for(r"following redis://127\.0\.0\.1:%d from position \d+[\s\S]*following" % port)
+        assert_matches_server(postgres, r, orders)
+        assert sink.stop() == 0
+    finally:
+        if sink:
+            sink.stop()
+        server.stop()
+
+
 def test_a_trimmed_log_stops_the_sink_with_how_to_recover(data_dir, postgres):
     """The sink's stored position falls behind what the server keeps (snapshots with no segments
     retained): the sink exits 1 naming the positions and the ways to recover, and applies nothing
