@@ -8,13 +8,13 @@ SWIFT ?= swift
 PYTHON ?= python3
 DATA_DIR ?= ./data
 # postgresql: the sink's tests start a temporary cluster of their own (the package's default one is not used).
-APT_PACKAGES := liblz4-dev libjemalloc-dev pkg-config redis-tools redis-server postgresql
+APT_PACKAGES := liblz4-dev libjemalloc-dev pkg-config redis-tools redis-server etcd-server postgresql
 PIP_PACKAGES := redis pytest
 
 .PHONY: run test deps build release bench demo simulate clean
 
 deps:
-	@if ! pkg-config --exists liblz4 jemalloc 2>/dev/null || ! command -v redis-cli >/dev/null || ! command -v redis-benchmark >/dev/null || ! command -v redis-server >/dev/null \
+	@if ! pkg-config --exists liblz4 jemalloc 2>/dev/null || ! command -v redis-cli >/dev/null || ! command -v redis-benchmark >/dev/null || ! command -v redis-server >/dev/null || ! command -v etcd >/dev/null \
 		|| ! command -v psql >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		echo "installing $(APT_PACKAGES)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \

@@ -1,10 +1,15 @@
 import Atomics
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The shards and the log together: routes each command to the shard that owns its SKU or order,
 /// coordinates orders that span shards, and answers only once the changes are durable.
 public final class Engine: Sendable {
     public let shards: [Shard]
+    /// Whether the engine follows a primary's log (read-only) or takes changes; shared with every shard.
+    public let role: EngineRole
     private let log: any ChangeLog
     /// The latest "now" any caller passed: time as the engine sees it never goes back, so a wall clock
     /// stepped backwards cannot make an expired hold pending again on a shard that has not expired it yet.
@@ -12,13 +17,36 @@ public final class Engine: Sendable {
 
     /// Starts the engine on a recovered (or empty) state. Shard `i` runs on `executors[i % count]` (the
     /// server's event loops), or on a queue of its own when `executors` is empty.
-    public init(state: EngineState, log: any ChangeLog, executors: [any SerialExecutor] = []) {
+    public init(state: EngineState, log: any ChangeLog, executors: [any SerialExecutor] = [], readOnly: Bool = false) {
+        let role = EngineRole(readOnly: readOnly)
         shards = state.shards.map {
             Shard(
                 state: $0, log: log,
-                executor: executors.isEmpty ? nil : executors[Self.executorIndex(ofShard: $0.shard, executorCount: executors.count)])
+                executor: executors.isEmpty ? nil : executors[Self.executorIndex(ofShard: $0.shard, executorCount: executors.count)],
+                role: role)
         }
+        self.role = role
         self.log = log
+    }
+
+    /// Replaces the whole state with a primary's (a full copy: its snapshot), every shard in one run
+    /// on the shards' one executor. Read-only engines only, with the shard count of the copy.
+    public func installReplicated(_ state: EngineState) async {
+        precondition(role.isReadOnly && state.shards.count == shards.count)
+        await shards[0].installReplicated(state, across: shards)
+    }
+
+    /// Applies records of a primary's log, in order, to every shard, through recovery's replay
+    /// (``EngineState/apply(_:)``): the same checks, so a record that does not fit this state stops
+    /// replication instead of corrupting it. `lsn` is the position the state is at (the records are
+    /// `lsn + 1 ...`); returns the position after the records applied, with the error that stopped
+    /// them, if any. The engine must be read-only and every shard must run on one executor (a
+    /// replica's shards share one loop): the records are applied in one run there, so no reader sees
+    /// a record half applied across shards.
+    public func applyReplicated(_ records: [Record], at lsn: UInt64) async -> (lsn: UInt64, error: EngineState.ReplayError?) {
+        precondition(role.isReadOnly, "only a read-only engine applies another's log")
+        guard !records.isEmpty else { return (lsn, nil) }
+        return await shards[0].applyReplicated(records, at: lsn, across: shards)
     }
 
     /// Which of `executorCount` executors shard `shard` runs on: the one place that says so.
@@ -340,6 +368,8 @@ public final class Engine: Sendable {
 
     /// Expires everything due on `shard` at `now`, ``expiryChunk`` orders per call.
     private func expire(_ shard: Shard, now: Int64) async -> UInt64 {
+        // A replica's holds expire by the primary's records, never by its own clock.
+        guard !role.isReadOnly else { return 0 }
         var lsn: UInt64 = 0
         while true {
             var result = await shard.expire(now: now, limit: Self.expiryChunk)
@@ -490,6 +520,43 @@ public final class Engine: Sendable {
         var states: [ShardState] = []
         for shard in shards { states.append(await shard.snapshotState()) }
         return EngineState(shards: states, lsn: lsn)
+    }
+}
+
+/// Whether an engine takes changes (a primary) or only reads, its state moved by another's log (a
+/// replica). Shared by the engine and its shards; read on every shard run, lock-free.
+public final class EngineRole: Sendable {
+    private let readOnly: ManagedAtomic<Bool>
+    /// CLOCK_MONOTONIC nanoseconds after which changes are refused (a coordinator's lease: see
+    /// ``setWritableUntil(_:)``); `.max`: no such bound.
+    private let writableUntil = ManagedAtomic<UInt64>(.max)
+
+    public init(readOnly: Bool = false) { self.readOnly = ManagedAtomic(readOnly) }
+
+    /// Changes are refused with ``Rejection/readOnly`` and holds are not expired here: a replica, or
+    /// a primary past the end of its lease.
+    public var isReadOnly: Bool {
+        if readOnly.load(ordering: .acquiring) { return true }
+        let until = writableUntil.load(ordering: .acquiring)
+        return until != .max && Self.monotonicNanos() > until
+    }
+
+    /// A replica (its state moved by another's log), whatever the lease says.
+    public var isFollower: Bool { readOnly.load(ordering: .acquiring) }
+
+    /// Promotes a replica (false) or makes an engine follow another's log (true).
+    public func setReadOnly(_ value: Bool) { readOnly.store(value, ordering: .releasing) }
+
+    /// Fencing: changes are taken only until `nanos` (CLOCK_MONOTONIC, ``monotonicNanos()``), the
+    /// earliest moment the primary's lease could have lapsed; checked on every change, so a primary
+    /// that was frozen or cut off past it refuses changes the moment it runs again. 0: none now.
+    public func setWritableUntil(_ nanos: UInt64) { writableUntil.store(nanos, ordering: .releasing) }
+
+    /// CLOCK_MONOTONIC in nanoseconds (it keeps counting while the process is stopped).
+    public static func monotonicNanos() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 }
 

@@ -30,6 +30,11 @@ public enum Rejection: Error, Equatable, Sendable {
     case busy
     /// The engine stopped accepting changes (a log write or fsync failed); the message says why.
     case unavailable(String)
+    /// This engine is a replica: its state changes only by the primary's log.
+    case readOnly
+    /// Semi-synchronous replication: the change is durable here, but only `acknowledged` of the
+    /// `wanted` replicas had it durably in time, so a failover may lose it.
+    case notReplicated(acknowledged: Int, wanted: Int)
 }
 
 /// A reply from the engine to one ``Command``.

@@ -51,6 +51,8 @@ public actor Shard {
     /// Published position, epoch and deadlines (see ``ShardGauges``).
     public nonisolated let gauges = ShardGauges()
     private let log: any ChangeLog
+    /// Read-only (a replica): no changes, no expiry here; the primary's records move the state.
+    private let role: EngineRole
     private var scratch = RecordBuffer()
     /// The log position every reply from this shard waits for: the last record this shard appended,
     /// or the record of another shard's order whose effect (a release or sale of this shard's stock)
@@ -62,11 +64,12 @@ public actor Shard {
     /// Runs waiting for the basket holds placed here to be committed or released.
     private var settleWaiters: [CheckedContinuation<Void, Never>] = []
 
-    public init(state: ShardState, log: any ChangeLog, executor: (any SerialExecutor)? = nil) {
+    public init(state: ShardState, log: any ChangeLog, executor: (any SerialExecutor)? = nil, role: EngineRole = EngineRole()) {
         index = state.shard
         self.executor = executor ?? QueueExecutor(label: "stockade-shard-\(state.shard)")
         self.state = state
         self.log = log
+        self.role = role
         directory = SkuDirectory()
         directory.publish(state.counters)
         gauges.nextDeadlineMillis.store(state.nextDeadlineMillis, ordering: .relaxed)
@@ -115,12 +118,13 @@ public actor Shard {
         defer { endChange() }
         scratch.removeAll()
         result.replies.reserveCapacity(batch.count)
-        result.effects = state.expireDue(now: now, limit: expiryLimit, log: &scratch)
+        let readOnly = role.isReadOnly
+        if !readOnly { result.effects = state.expireDue(now: now, limit: expiryLimit, log: &scratch) }
         let admits = log.admitsChanges
         var added: [(Name, StockCounter)] = []
         for (slot, command) in batch {
-            if command.isChange && !admits {
-                result.replies.append((slot, .rejected(.busy)))
+            if command.isChange && (readOnly || !admits) {
+                result.replies.append((slot, .rejected(readOnly ? .readOnly : .busy)))
                 continue
             }
             let reply: Reply
@@ -227,6 +231,7 @@ public actor Shard {
 
     public func beginRequest(user: Name, requestId: Name?, lines: [OrderLine]) -> Reply? {
         if let refusal = refusal { return .rejected(.unavailable(refusal)) }
+        if role.isReadOnly { return .rejected(.readOnly) }
         return state.beginRequest(user: user, requestId: requestId, lines: lines)
     }
 
@@ -295,6 +300,77 @@ public actor Shard {
         while gauges.preparing.load(ordering: .relaxed) > 0 { await settled() }
         if let refusal = refusal { return .failure(.unavailable(refusal)) }
         return .success((state.audit(nil) ?? [], visibleLSN))
+    }
+
+    // MARK: Replication
+
+    /// Applies a primary's records `lsn + 1 ...` to the states of `shards` (this one among them, all
+    /// on this shard's executor) with ``EngineState/apply(_:)``, in this one run: each state is moved
+    /// out of its shard (no copy), the records applied, and the states moved back and published.
+    /// Stops at the first record that does not fit; returns the position reached and that error.
+    func applyReplicated(_ records: [Record], at lsn: UInt64, across shards: [Shard]) -> (lsn: UInt64, error: EngineState.ReplayError?) {
+        var states: [ShardState] = []
+        states.reserveCapacity(shards.count)
+        for shard in shards {
+            precondition(shard === self || shard.executor === executor, "a replica's shards share one executor")
+            states.append(shard === self ? lendState() : shard.assumeIsolated { $0.lendState() })
+        }
+        var replay = EngineState(shards: states, lsn: lsn)
+        states = []
+        var failure: EngineState.ReplayError?
+        for record in records {
+            do throws(EngineState.ReplayError) { try replay.apply(record) } catch {
+                failure = error
+                break
+            }
+        }
+        let reached = replay.lsn
+        for (i, shard) in shards.enumerated() {
+            let state = replay.shards[i]
+            if shard === self { takeBack(state, visibleAt: reached) } else { shard.assumeIsolated { $0.takeBack(state, visibleAt: reached) } }
+        }
+        return (reached, failure)
+    }
+
+    /// Replaces this shard's state with `replacement` (a full copy at `lsn`) and every shard's on this
+    /// executor in the same run (see ``Engine/installReplicated(_:)``).
+    func installReplicated(_ replacement: EngineState, across shards: [Shard]) {
+        for (i, shard) in shards.enumerated() {
+            precondition(shard === self || shard.executor === executor, "a replica's shards share one executor")
+            let state = replacement.shards[i]
+            if shard === self { install(state, at: replacement.lsn) } else { shard.assumeIsolated { $0.install(state, at: replacement.lsn) } }
+        }
+    }
+
+    private func install(_ replacement: ShardState, at lsn: UInt64) {
+        beginChange()
+        state = replacement
+        directory.replaceAll(state.counters)
+        visibleLSN = max(visibleLSN, lsn)
+        endChange()
+    }
+
+    /// SKUs the state had when it was lent: those after it are published when it comes back.
+    private var lentSkuCount = 0
+
+    /// Moves the state out, leaving an empty one (only within ``applyReplicated(_:at:across:)``'s run).
+    private func lendState() -> ShardState {
+        beginChange()
+        lentSkuCount = state.skus.count
+        var lent = ShardState(shard: index)
+        swap(&lent, &state)
+        return lent
+    }
+
+    /// Takes the state back after records were applied to it: publishes SKUs added, the position
+    /// replies wait for, and the deadlines; ends the change ``lendState()`` began.
+    private func takeBack(_ applied: ShardState, visibleAt lsn: UInt64) {
+        state = applied
+        if state.skus.count > lentSkuCount {
+            directory.publish(state.skus[lentSkuCount...].map { ($0.name, $0.counter) })
+        }
+        visibleLSN = max(visibleLSN, lsn)
+        endChange()
     }
 
     /// A copy of the state. Costly while the shard keeps changing: its next change then copies every

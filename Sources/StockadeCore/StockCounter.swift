@@ -47,6 +47,11 @@ public final class SkuDirectory: Sendable {
     /// Every SKU id of this shard, in index order.
     public var names: [Name] { current.load(ordering: .acquiring).names }
 
+    /// Replaces every counter (a replica that loaded a full copy).
+    func replaceAll(_ all: [(Name, StockCounter)]) {
+        current.store(Map(Dictionary(all, uniquingKeysWith: { first, _ in first }), all.map(\.0)), ordering: .releasing)
+    }
+
     /// Adds counters of newly added SKUs, in index order. Copies the map (SKU adds are rare; reads are not).
     func publish(_ additions: [(Name, StockCounter)]) {
         let map = current.load(ordering: .acquiring)

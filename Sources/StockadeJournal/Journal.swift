@@ -75,6 +75,10 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     private var stats = Stats()
     private var segments: [(firstLSN: UInt64, path: String)]
     private var observers: [@Sendable (UInt64) -> Void] = []
+    /// A ``rebase(to:)`` asked of the writer: the position to start again after.
+    private var rebaseTo: UInt64?
+    private var rebaseError: JournalError?
+    private let rebased = DispatchSemaphore(value: 0)
 
     // Mirrors of guarded state, read without the lock on every shard run and every reply.
     /// ``durableLSN``, stored after it changes (sequentially consistent: see ``onDurable(_:)``).
@@ -277,12 +281,67 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         return doomed
     }
 
+    /// A replica that received a full copy (a primary's snapshot at `lsn`) continues its log from
+    /// there: the current segment is synced and closed, and a new one starts at `lsn + 1`; the
+    /// positions appended and durable become `lsn`. Nothing may be pending (the replica's link is the
+    /// only writer and waits for durability first). Older segments are left for the caller to remove
+    /// (``removeSegments(coveredThrough:keep:)``) once the snapshot is in place.
+    public func rebase(to lsn: UInt64) throws(JournalError) {
+        if locked({ durableLSN == lsn && appendedLSN == lsn && pendingRecords == 0 }) { return }
+        let ready: Bool = locked {
+            guard failed == nil, !closed, pendingRecords == 0, appendedLSN == durableLSN, lsn >= durableLSN, rebaseTo == nil else { return false }
+            if options.writerThread {
+                rebaseTo = lsn
+                pthread_cond_signal(wake)
+            }
+            return true
+        }
+        guard ready else { throw JournalError(.io, "the log cannot start again at \(lsn): records are pending, or it failed or closed") }
+        if options.writerThread {
+            rebased.wait()
+        } else {
+            startAgain(after: lsn)
+        }
+        if let error = locked({ rebaseError }) {
+            locked { rebaseError = nil }
+            throw error
+        }
+        notifyObservers()
+    }
+
+    /// The writer's side of ``rebase(to:)``.
+    private func startAgain(after lsn: UInt64) {
+        do throws(JournalError) {
+            if unsynced { try segment.dataSync() }
+            unsynced = false
+            segment.close()
+            let path = directory.segmentPath(firstLSN: lsn + 1)
+            segment = try directory.storage.open(path, .create)
+            try segment.append(SegmentHeader(shardCount: shardCount, firstLSN: lsn + 1).encode())
+            try segment.dataSync()
+            try directory.storage.syncDirectory(directory.path)
+            segmentBytes = SegmentHeader.size
+            locked {
+                segments.append((lsn + 1, path))
+                appendedLSN = lsn
+                durableLSN = lsn
+                pendingFirstLSN = lsn + 1
+                durableMirror.store(lsn, ordering: .sequentiallyConsistent)
+                rebaseTo = nil
+            }
+        } catch {
+            fail("\(error)")
+            locked { rebaseError = error; rebaseTo = nil }
+        }
+        if options.writerThread { rebased.signal() }
+    }
+
     // MARK: Writer thread
 
     private func writerLoop() {
         while true {
             pthread_mutex_lock(mutex)
-            while pendingRecords == 0 && !stopping && failed == nil {
+            while pendingRecords == 0 && !stopping && failed == nil && rebaseTo == nil {
                 if unsynced && options.fsync == .everysec {
                     var deadline = timespec()
                     clock_gettime(CLOCK_REALTIME, &deadline)
@@ -293,8 +352,17 @@ public final class Journal: ChangeLog, @unchecked Sendable {
                 }
             }
             let exit = failed != nil || (stopping && pendingRecords == 0)
+            let rebase = pendingRecords == 0 ? rebaseTo : nil
             pthread_mutex_unlock(mutex)
+            if let rebase, !exit {
+                startAgain(after: rebase)
+                continue
+            }
             if exit {
+                if locked({ rebaseTo != nil }) {
+                    locked { rebaseError = JournalError(.io, failed ?? "the log is closing"); rebaseTo = nil }
+                    rebased.signal()
+                }
                 finishWriter()
                 done.signal()
                 return

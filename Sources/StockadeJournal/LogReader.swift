@@ -31,6 +31,78 @@ public struct LogReader: Sendable {
         return result
     }
 
+    /// One block as it lies in the log (header and compressed payload, checksummed), for a replica.
+    public struct RawBlock: Sendable {
+        public var firstLSN: UInt64
+        public var recordCount: Int
+        public var bytes: [UInt8]
+        public var lastLSN: UInt64 { firstLSN + UInt64(recordCount) - 1 }
+    }
+
+    /// Whole blocks holding positions `from...durable`, oldest first, as written (each verified here
+    /// first), until about `bytesMax` bytes: what the replication stream ships. The first block may
+    /// start before `from` (a block is the unit); none ends after `durable` (a batch, and so its
+    /// blocks, becomes durable whole).
+    public func readBlocks(from: UInt64, bytesMax: Int, durable: UInt64) throws(ReadError) -> [RawBlock] {
+        guard from >= 1, from <= durable else { return [] }
+        let segments: [(firstLSN: UInt64, path: String)]
+        do { segments = try directory.segments() } catch { throw .unreadable(error.message) }
+        guard let first = segments.first else { return [] }
+        guard first.firstLSN <= from else { throw .trimmed(oldest: first.firstLSN) }
+        var result: [RawBlock] = []
+        var bytes = 0
+        let startIndex = segments.lastIndex { $0.firstLSN <= from } ?? 0
+        var next = from
+        for segment in segments[startIndex...] {
+            if segment.firstLSN > durable || bytes >= bytesMax { break }
+            let file: any StorageFile
+            let size: Int
+            do {
+                file = try directory.storage.open(segment.path, .read)
+                size = try file.size()
+            } catch {
+                throw .unreadable(error.message)
+            }
+            defer { file.close() }
+            var offset = SegmentHeader.size
+            while offset + BlockHeader.size <= size, bytes < bytesMax {
+                let header: [UInt8]
+                do { header = try file.read(at: offset, count: BlockHeader.size) } catch { throw .unreadable(error.message) }
+                guard header.count == BlockHeader.size, let h = header.withUnsafeBytes({ BlockHeader.parse($0) }) else {
+                    // Past the durable position this may be a block being written; before it, the
+                    // log is damaged: said, not taken for the end of the log.
+                    if next <= durable {
+                        throw .unreadable("\(segment.path) at offset \(offset): block header fails verification")
+                    }
+                    break
+                }
+                if h.firstLSN > durable { return result }
+                if h.recordCount == 0 {
+                    throw .unreadable("\(segment.path) at offset \(offset): block header with no records")
+                }
+                let last = h.firstLSN + UInt64(h.recordCount) - 1
+                if last < next {
+                    offset += h.totalLength
+                    continue
+                }
+                guard h.firstLSN <= next else { throw .unreadable("\(segment.path) at offset \(offset): block starts at \(h.firstLSN), expected \(next)") }
+                guard last <= durable else { return result }
+                guard offset + h.totalLength <= size else { break }
+                let block: [UInt8]
+                do { block = try file.read(at: offset, count: h.totalLength) } catch { throw .unreadable(error.message) }
+                guard block.count == h.totalLength else { throw .unreadable("short read in \(segment.path) at offset \(offset)") }
+                guard case .block = block.withUnsafeBytes({ BlockCodec.read($0, at: 0) }) else {
+                    throw .unreadable("\(segment.path) at offset \(offset): block fails verification")
+                }
+                result.append(RawBlock(firstLSN: h.firstLSN, recordCount: h.recordCount, bytes: block))
+                bytes += block.count
+                next = last + 1
+                offset += h.totalLength
+            }
+        }
+        return result
+    }
+
     private func readSegment(
         _ path: String, from: UInt64, count: Int, durable: UInt64, into result: inout [(position: UInt64, record: Record)]
     ) throws(ReadError) {
@@ -48,9 +120,9 @@ public struct LogReader: Sendable {
             let header: [UInt8]
             do { header = try file.read(at: offset, count: BlockHeader.size) } catch { throw .unreadable(error.message) }
             guard header.count == BlockHeader.size, let h = header.withUnsafeBytes({ BlockHeader.parse($0) }) else { return }
-            let last = h.firstLSN + UInt64(h.recordCount) - 1
             if h.firstLSN > durable { return }
-            if last < from || h.recordCount == 0 {
+            // (A count of 0 is checked first: position 0 with no records must not underflow.)
+            if h.recordCount == 0 || h.firstLSN + UInt64(h.recordCount) - 1 < from {
                 offset += h.totalLength
                 continue
             }
@@ -75,6 +147,49 @@ public struct LogReader: Sendable {
                 throw .unreadable("\(path) at offset \(offset): block fails verification")
             }
             offset += h.totalLength
+        }
+    }
+}
+
+extension LogReader {
+    /// A fingerprint of the record at `position` (FNV-1a over its encoding), or nil when the log does
+    /// not hold it (trimmed, or not written). Two logs whose records at a position have different
+    /// fingerprints diverged at or before it: what a replica and its primary compare when they meet.
+    public func fingerprint(at position: UInt64, durable: UInt64) -> UInt64? {
+        guard position >= 1, position <= durable,
+              let found = try? read(from: position, count: 1, durable: durable).first, found.position == position
+        else { return nil }
+        var buffer = RecordBuffer(capacity: 256)
+        buffer.append(found.record)
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in buffer.bytes { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+        return hash
+    }
+
+    /// The records of one block as the replication stream carries it (``RawBlock/bytes``): verified
+    /// (checksum, length, record count) and decoded, with the position of its first record; or why
+    /// it cannot be trusted. The replica's side of ``readBlocks(from:bytesMax:durable:)``.
+    public static func decodeBlock(_ bytes: [UInt8]) -> Result<(firstLSN: UInt64, records: [Record]), ReadError> {
+        switch bytes.withUnsafeBytes({ BlockCodec.read($0, at: 0) }) {
+        case .truncated:
+            return .failure(.unreadable("block cut short (\(bytes.count) bytes)"))
+        case .invalid(let why):
+            return .failure(.unreadable("block fails verification: \(why)"))
+        case .block(let header, let payload):
+            guard header.totalLength == bytes.count else {
+                return .failure(.unreadable("block of \(header.totalLength) bytes carried in \(bytes.count)"))
+            }
+            var records: [Record] = []
+            records.reserveCapacity(header.recordCount)
+            do {
+                try payload.withUnsafeBytes { raw in try Record.decodeAll(raw) { records.append($0) } }
+            } catch {
+                return .failure(.unreadable("block at position \(header.firstLSN): \(error)"))
+            }
+            guard records.count == header.recordCount, header.recordCount > 0 else {
+                return .failure(.unreadable("block holds \(records.count) records, its header says \(header.recordCount)"))
+            }
+            return .success((header.firstLSN, records))
         }
     }
 }

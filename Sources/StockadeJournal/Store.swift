@@ -23,6 +23,8 @@ public final class Store: Sendable {
         /// Where the shards run (``Engine/init(state:log:executors:)``): the server's event loops.
         /// Empty: each shard on a queue of its own.
         public var shardExecutors: [any SerialExecutor] = []
+        /// A replica: the engine starts read-only (``EngineRole``), its state moved by a primary's log.
+        public var readOnly = false
         public init(shardCount: Int) { self.shardCount = shardCount }
     }
 
@@ -61,7 +63,7 @@ public final class Store: Sendable {
                 directory, options: Recovery.Options(shardCount: options.shardCount, truncateCorrupt: options.truncateCorrupt))
             recovery = report
             journal = try Journal(directory: directory, shardCount: state.shards.count, lsn: state.lsn, options: options.journal)
-            engine = Engine(state: state, log: journal, executors: options.shardExecutors)
+            engine = Engine(state: state, log: journal, executors: options.shardExecutors, readOnly: options.readOnly)
         } catch {
             lock.release()
             throw error

@@ -25,6 +25,16 @@ enum Request: Equatable {
     /// HELLO [2|3 [AUTH user password] [SETNAME name]]: the version is nil, 2 or 3 (others are refused here).
     case hello(version: Int?, password: ByteBuffer?)
     case select(Int)
+    /// REPLICATE next [LISTENING-PORT port] [FULLCOPY]: this connection becomes a replica's log
+    /// stream; with FULLCOPY, a position the log no longer keeps is answered with the newest snapshot.
+    case replicate(from: UInt64, listeningPort: Int, fullCopy: Bool, last: UInt64?)
+    case role
+    /// REPLICAOF host port (SLAVEOF is the same).
+    case replicaOf(host: String, port: Int)
+    /// REPLICAOF NO ONE: a replica becomes a primary.
+    case promote
+    /// WAIT numreplicas timeout: until that many replicas acknowledged every change made before it.
+    case wait(replicas: Int, timeoutMillis: Int)
     /// A reply to send as is: a wrong argument, an unknown command.
     case invalid(String)
 
@@ -58,6 +68,10 @@ enum Request: Equatable {
         case .clientAccepted, .clientID: "client"
         case .hello: "hello"
         case .select: "select"
+        case .replicate: "replicate"
+        case .role: "role"
+        case .replicaOf, .promote: "replicaof"
+        case .wait: "wait"
         case .invalid: "invalid"
         }
     }
@@ -119,6 +133,7 @@ struct Word: Hashable {
 enum Verb: CaseIterable {
     case ping, echo, quit, auth, info, shutdown, snapshot, save, bgsave, command, config, client, hello, select
     case skuAdd, skuRestock, skuPause, skuResume, stock, audit, reserve, buy, confirm, cancel, order, orders, deduct, events
+    case replicate, role, replicaof, slaveof, wait
 
     /// The name as clients spell it (in lower case, as Redis shows it in errors).
     var name: String {
@@ -139,10 +154,36 @@ enum Verb: CaseIterable {
         }
     }
 
+    /// The command named `word`, or nil. Runs for every command: a multiplicative hash of the
+    /// packed name picks a slot of a small open-addressed table (no `Hasher`, whose seeded SipHash
+    /// cost more than the rest of the lookup), and one or two compares of two words settle it.
+    static func named(_ word: Word) -> Verb? {
+        let table = Self.table
+        var slot = Self.slot(of: word)
+        while let (name, verb) = table[slot] {
+            if name == word { return verb }
+            slot = (slot + 1) & (Self.tableSlots - 1)
+        }
+        return nil
+    }
+
+    /// A power of two, at least twice the commands, so probes stay short and one slot is always free.
+    private static let tableSlots = 128
+
+    private static func slot(of word: Word) -> Int {
+        Int(truncatingIfNeeded: ((word.low ^ word.high &* 31) &* 0x9E37_79B9_7F4A_7C15) >> 57) & (tableSlots - 1)
+    }
+
     /// Every command by its name, built once.
-    static let byWord: [Word: Verb] = {
-        var table: [Word: Verb] = [:]
-        for verb in allCases { table[Word(ByteBuffer(string: verb.name))!] = verb }
+    private static let table: [(Word, Verb)?] = {
+        precondition(allCases.count * 2 <= tableSlots, "the command table needs more slots")
+        var table = [(Word, Verb)?](repeating: nil, count: tableSlots)
+        for verb in allCases {
+            let word = Word(ByteBuffer(string: verb.name))!
+            var slot = slot(of: word)
+            while table[slot] != nil { slot = (slot + 1) & (tableSlots - 1) }
+            table[slot] = (word, verb)
+        }
         return table
     }()
 }
@@ -163,7 +204,8 @@ enum CommandTable {
     /// The request `arguments` make. Before authentication (`authenticated` false) only the
     /// commands allowed then are looked at beyond their name.
     static func parse(_ arguments: [ByteBuffer], authenticated: Bool = true) -> Request {
-        guard let verb = Word(arguments[0]).flatMap({ Verb.byWord[$0] }) else {
+        guard let verb = Word(arguments[0]).flatMap(Verb.named) else {
+            // Before AUTH too, as Redis 7 answers (its name check comes before the password's).
             return .invalid("ERR unknown command '\(shown(arguments[0]))'")
         }
         if !authenticated && !verb.allowedBeforeAuth { return noAuth }
@@ -310,6 +352,46 @@ enum CommandTable {
                 i += 2
             }
             return .events(from: from, count: count, blockMillis: block)
+        case .replicate:
+            guard args.count >= 1, args.count <= 6 else { return wrongArity }
+            guard let from = integer(arg(0)), from >= 0 else { return .invalid("ERR position must be 0 to \(Int64.max)") }
+            var listeningPort = 0
+            var fullCopy = false
+            var last: UInt64?
+            var i = 1
+            while i < args.count {
+                if Word(arg(i)) == Word("FULLCOPY") {
+                    fullCopy = true
+                    i += 1
+                } else if Word(arg(i)) == Word("LAST"), i + 1 < args.count,
+                          let value = String(validating: arg(i + 1).readableBytesView, as: UTF8.self).flatMap({ UInt64($0, radix: 16) }) {
+                    last = value
+                    i += 2
+                } else if Word(arg(i)) == Word("LISTENING-PORT"), i + 1 < args.count, let port = integer(arg(i + 1)), port >= 0, port <= 65535 {
+                    listeningPort = Int(port)
+                    i += 2
+                } else {
+                    return .invalid("ERR syntax error: expected LISTENING-PORT 0-65535, LAST fingerprint or FULLCOPY")
+                }
+            }
+            return .replicate(from: UInt64(from), listeningPort: listeningPort, fullCopy: fullCopy, last: last)
+        case .role:
+            return arity(args.isEmpty) ?? .role
+        case .wait:
+            guard args.count == 2 else { return wrongArity }
+            guard let replicas = integer(arg(0)), replicas >= 0, replicas <= 64 else { return .invalid("ERR numreplicas must be 0 to 64") }
+            guard let timeout = integer(arg(1)) else { return .invalid("ERR timeout is not an integer or out of range") }
+            guard timeout >= 0 else { return .invalid("ERR timeout is negative") }
+            // 0 waits without a bound, as in Redis; any bound is held to a day.
+            return .wait(replicas: Int(replicas), timeoutMillis: Int(min(timeout, 86_400_000)))
+        case .replicaof, .slaveof:
+            guard args.count == 2 else { return wrongArity }
+            if Word(arg(0)) == Word("NO"), Word(arg(1)) == Word("ONE") { return .promote }
+            guard let port = integer(arg(1)), port >= 1, port <= 65535 else { return .invalid("ERR Invalid master port") }
+            guard arg(0).readableBytes <= 255, let host = String(validating: arg(0).readableBytesView, as: UTF8.self), !host.isEmpty else {
+                return .invalid("ERR Invalid master host")
+            }
+            return .replicaOf(host: host, port: Int(port))
         }
     }
 

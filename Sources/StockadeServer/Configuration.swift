@@ -49,8 +49,39 @@ public struct ServerConfiguration: Sendable {
     public var ioThreads = 0
     /// How long shutdown waits for commands in flight to be answered.
     public var shutdownGraceSeconds = 10
+    /// Follow this primary (`--replica-of HOST:PORT`): start read-only, apply its log.
+    public var replicaOf: (host: String, port: Int)?
+    /// The password the primary asks for (`--primary-auth`), sent with AUTH before REPLICATE.
+    public var primaryPassword: String?
+    /// Semi-synchronous replication: a change is answered only once this many replicas have it
+    /// durably (0: answered once durable here). With fewer replicas connected, changes are refused.
+    public var minReplicasToWrite = 0
+    /// How long a change waits for those acknowledgements before it is answered NOREPLICAS.
+    public var minReplicasTimeoutMillis = 10_000
+    /// `--coordinator etcd://host:port`: etcd decides who is primary (docs/REPLICATION.md).
+    public var coordinator: (host: String, port: Int)?
+    /// `--cluster NAME`: the nodes that share a primary under the coordinator.
+    public var cluster = "stockade"
+    /// `--advertise HOST:PORT`: how other nodes reach this one (default: the listening address).
+    public var advertise: String?
+    /// `--lease-seconds`: the primary's etcd lease; a failover takes about this long.
+    public var leaseSeconds = 2
 
     public init() {}
+
+    /// `HOST:PORT` (the host may be a name, an IPv4 address, or an IPv6 address in brackets); nil
+    /// when it is not one.
+    public static func hostAndPort(_ text: String) -> (host: String, port: Int)? {
+        guard let colon = text.lastIndex(of: ":") else { return nil }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") {
+            host = String(host.dropFirst().dropLast())
+        } else if host.contains(":") {
+            return nil  // an IPv6 address needs its brackets: [::1]:7379
+        }
+        guard !host.isEmpty, let port = Int(text[text.index(after: colon)...]), (1...65535).contains(port) else { return nil }
+        return (host, port)
+    }
 
     /// The range of every setting, as `stockade serve` documents them (docs/OPERATIONS.md). Each
     /// bound keeps the arithmetic done with the value far from overflow (seconds become nanoseconds,
@@ -106,6 +137,11 @@ public struct ServerConfiguration: Sendable {
             outside(snapshotEverySeconds, Range.snapshotSeconds, "--snapshot-every-seconds", " (0: never by time)"),
             outside(eventsRetentionSegments, Range.retentionSegments, "--events-retention-segments"),
             outside(ioThreads, Range.ioThreads, "--io-threads", " (0: one per core)"),
+            outside(minReplicasToWrite, 0...64, "--min-replicas-to-write", " (0: answer once durable here)"),
+            outside(minReplicasTimeoutMillis, 1...3_600_000, "--min-replicas-timeout-ms"),
+            outside(leaseSeconds, 1...60, "--lease-seconds"),
+            coordinator != nil && replicaOf != nil ? "--replica-of and --coordinator exclude each other: under a coordinator, etcd names the primary" : nil,
+            cluster.isEmpty || cluster.utf8.count > 128 || cluster.contains("/") ? "--cluster must be 1 to 128 bytes without '/'" : nil,
         ]
         if let first = checks.compactMap({ $0 }).first { return first }
         // AUTH must fit the limits a client has before it is authenticated (and the configured ones).

@@ -42,6 +42,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var executor: EventLoopTaskExecutor?
     /// This connection's loop: its shards and its rounds waiting for durability.
     private var loopState: DurableReplies?
+    /// Set once the connection became a replica's log stream (REPLICATE): its input is acknowledgements.
+    private var feed: ReplicaFeed?
+    /// Whether the client is still there, for steps that wait on its behalf (WAIT).
+    private let presence = ClientPresence()
 
     init(server: ServerContext) {
         self.server = server
@@ -80,6 +84,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        presence.leave()
         if counted { server.release(context.channel) }
         counted = false
         stallTimer?.cancel()
@@ -93,6 +98,13 @@ final class ConnectionHandler: ChannelDuplexHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case ChannelEvent.inputClosed = event {
             inputClosed = true
+            presence.leave()
+            // A replica that closed its side is gone: its stream ends (the socket is not kept half open).
+            if feed != nil {
+                closing = true
+                context.close(promise: nil)
+                return
+            }
             if !busy { process(context: context) }
             return
         }
@@ -104,6 +116,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !closing else { return }
         var bytes = unwrapInboundIn(data)
+        if let feed {
+            feed.received(&bytes)
+            return
+        }
         if inbound == nil || inbound!.readableBytes == 0 {
             inbound = bytes
         } else {
@@ -206,6 +222,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
             }
             return
         }
+        if case .replicate(let from, let listeningPort, let fullCopy, let last)? = round.step {
+            startFeed(context: context, round: round, from: from, listeningPort: listeningPort, fullCopy: fullCopy, last: last)
+            return
+        }
         if round.batch.isEmpty && round.step == nil {
             finish(context: context, round: round, replies: [], tail: nil, closeAfter: round.closeAfter)
             loopNanos = monotonicNanos() - parseStarted
@@ -214,6 +234,20 @@ final class ConnectionHandler: ChannelDuplexHandler {
         }
         loopNanos = monotonicNanos() - parseStarted
         run(round, context: context)
+    }
+
+    /// The connection becomes a replica's log stream: the replies before REPLICATE are written, then
+    /// ``ReplicaFeed`` owns the socket until it closes. REPLICATE always starts a round of its own
+    /// (``buildRound(context:)``), so nothing of the engine is in flight here.
+    private func startFeed(context: ChannelHandlerContext, round: Round, from: UInt64, listeningPort: Int, fullCopy: Bool, last: UInt64?) {
+        finish(context: context, round: round, replies: [], tail: nil, closeAfter: false)
+        busy = true  // no more rounds on this connection
+        let feed = ReplicaFeed(server: server, channel: context.channel, from: from, listeningPort: listeningPort, fullCopy: fullCopy, last: last)
+        self.feed = feed
+        if var rest = inbound, rest.readableBytes > 0 { feed.received(&rest) }
+        inbound = nil
+        server.logger.info("a replica at \(context.remoteAddress.map { "\($0)" } ?? "?") follows the log from position \(from)")
+        Task { await feed.run() }
     }
 
     /// How long the next round of a client with input left waits: as long as this round kept the loop
@@ -284,6 +318,25 @@ final class ConnectionHandler: ChannelDuplexHandler {
             }
             // Engine commands (the hot path) only join the batch: no reply buffer of their own.
             if case .engine(let command) = request {
+                if command.isChange && server.engine.role.isReadOnly {
+                    let start = round.local.writerIndex
+                    round.local.writeRESPError(ReplyEncoding.errorText(.readOnly))
+                    round.slots.append(.local(start: start, end: round.local.writerIndex))
+                    round.tally.add(request.metricName, "readonly")
+                    replyBytes += round.local.writerIndex - start
+                    continue
+                }
+                // Semi-synchronous: with fewer replicas connected than a change must reach, it is
+                // refused before it changes anything (Redis's words).
+                let minReplicas = server.configuration.minReplicasToWrite
+                if minReplicas > 0, command.isChange, server.replication.replicaCount < minReplicas {
+                    let start = round.local.writerIndex
+                    round.local.writeRESPError("NOREPLICAS Not enough good replicas to write.")
+                    round.slots.append(.local(start: start, end: round.local.writerIndex))
+                    round.tally.add(request.metricName, "noreplicas")
+                    replyBytes += round.local.writerIndex - start
+                    continue
+                }
                 let replyMax = ReplyEncoding.replyBytesMax(command)
                 if !round.slots.isEmpty, replyBytes + (replyMax ?? replyBudget) > replyBudget {
                     carried = request  // it starts the next round
@@ -317,6 +370,17 @@ final class ConnectionHandler: ChannelDuplexHandler {
             case .shutdown: round.step = .shutdown
             case .info(let section): round.step = .info(section)
             case .events(let from, let count, let block): round.step = .events(from: from, count: count, blockMillis: block, resp3: resp3)
+            case .replicate(let from, let listeningPort, let fullCopy, let last):
+                // A round of its own: the connection becomes a log stream after it.
+                guard round.slots.isEmpty else {
+                    carried = request
+                    break parsing
+                }
+                round.step = .replicate(from: from, listeningPort: listeningPort, fullCopy: fullCopy, last: last)
+            case .role: round.step = .role
+            case .replicaOf(let host, let port): round.step = .replicaOf(host: host, port: port)
+            case .promote: round.step = .promote
+            case .wait(let replicas, let timeoutMillis): round.step = .wait(replicas: replicas, timeoutMillis: timeoutMillis)
             case .hello(let version, let password):
                 // Engine replies are encoded when the round ends, in the protocol of that moment: a
                 // HELLO that names a version starts a round of its own after the engine commands before it.
@@ -428,8 +492,21 @@ final class ConnectionHandler: ChannelDuplexHandler {
         guard let loopState else { preconditionFailure("only connections on a server loop run rounds in place") }
         loopState.wait(for: waitFor) { failure in
             let answered = failure.map { reason in replies.map { _ in Reply.rejected(.unavailable(reason)) } } ?? replies
-            self.server.endRound()
-            self.complete(round, replies: answered, tail: nil, closeAfter: round.closeAfter, context: context)
+            guard failure == nil, self.server.configuration.minReplicasToWrite > 0, round.batch.contains(where: \.isChange) else {
+                self.server.endRound()
+                self.complete(round, replies: answered, tail: nil, closeAfter: round.closeAfter, context: context)
+                return
+            }
+            // Semi-synchronous: then the replicas' acknowledgements, back on this loop.
+            let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
+            let loop = context.eventLoop
+            self.server.awaitReplicas(round.batch, answered, position: waitFor) { replicated in
+                loop.execute {
+                    let (handler, context) = bound.value
+                    handler.server.endRound()
+                    handler.complete(round, replies: replicated, tail: nil, closeAfter: round.closeAfter, context: context)
+                }
+            }
         }
     }
 
@@ -440,9 +517,17 @@ final class ConnectionHandler: ChannelDuplexHandler {
         let server = self.server
         let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
         let loop = context.eventLoop
+        let presence = self.presence
         Task(executorPreference: executor) {
-            let replies = round.batch.isEmpty ? [] : await engine.execute(round.batch, now: wallClockMillis())
-            let (tail, stepCloses): (ByteBuffer?, Bool) = if let step = round.step { await server.run(step: step) } else { (nil, false) }
+            var replies = round.batch.isEmpty ? [] : await engine.execute(round.batch, now: wallClockMillis())
+            if server.configuration.minReplicasToWrite > 0, round.batch.contains(where: \.isChange) {
+                // Every change of the batch is durable here: the durable position covers them.
+                let position = server.store.journal.lastDurableLSN
+                replies = await withCheckedContinuation { continuation in
+                    server.awaitReplicas(round.batch, replies, position: position) { continuation.resume(returning: $0) }
+                }
+            }
+            let (tail, stepCloses): (ByteBuffer?, Bool) = if let step = round.step { await server.run(step: step, presence: presence) } else { (nil, false) }
             server.endRound()
             loop.execute {
                 let (handler, context) = bound.value
@@ -529,6 +614,14 @@ final class ConnectionHandler: ChannelDuplexHandler {
         let line = out.getString(at: start + 1, length: min(out.writerIndex - start - 1, 16)) ?? ""
         return line.prefix { $0 != " " && $0 != "\r" }.lowercased()
     }
+}
+
+/// Whether a connection's client is still there (it has not closed or half-closed): a step that
+/// waits for it (WAIT) stops waiting once it is gone, so a closed socket is not held open.
+final class ClientPresence: Sendable {
+    private let gone = Atomic<Bool>(false)
+    func leave() { gone.store(true, ordering: .releasing) }
+    var isGone: Bool { gone.load(ordering: .acquiring) }
 }
 
 /// Compares without returning early, so the time taken does not reveal how much of a guess matched.

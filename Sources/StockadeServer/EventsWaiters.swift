@@ -26,6 +26,9 @@ final class DurablePositionWatch: Sendable {
 
     private let state = Mutex(State())
 
+    /// Shut down: every wait returns false at once.
+    var isClosed: Bool { state.withLock { $0.closed } }
+
     /// Waiters now (INFO).
     var count: Int { state.withLock { $0.waiters.count } }
 

@@ -109,6 +109,10 @@ package enum ReplyEncoding {
         case .requestConflict(let id): "REQCONFLICT request id already used for order \(id) with other SKUs or quantities"
         case .busy: "BUSY"
         case .unavailable(let reason): "UNAVAILABLE \(reason)"
+        // Redis's words, which client libraries recognise.
+        case .readOnly: "READONLY You can't write against a read only replica."
+        case .notReplicated(let acknowledged, let wanted):
+            "NOREPLICAS the change is durable on this primary, but only \(acknowledged) of \(wanted) replicas acknowledged it in time (--min-replicas-timeout-ms); a failover before they have it loses it"
         }
     }
 

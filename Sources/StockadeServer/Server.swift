@@ -31,6 +31,20 @@ final class ServerContext: Sendable {
     let eventsWaiters = DurablePositionWatch()
     /// Accept failures of both listeners (out of file descriptors), for INFO and a rate-limited log line.
     let acceptFailures: AcceptFailureLog
+    /// Role, replicas and the link to a primary (ROLE, INFO replication).
+    let replication = ReplicationState()
+    /// The link to the primary while this server is a replica.
+    let replicaLink = Mutex<ReplicaLink?>(nil)
+    /// The loops, for the replica's link to the primary.
+    let group: EventLoopGroup?
+    /// The highest primary epoch this node has seen (the coordinator's, or a primary's stream): a
+    /// stream from a lower epoch is refused. 0 without a coordinator.
+    let replicationEpoch = Mutex<UInt64>(0)
+    /// `--coordinator`: etcd decides who is primary.
+    let coordinator = Mutex<Coordinator?>(nil)
+
+    /// This node takes changes (as far as its role goes; a lapsed lease still refuses them).
+    var isPrimary: Bool { !engine.role.isFollower }
 
     private struct Counters {
         var clients: [ObjectIdentifier: Channel] = [:]
@@ -53,8 +67,9 @@ final class ServerContext: Sendable {
 
     init(
         configuration: ServerConfiguration, store: Store, logger: Logger, blockingWork: BlockingWorkExecutor,
-        loops: [EventLoop], requestShutdown: @escaping @Sendable () -> Void
+        loops: [EventLoop], group: EventLoopGroup? = nil, requestShutdown: @escaping @Sendable () -> Void
     ) {
+        self.group = group
         self.configuration = configuration
         self.store = store
         engine = store.engine
@@ -66,16 +81,21 @@ final class ServerContext: Sendable {
         counters = Mutex(Counters(lastSnapshotLSN: store.recovery.snapshotLSN, lastSnapshotNanos: monotonicNanos()))
         var states: [ObjectIdentifier: DurableReplies] = [:]
         var byIndex: [DurableReplies] = []
+        // The loops the shards run on: all of them, or the first alone on a replica (see ``StockadeServer/run()``).
+        // (None when the shards run elsewhere: then no batch runs in place.)
+        let shardLoopCount = min(loops.count, store.options.shardExecutors.count)
         for (i, loop) in loops.enumerated() {
-            let local = (0..<store.engine.shardCount).map { Engine.executorIndex(ofShard: $0, executorCount: loops.count) == i }
+            let local = (0..<store.engine.shardCount).map {
+                shardLoopCount > 0 && Engine.executorIndex(ofShard: $0, executorCount: shardLoopCount) == i
+            }
             let state = DurableReplies(loop: loop, journal: store.journal, localShards: local)
             states[ObjectIdentifier(loop)] = state
             byIndex.append(state)
             store.journal.onDurable { lsn in state.durable(lsn) }
         }
         loopStates = states
-        shardLoops = byIndex.isEmpty
-            ? [] : (0..<store.engine.shardCount).map { byIndex[Engine.executorIndex(ofShard: $0, executorCount: byIndex.count)] }
+        shardLoops = byIndex.isEmpty || shardLoopCount == 0
+            ? [] : (0..<store.engine.shardCount).map { byIndex[Engine.executorIndex(ofShard: $0, executorCount: shardLoopCount)] }
     }
 
     /// The state of the loop that shard `index` runs on.
@@ -208,7 +228,7 @@ final class ServerContext: Sendable {
     }
 
     /// Runs the step that ends a round; returns its reply (nil: none) and whether to close after it.
-    func run(step: RoundStep) async -> (ByteBuffer?, Bool) {
+    func run(step: RoundStep, presence: ClientPresence? = nil) async -> (ByteBuffer?, Bool) {
         var out = ByteBufferAllocator().buffer(capacity: 256)
         switch step {
         case .snapshot:
@@ -230,8 +250,160 @@ final class ServerContext: Sendable {
             metrics.count("info", outcome: "ok")
         case .events(let from, let count, let blockMillis, let resp3):
             await events(from: from, count: count, blockMillis: blockMillis, resp3: resp3, into: &out)
+        case .replicate:
+            out.writeRESPError("ERR REPLICATE must be the first command of its pipeline")
+        case .role:
+            writeRole(into: &out)
+            metrics.count("role", outcome: "ok")
+        case .replicaOf(let host, let port):
+            let (ok, message) = await follow(host: host, port: port)
+            if ok { out.writeRESPSimple(message) } else { out.writeRESPError(message) }
+            metrics.count("replicaof", outcome: ok ? "ok" : "err")
+        case .promote:
+            await promote()
+            out.writeRESPSimple("OK")
+            metrics.count("replicaof", outcome: "ok")
+        case .wait(let replicas, let timeoutMillis):
+            guard replication.link == nil else {
+                out.writeRESPError("ERR WAIT cannot be used with replica instances. Please also note that since Redis 4.0 if a replica is configured to be writable (which is not the default) writes to replicas are just local and are not propagated.")
+                break
+            }
+            // Every change answered before this command is durable here by now: waiting for the
+            // durable position covers this client's changes (and may cover more).
+            let position = store.journal.lastDurableLSN
+            let deadline = timeoutMillis == 0 ? UInt64.max : monotonicNanos() + UInt64(timeoutMillis) * 1_000_000
+            // In slices of 100 ms: a client that went away stops its WAIT (and frees its socket).
+            var acknowledged = 0
+            while true {
+                let slice = min(deadline, monotonicNanos() + 100_000_000)
+                acknowledged = await replication.waitForAcknowledgements(by: replicas, position: position, deadlineNanos: slice)
+                if acknowledged >= replicas || monotonicNanos() >= deadline || presence?.isGone == true || replication.isClosed { break }
+            }
+            out.writeRESPInteger(Int64(acknowledged))
+            metrics.count("wait", outcome: "ok")
         }
         return (out, false)
+    }
+
+    // MARK: Replication
+
+    /// ROLE, in Redis's shape: `master`, the durable position, and each replica's address, listening
+    /// port and acknowledged position; or `slave`, the primary's host and port, the link's state and
+    /// the position applied here.
+    func writeRole(into out: inout ByteBuffer) {
+        if let link = replication.link {
+            out.writeRESPArrayHeader(5)
+            out.writeRESPBulk("slave")
+            out.writeRESPBulk(link.host)
+            out.writeRESPInteger(Int64(link.port))
+            out.writeRESPBulk(link.state)
+            out.writeRESPInteger(Int64(store.journal.lastDurableLSN))
+        } else {
+            let replicas = replication.replicas
+            out.writeRESPArrayHeader(3)
+            out.writeRESPBulk("master")
+            out.writeRESPInteger(Int64(store.journal.lastDurableLSN))
+            out.writeRESPArrayHeader(replicas.count)
+            for replica in replicas {
+                out.writeRESPArrayHeader(3)
+                out.writeRESPBulk(replica.address)
+                out.writeRESPBulk(String(replica.listeningPort))
+                out.writeRESPBulk(String(replica.ackedLSN))
+            }
+        }
+    }
+
+    /// Whether this server can follow a primary without a restart: a replica's shards share one
+    /// loop (``Engine/applyReplicated(_:at:)``), which only a server started with `--replica-of` has.
+    var canFollow: Bool { store.options.shardExecutors.count <= 1 && group != nil }
+
+    /// Starts following `host:port` (REPLICAOF host port, or `--replica-of` at start).
+    func follow(host: String, port: Int) async -> (Bool, String) {
+        guard canFollow, let group else {
+            return (false, "ERR this server was started as a primary, its shards on every loop; to follow \(host):\(port), restart it with --replica-of \(host):\(port)")
+        }
+        if let link = replicaLink.withLock({ $0 }) {
+            // The same primary again: nothing to do, unless the link stopped (then it starts over).
+            if link.host == host && link.port == port && replication.link?.state != "stopped" {
+                return (true, "OK Already connected to specified master")
+            }
+            await link.stop()
+        } else {
+            engine.role.setReadOnly(true)
+            // Changes that passed the check before it are let finish before the log is followed.
+            let deadline = monotonicNanos() + 2_000_000_000
+            while roundsInFlight > 0 && monotonicNanos() < deadline { try? await Task.sleep(for: .milliseconds(5)) }
+        }
+        let link = ReplicaLink(host: host, port: port, server: self, group: group)
+        replicaLink.withLock { $0 = link }
+        link.start()
+        logger.info("following \(host):\(port) (REPLICAOF): read-only")
+        return (true, "OK")
+    }
+
+    /// REPLICAOF NO ONE: stops following (nothing is applied after this returns) and takes changes.
+    func promote() async {
+        if let link = replicaLink.withLock({ $0 }) { await link.stop() }
+        replicaLink.withLock { $0 = nil }
+        replication.setLink(nil)
+        guard engine.role.isFollower else { return }
+        engine.role.setReadOnly(false)
+        logger.info("promoted to primary (REPLICAOF NO ONE) at log position \(store.journal.lastDurableLSN)")
+    }
+
+    /// Semi-synchronous replication (``ServerConfiguration/minReplicasToWrite``): calls `done` with
+    /// the replies once that many replicas acknowledged `position`; if they do not in time, the
+    /// successful replies of changes become NOREPLICAS (the change is durable here, not on them).
+    func awaitReplicas(_ batch: [Command], _ replies: [Reply], position: UInt64, done: @escaping @Sendable ([Reply]) -> Void) {
+        let wanted = configuration.minReplicasToWrite
+        let deadline = monotonicNanos() + UInt64(configuration.minReplicasTimeoutMillis) * 1_000_000
+        replication.whenAcknowledged(by: wanted, position: position, deadlineNanos: deadline) { acknowledged in
+            guard acknowledged < wanted else { return done(replies) }
+            done(zip(batch, replies).map { command, reply in
+                if case .rejected = reply { return reply }
+                return command.isChange ? .rejected(.notReplicated(acknowledged: acknowledged, wanted: wanted)) : reply
+            })
+        }
+    }
+
+    /// INFO's replication section, in Redis's keys, positions for offsets.
+    func replicationInfo() -> [(String, String)] {
+        let durable = store.journal.lastDurableLSN
+        if let link = replication.link {
+            let now = monotonicNanos()
+            let lagRecords = link.primaryDurableLSN > durable ? link.primaryDurableLSN - durable : 0
+            let lagMillis = lagRecords == 0 ? 0 : (now - max(link.caughtUpNanos, startedNanos)) / 1_000_000
+            return [
+                ("role", "slave"), ("master_host", link.host), ("master_port", String(link.port)),
+                ("master_link_status", link.state == "connected" ? "up" : "down"),
+                ("master_link_state", link.state),
+                ("master_last_io_seconds_ago", link.lastIONanos == 0 ? "-1" : String((now - link.lastIONanos) / 1_000_000_000)),
+                ("master_repl_offset", String(link.primaryDurableLSN)), ("slave_repl_offset", String(durable)),
+                ("slave_read_only", "1"), ("replica_lag_records", String(lagRecords)), ("replica_lag_ms", String(lagMillis)),
+                // An INFO value holds no comma or line end (clients split on them).
+                ("master_link_error", infoText(link.lastError)), ("master_links_made", String(link.linksMade)),
+            ] + coordinatorInfo()
+        }
+        let replicas = replication.replicas
+        var pairs: [(String, String)] = [("role", engine.role.isFollower ? "none" : "master"), ("connected_slaves", String(replicas.count))]
+        for (i, replica) in replicas.enumerated() {
+            let lag = (monotonicNanos() - replica.lastAckNanos) / 1_000_000_000
+            pairs.append(("slave\(i)", "ip=\(replica.address),port=\(replica.listeningPort),state=online,offset=\(replica.ackedLSN),lag=\(lag),lag_records=\(durable > replica.ackedLSN ? durable - replica.ackedLSN : 0)"))
+        }
+        pairs.append(("master_repl_offset", String(durable)))
+        return pairs + coordinatorInfo()
+    }
+
+    /// INFO replication's lines about the coordinator (none without one).
+    func coordinatorInfo() -> [(String, String)] {
+        guard let coordinator = coordinator.withLock({ $0 }) else { return [] }
+        let view = coordinator.view.withLock { $0 }
+        return [
+            ("coordinator", "etcd://\(coordinator.etcd.host):\(coordinator.etcd.port)"), ("cluster", coordinator.cluster),
+            ("advertise", coordinator.advertise), ("epoch", String(view.epoch)), ("cluster_primary", view.primary),
+            ("writable", engine.role.isReadOnly ? "0" : "1"),
+            ("coordinator_error", infoText(view.lastError)),
+        ]
     }
 
     /// EVENTS: durable records from `from` (nil: `$`, the next position), waiting up to `blockMillis`
@@ -293,7 +465,7 @@ final class ServerContext: Sendable {
 
     /// INFO, in Redis's `# Section` / `key:value` text.
     func info(section: String?) async -> String {
-        let wanted = section.map { [$0] } ?? ["server", "clients", "stats", "persistence", "shards", "memory"]
+        let wanted = section.map { [$0] } ?? ["server", "clients", "stats", "persistence", "replication", "shards", "memory"]
         let journal = store.journal
         let stats = journal.statistics
         let c = counters.withLock { $0 }
@@ -319,7 +491,7 @@ final class ServerContext: Sendable {
         add("Stats", [
             ("total_connections_received", String(c.connectionsReceived)), ("rejected_connections", String(c.connectionsRejected)),
             ("rejected_metrics_connections", String(c.metricsConnectionsRejected)),
-            ("accept_failures", String(accepts.count)), ("last_accept_failure", accepts.last),
+            ("accept_failures", String(accepts.count)), ("last_accept_failure", infoText(accepts.last)),
             ("log_records", String(stats.records)), ("log_batches", String(stats.batches)),
             ("rounds_in_flight", String(roundsInFlight)),
         ])
@@ -329,12 +501,13 @@ final class ServerContext: Sendable {
             ("log_position_durable", String(journal.lastDurableLSN)), ("log_pending_bytes", String(journal.pendingBytes)),
             ("log_fsyncs", String(stats.syncs)), ("log_fsync_mean_ms", String(format: "%.3f", syncMeanMillis)),
             ("log_fsync_max_ms", String(format: "%.3f", Double(stats.syncNanosMax) / 1e6)),
-            ("log_failure", journal.failureReason ?? ""),
+            ("log_failure", infoText(journal.failureReason ?? "")),
             ("snapshots_taken", String(c.snapshotsTaken)), ("last_snapshot_position", String(c.lastSnapshotLSN)),
             ("last_snapshot_age_seconds", String((monotonicNanos() - c.lastSnapshotNanos) / 1_000_000_000)),
             ("last_snapshot_duration_ms", String(c.lastSnapshotDurationNanos / 1_000_000)),
-            ("recovery", store.recovery.description),
+            ("recovery", infoText(store.recovery.description)),
         ])
+        add("Replication", replicationInfo())
         if wanted.contains("shards") || section == "all" || section == "everything" {
             var pairs: [(String, String)] = []
             for shard in engine.shards {
@@ -348,9 +521,17 @@ final class ServerContext: Sendable {
     }
 }
 
+/// Free text as an INFO value: no comma or line end, which clients split values on (redis-py turns
+/// `a,b` into a list), so a message stays one value.
+func infoText(_ text: String) -> String {
+    String(text.map { $0 == "," ? ";" : $0.isNewline ? " " : $0 })
+}
+
 /// A step that needs the server beyond the engine batch; it ends a connection's round.
 enum RoundStep: Sendable {
     case snapshot, shutdown, info(String?), events(from: UInt64?, count: Int, blockMillis: Int, resp3: Bool)
+    case replicate(from: UInt64, listeningPort: Int, fullCopy: Bool, last: UInt64?), role, replicaOf(host: String, port: Int), promote
+    case wait(replicas: Int, timeoutMillis: Int)
 }
 
 /// The version this build reports.
@@ -426,7 +607,13 @@ public final class StockadeServer: Sendable {
         storeOptions.journal.fsync = configuration.fsync
         storeOptions.truncateCorrupt = configuration.truncateCorrupt
         storeOptions.coveredSegmentsKept = configuration.eventsRetentionSegments
-        storeOptions.shardExecutors = loops.map { $0.executor }
+        // A replica's shards share the first loop: each record of the primary is applied to all of
+        // them in one run there (``Engine/applyReplicated(_:at:)``).
+        // So do the shards of a node under a coordinator, which may become a replica at any time.
+        let mayFollow = configuration.replicaOf != nil || configuration.coordinator != nil
+        storeOptions.shardExecutors = mayFollow ? [loops[0].executor] : loops.map { $0.executor }
+        // Under a coordinator a node takes no change until etcd made it primary.
+        storeOptions.readOnly = mayFollow
         let store: Store
         do {
             store = try Store(path: configuration.dataDirectory, options: storeOptions)
@@ -438,7 +625,7 @@ public final class StockadeServer: Sendable {
         logger.info("recovered \(configuration.dataDirectory): \(state)")
         let blockingWork = BlockingWorkExecutor(threads: BlockingWorkExecutor.threadCount)
         let context = ServerContext(
-            configuration: configuration, store: store, logger: logger, blockingWork: blockingWork, loops: loops
+            configuration: configuration, store: store, logger: logger, blockingWork: blockingWork, loops: loops, group: group
         ) { [self] in
             requestStop()
         }
@@ -528,6 +715,19 @@ public final class StockadeServer: Sendable {
         // A line the tests and scripts can wait for, once every listener is up.
         FileHandle.standardOutput.write(Data("stockade listening on \(configuration.host):\(port)\n".utf8))
 
+        if let primary = configuration.replicaOf {
+            _ = await context.follow(host: primary.host, port: primary.port)
+        }
+        if let etcd = configuration.coordinator {
+            let advertise = configuration.advertise ?? "\(address.contains(":") ? "[\(address)]" : address):\(port)"
+            let coordinator = Coordinator(
+                etcd: EtcdClient(host: etcd.host, port: etcd.port, blockingWork: blockingWork), cluster: configuration.cluster,
+                advertise: advertise, leaseSeconds: configuration.leaseSeconds, server: context)
+            context.coordinator.withLock { $0 = coordinator }
+            coordinator.start()
+            logger.info("coordinator etcd://\(etcd.host):\(etcd.port), cluster \(configuration.cluster), this node \(advertise)")
+        }
+
         let signals = installSignalHandlers()
         let background = Task { await self.housekeeping(context) }
 
@@ -538,10 +738,13 @@ public final class StockadeServer: Sendable {
 
         logger.info("shutting down: no new connections, answering what is in flight")
         background.cancel()
+        await context.coordinator.withLock({ $0 })?.stop()
+        await context.replicaLink.withLock({ $0 })?.stop()
         try? await listener.close()
         try? await metricsListener?.close()
         // EVENTS ... BLOCK waiters get their empty array now instead of holding shutdown up.
         context.eventsWaiters.close()
+        context.replication.close()
         let graceEnd = monotonicNanos() + UInt64(configuration.shutdownGraceSeconds) * 1_000_000_000
         await waitForRounds(context, until: graceEnd)
         for channel in context.clientChannels { try? await channel.close() }
@@ -585,6 +788,7 @@ public final class StockadeServer: Sendable {
         while !Task.isCancelled {
             await context.engine.expire(now: wallClockMillis())
             context.eventsWaiters.expireDue(nowNanos: monotonicNanos())
+            context.replication.expireDue(nowNanos: monotonicNanos())
             ticks += 1
             if ticks % 100 == 0 {
                 context.metrics.observe(context.store.journal)

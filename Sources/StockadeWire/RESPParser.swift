@@ -71,6 +71,10 @@ public struct RESPParser: Sendable {
     private var heldEnds: [Int] = []
     /// Arguments of the current request taken in by this call: slices of the caller's buffer.
     private var fresh: [ByteBuffer] = []
+    /// ``fresh`` was handed out whole as the last command: it is emptied when the next call starts,
+    /// by when the caller has dropped its copy, so the array's storage is reused, not reallocated
+    /// (emptying it while the caller still holds it would copy it: an allocation per command).
+    private var freshHandedOut = false
 
     public init(limits: Limits = Limits()) { self.limits = limits }
 
@@ -84,6 +88,10 @@ public struct RESPParser: Sendable {
     /// (`*0`, a blank line) are skipped. Throws ``ProtocolError`` for a request that breaks the
     /// protocol or a limit; the parser then forgets the request (the connection is closed anyway).
     public mutating func next(_ buffer: inout ByteBuffer) throws(ProtocolError) -> Outcome {
+        if freshHandedOut {
+            fresh.removeAll(keepingCapacity: true)
+            freshHandedOut = false
+        }
         do throws(ProtocolError) {
             while true {
                 switch state {
@@ -149,7 +157,11 @@ public struct RESPParser: Sendable {
     private mutating func finishRequest() -> [ByteBuffer] {
         var arguments: [ByteBuffer]
         if heldEnds.isEmpty {
-            arguments = fresh  // the common case: the whole request came in one read, no copy
+            // The common case: the whole request came in one read. No copy, and the array is
+            // emptied on the next call (see ``freshHandedOut``).
+            state = .idle
+            freshHandedOut = true
+            return fresh
         } else {
             arguments = []
             arguments.reserveCapacity(heldEnds.count + fresh.count)
@@ -180,6 +192,7 @@ public struct RESPParser: Sendable {
 
     private mutating func reset() {
         state = .idle
+        freshHandedOut = false
         requestBytes = 0
         held = ByteBuffer()
         heldEnds.removeAll()
@@ -189,21 +202,39 @@ public struct RESPParser: Sendable {
     /// Reads `<marker><decimal>\r\n` at the reader index (the marker is `*` or `$`); nil when the
     /// line is not complete yet (nothing consumed). At most 32 bytes are looked at.
     private mutating func readNumberLine(_ buffer: inout ByteBuffer, what: String) throws(ProtocolError) -> Int? {
-        let lineBytesMax = 32
-        let view = buffer.readableBytesView
-        let searchEnd = view.index(view.startIndex, offsetBy: min(view.count, lineBytesMax + 2))
-        guard let newline = view[view.startIndex..<searchEnd].firstIndex(of: UInt8(ascii: "\n")) else {
-            if view.count > lineBytesMax + 1 { throw ProtocolError(message: "invalid \(what) length") }
+        switch buffer.withUnsafeReadableBytes(Self.numberLine) {
+        case .incomplete:
             return nil
+        case .invalid:
+            throw ProtocolError(message: "invalid \(what) length")
+        case .value(let value, let lineBytes):
+            try charge(lineBytes)
+            buffer.moveReaderIndex(forwardBy: lineBytes)
+            return value
         }
-        let digitsEnd = newline - 1 - buffer.readerIndex  // before the \r, relative to the reader index
-        guard digitsEnd > 1,
-              buffer.getInteger(at: newline - 1, as: UInt8.self) == UInt8(ascii: "\r"),
-              let value = buffer.withUnsafeReadableBytes({ Self.decimal(UnsafeRawBufferPointer(rebasing: $0[1..<digitsEnd])) })
-        else { throw ProtocolError(message: "invalid \(what) length") }
-        try charge(newline + 1 - buffer.readerIndex)
-        buffer.moveReaderIndex(to: newline + 1)
-        return value
+    }
+
+    /// What a `<marker><decimal>\r\n` line at the start of some bytes holds.
+    private enum NumberLine {
+        case incomplete
+        case invalid
+        /// The number, and the line's length with its CRLF.
+        case value(Int, lineBytes: Int)
+    }
+
+    /// Reads a number line over raw bytes: one pass over at most 34 of them, no collection indexing
+    /// (this runs twice or more per command).
+    private static func numberLine(_ raw: UnsafeRawBufferPointer) -> NumberLine {
+        let lineBytesMax = 32
+        let searchEnd = min(raw.count, lineBytesMax + 2)
+        var newline = 0
+        while newline < searchEnd && raw[newline] != UInt8(ascii: "\n") { newline += 1 }
+        guard newline < searchEnd else { return raw.count > lineBytesMax + 1 ? .invalid : .incomplete }
+        let digitsEnd = newline - 1  // before the \r
+        guard digitsEnd > 1, raw[digitsEnd] == UInt8(ascii: "\r"),
+              let value = decimal(UnsafeRawBufferPointer(rebasing: raw[1..<digitsEnd]))
+        else { return .invalid }
+        return .value(value, lineBytes: newline + 1)
     }
 
     /// A decimal integer with an optional sign, as ASCII bytes; nil if it is not one or overflows Int64.

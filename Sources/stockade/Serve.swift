@@ -66,11 +66,44 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
+    @Option(name: .customLong("replica-of"), help: "Follow the primary at HOST:PORT: read-only, its log applied here (docs/REPLICATION.md).")
+    var replicaOf: String?
+
+    @Option(name: .customLong("primary-auth"), help: "The password of the primary (its --requirepass), for --replica-of.")
+    var primaryAuth: String?
+
+    @Option(name: .customLong("min-replicas-to-write"), help: "Answer a change only once this many replicas have it durably, 0 to 64 (0: once durable here).")
+    var minReplicasToWrite = 0
+
+    @Option(name: .customLong("coordinator"), help: "etcd://HOST:PORT: etcd decides who is primary (leases; automatic failover).")
+    var coordinator: String?
+
+    @Option(name: .customLong("cluster"), help: "The name the nodes of one cluster share under --coordinator.")
+    var cluster = "stockade"
+
+    @Option(name: .customLong("advertise"), help: "HOST:PORT other nodes use to reach this one under --coordinator (default: the listening address).")
+    var advertise: String?
+
+    @Option(name: .customLong("lease-seconds"), help: "The primary's etcd lease, 1 to 60: a failover takes about this long.")
+    var leaseSeconds = 2
+
+    @Option(name: .customLong("min-replicas-timeout-ms"), help: "How long a change waits for those replicas before it is answered NOREPLICAS, 1 to 3600000.")
+    var minReplicasTimeoutMillis = 10_000
+
     /// Every flag is checked here, before anything is recovered or bound: a bad one is a usage
     /// error (exit 64) with a sentence naming it, never a trap or a silent default later.
     func validate() throws {
         guard Logger.Level(rawValue: logLevel) != nil else {
             throw ValidationError("--log-level must be one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), not \(logLevel)")
+        }
+        if let coordinator, !coordinator.hasPrefix("etcd://") || ServerConfiguration.hostAndPort(String(coordinator.dropFirst(7))) == nil {
+            throw ValidationError("--coordinator must be etcd://HOST:PORT, not \(coordinator)")
+        }
+        if let advertise, ServerConfiguration.hostAndPort(advertise) == nil {
+            throw ValidationError("--advertise must be HOST:PORT, not \(advertise)")
+        }
+        if let replicaOf, ServerConfiguration.hostAndPort(replicaOf) == nil {
+            throw ValidationError("--replica-of must be HOST:PORT with a port of 1 to 65535, not \(replicaOf)")
         }
         if let problem = configuration().problem() { throw ValidationError(problem) }
     }
@@ -98,6 +131,14 @@ struct Serve: AsyncParsableCommand {
         config.parserLimits.argumentsMax = maxArguments
         config.parserLimits.requestBytesMax = maxRequestBytes
         config.ioThreads = ioThreads
+        config.replicaOf = replicaOf.flatMap(ServerConfiguration.hostAndPort)
+        config.primaryPassword = primaryAuth
+        config.coordinator = coordinator.flatMap { ServerConfiguration.hostAndPort(String($0.dropFirst("etcd://".count))) }
+        config.cluster = cluster
+        config.advertise = advertise
+        config.leaseSeconds = leaseSeconds
+        config.minReplicasToWrite = minReplicasToWrite
+        config.minReplicasTimeoutMillis = minReplicasTimeoutMillis
         return config
     }
 

@@ -30,6 +30,36 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(parse(["nope"]) == .invalid("ERR unknown command 'nope'"))
     }
 
+    /// Every command is found by its name in any ASCII case, and nothing else is: names one byte
+    /// off, longer, shorter or empty, and every prefix of every name.
+    @Test func everyVerbIsFoundByItsNameAndNoOtherWord() {
+        for verb in Verb.allCases {
+            #expect(Word(ByteBuffer(string: verb.name)).flatMap(Verb.named) == verb, "\(verb.name)")
+            #expect(Word(ByteBuffer(string: verb.name.uppercased())).flatMap(Verb.named) == verb, "\(verb.name)")
+            for cut in 1..<verb.name.utf8.count {
+                let prefix = String(verb.name.prefix(cut))
+                let expected = Verb.allCases.first { $0.name == prefix }
+                #expect(Word(ByteBuffer(string: prefix)).flatMap(Verb.named) == expected, "\(prefix)")
+            }
+            #expect(Word(ByteBuffer(string: verb.name + "x")).flatMap(Verb.named) == nil, "\(verb.name)x")
+            var changed = Array(verb.name.utf8)
+            changed[changed.count - 1] ^= 1
+            #expect(Word(ByteBuffer(bytes: changed)).flatMap(Verb.named) == nil, "\(verb.name) changed")
+        }
+        #expect(Word(ByteBuffer()) == nil)
+    }
+
+    /// Replication commands' arguments (the hostile review found a fraction taken for a negative).
+    @Test func replicationCommandsCheckTheirArguments() {
+        #expect(parse(["WAIT", "1", "1.5"]) == .invalid("ERR timeout is not an integer or out of range"))
+        #expect(parse(["WAIT", "1", "-1"]) == .invalid("ERR timeout is negative"))
+        #expect(parse(["WAIT", "2", "0"]) == .wait(replicas: 2, timeoutMillis: 0))
+        #expect(parse(["REPLICATE", "5", "LAST", "ff", "FULLCOPY"]) == .replicate(from: 5, listeningPort: 0, fullCopy: true, last: 255))
+        #expect(parse(["REPLICATE", "5", "LAST", "zz"]) == .invalid("ERR syntax error: expected LISTENING-PORT 0-65535, LAST fingerprint or FULLCOPY"))
+        #expect(parse(["REPLICAOF", "no", "one"]) == .promote)
+        #expect(parse(["SLAVEOF", "h", "70000"]) == .invalid("ERR Invalid master port"))
+    }
+
     @Test func globMatchesLikeRedisAndStaysFast() {
         func glob(_ pattern: String, _ text: String) -> Bool { globMatch(Array(pattern.utf8), text) }
         #expect(glob("*", "save"))

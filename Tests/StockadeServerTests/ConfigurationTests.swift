@@ -7,6 +7,18 @@ import Testing
         #expect(ServerConfiguration().problem() == nil)
     }
 
+    /// `--replica-of`, `--advertise`: an IPv6 address needs brackets (`a:b:c:7379` was taken for the
+    /// host `a:b:c`).
+    @Test func hostAndPortNeedBracketsForIPv6() {
+        #expect(ServerConfiguration.hostAndPort("127.0.0.1:7379")! == ("127.0.0.1", 7379))
+        #expect(ServerConfiguration.hostAndPort("[::1]:7379")! == ("::1", 7379))
+        #expect(ServerConfiguration.hostAndPort("a:b:c:7379") == nil)
+        #expect(ServerConfiguration.hostAndPort("host:0") == nil)
+        #expect(ServerConfiguration.hostAndPort("host:65536") == nil)
+        #expect(ServerConfiguration.hostAndPort(":7379") == nil)
+        #expect(ServerConfiguration.hostAndPort("host") == nil)
+    }
+
     @Test(arguments: ["127.0.0.1", "127.0.0.2", "::1", "localhost", "::ffff:127.0.0.1"])
     func loopbackNamesAndAddressesAreLoopback(host: String) throws {
         let address = try ListenAddress.resolve(host).get()

@@ -215,6 +215,18 @@ func leastCPUNanos(_ body: () -> Void) -> UInt64 {
     }
 
     /// Arguments are the bytes sent: invalid UTF-8 and canonically equivalent spellings stay apart.
+    /// The parser reuses its argument array between commands: a command's arguments the caller
+    /// still holds are never changed by parsing the next ones, whole or split across reads.
+    @Test func heldArgumentsSurviveTheNextCommands() throws {
+        var parser = RESPParser()
+        var buffer = ByteBuffer(string: "*2\r\n$3\r\nGET\r\n$1\r\na\r\n*3\r\n$3\r\nSET\r\n$1\r\nb\r\n$1\r\nc\r\n*1\r\n$4\r\nPI")
+        var kept: [[ByteBuffer]] = []
+        while case .command(let args) = try parser.next(&buffer) { kept.append(args) }
+        buffer.writeString("NG\r\nPING\r\n")
+        while case .command(let args) = try parser.next(&buffer) { kept.append(args) }
+        #expect(kept.map { $0.map { String(buffer: $0) } } == [["GET", "a"], ["SET", "b", "c"], ["PING"], ["PING"]])
+    }
+
     @Test func argumentsAreBytes() throws {
         var parser = RESPParser()
         let nfc = Array("caf\u{e9}".utf8), nfd = Array("cafe\u{301}".utf8), invalid: [UInt8] = [0xff, 0xfe, 0x41]

@@ -1,0 +1,288 @@
+import Foundation
+import Logging
+import StockadeCore
+import StockadeJournal
+import Synchronization
+
+/// Who is primary, decided by etcd (`--coordinator etcd://host:port --cluster NAME`), not by a
+/// consensus of our own.
+///
+/// - The primary holds `/stockade/NAME/primary` (its address) under an etcd lease and keeps the lease
+///   alive. The key's create revision is the term's **epoch**: etcd's revisions only grow.
+/// - Each node publishes its durable log position under `/stockade/NAME/nodes/ADDRESS`, under its own
+///   lease.
+/// - When the primary's lease lapses, the key goes; the node with the highest position (ties: the
+///   smallest address) creates it in a transaction (compare: key absent) and promotes itself; the
+///   others follow the address the key names.
+/// - **Fencing**: a primary takes changes only until its lease could have lapsed: the moment its last
+///   successful renewal was sent, plus the lease's time to live, minus a margin
+///   (``EngineRole/setWritableUntil(_:)``, checked on every change). A primary frozen (SIGSTOP) or cut
+///   off past that refuses every change when it wakes, before any tick runs, and its next tick finds
+///   the key held by another and follows it.
+final class Coordinator: Sendable {
+    let etcd: EtcdClient
+    let cluster: String
+    /// How other nodes and clients reach this one (host:port).
+    let advertise: String
+    let leaseSeconds: Int
+    private let server: ServerContext
+    private let task = Mutex<Task<Void, Never>?>(nil)
+
+    /// What this node last saw; INFO replication shows it.
+    struct View: Sendable {
+        var epoch: UInt64 = 0
+        var primary = ""
+        var lastError = ""
+    }
+    let view = Mutex(View())
+
+    init(etcd: EtcdClient, cluster: String, advertise: String, leaseSeconds: Int, server: ServerContext) {
+        self.etcd = etcd
+        self.cluster = cluster
+        self.advertise = advertise
+        self.leaseSeconds = leaseSeconds
+        self.server = server
+    }
+
+    private var primaryKey: String { "/stockade/\(cluster)/primary" }
+    private var nodesPrefix: String { "/stockade/\(cluster)/nodes/" }
+
+    /// A tick every quarter of the lease: renewals, the node's position, the primary's key.
+    private var tickMillis: Int { max(50, leaseSeconds * 1000 / 4) }
+
+    func start() {
+        let task = Task { await self.run() }
+        self.task.withLock { $0 = task }
+    }
+
+    func stop() async {
+        let task = self.task.withLock { $0 }
+        task?.cancel()
+        await task?.value
+    }
+
+    private func run() async {
+        var lease: Int64?
+        while !Task.isCancelled {
+            let sentNanos = monotonicNanos()
+            do {
+                // The node's own lease: granted once, kept alive every tick, granted again if it lapsed.
+                if let current = lease, try await etcd.keepAlive(current) {
+                    // Renewed; writes are extended below only if the primary key is still held by this lease.
+                } else {
+                    if server.isPrimary { server.engine.role.setWritableUntil(0) }
+                    lease = try await etcd.grantLease(seconds: leaseSeconds)
+                }
+                guard let lease else { continue }
+                try await etcd.put(nodesPrefix + advertise, String(server.store.journal.lastDurableLSN), lease: lease)
+                try await decide(lease: lease, sentNanos: sentNanos)
+                view.withLock { $0.lastError = "" }
+            } catch {
+                if Task.isCancelled { break }
+                view.withLock { $0.lastError = "\(error)" }
+                server.logger.warning("coordinator \(etcd.host):\(etcd.port): \(error)")
+            }
+            try? await Task.sleep(for: .milliseconds(tickMillis))
+        }
+    }
+
+    /// The time a renewal's answer may take to matter: writes stop this long before the lease could
+    /// lapse in etcd, for clock rates and the request's own time.
+    static let marginNanos: UInt64 = 250_000_000
+
+    private func decide(lease: Int64, sentNanos: UInt64) async throws {
+        if let holder = try await etcd.get(primaryKey) {
+            view.withLock { $0.epoch = holder.createRevision; $0.primary = holder.value }
+            if holder.value == advertise && holder.lease == lease {
+                if server.isPrimary {
+                    // Ours, and the lease renewed at `sentNanos`: writes stay allowed until it could lapse.
+                    server.engine.role.setWritableUntil(sentNanos + UInt64(leaseSeconds) * 1_000_000_000 - Self.marginNanos)
+                } else {
+                    // Ours but not acted on (the transaction's answer was lost).
+                    await becomePrimary(epoch: holder.createRevision, sentNanos: sentNanos)
+                }
+                return
+            }
+            if holder.value == advertise {
+                // Our address under an older lease (this node restarted within it): it lapses by itself.
+                server.engine.role.setWritableUntil(0)
+                return
+            }
+            // Another node is primary: follow it (a primary whose lease lapsed steps down here).
+            if server.isPrimary {
+                server.engine.role.setWritableUntil(0)
+                server.logger.warning("\(holder.value) holds the primary key (epoch \(holder.createRevision)): stepping down")
+            }
+            guard let target = ServerConfiguration.hostAndPort(holder.value) else { return }
+            server.replicationEpoch.withLock { $0 = max($0, holder.createRevision) }
+            if server.replicaLink.withLock({ $0.map { "\($0.host):\($0.port)" } }) != holder.value {
+                _ = await server.follow(host: target.host, port: target.port)
+            }
+            return
+        }
+        // No primary: the most up-to-date node takes the key.
+        let nodes = try await etcd.prefix(nodesPrefix)
+        let mine = server.store.journal.lastDurableLSN
+        let best = nodes.map { (address: String($0.key.dropFirst(nodesPrefix.count)), position: UInt64($0.value) ?? 0) }
+            .max { ($0.position, $1.address) < ($1.position, $0.address) }
+        guard best == nil || best!.address == advertise || best!.position < mine else { return }
+        if let epoch = try await etcd.create(primaryKey, advertise, lease: lease) {
+            view.withLock { $0.epoch = epoch; $0.primary = advertise }
+            await becomePrimary(epoch: epoch, sentNanos: sentNanos)
+        }
+    }
+
+    private func becomePrimary(epoch: UInt64, sentNanos: UInt64) async {
+        server.replicationEpoch.withLock { $0 = max($0, epoch) }
+        server.engine.role.setWritableUntil(sentNanos + UInt64(leaseSeconds) * 1_000_000_000 - Self.marginNanos)
+        await server.promote()
+        server.logger.info("primary of cluster \(cluster) at epoch \(epoch), log position \(server.store.journal.lastDurableLSN)")
+    }
+}
+
+/// etcd's v3 JSON gateway over plain HTTP, one short request per call (a few a second): grant
+/// and keep alive a lease, put, get, create-if-absent, list by prefix. Keys and values are base64,
+/// 64-bit numbers are JSON strings. Each call is a blocking socket exchange on the blocking pool,
+/// bounded by ``timeoutSeconds``.
+struct EtcdClient: Sendable {
+    let host: String
+    let port: Int
+    let blockingWork: BlockingWorkExecutor
+
+    /// A request that takes longer is a failed tick (the next one tries again).
+    static let timeoutSeconds = 1
+    /// An answer larger than this is not etcd's to a request of ours.
+    static let responseBytesMax = 1 << 20
+
+    struct Failure: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    struct KeyValue {
+        var key: String
+        var value: String
+        var createRevision: UInt64
+        var lease: Int64
+    }
+
+    func grantLease(seconds: Int) async throws -> Int64 {
+        let answer = try await call("/v3/lease/grant", ["TTL": seconds])
+        guard let id = (answer["ID"] as? String).flatMap(Int64.init) else { throw Failure(description: "lease/grant: no ID") }
+        return id
+    }
+
+    /// true while the lease lives; false once it lapsed (etcd answers a TTL of 0 or none).
+    func keepAlive(_ lease: Int64) async throws -> Bool {
+        let answer = try await call("/v3/lease/keepalive", ["ID": String(lease)])
+        let result = answer["result"] as? [String: Any] ?? answer
+        return (result["TTL"] as? String).flatMap(Int.init).map { $0 > 0 } ?? false
+    }
+
+    func put(_ key: String, _ value: String, lease: Int64) async throws {
+        _ = try await call("/v3/kv/put", ["key": Self.base64(key), "value": Self.base64(value), "lease": String(lease)])
+    }
+
+    func get(_ key: String) async throws -> KeyValue? {
+        try await range(["key": Self.base64(key)]).first
+    }
+
+    /// Every key under `prefix`.
+    func prefix(_ prefix: String) async throws -> [KeyValue] {
+        var end = Array(prefix.utf8)
+        end[end.count - 1] += 1
+        return try await range(["key": Self.base64(prefix), "range_end": Data(end).base64EncodedString()])
+    }
+
+    /// Creates `key` if it does not exist (a transaction comparing its create revision with 0);
+    /// returns its create revision, or nil when another node holds it.
+    func create(_ key: String, _ value: String, lease: Int64) async throws -> UInt64? {
+        let encoded = Self.base64(key)
+        let answer = try await call("/v3/kv/txn", [
+            "compare": [["key": encoded, "target": "CREATE", "create_revision": "0"]],
+            "success": [["request_put": ["key": encoded, "value": Self.base64(value), "lease": String(lease)]]],
+        ])
+        guard answer["succeeded"] as? Bool == true else { return nil }
+        return ((answer["header"] as? [String: Any])?["revision"] as? String).flatMap(UInt64.init)
+    }
+
+    private func range(_ body: [String: Any]) async throws -> [KeyValue] {
+        let answer = try await call("/v3/kv/range", body)
+        return (answer["kvs"] as? [[String: Any]] ?? []).compactMap { kv in
+            guard let key = (kv["key"] as? String).flatMap(Self.decode),
+                  let value = (kv["value"] as? String).flatMap(Self.decode) ?? Optional("")
+            else { return nil }
+            return KeyValue(
+                key: key, value: value, createRevision: (kv["create_revision"] as? String).flatMap(UInt64.init) ?? 0,
+                lease: (kv["lease"] as? String).flatMap(Int64.init) ?? 0)
+        }
+    }
+
+    static func base64(_ text: String) -> String { Data(text.utf8).base64EncodedString() }
+    static func decode(_ base64: String) -> String? { Data(base64Encoded: base64).flatMap { String(data: $0, encoding: .utf8) } }
+
+    private func call(_ path: String, _ body: [String: Any]) async throws -> [String: Any] {
+        let payload = try JSONSerialization.data(withJSONObject: body)
+        let host = self.host, port = self.port
+        let bytes: Result<[UInt8], Failure> = await withTaskExecutorPreference(blockingWork) {
+            Self.post(host: host, port: port, path: path, body: payload)
+        }
+        let response = try bytes.get()
+        guard let headerEnd = Self.find([13, 10, 13, 10], in: response) else { throw Failure(description: "\(path): no HTTP header") }
+        let status = String(decoding: response[..<min(headerEnd, 64)], as: UTF8.self)
+        guard status.hasPrefix("HTTP/1.1 200") || status.hasPrefix("HTTP/1.0 200") else {
+            throw Failure(description: "\(path): \(status.prefix { $0 != "\r" })")
+        }
+        // A streaming call's answer is one JSON object per line: the first is ours.
+        let body = response[(headerEnd + 4)...]
+        let line = body.firstIndex(of: 10).map { body[..<$0] } ?? body
+        let json = try JSONSerialization.jsonObject(with: Data(line))
+        guard let object = json as? [String: Any] else { throw Failure(description: "\(path): not a JSON object") }
+        return object
+    }
+
+    private static func find(_ needle: [UInt8], in haystack: [UInt8]) -> Int? {
+        guard haystack.count >= needle.count else { return nil }
+        for i in 0...(haystack.count - needle.count) where haystack[i..<(i + needle.count)].elementsEqual(needle) { return i }
+        return nil
+    }
+
+    /// One HTTP/1.1 POST with `Connection: close`; the whole answer, read until the server closes.
+    private static func post(host: String, port: Int, path: String, body: Data) -> Result<[UInt8], Failure> {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var list: UnsafeMutablePointer<addrinfo>?
+        guard getaddrinfo(host, String(port), &hints, &list) == 0, let first = list else {
+            return .failure(Failure(description: "cannot resolve \(host)"))
+        }
+        defer { freeaddrinfo(list) }
+        let fd = socket(first.pointee.ai_family, first.pointee.ai_socktype, first.pointee.ai_protocol)
+        guard fd >= 0 else { return .failure(Failure(description: "socket: errno \(errno)")) }
+        defer { close(fd) }
+        var timeout = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        guard connect(fd, first.pointee.ai_addr, first.pointee.ai_addrlen) == 0 else {
+            return .failure(Failure(description: "cannot connect to etcd at \(host):\(port): \(String(cString: strerror(errno)))"))
+        }
+        // HTTP/1.0: the answer ends when the connection does (no chunked encoding, which the
+        // gateway uses for streaming calls such as lease/keepalive under HTTP/1.1).
+        var request = Array("POST \(path) HTTP/1.0\r\nHost: \(host):\(port)\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\nConnection: close\r\n\r\n".utf8)
+        request += body
+        var sent = 0
+        while sent < request.count {
+            let n = request[sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            guard n > 0 else { return .failure(Failure(description: "etcd: send failed")) }
+            sent += n
+        }
+        var response: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 16 << 10)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n == 0 { break }
+            guard n > 0 else { return .failure(Failure(description: "etcd: no answer in \(timeoutSeconds) s")) }
+            response += buffer[..<n]
+            guard response.count <= responseBytesMax else { return .failure(Failure(description: "etcd: answer too large")) }
+        }
+        return .success(response)
+    }
+}

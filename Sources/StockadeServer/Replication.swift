@@ -1,0 +1,832 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import StockadeCore
+import StockadeJournal
+import StockadeWire
+import Synchronization
+
+// Replication: a replica follows a primary's log.
+//
+//   replica                                   primary
+//   AUTH password (when the primary has one)  -> +OK
+//   REPLICATE next [LISTENING-PORT p]         -> +CONTINUE next SHARDS n EPOCH e
+//                                             <- $n <block>  (log blocks as written: header, LZ4
+//                                                 payload, CRC32C; each verified on both sides)
+//                                             <- +HEARTBEAT durable  (once a second while idle)
+//   REPLACK position (durable on the replica) ->
+//
+// The replica verifies each block, writes its records to its own log (same positions), applies them
+// through recovery's replay (``Engine/applyReplicated(_:at:)``) and acknowledges what its own log
+// made durable. A broken link is retried from the replica's position; a position the primary no
+// longer keeps gets -TRIMMED.
+
+/// Bounds of the replication stream.
+enum ReplicationLimits {
+    /// Log bytes read and sent to a replica in one go: the most the primary holds for one replica.
+    static let chunkBytes = 1 << 20
+    /// A replica that leaves a chunk unread this long is cut off (it reconnects and resumes).
+    static let stallSeconds: Int64 = 30
+    /// An idle stream carries a heartbeat this often, so both sides see a dead link.
+    static let heartbeatMillis: Int64 = 1000
+    /// A replica that hears nothing from its primary this long drops the link and reconnects.
+    static let silenceSeconds: UInt64 = 10
+    /// Waits between attempts to reach the primary: from the first to the last, doubling.
+    static let retryMillisFirst: UInt64 = 100
+    static let retryMillisMax: UInt64 = 2000
+    /// The replica's unparsed input: a block is at most a header and 4 MiB raw, compressed.
+    static let inputBytesMax = 16 << 20
+    /// Replica streams a primary serves at once: each may hold a chunk (and the socket's buffers),
+    /// so they are bounded like clients are; real deployments have a handful.
+    static let replicasMax = 16
+}
+
+/// What a server knows of replication: its role, its replicas (on a primary) and its link (on a
+/// replica). For ROLE and INFO replication.
+final class ReplicationState: Sendable {
+    struct Replica: Sendable {
+        var address: String
+        var listeningPort: Int
+        /// The last position the replica said its log made durable.
+        var ackedLSN: UInt64
+        var lastAckNanos: UInt64
+    }
+
+    struct Link: Sendable {
+        var host: String
+        var port: Int
+        /// connect, connecting, sync, connected (Redis's words for master_link_status).
+        var state = "connect"
+        var lastIONanos: UInt64 = 0
+        /// The primary's durable position, as its last message said.
+        var primaryDurableLSN: UInt64 = 0
+        /// When this replica last had everything the primary had made durable.
+        var caughtUpNanos: UInt64 = 0
+        var lastError = ""
+        var linksMade = 0
+    }
+
+    /// Someone waiting until `count` replicas acknowledged `position` (WAIT, semi-synchronous changes).
+    private struct AckWaiter {
+        var position: UInt64
+        var count: Int
+        var deadlineNanos: UInt64
+        var done: @Sendable (Int) -> Void
+    }
+
+    private struct State {
+        var replicas: [Int: Replica] = [:]
+        var nextReplicaID = 0
+        var link: Link?
+        /// Waiters by the count they wait for, each list sorted by position: those an acknowledgement
+        /// satisfies are a prefix, so an acknowledgement costs what it answers, not every waiter.
+        var waiters: [Int: [AckWaiter]] = [:]
+        /// The earliest deadline of any waiter: the tick scans only when one is due.
+        var earliestDeadlineNanos = UInt64.max
+        var closed = false
+
+        func acknowledged(_ position: UInt64) -> Int { replicas.values.reduce(0) { $0 + ($1.ackedLSN >= position ? 1 : 0) } }
+
+        mutating func add(_ waiter: AckWaiter) {
+            var list = waiters[waiter.count, default: []]
+            if let last = list.last, last.position > waiter.position {
+                // Rare (positions mostly grow): insert in order.
+                let at = list.firstIndex { $0.position > waiter.position } ?? list.count
+                list.insert(waiter, at: at)
+            } else {
+                list.append(waiter)
+            }
+            waiters[waiter.count] = list
+            earliestDeadlineNanos = min(earliestDeadlineNanos, waiter.deadlineNanos)
+        }
+
+        /// Takes the waiters the acknowledgements now satisfy.
+        mutating func satisfied() -> [(@Sendable (Int) -> Void, Int)] {
+            let acks = replicas.values.map(\.ackedLSN).sorted(by: >)
+            var ready: [(@Sendable (Int) -> Void, Int)] = []
+            for (count, list) in waiters where count >= 1 && count <= acks.count {
+                let threshold = acks[count - 1]  // the count-th highest acknowledged position
+                let taken = list.prefix { $0.position <= threshold }
+                guard !taken.isEmpty else { continue }
+                for waiter in taken { ready.append((waiter.done, acks.prefix { $0 >= waiter.position }.count)) }
+                let rest = Array(list.dropFirst(taken.count))
+                waiters[count] = rest.isEmpty ? nil : rest
+            }
+            return ready
+        }
+    }
+
+    private let state = Mutex(State())
+
+    /// Registers a replica's stream; returns its id, or nil when ``ReplicationLimits/replicasMax``
+    /// streams are open.
+    func addReplica(_ replica: Replica) -> Int? {
+        state.withLock { s in
+            guard s.replicas.count < ReplicationLimits.replicasMax else { return nil }
+            defer { s.nextReplicaID += 1 }
+            s.replicas[s.nextReplicaID] = replica
+            return s.nextReplicaID
+        }
+    }
+
+    func acknowledged(_ id: Int, lsn: UInt64) {
+        let ready: [(@Sendable (Int) -> Void, Int)] = state.withLock { s in
+            guard var replica = s.replicas[id] else { return [] }
+            replica.ackedLSN = max(replica.ackedLSN, lsn)
+            replica.lastAckNanos = monotonicNanos()
+            s.replicas[id] = replica
+            return s.satisfied()
+        }
+        for (done, count) in ready { done(count) }
+    }
+
+    /// Shut down (``close()``).
+    var isClosed: Bool { state.withLock { $0.closed } }
+
+    /// Replicas connected now.
+    var replicaCount: Int { state.withLock { $0.replicas.count } }
+
+    /// Waiters now (INFO).
+    var waiterCount: Int { state.withLock { $0.waiters.values.reduce(0) { $0 + $1.count } } }
+
+    /// Calls `done` with the number of replicas that acknowledged `position`, once `count` have or
+    /// at the deadline (``expireDue(nowNanos:)``) or shutdown (``close()``), whichever comes first.
+    func whenAcknowledged(by count: Int, position: UInt64, deadlineNanos: UInt64, _ done: @escaping @Sendable (Int) -> Void) {
+        let now: Int? = state.withLock { s in
+            let acked = s.acknowledged(position)
+            if acked >= count || s.closed { return acked }
+            s.add(AckWaiter(position: position, count: count, deadlineNanos: deadlineNanos, done: done))
+            return nil
+        }
+        if let now { done(now) }
+    }
+
+    func waitForAcknowledgements(by count: Int, position: UInt64, deadlineNanos: UInt64) async -> Int {
+        await withCheckedContinuation { continuation in
+            whenAcknowledged(by: count, position: position, deadlineNanos: deadlineNanos) { continuation.resume(returning: $0) }
+        }
+    }
+
+    /// Answers the waiters whose time is up (the housekeeping tick); nothing to scan until one is.
+    func expireDue(nowNanos: UInt64) {
+        let due: [(@Sendable (Int) -> Void, Int)] = state.withLock { s in
+            guard nowNanos >= s.earliestDeadlineNanos else { return [] }
+            var due: [(@Sendable (Int) -> Void, Int)] = []
+            var earliest = UInt64.max
+            for (count, list) in s.waiters {
+                var kept: [AckWaiter] = []
+                for waiter in list {
+                    if waiter.deadlineNanos <= nowNanos {
+                        due.append((waiter.done, s.acknowledged(waiter.position)))
+                    } else {
+                        kept.append(waiter)
+                        earliest = min(earliest, waiter.deadlineNanos)
+                    }
+                }
+                s.waiters[count] = kept.isEmpty ? nil : kept
+            }
+            s.earliestDeadlineNanos = earliest
+            return due
+        }
+        for (done, count) in due { done(count) }
+    }
+
+    /// Shutdown: every waiter is answered now, and later ones at once.
+    func close() {
+        let all: [(@Sendable (Int) -> Void, Int)] = state.withLock { s in
+            s.closed = true
+            defer { s.waiters = [:] }
+            return s.waiters.values.flatMap { $0 }.map { ($0.done, s.acknowledged($0.position)) }
+        }
+        for (done, count) in all { done(count) }
+    }
+
+    func removeReplica(_ id: Int) { state.withLock { _ = $0.replicas.removeValue(forKey: id) } }
+
+    var replicas: [Replica] { state.withLock { s in s.replicas.keys.sorted().map { s.replicas[$0]! } } }
+
+    var link: Link? { state.withLock { $0.link } }
+
+    func updateLink(_ body: (inout Link) -> Void) {
+        state.withLock { s in
+            if var link = s.link {
+                body(&link)
+                s.link = link
+            }
+        }
+    }
+
+    func setLink(_ link: Link?) { state.withLock { $0.link = link } }
+}
+
+// MARK: Primary side
+
+/// Streams the log to one replica over its connection, from the position it asked for: reads whole
+/// verified blocks on the blocking pool, writes a chunk and waits until the socket took it before the
+/// next (so a replica costs at most one chunk of memory), and waits for the durable position when
+/// caught up, with a heartbeat each second. Acknowledgements (REPLACK) come back on the same socket.
+final class ReplicaFeed: @unchecked Sendable {
+    private let server: ServerContext
+    private let channel: Channel
+    private var next: UInt64
+    /// nil: refused, too many replicas (``run()`` says so and closes).
+    private let id: Int?
+    /// The replica takes a full copy when its position is no longer kept.
+    private let fullCopy: Bool
+    /// The fingerprint of the replica's record before `next` (``LogReader/fingerprint(at:durable:)``).
+    private let last: UInt64?
+    /// The last position sent on this stream: an acknowledgement beyond it is capped to it (a client
+    /// cannot vouch for records it was never sent).
+    private let sentThrough = Atomic<UInt64>(0)
+    /// Bytes the replica sent (REPLACK lines); only touched on the channel's loop.
+    private var input = ByteBuffer()
+    private var parser = RESPParser()
+
+    init(server: ServerContext, channel: Channel, from: UInt64, listeningPort: Int, fullCopy: Bool = false, last: UInt64? = nil) {
+        self.server = server
+        self.channel = channel
+        self.fullCopy = fullCopy
+        self.last = last
+        next = max(from, 1)
+        let address = channel.remoteAddress?.ipAddress ?? "?"
+        id = server.replication.addReplica(
+            .init(address: address, listeningPort: listeningPort, ackedLSN: from > 0 ? from - 1 : 0, lastAckNanos: monotonicNanos()))
+    }
+
+    /// Takes bytes the replica sent: REPLACK commands. Called on the channel's loop.
+    func received(_ bytes: inout ByteBuffer) {
+        input.writeBuffer(&bytes)
+        while true {
+            let outcome: RESPParser.Outcome
+            do { outcome = try parser.next(&input) } catch {
+                channel.close(promise: nil)
+                return
+            }
+            guard case .command(let arguments) = outcome else { break }
+            if let id, arguments.count == 2, Word(arguments[0]) == Word("REPLACK"),
+               let lsn = arguments[1].withUnsafeReadableBytes({ RESPParser.decimal($0) }), lsn >= 0 {
+                server.replication.acknowledged(id, lsn: min(UInt64(lsn), sentThrough.load(ordering: .acquiring)))
+            }
+        }
+        input.discardReadBytes()
+    }
+
+    /// Streams until the link closes or the log cannot serve the replica. Refuses a replica whose
+    /// position is ahead of this log (it holds records this primary never made durable).
+    func run() async {
+        guard let id else {
+            await send("-ERR too many replicas (at most \(ReplicationLimits.replicasMax) streams at once)\r\n", close: true)
+            return
+        }
+        defer { server.replication.removeReplica(id) }
+        let journal = server.store.journal
+        let durableAtStart = journal.lastDurableLSN
+        guard next <= durableAtStart + 1 else {
+            await send("-ERR the replica is ahead of this primary: it asks for position \(next), this log ends at \(durableAtStart)\r\n", close: true)
+            return
+        }
+        // Where the logs meet, the record before `next` must be the same on both sides: a replica
+        // whose log went another way (a former primary with records never shipped) is refused.
+        if let last, next > 1 {
+            let reader = LogReader(directory: server.store.directory)
+            let position = next - 1
+            let ours = await withTaskExecutorPreference(server.blockingWork) { reader.fingerprint(at: position, durable: durableAtStart) }
+            if let ours, ours != last {
+                server.logger.warning("a replica's log diverged from this one at or before position \(position); refused")
+                await send("-DIVERGED the replica's record at position \(position) is not this primary's: its log went another way (records this primary never had)\r\n", close: true)
+                return
+            }
+        }
+        // A position the log no longer keeps: the newest snapshot first (FULLCOPY), or a refusal.
+        if let oldest = try? server.store.directory.segments().first?.firstLSN, oldest > next {
+            guard fullCopy else {
+                server.logger.warning("a replica asked for position \(next), which the log no longer keeps (oldest \(oldest))")
+                await send("-TRIMMED \(oldest) the log before position \(oldest) was removed after a snapshot; the replica needs a full copy\r\n", close: true)
+                return
+            }
+            guard let copied = await sendFullCopy() else { return }
+            next = copied + 1
+        }
+        // What the replica holds already (its position, or the full copy just sent) counts as sent.
+        sentThrough.store(next - 1, ordering: .releasing)
+        let epoch = server.replicationEpoch.withLock { $0 }
+        guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount) EPOCH \(epoch)\r\n") else { return }
+        let reader = LogReader(directory: server.store.directory)
+        var lastSentNanos = monotonicNanos()
+        var emptySinceNanos: UInt64?
+        while channel.isActive {
+            let durable = journal.lastDurableLSN
+            if next <= durable {
+                let from = next
+                let read: Result<[LogReader.RawBlock], LogReader.ReadError> = await withTaskExecutorPreference(server.blockingWork) {
+                    do throws(LogReader.ReadError) {
+                        return .success(try reader.readBlocks(from: from, bytesMax: ReplicationLimits.chunkBytes, durable: durable))
+                    } catch { return .failure(error) }
+                }
+                switch read {
+                case .failure(.trimmed(let oldest)):
+                    server.logger.warning("a replica asked for position \(from), which the log no longer keeps (oldest \(oldest))")
+                    await send("-TRIMMED \(oldest) the log before position \(oldest) was removed after a snapshot; the replica needs a full copy\r\n", close: true)
+                    return
+                case .failure(.unreadable(let why)):
+                    await send("-ERR cannot read the log: \(why)\r\n", close: true)
+                    return
+                case .success(let blocks) where blocks.isEmpty:
+                    // The position says there is more, the files do not show it yet: try again
+                    // shortly, but not for long: durable records that stay unreadable are damage.
+                    let since = emptySinceNanos ?? monotonicNanos()
+                    emptySinceNanos = since
+                    if monotonicNanos() - since > 2_000_000_000 {
+                        server.logger.error("the log does not show durable position \(from) to a replica: damaged? (see stockade inspect)")
+                        await send("-ERR the primary cannot read its log at position \(from)\r\n", close: true)
+                        return
+                    }
+                    try? await Task.sleep(for: .milliseconds(5))
+                    continue
+                case .success(let blocks):
+                    emptySinceNanos = nil
+                    var out = channel.allocator.buffer(capacity: blocks.reduce(0) { $0 + $1.bytes.count + 16 })
+                    for block in blocks {
+                        out.writeString("$\(block.bytes.count)\r\n")
+                        out.writeBytes(block.bytes)
+                        out.writeString("\r\n")
+                    }
+                    guard await send(out) else { return }
+                    next = blocks.last!.lastLSN + 1
+                    sentThrough.store(next - 1, ordering: .releasing)
+                    lastSentNanos = monotonicNanos()
+                }
+                continue
+            }
+            let deadline = monotonicNanos() + UInt64(ReplicationLimits.heartbeatMillis) * 1_000_000
+            _ = await server.eventsWaiters.wait(from: next, deadlineNanos: deadline)
+            if server.eventsWaiters.isClosed { break }
+            if monotonicNanos() - lastSentNanos >= UInt64(ReplicationLimits.heartbeatMillis) * 1_000_000 {
+                guard await send("+HEARTBEAT \(journal.lastDurableLSN)\r\n") else { return }
+                lastSentNanos = monotonicNanos()
+            }
+        }
+        channel.close(promise: nil)
+    }
+
+    /// Sends the newest snapshot that verifies: `+FULLCOPY lsn bytes`, then the file as one bulk
+    /// string, read and sent ``ReplicationLimits/chunkBytes`` at a time. Returns its position, or nil
+    /// when the link is gone or there is no snapshot to send (the replica is told why).
+    private func sendFullCopy() async -> UInt64? {
+        let directory = server.store.directory
+        typealias Opened = (lsn: UInt64, file: any StorageFile, size: Int)
+        let opened: Result<Opened, JournalError> = await withTaskExecutorPreference(server.blockingWork) {
+            do throws(JournalError) {
+                for snapshot in try directory.snapshots().reversed() {
+                    // Opened before it is verified: a snapshot pruned meanwhile stays readable.
+                    let file = try directory.storage.open(snapshot.path, .read)
+                    do throws(JournalError) {
+                        try SnapshotFile.verify(snapshot.path, storage: directory.storage)
+                        return .success((snapshot.lsn, file, try file.size()))
+                    } catch {
+                        file.close()
+                    }
+                }
+                return .failure(JournalError(.io, "no snapshot verifies"))
+            } catch { return .failure(error) }
+        }
+        guard case .success(let copy) = opened else {
+            if case .failure(let error) = opened {
+                await send("-ERR no full copy to send: \(error.message); take a SNAPSHOT on the primary\r\n", close: true)
+            }
+            return nil
+        }
+        defer { copy.file.close() }
+        server.logger.info("sending a replica a full copy: the snapshot at position \(copy.lsn), \(copy.size) bytes")
+        guard await send("+FULLCOPY \(copy.lsn) \(copy.size)\r\n$\(copy.size)\r\n") else { return nil }
+        var offset = 0
+        while offset < copy.size {
+            let count = min(ReplicationLimits.chunkBytes, copy.size - offset)
+            let at = offset
+            let chunk: [UInt8]? = await withTaskExecutorPreference(server.blockingWork) { try? copy.file.read(at: at, count: count) }
+            guard let chunk, chunk.count == count else {
+                await send("-ERR the snapshot could not be read\r\n", close: true)
+                return nil
+            }
+            var out = channel.allocator.buffer(capacity: count)
+            out.writeBytes(chunk)
+            guard await send(out) else { return nil }
+            offset += count
+        }
+        guard await send("\r\n") else { return nil }
+        return copy.lsn
+    }
+
+    @discardableResult
+    private func send(_ text: String, close: Bool = false) async -> Bool {
+        await send(channel.allocator.buffer(string: text), close: close)
+    }
+
+    /// Writes and waits until the socket took the bytes; a replica that leaves them unread for
+    /// ``ReplicationLimits/stallSeconds`` is cut off. false when the link is gone.
+    private func send(_ buffer: ByteBuffer, close: Bool = false) async -> Bool {
+        let channel = self.channel
+        let written = channel.eventLoop.makePromise(of: Void.self)
+        channel.writeAndFlush(buffer, promise: written)
+        let stall = channel.eventLoop.scheduleTask(in: .seconds(ReplicationLimits.stallSeconds)) {
+            channel.close(promise: nil)
+        }
+        defer { stall.cancel() }
+        do { try await written.futureResult.get() } catch { return false }
+        if close { try? await channel.close() }
+        return !close
+    }
+}
+
+// MARK: Replica side
+
+/// Follows a primary: connects, asks for the log after this replica's position, verifies and
+/// applies what comes, acknowledges what is durable here, and reconnects (from its position) when
+/// the link breaks. ``stop()`` returns once nothing more will be applied.
+final class ReplicaLink: Sendable {
+    let host: String
+    let port: Int
+    private let server: ServerContext
+    private let group: EventLoopGroup
+    private let task = Mutex<Task<Void, Never>?>(nil)
+
+    init(host: String, port: Int, server: ServerContext, group: EventLoopGroup) {
+        self.host = host
+        self.port = port
+        self.server = server
+        self.group = group
+    }
+
+    func start() {
+        server.replication.setLink(.init(host: host, port: port))
+        let task = Task { await self.follow() }
+        self.task.withLock { $0 = task }
+    }
+
+    /// Stops following; returns once the link's task has ended (nothing is applied after it).
+    func stop() async {
+        let task = self.task.withLock { $0 }
+        task?.cancel()
+        await task?.value
+    }
+
+    private func follow() async {
+        var retryMillis = ReplicationLimits.retryMillisFirst
+        while !Task.isCancelled {
+            server.replication.updateLink { $0.state = "connecting" }
+            do {
+                try await session()
+                retryMillis = ReplicationLimits.retryMillisFirst
+            } catch let error as ReplicationError where error.fatal {
+                server.logger.error("replication from \(host):\(port) stopped: \(error.message)")
+                server.replication.updateLink { $0.state = "stopped"; $0.lastError = error.message }
+                return
+            } catch {
+                if Task.isCancelled { break }
+                let message = (error as? ReplicationError)?.message ?? "\(error)"
+                server.logger.warning("replication link to \(host):\(port): \(message); retrying in \(retryMillis) ms")
+                server.replication.updateLink { $0.lastError = message }
+            }
+            server.replication.updateLink { $0.state = "connect" }
+            try? await Task.sleep(for: .milliseconds(Int64(retryMillis)))
+            retryMillis = min(retryMillis * 2, ReplicationLimits.retryMillisMax)
+        }
+    }
+
+    /// One connection to the primary, until it breaks or the task is cancelled.
+    private func session() async throws {
+        let channel = try await ClientBootstrap(group: group)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .connectTimeout(.seconds(5))
+            .connect(host: host, port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+                }
+            }
+        let server = self.server
+        let journal = server.store.journal
+        let engine = server.engine
+        // A link silent for ``ReplicationLimits/silenceSeconds`` (the primary sends heartbeats) is
+        // closed, which ends the reads below; so is the link of a cancelled task.
+        let raw = channel.channel
+        server.replication.updateLink { $0.lastIONanos = monotonicNanos(); $0.primaryDurableLSN = 0 }
+        let silent = Atomic<Bool>(false)
+        let watchdog = Task {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .milliseconds(250))
+                let last = server.replication.link?.lastIONanos ?? 0
+                if Task.isCancelled { return }
+                if monotonicNanos() - last > ReplicationLimits.silenceSeconds * 1_000_000_000 {
+                    silent.store(true, ordering: .relaxed)
+                    raw.close(promise: nil)
+                    return
+                }
+            }
+        }
+        defer { watchdog.cancel() }
+        try await withTaskCancellationHandler {
+          try await channel.executeThenClose { inbound, outbound in
+            var iterator = inbound.makeAsyncIterator()
+            var input = ByteBuffer()
+            // Reads until one message is complete; nil when the link closed.
+            func message() async throws -> StreamMessage? {
+                while true {
+                    // Bytes taken in are dropped once they outweigh what is left: the buffer holds
+                    // at most about one message, however long the link lives.
+                    if input.readerIndex >= max(input.readableBytes, 64 << 10) { input.discardReadBytes() }
+                    if let message = try StreamMessage.parse(&input) { return message }
+                    guard input.readableBytes <= ReplicationLimits.inputBytesMax else {
+                        throw ReplicationError("the primary sent a message over \(ReplicationLimits.inputBytesMax) bytes")
+                    }
+                    guard var bytes = try await iterator.next() else { return nil }
+                    input.writeBuffer(&bytes)
+                    server.replication.updateLink { $0.lastIONanos = monotonicNanos() }
+                }
+            }
+            if let password = server.configuration.primaryPassword {
+                try await outbound.write(Self.command(["AUTH", password]))
+                guard case .line(let reply)? = try await message(), reply == "+OK" else {
+                    throw ReplicationError("the primary refused the password (--primary-auth)", fatal: true)
+                }
+            }
+            var next = journal.lastAppendedLSN + 1
+            var request = ["REPLICATE", String(next), "LISTENING-PORT", String(server.listeningPort.withLock { $0 }), "FULLCOPY"]
+            let reader = LogReader(directory: server.store.directory)
+            let durable = journal.lastDurableLSN
+            let position = next - 1
+            if let last = await withTaskExecutorPreference(server.blockingWork, operation: { reader.fingerprint(at: position, durable: durable) }) {
+                request += ["LAST", String(last, radix: 16)]
+            }
+            try await outbound.write(Self.command(request))
+            var answer = try await message()
+            if case .line(let reply)? = answer, reply.hasPrefix("+FULLCOPY ") {
+                // The primary no longer keeps the log after this replica's position: its newest
+                // snapshot comes first, then the log after it.
+                let words = reply.split(separator: " ")
+                guard words.count == 3, let lsn = UInt64(words[1]), let size = Int(words[2]), size > 0, lsn >= next else {
+                    throw ReplicationError("bad full-copy header from the primary: \(reply.prefix(80))")
+                }
+                server.replication.updateLink { $0.state = "sync" }
+                server.logger.info("receiving a full copy from \(host):\(port): the snapshot at position \(lsn), \(size) bytes")
+                let path = server.store.directory.snapshotPath(lsn: lsn) + ".tmp"
+                let file = try server.store.directory.storage.open(path, .create)
+                var closed = false
+                defer { if !closed { file.close(); try? server.store.directory.storage.remove(path) } }
+                // "$size\r\n", the bytes, "\r\n": written to the file as they come, never held whole.
+                let header = "$\(size)\r\n"
+                while input.readableBytes < header.utf8.count {
+                    guard var bytes = try await iterator.next() else { throw ReplicationError("the primary closed the link during a full copy") }
+                    input.writeBuffer(&bytes)
+                }
+                guard input.readString(length: header.utf8.count) == header else { throw ReplicationError("bad full-copy framing from the primary") }
+                var left = size
+                while left > 0 {
+                    if input.readableBytes == 0 {
+                        guard var bytes = try await iterator.next() else { throw ReplicationError("the primary closed the link during a full copy") }
+                        input.writeBuffer(&bytes)
+                        server.replication.updateLink { $0.lastIONanos = monotonicNanos() }
+                    }
+                    let take = min(left, input.readableBytes)
+                    let chunk = input.readBytes(length: take)!
+                    try await withTaskExecutorPreference(server.blockingWork) { try Self.append(chunk, to: file) }
+                    left -= take
+                }
+                while input.readableBytes < 2 {
+                    guard var bytes = try await iterator.next() else { throw ReplicationError("the primary closed the link during a full copy") }
+                    input.writeBuffer(&bytes)
+                }
+                guard input.readString(length: 2) == "\r\n" else { throw ReplicationError("bad full-copy framing from the primary") }
+                try file.dataSync()
+                file.close()
+                closed = true
+                try await installFullCopy(path: path, lsn: lsn)
+                next = lsn + 1
+                answer = try await message()
+            }
+            switch answer {
+            case .line(let reply)? where reply.hasPrefix("+CONTINUE \(next) SHARDS "):
+                let words = reply.split(separator: " ")
+                let shards = words.count >= 4 ? Int(words[3]) ?? -1 : -1
+                let epoch = words.count >= 6 && words[4] == "EPOCH" ? UInt64(words[5]) ?? 0 : 0
+                // A primary of an older term (a former primary that has not learned it was replaced)
+                // is not followed.
+                let known = server.replicationEpoch.withLock { $0 }
+                guard epoch >= known else {
+                    throw ReplicationError("\(host):\(port) is a primary of epoch \(epoch), older than epoch \(known) this node knows; not followed")
+                }
+                server.replicationEpoch.withLock { $0 = max($0, epoch) }
+                guard shards == engine.shardCount else {
+                    guard shards >= 1, shards <= Limits.shardCountMax else {
+                        throw ReplicationError("the primary's answer names no valid shard count: \(reply.prefix(80))", fatal: true)
+                    }
+                    throw ReplicationError(
+                        "the primary has \(shards) shards, this replica \(engine.shardCount): start the replica with --shards \(shards) on an empty data directory",
+                        fatal: true)
+                }
+            case .line(let reply)? where reply.hasPrefix("-TRIMMED"):
+                throw ReplicationError(
+                    "the primary no longer keeps the log after position \(next - 1) (\(reply.dropFirst())); this replica needs a full copy: "
+                        + "stop it, empty its data directory, and start it again", fatal: true)
+            case .line(let reply)? where reply.hasPrefix("-DIVERGED") || reply.hasPrefix("-ERR the replica is ahead"):
+                throw ReplicationError(
+                    "the primary refused: \(reply.dropFirst()). This node holds records the primary does not (a former primary?): "
+                        + "move its data directory aside and start it again with --replica-of, which takes a full copy", fatal: true)
+            case .line(let reply)? where reply.hasPrefix("-"):
+                throw ReplicationError("the primary refused: \(reply.dropFirst())")
+            case let other:
+                throw ReplicationError("unexpected answer to REPLICATE: \(String(describing: other))")
+            }
+            server.replication.updateLink { $0.state = "connected"; $0.linksMade += 1; $0.lastError = "" }
+            server.logger.info("replicating from \(host):\(port) at position \(next)")
+            while !Task.isCancelled {
+                guard let first = try await message() else {
+                    throw ReplicationError(silent.load(ordering: .relaxed)
+                        ? "nothing from the primary for \(ReplicationLimits.silenceSeconds) s; reconnecting" : "the primary closed the link")
+                }
+                // Every block already here is applied together: one append, one run on the shards.
+                var pending = [first]
+                while pending.count < 256, let more = try StreamMessage.parse(&input) { pending.append(more) }
+                var records: [Record] = []
+                for item in pending {
+                    switch item {
+                    case .line(let line) where line.hasPrefix("+HEARTBEAT "):
+                        if let durable = UInt64(line.dropFirst("+HEARTBEAT ".count)) {
+                            server.replication.updateLink { link in
+                                link.primaryDurableLSN = max(link.primaryDurableLSN, durable)
+                                if next > durable { link.caughtUpNanos = monotonicNanos() }
+                            }
+                        }
+                    case .line(let line) where line.hasPrefix("-TRIMMED"):
+                        throw ReplicationError(
+                            "the primary no longer keeps the log after position \(next - 1) (\(line.dropFirst())); this replica needs a full copy: "
+                                + "stop it, empty its data directory, and start it again", fatal: true)
+                    case .line(let line):
+                        throw ReplicationError("the primary said: \(line)")
+                    case .block(let bytes):
+                        switch LogReader.decodeBlock(bytes) {
+                        case .failure(let error):
+                            throw ReplicationError("refused a block from the primary: \(error)")
+                        case .success(let block):
+                            let expected = next + UInt64(records.count)
+                            guard block.firstLSN <= expected, block.firstLSN + UInt64(block.records.count) > expected else {
+                                throw ReplicationError("the primary sent positions \(block.firstLSN)... where \(expected) was expected")
+                            }
+                            records += block.records[Int(expected - block.firstLSN)...]
+                        }
+                    }
+                }
+                guard !records.isEmpty else {
+                    try await outbound.write(Self.command(["REPLACK", String(journal.lastDurableLSN)]))
+                    continue
+                }
+                // The state first, through recovery's checks; then the replica's own log (same
+                // positions) gets exactly the records that fit, so its directory always recovers. Reads
+                // meanwhile wait for the log to make the applied position durable, as on a primary.
+                let (reached, failure) = await engine.applyReplicated(records, at: next - 1)
+                let applied = Int(reached - (next - 1))
+                if applied > 0 {
+                    var buffer = RecordBuffer(capacity: applied * 64)
+                    for record in records[..<applied] { buffer.append(record) }
+                    var last: UInt64 = 0
+                    while true {
+                        do throws(Rejection) {
+                            last = try journal.append(buffer)
+                            break
+                        } catch .busy {
+                            try await Task.sleep(for: .milliseconds(1))
+                        } catch {
+                            throw ReplicationError("this replica's log refused the records: \(error)", fatal: true)
+                        }
+                    }
+                    guard last == reached else {
+                        throw ReplicationError("this replica's log put the records at \(last + 1 - UInt64(applied))..., not \(next)...", fatal: true)
+                    }
+                }
+                next = reached + 1
+                server.replication.updateLink { link in
+                    link.primaryDurableLSN = max(link.primaryDurableLSN, reached)
+                    if reached >= link.primaryDurableLSN { link.caughtUpNanos = monotonicNanos() }
+                }
+                do throws(Rejection) { try await journal.waitDurable(reached) } catch {
+                    throw ReplicationError("this replica's log failed: \(error)", fatal: true)
+                }
+                if let failure {
+                    throw ReplicationError(
+                        "record \(reached + 1) from the primary does not fit this replica's state (\(failure)); stopped at position \(reached), "
+                            + "which this replica holds durably. Is it following the right primary? To start over: move its data directory aside", fatal: true)
+                }
+                try await outbound.write(Self.command(["REPLACK", String(reached)]))
+            }
+          }
+        } onCancel: {
+            raw.close(promise: nil)
+        }
+    }
+
+    /// Puts a received snapshot in place and continues from it: verifies and reads it, renames it to
+    /// its final name (from then on recovery starts from it), starts the log again after its position,
+    /// replaces the state, and removes the segments and snapshots it supersedes. Each step leaves a
+    /// directory that recovers: before the rename the old state, after it the copy.
+    private func installFullCopy(path: String, lsn: UInt64) async throws {
+        let directory = server.store.directory
+        let journal = server.store.journal
+        let state: EngineState
+        do {
+            state = try await withTaskExecutorPreference(server.blockingWork) { try SnapshotFile.read(path, storage: directory.storage) }
+        } catch {
+            try? directory.storage.remove(path)
+            throw ReplicationError("the full copy from the primary does not verify: \(error)")
+        }
+        guard state.lsn == lsn, state.shards.count == server.engine.shardCount else {
+            try? directory.storage.remove(path)
+            throw ReplicationError("the full copy is of position \(state.lsn) with \(state.shards.count) shards, not \(lsn) with \(server.engine.shardCount)", fatal: true)
+        }
+        let final = directory.snapshotPath(lsn: lsn)
+        do {
+            try directory.storage.rename(path, to: final)
+            try directory.storage.syncDirectory(directory.path)
+            try journal.rebase(to: lsn)
+        } catch {
+            throw ReplicationError("this replica could not put the full copy in place: \(error)", fatal: true)
+        }
+        await server.engine.installReplicated(state)
+        // Superseded: the log before the copy and older snapshots (best effort: recovery skips them).
+        _ = try? journal.removeSegments(coveredThrough: lsn, keep: 0)
+        for old in (try? directory.snapshots()) ?? [] where old.path != final { try? directory.storage.remove(old.path) }
+        try? directory.storage.syncDirectory(directory.path)
+        server.replication.updateLink { $0.primaryDurableLSN = max($0.primaryDurableLSN, lsn) }
+        server.logger.info("full copy in place at position \(lsn); following the log after it")
+    }
+
+    private static func append(_ bytes: [UInt8], to file: any StorageFile) throws {
+        var failure: JournalError?
+        bytes.withUnsafeBytes { raw in
+            do throws(JournalError) { try file.append(raw) } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+
+    /// A command as a RESP array of bulk strings.
+    static func command(_ words: [String]) -> ByteBuffer {
+        var out = ByteBuffer()
+        out.writeRESPArrayHeader(words.count)
+        for word in words { out.writeRESPBulk(word) }
+        return out
+    }
+}
+
+/// Why a replication link ended; `fatal` ones stop replication until an operator acts.
+struct ReplicationError: Error, CustomStringConvertible {
+    var message: String
+    var fatal = false
+    init(_ message: String, fatal: Bool = false) {
+        self.message = message
+        self.fatal = fatal
+    }
+    var description: String { message }
+}
+
+/// One message of the stream as the replica reads it: a status line (with its `+` or `-`) or a
+/// block's bytes (binary-safe, unlike a client's reply parser).
+enum StreamMessage: Equatable {
+    case line(String)
+    case block([UInt8])
+
+    /// The longest status line: positions and error texts are short.
+    static let lineBytesMax = 4096
+
+    /// The next complete message, or nil when more bytes are needed (nothing consumed).
+    static func parse(_ buffer: inout ByteBuffer) throws(ReplicationError) -> StreamMessage? {
+        let view = buffer.readableBytesView
+        guard let first = view.first else { return nil }
+        let searchEnd = view.index(view.startIndex, offsetBy: min(view.count, lineBytesMax + 2))
+        guard let newline = view[view.startIndex..<searchEnd].firstIndex(of: UInt8(ascii: "\n")) else {
+            if view.count > lineBytesMax + 1 { throw ReplicationError("a line from the primary is over \(lineBytesMax) bytes") }
+            return nil
+        }
+        guard newline > buffer.readerIndex, buffer.getInteger(at: newline - 1, as: UInt8.self) == UInt8(ascii: "\r") else {
+            throw ReplicationError("a line from the primary does not end with CRLF")
+        }
+        let line = buffer.getString(at: buffer.readerIndex, length: newline - 1 - buffer.readerIndex) ?? ""
+        switch first {
+        case UInt8(ascii: "+"), UInt8(ascii: "-"):
+            buffer.moveReaderIndex(to: newline + 1)
+            return .line(line)
+        case UInt8(ascii: "$"):
+            guard let length = Int(line.dropFirst()), length > 0, length <= ReplicationLimits.inputBytesMax else {
+                throw ReplicationError("bad block length from the primary: \(line.prefix(40))")
+            }
+            let start = newline + 1
+            guard buffer.writerIndex - start >= length + 2 else { return nil }
+            guard buffer.getInteger(at: start + length, as: UInt8.self) == UInt8(ascii: "\r"),
+                  buffer.getInteger(at: start + length + 1, as: UInt8.self) == UInt8(ascii: "\n")
+            else { throw ReplicationError("a block from the primary is not followed by CRLF") }
+            let bytes = buffer.getBytes(at: start, length: length)!
+            buffer.moveReaderIndex(to: start + length + 2)
+            return .block(bytes)
+        default:
+            throw ReplicationError("unexpected byte \(first) from the primary")
+        }
+    }
+}

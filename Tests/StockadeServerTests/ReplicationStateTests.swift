@@ -1,0 +1,54 @@
+import Synchronization
+import Testing
+@testable import StockadeServer
+
+/// WAIT and the semi-synchronous wait count acknowledgements here.
+@Suite struct ReplicationStateTests {
+    final class Answers: Sendable {
+        let values = Mutex<[String: Int]>([:])
+        func record(_ name: String) -> @Sendable (Int) -> Void { { count in self.values.withLock { $0[name] = count } } }
+        var all: [String: Int] { values.withLock { $0 } }
+    }
+
+    @Test func waitersAreAnsweredWhenEnoughReplicasAcknowledgeOrAtTheirDeadline() {
+        let state = ReplicationState()
+        let answers = Answers()
+        let a = state.addReplica(.init(address: "a", listeningPort: 1, ackedLSN: 0, lastAckNanos: 0))!
+        let b = state.addReplica(.init(address: "b", listeningPort: 2, ackedLSN: 0, lastAckNanos: 0))!
+        state.whenAcknowledged(by: 1, position: 10, deadlineNanos: 1_000, answers.record("one@10"))
+        state.whenAcknowledged(by: 2, position: 10, deadlineNanos: 1_000, answers.record("two@10"))
+        state.whenAcknowledged(by: 1, position: 20, deadlineNanos: 1_000, answers.record("one@20"))
+        state.whenAcknowledged(by: 1, position: 5, deadlineNanos: 1_000, answers.record("one@5"))  // out of order
+        state.whenAcknowledged(by: 0, position: 99, deadlineNanos: 1_000, answers.record("none"))
+        #expect(answers.all == ["none": 0])
+        state.acknowledged(a, lsn: 12)
+        #expect(answers.all == ["none": 0, "one@5": 1, "one@10": 1])
+        state.acknowledged(b, lsn: 10)
+        #expect(answers.all["two@10"] == 2)
+        #expect(answers.all["one@20"] == nil)
+        #expect(state.waiterCount == 1)
+        state.expireDue(nowNanos: 999)
+        #expect(answers.all["one@20"] == nil)
+        state.expireDue(nowNanos: 1_000)
+        #expect(answers.all["one@20"] == 0)
+        #expect(state.waiterCount == 0)
+        // A replica that goes away no longer counts; shutdown answers everyone at once.
+        state.removeReplica(a)
+        state.whenAcknowledged(by: 1, position: 11, deadlineNanos: .max, answers.record("after"))
+        #expect(answers.all["after"] == nil)
+        state.close()
+        #expect(answers.all["after"] == 0)
+        state.whenAcknowledged(by: 1, position: 11, deadlineNanos: .max, answers.record("closed"))
+        #expect(answers.all["closed"] == 0)
+    }
+
+    /// Replica streams are bounded like clients: past the bound a stream is refused.
+    @Test func replicaStreamsAreBounded() {
+        let state = ReplicationState()
+        let ids = (0..<ReplicationLimits.replicasMax).compactMap { _ in state.addReplica(.init(address: "r", listeningPort: 0, ackedLSN: 0, lastAckNanos: 0)) }
+        #expect(ids.count == ReplicationLimits.replicasMax)
+        #expect(state.addReplica(.init(address: "r", listeningPort: 0, ackedLSN: 0, lastAckNanos: 0)) == nil)
+        state.removeReplica(ids[0])
+        #expect(state.addReplica(.init(address: "r", listeningPort: 0, ackedLSN: 0, lastAckNanos: 0)) != nil)
+    }
+}
