@@ -17,6 +17,7 @@ let package = Package(
     products: [
         .executable(name: "stockade", targets: ["stockade"]),
         .executable(name: "stockade-ceiling", targets: ["stockade-ceiling"]),
+        .executable(name: "stockade-sink", targets: ["stockade-sink"]),
         .library(name: "StockadeCore", targets: ["StockadeCore"]),
         .library(name: "StockadeJournal", targets: ["StockadeJournal"]),
         .library(name: "StockadeServer", targets: ["StockadeServer"]),
@@ -28,6 +29,8 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
         .package(url: "https://github.com/apple/swift-atomics.git", from: "1.3.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        // Only for the sink (StockadeSink, stockade-sink): the server binary never links it.
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
         .package(url: "https://github.com/ordo-one/benchmark.git", from: "1.38.1", traits: ["MallocInterposer"]),
     ],
     targets: [
@@ -97,6 +100,28 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
+        // `stockade sink`: follows EVENTS and applies it to PostgreSQL exactly once. Its own target and
+        // product, so the server (`make run`) never builds PostgresNIO and what it pulls in.
+        .target(
+            name: "StockadeSink",
+            dependencies: [
+                "StockadeWire", "StockadeBench",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+            ]
+        ),
+        .executableTarget(
+            name: "stockade-sink",
+            dependencies: [
+                "StockadeSink",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "StockadeSinkTests", dependencies: ["StockadeSink"]),
         .testTarget(name: "StockadeCoreTests", dependencies: ["StockadeCore", "StockadeSimulator"]),
         .testTarget(name: "StockadeSimulatorTests", dependencies: ["StockadeSimulator", "StockadeCore", "StockadeJournal"]),
         .testTarget(name: "StockadeJournalTests", dependencies: ["StockadeCore", "StockadeJournal"]),

@@ -3,8 +3,8 @@ import NIOPosix
 import StockadeWire
 import Synchronization
 
-/// A plain request/reply connection for setup and audits (not for load).
-final class CommandClient: Sendable {
+/// A plain request/reply connection for setup, audits and the sink's EVENTS (not for load).
+package final class CommandClient: Sendable {
     private let channel: Channel
     private let handler: NIOLoopBound<ReplyHandler>
 
@@ -14,33 +14,48 @@ final class CommandClient: Sendable {
     }
 
     static func connect(group: EventLoopGroup, target: BenchTarget, password: String?) async throws -> CommandClient {
+        try await connect(group: group, host: target.host, port: target.port, password: password)
+    }
+
+    /// Connects (and sends AUTH when `password` is set). `bulkAsBytes`: bulk replies come back as
+    /// ``RESPReply/bytes(_:)``, for ids that must stay byte strings.
+    package static func connect(
+        group: EventLoopGroup, host: String, port: Int, password: String?, bulkAsBytes: Bool = false
+    ) async throws -> CommandClient {
         let channel = try await ClientBootstrap(group: group)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ReplyHandler())
+                    try channel.pipeline.syncOperations.addHandler(ReplyHandler(parser: RESPReplyParser(bulkAsBytes: bulkAsBytes)))
                 }
             }
-            .connect(host: target.host, port: target.port).get()
+            .connect(host: host, port: port).get()
         let handler = try await channel.eventLoop.submit {
             NIOLoopBound(try channel.pipeline.syncOperations.handler(type: ReplyHandler.self), eventLoop: channel.eventLoop)
         }.get()
         let client = CommandClient(channel: channel, handler: handler)
         if let password, !password.isEmpty {
             let reply = try await client.send(["AUTH", password])
-            guard reply == .simple("OK") else { throw BenchError("AUTH failed: \(reply)") }
+            guard reply == .simple("OK") else {
+                client.close()
+                throw BenchError("AUTH failed: \(reply.string ?? "\(reply)")")
+            }
         }
         return client
     }
 
-    func send(_ command: [String]) async throws -> RESPReply {
-        try await pipeline([command])[0]
+    /// Sends one command and returns its reply; see ``pipeline(_:timeout:)`` for `timeout`.
+    package func send(_ command: [String], timeout: TimeAmount? = nil) async throws -> RESPReply {
+        try await pipeline([command], timeout: timeout)[0]
     }
 
-    /// Sends commands in one write and returns their replies in order.
-    func pipeline(_ commands: [[String]]) async throws -> [RESPReply] {
+    /// Sends commands in one write and returns their replies in order. On a connection that is
+    /// already closed, or whose write fails, it fails at once (a reply that can never come must not
+    /// be waited for). `timeout`: no complete answer by then closes the connection, which fails it.
+    package func pipeline(_ commands: [[String]], timeout: TimeAmount? = nil) async throws -> [RESPReply] {
         let handler = self.handler
         let channel = self.channel
         return try await channel.eventLoop.flatSubmit {
+            guard channel.isActive else { return channel.eventLoop.makeFailedFuture(BenchError("connection closed")) }
             let promise = channel.eventLoop.makePromise(of: [RESPReply].self)
             var out = channel.allocator.buffer(capacity: 256)
             for command in commands {
@@ -48,12 +63,20 @@ final class CommandClient: Sendable {
                 for word in command { out.writeRESPBulk(word) }
             }
             handler.value.expect(commands.count, promise)
-            channel.writeAndFlush(out, promise: nil)
+            channel.writeAndFlush(out).whenFailure { error in
+                handler.value.fail(BenchError("write failed: \(error)"))
+                channel.close(promise: nil)
+            }
+            if let timeout {
+                let timer = channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+                promise.futureResult.whenComplete { _ in timer.cancel() }
+            }
             return promise.futureResult
         }.get()
     }
 
-    func close() { channel.close(promise: nil) }
+    /// Closes the connection; a command waiting for its reply fails.
+    package func close() { channel.close(promise: nil) }
 }
 
 final class ReplyHandler: ChannelInboundHandler {
@@ -62,7 +85,9 @@ final class ReplyHandler: ChannelInboundHandler {
     private var buffer: ByteBuffer?
     private var waiting: [(count: Int, promise: EventLoopPromise<[RESPReply]>)] = []
     private var collected: [RESPReply] = []
-    private let parser = RESPReplyParser()
+    private let parser: RESPReplyParser
+
+    init(parser: RESPReplyParser = RESPReplyParser()) { self.parser = parser }
 
     func expect(_ count: Int, _ promise: EventLoopPromise<[RESPReply]>) {
         waiting.append((count, promise))
@@ -90,7 +115,8 @@ final class ReplyHandler: ChannelInboundHandler {
         fail(BenchError("connection closed"))
     }
 
-    private func fail(_ error: Error) {
+    /// Fails every command waiting for its replies.
+    func fail(_ error: Error) {
         for (_, promise) in waiting { promise.fail(error) }
         waiting = []
     }

@@ -13,7 +13,8 @@ enum Request: Equatable {
     case info(section: String?)
     case shutdown
     case snapshot
-    case events(from: UInt64, count: Int, blockMillis: Int)
+    /// EVENTS: `from` nil for `$`, the position after the last durable one when the command runs.
+    case events(from: UInt64?, count: Int, blockMillis: Int)
     /// COMMAND and its subcommands: answered with an empty array (clients only use it for hints).
     case commandInfo
     /// CONFIG GET: the pattern's bytes, ASCII letters lowered.
@@ -322,7 +323,14 @@ enum CommandTable {
             return .engine(.deduct(sku: id(arg(0)), quantity: quantity))
         case .events:
             guard args.count >= 1, args.count % 2 == 1 else { return wrongArity }
-            guard let from = integer(arg(0)), from >= 0 else { return .invalid("ERR from-position must be 0 to \(Int64.max)") }
+            // `$`: from the next position, for a consumer that starts "from now".
+            let from: UInt64?
+            if arg(0).readableBytesView.elementsEqual("$".utf8) {
+                from = nil
+            } else {
+                guard let value = integer(arg(0)), value >= 0 else { return .invalid("ERR from-position must be $ or 0 to \(Int64.max)") }
+                from = UInt64(value)
+            }
             var count = EventLimits.countDefault
             var block = 0
             var i = 1
@@ -343,7 +351,7 @@ enum CommandTable {
                 }
                 i += 2
             }
-            return .events(from: UInt64(from), count: count, blockMillis: block)
+            return .events(from: from, count: count, blockMillis: block)
         case .replicate:
             guard args.count >= 1, args.count <= 6 else { return wrongArity }
             guard let from = integer(arg(0)), from >= 0 else { return .invalid("ERR position must be 0 to \(Int64.max)") }

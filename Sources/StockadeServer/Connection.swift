@@ -35,6 +35,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var closing = false
     private var counted = false
     private var authenticated: Bool
+    /// HELLO 3 was accepted: STOCK, ORDER and EVENTS entries are maps (RESP2: flat arrays).
+    private var resp3 = false
     private var bucket: TokenBucket?
     private var stallTimer: Scheduled<Void>?
     private var executor: EventLoopTaskExecutor?
@@ -367,7 +369,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
             case .snapshot: round.step = .snapshot
             case .shutdown: round.step = .shutdown
             case .info(let section): round.step = .info(section)
-            case .events(let from, let count, let block): round.step = .events(from: from, count: count, blockMillis: block)
+            case .events(let from, let count, let block): round.step = .events(from: from, count: count, blockMillis: block, resp3: resp3)
             case .replicate(let from, let listeningPort, let fullCopy, let last):
                 // A round of its own: the connection becomes a log stream after it.
                 guard round.slots.isEmpty else {
@@ -379,7 +381,13 @@ final class ConnectionHandler: ChannelDuplexHandler {
             case .replicaOf(let host, let port): round.step = .replicaOf(host: host, port: port)
             case .promote: round.step = .promote
             case .wait(let replicas, let timeoutMillis): round.step = .wait(replicas: replicas, timeoutMillis: timeoutMillis)
-            case .hello(_, let password):
+            case .hello(let version, let password):
+                // Engine replies are encoded when the round ends, in the protocol of that moment: a
+                // HELLO that names a version starts a round of its own after the engine commands before it.
+                if version != nil && !round.batch.isEmpty {
+                    carried = request
+                    break parsing
+                }
                 // Redis's order: the version and options were checked by the command table; then the
                 // password. A HELLO that fails changes nothing.
                 if let password, let expected = server.configuration.requirePassword, !expected.isEmpty {
@@ -393,6 +401,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
                     break
                 }
                 server.writeLocal(request, clientID: ObjectIdentifier(self), into: &round.local)
+                if let version { resp3 = version == 3 }
             case .auth(_, let password):
                 if let expected = server.configuration.requirePassword, !expected.isEmpty {
                     // A wrong password leaves the connection as it was (as in Redis): an
@@ -560,7 +569,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
                     out.writeImmutableBuffer(round.local.getSlice(at: start, length: end - start)!)
                 case .engine(let index, let name):
                     let reply = replies[index]
-                    ReplyEncoding.write(reply, to: round.batch[index], into: &out)
+                    ReplyEncoding.write(reply, to: round.batch[index], resp3: resp3, into: &out)
                     tally.add(name, ReplyEncoding.outcome(reply))
                 }
                 if unread + out.readableBytes > outputMax {

@@ -2,25 +2,26 @@ import NIOCore
 import StockadeCore
 import StockadeWire
 
-/// Engine replies as RESP2. Every business outcome has a stable error code as its first word
-/// (docs/PROTOCOL.md); a client branches on it.
+/// Engine replies as RESP2, or RESP3 after HELLO 3: then STOCK, ORDER and EVENTS entries are maps of the
+/// same fields (RESP2 keeps the flat field/value arrays). Every business outcome has a stable error
+/// code as its first word (docs/PROTOCOL.md); a client branches on it.
 package enum ReplyEncoding {
     /// Writes `reply`, the engine's answer to `command` (which says which bound an error names).
-    package static func write(_ reply: Reply, to command: Command? = nil, into out: inout ByteBuffer) {
+    package static func write(_ reply: Reply, to command: Command? = nil, resp3: Bool = false, into out: inout ByteBuffer) {
         switch reply {
         case .done:
             out.writeRESPSimple("OK")
         case .stock(let info):
-            writeStock(info, into: &out)
+            writeStock(info, resp3: resp3, into: &out)
         case .reserved(let id, _, _):
             out.writeRESPBulk(id.description)
         case .orderState(_, let state):
             out.writeRESPSimple(state.description)
         case .order(let info):
-            writeOrder(info, into: &out)
+            writeOrder(info, resp3: resp3, into: &out)
         case .orders(let list):
             out.writeRESPArrayHeader(list.count)
-            for info in list { writeOrder(info, into: &out) }
+            for info in list { writeOrder(info, resp3: resp3, into: &out) }
         case .deducted(let result):
             out.writeRESPInteger(Int64(result))
         case .audit(let findings):
@@ -55,9 +56,10 @@ package enum ReplyEncoding {
     /// One ORDER array: 10 elements, ids, and a basket of up to 64 SKUs and quantities.
     static let orderBytesMax = 256 + Limits.itemsPerOrderMax * (Limits.nameBytesMax + 40)
 
-    /// `sku <id> total n available n reserved n sold n limit n paused 0|1`: a flat field/value array.
-    static func writeStock(_ info: SkuInfo, into out: inout ByteBuffer) {
-        out.writeRESPArrayHeader(14)
+    /// `sku <id> total n available n reserved n sold n limit n paused 0|1`: a flat field/value array,
+    /// or a map of those 7 fields under RESP3.
+    static func writeStock(_ info: SkuInfo, resp3: Bool = false, into out: inout ByteBuffer) {
+        writeRecordHeader(fields: 7, resp3: resp3, into: &out)
         out.writeRESPBulk("sku"); out.writeRESPBulk(info.sku)
         out.writeRESPBulk("total"); out.writeRESPInteger(info.total)
         out.writeRESPBulk("available"); out.writeRESPInteger(info.available)
@@ -67,15 +69,16 @@ package enum ReplyEncoding {
         out.writeRESPBulk("paused"); out.writeRESPInteger(info.paused ? 1 : 0)
     }
 
-    /// `id <id> user <u> state <S> deadline <ms> items [sku qty ...]`.
-    static func writeOrder(_ info: OrderInfo, into out: inout ByteBuffer) {
-        out.writeRESPArrayHeader(10)
+    /// `id <id> user <u> state <S> deadline <ms> items [sku qty ...]`; under RESP3 a map of those 5
+    /// fields whose `items` is a map of SKU to quantity (a basket names each SKU once).
+    static func writeOrder(_ info: OrderInfo, resp3: Bool = false, into out: inout ByteBuffer) {
+        writeRecordHeader(fields: 5, resp3: resp3, into: &out)
         out.writeRESPBulk("id"); out.writeRESPBulk(info.id.description)
         out.writeRESPBulk("user"); out.writeRESPBulk(info.user)
         out.writeRESPBulk("state"); out.writeRESPBulk(info.state.description)
         out.writeRESPBulk("deadline"); out.writeRESPInteger(info.deadlineMillis)
         out.writeRESPBulk("items")
-        out.writeRESPArrayHeader(info.lines.count * 2)
+        writeRecordHeader(fields: info.lines.count, resp3: resp3, into: &out)
         for line in info.lines {
             out.writeRESPBulk(line.sku)
             out.writeRESPInteger(line.quantity)
@@ -119,29 +122,50 @@ package enum ReplyEncoding {
         return "ok"
     }
 
-    /// One event: `[position, type, fields...]`. SKUs are named by id (looked up from the engine).
-    static func writeEvent(position: UInt64, record: Record, skuName: (Int, UInt32) -> Name, into out: inout ByteBuffer) {
+    /// A field/value record: a flat array of `fields * 2` elements (RESP2), or a map (RESP3).
+    static func writeRecordHeader(fields: Int, resp3: Bool, into out: inout ByteBuffer) {
+        if resp3 { out.writeRESP3MapHeader(fields) } else { out.writeRESPArrayHeader(fields * 2) }
+    }
+
+    /// One event: `[position, type, fields...]` (RESP2), or under RESP3 a map with `position`,
+    /// `type` and the same fields by name. SKUs are named by id (looked up from the engine).
+    static func writeEvent(position: UInt64, record: Record, skuName: (Int, UInt32) -> Name, resp3: Bool = false, into out: inout ByteBuffer) {
+        /// The header and the first two fields; the names of the rest are written by `field` under RESP3 only.
+        func begin(_ type: String, fields: Int) {
+            if resp3 {
+                out.writeRESP3MapHeader(fields + 2)
+                out.writeRESPBulk("position"); out.writeRESPInteger(Int64(position))
+                out.writeRESPBulk("type"); out.writeRESPBulk(type)
+            } else {
+                out.writeRESPArrayHeader(fields + 2)
+                out.writeRESPInteger(Int64(position)); out.writeRESPBulk(type)
+            }
+        }
+        func field(_ name: String) { if resp3 { out.writeRESPBulk(name) } }
         switch record {
         case let .skuAdded(_, _, sku, total, limit):
-            out.writeRESPArrayHeader(5)
-            out.writeRESPInteger(Int64(position)); out.writeRESPBulk("sku-added"); out.writeRESPBulk(sku)
-            out.writeRESPInteger(total); out.writeRESPInteger(limit)
+            begin("sku-added", fields: 3)
+            field("sku"); out.writeRESPBulk(sku)
+            field("total"); out.writeRESPInteger(total)
+            field("limit"); out.writeRESPInteger(limit)
         case let .restocked(shard, index, delta):
-            out.writeRESPArrayHeader(4)
-            out.writeRESPInteger(Int64(position)); out.writeRESPBulk("restocked"); out.writeRESPBulk(skuName(shard, index))
-            out.writeRESPInteger(delta)
+            begin("restocked", fields: 2)
+            field("sku"); out.writeRESPBulk(skuName(shard, index))
+            field("delta"); out.writeRESPInteger(delta)
         case let .pausedChanged(shard, index, paused):
-            out.writeRESPArrayHeader(3)
-            out.writeRESPInteger(Int64(position)); out.writeRESPBulk(paused ? "paused" : "resumed"); out.writeRESPBulk(skuName(shard, index))
+            begin(paused ? "paused" : "resumed", fields: 1)
+            field("sku"); out.writeRESPBulk(skuName(shard, index))
         case let .deducted(shard, index, quantity):
-            out.writeRESPArrayHeader(4)
-            out.writeRESPInteger(Int64(position)); out.writeRESPBulk("deducted"); out.writeRESPBulk(skuName(shard, index))
-            out.writeRESPInteger(quantity)
+            begin("deducted", fields: 2)
+            field("sku"); out.writeRESPBulk(skuName(shard, index))
+            field("quantity"); out.writeRESPInteger(quantity)
         case let .orderCreated(created):
-            out.writeRESPArrayHeader(6)
-            out.writeRESPInteger(Int64(position)); out.writeRESPBulk("created"); out.writeRESPBulk(created.id.description)
-            out.writeRESPBulk(created.user); out.writeRESPInteger(created.deadlineMillis)
-            out.writeRESPArrayHeader(created.items.count * 2)
+            begin("created", fields: 4)
+            field("order"); out.writeRESPBulk(created.id.description)
+            field("user"); out.writeRESPBulk(created.user)
+            field("deadline"); out.writeRESPInteger(created.deadlineMillis)
+            field("items")
+            writeRecordHeader(fields: created.items.count, resp3: resp3, into: &out)
             for item in created.items {
                 out.writeRESPBulk(skuName(item.shard, item.skuIndex))
                 out.writeRESPInteger(Int64(item.quantity))
@@ -152,8 +176,8 @@ package enum ReplyEncoding {
             case .orderCancelled: "cancelled"
             default: "expired"
             }
-            out.writeRESPArrayHeader(3)
-            out.writeRESPInteger(Int64(position)); out.writeRESPBulk(type); out.writeRESPBulk(id.description)
+            begin(type, fields: 1)
+            field("order"); out.writeRESPBulk(id.description)
         }
     }
 }

@@ -208,8 +208,8 @@ final class ServerContext: Sendable {
         case .clientID:
             out.writeRESPInteger(Int64(truncatingIfNeeded: UInt64(UInt(bitPattern: clientID.hashValue)) >> 1))
         case .hello(let version, _):
-            // Replies are the same in RESP2 and RESP3 (no maps, sets or doubles), so both are
-            // accepted; only this reply differs: a map for 3, an array for 2.
+            // Both are accepted. Under 3, this reply and STOCK, ORDER and EVENTS entries are maps
+            // (the connection switches once this is answered); the rest is the same in both.
             if let version, version != 2 && version != 3 {
                 out.writeRESPError("NOPROTO sorry, this protocol version is not supported")
                 return
@@ -252,8 +252,8 @@ final class ServerContext: Sendable {
         case .info(let section):
             out.writeRESPBulk(await info(section: section))
             metrics.count("info", outcome: "ok")
-        case .events(let from, let count, let blockMillis):
-            await events(from: from, count: count, blockMillis: blockMillis, into: &out)
+        case .events(let from, let count, let blockMillis, let resp3):
+            await events(from: from, count: count, blockMillis: blockMillis, resp3: resp3, into: &out)
         case .replicate:
             out.writeRESPError("ERR REPLICATE must be the first command of its pipeline")
         case .role:
@@ -410,11 +410,20 @@ final class ServerContext: Sendable {
         ]
     }
 
-    /// EVENTS: durable records from `from`, waiting up to `blockMillis` for the first one. The log
-    /// is read on ``blockingWork``; a waiter sleeps until the durable position passes `from`, the
-    /// deadline, or shutdown (then it gets an empty array, as on a timeout).
-    func events(from: UInt64, count: Int, blockMillis: Int, into out: inout ByteBuffer) async {
-        let start = max(from, 1)
+    /// EVENTS: durable records from `from` (nil: `$`, the next position), waiting up to `blockMillis`
+    /// for the first one. The log is read on ``blockingWork``; a waiter sleeps until the durable
+    /// position passes `from`, the deadline, or shutdown (then it gets an empty array, as on a
+    /// timeout). A position past the next one gets `-BEYOND` at once: the consumer saved it from
+    /// another log (the data directory was replaced or restored from an older copy), and waiting for
+    /// it would hang the consumer for good. `resp3`: each event as a map.
+    func events(from: UInt64?, count: Int, blockMillis: Int, resp3: Bool = false, into out: inout ByteBuffer) async {
+        let last = store.journal.lastDurableLSN
+        let start = max(from ?? last + 1, 1)
+        if start > last + 1 {
+            out.writeRESPError("BEYOND \(last) position \(start) is beyond the end of the log (last position \(last)): this server's data was replaced or restored from an older copy; rebuild the consumer from STOCK and ORDERS, or start it over")
+            metrics.count("events", outcome: "beyond")
+            return
+        }
         let deadline = monotonicNanos() + UInt64(blockMillis) * 1_000_000
         let reader = LogReader(directory: store.directory)
         while true {
@@ -427,7 +436,7 @@ final class ServerContext: Sendable {
                 case .success(let records) where !records.isEmpty:
                     out.writeRESPArrayHeader(records.count)
                     for (position, record) in records {
-                        ReplyEncoding.writeEvent(position: position, record: record, skuName: skuName, into: &out)
+                        ReplyEncoding.writeEvent(position: position, record: record, skuName: skuName, resp3: resp3, into: &out)
                     }
                     metrics.count("events", outcome: "ok")
                     return
@@ -524,7 +533,7 @@ func infoText(_ text: String) -> String {
 
 /// A step that needs the server beyond the engine batch; it ends a connection's round.
 enum RoundStep: Sendable {
-    case snapshot, shutdown, info(String?), events(from: UInt64, count: Int, blockMillis: Int)
+    case snapshot, shutdown, info(String?), events(from: UInt64?, count: Int, blockMillis: Int, resp3: Bool)
     case replicate(from: UInt64, listeningPort: Int, fullCopy: Bool, last: UInt64?), role, replicaOf(host: String, port: Int), promote
     case wait(replicas: Int, timeoutMillis: Int)
 }

@@ -6,13 +6,17 @@ public indirect enum RESPReply: Equatable, Sendable {
     case error(String)
     case integer(Int64)
     case bulk(String?)
+    /// A bulk string as its bytes, from a parser with ``RESPReplyParser/bulkAsBytes`` set: ids are
+    /// byte strings, and a `String` would replace what is not UTF-8.
+    case bytes([UInt8])
     case array([RESPReply]?)
 
-    /// The text of a simple or bulk string.
+    /// The text of a simple or bulk string (bytes that are not UTF-8 come out replaced).
     public var string: String? {
         switch self {
         case .simple(let s): s
         case .bulk(let s): s
+        case .bytes(let b): String(decoding: b, as: UTF8.self)
         default: nil
         }
     }
@@ -30,8 +34,10 @@ public struct RESPReplyParser: Sendable {
     public var lineBytesMax = 64 * 1024
     public var bulkBytesMax = 64 << 20
     public var elementsMax = 1 << 20
+    /// Bulk strings come back as ``RESPReply/bytes(_:)`` (a null bulk stays `.bulk(nil)`).
+    public var bulkAsBytes = false
 
-    public init() {}
+    public init(bulkAsBytes: Bool = false) { self.bulkAsBytes = bulkAsBytes }
 
     public struct ParseError: Error, Equatable, Sendable {
         public var message: String
@@ -75,6 +81,11 @@ public struct RESPReplyParser: Sendable {
             guard let length = Int(text), length >= -1, length <= bulkBytesMax else { throw ParseError(message: "bad bulk length '\(text)'") }
             if length == -1 { return .bulk(nil) }
             guard buffer.readableBytes >= length + 2 else { return nil }
+            if bulkAsBytes {
+                let value = buffer.readBytes(length: length) ?? []
+                buffer.moveReaderIndex(forwardBy: 2)
+                return .bytes(value)
+            }
             let value = buffer.readString(length: length)
             buffer.moveReaderIndex(forwardBy: 2)
             return .bulk(value)

@@ -12,7 +12,7 @@ struct Stockade: AsyncParsableCommand {
         abstract: "An in-memory, sharded order engine for flash sales, with a write-ahead log.",
         discussion: "Start a server with `stockade serve` (data in ./data); try it without a server with `stockade demo`.",
         version: stockadeVersion,
-        subcommands: [Serve.self, Bench.self, Demo.self, Inspect.self, Snapshot.self, Measure.self, Simulate.self, CrashWorker.self])
+        subcommands: [Serve.self, Bench.self, Demo.self, Inspect.self, Snapshot.self, Measure.self, Simulate.self, SinkCommand.self, CrashWorker.self])
 }
 
 /// Options every command that opens a data directory shares.

@@ -25,6 +25,7 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(parse(["CONFIRM", "not-a-number"]) == .engine(.confirm(OrderID(rawValue: 0))))
         #expect(parse(["EVENTS", "5", "COUNT", "0"]) == .invalid("ERR COUNT must be 1 to 10000"))
         #expect(parse(["EVENTS", "5", "BLOCK", "100"]) == .events(from: 5, count: 100, blockMillis: 100))
+        #expect(parse(["EVENTS", "$", "COUNT", "3"]) == .events(from: nil, count: 3, blockMillis: 0))
         #expect(parse(["HELLO", "3", "AUTH", "default", "pw"]) == .hello(version: 3, password: ByteBuffer(string: "pw")))
         #expect(parse(["nope"]) == .invalid("ERR unknown command 'nope'"))
     }
@@ -144,7 +145,7 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
     @Test func numericErrorsNameTheirBound() {
         #expect(parse(["EVENTS", "1", "COUNT", "-1"]) == .invalid("ERR COUNT must be 1 to 10000"))
         #expect(parse(["EVENTS", "1", "BLOCK", "-5"]) == .invalid("ERR BLOCK must be 0 to 60000 ms"))
-        #expect(parse(["EVENTS", "-1"]) == .invalid("ERR from-position must be 0 to 9223372036854775807"))
+        #expect(parse(["EVENTS", "-1"]) == .invalid("ERR from-position must be $ or 0 to 9223372036854775807"))
         #expect(parse(["ORDERS", "u", "COUNT", "1001"]) == .invalid("ERR COUNT must be 1 to 1000"))
         #expect(parse(["ORDERS", "u", "COUNT", "0"]) == .invalid("ERR COUNT must be 1 to 1000"))
         #expect(parse(["SKU.RESTOCK", "a", "99999999999999999999"]) == .invalid("ERR value is not an integer or out of range"))

@@ -371,7 +371,7 @@ def test_random_byte_ids_are_distinct_and_come_back_exact(server):
     `cafe\\u0301`) included, are distinct SKUs, users and request ids, and come back byte for byte in
     STOCK, ORDER, ORDERS and EVENTS. The old server compared ids as Strings (equivalent pairs
     collided) and replaced invalid UTF-8 with U+FFFD."""
-    r = redis.Redis(host="127.0.0.1", port=server.port, decode_responses=False)
+    r = redis.Redis(host="127.0.0.1", port=server.port, decode_responses=False, protocol=2)  # flat arrays
     used_skus, used_requests = set(), set()
     placed = {}  # request id -> (order, user, sku)
     for seed in range(5):

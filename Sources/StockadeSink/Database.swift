@@ -1,0 +1,191 @@
+import Logging
+import NIOCore
+import PostgresNIO
+
+/// Where the sink writes: a PostgreSQL database, reached with PostgresNIO over one connection.
+public struct DatabaseAddress: Sendable, Equatable {
+    public var host: String
+    public var port: Int
+    public var user: String
+    public var password: String?
+    public var database: String
+
+    /// `postgres://user[:password]@host[:port][/database]` (or `postgresql://`); the password from
+    /// the URL, else `PGPASSWORD`; the database defaults to the user's name, as in psql.
+    public static func parse(_ url: String, environment: [String: String]) throws(SinkError) -> DatabaseAddress {
+        let parts = try URLParts.parse(url, schemes: ["postgres", "postgresql"], defaultPort: 5432)
+        guard let user = parts.user, !user.isEmpty else {
+            throw SinkError(.configuration, "--to \(parts.redacted): name the user, as in postgres://user@host:5432/db")
+        }
+        for (key, value) in parts.query where key == "sslmode" && !["disable", "allow", "prefer"].contains(value) {
+            throw SinkError(.configuration, "--to: sslmode=\(value) is not supported; the sink connects without TLS (use it on a trusted network, or through a local tunnel)")
+        }
+        let database = parts.path.isEmpty ? user : parts.path
+        return DatabaseAddress(host: parts.host, port: parts.port, user: user, password: parts.password ?? environment["PGPASSWORD"], database: database)
+    }
+
+    /// For messages: never the password.
+    public var description: String { "postgres://\(user)@\(host):\(port)/\(database)" }
+}
+
+/// One connection to PostgreSQL: creates and migrates the schema, reads the stored position, and
+/// applies a batch in one transaction. Not Sendable: one task owns it.
+final class Database {
+    private let connection: PostgresConnection
+    private let logger: Logger
+    let address: DatabaseAddress
+
+    private init(connection: PostgresConnection, address: DatabaseAddress, logger: Logger) {
+        self.connection = connection
+        self.address = address
+        self.logger = logger
+    }
+
+    /// Time to wait for a TCP connection and the start-up handshake.
+    static let connectTimeoutSeconds: Int64 = 5
+
+    static func connect(_ address: DatabaseAddress, logger: Logger) async throws(SinkError) -> Database {
+        var configuration = PostgresConnection.Configuration(
+            host: address.host, port: address.port, username: address.user, password: address.password,
+            database: address.database, tls: .disable)
+        configuration.options.connectTimeout = .seconds(connectTimeoutSeconds)
+        do {
+            let connection = try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger)
+            return Database(connection: connection, address: address, logger: logger)
+        } catch {
+            throw Self.classify(error, doing: "connecting to \(address.description)")
+        }
+    }
+
+    func close() async {
+        try? await connection.close()
+    }
+
+    /// Creates the tables, or brings them to ``SinkSQL/schemaVersion``. A database whose schema is
+    /// newer than this sink knows is refused (an older sink would write what the newer one does not expect).
+    func migrate() async throws(SinkError) -> (from: Int, to: Int) {
+        try await run("CREATE TABLE stockade_schema_version", SinkStatement(sql: SinkSQL.createVersionTable, binds: []))
+        var from = 0
+        try await transaction("migrating the schema") {
+            try await query(PostgresQuery(unsafeSQL: "SELECT pg_advisory_xact_lock(\(SinkSQL.migrationLockKey))"))
+            let current = try await singleInt("SELECT coalesce(max(version), 0)::int8 FROM stockade_schema_version")
+            from = Int(current)
+            guard from <= SinkSQL.schemaVersion else {
+                throw SinkError(.schema, "the database's sink schema is version \(from), newer than this sink's \(SinkSQL.schemaVersion): run the newer stockade-sink")
+            }
+            for version in stride(from: from + 1, through: SinkSQL.schemaVersion, by: 1) {
+                for statement in SinkSQL.migrations[version - 1] { try await query(PostgresQuery(unsafeSQL: statement)) }
+                try await query(PostgresQuery(unsafeSQL: "INSERT INTO stockade_schema_version (version) VALUES (\(version))"))
+            }
+        }
+        return (from, SinkSQL.schemaVersion)
+    }
+
+    /// The position of the last event applied (0: none yet).
+    func storedPosition() async throws(SinkError) -> UInt64 {
+        do {
+            return UInt64(try await singleInt("SELECT position FROM stockade_sink_position WHERE id = 1"))
+        } catch {
+            throw Self.classify(error, doing: "reading the stored position")
+        }
+    }
+
+    /// Applies `plan` and stores its last position, all in one transaction: either every change of
+    /// the batch and its position are committed, or none.
+    func apply(_ plan: BatchPlan) async throws(SinkError) {
+        let statements = SinkSQL.statements(for: plan)
+        try await transaction("applying positions \(plan.previousPosition + 1)-\(plan.lastPosition)") {
+            for statement in statements {
+                let rows = try await query(Self.query(statement)).collect()
+                guard let expected = statement.expectedCount else { continue }
+                let count = try rows.first?.decode(Int64.self) ?? -1
+                if count != expected, let mismatch = statement.mismatch {
+                    throw mismatch
+                }
+            }
+        }
+    }
+
+    /// Runs `body` between BEGIN and COMMIT; rolls back if it throws. A COMMIT whose answer was
+    /// lost leaves the outcome unknown: the caller reads the stored position again to learn it.
+    private func transaction(_ what: String, _ body: () async throws -> Void) async throws(SinkError) {
+        do {
+            try await query("BEGIN")
+        } catch {
+            throw Self.classify(error, doing: what)
+        }
+        do {
+            try await body()
+            try await query("COMMIT")
+        } catch {
+            _ = try? await query("ROLLBACK")
+            if let sinkError = error as? SinkError { throw sinkError }
+            throw Self.classify(error, doing: what)
+        }
+    }
+
+    private func run(_ what: String, _ statement: SinkStatement) async throws(SinkError) {
+        do {
+            try await query(Self.query(statement))
+        } catch {
+            throw Self.classify(error, doing: what)
+        }
+    }
+
+    /// Runs one statement. A connection the server already closed (PostgreSQL shut down or
+    /// restarted while the sink was between batches) is refused here: PostgresNIO 1.33 writes a
+    /// query to a closed channel without a promise, so the query would wait forever.
+    @discardableResult
+    private func query(_ query: PostgresQuery) async throws -> PostgresRowSequence {
+        guard !connection.isClosed else {
+            throw SinkError(.databaseUnavailable, "PostgreSQL \(address.description) closed the connection")
+        }
+        return try await connection.query(query, logger: logger)
+    }
+
+    private func singleInt(_ sql: String) async throws -> Int64 {
+        let rows = try await query(PostgresQuery(unsafeSQL: sql)).collect()
+        guard let first = rows.first else { throw SinkError(.diverged, "no row from: \(sql) (was the sink's table emptied by hand?)") }
+        return try first.decode(Int64.self)
+    }
+
+    /// The PostgresNIO form of a statement.
+    static func query(_ statement: SinkStatement) -> PostgresQuery {
+        var binds = PostgresBindings(capacity: statement.binds.count)
+        for value in statement.binds {
+            switch value {
+            case .int64(let v): binds.append(v)
+            case .int64s(let v): binds.append(v)
+            case .texts(let v): binds.append(v)
+            case .bools(let v): binds.append(v)
+            case .byteas(let v): binds.append(v.map { ByteBuffer(bytes: $0) })
+            }
+        }
+        return PostgresQuery(unsafeSQL: statement.sql, binds: binds)
+    }
+
+    /// Sorts a PostgresNIO error into what the sink does next: connection trouble and a server
+    /// shutting down or starting are retried; a refused login, a missing database or a broken
+    /// constraint are not (retrying cannot fix them).
+    static func classify(_ error: any Error, doing what: String) -> SinkError {
+        if let sinkError = error as? SinkError { return sinkError }
+        guard let psql = error as? PSQLError else {
+            return SinkError(.databaseUnavailable, "PostgreSQL: \(what): \(error)")
+        }
+        guard psql.code == .server, let info = psql.serverInfo else {
+            let underlying = psql.underlying.map { ": \($0)" } ?? ""
+            return SinkError(.databaseUnavailable, "PostgreSQL: \(what): \(psql.code)\(underlying)")
+        }
+        let state = info[.sqlState] ?? "?????"
+        let detail = [info[.message], info[.detail], info[.hint]].compactMap { $0 }.joined(separator: "; ")
+        let text = "PostgreSQL: \(what): \(detail) (SQLSTATE \(state))"
+        switch state.prefix(2) {
+        // Connection exceptions, operator intervention (shutdown, starting up), insufficient
+        // resources, serialization failures and deadlocks: a later try can succeed.
+        case "08", "57", "53", "40": return SinkError(.databaseUnavailable, text)
+        case "28", "3D": return SinkError(.configuration, text)
+        case "23": return SinkError(.diverged, text + ": the database does not follow this server's log (another server's database, or changed by hand)")
+        default: return SinkError(.database, text)
+        }
+    }
+}

@@ -1,0 +1,159 @@
+import Foundation
+import NIOCore
+import StockadeBench
+import StockadeWire
+
+/// Where the events come from: a Stockade server.
+public struct ServerAddress: Sendable, Equatable {
+    public var host: String
+    public var port: Int
+    public var password: String?
+
+    /// `redis://[[user]:password@]host[:port]` (`rediss://` is refused: Stockade speaks no TLS).
+    public static func parse(_ url: String) throws(SinkError) -> ServerAddress {
+        let parts = try URLParts.parse(url, schemes: ["redis"], defaultPort: 7379)
+        return ServerAddress(host: parts.host, port: parts.port, password: parts.password)
+    }
+
+    public var description: String { "redis://\(host):\(port)" }
+}
+
+/// The parts of a `scheme://user:password@host:port/path?query` URL, percent-decoded.
+struct URLParts {
+    var host: String
+    var port: Int
+    var user: String?
+    var password: String?
+    var path: String
+    var query: [(String, String)]
+    var redacted: String
+
+    static func parse(_ url: String, schemes: [String], defaultPort: Int) throws(SinkError) -> URLParts {
+        guard let components = URLComponents(string: url), let scheme = components.scheme?.lowercased() else {
+            throw SinkError(.configuration, "'\(url)' is not a URL; expected \(schemes[0])://host:port")
+        }
+        var redactedComponents = components
+        if components.password != nil { redactedComponents.password = "***" }
+        let redacted = redactedComponents.string ?? "\(scheme)://..."
+        guard schemes.contains(scheme) else {
+            throw SinkError(.configuration, "'\(redacted)': the scheme must be \(schemes.map { $0 + "://" }.joined(separator: " or "))")
+        }
+        guard let host = components.host, !host.isEmpty else {
+            throw SinkError(.configuration, "'\(redacted)' names no host")
+        }
+        let port = components.port ?? defaultPort
+        guard (1...65535).contains(port) else { throw SinkError(.configuration, "'\(redacted)': port must be 1 to 65535") }
+        let path = components.percentEncodedPath.drop { $0 == "/" }
+        return URLParts(
+            host: host, port: port,
+            user: components.percentEncodedUser?.removingPercentEncoding,
+            password: components.percentEncodedPassword?.removingPercentEncoding,
+            path: String(path).removingPercentEncoding ?? String(path),
+            query: (components.queryItems ?? []).map { ($0.name, $0.value ?? "") },
+            redacted: redacted)
+    }
+}
+
+/// One connection to Stockade for EVENTS (and INFO, for the server's position). Bulk strings are
+/// read as bytes, so ids stay byte strings. Not Sendable: one task owns it.
+final class EventSource {
+    private let client: CommandClient
+    let address: ServerAddress
+
+    private init(client: CommandClient, address: ServerAddress) {
+        self.client = client
+        self.address = address
+    }
+
+    static func connect(_ address: ServerAddress, group: EventLoopGroup) async throws(SinkError) -> EventSource {
+        do {
+            let client = try await CommandClient.connect(
+                group: group, host: address.host, port: address.port, password: address.password, bulkAsBytes: true)
+            return EventSource(client: client, address: address)
+        } catch let error as BenchError where error.description.hasPrefix("AUTH failed") {
+            throw SinkError(.configuration, "Stockade at \(address.description) refused the password: \(error) (give it in the URL: redis://:password@host:port)")
+        } catch {
+            throw SinkError(.serverUnavailable, "Stockade at \(address.description): \(error)")
+        }
+    }
+
+    /// How long past its BLOCK a reply may take before the connection is given up as hung (and
+    /// reconnected): far more than a page of EVENTS takes to read and send.
+    static let replyTimeoutMillis: Int64 = 30_000
+
+    /// Closes the connection: a command waiting for its reply fails at once (how SIGTERM cuts a
+    /// BLOCK wait short).
+    func close() { client.close() }
+
+    /// A closer usable from any thread.
+    var closer: @Sendable () -> Void {
+        let client = self.client
+        return { client.close() }
+    }
+
+    /// Up to `count` events after `position`, waiting up to `blockMillis` for the first one.
+    func events(after position: UInt64, count: Int, blockMillis: Int) async throws(SinkError) -> [SinkEvent] {
+        let reply: RESPReply
+        do {
+            reply = try await client.send(
+                ["EVENTS", String(position + 1), "COUNT", String(count), "BLOCK", String(blockMillis)],
+                timeout: .milliseconds(Int64(blockMillis) + Self.replyTimeoutMillis))
+        } catch {
+            throw SinkError(.serverUnavailable, "Stockade at \(address.description): EVENTS: \(error)")
+        }
+        switch reply {
+        case .array(let entries?):
+            var events: [SinkEvent] = []
+            events.reserveCapacity(entries.count)
+            for entry in entries { events.append(try SinkEvent.decode(entry)) }
+            return events
+        case .error(let message):
+            throw Self.refusal(message, after: position)
+        default:
+            throw SinkError(.badEvent, "EVENTS answered \(String(describing: reply).prefix(200)), not an array")
+        }
+    }
+
+    /// The server's last durable position, from INFO persistence (for the lag).
+    func serverPosition() async throws(SinkError) -> UInt64? {
+        let reply: RESPReply
+        do {
+            reply = try await client.send(["INFO", "persistence"], timeout: .milliseconds(Self.replyTimeoutMillis))
+        } catch {
+            throw SinkError(.serverUnavailable, "Stockade at \(address.description): INFO: \(error)")
+        }
+        guard let text = reply.string else { return nil }
+        for line in text.split(whereSeparator: \.isNewline) where line.hasPrefix("log_position_durable:") {
+            return UInt64(line.dropFirst("log_position_durable:".count).trimmingCharacters(in: .whitespaces))
+        }
+        return nil
+    }
+
+    /// The sink's error for an EVENTS refusal. TRIMMED and BEYOND say how to recover.
+    static func refusal(_ message: String, after position: UInt64) -> SinkError {
+        let words = message.split(separator: " ")
+        switch words.first {
+        case "TRIMMED":
+            let oldest = words.count > 1 ? String(words[1]) : "?"
+            return SinkError(.trimmed, """
+                Stockade no longer has the events after position \(position) (its log now starts at \(oldest)): they were \
+                removed after a snapshot, so this database cannot be brought up to date from EVENTS. Recover by starting \
+                over into an empty database (a new one, or drop the tables skus, orders, order_items, events, \
+                stockade_sink_position and stockade_schema_version) while the server still has its whole log, or by \
+                re-seeding the tables from an export taken at a snapshot and storing that snapshot's position in \
+                stockade_sink_position. To keep this from happening, run the server with a larger \
+                --events-retention-segments and keep the sink running. (server: \(message))
+                """)
+        case "BEYOND":
+            return SinkError(.beyond, """
+                the database has applied events up to position \(position), past the end of this server's log: the \
+                server's data directory was replaced or restored from an older copy, or the sink is pointed at another \
+                server. The database no longer matches the server: start over into an empty database. (server: \(message))
+                """)
+        case "NOAUTH", "WRONGPASS":
+            return SinkError(.configuration, "Stockade refused the sink: \(message) (give the password in the URL: redis://:password@host:port)")
+        default:
+            return SinkError(.serverUnavailable, "Stockade answered EVENTS with: \(message)")
+        }
+    }
+}

@@ -1,0 +1,147 @@
+import StockadeWire
+
+/// An id as Stockade keeps it: 1 to 64 bytes, compared byte for byte (never as a `String`, which
+/// would call `caf\u{E9}` and `cafe\u{301}` the same and replace bytes that are not UTF-8).
+public struct ID: Hashable, Sendable, CustomStringConvertible, ExpressibleByStringLiteral {
+    public var bytes: [UInt8]
+
+    public init(_ bytes: [UInt8]) { self.bytes = bytes }
+    public init(stringLiteral value: String) { bytes = Array(value.utf8) }
+
+    /// The id as text for the `sku`/`user_id` columns: nil when it is not UTF-8 or holds a NUL byte
+    /// (PostgreSQL text can hold neither); the `_bytes` column has it exactly either way.
+    public var text: String? {
+        guard !bytes.contains(0) else { return nil }
+        return String(validating: bytes, as: UTF8.self)
+    }
+
+    public var description: String { text ?? bytes.map { String($0, radix: 16) }.joined(separator: " ") }
+}
+
+/// One EVENTS entry: a change at a position of the server's log (docs/PROTOCOL.md, "Events").
+public struct SinkEvent: Equatable, Sendable {
+    /// Positions are consecutive from 1.
+    public var position: UInt64
+    public var change: Change
+
+    public init(position: UInt64, change: Change) {
+        self.position = position
+        self.change = change
+    }
+
+    /// What changed.
+    public enum Change: Equatable, Sendable {
+        case skuAdded(sku: ID, total: Int64, limit: Int64)
+        case restocked(sku: ID, delta: Int64)
+        case pausedChanged(sku: ID, paused: Bool)
+        case deducted(sku: ID, quantity: Int64)
+        case created(order: UInt64, user: ID, deadlineMillis: Int64, items: [Item])
+        case paid(order: UInt64)
+        case cancelled(order: UInt64)
+        case expired(order: UInt64)
+    }
+
+    /// One SKU of an order and its quantity.
+    public struct Item: Equatable, Sendable {
+        public var sku: ID
+        public var quantity: Int64
+
+        public init(sku: ID, quantity: Int64) {
+            self.sku = sku
+            self.quantity = quantity
+        }
+    }
+
+    /// The event type as EVENTS names it (and the `events` table stores it).
+    public var type: String {
+        switch change {
+        case .skuAdded: "sku-added"
+        case .restocked: "restocked"
+        case .pausedChanged(_, let paused): paused ? "paused" : "resumed"
+        case .deducted: "deducted"
+        case .created: "created"
+        case .paid: "paid"
+        case .cancelled: "cancelled"
+        case .expired: "expired"
+        }
+    }
+
+    /// Decodes a RESP2 entry, `[pos, type, fields...]`, read with bulk strings as bytes
+    /// (``RESPReplyParser/bulkAsBytes``); text bulks are accepted too.
+    public static func decode(_ reply: RESPReply) throws(SinkError) -> SinkEvent {
+        guard case .array(let fields?) = reply, fields.count >= 3 else { throw bad(reply, "not an array of at least 3") }
+        guard case .integer(let rawPosition) = fields[0], rawPosition >= 1 else { throw bad(reply, "no position") }
+        guard let type = text(fields[1]) else { throw bad(reply, "no type") }
+        let position = UInt64(rawPosition)
+        func id(_ i: Int) throws(SinkError) -> ID {
+            guard i < fields.count, let value = bytes(fields[i]), !value.isEmpty else { throw bad(reply, "field \(i) is not an id") }
+            return ID(value)
+        }
+        func integer(_ i: Int) throws(SinkError) -> Int64 {
+            guard i < fields.count, case .integer(let value) = fields[i] else { throw bad(reply, "field \(i) is not an integer") }
+            return value
+        }
+        func order(_ i: Int) throws(SinkError) -> UInt64 {
+            guard i < fields.count, let digits = text(fields[i]), let value = UInt64(digits) else { throw bad(reply, "field \(i) is not an order id") }
+            return value
+        }
+        func count(_ expected: Int) throws(SinkError) {
+            guard fields.count == expected else { throw bad(reply, "\(fields.count) fields, expected \(expected) for \(type)") }
+        }
+        let change: Change
+        switch type {
+        case "sku-added":
+            try count(5)
+            change = .skuAdded(sku: try id(2), total: try integer(3), limit: try integer(4))
+        case "restocked":
+            try count(4)
+            change = .restocked(sku: try id(2), delta: try integer(3))
+        case "paused", "resumed":
+            try count(3)
+            change = .pausedChanged(sku: try id(2), paused: type == "paused")
+        case "deducted":
+            try count(4)
+            change = .deducted(sku: try id(2), quantity: try integer(3))
+        case "created":
+            try count(6)
+            guard case .array(let pairs?) = fields[5], pairs.count % 2 == 0, !pairs.isEmpty else { throw bad(reply, "no items") }
+            var items: [Item] = []
+            items.reserveCapacity(pairs.count / 2)
+            for i in stride(from: 0, to: pairs.count, by: 2) {
+                guard let sku = bytes(pairs[i]), !sku.isEmpty, case .integer(let quantity) = pairs[i + 1], quantity >= 1 else {
+                    throw bad(reply, "item \(i / 2) is not an id and a quantity")
+                }
+                items.append(Item(sku: ID(sku), quantity: quantity))
+            }
+            change = .created(order: try order(2), user: try id(3), deadlineMillis: try integer(4), items: items)
+        case "paid":
+            try count(3)
+            change = .paid(order: try order(2))
+        case "cancelled":
+            try count(3)
+            change = .cancelled(order: try order(2))
+        case "expired":
+            try count(3)
+            change = .expired(order: try order(2))
+        default:
+            throw bad(reply, "unknown type '\(type)' (is this sink older than the server?)")
+        }
+        return SinkEvent(position: position, change: change)
+    }
+
+    private static func bytes(_ reply: RESPReply) -> [UInt8]? {
+        switch reply {
+        case .bytes(let value): value
+        case .bulk(let text?), .simple(let text): Array(text.utf8)
+        default: nil
+        }
+    }
+
+    private static func text(_ reply: RESPReply) -> String? {
+        bytes(reply).flatMap { String(validating: $0, as: UTF8.self) }
+    }
+
+    private static func bad(_ reply: RESPReply, _ why: String) -> SinkError {
+        SinkError(.badEvent, "EVENTS returned an entry the sink cannot read (\(why)): \(String(describing: reply).prefix(200))")
+    }
+}

@@ -1,0 +1,218 @@
+import Testing
+@testable import StockadeSink
+
+/// The tables as a reference model: what applying the events one at a time leaves.
+private struct Tables: Equatable {
+    struct Sku: Equatable {
+        var total: Int64, available: Int64, reserved: Int64, sold: Int64, limit: Int64, paused: Bool
+    }
+    struct Order: Equatable {
+        var user: ID, deadlineMillis: Int64, items: [SinkEvent.Item], state: OrderState
+    }
+    var skus: [ID: Sku] = [:]
+    var orders: [UInt64: Order] = [:]
+    var position: UInt64 = 0
+
+    /// One event, straight from its meaning in docs/PROTOCOL.md.
+    mutating func apply(_ event: SinkEvent) {
+        precondition(event.position == position + 1)
+        position = event.position
+        switch event.change {
+        case let .skuAdded(sku, total, limit):
+            skus[sku] = Sku(total: total, available: total, reserved: 0, sold: 0, limit: limit, paused: false)
+        case let .restocked(sku, delta):
+            skus[sku]!.total += delta; skus[sku]!.available += delta
+        case let .pausedChanged(sku, paused):
+            skus[sku]!.paused = paused
+        case let .deducted(sku, quantity):
+            skus[sku]!.available -= quantity; skus[sku]!.sold += quantity
+        case let .created(order, user, deadline, items):
+            orders[order] = Order(user: user, deadlineMillis: deadline, items: items, state: .pending)
+            for item in items { skus[item.sku]!.available -= item.quantity; skus[item.sku]!.reserved += item.quantity }
+        case .paid(let order): end(order, .paid)
+        case .cancelled(let order): end(order, .cancelled)
+        case .expired(let order): end(order, .expired)
+        }
+    }
+
+    private mutating func end(_ order: UInt64, _ state: OrderState) {
+        precondition(orders[order]!.state == .pending)
+        orders[order]!.state = state
+        for item in orders[order]!.items {
+            skus[item.sku]!.reserved -= item.quantity
+            if state == .paid { skus[item.sku]!.sold += item.quantity } else { skus[item.sku]!.available += item.quantity }
+        }
+    }
+
+    /// A plan, applied as its statements do (SinkSQL): inserts, deltas, then transitions of older
+    /// orders from their stored items, only while PENDING; the position only if it is the one expected.
+    mutating func apply(_ plan: BatchPlan) {
+        precondition(plan.previousPosition == position, "the position statement would roll this batch back")
+        position = plan.lastPosition
+        for row in plan.newSkus {
+            precondition(skus[row.sku] == nil, "primary key")
+            skus[row.sku] = Sku(total: row.total, available: row.available, reserved: row.reserved, sold: row.sold, limit: row.limit, paused: row.paused)
+        }
+        for delta in plan.skuDeltas {
+            var sku = skus[delta.sku]!
+            sku.total += delta.total; sku.available += delta.available; sku.reserved += delta.reserved; sku.sold += delta.sold
+            sku.paused = delta.paused ?? sku.paused
+            skus[delta.sku] = sku
+        }
+        for row in plan.newOrders {
+            precondition(orders[row.id] == nil, "primary key")
+            orders[row.id] = Order(user: row.user, deadlineMillis: row.deadlineMillis, items: row.items, state: row.state)
+        }
+        for transition in plan.transitions {
+            precondition(orders[transition.order]?.state == .pending, "the count check would roll this batch back")
+            end(transition.order, transition.state)
+        }
+        for sku in skus.values { precondition(sku.available + sku.reserved + sku.sold == sku.total, "the CHECK constraint") }
+    }
+}
+
+/// A seeded generator of valid event streams (what a server could log).
+private struct Generator: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    mutating func stream(count: Int) -> [SinkEvent] {
+        var model = Tables()
+        var events: [SinkEvent] = []
+        var nextOrder: UInt64 = 1 << 56
+        let names: [ID] = ["tv", "radio", "caf\u{E9}", "cafe\u{301}", ID([0xFF, 0x00, 0x41])]
+        while events.count < count {
+            let position = UInt64(events.count + 1)
+            let known = names.filter { model.skus[$0] != nil }
+            let pending = model.orders.filter { $0.value.state == .pending }.keys.sorted()
+            let change: SinkEvent.Change
+            switch Int.random(in: 0..<10, using: &self) {
+            case 0 where known.count < names.count:
+                change = .skuAdded(sku: names.first { model.skus[$0] == nil }!, total: Int64.random(in: 5...50, using: &self), limit: 0)
+            case 1 where !known.isEmpty:
+                let sku = known.randomElement(using: &self)!
+                change = .restocked(sku: sku, delta: Int64.random(in: -model.skus[sku]!.available...10, using: &self))
+            case 2 where !known.isEmpty:
+                change = .pausedChanged(sku: known.randomElement(using: &self)!, paused: Bool.random(using: &self))
+            case 3 where !known.isEmpty:
+                let sku = known.randomElement(using: &self)!
+                guard model.skus[sku]!.available > 0 else { continue }
+                change = .deducted(sku: sku, quantity: Int64.random(in: 1...model.skus[sku]!.available, using: &self))
+            case 4...6 where !known.isEmpty:
+                let basket = known.shuffled(using: &self).prefix(Int.random(in: 1...min(3, known.count), using: &self))
+                let items = basket.filter { model.skus[$0]!.available > 0 }.map {
+                    SinkEvent.Item(sku: $0, quantity: Int64.random(in: 1...model.skus[$0]!.available, using: &self))
+                }
+                guard !items.isEmpty else { continue }
+                nextOrder += 1
+                change = .created(order: nextOrder, user: ID([UInt8.random(in: 0...255, using: &self)]), deadlineMillis: Int64(position) * 1000, items: items)
+            case 7...9 where !pending.isEmpty:
+                let order = pending.randomElement(using: &self)!
+                change = [.paid(order: order), .cancelled(order: order), .expired(order: order)].randomElement(using: &self)!
+            default:
+                continue
+            }
+            let event = SinkEvent(position: position, change: change)
+            model.apply(event)
+            events.append(event)
+        }
+        return events
+    }
+}
+
+@Suite struct BatchPlanTests {
+    /// Any split of a stream into batches, each folded into a plan and applied as the statements
+    /// do, leaves the tables that applying the events one at a time leaves.
+    @Test(arguments: 0..<40)
+    func batchesOfAnySizeEqualOneEventAtATime(seed: UInt64) throws {
+        var rng = Generator(state: seed)
+        let events = rng.stream(count: 300)
+        var expected = Tables()
+        for event in events { expected.apply(event) }
+        var batched = Tables()
+        var at = 0
+        while at < events.count {
+            let size = Int.random(in: 1...60, using: &rng)
+            let batch = Array(events[at..<min(at + size, events.count)])
+            let plan = try #require(try BatchPlan.fold(batch, after: batched.position))
+            #expect(plan.eventCount == batch.count)
+            batched.apply(plan)
+            at += size
+        }
+        #expect(batched == expected)
+    }
+
+    /// A page seen again after a crash (the sink committed it, then died before asking for more):
+    /// its events are at or before the stored position and change nothing.
+    @Test func replayingAppliedEventsChangesNothing() throws {
+        var rng = Generator(state: 99)
+        let events = rng.stream(count: 50)
+        #expect(try BatchPlan.fold(events, after: 50) == nil)
+        #expect(try BatchPlan.fold(Array(events[0..<10]), after: 30) == nil)
+        // A page that overlaps the stored position: only the new part is applied.
+        let plan = try #require(try BatchPlan.fold(Array(events[20..<40]), after: 30))
+        #expect(plan.previousPosition == 30 && plan.lastPosition == 40 && plan.eventCount == 10)
+    }
+
+    @Test func aGapStopsTheSink() {
+        var rng = Generator(state: 5)
+        let events = rng.stream(count: 20)
+        for (stored, batch) in [(UInt64(3), Array(events[5..<10])), (0, Array(events[0..<3]) + Array(events[4..<8]))] {
+            do {
+                _ = try BatchPlan.fold(batch, after: stored)
+                Issue.record("a gap was folded")
+            } catch {
+                #expect(error.code == .gap)
+            }
+        }
+    }
+
+    /// An order that ends twice in one batch is not in any log a server writes: refused, not applied twice.
+    @Test func anOrderEndingTwiceIsRefused() {
+        let events = [
+            SinkEvent(position: 1, change: .skuAdded(sku: "tv", total: 5, limit: 0)),
+            SinkEvent(position: 2, change: .created(order: 9, user: "u", deadlineMillis: 1, items: [.init(sku: "tv", quantity: 1)])),
+            SinkEvent(position: 3, change: .paid(order: 9)),
+            SinkEvent(position: 4, change: .cancelled(order: 9)),
+        ]
+        #expect(throws: SinkError.self) { try BatchPlan.fold(events, after: 0) }
+        #expect(throws: SinkError.self) { try BatchPlan.fold(Array(events[2...]), after: 2) }
+    }
+
+    /// However many events a batch has, it is the same few statements (arrays bound to unnest),
+    /// the position first; every array of one statement has one element per row.
+    @Test func aBatchIsAFixedNumberOfStatements() throws {
+        var rng = Generator(state: 11)
+        let events = rng.stream(count: 2000)
+        let first = try #require(try BatchPlan.fold(Array(events[0..<1000]), after: 0, keepEvents: true))
+        var model = Tables()
+        model.apply(first)
+        let plan = try #require(try BatchPlan.fold(Array(events[1000...]), after: 1000, keepEvents: true))
+        let statements = SinkSQL.statements(for: plan)
+        #expect(statements.count <= 7)
+        #expect(statements[0].sql.contains("stockade_sink_position"))
+        #expect(statements[0].binds == [.int64(1000), .int64(2000)] && statements[0].expectedCount == 1)
+        #expect(statements[0].mismatch?.code == .concurrentSink)
+        for statement in statements {
+            let lengths = statement.binds.compactMap { value -> Int? in
+                switch value {
+                case .int64: nil
+                case .int64s(let v): v.count
+                case .texts(let v): v.count
+                case .byteas(let v): v.count
+                case .bools(let v): v.count
+                }
+            }
+            #expect(Set(lengths).count <= 1, "\(statement.sql)")
+            let placeholders = (1...max(1, statement.binds.count)).filter { statement.sql.contains("$\($0)") }
+            #expect(placeholders.count == statement.binds.count, "\(statement.sql)")
+        }
+        #expect(!plan.transitions.isEmpty && !plan.skuDeltas.isEmpty && !plan.newOrders.isEmpty && plan.events.count == 1000)
+    }
+}
