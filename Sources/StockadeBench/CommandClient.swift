@@ -86,6 +86,9 @@ final class ReplyHandler: ChannelInboundHandler {
     private var waiting: [(count: Int, promise: EventLoopPromise<[RESPReply]>)] = []
     private var collected: [RESPReply] = []
     private let parser: RESPReplyParser
+    /// Parsing starts only once a whole reply is in: linear in a large reply's bytes however many
+    /// reads bring it.
+    private var scanner = RESPReplyScanner()
 
     init(parser: RESPReplyParser = RESPReplyParser()) { self.parser = parser }
 
@@ -97,7 +100,9 @@ final class ReplyHandler: ChannelInboundHandler {
         var bytes = unwrapInboundIn(data)
         if buffer == nil { buffer = bytes } else { buffer!.writeBuffer(&bytes) }
         do {
-            while let reply = try parser.next(&buffer!) {
+            while try scanner.complete(buffer!), let reply = try parser.next(&buffer!) {
+                scanner.reset()
+                if buffer!.readerIndex >= max(buffer!.readableBytes, 64 << 10) { buffer!.discardReadBytes() }
                 collected.append(reply)
                 if let first = waiting.first, collected.count == first.count {
                     waiting.removeFirst()

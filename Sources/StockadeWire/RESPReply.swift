@@ -28,6 +28,78 @@ public indirect enum RESPReply: Equatable, Sendable {
     }
 }
 
+/// Tells, a read at a time, whether a whole reply has arrived, without parsing it: it remembers how far
+/// it got (the bytes scanned, the elements still owed at each nesting level), so a large reply that
+/// comes in many reads is scanned once, and ``RESPReplyParser`` then parses it once. Parsing a
+/// partial reply again at every read cost time quadratic in its size. Nesting is bounded.
+public struct RESPReplyScanner: Sendable {
+    /// Deeper nesting than any reply of ours (EVENTS entries are two levels) is a broken stream.
+    public static let depthMax = 32
+    public var lineBytesMax = 64 * 1024
+    public var bulkBytesMax = 64 << 20
+    public var elementsMax = 1 << 20
+    /// Bytes after the reader index already scanned.
+    private var scanned = 0
+    /// Elements still owed by each open array, innermost last.
+    private var owed: [Int] = []
+
+    public init() {}
+
+    /// Whether a whole reply starts at the reader index. Call ``reset()`` once it was taken out.
+    public mutating func complete(_ buffer: ByteBuffer) throws(RESPReplyParser.ParseError) -> Bool {
+        while true {
+            let start = buffer.readerIndex + scanned
+            guard let type = buffer.getInteger(at: start, as: UInt8.self) else { return false }
+            // The header line: find its end within the bound.
+            let available = buffer.writerIndex - start
+            guard let view = buffer.getSlice(at: start, length: min(available, lineBytesMax + 2))?.readableBytesView,
+                  let newline = view.firstIndex(of: UInt8(ascii: "\n"))
+            else {
+                if available > lineBytesMax + 1 { throw .init(message: "reply line too long") }
+                return false
+            }
+            let lineEnd = newline - view.startIndex + 1  // bytes of the header line with its \n
+            let text = buffer.getString(at: start + 1, length: max(0, lineEnd - 3)) ?? ""
+            var consumed = lineEnd
+            var opens = 0
+            switch type {
+            case UInt8(ascii: "$"):
+                guard let length = Int(text), length >= -1, length <= bulkBytesMax else { throw .init(message: "bad bulk length") }
+                if length >= 0 {
+                    guard available >= lineEnd + length + 2 else { return false }  // rescanned from this header next time
+                    consumed += length + 2
+                }
+            case UInt8(ascii: "*"), UInt8(ascii: "%"), UInt8(ascii: "~"), UInt8(ascii: ">"):
+                guard let count = Int(text), count >= -1, count <= elementsMax else { throw .init(message: "bad array length") }
+                opens = count <= 0 ? 0 : (type == UInt8(ascii: "%") ? count * 2 : count)
+            default:
+                break
+            }
+            scanned += consumed
+            if opens > 0 {
+                guard owed.count < Self.depthMax else { throw .init(message: "replies nested deeper than \(Self.depthMax)") }
+                owed.append(opens)
+                continue
+            }
+            // One element done: it settles what it completes.
+            while let last = owed.last {
+                if last > 1 {
+                    owed[owed.count - 1] = last - 1
+                    break
+                }
+                owed.removeLast()
+            }
+            if owed.isEmpty { return true }
+        }
+    }
+
+    /// Forgets the reply scanned (after the caller took it out of the buffer).
+    public mutating func reset() {
+        scanned = 0
+        owed.removeAll(keepingCapacity: true)
+    }
+}
+
 /// Parses replies incrementally; leaves a partial reply in the buffer.
 public struct RESPReplyParser: Sendable {
     /// A reply line longer than this, or a bulk or array larger, is a broken stream.
@@ -94,7 +166,7 @@ public struct RESPReplyParser: Sendable {
             if count == -1 { return .array(nil) }
             let elements = type == UInt8(ascii: "%") ? count * 2 : count
             var items: [RESPReply] = []
-            items.reserveCapacity(elements)
+            items.reserveCapacity(min(elements, 4096))  // a length is a claim, not yet bytes
             for _ in 0..<elements {
                 guard let item = try parse(&buffer) else { return nil }
                 items.append(item)
