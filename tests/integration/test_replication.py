@@ -626,11 +626,12 @@ def test_wait_of_a_client_that_left_is_released(data_dir):
                     break
             except redis.RedisError:
                 time.sleep(0.1)
-        assert s.client().ping()
+        c = s.client()  # one connection: each new client object opens its own
+        assert c.ping()
         deadline = time.time() + 5
-        while int(s.client().info("clients")["connected_clients"]) > 1 and time.time() < deadline:
+        while int(c.info("clients")["connected_clients"]) > 1 and time.time() < deadline:
             time.sleep(0.1)
-        assert int(s.client().info("clients")["connected_clients"]) == 1
+        assert int(c.info("clients")["connected_clients"]) == 1
     finally:
         s.stop()
 

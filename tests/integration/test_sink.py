@@ -169,10 +169,14 @@ def flash_sale(r, skus=("phone", "case", "caf\u00e9"), users=60, seed=7):
         except Exception as e:  # sold out / limit: part of a sale
             assert str(e).split()[0] in ("SOLDOUT", "INSUFFICIENT", "LIMIT"), e
     for i, order in enumerate(orders):
-        if i % 3 == 0:
-            r.execute_command("CONFIRM", order)
-        elif i % 3 == 1 and i % 5 != 0:
-            r.execute_command("CANCEL", order)
+        # A short hold may expire before it is paid or cancelled on a slow machine: also a sale.
+        try:
+            if i % 3 == 0:
+                r.execute_command("CONFIRM", order)
+            elif i % 3 == 1 and i % 5 != 0:
+                r.execute_command("CANCEL", order)
+        except Exception as e:
+            assert str(e).split()[0] == "EXPIRED", e
     r.execute_command("SKU.RESTOCK", skus[1], 7)
     r.execute_command("SKU.PAUSE", skus[2])
     r.execute_command("SKU.RESUME", skus[2])
