@@ -108,11 +108,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         durableMirror = Atomic(lsn)
         pendingFirstLSN = lsn + 1
         try directory.create()
-        let path = directory.segmentPath(firstLSN: lsn + 1)
-        segment = try directory.storage.open(path, .create)
-        try segment.append(SegmentHeader(shardCount: shardCount, firstLSN: lsn + 1).encode())
-        try segment.dataSync()
-        try directory.storage.syncDirectory(directory.path)
+        segment = try Self.startSegment(in: directory, shardCount: shardCount, firstLSN: lsn + 1).file
         segmentBytes = SegmentHeader.size
         segments = try directory.segments()
         pthread_mutex_init(mutex, nil)
@@ -309,17 +305,27 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         notifyObservers()
     }
 
+    /// Creates the segment starting at `firstLSN` with its header, synced, and its directory entry
+    /// synced: where the log starts at open and after ``rebase(to:)``.
+    private static func startSegment(
+        in directory: DataDirectory, shardCount: Int, firstLSN: UInt64
+    ) throws(JournalError) -> (file: any StorageFile, path: String) {
+        let path = directory.segmentPath(firstLSN: firstLSN)
+        let file = try directory.storage.open(path, .create)
+        try file.append(SegmentHeader(shardCount: shardCount, firstLSN: firstLSN).encode())
+        try file.dataSync()
+        try directory.storage.syncDirectory(directory.path)
+        return (file, path)
+    }
+
     /// The writer's side of ``rebase(to:)``.
     private func startAgain(after lsn: UInt64) {
         do throws(JournalError) {
             if unsynced { try segment.dataSync() }
             unsynced = false
             segment.close()
-            let path = directory.segmentPath(firstLSN: lsn + 1)
-            segment = try directory.storage.open(path, .create)
-            try segment.append(SegmentHeader(shardCount: shardCount, firstLSN: lsn + 1).encode())
-            try segment.dataSync()
-            try directory.storage.syncDirectory(directory.path)
+            let (file, path) = try Self.startSegment(in: directory, shardCount: shardCount, firstLSN: lsn + 1)
+            segment = file
             segmentBytes = SegmentHeader.size
             locked {
                 segments.append((lsn + 1, path))
