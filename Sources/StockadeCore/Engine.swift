@@ -14,6 +14,9 @@ public final class Engine: Sendable {
     /// The latest "now" any caller passed: time as the engine sees it never goes back, so a wall clock
     /// stepped backwards cannot make an expired hold pending again on a shard that has not expired it yet.
     private let clockMillis = ManagedAtomic<Int64>(.min)
+    /// The primary terms of the log this engine's state is at (``EpochHistory``): from recovery, then
+    /// moved by ``startEpoch(_:)`` and by a primary's records on a replica.
+    private let epochHistory: Mutex<EpochHistory>
 
     /// Starts the engine on a recovered (or empty) state. Shard `i` runs on `executors[i % count]` (the
     /// server's event loops), or on a queue of its own when `executors` is empty.
@@ -27,6 +30,25 @@ public final class Engine: Sendable {
         }
         self.role = role
         self.log = log
+        epochHistory = Mutex(state.epochs)
+    }
+
+    /// The primary terms of the log so far.
+    public var epochs: EpochHistory { epochHistory.withLock { $0 } }
+
+    /// Starts a primary term: logs ``Record/epochStarted(epoch:)`` and waits until it is durable,
+    /// so every change of the term comes after it in the log. Call it while the engine takes no
+    /// changes (read-only: a replica being promoted), with an epoch newer than the log's last one;
+    /// returns the record's position.
+    public func startEpoch(_ epoch: UInt64) async throws(Rejection) -> UInt64 {
+        precondition(role.isFollower, "a term starts before the engine takes changes")
+        precondition(epoch > epochs.lastEpoch, "epochs only grow along a log")
+        var buffer = RecordBuffer(capacity: 16)
+        buffer.epochStarted(epoch)
+        let lsn = try log.append(buffer)
+        try await log.waitDurable(lsn)
+        epochHistory.withLock { $0.append(EpochHistory.Term(epoch: epoch, start: lsn)) }
+        return lsn
     }
 
     /// Replaces the whole state with a primary's (a full copy: its snapshot), every shard in one run
@@ -34,6 +56,7 @@ public final class Engine: Sendable {
     public func installReplicated(_ state: EngineState) async {
         precondition(role.isReadOnly && state.shards.count == shards.count)
         await shards[0].installReplicated(state, across: shards)
+        epochHistory.withLock { $0 = state.epochs }
     }
 
     /// Applies records of a primary's log, in order, to every shard, through recovery's replay
@@ -46,7 +69,9 @@ public final class Engine: Sendable {
     public func applyReplicated(_ records: [Record], at lsn: UInt64) async -> (lsn: UInt64, error: EngineState.ReplayError?) {
         precondition(role.isReadOnly, "only a read-only engine applies another's log")
         guard !records.isEmpty else { return (lsn, nil) }
-        return await shards[0].applyReplicated(records, at: lsn, across: shards)
+        let applied = await shards[0].applyReplicated(records, at: lsn, epochs: epochs, across: shards)
+        epochHistory.withLock { $0 = applied.epochs }
+        return (applied.lsn, applied.error)
     }
 
     /// Which of `executorCount` executors shard `shard` runs on: the one place that says so.
@@ -519,7 +544,7 @@ public final class Engine: Sendable {
     public func captureState(lsn: UInt64) async -> EngineState {
         var states: [ShardState] = []
         for shard in shards { states.append(await shard.snapshotState()) }
-        return EngineState(shards: states, lsn: lsn)
+        return EngineState(shards: states, lsn: lsn, epochs: epochs)
     }
 }
 

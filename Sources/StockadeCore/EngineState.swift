@@ -7,6 +7,8 @@ public struct EngineState: Sendable {
     public var shards: [ShardState]
     /// The log position (sequence number of the last record) this state includes.
     public var lsn: UInt64
+    /// The primary terms of the log up to ``lsn``.
+    public var epochs = EpochHistory()
 
     public init(shardCount: Int) {
         precondition(shardCount >= 1 && shardCount <= Limits.shardCountMax)
@@ -14,10 +16,11 @@ public struct EngineState: Sendable {
         lsn = 0
     }
 
-    public init(shards: [ShardState], lsn: UInt64) {
+    public init(shards: [ShardState], lsn: UInt64, epochs: EpochHistory = EpochHistory()) {
         precondition(shards.enumerated().allSatisfy { $0.offset == $0.element.shard })
         self.shards = shards
         self.lsn = lsn
+        self.epochs = epochs
     }
 
     /// A replayed fact that does not fit the state it is applied to.
@@ -67,6 +70,11 @@ public struct EngineState: Sendable {
         case let .orderPaid(id): try transition(id, to: .paid)
         case let .orderCancelled(id): try transition(id, to: .cancelled)
         case let .orderExpired(id): try transition(id, to: .expired)
+        case let .epochStarted(epoch):
+            guard epoch > epochs.lastEpoch else {
+                throw ReplayError(reason: "epoch \(epoch) started after epoch \(epochs.lastEpoch): epochs only grow")
+            }
+            epochs.append(EpochHistory.Term(epoch: epoch, start: lsn + 1))
         }
         lsn += 1
     }

@@ -9,6 +9,9 @@ public enum Record: Equatable, Sendable {
     case orderPaid(OrderID)
     case orderCancelled(OrderID)
     case orderExpired(OrderID)
+    /// A node became primary for `epoch` (see ``EpochHistory``): the first record of its term,
+    /// written and made durable before it takes any change. Epochs only grow along a log.
+    case epochStarted(epoch: UInt64)
 
     /// The facts of a new order. Items name their SKUs by (shard, index): stable, since a SKU's
     /// `skuAdded` record always precedes any order on it.
@@ -31,6 +34,7 @@ public enum Record: Equatable, Sendable {
     public enum Kind: UInt8, Sendable {
         case skuAdded = 1, restocked = 2, pausedChanged = 3, deducted = 4
         case orderCreated = 5, orderPaid = 6, orderCancelled = 7, orderExpired = 8
+        case epochStarted = 9
     }
 }
 
@@ -136,6 +140,12 @@ public struct RecordBuffer: Sendable {
         count += 1
     }
 
+    public mutating func epochStarted(_ epoch: UInt64) {
+        let start = begin(.epochStarted)
+        bytes.appendLE(epoch)
+        end(start)
+    }
+
     public mutating func append(_ record: Record) {
         switch record {
         case let .skuAdded(shard, skuIndex, sku, total, limit):
@@ -147,6 +157,7 @@ public struct RecordBuffer: Sendable {
         case let .orderPaid(id): orderTransition(.orderPaid, id)
         case let .orderCancelled(id): orderTransition(.orderCancelled, id)
         case let .orderExpired(id): orderTransition(.orderExpired, id)
+        case let .epochStarted(epoch): epochStarted(epoch)
         }
     }
 }
@@ -213,6 +224,7 @@ extension Record {
         case .orderPaid: record = .orderPaid(OrderID(rawValue: try body.read()))
         case .orderCancelled: record = .orderCancelled(OrderID(rawValue: try body.read()))
         case .orderExpired: record = .orderExpired(OrderID(rawValue: try body.read()))
+        case .epochStarted: record = .epochStarted(epoch: try body.read())
         }
         guard body.isAtEnd else { throw ByteReader.Underflow(reason: "\(body.remaining) stray bytes in \(kind) record") }
         return record

@@ -305,17 +305,19 @@ public actor Shard {
     // MARK: Replication
 
     /// Applies a primary's records `lsn + 1 ...` to the states of `shards` (this one among them, all
-    /// on this shard's executor) with ``EngineState/apply(_:)``, in this one run: each state is moved
+    /// on this shard's executor) and to `epochs` with ``EngineState/apply(_:)``, in this one run: each state is moved
     /// out of its shard (no copy), the records applied, and the states moved back and published.
     /// Stops at the first record that does not fit; returns the position reached and that error.
-    func applyReplicated(_ records: [Record], at lsn: UInt64, across shards: [Shard]) -> (lsn: UInt64, error: EngineState.ReplayError?) {
+    func applyReplicated(
+        _ records: [Record], at lsn: UInt64, epochs: EpochHistory, across shards: [Shard]
+    ) -> (lsn: UInt64, epochs: EpochHistory, error: EngineState.ReplayError?) {
         var states: [ShardState] = []
         states.reserveCapacity(shards.count)
         for shard in shards {
             precondition(shard === self || shard.executor === executor, "a replica's shards share one executor")
             states.append(shard === self ? lendState() : shard.assumeIsolated { $0.lendState() })
         }
-        var replay = EngineState(shards: states, lsn: lsn)
+        var replay = EngineState(shards: states, lsn: lsn, epochs: epochs)
         states = []
         var failure: EngineState.ReplayError?
         for record in records {
@@ -329,7 +331,7 @@ public actor Shard {
             let state = replay.shards[i]
             if shard === self { takeBack(state, visibleAt: reached) } else { shard.assumeIsolated { $0.takeBack(state, visibleAt: reached) } }
         }
-        return (reached, failure)
+        return (reached, replay.epochs, failure)
     }
 
     /// Replaces this shard's state with `replacement` (a full copy at `lsn`) and every shard's on this

@@ -1,8 +1,9 @@
 /// The byte image of an ``EngineState`` that snapshots store (before compression), and the state hash
 /// that tests compare. Layout in docs/FORMAT.md.
 extension EngineState {
-    /// Image layout version; bump on any change and keep reading the old ones.
-    public static let imageVersion: UInt32 = 1
+    /// Image layout version; bump on any change and keep reading the old ones. Version 2 adds the
+    /// epoch history after the last shard; version 1 images read as a history without terms.
+    public static let imageVersion: UInt32 = 2
 
     /// Encodes every shard. Calls `flush` whenever at least `chunkBytes` are buffered, so a large
     /// state is written out in bounded pieces.
@@ -63,6 +64,9 @@ extension EngineState {
                 if i & 4095 == 0 { try spill() }
             }
         }
+        out.append(epochs.isTruncated ? 1 : 0)
+        out.appendLE(UInt32(epochs.terms.count))
+        for term in epochs.terms { out.appendLE(term.epoch); out.appendLE(term.start) }
         if !out.isEmpty { try flush(out) }
     }
 
@@ -84,7 +88,9 @@ extension EngineState {
         var r = ByteReader(bytes)
         do {
             let version: UInt32 = try r.read()
-            guard version == imageVersion else { throw ImageError(reason: "image version \(version), this build reads \(imageVersion)") }
+            guard version == 1 || version == imageVersion else {
+                throw ImageError(reason: "image version \(version), this build reads 1 to \(imageVersion)")
+            }
             let lsn: UInt64 = try r.read()
             let shardCount = Int(try r.read() as UInt32)
             guard shardCount >= 1, shardCount <= Limits.shardCountMax else { throw ImageError(reason: "shard count \(shardCount)") }
@@ -179,8 +185,20 @@ extension EngineState {
                 }
                 shards.append(state)
             }
-            guard r.isAtEnd else { throw ImageError(reason: "\(r.remaining) stray bytes after the last shard") }
-            return EngineState(shards: shards, lsn: lsn)
+            var epochs = EpochHistory()
+            if version >= 2 {
+                let truncated: UInt8 = try r.read()
+                let termCount = Int(try r.read() as UInt32)
+                guard truncated <= 1, termCount <= EpochHistory.termsMax else { throw ImageError(reason: "epoch history of \(termCount) terms") }
+                var terms: [EpochHistory.Term] = []
+                for _ in 0..<termCount { terms.append(EpochHistory.Term(epoch: try r.read(), start: try r.read())) }
+                guard let history = EpochHistory(terms: terms, isTruncated: truncated == 1), history.last.map({ $0.start <= lsn }) ?? true else {
+                    throw ImageError(reason: "epoch history out of order or past position \(lsn)")
+                }
+                epochs = history
+            }
+            guard r.isAtEnd else { throw ImageError(reason: "\(r.remaining) stray bytes after the epoch history") }
+            return EngineState(shards: shards, lsn: lsn, epochs: epochs)
         } catch let error as ImageError {
             throw error
         } catch {
@@ -219,6 +237,11 @@ extension EngineState {
                 .sorted { ($0.0, $0.1) < ($1.0, $1.1) }
             h.add(UInt32(requests.count))
             for (user, requestId, seq) in requests { h.add(user); h.add(requestId); h.add(seq) }
+        }
+        // Only when there are terms: a log without any hashes as it did before epochs existed.
+        if !epochs.terms.isEmpty {
+            h.add(UInt32(epochs.terms.count))
+            for term in epochs.terms { h.add(term.epoch); h.add(term.start) }
         }
         return h.value
     }

@@ -122,6 +122,7 @@ public enum Inspector {
         case let .orderPaid(id): return "#\(position) paid \(id)"
         case let .orderCancelled(id): return "#\(position) cancelled \(id)"
         case let .orderExpired(id): return "#\(position) expired \(id)"
+        case let .epochStarted(epoch): return "#\(position) epoch \(epoch)"
         }
     }
 }

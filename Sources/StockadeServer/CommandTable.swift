@@ -25,9 +25,9 @@ enum Request: Equatable {
     /// HELLO [2|3 [AUTH user password] [SETNAME name]]: the version is nil, 2 or 3 (others are refused here).
     case hello(version: Int?, password: ByteBuffer?)
     case select(Int)
-    /// REPLICATE next [LISTENING-PORT port] [FULLCOPY]: this connection becomes a replica's log
-    /// stream; with FULLCOPY, a position the log no longer keeps is answered with the newest snapshot.
-    case replicate(from: UInt64, listeningPort: Int, fullCopy: Bool, last: UInt64?)
+    /// REPLICATE next [LISTENING-PORT port] [LAST fingerprint] [EPOCH epoch start] [FULLCOPY]: this
+    /// connection becomes a replica's log stream (see ``ReplicaRequest``).
+    case replicate(ReplicaRequest)
     case role
     /// REPLICAOF host port (SLAVEOF is the same).
     case replicaOf(host: String, port: Int)
@@ -353,28 +353,31 @@ enum CommandTable {
             }
             return .events(from: from, count: count, blockMillis: block)
         case .replicate:
-            guard args.count >= 1, args.count <= 6 else { return wrongArity }
+            guard args.count >= 1, args.count <= 9 else { return wrongArity }
             guard let from = integer(arg(0)), from >= 0 else { return .invalid("ERR position must be 0 to \(Int64.max)") }
-            var listeningPort = 0
-            var fullCopy = false
-            var last: UInt64?
+            var request = ReplicaRequest(from: UInt64(from))
             var i = 1
             while i < args.count {
                 if Word(arg(i)) == Word("FULLCOPY") {
-                    fullCopy = true
+                    request.fullCopy = true
                     i += 1
                 } else if Word(arg(i)) == Word("LAST"), i + 1 < args.count,
                           let value = String(validating: arg(i + 1).readableBytesView, as: UTF8.self).flatMap({ UInt64($0, radix: 16) }) {
-                    last = value
+                    request.last = value
                     i += 2
+                } else if Word(arg(i)) == Word("EPOCH"), i + 2 < args.count, let epoch = integer(arg(i + 1)), epoch > 0,
+                          let start = integer(arg(i + 2)), start > 0, start < from {
+                    // The replica's newest term began at `start`, before the position it asks for.
+                    request.lastTerm = EpochHistory.Term(epoch: UInt64(epoch), start: UInt64(start))
+                    i += 3
                 } else if Word(arg(i)) == Word("LISTENING-PORT"), i + 1 < args.count, let port = integer(arg(i + 1)), port >= 0, port <= 65535 {
-                    listeningPort = Int(port)
+                    request.listeningPort = Int(port)
                     i += 2
                 } else {
-                    return .invalid("ERR syntax error: expected LISTENING-PORT 0-65535, LAST fingerprint or FULLCOPY")
+                    return .invalid("ERR syntax error: expected LISTENING-PORT 0-65535, LAST fingerprint, EPOCH epoch start (before the position) or FULLCOPY")
                 }
             }
-            return .replicate(from: UInt64(from), listeningPort: listeningPort, fullCopy: fullCopy, last: last)
+            return .replicate(request)
         case .role:
             return arity(args.isEmpty) ?? .role
         case .wait:
@@ -513,4 +516,19 @@ enum CommandTable {
         if argument.readableBytes > shownBytesMax { text += "..." }
         return text
     }
+}
+
+/// What a replica says when it asks for the log (REPLICATE): where its log ends and how, so the
+/// primary can tell whether that log is a prefix of its own before streaming the rest.
+struct ReplicaRequest: Equatable, Sendable {
+    /// The first position the replica wants (its log ends just before it).
+    var from: UInt64
+    /// The port the replica serves clients on (ROLE, INFO).
+    var listeningPort = 0
+    /// A position the log no longer keeps is answered with the newest snapshot (a full copy).
+    var fullCopy = false
+    /// The fingerprint of the replica's record at `from - 1` (``LogReader/fingerprint(at:durable:)``).
+    var last: UInt64?
+    /// The replica's newest primary term (``EpochHistory``); nil: its log holds none.
+    var lastTerm: EpochHistory.Term?
 }

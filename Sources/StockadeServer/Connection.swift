@@ -222,8 +222,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
             }
             return
         }
-        if case .replicate(let from, let listeningPort, let fullCopy, let last)? = round.step {
-            startFeed(context: context, round: round, from: from, listeningPort: listeningPort, fullCopy: fullCopy, last: last)
+        if case .replicate(let request)? = round.step {
+            startFeed(context: context, round: round, request: request)
             return
         }
         if round.batch.isEmpty && round.step == nil {
@@ -239,14 +239,14 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// The connection becomes a replica's log stream: the replies before REPLICATE are written, then
     /// ``ReplicaFeed`` owns the socket until it closes. REPLICATE always starts a round of its own
     /// (``buildRound(context:)``), so nothing of the engine is in flight here.
-    private func startFeed(context: ChannelHandlerContext, round: Round, from: UInt64, listeningPort: Int, fullCopy: Bool, last: UInt64?) {
+    private func startFeed(context: ChannelHandlerContext, round: Round, request: ReplicaRequest) {
         finish(context: context, round: round, replies: [], tail: nil, closeAfter: false)
         busy = true  // no more rounds on this connection
-        let feed = ReplicaFeed(server: server, channel: context.channel, from: from, listeningPort: listeningPort, fullCopy: fullCopy, last: last)
+        let feed = ReplicaFeed(server: server, channel: context.channel, request: request)
         self.feed = feed
         if var rest = inbound, rest.readableBytes > 0 { feed.received(&rest) }
         inbound = nil
-        server.logger.info("a replica at \(context.remoteAddress.map { "\($0)" } ?? "?") follows the log from position \(from)")
+        server.logger.info("a replica at \(context.remoteAddress.map { "\($0)" } ?? "?") follows the log from position \(request.from)")
         Task { await feed.run() }
     }
 
@@ -370,13 +370,13 @@ final class ConnectionHandler: ChannelDuplexHandler {
             case .shutdown: round.step = .shutdown
             case .info(let section): round.step = .info(section)
             case .events(let from, let count, let block): round.step = .events(from: from, count: count, blockMillis: block, resp3: resp3)
-            case .replicate(let from, let listeningPort, let fullCopy, let last):
+            case .replicate(let replicaRequest):
                 // A round of its own: the connection becomes a log stream after it.
                 guard round.slots.isEmpty else {
                     carried = request
                     break parsing
                 }
-                round.step = .replicate(from: from, listeningPort: listeningPort, fullCopy: fullCopy, last: last)
+                round.step = .replicate(replicaRequest)
             case .role: round.step = .role
             case .replicaOf(let host, let port): round.step = .replicaOf(host: host, port: port)
             case .promote: round.step = .promote

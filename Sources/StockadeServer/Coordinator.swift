@@ -159,14 +159,18 @@ final class Coordinator: Sendable {
     /// elected until an operator resets it.
     private var standing: (epoch: UInt64, position: UInt64)? {
         if server.replication.link?.state == "stopped" { return nil }
-        return (server.historyEpoch.withLock { $0 }, server.store.journal.lastDurableLSN)
+        return (server.engine.epochs.lastEpoch, server.store.journal.lastDurableLSN)
     }
 
     private func becomePrimary(epoch: UInt64, sentNanos: UInt64) async {
         server.replicationEpoch.withLock { $0 = max($0, epoch) }
-        server.historyEpoch.withLock { $0 = epoch }
-        server.engine.role.setWritableUntil(sentNanos + UInt64(leaseSeconds) * 1_000_000_000 - Self.marginNanos)
-        await server.promote()
+        guard epoch >= server.engine.epochs.lastEpoch else {
+            // The key is older than a term this log holds: never taken back (etcd's revisions only grow).
+            server.logger.error("the primary key's epoch \(epoch) is older than epoch \(server.engine.epochs.lastEpoch) in this node's log; not taking changes")
+            return
+        }
+        let until = sentNanos + UInt64(leaseSeconds) * 1_000_000_000 - Self.marginNanos
+        guard await server.promote(epoch: epoch, writableUntil: until) else { return }
         server.logger.info("primary of cluster \(cluster) at epoch \(epoch), log position \(server.store.journal.lastDurableLSN)")
     }
 }

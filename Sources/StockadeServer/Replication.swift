@@ -239,6 +239,8 @@ final class ReplicaFeed: @unchecked Sendable {
     private let fullCopy: Bool
     /// The fingerprint of the replica's record before `next` (``LogReader/fingerprint(at:durable:)``).
     private let last: UInt64?
+    /// The replica's newest primary term (nil: none in its log).
+    private let lastTerm: EpochHistory.Term?
     /// The last position sent on this stream: an acknowledgement beyond it is capped to it (a client
     /// cannot vouch for records it was never sent).
     private let sentThrough = Atomic<UInt64>(0)
@@ -246,11 +248,14 @@ final class ReplicaFeed: @unchecked Sendable {
     private var input = ByteBuffer()
     private var parser = RESPParser()
 
-    init(server: ServerContext, channel: Channel, from: UInt64, listeningPort: Int, fullCopy: Bool = false, last: UInt64? = nil) {
+    init(server: ServerContext, channel: Channel, request: ReplicaRequest) {
         self.server = server
         self.channel = channel
-        self.fullCopy = fullCopy
-        self.last = last
+        self.fullCopy = request.fullCopy
+        self.last = request.last
+        self.lastTerm = request.lastTerm
+        let from = request.from
+        let listeningPort = request.listeningPort
         next = max(from, 1)
         let address = channel.remoteAddress?.ipAddress ?? "?"
         id = server.replication.addReplica(
@@ -285,12 +290,23 @@ final class ReplicaFeed: @unchecked Sendable {
         defer { server.replication.removeReplica(id) }
         let journal = server.store.journal
         let durableAtStart = journal.lastDurableLSN
+        // The replica's log must be a prefix of this one. By terms first: its newest term must be one
+        // of this log's, begun at the same position, and must not have ended here before the
+        // replica's last record (a former primary's records of a term this log had moved on from).
+        let (divergence, undecided) = server.engine.epochs.divergence(ofLogEndingAt: next - 1, lastTerm: lastTerm)
+        if let divergence {
+            server.logger.warning("a replica's log is not a prefix of this one: \(divergence); refused")
+            await send("-DIVERGED the replica's log went another way: \(divergence)\r\n", close: true)
+            return
+        }
+        if undecided {
+            server.logger.info("a replica's newest term is older than the terms this log keeps: compared by its last record only")
+        }
         guard next <= durableAtStart + 1 else {
             await send("-ERR the replica is ahead of this primary: it asks for position \(next), this log ends at \(durableAtStart)\r\n", close: true)
             return
         }
-        // Where the logs meet, the record before `next` must be the same on both sides: a replica
-        // whose log went another way (a former primary with records never shipped) is refused.
+        // And where the logs meet, the record before `next` must be the same on both sides.
         if let last, next > 1 {
             let reader = LogReader(directory: server.store.directory)
             let position = next - 1
@@ -562,6 +578,9 @@ final class ReplicaLink: Sendable {
             if let last = await withTaskExecutorPreference(server.blockingWork, operation: { reader.fingerprint(at: position, durable: durable) }) {
                 request += ["LAST", String(last, radix: 16)]
             }
+            if let term = engine.epochs.last, term.start < next {
+                request += ["EPOCH", String(term.epoch), String(term.start)]
+            }
             try await outbound.write(Self.command(request))
             var answer = try await message()
             if case .line(let reply)? = answer, reply.hasPrefix("+FULLCOPY ") {
@@ -628,7 +647,6 @@ final class ReplicaLink: Sendable {
                     throw ReplicationError("\(host):\(port) is a primary of epoch \(epoch), older than epoch \(known) this node knows; not followed")
                 }
                 server.replicationEpoch.withLock { $0 = max($0, epoch) }
-                server.historyEpoch.withLock { $0 = epoch }
                 guard shards == engine.shardCount else {
                     guard shards >= 1, shards <= Limits.shardCountMax else {
                         throw ReplicationError("the primary's answer names no valid shard count: \(reply.prefix(80))", fatal: true)

@@ -178,6 +178,9 @@ package enum ReplyEncoding {
             }
             begin(type, fields: 1)
             field("order"); out.writeRESPBulk(id.description)
+        case let .epochStarted(epoch):
+            begin("epoch", fields: 1)
+            field("epoch"); out.writeRESPInteger(Int64(truncatingIfNeeded: epoch))
         }
     }
 }

@@ -37,13 +37,11 @@ final class ServerContext: Sendable {
     let replicaLink = Mutex<ReplicaLink?>(nil)
     /// The loops, for the replica's link to the primary.
     let group: EventLoopGroup?
-    /// The highest primary epoch this node has seen (the coordinator's, or a primary's stream): a
-    /// stream from a lower epoch is refused. 0 without a coordinator.
-    let replicationEpoch = Mutex<UInt64>(0)
-    /// The epoch of the history this node's log holds: the term it was primary in, or of the primary
-    /// whose stream it last accepted. What it stands on in an election (``Coordinator``): seeing a
-    /// newer epoch in etcd does not make a node's log part of it.
-    let historyEpoch = Mutex<UInt64>(0)
+    /// The highest primary epoch this node has seen (its log's newest term, the coordinator's key, a
+    /// primary's stream): a stream from a lower epoch is refused. The epoch of the history its log
+    /// holds is the engine's (``Engine/epochs``), what it stands on in an election: seeing a newer
+    /// epoch in etcd does not make a node's log part of it.
+    let replicationEpoch: Mutex<UInt64>
     /// `--coordinator`: etcd decides who is primary.
     let coordinator = Mutex<Coordinator?>(nil)
 
@@ -77,6 +75,7 @@ final class ServerContext: Sendable {
         self.configuration = configuration
         self.store = store
         engine = store.engine
+        replicationEpoch = Mutex(store.engine.epochs.lastEpoch)
         metrics = ServerMetrics()
         self.logger = logger
         self.blockingWork = blockingWork
@@ -260,13 +259,22 @@ final class ServerContext: Sendable {
             writeRole(into: &out)
             metrics.count("role", outcome: "ok")
         case .replicaOf(let host, let port):
-            let (ok, message) = await follow(host: host, port: port)
+            let (ok, message) = coordinator.withLock({ $0 }) != nil
+                ? (false, "ERR this node's role is decided by its coordinator (--coordinator): it follows the primary that holds the key in etcd")
+                : await follow(host: host, port: port)
             if ok { out.writeRESPSimple(message) } else { out.writeRESPError(message) }
             metrics.count("replicaof", outcome: ok ? "ok" : "err")
         case .promote:
-            await promote()
-            out.writeRESPSimple("OK")
-            metrics.count("replicaof", outcome: "ok")
+            if coordinator.withLock({ $0 }) != nil {
+                out.writeRESPError("ERR this node's role is decided by its coordinator (--coordinator): it takes the primary key in etcd when the primary's lease lapses")
+                metrics.count("replicaof", outcome: "err")
+            } else if await promote() {
+                out.writeRESPSimple("OK")
+                metrics.count("replicaof", outcome: "ok")
+            } else {
+                out.writeRESPError("ERR the log could not record the new epoch; still a read-only replica (see the server log)")
+                metrics.count("replicaof", outcome: "err")
+            }
         case .wait(let replicas, let timeoutMillis):
             guard replication.link == nil else {
                 out.writeRESPError("ERR WAIT cannot be used with replica instances. Please also note that since Redis 4.0 if a replica is configured to be writable (which is not the default) writes to replicas are just local and are not propagated.")
@@ -345,14 +353,32 @@ final class ServerContext: Sendable {
         return (true, "OK")
     }
 
-    /// REPLICAOF NO ONE: stops following (nothing is applied after this returns) and takes changes.
-    func promote() async {
+    /// Becomes primary (REPLICAOF NO ONE, or the coordinator's election): stops following (nothing is
+    /// applied after that), starts a term in the log (``Engine/startEpoch(_:)``), and only then takes
+    /// changes. `epoch`: the coordinator's; nil (an operator's REPLICAOF NO ONE): one past every epoch
+    /// this node has seen. `writableUntil`: the lease's fencing bound, set before changes are taken.
+    /// False when the term could not be logged: the node stays read-only.
+    @discardableResult
+    func promote(epoch: UInt64? = nil, writableUntil: UInt64? = nil) async -> Bool {
         if let link = replicaLink.withLock({ $0 }) { await link.stop() }
         replicaLink.withLock { $0 = nil }
         replication.setLink(nil)
-        guard engine.role.isFollower else { return }
+        guard engine.role.isFollower else { return true }
+        let epoch = epoch ?? replicationEpoch.withLock { max($0, engine.epochs.lastEpoch) + 1 }
+        if epoch > engine.epochs.lastEpoch {
+            do throws(Rejection) {
+                let position = try await engine.startEpoch(epoch)
+                replicationEpoch.withLock { $0 = max($0, epoch) }
+                logger.info("epoch \(epoch) starts at log position \(position)")
+            } catch {
+                logger.error("could not log the start of epoch \(epoch) (\(error)): staying read-only")
+                return false
+            }
+        }
+        if let writableUntil { engine.role.setWritableUntil(writableUntil) }
         engine.role.setReadOnly(false)
-        logger.info("promoted to primary (REPLICAOF NO ONE) at log position \(store.journal.lastDurableLSN)")
+        logger.info("promoted to primary at epoch \(engine.epochs.lastEpoch), log position \(store.journal.lastDurableLSN)")
+        return true
     }
 
     /// Semi-synchronous replication (``ServerConfiguration/minReplicasToWrite``): calls `done` with
@@ -386,6 +412,7 @@ final class ServerContext: Sendable {
                 ("slave_read_only", "1"), ("replica_lag_records", String(lagRecords)), ("replica_lag_ms", String(lagMillis)),
                 // An INFO value holds no comma or line end (clients split on them).
                 ("master_link_error", infoText(link.lastError)), ("master_links_made", String(link.linksMade)),
+                ("log_epoch", String(engine.epochs.lastEpoch)),
             ] + coordinatorInfo()
         }
         let replicas = replication.replicas
@@ -395,6 +422,8 @@ final class ServerContext: Sendable {
             pairs.append(("slave\(i)", "ip=\(replica.address),port=\(replica.listeningPort),state=online,offset=\(replica.ackedLSN),lag=\(lag),lag_records=\(durable > replica.ackedLSN ? durable - replica.ackedLSN : 0)"))
         }
         pairs.append(("master_repl_offset", String(durable)))
+        // The newest primary term in this node's log (0: none; see docs/REPLICATION.md).
+        pairs.append(("log_epoch", String(engine.epochs.lastEpoch)))
         return pairs + coordinatorInfo()
     }
 
@@ -534,7 +563,7 @@ func infoText(_ text: String) -> String {
 /// A step that needs the server beyond the engine batch; it ends a connection's round.
 enum RoundStep: Sendable {
     case snapshot, shutdown, info(String?), events(from: UInt64?, count: Int, blockMillis: Int, resp3: Bool)
-    case replicate(from: UInt64, listeningPort: Int, fullCopy: Bool, last: UInt64?), role, replicaOf(host: String, port: Int), promote
+    case replicate(ReplicaRequest), role, replicaOf(host: String, port: Int), promote
     case wait(replicas: Int, timeoutMillis: Int)
 }
 
@@ -641,6 +670,13 @@ public final class StockadeServer: Sendable {
             orders += counts.orders
         }
         logger.info("\(skus) SKUs and \(orders) orders on \(store.engine.shardCount) shards, log position \(state.lsn), fsync \(configuration.fsync.rawValue)")
+        // A node started as a primary whose log holds terms (it was part of a replicated set: a
+        // replica or a former primary restarted without --replica-of) starts a term of its own, so
+        // it never goes on writing in a term another node may be writing in too.
+        if !mayFollow, store.engine.epochs.last != nil {
+            store.engine.role.setReadOnly(true)
+            await context.promote()
+        }
 
         let limit = openFilesLimit()
         if limit > 0 && configuration.maxClients + Self.descriptorsReserved > limit {

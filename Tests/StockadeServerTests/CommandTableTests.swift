@@ -54,8 +54,17 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(parse(["WAIT", "1", "1.5"]) == .invalid("ERR timeout is not an integer or out of range"))
         #expect(parse(["WAIT", "1", "-1"]) == .invalid("ERR timeout is negative"))
         #expect(parse(["WAIT", "2", "0"]) == .wait(replicas: 2, timeoutMillis: 0))
-        #expect(parse(["REPLICATE", "5", "LAST", "ff", "FULLCOPY"]) == .replicate(from: 5, listeningPort: 0, fullCopy: true, last: 255))
-        #expect(parse(["REPLICATE", "5", "LAST", "zz"]) == .invalid("ERR syntax error: expected LISTENING-PORT 0-65535, LAST fingerprint or FULLCOPY"))
+        #expect(parse(["REPLICATE", "5", "LAST", "ff", "FULLCOPY"]) == .replicate(ReplicaRequest(from: 5, fullCopy: true, last: 255)))
+        #expect(parse(["REPLICATE", "9", "EPOCH", "7", "3", "LISTENING-PORT", "6380"])
+            == .replicate(ReplicaRequest(from: 9, listeningPort: 6380, lastTerm: EpochHistory.Term(epoch: 7, start: 3))))
+        // A term that starts at or after the position asked for, or epoch 0, is not a replica's.
+        for bad in [["REPLICATE", "9", "EPOCH", "7", "9"], ["REPLICATE", "9", "EPOCH", "0", "3"], ["REPLICATE", "9", "EPOCH", "7"]] {
+            guard case .invalid = parse(bad) else {
+                Issue.record("\(bad) parsed")
+                continue
+            }
+        }
+        #expect(parse(["REPLICATE", "5", "LAST", "zz"]) == .invalid("ERR syntax error: expected LISTENING-PORT 0-65535, LAST fingerprint, EPOCH epoch start (before the position) or FULLCOPY"))
         #expect(parse(["REPLICAOF", "no", "one"]) == .promote)
         #expect(parse(["SLAVEOF", "h", "70000"]) == .invalid("ERR Invalid master port"))
     }

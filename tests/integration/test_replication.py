@@ -819,3 +819,69 @@ def test_a_full_copy_is_checked_before_and_not_held_while_it_comes(data_dir, cas
     finally:
         replica.stop()
         fake.close()
+
+
+@pytest.mark.parametrize("restocks", [1, 2])
+def test_a_former_primary_is_refused_by_its_epoch_where_last_records_match(data_dir, restocks):
+    """The record where two logs meet can be the same bytes although the logs went different ways:
+    B is promoted and restocks once; A, unaware, restocks too. Before terms were logged, A's one
+    restock sat at the position of B's, byte for byte, and A followed B with a unit B never had.
+    Now B's promotion logs its term first; with two restocks A's second one matches B's record
+    byte for byte, and the terms still tell: A's records after B's term began are refused."""
+    a = Server(os.path.join(data_dir, "a"), "--shards", "2", "--io-threads", "1").start()
+    b = Server(os.path.join(data_dir, "b"), "--shards", "2", "--replica-of", f"127.0.0.1:{a.port}").start()
+    try:
+        pa, pb = a.client(), b.client()
+        pa.execute_command("SKU.ADD", "tv", 100)
+        assert pa.execute_command("WAIT", 1, 5000) == 1
+        assert pb.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        assert int(info(pb)["log_epoch"]) == 1
+        pb.execute_command("SKU.RESTOCK", "tv", 1)
+        for _ in range(restocks):
+            pa.execute_command("SKU.RESTOCK", "tv", 1)
+        assert pb.execute_command("EVENTS", 2, "COUNT", 5)[0][1] == "epoch"
+        assert pa.execute_command("REPLICAOF", "127.0.0.1", b.port) == "OK"
+        deadline = time.time() + 10
+        while info(pa)["master_link_state"] != "stopped" and time.time() < deadline:
+            time.sleep(0.05)
+        state = info(pa)
+        assert state["master_link_state"] == "stopped", state
+        assert "DIVERGED" in state["master_link_error"] and "epoch" in state["master_link_error"], state
+        assert pa.execute_command("STOCK", "tv")[3] == 100 + restocks
+        assert pb.execute_command("STOCK", "tv")[3] == 101
+    finally:
+        b.stop()
+        a.stop()
+
+
+def test_epochs_are_in_the_log_and_survive_restarts(data_dir):
+    """A promotion logs its term; the node restarted (kill -9) still knows it; a replica that
+    follows it takes the term with the log; and a node restarted as a primary (no --replica-of)
+    over a log with terms starts a term of its own."""
+    a = Server(os.path.join(data_dir, "a"), "--shards", "2").start()
+    b = Server(os.path.join(data_dir, "b"), "--shards", "2", "--replica-of", f"127.0.0.1:{a.port}").start()
+    c = None
+    try:
+        pa = a.client()
+        pa.execute_command("SKU.ADD", "tv", 100)
+        assert int(info(pa)["log_epoch"]) == 0
+        assert pa.execute_command("WAIT", 1, 5000) == 1
+        a.stop()
+        assert b.client().execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        b.client().execute_command("RESERVE", "u1", "tv", 1)
+        b.kill9()
+        b.args = ["--shards", "2"]
+        b.start()
+        pb = b.client()
+        # Epoch 1 (the promotion), then epoch 2: B restarted as a primary over a log with terms.
+        assert int(info(pb)["log_epoch"]) == 2
+        events = pb.execute_command("EVENTS", 1, "COUNT", 100)
+        assert [e[2] for e in events if e[1] == "epoch"] == [1, 2]
+        c = Server(os.path.join(data_dir, "c"), "--shards", "2", "--replica-of", f"127.0.0.1:{b.port}").start()
+        wait_caught_up(b, c)
+        assert int(info(c.client())["log_epoch"]) == 2
+        assert c.client().execute_command("EVENTS", 1, "COUNT", 100) == events
+    finally:
+        for node in (a, b, c):
+            if node:
+                node.stop()
