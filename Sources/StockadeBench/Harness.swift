@@ -39,6 +39,10 @@ public struct BenchOptions: Sendable {
     public var holdTTLMillis = 300_000
     /// Leave the holds and SKUs as the load left them (no cleanup).
     public var keep = false
+    /// Sellout, sustained: write the id of every hold the target acknowledged to this file, one per
+    /// line, when the run ends (also when the target went away mid-run): what a failover audit checks
+    /// against the node promoted in the target's place.
+    public var acknowledgedOrdersPath: String?
     public var clientThreads = 1
     public var progress = true
     public var seed: UInt64 = 1
@@ -190,6 +194,12 @@ public enum Harness {
         }
         errors = collapse(errors)
         let seconds = Double(monotonicNanos() - state.startNanos) / 1e9
+        if let path = options.acknowledgedOrdersPath {
+            let text = merged.heldOrders.map { "\($0)\n" }.joined()
+            guard FileManager.default.createFile(atPath: path, contents: Data(text.utf8)) else {
+                throw BenchError("cannot write the acknowledged orders to \(path)")
+            }
+        }
         progress?.cancel()
 
         // Audit.

@@ -256,7 +256,8 @@ final class LoadConnection: ChannelInboundHandler {
             result.successesPerSku[sku, default: 0] += 1
             result.perUserSku[user * state.skuNames.count + sku, default: 0] += 1
             result.lastSuccessNanos = now
-            if state.options.scenario != .lifecycle, !state.options.keep, let order, let id = UInt64(order) {
+            if state.options.scenario != .lifecycle, !state.options.keep || state.options.acknowledgedOrdersPath != nil,
+               let order, let id = UInt64(order) {
                 result.heldOrders.append(id)
             }
             if state.options.scenario == .lifecycle, let order {

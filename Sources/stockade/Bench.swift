@@ -44,6 +44,8 @@ struct Bench: AsyncParsableCommand {
     @Option(name: .customLong("hold-ttl"), help: "Sellout, sustained: hold TTL in ms (the holds are cancelled at the end; the TTL bounds them if the run is killed).")
     var holdTTL = 300_000
     @Flag(help: "Leave the holds and SKUs on the target (no cleanup).") var keep = false
+    @Option(name: .customLong("acknowledged-orders"), help: "Sellout, sustained: write the id of every acknowledged hold to this file, one per line (for a failover audit).")
+    var acknowledgedOrders: String?
     @Option(help: "Client event-loop threads.") var clientThreads = 1
     @Option(help: "Seed of the request choices.") var seed: UInt64 = 1
     @Flag(help: "Print the report as JSON.") var json = false
@@ -73,6 +75,7 @@ struct Bench: AsyncParsableCommand {
         options.ttlMillis = ttl
         options.holdTTLMillis = holdTTL
         options.keep = keep
+        options.acknowledgedOrdersPath = acknowledgedOrders
         options.clientThreads = clientThreads
         options.progress = !quiet && !json
         options.seed = seed
