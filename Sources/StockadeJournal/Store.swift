@@ -89,6 +89,13 @@ public final class Store: Sendable {
         }
     }
 
+    /// Runs `body` while no snapshot is written or pruned (one that is under way finishes first): a
+    /// replica puts a full copy in place this way, renaming files and starting its log again where
+    /// a concurrent snapshot would read and prune them.
+    public func withoutSnapshots<T: Sendable>(_ body: @Sendable () async throws -> T) async throws -> T {
+        try await snapshotLock.run(body)
+    }
+
     /// Writes a snapshot of everything durable now, then prunes old snapshots and covered segments.
     /// One at a time; the engine keeps serving throughout.
     public func snapshot() async throws -> SnapshotReport {

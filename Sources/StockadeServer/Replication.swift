@@ -774,18 +774,22 @@ final class ReplicaLink: Sendable {
             throw ReplicationError("the full copy is of position \(state.lsn) with \(state.shards.count) shards, not \(lsn) with \(server.engine.shardCount)", fatal: true)
         }
         let final = directory.snapshotPath(lsn: lsn)
-        do {
-            try directory.storage.rename(path, to: final)
-            try directory.storage.syncDirectory(directory.path)
-            try journal.rebase(to: lsn)
-        } catch {
-            throw ReplicationError("this replica could not put the full copy in place: \(error)", fatal: true)
+        let engine = server.engine
+        // No snapshot of this replica's own runs meanwhile: it would read and prune the files moved here.
+        try await server.store.withoutSnapshots {
+            do {
+                try directory.storage.rename(path, to: final)
+                try directory.storage.syncDirectory(directory.path)
+                try journal.rebase(to: lsn)
+            } catch {
+                throw ReplicationError("this replica could not put the full copy in place: \(error)", fatal: true)
+            }
+            await engine.installReplicated(state)
+            // Superseded: the log before the copy and older snapshots (best effort: recovery skips them).
+            _ = try? journal.removeSegments(coveredThrough: lsn, keep: 0)
+            for old in (try? directory.snapshots()) ?? [] where old.path != final { try? directory.storage.remove(old.path) }
+            try? directory.storage.syncDirectory(directory.path)
         }
-        await server.engine.installReplicated(state)
-        // Superseded: the log before the copy and older snapshots (best effort: recovery skips them).
-        _ = try? journal.removeSegments(coveredThrough: lsn, keep: 0)
-        for old in (try? directory.snapshots()) ?? [] where old.path != final { try? directory.storage.remove(old.path) }
-        try? directory.storage.syncDirectory(directory.path)
         server.replication.updateLink { $0.primaryDurableLSN = max($0.primaryDurableLSN, lsn) }
         server.logger.info("full copy in place at position \(lsn); following the log after it")
     }
