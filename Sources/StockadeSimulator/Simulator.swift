@@ -56,6 +56,8 @@ package enum Simulator {
         package var refusedStartUps = 0
         package var diskFaults = 0
         package var quietRecoveries = 0
+        /// Terms started (``Engine/startEpoch(_:)``), as a promotion does.
+        package var epochs = 0
         package var failure: String?
 
         package init(seed: UInt64) { self.seed = seed }
@@ -65,7 +67,7 @@ package enum Simulator {
             return "seed \(seed): \(outcome) (\(shards) shards, \(batches) batches (\(inPlaceBatches) in place), \(commands) commands, "
                 + "\(acknowledged) acknowledged, \(syncs) syncs, \(crashes) crashes (\(tornTails) with a torn tail), "
                 + "\(syncFailures) sync failures, \(appendFailures) append failures, \(clockJumpsBack) clock jumps back, "
-                + "\(durabilityChecks) durability checks, \(quietRecoveries) recoveries compared by state hash"
+                + "\(durabilityChecks) durability checks, \(quietRecoveries) recoveries compared by state hash, \(epochs) epochs started"
                 + (snapshots + bitFlips + diskFaults > 0
                     ? ", \(snapshots) snapshots, \(diskFaults) disk faults, \(bitFlips) bit flips, \(refusedStartUps) refused start-ups)" : ")")
         }
@@ -317,6 +319,27 @@ package enum Simulator {
                 if target.appendedPosition != before && target.failureReason != nil {
                     return fail("step \(step): expiry logged after the log failed")
                 }
+            case 18 where idle.count == inFlight.count && target.failureReason == nil && Int.random(in: 0..<8, using: &rng) == 0:
+                // A promotion: with no change in flight, the engine stops taking changes, logs a new
+                // term and takes changes again once it is durable. Crashes after it recover the term
+                // (the state hash covers the epoch history); replay refuses an epoch that does not grow.
+                let engine = target.engine
+                let epoch = engine.epochs.lastEpoch + UInt64.random(in: 1...3, using: &rng)
+                let before = target.appendedPosition
+                engine.role.setReadOnly(true)
+                let started = Task { () throws(Rejection) -> UInt64 in try await engine.startEpoch(epoch) }
+                while target.appendedPosition == before && target.failureReason == nil { await Task.yield() }
+                report.syncs += 1
+                target.sync()
+                let result = await started.result
+                engine.role.setReadOnly(false)
+                if case .success(let position) = result {
+                    report.epochs += 1
+                    guard position == before + 1, engine.epochs.last == EpochHistory.Term(epoch: epoch, start: position) else {
+                        return fail("step \(step): epoch \(epoch) logged at \(position) after \(before), history \(engine.epochs.terms)")
+                    }
+                }
+                if target.failureReason != nil { inStep = false }
             case 17 where options.disk && Int.random(in: 0..<4, using: &rng) == 0:
                 // A snapshot of what is durable, and pruning behind it (while batches wait for syncs).
                 report.snapshots += 1

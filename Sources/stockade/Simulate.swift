@@ -65,6 +65,7 @@ struct Simulate: AsyncParsableCommand {
             total.durabilityChecks += report.durabilityChecks
             total.inPlaceBatches += report.inPlaceBatches
             total.quietRecoveries += report.quietRecoveries
+            total.epochs += report.epochs
             total.snapshots += report.snapshots
             total.diskFaults += report.diskFaults
             total.bitFlips += report.bitFlips
@@ -82,7 +83,7 @@ struct Simulate: AsyncParsableCommand {
             \(total.batches) batches (\(total.inPlaceBatches) run in place), \(total.commands) commands, \(total.acknowledged) acknowledged batches, \
             \(total.crashes) crashes (\(total.tornTails) with a torn tail), \(total.syncFailures) sync failures, \
             \(total.appendFailures) append failures, \(total.clockJumpsBack) clock jumps back, \
-            \(total.durabilityChecks) durability checks, \(total.quietRecoveries) recoveries compared by state hash\
+            \(total.durabilityChecks) durability checks, \(total.quietRecoveries) recoveries compared by state hash, \(total.epochs) epochs started\
             \(disk ? "; \(total.snapshots) snapshots, \(total.diskFaults) disk faults, \(total.bitFlips) bit flips, \(total.refusedStartUps) refused start-ups" : "")
             """)
         if !failed.isEmpty { throw ExitCode(1) }
