@@ -17,6 +17,8 @@ public final class Engine: Sendable {
     /// The primary terms of the log this engine's state is at (``EpochHistory``): from recovery, then
     /// moved by ``startEpoch(_:)`` and by a primary's records on a replica.
     private let epochHistory: Mutex<EpochHistory>
+    /// The epoch ``startEpoch(_:)`` is logging now, if any: one term starts at a time.
+    private let epochStarting = Mutex<UInt64?>(nil)
 
     /// Starts the engine on a recovered (or empty) state. Shard `i` runs on `executors[i % count]` (the
     /// server's event loops), or on a queue of its own when `executors` is empty.
@@ -38,11 +40,20 @@ public final class Engine: Sendable {
 
     /// Starts a primary term: logs ``Record/epochStarted(epoch:)`` and waits until it is durable,
     /// so every change of the term comes after it in the log. Call it while the engine takes no
-    /// changes (read-only: a replica being promoted), with an epoch newer than the log's last one;
-    /// returns the record's position.
+    /// changes (read-only: a replica being promoted); returns the record's position. Refused with
+    /// ``Rejection/badArgument(_:)``, logging nothing, when `epoch` is not newer than the log's last
+    /// one (or is past ``EpochHistory/epochMax``) or another term is being started.
     public func startEpoch(_ epoch: UInt64) async throws(Rejection) -> UInt64 {
         precondition(role.isFollower, "a term starts before the engine takes changes")
-        precondition(epoch > epochs.lastEpoch, "epochs only grow along a log")
+        let admitted = epochStarting.withLock { starting in
+            guard starting == nil, epoch > epochs.lastEpoch, epoch <= EpochHistory.epochMax else { return false }
+            starting = epoch
+            return true
+        }
+        guard admitted else {
+            throw .badArgument("epoch \(epoch) is not newer than the log's epoch \(epochs.lastEpoch), or another term is starting")
+        }
+        defer { epochStarting.withLock { $0 = nil } }
         var buffer = RecordBuffer(capacity: 16)
         buffer.epochStarted(epoch)
         let lsn = try log.append(buffer)

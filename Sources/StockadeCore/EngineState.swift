@@ -71,8 +71,8 @@ public struct EngineState: Sendable {
         case let .orderCancelled(id): try transition(id, to: .cancelled)
         case let .orderExpired(id): try transition(id, to: .expired)
         case let .epochStarted(epoch):
-            guard epoch > epochs.lastEpoch else {
-                throw ReplayError(reason: "epoch \(epoch) started after epoch \(epochs.lastEpoch): epochs only grow")
+            guard epoch > epochs.lastEpoch, epoch <= EpochHistory.epochMax else {
+                throw ReplayError(reason: "epoch \(epoch) started after epoch \(epochs.lastEpoch): epochs only grow, up to \(EpochHistory.epochMax)")
             }
             epochs.append(EpochHistory.Term(epoch: epoch, start: lsn + 1))
         }

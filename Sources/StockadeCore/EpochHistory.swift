@@ -23,6 +23,12 @@ public struct EpochHistory: Equatable, Sendable {
     /// what a replica could lag behind. Past the bound the oldest term is dropped (``isTruncated``):
     /// a replica whose last term is older than every kept one cannot be compared by terms.
     public static let termsMax = 1024
+    /// The largest epoch a log takes: epochs travel as RESP integers (signed 64-bit), and a new one is
+    /// computed above the last (``next(after:using:)``), which must not overflow.
+    public static let epochMax = UInt64(Int64.max)
+    /// The random part of an epoch a node picks for itself (without a coordinator): two nodes promoted
+    /// from the same history pick different epochs but for a chance of 1 in 2^32.
+    public static let randomSpan: UInt64 = 1 << 32
 
     public private(set) var terms: [Term] = []
     /// Terms were dropped from the front (``termsMax``): positions before the first kept term are of
@@ -44,6 +50,14 @@ public struct EpochHistory: Equatable, Sendable {
     public var last: Term? { terms.last }
     /// The newest epoch, 0 when there is none.
     public var lastEpoch: UInt64 { terms.last?.epoch ?? 0 }
+
+    /// An epoch for a term a node starts by itself (no coordinator issues one): above `seen` by one plus
+    /// a random part, so two nodes promoted from the same history do not both write "the same" term
+    /// (the rule ``divergence(ofLogEndingAt:lastTerm:)`` rests on). nil when it would pass ``epochMax``.
+    public static func next<R: RandomNumberGenerator>(after seen: UInt64, using rng: inout R) -> UInt64? {
+        guard seen < epochMax - randomSpan else { return nil }
+        return seen + 1 + UInt64.random(in: 0..<randomSpan, using: &rng)
+    }
 
     /// Records a term that starts at `start`. Epochs and starts only grow.
     public mutating func append(_ term: Term) {

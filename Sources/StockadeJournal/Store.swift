@@ -160,12 +160,15 @@ public final class Store: Sendable {
     }
 }
 
-/// Runs one async operation at a time (snapshots), without blocking a thread while waiting.
-actor AsyncLock {
+/// Runs one async operation at a time (snapshots; a server's role changes), without blocking a
+/// thread while waiting.
+package actor AsyncLock {
     private var busy = false
     private var queue: [CheckedContinuation<Void, Never>] = []
 
-    func run<T: Sendable>(_ body: @Sendable () async throws -> T) async throws -> T {
+    package init() {}
+
+    package func run<T: Sendable>(_ body: @Sendable () async throws -> T) async throws -> T {
         if busy {
             await withCheckedContinuation { queue.append($0) }
         }

@@ -35,6 +35,9 @@ final class Coordinator: Sendable {
         var lastError = ""
     }
     let view = Mutex(View())
+    /// This node could not start a term when elected (its log failed): it gave the key up and does
+    /// not stand again until restarted (a failed log refuses every change until then anyway).
+    private let unfit = Mutex(false)
 
     init(etcd: EtcdClient, cluster: String, advertise: String, leaseSeconds: Int, server: ServerContext) {
         self.etcd = etcd
@@ -99,7 +102,7 @@ final class Coordinator: Sendable {
                     server.engine.role.setWritableUntil(sentNanos + UInt64(leaseSeconds) * 1_000_000_000 - Self.marginNanos)
                 } else {
                     // Ours but not acted on (the transaction's answer was lost).
-                    await becomePrimary(epoch: holder.createRevision, sentNanos: sentNanos)
+                    await becomePrimary(epoch: holder.createRevision, sentNanos: sentNanos, lease: lease)
                 }
                 return
             }
@@ -134,7 +137,7 @@ final class Coordinator: Sendable {
         guard Self.elected(candidates) == advertise else { return }
         if let epoch = try await etcd.create(primaryKey, advertise, lease: lease) {
             view.withLock { $0.epoch = epoch; $0.primary = advertise }
-            await becomePrimary(epoch: epoch, sentNanos: sentNanos)
+            await becomePrimary(epoch: epoch, sentNanos: sentNanos, lease: lease)
         }
     }
 
@@ -158,20 +161,24 @@ final class Coordinator: Sendable {
     /// went another way, it is ahead, a record did not fit, another shard count): such a node is not
     /// elected until an operator resets it.
     private var standing: (epoch: UInt64, position: UInt64)? {
-        if server.replication.link?.state == "stopped" { return nil }
+        if server.replication.link?.state == "stopped" || unfit.withLock({ $0 }) { return nil }
         return (server.engine.epochs.lastEpoch, server.store.journal.lastDurableLSN)
     }
 
-    private func becomePrimary(epoch: UInt64, sentNanos: UInt64) async {
-        server.replicationEpoch.withLock { $0 = max($0, epoch) }
-        guard epoch >= server.engine.epochs.lastEpoch else {
-            // The key is older than a term this log holds: never taken back (etcd's revisions only grow).
-            server.logger.error("the primary key's epoch \(epoch) is older than epoch \(server.engine.epochs.lastEpoch) in this node's log; not taking changes")
+    /// Takes the term the key gives: logs its epoch (the key's revision, or one above the log's newest
+    /// when etcd's revisions started again below it) and takes changes until the lease could lapse.
+    /// A node that cannot log the term gives the key up (revokes its lease) so another is elected.
+    private func becomePrimary(epoch: UInt64, sentNanos: UInt64, lease: Int64) async {
+        let until = sentNanos + UInt64(leaseSeconds) * 1_000_000_000 - Self.marginNanos
+        guard await server.promote(epoch: epoch, writableUntil: until) else {
+            unfit.withLock { $0 = true }
+            server.logger.error("elected primary of cluster \(cluster) but could not log the new term: giving the key up; this node does not stand again until restarted")
+            do { try await etcd.revokeLease(lease) } catch {
+                server.logger.warning("could not revoke lease \(lease) (\(error)): the key lapses with it")
+            }
             return
         }
-        let until = sentNanos + UInt64(leaseSeconds) * 1_000_000_000 - Self.marginNanos
-        guard await server.promote(epoch: epoch, writableUntil: until) else { return }
-        server.logger.info("primary of cluster \(cluster) at epoch \(epoch), log position \(server.store.journal.lastDurableLSN)")
+        server.logger.info("primary of cluster \(cluster) at epoch \(server.engine.epochs.lastEpoch) (key revision \(epoch)), log position \(server.store.journal.lastDurableLSN)")
     }
 }
 
@@ -211,6 +218,11 @@ struct EtcdClient: Sendable {
         let answer = try await call("/v3/lease/keepalive", ["ID": String(lease)])
         let result = answer["result"] as? [String: Any] ?? answer
         return (result["TTL"] as? String).flatMap(Int.init).map { $0 > 0 } ?? false
+    }
+
+    /// Ends a lease now: the keys under it go at once.
+    func revokeLease(_ lease: Int64) async throws {
+        _ = try await call("/v3/lease/revoke", ["ID": String(lease)])
     }
 
     func put(_ key: String, _ value: String, lease: Int64) async throws {

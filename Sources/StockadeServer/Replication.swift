@@ -588,7 +588,7 @@ final class ReplicaLink: Sendable {
                 // snapshot comes first, then the log after it.
                 let words = reply.split(separator: " ")
                 guard words.count == 5, words[3] == "EPOCH", let lsn = UInt64(words[1]), let size = Int(words[2]), let epoch = UInt64(words[4]),
-                      size > 0, size <= ReplicationLimits.fullCopyBytesMax, lsn >= next
+                      epoch <= EpochHistory.epochMax, size > 0, size <= ReplicationLimits.fullCopyBytesMax, lsn >= next
                 else {
                     throw ReplicationError("bad full-copy header from the primary: \(reply.prefix(80))")
                 }
@@ -640,6 +640,9 @@ final class ReplicaLink: Sendable {
                 let words = reply.split(separator: " ")
                 let shards = words.count >= 4 ? Int(words[3]) ?? -1 : -1
                 let epoch = words.count >= 6 && words[4] == "EPOCH" ? UInt64(words[5]) ?? 0 : 0
+                guard epoch <= EpochHistory.epochMax else {
+                    throw ReplicationError("\(host):\(port) names epoch \(epoch), past the largest a log takes (\(EpochHistory.epochMax))")
+                }
                 // A primary of an older term (a former primary that has not learned it was replaced)
                 // is not followed.
                 let known = server.replicationEpoch.withLock { $0 }

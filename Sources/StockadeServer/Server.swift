@@ -310,6 +310,14 @@ final class ServerContext: Sendable {
             out.writeRESPInteger(Int64(link.port))
             out.writeRESPBulk(link.state)
             out.writeRESPInteger(Int64(store.journal.lastDurableLSN))
+        } else if engine.role.isFollower {
+            // Read-only and following nobody (see ``replicationInfo()``): not a primary to a client.
+            out.writeRESPArrayHeader(5)
+            out.writeRESPBulk("slave")
+            out.writeRESPBulk("")
+            out.writeRESPInteger(0)
+            out.writeRESPBulk("none")
+            out.writeRESPInteger(Int64(store.journal.lastDurableLSN))
         } else {
             let replicas = replication.replicas
             out.writeRESPArrayHeader(3)
@@ -329,8 +337,17 @@ final class ServerContext: Sendable {
     /// loop (``Engine/applyReplicated(_:at:)``), which only a server started with `--replica-of` has.
     var canFollow: Bool { store.options.shardExecutors.count <= 1 && group != nil }
 
+    /// Role changes (follow, promote) run one at a time: two REPLICAOF NO ONE at once would start
+    /// two terms.
+    private let roleChanges = AsyncLock()
+
     /// Starts following `host:port` (REPLICAOF host port, or `--replica-of` at start).
     func follow(host: String, port: Int) async -> (Bool, String) {
+        (try? await roleChanges.run { await self.followAlone(host: host, port: port) })
+            ?? (false, "ERR cannot follow \(host):\(port) now")
+    }
+
+    private func followAlone(host: String, port: Int) async -> (Bool, String) {
         guard canFollow, let group else {
             return (false, "ERR this server was started as a primary, its shards on every loop; to follow \(host):\(port), restart it with --replica-of \(host):\(port)")
         }
@@ -360,20 +377,32 @@ final class ServerContext: Sendable {
     /// False when the term could not be logged: the node stays read-only.
     @discardableResult
     func promote(epoch: UInt64? = nil, writableUntil: UInt64? = nil) async -> Bool {
-        if let link = replicaLink.withLock({ $0 }) { await link.stop() }
+        (try? await roleChanges.run { await self.promoteAlone(epoch: epoch, writableUntil: writableUntil) }) ?? false
+    }
+
+    private func promoteAlone(epoch: UInt64?, writableUntil: UInt64?) async -> Bool {
+        let previous = replicaLink.withLock { $0 }
+        if let previous { await previous.stop() }
         replicaLink.withLock { $0 = nil }
         replication.setLink(nil)
         guard engine.role.isFollower else { return true }
-        let epoch = epoch ?? replicationEpoch.withLock { max($0, engine.epochs.lastEpoch) + 1 }
-        if epoch > engine.epochs.lastEpoch {
-            do throws(Rejection) {
-                let position = try await engine.startEpoch(epoch)
-                replicationEpoch.withLock { $0 = max($0, epoch) }
-                logger.info("epoch \(epoch) starts at log position \(position)")
-            } catch {
-                logger.error("could not log the start of epoch \(epoch) (\(error)): staying read-only")
-                return false
-            }
+        // The coordinator's epoch (its key's revision), unless the log already holds that one or a
+        // newer one (etcd's data was replaced: its revisions started again); otherwise one of the
+        // node's own, above every epoch it has seen (``EpochHistory/next(after:using:)``).
+        let seen = replicationEpoch.withLock { max($0, engine.epochs.lastEpoch) }
+        var rng = SystemRandomNumberGenerator()
+        let chosen = epoch.flatMap { $0 > engine.epochs.lastEpoch && $0 <= EpochHistory.epochMax ? $0 : nil }
+            ?? EpochHistory.next(after: seen, using: &rng)
+        do throws(Rejection) {
+            guard let chosen else { throw .badArgument("no epoch is left above \(seen)") }
+            let position = try await engine.startEpoch(chosen)
+            replicationEpoch.withLock { $0 = max($0, chosen) }
+            logger.info("epoch \(chosen) starts at log position \(position)")
+        } catch {
+            // Not a primary: it goes on following what it followed (or stays a replica of nobody).
+            logger.error("could not log the start of a new epoch (\(error)): staying a read-only replica")
+            if let previous { _ = await followAlone(host: previous.host, port: previous.port) }
+            return false
         }
         if let writableUntil { engine.role.setWritableUntil(writableUntil) }
         engine.role.setReadOnly(false)
@@ -416,7 +445,16 @@ final class ServerContext: Sendable {
             ] + coordinatorInfo()
         }
         let replicas = replication.replicas
-        var pairs: [(String, String)] = [("role", engine.role.isFollower ? "none" : "master"), ("connected_slaves", String(replicas.count))]
+        // A read-only node that follows nobody (a coordinator's node before it knows the primary, a
+        // promotion that could not log its term) is no primary: `role:slave`, its link down.
+        if engine.role.isFollower {
+            return [
+                ("role", "slave"), ("master_host", ""), ("master_port", "0"), ("master_link_status", "down"),
+                ("master_link_state", "none"), ("slave_repl_offset", String(durable)), ("slave_read_only", "1"),
+                ("log_epoch", String(engine.epochs.lastEpoch)),
+            ] + coordinatorInfo()
+        }
+        var pairs: [(String, String)] = [("role", "master"), ("connected_slaves", String(replicas.count))]
         for (i, replica) in replicas.enumerated() {
             let lag = (monotonicNanos() - replica.lastAckNanos) / 1_000_000_000
             pairs.append(("slave\(i)", "ip=\(replica.address),port=\(replica.listeningPort),state=online,offset=\(replica.ackedLSN),lag=\(lag),lag_records=\(durable > replica.ackedLSN ? durable - replica.ackedLSN : 0)"))

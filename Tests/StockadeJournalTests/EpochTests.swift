@@ -51,6 +51,34 @@ import Testing
         #expect(h.divergence(ofLogEndingAt: 65, lastTerm: Term(epoch: 13, start: 62)).reason != nil)
     }
 
+    /// A node's own epoch is above what it saw, random in its low part (two nodes promoted from one
+    /// history differ), and never past ``EpochHistory/epochMax``; replay refuses an epoch past it.
+    @Test func ownEpochsGrowDifferAndStayBounded() throws {
+        var rng = SplitMix64(seed: 7)
+        let picks = (0..<64).map { _ in EpochHistory.next(after: 41, using: &rng)! }
+        #expect(picks.allSatisfy { $0 > 41 && $0 <= 41 + EpochHistory.randomSpan })
+        #expect(Set(picks).count == picks.count)
+        #expect(EpochHistory.next(after: EpochHistory.epochMax - EpochHistory.randomSpan, using: &rng) == nil)
+        #expect(EpochHistory.next(after: EpochHistory.epochMax - EpochHistory.randomSpan - 1, using: &rng)! <= EpochHistory.epochMax)
+        var state = EngineState(shardCount: 1)
+        #expect(throws: EngineState.ReplayError.self) { try state.apply(.epochStarted(epoch: UInt64.max)) }
+        #expect(state.epochs.terms.isEmpty && state.lsn == 0)
+    }
+
+    /// Two terms started at once on one engine: one is logged, the other refused (nothing logged).
+    @Test func oneTermStartsAtATime() async throws {
+        let engine = Engine(state: EngineState(shardCount: 1), log: MemoryChangeLog(), readOnly: true)
+        @Sendable func attempt() async -> Bool {
+            do { _ = try await engine.startEpoch(5); return true } catch { return false }
+        }
+        async let first = attempt()
+        async let second = attempt()
+        let outcomes = await [first, second]
+        #expect(outcomes.filter { $0 }.count == 1)
+        #expect(engine.epochs.terms.count == 1)
+        await #expect(throws: Rejection.self) { try await engine.startEpoch(4) }
+    }
+
     /// Terms started on a store are logged, replayed after a restart, kept in snapshots (also when
     /// the log before them is removed), and refused by replay when they do not grow.
     @Test func epochsSurviveRestartsAndSnapshots() async throws {

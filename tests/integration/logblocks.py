@@ -39,6 +39,10 @@ def restocked(shard, index, delta):
     return _record(2, struct.pack("<HIq", shard, index, delta))
 
 
+def epoch_started(epoch):
+    return _record(9, struct.pack("<Q", epoch))
+
+
 def block(first_lsn, records):
     """A version-2 block, uncompressed: header with its own checksum, then the payload's."""
     payload = b"".join(records)

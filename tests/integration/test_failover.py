@@ -23,13 +23,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def etcd():
-    if shutil.which("etcd") is None:
-        pytest.fail("etcd is not installed (make installs Debian's etcd-server)")
-    root = tempfile.mkdtemp(prefix="stockade-etcd-")
-    client, peer = free_port(), free_port()
-    log = open(os.path.join(root, "etcd.log"), "wb")
+def start_etcd(root, client, peer):
+    """A one-member etcd on loopback ports, its data in `root`, up and leader when this returns."""
+    log = open(os.path.join(root, "etcd.log"), "ab")
     proc = subprocess.Popen(
         ["etcd", "--data-dir", os.path.join(root, "data"), "--name", "t",
          "--listen-client-urls", f"http://127.0.0.1:{client}", "--advertise-client-urls", f"http://127.0.0.1:{client}",
@@ -44,15 +40,26 @@ def etcd():
         except OSError:
             time.sleep(0.1)
     time.sleep(0.5)  # the member elects itself leader
+    return proc
+
+
+@pytest.fixture
+def etcd():
+    if shutil.which("etcd") is None:
+        pytest.fail("etcd is not installed (make installs Debian's etcd-server)")
+    root = tempfile.mkdtemp(prefix="stockade-etcd-")
+    client, peer = free_port(), free_port()
+    proc = start_etcd(root, client, peer)
     yield client
     proc.kill()
     proc.wait()
     shutil.rmtree(root, ignore_errors=True)
 
 
-def cluster(data_dir, etcd_port, count=3, *extra):
+def cluster(data_dir, etcd_port, count=3, *extra, preexec_fn=None):
     return [Server(os.path.join(data_dir, f"n{i}"), "--shards", "2", "--coordinator", f"etcd://127.0.0.1:{etcd_port}",
-                   "--cluster", "sale", "--lease-seconds", str(LEASE_SECONDS), *extra).start() for i in range(count)]
+                   "--cluster", "sale", "--lease-seconds", str(LEASE_SECONDS), *extra, preexec_fn=preexec_fn).start()
+            for i in range(count)]
 
 
 def primary_of(nodes, timeout=15, exclude=()):
@@ -266,3 +273,84 @@ def test_a_node_of_another_history_is_not_elected(data_dir, etcd):
     finally:
         for node in nodes + ([stranger] if stranger else []):
             node.stop()
+
+
+# Defects found by the hostile review of terms in the log, each with the test that failed before its fix.
+
+def test_a_node_that_cannot_log_its_term_gives_the_key_up(data_dir, etcd):
+    """The node elected after a kill -9 could not write its epoch record (its log's file may not
+    grow): it kept the primary key, read-only, and the set had no writable primary. Now it revokes
+    its lease, stands no more, and the healthy node is elected."""
+    nodes = cluster(data_dir, etcd, 3, preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
+    try:
+        first = primary_of(nodes)
+        first.client().execute_command("SKU.ADD", "tv", 100)
+        assert first.client().execute_command("WAIT", 2, 5000) == 2
+        replicas = [n for n in nodes if n is not first]
+        # The election's tie-break: the smallest address wins. That node's log may not grow.
+        doomed = min(replicas, key=lambda n: f"127.0.0.1:{n.port}")
+        healthy = next(n for n in replicas if n is not doomed)
+        segment = max((f for f in os.listdir(doomed.data_dir) if f.startswith("wal-")), key=lambda f: f)
+        size = os.path.getsize(os.path.join(doomed.data_dir, segment))
+        subprocess.run(["prlimit", f"--pid={doomed.proc.pid}", f"--fsize={size}"], check=True)
+        first.kill9()
+        second = primary_of(nodes, exclude=(first,), timeout=LEASE_SECONDS * 4 + 10)
+        assert second is healthy
+        second.client().execute_command("RESERVE", "after", "tv", 1)
+        # The doomed node was elected first (the tie-break) and gave the key up: a newer epoch leads.
+        assert int(second.client().info("replication")["epoch"]) > int(doomed.client().info("replication")["log_epoch"])
+        assert doomed.proc.poll() is None
+        deadline = time.time() + 10
+        while doomed.client().execute_command("ROLE")[2] != healthy.port and time.time() < deadline:
+            time.sleep(0.05)
+        role = doomed.client().execute_command("ROLE")
+        assert role[0] == "slave" and role[2] == healthy.port, role
+        with pytest.raises(redis.exceptions.ReadOnlyError):
+            doomed.client().execute_command("RESERVE", "on-doomed", "tv", 1)
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_an_etcd_that_started_again_below_the_logs_epoch_still_elects(data_dir):
+    """etcd's data replaced by an empty one: its revisions start again, below the epochs the nodes'
+    logs hold. The elected node refused to take changes under the older epoch and kept the key: no
+    writable primary, for good. Now it starts a term above its log's newest."""
+    if shutil.which("etcd") is None:
+        pytest.fail("etcd is not installed (make installs Debian's etcd-server)")
+    client, peer = free_port(), free_port()
+    roots = [tempfile.mkdtemp(prefix="stockade-etcd-") for _ in range(2)]
+    etcd = start_etcd(roots[0], client, peer)
+    nodes = cluster(data_dir, client, 2)
+    try:
+        first = primary_of(nodes)
+        first.client().execute_command("SKU.ADD", "tv", 100)
+        time.sleep(3)  # the nodes' ticks move etcd's revision on
+        assert first.client().execute_command("WAIT", 1, 5000) == 1
+        first.kill9()
+        second = primary_of(nodes, exclude=(first,), timeout=LEASE_SECONDS + 10)
+        second.client().execute_command("RESERVE", "u1", "tv", 1)
+        epoch = int(second.client().info("replication")["log_epoch"])
+        # etcd starts again, empty; the old primary comes back and follows; then the primary dies.
+        etcd.kill()
+        etcd.wait()
+        etcd = start_etcd(roots[1], client, peer)
+        first.start()
+        third = primary_of(nodes, timeout=LEASE_SECONDS * 4 + 10)
+        if third is second:
+            # The survivor kept leading under the fresh etcd; its death leaves the other to lead.
+            deadline = time.time() + 10
+            while first.client().execute_command("ROLE")[0] != "slave" and time.time() < deadline:
+                time.sleep(0.05)
+            second.kill9()
+            third = primary_of(nodes, exclude=(second,), timeout=LEASE_SECONDS * 4 + 10)
+        assert int(third.client().info("replication")["epoch"]) < epoch  # etcd's revision fell below the log's
+        third.client().execute_command("RESERVE", "u2", "tv", 1)
+        assert int(third.client().info("replication")["log_epoch"]) > epoch
+    finally:
+        for node in nodes:
+            node.stop()
+        etcd.kill()
+        etcd.wait()
+        for root in roots:
+            shutil.rmtree(root, ignore_errors=True)

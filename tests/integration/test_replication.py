@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -835,7 +836,7 @@ def test_a_former_primary_is_refused_by_its_epoch_where_last_records_match(data_
         pa.execute_command("SKU.ADD", "tv", 100)
         assert pa.execute_command("WAIT", 1, 5000) == 1
         assert pb.execute_command("REPLICAOF", "NO", "ONE") == "OK"
-        assert int(info(pb)["log_epoch"]) == 1
+        assert int(info(pb)["log_epoch"]) > 0
         pb.execute_command("SKU.RESTOCK", "tv", 1)
         for _ in range(restocks):
             pa.execute_command("SKU.RESTOCK", "tv", 1)
@@ -873,15 +874,156 @@ def test_epochs_are_in_the_log_and_survive_restarts(data_dir):
         b.args = ["--shards", "2"]
         b.start()
         pb = b.client()
-        # Epoch 1 (the promotion), then epoch 2: B restarted as a primary over a log with terms.
-        assert int(info(pb)["log_epoch"]) == 2
+        # A term for the promotion, then a newer one: B restarted as a primary over a log with terms.
         events = pb.execute_command("EVENTS", 1, "COUNT", 100)
-        assert [e[2] for e in events if e[1] == "epoch"] == [1, 2]
+        epochs = [e[2] for e in events if e[1] == "epoch"]
+        assert len(epochs) == 2 and 0 < epochs[0] < epochs[1], epochs
+        assert int(info(pb)["log_epoch"]) == epochs[1]
         c = Server(os.path.join(data_dir, "c"), "--shards", "2", "--replica-of", f"127.0.0.1:{b.port}").start()
         wait_caught_up(b, c)
-        assert int(info(c.client())["log_epoch"]) == 2
+        assert int(info(c.client())["log_epoch"]) == epochs[1]
         assert c.client().execute_command("EVENTS", 1, "COUNT", 100) == events
     finally:
         for node in (a, b, c):
             if node:
                 node.stop()
+
+
+# Defects found by the hostile review of terms in the log, each with the test that failed before its fix.
+
+def test_two_replicas_promoted_from_one_history_start_different_terms(data_dir):
+    """Both replicas of a dead primary promoted by hand picked epoch 1 at the same position: "the
+    same term" written by two nodes. One then followed the other, its last record matching byte for
+    byte, with a unit the other never had. Now a node picks its own epoch with a random part."""
+    x = Server(os.path.join(data_dir, "x"), "--shards", "2").start()
+    b = Server(os.path.join(data_dir, "b"), "--shards", "2", "--replica-of", f"127.0.0.1:{x.port}").start()
+    c = Server(os.path.join(data_dir, "c"), "--shards", "2", "--replica-of", f"127.0.0.1:{x.port}").start()
+    try:
+        px = x.client()
+        for sku in ("tv", "y", "z"):
+            px.execute_command("SKU.ADD", sku, 100)
+        assert px.execute_command("WAIT", 2, 5000) == 2
+        x.kill9()
+        pb, pc = b.client(), c.client()
+        assert pb.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        assert pc.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        assert info(pb)["log_epoch"] != info(pc)["log_epoch"]
+        pb.execute_command("SKU.RESTOCK", "y", 1)
+        pb.execute_command("SKU.RESTOCK", "tv", 1)
+        pc.execute_command("SKU.RESTOCK", "z", 1)
+        pc.execute_command("SKU.RESTOCK", "tv", 1)
+        assert pc.execute_command("REPLICAOF", "127.0.0.1", b.port) == "OK"
+        deadline = time.time() + 10
+        while info(pc)["master_link_state"] != "stopped" and time.time() < deadline:
+            time.sleep(0.05)
+        state = info(pc)
+        assert state["master_link_state"] == "stopped" and "DIVERGED" in state["master_link_error"], state
+        assert pc.execute_command("STOCK", "z")[3] == 101 and pb.execute_command("STOCK", "z")[3] == 100
+    finally:
+        for node in (x, b, c):
+            node.stop()
+
+
+def test_promotions_at_once_start_one_term(data_dir):
+    """REPLICAOF NO ONE sent on several connections at once logged the same epoch twice: the server
+    trapped, and its directory no longer started. Now role changes run one at a time."""
+    x = Server(os.path.join(data_dir, "x"), "--shards", "2").start()
+    r = Server(os.path.join(data_dir, "r"), "--shards", "2", "--replica-of", f"127.0.0.1:{x.port}").start()
+    try:
+        x.client().execute_command("SKU.ADD", "tv", 100)
+        assert x.client().execute_command("WAIT", 1, 5000) == 1
+        sockets = [socket.create_connection(("127.0.0.1", r.port)) for _ in range(4)]
+        start = threading.Barrier(len(sockets))
+
+        def promote(s):
+            start.wait()
+            s.sendall(b"REPLICAOF NO ONE\r\n")
+        threads = [threading.Thread(target=promote, args=(s,)) for s in sockets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for s in sockets:
+            s.settimeout(10)
+            assert s.recv(64).startswith(b"+OK")
+            s.close()
+        assert r.proc.poll() is None, r.logs()[-2000:]
+        epochs = [e for e in r.client().execute_command("EVENTS", 1, "COUNT", 100) if e[1] == "epoch"]
+        assert len(epochs) == 1, epochs
+        r.kill9()
+        r.args = ["--shards", "2", "--replica-of", f"127.0.0.1:{x.port}"]
+        r.start()
+        assert int(info(r.client())["log_epoch"]) == epochs[0][2]
+    finally:
+        r.stop()
+        x.stop()
+
+
+@pytest.mark.parametrize("where", ["stream", "record"])
+def test_an_epoch_past_the_largest_is_refused(data_dir, where):
+    """A primary that announced epoch 2^64-1 (or logged it) was followed; REPLICAOF NO ONE then
+    trapped on the epoch after it, and with the record every later start did too."""
+    from logblocks import block, bulk, epoch_started, sku_added
+    huge = 2**64 - 1
+
+    class Fake(FakePrimary):
+        def serve(self, c):
+            data = b""
+            while b"REPLICATE" not in data or data.count(b"\r\n") < 9:
+                part = c.recv(4096)
+                if not part:
+                    return
+                data += part
+            announced = huge if where == "stream" else 0
+            c.sendall(b"+CONTINUE 1 SHARDS 2 EPOCH %d\r\n" % announced)
+            records = [sku_added(0, 0, "tv", 100), sku_added(1, 0, "tv", 100)]
+            if where == "record":
+                records.append(epoch_started(huge))
+            c.sendall(bulk(block(1, records)))
+            while c.recv(4096):
+                pass
+    fake = Fake(None)
+    r = Server(os.path.join(data_dir, "r"), "--shards", "2", "--replica-of", f"127.0.0.1:{fake.port}").start()
+    try:
+        pr = r.client()
+        deadline = time.time() + 10
+        while not info(pr)["master_link_error"] and time.time() < deadline:
+            time.sleep(0.05)
+        state = info(pr)
+        assert str(huge) in state["master_link_error"] or "epoch" in state["master_link_error"], state
+        assert int(state["log_epoch"]) == 0
+        assert pr.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        assert r.proc.poll() is None
+        pr.execute_command("SKU.ADD", "cam", 1) if where == "record" else None
+        r.kill9()
+        r.args = ["--shards", "2"]
+        r.start()
+        assert 0 < int(info(r.client())["log_epoch"]) <= 2**63 - 1
+    finally:
+        r.stop()
+        fake.close()
+
+
+def test_a_promotion_that_cannot_log_its_term_stays_a_replica(data_dir):
+    """A replica whose log could not take the epoch record answered ROLE as a master while it refused
+    every write, and followed nobody. Now it says why, and goes on following its primary."""
+    x = Server(os.path.join(data_dir, "x"), "--shards", "2").start()
+    r = Server(os.path.join(data_dir, "r"), "--shards", "2", "--replica-of", f"127.0.0.1:{x.port}",
+               preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN)).start()
+    try:
+        x.client().execute_command("SKU.ADD", "tv", 100)
+        assert x.client().execute_command("WAIT", 1, 5000) == 1
+        # Every later write of the replica's log fails (file size limit: EFBIG with SIGXFSZ ignored).
+        segments = sorted(f for f in os.listdir(r.data_dir) if f.startswith("wal-") and f.endswith(".log"))
+        size = os.path.getsize(os.path.join(r.data_dir, segments[-1]))
+        subprocess.run(["prlimit", f"--pid={r.proc.pid}", f"--fsize={size}"], check=True)
+        pr = r.client()
+        with pytest.raises(redis.ResponseError, match="could not record the new epoch"):
+            pr.execute_command("REPLICAOF", "NO", "ONE")
+        role = pr.execute_command("ROLE")
+        assert role[0] == "slave" and role[2] == x.port, role
+        with pytest.raises(redis.exceptions.ReadOnlyError):
+            pr.execute_command("SKU.ADD", "cam", 1)
+    finally:
+        r.stop()
+        x.stop()
