@@ -1027,3 +1027,16 @@ def test_a_promotion_that_cannot_log_its_term_stays_a_replica(data_dir):
     finally:
         r.stop()
         x.stop()
+
+
+def test_replicaof_does_not_wait_for_its_own_round(data_dir):
+    """REPLICAOF waited for the rounds in flight to finish, its own among them: every REPLICAOF took
+    the whole 2 s bound to answer."""
+    s = Server(os.path.join(data_dir, "s"), "--shards", "2", "--io-threads", "1").start()
+    try:
+        c = s.client()
+        started = time.time()
+        assert c.execute_command("REPLICAOF", "127.0.0.1", 1) == "OK"
+        assert time.time() - started < 1.0
+    finally:
+        s.stop()
