@@ -33,13 +33,21 @@ public struct DatabaseAddress: Sendable, Equatable {
 struct StoredState: Equatable {
     /// The position of the last event applied (0: none yet); the next batch starts after it.
     var position: UInt64
-    /// The position and ``SinkEvent/fingerprint`` of the last event a batch stored (nil: none, or
-    /// a database from before schema version 2). It stays put when an operator moves
-    /// ``position`` back, and still names an event of the log the database followed.
-    var lastEvent: (position: UInt64, fingerprint: Int64)?
+    /// The highest position ever applied (`last_event_position`). It stays put when an operator
+    /// moves ``position`` back: below it, rows may already hold a batch's events (a replay).
+    var highWater: UInt64
+    /// ``SinkEvent/fingerprint`` of the event at ``highWater`` (nil: nothing to compare: none
+    /// applied, a database from before schema version 2, or cleared by a re-seed).
+    var fingerprint: Int64?
 
-    static func == (a: StoredState, b: StoredState) -> Bool {
-        a.position == b.position && a.lastEvent?.position == b.lastEvent?.position && a.lastEvent?.fingerprint == b.lastEvent?.fingerprint
+    /// Whether the next batch may hold events rows already have (see ``SinkSQL/statements(for:replay:)``).
+    var replaying: Bool { position < highWater }
+
+    /// The state once `plan` is committed.
+    func after(_ plan: BatchPlan) -> StoredState {
+        plan.lastPosition >= highWater
+            ? StoredState(position: plan.lastPosition, highWater: plan.lastPosition, fingerprint: plan.lastFingerprint)
+            : StoredState(position: plan.lastPosition, highWater: highWater, fingerprint: fingerprint)
     }
 }
 
@@ -108,20 +116,25 @@ final class Database {
         return (from, SinkSQL.schemaVersion)
     }
 
-    /// The stored position and the fingerprint of the last event stored.
+    /// The stored position, the highest ever applied and its event's fingerprint. A database with
+    /// no highest position (migrated from version 1, or cleared by a re-seed) gets it from the rows'
+    /// own positions first, once (a scan of the tables).
     func storedState() async throws(SinkError) -> StoredState {
         do {
+            try await query(PostgresQuery(unsafeSQL: """
+                UPDATE stockade_sink_position SET last_event_position = GREATEST(position,
+                    (SELECT max(changed_position) FROM skus), (SELECT max(changed_position) FROM orders), (SELECT max(position) FROM events))
+                WHERE id = 1 AND last_event_position IS NULL
+                """))
             let rows = try await query(PostgresQuery(unsafeSQL: "SELECT position, last_event_position, last_event_fingerprint FROM stockade_sink_position WHERE id = 1"))
             guard let row = rows.first else {
                 throw SinkError(.diverged, "stockade_sink_position has no row: was it emptied by hand? Start over with --reset")
             }
-            let (position, lastPosition, fingerprint) = try row.decode((Int64, Int64?, Int64?).self)
-            guard let stored = UInt64(exactly: position) else { throw SinkError(.diverged, "stockade_sink_position holds position \(position)") }
-            var state = StoredState(position: stored)
-            if let lastPosition, let fingerprint, let last = UInt64(exactly: lastPosition), last > 0 {
-                state.lastEvent = (last, fingerprint)
+            let (position, highest, fingerprint) = try row.decode((Int64, Int64?, Int64?).self)
+            guard let stored = UInt64(exactly: position), let highWater = UInt64(exactly: highest ?? position) else {
+                throw SinkError(.diverged, "stockade_sink_position holds position \(position), highest \(highest ?? 0): changed by hand?")
             }
-            return state
+            return StoredState(position: stored, highWater: max(stored, highWater), fingerprint: highWater > 0 && highWater >= stored ? fingerprint : nil)
         } catch {
             throw Self.classify(error, doing: "reading the stored position")
         }
@@ -129,8 +142,8 @@ final class Database {
 
     /// Applies `plan` and stores its last position, all in one transaction: either every change of
     /// the batch and its position are committed, or none.
-    func apply(_ plan: BatchPlan) async throws(SinkError) {
-        let statements = SinkSQL.statements(for: plan)
+    func apply(_ plan: BatchPlan, replay: Bool) async throws(SinkError) {
+        let statements = SinkSQL.statements(for: plan, replay: replay)
         try await transaction("applying positions \(plan.previousPosition + 1)-\(plan.lastPosition)") {
             for statement in statements {
                 let rows = try await query(Self.query(statement))

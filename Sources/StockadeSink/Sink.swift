@@ -142,7 +142,7 @@ public final class Sink: Sendable {
         let unfinished = try await follow()
         let p = progress.withLock { $0 }
         say("stopped at position \(p.position) after \(p.events) events in \(p.batches) batches"
-            + (unfinished.map { ", positions \($0) not committed (PostgreSQL did not finish the batch in time)" } ?? ""))
+            + (unfinished.map { ", positions \($0) left to the next run (PostgreSQL did not commit them in time; the next run reads whether it did)" } ?? ""))
     }
 
     /// `--reset`: checks that the server's log still starts at position 1 (else starting over
@@ -180,7 +180,8 @@ public final class Sink: Sendable {
     /// Compares the fingerprint the database stored with the server's event at that position: a
     /// database filled from another server's log must not be followed on as if it were this one's.
     private func checkSameLog(_ stored: StoredState, source: EventSource) async throws(SinkError) {
-        guard let last = stored.lastEvent else { return }
+        guard let fingerprint = stored.fingerprint, stored.highWater > 0 else { return }
+        let last = (position: stored.highWater, fingerprint: fingerprint)
         let otherLog = """
             \(configuration.database.description) holds another log's orders: the last event it applied, at position \
             \(last.position), is not the event \(configuration.server.description) has at that position. It was filled from \
@@ -208,7 +209,7 @@ public final class Sink: Sendable {
         var database: Database?
         var source: EventSource?
         var stored: UInt64 = 0
-        var storedState = StoredState(position: 0)
+        var storedState = StoredState(position: 0, highWater: 0)
         /// Whether ``checkSameLog`` has run since the last new connection to either side.
         var sameLogChecked = false
         var pending: [SinkEvent] = []
@@ -220,6 +221,8 @@ public final class Sink: Sendable {
         while !(isStopping && pending.isEmpty) {
             do {
                 if database == nil {
+                    // A stop does not wait for a new connection: what is pending is left to the next run.
+                    if isStopping { break }
                     let connected = try await Database.connect(configuration.database, statementTimeoutMillis: Int64(configuration.statementTimeoutMillis), logger: quiet)
                     database = connected
                     databaseCloser.withLock { $0 = connected.closer }
@@ -262,9 +265,9 @@ public final class Sink: Sendable {
                     continue
                 }
                 let applyStarted = ContinuousClock.now
-                try await database!.apply(plan)
+                try await database!.apply(plan, replay: storedState.replaying)
                 stored = plan.lastPosition
-                storedState = StoredState(position: stored, lastEvent: (stored, plan.lastFingerprint))
+                storedState = storedState.after(plan)
                 pending = []
                 backoff.reset()
                 lastProblem = nil

@@ -127,14 +127,26 @@ public enum SinkSQL {
     /// `changed_position`, an order ends only while PENDING, an event row is inserted once. The SKU
     /// changes run before the transitions, which raise `changed_position` of the SKUs they move:
     /// each event is guarded by one row's position, read before this batch touched it.
-    public static func statements(for plan: BatchPlan) -> [SinkStatement] {
+    ///
+    /// `replay`: whether rows may already hold events of this batch (the stored position is below
+    /// the highest ever applied, `last_event_position`). Only then do the inserts skip rows that
+    /// exist and the counts accept rows that already hold their event; otherwise the inserts are
+    /// plain (a row already there is a broken key: the database does not follow the log), which
+    /// costs PostgreSQL about half as much as the guarded form.
+    public static func statements(for plan: BatchPlan, replay: Bool = true) -> [SinkStatement] {
         var out: [SinkStatement] = []
+        /// The guarded insert's tail, or nothing.
+        func onConflict(_ key: String, returning: Bool = false) -> String {
+            replay ? "ON CONFLICT (\(key)) DO NOTHING" + (returning ? " RETURNING 1" : "") : (returning ? "RETURNING 1" : "")
+        }
         let range = "\(plan.previousPosition + 1)-\(plan.lastPosition)"
         let elsewhere = "it does not follow this server's log (another server's database, or changed by hand)"
         out.append(SinkStatement(
             sql: """
-                WITH moved AS (UPDATE stockade_sink_position SET position = $2, last_event_position = $2,
-                                      last_event_fingerprint = $3, updated_at = now()
+                WITH moved AS (UPDATE stockade_sink_position SET position = $2,
+                                      last_event_fingerprint = CASE WHEN $2 >= coalesce(last_event_position, 0) THEN $3
+                                                                    ELSE last_event_fingerprint END,
+                                      last_event_position = GREATEST(coalesce(last_event_position, 0), $2), updated_at = now()
                                WHERE id = 1 AND position = $1 RETURNING 1)
                 SELECT count(*) FROM moved
                 """,
@@ -149,8 +161,8 @@ public enum SinkSQL {
                          ins AS (INSERT INTO skus (sku_bytes, sku, total, available, reserved, sold, per_user_limit, paused,
                                                    added_position, changed_position, added_at, changed_at)
                                  SELECT b, NULLIF(t, ''), total, total, 0, 0, lim, false, added, added, now(), now() FROM n
-                                 ON CONFLICT (sku_bytes) DO NOTHING RETURNING 1)
-                    SELECT (SELECT count(*) FROM ins) + (SELECT count(*) FROM n JOIN skus s ON s.sku_bytes = n.b AND s.added_position = n.added)
+                                 \(onConflict("sku_bytes", returning: true)))
+                    SELECT (SELECT count(*) FROM ins)\(replay ? " + (SELECT count(*) FROM n JOIN skus s ON s.sku_bytes = n.b AND s.added_position = n.added)" : "")
                     """,
                 binds: [.byteas(rows.map(\.sku.bytes)), .texts(rows.map { $0.sku.text ?? "" }), .int64s(rows.map(\.total)),
                         .int64s(rows.map(\.limit)), .int64s(rows.map { position($0.addedPosition) })],
@@ -188,8 +200,8 @@ public enum SinkSQL {
                                FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[], $5::int8[]) AS n(id, u, ut, dl, created)),
                          ins AS (INSERT INTO orders (id, user_bytes, user_id, state, deadline_ms, created_position, changed_position, created_at, changed_at)
                                  SELECT id, u, NULLIF(ut, ''), 'PENDING', dl, created, created, now(), now() FROM n
-                                 ON CONFLICT (id) DO NOTHING RETURNING 1)
-                    SELECT (SELECT count(*) FROM ins) + (SELECT count(*) FROM n JOIN orders o ON o.id = n.id AND o.created_position = n.created)
+                                 \(onConflict("id", returning: true)))
+                    SELECT (SELECT count(*) FROM ins)\(replay ? " + (SELECT count(*) FROM n JOIN orders o ON o.id = n.id AND o.created_position = n.created)" : "")
                     """,
                 binds: [.texts(rows.map { String($0.id) }), .byteas(rows.map(\.user.bytes)), .texts(rows.map { $0.user.text ?? "" }),
                         .int64s(rows.map(\.deadlineMillis)), .int64s(rows.map { position($0.createdPosition) })],
@@ -200,7 +212,7 @@ public enum SinkSQL {
                 sql: """
                     INSERT INTO order_items (order_id, sku_bytes, sku, quantity)
                     SELECT id::numeric, b, NULLIF(t, ''), q FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[]) AS i(id, b, t, q)
-                    ON CONFLICT (order_id, sku_bytes) DO NOTHING
+                    \(onConflict("order_id, sku_bytes"))
                     """,
                 binds: [.texts(items.map { String($0.0) }), .byteas(items.map(\.1.sku.bytes)), .texts(items.map { $0.1.sku.text ?? "" }),
                         .int64s(items.map(\.1.quantity))]))
@@ -220,8 +232,7 @@ public enum SinkSQL {
                                           available = s.available + d.released - d.sold,
                                           changed_position = GREATEST(s.changed_position, d.pos), changed_at = now()
                                    FROM d WHERE s.sku_bytes = d.sku_bytes RETURNING 1)
-                    SELECT (SELECT count(*) FROM changed)
-                         + (SELECT count(*) FROM t JOIN orders o ON o.id = t.id AND o.state = t.state AND o.changed_position = t.pos)
+                    SELECT (SELECT count(*) FROM changed)\(replay ? " + (SELECT count(*) FROM t JOIN orders o ON o.id = t.id AND o.state = t.state AND o.changed_position = t.pos)" : "")
                     """,
                 binds: [.texts(rows.map { String($0.order) }), .texts(rows.map(\.state.rawValue)), .int64s(rows.map { position($0.position) })],
                 expectedCount: Int64(rows.count),
@@ -235,7 +246,7 @@ public enum SinkSQL {
                     SELECT p, ty, NULLIF(b, ''::bytea), NULLIF(o, '')::numeric, NULLIF(u, ''::bytea), CASE WHEN has THEN a END
                     FROM unnest($1::int8[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::int8[], $7::bool[])
                          AS e(p, ty, b, o, u, a, has)
-                    ON CONFLICT (position) DO NOTHING
+                    \(onConflict("position"))
                     """,
                 binds: [.int64s(rows.map(\.position)), .texts(rows.map(\.type)), .byteas(rows.map(\.sku)), .texts(rows.map(\.order)),
                         .byteas(rows.map(\.user)), .int64s(rows.map(\.amount)), .bools(rows.map(\.hasAmount))]))

@@ -310,8 +310,10 @@ private struct Generator: RandomNumberGenerator {
         var model = Tables()
         model.apply(first)
         let plan = try #require(try BatchPlan.fold(Array(events[1000...]), after: 1000, keepEvents: true))
-        let statements = SinkSQL.statements(for: plan)
+        for replay in [false, true] {
+        let statements = SinkSQL.statements(for: plan, replay: replay)
         #expect(statements.count <= 8)
+        #expect(statements.contains { $0.sql.contains("ON CONFLICT") } == replay)
         #expect(statements[0].sql.contains("stockade_sink_position"))
         #expect(statements[0].binds == [.int64(1000), .int64(2000), .int64(events[1999].fingerprint)] && statements[0].expectedCount == 1)
         #expect(statements[0].mismatch?.code == .concurrentSink)
@@ -328,6 +330,7 @@ private struct Generator: RandomNumberGenerator {
             #expect(Set(lengths).count <= 1, "\(statement.sql)")
             let placeholders = (1...max(1, statement.binds.count)).filter { statement.sql.contains("$\($0)") }
             #expect(placeholders.count == statement.binds.count, "\(statement.sql)")
+        }
         }
         #expect(!plan.transitions.isEmpty && !plan.skuChanges.isEmpty && !plan.newOrders.isEmpty && plan.events.count == 1000)
     }

@@ -482,7 +482,10 @@ def test_position_moved_back_by_hand_applies_nothing_twice(data_dir, postgres):
         assert_matches_server(postgres, r, orders)
         for back in (0, last // 2 + 3, last - 1):
             assert sink.stop() == 0
-            postgres.sql(f"UPDATE stockade_sink_position SET position = {back}")
+            if back == 0 or back == last - 1:
+                postgres.sql(f"UPDATE stockade_sink_position SET position = {back}")
+            else:  # as the re-seed in docs/OPERATIONS.md writes it: the highest position and fingerprint cleared
+                postgres.sql(f"UPDATE stockade_sink_position SET position = {back}, last_event_position = NULL, last_event_fingerprint = NULL")
             r.execute_command("SKU.RESTOCK", "case", 3)
             orders.append(r.execute_command("RESERVE", f"again-{back}", "case", 1))
             sink = SinkProcess(server, postgres, *args)
@@ -739,7 +742,7 @@ def test_a_postgres_that_stops_answering_costs_the_connection_not_the_sink(data_
         sink.proc.send_signal(signal.SIGTERM)
         assert sink.proc.wait(timeout=10) == 0, sink.logs()
         assert time.time() - started < 8
-        assert re.search(r"stopped at position %d .*not committed" % before, sink.logs()), sink.logs()
+        assert re.search(r"stopped at position %d .*left to the next run" % before, sink.logs()), sink.logs()
         signal_postgres(postgres, signal.SIGCONT)
         frozen = False
         sink = SinkProcess(server, postgres, "--keep-events")
