@@ -119,7 +119,11 @@ public struct SinkEvent: Equatable, Sendable {
             }
             // The server refuses a basket that lists a SKU twice; one would be an order_items row twice.
             guard Set(items.map(\.sku)).count == items.count else { throw bad(reply, "a SKU listed twice") }
-            change = .created(order: try order(2), user: try id(3), deadlineMillis: try integer(4), items: items)
+            // The `deadline` column is a timestamptz made from it: a deadline past year 9999 (no TTL
+            // gives one) would stop every batch with a PostgreSQL range error instead of this message.
+            let deadlineMillis = try integer(4)
+            guard (0...Self.deadlineMillisMax).contains(deadlineMillis) else { throw bad(reply, "a deadline before 1970 or past year 9999") }
+            change = .created(order: try order(2), user: try id(3), deadlineMillis: deadlineMillis, items: items)
         case "paid":
             try count(3)
             change = .paid(order: try order(2))
@@ -134,6 +138,9 @@ public struct SinkEvent: Equatable, Sendable {
         }
         return SinkEvent(position: position, change: change)
     }
+
+    /// The last millisecond of year 9999, UTC.
+    static let deadlineMillisMax: Int64 = 253_402_300_799_999
 
     /// A 64-bit hash (FNV-1a) of the event's position, type and every field, length-prefixed: what
     /// the sink stores with the last position it applied, to tell on start whether the server's log

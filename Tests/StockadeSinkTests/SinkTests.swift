@@ -57,6 +57,9 @@ private func bulk(_ bytes: [UInt8]) -> RESPReply { .bytes(bytes) }
             .array([.integer(1), bulk(Array("sku-added".utf8)), bulk(Array("tv".utf8)), .integer(-1), .integer(0)]),
             .array([.integer(1), bulk(Array("created".utf8)), bulk(Array("1".utf8)), bulk(Array("u".utf8)), .integer(5),
                     .array([bulk(Array("tv".utf8)), .integer(1), bulk(Array("tv".utf8)), .integer(2)])]),
+            // A deadline no timestamptz column takes.
+            .array([.integer(1), bulk(Array("created".utf8)), bulk(Array("1".utf8)), bulk(Array("u".utf8)), .integer(Int64.max),
+                    .array([bulk(Array("tv".utf8)), .integer(1)])]),
         ]
         for reply in bad {
             #expect(throws: SinkError.self) { try SinkEvent.decode(reply) }
