@@ -18,9 +18,10 @@ package final class CommandClient: Sendable {
     }
 
     /// Connects (and sends AUTH when `password` is set). `bulkAsBytes`: bulk replies come back as
-    /// ``RESPReply/bytes(_:)``, for ids that must stay byte strings.
+    /// ``RESPReply/bytes(_:)``, for ids that must stay byte strings. `timeout`: for AUTH's answer
+    /// (a server that accepts connections but does not answer would hold the caller forever).
     package static func connect(
-        group: EventLoopGroup, host: String, port: Int, password: String?, bulkAsBytes: Bool = false
+        group: EventLoopGroup, host: String, port: Int, password: String?, bulkAsBytes: Bool = false, timeout: TimeAmount? = nil
     ) async throws -> CommandClient {
         let channel = try await ClientBootstrap(group: group)
             .channelInitializer { channel in
@@ -34,7 +35,7 @@ package final class CommandClient: Sendable {
         }.get()
         let client = CommandClient(channel: channel, handler: handler)
         if let password, !password.isEmpty {
-            let reply = try await client.send(["AUTH", password])
+            let reply = try await client.send(["AUTH", password], timeout: timeout)
             guard reply == .simple("OK") else {
                 client.close()
                 throw BenchError("AUTH failed: \(reply.string ?? "\(reply)")")

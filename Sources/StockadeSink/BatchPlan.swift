@@ -3,53 +3,49 @@ public enum OrderState: String, Sendable {
     case pending = "PENDING", paid = "PAID", cancelled = "CANCELLED", expired = "EXPIRED"
 }
 
-/// What one batch of events does to the tables, folded in memory: new rows whole, and for rows that
-/// existed before the batch the net change. Pure (no clock, no I/O): ``SinkSQL`` turns it into a few
-/// statements whose count does not grow with the batch, and the tests compare it with a reference.
+/// What one batch of events does to the tables, as rows to insert and changes guarded per row.
+/// Pure (no clock, no I/O): ``SinkSQL`` turns it into a few statements whose count does not grow
+/// with the batch, and the tests compare it with a reference.
 ///
-/// Exactly once rests on positions: a plan starts right after the stored position and the
-/// transaction that applies it stores ``lastPosition``; events at or before the stored position were
-/// applied already and are left out, so replaying them changes nothing.
+/// Exactly once rests on positions, twice over. A plan starts right after the stored position and
+/// the transaction that applies it stores ``lastPosition``, so a restart resumes after it. And every
+/// row records the position of the last event that changed it (`changed_position`, `added_position`,
+/// `created_position`, the `events` key): an event at or before that position was applied to that
+/// row already and is a no-op for it. So a stored position moved back by hand (the TRIMMED
+/// recovery has operators write it) replays events without applying any of them twice.
 public struct BatchPlan: Equatable, Sendable {
-    /// A SKU first seen in this batch, as it stands at its end.
+    /// A SKU added in this batch, as its `sku-added` made it; its later events are ``SkuChange``s.
     public struct SkuRow: Equatable, Sendable {
         public var sku: ID
         public var total: Int64
-        public var available: Int64
-        public var reserved: Int64
-        public var sold: Int64
         public var limit: Int64
-        public var paused: Bool
         public var addedPosition: UInt64
-        public var changedPosition: UInt64
     }
 
-    /// The net change of a SKU that existed before this batch (its order transitions' share apart:
-    /// those are worked out by the database from the stored items, see ``transitions``).
-    public struct SkuDelta: Equatable, Sendable {
+    /// One event's change to one SKU: applied only if the SKU's row was last changed before
+    /// ``position``. Counters move by the amounts (which keep `available + reserved + sold = total`).
+    public struct SkuChange: Equatable, Sendable {
         public var sku: ID
+        public var position: UInt64
         public var total: Int64 = 0
         public var available: Int64 = 0
         public var reserved: Int64 = 0
         public var sold: Int64 = 0
-        /// The last pause or resume of the batch; nil: unchanged.
+        /// A pause or resume; nil: unchanged.
         public var paused: Bool?
-        public var changedPosition: UInt64
     }
 
-    /// An order created in this batch, in its state at the end of the batch.
+    /// An order created in this batch, as created (PENDING); its end, if in the batch, is a ``Transition``.
     public struct OrderRow: Equatable, Sendable {
         public var id: UInt64
         public var user: ID
         public var deadlineMillis: Int64
         public var items: [SinkEvent.Item]
-        public var state: OrderState
         public var createdPosition: UInt64
-        public var changedPosition: UInt64
     }
 
-    /// A PENDING order created before this batch that is paid, cancelled or expired in it. Its
-    /// stock moves by the items stored with it (reserved to sold, or back to available).
+    /// A PENDING order paid, cancelled or expired. Its stock moves by the items stored with it
+    /// (reserved to sold, or back to available), only while the order is still PENDING.
     public struct Transition: Equatable, Sendable {
         public var order: UInt64
         public var state: OrderState
@@ -60,8 +56,11 @@ public struct BatchPlan: Equatable, Sendable {
     public var previousPosition: UInt64
     /// The position of the batch's last event, stored by the same transaction.
     public var lastPosition: UInt64
+    /// ``SinkEvent/fingerprint`` of the event at ``lastPosition``, stored with it: on start the sink
+    /// compares it with the server's event at that position, to tell another server's log.
+    public var lastFingerprint: Int64
     public var newSkus: [SkuRow] = []
-    public var skuDeltas: [SkuDelta] = []
+    public var skuChanges: [SkuChange] = []
     public var newOrders: [OrderRow] = []
     public var transitions: [Transition] = []
     /// The events themselves, for the `events` table (`--keep-events`); empty otherwise.
@@ -72,10 +71,11 @@ public struct BatchPlan: Equatable, Sendable {
 
     /// Folds `events` (one EVENTS reply, in log order) into a plan applied after `stored`. Events at
     /// or before `stored` are dropped (already applied); the rest must follow `stored` with no gap.
-    /// nil when nothing is left to apply.
+    /// nil when nothing is left to apply. A log no server writes (an order ending twice, a counter
+    /// past 64 bits) is an error, never a trap.
     public static func fold(_ events: [SinkEvent], after stored: UInt64, keepEvents: Bool = false) throws(SinkError) -> BatchPlan? {
         let fresh = events.drop { $0.position <= stored }
-        guard let first = fresh.first else { return nil }
+        guard let first = fresh.first, let last = fresh.last else { return nil }
         var expected = stored + 1
         for event in fresh {
             guard event.position == expected else {
@@ -86,74 +86,90 @@ public struct BatchPlan: Equatable, Sendable {
         assert(first.position == stored + 1)
         var folder = Folder()
         for event in fresh { try folder.apply(event) }
-        var plan = BatchPlan(previousPosition: stored, lastPosition: expected - 1)
-        plan.newSkus = folder.newSkuOrder.map { folder.newSkus[$0]! }
-        plan.skuDeltas = folder.deltaOrder.map { folder.deltas[$0]! }
+        var plan = BatchPlan(previousPosition: stored, lastPosition: last.position, lastFingerprint: last.fingerprint)
+        plan.newSkus = folder.newSkus
+        plan.skuChanges = folder.skuChanges
         plan.newOrders = folder.newOrderOrder.map { folder.newOrders[$0]! }
         plan.transitions = folder.transitions
         if keepEvents { plan.events = Array(fresh) }
-        for row in plan.newSkus {
-            assert(row.available + row.reserved + row.sold == row.total, "a fold keeps every SKU's sum")
-        }
         return plan
     }
 
-    /// The fold's working state: rows by key, and keys in first-seen order (so a plan is the same
-    /// for the same events, and its statements too).
+    /// The counters of a SKU added in this batch, known exactly, so an amount that would carry
+    /// one past 64 bits is caught here with a message (the database would refuse it too, for SKUs
+    /// it held before the batch: a bigint out of range).
+    struct Counters {
+        var total: Int64, available: Int64, reserved: Int64, sold: Int64
+
+        mutating func apply(_ change: SkuChange) throws(SinkError) {
+            func add(_ a: Int64, _ b: Int64, _ what: String) throws(SinkError) -> Int64 {
+                let (sum, overflow) = a.addingReportingOverflow(b)
+                guard !overflow else {
+                    throw SinkError(.badEvent, "the event at position \(change.position) takes SKU \(change.sku)'s \(what) from \(a) by \(b), past what 64 bits hold: no server logs that; the sink stops rather than store a wrong count")
+                }
+                return sum
+            }
+            total = try add(total, change.total, "total")
+            available = try add(available, change.available, "available")
+            reserved = try add(reserved, change.reserved, "reserved")
+            sold = try add(sold, change.sold, "sold")
+        }
+    }
+
+    /// The fold's working state, in first-seen order (so a plan is the same for the same events,
+    /// and its statements too).
     private struct Folder {
-        var newSkus: [ID: SkuRow] = [:]
-        var newSkuOrder: [ID] = []
-        var deltas: [ID: SkuDelta] = [:]
-        var deltaOrder: [ID] = []
+        var newSkus: [SkuRow] = []
+        /// SKUs added in this batch and their counters as of the event being folded.
+        var added: [ID: Counters] = [:]
+        /// SKUs changed in this batch (an add after a change is not a log a server writes).
+        var touched: Set<ID> = []
+        var skuChanges: [SkuChange] = []
         var newOrders: [UInt64: OrderRow] = [:]
         var newOrderOrder: [UInt64] = []
         var transitions: [Transition] = []
-        var transitioned: [UInt64: UInt64] = [:]
+        var ended: [UInt64: UInt64] = [:]
 
-        /// Applies a change to a SKU: to its new row if it was added in this batch, else to its delta.
-        mutating func touch(_ sku: ID, at position: UInt64, _ change: (inout Int64, inout Int64, inout Int64, inout Int64, inout Bool?) -> Void) {
-            if var row = newSkus[sku] {
-                var paused: Bool? = row.paused
-                change(&row.total, &row.available, &row.reserved, &row.sold, &paused)
-                row.paused = paused ?? row.paused
-                row.changedPosition = position
-                newSkus[sku] = row
-                return
+        mutating func change(_ change: SkuChange) throws(SinkError) {
+            touched.insert(change.sku)
+            if var counters = added[change.sku] {
+                try counters.apply(change)
+                added[change.sku] = counters
             }
-            var delta = deltas[sku] ?? {
-                deltaOrder.append(sku)
-                return SkuDelta(sku: sku, changedPosition: position)
-            }()
-            change(&delta.total, &delta.available, &delta.reserved, &delta.sold, &delta.paused)
-            delta.changedPosition = position
-            deltas[sku] = delta
+            skuChanges.append(change)
+        }
+
+        /// `-amount`, for amounts the decoder bounds to at least 1 (so it cannot overflow).
+        func negated(_ amount: Int64, at position: UInt64) throws(SinkError) -> Int64 {
+            let (value, overflow) = Int64(0).subtractingReportingOverflow(amount)
+            guard !overflow else { throw SinkError(.badEvent, "the event at position \(position) has an amount of \(amount), which has no negative in 64 bits") }
+            return value
         }
 
         mutating func apply(_ event: SinkEvent) throws(SinkError) {
             let position = event.position
             switch event.change {
             case let .skuAdded(sku, total, limit):
-                guard newSkus[sku] == nil, deltas[sku] == nil else {
+                guard added[sku] == nil, !touched.contains(sku) else {
                     throw SinkError(.diverged, "SKU \(sku) is added at position \(position) but was already changed earlier in the same batch")
                 }
-                newSkus[sku] = SkuRow(sku: sku, total: total, available: total, reserved: 0, sold: 0, limit: limit,
-                                      paused: false, addedPosition: position, changedPosition: position)
-                newSkuOrder.append(sku)
+                added[sku] = Counters(total: total, available: total, reserved: 0, sold: 0)
+                touched.insert(sku)
+                newSkus.append(SkuRow(sku: sku, total: total, limit: limit, addedPosition: position))
             case let .restocked(sku, delta):
-                touch(sku, at: position) { total, available, _, _, _ in total += delta; available += delta }
+                try change(SkuChange(sku: sku, position: position, total: delta, available: delta))
             case let .pausedChanged(sku, paused):
-                touch(sku, at: position) { _, _, _, _, p in p = paused }
+                try change(SkuChange(sku: sku, position: position, paused: paused))
             case let .deducted(sku, quantity):
-                touch(sku, at: position) { _, available, _, sold, _ in available -= quantity; sold += quantity }
+                try change(SkuChange(sku: sku, position: position, available: try negated(quantity, at: position), sold: quantity))
             case let .created(order, user, deadlineMillis, items):
-                guard newOrders[order] == nil, transitioned[order] == nil else {
+                guard newOrders[order] == nil, ended[order] == nil else {
                     throw SinkError(.diverged, "order \(order) is created at position \(position) but was already seen earlier in the same batch")
                 }
                 for item in items {
-                    touch(item.sku, at: position) { _, available, reserved, _, _ in available -= item.quantity; reserved += item.quantity }
+                    try change(SkuChange(sku: item.sku, position: position, available: try negated(item.quantity, at: position), reserved: item.quantity))
                 }
-                newOrders[order] = OrderRow(id: order, user: user, deadlineMillis: deadlineMillis, items: items, state: .pending,
-                                            createdPosition: position, changedPosition: position)
+                newOrders[order] = OrderRow(id: order, user: user, deadlineMillis: deadlineMillis, items: items, createdPosition: position)
                 newOrderOrder.append(order)
             case .paid(let order): try end(order, .paid, at: position)
             case .cancelled(let order): try end(order, .cancelled, at: position)
@@ -161,28 +177,19 @@ public struct BatchPlan: Equatable, Sendable {
             }
         }
 
-        /// A PENDING order is paid, cancelled or expired: its hold becomes sold or goes back.
+        /// A PENDING order is paid, cancelled or expired. The database moves its stock by its stored
+        /// items; here only the counters of SKUs added in this batch follow, for the overflow check.
         mutating func end(_ order: UInt64, _ state: OrderState, at position: UInt64) throws(SinkError) {
-            if var row = newOrders[order] {
-                guard row.state == .pending else {
-                    throw SinkError(.diverged, "order \(order) becomes \(state.rawValue) at position \(position) but is already \(row.state.rawValue) (since position \(row.changedPosition))")
-                }
-                row.state = state
-                row.changedPosition = position
-                newOrders[order] = row
-                for item in row.items {
-                    touch(item.sku, at: position) { _, available, reserved, sold, _ in
-                        reserved -= item.quantity
-                        if state == .paid { sold += item.quantity } else { available += item.quantity }
-                    }
-                }
-                return
-            }
-            if let earlier = transitioned[order] {
+            if let earlier = ended[order] {
                 throw SinkError(.diverged, "order \(order) changes state at position \(earlier) and again at \(position) in the same batch")
             }
-            transitioned[order] = position
+            ended[order] = position
             transitions.append(Transition(order: order, state: state, position: position))
+            for item in newOrders[order]?.items ?? [] where added[item.sku] != nil {
+                var move = SkuChange(sku: item.sku, position: position, reserved: try negated(item.quantity, at: position))
+                if state == .paid { move.sold = item.quantity } else { move.available = item.quantity }
+                try added[item.sku]!.apply(move)
+            }
         }
     }
 }

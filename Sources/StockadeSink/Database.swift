@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import PostgresNIO
+import Synchronization
 
 /// Where the sink writes: a PostgreSQL database, reached with PostgresNIO over one connection.
 public struct DatabaseAddress: Sendable, Equatable {
@@ -28,37 +29,71 @@ public struct DatabaseAddress: Sendable, Equatable {
     public var description: String { "postgres://\(user)@\(host):\(port)/\(database)" }
 }
 
+/// What the database says the sink has applied.
+struct StoredState: Equatable {
+    /// The position of the last event applied (0: none yet); the next batch starts after it.
+    var position: UInt64
+    /// The highest position ever applied (`last_event_position`). It stays put when an operator
+    /// moves ``position`` back: below it, rows may already hold a batch's events (a replay).
+    var highWater: UInt64
+    /// ``SinkEvent/fingerprint`` of the event at ``highWater`` (nil: nothing to compare: none
+    /// applied, a database from before schema version 2, or cleared by a re-seed).
+    var fingerprint: Int64?
+
+    /// Whether the next batch may hold events rows already have (see ``SinkSQL/statements(for:replay:)``).
+    var replaying: Bool { position < highWater }
+
+    /// The state once `plan` is committed.
+    func after(_ plan: BatchPlan) -> StoredState {
+        plan.lastPosition >= highWater
+            ? StoredState(position: plan.lastPosition, highWater: plan.lastPosition, fingerprint: plan.lastFingerprint)
+            : StoredState(position: plan.lastPosition, highWater: highWater, fingerprint: fingerprint)
+    }
+}
+
 /// One connection to PostgreSQL: creates and migrates the schema, reads the stored position, and
-/// applies a batch in one transaction. Not Sendable: one task owns it.
+/// applies a batch in one transaction. Every round trip is bounded by ``statementTimeoutMillis``:
+/// a PostgreSQL that stops answering (a stopped process, a network that drops packets) costs the
+/// connection, never a wait without end. Not Sendable: one task owns it.
 final class Database {
     private let connection: PostgresConnection
     private let logger: Logger
+    private let statementTimeoutMillis: Int64
     let address: DatabaseAddress
 
-    private init(connection: PostgresConnection, address: DatabaseAddress, logger: Logger) {
+    private init(connection: PostgresConnection, address: DatabaseAddress, statementTimeoutMillis: Int64, logger: Logger) {
         self.connection = connection
         self.address = address
+        self.statementTimeoutMillis = statementTimeoutMillis
         self.logger = logger
     }
 
-    /// Time to wait for a TCP connection and the start-up handshake.
+    /// Time to wait for a TCP connection and the start-up handshake (PostgresNIO bounds both with it).
     static let connectTimeoutSeconds: Int64 = 5
 
-    static func connect(_ address: DatabaseAddress, logger: Logger) async throws(SinkError) -> Database {
+    static func connect(_ address: DatabaseAddress, statementTimeoutMillis: Int64, logger: Logger) async throws(SinkError) -> Database {
         var configuration = PostgresConnection.Configuration(
             host: address.host, port: address.port, username: address.user, password: address.password,
             database: address.database, tls: .disable)
         configuration.options.connectTimeout = .seconds(connectTimeoutSeconds)
         do {
             let connection = try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger)
-            return Database(connection: connection, address: address, logger: logger)
+            return Database(connection: connection, address: address, statementTimeoutMillis: statementTimeoutMillis, logger: logger)
         } catch {
             throw Self.classify(error, doing: "connecting to \(address.description)")
         }
     }
 
+    /// Closes the connection here, without a word to the server (which may not be answering): a
+    /// statement waiting for its answer fails at once.
     func close() async {
         try? await connection.close()
+    }
+
+    /// A closer usable from any thread (how a stop cuts a hung statement short).
+    var closer: @Sendable () -> Void {
+        let connection = self.connection
+        return { let _: EventLoopFuture<Void> = connection.close() }
     }
 
     /// Creates the tables, or brings them to ``SinkSQL/schemaVersion``. A database whose schema is
@@ -81,10 +116,25 @@ final class Database {
         return (from, SinkSQL.schemaVersion)
     }
 
-    /// The position of the last event applied (0: none yet).
-    func storedPosition() async throws(SinkError) -> UInt64 {
+    /// The stored position, the highest ever applied and its event's fingerprint. A database with
+    /// no highest position (migrated from version 1, or cleared by a re-seed) gets it from the rows'
+    /// own positions first, once (a scan of the tables).
+    func storedState() async throws(SinkError) -> StoredState {
         do {
-            return UInt64(try await singleInt("SELECT position FROM stockade_sink_position WHERE id = 1"))
+            try await query(PostgresQuery(unsafeSQL: """
+                UPDATE stockade_sink_position SET last_event_position = GREATEST(position,
+                    (SELECT max(changed_position) FROM skus), (SELECT max(changed_position) FROM orders), (SELECT max(position) FROM events))
+                WHERE id = 1 AND last_event_position IS NULL
+                """))
+            let rows = try await query(PostgresQuery(unsafeSQL: "SELECT position, last_event_position, last_event_fingerprint FROM stockade_sink_position WHERE id = 1"))
+            guard let row = rows.first else {
+                throw SinkError(.diverged, "stockade_sink_position has no row: was it emptied by hand? Start over with --reset")
+            }
+            let (position, highest, fingerprint) = try row.decode((Int64, Int64?, Int64?).self)
+            guard let stored = UInt64(exactly: position), let highWater = UInt64(exactly: highest ?? position) else {
+                throw SinkError(.diverged, "stockade_sink_position holds position \(position), highest \(highest ?? 0): changed by hand?")
+            }
+            return StoredState(position: stored, highWater: max(stored, highWater), fingerprint: highWater > 0 && highWater >= stored ? fingerprint : nil)
         } catch {
             throw Self.classify(error, doing: "reading the stored position")
         }
@@ -92,17 +142,27 @@ final class Database {
 
     /// Applies `plan` and stores its last position, all in one transaction: either every change of
     /// the batch and its position are committed, or none.
-    func apply(_ plan: BatchPlan) async throws(SinkError) {
-        let statements = SinkSQL.statements(for: plan)
+    func apply(_ plan: BatchPlan, replay: Bool) async throws(SinkError) {
+        let statements = SinkSQL.statements(for: plan, replay: replay)
         try await transaction("applying positions \(plan.previousPosition + 1)-\(plan.lastPosition)") {
             for statement in statements {
-                let rows = try await query(Self.query(statement)).collect()
+                let rows = try await query(Self.query(statement))
                 guard let expected = statement.expectedCount else { continue }
                 let count = try rows.first?.decode(Int64.self) ?? -1
                 if count != expected, let mismatch = statement.mismatch {
                     throw mismatch
                 }
             }
+        }
+    }
+
+    /// Empties the sink's tables and sets the position back to 0, in one transaction: the next run
+    /// applies the server's log from its first event.
+    func reset() async throws(SinkError) {
+        try await transaction("emptying the sink's tables") {
+            // The position row first: a sink writing meanwhile waits, then finds it moved.
+            try await query("UPDATE stockade_sink_position SET position = 0, last_event_position = NULL, last_event_fingerprint = NULL, updated_at = now() WHERE id = 1")
+            try await query(PostgresQuery(unsafeSQL: SinkSQL.reset))
         }
     }
 
@@ -118,7 +178,7 @@ final class Database {
             try await body()
             try await query("COMMIT")
         } catch {
-            _ = try? await query("ROLLBACK")
+            if !connection.isClosed { _ = try? await query("ROLLBACK") }
             if let sinkError = error as? SinkError { throw sinkError }
             throw Self.classify(error, doing: what)
         }
@@ -132,19 +192,35 @@ final class Database {
         }
     }
 
-    /// Runs one statement. A connection the server already closed (PostgreSQL shut down or
-    /// restarted while the sink was between batches) is refused here: PostgresNIO 1.33 writes a
-    /// query to a closed channel without a promise, so the query would wait forever.
+    /// Runs one statement and reads its rows, within ``statementTimeoutMillis``: past it the
+    /// connection is closed (the statement fails, and the sink reconnects with backoff). A
+    /// connection the server already closed (PostgreSQL shut down or restarted while the sink was
+    /// between batches) is refused here: PostgresNIO 1.33 writes a query to a closed channel
+    /// without a promise, so the query would wait forever.
     @discardableResult
-    private func query(_ query: PostgresQuery) async throws -> PostgresRowSequence {
+    private func query(_ query: PostgresQuery) async throws -> [PostgresRow] {
         guard !connection.isClosed else {
             throw SinkError(.databaseUnavailable, "PostgreSQL \(address.description) closed the connection")
         }
-        return try await connection.query(query, logger: logger)
+        let connection = self.connection
+        let timedOut = Atomic<Bool>(false)
+        let timer = connection.eventLoop.scheduleTask(in: .milliseconds(statementTimeoutMillis)) {
+            timedOut.store(true, ordering: .sequentiallyConsistent)
+            let _: EventLoopFuture<Void> = connection.close()
+        }
+        defer { timer.cancel() }
+        do {
+            return try await connection.query(query, logger: logger).collect()
+        } catch {
+            if timedOut.load(ordering: .sequentiallyConsistent) {
+                throw SinkError(.databaseUnavailable, "PostgreSQL \(address.description) did not answer within \(statementTimeoutMillis) ms (--statement-timeout-ms); the connection was dropped")
+            }
+            throw error
+        }
     }
 
     private func singleInt(_ sql: String) async throws -> Int64 {
-        let rows = try await query(PostgresQuery(unsafeSQL: sql)).collect()
+        let rows = try await query(PostgresQuery(unsafeSQL: sql))
         guard let first = rows.first else { throw SinkError(.diverged, "no row from: \(sql) (was the sink's table emptied by hand?)") }
         return try first.decode(Int64.self)
     }
@@ -164,6 +240,11 @@ final class Database {
         return PostgresQuery(unsafeSQL: statement.sql, binds: binds)
     }
 
+    /// SQLSTATEs outside the retried classes that a later try can get past: 55P03 a lock held past
+    /// `lock_timeout` (a long report, a VACUUM FULL), 55006 an object in use, 25006 a read-only
+    /// transaction (the address names a standby during a failover), 72000 a snapshot too old.
+    static let transientStates: Set<String> = ["55P03", "55006", "25006", "72000"]
+
     /// Sorts a PostgresNIO error into what the sink does next: connection trouble and a server
     /// shutting down or starting are retried; a refused login, a missing database or a broken
     /// constraint are not (retrying cannot fix them).
@@ -179,12 +260,15 @@ final class Database {
         let state = info[.sqlState] ?? "?????"
         let detail = [info[.message], info[.detail], info[.hint]].compactMap { $0 }.joined(separator: "; ")
         let text = "PostgreSQL: \(what): \(detail) (SQLSTATE \(state))"
+        if Self.transientStates.contains(state) { return SinkError(.databaseUnavailable, text) }
         switch state.prefix(2) {
-        // Connection exceptions, operator intervention (shutdown, starting up), insufficient
-        // resources, serialization failures and deadlocks: a later try can succeed.
+        // Connection exceptions, operator intervention (shutdown, starting up, a statement
+        // cancelled), insufficient resources (too many connections, disk full), serialization
+        // failures and deadlocks: a later try can succeed.
         case "08", "57", "53", "40": return SinkError(.databaseUnavailable, text)
         case "28", "3D": return SinkError(.configuration, text)
         case "23": return SinkError(.diverged, text + ": the database does not follow this server's log (another server's database, or changed by hand)")
+        case "22": return SinkError(.database, text + ": an event's amounts do not fit the table's columns (a bigint past 64 bits): no server logs that")
         default: return SinkError(.database, text)
         }
     }

@@ -68,7 +68,8 @@ final class EventSource {
     static func connect(_ address: ServerAddress, group: EventLoopGroup) async throws(SinkError) -> EventSource {
         do {
             let client = try await CommandClient.connect(
-                group: group, host: address.host, port: address.port, password: address.password, bulkAsBytes: true)
+                group: group, host: address.host, port: address.port, password: address.password, bulkAsBytes: true,
+                timeout: .milliseconds(replyTimeoutMillis))
             return EventSource(client: client, address: address)
         } catch let error as BenchError where error.description.hasPrefix("AUTH failed") {
             throw SinkError(.configuration, "Stockade at \(address.description) refused the password: \(error) (give it in the URL: redis://:password@host:port)")
@@ -91,13 +92,14 @@ final class EventSource {
         return { client.close() }
     }
 
-    /// Up to `count` events after `position`, waiting up to `blockMillis` for the first one.
-    func events(after position: UInt64, count: Int, blockMillis: Int) async throws(SinkError) -> [SinkEvent] {
+    /// Up to `count` events after `position`, waiting up to `blockMillis` for the first one (nil:
+    /// not at all).
+    func events(after position: UInt64, count: Int, blockMillis: Int?) async throws(SinkError) -> [SinkEvent] {
         let reply: RESPReply
         do {
-            reply = try await client.send(
-                ["EVENTS", String(position + 1), "COUNT", String(count), "BLOCK", String(blockMillis)],
-                timeout: .milliseconds(Int64(blockMillis) + Self.replyTimeoutMillis))
+            var command = ["EVENTS", String(position + 1), "COUNT", String(count)]
+            if let blockMillis { command += ["BLOCK", String(blockMillis)] }
+            reply = try await client.send(command, timeout: .milliseconds(Int64(blockMillis ?? 0) + Self.replyTimeoutMillis))
         } catch {
             throw SinkError(.serverUnavailable, "Stockade at \(address.description): EVENTS: \(error)")
         }
@@ -137,18 +139,19 @@ final class EventSource {
             let oldest = words.count > 1 ? String(words[1]) : "?"
             return SinkError(.trimmed, """
                 Stockade no longer has the events after position \(position) (its log now starts at \(oldest)): they were \
-                removed after a snapshot, so this database cannot be brought up to date from EVENTS. Recover by starting \
-                over into an empty database (a new one, or drop the tables skus, orders, order_items, events, \
-                stockade_sink_position and stockade_schema_version) while the server still has its whole log, or by \
+                removed after a snapshot, so this database cannot be brought up to date from EVENTS. Recover by \
                 re-seeding the tables from an export taken at a snapshot and storing that snapshot's position in \
-                stockade_sink_position. To keep this from happening, run the server with a larger \
-                --events-retention-segments and keep the sink running. (server: \(message))
+                stockade_sink_position (docs/OPERATIONS.md, "A trimmed log"). Starting over (--reset empties the \
+                tables) needs a server whose log still starts at position 1: from this one, every SKU and order from \
+                before position \(oldest) would be missing, so --reset refuses it. To keep this from happening, run the \
+                server with a larger --events-retention-segments and keep the sink running. (server: \(message))
                 """)
         case "BEYOND":
             return SinkError(.beyond, """
                 the database has applied events up to position \(position), past the end of this server's log: the \
                 server's data directory was replaced or restored from an older copy, or the sink is pointed at another \
-                server. The database no longer matches the server: start over into an empty database. (server: \(message))
+                server. The database no longer matches the server: start over (run the sink once with --reset, which \
+                empties its tables, then again without it). (server: \(message))
                 """)
         case "NOAUTH", "WRONGPASS":
             return SinkError(.configuration, "Stockade refused the sink: \(message) (give the password in the URL: redis://:password@host:port)")

@@ -1,3 +1,4 @@
+import Dispatch
 import Foundation
 import Logging
 import NIOCore
@@ -21,6 +22,13 @@ public struct SinkConfiguration: Sendable {
     public var progressSeconds = 5
     /// The longest wait between two tries to reach Stockade or PostgreSQL.
     public var retryDelayMillisMax = 5000
+    /// The longest wait for PostgreSQL to answer one statement, after which the connection is
+    /// dropped and made again with backoff. 30 s: a batch's statements take milliseconds to a few
+    /// seconds on a loaded database, so only a PostgreSQL that stopped answering (or a lock held
+    /// that long) reaches it, and an operator waits half a minute at most to see the sink say so.
+    public var statementTimeoutMillis = 30_000
+    /// `--reset`: empty the sink's tables and position, then return (``Sink/run()``).
+    public var reset = false
 
     public init(server: ServerAddress, database: DatabaseAddress) {
         self.server = server
@@ -42,6 +50,7 @@ public struct SinkConfiguration: Sendable {
         }
         guard (0...86_400).contains(progressSeconds) else { throw SinkError(.configuration, "--progress-seconds must be 0 to 86400") }
         guard (100...600_000).contains(retryDelayMillisMax) else { throw SinkError(.configuration, "--retry-max-ms must be 100 to 600000") }
+        guard (100...3_600_000).contains(statementTimeoutMillis) else { throw SinkError(.configuration, "--statement-timeout-ms must be 100 to 3600000") }
         if let metricsPort, !(0...65535).contains(metricsPort) { throw SinkError(.configuration, "--metrics-port must be 0 to 65535") }
     }
 }
@@ -58,8 +67,12 @@ public final class Sink: Sendable {
     private let group: MultiThreadedEventLoopGroup
     private let logger: Logger
     private let stopping = Atomic<Bool>(false)
-    /// Closes the Stockade connection while the sink waits on EVENTS, so a stop does not wait out BLOCK.
-    private let waitCloser = Mutex<(@Sendable () -> Void)?>(nil)
+    /// Closes the Stockade connection, so a stop does not wait out a BLOCK (or a server that does
+    /// not answer); set while the sink has one.
+    private let sourceCloser = Mutex<(@Sendable () -> Void)?>(nil)
+    /// Closes the PostgreSQL connection: a stop lets the batch in progress finish for
+    /// ``stopGraceMillis``, then closes it (a batch not committed is simply not applied).
+    private let databaseCloser = Mutex<(@Sendable () -> Void)?>(nil)
     private let progress = Mutex(Progress())
     private let started = ContinuousClock.now
 
@@ -85,12 +98,22 @@ public final class Sink: Sendable {
 
     deinit { try? group.syncShutdownGracefully() }
 
-    /// Asks the sink to stop: the batch being applied is committed, a wait on EVENTS is cut short,
-    /// then ``run()`` returns. Safe from any thread (a signal handler's queue).
+    /// How long a stop lets the batch in progress finish before dropping the PostgreSQL connection:
+    /// a batch commits in well under a second on a database that answers, and a SIGTERM (from an
+    /// orchestrator with its own kill deadline, often 10 s) must not wait on one that does not.
+    static let stopGraceMillis = 3000
+
+    /// Asks the sink to stop: the batch being applied is committed if PostgreSQL does so within
+    /// ``stopGraceMillis`` (else it is not, and exactly once still holds), a wait on EVENTS is cut
+    /// short, then ``run()`` returns. Safe from any thread (a signal handler's queue).
     public func stop() {
         stopping.store(true, ordering: .sequentiallyConsistent)
-        let closer = waitCloser.withLock { $0 }
+        let closer = sourceCloser.withLock { $0 }
         closer?()
+        DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(Self.stopGraceMillis)) {
+            let closer = self.databaseCloser.withLock { $0 }
+            closer?()
+        }
     }
 
     private var isStopping: Bool { stopping.load(ordering: .sequentiallyConsistent) }
@@ -112,16 +135,83 @@ public final class Sink: Sendable {
             ticker.cancel()
             metricsChannel?.close(promise: nil)
         }
-        try await follow()
+        if configuration.reset {
+            try await reset()
+            return
+        }
+        let unfinished = try await follow()
         let p = progress.withLock { $0 }
-        say("stopped at position \(p.position) after \(p.events) events in \(p.batches) batches")
+        say("stopped at position \(p.position) after \(p.events) events in \(p.batches) batches"
+            + (unfinished.map { ", positions \($0) left to the next run (PostgreSQL did not commit them in time; the next run reads whether it did)" } ?? ""))
+    }
+
+    /// `--reset`: checks that the server's log still starts at position 1 (else starting over
+    /// would leave out what came before it), then empties the tables and the position.
+    private func reset() async throws(SinkError) {
+        let database = try await Database.connect(configuration.database, statementTimeoutMillis: Int64(configuration.statementTimeoutMillis), logger: quiet)
+        do {
+            try await reset(database)
+            await database.close()
+        } catch {
+            await database.close()
+            throw error
+        }
+    }
+
+    private func reset(_ database: Database) async throws(SinkError) {
+        _ = try await database.migrate()
+        let source = try await EventSource.connect(configuration.server, group: group)
+        defer { source.close() }
+        do {
+            _ = try await source.events(after: 0, count: 1, blockMillis: nil)
+        } catch where error.code == .trimmed {
+            throw SinkError(.trimmed, """
+                --reset refused: \(configuration.server.description) no longer has the start of its log (\(error.message)). \
+                Starting over from it would leave out every SKU and order from before its first retained position, and the \
+                first later event that touches one would stop the sink. Re-seed the tables from an export taken at a \
+                snapshot instead (docs/OPERATIONS.md, "A trimmed log"). Nothing was changed.
+                """)
+        }
+        let before = try await database.storedState()
+        try await database.reset()
+        say("emptied skus, orders, order_items and events of \(configuration.database.description) (it had applied up to position \(before.position)); run the sink without --reset to apply the log of \(configuration.server.description) from position 1")
+    }
+
+    /// Compares the fingerprint the database stored with the server's event at that position: a
+    /// database filled from another server's log must not be followed on as if it were this one's.
+    private func checkSameLog(_ stored: StoredState, source: EventSource) async throws(SinkError) {
+        guard let fingerprint = stored.fingerprint, stored.highWater > 0 else { return }
+        let last = (position: stored.highWater, fingerprint: fingerprint)
+        let otherLog = """
+            \(configuration.database.description) holds another log's orders: the last event it applied, at position \
+            \(last.position), is not the event \(configuration.server.description) has at that position. It was filled from \
+            another server, or this server's data directory was replaced. Point --from at the server it follows, or \
+            start over for this one: run the sink once with --reset (it empties the sink's tables), then again without it.
+            """
+        let events: [SinkEvent]
+        do {
+            events = try await source.events(after: last.position - 1, count: 1, blockMillis: nil)
+        } catch where error.code == .trimmed {
+            say("warning: cannot check that \(configuration.server.description) is the server this database followed: its log no longer has position \(last.position)")
+            return
+        } catch where error.code == .beyond {
+            throw SinkError(.diverged, otherLog + " (the server's log ends before position \(last.position): \(error.message))")
+        }
+        guard let event = events.first, event.position == last.position else {
+            throw SinkError(.diverged, otherLog + " (the server sent no event at position \(last.position))")
+        }
+        guard event.fingerprint == last.fingerprint else { throw SinkError(.diverged, otherLog) }
     }
 
     /// The loop: fetch a batch after the stored position, fold it, apply it; on failure, back off.
-    private func follow() async throws(SinkError) {
+    /// Returns the positions of a batch a stop left uncommitted, if any.
+    private func follow() async throws(SinkError) -> String? {
         var database: Database?
         var source: EventSource?
         var stored: UInt64 = 0
+        var storedState = StoredState(position: 0, highWater: 0)
+        /// Whether ``checkSameLog`` has run since the last new connection to either side.
+        var sameLogChecked = false
         var pending: [SinkEvent] = []
         var pendingReachesEnd = false
         var pendingFetched = ContinuousClock.now
@@ -131,11 +221,16 @@ public final class Sink: Sendable {
         while !(isStopping && pending.isEmpty) {
             do {
                 if database == nil {
-                    let connected = try await Database.connect(configuration.database, logger: quiet)
+                    // A stop does not wait for a new connection: what is pending is left to the next run.
+                    if isStopping { break }
+                    let connected = try await Database.connect(configuration.database, statementTimeoutMillis: Int64(configuration.statementTimeoutMillis), logger: quiet)
                     database = connected
+                    databaseCloser.withLock { $0 = connected.closer }
                     let (from, to) = try await connected.migrate()
                     if from != to { say("schema of \(configuration.database.description) migrated from version \(from) to \(to)") }
-                    stored = try await connected.storedPosition()
+                    storedState = try await connected.storedState()
+                    stored = storedState.position
+                    sameLogChecked = false
                     say("PostgreSQL \(configuration.database.description): applied up to position \(stored)")
                     progress.withLock { $0.position = stored; $0.waiting = nil }
                     metrics.position.set(Double(stored))
@@ -144,6 +239,14 @@ public final class Sink: Sendable {
                     if isStopping { break }
                     if source == nil {
                         source = try await EventSource.connect(configuration.server, group: group)
+                        sourceCloser.withLock { $0 = source?.closer }
+                        // A stop that came before the closer was set: do not start a wait.
+                        if isStopping { break }
+                        sameLogChecked = false
+                    }
+                    if !sameLogChecked {
+                        try await checkSameLog(storedState, source: source!)
+                        sameLogChecked = true
                         say("following \(configuration.server.description) from position \(stored + 1)")
                         progress.withLock { $0.waiting = nil }
                     }
@@ -162,8 +265,9 @@ public final class Sink: Sendable {
                     continue
                 }
                 let applyStarted = ContinuousClock.now
-                try await database!.apply(plan)
+                try await database!.apply(plan, replay: storedState.replaying)
                 stored = plan.lastPosition
+                storedState = storedState.after(plan)
                 pending = []
                 backoff.reset()
                 lastProblem = nil
@@ -185,6 +289,7 @@ public final class Sink: Sendable {
                 case .databaseUnavailable:
                     if let database { await database.close() }
                     database = nil
+                    databaseCloser.withLock { $0 = nil }
                     metrics.retriesPostgres.increment()
                 case .serverUnavailable:
                     source?.close()
@@ -217,6 +322,9 @@ public final class Sink: Sendable {
         }
         source?.close()
         if let database { await database.close() }
+        databaseCloser.withLock { $0 = nil }
+        guard let first = pending.first(where: { $0.position > stored }), let last = pending.last else { return nil }
+        return "\(first.position)-\(last.position)"
     }
 
     /// Reads the server's position for the lag, at most about once a second.
@@ -231,12 +339,12 @@ public final class Sink: Sendable {
 
     /// One EVENTS after `stored` (and the server's position for the lag, about once a second).
     private func fetch(from source: EventSource, after stored: UInt64, lastPoll: inout ContinuousClock.Instant) async throws(SinkError) -> [SinkEvent] {
+        if isStopping { return [] }
         try await pollServer(source, lastPoll: &lastPoll)
-        waitCloser.withLock { $0 = source.closer }
-        defer { waitCloser.withLock { $0 = nil } }
         // A stop that came before the closer was set: do not start a wait.
         if isStopping { return [] }
-        return try await source.events(after: stored, count: configuration.batchEventsMax, blockMillis: configuration.waitMillis)
+        let events = try await source.events(after: stored, count: configuration.batchEventsMax, blockMillis: configuration.waitMillis)
+        return events
     }
 
     /// Once a second: the lag gauges; every ``SinkConfiguration/progressSeconds``: a progress line.

@@ -92,7 +92,9 @@ public struct SinkEvent: Equatable, Sendable {
         switch type {
         case "sku-added":
             try count(5)
-            change = .skuAdded(sku: try id(2), total: try integer(3), limit: try integer(4))
+            let total = try integer(3), limit = try integer(4)
+            guard total >= 0, limit >= 0 else { throw bad(reply, "a negative total or limit") }
+            change = .skuAdded(sku: try id(2), total: total, limit: limit)
         case "restocked":
             try count(4)
             change = .restocked(sku: try id(2), delta: try integer(3))
@@ -101,7 +103,9 @@ public struct SinkEvent: Equatable, Sendable {
             change = .pausedChanged(sku: try id(2), paused: type == "paused")
         case "deducted":
             try count(4)
-            change = .deducted(sku: try id(2), quantity: try integer(3))
+            let quantity = try integer(3)
+            guard quantity >= 1 else { throw bad(reply, "a quantity below 1") }
+            change = .deducted(sku: try id(2), quantity: quantity)
         case "created":
             try count(6)
             guard case .array(let pairs?) = fields[5], pairs.count % 2 == 0, !pairs.isEmpty else { throw bad(reply, "no items") }
@@ -113,7 +117,13 @@ public struct SinkEvent: Equatable, Sendable {
                 }
                 items.append(Item(sku: ID(sku), quantity: quantity))
             }
-            change = .created(order: try order(2), user: try id(3), deadlineMillis: try integer(4), items: items)
+            // The server refuses a basket that lists a SKU twice; one would be an order_items row twice.
+            guard Set(items.map(\.sku)).count == items.count else { throw bad(reply, "a SKU listed twice") }
+            // The `deadline` column is a timestamptz made from it: a deadline past year 9999 (no TTL
+            // gives one) would stop every batch with a PostgreSQL range error instead of this message.
+            let deadlineMillis = try integer(4)
+            guard (0...Self.deadlineMillisMax).contains(deadlineMillis) else { throw bad(reply, "a deadline before 1970 or past year 9999") }
+            change = .created(order: try order(2), user: try id(3), deadlineMillis: deadlineMillis, items: items)
         case "paid":
             try count(3)
             change = .paid(order: try order(2))
@@ -127,6 +137,34 @@ public struct SinkEvent: Equatable, Sendable {
             throw bad(reply, "unknown type '\(type)' (is this sink older than the server?)")
         }
         return SinkEvent(position: position, change: change)
+    }
+
+    /// The last millisecond of year 9999, UTC.
+    static let deadlineMillisMax: Int64 = 253_402_300_799_999
+
+    /// A 64-bit hash (FNV-1a) of the event's position, type and every field, length-prefixed: what
+    /// the sink stores with the last position it applied, to tell on start whether the server's log
+    /// is the one the database followed. Not a defence against a forger (a server can send any
+    /// events); two different events collide with a chance of about 1 in 2^64.
+    public var fingerprint: Int64 {
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        func byte(_ b: UInt8) { hash = (hash ^ UInt64(b)) &* 0x0000_0100_0000_01B3 }
+        func word(_ value: UInt64) { for shift in stride(from: 56, through: 0, by: -8) { byte(UInt8(truncatingIfNeeded: value >> UInt64(shift))) } }
+        func int(_ value: Int64) { word(UInt64(bitPattern: value)) }
+        func field(_ bytes: [UInt8]) { word(UInt64(bytes.count)); bytes.forEach(byte) }
+        word(position)
+        field(Array(type.utf8))
+        switch change {
+        case let .skuAdded(sku, total, limit): field(sku.bytes); int(total); int(limit)
+        case let .restocked(sku, delta): field(sku.bytes); int(delta)
+        case let .pausedChanged(sku, _): field(sku.bytes)
+        case let .deducted(sku, quantity): field(sku.bytes); int(quantity)
+        case let .created(order, user, deadlineMillis, items):
+            word(order); field(user.bytes); int(deadlineMillis); word(UInt64(items.count))
+            for item in items { field(item.sku.bytes); int(item.quantity) }
+        case .paid(let order), .cancelled(let order), .expired(let order): word(order)
+        }
+        return Int64(bitPattern: hash)
     }
 
     private static func bytes(_ reply: RESPReply) -> [UInt8]? {

@@ -90,6 +90,13 @@ public enum SinkSQL {
             )
             """,
         ],
+        // 2: the fingerprint of the last event applied (see ``BatchPlan/lastFingerprint``), and its
+        // position (which stays when an operator moves `position` back). NULL: nothing to compare.
+        // Every row already records the last event that changed it (changed_position and the
+        // like); from version 2 on the statements use it to make replays no-ops per row.
+        [
+            "ALTER TABLE stockade_sink_position ADD COLUMN last_event_position bigint, ADD COLUMN last_event_fingerprint bigint",
+        ],
     ]
 
     /// The schema version this sink writes.
@@ -104,75 +111,108 @@ public enum SinkSQL {
         )
         """
 
+    /// Empties the sink's tables (`--reset`); run in one transaction with the position set to 0.
+    public static let reset = "TRUNCATE events, order_items, orders, skus"
+
     /// Any fixed number, the same for every sink: serialises migrations.
     public static let migrationLockKey: Int64 = 0x53_54_4F_43_4B_41_44_45  // "STOCKADE"
 
     /// The statements of one batch, in the order they must run inside its transaction. The position
     /// comes first: its row lock makes a second sink on the same database wait, and then find the
     /// position moved and roll back, instead of applying the same events again.
-    public static func statements(for plan: BatchPlan) -> [SinkStatement] {
+    ///
+    /// Each statement is a no-op for rows that already hold its events (a replay after the stored
+    /// position was moved back): SKUs and orders are inserted unless present (and must then have
+    /// been added or created by the same event), a SKU's changes apply only after its
+    /// `changed_position`, an order ends only while PENDING, an event row is inserted once. The SKU
+    /// changes run before the transitions, which raise `changed_position` of the SKUs they move:
+    /// each event is guarded by one row's position, read before this batch touched it.
+    ///
+    /// `replay`: whether rows may already hold events of this batch (the stored position is below
+    /// the highest ever applied, `last_event_position`). Only then do the inserts skip rows that
+    /// exist and the counts accept rows that already hold their event; otherwise the inserts are
+    /// plain (a row already there is a broken key: the database does not follow the log), which
+    /// costs PostgreSQL about half as much as the guarded form.
+    public static func statements(for plan: BatchPlan, replay: Bool = true) -> [SinkStatement] {
         var out: [SinkStatement] = []
+        /// The guarded insert's tail, or nothing.
+        func onConflict(_ key: String, returning: Bool = false) -> String {
+            replay ? "ON CONFLICT (\(key)) DO NOTHING" + (returning ? " RETURNING 1" : "") : (returning ? "RETURNING 1" : "")
+        }
+        let range = "\(plan.previousPosition + 1)-\(plan.lastPosition)"
+        let elsewhere = "it does not follow this server's log (another server's database, or changed by hand)"
         out.append(SinkStatement(
             sql: """
-                WITH moved AS (UPDATE stockade_sink_position SET position = $2, updated_at = now()
+                WITH moved AS (UPDATE stockade_sink_position SET position = $2,
+                                      last_event_fingerprint = CASE WHEN $2 >= coalesce(last_event_position, 0) THEN $3
+                                                                    ELSE last_event_fingerprint END,
+                                      last_event_position = GREATEST(coalesce(last_event_position, 0), $2), updated_at = now()
                                WHERE id = 1 AND position = $1 RETURNING 1)
                 SELECT count(*) FROM moved
                 """,
-            binds: [.int64(position(plan.previousPosition)), .int64(position(plan.lastPosition))],
+            binds: [.int64(position(plan.previousPosition)), .int64(position(plan.lastPosition)), .int64(plan.lastFingerprint)],
             expectedCount: 1,
             mismatch: SinkError(.concurrentSink, "the stored position is no longer \(plan.previousPosition): another sink is writing to this database")))
         if !plan.newSkus.isEmpty {
             let rows = plan.newSkus
             out.append(SinkStatement(
                 sql: """
-                    INSERT INTO skus (sku_bytes, sku, total, available, reserved, sold, per_user_limit, paused,
-                                      added_position, changed_position, added_at, changed_at)
-                    SELECT b, NULLIF(t, ''), total, available, reserved, sold, lim, paused, added, changed, now(), now()
-                    FROM unnest($1::bytea[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int8[],
-                                $8::bool[], $9::int8[], $10::int8[])
-                         AS n(b, t, total, available, reserved, sold, lim, paused, added, changed)
+                    WITH n AS (SELECT * FROM unnest($1::bytea[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) AS n(b, t, total, lim, added)),
+                         ins AS (INSERT INTO skus (sku_bytes, sku, total, available, reserved, sold, per_user_limit, paused,
+                                                   added_position, changed_position, added_at, changed_at)
+                                 SELECT b, NULLIF(t, ''), total, total, 0, 0, lim, false, added, added, now(), now() FROM n
+                                 \(onConflict("sku_bytes", returning: true)))
+                    SELECT (SELECT count(*) FROM ins)\(replay ? " + (SELECT count(*) FROM n JOIN skus s ON s.sku_bytes = n.b AND s.added_position = n.added)" : "")
                     """,
-                binds: [.byteas(rows.map(\.sku.bytes)), .texts(rows.map { $0.sku.text ?? "" }),
-                        .int64s(rows.map(\.total)), .int64s(rows.map(\.available)), .int64s(rows.map(\.reserved)),
-                        .int64s(rows.map(\.sold)), .int64s(rows.map(\.limit)), .bools(rows.map(\.paused)),
-                        .int64s(rows.map { position($0.addedPosition) }), .int64s(rows.map { position($0.changedPosition) })]))
+                binds: [.byteas(rows.map(\.sku.bytes)), .texts(rows.map { $0.sku.text ?? "" }), .int64s(rows.map(\.total)),
+                        .int64s(rows.map(\.limit)), .int64s(rows.map { position($0.addedPosition) })],
+                expectedCount: Int64(rows.count),
+                mismatch: SinkError(.diverged, "the events of positions \(range) add SKUs the database already has from other events: \(elsewhere)")))
         }
-        if !plan.skuDeltas.isEmpty {
-            let rows = plan.skuDeltas
+        if !plan.skuChanges.isEmpty {
+            let rows = plan.skuChanges
             out.append(SinkStatement(
                 sql: """
-                    WITH d AS (SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int8[])
-                                        AS d(b, total, available, reserved, sold, paused, pos)),
+                    WITH c AS (SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int8[])
+                                        AS c(b, pos, total, available, reserved, sold, paused)),
+                         d AS (SELECT c.b, sum(c.total) AS total, sum(c.available) AS available, sum(c.reserved) AS reserved,
+                                      sum(c.sold) AS sold, max(c.pos) AS pos,
+                                      (array_agg(c.paused ORDER BY c.pos DESC) FILTER (WHERE c.paused >= 0))[1] AS paused
+                               FROM c JOIN skus s ON s.sku_bytes = c.b WHERE c.pos > s.changed_position GROUP BY c.b),
                          moved AS (UPDATE skus s SET total = s.total + d.total, available = s.available + d.available,
                                           reserved = s.reserved + d.reserved, sold = s.sold + d.sold,
                                           paused = CASE d.paused WHEN 0 THEN false WHEN 1 THEN true ELSE s.paused END,
                                           changed_position = d.pos, changed_at = now()
                                    FROM d WHERE s.sku_bytes = d.b RETURNING 1)
-                    SELECT count(*) FROM moved
+                    SELECT count(DISTINCT c.b) FROM c JOIN skus s ON s.sku_bytes = c.b
                     """,
-                binds: [.byteas(rows.map(\.sku.bytes)), .int64s(rows.map(\.total)), .int64s(rows.map(\.available)),
-                        .int64s(rows.map(\.reserved)), .int64s(rows.map(\.sold)),
-                        .int64s(rows.map { $0.paused.map { $0 ? 1 : 0 } ?? -1 }), .int64s(rows.map { position($0.changedPosition) })],
-                expectedCount: Int64(rows.count),
-                mismatch: SinkError(.diverged, "the events of positions \(plan.previousPosition + 1)-\(plan.lastPosition) change SKUs the database does not have: it does not follow this server's log (another server's database, or changed by hand)")))
+                binds: [.byteas(rows.map(\.sku.bytes)), .int64s(rows.map { position($0.position) }), .int64s(rows.map(\.total)),
+                        .int64s(rows.map(\.available)), .int64s(rows.map(\.reserved)), .int64s(rows.map(\.sold)),
+                        .int64s(rows.map { $0.paused.map { $0 ? 1 : 0 } ?? -1 })],
+                expectedCount: Int64(Set(rows.map(\.sku)).count),
+                mismatch: SinkError(.diverged, "the events of positions \(range) change SKUs the database does not have: \(elsewhere)")))
         }
         if !plan.newOrders.isEmpty {
             let rows = plan.newOrders
             out.append(SinkStatement(
                 sql: """
-                    INSERT INTO orders (id, user_bytes, user_id, state, deadline_ms, created_position, changed_position, created_at, changed_at)
-                    SELECT id::numeric, u, NULLIF(ut, ''), st, dl, created, changed, now(), now()
-                    FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[])
-                         AS o(id, u, ut, st, dl, created, changed)
+                    WITH n AS (SELECT id::numeric AS id, u, ut, dl, created
+                               FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[], $5::int8[]) AS n(id, u, ut, dl, created)),
+                         ins AS (INSERT INTO orders (id, user_bytes, user_id, state, deadline_ms, created_position, changed_position, created_at, changed_at)
+                                 SELECT id, u, NULLIF(ut, ''), 'PENDING', dl, created, created, now(), now() FROM n
+                                 \(onConflict("id", returning: true)))
+                    SELECT (SELECT count(*) FROM ins)\(replay ? " + (SELECT count(*) FROM n JOIN orders o ON o.id = n.id AND o.created_position = n.created)" : "")
                     """,
                 binds: [.texts(rows.map { String($0.id) }), .byteas(rows.map(\.user.bytes)), .texts(rows.map { $0.user.text ?? "" }),
-                        .texts(rows.map(\.state.rawValue)), .int64s(rows.map(\.deadlineMillis)),
-                        .int64s(rows.map { position($0.createdPosition) }), .int64s(rows.map { position($0.changedPosition) })]))
+                        .int64s(rows.map(\.deadlineMillis)), .int64s(rows.map { position($0.createdPosition) })],
+                expectedCount: Int64(rows.count),
+                mismatch: SinkError(.diverged, "the events of positions \(range) create orders the database already has from other events: \(elsewhere)")))
             let items = rows.flatMap { row in row.items.map { (row.id, $0) } }
             out.append(SinkStatement(
                 sql: """
                     INSERT INTO order_items (order_id, sku_bytes, sku, quantity)
                     SELECT id::numeric, b, NULLIF(t, ''), q FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[]) AS i(id, b, t, q)
+                    \(onConflict("order_id, sku_bytes"))
                     """,
                 binds: [.texts(items.map { String($0.0) }), .byteas(items.map(\.1.sku.bytes)), .texts(items.map { $0.1.sku.text ?? "" }),
                         .int64s(items.map(\.1.quantity))]))
@@ -183,7 +223,8 @@ public enum SinkSQL {
                 sql: """
                     WITH t AS (SELECT id::numeric AS id, state, pos FROM unnest($1::text[], $2::text[], $3::int8[]) AS t(id, state, pos)),
                          changed AS (UPDATE orders o SET state = t.state, changed_position = t.pos, changed_at = now()
-                                     FROM t WHERE o.id = t.id AND o.state = 'PENDING' RETURNING o.id, o.state, t.pos),
+                                     FROM t WHERE o.id = t.id AND o.state = 'PENDING' AND o.changed_position < t.pos
+                                     RETURNING o.id, o.state, t.pos),
                          d AS (SELECT i.sku_bytes, sum(i.quantity) AS released,
                                       sum(CASE WHEN c.state = 'PAID' THEN i.quantity ELSE 0 END) AS sold, max(c.pos) AS pos
                                FROM changed c JOIN order_items i ON i.order_id = c.id GROUP BY i.sku_bytes),
@@ -191,11 +232,11 @@ public enum SinkSQL {
                                           available = s.available + d.released - d.sold,
                                           changed_position = GREATEST(s.changed_position, d.pos), changed_at = now()
                                    FROM d WHERE s.sku_bytes = d.sku_bytes RETURNING 1)
-                    SELECT count(*) FROM changed
+                    SELECT (SELECT count(*) FROM changed)\(replay ? " + (SELECT count(*) FROM t JOIN orders o ON o.id = t.id AND o.state = t.state AND o.changed_position = t.pos)" : "")
                     """,
                 binds: [.texts(rows.map { String($0.order) }), .texts(rows.map(\.state.rawValue)), .int64s(rows.map { position($0.position) })],
                 expectedCount: Int64(rows.count),
-                mismatch: SinkError(.diverged, "the events of positions \(plan.previousPosition + 1)-\(plan.lastPosition) end orders the database does not hold as PENDING: it does not follow this server's log (another server's database, or changed by hand)")))
+                mismatch: SinkError(.diverged, "the events of positions \(range) end orders the database does not hold as PENDING: \(elsewhere)")))
         }
         if !plan.events.isEmpty {
             let rows = plan.events.map(eventRow)
@@ -205,6 +246,7 @@ public enum SinkSQL {
                     SELECT p, ty, NULLIF(b, ''::bytea), NULLIF(o, '')::numeric, NULLIF(u, ''::bytea), CASE WHEN has THEN a END
                     FROM unnest($1::int8[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::int8[], $7::bool[])
                          AS e(p, ty, b, o, u, a, has)
+                    \(onConflict("position"))
                     """,
                 binds: [.int64s(rows.map(\.position)), .texts(rows.map(\.type)), .byteas(rows.map(\.sku)), .texts(rows.map(\.order)),
                         .byteas(rows.map(\.user)), .int64s(rows.map(\.amount)), .bools(rows.map(\.hasAmount))]))
@@ -221,7 +263,9 @@ public enum SinkSQL {
         case let .restocked(sku, delta): (p, event.type, sku.bytes, "", [], delta, true)
         case let .pausedChanged(sku, _): (p, event.type, sku.bytes, "", [], 0, false)
         case let .deducted(sku, quantity): (p, event.type, sku.bytes, "", [], quantity, true)
-        case let .created(order, user, _, items): (p, event.type, [], String(order), user.bytes, items.reduce(0) { $0 + $1.quantity }, true)
+        // A basket's total units; wrapping, never a trap (quantities are 1 to 10^9 from a server, and
+        // an absurd sum only lands in this informational column).
+        case let .created(order, user, _, items): (p, event.type, [], String(order), user.bytes, items.reduce(0) { $0 &+ $1.quantity }, true)
         case .paid(let order), .cancelled(let order), .expired(let order): (p, event.type, [], String(order), [], 0, false)
         }
     }

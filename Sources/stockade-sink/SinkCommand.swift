@@ -13,7 +13,7 @@ struct SinkCommand: AsyncParsableCommand {
         discussion: """
             Creates and migrates its tables (skus, orders, order_items, events) in the database and keeps the last \
             position applied there, in the same transaction as each batch; a restart resumes from it. SIGTERM or \
-            SIGINT: the batch in progress is committed, then it exits 0. Exits 1 with a message on what retrying cannot \
+            SIGINT: the batch in progress is committed (if PostgreSQL does so within 3 s), then it exits 0. Exits 1 with a message on what retrying cannot \
             fix (a trimmed log, a database that does not follow the server, a refused login).
             """)
 
@@ -44,6 +44,12 @@ struct SinkCommand: AsyncParsableCommand {
     @Option(help: "Longest wait between two tries to reach Stockade or PostgreSQL (ms).")
     var retryMaxMs = 5000
 
+    @Option(help: "Longest wait for PostgreSQL to answer one statement before the connection is dropped and made again (ms).")
+    var statementTimeoutMs = 30_000
+
+    @Flag(help: "Start over: empty the sink's tables and position (only while the server's log still starts at position 1), then exit.")
+    var reset = false
+
     func run() async throws {
         do {
             try await runSink()
@@ -65,6 +71,8 @@ struct SinkCommand: AsyncParsableCommand {
         configuration.metricsHost = metricsHost
         configuration.progressSeconds = progressSeconds
         configuration.retryDelayMillisMax = retryMaxMs
+        configuration.statementTimeoutMillis = statementTimeoutMs
+        configuration.reset = reset
         try configuration.validate()
         let sink = Sink(configuration: configuration, logger: Logger(label: "stockade-sink"))
         let signals = [SIGTERM, SIGINT].map { number in

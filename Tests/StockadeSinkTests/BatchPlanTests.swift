@@ -1,74 +1,109 @@
 import Testing
 @testable import StockadeSink
 
-/// The tables as a reference model: what applying the events one at a time leaves.
+/// The tables as a reference model: what applying the events one at a time leaves, and (for
+/// plans) what the statements of ``SinkSQL`` do, row guards included.
 private struct Tables: Equatable {
     struct Sku: Equatable {
         var total: Int64, available: Int64, reserved: Int64, sold: Int64, limit: Int64, paused: Bool
+        var addedPosition: UInt64 = 0, changedPosition: UInt64 = 0
     }
     struct Order: Equatable {
         var user: ID, deadlineMillis: Int64, items: [SinkEvent.Item], state: OrderState
+        var createdPosition: UInt64 = 0, changedPosition: UInt64 = 0
     }
     var skus: [ID: Sku] = [:]
     var orders: [UInt64: Order] = [:]
+    var events: [UInt64: String] = [:]
     var position: UInt64 = 0
 
     /// One event, straight from its meaning in docs/PROTOCOL.md.
     mutating func apply(_ event: SinkEvent) {
         precondition(event.position == position + 1)
-        position = event.position
+        let p = event.position
+        position = p
+        events[p] = event.type
         switch event.change {
         case let .skuAdded(sku, total, limit):
-            skus[sku] = Sku(total: total, available: total, reserved: 0, sold: 0, limit: limit, paused: false)
+            skus[sku] = Sku(total: total, available: total, reserved: 0, sold: 0, limit: limit, paused: false, addedPosition: p, changedPosition: p)
         case let .restocked(sku, delta):
-            skus[sku]!.total += delta; skus[sku]!.available += delta
+            skus[sku]!.total += delta; skus[sku]!.available += delta; skus[sku]!.changedPosition = p
         case let .pausedChanged(sku, paused):
-            skus[sku]!.paused = paused
+            skus[sku]!.paused = paused; skus[sku]!.changedPosition = p
         case let .deducted(sku, quantity):
-            skus[sku]!.available -= quantity; skus[sku]!.sold += quantity
+            skus[sku]!.available -= quantity; skus[sku]!.sold += quantity; skus[sku]!.changedPosition = p
         case let .created(order, user, deadline, items):
-            orders[order] = Order(user: user, deadlineMillis: deadline, items: items, state: .pending)
-            for item in items { skus[item.sku]!.available -= item.quantity; skus[item.sku]!.reserved += item.quantity }
-        case .paid(let order): end(order, .paid)
-        case .cancelled(let order): end(order, .cancelled)
-        case .expired(let order): end(order, .expired)
+            orders[order] = Order(user: user, deadlineMillis: deadline, items: items, state: .pending, createdPosition: p, changedPosition: p)
+            for item in items {
+                skus[item.sku]!.available -= item.quantity; skus[item.sku]!.reserved += item.quantity; skus[item.sku]!.changedPosition = p
+            }
+        case .paid(let order): end(order, .paid, at: p)
+        case .cancelled(let order): end(order, .cancelled, at: p)
+        case .expired(let order): end(order, .expired, at: p)
         }
     }
 
-    private mutating func end(_ order: UInt64, _ state: OrderState) {
+    private mutating func end(_ order: UInt64, _ state: OrderState, at position: UInt64) {
         precondition(orders[order]!.state == .pending)
         orders[order]!.state = state
+        orders[order]!.changedPosition = position
         for item in orders[order]!.items {
             skus[item.sku]!.reserved -= item.quantity
             if state == .paid { skus[item.sku]!.sold += item.quantity } else { skus[item.sku]!.available += item.quantity }
+            skus[item.sku]!.changedPosition = max(skus[item.sku]!.changedPosition, position)
         }
     }
 
-    /// A plan, applied as its statements do (SinkSQL): inserts, deltas, then transitions of older
-    /// orders from their stored items, only while PENDING; the position only if it is the one expected.
+    /// A plan, applied as its statements do (SinkSQL), in their order: the position only if it is
+    /// the one expected; SKUs inserted unless present (then added by the same event); SKU changes
+    /// only after a row's changed position as it was before the statement; orders and items
+    /// inserted unless present; transitions only of PENDING orders changed before them; events once.
     mutating func apply(_ plan: BatchPlan) {
         precondition(plan.previousPosition == position, "the position statement would roll this batch back")
         position = plan.lastPosition
         for row in plan.newSkus {
-            precondition(skus[row.sku] == nil, "primary key")
-            skus[row.sku] = Sku(total: row.total, available: row.available, reserved: row.reserved, sold: row.sold, limit: row.limit, paused: row.paused)
+            if let existing = skus[row.sku] {
+                precondition(existing.addedPosition == row.addedPosition, "the insert's count check would roll this batch back")
+                continue
+            }
+            skus[row.sku] = Sku(total: row.total, available: row.total, reserved: 0, sold: 0, limit: row.limit, paused: false,
+                                addedPosition: row.addedPosition, changedPosition: row.addedPosition)
         }
-        for delta in plan.skuDeltas {
-            var sku = skus[delta.sku]!
-            sku.total += delta.total; sku.available += delta.available; sku.reserved += delta.reserved; sku.sold += delta.sold
-            sku.paused = delta.paused ?? sku.paused
-            skus[delta.sku] = sku
+        let before = skus
+        var paused: [ID: (UInt64, Bool)] = [:]
+        for change in plan.skuChanges {
+            let guardPosition = before[change.sku]!.changedPosition
+            guard change.position > guardPosition else { continue }
+            var sku = skus[change.sku]!
+            sku.total += change.total; sku.available += change.available; sku.reserved += change.reserved; sku.sold += change.sold
+            sku.changedPosition = max(sku.changedPosition, change.position)
+            if let p = change.paused, change.position >= (paused[change.sku]?.0 ?? 0) { paused[change.sku] = (change.position, p) }
+            skus[change.sku] = sku
         }
+        for (sku, (_, value)) in paused { skus[sku]!.paused = value }
         for row in plan.newOrders {
-            precondition(orders[row.id] == nil, "primary key")
-            orders[row.id] = Order(user: row.user, deadlineMillis: row.deadlineMillis, items: row.items, state: row.state)
+            if let existing = orders[row.id] {
+                precondition(existing.createdPosition == row.createdPosition, "the insert's count check would roll this batch back")
+                continue
+            }
+            orders[row.id] = Order(user: row.user, deadlineMillis: row.deadlineMillis, items: row.items, state: .pending,
+                                   createdPosition: row.createdPosition, changedPosition: row.createdPosition)
         }
         for transition in plan.transitions {
-            precondition(orders[transition.order]?.state == .pending, "the count check would roll this batch back")
-            end(transition.order, transition.state)
+            let order = orders[transition.order]!
+            if order.state == .pending && order.changedPosition < transition.position {
+                end(transition.order, transition.state, at: transition.position)
+            } else {
+                precondition(order.state == transition.state && order.changedPosition == transition.position,
+                             "the count check would roll this batch back")
+            }
         }
+        for event in plan.events where events[event.position] == nil { events[event.position] = event.type }
         for sku in skus.values { precondition(sku.available + sku.reserved + sku.sold == sku.total, "the CHECK constraint") }
     }
+
+    /// The stored position moved back by hand, as the TRIMMED recovery has operators write it.
+    mutating func movePositionBack(to stored: UInt64) { position = stored }
 }
 
 /// A seeded generator of valid event streams (what a server could log).
@@ -140,12 +175,93 @@ private struct Generator: RandomNumberGenerator {
         while at < events.count {
             let size = Int.random(in: 1...60, using: &rng)
             let batch = Array(events[at..<min(at + size, events.count)])
-            let plan = try #require(try BatchPlan.fold(batch, after: batched.position))
+            let plan = try #require(try BatchPlan.fold(batch, after: batched.position, keepEvents: true))
             #expect(plan.eventCount == batch.count)
             batched.apply(plan)
             at += size
         }
         #expect(batched == expected)
+    }
+
+    /// The stored position moved back by hand (to 0, to the middle of a batch, to a batch's edge)
+    /// and the events after it applied again, in batches cut anywhere: every row already holds
+    /// its events, so nothing changes, not even the events table.
+    @Test(arguments: 0..<30)
+    func replayAfterThePositionMovedBackChangesNothing(seed: UInt64) throws {
+        var rng = Generator(state: seed &+ 1000)
+        let events = rng.stream(count: 200)
+        var expected = Tables()
+        for event in events { expected.apply(event) }
+        var tables = Tables()
+        func applyAll(from start: Int, _ rng: inout Generator) throws {
+            var at = start
+            while at < events.count {
+                let size = Int.random(in: 1...50, using: &rng)
+                let plan = try #require(try BatchPlan.fold(Array(events[at..<min(at + size, events.count)]), after: tables.position, keepEvents: true))
+                tables.apply(plan)
+                at += size
+            }
+        }
+        try applyAll(from: 0, &rng)
+        #expect(tables == expected)
+        for back in [0, Int.random(in: 1..<200, using: &rng), 199] {
+            tables.movePositionBack(to: UInt64(back))
+            try applyAll(from: back, &rng)
+            #expect(tables == expected, "moved back to \(back)")
+        }
+    }
+
+    /// Amounts that would carry a counter past 64 bits (a broken or hostile server) stop the sink
+    /// with a message; they used to trap the process in the fold.
+    @Test func countersPast64BitsAreAnErrorNotATrap() {
+        let item = { (q: Int64) in [SinkEvent.Item(sku: "tv", quantity: q)] }
+        let streams: [[SinkEvent.Change]] = [
+            [.skuAdded(sku: "tv", total: Int64.max - 1, limit: 0), .restocked(sku: "tv", delta: 5)],
+            [.skuAdded(sku: "tv", total: 0, limit: 0), .restocked(sku: "tv", delta: Int64.min), .restocked(sku: "tv", delta: -1)],
+            [.skuAdded(sku: "tv", total: 0, limit: 0), .created(order: 1, user: "u", deadlineMillis: 1, items: item(Int64.max)),
+             .created(order: 2, user: "u", deadlineMillis: 1, items: item(Int64.max))],
+            [.skuAdded(sku: "tv", total: Int64.max, limit: 0), .deducted(sku: "tv", quantity: Int64.max), .deducted(sku: "tv", quantity: Int64.max),
+             .deducted(sku: "tv", quantity: Int64.max)],
+            [.skuAdded(sku: "tv", total: 0, limit: 0), .created(order: 1, user: "u", deadlineMillis: 1, items: item(Int64.max)),
+             .paid(order: 1), .created(order: 2, user: "u", deadlineMillis: 1, items: item(2)), .paid(order: 2)],
+            [.skuAdded(sku: "tv", total: 0, limit: 0), .deducted(sku: "tv", quantity: Int64.min)],
+        ]
+        for changes in streams {
+            let events = changes.enumerated().map { SinkEvent(position: UInt64($0.offset + 1), change: $0.element) }
+            do {
+                _ = try BatchPlan.fold(events, after: 0, keepEvents: true)
+                Issue.record("folded \(changes)")
+            } catch {
+                #expect(error.code == .badEvent && !error.isRetryable)
+                #expect(error.message.contains("64 bits"), "\(error.message)")
+            }
+        }
+        // The events table's basket total of a huge basket wraps instead of trapping.
+        let huge = SinkEvent(position: 1, change: .created(order: 1, user: "u", deadlineMillis: 1,
+                                                           items: [.init(sku: "a", quantity: Int64.max), .init(sku: "b", quantity: Int64.max)]))
+        var plan = BatchPlan(previousPosition: 0, lastPosition: 1, lastFingerprint: huge.fingerprint)
+        plan.events = [huge]
+        #expect(SinkSQL.statements(for: plan).count == 2)
+    }
+
+    /// The fingerprint stored with the position names the event: any field that differs changes it.
+    @Test func fingerprintsTellEventsApart() {
+        let base = SinkEvent(position: 7, change: .created(order: 9, user: "u", deadlineMillis: 100, items: [.init(sku: "tv", quantity: 2)]))
+        let others: [SinkEvent] = [
+            SinkEvent(position: 8, change: base.change),
+            SinkEvent(position: 7, change: .created(order: 10, user: "u", deadlineMillis: 100, items: [.init(sku: "tv", quantity: 2)])),
+            SinkEvent(position: 7, change: .created(order: 9, user: "v", deadlineMillis: 100, items: [.init(sku: "tv", quantity: 2)])),
+            SinkEvent(position: 7, change: .created(order: 9, user: "u", deadlineMillis: 101, items: [.init(sku: "tv", quantity: 2)])),
+            SinkEvent(position: 7, change: .created(order: 9, user: "u", deadlineMillis: 100, items: [.init(sku: "tv", quantity: 3)])),
+            SinkEvent(position: 7, change: .created(order: 9, user: "u", deadlineMillis: 100, items: [.init(sku: "tw", quantity: 2)])),
+            SinkEvent(position: 7, change: .paid(order: 9)),
+            SinkEvent(position: 7, change: .cancelled(order: 9)),
+        ]
+        #expect(base.fingerprint == SinkEvent(position: 7, change: base.change).fingerprint)
+        #expect(Set(others.map(\.fingerprint) + [base.fingerprint]).count == others.count + 1)
+        // Length prefixes: ids that split differently do not collide.
+        #expect(SinkEvent(position: 1, change: .skuAdded(sku: "ab", total: 1, limit: 0)).fingerprint
+            != SinkEvent(position: 1, change: .skuAdded(sku: "a", total: 1, limit: 0)).fingerprint)
     }
 
     /// A page seen again after a crash (the sink committed it, then died before asking for more):
@@ -194,10 +310,12 @@ private struct Generator: RandomNumberGenerator {
         var model = Tables()
         model.apply(first)
         let plan = try #require(try BatchPlan.fold(Array(events[1000...]), after: 1000, keepEvents: true))
-        let statements = SinkSQL.statements(for: plan)
-        #expect(statements.count <= 7)
+        for replay in [false, true] {
+        let statements = SinkSQL.statements(for: plan, replay: replay)
+        #expect(statements.count <= 8)
+        #expect(statements.contains { $0.sql.contains("ON CONFLICT") } == replay)
         #expect(statements[0].sql.contains("stockade_sink_position"))
-        #expect(statements[0].binds == [.int64(1000), .int64(2000)] && statements[0].expectedCount == 1)
+        #expect(statements[0].binds == [.int64(1000), .int64(2000), .int64(events[1999].fingerprint)] && statements[0].expectedCount == 1)
         #expect(statements[0].mismatch?.code == .concurrentSink)
         for statement in statements {
             let lengths = statement.binds.compactMap { value -> Int? in
@@ -213,6 +331,7 @@ private struct Generator: RandomNumberGenerator {
             let placeholders = (1...max(1, statement.binds.count)).filter { statement.sql.contains("$\($0)") }
             #expect(placeholders.count == statement.binds.count, "\(statement.sql)")
         }
-        #expect(!plan.transitions.isEmpty && !plan.skuDeltas.isEmpty && !plan.newOrders.isEmpty && plan.events.count == 1000)
+        }
+        #expect(!plan.transitions.isEmpty && !plan.skuChanges.isEmpty && !plan.newOrders.isEmpty && plan.events.count == 1000)
     }
 }

@@ -51,6 +51,15 @@ private func bulk(_ bytes: [UInt8]) -> RESPReply { .bytes(bytes) }
             .array([.integer(1), bulk(Array("refunded".utf8)), bulk(Array("1".utf8))]),
             .array([.integer(1), bulk(Array("created".utf8)), bulk(Array("1".utf8)), bulk(Array("u".utf8)), .integer(5), .array([])]),
             .array([.integer(1), bulk(Array("restocked".utf8)), bulk([]), .integer(5)]),
+            // Amounts no server logs: a deduction below 1, a negative total, a SKU twice in a basket.
+            .array([.integer(1), bulk(Array("deducted".utf8)), bulk(Array("tv".utf8)), .integer(Int64.min)]),
+            .array([.integer(1), bulk(Array("deducted".utf8)), bulk(Array("tv".utf8)), .integer(0)]),
+            .array([.integer(1), bulk(Array("sku-added".utf8)), bulk(Array("tv".utf8)), .integer(-1), .integer(0)]),
+            .array([.integer(1), bulk(Array("created".utf8)), bulk(Array("1".utf8)), bulk(Array("u".utf8)), .integer(5),
+                    .array([bulk(Array("tv".utf8)), .integer(1), bulk(Array("tv".utf8)), .integer(2)])]),
+            // A deadline no timestamptz column takes.
+            .array([.integer(1), bulk(Array("created".utf8)), bulk(Array("1".utf8)), bulk(Array("u".utf8)), .integer(Int64.max),
+                    .array([bulk(Array("tv".utf8)), .integer(1)])]),
         ]
         for reply in bad {
             #expect(throws: SinkError.self) { try SinkEvent.decode(reply) }
@@ -95,5 +104,17 @@ private func bulk(_ bytes: [UInt8]) -> RESPReply { .bytes(bytes) }
         let beyond = EventSource.refusal("BEYOND 10 position 42 is beyond the end of the log (last position 10)", after: 41)
         #expect(beyond.code == .beyond && !beyond.isRetryable && beyond.message.contains("start over"))
         #expect(EventSource.refusal("UNAVAILABLE fsync failed", after: 1).isRetryable)
+        // Starting over from a trimmed log would miss what came before it: the message says so.
+        #expect(trimmed.message.contains("--reset") && trimmed.message.contains("before position 900"))
+    }
+
+    /// A lock held past lock_timeout, a serialization failure, a deadlock, a server shutting down or
+    /// out of connections: retried with backoff. A refused login, a broken constraint: not.
+    @Test func transientDatabaseErrorsAreRetried() {
+        #expect(Database.transientStates.contains("55P03"))
+        for state in ["55P03", "40001", "40P01", "57P01", "53300", "08006", "25006"] {
+            let prefixRetried = ["08", "57", "53", "40"].contains(String(state.prefix(2)))
+            #expect(prefixRetried || Database.transientStates.contains(state), "\(state)")
+        }
     }
 }

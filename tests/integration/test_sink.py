@@ -273,7 +273,8 @@ def test_flash_sale_lands_in_postgres_exactly(data_dir, postgres):
         assert events == [[str(last), "1", str(last)]]
         assert postgres.sql("SELECT count(*) FROM orders WHERE state = 'EXPIRED'")[0][0] != "0"
         assert postgres.sql("SELECT sku_bytes FROM skus WHERE sku = 'caf\u00e9'") == [["\\x636166c3a9"]]
-        assert postgres.sql("SELECT max(version) FROM stockade_schema_version") == [["1"]]
+        assert postgres.sql("SELECT max(version) FROM stockade_schema_version") == [["2"]]
+        assert postgres.sql("SELECT last_event_position FROM stockade_sink_position") == [[str(last)]]
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert f"stockade_sink_position {last}" in text
         assert re.search(r"stockade_sink_events_total %d\b" % last, text)
@@ -435,8 +436,13 @@ def test_a_trimmed_log_stops_the_sink_with_how_to_recover(data_dir, postgres):
         assert sink.proc.wait(timeout=30) == 1
         logs = sink.logs()
         assert "no longer has the events after position 1" in logs
-        assert "start over into an empty database" in logs or "starting over into an empty database" in logs
+        assert "re-seeding the tables" in logs and "--reset refuses it" in logs
         assert postgres.sql("SELECT position FROM stockade_sink_position") == [["1"]]
+        # Starting over from this log would miss what came before its first position: refused, nothing changed.
+        reset = SinkProcess(server, postgres, "--reset")
+        assert reset.proc.wait(timeout=30) == 1
+        assert "--reset refused" in reset.logs() and "Nothing was changed" in reset.logs()
+        assert postgres.sql("SELECT position, (SELECT count(*) FROM skus) FROM stockade_sink_position") == [["1", "1"]]
     finally:
         if sink:
             sink.stop()
@@ -453,3 +459,301 @@ def test_stockade_sink_without_the_sink_binary_says_how_to_build_it(tmp_path):
     # Beside its sibling, arguments (--help too) are the sink's own.
     out = subprocess.run([BINARY, "sink", "--help"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "USAGE: stockade-sink" in out.stdout and "--keep-events" in out.stdout
+
+
+def sink_position(pg):
+    return int(pg.sql("SELECT position FROM stockade_sink_position")[0][0])
+
+
+def test_position_moved_back_by_hand_applies_nothing_twice(data_dir, postgres):
+    """The stored position written back by hand (to 0, to the middle of a batch), as the TRIMMED
+    recovery has operators do: every row records the last event that changed it, so the replayed
+    events change nothing, and the events table holds each position once. It used to stop the sink
+    (a SKU inserted twice) or count a restock twice. A database of schema version 1 migrates to 2."""
+    server = Server(data_dir, "--shards", "2").start()
+    sink = None
+    try:
+        r = server.client()
+        args = ("--keep-events", "--batch-events", "13")
+        sink = SinkProcess(server, postgres, *args)
+        orders = flash_sale(r)
+        wait_expired(r, orders)
+        last = settle(r, postgres, sink)
+        assert_matches_server(postgres, r, orders)
+        for back in (0, last // 2 + 3, last - 1):
+            assert sink.stop() == 0
+            if back == 0 or back == last - 1:
+                postgres.sql(f"UPDATE stockade_sink_position SET position = {back}")
+            else:  # as the re-seed in docs/OPERATIONS.md writes it: the highest position and fingerprint cleared
+                postgres.sql(f"UPDATE stockade_sink_position SET position = {back}, last_event_position = NULL, last_event_fingerprint = NULL")
+            r.execute_command("SKU.RESTOCK", "case", 3)
+            orders.append(r.execute_command("RESERVE", f"again-{back}", "case", 1))
+            sink = SinkProcess(server, postgres, *args)
+            last = settle(r, postgres, sink)
+            assert_matches_server(postgres, r, orders)
+            assert postgres.sql("SELECT count(*), count(DISTINCT position), min(position), max(position) FROM events") == \
+                [[str(last), str(last), "1", str(last)]], back
+        # A database the sink of schema version 1 wrote (no fingerprint columns): migrated, followed on.
+        assert sink.stop() == 0
+        postgres.sql("ALTER TABLE stockade_sink_position DROP COLUMN last_event_position, DROP COLUMN last_event_fingerprint;"
+                     " DELETE FROM stockade_schema_version WHERE version = 2")
+        orders.append(r.execute_command("RESERVE", "after-v1", "case", 1))
+        sink = SinkProcess(server, postgres, *args)
+        sink.wait_for(r"migrated from version 1 to 2")
+        last = settle(r, postgres, sink)
+        assert_matches_server(postgres, r, orders)
+        assert postgres.sql("SELECT last_event_position FROM stockade_sink_position") == [[str(last)]]
+        assert sink.stop() == 0
+    finally:
+        if sink:
+            sink.stop()
+        server.stop()
+
+
+def start_on_port(data_dir, port, *args):
+    """A server on a fixed port (so a running sink reconnects to whatever listens there)."""
+    server = Server(data_dir)
+    server.log = open(server.log_path, "ab")
+    server.proc = subprocess.Popen([BINARY, "serve", "--port", str(port), "--data-dir", data_dir, *args],
+                                   stdout=subprocess.DEVNULL, stderr=server.log)
+    server.port = port
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("server did not start")
+
+
+def test_a_database_of_another_servers_log_stops_the_sink_and_reset_starts_over(data_dir, postgres):
+    """The sink follows server A; A is replaced on the same port by server B whose log is longer
+    and different: on reconnecting the sink compares the fingerprint stored with its position with
+    B's event there, stops (exit 1) saying the database holds another log's orders, and changes
+    nothing. It used to follow B on silently. `--reset` then empties the tables in one command, and
+    the sink starts over from B's first event."""
+    port = free_port()
+    other_dir = tempfile.mkdtemp(prefix="stockade-it-other-")
+    a = b = sink = None
+    try:
+        a = start_on_port(data_dir, port)
+        ra = a.client()
+        ra.execute_command("SKU.ADD", "tv", 100)
+        a_orders = [ra.execute_command("RESERVE", f"a{u}", "tv", 1) for u in range(10)]
+        sink = SinkProcess(a, postgres)
+        stored = settle(ra, postgres, sink)
+        a.stop()
+        b = start_on_port(other_dir, port)
+        rb = b.client()
+        # The same SKU, other orders: every later event of B would apply cleanly to A's tables.
+        rb.execute_command("SKU.ADD", "tv", 100)
+        b_orders = [rb.execute_command("RESERVE", f"b{u}", "tv", 2) for u in range(30)]
+        assert durable_position(rb) > stored
+        assert sink.proc.wait(timeout=15) == 1, sink.logs()
+        logs = sink.logs()
+        assert "holds another log's orders" in logs and f"position {stored}" in logs and "--reset" in logs
+        assert sink_position(postgres) == stored
+        assert postgres.sql("SELECT count(*) FROM orders WHERE user_id LIKE 'b%'") == [["0"]]
+        # A fresh start against B's database state fails the same way (the check on start, not only on reconnect).
+        sink = SinkProcess(b, postgres)
+        assert sink.proc.wait(timeout=30) == 1 and "holds another log's orders" in sink.logs()
+        # Start over, for B.
+        reset = SinkProcess(b, postgres, "--reset")
+        assert reset.proc.wait(timeout=30) == 0, reset.logs()
+        assert "run the sink without --reset" in reset.logs()
+        assert postgres.sql("SELECT position, last_event_position IS NULL FROM stockade_sink_position") == [["0", "t"]]
+        assert postgres.sql("SELECT (SELECT count(*) FROM skus) + (SELECT count(*) FROM orders) + (SELECT count(*) FROM order_items)") == [["0"]]
+        sink = SinkProcess(b, postgres)
+        settle(rb, postgres, sink)
+        assert_matches_server(postgres, rb, b_orders)
+        assert postgres.sql("SELECT count(*) FROM orders WHERE user_id LIKE 'a%'") == [["0"]]
+        assert sink.stop() == 0
+    finally:
+        if sink:
+            sink.stop()
+        for s in (a, b):
+            if s:
+                s.stop()
+        shutil.rmtree(other_dir, ignore_errors=True)
+        shutil.rmtree(other_dir + "-logs", ignore_errors=True)
+
+
+def test_a_lock_held_past_lock_timeout_is_retried(data_dir, postgres):
+    """Another session holds a lock on skus longer than the database's lock_timeout: the sink's
+    batch fails with SQLSTATE 55P03, and the sink retries with backoff until the lock is released,
+    then ends equal to the server. It used to exit 1."""
+    postgres.sql("ALTER DATABASE postgres SET lock_timeout = '200ms'")
+    server = Server(data_dir, "--shards", "2").start()
+    sink = holder = None
+    try:
+        r = server.client()
+        sink = SinkProcess(server, postgres)
+        r.execute_command("SKU.ADD", "tv", 1000)
+        orders = [r.execute_command("RESERVE", f"a{u}", "tv", 1) for u in range(10)]
+        settle(r, postgres, sink)
+        holder = subprocess.Popen(
+            ["psql", "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres", "-d", "postgres", "-X", "-q",
+             "-v", "ON_ERROR_STOP=1", "-c", "SET lock_timeout = 0", "-c",
+             "BEGIN; LOCK TABLE skus IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(2.5); COMMIT;"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 10
+        while postgres.sql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                           "WHERE c.relname = 'skus' AND l.mode = 'AccessExclusiveLock' AND l.granted") != [["1"]]:
+            assert time.time() < deadline and holder.poll() is None, holder.stderr.read()
+            time.sleep(0.05)
+        orders += [r.execute_command("RESERVE", f"b{u}", "tv", 1) for u in range(10)]
+        sink.wait_for(r"55P03\).*retrying with backoff")
+        assert holder.wait(timeout=30) == 0
+        settle(r, postgres, sink)
+        assert sink.proc.poll() is None
+        assert_matches_server(postgres, r, orders)
+        assert sink.stop() == 0
+    finally:
+        if holder and holder.poll() is None:
+            holder.kill()
+        if sink:
+            sink.stop()
+        server.stop()
+
+
+def postgres_pids(pg):
+    """The postmaster and every process it started (backends, checkpointer, ...)."""
+    with open(os.path.join(pg.data, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    pids = [postmaster]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == postmaster:
+                pids.append(int(entry))
+    return pids
+
+
+def signal_postgres(pg, number):
+    for pid in postgres_pids(pg):
+        try:
+            os.kill(pid, number)
+        except ProcessLookupError:
+            pass
+
+
+class Relay:
+    """A TCP relay to PostgreSQL on a free port; `blackhole()` stops forwarding on every connection
+    open now, without closing it (a network path that died: no reset, no answer, ever); new
+    connections are forwarded."""
+
+    def __init__(self, target_port):
+        import threading
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.connections = []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        import threading
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            state = {"dead": False, "sockets": (client, upstream)}
+            self.connections.append(state)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pump, args=(a, b, state), daemon=True).start()
+
+    @staticmethod
+    def pump(a, b, state):
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                if state["dead"]:
+                    continue
+                b.sendall(data)
+        except OSError:
+            pass
+        if not state["dead"]:
+            for s in state["sockets"]:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def blackhole(self):
+        for state in self.connections:
+            state["dead"] = True
+
+    def close(self):
+        self.listener.close()
+        for state in self.connections:
+            for s in state["sockets"]:
+                s.close()
+
+
+def test_a_postgres_that_stops_answering_costs_the_connection_not_the_sink(data_dir, postgres):
+    """The sink's connection to PostgreSQL stops carrying anything (a relay that drops every byte
+    and never closes) while events keep coming: a statement gets no answer within
+    --statement-timeout-ms, the sink drops the connection, reconnects with backoff and ends equal.
+    PostgreSQL frozen (SIGSTOP of the postmaster and its backends), a SIGTERM makes the sink exit 0
+    within a few seconds, the batch in progress not committed, and a new sink applies it exactly
+    once. The sink used to wait forever in both, SIGTERM too."""
+    server = Server(data_dir, "--shards", "2").start()
+    sink = None
+    frozen = False
+    relay = Relay(postgres.port)
+    try:
+        r = server.client()
+        sink = SinkProcess(server, postgres, "--statement-timeout-ms", "1000", "--keep-events")
+        sink.proc.kill()
+        sink.proc.wait()
+        sink.proc = subprocess.Popen(
+            [SINK, "--from", f"redis://127.0.0.1:{server.port}", "--to", f"postgres://postgres@127.0.0.1:{relay.port}/postgres",
+             "--progress-seconds", "1", "--retry-max-ms", "500", "--statement-timeout-ms", "1000", "--keep-events"],
+            stdout=subprocess.DEVNULL, stderr=sink.log)
+        r.execute_command("SKU.ADD", "tv", 1000)
+        orders = [r.execute_command("RESERVE", f"a{u}", "tv", 1) for u in range(10)]
+        settle(r, postgres, sink)
+        relay.blackhole()
+        orders += [r.execute_command("RESERVE", f"b{u}", "tv", 1) for u in range(10)]
+        sink.wait_for(r"did not answer within 1000 ms.*retrying with backoff")
+        settle(r, postgres, sink)
+        assert_matches_server(postgres, r, orders)
+        assert sink.stop() == 0
+        # SIGTERM while PostgreSQL does not answer: bounded by the stop grace, not by the timeout.
+        sink = SinkProcess(server, postgres, "--keep-events")
+        sink.wait_for(r"following")
+        before = sink_position(postgres)
+        signal_postgres(postgres, signal.SIGSTOP)
+        frozen = True
+        orders += [r.execute_command("RESERVE", f"c{u}", "tv", 1) for u in range(10)]
+        time.sleep(1.5)  # the sink has the batch and waits on PostgreSQL
+        started = time.time()
+        sink.proc.send_signal(signal.SIGTERM)
+        assert sink.proc.wait(timeout=10) == 0, sink.logs()
+        assert time.time() - started < 8
+        assert re.search(r"stopped at position %d .*left to the next run" % before, sink.logs()), sink.logs()
+        signal_postgres(postgres, signal.SIGCONT)
+        frozen = False
+        sink = SinkProcess(server, postgres, "--keep-events")
+        last = settle(r, postgres, sink)
+        assert_matches_server(postgres, r, orders)
+        assert postgres.sql("SELECT count(*), count(DISTINCT position) FROM events") == [[str(last), str(last)]]
+        assert sink.stop() == 0
+    finally:
+        if frozen:
+            signal_postgres(postgres, signal.SIGCONT)
+        if sink:
+            sink.stop()
+        relay.close()
+        server.stop()
