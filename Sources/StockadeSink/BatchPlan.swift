@@ -174,6 +174,7 @@ public struct BatchPlan: Equatable, Sendable {
             case .paid(let order): try end(order, .paid, at: position)
             case .cancelled(let order): try end(order, .cancelled, at: position)
             case .expired(let order): try end(order, .expired, at: position)
+            case .epoch: break  // a new primary term: nothing in the tables changes
             }
         }
 

@@ -39,6 +39,8 @@ public struct SinkEvent: Equatable, Sendable {
         case paid(order: UInt64)
         case cancelled(order: UInt64)
         case expired(order: UInt64)
+        /// A node became primary for this term (docs/REPLICATION.md): no stock or order changed.
+        case epoch(UInt64)
     }
 
     /// One SKU of an order and its quantity.
@@ -63,6 +65,7 @@ public struct SinkEvent: Equatable, Sendable {
         case .paid: "paid"
         case .cancelled: "cancelled"
         case .expired: "expired"
+        case .epoch: "epoch"
         }
     }
 
@@ -133,6 +136,11 @@ public struct SinkEvent: Equatable, Sendable {
         case "expired":
             try count(3)
             change = .expired(order: try order(2))
+        case "epoch":
+            try count(3)
+            let epoch = try integer(2)
+            guard epoch >= 1 else { throw bad(reply, "epoch \(epoch) below 1") }
+            change = .epoch(UInt64(epoch))
         default:
             throw bad(reply, "unknown type '\(type)' (is this sink older than the server?)")
         }
@@ -163,6 +171,7 @@ public struct SinkEvent: Equatable, Sendable {
             word(order); field(user.bytes); int(deadlineMillis); word(UInt64(items.count))
             for item in items { field(item.sku.bytes); int(item.quantity) }
         case .paid(let order), .cancelled(let order), .expired(let order): word(order)
+        case .epoch(let epoch): word(epoch)
         }
         return Int64(bitPattern: hash)
     }

@@ -267,6 +267,7 @@ public enum SinkSQL {
         // an absurd sum only lands in this informational column).
         case let .created(order, user, _, items): (p, event.type, [], String(order), user.bytes, items.reduce(0) { $0 &+ $1.quantity }, true)
         case .paid(let order), .cancelled(let order), .expired(let order): (p, event.type, [], String(order), [], 0, false)
+        case .epoch(let epoch): (p, event.type, [], "", [], Int64(bitPattern: epoch), true)
         }
     }
 

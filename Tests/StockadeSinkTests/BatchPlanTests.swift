@@ -40,6 +40,7 @@ private struct Tables: Equatable {
         case .paid(let order): end(order, .paid, at: p)
         case .cancelled(let order): end(order, .cancelled, at: p)
         case .expired(let order): end(order, .expired, at: p)
+        case .epoch: break
         }
     }
 
@@ -127,7 +128,10 @@ private struct Generator: RandomNumberGenerator {
             let known = names.filter { model.skus[$0] != nil }
             let pending = model.orders.filter { $0.value.state == .pending }.keys.sorted()
             let change: SinkEvent.Change
-            switch Int.random(in: 0..<10, using: &self) {
+            switch Int.random(in: 0..<11, using: &self) {
+            case 10:
+                // A promotion: a new term, nothing in the tables changes.
+                change = .epoch(UInt64(position))
             case 0 where known.count < names.count:
                 change = .skuAdded(sku: names.first { model.skus[$0] == nil }!, total: Int64.random(in: 5...50, using: &self), limit: 0)
             case 1 where !known.isEmpty:

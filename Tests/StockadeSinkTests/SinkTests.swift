@@ -27,6 +27,7 @@ private func bulk(_ bytes: [UInt8]) -> RESPReply { .bytes(bytes) }
         #expect(try SinkEvent.decode(entry("*3\r\n:7\r\n$4\r\npaid\r\n$2\r\n42\r\n")).change == .paid(order: 42))
         #expect(try SinkEvent.decode(entry("*3\r\n:8\r\n$9\r\ncancelled\r\n$2\r\n42\r\n")).change == .cancelled(order: 42))
         #expect(try SinkEvent.decode(entry("*3\r\n:9\r\n$7\r\nexpired\r\n$2\r\n42\r\n")).change == .expired(order: 42))
+        #expect(try SinkEvent.decode(entry("*3\r\n:10\r\n$5\r\nepoch\r\n:7\r\n")).change == .epoch(7))
     }
 
     /// Ids are bytes: not UTF-8, or equal to another as Unicode, they stay what the server sent.
@@ -51,6 +52,9 @@ private func bulk(_ bytes: [UInt8]) -> RESPReply { .bytes(bytes) }
             .array([.integer(1), bulk(Array("refunded".utf8)), bulk(Array("1".utf8))]),
             .array([.integer(1), bulk(Array("created".utf8)), bulk(Array("1".utf8)), bulk(Array("u".utf8)), .integer(5), .array([])]),
             .array([.integer(1), bulk(Array("restocked".utf8)), bulk([]), .integer(5)]),
+            // An epoch is a number from 1, alone.
+            .array([.integer(1), bulk(Array("epoch".utf8)), .integer(0)]),
+            .array([.integer(1), bulk(Array("epoch".utf8)), .integer(3), .integer(4)]),
             // Amounts no server logs: a deduction below 1, a negative total, a SKU twice in a basket.
             .array([.integer(1), bulk(Array("deducted".utf8)), bulk(Array("tv".utf8)), .integer(Int64.min)]),
             .array([.integer(1), bulk(Array("deducted".utf8)), bulk(Array("tv".utf8)), .integer(0)]),

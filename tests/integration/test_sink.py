@@ -757,3 +757,28 @@ def test_a_postgres_that_stops_answering_costs_the_connection_not_the_sink(data_
             sink.stop()
         relay.close()
         server.stop()
+
+
+def test_epoch_events_change_nothing_in_the_tables(data_dir, postgres):
+    """A promotion logs an `epoch` event (docs/REPLICATION.md); the sink takes it in its stride:
+    the tables equal the server, and with --keep-events the event has its row."""
+    server = Server(data_dir, "--shards", "2", "--io-threads", "1").start()
+    sink = None
+    try:
+        r = server.client()
+        orders = flash_sale(r)
+        # Follow nothing for a moment, then become primary again: a new term in the log.
+        assert r.execute_command("REPLICAOF", "127.0.0.1", 1) == "OK"
+        assert r.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        epoch = int(r.info("replication")["log_epoch"])
+        assert epoch > 0
+        orders += flash_sale(r, skus=("tv", "cam", "mug"), seed=8)
+        sink = SinkProcess(server, postgres, "--keep-events")
+        wait_expired(r, orders)
+        settle(r, postgres, sink)
+        assert_matches_server(postgres, r, orders)
+        assert postgres.sql("SELECT type, amount FROM events WHERE type = 'epoch'") == [["epoch", str(epoch)]]
+    finally:
+        if sink:
+            sink.stop()
+        server.stop()
