@@ -39,6 +39,9 @@ final class Coordinator: Sendable {
     /// not stand again until restarted (a failed log refuses every change until then anyway).
     private let unfit = Mutex(false)
 
+    /// When this coordinator started (monotonic): it stands in no election before a lease has passed.
+    private let startedNanos = monotonicNanos()
+
     init(etcd: EtcdClient, cluster: String, advertise: String, leaseSeconds: Int, server: ServerContext) {
         self.etcd = etcd
         self.cluster = cluster
@@ -126,6 +129,12 @@ final class Coordinator: Sendable {
         // No primary: the node with the newest history takes the key. A node that cannot stand (its
         // history was refused) never does.
         guard let mine = standing else { return }
+        // Fencing counts on etcd keeping a lapsed primary's key until its lease ends. A node that has
+        // not watched etcd for a whole lease (it just started), or saw etcd's revision go back (its
+        // data was lost, and the key with it, while the old primary's lease may still run), waits a
+        // lease before it stands: by then any former primary's own bound has passed.
+        let quietSince = max(startedNanos, etcd.revisions.wentBackNanos ?? 0)
+        guard monotonicNanos() >= quietSince + UInt64(leaseSeconds) * 1_000_000_000 else { return }
         var candidates = try await etcd.prefix(nodesPrefix).compactMap { kv -> Candidate? in
             let address = String(kv.key.dropFirst(nodesPrefix.count))
             guard address != advertise else { return nil }
@@ -190,6 +199,23 @@ struct EtcdClient: Sendable {
     let host: String
     let port: Int
     let blockingWork: BlockingWorkExecutor
+    /// etcd's revision as its answers report it: going back means etcd lost its data (replaced by an
+    /// empty one, or restored from an older copy), and with it the leases a primary's fencing counts on.
+    let revisions = RevisionWatch()
+
+    /// The highest revision seen, and when (monotonic) an answer last reported a lower one.
+    final class RevisionWatch: Sendable {
+        private let state = Mutex<(highest: Int64, wentBackNanos: UInt64?)>((0, nil))
+
+        func observe(_ revision: Int64, nowNanos: UInt64) {
+            state.withLock {
+                if revision < $0.highest { $0.wentBackNanos = nowNanos }
+                $0.highest = revision
+            }
+        }
+
+        var wentBackNanos: UInt64? { state.withLock { $0.wentBackNanos } }
+    }
 
     /// A request that takes longer is a failed tick (the next one tries again).
     static let timeoutSeconds = 1
@@ -284,6 +310,10 @@ struct EtcdClient: Sendable {
         let line = body.firstIndex(of: 10).map { body[..<$0] } ?? body
         let json = try JSONSerialization.jsonObject(with: Data(line))
         guard let object = json as? [String: Any] else { throw Failure(description: "\(path): not a JSON object") }
+        let header = (object["result"] as? [String: Any])?["header"] ?? object["header"]
+        if let revision = ((header as? [String: Any])?["revision"] as? String).flatMap(Int64.init) {
+            revisions.observe(revision, nowNanos: monotonicNanos())
+        }
         return object
     }
 

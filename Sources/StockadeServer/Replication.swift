@@ -570,6 +570,11 @@ final class ReplicaLink: Sendable {
                     throw ReplicationError("the primary refused the password (--primary-auth)", fatal: true)
                 }
             }
+            // A log that failed (a write or sync error: a full disk, say) takes nothing until the node
+            // restarts; its appended position may hold a record that never became durable.
+            if let failure = journal.failureReason {
+                throw ReplicationError("this node's log failed (\(failure)): it takes no records until it is restarted", fatal: true)
+            }
             var next = journal.lastAppendedLSN + 1
             var request = ["REPLICATE", String(next), "LISTENING-PORT", String(server.listeningPort.withLock { $0 }), "FULLCOPY"]
             let reader = LogReader(directory: server.store.directory)

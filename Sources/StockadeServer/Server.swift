@@ -310,8 +310,9 @@ final class ServerContext: Sendable {
             out.writeRESPInteger(Int64(link.port))
             out.writeRESPBulk(link.state)
             out.writeRESPInteger(Int64(store.journal.lastDurableLSN))
-        } else if engine.role.isFollower {
-            // Read-only and following nobody (see ``replicationInfo()``): not a primary to a client.
+        } else if engine.role.isReadOnly {
+            // Read-only and following nobody, or a primary fenced by its lapsed lease (see
+            // ``replicationInfo()``): not a primary to a client now.
             out.writeRESPArrayHeader(5)
             out.writeRESPBulk("slave")
             out.writeRESPBulk("")
@@ -447,8 +448,9 @@ final class ServerContext: Sendable {
         }
         let replicas = replication.replicas
         // A read-only node that follows nobody (a coordinator's node before it knows the primary, a
-        // promotion that could not log its term) is no primary: `role:slave`, its link down.
-        if engine.role.isFollower {
+        // promotion that could not log its term, a primary whose lease lapsed) is no primary now:
+        // `role:slave`, its link down.
+        if engine.role.isReadOnly {
             return [
                 ("role", "slave"), ("master_host", ""), ("master_port", "0"), ("master_link_status", "down"),
                 ("master_link_state", "none"), ("slave_repl_offset", String(durable)), ("slave_read_only", "1"),

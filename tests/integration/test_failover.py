@@ -354,3 +354,70 @@ def test_an_etcd_that_started_again_below_the_logs_epoch_still_elects(data_dir):
         etcd.wait()
         for root in roots:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def test_etcd_replaced_while_the_primary_is_frozen_never_gives_two_primaries(data_dir):
+    """etcd replaced by an empty one while the primary is frozen: the other node found no key and
+    took it at once, while the old primary, woken within its own lease bound, took writes too (two
+    primaries). Now a node that sees etcd's revision go back waits a lease before it stands. The
+    writes are sent to the frozen primary after the other node was seen writable (or after 2.6 s),
+    and it is woken while its own bound still runs: none may be acknowledged if the other node
+    was writable before they were sent."""
+    if shutil.which("etcd") is None:
+        pytest.fail("etcd is not installed (make installs Debian's etcd-server)")
+    lease = 4  # a longer lease: the old primary's bound outlasts the other node's takeover
+    client, peer = free_port(), free_port()
+    roots = [tempfile.mkdtemp(prefix="stockade-etcd-") for _ in range(2)]
+    etcd = start_etcd(roots[0], client, peer)
+    nodes = [Server(os.path.join(data_dir, f"n{i}"), "--shards", "2", "--coordinator", f"etcd://127.0.0.1:{client}",
+                    "--cluster", "sale", "--lease-seconds", str(lease)).start() for i in range(2)]
+    writes = None
+    try:
+        old = primary_of(nodes, timeout=lease * 3 + 10)
+        other = next(n for n in nodes if n is not old)
+        old.client().execute_command("SKU.ADD", "tv", 1_000_000)
+        assert old.client().execute_command("WAIT", 1, 5000) == 1
+        writes = socket.create_connection(("127.0.0.1", old.port))
+        frozen = time.time()
+        os.kill(old.proc.pid, signal.SIGSTOP)
+        try:
+            etcd.kill()
+            etcd.wait()
+            etcd = start_etcd(roots[1], client, peer)
+            watcher = other.client(socket_timeout=2)
+            other_writable = False
+            while time.time() < frozen + 2.6:
+                try:
+                    if watcher.info("replication").get("writable") == 1:
+                        other_writable = True
+                        break
+                except redis.RedisError:
+                    pass
+                time.sleep(0.01)
+            writes.sendall(b"".join(b"RESERVE late%d tv 1\r\n" % i for i in range(20)))
+        finally:
+            os.kill(old.proc.pid, signal.SIGCONT)
+        writes.settimeout(10)
+        replies = b""
+        while replies.count(b"\r\n") < 20:
+            part = writes.recv(65536)
+            if not part:
+                break
+            replies += part
+        acknowledged = [line for line in replies.split(b"\r\n") if line.startswith(b":") or line.startswith(b"$")]
+        if other_writable:
+            assert acknowledged == [], f"the old primary acknowledged {len(acknowledged)} writes sent after the other node took over"
+        primary_of(nodes, timeout=lease * 4 + 10)
+    finally:
+        if writes:
+            writes.close()
+        for node in nodes:
+            try:
+                os.kill(node.proc.pid, signal.SIGCONT)
+            except OSError:
+                pass
+            node.stop()
+        etcd.kill()
+        etcd.wait()
+        for root in roots:
+            shutil.rmtree(root, ignore_errors=True)

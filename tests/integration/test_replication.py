@@ -1024,6 +1024,13 @@ def test_a_promotion_that_cannot_log_its_term_stays_a_replica(data_dir):
         assert role[0] == "slave" and role[2] == x.port, role
         with pytest.raises(redis.exceptions.ReadOnlyError):
             pr.execute_command("SKU.ADD", "cam", 1)
+        # Its link says what is wrong: the log failed (not "ahead", not DIVERGED: the unsynced epoch
+        # record used a position, and advice to move the data directory aside would be false).
+        deadline = time.time() + 10
+        while info(pr)["master_link_state"] != "stopped" and time.time() < deadline:
+            time.sleep(0.05)
+        state = info(pr)
+        assert "log failed" in state["master_link_error"] and "DIVERGED" not in state["master_link_error"], state
     finally:
         r.stop()
         x.stop()
