@@ -60,6 +60,16 @@ final class Database {
     private let logger: Logger
     private let statementTimeoutMillis: Int64
     let address: DatabaseAddress
+    /// Set, before the close, when a statement timed out or a stop cut the connection: nothing more is
+    /// sent on it. (A query written to a channel that is closing never completes in PostgresNIO 1.33:
+    /// a ROLLBACK after a timeout wedged the sink for good.)
+    private let dropped = Dropped()
+
+    final class Dropped: Sendable {
+        private let flag = Atomic<Bool>(false)
+        func set() { flag.store(true, ordering: .sequentiallyConsistent) }
+        var isSet: Bool { flag.load(ordering: .sequentiallyConsistent) }
+    }
 
     private init(connection: PostgresConnection, address: DatabaseAddress, statementTimeoutMillis: Int64, logger: Logger) {
         self.connection = connection
@@ -67,6 +77,10 @@ final class Database {
         self.statementTimeoutMillis = statementTimeoutMillis
         self.logger = logger
     }
+
+    /// How much longer than PostgreSQL's own statement_timeout the sink waits for an answer before it
+    /// drops the connection: long enough for the server's cancel to arrive first.
+    static let clientTimeoutGraceMillis: Int64 = 1000
 
     /// Time to wait for a TCP connection and the start-up handshake (PostgresNIO bounds both with it).
     static let connectTimeoutSeconds: Int64 = 5
@@ -78,7 +92,14 @@ final class Database {
         configuration.options.connectTimeout = .seconds(connectTimeoutSeconds)
         do {
             let connection = try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger)
-            return Database(connection: connection, address: address, statementTimeoutMillis: statementTimeoutMillis, logger: logger)
+            let database = Database(connection: connection, address: address, statementTimeoutMillis: statementTimeoutMillis, logger: logger)
+            // PostgreSQL ends a statement of this session past the same bound (lock waits included):
+            // a connection the sink dropped on a timeout leaves no backend waiting on, holding the
+            // position row's lock and a connection slot.
+            try await database.query(PostgresQuery(unsafeSQL: "SET statement_timeout = \(statementTimeoutMillis)"))
+            return database
+        } catch let error as SinkError {
+            throw error
         } catch {
             throw Self.classify(error, doing: "connecting to \(address.description)")
         }
@@ -87,13 +108,18 @@ final class Database {
     /// Closes the connection here, without a word to the server (which may not be answering): a
     /// statement waiting for its answer fails at once.
     func close() async {
+        dropped.set()
         try? await connection.close()
     }
 
     /// A closer usable from any thread (how a stop cuts a hung statement short).
     var closer: @Sendable () -> Void {
         let connection = self.connection
-        return { let _: EventLoopFuture<Void> = connection.close() }
+        let dropped = self.dropped
+        return {
+            dropped.set()
+            let _: EventLoopFuture<Void> = connection.close()
+        }
     }
 
     /// Creates the tables, or brings them to ``SinkSQL/schemaVersion``. A database whose schema is
@@ -178,7 +204,7 @@ final class Database {
             try await body()
             try await query("COMMIT")
         } catch {
-            if !connection.isClosed { _ = try? await query("ROLLBACK") }
+            if !connection.isClosed && !dropped.isSet { _ = try? await query("ROLLBACK") }
             if let sinkError = error as? SinkError { throw sinkError }
             throw Self.classify(error, doing: what)
         }
@@ -199,13 +225,17 @@ final class Database {
     /// without a promise, so the query would wait forever.
     @discardableResult
     private func query(_ query: PostgresQuery) async throws -> [PostgresRow] {
-        guard !connection.isClosed else {
-            throw SinkError(.databaseUnavailable, "PostgreSQL \(address.description) closed the connection")
+        guard !connection.isClosed, !dropped.isSet else {
+            throw SinkError(.databaseUnavailable, "PostgreSQL \(address.description) closed the connection, or the sink dropped it")
         }
         let connection = self.connection
+        let dropped = self.dropped
         let timedOut = Atomic<Bool>(false)
-        let timer = connection.eventLoop.scheduleTask(in: .milliseconds(statementTimeoutMillis)) {
+        // A little past PostgreSQL's own statement_timeout (set per session): the server's cancel
+        // comes first when it still answers; this one when it does not.
+        let timer = connection.eventLoop.scheduleTask(in: .milliseconds(statementTimeoutMillis + Self.clientTimeoutGraceMillis)) {
             timedOut.store(true, ordering: .sequentiallyConsistent)
+            dropped.set()
             let _: EventLoopFuture<Void> = connection.close()
         }
         defer { timer.cancel() }

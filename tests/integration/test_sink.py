@@ -617,6 +617,45 @@ def test_a_lock_held_past_lock_timeout_is_retried(data_dir, postgres):
         server.stop()
 
 
+def test_statement_timeouts_in_a_row_neither_wedge_the_sink_nor_leave_backends(data_dir, postgres):
+    """Another session holds the SKU rows (SELECT ... FOR UPDATE) while events arrive, with a short
+    --statement-timeout-ms: every batch times out, again and again. The sink sent ROLLBACK on the
+    connection its timer was closing, which never completes: after the second timeout it stopped
+    for good, and each dropped connection left a PostgreSQL backend waiting on the lock. Now
+    PostgreSQL ends the statement itself (the session's statement_timeout), nothing is sent on a
+    dropped connection, and the sink catches up once the rows are free."""
+    server = Server(data_dir, "--shards", "2").start()
+    sink = holder = None
+    try:
+        r = server.client()
+        sink = SinkProcess(server, postgres, "--statement-timeout-ms", "300")
+        r.execute_command("SKU.ADD", "tv", 1000)
+        orders = [r.execute_command("RESERVE", f"a{u}", "tv", 1) for u in range(5)]
+        settle(r, postgres, sink)
+        holder = subprocess.Popen(
+            ["psql", "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres", "-d", "postgres", "-X", "-q",
+             "-v", "ON_ERROR_STOP=1", "-c", "BEGIN; SELECT * FROM skus FOR UPDATE; SELECT pg_sleep(4); COMMIT;"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.3)
+        for u in range(6):
+            orders.append(r.execute_command("RESERVE", f"b{u}", "tv", 1))
+            time.sleep(0.4)
+        backends = postgres.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")
+        assert holder.wait(timeout=30) == 0, holder.stderr.read()
+        settle(r, postgres, sink)
+        assert sink.proc.poll() is None
+        assert_matches_server(postgres, r, orders)
+        # The backends of dropped connections are gone (PostgreSQL ended their statements).
+        assert int(backends[0][0]) <= 4, backends
+        assert sink.stop() == 0
+    finally:
+        if holder and holder.poll() is None:
+            holder.kill()
+        if sink:
+            sink.stop()
+        server.stop()
+
+
 def postgres_pids(pg):
     """The postmaster and every process it started (backends, checkpointer, ...)."""
     with open(os.path.join(pg.data, "postmaster.pid")) as f:
