@@ -230,6 +230,9 @@ public final class Sink: Sendable {
                     if from != to { say("schema of \(configuration.database.description) migrated from version \(from) to \(to)") }
                     storedState = try await connected.storedState()
                     stored = storedState.position
+                    // Events fetched before the reconnect that no longer follow the stored position
+                    // (it was moved back meanwhile) are fetched again, not taken for a gap.
+                    if let first = pending.first, first.position > stored + 1 { pending = [] }
                     sameLogChecked = false
                     say("PostgreSQL \(configuration.database.description): applied up to position \(stored)")
                     progress.withLock { $0.position = stored; $0.waiting = nil }
@@ -297,10 +300,13 @@ public final class Sink: Sendable {
                     metrics.retriesStockade.increment()
                 case .concurrentSink:
                     // Another sink moved the position: what it applied is not applied again.
+                    // With a pause: two sinks on one database would otherwise reconnect in a tight loop.
                     say("warning: \(error.message); reading the position again")
                     if let database { await database.close() }
                     database = nil
+                    databaseCloser.withLock { $0 = nil }
                     pending = []
+                    await sleep(millis: backoff.next())
                     continue
                 default:
                     source?.close()
