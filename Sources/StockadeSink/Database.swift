@@ -125,10 +125,12 @@ final class Database {
     /// Creates the tables, or brings them to ``SinkSQL/schemaVersion``. A database whose schema is
     /// newer than this sink knows is refused (an older sink would write what the newer one does not expect).
     func migrate() async throws(SinkError) -> (from: Int, to: Int) {
-        try await run("CREATE TABLE stockade_schema_version", SinkStatement(sql: SinkSQL.createVersionTable, binds: []))
         var from = 0
         try await transaction("migrating the schema") {
             try await query(PostgresQuery(unsafeSQL: "SELECT pg_advisory_xact_lock(\(SinkSQL.migrationLockKey))"))
+            // Under the lock: two sinks creating it at once collided on its unique type name (23505),
+            // which read as "the database does not follow this server's log".
+            try await query(Self.query(SinkStatement(sql: SinkSQL.createVersionTable, binds: [])))
             let current = try await singleInt("SELECT coalesce(max(version), 0)::int8 FROM stockade_schema_version")
             from = Int(current)
             guard from <= SinkSQL.schemaVersion else {

@@ -102,8 +102,8 @@ public enum SinkSQL {
     /// The schema version this sink writes.
     public static var schemaVersion: Int { migrations.count }
 
-    /// Creates the version table if missing. The migrations themselves run under an advisory lock,
-    /// so two sinks starting together do not both apply one.
+    /// Creates the version table if missing. It runs, with the migrations, under an advisory lock, so
+    /// two sinks starting together neither collide creating it nor both apply one migration.
     public static let createVersionTable = """
         CREATE TABLE IF NOT EXISTS stockade_schema_version (
             version integer PRIMARY KEY,
