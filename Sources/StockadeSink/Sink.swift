@@ -185,8 +185,11 @@ public final class Sink: Sendable {
         let otherLog = """
             \(configuration.database.description) holds another log's orders: the last event it applied, at position \
             \(last.position), is not the event \(configuration.server.description) has at that position. It was filled from \
-            another server, or this server's data directory was replaced. Point --from at the server it follows, or \
-            start over for this one: run the sink once with --reset (it empties the sink's tables), then again without it.
+            another server; or this server's data directory was replaced; or this server is a replica promoted after \
+            its primary failed, without the database's last events (lost in the failover: the database may be the only \
+            record of those orders, so export them first). Point --from at the server it follows, or start over for \
+            this one: run the sink once with --reset (it empties the sink's tables, that record included), then again \
+            without it.
             """
         let events: [SinkEvent]
         do {
@@ -195,7 +198,8 @@ public final class Sink: Sendable {
             say("warning: cannot check that \(configuration.server.description) is the server this database followed: its log no longer has position \(last.position)")
             return
         } catch where error.code == .beyond {
-            throw SinkError(.diverged, otherLog + " (the server's log ends before position \(last.position): \(error.message))")
+            // (Not the BEYOND message itself: it names the position asked after, one before this one.)
+            throw SinkError(.diverged, otherLog + " (the server's log ends before position \(last.position))")
         }
         guard let event = events.first, event.position == last.position else {
             throw SinkError(.diverged, otherLog + " (the server sent no event at position \(last.position))")
