@@ -447,7 +447,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// continuation. Anything else runs in a task that awaits the shards it needs.
     private func run(_ round: Round, context: ChannelHandlerContext) {
         busy = true
-        server.beginRound()
+        server.beginRound(changes: round.batch.contains(where: \.isChange))
         guard round.step == nil, !round.batch.isEmpty, let loopState else {
             runAsync(round, context: context)
             return
@@ -493,7 +493,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
         loopState.wait(for: waitFor) { failure in
             let answered = failure.map { reason in replies.map { _ in Reply.rejected(.unavailable(reason)) } } ?? replies
             guard failure == nil, self.server.configuration.minReplicasToWrite > 0, round.batch.contains(where: \.isChange) else {
-                self.server.endRound()
+                self.server.endRound(changes: round.batch.contains(where: \.isChange))
                 self.complete(round, replies: answered, tail: nil, closeAfter: round.closeAfter, context: context)
                 return
             }
@@ -503,7 +503,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
             self.server.awaitReplicas(round.batch, answered, position: waitFor) { replicated in
                 loop.execute {
                     let (handler, context) = bound.value
-                    handler.server.endRound()
+                    handler.server.endRound(changes: round.batch.contains(where: \.isChange))
                     handler.complete(round, replies: replicated, tail: nil, closeAfter: round.closeAfter, context: context)
                 }
             }
@@ -528,7 +528,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 }
             }
             let (tail, stepCloses): (ByteBuffer?, Bool) = if let step = round.step { await server.run(step: step, presence: presence) } else { (nil, false) }
-            server.endRound()
+            server.endRound(changes: round.batch.contains(where: \.isChange))
             loop.execute {
                 let (handler, context) = bound.value
                 handler.complete(round, replies: replies, tail: tail, closeAfter: round.closeAfter || stepCloses, context: context)

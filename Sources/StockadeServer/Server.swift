@@ -150,8 +150,16 @@ final class ServerContext: Sendable {
 
     func releaseMetricsConnection() { counters.withLock { $0.metricsConnections -= 1 } }
 
-    func beginRound() { rounds.add(1, ordering: .relaxed) }
-    func endRound() { rounds.subtract(1, ordering: .relaxed) }
+    /// Rounds in flight, and those of them that carry a change (what a replica-to-be lets finish).
+    func beginRound(changes: Bool) {
+        rounds.add(1, ordering: .relaxed)
+        if changes { changeRounds.add(1, ordering: .relaxed) }
+    }
+    func endRound(changes: Bool) {
+        rounds.subtract(1, ordering: .relaxed)
+        if changes { changeRounds.subtract(1, ordering: .relaxed) }
+    }
+    private let changeRounds = Atomic<Int>(0)
     var roundsInFlight: Int { rounds.load(ordering: .relaxed) }
 
     // MARK: Snapshots
@@ -261,7 +269,7 @@ final class ServerContext: Sendable {
         case .replicaOf(let host, let port):
             let (ok, message) = coordinator.withLock({ $0 }) != nil
                 ? (false, "ERR this node's role is decided by its coordinator (--coordinator): it follows the primary that holds the key in etcd")
-                : await follow(host: host, port: port, inRound: true)
+                : await follow(host: host, port: port)
             if ok { out.writeRESPSimple(message) } else { out.writeRESPError(message) }
             metrics.count("replicaof", outcome: ok ? "ok" : "err")
         case .promote:
@@ -342,14 +350,13 @@ final class ServerContext: Sendable {
     /// two terms.
     private let roleChanges = AsyncLock()
 
-    /// Starts following `host:port` (REPLICAOF host port, or `--replica-of` at start). `inRound`: the
-    /// caller is a client's round (REPLICAOF), which the wait for rounds in flight does not count.
-    func follow(host: String, port: Int, inRound: Bool = false) async -> (Bool, String) {
-        (try? await roleChanges.run { await self.followAlone(host: host, port: port, inRound: inRound) })
+    /// Starts following `host:port` (REPLICAOF host port, or `--replica-of` at start).
+    func follow(host: String, port: Int) async -> (Bool, String) {
+        (try? await roleChanges.run { await self.followAlone(host: host, port: port) })
             ?? (false, "ERR cannot follow \(host):\(port) now")
     }
 
-    private func followAlone(host: String, port: Int, inRound: Bool = false) async -> (Bool, String) {
+    private func followAlone(host: String, port: Int) async -> (Bool, String) {
         guard canFollow, let group else {
             return (false, "ERR this server was started as a primary, its shards on every loop; to follow \(host):\(port), restart it with --replica-of \(host):\(port)")
         }
@@ -363,7 +370,8 @@ final class ServerContext: Sendable {
             engine.role.setReadOnly(true)
             // Changes that passed the check before it are let finish before the log is followed.
             let deadline = monotonicNanos() + 2_000_000_000
-            while roundsInFlight > (inRound ? 1 : 0) && monotonicNanos() < deadline { try? await Task.sleep(for: .milliseconds(5)) }
+            // Only rounds with changes: a client blocked in WAIT or EVENTS ... BLOCK is no reason to wait.
+            while changeRounds.load(ordering: .relaxed) > 0 && monotonicNanos() < deadline { try? await Task.sleep(for: .milliseconds(5)) }
         }
         let link = ReplicaLink(host: host, port: port, server: self, group: group)
         replicaLink.withLock { $0 = link }

@@ -1036,14 +1036,18 @@ def test_a_promotion_that_cannot_log_its_term_stays_a_replica(data_dir):
         x.stop()
 
 
-def test_replicaof_does_not_wait_for_its_own_round(data_dir):
-    """REPLICAOF waited for the rounds in flight to finish, its own among them: every REPLICAOF took
-    the whole 2 s bound to answer."""
+def test_replicaof_does_not_wait_for_rounds_without_changes(data_dir):
+    """REPLICAOF waited for every round in flight to finish, its own among them, and a client blocked
+    in EVENTS ... BLOCK: each REPLICAOF took the whole 2 s bound to answer. It waits for changes only."""
     s = Server(os.path.join(data_dir, "s"), "--shards", "2", "--io-threads", "1").start()
     try:
+        blocked = socket.create_connection(("127.0.0.1", s.port))
+        blocked.sendall(b"EVENTS $ BLOCK 10000\r\n")
+        time.sleep(0.2)
         c = s.client()
         started = time.time()
         assert c.execute_command("REPLICAOF", "127.0.0.1", 1) == "OK"
         assert time.time() - started < 1.0
+        blocked.close()
     finally:
         s.stop()
