@@ -706,6 +706,23 @@ public final class StockadeServer: Sendable {
         let state = store.recovery
         logger.info("recovered \(configuration.dataDirectory): \(state)")
         let blockingWork = BlockingWorkExecutor(threads: BlockingWorkExecutor.threadCount)
+        // Clients and metrics connections never take the last descriptors (as Redis lowers its
+        // maxclients to the open-files limit less 32): with the table full, the server could not open
+        // a log segment or a snapshot, and the runtime's thread-pool monitor (libdispatch), which
+        // reads /proc for each worker, traps the process. Past the bounds, connections are accepted
+        // and refused with "max number of clients reached", their descriptor freed at once.
+        var configuration = configuration
+        let limit = openFilesLimit()
+        if limit > 0 {
+            let available = max(2, limit - Self.descriptorsReserved)
+            let metricsShare = configuration.metricsPort == nil ? 0 : min(configuration.metricsConnectionsMax, max(1, available / 4))
+            let clients = max(1, available - metricsShare)
+            if configuration.maxClients > clients || configuration.metricsConnectionsMax > max(1, metricsShare) {
+                logger.warning("the open-files limit (\(limit), ulimit -n) allows \(clients) clients and \(max(1, metricsShare)) metrics connections, keeping \(Self.descriptorsReserved) descriptors for the server's own files: --maxclients \(configuration.maxClients) lowered to \(min(configuration.maxClients, clients)); raise the limit for more")
+                configuration.maxClients = min(configuration.maxClients, clients)
+                configuration.metricsConnectionsMax = min(configuration.metricsConnectionsMax, max(1, metricsShare))
+            }
+        }
         let context = ServerContext(
             configuration: configuration, store: store, logger: logger, blockingWork: blockingWork, loops: loops, group: group
         ) { [self] in
@@ -727,10 +744,6 @@ public final class StockadeServer: Sendable {
             await context.promote()
         }
 
-        let limit = openFilesLimit()
-        if limit > 0 && configuration.maxClients + Self.descriptorsReserved > limit {
-            logger.warning("--maxclients \(configuration.maxClients) is more than the open-files limit (\(limit), ulimit -n) allows: past about \(max(0, limit - Self.descriptorsReserved)) clients, new connections wait until descriptors free up")
-        }
 
         let acceptFailures = context.acceptFailures
         let bootstrap = ServerBootstrap(group: group)
