@@ -56,6 +56,16 @@ def etcd():
     shutil.rmtree(root, ignore_errors=True)
 
 
+def stop_all(nodes):
+    """Stops every node, waking any left frozen by SIGSTOP first."""
+    for node in nodes:
+        try:
+            os.kill(node.proc.pid, signal.SIGCONT)
+        except OSError:
+            pass
+        node.stop()
+
+
 def cluster(data_dir, etcd_port, count=3, *extra, preexec_fn=None):
     return [Server(os.path.join(data_dir, f"n{i}"), "--shards", "2", "--coordinator", f"etcd://127.0.0.1:{etcd_port}",
                    "--cluster", "sale", "--lease-seconds", str(LEASE_SECONDS), *extra, preexec_fn=preexec_fn).start()
@@ -233,12 +243,7 @@ def test_frozen_primary_is_fenced_when_it_wakes(data_dir, etcd):
         assert new.client().execute_command("STOCK", "tv")[3] == 100
         assert int(new.client().info("replication")["epoch"]) > 0
     finally:
-        for node in nodes:
-            try:
-                os.kill(node.proc.pid, signal.SIGCONT)
-            except OSError:
-                pass
-            node.stop()
+        stop_all(nodes)
 
 
 def test_a_node_of_another_history_is_not_elected(data_dir, etcd):
@@ -411,12 +416,7 @@ def test_etcd_replaced_while_the_primary_is_frozen_never_gives_two_primaries(dat
     finally:
         if writes:
             writes.close()
-        for node in nodes:
-            try:
-                os.kill(node.proc.pid, signal.SIGCONT)
-            except OSError:
-                pass
-            node.stop()
+        stop_all(nodes)
         etcd.kill()
         etcd.wait()
         for root in roots:

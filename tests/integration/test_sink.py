@@ -71,6 +71,15 @@ class Postgres:
         assert out.returncode == 0, out.stderr
         return [line.split("|") for line in out.stdout.splitlines() if line]
 
+    def session(self, *commands):
+        """Runs commands in a psql session of its own, in the background (a transaction another
+        client holds open); returns the process."""
+        args = ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres", "-X", "-q",
+                "-v", "ON_ERROR_STOP=1"]
+        for command in commands:
+            args += ["-c", command]
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
     def destroy(self):
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
@@ -592,11 +601,8 @@ def test_a_lock_held_past_lock_timeout_is_retried(data_dir, postgres):
         r.execute_command("SKU.ADD", "tv", 1000)
         orders = [r.execute_command("RESERVE", f"a{u}", "tv", 1) for u in range(10)]
         settle(r, postgres, sink)
-        holder = subprocess.Popen(
-            ["psql", "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres", "-d", "postgres", "-X", "-q",
-             "-v", "ON_ERROR_STOP=1", "-c", "SET lock_timeout = 0", "-c",
-             "BEGIN; LOCK TABLE skus IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(2.5); COMMIT;"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        holder = postgres.session("SET lock_timeout = 0",
+                                  "BEGIN; LOCK TABLE skus IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(2.5); COMMIT;")
         deadline = time.time() + 10
         while postgres.sql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
                            "WHERE c.relname = 'skus' AND l.mode = 'AccessExclusiveLock' AND l.granted") != [["1"]]:
@@ -632,10 +638,7 @@ def test_statement_timeouts_in_a_row_neither_wedge_the_sink_nor_leave_backends(d
         r.execute_command("SKU.ADD", "tv", 1000)
         orders = [r.execute_command("RESERVE", f"a{u}", "tv", 1) for u in range(5)]
         settle(r, postgres, sink)
-        holder = subprocess.Popen(
-            ["psql", "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres", "-d", "postgres", "-X", "-q",
-             "-v", "ON_ERROR_STOP=1", "-c", "BEGIN; SELECT * FROM skus FOR UPDATE; SELECT pg_sleep(4); COMMIT;"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        holder = postgres.session("BEGIN; SELECT * FROM skus FOR UPDATE; SELECT pg_sleep(4); COMMIT;")
         time.sleep(0.3)
         for u in range(6):
             orders.append(r.execute_command("RESERVE", f"b{u}", "tv", 1))
@@ -670,11 +673,9 @@ def test_position_moved_back_while_the_sink_retries_is_not_taken_for_a_gap(data_
         r.execute_command("SKU.ADD", "tv", 1000)
         orders = [r.execute_command("RESERVE", f"a{u}", "tv", 1) for u in range(30)]
         last = settle(r, postgres, sink)
-        holder = subprocess.Popen(
-            ["psql", "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres", "-d", "postgres", "-X", "-q",
-             "-v", "ON_ERROR_STOP=1", "-c", "SET lock_timeout = 0", "-c",
-             "BEGIN; UPDATE stockade_sink_position SET position = position - 20; SELECT pg_sleep(2); COMMIT;"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        holder = postgres.session(
+            "SET lock_timeout = 0",
+            "BEGIN; UPDATE stockade_sink_position SET position = position - 20; SELECT pg_sleep(2); COMMIT;")
         time.sleep(0.3)
         orders += [r.execute_command("RESERVE", f"b{u}", "tv", 1) for u in range(10)]
         assert holder.wait(timeout=30) == 0, holder.stderr.read()
