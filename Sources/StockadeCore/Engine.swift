@@ -38,6 +38,12 @@ public final class Engine: Sendable {
     /// The primary terms of the log so far.
     public var epochs: EpochHistory { epochHistory.withLock { $0 } }
 
+    /// The term in force at `position` (``EpochHistory/term(at:)``), or nil while a term is being
+    /// started: its record is durable a moment before the history has it.
+    public func term(at position: UInt64) -> (term: EpochHistory.Term?, undecided: Bool)? {
+        epochStarting.withLock { starting in starting == nil ? epochs.term(at: position) : nil }
+    }
+
     /// Starts a primary term: logs ``Record/epochStarted(epoch:)`` and waits until it is durable,
     /// so every change of the term comes after it in the log. Call it while the engine takes no
     /// changes (read-only: a replica being promoted); returns the record's position. Refused with

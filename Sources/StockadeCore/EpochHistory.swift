@@ -76,6 +76,15 @@ public struct EpochHistory: Equatable, Sendable {
         return copy
     }
 
+    /// The term in force at `position`: the newest term started at or before it; `.none` (nil term)
+    /// when no term had started by then. `undecided` is true when the terms that would tell were
+    /// dropped (``isTruncated``). A consumer that stored the term of its last position compares it
+    /// with this: two logs that agree on the term at a position agree on every record up to it.
+    public func term(at position: UInt64) -> (term: Term?, undecided: Bool) {
+        guard let index = terms.lastIndex(where: { $0.start <= position }) else { return (nil, isTruncated) }
+        return (terms[index], false)
+    }
+
     /// Why a log that ends at `position` with `lastTerm` as its newest term (nil: none) is not a
     /// prefix of the log this history belongs to, or nil when it is one as far as terms tell. (A
     /// position beyond this log's end is the caller's to refuse; records are compared by the caller

@@ -15,6 +15,8 @@ enum Request: Equatable {
     case snapshot
     /// EVENTS: `from` nil for `$`, the position after the last durable one when the command runs.
     case events(from: UInt64?, count: Int, blockMillis: Int)
+    /// LOG.TERM position: the primary term in force at a durable position of the log.
+    case logTerm(UInt64)
     /// COMMAND and its subcommands: answered with an empty array (clients only use it for hints).
     case commandInfo
     /// CONFIG GET: the pattern's bytes, ASCII letters lowered.
@@ -63,6 +65,7 @@ enum Request: Equatable {
         case .shutdown: "shutdown"
         case .snapshot: "snapshot"
         case .events: "events"
+        case .logTerm: "log.term"
         case .commandInfo: "command"
         case .configGet: "config"
         case .clientAccepted, .clientID: "client"
@@ -132,7 +135,7 @@ struct Word: Hashable {
 /// The command a request names.
 enum Verb: CaseIterable {
     case ping, echo, quit, auth, info, shutdown, snapshot, save, bgsave, command, config, client, hello, select
-    case skuAdd, skuRestock, skuPause, skuResume, stock, audit, reserve, buy, confirm, cancel, order, orders, deduct, events
+    case skuAdd, skuRestock, skuPause, skuResume, stock, audit, reserve, buy, confirm, cancel, order, orders, deduct, events, logTerm
     case replicate, role, replicaof, slaveof, wait
 
     /// The name as clients spell it (in lower case, as Redis shows it in errors).
@@ -142,6 +145,7 @@ enum Verb: CaseIterable {
         case .skuRestock: "sku.restock"
         case .skuPause: "sku.pause"
         case .skuResume: "sku.resume"
+        case .logTerm: "log.term"
         default: "\(self)"
         }
     }
@@ -321,6 +325,10 @@ enum CommandTable {
                 quantity = value
             }
             return .engine(.deduct(sku: id(arg(0)), quantity: quantity))
+        case .logTerm:
+            guard args.count == 1 else { return wrongArity }
+            guard let position = integer(arg(0)), position >= 0 else { return .invalid("ERR position must be 0 to \(Int64.max)") }
+            return .logTerm(UInt64(position))
         case .events:
             guard args.count >= 1, args.count % 2 == 1 else { return wrongArity }
             // `$`: from the next position, for a consumer that starts "from now".

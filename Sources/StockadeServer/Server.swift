@@ -229,6 +229,8 @@ final class ServerContext: Sendable {
             out.writeRESPBulk("mode"); out.writeRESPBulk("standalone")
             out.writeRESPBulk("role"); out.writeRESPBulk("master")
             out.writeRESPBulk("modules"); out.writeRESPArrayHeader(0)
+        case .logTerm(let position):
+            writeTerm(at: position, into: &out)
         case .select(let db):
             if db == 0 { out.writeRESPSimple("OK") } else { out.writeRESPError("ERR DB index is out of range") }
         case .invalid(let message):
@@ -538,6 +540,33 @@ final class ServerContext: Sendable {
         }
         out.writeRESPArrayHeader(0)
         metrics.count("events", outcome: "ok")
+    }
+
+    /// LOG.TERM: `[epoch, start]` of the term in force at `position` (`[0, 0]`: no term had started
+    /// by then). A consumer stores it with its last position and compares it after a reconnect: the
+    /// same term at the same position means the same records up to it (one primary per epoch), so a
+    /// server whose log went another way before that position (a replica promoted without the
+    /// consumer's last events) is told apart from the one it followed. Positions past the durable end
+    /// get `-BEYOND`, as from EVENTS; `-TRIMMED` when the history no longer keeps that far back
+    /// (``EpochHistory/termsMax``); `-TRYAGAIN` while this node is starting a term.
+    func writeTerm(at position: UInt64, into out: inout ByteBuffer) {
+        let last = store.journal.lastDurableLSN
+        guard position <= last else {
+            out.writeRESPError("BEYOND \(last) position \(position) is beyond the end of the log (last position \(last))")
+            return
+        }
+        guard let (term, undecided) = engine.term(at: position) else {
+            out.writeRESPError("TRYAGAIN this node is starting a term; ask again")
+            return
+        }
+        if undecided {
+            let kept = engine.epochs.terms.first?.start ?? 0
+            out.writeRESPError("TRIMMED \(kept) the terms before position \(kept) are no longer kept (only the last \(EpochHistory.termsMax))")
+            return
+        }
+        out.writeRESPArrayHeader(2)
+        out.writeRESPInteger(Int64(term?.epoch ?? 0))
+        out.writeRESPInteger(Int64(term?.start ?? 0))
     }
 
     func skuName(_ shard: Int, _ index: UInt32) -> Name {

@@ -59,6 +59,10 @@ public struct BatchPlan: Equatable, Sendable {
     /// ``SinkEvent/fingerprint`` of the event at ``lastPosition``, stored with it: on start the sink
     /// compares it with the server's event at that position, to tell another server's log.
     public var lastFingerprint: Int64
+    /// The server's term in force at ``lastPosition`` (nil: unknown), stored with it: the sink
+    /// compares it with LOG.TERM there after a reconnect, which tells a log that went another way
+    /// before that position even where the event at it is the same.
+    public var lastTerm: LogTerm?
     public var newSkus: [SkuRow] = []
     public var skuChanges: [SkuChange] = []
     public var newOrders: [OrderRow] = []
@@ -72,8 +76,10 @@ public struct BatchPlan: Equatable, Sendable {
     /// Folds `events` (one EVENTS reply, in log order) into a plan applied after `stored`. Events at
     /// or before `stored` are dropped (already applied); the rest must follow `stored` with no gap.
     /// nil when nothing is left to apply. A log no server writes (an order ending twice, a counter
-    /// past 64 bits) is an error, never a trap.
-    public static func fold(_ events: [SinkEvent], after stored: UInt64, keepEvents: Bool = false) throws(SinkError) -> BatchPlan? {
+    /// past 64 bits) is an error, never a trap. `termBefore`: the server's term in force just before
+    /// the first of `events` (nil: unknown); the plan's ``lastTerm`` follows from it and the `epoch`
+    /// events among them, those at or before `stored` included.
+    public static func fold(_ events: [SinkEvent], after stored: UInt64, termBefore: LogTerm? = nil, keepEvents: Bool = false) throws(SinkError) -> BatchPlan? {
         let fresh = events.drop { $0.position <= stored }
         guard let first = fresh.first, let last = fresh.last else { return nil }
         var expected = stored + 1
@@ -87,6 +93,7 @@ public struct BatchPlan: Equatable, Sendable {
         var folder = Folder()
         for event in fresh { try folder.apply(event) }
         var plan = BatchPlan(previousPosition: stored, lastPosition: last.position, lastFingerprint: last.fingerprint)
+        plan.lastTerm = LogTerm.after(events, from: termBefore)
         plan.newSkus = folder.newSkus
         plan.skuChanges = folder.skuChanges
         plan.newOrders = folder.newOrderOrder.map { folder.newOrders[$0]! }

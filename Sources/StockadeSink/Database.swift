@@ -39,6 +39,9 @@ struct StoredState: Equatable {
     /// ``SinkEvent/fingerprint`` of the event at ``highWater`` (nil: nothing to compare: none
     /// applied, a database from before schema version 2, or cleared by a re-seed).
     var fingerprint: Int64?
+    /// The server's term in force at ``highWater`` (``BatchPlan/lastTerm``; nil: unknown, as for
+    /// ``fingerprint``, or when the server no longer kept it).
+    var term: LogTerm?
 
     /// Whether the next batch may hold events rows already have (see ``SinkSQL/statements(for:replay:)``).
     var replaying: Bool { position < highWater }
@@ -46,8 +49,8 @@ struct StoredState: Equatable {
     /// The state once `plan` is committed.
     func after(_ plan: BatchPlan) -> StoredState {
         plan.lastPosition >= highWater
-            ? StoredState(position: plan.lastPosition, highWater: plan.lastPosition, fingerprint: plan.lastFingerprint)
-            : StoredState(position: plan.lastPosition, highWater: highWater, fingerprint: fingerprint)
+            ? StoredState(position: plan.lastPosition, highWater: plan.lastPosition, fingerprint: plan.lastFingerprint, term: plan.lastTerm)
+            : StoredState(position: plan.lastPosition, highWater: highWater, fingerprint: fingerprint, term: term)
     }
 }
 
@@ -144,7 +147,7 @@ final class Database {
         return (from, SinkSQL.schemaVersion)
     }
 
-    /// The stored position, the highest ever applied and its event's fingerprint. A database with
+    /// The stored position, the highest ever applied, its event's fingerprint and its term. A database with
     /// no highest position (migrated from version 1, or cleared by a re-seed) gets it from the rows'
     /// own positions first, once (a scan of the tables).
     func storedState() async throws(SinkError) -> StoredState {
@@ -154,15 +157,26 @@ final class Database {
                     (SELECT max(changed_position) FROM skus), (SELECT max(changed_position) FROM orders), (SELECT max(position) FROM events))
                 WHERE id = 1 AND last_event_position IS NULL
                 """))
-            let rows = try await query(PostgresQuery(unsafeSQL: "SELECT position, last_event_position, last_event_fingerprint FROM stockade_sink_position WHERE id = 1"))
+            let rows = try await query(PostgresQuery(unsafeSQL: """
+                SELECT position, last_event_position, last_event_fingerprint, last_event_epoch, last_event_epoch_start
+                FROM stockade_sink_position WHERE id = 1
+                """))
             guard let row = rows.first else {
                 throw SinkError(.diverged, "stockade_sink_position has no row: was it emptied by hand? Start over with --reset")
             }
-            let (position, highest, fingerprint) = try row.decode((Int64, Int64?, Int64?).self)
+            let (position, highest, fingerprint, epoch, start) = try row.decode((Int64, Int64?, Int64?, Int64?, Int64?).self)
             guard let stored = UInt64(exactly: position), let highWater = UInt64(exactly: highest ?? position) else {
                 throw SinkError(.diverged, "stockade_sink_position holds position \(position), highest \(highest ?? 0): changed by hand?")
             }
-            return StoredState(position: stored, highWater: max(stored, highWater), fingerprint: highWater > 0 && highWater >= stored ? fingerprint : nil)
+            let known = highWater > 0 && highWater >= stored
+            var term: LogTerm?
+            if known, let epoch, let start {
+                guard let epoch = UInt64(exactly: epoch), let start = UInt64(exactly: start), (epoch == 0) == (start == 0), start <= highWater else {
+                    throw SinkError(.diverged, "stockade_sink_position holds epoch \(epoch) from position \(start) for position \(highWater): changed by hand? Start over with --reset")
+                }
+                term = LogTerm(epoch: epoch, start: start)
+            }
+            return StoredState(position: stored, highWater: max(stored, highWater), fingerprint: known ? fingerprint : nil, term: term)
         } catch {
             throw Self.classify(error, doing: "reading the stored position")
         }
@@ -189,7 +203,10 @@ final class Database {
     func reset() async throws(SinkError) {
         try await transaction("emptying the sink's tables") {
             // The position row first: a sink writing meanwhile waits, then finds it moved.
-            try await query("UPDATE stockade_sink_position SET position = 0, last_event_position = NULL, last_event_fingerprint = NULL, updated_at = now() WHERE id = 1")
+            try await query("""
+                UPDATE stockade_sink_position SET position = 0, last_event_position = NULL, last_event_fingerprint = NULL,
+                    last_event_epoch = NULL, last_event_epoch_start = NULL, updated_at = now() WHERE id = 1
+                """)
             try await query(PostgresQuery(unsafeSQL: SinkSQL.reset))
         }
     }
@@ -263,6 +280,7 @@ final class Database {
         for value in statement.binds {
             switch value {
             case .int64(let v): binds.append(v)
+            case .optionalInt64(let v): if let v { binds.append(v) } else { binds.appendNull() }
             case .int64s(let v): binds.append(v)
             case .texts(let v): binds.append(v)
             case .bools(let v): binds.append(v)

@@ -93,27 +93,64 @@ final class EventSource {
     }
 
     /// Up to `count` events after `position`, waiting up to `blockMillis` for the first one (nil:
-    /// not at all).
-    func events(after position: UInt64, count: Int, blockMillis: Int?) async throws(SinkError) -> [SinkEvent] {
-        let reply: RESPReply
+    /// not at all), with the server's term in force at `position` (LOG.TERM, in the same round trip:
+    /// nil when the server no longer keeps it).
+    func events(after position: UInt64, count: Int, blockMillis: Int?) async throws(SinkError) -> (events: [SinkEvent], termBefore: LogTerm?) {
+        let replies: [RESPReply]
         do {
             var command = ["EVENTS", String(position + 1), "COUNT", String(count)]
             if let blockMillis { command += ["BLOCK", String(blockMillis)] }
-            reply = try await client.send(command, timeout: .milliseconds(Int64(blockMillis ?? 0) + Self.replyTimeoutMillis))
+            replies = try await client.pipeline(
+                [["LOG.TERM", String(position)], command], timeout: .milliseconds(Int64(blockMillis ?? 0) + Self.replyTimeoutMillis))
         } catch {
             throw SinkError(.serverUnavailable, "Stockade at \(address.description): EVENTS: \(error)")
         }
-        switch reply {
+        guard replies.count == 2 else {
+            throw SinkError(.badEvent, "Stockade answered \(replies.count) replies to LOG.TERM and EVENTS, not 2")
+        }
+        let termBefore = try Self.term(replies[0], at: position)
+        switch replies[1] {
         case .array(let entries?):
             var events: [SinkEvent] = []
             events.reserveCapacity(entries.count)
             for entry in entries { events.append(try SinkEvent.decode(entry)) }
-            return events
+            return (events, termBefore)
         case .error(let message):
             throw Self.refusal(message, after: position)
         default:
-            throw SinkError(.badEvent, "EVENTS answered \(String(describing: reply).prefix(200)), not an array")
+            throw SinkError(.badEvent, "EVENTS answered \(String(describing: replies[1]).prefix(200)), not an array")
         }
+    }
+
+    /// The server's term in force at `position` (LOG.TERM; nil when the server no longer keeps it).
+    func term(at position: UInt64) async throws(SinkError) -> LogTerm? {
+        let reply: RESPReply
+        do {
+            reply = try await client.send(["LOG.TERM", String(position)], timeout: .milliseconds(Self.replyTimeoutMillis))
+        } catch {
+            throw SinkError(.serverUnavailable, "Stockade at \(address.description): LOG.TERM: \(error)")
+        }
+        return try Self.term(reply, at: position)
+    }
+
+    /// Reads a LOG.TERM reply: `[epoch, start]`, with `start <= position` (both 0: no term).
+    static func term(_ reply: RESPReply, at position: UInt64) throws(SinkError) -> LogTerm? {
+        switch reply {
+        case .array(let fields?) where fields.count == 2:
+            guard case .integer(let epoch) = fields[0], case .integer(let start) = fields[1], epoch >= 0, start >= 0,
+                  (epoch == 0) == (start == 0), UInt64(start) <= position
+            else { break }
+            return LogTerm(epoch: UInt64(epoch), start: UInt64(start))
+        case .error(let message) where message.hasPrefix("TRIMMED "):
+            return nil
+        case .error(let message) where message.hasPrefix("ERR unknown command"):
+            throw SinkError(.configuration, "the server does not know LOG.TERM, which the sink needs to tell whether it follows the same log: it is older than this sink; upgrade it (server: \(message))")
+        case .error(let message):
+            throw refusal(message, after: position)
+        default:
+            break
+        }
+        throw SinkError(.badEvent, "LOG.TERM \(position) answered \(String(describing: reply).prefix(200)), not [epoch, start]")
     }
 
     /// The server's last durable position, from INFO persistence (for the lag).

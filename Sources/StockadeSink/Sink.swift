@@ -177,11 +177,14 @@ public final class Sink: Sendable {
         say("emptied skus, orders, order_items and events of \(configuration.database.description) (it had applied up to position \(before.position)); run the sink without --reset to apply the log of \(configuration.server.description) from position 1")
     }
 
-    /// Compares the fingerprint the database stored with the server's event at that position: a
-    /// database filled from another server's log must not be followed on as if it were this one's.
+    /// Compares what the database stored of its last event with the server's log there: the event's
+    /// fingerprint, and the term in force at it (LOG.TERM). A database filled from another server's
+    /// log must not be followed on as if it were this one's. The term tells a log that went another
+    /// way before that position although the event at it is the same (a replica promoted without
+    /// the database's last events, whose own next events happen to match).
     private func checkSameLog(_ stored: StoredState, source: EventSource) async throws(SinkError) {
-        guard let fingerprint = stored.fingerprint, stored.highWater > 0 else { return }
-        let last = (position: stored.highWater, fingerprint: fingerprint)
+        guard stored.highWater > 0 else { return }
+        let last = (position: stored.highWater, fingerprint: stored.fingerprint, term: stored.term)
         let otherLog = """
             \(configuration.database.description) holds another log's orders: the last event it applied, at position \
             \(last.position), is not the event \(configuration.server.description) has at that position. It was filled from \
@@ -191,9 +194,24 @@ public final class Sink: Sendable {
             this one: run the sink once with --reset (it empties the sink's tables, that record included), then again \
             without it.
             """
+        if let term = last.term {
+            let serverTerm: LogTerm?
+            do {
+                serverTerm = try await source.term(at: last.position)
+            } catch where error.code == .beyond {
+                throw SinkError(.diverged, otherLog + " (the server's log ends before position \(last.position))")
+            }
+            if let serverTerm, serverTerm != term {
+                throw SinkError(.diverged, otherLog + " (at position \(last.position) the database's events are of \(term), the server's of \(serverTerm))")
+            }
+            if serverTerm == nil {
+                say("warning: cannot compare terms with \(configuration.server.description): it no longer keeps the term of position \(last.position)")
+            }
+        }
+        guard let fingerprint = last.fingerprint else { return }
         let events: [SinkEvent]
         do {
-            events = try await source.events(after: last.position - 1, count: 1, blockMillis: nil)
+            events = try await source.events(after: last.position - 1, count: 1, blockMillis: nil).events
         } catch where error.code == .trimmed {
             say("warning: cannot check that \(configuration.server.description) is the server this database followed: its log no longer has position \(last.position)")
             return
@@ -204,7 +222,7 @@ public final class Sink: Sendable {
         guard let event = events.first, event.position == last.position else {
             throw SinkError(.diverged, otherLog + " (the server sent no event at position \(last.position))")
         }
-        guard event.fingerprint == last.fingerprint else { throw SinkError(.diverged, otherLog) }
+        guard event.fingerprint == fingerprint else { throw SinkError(.diverged, otherLog) }
     }
 
     /// The loop: fetch a batch after the stored position, fold it, apply it; on failure, back off.
@@ -217,6 +235,8 @@ public final class Sink: Sendable {
         /// Whether ``checkSameLog`` has run since the last new connection to either side.
         var sameLogChecked = false
         var pending: [SinkEvent] = []
+        /// The server's term in force just before `pending` (nil: unknown).
+        var pendingTermBefore: LogTerm?
         var pendingReachesEnd = false
         var pendingFetched = ContinuousClock.now
         var backoff = Backoff(maxMillis: configuration.retryDelayMillisMax)
@@ -257,17 +277,18 @@ public final class Sink: Sendable {
                         say("following \(configuration.server.description) from position \(stored + 1)")
                         progress.withLock { $0.waiting = nil }
                     }
-                    let events = try await fetch(from: source!, after: stored, lastPoll: &lastServerPoll)
+                    let (events, termBefore) = try await fetch(from: source!, after: stored, lastPoll: &lastServerPoll)
                     pendingFetched = ContinuousClock.now
                     pendingReachesEnd = events.count < configuration.batchEventsMax
                     pending = events
+                    pendingTermBefore = termBefore
                     if events.isEmpty {
                         progress.withLock { $0.endSeen = pendingFetched; $0.atEnd = true }
                         continue
                     }
                     progress.withLock { $0.atEnd = false; if pendingReachesEnd { $0.endSeen = pendingFetched } }
                 }
-                guard let plan = try BatchPlan.fold(pending, after: stored, keepEvents: configuration.keepEvents) else {
+                guard let plan = try BatchPlan.fold(pending, after: stored, termBefore: pendingTermBefore, keepEvents: configuration.keepEvents) else {
                     pending = []
                     continue
                 }
@@ -348,13 +369,12 @@ public final class Sink: Sendable {
     }
 
     /// One EVENTS after `stored` (and the server's position for the lag, about once a second).
-    private func fetch(from source: EventSource, after stored: UInt64, lastPoll: inout ContinuousClock.Instant) async throws(SinkError) -> [SinkEvent] {
-        if isStopping { return [] }
+    private func fetch(from source: EventSource, after stored: UInt64, lastPoll: inout ContinuousClock.Instant) async throws(SinkError) -> (events: [SinkEvent], termBefore: LogTerm?) {
+        if isStopping { return ([], nil) }
         try await pollServer(source, lastPoll: &lastPoll)
         // A stop that came before the closer was set: do not start a wait.
-        if isStopping { return [] }
-        let events = try await source.events(after: stored, count: configuration.batchEventsMax, blockMillis: configuration.waitMillis)
-        return events
+        if isStopping { return ([], nil) }
+        return try await source.events(after: stored, count: configuration.batchEventsMax, blockMillis: configuration.waitMillis)
     }
 
     /// Once a second: the lag gauges; every ``SinkConfiguration/progressSeconds``: a progress line.

@@ -18,6 +18,33 @@ public struct ID: Hashable, Sendable, CustomStringConvertible, ExpressibleByStri
     public var description: String { text ?? bytes.map { String($0, radix: 16) }.joined(separator: " ") }
 }
 
+/// A primary term of the server's log, as LOG.TERM names it: its epoch and the position of its
+/// `epoch` event; ``noEpoch`` (0, 0) before any term. One primary writes each epoch, so two logs with
+/// the same term at a position hold the same events up to it: the sink stores the term of its last
+/// position and compares it with the server's after a reconnect (docs/OPERATIONS.md).
+public struct LogTerm: Equatable, Sendable, CustomStringConvertible {
+    public var epoch: UInt64
+    public var start: UInt64
+
+    public init(epoch: UInt64, start: UInt64) {
+        self.epoch = epoch
+        self.start = start
+    }
+
+    public static let noEpoch = LogTerm(epoch: 0, start: 0)
+
+    /// The term in force after `events` (in log order) when `before` was in force before them
+    /// (nil: unknown, until an `epoch` event among them says).
+    public static func after(_ events: some BidirectionalCollection<SinkEvent>, from before: LogTerm?) -> LogTerm? {
+        for event in events.reversed() {
+            if case .epoch(let epoch) = event.change { return LogTerm(epoch: epoch, start: event.position) }
+        }
+        return before
+    }
+
+    public var description: String { epoch == 0 ? "no epoch" : "epoch \(epoch) (begun at position \(start))" }
+}
+
 /// One EVENTS entry: a change at a position of the server's log (docs/PROTOCOL.md, "Events").
 public struct SinkEvent: Equatable, Sendable {
     /// Positions are consecutive from 1.

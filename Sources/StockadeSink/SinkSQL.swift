@@ -2,6 +2,8 @@
 /// number of statements (and round trips).
 public enum SinkValue: Equatable, Sendable {
     case int64(Int64)
+    /// NULL when nil.
+    case optionalInt64(Int64?)
     case int64s([Int64])
     case texts([String])
     case byteas([[UInt8]])
@@ -97,6 +99,11 @@ public enum SinkSQL {
         [
             "ALTER TABLE stockade_sink_position ADD COLUMN last_event_position bigint, ADD COLUMN last_event_fingerprint bigint",
         ],
+        // 3: the server's term in force at last_event_position (``BatchPlan/lastTerm``): its epoch
+        // and the position it began at, both 0 before any term. NULL: unknown.
+        [
+            "ALTER TABLE stockade_sink_position ADD COLUMN last_event_epoch bigint, ADD COLUMN last_event_epoch_start bigint",
+        ],
     ]
 
     /// The schema version this sink writes.
@@ -146,11 +153,16 @@ public enum SinkSQL {
                 WITH moved AS (UPDATE stockade_sink_position SET position = $2,
                                       last_event_fingerprint = CASE WHEN $2 >= coalesce(last_event_position, 0) THEN $3
                                                                     ELSE last_event_fingerprint END,
+                                      last_event_epoch = CASE WHEN $2 >= coalesce(last_event_position, 0) THEN $4::int8
+                                                              ELSE last_event_epoch END,
+                                      last_event_epoch_start = CASE WHEN $2 >= coalesce(last_event_position, 0) THEN $5::int8
+                                                                    ELSE last_event_epoch_start END,
                                       last_event_position = GREATEST(coalesce(last_event_position, 0), $2), updated_at = now()
                                WHERE id = 1 AND position = $1 RETURNING 1)
                 SELECT count(*) FROM moved
                 """,
-            binds: [.int64(position(plan.previousPosition)), .int64(position(plan.lastPosition)), .int64(plan.lastFingerprint)],
+            binds: [.int64(position(plan.previousPosition)), .int64(position(plan.lastPosition)), .int64(plan.lastFingerprint),
+                    .optionalInt64(plan.lastTerm.map { Int64(bitPattern: $0.epoch) }), .optionalInt64(plan.lastTerm.map { position($0.start) })],
             expectedCount: 1,
             mismatch: SinkError(.concurrentSink, "the stored position is no longer \(plan.previousPosition): another sink is writing to this database")))
         if !plan.newSkus.isEmpty {

@@ -51,6 +51,22 @@ import Testing
         #expect(h.divergence(ofLogEndingAt: 65, lastTerm: Term(epoch: 13, start: 62)).reason != nil)
     }
 
+    /// The term in force at a position (LOG.TERM): the newest begun at or before it; none before
+    /// the first; undecided before the first kept one once the history dropped terms.
+    @Test func theTermInForceAtAPosition() {
+        let h = Self.history
+        for (position, expected) in [(0 as UInt64, nil as Term?), (10, nil), (11, Term(epoch: 3, start: 11)), (39, Term(epoch: 3, start: 11)),
+                                     (40, Term(epoch: 7, start: 40)), (89, Term(epoch: 7, start: 40)), (90, Term(epoch: 9, start: 90)),
+                                     (1_000_000, Term(epoch: 9, start: 90))] {
+            let (term, undecided) = h.term(at: position)
+            #expect(term == expected && !undecided, "\(position)")
+        }
+        var truncated = EpochHistory()
+        for i in 1...(EpochHistory.termsMax + 1) { truncated.append(Term(epoch: UInt64(i), start: UInt64(i) * 10)) }
+        #expect(truncated.term(at: 15).undecided && truncated.term(at: 15).term == nil)
+        #expect(truncated.term(at: 25) == (Term(epoch: 2, start: 20), false))
+    }
+
     /// A node's own epoch is above what it saw, random in its low part (two nodes promoted from one
     /// history differ), and never past ``EpochHistory/epochMax``; replay refuses an epoch past it.
     @Test func ownEpochsGrowDifferAndStayBounded() throws {

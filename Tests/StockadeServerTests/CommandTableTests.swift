@@ -67,6 +67,11 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(parse(["REPLICATE", "5", "LAST", "zz"]) == .invalid("ERR syntax error: expected LISTENING-PORT 0-65535, LAST fingerprint, EPOCH epoch start (before the position) or FULLCOPY"))
         #expect(parse(["REPLICAOF", "no", "one"]) == .promote)
         #expect(parse(["SLAVEOF", "h", "70000"]) == .invalid("ERR Invalid master port"))
+        #expect(parse(["log.term", "0"]) == .logTerm(0))
+        #expect(parse(["LOG.TERM", "9223372036854775807"]) == .logTerm(UInt64(Int64.max)))
+        #expect(parse(["LOG.TERM", "-1"]) == .invalid("ERR position must be 0 to 9223372036854775807"))
+        #expect(parse(["LOG.TERM", "x"]) == .invalid("ERR position must be 0 to 9223372036854775807"))
+        #expect(parse(["LOG.TERM"]) == .invalid("ERR wrong number of arguments for 'log.term' command"))
     }
 
     @Test func globMatchesLikeRedisAndStaysFast() {

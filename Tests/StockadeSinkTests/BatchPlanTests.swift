@@ -280,6 +280,23 @@ private struct Generator: RandomNumberGenerator {
         #expect(plan.previousPosition == 30 && plan.lastPosition == 40 && plan.eventCount == 10)
     }
 
+    /// A plan carries the server's term at its last position: the term before the batch, or the
+    /// last `epoch` event's (one in the part already applied counts too: it is the term after it).
+    @Test func aPlanKnowsTheTermOfItsLastPosition() throws {
+        let sku = SinkEvent(position: 1, change: .skuAdded(sku: "tv", total: 5, limit: 0))
+        let epoch = SinkEvent(position: 2, change: .epoch(77))
+        let paused = SinkEvent(position: 3, change: .pausedChanged(sku: "tv", paused: true))
+        let before = LogTerm(epoch: 5, start: 1)
+        #expect(try BatchPlan.fold([sku], after: 0, termBefore: .noEpoch)?.lastTerm == LogTerm.noEpoch)
+        #expect(try BatchPlan.fold([sku], after: 0)?.lastTerm == nil)
+        #expect(try BatchPlan.fold([paused], after: 2, termBefore: before)?.lastTerm == before)
+        for (events, stored) in [([sku, epoch, paused], UInt64(0)), ([sku, epoch, paused], 2), ([epoch, paused], 1), ([epoch], 1)] {
+            for termBefore in [nil, before] {
+                #expect(try BatchPlan.fold(events, after: stored, termBefore: termBefore)?.lastTerm == LogTerm(epoch: 77, start: 2))
+            }
+        }
+    }
+
     @Test func aGapStopsTheSink() {
         var rng = Generator(state: 5)
         let events = rng.stream(count: 20)
@@ -313,18 +330,21 @@ private struct Generator: RandomNumberGenerator {
         let first = try #require(try BatchPlan.fold(Array(events[0..<1000]), after: 0, keepEvents: true))
         var model = Tables()
         model.apply(first)
-        let plan = try #require(try BatchPlan.fold(Array(events[1000...]), after: 1000, keepEvents: true))
+        let plan = try #require(try BatchPlan.fold(Array(events[1000...]), after: 1000, termBefore: LogTerm(epoch: 1, start: 1), keepEvents: true))
+        var term = LogTerm(epoch: 1, start: 1)
+        for event in events[1000...] { if case .epoch(let epoch) = event.change { term = LogTerm(epoch: epoch, start: event.position) } }
         for replay in [false, true] {
         let statements = SinkSQL.statements(for: plan, replay: replay)
         #expect(statements.count <= 8)
         #expect(statements.contains { $0.sql.contains("ON CONFLICT") } == replay)
         #expect(statements[0].sql.contains("stockade_sink_position"))
-        #expect(statements[0].binds == [.int64(1000), .int64(2000), .int64(events[1999].fingerprint)] && statements[0].expectedCount == 1)
+        #expect(statements[0].binds == [.int64(1000), .int64(2000), .int64(events[1999].fingerprint),
+                                        .optionalInt64(Int64(term.epoch)), .optionalInt64(Int64(term.start))] && statements[0].expectedCount == 1)
         #expect(statements[0].mismatch?.code == .concurrentSink)
         for statement in statements {
             let lengths = statement.binds.compactMap { value -> Int? in
                 switch value {
-                case .int64: nil
+                case .int64, .optionalInt64: nil
                 case .int64s(let v): v.count
                 case .texts(let v): v.count
                 case .byteas(let v): v.count

@@ -282,7 +282,7 @@ def test_flash_sale_lands_in_postgres_exactly(data_dir, postgres):
         assert events == [[str(last), "1", str(last)]]
         assert postgres.sql("SELECT count(*) FROM orders WHERE state = 'EXPIRED'")[0][0] != "0"
         assert postgres.sql("SELECT sku_bytes FROM skus WHERE sku = 'caf\u00e9'") == [["\\x636166c3a9"]]
-        assert postgres.sql("SELECT max(version) FROM stockade_schema_version") == [["2"]]
+        assert postgres.sql("SELECT max(version) FROM stockade_schema_version") == [["3"]]
         assert postgres.sql("SELECT last_event_position FROM stockade_sink_position") == [[str(last)]]
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert f"stockade_sink_position {last}" in text
@@ -478,7 +478,7 @@ def test_position_moved_back_by_hand_applies_nothing_twice(data_dir, postgres):
     """The stored position written back by hand (to 0, to the middle of a batch), as the TRIMMED
     recovery has operators do: every row records the last event that changed it, so the replayed
     events change nothing, and the events table holds each position once. It used to stop the sink
-    (a SKU inserted twice) or count a restock twice. A database of schema version 1 migrates to 2."""
+    (a SKU inserted twice) or count a restock twice. A database of schema version 1 migrates to 3."""
     server = Server(data_dir, "--shards", "2").start()
     sink = None
     try:
@@ -504,11 +504,12 @@ def test_position_moved_back_by_hand_applies_nothing_twice(data_dir, postgres):
                 [[str(last), str(last), "1", str(last)]], back
         # A database the sink of schema version 1 wrote (no fingerprint columns): migrated, followed on.
         assert sink.stop() == 0
-        postgres.sql("ALTER TABLE stockade_sink_position DROP COLUMN last_event_position, DROP COLUMN last_event_fingerprint;"
-                     " DELETE FROM stockade_schema_version WHERE version = 2")
+        postgres.sql("ALTER TABLE stockade_sink_position DROP COLUMN last_event_position, DROP COLUMN last_event_fingerprint,"
+                     " DROP COLUMN last_event_epoch, DROP COLUMN last_event_epoch_start;"
+                     " DELETE FROM stockade_schema_version WHERE version >= 2")
         orders.append(r.execute_command("RESERVE", "after-v1", "case", 1))
         sink = SinkProcess(server, postgres, *args)
-        sink.wait_for(r"migrated from version 1 to 2")
+        sink.wait_for(r"migrated from version 1 to 3")
         last = settle(r, postgres, sink)
         assert_matches_server(postgres, r, orders)
         assert postgres.sql("SELECT last_event_position FROM stockade_sink_position") == [[str(last)]]
@@ -856,3 +857,94 @@ def test_epoch_events_change_nothing_in_the_tables(data_dir, postgres):
         if sink:
             sink.stop()
         server.stop()
+
+
+def test_a_promoted_replica_that_went_another_way_is_refused_though_its_event_at_the_position_matches(data_dir, postgres):
+    """The database followed primary A through position 3. B shared A's log only up to position 1:
+    promoted then, it logged its term at 2 where A logged a restock, and at 3 the same pause as A.
+    The event at the database's last position is the same on both, so the fingerprint alone
+    passed and the sink followed B on, with A's restock (7 units B never had) in its tables. The
+    term stored with the position (none on A at 3, B's epoch there) tells them apart: the sink
+    stops (exit 1), changes nothing, and says why."""
+    other_dir = tempfile.mkdtemp(prefix="stockade-it-other-")
+    a = b = sink = None
+    try:
+        a = Server(data_dir).start()
+        b = Server(other_dir, "--io-threads", "1").start()
+        ra, rb = a.client(), b.client()
+        for r in (ra, rb):
+            r.execute_command("SKU.ADD", "s", 1000)
+        ra.execute_command("SKU.RESTOCK", "s", 7)
+        # B: a term of its own at position 2 (following nobody, then primary again).
+        assert rb.execute_command("REPLICAOF", "127.0.0.1", 1) == "OK"
+        assert rb.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        for r in (ra, rb):
+            r.execute_command("SKU.PAUSE", "s")
+        assert ra.execute_command("EVENTS", 3)[0] == rb.execute_command("EVENTS", 3)[0] == [3, "paused", "s"]
+        assert ra.execute_command("LOG.TERM", 3) == [0, 0]
+        with pytest.raises(redis.ResponseError, match=r"^BEYOND 3 position 4 "):
+            ra.execute_command("LOG.TERM", 4)
+        epoch = int(rb.info("replication")["log_epoch"])
+        assert rb.execute_command("LOG.TERM", 3) == [epoch, 2] and rb.execute_command("LOG.TERM", 1) == [0, 0]
+        sink = SinkProcess(a, postgres)
+        assert settle(ra, postgres, sink) == 3
+        assert sink.stop() == 0
+        assert postgres.sql("SELECT last_event_epoch, last_event_epoch_start FROM stockade_sink_position") == [["0", "0"]]
+        rb.execute_command("SKU.RESUME", "s")
+        rb.execute_command("RESERVE", "u", "s", 2)
+        sink = SinkProcess(b, postgres)
+        assert sink.proc.wait(timeout=30) == 1, sink.logs()
+        logs = sink.logs()
+        assert "holds another log's orders" in logs and f"the server's of epoch {epoch} (begun at position 2)" in logs, logs
+        assert sink_position(postgres) == 3
+        assert postgres.sql("SELECT total, available, paused FROM skus") == [["1007", "1007", "t"]]
+        assert postgres.sql("SELECT count(*) FROM orders") == [["0"]]
+    finally:
+        if sink:
+            sink.stop()
+        for s in (a, b):
+            if s:
+                s.stop()
+        shutil.rmtree(other_dir, ignore_errors=True)
+        shutil.rmtree(other_dir + "-logs", ignore_errors=True)
+
+
+def test_a_promoted_replica_with_every_applied_event_is_followed_on(data_dir, postgres):
+    """The database followed primary A; replica B had every event A logged (WAIT). A dies, B is
+    promoted: the sink, pointed at B, finds the same term at its last position (none: B's term
+    begins after it) and follows B on, through B's term and a restart inside it; the tables equal
+    B at the end."""
+    replica_dir = tempfile.mkdtemp(prefix="stockade-it-replica-")
+    a = b = sink = None
+    try:
+        a = Server(data_dir).start()
+        b = Server(replica_dir, "--replica-of", f"127.0.0.1:{a.port}").start()
+        ra, rb = a.client(), b.client()
+        orders = flash_sale(ra)
+        assert ra.execute_command("WAIT", 1, 10000) == 1
+        sink = SinkProcess(a, postgres)
+        stored = settle(ra, postgres, sink)
+        assert sink.stop() == 0
+        a.kill9()
+        assert rb.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        epoch = int(rb.info("replication")["log_epoch"])
+        assert rb.execute_command("LOG.TERM", stored) == [0, 0] and rb.execute_command("LOG.TERM", stored + 1) == [epoch, stored + 1]
+        orders += flash_sale(rb, skus=("tv", "cam", "mug"), seed=8)
+        sink = SinkProcess(b, postgres)
+        settle(rb, postgres, sink)
+        assert sink.stop() == 0
+        assert postgres.sql("SELECT last_event_epoch::text, last_event_epoch_start FROM stockade_sink_position") == [[str(epoch), str(stored + 1)]]
+        orders += flash_sale(rb, skus=("pen", "ink", "cap"), seed=9)
+        sink = SinkProcess(b, postgres)
+        wait_expired(rb, orders)
+        settle(rb, postgres, sink)
+        assert_matches_server(postgres, rb, orders)
+        assert "another log" not in sink.logs()
+    finally:
+        if sink:
+            sink.stop()
+        for s in (a, b):
+            if s:
+                s.stop()
+        shutil.rmtree(replica_dir, ignore_errors=True)
+        shutil.rmtree(replica_dir + "-logs", ignore_errors=True)
