@@ -20,12 +20,16 @@ package final class CommandClient: Sendable {
     /// Connects (and sends AUTH when `password` is set). `bulkAsBytes`: bulk replies come back as
     /// ``RESPReply/bytes(_:)``, for ids that must stay byte strings. `timeout`: for AUTH's answer
     /// (a server that accepts connections but does not answer would hold the caller forever).
+    /// `onChannel`: called with the channel before it connects, so a caller can close it (and so end
+    /// the connect and AUTH's wait) from another thread.
     package static func connect(
-        group: EventLoopGroup, host: String, port: Int, password: String?, bulkAsBytes: Bool = false, timeout: TimeAmount? = nil
+        group: EventLoopGroup, host: String, port: Int, password: String?, bulkAsBytes: Bool = false, timeout: TimeAmount? = nil,
+        onChannel: (@Sendable (any Channel) -> Void)? = nil
     ) async throws -> CommandClient {
         let channel = try await ClientBootstrap(group: group)
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+                onChannel?(channel)
+                return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(ReplyHandler(parser: RESPReplyParser(bulkAsBytes: bulkAsBytes)))
                 }
             }

@@ -1,5 +1,6 @@
 import Logging
 import NIOCore
+import NIOPosix
 import PostgresNIO
 import Synchronization
 
@@ -88,18 +89,39 @@ final class Database {
     /// Time to wait for a TCP connection and the start-up handshake (PostgresNIO bounds both with it).
     static let connectTimeoutSeconds: Int64 = 5
 
-    static func connect(_ address: DatabaseAddress, statementTimeoutMillis: Int64, logger: Logger) async throws(SinkError) -> Database {
-        var configuration = PostgresConnection.Configuration(
-            host: address.host, port: address.port, username: address.user, password: address.password,
-            database: address.database, tls: .disable)
-        configuration.options.connectTimeout = .seconds(connectTimeoutSeconds)
+    /// Connects, logs in and sets the session's statement timeout. `onChannel`: called with the TCP
+    /// channel before it connects, so a stop can close it (ending the connect and the login at once).
+    static func connect(
+        _ address: DatabaseAddress, statementTimeoutMillis: Int64, logger: Logger, onChannel: (@Sendable (any Channel) -> Void)? = nil
+    ) async throws(SinkError) -> Database {
         do {
-            let connection = try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger)
+            // The channel is the sink's own (PostgresNIO takes it over), so a stop can close it mid-connect.
+            let channel = try await ClientBootstrap(group: PostgresConnection.defaultEventLoopGroup)
+                .connectTimeout(.seconds(connectTimeoutSeconds))
+                .channelInitializer { channel in
+                    onChannel?(channel)
+                    return channel.eventLoop.makeSucceededVoidFuture()
+                }
+                .connect(host: address.host, port: address.port).get()
+            let configuration = PostgresConnection.Configuration(
+                establishedChannel: channel, username: address.user, password: address.password, database: address.database)
+            let connection: PostgresConnection
+            do {
+                connection = try await PostgresConnection.connect(on: channel.eventLoop, configuration: configuration, id: 1, logger: logger)
+            } catch {
+                channel.close(promise: nil)
+                throw error
+            }
             let database = Database(connection: connection, address: address, statementTimeoutMillis: statementTimeoutMillis, logger: logger)
             // PostgreSQL ends a statement of this session past the same bound (lock waits included):
             // a connection the sink dropped on a timeout leaves no backend waiting on, holding the
             // position row's lock and a connection slot.
-            try await database.query(PostgresQuery(unsafeSQL: "SET statement_timeout = \(statementTimeoutMillis)"))
+            do {
+                try await database.query(PostgresQuery(unsafeSQL: "SET statement_timeout = \(statementTimeoutMillis)"))
+            } catch {
+                await database.close()
+                throw error
+            }
             return database
         } catch let error as SinkError {
             throw error

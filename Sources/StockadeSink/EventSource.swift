@@ -65,11 +65,12 @@ final class EventSource {
         self.address = address
     }
 
-    static func connect(_ address: ServerAddress, group: EventLoopGroup) async throws(SinkError) -> EventSource {
+    /// Connects (and authenticates). `onChannel`: see ``CommandClient/connect(group:host:port:password:bulkAsBytes:timeout:onChannel:)``.
+    static func connect(_ address: ServerAddress, group: EventLoopGroup, onChannel: (@Sendable (any Channel) -> Void)? = nil) async throws(SinkError) -> EventSource {
         do {
             let client = try await CommandClient.connect(
                 group: group, host: address.host, port: address.port, password: address.password, bulkAsBytes: true,
-                timeout: .milliseconds(replyTimeoutMillis))
+                timeout: .milliseconds(replyTimeoutMillis), onChannel: onChannel)
             return EventSource(client: client, address: address)
         } catch let error as BenchError where error.description.hasPrefix("AUTH failed") {
             throw SinkError(.configuration, "Stockade at \(address.description) refused the password: \(error) (give it in the URL: redis://:password@host:port)")

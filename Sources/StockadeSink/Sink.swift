@@ -73,6 +73,11 @@ public final class Sink: Sendable {
     /// Closes the PostgreSQL connection: a stop lets the batch in progress finish for
     /// ``stopGraceMillis``, then closes it (a batch not committed is simply not applied).
     private let databaseCloser = Mutex<(@Sendable () -> Void)?>(nil)
+    /// The sink is connecting to PostgreSQL or reading its schema and position: no batch to finish,
+    /// so a stop closes the connection at once.
+    private let databaseConnecting = Atomic<Bool>(false)
+    /// A stop's grace for the batch in progress is over.
+    private let graceOver = Atomic<Bool>(false)
     private let progress = Mutex(Progress())
     private let started = ContinuousClock.now
 
@@ -106,17 +111,37 @@ public final class Sink: Sendable {
     /// Asks the sink to stop: the batch being applied is committed if PostgreSQL does so within
     /// ``stopGraceMillis`` (else it is not, and exactly once still holds), a wait on EVENTS is cut
     /// short, then ``run()`` returns. Safe from any thread (a signal handler's queue).
+    /// A connection being made (TCP connect, AUTH, PostgreSQL's login, the schema's migration lock)
+    /// is closed at once: there is nothing of it to finish.
     public func stop() {
         stopping.store(true, ordering: .sequentiallyConsistent)
         let closer = sourceCloser.withLock { $0 }
         closer?()
+        if databaseConnecting.load(ordering: .sequentiallyConsistent) { databaseCloser.withLock { $0 }?() }
         DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(Self.stopGraceMillis)) {
+            self.graceOver.store(true, ordering: .sequentiallyConsistent)
             let closer = self.databaseCloser.withLock { $0 }
             closer?()
         }
     }
 
     private var isStopping: Bool { stopping.load(ordering: .sequentiallyConsistent) }
+
+    /// Sets how a stop closes the Stockade connection; closes it now if a stop came first (a stop
+    /// and this may both close it: closing twice is harmless).
+    private func setSourceCloser(_ closer: (@Sendable () -> Void)?) {
+        sourceCloser.withLock { $0 = closer }
+        if isStopping { closer?() }
+    }
+
+    /// Sets how a stop closes the PostgreSQL connection; closes it now if a stop came first and
+    /// there is no batch to let finish (connecting, or the grace is over).
+    private func setDatabaseCloser(_ closer: (@Sendable () -> Void)?) {
+        databaseCloser.withLock { $0 = closer }
+        if isStopping && (databaseConnecting.load(ordering: .sequentiallyConsistent) || graceOver.load(ordering: .sequentiallyConsistent)) {
+            closer?()
+        }
+    }
 
     /// Runs until ``stop()`` (returns) or an error retrying cannot fix (throws it).
     public func run() async throws(SinkError) {
@@ -243,16 +268,26 @@ public final class Sink: Sendable {
         var lastServerPoll = ContinuousClock.now - .seconds(10)
         var lastProblem: String?
         while !(isStopping && pending.isEmpty) {
-            do {
+            do throws(SinkError) {
                 if database == nil {
                     // A stop does not wait for a new connection: what is pending is left to the next run.
                     if isStopping { break }
-                    let connected = try await Database.connect(configuration.database, statementTimeoutMillis: Int64(configuration.statementTimeoutMillis), logger: quiet)
-                    database = connected
-                    databaseCloser.withLock { $0 = connected.closer }
-                    let (from, to) = try await connected.migrate()
-                    if from != to { say("schema of \(configuration.database.description) migrated from version \(from) to \(to)") }
-                    storedState = try await connected.storedState()
+                    // Until the position is read there is no batch to finish: a stop closes the connection at once.
+                    databaseConnecting.store(true, ordering: .sequentiallyConsistent)
+                    do throws(SinkError) {
+                        let connected = try await Database.connect(
+                            configuration.database, statementTimeoutMillis: Int64(configuration.statementTimeoutMillis), logger: quiet,
+                            onChannel: { channel in self.setDatabaseCloser { channel.close(promise: nil) } })
+                        database = connected
+                        setDatabaseCloser(connected.closer)
+                        let (from, to) = try await connected.migrate()
+                        if from != to { say("schema of \(configuration.database.description) migrated from version \(from) to \(to)") }
+                        storedState = try await connected.storedState()
+                    } catch {
+                        databaseConnecting.store(false, ordering: .sequentiallyConsistent)
+                        throw error
+                    }
+                    databaseConnecting.store(false, ordering: .sequentiallyConsistent)
                     stored = storedState.position
                     // Events fetched before the reconnect that no longer follow the stored position
                     // (it was moved back meanwhile) are fetched again, not taken for a gap.
@@ -265,8 +300,9 @@ public final class Sink: Sendable {
                 if pending.isEmpty {
                     if isStopping { break }
                     if source == nil {
-                        source = try await EventSource.connect(configuration.server, group: group)
-                        sourceCloser.withLock { $0 = source?.closer }
+                        source = try await EventSource.connect(
+                            configuration.server, group: group, onChannel: { channel in self.setSourceCloser { channel.close(promise: nil) } })
+                        setSourceCloser(source?.closer)
                         // A stop that came before the closer was set: do not start a wait.
                         if isStopping { break }
                         sameLogChecked = false
@@ -317,7 +353,7 @@ public final class Sink: Sendable {
                 case .databaseUnavailable:
                     if let database { await database.close() }
                     database = nil
-                    databaseCloser.withLock { $0 = nil }
+                    setDatabaseCloser(nil)
                     metrics.retriesPostgres.increment()
                 case .serverUnavailable:
                     source?.close()
@@ -329,7 +365,7 @@ public final class Sink: Sendable {
                     say("warning: \(error.message); reading the position again")
                     if let database { await database.close() }
                     database = nil
-                    databaseCloser.withLock { $0 = nil }
+                    setDatabaseCloser(nil)
                     pending = []
                     await sleep(millis: backoff.next())
                     continue
@@ -353,7 +389,7 @@ public final class Sink: Sendable {
         }
         source?.close()
         if let database { await database.close() }
-        databaseCloser.withLock { $0 = nil }
+        setDatabaseCloser(nil)
         guard let first = pending.first(where: { $0.position > stored }), let last = pending.last else { return nil }
         return "\(first.position)-\(last.position)"
     }

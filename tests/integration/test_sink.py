@@ -88,11 +88,11 @@ class Postgres:
 class SinkProcess:
     """A stockade-sink process with its stderr in a file."""
 
-    def __init__(self, server, postgres, *args):
+    def __init__(self, server, postgres, *args, source=None):
         self.log_path = os.path.join(postgres.root, f"sink-{time.time_ns()}.log")
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [SINK, "--from", f"redis://127.0.0.1:{server.port}", "--to", postgres.url(), "--progress-seconds", "1",
+            [SINK, "--from", source or f"redis://127.0.0.1:{server.port}", "--to", postgres.url(), "--progress-seconds", "1",
              "--retry-max-ms", "500", *args],
             stdout=subprocess.DEVNULL, stderr=self.log)
 
@@ -948,3 +948,41 @@ def test_a_promoted_replica_with_every_applied_event_is_followed_on(data_dir, po
                 s.stop()
         shutil.rmtree(replica_dir, ignore_errors=True)
         shutil.rmtree(replica_dir + "-logs", ignore_errors=True)
+
+
+def test_a_stop_while_connecting_is_not_held_by_a_silent_server_or_the_migration_lock(data_dir, postgres):
+    """SIGTERM while the sink waits for a connection to be made ends it at once: nothing of a
+    connection being made is worth finishing. Two waits held the stop for the whole reply or
+    statement timeout (30 s): AUTH to a server that accepted the connection and never answers, and
+    the schema migration waiting on the lock another sink holds."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    holder = sink = None
+    try:
+        sink = SinkProcess(None, postgres, source=f"redis://:secret@127.0.0.1:{silent.getsockname()[1]}")
+        sink.wait_for(r"applied up to position 0")
+        time.sleep(1)
+        started = time.monotonic()
+        assert sink.stop() == 0, sink.logs()
+        assert time.monotonic() - started < 5, sink.logs()
+        # Another sink's migration holds the lock (its key: "STOCKADE").
+        holder = postgres.session("SELECT pg_advisory_lock(6004511353635685445); SELECT pg_sleep(60)")
+        deadline = time.time() + 10
+        while postgres.sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted") != [["1"]]:
+            assert time.time() < deadline, "the session never took the lock"
+            time.sleep(0.05)
+        sink = SinkProcess(None, postgres, source="redis://127.0.0.1:1")
+        deadline = time.time() + 10
+        while postgres.sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") != [["1"]]:
+            assert time.time() < deadline and sink.proc.poll() is None, sink.logs()
+            time.sleep(0.05)
+        started = time.monotonic()
+        assert sink.stop() == 0, sink.logs()
+        assert time.monotonic() - started < 5, sink.logs()
+    finally:
+        if holder and holder.poll() is None:
+            holder.kill()
+        if sink:
+            sink.stop()
+        silent.close()
