@@ -284,7 +284,7 @@ final class Database {
             return try await connection.query(query, logger: logger).collect()
         } catch {
             if timedOut.load(ordering: .sequentiallyConsistent) {
-                throw SinkError(.databaseUnavailable, "PostgreSQL \(address.description) did not answer within \(statementTimeoutMillis) ms (--statement-timeout-ms); the connection was dropped")
+                throw SinkError(.databaseTimeout, "PostgreSQL \(address.description) did not answer within \(statementTimeoutMillis) ms (--statement-timeout-ms); the connection was dropped")
             }
             throw error
         }
@@ -332,6 +332,7 @@ final class Database {
         let state = info[.sqlState] ?? "?????"
         let detail = [info[.message], info[.detail], info[.hint]].compactMap { $0 }.joined(separator: "; ")
         let text = "PostgreSQL: \(what): \(detail) (SQLSTATE \(state))"
+        if state == "57014" { return SinkError(.databaseTimeout, text) }
         if Self.transientStates.contains(state) { return SinkError(.databaseUnavailable, text) }
         switch state.prefix(2) {
         // Connection exceptions, operator intervention (shutdown, starting up, a statement

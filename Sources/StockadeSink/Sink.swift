@@ -262,6 +262,15 @@ public final class Sink: Sendable {
         var pending: [SinkEvent] = []
         /// The server's term in force just before `pending` (nil: unknown).
         var pendingTermBefore: LogTerm?
+        /// Events per batch: halved after a batch ran past the statement timeout (a role's own
+        /// `statement_timeout` may be shorter than a full batch takes), doubled back after each
+        /// success, so a batch that cannot fit is not retried whole for ever.
+        var batchLimit = configuration.batchEventsMax
+        /// For the log: whether a database was reached in this run, the position this run last left
+        /// there, and whether "following" was said since the position or the server changed.
+        var databaseSeen = false
+        var expectedStored: UInt64 = 0
+        var announced = false
         var pendingReachesEnd = false
         var pendingFetched = ContinuousClock.now
         var backoff = Backoff(maxMillis: configuration.retryDelayMillisMax)
@@ -293,7 +302,14 @@ public final class Sink: Sendable {
                     // (it was moved back meanwhile) are fetched again, not taken for a gap.
                     if let first = pending.first, first.position > stored + 1 { pending = [] }
                     sameLogChecked = false
-                    say("PostgreSQL \(configuration.database.description): applied up to position \(stored)")
+                    // Said once, and again only when the position is not the one this run left there
+                    // (moved by hand or by another sink): a reconnect after each retry adds no line.
+                    if !databaseSeen || stored != expectedStored {
+                        say("PostgreSQL \(configuration.database.description): applied up to position \(stored)")
+                        announced = false
+                    }
+                    databaseSeen = true
+                    expectedStored = stored
                     progress.withLock { $0.position = stored; $0.waiting = nil }
                     metrics.position.set(Double(stored))
                 }
@@ -306,16 +322,18 @@ public final class Sink: Sendable {
                         // A stop that came before the closer was set: do not start a wait.
                         if isStopping { break }
                         sameLogChecked = false
+                        announced = false
                     }
                     if !sameLogChecked {
                         try await checkSameLog(storedState, source: source!)
                         sameLogChecked = true
-                        say("following \(configuration.server.description) from position \(stored + 1)")
+                        if !announced { say("following \(configuration.server.description) from position \(stored + 1)") }
+                        announced = true
                         progress.withLock { $0.waiting = nil }
                     }
-                    let (events, termBefore) = try await fetch(from: source!, after: stored, lastPoll: &lastServerPoll)
+                    let (events, termBefore) = try await fetch(from: source!, after: stored, count: batchLimit, lastPoll: &lastServerPoll)
                     pendingFetched = ContinuousClock.now
-                    pendingReachesEnd = events.count < configuration.batchEventsMax
+                    pendingReachesEnd = events.count < batchLimit
                     pending = events
                     pendingTermBefore = termBefore
                     if events.isEmpty {
@@ -335,6 +353,10 @@ public final class Sink: Sendable {
                 pending = []
                 backoff.reset()
                 lastProblem = nil
+                expectedStored = stored
+                // Grows back an eighth at a time (halved at once after a timeout): a limit close to
+                // what fits is not doubled straight back into another timeout.
+                batchLimit = min(configuration.batchEventsMax, batchLimit + max(1, batchLimit / 8))
                 let seconds = (ContinuousClock.now - applyStarted).seconds
                 metrics.batchSeconds.record(seconds)
                 metrics.events.increment(by: Int64(plan.eventCount))
@@ -350,7 +372,15 @@ public final class Sink: Sendable {
             } catch {
                 if isStopping && error.isRetryable { break }
                 switch error.code {
-                case .databaseUnavailable:
+                case .databaseUnavailable, .databaseTimeout:
+                    if error.code == .databaseTimeout && batchLimit > 1 {
+                        batchLimit /= 2
+                        if pending.count > batchLimit {
+                            pending.removeLast(pending.count - batchLimit)
+                            pendingReachesEnd = false
+                        }
+                        say("a batch ran past the statement timeout: batches of at most \(batchLimit) events until one commits")
+                    }
                     if let database { await database.close() }
                     database = nil
                     setDatabaseCloser(nil)
@@ -379,9 +409,10 @@ public final class Sink: Sendable {
                     say("\(error.message); retrying with backoff (up to \(configuration.retryDelayMillisMax) ms between tries)")
                     lastProblem = error.message
                 }
-                progress.withLock { $0.waiting = error.code == .databaseUnavailable ? "waiting for PostgreSQL" : "waiting for Stockade" }
+                let postgres = error.code == .databaseUnavailable || error.code == .databaseTimeout
+                progress.withLock { $0.waiting = postgres ? "waiting for PostgreSQL" : "waiting for Stockade" }
                 // The lag keeps growing while PostgreSQL is away: keep reading the server's position.
-                if error.code == .databaseUnavailable, let connected = source {
+                if postgres, let connected = source {
                     do { try await pollServer(connected, lastPoll: &lastServerPoll) } catch { source?.close(); source = nil }
                 }
                 await sleep(millis: delay)
@@ -405,12 +436,12 @@ public final class Sink: Sendable {
     }
 
     /// One EVENTS after `stored` (and the server's position for the lag, about once a second).
-    private func fetch(from source: EventSource, after stored: UInt64, lastPoll: inout ContinuousClock.Instant) async throws(SinkError) -> (events: [SinkEvent], termBefore: LogTerm?) {
+    private func fetch(from source: EventSource, after stored: UInt64, count: Int, lastPoll: inout ContinuousClock.Instant) async throws(SinkError) -> (events: [SinkEvent], termBefore: LogTerm?) {
         if isStopping { return ([], nil) }
         try await pollServer(source, lastPoll: &lastPoll)
         // A stop that came before the closer was set: do not start a wait.
         if isStopping { return ([], nil) }
-        return try await source.events(after: stored, count: configuration.batchEventsMax, blockMillis: configuration.waitMillis)
+        return try await source.events(after: stored, count: count, blockMillis: configuration.waitMillis)
     }
 
     /// Once a second: the lag gauges; every ``SinkConfiguration/progressSeconds``: a progress line.

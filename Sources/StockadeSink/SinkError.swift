@@ -30,6 +30,10 @@ public struct SinkError: Error, CustomStringConvertible, Sendable {
         /// PostgreSQL cannot be reached, dropped the connection or is shutting down or starting:
         /// retried with backoff, and the stored position read again (a lost COMMIT answer).
         public static let databaseUnavailable = Code("databaseUnavailable")
+        /// A statement ran past the statement timeout (PostgreSQL's 57014, which a role's or
+        /// database's own `statement_timeout` raises too, or no answer at all): retried like
+        /// ``databaseUnavailable``, with smaller batches until one fits.
+        public static let databaseTimeout = Code("databaseTimeout")
         /// An error from PostgreSQL that retrying will not fix.
         public static let database = Code("database")
     }
@@ -45,5 +49,5 @@ public struct SinkError: Error, CustomStringConvertible, Sendable {
     public var description: String { message }
 
     /// Whether trying again later (new connections, same position) can succeed.
-    public var isRetryable: Bool { code == .serverUnavailable || code == .databaseUnavailable }
+    public var isRetryable: Bool { code == .serverUnavailable || code == .databaseUnavailable || code == .databaseTimeout }
 }

@@ -986,3 +986,33 @@ def test_a_stop_while_connecting_is_not_held_by_a_silent_server_or_the_migration
         if sink:
             sink.stop()
         silent.close()
+
+
+def test_a_batch_longer_than_the_statement_timeout_is_split_until_one_fits(data_dir, postgres):
+    """Each order row costs PostgreSQL 1 ms here (a trigger, as a slow disk or a heavy index would),
+    so a batch of 2,000 events cannot commit within a 1 s statement timeout. The sink retried the
+    same batch for ever; now it halves the batch after each timeout until one commits, and catches up."""
+    server = Server(data_dir, "--shards", "2").start()
+    sink = None
+    try:
+        r = server.client()
+        r.execute_command("SKU.ADD", "tv", 1000000)
+        sink = SinkProcess(server, postgres)
+        settle(r, postgres, sink)
+        assert sink.stop() == 0
+        postgres.sql("CREATE FUNCTION slow_row() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END $$ LANGUAGE plpgsql;"
+                     " CREATE TRIGGER slow_row BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION slow_row()")
+        pipe = r.pipeline(transaction=False)
+        for u in range(2000):
+            pipe.execute_command("RESERVE", f"u{u}", "tv", 1, "TTL", 600000)
+        pipe.execute()
+        sink = SinkProcess(server, postgres, "--statement-timeout-ms", "1000", "--batch-events", "2000")
+        last = durable_position(r)
+        wait_applied(postgres, last, timeout=60, sink=sink)
+        assert "batches of at most 1000 events" in sink.logs()
+        assert postgres.sql("SELECT count(*) FROM orders") == [["2000"]]
+        assert sink.stop() == 0
+    finally:
+        if sink:
+            sink.stop()
+        server.stop()
