@@ -120,6 +120,9 @@ public struct BatchPlan: Equatable, Sendable {
             available = try add(available, change.available, "available")
             reserved = try add(reserved, change.reserved, "reserved")
             sold = try add(sold, change.sold, "sold")
+            guard available >= 0, reserved >= 0, sold >= 0 else {
+                throw SinkError(.badEvent, "the event at position \(change.position) takes SKU \(change.sku)'s counts below zero (available \(available), reserved \(reserved), sold \(sold)): no server logs that; the sink stops rather than store it")
+            }
         }
     }
 

@@ -333,6 +333,9 @@ final class Database {
         let detail = [info[.message], info[.detail], info[.hint]].compactMap { $0 }.joined(separator: "; ")
         let text = "PostgreSQL: \(what): \(detail) (SQLSTATE \(state))"
         if state == "57014" { return SinkError(.databaseTimeout, text) }
+        if state == "23514" {
+            return SinkError(.badEvent, text + ": an event would take a SKU's counts below zero (or break their sum): no server logs that; the sink stops rather than store it")
+        }
         if Self.transientStates.contains(state) { return SinkError(.databaseUnavailable, text) }
         switch state.prefix(2) {
         // Connection exceptions, operator intervention (shutdown, starting up, a statement

@@ -112,9 +112,20 @@ final class EventSource {
         let termBefore = try Self.term(replies[0], at: position)
         switch replies[1] {
         case .array(let entries?):
+            guard entries.count <= count else {
+                throw SinkError(.badEvent, "EVENTS \(position + 1) COUNT \(count) answered \(entries.count) events: the sink stops rather than trust the page")
+            }
             var events: [SinkEvent] = []
             events.reserveCapacity(entries.count)
-            for entry in entries { events.append(try SinkEvent.decode(entry)) }
+            for entry in entries {
+                let event = try SinkEvent.decode(entry)
+                // A page starts where it was asked and its positions are consecutive: a server that
+                // answers otherwise (the same old page again and again) is not followed.
+                guard event.position == position + 1 + UInt64(events.count) else {
+                    throw SinkError(.badEvent, "EVENTS \(position + 1) answered an event at position \(event.position) where \(position + 1 + UInt64(events.count)) was due: the sink stops rather than skip or repeat a change")
+                }
+                events.append(event)
+            }
             return (events, termBefore)
         case .error(let message):
             throw Self.refusal(message, after: position)

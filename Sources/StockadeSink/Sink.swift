@@ -108,6 +108,9 @@ public final class Sink: Sendable {
     /// orchestrator with its own kill deadline, often 10 s) must not wait on one that does not.
     static let stopGraceMillis = 3000
 
+    /// The pause after an empty EVENTS page that came back in less than half its BLOCK.
+    static let emptyPagePauseMillis = 100
+
     /// Asks the sink to stop: the batch being applied is committed if PostgreSQL does so within
     /// ``stopGraceMillis`` (else it is not, and exactly once still holds), a wait on EVENTS is cut
     /// short, then ``run()`` returns. Safe from any thread (a signal handler's queue).
@@ -331,6 +334,7 @@ public final class Sink: Sendable {
                         announced = true
                         progress.withLock { $0.waiting = nil }
                     }
+                    let asked = ContinuousClock.now
                     let (events, termBefore) = try await fetch(from: source!, after: stored, count: batchLimit, lastPoll: &lastServerPoll)
                     pendingFetched = ContinuousClock.now
                     pendingReachesEnd = events.count < batchLimit
@@ -338,6 +342,11 @@ public final class Sink: Sendable {
                     pendingTermBefore = termBefore
                     if events.isEmpty {
                         progress.withLock { $0.endSeen = pendingFetched; $0.atEnd = true }
+                        // An empty page is the end of a BLOCK wait; one much sooner (a server shutting
+                        // down, or one that ignores BLOCK) is not asked again in a tight loop.
+                        if pendingFetched - asked < .milliseconds(configuration.waitMillis / 2) {
+                            await sleep(millis: min(Self.emptyPagePauseMillis, configuration.waitMillis))
+                        }
                         continue
                     }
                     progress.withLock { $0.atEnd = false; if pendingReachesEnd { $0.endSeen = pendingFetched } }

@@ -100,9 +100,11 @@ public enum SinkSQL {
             "ALTER TABLE stockade_sink_position ADD COLUMN last_event_position bigint, ADD COLUMN last_event_fingerprint bigint",
         ],
         // 3: the server's term in force at last_event_position (``BatchPlan/lastTerm``): its epoch
-        // and the position it began at, both 0 before any term. NULL: unknown.
+        // and the position it began at, both 0 before any term. NULL: unknown. And no SKU count
+        // below zero from now on (no server logs one; rows already there are not checked).
         [
             "ALTER TABLE stockade_sink_position ADD COLUMN last_event_epoch bigint, ADD COLUMN last_event_epoch_start bigint",
+            "ALTER TABLE skus ADD CONSTRAINT skus_counts_not_negative CHECK (available >= 0 AND reserved >= 0 AND sold >= 0) NOT VALID",
         ],
     ]
 

@@ -215,9 +215,9 @@ private struct Generator: RandomNumberGenerator {
         }
     }
 
-    /// Amounts that would carry a counter past 64 bits (a broken or hostile server) stop the sink
-    /// with a message; they used to trap the process in the fold.
-    @Test func countersPast64BitsAreAnErrorNotATrap() {
+    /// Amounts that would carry a counter past 64 bits or below zero (a broken or hostile server)
+    /// stop the sink with a message; they used to trap the process in the fold, or be stored.
+    @Test func countersPast64BitsOrBelowZeroAreAnErrorNotATrap() {
         let item = { (q: Int64) in [SinkEvent.Item(sku: "tv", quantity: q)] }
         let streams: [[SinkEvent.Change]] = [
             [.skuAdded(sku: "tv", total: Int64.max - 1, limit: 0), .restocked(sku: "tv", delta: 5)],
@@ -229,6 +229,8 @@ private struct Generator: RandomNumberGenerator {
             [.skuAdded(sku: "tv", total: 0, limit: 0), .created(order: 1, user: "u", deadlineMillis: 1, items: item(Int64.max)),
              .paid(order: 1), .created(order: 2, user: "u", deadlineMillis: 1, items: item(2)), .paid(order: 2)],
             [.skuAdded(sku: "tv", total: 0, limit: 0), .deducted(sku: "tv", quantity: Int64.min)],
+            [.skuAdded(sku: "tv", total: 10, limit: 0), .restocked(sku: "tv", delta: -11)],
+            [.skuAdded(sku: "tv", total: 1, limit: 0), .created(order: 1, user: "u", deadlineMillis: 1, items: item(2))],
         ]
         for changes in streams {
             let events = changes.enumerated().map { SinkEvent(position: UInt64($0.offset + 1), change: $0.element) }
@@ -237,7 +239,7 @@ private struct Generator: RandomNumberGenerator {
                 Issue.record("folded \(changes)")
             } catch {
                 #expect(error.code == .badEvent && !error.isRetryable)
-                #expect(error.message.contains("64 bits"), "\(error.message)")
+                #expect(error.message.contains("64 bits") || error.message.contains("below zero"), "\(error.message)")
             }
         }
         // The events table's basket total of a huge basket wraps instead of trapping.

@@ -506,6 +506,7 @@ def test_position_moved_back_by_hand_applies_nothing_twice(data_dir, postgres):
         assert sink.stop() == 0
         postgres.sql("ALTER TABLE stockade_sink_position DROP COLUMN last_event_position, DROP COLUMN last_event_fingerprint,"
                      " DROP COLUMN last_event_epoch, DROP COLUMN last_event_epoch_start;"
+                     " ALTER TABLE skus DROP CONSTRAINT skus_counts_not_negative;"
                      " DELETE FROM stockade_schema_version WHERE version >= 2")
         orders.append(r.execute_command("RESERVE", "after-v1", "case", 1))
         sink = SinkProcess(server, postgres, *args)
@@ -1016,3 +1017,145 @@ def test_a_batch_longer_than_the_statement_timeout_is_split_until_one_fits(data_
         if sink:
             sink.stop()
         server.stop()
+
+
+class ScriptedServer:
+    """A Stockade stand-in on a free port that answers from a scripted log, for what no real
+    server sends: INFO, LOG.TERM ([0, 0]) and EVENTS as `mode` says."""
+
+    def __init__(self, mode, log):
+        self.mode, self.log = mode, log
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        import threading
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        import threading
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def encode(value):
+        if isinstance(value, int):
+            return b":%d\r\n" % value
+        if isinstance(value, list):
+            return b"*%d\r\n" % len(value) + b"".join(ScriptedServer.encode(v) for v in value)
+        data = value.encode()
+        return b"$%d\r\n%s\r\n" % (len(data), data)
+
+    def serve(self, conn):
+        buffer = b""
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buffer += data
+                while True:
+                    command, buffer = self.parse(buffer)
+                    if command is None:
+                        break
+                    name = command[0].upper()
+                    if name == b"INFO":
+                        reply = self.encode(f"# Persistence\r\nlog_position_durable:{len(self.log)}\r\n")
+                    elif name == b"LOG.TERM":
+                        reply = self.encode([0, 0])
+                    elif name == b"EVENTS":
+                        start, count = int(command[1]), int(command[3])
+                        if self.mode == "stale":
+                            page = self.log
+                        elif self.mode == "empty":
+                            page = []
+                        else:
+                            page = [e for e in self.log if e[0] >= start][:count]
+                            if not page:
+                                time.sleep(0.2)
+                        reply = self.encode(page)
+                    else:
+                        reply = b"+OK\r\n"
+                    try:
+                        conn.sendall(reply)
+                    except OSError:
+                        return
+
+    @staticmethod
+    def parse(buffer):
+        if b"\r\n" not in buffer:
+            return None, buffer
+        count = int(buffer[1:buffer.index(b"\r\n")])
+        rest, out = buffer[buffer.index(b"\r\n") + 2:], []
+        for _ in range(count):
+            if b"\r\n" not in rest:
+                return None, buffer
+            length = int(rest[1:rest.index(b"\r\n")])
+            rest = rest[rest.index(b"\r\n") + 2:]
+            if len(rest) < length + 2:
+                return None, buffer
+            out.append(rest[:length])
+            rest = rest[length + 2:]
+        return out, rest
+
+    def close(self):
+        self.listener.close()
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_server_answering_what_no_server_sends_neither_spins_nor_lands_in_the_tables(data_dir, postgres):
+    """A server that answers every EVENTS with the same old page: the sink dropped it as already
+    applied and asked again at once, for ever, at full CPU; now a page that does not start where
+    it was asked stops the sink. One that answers an empty page at once, ignoring BLOCK: the sink
+    asked again in a tight loop; now it pauses. A restock that takes a SKU's available count below
+    zero (no server logs one): it was stored; now it stops the sink, whether the SKU came in the
+    same batch or an earlier one (a CHECK in the table)."""
+    def start_over():
+        postgres.sql("TRUNCATE events, order_items, orders, skus; UPDATE stockade_sink_position SET position = 0, "
+                     "last_event_position = NULL, last_event_fingerprint = NULL, last_event_epoch = NULL, last_event_epoch_start = NULL")
+
+    log = [[1, "sku-added", "a", 10, 0], [2, "restocked", "a", 1], [3, "restocked", "a", 1]]
+    fake = ScriptedServer("stale", log)
+    sink = None
+    try:
+        sink = SinkProcess(fake, postgres)
+        assert sink.proc.wait(timeout=30) == 1, sink.logs()
+        assert "where 4 was due" in sink.logs()
+        assert sink_position(postgres) == 3
+        fake.close()
+
+        start_over()
+        fake = ScriptedServer("empty", log)
+        sink = SinkProcess(fake, postgres)
+        sink.wait_for(r"following redis://")
+        before = cpu_seconds(sink.proc.pid)
+        time.sleep(2)
+        spent = cpu_seconds(sink.proc.pid) - before
+        assert sink.proc.poll() is None and spent < 0.5, (spent, sink.logs())
+        assert sink.stop() == 0
+        fake.close()
+
+        for args in ([], ["--batch-events", "1"]):
+            start_over()
+            fake = ScriptedServer("log", [[1, "sku-added", "a", 10, 0], [2, "restocked", "a", -1000000000000000000]])
+            sink = SinkProcess(fake, postgres, *args)
+            assert sink.proc.wait(timeout=30) == 1, sink.logs()
+            assert "below zero" in sink.logs(), sink.logs()
+            assert postgres.sql("SELECT total, available FROM skus") == ([["10", "10"]] if args else [])
+            fake.close()
+    finally:
+        if sink:
+            sink.stop()
+        fake.close()
