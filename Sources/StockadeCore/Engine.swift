@@ -69,7 +69,8 @@ public final class Engine: Sendable {
     }
 
     /// Replaces the whole state with a primary's (a full copy: its snapshot), every shard in one run
-    /// on the shards' one executor. Read-only engines only, with the shard count of the copy.
+    /// on the shards' one executor. Read-only engines only, with the shard count of the copy. The
+    /// positions replies wait for become the copy's, even when lower (a node starting over).
     public func installReplicated(_ state: EngineState) async {
         precondition(role.isReadOnly && state.shards.count == shards.count)
         await shards[0].installReplicated(state, across: shards)

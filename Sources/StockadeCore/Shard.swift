@@ -348,7 +348,8 @@ public actor Shard {
         beginChange()
         state = replacement
         directory.replaceAll(state.counters)
-        visibleLSN = max(visibleLSN, lsn)
+        // The copy's position, even below this one's: a node that starts over goes back.
+        visibleLSN = lsn
         endChange()
     }
 

@@ -2,8 +2,10 @@ import StockadeCore
 
 /// A data directory on some ``Storage``: its file names, its listing, and its lock.
 ///
-/// `wal-<first LSN, 20 digits>.log` segments, `snap-<LSN, 20 digits>.snap` snapshots, and the lock
-/// file `LOCK` (which holds the process id of the process that has the directory open).
+/// `wal-<first LSN, 20 digits>.log` segments, `snap-<LSN, 20 digits>.snap` snapshots, the lock
+/// file `LOCK` (which holds the process id of the process that has the directory open), and
+/// `diverged-<epoch>-<unix-ms>/` subdirectories holding logs set aside (``setAside(into:)``), which
+/// nothing here reads.
 public struct DataDirectory: Sendable {
     public let path: String
     /// Where the files are: real files unless a test or the simulator says otherwise.
@@ -56,6 +58,92 @@ public struct DataDirectory: Sendable {
     public func unfinishedSnapshots() throws(JournalError) -> [String] {
         guard storage.exists(path) else { return [] }
         return try storage.list(path).filter { $0.hasPrefix("snap-") && $0.hasSuffix(".snap.tmp") }.map { "\(path)/\($0)" }
+    }
+
+    // MARK: Setting a diverged log aside
+
+    /// Subdirectories that keep a log set aside (``setAside(into:)``) start with this: nothing that
+    /// reads the data directory (recovery, the journal, snapshots, the log reader) looks inside them.
+    public static let setAsidePrefix = "diverged-"
+    /// The file in a set-aside directory while files are still being moved into it: from the moment
+    /// it is durable, the move is decided, and an interrupted one is finished at the next open
+    /// (``finishSettingAside()``).
+    public static let setAsideUnfinishedMarker = "MOVING"
+
+    /// What ``setAside(into:)`` moved.
+    public struct SetAside: Sendable {
+        /// The subdirectory the files are in now.
+        public var path: String
+        /// Their names (segments and snapshots).
+        public var files: [String]
+    }
+
+    /// A subdirectory name for a log set aside at `epoch` at wall-clock time `unixMillis`, free in this
+    /// directory: `diverged-<epoch>-<unix-ms>` (a millisecond later if that one is taken).
+    public func freeSetAsideName(epoch: UInt64, unixMillis: Int64) -> String {
+        var millis = unixMillis
+        while storage.exists("\(path)/\(Self.setAsidePrefix)\(epoch)-\(millis)") { millis += 1 }
+        return "\(Self.setAsidePrefix)\(epoch)-\(millis)"
+    }
+
+    /// Moves every log segment and snapshot into the new subdirectory `name` (renames, no copy),
+    /// leaving a directory that recovers to an empty state. A crash at any point leaves either the
+    /// old directory (before the marker is durable) or the empty one: the subdirectory is created with
+    /// the marker ``setAsideUnfinishedMarker`` in it first, and an open that finds the marker moves
+    /// the rest (``finishSettingAside()``). The files are renamed with the target directory synced
+    /// before the source one, so a crash in between shows a file twice, never nowhere.
+    ///
+    /// The caller makes sure nothing writes the files meanwhile (a journal with nothing pending, no
+    /// snapshot under way); the journal's open segment may be among them (it then writes nothing
+    /// more to it: see ``Journal/restart(at:)``).
+    public func setAside(into name: String) throws(JournalError) -> SetAside {
+        precondition(name.hasPrefix(Self.setAsidePrefix) && !name.contains("/"), "a set-aside directory is named diverged-...")
+        let target = "\(path)/\(name)"
+        guard !storage.exists(target) else { throw JournalError(.io, "cannot set the log aside into \(target): it exists") }
+        try storage.makeDirectory(target)
+        let marker = try storage.open("\(target)/\(Self.setAsideUnfinishedMarker)", .create)
+        defer { marker.close() }
+        try marker.sync()
+        try storage.syncDirectory(target)
+        try storage.syncDirectory(path)
+        // Decided: from here on, the next open finishes the move.
+        let files = try moveLogFiles(into: target)
+        try storage.remove("\(target)/\(Self.setAsideUnfinishedMarker)")
+        try storage.syncDirectory(target)
+        return SetAside(path: target, files: files)
+    }
+
+    /// Finishes every move into a set-aside subdirectory that a crash interrupted (its marker is
+    /// there): the segments and snapshots still here are moved too. Run under the directory's lock,
+    /// before recovery. Returns the subdirectories finished.
+    public func finishSettingAside() throws(JournalError) -> [String] {
+        guard storage.exists(path) else { return [] }
+        var finished: [String] = []
+        for name in try storage.list(path) where name.hasPrefix(Self.setAsidePrefix) {
+            let target = "\(path)/\(name)"
+            let marker = "\(target)/\(Self.setAsideUnfinishedMarker)"
+            guard storage.exists(marker) else { continue }
+            _ = try moveLogFiles(into: target)
+            try storage.remove(marker)
+            try storage.syncDirectory(target)
+            finished.append(target)
+        }
+        return finished
+    }
+
+    /// Renames every segment and snapshot into `target`, then syncs `target` and this directory (in
+    /// that order). Returns the names moved.
+    private func moveLogFiles(into target: String) throws(JournalError) -> [String] {
+        let files = try snapshots().map(\.path) + segments().map(\.path)
+        var names: [String] = []
+        for file in files {
+            let name = String(file.dropFirst(path.count + 1))
+            try storage.rename(file, to: "\(target)/\(name)")
+            names.append(name)
+        }
+        try storage.syncDirectory(target)
+        try storage.syncDirectory(path)
+        return names
     }
 
     private func entries(prefix: String, suffix: String) throws(JournalError) -> [(UInt64, String)] {

@@ -75,8 +75,9 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     private var stats = Stats()
     private var segments: [(firstLSN: UInt64, path: String)]
     private var observers: [@Sendable (UInt64) -> Void] = []
-    /// A ``rebase(to:)`` asked of the writer: the position to start again after.
-    private var rebaseTo: UInt64?
+    /// A ``rebase(to:)`` or ``restart(at:)`` asked of the writer: the position to start again after,
+    /// and whether every segment goes (a restart, which may go back).
+    private var rebaseTo: (lsn: UInt64, startOver: Bool)?
     private var rebaseError: JournalError?
     private let rebased = DispatchSemaphore(value: 0)
 
@@ -175,8 +176,11 @@ public final class Journal: ChangeLog, @unchecked Sendable {
                 hook?()
             }
         }
-        if !ok { throw .unavailable(locked { failed } ?? "the journal is closed") }
+        if !ok { throw .unavailable(locked { failed ?? (writerFinished ? "the journal is closed" : Self.restartedReason) }) }
     }
+
+    /// Why a wait ended that ``restart(at:)`` made meaningless: its position is of the old log.
+    public static let restartedReason = "the log started again (this node rejoined a primary): the position waited for is not in it"
 
     /// false while the records waiting to be written are over ``Options/pendingBytesMax`` (retry
     /// later), and for good once the journal failed (see ``failure``, which tells the two apart).
@@ -284,10 +288,31 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     /// (``removeSegments(coveredThrough:keep:)``) once the snapshot is in place.
     public func rebase(to lsn: UInt64) throws(JournalError) {
         if locked({ durableLSN == lsn && appendedLSN == lsn && pendingRecords == 0 }) { return }
+        guard locked({ lsn >= durableLSN }) else {
+            throw JournalError(.io, "the log cannot continue at \(lsn), below its durable position \(lastDurableLSN) (see restart(at:))")
+        }
+        try startAgain(after: lsn, startOver: false)
+    }
+
+    /// Starts the log again after `lsn`, which may be below the durable position: a node whose log
+    /// went another way from its primary's takes the primary's history instead. Every segment still
+    /// in the directory is removed (the caller moves those it keeps out first:
+    /// ``DataDirectory/setAside(into:)``, which also makes the change crash-safe), the open one is
+    /// synced and closed, a new segment starts at `lsn + 1`, and the positions appended and durable
+    /// become `lsn`. Nothing may be pending. Waits for positions of the old log end
+    /// (``waitDurable(_:)`` throws ``Rejection/unavailable(_:)``); observers are called with `lsn`.
+    public func restart(at lsn: UInt64) throws(JournalError) {
+        try startAgain(after: lsn, startOver: true)
+        // Waits for positions of the old log can never be answered truly: they end now.
+        failWaiters()
+    }
+
+    /// ``rebase(to:)`` and ``restart(at:)``: hands the writer the new start and waits until it is there.
+    private func startAgain(after lsn: UInt64, startOver: Bool) throws(JournalError) {
         let ready: Bool = locked {
-            guard failed == nil, !closed, pendingRecords == 0, appendedLSN == durableLSN, lsn >= durableLSN, rebaseTo == nil else { return false }
+            guard failed == nil, !closed, pendingRecords == 0, appendedLSN == durableLSN, rebaseTo == nil else { return false }
             if options.writerThread {
-                rebaseTo = lsn
+                rebaseTo = (lsn, startOver)
                 pthread_cond_signal(wake)
             }
             return true
@@ -296,7 +321,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         if options.writerThread {
             rebased.wait()
         } else {
-            startAgain(after: lsn)
+            writerStartAgain(after: lsn, startOver: startOver)
         }
         if let error = locked({ rebaseError }) {
             locked { rebaseError = nil }
@@ -318,16 +343,24 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         return (file, path)
     }
 
-    /// The writer's side of ``rebase(to:)``.
-    private func startAgain(after lsn: UInt64) {
+    /// The writer's side of ``rebase(to:)`` and ``restart(at:)``.
+    private func writerStartAgain(after lsn: UInt64, startOver: Bool) {
         do throws(JournalError) {
             if unsynced { try segment.dataSync() }
             unsynced = false
             segment.close()
+            if startOver {
+                // No record of the old log may stay where recovery would replay it.
+                let left = try directory.segments()
+                for old in left { try directory.storage.remove(old.path) }
+                if !left.isEmpty { try directory.storage.syncDirectory(directory.path) }
+                locked { segments = [] }
+            }
             let (file, path) = try Self.startSegment(in: directory, shardCount: shardCount, firstLSN: lsn + 1)
             segment = file
             segmentBytes = SegmentHeader.size
             locked {
+                segments.removeAll { $0.firstLSN == lsn + 1 }
                 segments.append((lsn + 1, path))
                 appendedLSN = lsn
                 durableLSN = lsn
@@ -361,7 +394,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
             let rebase = pendingRecords == 0 ? rebaseTo : nil
             pthread_mutex_unlock(mutex)
             if let rebase, !exit {
-                startAgain(after: rebase)
+                writerStartAgain(after: rebase.lsn, startOver: rebase.startOver)
                 continue
             }
             if exit {

@@ -35,6 +35,9 @@ public final class Store: Sendable {
     public let recovery: Recovery.Report
     /// Unfinished snapshots (`.snap.tmp`) a crash left behind, removed at start-up.
     public let removedUnfinishedSnapshots: [String]
+    /// Moves of a log into a `diverged-*` subdirectory that a crash interrupted, finished at start-up
+    /// (``DataDirectory/finishSettingAside()``): the subdirectories.
+    public let finishedSetAside: [String]
     private let snapshotLock = AsyncLock()
     private let directoryLock: any StorageLock
 
@@ -51,7 +54,9 @@ public final class Store: Sendable {
         try directory.create()
         let lock = try directory.lock()
         do {
-            // Only under the lock: another process's snapshot in progress is not ours to remove.
+            // Only under the lock: another process's files are not ours to move or remove. First the
+            // move of a diverged log a crash interrupted (decided before the crash: it is finished).
+            finishedSetAside = try directory.finishSettingAside()
             var removed: [String] = []
             for tmp in try directory.unfinishedSnapshots() {
                 try directory.storage.remove(tmp)
@@ -94,6 +99,29 @@ public final class Store: Sendable {
     /// a concurrent snapshot would read and prune them.
     public func withoutSnapshots<T: Sendable>(_ body: @Sendable () async throws -> T) async throws -> T {
         try await snapshotLock.run(body)
+    }
+
+    /// What ``startOver(setAsideAs:)`` did.
+    public struct StartOver: Sendable {
+        /// Where the old files are now, and their names.
+        public var setAside: DataDirectory.SetAside
+        /// The old log's durable position (its last record).
+        public var previousLSN: UInt64
+    }
+
+    /// A node whose log went another way from its primary's starts over empty, keeping its files:
+    /// every segment and snapshot moves into the subdirectory `name` (``DataDirectory/setAside(into:)``),
+    /// the log starts again at position 0 (``Journal/restart(at:)``), and the engine (read-only) is
+    /// given an empty state. No snapshot runs meanwhile; nothing may be appended meanwhile (a replica's
+    /// link is its only writer). A crash at any point leaves the old directory or an empty one.
+    public func startOver(setAsideAs name: String) async throws -> StartOver {
+        try await snapshotLock.run {
+            let previous = journal.lastDurableLSN
+            let setAside = try directory.setAside(into: name)
+            try journal.restart(at: 0)
+            await engine.installReplicated(EngineState(shardCount: engine.shardCount))
+            return StartOver(setAside: setAside, previousLSN: previous)
+        }
     }
 
     /// Writes a snapshot of everything durable now, then prunes old snapshots and covered segments.
