@@ -171,6 +171,8 @@ final class Coordinator: Sendable {
     /// elected until an operator resets it.
     private var standing: (epoch: UInt64, position: UInt64)? {
         if server.replication.link?.state == "stopped" || unfit.withLock({ $0 }) { return nil }
+        // Starting over (its old log set aside): empty, or a copy not yet followed on; not a history.
+        if server.replication.rejoin.inProgress { return nil }
         return (server.engine.epochs.lastEpoch, server.store.journal.lastDurableLSN)
     }
 

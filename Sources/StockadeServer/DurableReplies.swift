@@ -79,6 +79,17 @@ final class DurableReplies: @unchecked Sendable {
         }
     }
 
+    /// The log started again (a node rejoining a primary): every round waiting here waits for a
+    /// position of the old log, and is answered with `reason` (on the loop).
+    func logRestarted(_ reason: String) {
+        loop.execute {
+            let all = self.waiting
+            self.waiting = []
+            self.lowestWaiting.store(.max, ordering: .sequentiallyConsistent)
+            for entry in all { entry.answer(reason) }
+        }
+    }
+
     /// Rounds waiting (for tests and INFO).
     var waitingCount: Int {
         loop.assertInEventLoop()

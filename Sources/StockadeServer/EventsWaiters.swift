@@ -64,6 +64,12 @@ final class DurablePositionWatch: Sendable {
         for continuation in ready { continuation.resume(returning: true) }
     }
 
+    /// The log started again at `durable` (a node rejoining a primary): the position published goes
+    /// back with it, so that waits for positions of the new log are woken when it reaches them.
+    func restarted(at durable: UInt64) {
+        state.withLock { $0.published = durable }
+    }
+
     /// Ends the waits whose deadline passed (called every housekeeping tick; scans only when one is due).
     func expireDue(nowNanos: UInt64) {
         let due: [CheckedContinuation<Bool, Never>] = state.withLock { s in
@@ -117,7 +123,11 @@ final class DurablePositionWatch: Sendable {
             }
             guard proceed, !Task.isCancelled else { return }
             let next = state.withLock { $0.published } + 1
-            do { try await journal.waitDurable(next) } catch { return }
+            do { try await journal.waitDurable(next) } catch {
+                // A log that started again (``Journal/restart(at:)``) goes on from a lower position.
+                if journal.terminalReason != nil { return }
+                restarted(at: journal.lastDurableLSN)
+            }
             publish(journal.lastDurableLSN)
         }
     }

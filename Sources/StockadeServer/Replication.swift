@@ -88,6 +88,7 @@ final class ReplicationState: Sendable {
         /// The earliest deadline of any waiter: the tick scans only when one is due.
         var earliestDeadlineNanos = UInt64.max
         var closed = false
+        var rejoin = Rejoin()
 
         func acknowledged(_ position: UInt64) -> Int { replicas.values.reduce(0) { $0 + ($1.ackedLSN >= position ? 1 : 0) } }
 
@@ -120,7 +121,25 @@ final class ReplicationState: Sendable {
         }
     }
 
+    /// What this node's starts over did (``ReplicaLink``'s rejoin), for INFO replication.
+    struct Rejoin: Sendable {
+        /// Starts over since the process started.
+        var count = 0
+        /// Where the last one kept the old files.
+        var lastDirectory = ""
+        /// The old log's last position, and the first one the primary did not have (at or before).
+        var lastPreviousLSN: UInt64 = 0
+        var lastDivergedFrom: UInt64 = 0
+        /// Between a start over and the first link that follows the primary after it: the state is
+        /// empty or a copy being put in place, so an election must not count on it.
+        var inProgress = false
+    }
+
     private let state = Mutex(State())
+
+    var rejoin: Rejoin { state.withLock { $0.rejoin } }
+
+    func updateRejoin(_ body: (inout Rejoin) -> Void) { state.withLock { body(&$0.rejoin) } }
 
     /// Registers a replica's stream; returns its id, or nil when ``ReplicationLimits/replicasMax``
     /// streams are open.
@@ -294,16 +313,18 @@ final class ReplicaFeed: @unchecked Sendable {
         // of this log's, begun at the same position, and must not have ended here before the
         // replica's last record (a former primary's records of a term this log had moved on from).
         let (divergence, undecided) = server.engine.epochs.divergence(ofLogEndingAt: next - 1, lastTerm: lastTerm)
+        let epoch = server.replicationEpoch.withLock { $0 }
         if let divergence {
             server.logger.warning("a replica's log is not a prefix of this one: \(divergence); refused")
-            await send("-DIVERGED the replica's log went another way: \(divergence)\r\n", close: true)
+            let from = Self.divergedFrom(server.engine.epochs, position: next - 1, lastTerm: lastTerm)
+            await send("-DIVERGED the replica's log went another way: \(divergence)\(RefusalTail(epoch: epoch, from: from))\r\n", close: true)
             return
         }
         if undecided {
             server.logger.info("a replica's newest term is older than the terms this log keeps: compared by its last record only")
         }
         guard next <= durableAtStart + 1 else {
-            await send("-ERR the replica is ahead of this primary: it asks for position \(next), this log ends at \(durableAtStart)\r\n", close: true)
+            await send("-ERR the replica is ahead of this primary: it asks for position \(next), this log ends at \(durableAtStart)\(RefusalTail(epoch: epoch, from: durableAtStart + 1))\r\n", close: true)
             return
         }
         // And where the logs meet, the record before `next` must be the same on both sides.
@@ -313,7 +334,7 @@ final class ReplicaFeed: @unchecked Sendable {
             let ours = await withTaskExecutorPreference(server.blockingWork) { reader.fingerprint(at: position, durable: durableAtStart) }
             if let ours, ours != last {
                 server.logger.warning("a replica's log diverged from this one at or before position \(position); refused")
-                await send("-DIVERGED the replica's record at position \(position) is not this primary's: its log went another way (records this primary never had)\r\n", close: true)
+                await send("-DIVERGED the replica's record at position \(position) is not this primary's: its log went another way (records this primary never had)\(RefusalTail(epoch: epoch, from: position))\r\n", close: true)
                 return
             }
         }
@@ -329,7 +350,6 @@ final class ReplicaFeed: @unchecked Sendable {
         }
         // What the replica holds already (its position, or the full copy just sent) counts as sent.
         sentThrough.store(next - 1, ordering: .releasing)
-        let epoch = server.replicationEpoch.withLock { $0 }
         guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount) EPOCH \(epoch)\r\n") else { return }
         let reader = LogReader(directory: server.store.directory)
         var lastSentNanos = monotonicNanos()
@@ -387,6 +407,18 @@ final class ReplicaFeed: @unchecked Sendable {
             }
         }
         channel.close(promise: nil)
+    }
+
+    /// The first position at which a refused replica's log (ending at `position`, its newest term
+    /// `lastTerm`) may differ from this one, by the terms: where its term and this log's part, or
+    /// `position` when only its last record tells (the logs may part earlier).
+    static func divergedFrom(_ epochs: EpochHistory, position: UInt64, lastTerm: EpochHistory.Term?) -> UInt64 {
+        guard let lastTerm else { return epochs.terms.first.map { min($0.start, position) } ?? position }
+        guard let index = epochs.terms.firstIndex(where: { $0.epoch == lastTerm.epoch }) else { return min(lastTerm.start, position) }
+        let ours = epochs.terms[index]
+        if ours.start != lastTerm.start { return min(ours.start, lastTerm.start, position) }
+        if index + 1 < epochs.terms.count { return min(epochs.terms[index + 1].start, position) }
+        return position
     }
 
     /// Sends the newest snapshot that verifies: `+FULLCOPY lsn bytes EPOCH e`, then the file as one bulk
@@ -498,6 +530,18 @@ final class ReplicaLink: Sendable {
             do {
                 try await session()
                 retryMillis = ReplicationLimits.retryMillisFirst
+            } catch let error as ReplicationError where error.divergence != nil {
+                do {
+                    try await rejoin(error)
+                } catch {
+                    let message = "this node's log went another way from the primary's, and setting it aside failed (\(error)): restart it (a move begun is finished at start)"
+                    server.logger.error("replication from \(host):\(port) stopped: \(message)")
+                    server.replication.updateLink { $0.state = "stopped"; $0.lastError = message }
+                    return
+                }
+                // At once: the primary is there, and this node has nothing to serve until it follows.
+                retryMillis = ReplicationLimits.retryMillisFirst
+                continue
             } catch let error as ReplicationError where error.fatal {
                 server.logger.error("replication from \(host):\(port) stopped: \(error.message)")
                 server.replication.updateLink { $0.state = "stopped"; $0.lastError = error.message }
@@ -668,15 +712,19 @@ final class ReplicaLink: Sendable {
                     "the primary no longer keeps the log after position \(next - 1) (\(reply.dropFirst())); this replica needs a full copy: "
                         + "stop it, empty its data directory, and start it again", fatal: true)
             case .line(let reply)? where reply.hasPrefix("-DIVERGED") || reply.hasPrefix("-ERR the replica is ahead"):
-                throw ReplicationError(
-                    "the primary refused: \(reply.dropFirst()). This node holds records the primary does not (a former primary?): "
-                        + "move its data directory aside and start it again with --replica-of, which takes a full copy", fatal: true)
+                // This node holds records the primary does not (a former primary): it starts over as
+                // the primary's replica, keeping its files (``rejoin(_:)``).
+                let tail = RefusalTail.parse(reply)
+                var error = ReplicationError("the primary refused: \(reply.dropFirst())")
+                error.divergence = .init(primaryEpoch: tail?.epoch, from: tail?.from ?? max(1, next - 1))
+                throw error
             case .line(let reply)? where reply.hasPrefix("-"):
                 throw ReplicationError("the primary refused: \(reply.dropFirst())")
             case let other:
                 throw ReplicationError("unexpected answer to REPLICATE: \(String(describing: other))")
             }
             server.replication.updateLink { $0.state = "connected"; $0.linksMade += 1; $0.lastError = "" }
+            server.replication.updateRejoin { $0.inProgress = false }
             server.logger.info("replicating from \(host):\(port) at position \(next)")
             while !Task.isCancelled {
                 guard let first = try await message() else {
@@ -763,6 +811,45 @@ final class ReplicaLink: Sendable {
         }
     }
 
+    /// The primary refused this node's log (it holds records the primary does not have: a former
+    /// primary whose last records were never shipped): the node starts over as the primary's replica,
+    /// as Redis's full resynchronisation does, but keeps what it discards. Every client connection is
+    /// closed (what they read may be records the primary's log does not have: a consumer of EVENTS
+    /// must reconnect and compare terms); every segment and snapshot moves into
+    /// `diverged-<epoch>-<unix-ms>/` in the data directory (``Store/startOver(setAsideAs:)``: renames
+    /// and directory syncs, crash-safe); the log starts again at position 0 and the state is empty;
+    /// the next link then takes the primary's history (a full copy, or its log from the start).
+    private func rejoin(_ refusal: ReplicationError) async throws {
+        guard let divergence = refusal.divergence else { return }
+        let store = server.store
+        let epoch = divergence.primaryEpoch ?? server.replicationEpoch.withLock { $0 }
+        let name = store.directory.freeSetAsideName(epoch: epoch, unixMillis: wallClockMillis())
+        let last = store.journal.lastAppendedLSN
+        let from = min(divergence.from, last + 1)
+        let count = last >= from ? last - from + 1 : 0
+        let path = "\(store.directory.path)/\(name)"
+        server.logger.warning(
+            "\(host):\(port): \(refusal.message). Its log holds \(count) record(s) the primary does not have (positions \(from)-\(last), or from earlier). Starting over as its replica: closing every client connection, moving this node's log and snapshots to \(path)")
+        server.replication.updateRejoin { r in
+            r.count += 1
+            r.lastDirectory = path
+            r.lastPreviousLSN = last
+            r.lastDivergedFrom = from
+            r.inProgress = true
+        }
+        server.replication.updateLink { $0.state = "sync"; $0.lastError = refusal.message; $0.primaryDurableLSN = 0 }
+        server.closeClientConnections()
+        // A change a primary turned replica had in flight is let reach the log first: the log starts
+        // again only with nothing pending.
+        try await store.journal.waitDurable(store.journal.lastAppendedLSN)
+        let result = try await store.startOver(setAsideAs: name)
+        server.logStartedOver()
+        // Connections accepted while the files moved may have read the old state.
+        server.closeClientConnections()
+        server.logger.warning(
+            "moved \(result.setAside.files.count) file(s) (the log through position \(result.previousLSN)) to \(result.setAside.path) (read them with: stockade inspect --records \(result.setAside.path)); this node's log starts again at position 0, and it takes the primary's history from \(host):\(port)")
+    }
+
     /// Puts a received snapshot in place and continues from it: verifies and reads it, renames it to
     /// its final name (from then on recovery starts from it), starts the log again after its position,
     /// replaces the state, and removes the segments and snapshots it supersedes. Each step leaves a
@@ -819,15 +906,44 @@ final class ReplicaLink: Sendable {
     }
 }
 
-/// Why a replication link ended; `fatal` ones stop replication until an operator acts.
+/// Why a replication link ended; `fatal` ones stop replication until an operator acts; a
+/// `divergence` (the primary refused this node's log) makes the node start over as its replica.
 struct ReplicationError: Error, CustomStringConvertible {
     var message: String
     var fatal = false
+    /// The primary refused this node's log as going another way (or ahead of its own).
+    var divergence: Divergence?
+
+    struct Divergence {
+        /// The primary's epoch, when its refusal named it.
+        var primaryEpoch: UInt64?
+        /// The first position of this node's log the primary does not have (or an earlier one).
+        var from: UInt64
+    }
+
     init(_ message: String, fatal: Bool = false) {
         self.message = message
         self.fatal = fatal
     }
     var description: String { message }
+}
+
+/// The end of a primary's refusal of a replica's log (`-DIVERGED ...`, `-ERR the replica is ahead
+/// ...`): ` [primary-epoch E diverged-from F]`, the primary's epoch (which names the directory the
+/// replica keeps its old files in) and the first position where the logs may part. A refusal without
+/// it (an older primary) is read as naming neither.
+struct RefusalTail: CustomStringConvertible, Equatable {
+    var epoch: UInt64
+    var from: UInt64
+
+    var description: String { " [primary-epoch \(epoch) diverged-from \(from)]" }
+
+    static func parse(_ line: String) -> RefusalTail? {
+        guard line.hasSuffix("]"), let open = line.range(of: " [primary-epoch ", options: .backwards) else { return nil }
+        let words = line[open.upperBound...].dropLast().split(separator: " ")
+        guard words.count == 3, words[1] == "diverged-from", let epoch = UInt64(words[0]), let from = UInt64(words[2]) else { return nil }
+        return RefusalTail(epoch: epoch, from: from)
+    }
 }
 
 /// One message of the stream as the replica reads it: a status line (with its `+` or `-`) or a

@@ -134,6 +134,24 @@ final class ServerContext: Sendable {
     }
 
     var clientChannels: [Channel] { counters.withLock { Array($0.clients.values) } }
+
+    /// Closes every client connection (replica streams served here too): a node starting over as a
+    /// replica (``ReplicaLink``) may have shown them records the primary's log does not have.
+    func closeClientConnections() {
+        for channel in clientChannels { channel.close(promise: nil) }
+    }
+
+    /// After the log started again at position 0 (``Store/startOver(setAsideAs:)``): what assumed
+    /// positions only grow is told. Rounds waiting for a position of the old log are answered with why
+    /// it never comes; EVENTS waiters follow the new log; the snapshot cadence counts from 0.
+    func logStartedOver() {
+        eventsWaiters.restarted(at: store.journal.lastDurableLSN)
+        for state in loopStates.values { state.logRestarted(Journal.restartedReason) }
+        counters.withLock { c in
+            c.lastSnapshotLSN = 0
+            c.lastSnapshotNanos = monotonicNanos()
+        }
+    }
     var connectedCount: Int { counters.withLock { $0.clients.count } }
 
     /// Counts a new metrics connection; false when it would pass ``ServerConfiguration/metricsConnectionsMax``.
@@ -437,8 +455,19 @@ final class ServerContext: Sendable {
         }
     }
 
-    /// INFO's replication section, in Redis's keys, positions for offsets.
+    /// INFO's replication section, in Redis's keys, positions for offsets, and this node's starts
+    /// over (a former primary whose log went another way rejoining: ``ReplicaLink``).
     func replicationInfo() -> [(String, String)] {
+        let rejoin = replication.rejoin
+        let rejoins: [(String, String)] = [
+            ("rejoins", String(rejoin.count)), ("last_diverged_dir", infoText(rejoin.lastDirectory)),
+            ("last_rejoin_previous_position", String(rejoin.lastPreviousLSN)),
+            ("last_rejoin_diverged_from", String(rejoin.lastDivergedFrom)),
+        ]
+        return replicationRoleInfo() + rejoins
+    }
+
+    private func replicationRoleInfo() -> [(String, String)] {
         let durable = store.journal.lastDurableLSN
         if let link = replication.link {
             let now = monotonicNanos()
@@ -731,6 +760,9 @@ public final class StockadeServer: Sendable {
         } catch {
             try? await group.shutdownGracefully()
             throw error
+        }
+        for finished in store.finishedSetAside {
+            logger.warning("finished moving a diverged log into \(finished), which a crash had interrupted: this node starts over empty")
         }
         let state = store.recovery
         logger.info("recovered \(configuration.dataDirectory): \(state)")

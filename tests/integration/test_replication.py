@@ -11,7 +11,7 @@ import time
 import pytest
 import redis
 
-from conftest import Server
+from conftest import BINARY, Server
 
 
 def info(r, section="replication"):
@@ -1051,3 +1051,250 @@ def test_replicaof_does_not_wait_for_rounds_without_changes(data_dir):
         blocked.close()
     finally:
         s.stop()
+
+
+# A former primary whose log went another way rejoins by itself (docs/REPLICATION.md, "Rejoining").
+
+def diverged_dirs(node):
+    return sorted(d for d in os.listdir(node.data_dir) if d.startswith("diverged-"))
+
+
+def inspected_last_position(path):
+    """The last log position `stockade inspect` reads in a directory (0: none)."""
+    out = subprocess.run([BINARY, "inspect", path], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    last = 0
+    for line in out.stdout.splitlines():
+        words = line.split()
+        if "positions" in words:
+            last = max(last, int(words[words.index("positions") + 1].rstrip(",").split("-")[1]))
+    return last
+
+
+def wait_rejoined(new_primary, node, rejoins=1, timeout=30):
+    """Waits until `node` has started over `rejoins` times and follows `new_primary`, caught up."""
+    deadline = time.time() + timeout
+    state = {}
+    while time.time() < deadline:
+        try:
+            state = info(node.client())
+            if int(state.get("rejoins", 0)) >= rejoins and state.get("master_link_state") == "connected":
+                return wait_caught_up(new_primary, node)
+        except redis.ConnectionError:
+            pass  # closed by the start over itself
+        time.sleep(0.05)
+    raise AssertionError(f"did not rejoin: {state}\n{node.logs()}")
+
+
+def diverge(a, b, skus):
+    """B stops following A; A takes changes B never sees; B is promoted and takes changes of its own.
+    Returns (orders both have, A's lost orders, B's orders, A's last log position)."""
+    pa, pb = a.client(), b.client()
+    for s in skus:
+        pa.execute_command("SKU.ADD", s, 1000)
+    orders = sale(pa, skus, 30, "a")
+    time.sleep(0.5)  # the sale's 300 ms holds expire first: A's state then stands still
+    assert_same_state(a, b, skus, orders)
+    assert pb.execute_command("REPLICAOF", "127.0.0.1", 1) == "OK"  # nothing listens there
+    lost = [pa.execute_command("RESERVE", f"lost{i}", skus[0], 1) for i in range(5)]
+    a_end = int(info(pa, "persistence")["log_position_durable"])
+    assert pb.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+    mine = sale(pb, skus, 30, "b")
+    return orders, lost, mine, a_end
+
+
+def test_former_primary_with_records_never_shipped_rejoins_by_itself(data_dir):
+    """A former primary pointed at the node promoted in its place was refused (-DIVERGED) and its
+    link stopped for good, telling an operator to move its data directory aside. Now it starts over
+    by itself: its files are kept in diverged-*/, it takes the new primary's history, and its
+    clients are disconnected (they may have read records the new primary does not have)."""
+    skus = ["tv", "cam"]
+    a = Server(os.path.join(data_dir, "a"), "--shards", "2", "--io-threads", "1").start()
+    b = Server(os.path.join(data_dir, "b"), "--shards", "2", "--replica-of", f"127.0.0.1:{a.port}").start()
+    try:
+        orders, lost, mine, a_end = diverge(a, b, skus)
+        watcher = socket.create_connection(("127.0.0.1", a.port))
+        watcher.sendall(b"PING\r\n")
+        assert watcher.recv(100) == b"+PONG\r\n"
+        before = state_of(a.client(), skus, orders + lost)
+        assert a.client().execute_command("REPLICAOF", "127.0.0.1", b.port) == "OK"
+        wait_rejoined(b, a)
+        assert_same_state(b, a, skus, orders + mine)
+        pa = a.client()
+        # The holds only A had are gone (their ids may be B's orders now: ids follow the log).
+        assert all(pa.execute_command("ORDERS", f"lost{i}") == [] for i in range(len(lost)))
+        assert before != state_of(pa, skus, orders)
+        assert pa.execute_command("EVENTS", 1, "COUNT", 10000) == b.client().execute_command("EVENTS", 1, "COUNT", 10000)
+        # The client it had was closed.
+        watcher.settimeout(10)
+        assert watcher.recv(100) == b""
+        # INFO says what happened; the kept files are the old log, which stockade inspect reads.
+        state = info(pa)
+        epoch = int(info(b.client())["log_epoch"])
+        kept = diverged_dirs(a)
+        assert len(kept) == 1 and kept[0].startswith(f"diverged-{epoch}-"), kept
+        assert state["rejoins"] == 1 and state["last_diverged_dir"] == os.path.join(a.data_dir, kept[0]), state
+        assert state["last_rejoin_previous_position"] == a_end and state["last_rejoin_diverged_from"] == a_end - 4, state
+        assert "holds 5 record(s) the primary does not have" in a.logs()
+        assert inspected_last_position(os.path.join(a.data_dir, kept[0])) == a_end
+        # A copy of the kept directory, served on its own, shows the old state (what was discarded).
+        copy = os.path.join(data_dir, "kept")
+        shutil.copytree(os.path.join(a.data_dir, kept[0]), copy)
+        old = Server(copy, "--shards", "2").start()
+        try:
+            assert state_of(old.client(), skus, orders + lost) == before
+        finally:
+            old.stop()
+        # Restarted, it recovers the new history only, and goes on following.
+        a.kill9()
+        a.args = ["--shards", "2", "--replica-of", f"127.0.0.1:{b.port}"]
+        a.start()
+        mine += sale(b.client(), skus, 10, "late")
+        assert_same_state(b, a, skus, orders + mine)
+        assert int(info(a.client())["rejoins"]) == 0
+    finally:
+        a.stop()
+        b.stop()
+
+
+class HoldingRelay:
+    """A relay to a primary that stops passing the primary's bytes at a chosen point: at the first
+    line starting with `marker` (its first byte not sent), or, for a full copy, half-way through the
+    file. Until `release()`; a node killed meanwhile sees the link die there."""
+
+    def __init__(self, target_port, marker, midway=False):
+        self.target_port, self.marker, self.midway = target_port, marker, midway
+        self.held, self.released = threading.Event(), threading.Event()
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self.pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self.pipe, args=(upstream, client, True), daemon=True).start()
+
+    def hold_at(self, seen):
+        at = seen.find(self.marker)
+        if at < 0:
+            return None
+        if not self.midway:
+            return at
+        header_end = seen.find(b"\r\n", seen.find(b"\r\n$", at) + 3)
+        if seen.find(b"\r\n$", at) < 0 or header_end < 0:
+            return None
+        size = int(seen[seen.find(b"\r\n$", at) + 3:header_end])
+        return header_end + 2 + size // 2
+
+    def pipe(self, source, sink, watch):
+        seen, sent = b"", 0
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if not watch or self.held.is_set():
+                    if watch:
+                        self.released.wait()
+                    sink.sendall(data)
+                    continue
+                seen += data
+                at = self.hold_at(seen)
+                if at is None or at > len(seen):
+                    sink.sendall(seen[sent:])
+                    sent = len(seen)
+                    continue
+                sink.sendall(seen[sent:at])
+                self.held.set()
+                self.released.wait()
+                sink.sendall(seen[at:])
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def release(self):
+        self.released.set()
+
+    def close(self):
+        self.released.set()
+        self.listener.close()
+
+
+@pytest.mark.parametrize("moment", ["refused", "before-copy", "copy-midway", "copy-done"])
+def test_former_primary_killed_while_it_rejoins_ends_equal_to_the_new_primary(data_dir, moment):
+    """kill -9 at several moments of the start over (the refusal not yet read, the files moved but
+    the copy not begun, the copy half-way, the copy in place), then a restart with --replica-of the
+    new primary: it ends with the new primary's state, and the old log is kept in diverged-*/."""
+    skus = ["tv", "cam"]
+    a = Server(os.path.join(data_dir, "a"), "--shards", "2", "--io-threads", "1").start()
+    b = Server(os.path.join(data_dir, "b"), "--shards", "2", "--replica-of", f"127.0.0.1:{a.port}").start()
+    relay = None
+    try:
+        orders, lost, mine, a_end = diverge(a, b, skus)
+        a.kill9()
+        # The new primary keeps no log from position 1 (snapshots, restarts, no retention): the
+        # former primary takes a full copy.
+        b.stop()
+        b.args = ["--shards", "2", "--events-retention-segments", "0", "--snapshot-every-changes", "0"]
+        for round_ in range(3):
+            b.start()
+            mine += sale(b.client(), skus, 20, f"b{round_}")
+            b.client().execute_command("SNAPSHOT")
+            b.stop()
+        b.start()
+        assert not os.path.exists(os.path.join(b.data_dir, "wal-" + "0" * 19 + "1.log"))
+        marker = {"refused": b"-DIVERGED", "before-copy": b"+FULLCOPY", "copy-midway": b"+FULLCOPY", "copy-done": b"+CONTINUE"}[moment]
+        relay = HoldingRelay(b.port, marker, midway=moment == "copy-midway")
+        if moment == "copy-done":
+            relay.release()
+        a.args = ["--shards", "2", "--replica-of", f"127.0.0.1:{relay.port}"]
+        a.start()
+        if moment == "copy-done":
+            wait_rejoined(b, a)
+            assert "full copy in place" in a.logs()
+        else:
+            assert relay.held.wait(30), a.logs()
+            time.sleep(0.3)  # what the node does with what it got (nothing more comes)
+        a.kill9()
+        relay.close()
+        # Where the kill found it.
+        files = os.listdir(a.data_dir)
+        moved = [d for d in diverged_dirs(a) if os.listdir(os.path.join(a.data_dir, d))]
+        if moment == "refused":
+            assert not moved and any(f.startswith("wal-") and f != "wal-" + "0" * 19 + "1.log" for f in files), files
+        else:
+            assert len(moved) == 1, files
+        if moment == "before-copy":
+            assert not [f for f in files if f.startswith("snap-")], files
+        if moment == "copy-midway":
+            assert [f for f in files if f.endswith(".snap.tmp")], files
+        if moment == "copy-done":
+            assert [f for f in files if f.endswith(".snap")], files
+        a.args = ["--shards", "2", "--replica-of", f"127.0.0.1:{b.port}"]
+        a.start()
+        wait_caught_up_or_rejoined = wait_rejoined if moment == "refused" else wait_caught_up
+        wait_caught_up_or_rejoined(b, a)
+        assert_same_state(b, a, skus, orders + mine)
+        assert all(a.client().execute_command("ORDERS", f"lost{i}") == [] for i in range(len(lost)))
+        assert not [f for f in os.listdir(a.data_dir) if f.endswith(".tmp")]
+        # The old log is kept whole in one diverged-*/ directory.
+        kept = [d for d in diverged_dirs(a) if any(f.startswith("wal-") for f in os.listdir(os.path.join(a.data_dir, d)))]
+        assert len(kept) == 1, diverged_dirs(a)
+        assert inspected_last_position(os.path.join(a.data_dir, kept[0])) == a_end
+    finally:
+        if relay:
+            relay.close()
+        a.stop()
+        b.stop()
