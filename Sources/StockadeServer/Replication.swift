@@ -714,9 +714,21 @@ final class ReplicaLink: Sendable {
             case .line(let reply)? where reply.hasPrefix("-DIVERGED") || reply.hasPrefix("-ERR the replica is ahead"):
                 // This node holds records the primary does not (a former primary): it starts over as
                 // the primary's replica, keeping its files (``rejoin(_:)``).
-                let tail = RefusalTail.parse(reply)
+                // Only for a primary that names its epoch, and not an older one than this node knows: a
+                // node never discards its log for a primary it would then refuse to follow.
+                guard let tail = RefusalTail.parse(reply) else {
+                    throw ReplicationError(
+                        "the primary refused: \(reply.dropFirst()). This node holds records the primary does not (a former primary?), "
+                            + "and the primary does not name its epoch (an older build): move its data directory aside and start it again "
+                            + "with --replica-of, which takes a full copy", fatal: true)
+                }
+                let known = server.replicationEpoch.withLock { $0 }
+                guard tail.epoch >= known else {
+                    throw ReplicationError(
+                        "\(host):\(port) refused this node's log and is a primary of epoch \(tail.epoch), older than epoch \(known) this node knows; not followed, nothing discarded")
+                }
                 var error = ReplicationError("the primary refused: \(reply.dropFirst())")
-                error.divergence = .init(primaryEpoch: tail?.epoch, from: tail?.from ?? max(1, next - 1))
+                error.divergence = .init(primaryEpoch: tail.epoch, from: tail.from)
                 throw error
             case .line(let reply)? where reply.hasPrefix("-"):
                 throw ReplicationError("the primary refused: \(reply.dropFirst())")

@@ -179,7 +179,9 @@ def test_three_nodes_fail_over_under_bench_load_after_kill9(data_dir, etcd, mode
         first.start()
         new_epoch = int(r.info("replication")["log_epoch"])
         term_start = epoch_start(r, new_epoch)
-        old_end = int(first.client().info("persistence")["log_position_durable"])
+        # Its old log's end: read at once, or, if it has already started over, as INFO keeps it.
+        seen = first.client().info("everything")
+        old_end = int(seen["last_rejoin_previous_position"]) if int(seen["rejoins"]) > 0 else int(seen["log_position_durable"])
         unshipped = max(0, old_end - (term_start - 1))
         print(f"{mode}: {len(everything)} acknowledged ({len(by_bench)} by the bench), {len(missing)} missing; "
               f"the old primary had {unshipped} records past the new term's start")
@@ -189,19 +191,27 @@ def test_three_nodes_fail_over_under_bench_load_after_kill9(data_dir, etcd, mode
             assert len(missing) <= unshipped, f"{len(missing)} acknowledged orders missing, more than the {unshipped} unshipped records"
         deadline = time.time() + 15
         while time.time() < deadline:
-            state = first.client().info("replication")
-            if unshipped == 0 and state.get("role") == "slave" and state.get("master_port") == second.port \
-                    and state.get("slave_repl_offset") == r.info("persistence")["log_position_durable"]:
-                break
-            if unshipped > 0 and state.get("master_link_state") == "stopped":
+            try:
+                state = first.client().info("replication")
+            except redis.ConnectionError:
+                continue  # closed by its start over
+            if state.get("role") == "slave" and state.get("master_port") == second.port \
+                    and state.get("slave_repl_offset") == r.info("persistence")["log_position_durable"] \
+                    and (unshipped == 0 or int(state.get("rejoins", 0)) > 0):
                 break
             time.sleep(0.1)
+        # It follows the new primary either way.
+        assert state["role"] == "slave" and state["master_port"] == second.port, state
+        kept = [d for d in os.listdir(first.data_dir) if d.startswith("diverged-")]
         if unshipped == 0:
-            # Nothing was lost: the old primary's log is a prefix, and it follows the new one.
-            assert state["role"] == "slave" and state["master_port"] == second.port, state
+            # Nothing was lost: the old primary's log is a prefix, and it follows on from it.
+            assert int(state["rejoins"]) == 0 and not kept, state
         else:
-            # Its log holds records the new primary never had: refused by its term, not followed.
-            assert state["master_link_state"] == "stopped" and "DIVERGED" in state["master_link_error"], state
+            # Its log holds records the new primary never had: refused by its term, it started
+            # over with the new primary's history, its own kept aside (under the new epoch's name).
+            assert int(state["rejoins"]) == 1 and kept == [f"diverged-{new_epoch}-{kept[0].split('-')[2]}"], (state, kept)
+            assert "DIVERGED" in first.logs()
+            print(f"{mode}: the old primary started over; {unshipped} records kept in {kept[0]}")
     finally:
         if bench and bench.poll() is None:
             bench.kill()

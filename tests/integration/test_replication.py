@@ -432,7 +432,7 @@ def test_semi_synchronous_change_without_acknowledgement_is_answered_noreplicas(
         primary.stop()
 
 
-def test_former_primary_rejoins_as_a_replica_unless_its_log_went_another_way(data_dir):
+def test_former_primary_rejoins_as_a_replica_and_starts_over_when_its_log_went_another_way(data_dir):
     a = Server(os.path.join(data_dir, "a"), "--shards", "2").start()
     b = Server(os.path.join(data_dir, "b"), "--shards", "2", "--replica-of", f"127.0.0.1:{a.port}").start()
     c = None
@@ -460,16 +460,15 @@ def test_former_primary_rejoins_as_a_replica_unless_its_log_went_another_way(dat
         kept = sale(a.client(), ["tv", "cam"], 10, "c")
         time.sleep(0.5)  # the sale's 300 ms holds expire first: the state compared below stands still
         before = state_of(a.client(), ["tv", "cam"], orders + kept)
-        # B comes back as A's replica: its log holds records A never had at the same positions.
+        # B comes back as A's replica: its log holds records A never had at the same positions. It
+        # is refused (-DIVERGED), and starts over as A's replica, its old files kept aside.
         b.args = ["--shards", "2", "--replica-of", f"127.0.0.1:{a.port}"]
         b.start()
-        deadline = time.time() + 10
-        while info(b.client())["master_link_state"] != "stopped" and time.time() < deadline:
-            time.sleep(0.05)
-        state = info(b.client())
-        assert state["master_link_state"] == "stopped", state
-        assert "DIVERGED" in state["master_link_error"] and "move its data directory aside" in state["master_link_error"], state
+        wait_rejoined(a, b)
+        assert "DIVERGED" in b.logs()
+        assert len(diverged_dirs(b)) == 1
         assert state_of(a.client(), ["tv", "cam"], orders + kept) == before
+        assert state_of(b.client(), ["tv", "cam"], orders + kept) == before
     finally:
         for node in (a, b):
             try:
@@ -685,7 +684,9 @@ def test_replica_streams_are_bounded(data_dir):
 
 def test_replica_promoted_and_sent_back_is_refused_when_logs_differ(pair):
     """REPLICAOF NO ONE on the replica, changes on both, then REPLICAOF back: the replica reported
-    `connected` with different data. Now the logs are compared where they meet."""
+    `connected` with different data. Now the logs are compared where they meet: refused, it starts
+    over with the primary's history only when that primary is of its term or a newer one: here the
+    primary (epoch 0) is older than the replica's own promotion, so nothing is discarded."""
     primary, replica = pair
     p, r = primary.client(), replica.client()
     p.execute_command("SKU.ADD", "tv", 10)
@@ -695,10 +696,12 @@ def test_replica_promoted_and_sent_back_is_refused_when_logs_differ(pair):
     r.execute_command("RESERVE", "on-replica", "tv", 2)
     assert r.execute_command("REPLICAOF", "127.0.0.1", primary.port) == "OK"
     deadline = time.time() + 10
-    while info(r)["master_link_state"] != "stopped" and time.time() < deadline:
+    while "older than epoch" not in info(r)["master_link_error"] and time.time() < deadline:
         time.sleep(0.05)
     state = info(r)
-    assert state["master_link_state"] == "stopped" and "DIVERGED" in state["master_link_error"], state
+    assert "refused this node's log" in state["master_link_error"] and "nothing discarded" in state["master_link_error"], state
+    assert state["rejoins"] == 0 and not diverged_dirs(replica), state
+    assert len(r.execute_command("ORDERS", "on-replica")) == 1 and r.execute_command("STOCK", "tv")[5] == 8
 
 
 def test_damaged_log_is_reported_to_the_replica_not_taken_for_the_end(data_dir):
@@ -841,15 +844,15 @@ def test_a_former_primary_is_refused_by_its_epoch_where_last_records_match(data_
         for _ in range(restocks):
             pa.execute_command("SKU.RESTOCK", "tv", 1)
         assert pb.execute_command("EVENTS", 2, "COUNT", 5)[0][1] == "epoch"
-        assert pa.execute_command("REPLICAOF", "127.0.0.1", b.port) == "OK"
-        deadline = time.time() + 10
-        while info(pa)["master_link_state"] != "stopped" and time.time() < deadline:
-            time.sleep(0.05)
-        state = info(pa)
-        assert state["master_link_state"] == "stopped", state
-        assert "DIVERGED" in state["master_link_error"] and "epoch" in state["master_link_error"], state
         assert pa.execute_command("STOCK", "tv")[3] == 100 + restocks
-        assert pb.execute_command("STOCK", "tv")[3] == 101
+        assert pa.execute_command("REPLICAOF", "127.0.0.1", b.port) == "OK"
+        wait_rejoined(b, a)
+        refusal = [line for line in a.logs().splitlines() if "DIVERGED" in line]
+        assert refusal and "epoch" in refusal[0], a.logs()
+        # It starts over with B's history: B's term and B's one restock, not its own.
+        pa = a.client()
+        assert pa.execute_command("EVENTS", 1, "COUNT", 100) == pb.execute_command("EVENTS", 1, "COUNT", 100)
+        assert pb.execute_command("STOCK", "tv")[3] == 101 and pa.execute_command("STOCK", "tv")[3] == 101
     finally:
         b.stop()
         a.stop()
@@ -912,13 +915,12 @@ def test_two_replicas_promoted_from_one_history_start_different_terms(data_dir):
         pb.execute_command("SKU.RESTOCK", "tv", 1)
         pc.execute_command("SKU.RESTOCK", "z", 1)
         pc.execute_command("SKU.RESTOCK", "tv", 1)
+        assert pc.execute_command("STOCK", "z")[3] == 101
         assert pc.execute_command("REPLICAOF", "127.0.0.1", b.port) == "OK"
-        deadline = time.time() + 10
-        while info(pc)["master_link_state"] != "stopped" and time.time() < deadline:
-            time.sleep(0.05)
-        state = info(pc)
-        assert state["master_link_state"] == "stopped" and "DIVERGED" in state["master_link_error"], state
-        assert pc.execute_command("STOCK", "z")[3] == 101 and pb.execute_command("STOCK", "z")[3] == 100
+        wait_rejoined(b, c)
+        assert "DIVERGED" in c.logs()
+        # C's own restock of z was not followed on: it starts over with B's history.
+        assert c.client().execute_command("STOCK", "z")[3] == 100 and pb.execute_command("STOCK", "z")[3] == 100
     finally:
         for node in (x, b, c):
             node.stop()
