@@ -166,9 +166,10 @@ final class Coordinator: Sendable {
         candidates.max { ($0.epoch, $0.position, $1.address) < ($1.epoch, $1.position, $0.address) }?.address
     }
 
-    /// What this node stands on, or nil when its link to a primary was refused for good (its log
-    /// went another way, it is ahead, a record did not fit, another shard count): such a node is not
-    /// elected until an operator resets it.
+    /// What this node stands on, or nil when its link to a primary was refused for good (a record
+    /// did not fit, another shard count; a primary of an older build refused its log as diverged):
+    /// such a node is not elected until an operator resets it. Nor while it starts over (its log went
+    /// another way: ``ReplicaLink``), until a link after that follows the primary.
     private var standing: (epoch: UInt64, position: UInt64)? {
         if server.replication.link?.state == "stopped" || unfit.withLock({ $0 }) { return nil }
         // Starting over (its old log set aside): empty, or a copy not yet followed on; not a history.
