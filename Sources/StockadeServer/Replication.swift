@@ -834,8 +834,7 @@ final class ReplicaLink: Sendable {
     private func rejoin(_ refusal: ReplicationError) async throws {
         guard let divergence = refusal.divergence else { return }
         let store = server.store
-        let epoch = divergence.primaryEpoch ?? server.replicationEpoch.withLock { $0 }
-        let name = store.directory.freeSetAsideName(epoch: epoch, unixMillis: wallClockMillis())
+        let name = store.directory.freeSetAsideName(epoch: divergence.primaryEpoch, unixMillis: wallClockMillis())
         let last = store.journal.lastAppendedLSN
         let from = min(divergence.from, last + 1)
         let count = last >= from ? last - from + 1 : 0
@@ -927,8 +926,8 @@ struct ReplicationError: Error, CustomStringConvertible {
     var divergence: Divergence?
 
     struct Divergence {
-        /// The primary's epoch, when its refusal named it.
-        var primaryEpoch: UInt64?
+        /// The primary's epoch, as its refusal names it.
+        var primaryEpoch: UInt64
         /// The first position of this node's log the primary does not have (or an earlier one).
         var from: UInt64
     }
@@ -942,8 +941,8 @@ struct ReplicationError: Error, CustomStringConvertible {
 
 /// The end of a primary's refusal of a replica's log (`-DIVERGED ...`, `-ERR the replica is ahead
 /// ...`): ` [primary-epoch E diverged-from F]`, the primary's epoch (which names the directory the
-/// replica keeps its old files in) and the first position where the logs may part. A refusal without
-/// it (an older primary) is read as naming neither.
+/// replica keeps its old files in) and the first position where the logs may part. A replica does
+/// not start over on a refusal without it (an older primary).
 struct RefusalTail: CustomStringConvertible, Equatable {
     var epoch: UInt64
     var from: UInt64

@@ -209,7 +209,7 @@ def test_three_nodes_fail_over_under_bench_load_after_kill9(data_dir, etcd, mode
         else:
             # Its log holds records the new primary never had: refused by its term, it started
             # over with the new primary's history, its own kept aside (under the new epoch's name).
-            assert int(state["rejoins"]) == 1 and kept == [f"diverged-{new_epoch}-{kept[0].split('-')[2]}"], (state, kept)
+            assert int(state["rejoins"]) == 1 and kept == [f"diverged-{new_epoch}-{kept[0].split('-')[2]}"], (state, kept, first.logs()[-4000:])
             assert "DIVERGED" in first.logs()
             print(f"{mode}: the old primary started over; {unshipped} records kept in {kept[0]}")
     finally:
