@@ -46,6 +46,13 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     private var feed: ReplicaFeed?
     /// Whether the client is still there, for steps that wait on its behalf (WAIT).
     private let presence = ClientPresence()
+    /// The last round's slot and batch arrays, emptied, for the next round: no allocation per round
+    /// for them once they have grown (kept only up to ``spareCapacityMax`` entries).
+    private var spareSlots: [Slot] = []
+    private var spareBatch: [Command] = []
+    /// Entries of spare capacity kept per connection: a pipeline of 64 (about 4 KiB), however many
+    /// connections there are; larger arrays go back to the allocator.
+    private static let spareCapacityMax = 64
     /// The round whose replies wait for its position to be durable (``awaitDurable``).
     private var awaiting: (round: Round, replies: [Reply], position: UInt64, context: ChannelHandlerContext)?
 
@@ -292,6 +299,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     /// nil when nothing complete was buffered.
     private func buildRound(context: ChannelHandlerContext) -> Round? {
         var round = Round(local: context.channel.allocator.buffer(capacity: 256), started: monotonicNanos())
+        swap(&round.slots, &spareSlots)
+        swap(&round.batch, &spareBatch)
         let replyBudget = min(Self.roundReplyBytesMax, server.configuration.clientOutputBytesMax)
         var replyBytes = 0
         var input = inbound ?? ByteBuffer()
@@ -548,11 +557,21 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     }
 
     /// A round's replies are ready: write them, then go on with the input that arrived meanwhile.
-    private func complete(_ round: Round, replies: [Reply], tail: ByteBuffer?, closeAfter: Bool, context: ChannelHandlerContext) {
+    private func complete(_ round: consuming Round, replies: [Reply], tail: ByteBuffer?, closeAfter: Bool, context: ChannelHandlerContext) {
         busy = false
         let encodeStarted = monotonicNanos()
         finish(context: context, round: round, replies: replies, tail: tail, closeAfter: closeAfter)
         loopNanos += monotonicNanos() - encodeStarted
+        // Its arrays serve the next round (emptied in place when this was their last holder).
+        var done = round
+        if done.slots.capacity <= Self.spareCapacityMax {
+            done.slots.removeAll(keepingCapacity: true)
+            spareSlots = done.slots
+        }
+        if done.batch.capacity <= Self.spareCapacityMax {
+            done.batch.removeAll(keepingCapacity: true)
+            spareBatch = done.batch
+        }
         // Commands that arrived while this round ran, on the next turn of the loop.
         processOnNextTurn(context: context)
         resumeReading(context: context)
