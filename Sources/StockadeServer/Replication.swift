@@ -133,6 +133,14 @@ final class ReplicationState: Sendable {
         }
     }
 
+    /// The highest position at least `count` replicas have acknowledged (0 with fewer connected).
+    func acknowledgedPosition(by count: Int) -> UInt64 {
+        state.withLock { s in
+            guard count > 0, s.replicas.count >= count else { return count > 0 ? 0 : .max }
+            return s.replicas.values.map(\.ackedLSN).sorted(by: >)[count - 1]
+        }
+    }
+
     func acknowledged(_ id: Int, lsn: UInt64) {
         let ready: [(@Sendable (Int) -> Void, Int)] = state.withLock { s in
             guard var replica = s.replicas[id] else { return [] }
@@ -677,6 +685,10 @@ final class ReplicaLink: Sendable {
                 throw ReplicationError("unexpected answer to REPLICATE: \(String(describing: other))")
             }
             server.replication.updateLink { $0.state = "connected"; $0.linksMade += 1; $0.lastError = "" }
+            // Before the first record of the primary's is applied: a later start as primary begins a term.
+            do throws(JournalError) { try server.store.directory.markReplicated() } catch {
+                throw ReplicationError("this replica cannot mark its data directory as a replica's: \(error)", fatal: true)
+            }
             server.logger.info("replicating from \(host):\(port) at position \(next)")
             while !Task.isCancelled {
                 guard let first = try await message() else {

@@ -506,7 +506,6 @@ def test_position_moved_back_by_hand_applies_nothing_twice(data_dir, postgres):
         assert sink.stop() == 0
         postgres.sql("ALTER TABLE stockade_sink_position DROP COLUMN last_event_position, DROP COLUMN last_event_fingerprint,"
                      " DROP COLUMN last_event_epoch, DROP COLUMN last_event_epoch_start;"
-                     " ALTER TABLE skus DROP CONSTRAINT skus_counts_not_negative;"
                      " DELETE FROM stockade_schema_version WHERE version >= 2")
         orders.append(r.execute_command("RESERVE", "after-v1", "case", 1))
         sink = SinkProcess(server, postgres, *args)
@@ -1159,3 +1158,116 @@ def test_a_server_answering_what_no_server_sends_neither_spins_nor_lands_in_the_
         if sink:
             sink.stop()
         fake.close()
+
+
+def test_a_hold_released_and_taken_again_in_one_batch_applies(data_dir, postgres):
+    """A sold-out SKU whose hold is cancelled (or expires) and is taken again within one batch: the
+    batch's holds are counted before its releases, so `available` is negative between statements. A
+    CHECK on the table stopped the sink there for good; the batch's last statement checks instead."""
+    log = [[1, "sku-added", "a", 5, 0],
+           [2, "created", "101", "u1", 1795656420541, ["a", 5]],
+           [3, "cancelled", "101"],
+           [4, "created", "102", "u2", 1795656420541, ["a", 5]],
+           [5, "expired", "102"],
+           [6, "created", "103", "u3", 1795656420541, ["a", 5]],
+           [7, "paid", "103"]]
+    fake = ScriptedServer("log", log)
+    sink = None
+    try:
+        sink = SinkProcess(fake, postgres)
+        wait_applied(postgres, 7, sink=sink)
+        assert postgres.sql("SELECT total, available, reserved, sold FROM skus") == [["5", "0", "0", "5"]]
+        assert postgres.sql("SELECT id, state FROM orders ORDER BY id") == [["101", "CANCELLED"], ["102", "EXPIRED"], ["103", "PAID"]]
+        assert sink.stop() == 0
+    finally:
+        if sink:
+            sink.stop()
+        fake.close()
+
+
+def test_a_replica_behind_the_database_is_waited_for_not_taken_for_another_log(data_dir, postgres):
+    """The database followed primary A further than replica B has got (B's link was cut). Pointed at
+    B, the sink took B's shorter log for another log and stopped, advising --reset (which empties the
+    tables). A replica may only be behind: the sink now waits for it, and follows on once B caught up."""
+    replica_dir = tempfile.mkdtemp(prefix="stockade-it-replica-")
+    a = b = sink = None
+    try:
+        a = Server(data_dir, "--shards", "2").start()
+        b = Server(replica_dir, "--shards", "2", "--replica-of", f"127.0.0.1:{a.port}").start()
+        ra, rb = a.client(), b.client()
+        orders = flash_sale(ra)
+        assert ra.execute_command("WAIT", 1, 10000) == 1
+        assert rb.execute_command("REPLICAOF", "127.0.0.1", 1) == "OK"  # B stops following
+        orders += flash_sale(ra, skus=("tv", "cam", "mug"), seed=8)
+        sink = SinkProcess(a, postgres)
+        stored = settle(ra, postgres, sink)
+        assert sink.stop() == 0
+        assert durable_position(rb) < stored
+        sink = SinkProcess(b, postgres)
+        sink.wait_for(r"is a replica whose log ends before position %d.*waiting for it to catch up" % stored)
+        time.sleep(1)
+        assert sink.proc.poll() is None, sink.logs()
+        assert rb.execute_command("REPLICAOF", "127.0.0.1", a.port) == "OK"
+        wait_expired(ra, orders)
+        deadline = time.time() + 30
+        while durable_position(rb) < durable_position(ra) and time.time() < deadline:
+            time.sleep(0.05)
+        settle(rb, postgres, sink)
+        assert_matches_server(postgres, rb, orders)
+        assert "another log" not in sink.logs()
+        assert sink.stop() == 0
+    finally:
+        if sink:
+            sink.stop()
+        for s in (a, b):
+            if s:
+                s.stop()
+        shutil.rmtree(replica_dir, ignore_errors=True)
+        shutil.rmtree(replica_dir + "-logs", ignore_errors=True)
+
+
+def test_a_reseed_that_leaves_the_term_columns_is_not_refused(data_dir, postgres):
+    """A re-seed written the way schema version 2 documented it (position, last_event_position and
+    last_event_fingerprint) leaves the term columns of version 3 as they were. The sink recomputes
+    the highest position from the rows, which an `epoch` event never changes, so it fell below the
+    stored term's start and the sink refused the database as changed by hand. What was stored of
+    the old highest position now goes with it. And --reset waiting on the migration lock stops at
+    once on SIGTERM."""
+    server = Server(data_dir, "--shards", "2", "--io-threads", "1").start()
+    sink = holder = None
+    try:
+        r = server.client()
+        r.execute_command("SKU.ADD", "tv", 10)
+        assert r.execute_command("REPLICAOF", "127.0.0.1", 1) == "OK"
+        assert r.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        sink = SinkProcess(server, postgres)
+        assert settle(r, postgres, sink) == 2
+        assert sink.stop() == 0
+        postgres.sql("UPDATE stockade_sink_position SET position = 1, last_event_position = NULL, last_event_fingerprint = NULL")
+        r.execute_command("SKU.RESTOCK", "tv", 5)
+        sink = SinkProcess(server, postgres)
+        settle(r, postgres, sink)
+        assert postgres.sql("SELECT total FROM skus") == [["15"]]
+        assert sink.stop() == 0
+        holder = postgres.session("SELECT pg_advisory_lock(6004511353635685445); SELECT pg_sleep(60)")
+        deadline = time.time() + 10
+        while postgres.sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted") != [["1"]]:
+            assert time.time() < deadline, "the session never took the lock"
+            time.sleep(0.05)
+        sink = SinkProcess(server, postgres, "--reset")
+        deadline = time.time() + 10
+        while postgres.sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") != [["1"]]:
+            assert time.time() < deadline and sink.proc.poll() is None, sink.logs()
+            time.sleep(0.05)
+        started = time.monotonic()
+        sink.proc.send_signal(signal.SIGTERM)
+        assert sink.proc.wait(timeout=30) == 1
+        assert time.monotonic() - started < 5, sink.logs()
+        assert "nothing was changed" in sink.logs(), sink.logs()
+        assert postgres.sql("SELECT total FROM skus") == [["15"]]
+    finally:
+        if holder and holder.poll() is None:
+            holder.kill()
+        if sink:
+            sink.stop()
+        server.stop()
