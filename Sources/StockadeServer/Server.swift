@@ -76,6 +76,7 @@ final class ServerContext: Sendable {
         self.store = store
         engine = store.engine
         replicationEpoch = Mutex(store.engine.epochs.lastEpoch)
+        replication.eventsReplicas.store(configuration.minReplicasToWrite, ordering: .relaxed)
         metrics = ServerMetrics()
         self.logger = logger
         self.blockingWork = blockingWork
@@ -537,10 +538,8 @@ final class ServerContext: Sendable {
             }
             if blockMillis == 0 || monotonicNanos() >= deadline { break }
             if store.journal.lastDurableLSN >= start {
-                // Durable here but not yet acknowledged by enough replicas: acknowledgements come
-                // within a round trip to them; look again shortly.
-                try? await Task.sleep(for: .milliseconds(Self.unacknowledgedPollMillis))
-                if replication.isClosed { break }
+                // Durable here but not yet acknowledged by enough replicas: the acknowledgement wakes it.
+                guard await replication.acknowledgedWatch.wait(from: start, deadlineNanos: deadline) else { break }
                 continue
             }
             guard await eventsWaiters.wait(from: start, deadlineNanos: deadline) else { break }
@@ -587,9 +586,6 @@ final class ServerContext: Sendable {
         guard needed > 0, isPrimary else { return durable }
         return min(durable, replication.acknowledgedPosition(by: needed))
     }
-
-    /// How often an EVENTS wait looks again for acknowledgements of a durable position.
-    static let unacknowledgedPollMillis = 2
 
     func skuName(_ shard: Int, _ index: UInt32) -> Name {
         guard shard < engine.shards.count else { return "?" }
@@ -900,6 +896,7 @@ public final class StockadeServer: Sendable {
         try? await metricsListener?.close()
         // EVENTS ... BLOCK waiters get their empty array now instead of holding shutdown up.
         context.eventsWaiters.close()
+        context.replication.acknowledgedWatch.close()
         context.replication.close()
         let graceEnd = monotonicNanos() + UInt64(configuration.shutdownGraceSeconds) * 1_000_000_000
         await waitForRounds(context, until: graceEnd)
@@ -944,6 +941,7 @@ public final class StockadeServer: Sendable {
         while !Task.isCancelled {
             await context.engine.expire(now: wallClockMillis())
             context.eventsWaiters.expireDue(nowNanos: monotonicNanos())
+            context.replication.acknowledgedWatch.expireDue(nowNanos: monotonicNanos())
             context.replication.expireDue(nowNanos: monotonicNanos())
             ticks += 1
             if ticks % 100 == 0 {

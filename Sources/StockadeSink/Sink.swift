@@ -257,8 +257,13 @@ public final class Sink: Sendable {
             // (Not the BEYOND message itself: it names the position asked after, one before this one.)
             throw try await behindOrDiverged(source, at: last.position, otherLog: otherLog)
         }
-        guard let event = events.first, event.position == last.position else {
-            throw SinkError(.diverged, otherLog + " (the server sent no event at position \(last.position))")
+        guard let event = events.first else {
+            // Its log reaches the position (else BEYOND) but it does not serve it yet: a
+            // semi-synchronous primary serves what its replicas acknowledged, none when none is back.
+            throw SinkError(.serverUnavailable, "\(configuration.server.description) does not serve position \(last.position) yet (a primary with --min-replicas-to-write serves what its replicas acknowledged): waiting")
+        }
+        guard event.position == last.position else {
+            throw SinkError(.diverged, otherLog + " (the server sent position \(event.position) for position \(last.position))")
         }
         guard event.fingerprint == fingerprint else { throw SinkError(.diverged, otherLog) }
     }

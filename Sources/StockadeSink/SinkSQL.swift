@@ -107,6 +107,11 @@ public enum SinkSQL {
         [
             "ALTER TABLE stockade_sink_position ADD COLUMN last_event_epoch bigint, ADD COLUMN last_event_epoch_start bigint",
         ],
+        // 4: a CHECK that an earlier build's version 3 added, which stopped the sink on a batch
+        // that releases a hold and takes it again (see above): dropped where present.
+        [
+            "ALTER TABLE skus DROP CONSTRAINT IF EXISTS skus_counts_not_negative",
+        ],
     ]
 
     /// The schema version this sink writes.

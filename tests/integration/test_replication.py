@@ -1121,3 +1121,45 @@ def test_events_of_a_semi_synchronous_primary_wait_for_the_replicas_acknowledgem
             waiting.close()
         replica.stop()
         primary.stop()
+
+
+def test_events_waiting_for_acknowledgements_cost_no_cpu(data_dir):
+    """Consumers blocked in EVENTS on a semi-synchronous primary whose replica is away wait for a
+    position that is durable but unacknowledged: they polled every 2 ms, and a few hundred of them
+    took both cores. The acknowledgement now wakes them; waiting costs nothing."""
+    primary = Server(os.path.join(data_dir, "primary"), "--shards", "2", "--min-replicas-to-write", "1").start()
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2",
+                     "--replica-of", f"127.0.0.1:{primary.port}").start()
+    p = primary.client()
+    consumers = []
+    try:
+        deadline = time.time() + 10
+        while int(info(p)["connected_slaves"]) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        p.execute_command("SKU.ADD", "tv", 10)
+        replica.stop()
+        deadline = time.time() + 10
+        while int(info(p)["connected_slaves"]) > 0 and time.time() < deadline:
+            time.sleep(0.05)
+        for _ in range(200):
+            c = socket.create_connection(("127.0.0.1", primary.port))
+            c.sendall(b"EVENTS 1 BLOCK 20000\r\n")
+            consumers.append(c)
+        time.sleep(0.5)
+        def cpu():
+            with open(f"/proc/{primary.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        before = cpu()
+        time.sleep(2)
+        spent = cpu() - before
+        assert spent < 0.3, f"{spent:.2f} s of CPU in 2 s with 200 blocked consumers"
+        replica.start()
+        for c in consumers[:5]:
+            c.settimeout(10)
+            assert c.recv(100).startswith(b"*1\r\n")  # served once the replica acknowledged it
+    finally:
+        for c in consumers:
+            c.close()
+        replica.stop()
+        primary.stop()

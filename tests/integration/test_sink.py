@@ -282,7 +282,7 @@ def test_flash_sale_lands_in_postgres_exactly(data_dir, postgres):
         assert events == [[str(last), "1", str(last)]]
         assert postgres.sql("SELECT count(*) FROM orders WHERE state = 'EXPIRED'")[0][0] != "0"
         assert postgres.sql("SELECT sku_bytes FROM skus WHERE sku = 'caf\u00e9'") == [["\\x636166c3a9"]]
-        assert postgres.sql("SELECT max(version) FROM stockade_schema_version") == [["3"]]
+        assert postgres.sql("SELECT max(version) FROM stockade_schema_version") == [["4"]]
         assert postgres.sql("SELECT last_event_position FROM stockade_sink_position") == [[str(last)]]
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert f"stockade_sink_position {last}" in text
@@ -478,7 +478,7 @@ def test_position_moved_back_by_hand_applies_nothing_twice(data_dir, postgres):
     """The stored position written back by hand (to 0, to the middle of a batch), as the TRIMMED
     recovery has operators do: every row records the last event that changed it, so the replayed
     events change nothing, and the events table holds each position once. It used to stop the sink
-    (a SKU inserted twice) or count a restock twice. A database of schema version 1 migrates to 3."""
+    (a SKU inserted twice) or count a restock twice. A database of schema version 1 migrates to 4."""
     server = Server(data_dir, "--shards", "2").start()
     sink = None
     try:
@@ -509,7 +509,7 @@ def test_position_moved_back_by_hand_applies_nothing_twice(data_dir, postgres):
                      " DELETE FROM stockade_schema_version WHERE version >= 2")
         orders.append(r.execute_command("RESERVE", "after-v1", "case", 1))
         sink = SinkProcess(server, postgres, *args)
-        sink.wait_for(r"migrated from version 1 to 3")
+        sink.wait_for(r"migrated from version 1 to 4")
         last = settle(r, postgres, sink)
         assert_matches_server(postgres, r, orders)
         assert postgres.sql("SELECT last_event_position FROM stockade_sink_position") == [[str(last)]]
@@ -1171,10 +1171,19 @@ def test_a_hold_released_and_taken_again_in_one_batch_applies(data_dir, postgres
            [5, "expired", "102"],
            [6, "created", "103", "u3", 1795656420541, ["a", 5]],
            [7, "paid", "103"]]
-    fake = ScriptedServer("log", log)
+    fake = ScriptedServer("log", log[:1])
     sink = None
     try:
+        # A database an earlier build migrated to version 3 with a CHECK on the counts: version 4 drops it.
         sink = SinkProcess(fake, postgres)
+        wait_applied(postgres, 1, sink=sink)
+        assert sink.stop() == 0
+        fake.close()
+        postgres.sql("ALTER TABLE skus ADD CONSTRAINT skus_counts_not_negative CHECK (available >= 0 AND reserved >= 0 AND sold >= 0) NOT VALID;"
+                     " DELETE FROM stockade_schema_version WHERE version = 4")
+        fake = ScriptedServer("log", log)
+        sink = SinkProcess(fake, postgres)
+        sink.wait_for(r"migrated from version 3 to 4")
         wait_applied(postgres, 7, sink=sink)
         assert postgres.sql("SELECT total, available, reserved, sold FROM skus") == [["5", "0", "0", "5"]]
         assert postgres.sql("SELECT id, state FROM orders ORDER BY id") == [["101", "CANCELLED"], ["102", "EXPIRED"], ["103", "PAID"]]
@@ -1271,3 +1280,49 @@ def test_a_reseed_that_leaves_the_term_columns_is_not_refused(data_dir, postgres
         if sink:
             sink.stop()
         server.stop()
+
+
+def test_a_semi_synchronous_primary_without_its_replica_is_waited_for(data_dir, postgres):
+    """A primary with --min-replicas-to-write 1 serves EVENTS only up to what its replica
+    acknowledged: none while the replica is away. The sink, restarted then, found no event at its
+    last position and stopped, advising --reset (which empties the tables). It now waits, and
+    follows on once the replica is back."""
+    replica_dir = tempfile.mkdtemp(prefix="stockade-it-replica-")
+    a = b = sink = None
+    try:
+        a = Server(data_dir, "--shards", "2", "--min-replicas-to-write", "1").start()
+        b = Server(replica_dir, "--shards", "2", "--replica-of", f"127.0.0.1:{a.port}").start()
+        ra = a.client()
+        deadline = time.time() + 10
+        while int(ra.info("replication")["connected_slaves"]) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        ra.execute_command("SKU.ADD", "tv", 100)
+        orders = [ra.execute_command("RESERVE", f"u{i}", "tv", 1, "TTL", 600000) for i in range(20)]
+        sink = SinkProcess(a, postgres)
+        stored = settle(ra, postgres, sink)
+        assert sink.stop() == 0
+        b.stop()
+        deadline = time.time() + 10
+        while int(ra.info("replication")["connected_slaves"]) > 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert ra.execute_command("EVENTS", stored) == []  # not served while no replica acknowledges it
+        sink = SinkProcess(a, postgres)
+        sink.wait_for(r"does not serve position %d yet.*waiting" % stored)
+        time.sleep(1)
+        assert sink.proc.poll() is None, sink.logs()
+        b.start()
+        deadline = time.time() + 10
+        while int(ra.info("replication")["connected_slaves"]) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        orders.append(ra.execute_command("RESERVE", "late", "tv", 1, "TTL", 600000))
+        settle(ra, postgres, sink)
+        assert_matches_server(postgres, ra, orders)
+        assert sink.stop() == 0
+    finally:
+        if sink:
+            sink.stop()
+        for s in (b, a):
+            if s:
+                s.stop()
+        shutil.rmtree(replica_dir, ignore_errors=True)
+        shutil.rmtree(replica_dir + "-logs", ignore_errors=True)
