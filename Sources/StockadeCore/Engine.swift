@@ -33,7 +33,11 @@ public final class Engine: Sendable {
         self.role = role
         self.log = log
         epochHistory = Mutex(state.epochs)
+        untouched = [Bool](repeating: false, count: state.shards.count)
     }
+
+    /// No shard touched yet: a batch's first routing, shared (copied, never written) by one-command batches.
+    private let untouched: [Bool]
 
     /// The primary terms of the log so far.
     public var epochs: EpochHistory { epochHistory.withLock { $0 } }
@@ -301,6 +305,7 @@ public final class Engine: Sendable {
         for shard in shards where shard.gauges.nextForeignDeadlineMillis.load(ordering: .relaxed) <= now {
             return .needsAsync
         }
+        if commands.count == 1 { return executeOneLocally(commands[0], now: now, localShards: localShards) }
         // Route everything first (nothing runs yet), exactly as `execute` would.
         var routes = [Route]()
         routes.reserveCapacity(commands.count)
@@ -356,6 +361,27 @@ public final class Engine: Sendable {
             }
         }
         return .answered(replies, waitFor: waitFor)
+    }
+
+    /// ``executeLocally(_:now:localShards:)`` for a batch of one command (every round at pipeline 1):
+    /// the same decisions and the same run, without the batch's routes, groups and flags.
+    private func executeOneLocally(_ command: Command, now: Int64, localShards: [Bool]) -> LocalOutcome {
+        switch route(command, now: now, progress: BatchProgress(touched: untouched)) {
+        case .global:
+            return .needsAsync
+        case .immediate(let reply, let lsn):
+            return .answered([reply], waitFor: lsn)
+        case .shard(let s):
+            guard localShards[s] else { return .needsShard(s) }
+            guard shards[s].gauges.preparing.load(ordering: .relaxed) == 0,
+                  shards[s].gauges.nextDeadlineMillis.load(ordering: .relaxed) > now - Self.inPlaceOverdueMillisMax
+            else { return .needsAsync }
+            if case let .confirm(id) = command, shards[s].assumeIsolated({ $0.mayAffectOtherShards(id) }) { return .needsAsync }
+            if case let .cancel(id) = command, shards[s].assumeIsolated({ $0.mayAffectOtherShards(id) }) { return .needsAsync }
+            var replies: [Reply] = [.done]
+            let waitFor = runGroupInPlace(s, [(0, command)], now: now, into: &replies)
+            return .answered(replies, waitFor: waitFor)
+        }
     }
 
     /// ``runGroup(_:_:now:into:)`` for a shard on the caller's executor, which the caller checked

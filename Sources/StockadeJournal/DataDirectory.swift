@@ -44,6 +44,29 @@ public struct DataDirectory: Sendable {
                 + "directory destroy each other's log. Stop that process first, or use another --data-dir.")
     }
 
+    /// A file whose presence says the directory has held a replica's log (docs/REPLICATION.md, "Terms
+    /// in the log"): a start as primary then begins a term of its own even over a log without terms,
+    /// so the records it writes are told apart from those of the primary it followed.
+    public var replicatedMarkerPath: String { "\(path)/REPLICATED" }
+
+    /// Whether ``replicatedMarkerPath`` is present.
+    public var isMarkedReplicated: Bool { storage.exists(replicatedMarkerPath) }
+
+    /// Creates ``replicatedMarkerPath`` (synced, with its directory entry) unless present.
+    public func markReplicated() throws(JournalError) {
+        guard !isMarkedReplicated else { return }
+        let file = try storage.open(replicatedMarkerPath, .create)
+        let text = Array("This directory has held a replica's log: a start as primary begins a term.\n".utf8)
+        var failure: JournalError?
+        text.withUnsafeBytes { raw in
+            do throws(JournalError) { try file.append(raw) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        try file.dataSync()
+        file.close()
+        try storage.syncDirectory(path)
+    }
+
     /// Segments present, oldest first: (first LSN, path).
     public func segments() throws(JournalError) -> [(firstLSN: UInt64, path: String)] {
         try entries(prefix: "wal-", suffix: ".log").map { (firstLSN: $0.0, path: $0.1) }

@@ -10,7 +10,7 @@ import Synchronization
 /// arrive while a batch is in flight wait in the input buffer for the next round, so a client's
 /// commands stay in order; past ``inboundHoldBytes`` of waiting input, reading pauses (backpressure),
 /// so its input never piles up and other clients are not affected.
-final class ConnectionHandler: ChannelDuplexHandler {
+final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -46,6 +46,15 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var feed: ReplicaFeed?
     /// Whether the client is still there, for steps that wait on its behalf (WAIT).
     private let presence = ClientPresence()
+    /// The last round's slot and batch arrays, emptied, for the next round: no allocation per round
+    /// for them once they have grown (kept only up to ``spareCapacityMax`` entries).
+    private var spareSlots: [Slot] = []
+    private var spareBatch: [Command] = []
+    /// Entries of spare capacity kept per connection: a pipeline of 64 (about 4 KiB), however many
+    /// connections there are; larger arrays go back to the allocator.
+    private static let spareCapacityMax = 64
+    /// The round whose replies wait for its position to be durable (``awaitDurable``).
+    private var awaiting: (round: Round, replies: [Reply], position: UInt64, context: ChannelHandlerContext)?
 
     init(server: ServerContext) {
         self.server = server
@@ -290,6 +299,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// nil when nothing complete was buffered.
     private func buildRound(context: ChannelHandlerContext) -> Round? {
         var round = Round(local: context.channel.allocator.buffer(capacity: 256), started: monotonicNanos())
+        swap(&round.slots, &spareSlots)
+        swap(&round.batch, &spareBatch)
         let replyBudget = min(Self.roundReplyBytesMax, server.configuration.clientOutputBytesMax)
         var replyBytes = 0
         var input = inbound ?? ByteBuffer()
@@ -490,22 +501,31 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// which the journal wakes once per sync), or refuses them all if the log fails first.
     private func awaitDurable(_ round: Round, replies: [Reply], waitFor: UInt64, context: ChannelHandlerContext) {
         guard let loopState else { preconditionFailure("only connections on a server loop run rounds in place") }
-        loopState.wait(for: waitFor) { failure in
-            let answered = failure.map { reason in replies.map { _ in Reply.rejected(.unavailable(reason)) } } ?? replies
-            guard failure == nil, self.server.configuration.minReplicasToWrite > 0, round.batch.contains(where: \.isChange) else {
-                self.server.endRound(changes: round.batch.contains(where: \.isChange))
-                self.complete(round, replies: answered, tail: nil, closeAfter: round.closeAfter, context: context)
-                return
-            }
-            // Semi-synchronous: then the replicas' acknowledgements, back on this loop.
-            let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
-            let loop = context.eventLoop
-            self.server.awaitReplicas(round.batch, answered, position: waitFor) { replicated in
-                loop.execute {
-                    let (handler, context) = bound.value
-                    handler.server.endRound(changes: round.batch.contains(where: \.isChange))
-                    handler.complete(round, replies: replicated, tail: nil, closeAfter: round.closeAfter, context: context)
-                }
+        assert(awaiting == nil, "one round at a time")
+        awaiting = (round, replies, waitFor, context)
+        // No closure per round: the loop's DurableReplies calls durableReached(_:) back.
+        loopState.wait(for: waitFor, self)
+    }
+
+    /// The round in ``awaiting`` is durable (or never will be): answer it, after the replicas'
+    /// acknowledgements when semi-synchronous.
+    func durableReached(_ failure: String?) {
+        guard let (round, replies, position, context) = awaiting else { preconditionFailure("no round waits") }
+        awaiting = nil
+        let answered = failure.map { reason in replies.map { _ in Reply.rejected(.unavailable(reason)) } } ?? replies
+        guard failure == nil, server.configuration.minReplicasToWrite > 0, round.batch.contains(where: \.isChange) else {
+            server.endRound(changes: round.batch.contains(where: \.isChange))
+            complete(round, replies: answered, tail: nil, closeAfter: round.closeAfter, context: context)
+            return
+        }
+        // Semi-synchronous: then the replicas' acknowledgements, back on this loop.
+        let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
+        let loop = context.eventLoop
+        server.awaitReplicas(round.batch, answered, position: position) { replicated in
+            loop.execute {
+                let (handler, context) = bound.value
+                handler.server.endRound(changes: round.batch.contains(where: \.isChange))
+                handler.complete(round, replies: replicated, tail: nil, closeAfter: round.closeAfter, context: context)
             }
         }
     }
@@ -537,11 +557,21 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     /// A round's replies are ready: write them, then go on with the input that arrived meanwhile.
-    private func complete(_ round: Round, replies: [Reply], tail: ByteBuffer?, closeAfter: Bool, context: ChannelHandlerContext) {
+    private func complete(_ round: consuming Round, replies: [Reply], tail: ByteBuffer?, closeAfter: Bool, context: ChannelHandlerContext) {
         busy = false
         let encodeStarted = monotonicNanos()
         finish(context: context, round: round, replies: replies, tail: tail, closeAfter: closeAfter)
         loopNanos += monotonicNanos() - encodeStarted
+        // Its arrays serve the next round (emptied in place when this was their last holder).
+        var done = round
+        if done.slots.capacity <= Self.spareCapacityMax {
+            done.slots.removeAll(keepingCapacity: true)
+            spareSlots = done.slots
+        }
+        if done.batch.capacity <= Self.spareCapacityMax {
+            done.batch.removeAll(keepingCapacity: true)
+            spareBatch = done.batch
+        }
         // Commands that arrived while this round ran, on the next turn of the loop.
         processOnNextTurn(context: context)
         resumeReading(context: context)
@@ -569,7 +599,12 @@ final class ConnectionHandler: ChannelDuplexHandler {
                     out.writeImmutableBuffer(round.local.getSlice(at: start, length: end - start)!)
                 case .engine(let index, let name):
                     let reply = replies[index]
-                    ReplyEncoding.write(reply, to: round.batch[index], resp3: resp3, into: &out)
+                    // Only an error's text depends on the command: no copy of it otherwise.
+                    if case .rejected = reply {
+                        ReplyEncoding.write(reply, to: round.batch[index], resp3: resp3, into: &out)
+                    } else {
+                        ReplyEncoding.write(reply, resp3: resp3, into: &out)
+                    }
                     tally.add(name, ReplyEncoding.outcome(reply))
                 }
                 if unread + out.readableBytes > outputMax {

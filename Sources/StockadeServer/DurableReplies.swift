@@ -2,6 +2,13 @@ import NIOCore
 import StockadeJournal
 import Synchronization
 
+/// What waits on ``DurableReplies``: a connection with a round in flight (one at a time), so a round
+/// costs no closure of its own.
+protocol DurableWaiter: AnyObject {
+    /// On the loop: the position waited for is durable (nil), or never will be (the reason).
+    func durableReached(_ failure: String?)
+}
+
 /// The rounds of one event loop's connections whose replies wait for a log position to become durable.
 ///
 /// The journal's writer calls ``durable(_:)`` once per sync; when anything here waits for a position
@@ -15,7 +22,7 @@ final class DurableReplies: @unchecked Sendable {
     let localShards: [Bool]
 
     // Confined to `loop`.
-    private var waiting: [(lsn: UInt64, answer: (String?) -> Void)] = []
+    private var waiting: [(lsn: UInt64, waiter: any DurableWaiter)] = []
 
     /// The lowest position waited for (UInt64.max: none). Written on the loop, read by the writer.
     /// Sequentially consistent with the journal's durable position: a round that stores its position
@@ -33,12 +40,17 @@ final class DurableReplies: @unchecked Sendable {
     /// On the loop: calls `answer` with nil once `lsn` is durable (at once if it is already), or with
     /// the reason it never will be (the log failed or closed).
     func wait(for lsn: UInt64, _ answer: @escaping (String?) -> Void) {
+        wait(for: lsn, ClosureWaiter(answer))
+    }
+
+    /// As ``wait(for:_:)``, calling `waiter`'s ``DurableWaiter/durableReached(_:)``.
+    func wait(for lsn: UInt64, _ waiter: any DurableWaiter) {
         loop.assertInEventLoop()
         if journal.lastDurableLSN >= lsn {
-            answer(nil)
+            waiter.durableReached(nil)
             return
         }
-        waiting.append((lsn, answer))
+        waiting.append((lsn, waiter))
         if lsn < lowestWaiting.load(ordering: .relaxed) { lowestWaiting.store(lsn, ordering: .sequentiallyConsistent) }
         if journal.lastDurableLSN >= lsn || journal.terminalReason != nil { drain() }
     }
@@ -58,7 +70,7 @@ final class DurableReplies: @unchecked Sendable {
         while !waiting.isEmpty {
             let durable = journal.lastDurableLSN
             let reason = journal.terminalReason
-            var ready: [(lsn: UInt64, answer: (String?) -> Void)] = []
+            var ready: [(lsn: UInt64, waiter: any DurableWaiter)] = []
             var lowest = UInt64.max
             waiting.removeAll { entry in
                 if entry.lsn <= durable || reason != nil {
@@ -69,7 +81,7 @@ final class DurableReplies: @unchecked Sendable {
                 return false
             }
             lowestWaiting.store(lowest, ordering: .sequentiallyConsistent)
-            for entry in ready { entry.answer(entry.lsn <= durable ? nil : reason) }
+            for entry in ready { entry.waiter.durableReached(entry.lsn <= durable ? nil : reason) }
             // Stop when nothing left is durable now; a sync after this store queues the next drain.
             if ready.isEmpty && journal.lastDurableLSN < lowestWaiting.load(ordering: .sequentiallyConsistent)
                 && journal.terminalReason == nil
@@ -86,8 +98,14 @@ final class DurableReplies: @unchecked Sendable {
             let all = self.waiting
             self.waiting = []
             self.lowestWaiting.store(.max, ordering: .sequentiallyConsistent)
-            for entry in all { entry.answer(reason) }
+            for entry in all { entry.waiter.durableReached(reason) }
         }
+    }
+
+    private final class ClosureWaiter: DurableWaiter {
+        let answer: (String?) -> Void
+        init(_ answer: @escaping (String?) -> Void) { self.answer = answer }
+        func durableReached(_ failure: String?) { answer(failure) }
     }
 
     /// Rounds waiting (for tests and INFO).

@@ -51,9 +51,15 @@ final class DurablePositionWatch: Sendable {
     }
 
     /// Wakes every waiter whose `from` is at or below `durable`.
-    func publish(_ durable: UInt64) {
+    func publish(_ durable: UInt64) { advance(to: durable, exactly: false) }
+
+    /// Sets the position, which may go back (a semi-synchronous primary's acknowledged position
+    /// drops when a replica leaves), and wakes the waiters it satisfies.
+    func set(_ position: UInt64) { advance(to: position, exactly: true) }
+
+    private func advance(to durable: UInt64, exactly: Bool) {
         let ready: [CheckedContinuation<Bool, Never>] = state.withLock { s in
-            s.published = max(s.published, durable)
+            s.published = exactly ? durable : max(s.published, durable)
             var ready: [CheckedContinuation<Bool, Never>] = []
             for (id, waiter) in s.waiters where waiter.from <= durable {
                 ready.append(waiter.continuation)

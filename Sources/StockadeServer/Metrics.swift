@@ -52,8 +52,9 @@ final class ServerMetrics: Sendable {
     /// Adds a round's counts: one lock per read, not per command.
     func count(_ tally: Tally) {
         guard !tally.isEmpty else { return }
-        let counters = commandCounters.withLock { counters in
-            tally.entries.map { key, n in
+        // Counters increment atomically; doing it under the lock saves collecting them first.
+        commandCounters.withLock { counters in
+            tally.forEach { key, n in
                 let counter = counters[key] ?? {
                     let made = registry.makeCounter(
                         name: "stockade_commands_total", labels: [("command", key.command), ("outcome", key.outcome)],
@@ -61,10 +62,9 @@ final class ServerMetrics: Sendable {
                     counters[key] = made
                     return made
                 }()
-                return (counter, n)
+                counter.increment(by: Int64(n))
             }
         }
-        for (counter, n) in counters { counter.increment(by: Int64(n)) }
     }
 
     private let lastStats = Mutex(Journal.Stats())
@@ -162,18 +162,34 @@ struct Tally {
         var outcome: String
     }
 
-    /// A round has few distinct (command, outcome) pairs, usually one: a short list searched from its
-    /// most recent entry beats hashing two strings per command. Labels are string literals, whose
-    /// comparison is a pointer comparison when equal.
-    private(set) var entries: [(key: Key, count: Int)] = []
+    /// A round has few distinct (command, outcome) pairs, usually one: the first is kept inline (no
+    /// array per round), the others in a short list searched from its most recent entry, which beats
+    /// hashing two strings per command. Labels are string literals, whose comparison is a pointer
+    /// comparison when equal.
+    private var first: (key: Key, count: Int)?
+    private var rest: [(key: Key, count: Int)] = []
 
-    var isEmpty: Bool { entries.isEmpty }
+    var isEmpty: Bool { first == nil }
 
     mutating func add(_ command: String, _ outcome: String) {
-        for i in entries.indices.reversed() where entries[i].key.command == command && entries[i].key.outcome == outcome {
-            entries[i].count += 1
+        guard let head = first else {
+            first = (Key(command: command, outcome: outcome), 1)
             return
         }
-        entries.append((Key(command: command, outcome: outcome), 1))
+        if head.key.command == command && head.key.outcome == outcome {
+            first!.count += 1
+            return
+        }
+        for i in rest.indices.reversed() where rest[i].key.command == command && rest[i].key.outcome == outcome {
+            rest[i].count += 1
+            return
+        }
+        rest.append((Key(command: command, outcome: outcome), 1))
+    }
+
+    /// Each pair and its count.
+    func forEach(_ body: (Key, Int) -> Void) {
+        if let first { body(first.key, first.count) }
+        for entry in rest { body(entry.key, entry.count) }
     }
 }

@@ -92,6 +92,13 @@ final class ReplicationState: Sendable {
 
         func acknowledged(_ position: UInt64) -> Int { replicas.values.reduce(0) { $0 + ($1.ackedLSN >= position ? 1 : 0) } }
 
+        /// The highest position at least `count` replicas have acknowledged (0 with fewer connected).
+        func acknowledgedPosition(by count: Int) -> UInt64 {
+            guard count > 0 else { return .max }
+            guard replicas.count >= count else { return 0 }
+            return replicas.values.map(\.ackedLSN).sorted(by: >)[count - 1]
+        }
+
         mutating func add(_ waiter: AckWaiter) {
             var list = waiters[waiter.count, default: []]
             if let last = list.last, last.position > waiter.position {
@@ -152,15 +159,29 @@ final class ReplicationState: Sendable {
         }
     }
 
+    /// The highest position at least `count` replicas have acknowledged (0 with fewer connected).
+    func acknowledgedPosition(by count: Int) -> UInt64 {
+        state.withLock { $0.acknowledgedPosition(by: count) }
+    }
+
+    /// Clients of a semi-synchronous primary blocked in EVENTS while the position they wait for is
+    /// durable but not yet acknowledged by ``eventsReplicas`` replicas: woken by the acknowledgement
+    /// (no polling).
+    let acknowledgedWatch = DurablePositionWatch()
+    /// The replicas whose acknowledgement EVENTS waits for (`--min-replicas-to-write`; 0: none).
+    let eventsReplicas = Atomic<Int>(0)
+
     func acknowledged(_ id: Int, lsn: UInt64) {
-        let ready: [(@Sendable (Int) -> Void, Int)] = state.withLock { s in
-            guard var replica = s.replicas[id] else { return [] }
+        let needed = eventsReplicas.load(ordering: .relaxed)
+        let (ready, reached): ([(@Sendable (Int) -> Void, Int)], UInt64?) = state.withLock { s in
+            guard var replica = s.replicas[id] else { return ([], nil) }
             replica.ackedLSN = max(replica.ackedLSN, lsn)
             replica.lastAckNanos = monotonicNanos()
             s.replicas[id] = replica
-            return s.satisfied()
+            return (s.satisfied(), needed > 0 ? s.acknowledgedPosition(by: needed) : nil)
         }
         for (done, count) in ready { done(count) }
+        if let reached { acknowledgedWatch.set(reached) }
     }
 
     /// Shut down (``close()``).
@@ -224,7 +245,15 @@ final class ReplicationState: Sendable {
         for (done, count) in all { done(count) }
     }
 
-    func removeReplica(_ id: Int) { state.withLock { _ = $0.replicas.removeValue(forKey: id) } }
+    func removeReplica(_ id: Int) {
+        let needed = eventsReplicas.load(ordering: .relaxed)
+        let reached: UInt64? = state.withLock { s in
+            s.replicas.removeValue(forKey: id)
+            return needed > 0 ? s.acknowledgedPosition(by: needed) : nil
+        }
+        // EVENTS waiters wait again for what is now acknowledged.
+        if let reached { acknowledgedWatch.set(reached) }
+    }
 
     var replicas: [Replica] { state.withLock { s in s.replicas.keys.sorted().map { s.replicas[$0]! } } }
 
@@ -618,6 +647,11 @@ final class ReplicaLink: Sendable {
             // restarts; its appended position may hold a record that never became durable.
             if let failure = journal.failureReason {
                 throw ReplicationError("this node's log failed (\(failure)): it takes no records until it is restarted", fatal: true)
+            }
+            // Before anything of the primary's is taken (a full copy or a record): a later start as
+            // primary begins a term (``DataDirectory/markReplicated()``).
+            do throws(JournalError) { try server.store.directory.markReplicated() } catch {
+                throw ReplicationError("this replica cannot mark its data directory as a replica's: \(error)", fatal: true)
             }
             var next = journal.lastAppendedLSN + 1
             var request = ["REPLICATE", String(next), "LISTENING-PORT", String(server.listeningPort.withLock { $0 }), "FULLCOPY"]

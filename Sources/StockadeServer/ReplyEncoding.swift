@@ -14,7 +14,7 @@ package enum ReplyEncoding {
         case .stock(let info):
             writeStock(info, resp3: resp3, into: &out)
         case .reserved(let id, _, _):
-            out.writeRESPBulk(id.description)
+            out.writeRESPBulkDecimal(id.rawValue)
         case .orderState(_, let state):
             out.writeRESPSimple(state.description)
         case .order(let info):
@@ -73,7 +73,7 @@ package enum ReplyEncoding {
     /// fields whose `items` is a map of SKU to quantity (a basket names each SKU once).
     static func writeOrder(_ info: OrderInfo, resp3: Bool = false, into out: inout ByteBuffer) {
         writeRecordHeader(fields: 5, resp3: resp3, into: &out)
-        out.writeRESPBulk("id"); out.writeRESPBulk(info.id.description)
+        out.writeRESPBulk("id"); out.writeRESPBulkDecimal(info.id.rawValue)
         out.writeRESPBulk("user"); out.writeRESPBulk(info.user)
         out.writeRESPBulk("state"); out.writeRESPBulk(info.state.description)
         out.writeRESPBulk("deadline"); out.writeRESPInteger(info.deadlineMillis)
@@ -161,7 +161,7 @@ package enum ReplyEncoding {
             field("quantity"); out.writeRESPInteger(quantity)
         case let .orderCreated(created):
             begin("created", fields: 4)
-            field("order"); out.writeRESPBulk(created.id.description)
+            field("order"); out.writeRESPBulkDecimal(created.id.rawValue)
             field("user"); out.writeRESPBulk(created.user)
             field("deadline"); out.writeRESPInteger(created.deadlineMillis)
             field("items")
@@ -177,7 +177,7 @@ package enum ReplyEncoding {
             default: "expired"
             }
             begin(type, fields: 1)
-            field("order"); out.writeRESPBulk(id.description)
+            field("order"); out.writeRESPBulkDecimal(id.rawValue)
         case let .epochStarted(epoch):
             begin("epoch", fields: 1)
             field("epoch"); out.writeRESPInteger(Int64(truncatingIfNeeded: epoch))

@@ -76,6 +76,7 @@ final class ServerContext: Sendable {
         self.store = store
         engine = store.engine
         replicationEpoch = Mutex(store.engine.epochs.lastEpoch)
+        replication.eventsReplicas.store(configuration.minReplicasToWrite, ordering: .relaxed)
         metrics = ServerMetrics()
         self.logger = logger
         self.blockingWork = blockingWork
@@ -527,7 +528,7 @@ final class ServerContext: Sendable {
     /// it would hang the consumer for good. `resp3`: each event as a map.
     func events(from: UInt64?, count: Int, blockMillis: Int, resp3: Bool = false, into out: inout ByteBuffer) async {
         let last = store.journal.lastDurableLSN
-        let start = max(from ?? last + 1, 1)
+        let start = max(from ?? eventsLimit + 1, 1)
         if start > last + 1 {
             out.writeRESPError("BEYOND \(last) position \(start) is beyond the end of the log (last position \(last)): this server's data was replaced or restored from an older copy; rebuild the consumer from STOCK and ORDERS, or start it over")
             metrics.count("events", outcome: "beyond")
@@ -536,7 +537,7 @@ final class ServerContext: Sendable {
         let deadline = monotonicNanos() + UInt64(blockMillis) * 1_000_000
         let reader = LogReader(directory: store.directory)
         while true {
-            let durable = store.journal.lastDurableLSN
+            let durable = eventsLimit
             if start <= durable {
                 let read: Result<[(position: UInt64, record: Record)], LogReader.ReadError> = await withTaskExecutorPreference(blockingWork) {
                     do throws(LogReader.ReadError) { return .success(try reader.read(from: start, count: count, durable: durable)) } catch { return .failure(error) }
@@ -565,6 +566,11 @@ final class ServerContext: Sendable {
                 }
             }
             if blockMillis == 0 || monotonicNanos() >= deadline { break }
+            if store.journal.lastDurableLSN >= start {
+                // Durable here but not yet acknowledged by enough replicas: the acknowledgement wakes it.
+                guard await replication.acknowledgedWatch.wait(from: start, deadlineNanos: deadline) else { break }
+                continue
+            }
             guard await eventsWaiters.wait(from: start, deadlineNanos: deadline) else { break }
         }
         out.writeRESPArrayHeader(0)
@@ -596,6 +602,18 @@ final class ServerContext: Sendable {
         out.writeRESPArrayHeader(2)
         out.writeRESPInteger(Int64(term?.epoch ?? 0))
         out.writeRESPInteger(Int64(term?.start ?? 0))
+    }
+
+    /// The last position EVENTS serves: durable and, on a semi-synchronous primary
+    /// (`--min-replicas-to-write N`), acknowledged by N replicas. A change that no replica has yet is
+    /// not yet answered to its client and may be lost in a failover: a consumer must not see it
+    /// before (as Kafka's consumers read up to the high watermark). BEYOND stays relative to the
+    /// durable end: such a position is this log's, only not yet replicated.
+    var eventsLimit: UInt64 {
+        let durable = store.journal.lastDurableLSN
+        let needed = configuration.minReplicasToWrite
+        guard needed > 0, isPrimary else { return durable }
+        return min(durable, replication.acknowledgedPosition(by: needed))
     }
 
     func skuName(_ shard: Int, _ index: UInt32) -> Name {
@@ -799,8 +817,11 @@ public final class StockadeServer: Sendable {
         logger.info("\(skus) SKUs and \(orders) orders on \(store.engine.shardCount) shards, log position \(state.lsn), fsync \(configuration.fsync.rawValue)")
         // A node started as a primary whose log holds terms (it was part of a replicated set: a
         // replica or a former primary restarted without --replica-of) starts a term of its own, so
-        // it never goes on writing in a term another node may be writing in too.
-        if !mayFollow, store.engine.epochs.last != nil {
+        // it never goes on writing in a term another node may be writing in too. So does a former
+        // replica of a log without terms (the directory's marker says it followed one): else its
+        // records would be of no term, like its old primary's, and a consumer comparing terms
+        // (LOG.TERM) could not tell the two logs apart where they went different ways.
+        if !mayFollow, store.engine.epochs.last != nil || store.directory.isMarkedReplicated {
             store.engine.role.setReadOnly(true)
             await context.promote()
         }
@@ -907,6 +928,7 @@ public final class StockadeServer: Sendable {
         try? await metricsListener?.close()
         // EVENTS ... BLOCK waiters get their empty array now instead of holding shutdown up.
         context.eventsWaiters.close()
+        context.replication.acknowledgedWatch.close()
         context.replication.close()
         let graceEnd = monotonicNanos() + UInt64(configuration.shutdownGraceSeconds) * 1_000_000_000
         await waitForRounds(context, until: graceEnd)
@@ -951,6 +973,7 @@ public final class StockadeServer: Sendable {
         while !Task.isCancelled {
             await context.engine.expire(now: wallClockMillis())
             context.eventsWaiters.expireDue(nowNanos: monotonicNanos())
+            context.replication.acknowledgedWatch.expireDue(nowNanos: monotonicNanos())
             context.replication.expireDue(nowNanos: monotonicNanos())
             ticks += 1
             if ticks % 100 == 0 {

@@ -174,9 +174,12 @@ final class Database {
     /// own positions first, once (a scan of the tables).
     func storedState() async throws(SinkError) -> StoredState {
         do {
+            // What was stored of the old highest position's event (its fingerprint and term) goes with
+            // it: the recomputed position may be another event's.
             try await query(PostgresQuery(unsafeSQL: """
                 UPDATE stockade_sink_position SET last_event_position = GREATEST(position,
-                    (SELECT max(changed_position) FROM skus), (SELECT max(changed_position) FROM orders), (SELECT max(position) FROM events))
+                    (SELECT max(changed_position) FROM skus), (SELECT max(changed_position) FROM orders), (SELECT max(position) FROM events)),
+                    last_event_fingerprint = NULL, last_event_epoch = NULL, last_event_epoch_start = NULL
                 WHERE id = 1 AND last_event_position IS NULL
                 """))
             let rows = try await query(PostgresQuery(unsafeSQL: """
@@ -333,9 +336,6 @@ final class Database {
         let detail = [info[.message], info[.detail], info[.hint]].compactMap { $0 }.joined(separator: "; ")
         let text = "PostgreSQL: \(what): \(detail) (SQLSTATE \(state))"
         if state == "57014" { return SinkError(.databaseTimeout, text) }
-        if state == "23514" {
-            return SinkError(.badEvent, text + ": an event would take a SKU's counts below zero (or break their sum): no server logs that; the sink stops rather than store it")
-        }
         if Self.transientStates.contains(state) { return SinkError(.databaseUnavailable, text) }
         switch state.prefix(2) {
         // Connection exceptions, operator intervention (shutdown, starting up, a statement

@@ -165,6 +165,22 @@ final class EventSource {
         throw SinkError(.badEvent, "LOG.TERM \(position) answered \(String(describing: reply).prefix(200)), not [epoch, start]")
     }
 
+    /// Whether the server is a replica (ROLE says `slave`): one whose log ends before the database's
+    /// position may only be behind, not another log.
+    func isReplica() async throws(SinkError) -> Bool {
+        let reply: RESPReply
+        do {
+            reply = try await client.send(["ROLE"], timeout: .milliseconds(Self.replyTimeoutMillis))
+        } catch {
+            throw SinkError(.serverUnavailable, "Stockade at \(address.description): ROLE: \(error)")
+        }
+        guard case .array(let fields?) = reply, let first = fields.first else { return false }
+        switch first {
+        case .bytes(let bytes): return bytes == Array("slave".utf8)
+        default: return first.string == "slave"
+        }
+    }
+
     /// The server's last durable position, from INFO persistence (for the lag).
     func serverPosition() async throws(SinkError) -> UInt64? {
         let reply: RESPReply

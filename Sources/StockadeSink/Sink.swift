@@ -175,20 +175,30 @@ public final class Sink: Sendable {
 
     /// `--reset`: checks that the server's log still starts at position 1 (else starting over
     /// would leave out what came before it), then empties the tables and the position.
+    /// A stop closes both connections at once (the reset is one transaction: cut short, it changes nothing).
     private func reset() async throws(SinkError) {
-        let database = try await Database.connect(configuration.database, statementTimeoutMillis: Int64(configuration.statementTimeoutMillis), logger: quiet)
-        do {
-            try await reset(database)
-            await database.close()
+        databaseConnecting.store(true, ordering: .sequentiallyConsistent)
+        do throws(SinkError) {
+            let database = try await Database.connect(
+                configuration.database, statementTimeoutMillis: Int64(configuration.statementTimeoutMillis), logger: quiet,
+                onChannel: { channel in self.setDatabaseCloser { channel.close(promise: nil) } })
+            do {
+                try await reset(database)
+                await database.close()
+            } catch {
+                await database.close()
+                throw error
+            }
         } catch {
-            await database.close()
+            if isStopping { throw SinkError(error.code, "--reset was stopped by a signal before it finished: nothing was changed") }
             throw error
         }
     }
 
     private func reset(_ database: Database) async throws(SinkError) {
         _ = try await database.migrate()
-        let source = try await EventSource.connect(configuration.server, group: group)
+        let source = try await EventSource.connect(
+            configuration.server, group: group, onChannel: { channel in self.setSourceCloser { channel.close(promise: nil) } })
         defer { source.close() }
         do {
             _ = try await source.events(after: 0, count: 1, blockMillis: nil)
@@ -227,7 +237,7 @@ public final class Sink: Sendable {
             do {
                 serverTerm = try await source.term(at: last.position)
             } catch where error.code == .beyond {
-                throw SinkError(.diverged, otherLog + " (the server's log ends before position \(last.position))")
+                throw try await behindOrDiverged(source, at: last.position, otherLog: otherLog)
             }
             if let serverTerm, serverTerm != term {
                 throw SinkError(.diverged, otherLog + " (at position \(last.position) the database's events are of \(term), the server's of \(serverTerm))")
@@ -245,12 +255,26 @@ public final class Sink: Sendable {
             return
         } catch where error.code == .beyond {
             // (Not the BEYOND message itself: it names the position asked after, one before this one.)
-            throw SinkError(.diverged, otherLog + " (the server's log ends before position \(last.position))")
+            throw try await behindOrDiverged(source, at: last.position, otherLog: otherLog)
         }
-        guard let event = events.first, event.position == last.position else {
-            throw SinkError(.diverged, otherLog + " (the server sent no event at position \(last.position))")
+        guard let event = events.first else {
+            // Its log reaches the position (else BEYOND) but it does not serve it yet: a
+            // semi-synchronous primary serves what its replicas acknowledged, none when none is back.
+            throw SinkError(.serverUnavailable, "\(configuration.server.description) does not serve position \(last.position) yet (a primary with --min-replicas-to-write serves what its replicas acknowledged): waiting")
+        }
+        guard event.position == last.position else {
+            throw SinkError(.diverged, otherLog + " (the server sent position \(event.position) for position \(last.position))")
         }
         guard event.fingerprint == fingerprint else { throw SinkError(.diverged, otherLog) }
+    }
+
+    /// The error for a server whose log ends before `position`, which the database holds: a replica
+    /// may only be behind (retried until it catches up); a primary has another log.
+    private func behindOrDiverged(_ source: EventSource, at position: UInt64, otherLog: String) async throws(SinkError) -> SinkError {
+        if try await source.isReplica() {
+            return SinkError(.serverUnavailable, "\(configuration.server.description) is a replica whose log ends before position \(position), which the database holds: waiting for it to catch up")
+        }
+        return SinkError(.diverged, otherLog + " (the server's log ends before position \(position))")
     }
 
     /// The loop: fetch a batch after the stored position, fold it, apply it; on failure, back off.
@@ -379,6 +403,11 @@ public final class Sink: Sendable {
                     if pendingReachesEnd { p.atEnd = true }
                 }
             } catch {
+                var error = error
+                // A replica past whose log the database is may only be behind: wait for it.
+                if error.code == .beyond, let connected = source, (try? await connected.isReplica()) == true {
+                    error = SinkError(.serverUnavailable, "\(configuration.server.description) is a replica whose log ends before position \(stored), which the database holds: waiting for it to catch up")
+                }
                 if isStopping && error.isRetryable { break }
                 switch error.code {
                 case .databaseUnavailable, .databaseTimeout:

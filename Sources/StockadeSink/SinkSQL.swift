@@ -100,11 +100,17 @@ public enum SinkSQL {
             "ALTER TABLE stockade_sink_position ADD COLUMN last_event_position bigint, ADD COLUMN last_event_fingerprint bigint",
         ],
         // 3: the server's term in force at last_event_position (``BatchPlan/lastTerm``): its epoch
-        // and the position it began at, both 0 before any term. NULL: unknown. And no SKU count
-        // below zero from now on (no server logs one; rows already there are not checked).
+        // and the position it began at, both 0 before any term. NULL: unknown. (No CHECK keeps
+        // counts at zero or above: PostgreSQL checks one after each statement, and within a batch a
+        // hold taken again after its release is counted before the release. The batch's last
+        // statement checks it instead.)
         [
             "ALTER TABLE stockade_sink_position ADD COLUMN last_event_epoch bigint, ADD COLUMN last_event_epoch_start bigint",
-            "ALTER TABLE skus ADD CONSTRAINT skus_counts_not_negative CHECK (available >= 0 AND reserved >= 0 AND sold >= 0) NOT VALID",
+        ],
+        // 4: a CHECK that an earlier build's version 3 added, which stopped the sink on a batch
+        // that releases a hold and takes it again (see above): dropped where present.
+        [
+            "ALTER TABLE skus DROP CONSTRAINT IF EXISTS skus_counts_not_negative",
         ],
     ]
 
@@ -251,6 +257,17 @@ public enum SinkSQL {
                 binds: [.texts(rows.map { String($0.order) }), .texts(rows.map(\.state.rawValue)), .int64s(rows.map { position($0.position) })],
                 expectedCount: Int64(rows.count),
                 mismatch: SinkError(.diverged, "the events of positions \(range) end orders the database does not hold as PENDING: \(elsewhere)")))
+        }
+        // Last: no count of a SKU the batch changed went below zero (no server logs that). Checked at
+        // the end, not per statement: the holds and deductions of a batch are counted before its
+        // releases, so a hold released and taken again in one batch is negative in between.
+        let changed = Set(plan.skuChanges.map(\.sku)).union(plan.newSkus.map(\.sku))
+        if !changed.isEmpty {
+            out.append(SinkStatement(
+                sql: "SELECT count(*) FROM skus WHERE sku_bytes = ANY($1::bytea[]) AND (available < 0 OR reserved < 0 OR sold < 0)",
+                binds: [.byteas(changed.map(\.bytes).sorted { $0.lexicographicallyPrecedes($1) })],
+                expectedCount: 0,
+                mismatch: SinkError(.badEvent, "the events of positions \(range) take a SKU's counts below zero: no server logs that; the sink stops rather than store them")))
         }
         if !plan.events.isEmpty {
             let rows = plan.events.map(eventRow)

@@ -39,6 +39,25 @@ extension ByteBuffer {
         }
     }
 
+    /// `value`'s decimal digits as a bulk string (how order ids travel), written in place: no String.
+    public mutating func writeRESPBulkDecimal(_ value: UInt64) {
+        var magnitude = value
+        var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)  // 24 bytes: room for 20 digits
+        withUnsafeMutableBytes(of: &digits) { buffer in
+            var index = buffer.count
+            repeat {
+                index -= 1
+                buffer[index] = UInt8(ascii: "0") + UInt8(truncatingIfNeeded: magnitude % 10)
+                magnitude /= 10
+            } while magnitude > 0
+            writeInteger(UInt8(ascii: "$"))
+            writeDecimal(Int64(buffer.count - index))
+            writeStaticString("\r\n")
+            writeBytes(UnsafeRawBufferPointer(rebasing: buffer[index...]))
+            writeStaticString("\r\n")
+        }
+    }
+
     /// `+PONG\r\n`, the reply to the most frequent command of a health check or a benchmark.
     public mutating func writeRESPPong() { writeStaticString("+PONG\r\n") }
 

@@ -64,6 +64,46 @@ private func skusOnBothShards() -> (Name, Name) {
         #expect(engine.available(a) == 9 && engine.available(b) == 9)
     }
 
+    /// A batch of one command (every round at pipeline 1) takes a shorter way in place: it answers
+    /// and changes what `execute` does, command by command, over a run of single commands of every
+    /// kind (a basket and its confirm declined, as in a longer batch).
+    @Test func oneCommandBatchesAnswerWhatExecuteAnswers() async {
+        let loop = Loop()
+        let inPlace = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog(), executors: [loop.executor])
+        let general = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog())
+        let (a, b) = skusOnBothShards()
+        var rng = SplitMix64(seed: 8)
+        var orders: [OrderID] = []
+        var declined = 0
+        for step in 0..<2000 {
+            let sku = rng.next() % 2 == 0 ? a : b
+            let command: Command
+            switch rng.next() % 10 {
+            case 0: command = .addSku(sku: sku, total: Int64(rng.next() % 5), limit: Int64(rng.next() % 3))
+            case 1: command = .restock(sku: sku, delta: Int64(rng.next() % 7) - 2)
+            case 2: command = .deduct(sku: sku, quantity: Int64(rng.next() % 3) + 1)
+            case 3: command = .stock(sku: sku)
+            case 4: command = .confirm(orders.isEmpty ? OrderID(rawValue: 1) : orders[Int(rng.next() % UInt64(orders.count))])
+            case 5: command = .cancel(orders.isEmpty ? OrderID(rawValue: 1) : orders[Int(rng.next() % UInt64(orders.count))])
+            case 6: command = .reserve(user: Name("u\(rng.next() % 4)"), lines: [OrderLine(sku: a, quantity: 1), OrderLine(sku: b, quantity: 1)],
+                                       requestId: nil, ttlMillis: 50)
+            default: command = .reserve(user: Name("u\(rng.next() % 4)"), lines: [OrderLine(sku: sku, quantity: Int64(rng.next() % 2) + 1)],
+                                        requestId: nil, ttlMillis: Int64(rng.next() % 100) + 1)
+            }
+            let now = Int64(step)
+            let expected = await general.execute([command], now: now)
+            let replies: [Reply]
+            switch await loop.run(inPlace, [command], now: now, local: [true, true]) {
+            case .answered(let answered, _): replies = answered
+            case .needsAsync, .needsShard: replies = await inPlace.execute([command], now: now); declined += 1
+            }
+            #expect(replies == expected, "step \(step): \(command)")
+            if case .reserved(let id, _, _) = expected.first { orders.append(id) }
+        }
+        #expect(await inPlace.captureState(lsn: 0).stateHash() == general.captureState(lsn: 0).stateHash())
+        #expect(declined > 0 && declined < 1000, "\(declined) of 2000 declined")
+    }
+
     @Test func declinesTheConfirmOfABasketButRunsAPlainOne() async {
         let loop = Loop()
         let engine = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog(), executors: [loop.executor])

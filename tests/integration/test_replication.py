@@ -576,7 +576,9 @@ def test_a_record_that_does_not_fit_leaves_a_directory_that_starts(data_dir):
         replica.args = ["--shards", "2"]
         replica.start()  # failed before: the bad record was in the log
         assert replica.client().execute_command("STOCK", "tv")[5] == 100
-        assert int(replica.client().info("persistence")["log_position_durable"]) == 2
+        # The two records it took, then the term it starts as a primary over a replica's directory.
+        assert int(replica.client().info("persistence")["log_position_durable"]) == 3
+        assert replica.client().execute_command("EVENTS", 3)[0][1] == "epoch"
     finally:
         replica.stop()
         fake.close()
@@ -1310,3 +1312,113 @@ def test_former_primary_killed_while_it_rejoins_ends_equal_to_the_new_primary(da
             relay.close()
         a.stop()
         b.stop()
+
+
+def test_a_replica_restarted_as_a_primary_starts_a_term_over_a_log_without_terms(data_dir):
+    """A replica of a primary whose log has no terms, restarted as a primary (no --replica-of),
+    took changes in no term, as its old primary did: LOG.TERM gave [0, 0] on both where their logs
+    went different ways, and a consumer comparing terms (stockade sink) followed the wrong one. The
+    replica's directory now remembers it followed a primary (REPLICATED), and such a start begins a term."""
+    a = Server(os.path.join(data_dir, "a"), "--shards", "2").start()
+    b = Server(os.path.join(data_dir, "b"), "--shards", "2", "--replica-of", f"127.0.0.1:{a.port}").start()
+    try:
+        pa = a.client()
+        pa.execute_command("SKU.ADD", "s", 1000)
+        assert pa.execute_command("WAIT", 1, 5000) == 1
+        assert os.path.exists(os.path.join(data_dir, "b", "REPLICATED"))
+        assert not os.path.exists(os.path.join(data_dir, "a", "REPLICATED"))
+        b.kill9()
+        pa.execute_command("SKU.RESTOCK", "s", 7)  # only A has it
+        b.args = ["--shards", "2"]
+        b.start()
+        pb = b.client()
+        epoch = int(info(pb)["log_epoch"])
+        assert epoch > 0
+        pb.execute_command("SKU.RESTOCK", "s", 3)
+        assert pa.execute_command("LOG.TERM", 2) == [0, 0]
+        assert pb.execute_command("LOG.TERM", 1) == [0, 0] and pb.execute_command("LOG.TERM", 3) == [epoch, 2]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_events_of_a_semi_synchronous_primary_wait_for_the_replicas_acknowledgement(data_dir):
+    """With --min-replicas-to-write 1, a change no replica has acknowledged is not yet answered to its
+    client and may be lost in a failover. EVENTS served it as soon as it was durable on the primary,
+    so a consumer (stockade sink) applied changes the promoted replica never had. EVENTS now waits for
+    the acknowledgement (as Kafka's consumers read up to the high watermark)."""
+    primary = Server(os.path.join(data_dir, "primary"), "--shards", "2",
+                     "--min-replicas-to-write", "1", "--min-replicas-timeout-ms", "5000").start()
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2",
+                     "--replica-of", f"127.0.0.1:{primary.port}").start()
+    p = primary.client()
+    waiting = None
+    try:
+        deadline = time.time() + 10
+        while int(info(p)["connected_slaves"]) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        p.execute_command("SKU.ADD", "tv", 10)
+        assert p.execute_command("WAIT", 1, 5000) == 1
+        os.kill(replica.proc.pid, signal.SIGSTOP)
+        try:
+            waiting = socket.create_connection(("127.0.0.1", primary.port))
+            waiting.sendall(b"RESERVE ann tv 1\r\n")
+            deadline = time.time() + 10
+            while int(info(p, "persistence")["log_position_durable"]) < 2 and time.time() < deadline:
+                time.sleep(0.02)
+            assert int(info(p, "persistence")["log_position_durable"]) == 2  # durable here
+            assert p.execute_command("EVENTS", 2, "BLOCK", 300) == []
+            assert p.execute_command("EVENTS", 1)[-1][1] == "sku-added"
+        finally:
+            os.kill(replica.proc.pid, signal.SIGCONT)
+        events = p.execute_command("EVENTS", 2, "BLOCK", 5000)
+        assert [e[1] for e in events] == ["created"], events
+        waiting.settimeout(10)
+        assert waiting.recv(100).startswith(b"$")  # the client's answer: the order id
+    finally:
+        if waiting:
+            waiting.close()
+        replica.stop()
+        primary.stop()
+
+
+def test_events_waiting_for_acknowledgements_cost_no_cpu(data_dir):
+    """Consumers blocked in EVENTS on a semi-synchronous primary whose replica is away wait for a
+    position that is durable but unacknowledged: they polled every 2 ms, and a few hundred of them
+    took both cores. The acknowledgement now wakes them; waiting costs nothing."""
+    primary = Server(os.path.join(data_dir, "primary"), "--shards", "2", "--min-replicas-to-write", "1").start()
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2",
+                     "--replica-of", f"127.0.0.1:{primary.port}").start()
+    p = primary.client()
+    consumers = []
+    try:
+        deadline = time.time() + 10
+        while int(info(p)["connected_slaves"]) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        p.execute_command("SKU.ADD", "tv", 10)
+        replica.stop()
+        deadline = time.time() + 10
+        while int(info(p)["connected_slaves"]) > 0 and time.time() < deadline:
+            time.sleep(0.05)
+        for _ in range(200):
+            c = socket.create_connection(("127.0.0.1", primary.port))
+            c.sendall(b"EVENTS 1 BLOCK 20000\r\n")
+            consumers.append(c)
+        time.sleep(0.5)
+        def cpu():
+            with open(f"/proc/{primary.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        before = cpu()
+        time.sleep(2)
+        spent = cpu() - before
+        assert spent < 0.3, f"{spent:.2f} s of CPU in 2 s with 200 blocked consumers"
+        replica.start()
+        for c in consumers[:5]:
+            c.settimeout(10)
+            assert c.recv(100).startswith(b"*1\r\n")  # served once the replica acknowledged it
+    finally:
+        for c in consumers:
+            c.close()
+        replica.stop()
+        primary.stop()

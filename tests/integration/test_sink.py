@@ -282,7 +282,7 @@ def test_flash_sale_lands_in_postgres_exactly(data_dir, postgres):
         assert events == [[str(last), "1", str(last)]]
         assert postgres.sql("SELECT count(*) FROM orders WHERE state = 'EXPIRED'")[0][0] != "0"
         assert postgres.sql("SELECT sku_bytes FROM skus WHERE sku = 'caf\u00e9'") == [["\\x636166c3a9"]]
-        assert postgres.sql("SELECT max(version) FROM stockade_schema_version") == [["3"]]
+        assert postgres.sql("SELECT max(version) FROM stockade_schema_version") == [["4"]]
         assert postgres.sql("SELECT last_event_position FROM stockade_sink_position") == [[str(last)]]
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert f"stockade_sink_position {last}" in text
@@ -478,7 +478,7 @@ def test_position_moved_back_by_hand_applies_nothing_twice(data_dir, postgres):
     """The stored position written back by hand (to 0, to the middle of a batch), as the TRIMMED
     recovery has operators do: every row records the last event that changed it, so the replayed
     events change nothing, and the events table holds each position once. It used to stop the sink
-    (a SKU inserted twice) or count a restock twice. A database of schema version 1 migrates to 3."""
+    (a SKU inserted twice) or count a restock twice. A database of schema version 1 migrates to 4."""
     server = Server(data_dir, "--shards", "2").start()
     sink = None
     try:
@@ -506,11 +506,10 @@ def test_position_moved_back_by_hand_applies_nothing_twice(data_dir, postgres):
         assert sink.stop() == 0
         postgres.sql("ALTER TABLE stockade_sink_position DROP COLUMN last_event_position, DROP COLUMN last_event_fingerprint,"
                      " DROP COLUMN last_event_epoch, DROP COLUMN last_event_epoch_start;"
-                     " ALTER TABLE skus DROP CONSTRAINT skus_counts_not_negative;"
                      " DELETE FROM stockade_schema_version WHERE version >= 2")
         orders.append(r.execute_command("RESERVE", "after-v1", "case", 1))
         sink = SinkProcess(server, postgres, *args)
-        sink.wait_for(r"migrated from version 1 to 3")
+        sink.wait_for(r"migrated from version 1 to 4")
         last = settle(r, postgres, sink)
         assert_matches_server(postgres, r, orders)
         assert postgres.sql("SELECT last_event_position FROM stockade_sink_position") == [[str(last)]]
@@ -1159,3 +1158,171 @@ def test_a_server_answering_what_no_server_sends_neither_spins_nor_lands_in_the_
         if sink:
             sink.stop()
         fake.close()
+
+
+def test_a_hold_released_and_taken_again_in_one_batch_applies(data_dir, postgres):
+    """A sold-out SKU whose hold is cancelled (or expires) and is taken again within one batch: the
+    batch's holds are counted before its releases, so `available` is negative between statements. A
+    CHECK on the table stopped the sink there for good; the batch's last statement checks instead."""
+    log = [[1, "sku-added", "a", 5, 0],
+           [2, "created", "101", "u1", 1795656420541, ["a", 5]],
+           [3, "cancelled", "101"],
+           [4, "created", "102", "u2", 1795656420541, ["a", 5]],
+           [5, "expired", "102"],
+           [6, "created", "103", "u3", 1795656420541, ["a", 5]],
+           [7, "paid", "103"]]
+    fake = ScriptedServer("log", log[:1])
+    sink = None
+    try:
+        # A database an earlier build migrated to version 3 with a CHECK on the counts: version 4 drops it.
+        sink = SinkProcess(fake, postgres)
+        wait_applied(postgres, 1, sink=sink)
+        assert sink.stop() == 0
+        fake.close()
+        postgres.sql("ALTER TABLE skus ADD CONSTRAINT skus_counts_not_negative CHECK (available >= 0 AND reserved >= 0 AND sold >= 0) NOT VALID;"
+                     " DELETE FROM stockade_schema_version WHERE version = 4")
+        fake = ScriptedServer("log", log)
+        sink = SinkProcess(fake, postgres)
+        sink.wait_for(r"migrated from version 3 to 4")
+        wait_applied(postgres, 7, sink=sink)
+        assert postgres.sql("SELECT total, available, reserved, sold FROM skus") == [["5", "0", "0", "5"]]
+        assert postgres.sql("SELECT id, state FROM orders ORDER BY id") == [["101", "CANCELLED"], ["102", "EXPIRED"], ["103", "PAID"]]
+        assert sink.stop() == 0
+    finally:
+        if sink:
+            sink.stop()
+        fake.close()
+
+
+def test_a_replica_behind_the_database_is_waited_for_not_taken_for_another_log(data_dir, postgres):
+    """The database followed primary A further than replica B has got (B's link was cut). Pointed at
+    B, the sink took B's shorter log for another log and stopped, advising --reset (which empties the
+    tables). A replica may only be behind: the sink now waits for it, and follows on once B caught up."""
+    replica_dir = tempfile.mkdtemp(prefix="stockade-it-replica-")
+    a = b = sink = None
+    try:
+        a = Server(data_dir, "--shards", "2").start()
+        b = Server(replica_dir, "--shards", "2", "--replica-of", f"127.0.0.1:{a.port}").start()
+        ra, rb = a.client(), b.client()
+        orders = flash_sale(ra)
+        assert ra.execute_command("WAIT", 1, 10000) == 1
+        assert rb.execute_command("REPLICAOF", "127.0.0.1", 1) == "OK"  # B stops following
+        orders += flash_sale(ra, skus=("tv", "cam", "mug"), seed=8)
+        sink = SinkProcess(a, postgres)
+        stored = settle(ra, postgres, sink)
+        assert sink.stop() == 0
+        assert durable_position(rb) < stored
+        sink = SinkProcess(b, postgres)
+        sink.wait_for(r"is a replica whose log ends before position %d.*waiting for it to catch up" % stored)
+        time.sleep(1)
+        assert sink.proc.poll() is None, sink.logs()
+        assert rb.execute_command("REPLICAOF", "127.0.0.1", a.port) == "OK"
+        wait_expired(ra, orders)
+        deadline = time.time() + 30
+        while durable_position(rb) < durable_position(ra) and time.time() < deadline:
+            time.sleep(0.05)
+        settle(rb, postgres, sink)
+        assert_matches_server(postgres, rb, orders)
+        assert "another log" not in sink.logs()
+        assert sink.stop() == 0
+    finally:
+        if sink:
+            sink.stop()
+        for s in (a, b):
+            if s:
+                s.stop()
+        shutil.rmtree(replica_dir, ignore_errors=True)
+        shutil.rmtree(replica_dir + "-logs", ignore_errors=True)
+
+
+def test_a_reseed_that_leaves_the_term_columns_is_not_refused(data_dir, postgres):
+    """A re-seed written the way schema version 2 documented it (position, last_event_position and
+    last_event_fingerprint) leaves the term columns of version 3 as they were. The sink recomputes
+    the highest position from the rows, which an `epoch` event never changes, so it fell below the
+    stored term's start and the sink refused the database as changed by hand. What was stored of
+    the old highest position now goes with it. And --reset waiting on the migration lock stops at
+    once on SIGTERM."""
+    server = Server(data_dir, "--shards", "2", "--io-threads", "1").start()
+    sink = holder = None
+    try:
+        r = server.client()
+        r.execute_command("SKU.ADD", "tv", 10)
+        assert r.execute_command("REPLICAOF", "127.0.0.1", 1) == "OK"
+        assert r.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        sink = SinkProcess(server, postgres)
+        assert settle(r, postgres, sink) == 2
+        assert sink.stop() == 0
+        postgres.sql("UPDATE stockade_sink_position SET position = 1, last_event_position = NULL, last_event_fingerprint = NULL")
+        r.execute_command("SKU.RESTOCK", "tv", 5)
+        sink = SinkProcess(server, postgres)
+        settle(r, postgres, sink)
+        assert postgres.sql("SELECT total FROM skus") == [["15"]]
+        assert sink.stop() == 0
+        holder = postgres.session("SELECT pg_advisory_lock(6004511353635685445); SELECT pg_sleep(60)")
+        deadline = time.time() + 10
+        while postgres.sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted") != [["1"]]:
+            assert time.time() < deadline, "the session never took the lock"
+            time.sleep(0.05)
+        sink = SinkProcess(server, postgres, "--reset")
+        deadline = time.time() + 10
+        while postgres.sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") != [["1"]]:
+            assert time.time() < deadline and sink.proc.poll() is None, sink.logs()
+            time.sleep(0.05)
+        started = time.monotonic()
+        sink.proc.send_signal(signal.SIGTERM)
+        assert sink.proc.wait(timeout=30) == 1
+        assert time.monotonic() - started < 5, sink.logs()
+        assert "nothing was changed" in sink.logs(), sink.logs()
+        assert postgres.sql("SELECT total FROM skus") == [["15"]]
+    finally:
+        if holder and holder.poll() is None:
+            holder.kill()
+        if sink:
+            sink.stop()
+        server.stop()
+
+
+def test_a_semi_synchronous_primary_without_its_replica_is_waited_for(data_dir, postgres):
+    """A primary with --min-replicas-to-write 1 serves EVENTS only up to what its replica
+    acknowledged: none while the replica is away. The sink, restarted then, found no event at its
+    last position and stopped, advising --reset (which empties the tables). It now waits, and
+    follows on once the replica is back."""
+    replica_dir = tempfile.mkdtemp(prefix="stockade-it-replica-")
+    a = b = sink = None
+    try:
+        a = Server(data_dir, "--shards", "2", "--min-replicas-to-write", "1").start()
+        b = Server(replica_dir, "--shards", "2", "--replica-of", f"127.0.0.1:{a.port}").start()
+        ra = a.client()
+        deadline = time.time() + 10
+        while int(ra.info("replication")["connected_slaves"]) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        ra.execute_command("SKU.ADD", "tv", 100)
+        orders = [ra.execute_command("RESERVE", f"u{i}", "tv", 1, "TTL", 600000) for i in range(20)]
+        sink = SinkProcess(a, postgres)
+        stored = settle(ra, postgres, sink)
+        assert sink.stop() == 0
+        b.stop()
+        deadline = time.time() + 10
+        while int(ra.info("replication")["connected_slaves"]) > 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert ra.execute_command("EVENTS", stored) == []  # not served while no replica acknowledges it
+        sink = SinkProcess(a, postgres)
+        sink.wait_for(r"does not serve position %d yet.*waiting" % stored)
+        time.sleep(1)
+        assert sink.proc.poll() is None, sink.logs()
+        b.start()
+        deadline = time.time() + 10
+        while int(ra.info("replication")["connected_slaves"]) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        orders.append(ra.execute_command("RESERVE", "late", "tv", 1, "TTL", 600000))
+        settle(ra, postgres, sink)
+        assert_matches_server(postgres, ra, orders)
+        assert sink.stop() == 0
+    finally:
+        if sink:
+            sink.stop()
+        for s in (b, a):
+            if s:
+                s.stop()
+        shutil.rmtree(replica_dir, ignore_errors=True)
+        shutil.rmtree(replica_dir + "-logs", ignore_errors=True)
