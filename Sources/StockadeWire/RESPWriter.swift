@@ -22,39 +22,36 @@ extension ByteBuffer {
 
     /// The decimal digits of `value` (with a leading `-` when negative), written in place: no String.
     public mutating func writeDecimal(_ value: Int64) {
-        var magnitude = value.magnitude
-        var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)  // 24 bytes: room for 20 digits
-        withUnsafeMutableBytes(of: &digits) { buffer in
-            var index = buffer.count
-            repeat {
-                index -= 1
-                buffer[index] = UInt8(ascii: "0") + UInt8(truncatingIfNeeded: magnitude % 10)
-                magnitude /= 10
-            } while magnitude > 0
-            if value < 0 {
-                index -= 1
-                buffer[index] = UInt8(ascii: "-")
-            }
-            writeBytes(UnsafeRawBufferPointer(rebasing: buffer[index...]))
-        }
+        Self.withDigits(of: value.magnitude, negative: value < 0) { writeBytes($0) }
     }
 
     /// `value`'s decimal digits as a bulk string (how order ids travel), written in place: no String.
     public mutating func writeRESPBulkDecimal(_ value: UInt64) {
-        var magnitude = value
-        var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)  // 24 bytes: room for 20 digits
+        Self.withDigits(of: value, negative: false) { digits in
+            writeInteger(UInt8(ascii: "$"))
+            writeDecimal(Int64(digits.count))
+            writeStaticString("\r\n")
+            writeBytes(digits)
+            writeStaticString("\r\n")
+        }
+    }
+
+    /// Calls `body` with the ASCII digits of `magnitude` (after a `-` when `negative`), held on the stack.
+    private static func withDigits(of magnitude: UInt64, negative: Bool, _ body: (UnsafeRawBufferPointer) -> Void) {
+        var rest = magnitude
+        var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)  // 24 bytes: room for 20 digits and a sign
         withUnsafeMutableBytes(of: &digits) { buffer in
             var index = buffer.count
             repeat {
                 index -= 1
-                buffer[index] = UInt8(ascii: "0") + UInt8(truncatingIfNeeded: magnitude % 10)
-                magnitude /= 10
-            } while magnitude > 0
-            writeInteger(UInt8(ascii: "$"))
-            writeDecimal(Int64(buffer.count - index))
-            writeStaticString("\r\n")
-            writeBytes(UnsafeRawBufferPointer(rebasing: buffer[index...]))
-            writeStaticString("\r\n")
+                buffer[index] = UInt8(ascii: "0") + UInt8(truncatingIfNeeded: rest % 10)
+                rest /= 10
+            } while rest > 0
+            if negative {
+                index -= 1
+                buffer[index] = UInt8(ascii: "-")
+            }
+            body(UnsafeRawBufferPointer(rebasing: buffer[index...]))
         }
     }
 

@@ -474,6 +474,18 @@ def sink_position(pg):
     return int(pg.sql("SELECT position FROM stockade_sink_position")[0][0])
 
 
+def clean_up(sink, servers, directories=()):
+    """Stops the sink and the servers (any may be None) and removes the extra data directories."""
+    if sink:
+        sink.stop()
+    for server in servers:
+        if server:
+            server.stop()
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(directory + "-logs", ignore_errors=True)
+
+
 def test_position_moved_back_by_hand_applies_nothing_twice(data_dir, postgres):
     """The stored position written back by hand (to 0, to the middle of a batch), as the TRIMMED
     recovery has operators do: every row records the last event that changed it, so the replayed
@@ -580,13 +592,7 @@ def test_a_database_of_another_servers_log_stops_the_sink_and_reset_starts_over(
         assert postgres.sql("SELECT count(*) FROM orders WHERE user_id LIKE 'a%'") == [["0"]]
         assert sink.stop() == 0
     finally:
-        if sink:
-            sink.stop()
-        for s in (a, b):
-            if s:
-                s.stop()
-        shutil.rmtree(other_dir, ignore_errors=True)
-        shutil.rmtree(other_dir + "-logs", ignore_errors=True)
+        clean_up(sink, (a, b), [other_dir])
 
 
 def test_a_lock_held_past_lock_timeout_is_retried(data_dir, postgres):
@@ -900,13 +906,7 @@ def test_a_promoted_replica_that_went_another_way_is_refused_though_its_event_at
         assert postgres.sql("SELECT total, available, paused FROM skus") == [["1007", "1007", "t"]]
         assert postgres.sql("SELECT count(*) FROM orders") == [["0"]]
     finally:
-        if sink:
-            sink.stop()
-        for s in (a, b):
-            if s:
-                s.stop()
-        shutil.rmtree(other_dir, ignore_errors=True)
-        shutil.rmtree(other_dir + "-logs", ignore_errors=True)
+        clean_up(sink, (a, b), [other_dir])
 
 
 def test_a_promoted_replica_with_every_applied_event_is_followed_on(data_dir, postgres):
@@ -941,13 +941,7 @@ def test_a_promoted_replica_with_every_applied_event_is_followed_on(data_dir, po
         assert_matches_server(postgres, rb, orders)
         assert "another log" not in sink.logs()
     finally:
-        if sink:
-            sink.stop()
-        for s in (a, b):
-            if s:
-                s.stop()
-        shutil.rmtree(replica_dir, ignore_errors=True)
-        shutil.rmtree(replica_dir + "-logs", ignore_errors=True)
+        clean_up(sink, (a, b), [replica_dir])
 
 
 def test_a_stop_while_connecting_is_not_held_by_a_silent_server_or_the_migration_lock(data_dir, postgres):
@@ -1226,13 +1220,7 @@ def test_a_replica_behind_the_database_is_waited_for_not_taken_for_another_log(d
         assert "another log" not in sink.logs()
         assert sink.stop() == 0
     finally:
-        if sink:
-            sink.stop()
-        for s in (a, b):
-            if s:
-                s.stop()
-        shutil.rmtree(replica_dir, ignore_errors=True)
-        shutil.rmtree(replica_dir + "-logs", ignore_errors=True)
+        clean_up(sink, (a, b), [replica_dir])
 
 
 def test_a_reseed_that_leaves_the_term_columns_is_not_refused(data_dir, postgres):
@@ -1319,10 +1307,4 @@ def test_a_semi_synchronous_primary_without_its_replica_is_waited_for(data_dir, 
         assert_matches_server(postgres, ra, orders)
         assert sink.stop() == 0
     finally:
-        if sink:
-            sink.stop()
-        for s in (b, a):
-            if s:
-                s.stop()
-        shutil.rmtree(replica_dir, ignore_errors=True)
-        shutil.rmtree(replica_dir + "-logs", ignore_errors=True)
+        clean_up(sink, (b, a), [replica_dir])
