@@ -3,8 +3,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 
 import pytest
@@ -12,6 +14,34 @@ import redis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BINARY = os.environ.get("STOCKADE_BIN", os.path.join(ROOT, ".build", "debug", "stockade"))
+
+
+class LoopbackListener:
+    """A stand-in peer on a free loopback port (a fake primary, a relay, a scripted server): each
+    connection goes to `connected(conn)` on the accepting thread. A subclass sets what
+    `connected` needs before calling this constructor, which starts accepting."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connected(conn)
+
+    def connected(self, conn):
+        raise NotImplementedError
+
+    def close(self):
+        self.listener.close()
 
 
 class Server:

@@ -11,7 +11,7 @@ import time
 import pytest
 import redis
 
-from conftest import BINARY, Server
+from conftest import BINARY, LoopbackListener, Server
 
 
 def info(r, section="replication"):
@@ -511,28 +511,18 @@ def test_the_stream_needs_the_primarys_password(data_dir):
 
 # Defects found by the hostile review of replication, each with the test that failed before its fix.
 
-class FakePrimary:
+class FakePrimary(LoopbackListener):
     """A primary on a socket that answers REPLICATE with `+CONTINUE 1 SHARDS 2 EPOCH 0` and then the
     bytes `stream` returns, and keeps the link open."""
 
     def __init__(self, stream):
         self.stream = stream
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.port = self.listener.getsockname()[1]
         self.links = 0
-        threading.Thread(target=self.accept, daemon=True).start()
+        super().__init__()
 
-    def accept(self):
-        while True:
-            try:
-                c, _ = self.listener.accept()
-            except OSError:
-                return
-            self.links += 1
-            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+    def connected(self, c):
+        self.links += 1
+        threading.Thread(target=self.serve, args=(c,), daemon=True).start()
 
     def serve(self, c):
         try:
@@ -551,9 +541,6 @@ class FakePrimary:
             pass
         finally:
             c.close()
-
-    def close(self):
-        self.listener.close()
 
 
 def test_a_record_that_does_not_fit_leaves_a_directory_that_starts(data_dir):
@@ -738,7 +725,7 @@ def test_damaged_log_is_reported_to_the_replica_not_taken_for_the_end(data_dir):
         primary.stop()
 
 
-class CopyingPrimary:
+class CopyingPrimary(LoopbackListener):
     """A fake primary: the first link gets `+CONTINUE 1 SHARDS 2 EPOCH 5` and two records; every
     later one gets `+FULLCOPY 100 <size> EPOCH <epoch>` and `size` bytes of junk."""
 
@@ -747,21 +734,11 @@ class CopyingPrimary:
         self.first = b"+CONTINUE 1 SHARDS 2 EPOCH 5\r\n" + bulk(block(1, [sku_added(0, 0, "tv", 100), sku_added(1, 0, "tv", 100)]))
         self.size, self.epoch = size, epoch
         self.links = 0
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self.accept, daemon=True).start()
+        super().__init__()
 
-    def accept(self):
-        while True:
-            try:
-                c, _ = self.listener.accept()
-            except OSError:
-                return
-            self.links += 1
-            threading.Thread(target=self.serve, args=(c, self.links), daemon=True).start()
+    def connected(self, c):
+        self.links += 1
+        threading.Thread(target=self.serve, args=(c, self.links), daemon=True).start()
 
     def serve(self, c, link):
         try:
@@ -786,9 +763,6 @@ class CopyingPrimary:
             pass
         finally:
             c.close()
-
-    def close(self):
-        self.listener.close()
 
 
 @pytest.mark.parametrize("case", ["older epoch", "too large", "streamed"])
@@ -1174,7 +1148,7 @@ def test_former_primary_with_records_never_shipped_rejoins_by_itself(data_dir):
         b.stop()
 
 
-class HoldingRelay:
+class HoldingRelay(LoopbackListener):
     """A relay to a primary that stops passing the primary's bytes at a chosen point: at the first
     line starting with `marker` (its first byte not sent), or, for a full copy, half-way through the
     file. Until `release()`; a node killed meanwhile sees the link die there."""
@@ -1182,22 +1156,12 @@ class HoldingRelay:
     def __init__(self, target_port, marker, midway=False):
         self.target_port, self.marker, self.midway = target_port, marker, midway
         self.held, self.released = threading.Event(), threading.Event()
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self.accept, daemon=True).start()
+        super().__init__()
 
-    def accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self.pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self.pipe, args=(upstream, client, True), daemon=True).start()
+    def connected(self, client):
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        threading.Thread(target=self.pipe, args=(client, upstream, False), daemon=True).start()
+        threading.Thread(target=self.pipe, args=(upstream, client, True), daemon=True).start()
 
     def hold_at(self, seen):
         at = seen.find(self.marker)
@@ -1246,7 +1210,7 @@ class HoldingRelay:
 
     def close(self):
         self.released.set()
-        self.listener.close()
+        super().close()
 
 
 @pytest.mark.parametrize("moment", ["refused", "before-copy", "copy-midway", "copy-done"])

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 import redis
 
-from conftest import BINARY, Server
+from conftest import BINARY, LoopbackListener, Server
 
 SINK = os.environ.get("STOCKADE_SINK_BIN", os.path.join(os.path.dirname(BINARY), "stockade-sink"))
 
@@ -1012,27 +1012,17 @@ def test_a_batch_longer_than_the_statement_timeout_is_split_until_one_fits(data_
         server.stop()
 
 
-class ScriptedServer:
+class ScriptedServer(LoopbackListener):
     """A Stockade stand-in on a free port that answers from a scripted log, for what no real
     server sends: INFO, LOG.TERM ([0, 0]) and EVENTS as `mode` says."""
 
     def __init__(self, mode, log):
         self.mode, self.log = mode, log
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.port = self.listener.getsockname()[1]
-        import threading
-        threading.Thread(target=self.accept, daemon=True).start()
+        super().__init__()
 
-    def accept(self):
+    def connected(self, conn):
         import threading
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+        threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
     @staticmethod
     def encode(value):
@@ -1097,9 +1087,6 @@ class ScriptedServer:
             out.append(rest[:length])
             rest = rest[length + 2:]
         return out, rest
-
-    def close(self):
-        self.listener.close()
 
 
 def cpu_seconds(pid):
