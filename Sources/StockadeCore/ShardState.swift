@@ -84,6 +84,11 @@ public struct ShardState: Sendable {
     var requestsInFlight: Set<InFlightKey> = []
     /// PENDING + PAID units per (user << 32 | sku), kept only for SKUs with a per-user limit.
     var heldByUserSku: [UInt64: UInt32] = [:]
+    /// How many prepared holds (being placed, or committed by a basket another shard owns) name the
+    /// newest user; nil when not known (after a load or a forget), and then that user is never forgotten.
+    /// Only the newest user can be forgotten (``releasePrepared(user:items:internedUser:)``), so one
+    /// count suffices: a user interned later makes the older one unforgettable for good.
+    var preparesOfNewestUser: Int? = nil
     var expiry = ExpiryHeap()
     /// Pending orders with items on other shards, by deadline: their expiry changes other shards' stock,
     /// so the engine expires them before a batch touches any shard (see ``nextForeignDeadlineMillis``).
@@ -393,21 +398,27 @@ public struct ShardState: Sendable {
         }
         let userIndex = knownUser ?? intern(user)
         internedUser = knownUser == nil
+        if Int(userIndex) == users.count - 1, let count = preparesOfNewestUser { preparesOfNewestUser = count + 1 }
         for item in items { applyHold(userIndex: userIndex, index: item.skuIndex, quantity: Int64(item.quantity)) }
         return .success(items)
     }
 
     /// Returns prepared holds (the order was not placed). Not logged, as the holds were not. A user
-    /// that the prepare interned is forgotten again while it is still the newest one and owns nothing.
+    /// that the prepare interned is forgotten again while it is still the newest one, owns no order here
+    /// and no other prepared hold names it (another basket of the same user, being placed or committed
+    /// by another shard, may hold SKUs here under its index).
     public mutating func releasePrepared(user: Name, items: [Record.Item], internedUser: Bool = false) {
         for item in items where item.shard == shard {
             applyRelease(user: user, index: item.skuIndex, quantity: Int64(item.quantity))
         }
-        if internedUser, let index = userIndexByName[user], Int(index) == users.count - 1, lastOrderOfUser[Int(index)] == 0,
-           !items.contains(where: { heldByUserSku[Self.key(index, $0.skuIndex)] != nil })
-        {
+        guard let index = userIndexByName[user], Int(index) == users.count - 1, let count = preparesOfNewestUser else { return }
+        assert(count > 0, "a prepared hold of the newest user was not counted")
+        preparesOfNewestUser = count - 1
+        if internedUser, count == 1, lastOrderOfUser[Int(index)] == 0 {
+            assert(!items.contains(where: { heldByUserSku[Self.key(index, $0.skuIndex)] != nil }))
             lastOrderOfUser.removeLast()
             userIndexByName.removeLast()
+            preparesOfNewestUser = nil
         }
     }
 
@@ -508,6 +519,7 @@ public struct ShardState: Sendable {
     /// Adds a user that is not here yet, whose hash in ``userIndexByName`` is `hash`.
     mutating func intern(_ user: Name, hash: UInt64) -> UInt32 {
         lastOrderOfUser.append(0)
+        preparesOfNewestUser = 0
         return userIndexByName.append(user, hash: hash)
     }
 
