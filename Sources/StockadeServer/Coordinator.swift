@@ -1,5 +1,7 @@
+import AsyncHTTPClient
 import Foundation
 import Logging
+import NIOCore
 import StockadeCore
 import StockadeJournal
 import Synchronization
@@ -65,6 +67,7 @@ final class Coordinator: Sendable {
         let task = self.task.withLock { $0 }
         task?.cancel()
         await task?.value
+        await etcd.shutdown()
     }
 
     private func run() async {
@@ -194,14 +197,15 @@ final class Coordinator: Sendable {
     }
 }
 
-/// etcd's v3 JSON gateway over plain HTTP, one short request per call (a few a second): grant
-/// and keep alive a lease, put, get, create-if-absent, list by prefix. Keys and values are base64,
-/// 64-bit numbers are JSON strings. Each call is a blocking socket exchange on the blocking pool,
-/// bounded by ``timeoutSeconds``.
+/// etcd's v3 JSON gateway over HTTP, through AsyncHTTPClient on the server's event loops: a few
+/// short requests a tick (grant and keep alive a lease, put, get, create-if-absent, list by prefix),
+/// over a kept-alive connection. Keys and values are base64, 64-bit numbers are JSON strings. Each call
+/// is bounded as a whole by ``timeoutSeconds`` (connect, answer and body), its answer by
+/// ``responseBytesMax``.
 struct EtcdClient: Sendable {
     let host: String
     let port: Int
-    let blockingWork: BlockingWorkExecutor
+    let http: HTTPClient
     /// etcd's revision as its answers report it: going back means etcd lost its data (replaced by an
     /// empty one, or restored from an older copy), and with it the leases a primary's fencing counts on.
     let revisions = RevisionWatch()
@@ -296,21 +300,44 @@ struct EtcdClient: Sendable {
     static func base64(_ text: String) -> String { Data(text.utf8).base64EncodedString() }
     static func decode(_ base64: String) -> String? { Data(base64Encoded: base64).flatMap { String(data: $0, encoding: .utf8) } }
 
+    /// A client on `group` for etcd at `host:port`; ``shutdown()`` ends it.
+    init(host: String, port: Int, group: EventLoopGroup) {
+        self.host = host
+        self.port = port
+        var configuration = HTTPClient.Configuration(
+            redirectConfiguration: .disallow,
+            timeout: .init(connect: .seconds(Int64(Self.timeoutSeconds)), read: .seconds(Int64(Self.timeoutSeconds))))
+        configuration.connectionPool = .init(idleTimeout: .seconds(Int64(Self.idleSeconds)))
+        configuration.httpVersion = .http1Only
+        http = HTTPClient(eventLoopGroup: group, configuration: configuration)
+    }
+
+    /// A kept-alive connection to etcd is closed after this long unused (ticks come every quarter lease).
+    static let idleSeconds = 60
+
+    /// Closes the client's connections; a call in flight fails.
+    func shutdown() async {
+        try? await http.shutdown()
+    }
+
+    private var base: String { host.contains(":") ? "http://[\(host)]:\(port)" : "http://\(host):\(port)" }
+
     private func call(_ path: String, _ body: [String: Any]) async throws -> [String: Any] {
-        let payload = try JSONSerialization.data(withJSONObject: body)
-        let host = self.host, port = self.port
-        let bytes: Result<[UInt8], Failure> = await withTaskExecutorPreference(blockingWork) {
-            Self.post(host: host, port: port, path: path, body: payload)
-        }
-        let response = try bytes.get()
-        guard let headerEnd = Self.find([13, 10, 13, 10], in: response) else { throw Failure(description: "\(path): no HTTP header") }
-        let status = String(decoding: response[..<min(headerEnd, 64)], as: UTF8.self)
-        guard status.hasPrefix("HTTP/1.1 200") || status.hasPrefix("HTTP/1.0 200") else {
-            throw Failure(description: "\(path): \(status.prefix { $0 != "\r" })")
+        var request = HTTPClientRequest(url: base + path)
+        request.method = .POST
+        request.headers.add(name: "Content-Type", value: "application/json")
+        request.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: body)))
+        let http = self.http, prepared = request
+        let bytes = try await Self.within(seconds: Self.timeoutSeconds, path) { () async throws -> ByteBuffer in
+            let response = try await http.execute(prepared, timeout: .seconds(Int64(Self.timeoutSeconds)))
+            guard response.status == .ok else {
+                throw Failure(description: "\(path): HTTP \(response.status.code) \(response.status.reasonPhrase)")
+            }
+            return try await response.body.collect(upTo: Self.responseBytesMax)
         }
         // A streaming call's answer is one JSON object per line: the first is ours.
-        let body = response[(headerEnd + 4)...]
-        let line = body.firstIndex(of: 10).map { body[..<$0] } ?? body
+        let view = bytes.readableBytesView
+        let line = view.firstIndex(of: 10).map { view[..<$0] } ?? view[...]
         let json = try JSONSerialization.jsonObject(with: Data(line))
         guard let object = json as? [String: Any] else { throw Failure(description: "\(path): not a JSON object") }
         let header = (object["result"] as? [String: Any])?["header"] ?? object["header"]
@@ -320,49 +347,28 @@ struct EtcdClient: Sendable {
         return object
     }
 
-    private static func find(_ needle: [UInt8], in haystack: [UInt8]) -> Int? {
-        guard haystack.count >= needle.count else { return nil }
-        for i in 0...(haystack.count - needle.count) where haystack[i..<(i + needle.count)].elementsEqual(needle) { return i }
-        return nil
-    }
-
-    /// One HTTP/1.1 POST with `Connection: close`; the whole answer, read until the server closes.
-    private static func post(host: String, port: Int, path: String, body: Data) -> Result<[UInt8], Failure> {
-        var hints = addrinfo()
-        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-        var list: UnsafeMutablePointer<addrinfo>?
-        guard getaddrinfo(host, String(port), &hints, &list) == 0, let first = list else {
-            return .failure(Failure(description: "cannot resolve \(host)"))
+    /// Runs `work`, cancelled (and failed) after `seconds`: the client's own deadline ends at the
+    /// answer's head, and its read timeout is per read, so a body that trickles would not be bounded.
+    private static func within<T: Sendable>(
+        seconds: Int, _ path: String, _ work: @escaping @Sendable () async throws -> T
+    ) async throws -> T {
+        try await withThrowingTaskGroup(of: T?.self) { group in
+            group.addTask { try await work() }
+            group.addTask {
+                try await Task.sleep(for: .seconds(seconds))
+                return nil
+            }
+            defer { group.cancelAll() }
+            do {
+                guard let first = try await group.next(), let value = first else {
+                    throw Failure(description: "etcd \(path): no answer in \(seconds) s")
+                }
+                return value
+            } catch let failure as Failure {
+                throw failure
+            } catch {
+                throw Failure(description: "etcd \(path): \(error)")
+            }
         }
-        defer { freeaddrinfo(list) }
-        let fd = socket(first.pointee.ai_family, first.pointee.ai_socktype, first.pointee.ai_protocol)
-        guard fd >= 0 else { return .failure(Failure(description: "socket: errno \(errno)")) }
-        defer { close(fd) }
-        var timeout = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        guard connect(fd, first.pointee.ai_addr, first.pointee.ai_addrlen) == 0 else {
-            return .failure(Failure(description: "cannot connect to etcd at \(host):\(port): \(String(cString: strerror(errno)))"))
-        }
-        // HTTP/1.0: the answer ends when the connection does (no chunked encoding, which the
-        // gateway uses for streaming calls such as lease/keepalive under HTTP/1.1).
-        var request = Array("POST \(path) HTTP/1.0\r\nHost: \(host):\(port)\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\nConnection: close\r\n\r\n".utf8)
-        request += body
-        var sent = 0
-        while sent < request.count {
-            let n = request[sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            guard n > 0 else { return .failure(Failure(description: "etcd: send failed")) }
-            sent += n
-        }
-        var response: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 16 << 10)
-        while true {
-            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-            if n == 0 { break }
-            guard n > 0 else { return .failure(Failure(description: "etcd: no answer in \(timeoutSeconds) s")) }
-            response += buffer[..<n]
-            guard response.count <= responseBytesMax else { return .failure(Failure(description: "etcd: answer too large")) }
-        }
-        return .success(response)
     }
 }

@@ -905,7 +905,7 @@ public final class StockadeServer: Sendable {
         if let etcd = configuration.coordinator {
             let advertise = configuration.advertise ?? "\(address.contains(":") ? "[\(address)]" : address):\(port)"
             let coordinator = Coordinator(
-                etcd: EtcdClient(host: etcd.host, port: etcd.port, blockingWork: blockingWork), cluster: configuration.cluster,
+                etcd: EtcdClient(host: etcd.host, port: etcd.port, group: group), cluster: configuration.cluster,
                 advertise: advertise, leaseSeconds: configuration.leaseSeconds, server: context)
             context.coordinator.withLock { $0 = coordinator }
             coordinator.start()

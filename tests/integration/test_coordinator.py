@@ -1,0 +1,89 @@
+"""The coordinator's etcd client against an etcd that misbehaves (docs/REPLICATION.md, "etcd access"):
+every call is bounded as a whole, whatever the peer sends, and the node keeps serving its clients."""
+import threading
+import time
+
+import pytest
+import redis
+
+from conftest import LoopbackListener, Server
+
+
+class BadEtcd(LoopbackListener):
+    """Answers each connection's request the way `behaviour` says, on a thread of its own."""
+
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+        self.requests = 0
+        super().__init__()
+
+    def connected(self, conn):
+        threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn):
+        try:
+            conn.recv(65536)  # the request (small, one read on loopback)
+            self.requests += 1
+            if self.behaviour == "trickle":
+                # A head at once, then one byte of body every half second: never idle for a
+                # whole second, never done.
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+                while True:
+                    conn.sendall(b" ")
+                    time.sleep(0.5)
+            elif self.behaviour == "huge":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+                chunk = b" " * 65536
+                while True:
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            elif self.behaviour == "silent":
+                time.sleep(60)
+            elif self.behaviour == "garbage":
+                conn.sendall(b"\x00\xffnot http at all\r\n\r\n{")
+                time.sleep(60)
+            elif self.behaviour == "error":
+                # Every request on the kept-alive connection is refused.
+                while True:
+                    conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                    if not conn.recv(65536):
+                        break
+                    self.requests += 1
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+@pytest.mark.parametrize("behaviour", ["trickle", "huge", "silent", "garbage", "error"])
+def test_a_misbehaving_etcd_fails_each_call_in_bounded_time(data_dir, behaviour):
+    """Each tick's call fails within its bound (1 s) and says so in INFO replication; the node takes
+    no term, answers its clients meanwhile, and stops at once on SIGTERM."""
+    etcd = BadEtcd(behaviour)
+    node = Server(data_dir, "--shards", "2", "--coordinator", f"etcd://127.0.0.1:{etcd.port}", "--cluster", "sale",
+                  "--lease-seconds", "2").start()
+    try:
+        r = node.client(socket_timeout=2)
+        errors = set()
+        slowest = 0.0
+        deadline = time.time() + 8
+        while time.time() < deadline and (etcd.requests < 3 or not errors):
+            sent = time.time()
+            assert r.ping()
+            slowest = max(slowest, time.time() - sent)
+            error = r.info("replication").get("coordinator_error", "")
+            if error:
+                errors.add(str(error))
+            time.sleep(0.05)
+        assert errors, f"no call failed in 8 s ({etcd.requests} requests): {node.logs()[-2000:]}"
+        # A call that never ended would hold every later tick: count the ticks that reached etcd.
+        assert etcd.requests >= 3, f"the first call never ended: {etcd.requests} request(s) in 8 s"
+        assert slowest < 1.0, f"a PING took {slowest:.2f} s while the coordinator's calls failed"
+        assert r.execute_command("ROLE")[0] == "slave"
+        with pytest.raises(redis.exceptions.ReadOnlyError):
+            r.execute_command("SKU.ADD", "tv", 10)
+        started = time.time()
+        assert node.stop() == 0
+        assert time.time() - started < 5, f"SIGTERM took {time.time() - started:.1f} s"
+    finally:
+        node.stop()
+        etcd.close()
