@@ -549,9 +549,10 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             }
             let (tail, stepCloses): (ByteBuffer?, Bool) = if let step = round.step { await server.run(step: step, presence: presence) } else { (nil, false) }
             server.endRound(changes: round.batch.contains(where: \.isChange))
+            let answered = replies
             loop.execute {
                 let (handler, context) = bound.value
-                handler.complete(round, replies: replies, tail: tail, closeAfter: round.closeAfter || stepCloses, context: context)
+                handler.complete(round, replies: answered, tail: tail, closeAfter: round.closeAfter || stepCloses, context: context)
             }
         }
     }
