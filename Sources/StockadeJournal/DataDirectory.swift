@@ -101,6 +101,11 @@ public struct DataDirectory: Sendable {
         public var files: [String]
     }
 
+    /// The set-aside subdirectories this directory holds now, by name.
+    public func setAsideNames() throws(JournalError) -> [String] {
+        try storage.list(path).filter { $0.hasPrefix(Self.setAsidePrefix) }
+    }
+
     /// A subdirectory name for a log set aside at `epoch` at wall-clock time `unixMillis`, free in this
     /// directory: `diverged-<epoch>-<unix-ms>` (a millisecond later if that one is taken).
     public func freeSetAsideName(epoch: UInt64, unixMillis: Int64) -> String {

@@ -43,6 +43,10 @@ enum ReplicationLimits {
     /// The largest full copy a replica accepts: far above any state this engine holds in memory
     /// (a snapshot is a compressed image of it), far below what would fill a disk by mistake.
     static let fullCopyBytesMax = 64 << 30
+    /// Logs set aside (`diverged-*`) a node keeps before it refuses to start over again: each holds a
+    /// whole former log, and a node that keeps being refused (a flapping cluster, a peer that lies)
+    /// must not fill its disk with them. Past it the link stops until an operator removes some.
+    static let setAsideMax = 8
 }
 
 /// What a server knows of replication: its role, its replicas (on a primary) and its link (on a
@@ -757,9 +761,30 @@ final class ReplicaLink: Sendable {
                             + "with --replica-of, which takes a full copy", fatal: true)
                 }
                 let known = server.replicationEpoch.withLock { $0 }
+                guard tail.epoch <= EpochHistory.epochMax else {
+                    throw ReplicationError(
+                        "\(host):\(port) refused this node's log naming epoch \(tail.epoch), past the largest epoch \(EpochHistory.epochMax); not followed, nothing discarded")
+                }
                 guard tail.epoch >= known else {
                     throw ReplicationError(
                         "\(host):\(port) refused this node's log and is a primary of epoch \(tail.epoch), older than epoch \(known) this node knows; not followed, nothing discarded")
+                }
+                // A peer behind this node in this node's own newest term (a replica that lags, taken
+                // for a primary) has not gone another way: this node waits for it, discarding nothing.
+                let ownEpoch = engine.epochs.lastEpoch
+                if reply.hasPrefix("-ERR the replica is ahead"), ownEpoch > 0, tail.epoch == ownEpoch {
+                    throw ReplicationError(
+                        "\(host):\(port) is behind this node in the same term (epoch \(ownEpoch)): waiting for it to catch up; nothing discarded")
+                }
+                // An empty log has nothing to set aside: a refusal of it is the peer's fault, retried.
+                guard server.store.journal.lastAppendedLSN > 0 else {
+                    throw ReplicationError("\(host):\(port) refused this node's empty log: \(reply.dropFirst())")
+                }
+                let kept = (try? server.store.directory.setAsideNames().count) ?? 0
+                guard kept < ReplicationLimits.setAsideMax else {
+                    throw ReplicationError(
+                        "the primary refused this node's log (\(reply.dropFirst())), and its data directory already keeps \(kept) logs set aside (diverged-*), the most it keeps: "
+                            + "not starting over again. Read them (stockade inspect --records DIR), remove those no longer needed, and restart this node", fatal: true)
                 }
                 var error = ReplicationError("the primary refused: \(reply.dropFirst())")
                 error.divergence = .init(primaryEpoch: tail.epoch, from: tail.from)

@@ -1,0 +1,148 @@
+"""When a peer taken for the primary refuses a node's log, the node starts over (docs/REPLICATION.md,
+"Rejoining") only where its log really went another way and there is something to keep: a peer that is
+behind it in its own term, a refusal of an empty log, an epoch past the largest, and a directory that
+already keeps the most set-aside logs discard nothing."""
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import LoopbackListener, Server
+
+
+class RefusingPeer(LoopbackListener):
+    """Takes AUTH and REPLICATE like a primary and answers REPLICATE with `answer`, then closes;
+    counts the REPLICATE requests."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.requests = 0
+        super().__init__()
+
+    def connected(self, conn):
+        threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn):
+        try:
+            conn.settimeout(0.3)
+            data = b""
+            while True:
+                try:
+                    part = conn.recv(4096)
+                except socket.timeout:
+                    part = None
+                if part == b"":
+                    return
+                if part:
+                    data += part
+                    if data.upper().startswith(b"*2\r\n$4\r\nAUTH"):
+                        conn.sendall(b"+OK\r\n")
+                        data = b""
+                    continue
+                if b"REPLICATE" in data:  # the whole request is in (a pause after it)
+                    break
+            self.requests += 1
+            conn.sendall(self.answer.encode() + b"\r\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def info(node):
+    return node.client().info("everything")
+
+
+def set_aside(node):
+    return sorted(d for d in os.listdir(node.data_dir) if d.startswith("diverged-"))
+
+
+def primary_with_a_term(data_dir):
+    """A node that began a term of its own (REPLICAOF NO ONE) and logged a few changes."""
+    node = Server(os.path.join(data_dir, "node"), "--shards", "2", "--replica-of", "127.0.0.1:1").start()
+    r = node.client()
+    assert r.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+    r.execute_command("SKU.ADD", "tv", 100)
+    for i in range(5):
+        r.execute_command("RESERVE", f"u{i}", "tv", 1)
+    return node
+
+
+def tail(epoch, start):
+    return f" [primary-epoch {epoch} diverged-from {start}]"
+
+
+def wait_for_error(node, text, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = info(node)
+        if text in state.get("master_link_error", ""):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"no link error with {text!r}: {info(node)}")
+
+
+@pytest.mark.parametrize("case", ["behind in the same term", "epoch past the largest"])
+def test_a_refusal_that_shows_no_divergence_discards_nothing(data_dir, case):
+    node = primary_with_a_term(data_dir)
+    try:
+        before = info(node)
+        epoch, end = int(before["log_epoch"]), int(before["log_position_durable"])
+        if case == "behind in the same term":
+            # A replica of this node's own term that lags, taken for a primary (an operator's REPLICAOF).
+            answer = f"-ERR the replica is ahead of this primary: it asks for position {end + 1}, this log ends at 3" + tail(epoch, 4)
+            expected = "behind this node in the same term"
+        else:
+            answer = "-DIVERGED the replica's log went another way" + tail(2**64 - 1, 1)
+            expected = "past the largest epoch"
+        peer = RefusingPeer(answer)
+        node.client().execute_command("REPLICAOF", "127.0.0.1", peer.port)
+        state = wait_for_error(node, expected)
+        time.sleep(0.5)
+        state = info(node)
+        assert int(state["rejoins"]) == 0 and set_aside(node) == [], state
+        assert int(state["log_position_durable"]) == end
+        assert node.client().execute_command("STOCK", "tv")[5] == 95
+        peer.close()
+    finally:
+        node.stop()
+
+
+def test_a_refusal_of_an_empty_log_is_retried_not_started_over(data_dir):
+    """Nothing to keep: no directory is made, the link backs off and tries again (a peer that refused
+    every log made a node start over 24 times a second, each time making a directory and closing
+    every client)."""
+    peer = RefusingPeer("-DIVERGED the replica's log went another way" + tail(7, 1))
+    node = Server(os.path.join(data_dir, "node"), "--shards", "2", "--replica-of", f"127.0.0.1:{peer.port}").start()
+    try:
+        client = node.client()
+        assert client.ping()
+        time.sleep(3)
+        state = info(node)
+        assert int(state["rejoins"]) == 0 and set_aside(node) == [], state
+        assert "refused this node's empty log" in state["master_link_error"], state
+        # Backing off: a few attempts in 3 s, not one every few milliseconds.
+        assert 2 <= peer.requests <= 12, peer.requests
+        assert client.ping()  # the same connection: no client was closed
+    finally:
+        node.stop()
+        peer.close()
+
+
+def test_a_directory_that_keeps_the_most_set_aside_logs_stops_the_link(data_dir):
+    node = primary_with_a_term(data_dir)
+    try:
+        epoch = int(info(node)["log_epoch"])
+        for n in range(8):
+            os.mkdir(os.path.join(node.data_dir, f"diverged-{n}-{1000 + n}"))
+        peer = RefusingPeer("-DIVERGED the replica's log went another way" + tail(epoch + 1, 3))
+        node.client().execute_command("REPLICAOF", "127.0.0.1", peer.port)
+        state = wait_for_error(node, "the most it keeps")
+        assert state["master_link_state"] == "stopped", state
+        assert int(state["rejoins"]) == 0 and len(set_aside(node)) == 8
+        assert node.client().execute_command("STOCK", "tv")[5] == 95
+        peer.close()
+    finally:
+        node.stop()
