@@ -54,6 +54,11 @@ final class Coordinator: Sendable {
 
     private var primaryKey: String { "/stockade/\(cluster)/primary" }
     private var nodesPrefix: String { "/stockade/\(cluster)/nodes/" }
+    /// Written (without a lease, so it stays) by the transaction that elects a cluster's first
+    /// primary, and by every election after: the cluster has a history.
+    private var begunKey: String { "/stockade/\(cluster)/begun" }
+    /// Whether the "no term, not standing" warning was logged (once per process).
+    private let warnedTermless = Mutex(false)
 
     /// A tick every quarter of the lease: renewals, the node's position, the primary's key.
     private var tickMillis: Int { max(50, leaseSeconds * 1000 / 4) }
@@ -138,6 +143,17 @@ final class Coordinator: Sendable {
         // lease before it stands: by then any former primary's own bound has passed.
         let quietSince = max(startedNanos, etcd.revisions.wentBackNanos ?? 0)
         guard monotonicNanos() >= quietSince + UInt64(leaseSeconds) * 1_000_000_000 else { return }
+        // A node without a term (an empty log, one that started over, another data set) stands only
+        // in a cluster that never had one: elected while every node with the cluster's history is
+        // down, it would make each of them set its whole log aside when it came back.
+        if mine.epoch == 0, let begun = try await etcd.get(begunKey) {
+            if !warnedTermless.withLock({ $0 }) {
+                warnedTermless.withLock { $0 = true }
+                server.logger.warning(
+                    "cluster \(cluster) has had primaries (first elected: \(begun.value)) and this node's log has no term: it does not stand for election; it follows the next primary. If every node lost its data, delete \(begunKey) in etcd to let it stand")
+            }
+            return
+        }
         var candidates = try await etcd.prefix(nodesPrefix).compactMap { kv -> Candidate? in
             let address = String(kv.key.dropFirst(nodesPrefix.count))
             guard address != advertise else { return nil }
@@ -147,7 +163,7 @@ final class Coordinator: Sendable {
         }
         candidates.append(Candidate(address: advertise, epoch: mine.epoch, position: mine.position))
         guard Self.elected(candidates) == advertise else { return }
-        if let epoch = try await etcd.create(primaryKey, advertise, lease: lease) {
+        if let epoch = try await etcd.create(primaryKey, advertise, lease: lease, marking: begunKey) {
             view.withLock { $0.epoch = epoch; $0.primary = advertise }
             await becomePrimary(epoch: epoch, sentNanos: sentNanos, lease: lease)
         }
@@ -273,13 +289,17 @@ struct EtcdClient: Sendable {
         return try await range(["key": Self.base64(prefix), "range_end": Data(end).base64EncodedString()])
     }
 
-    /// Creates `key` if it does not exist (a transaction comparing its create revision with 0);
-    /// returns its create revision, or nil when another node holds it.
-    func create(_ key: String, _ value: String, lease: Int64) async throws -> UInt64? {
+    /// Creates `key` if it does not exist (a transaction comparing its create revision with 0), and
+    /// in the same transaction puts `marking` (without a lease: it stays); returns the key's create
+    /// revision, or nil when another node holds it.
+    func create(_ key: String, _ value: String, lease: Int64, marking: String) async throws -> UInt64? {
         let encoded = Self.base64(key)
         let answer = try await call("/v3/kv/txn", [
             "compare": [["key": encoded, "target": "CREATE", "create_revision": "0"]],
-            "success": [["request_put": ["key": encoded, "value": Self.base64(value), "lease": String(lease)]]],
+            "success": [
+                ["request_put": ["key": encoded, "value": Self.base64(value), "lease": String(lease)]],
+                ["request_put": ["key": Self.base64(marking), "value": Self.base64(value)]],
+            ],
         ])
         guard answer["succeeded"] as? Bool == true else { return nil }
         return ((answer["header"] as? [String: Any])?["revision"] as? String).flatMap(UInt64.init)

@@ -1,5 +1,7 @@
-"""The coordinator's etcd client against an etcd that misbehaves (docs/REPLICATION.md, "etcd access"):
-every call is bounded as a whole, whatever the peer sends, and the node keeps serving its clients."""
+"""The coordinator (docs/REPLICATION.md): its etcd client against an etcd that misbehaves ("etcd
+access": every call is bounded as a whole, whatever the peer sends, and the node keeps serving its
+clients), and who may stand for election."""
+import os
 import threading
 import time
 
@@ -87,3 +89,47 @@ def test_a_misbehaving_etcd_fails_each_call_in_bounded_time(data_dir, behaviour)
     finally:
         node.stop()
         etcd.close()
+
+
+from test_failover import LEASE_SECONDS, cluster, etcd, primary_of  # noqa: E402,F401 (etcd: the fixture)
+
+
+def test_a_node_without_a_term_is_not_elected_in_a_cluster_that_had_one(data_dir, etcd):
+    """The primary dies and an empty node joins: alone, it used to be elected (epoch 0 loses only to
+    nodes that are there), and when the old primary came back it was refused and set its whole log
+    aside. Now the empty node waits; the old primary is elected again and keeps its data."""
+    (old,) = cluster(data_dir, etcd, 1)
+    fresh = None
+    try:
+        r = primary_of([old]).client()
+        r.execute_command("SKU.ADD", "tv", 100)
+        for i in range(50):
+            r.execute_command("RESERVE", f"u{i}", "tv", 1)
+        old.kill9()
+        fresh = Server(os.path.join(data_dir, "fresh"), "--shards", "2", "--coordinator", f"etcd://127.0.0.1:{etcd}",
+                       "--cluster", "sale", "--lease-seconds", str(LEASE_SECONDS)).start()
+        # Well past a lease for the old key to lapse and one for the new node's own wait.
+        deadline = time.time() + 3 * LEASE_SECONDS + 3
+        while time.time() < deadline:
+            assert fresh.client().execute_command("ROLE")[0] == "slave", fresh.logs()[-2000:]
+            time.sleep(0.1)
+        assert "does not stand for election" in fresh.logs()
+        old.start()
+        assert primary_of([old, fresh], timeout=20) is old
+        state = old.client().info("everything")
+        assert int(state["rejoins"]) == 0 and not [d for d in os.listdir(old.data_dir) if d.startswith("diverged-")]
+        assert old.client().execute_command("STOCK", "tv")[5] == 50
+        # The empty node follows the primary and gets its history.
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            try:
+                if fresh.client().execute_command("STOCK", "tv")[5] == 50:
+                    break
+            except redis.ResponseError:
+                pass
+            time.sleep(0.1)
+        assert fresh.client().execute_command("STOCK", "tv")[5] == 50
+    finally:
+        old.stop()
+        if fresh:
+            fresh.stop()
