@@ -55,15 +55,40 @@ public struct DataDirectory: Sendable {
     /// Creates ``replicatedMarkerPath`` (synced, with its directory entry) unless present.
     public func markReplicated() throws(JournalError) {
         guard !isMarkedReplicated else { return }
-        let file = try storage.open(replicatedMarkerPath, .create)
-        let text = Array("This directory has held a replica's log: a start as primary begins a term.\n".utf8)
+        try writeMarker(replicatedMarkerPath, "This directory has held a replica's log: a start as primary begins a term.\n")
+    }
+
+    /// Writes a small marker file, durably: its bytes and its directory entry.
+    private func writeMarker(_ markerPath: String, _ text: String) throws(JournalError) {
+        let file = try storage.open(markerPath, .create)
         var failure: JournalError?
-        text.withUnsafeBytes { raw in
+        Array(text.utf8).withUnsafeBytes { raw in
             do throws(JournalError) { try file.append(raw) } catch { failure = error }
         }
         if let failure { throw failure }
         try file.dataSync()
         file.close()
+        try storage.syncDirectory(path)
+    }
+
+    /// A file whose presence says the node is starting over as a replica (docs/REPLICATION.md,
+    /// "Rejoining"): written before its log is set aside, removed once a link after that follows the
+    /// primary. A start finding it does not serve the (empty or partial) state as a primary's.
+    public var startingOverMarkerPath: String { "\(path)/STARTING-OVER" }
+
+    /// Whether ``startingOverMarkerPath`` is present.
+    public var isStartingOver: Bool { storage.exists(startingOverMarkerPath) }
+
+    /// Creates ``startingOverMarkerPath`` (synced, with its directory entry) unless present.
+    public func markStartingOver() throws(JournalError) {
+        guard !isStartingOver else { return }
+        try writeMarker(startingOverMarkerPath, "This node is starting over as a replica: start it with --replica-of (or its --coordinator).\n")
+    }
+
+    /// Removes ``startingOverMarkerPath`` (and syncs the directory) if present.
+    public func clearStartingOver() throws(JournalError) {
+        guard isStartingOver else { return }
+        try storage.remove(startingOverMarkerPath)
         try storage.syncDirectory(path)
     }
 

@@ -192,7 +192,7 @@ final class Coordinator: Sendable {
     private var standing: (epoch: UInt64, position: UInt64)? {
         if server.replication.link?.state == "stopped" || unfit.withLock({ $0 }) { return nil }
         // Starting over (its old log set aside): empty, or a copy not yet followed on; not a history.
-        if server.replication.rejoin.inProgress { return nil }
+        if server.replication.rejoin.inProgress || server.store.directory.isStartingOver { return nil }
         return (server.engine.epochs.lastEpoch, server.store.journal.lastDurableLSN)
     }
 

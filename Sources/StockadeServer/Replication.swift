@@ -796,6 +796,10 @@ final class ReplicaLink: Sendable {
             }
             server.replication.updateLink { $0.state = "connected"; $0.linksMade += 1; $0.lastError = "" }
             server.replication.updateRejoin { $0.inProgress = false }
+            // Following the primary from here: what this node holds is a prefix of its history.
+            do { try server.store.directory.clearStartingOver() } catch {
+                server.logger.warning("could not remove \(server.store.directory.startingOverMarkerPath) (\(error)): a start as a primary will wait for REPLICAOF NO ONE")
+            }
             server.logger.info("replicating from \(host):\(port) at position \(next)")
             while !Task.isCancelled {
                 guard let first = try await message() else {
@@ -912,6 +916,9 @@ final class ReplicaLink: Sendable {
         // A change a primary turned replica had in flight is let reach the log first: the log starts
         // again only with nothing pending.
         try await store.journal.waitDurable(store.journal.lastAppendedLSN)
+        // Durable before anything moves: a start after a crash from here on serves no state as a
+        // primary's until it follows one again (or an operator's REPLICAOF NO ONE says so).
+        try store.directory.markStartingOver()
         let result = try await store.startOver(setAsideAs: name)
         server.logStartedOver()
         // Connections accepted while the files moved may have read the old state.

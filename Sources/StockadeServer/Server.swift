@@ -436,6 +436,9 @@ final class ServerContext: Sendable {
             return false
         }
         if let writableUntil { engine.role.setWritableUntil(writableUntil) }
+        // A node that was starting over is a primary now, as it is (an operator's REPLICAOF NO ONE;
+        // the coordinator elects none such).
+        try? store.directory.clearStartingOver()
         engine.role.setReadOnly(false)
         logger.info("promoted to primary at epoch \(engine.epochs.lastEpoch), log position \(store.journal.lastDurableLSN)")
         return true
@@ -821,7 +824,13 @@ public final class StockadeServer: Sendable {
         // replica of a log without terms (the directory's marker says it followed one): else its
         // records would be of no term, like its old primary's, and a consumer comparing terms
         // (LOG.TERM) could not tell the two logs apart where they went different ways.
-        if !mayFollow, store.engine.epochs.last != nil || store.directory.isMarkedReplicated {
+        if !mayFollow, store.directory.isStartingOver {
+            // It was starting over as a replica (its old log set aside): what it holds is empty or a
+            // partial copy of another node's history, not a primary's state.
+            store.engine.role.setReadOnly(true)
+            logger.error(
+                "this node was starting over as a replica (\(store.directory.startingOverMarkerPath)): it serves reads of what it holds and refuses changes. Start it with --replica-of HOST:PORT (or its --coordinator) to take the primary's history, or send REPLICAOF NO ONE to make it a primary as it is")
+        } else if !mayFollow, store.engine.epochs.last != nil || store.directory.isMarkedReplicated {
             store.engine.role.setReadOnly(true)
             await context.promote()
         }

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import redis
 
 from conftest import LoopbackListener, Server
 
@@ -146,3 +147,66 @@ def test_a_directory_that_keeps_the_most_set_aside_logs_stops_the_link(data_dir)
         peer.close()
     finally:
         node.stop()
+
+
+def test_a_node_restarted_while_starting_over_is_no_primary_until_told(data_dir):
+    """A node that set its log aside and had not yet followed the primary is restarted without
+    --replica-of (a service manager's plain start): it came up empty and took changes as a primary.
+    Now it refuses changes and says why until REPLICAOF NO ONE, or follows a primary given to it."""
+    node = primary_with_a_term(data_dir)
+    peer = None
+    try:
+        epoch = int(info(node)["log_epoch"])
+        peer = RefusingPeer("-DIVERGED the replica's log went another way" + tail(epoch + 1, 3))
+        node.client().execute_command("REPLICAOF", "127.0.0.1", peer.port)
+        # It starts over (its log set aside); the peer then refuses its empty log, so it never follows.
+        wait_for_error(node, "refused this node's empty log")
+        assert len(set_aside(node)) == 1
+        assert os.path.exists(os.path.join(node.data_dir, "STARTING-OVER"))
+        node.stop()
+        node.args = ["--shards", "2"]
+        node.start()
+        r = node.client()
+        with pytest.raises(redis.exceptions.ReadOnlyError):
+            r.execute_command("SKU.ADD", "tv", 10)
+        assert "was starting over as a replica" in node.logs()
+        assert r.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        assert r.execute_command("SKU.ADD", "tv", 10) == "OK"
+        assert not os.path.exists(os.path.join(node.data_dir, "STARTING-OVER"))
+    finally:
+        node.stop()
+        if peer:
+            peer.close()
+
+
+def test_a_node_restarted_while_starting_over_follows_the_primary_it_is_given(data_dir):
+    primary = Server(os.path.join(data_dir, "primary"), "--shards", "2").start()
+    node = primary_with_a_term(data_dir)
+    peer = None
+    try:
+        primary.client().execute_command("SKU.ADD", "cam", 7)
+        epoch = int(info(node)["log_epoch"])
+        peer = RefusingPeer("-DIVERGED the replica's log went another way" + tail(epoch + 1, 3))
+        node.client().execute_command("REPLICAOF", "127.0.0.1", peer.port)
+        wait_for_error(node, "refused this node's empty log")
+        node.stop()
+        node.args = ["--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}"]
+        node.start()
+        deadline = time.time() + 15
+        while os.path.exists(os.path.join(node.data_dir, "STARTING-OVER")) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(os.path.join(node.data_dir, "STARTING-OVER"))
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                if node.client().execute_command("STOCK", "cam")[3] == 7:
+                    break
+            except redis.ResponseError:
+                pass
+            time.sleep(0.05)
+        assert node.client().execute_command("STOCK", "cam")[3] == 7
+    finally:
+        node.stop()
+        primary.stop()
+        if peer:
+            peer.close()
