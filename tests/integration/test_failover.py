@@ -294,6 +294,43 @@ def test_frozen_primary_is_fenced_when_it_wakes(data_dir, etcd):
         stop_all(nodes)
 
 
+def test_a_primary_elected_again_after_its_lease_lapsed_starts_a_term_that_replicas_follow(data_dir, etcd):
+    """A lone primary frozen past its lease loses the key; woken, it takes it again under a new
+    revision. That is a new term: logged, so that the epoch it streams with is the one etcd shows.
+    (Before, it went on in its old term: a node joining then read the new epoch from etcd and refused
+    the primary's stream as of an older epoch, and never followed it.)"""
+    nodes = cluster(data_dir, etcd, 1)
+    try:
+        primary = primary_of(nodes)
+        primary.client().execute_command("SKU.ADD", "tv", 100)
+        first_epoch = int(primary.client().info("replication")["log_epoch"])
+        os.kill(primary.proc.pid, signal.SIGSTOP)
+        time.sleep(LEASE_SECONDS + 2)  # the key lapses with its lease
+        os.kill(primary.proc.pid, signal.SIGCONT)
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            state = primary.client().info("replication")
+            if state.get("writable") == 1 and int(state["epoch"]) > first_epoch:
+                break
+            time.sleep(0.05)
+        assert state.get("writable") == 1 and int(state["epoch"]) > first_epoch, state
+        assert int(state["log_epoch"]) == int(state["epoch"]), state
+        assert [epoch for epoch, _ in terms_of(primary.client())] == [first_epoch, int(state["epoch"])]
+        primary.client().execute_command("RESERVE", "after", "tv", 1)
+        joining = cluster(os.path.join(data_dir, "later"), etcd, 1)[0]
+        nodes.append(joining)
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            role = joining.client().execute_command("ROLE")
+            if role[0] == "slave" and role[3] == "connected" and joining.client().execute_command("STOCK", "tv")[5] == 99:
+                break
+            time.sleep(0.1)
+        assert role[0] == "slave" and role[2] == primary.port and role[3] == "connected", (role, joining.client().info("replication"))
+        assert joining.client().execute_command("STOCK", "tv")[5] == 99
+    finally:
+        stop_all(nodes)
+
+
 def test_a_node_of_another_history_is_not_elected(data_dir, etcd):
     """A node holding another data set (more log) joins the cluster; the primary dies. The node that
     followed the primary is elected, not the one with the most log; the stranger never leads (before:
