@@ -425,10 +425,17 @@ def test_an_etcd_that_started_again_below_the_logs_epoch_still_elects(data_dir):
         first.start()
         third = primary_of(nodes, timeout=LEASE_SECONDS * 4 + 10)
         if third is second:
-            # The survivor kept leading under the fresh etcd; its death leaves the other to lead.
+            # The survivor kept leading under the fresh etcd; its death leaves the other to lead, once
+            # that one has its log. (Not once its ROLE says slave: a node that knows no primary yet
+            # says so too, and one killed before it linked was elected on its own old history.)
             deadline = time.time() + 10
-            while first.client().execute_command("ROLE")[0] != "slave" and time.time() < deadline:
+            while time.time() < deadline:
+                state = first.client().info("replication")
+                if state.get("master_port") == second.port and state.get("master_link_status") == "up" \
+                        and state.get("slave_repl_offset") == second.client().info("persistence")["log_position_durable"]:
+                    break
                 time.sleep(0.05)
+            assert state.get("master_port") == second.port and state.get("master_link_status") == "up", state
             second.kill9()
             third = primary_of(nodes, exclude=(second,), timeout=LEASE_SECONDS * 4 + 10)
         assert int(third.client().info("replication")["epoch"]) < epoch  # etcd's revision fell below the log's
