@@ -390,15 +390,20 @@ final class ServerContext: Sendable {
         } else {
             engine.role.setReadOnly(true)
             // Changes that passed the check before it are let finish before the log is followed.
-            let deadline = monotonicNanos() + 2_000_000_000
-            // Only rounds with changes: a client blocked in WAIT or EVENTS ... BLOCK is no reason to wait.
-            while changeRounds.load(ordering: .relaxed) > 0 && monotonicNanos() < deadline { try? await Task.sleep(for: .milliseconds(5)) }
+            await changesInFlightFinish()
         }
         let link = ReplicaLink(host: host, port: port, server: self, group: group)
         replicaLink.withLock { $0 = link }
         link.start()
         logger.info("following \(host):\(port) (REPLICAOF): read-only")
         return (true, "OK")
+    }
+
+    /// Waits (at most 2 s) for rounds of changes that passed the read-only check before it was set.
+    private func changesInFlightFinish() async {
+        let deadline = monotonicNanos() + 2_000_000_000
+        // Only rounds with changes: a client blocked in WAIT or EVENTS ... BLOCK is no reason to wait.
+        while changeRounds.load(ordering: .relaxed) > 0 && monotonicNanos() < deadline { try? await Task.sleep(for: .milliseconds(5)) }
     }
 
     /// Becomes primary (REPLICAOF NO ONE, or the coordinator's election): stops following (nothing is
@@ -416,7 +421,16 @@ final class ServerContext: Sendable {
         if let previous { await previous.stop() }
         replicaLink.withLock { $0 = nil }
         replication.setLink(nil)
-        guard engine.role.isFollower else { return true }
+        if !engine.role.isFollower {
+            // Primary already: REPLICAOF NO ONE has nothing to do. Elected again by the coordinator
+            // (its lease lapsed and no other node took the key), the key's new revision is a new term
+            // like any other: logged, and streamed as its epoch. Else replicas that read the new epoch
+            // from etcd refuse its stream as of an older epoch, and no node can follow it. Its changes
+            // stop while the term's record is logged (they were fenced since the lease lapsed).
+            guard epoch != nil else { return true }
+            engine.role.setReadOnly(true)
+            await changesInFlightFinish()
+        }
         // The coordinator's epoch (its key's revision), unless the log already holds that one or a
         // newer one (etcd's data was replaced: its revisions started again); otherwise one of the
         // node's own, above every epoch it has seen (``EpochHistory/next(after:using:)``).

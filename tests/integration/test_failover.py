@@ -1,6 +1,7 @@
 """Automatic failover under a coordinator (docs/REPLICATION.md): a real etcd (Debian's etcd-server)
 on free loopback ports, three real Stockade processes, kill -9 and SIGSTOP."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -88,16 +89,42 @@ def primary_of(nodes, timeout=15, exclude=()):
     raise AssertionError("no primary: " + " | ".join(n.logs()[-2000:] for n in nodes if n.proc.poll() is None))
 
 
-def epoch_start(r, epoch):
-    """The position of the `epoch` record that began `epoch` in the node's log (EVENTS)."""
-    position = 1
-    while True:
-        page = r.execute_command("EVENTS", position, "COUNT", 10_000)
-        assert page, f"no epoch {epoch} record in the log"
-        for event in page:
-            if event[1] == "epoch" and event[2] == epoch:
-                return event[0]
+def terms_of(r):
+    """Every term the node's log holds, oldest first: (epoch, position of its `epoch` record)."""
+    terms, position = [], 1
+    while page := r.execute_command("EVENTS", position, "COUNT", 10_000):
+        terms += [(event[2], event[0]) for event in page if event[1] == "epoch"]
         position = page[-1][0] + 1
+    return terms
+
+
+def first_term_after(r, epoch):
+    """Where the node's log began the first term newer than `epoch`: where a log whose newest term
+    is `epoch` parts from it, however many terms began since (a failover under load may elect twice)."""
+    later = [start for e, start in terms_of(r) if e > epoch]
+    assert later, f"no term after epoch {epoch} in the log"
+    return later[0]
+
+
+def show_rejoin(data_dir, first, second, seen, state, before_restart, new_epoch, term_start):
+    """What it takes to tell a wrong expectation from two histories when a former primary did not
+    rejoin as expected: both nodes' INFO and terms, the logs, and a copy of the data directories."""
+    r = second.client()
+    print(f"ports: first {first.port}, second {second.port}; new epoch {new_epoch}; the first term after the old primary's began at {term_start}")
+    print("first, just after its restart:", seen)
+    print("first, now:", state)
+    print("second:", r.info("everything"))
+    print("terms on second:", terms_of(r))
+    print("terms on first:", terms_of(first.client()))
+    wanted = lambda log: "\n".join(line for line in log.splitlines() if "warning" in line or "primary" in line or "replicat" in line)
+    print("first's log before its kill:", wanted(before_restart)[-6000:])
+    print("first's log since its restart:", first.logs()[-6000:])
+    print("second's log:", wanted(second.logs())[-6000:])
+    keep = tempfile.mkdtemp(prefix="stockade-failover-kept-")
+    shutil.copytree(data_dir, os.path.join(keep, "data"), dirs_exist_ok=True)
+    with open(os.path.join(keep, "first-before-restart.log"), "w") as f:
+        f.write(before_restart)
+    print("data directories and logs kept in", keep)
 
 
 @pytest.mark.parametrize("mode", ["semi-synchronous", "asynchronous"])
@@ -147,6 +174,7 @@ def test_three_nodes_fail_over_under_bench_load_after_kill9(data_dir, etcd, mode
         for t in threads:
             t.start()
         time.sleep(2.0)
+        old_epoch = int(first.client().info("replication")["log_epoch"])  # its newest term
         killed = time.time()
         first.kill9()
         bench.wait(timeout=30)  # its connections close with the primary: it writes what was acknowledged
@@ -176,12 +204,17 @@ def test_three_nodes_fail_over_under_bench_load_after_kill9(data_dir, etcd, mode
         audit = r.execute_command("AUDIT")
         assert len(audit) == 10 and all(x == "OK" for x in audit[1::2]), audit
         # The killed node comes back; its log tells how far it had gone.
+        before_restart = first.logs()
         first.start()
         new_epoch = int(r.info("replication")["log_epoch"])
-        term_start = epoch_start(r, new_epoch)
-        # Its old log's end: read at once, or, if it has already started over, as INFO keeps it.
+        term_start = first_term_after(r, old_epoch)
+        # Its old log's end: where its recovery ended, which INFO keeps. (Not its log position: by the
+        # time this reads INFO, a node whose log is a prefix of the new primary's may already have
+        # taken records of the new term, and they are not records the new primary lacks.)
         seen = first.client().info("everything")
-        old_end = int(seen["last_rejoin_previous_position"]) if int(seen["rejoins"]) > 0 else int(seen["log_position_durable"])
+        old_end = int(re.match(r"recovered to log position (\d+)", seen["recovery"]).group(1))
+        if int(seen["rejoins"]) > 0:
+            assert int(seen["last_rejoin_previous_position"]) == old_end, seen
         unshipped = max(0, old_end - (term_start - 1))
         print(f"{mode}: {len(everything)} acknowledged ({len(by_bench)} by the bench), {len(missing)} missing; "
               f"the old primary had {unshipped} records past the new term's start")
@@ -200,9 +233,11 @@ def test_three_nodes_fail_over_under_bench_load_after_kill9(data_dir, etcd, mode
                     and (unshipped == 0 or int(state.get("rejoins", 0)) > 0):
                 break
             time.sleep(0.1)
+        kept = [d for d in os.listdir(first.data_dir) if d.startswith("diverged-")]
+        if state.get("role") != "slave" or int(state.get("rejoins", 0)) != (unshipped > 0) or bool(kept) != (unshipped > 0):
+            show_rejoin(data_dir, first, second, seen, state, before_restart, new_epoch, term_start)
         # It follows the new primary either way.
         assert state["role"] == "slave" and state["master_port"] == second.port, state
-        kept = [d for d in os.listdir(first.data_dir) if d.startswith("diverged-")]
         if unshipped == 0:
             # Nothing was lost: the old primary's log is a prefix, and it follows on from it.
             assert int(state["rejoins"]) == 0 and not kept, state
@@ -254,6 +289,43 @@ def test_frozen_primary_is_fenced_when_it_wakes(data_dir, etcd):
         assert old.client().execute_command("STOCK", "tv")[5] == 99
         assert new.client().execute_command("STOCK", "tv")[3] == 100
         assert int(new.client().info("replication")["epoch"]) > 0
+    finally:
+        stop_all(nodes)
+
+
+def test_a_primary_elected_again_after_its_lease_lapsed_starts_a_term_that_replicas_follow(data_dir, etcd):
+    """A lone primary frozen past its lease loses the key; woken, it takes it again under a new
+    revision. That is a new term: logged, so that the epoch it streams with is the one etcd shows.
+    (Before, it went on in its old term: a node joining then read the new epoch from etcd and refused
+    the primary's stream as of an older epoch, and never followed it.)"""
+    nodes = cluster(data_dir, etcd, 1)
+    try:
+        primary = primary_of(nodes)
+        primary.client().execute_command("SKU.ADD", "tv", 100)
+        first_epoch = int(primary.client().info("replication")["log_epoch"])
+        os.kill(primary.proc.pid, signal.SIGSTOP)
+        time.sleep(LEASE_SECONDS + 2)  # the key lapses with its lease
+        os.kill(primary.proc.pid, signal.SIGCONT)
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            state = primary.client().info("replication")
+            if state.get("writable") == 1 and int(state["epoch"]) > first_epoch:
+                break
+            time.sleep(0.05)
+        assert state.get("writable") == 1 and int(state["epoch"]) > first_epoch, state
+        assert int(state["log_epoch"]) == int(state["epoch"]), state
+        assert [epoch for epoch, _ in terms_of(primary.client())] == [first_epoch, int(state["epoch"])]
+        primary.client().execute_command("RESERVE", "after", "tv", 1)
+        joining = cluster(os.path.join(data_dir, "later"), etcd, 1)[0]
+        nodes.append(joining)
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            role = joining.client().execute_command("ROLE")
+            if role[0] == "slave" and role[3] == "connected" and joining.client().execute_command("STOCK", "tv")[5] == 99:
+                break
+            time.sleep(0.1)
+        assert role[0] == "slave" and role[2] == primary.port and role[3] == "connected", (role, joining.client().info("replication"))
+        assert joining.client().execute_command("STOCK", "tv")[5] == 99
     finally:
         stop_all(nodes)
 
@@ -355,10 +427,17 @@ def test_an_etcd_that_started_again_below_the_logs_epoch_still_elects(data_dir):
         first.start()
         third = primary_of(nodes, timeout=LEASE_SECONDS * 4 + 10)
         if third is second:
-            # The survivor kept leading under the fresh etcd; its death leaves the other to lead.
+            # The survivor kept leading under the fresh etcd; its death leaves the other to lead, once
+            # that one has its log. (Not once its ROLE says slave: a node that knows no primary yet
+            # says so too, and one killed before it linked was elected on its own old history.)
             deadline = time.time() + 10
-            while first.client().execute_command("ROLE")[0] != "slave" and time.time() < deadline:
+            while time.time() < deadline:
+                state = first.client().info("replication")
+                if state.get("master_port") == second.port and state.get("master_link_status") == "up" \
+                        and state.get("slave_repl_offset") == second.client().info("persistence")["log_position_durable"]:
+                    break
                 time.sleep(0.05)
+            assert state.get("master_port") == second.port and state.get("master_link_status") == "up", state
             second.kill9()
             third = primary_of(nodes, exclude=(second,), timeout=LEASE_SECONDS * 4 + 10)
         assert int(third.client().info("replication")["epoch"]) < epoch  # etcd's revision fell below the log's
