@@ -464,8 +464,17 @@ final class ServerContext: Sendable {
             ("rejoins", String(rejoin.count)), ("last_diverged_dir", infoText(rejoin.lastDirectory)),
             ("last_rejoin_previous_position", String(rejoin.lastPreviousLSN)),
             ("last_rejoin_diverged_from", String(rejoin.lastDivergedFrom)),
+            ("diverged_dirs", String(divergedDirectoryCount)),
         ]
         return replicationRoleInfo() + rejoins
+    }
+
+    /// The `diverged-*` directories the data directory holds now (logs set aside by rejoins, of this
+    /// process or an earlier one, until an operator removes them): one listing of the directory.
+    var divergedDirectoryCount: Int {
+        let directory = store.directory
+        let names = (try? directory.storage.list(directory.path)) ?? []
+        return names.filter { $0.hasPrefix(DataDirectory.setAsidePrefix) }.count
     }
 
     private func replicationRoleInfo() -> [(String, String)] {

@@ -467,8 +467,14 @@ def test_former_primary_rejoins_as_a_replica_and_starts_over_when_its_log_went_a
         wait_rejoined(a, b)
         assert "DIVERGED" in b.logs()
         assert len(diverged_dirs(b)) == 1
+        assert info(b.client())["diverged_dirs"] == 1
         assert state_of(a.client(), ["tv", "cam"], orders + kept) == before
         assert state_of(b.client(), ["tv", "cam"], orders + kept) == before
+        # Restarted, B rejoined nothing in this process, but INFO still shows the directory it keeps.
+        b.stop()
+        b.start()
+        state = info(b.client())
+        assert state["rejoins"] == 0 and state["diverged_dirs"] == 1, state
     finally:
         for node in (a, b):
             try:
@@ -689,7 +695,7 @@ def test_replica_promoted_and_sent_back_is_refused_when_logs_differ(pair):
         time.sleep(0.05)
     state = info(r)
     assert "refused this node's log" in state["master_link_error"] and "nothing discarded" in state["master_link_error"], state
-    assert state["rejoins"] == 0 and not diverged_dirs(replica), state
+    assert state["rejoins"] == 0 and state["diverged_dirs"] == 0 and not diverged_dirs(replica), state
     assert len(r.execute_command("ORDERS", "on-replica")) == 1 and r.execute_command("STOCK", "tv")[5] == 8
 
 
