@@ -32,6 +32,9 @@ final class DurablePositionWatch: Sendable {
     /// Waiters now (INFO).
     var count: Int { state.withLock { $0.waiters.count } }
 
+    /// The position published last (what waits from at or below it return at once for).
+    var position: UInt64 { state.withLock { $0.published } }
+
     /// Waits until the durable position is at least `from` (true), or the deadline passes or the
     /// server shuts down (false).
     func wait(from: UInt64, deadlineNanos: UInt64) async -> Bool {
@@ -50,16 +53,11 @@ final class DurablePositionWatch: Sendable {
         }
     }
 
-    /// Wakes every waiter whose `from` is at or below `durable`.
-    func publish(_ durable: UInt64) { advance(to: durable, exactly: false) }
-
-    /// Sets the position, which may go back (a semi-synchronous primary's acknowledged position
-    /// drops when a replica leaves), and wakes the waiters it satisfies.
-    func set(_ position: UInt64) { advance(to: position, exactly: true) }
-
-    private func advance(to durable: UInt64, exactly: Bool) {
+    /// Raises the position to `durable` (it never goes back here: see ``restarted(at:)``) and wakes
+    /// every waiter whose `from` is at or below it.
+    func publish(_ durable: UInt64) {
         let ready: [CheckedContinuation<Bool, Never>] = state.withLock { s in
-            s.published = exactly ? durable : max(s.published, durable)
+            s.published = max(s.published, durable)
             var ready: [CheckedContinuation<Bool, Never>] = []
             for (id, waiter) in s.waiters where waiter.from <= durable {
                 ready.append(waiter.continuation)

@@ -168,24 +168,39 @@ final class ReplicationState: Sendable {
         state.withLock { $0.acknowledgedPosition(by: count) }
     }
 
-    /// Clients of a semi-synchronous primary blocked in EVENTS while the position they wait for is
-    /// durable but not yet acknowledged by ``eventsReplicas`` replicas: woken by the acknowledgement
-    /// (no polling).
+    /// The confirmed position of a semi-synchronous node (`--min-replicas-to-write N`), the last one
+    /// EVENTS serves (``ServerContext/eventsLimit``): the highest position ``eventsReplicas``
+    /// replicas acknowledged, or that a link to a primary vouched for
+    /// (``ServerContext/confirmEvents(through:)``). It only grows, but for a log that starts over
+    /// (``logStartedOver()``), and is 0 at start. Clients blocked in EVENTS on a
+    /// position durable here but not yet confirmed wait on it: woken when it is (no polling).
     let acknowledgedWatch = DurablePositionWatch()
     /// The replicas whose acknowledgement EVENTS waits for (`--min-replicas-to-write`; 0: none).
     let eventsReplicas = Atomic<Int>(0)
 
     func acknowledged(_ id: Int, lsn: UInt64) {
         let needed = eventsReplicas.load(ordering: .relaxed)
-        let (ready, reached): ([(@Sendable (Int) -> Void, Int)], UInt64?) = state.withLock { s in
-            guard var replica = s.replicas[id] else { return ([], nil) }
+        let ready: [(@Sendable (Int) -> Void, Int)] = state.withLock { s in
+            guard var replica = s.replicas[id] else { return [] }
             replica.ackedLSN = max(replica.ackedLSN, lsn)
             replica.lastAckNanos = monotonicNanos()
             s.replicas[id] = replica
-            return (s.satisfied(), needed > 0 ? s.acknowledgedPosition(by: needed) : nil)
+            // Under the lock: ordered with ``logStartedOver()``, so no acknowledgement of the old
+            // log confirms a position of the new one.
+            if needed > 0 { acknowledgedWatch.publish(s.acknowledgedPosition(by: needed)) }
+            return s.satisfied()
         }
         for (done, count) in ready { done(count) }
-        if let reached { acknowledgedWatch.set(reached) }
+    }
+
+    /// This node's log started over (a rejoin): the streams of its replicas are being closed and
+    /// what they acknowledged was of the old log, so they no longer count, and nothing of the new
+    /// log is confirmed until the link to the primary vouches for it.
+    func logStartedOver() {
+        state.withLock { s in
+            s.replicas = [:]
+            acknowledgedWatch.restarted(at: 0)
+        }
     }
 
     /// Shut down (``close()``).
@@ -249,14 +264,10 @@ final class ReplicationState: Sendable {
         for (done, count) in all { done(count) }
     }
 
+    /// A replica's stream ended. What it acknowledged stays confirmed for EVENTS
+    /// (``acknowledgedWatch``): its log holds it durably, as when it said so.
     func removeReplica(_ id: Int) {
-        let needed = eventsReplicas.load(ordering: .relaxed)
-        let reached: UInt64? = state.withLock { s in
-            s.replicas.removeValue(forKey: id)
-            return needed > 0 ? s.acknowledgedPosition(by: needed) : nil
-        }
-        // EVENTS waiters wait again for what is now acknowledged.
-        if let reached { acknowledgedWatch.set(reached) }
+        state.withLock { _ = $0.replicas.removeValue(forKey: id) }
     }
 
     var replicas: [Replica] { state.withLock { s in s.replicas.keys.sorted().map { s.replicas[$0]! } } }
@@ -310,8 +321,9 @@ final class ReplicaFeed: @unchecked Sendable {
         let listeningPort = request.listeningPort
         next = max(from, 1)
         let address = channel.remoteAddress?.ipAddress ?? "?"
+        // Its position counts as acknowledged only once checked to be this log's (``run()``).
         id = server.replication.addReplica(
-            .init(address: address, listeningPort: listeningPort, ackedLSN: from > 0 ? from - 1 : 0, lastAckNanos: monotonicNanos()))
+            .init(address: address, listeningPort: listeningPort, ackedLSN: 0, lastAckNanos: monotonicNanos()))
     }
 
     /// Takes bytes the replica sent: REPLACK commands. Called on the channel's loop.
@@ -383,6 +395,7 @@ final class ReplicaFeed: @unchecked Sendable {
         }
         // What the replica holds already (its position, or the full copy just sent) counts as sent.
         sentThrough.store(next - 1, ordering: .releasing)
+        server.replication.acknowledged(id, lsn: next - 1)
         guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount) EPOCH \(epoch)\r\n") else { return }
         let reader = LogReader(directory: server.store.directory)
         var lastSentNanos = monotonicNanos()
@@ -795,6 +808,7 @@ final class ReplicaLink: Sendable {
                 throw ReplicationError("unexpected answer to REPLICATE: \(String(describing: other))")
             }
             server.replication.updateLink { $0.state = "connected"; $0.linksMade += 1; $0.lastError = "" }
+            server.confirmEvents(through: next - 1)
             server.replication.updateRejoin { $0.inProgress = false }
             // Following the primary from here: what this node holds is a prefix of its history.
             do { try server.store.directory.clearStartingOver() } catch {
@@ -873,6 +887,7 @@ final class ReplicaLink: Sendable {
                 do throws(Rejection) { try await journal.waitDurable(reached) } catch {
                     throw ReplicationError("this replica's log failed: \(error)", fatal: true)
                 }
+                server.confirmEvents(through: reached)
                 if let failure {
                     throw ReplicationError(
                         "record \(reached + 1) from the primary does not fit this replica's state (\(failure)); stopped at position \(reached), "

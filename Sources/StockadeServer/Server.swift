@@ -147,6 +147,7 @@ final class ServerContext: Sendable {
     /// it never comes; EVENTS waiters follow the new log; the snapshot cadence counts from 0.
     func logStartedOver() {
         eventsWaiters.restarted(at: store.journal.lastDurableLSN)
+        replication.logStartedOver()
         for state in loopStates.values { state.logRestarted(Journal.restartedReason) }
         counters.withLock { c in
             c.lastSnapshotLSN = 0
@@ -481,8 +482,17 @@ final class ServerContext: Sendable {
             ("rejoins", String(rejoin.count)), ("last_diverged_dir", infoText(rejoin.lastDirectory)),
             ("last_rejoin_previous_position", String(rejoin.lastPreviousLSN)),
             ("last_rejoin_diverged_from", String(rejoin.lastDivergedFrom)),
+            ("diverged_dirs", String(divergedDirectoryCount)),
         ]
         return replicationRoleInfo() + rejoins
+    }
+
+    /// The `diverged-*` directories the data directory holds now (logs set aside by rejoins, of this
+    /// process or an earlier one, until an operator removes them): one listing of the directory.
+    var divergedDirectoryCount: Int {
+        let directory = store.directory
+        let names = (try? directory.storage.list(directory.path)) ?? []
+        return names.filter { $0.hasPrefix(DataDirectory.setAsidePrefix) }.count
     }
 
     private func replicationRoleInfo() -> [(String, String)] {
@@ -621,16 +631,25 @@ final class ServerContext: Sendable {
         out.writeRESPInteger(Int64(term?.start ?? 0))
     }
 
-    /// The last position EVENTS serves: durable and, on a semi-synchronous primary
-    /// (`--min-replicas-to-write N`), acknowledged by N replicas. A change that no replica has yet is
-    /// not yet answered to its client and may be lost in a failover: a consumer must not see it
-    /// before (as Kafka's consumers read up to the high watermark). BEYOND stays relative to the
-    /// durable end: such a position is this log's, only not yet replicated.
+    /// The last position EVENTS serves: durable and, on a semi-synchronous node
+    /// (`--min-replicas-to-write N`), confirmed (``ReplicationState/acknowledgedWatch``), whatever
+    /// its role now. A change that N replicas do not have is not yet answered to its client and may
+    /// be lost in a failover: a consumer must not see it before (as Kafka's consumers read up to the
+    /// high watermark), nor after the node stepped down, where a rejoin may discard it. Confirmed:
+    /// acknowledged by N replicas (as primary), or vouched for by a primary's link (as replica: the
+    /// handshake checked the log up to its position, and what follows came from the primary); the
+    /// highest position confirmed so far, so 0 after a restart until it is again. BEYOND stays
+    /// relative to the durable end: such a position is this log's, only not yet confirmed.
     var eventsLimit: UInt64 {
         let durable = store.journal.lastDurableLSN
-        let needed = configuration.minReplicasToWrite
-        guard needed > 0, isPrimary else { return durable }
-        return min(durable, replication.acknowledgedPosition(by: needed))
+        guard configuration.minReplicasToWrite > 0 else { return durable }
+        return min(durable, replication.acknowledgedWatch.position)
+    }
+
+    /// A link to a primary vouched for this log through `position` (its handshake, or the records
+    /// it brought, durable here): EVENTS may serve them, and its blocked clients are woken.
+    func confirmEvents(through position: UInt64) {
+        replication.acknowledgedWatch.publish(position)
     }
 
     func skuName(_ shard: Int, _ index: UInt32) -> Name {
@@ -659,7 +678,8 @@ final class ServerContext: Sendable {
         let accepts = acceptFailures.summary
         add("Clients", [
             ("connected_clients", String(c.clients.count)), ("maxclients", String(configuration.maxClients)),
-            ("blocked_events_clients", String(eventsWaiters.count)),
+            // Waiting for a durable position, or (semi-synchronous) for a durable one to be confirmed.
+            ("blocked_events_clients", String(eventsWaiters.count + replication.acknowledgedWatch.count)),
             ("metrics_connections", String(c.metricsConnections)),
             ("open_files_limit", String(openFilesLimit())),
         ])

@@ -42,6 +42,27 @@ import Testing
         #expect(answers.all["closed"] == 0)
     }
 
+    /// EVENTS on a semi-synchronous node serves up to the confirmed position: the highest one
+    /// `eventsReplicas` replicas acknowledged. It stays when a replica leaves (the replica still holds
+    /// it), where it fell to 0 before; only a log that starts over takes it back.
+    @Test func theConfirmedPositionRisesWithAcknowledgementsAndStaysWhenAReplicaLeaves() {
+        let state = ReplicationState()
+        state.eventsReplicas.store(2, ordering: .relaxed)
+        let a = state.addReplica(.init(address: "a", listeningPort: 1, ackedLSN: 0, lastAckNanos: 0))!
+        let b = state.addReplica(.init(address: "b", listeningPort: 2, ackedLSN: 0, lastAckNanos: 0))!
+        state.acknowledged(a, lsn: 7)
+        #expect(state.acknowledgedWatch.position == 0)  // one of two
+        state.acknowledged(b, lsn: 5)
+        #expect(state.acknowledgedWatch.position == 5)
+        state.acknowledged(b, lsn: 9)
+        #expect(state.acknowledgedWatch.position == 7)
+        state.removeReplica(a)
+        #expect(state.acknowledgedPosition(by: 2) == 0)
+        #expect(state.acknowledgedWatch.position == 7)
+        state.acknowledgedWatch.restarted(at: 0)
+        #expect(state.acknowledgedWatch.position == 0)
+    }
+
     /// Replica streams are bounded like clients: past the bound a stream is refused.
     @Test func replicaStreamsAreBounded() {
         let state = ReplicationState()

@@ -467,8 +467,14 @@ def test_former_primary_rejoins_as_a_replica_and_starts_over_when_its_log_went_a
         wait_rejoined(a, b)
         assert "DIVERGED" in b.logs()
         assert len(diverged_dirs(b)) == 1
+        assert info(b.client())["diverged_dirs"] == 1
         assert state_of(a.client(), ["tv", "cam"], orders + kept) == before
         assert state_of(b.client(), ["tv", "cam"], orders + kept) == before
+        # Restarted, B rejoined nothing in this process, but INFO still shows the directory it keeps.
+        b.stop()
+        b.start()
+        state = info(b.client())
+        assert state["rejoins"] == 0 and state["diverged_dirs"] == 1, state
     finally:
         for node in (a, b):
             try:
@@ -689,7 +695,7 @@ def test_replica_promoted_and_sent_back_is_refused_when_logs_differ(pair):
         time.sleep(0.05)
     state = info(r)
     assert "refused this node's log" in state["master_link_error"] and "nothing discarded" in state["master_link_error"], state
-    assert state["rejoins"] == 0 and not diverged_dirs(replica), state
+    assert state["rejoins"] == 0 and state["diverged_dirs"] == 0 and not diverged_dirs(replica), state
     assert len(r.execute_command("ORDERS", "on-replica")) == 1 and r.execute_command("STOCK", "tv")[5] == 8
 
 
@@ -1352,24 +1358,29 @@ def test_events_of_a_semi_synchronous_primary_wait_for_the_replicas_acknowledgem
 def test_events_waiting_for_acknowledgements_cost_no_cpu(data_dir):
     """Consumers blocked in EVENTS on a semi-synchronous primary whose replica is away wait for a
     position that is durable but unacknowledged: they polled every 2 ms, and a few hundred of them
-    took both cores. The acknowledgement now wakes them; waiting costs nothing."""
+    took both cores. The acknowledgement now wakes them; waiting costs nothing. (The replica is frozen,
+    not stopped: a primary refuses changes with no replica connected, and what the replica
+    acknowledged before it left stays served.)"""
     primary = Server(os.path.join(data_dir, "primary"), "--shards", "2", "--min-replicas-to-write", "1").start()
     replica = Server(os.path.join(data_dir, "replica"), "--shards", "2",
                      "--replica-of", f"127.0.0.1:{primary.port}").start()
     p = primary.client()
     consumers = []
+    writer = None
     try:
         deadline = time.time() + 10
         while int(info(p)["connected_slaves"]) < 1 and time.time() < deadline:
             time.sleep(0.05)
         p.execute_command("SKU.ADD", "tv", 10)
-        replica.stop()
+        os.kill(replica.proc.pid, signal.SIGSTOP)
+        writer = socket.create_connection(("127.0.0.1", primary.port))
+        writer.sendall(b"RESERVE ann tv 1\r\n")  # durable at 2, unacknowledged while the replica is frozen
         deadline = time.time() + 10
-        while int(info(p)["connected_slaves"]) > 0 and time.time() < deadline:
-            time.sleep(0.05)
+        while int(info(p, "persistence")["log_position_durable"]) < 2 and time.time() < deadline:
+            time.sleep(0.02)
         for _ in range(200):
             c = socket.create_connection(("127.0.0.1", primary.port))
-            c.sendall(b"EVENTS 1 BLOCK 20000\r\n")
+            c.sendall(b"EVENTS 2 BLOCK 20000\r\n")
             consumers.append(c)
         time.sleep(0.5)
         def cpu():
@@ -1380,12 +1391,134 @@ def test_events_waiting_for_acknowledgements_cost_no_cpu(data_dir):
         time.sleep(2)
         spent = cpu() - before
         assert spent < 0.3, f"{spent:.2f} s of CPU in 2 s with 200 blocked consumers"
-        replica.start()
+        os.kill(replica.proc.pid, signal.SIGCONT)
         for c in consumers[:5]:
             c.settimeout(10)
             assert c.recv(100).startswith(b"*1\r\n")  # served once the replica acknowledged it
     finally:
         for c in consumers:
             c.close()
+        if writer:
+            writer.close()
+        os.kill(replica.proc.pid, signal.SIGCONT)
         replica.stop()
         primary.stop()
+
+
+def free_port():
+    """A port nothing listens on (bound, then let go)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_events_of_a_semi_synchronous_node_serve_only_confirmed_changes_whatever_its_role(data_dir):
+    """EVENTS on a primary with --min-replicas-to-write 1 held back a change no replica acknowledged
+    (its client got -NOREPLICAS), but served it as soon as the node was no primary: demoted by
+    REPLICAOF, or restarted with --replica-of, where it may discard it when it rejoins. It now serves
+    only what is confirmed: acknowledged while primary, vouched for by a primary's link while a replica,
+    else the last confirmed position (0 after a restart). A consumer blocked on the change is woken when
+    a primary whose history has it links the node; linked to one whose history lacks it, the node
+    starts over and never serves it. INFO counts the diverged-* directories, after a restart too."""
+    # One loop: REPLICAOF demotes only a primary whose shards share one (docs/REPLICATION.md).
+    a = Server(os.path.join(data_dir, "a"), "--shards", "2", "--io-threads", "1",
+               "--min-replicas-to-write", "1", "--min-replicas-timeout-ms", "300").start()
+    b = Server(os.path.join(data_dir, "b"), "--shards", "2", "--replica-of", f"127.0.0.1:{a.port}").start()
+    c = None
+    semi = ["--min-replicas-to-write", "1"]
+
+    def events(node, start=1):
+        return node.client().execute_command("EVENTS", start, "COUNT", 1000)
+
+    def events_through(node, end, timeout=10):
+        """EVENTS from 1 once it reaches `end` (a replica confirms a record just after it is durable)."""
+        deadline = time.time() + timeout
+        while True:
+            evs = events(node)
+            if (evs and evs[-1][0] >= end) or time.time() > deadline:
+                return evs
+            time.sleep(0.05)
+
+    def users(evs):
+        return [e[3] for e in evs if e[1] == "created"]
+
+    try:
+        pa = a.client()
+        deadline = time.time() + 10
+        while int(info(pa)["connected_slaves"]) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        pa.execute_command("SKU.ADD", "tv", 100)
+        pa.execute_command("RESERVE", "u1", "tv", 1)
+        acked = wait_caught_up(a, b)
+        os.kill(b.proc.pid, signal.SIGSTOP)  # connected, acknowledges nothing
+        with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+            pa.execute_command("RESERVE", "unacked", "tv", 5)
+        unacked = int(info(pa, "persistence")["log_position_durable"])
+        assert unacked == acked + 1
+        assert [e[0] for e in events(a)] == list(range(1, acked + 1))  # as primary (as before)
+
+        # Demoted: a replica of a port where nothing listens. The change stays out.
+        dead = free_port()
+        assert pa.execute_command("REPLICAOF", "127.0.0.1", dead) == "OK"
+        assert info(a.client())["role"] == "slave"
+        served = events(a)
+        assert [e[0] for e in served] == list(range(1, acked + 1)), served
+        assert "unacked" not in users(served)
+        assert a.client().execute_command("EVENTS", unacked, "BLOCK", 300) == []
+
+        # Restarted as a replica, not yet linked: nothing is confirmed yet.
+        a.kill9()
+        shutil.copytree(a.data_dir, os.path.join(data_dir, "c"))  # a history that has the change
+        if os.path.exists(os.path.join(data_dir, "c", "LOCK")):
+            os.remove(os.path.join(data_dir, "c", "LOCK"))
+        a.args = ["--shards", "2", "--replica-of", f"127.0.0.1:{dead}", *semi]
+        a.start()
+        assert int(info(a.client(), "persistence")["log_position_durable"]) == unacked
+        assert events(a) == []
+
+        # A consumer blocked on the change is woken once a primary whose history has it links the node.
+        c = Server(os.path.join(data_dir, "c"), "--shards", "2").start()
+        woken = {}
+        consumer = threading.Thread(target=lambda: woken.setdefault(
+            "events", a.client(socket_timeout=30).execute_command("EVENTS", unacked, "BLOCK", 20000)))
+        consumer.start()
+        time.sleep(0.5)
+        assert consumer.is_alive() and int(info(a.client(), "clients")["blocked_events_clients"]) == 1
+        assert a.client().execute_command("REPLICAOF", "127.0.0.1", c.port) == "OK"
+        consumer.join(25)
+        assert not consumer.is_alive()
+        assert woken["events"][0][0] == unacked and woken["events"][0][3] == "unacked", woken
+        assert info(a.client())["rejoins"] == 0
+        assert "unacked" in users(events(a))
+
+        # Linked to a primary whose history lacks it (B, frozen before it got it, restarted as a
+        # primary): the node starts over with B's history and never serves the change.
+        b.kill9()
+        b.args = ["--shards", "2"]
+        b.start()
+        b.client().execute_command("SKU.ADD", "cam", 5)
+        assert info(a.client())["diverged_dirs"] == 0
+        a.client().execute_command("REPLICAOF", "127.0.0.1", b.port)
+        end = wait_rejoined(b, a)
+        served = events_through(a, end)
+        assert [e[0] for e in served] == list(range(1, end + 1)), served
+        assert "unacked" not in users(served) and "u1" in users(served)
+        assert info(a.client())["diverged_dirs"] == 1
+
+        # Restarted: INFO still counts the directory kept aside, though this process rejoined nothing.
+        a.kill9()
+        a.args = ["--shards", "2", "--replica-of", f"127.0.0.1:{b.port}", *semi]
+        a.start()
+        state = info(a.client())
+        assert state["rejoins"] == 0 and state["diverged_dirs"] == 1, state
+        wait_caught_up(b, a)
+        assert [e[0] for e in events_through(a, end)] == list(range(1, end + 1))
+    finally:
+        for node in (a, b, c):
+            if node is None:
+                continue
+            try:
+                os.kill(node.proc.pid, signal.SIGCONT)
+            except (OSError, AttributeError):
+                pass
+            node.stop()
