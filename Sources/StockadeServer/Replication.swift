@@ -396,7 +396,7 @@ final class ReplicaFeed: @unchecked Sendable {
         // What the replica holds already (its position, or the full copy just sent) counts as sent.
         sentThrough.store(next - 1, ordering: .releasing)
         server.replication.acknowledged(id, lsn: next - 1)
-        guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount) EPOCH \(epoch)\r\n") else { return }
+        guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount) EPOCH \(epoch) DURABLE \(journal.lastDurableLSN)\r\n") else { return }
         let reader = LogReader(directory: server.store.directory)
         var lastSentNanos = monotonicNanos()
         var emptySinceNanos: UInt64?
@@ -604,8 +604,23 @@ final class ReplicaLink: Sendable {
         }
     }
 
+    /// A node starting over (``rejoin(_:)``) has the primary's history once its log holds what the
+    /// primary had made durable when the link began: only then is it a replica like any other (it
+    /// stands for election again, and a start without --replica-of may serve it as a primary's).
+    /// Returns whether the node is still starting over.
+    private func endStartingOver(holding position: UInt64, primaryHad durable: UInt64?) -> Bool {
+        guard let durable, position >= durable else { return true }
+        server.replication.updateRejoin { $0.inProgress = false }
+        do { try server.store.directory.clearStartingOver() } catch {
+            server.logger.warning("could not remove \(server.store.directory.startingOverMarkerPath) (\(error)): a start as a primary will wait for REPLICAOF NO ONE")
+        }
+        return false
+    }
+
     /// One connection to the primary, until it breaks or the task is cancelled.
     private func session() async throws {
+        // The primary's durable end when this link began (``endStartingOver(holding:primaryHad:)``).
+        var caughtUpAt: UInt64?
         let channel = try await ClientBootstrap(group: group)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .connectTimeout(.seconds(5))
@@ -750,6 +765,12 @@ final class ReplicaLink: Sendable {
                     throw ReplicationError("\(host):\(port) is a primary of epoch \(epoch), older than epoch \(known) this node knows; not followed")
                 }
                 server.replicationEpoch.withLock { $0 = max($0, epoch) }
+                // The primary's durable end at the handshake (an older primary does not say: its
+                // first heartbeat then does): a node starting over has the primary's history once
+                // it holds that much of it.
+                if let at = words.firstIndex(of: "DURABLE"), at + 1 < words.count, let durable = UInt64(words[at + 1]) {
+                    caughtUpAt = durable
+                }
                 guard shards == engine.shardCount else {
                     guard shards >= 1, shards <= Limits.shardCountMax else {
                         throw ReplicationError("the primary's answer names no valid shard count: \(reply.prefix(80))", fatal: true)
@@ -807,13 +828,13 @@ final class ReplicaLink: Sendable {
             case let other:
                 throw ReplicationError("unexpected answer to REPLICATE: \(String(describing: other))")
             }
-            server.replication.updateLink { $0.state = "connected"; $0.linksMade += 1; $0.lastError = "" }
+            // The last error stays until the stream proves sound (its first heartbeat or blocks):
+            // a link that breaks at once on each attempt keeps saying why.
+            server.replication.updateLink { $0.state = "connected"; $0.linksMade += 1 }
+            var sound = false
             server.confirmEvents(through: next - 1)
-            server.replication.updateRejoin { $0.inProgress = false }
-            // Following the primary from here: what this node holds is a prefix of its history.
-            do { try server.store.directory.clearStartingOver() } catch {
-                server.logger.warning("could not remove \(server.store.directory.startingOverMarkerPath) (\(error)): a start as a primary will wait for REPLICAOF NO ONE")
-            }
+            var startingOver = server.replication.rejoin.inProgress || server.store.directory.isStartingOver
+            if startingOver { startingOver = endStartingOver(holding: next - 1, primaryHad: caughtUpAt) }
             server.logger.info("replicating from \(host):\(port) at position \(next)")
             while !Task.isCancelled {
                 guard let first = try await message() else {
@@ -828,6 +849,8 @@ final class ReplicaLink: Sendable {
                     switch item {
                     case .line(let line) where line.hasPrefix("+HEARTBEAT "):
                         if let durable = UInt64(line.dropFirst("+HEARTBEAT ".count)) {
+                            if caughtUpAt == nil { caughtUpAt = durable }
+                            if startingOver { startingOver = endStartingOver(holding: next - 1, primaryHad: caughtUpAt) }
                             server.replication.updateLink { link in
                                 link.primaryDurableLSN = max(link.primaryDurableLSN, durable)
                                 if next > durable { link.caughtUpNanos = monotonicNanos() }
@@ -851,6 +874,10 @@ final class ReplicaLink: Sendable {
                             records += block.records[Int(expected - block.firstLSN)...]
                         }
                     }
+                }
+                if !sound {
+                    sound = true
+                    server.replication.updateLink { $0.lastError = "" }
                 }
                 guard !records.isEmpty else {
                     try await outbound.write(Self.command(["REPLACK", String(journal.lastDurableLSN)]))
@@ -888,6 +915,7 @@ final class ReplicaLink: Sendable {
                     throw ReplicationError("this replica's log failed: \(error)", fatal: true)
                 }
                 server.confirmEvents(through: reached)
+                if startingOver { startingOver = endStartingOver(holding: reached, primaryHad: caughtUpAt) }
                 if let failure {
                     throw ReplicationError(
                         "record \(reached + 1) from the primary does not fit this replica's state (\(failure)); stopped at position \(reached), "

@@ -17,8 +17,9 @@ class RefusingPeer(LoopbackListener):
     """Takes AUTH and REPLICATE like a primary and answers REPLICATE with `answer`, then closes;
     counts the REPLICATE requests."""
 
-    def __init__(self, answer):
+    def __init__(self, answer, hold=False):
         self.answer = answer
+        self.hold = hold  # keep the link open after answering (a primary that sends nothing yet)
         self.requests = 0
         super().__init__()
 
@@ -46,6 +47,12 @@ class RefusingPeer(LoopbackListener):
                     break
             self.requests += 1
             conn.sendall(self.answer.encode() + b"\r\n")
+            while self.hold:
+                try:
+                    if conn.recv(4096) == b"":
+                        return
+                except socket.timeout:
+                    pass
         except OSError:
             pass
         finally:
@@ -209,4 +216,31 @@ def test_a_node_restarted_while_starting_over_follows_the_primary_it_is_given(da
         node.stop()
         primary.stop()
         if peer:
+            peer.close()
+
+
+def test_the_starting_over_marker_stays_until_the_node_holds_what_the_primary_had(data_dir):
+    """The marker went at the handshake, before any of the primary's history came: killed then and
+    started plainly, the node served an almost empty state as a primary's."""
+    node = primary_with_a_term(data_dir)
+    peers = []
+    try:
+        epoch = int(info(node)["log_epoch"])
+        peers.append(RefusingPeer("-DIVERGED the replica's log went another way" + tail(epoch + 1, 3)))
+        node.client().execute_command("REPLICAOF", "127.0.0.1", peers[-1].port)
+        wait_for_error(node, "refused this node's empty log")
+        marker = os.path.join(node.data_dir, "STARTING-OVER")
+        assert os.path.exists(marker)
+        # A primary that had 1000 records when the link began and has sent none of them yet.
+        peers.append(RefusingPeer(f"+CONTINUE 1 SHARDS 2 EPOCH {epoch + 1} DURABLE 1000", hold=True))
+        node.client().execute_command("REPLICAOF", "127.0.0.1", peers[-1].port)
+        deadline = time.time() + 10
+        while info(node).get("master_link_status") != "up" and time.time() < deadline:
+            time.sleep(0.05)
+        assert info(node)["master_link_status"] == "up", info(node)
+        time.sleep(0.5)
+        assert os.path.exists(marker), "the marker went before the node held the primary's history"
+    finally:
+        node.stop()
+        for peer in peers:
             peer.close()
