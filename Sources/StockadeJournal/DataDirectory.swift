@@ -71,6 +71,25 @@ public struct DataDirectory: Sendable {
         try storage.syncDirectory(path)
     }
 
+    /// A file naming the coordinated cluster whose history this directory holds (docs/REPLICATION.md,
+    /// "How it decides"): written when the node is elected its primary or links to its primary. Under
+    /// a coordinator, a node whose directory names another cluster (or none) does not stand.
+    public var clusterMarkerPath: String { "\(path)/CLUSTER" }
+
+    /// The cluster ``clusterMarkerPath`` names, or nil without one.
+    public func clusterRecorded() -> String? {
+        guard let bytes = try? storage.readAll(clusterMarkerPath) else { return nil }
+        return String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// Records `cluster` in ``clusterMarkerPath`` (durably) unless it is there already. A crash while
+    /// it is rewritten leaves none: the node then stands only once it has linked to the primary again.
+    public func recordCluster(_ cluster: String) throws(JournalError) {
+        guard clusterRecorded() != cluster else { return }
+        try storage.remove(clusterMarkerPath)
+        try writeMarker(clusterMarkerPath, cluster + "\n")
+    }
+
     /// A file whose presence says the node is starting over as a replica (docs/REPLICATION.md,
     /// "Rejoining"): written before its log is set aside, removed once a link after that follows the
     /// primary. A start finding it does not serve the (empty or partial) state as a primary's.

@@ -57,8 +57,12 @@ final class Coordinator: Sendable {
     /// Written (without a lease, so it stays) by the transaction that elects a cluster's first
     /// primary, and by every election after: the cluster has a history.
     private var begunKey: String { "/stockade/\(cluster)/begun" }
-    /// Whether the "no term, not standing" warning was logged (once per process).
+    /// Whether the "not standing" warning was logged (once per process).
     private let warnedTermless = Mutex(false)
+
+    /// This cluster as a data directory records it (``DataDirectory/clusterRecorded()``): its name and
+    /// etcd's cluster id, so that a cluster of the same name on another etcd is another cluster.
+    var membership: String { "\(cluster) etcd-cluster-\(etcd.clusterID ?? "?")" }
 
     /// A tick every quarter of the lease: renewals, the node's position, the primary's key.
     private var tickMillis: Int { max(50, leaseSeconds * 1000 / 4) }
@@ -88,8 +92,12 @@ final class Coordinator: Sendable {
                     lease = try await etcd.grantLease(seconds: leaseSeconds)
                 }
                 guard let lease else { continue }
-                try await etcd.put(nodesPrefix + advertise, standing.map { "\($0.epoch) \($0.position)" } ?? "stopped", lease: lease)
-                try await decide(lease: lease, sentNanos: sentNanos)
+                // What this node stands on, published: a node that may not stand publishes "stopped",
+                // so that no other node defers to it.
+                var stands = standing
+                if let mine = stands, try await !mayStand(mine) { stands = nil }
+                try await etcd.put(nodesPrefix + advertise, stands.map { "\($0.epoch) \($0.position)" } ?? "stopped", lease: lease)
+                try await decide(lease: lease, sentNanos: sentNanos, stands: stands)
                 view.withLock { $0.lastError = "" }
             } catch {
                 if Task.isCancelled { break }
@@ -104,7 +112,7 @@ final class Coordinator: Sendable {
     /// lapse in etcd, for clock rates and the request's own time.
     static let marginNanos: UInt64 = 250_000_000
 
-    private func decide(lease: Int64, sentNanos: UInt64) async throws {
+    private func decide(lease: Int64, sentNanos: UInt64, stands: (epoch: UInt64, position: UInt64)?) async throws {
         if let holder = try await etcd.get(primaryKey) {
             view.withLock { $0.epoch = holder.createRevision; $0.primary = holder.value }
             if holder.value == advertise && holder.lease == lease {
@@ -131,29 +139,22 @@ final class Coordinator: Sendable {
             server.replicationEpoch.withLock { $0 = max($0, holder.createRevision) }
             if server.replicaLink.withLock({ $0.map { "\($0.host):\($0.port)" } }) != holder.value {
                 _ = await server.follow(host: target.host, port: target.port)
+            } else if server.replication.link?.state == "connected" {
+                // Following this cluster's primary (etcd may have been replaced since the link
+                // began, and with it etcd's cluster id): this directory holds the cluster's history.
+                try? server.store.directory.recordCluster(membership)
             }
             return
         }
         // No primary: the node with the newest history takes the key. A node that cannot stand (its
-        // history was refused) never does.
-        guard let mine = standing else { return }
+        // history was refused, or it holds no history of this cluster) never does.
+        guard let mine = stands else { return }
         // Fencing counts on etcd keeping a lapsed primary's key until its lease ends. A node that has
         // not watched etcd for a whole lease (it just started), or saw etcd's revision go back (its
         // data was lost, and the key with it, while the old primary's lease may still run), waits a
         // lease before it stands: by then any former primary's own bound has passed.
         let quietSince = max(startedNanos, etcd.revisions.wentBackNanos ?? 0)
         guard monotonicNanos() >= quietSince + UInt64(leaseSeconds) * 1_000_000_000 else { return }
-        // A node without a term (an empty log, one that started over, another data set) stands only
-        // in a cluster that never had one: elected while every node with the cluster's history is
-        // down, it would make each of them set its whole log aside when it came back.
-        if mine.epoch == 0, let begun = try await etcd.get(begunKey) {
-            if !warnedTermless.withLock({ $0 }) {
-                warnedTermless.withLock { $0 = true }
-                server.logger.warning(
-                    "cluster \(cluster) has had primaries (first elected: \(begun.value)) and this node's log has no term: it does not stand for election; it follows the next primary. If every node lost its data, delete \(begunKey) in etcd to let it stand")
-            }
-            return
-        }
         var candidates = try await etcd.prefix(nodesPrefix).compactMap { kv -> Candidate? in
             let address = String(kv.key.dropFirst(nodesPrefix.count))
             guard address != advertise else { return nil }
@@ -167,6 +168,27 @@ final class Coordinator: Sendable {
             view.withLock { $0.epoch = epoch; $0.primary = advertise }
             await becomePrimary(epoch: epoch, sentNanos: sentNanos, lease: lease)
         }
+    }
+
+    /// Whether a node with history `mine` may stand in this cluster. A node without a term (an empty
+    /// log, one that started over, another data set) stands only in a cluster that never had a
+    /// primary: elected while every node with the cluster's history is down, it would make each of
+    /// them set its whole log aside when it came back. Nor does a node whose directory holds another
+    /// cluster's history (another data set with terms of its own would win on its epoch) or none
+    /// recorded: it stands once it has followed this cluster's primary (which records the cluster).
+    /// Costs a request only for such a node.
+    private func mayStand(_ mine: (epoch: UInt64, position: UInt64)) async throws -> Bool {
+        let recorded = server.store.directory.clusterRecorded()
+        guard mine.epoch == 0 || recorded != membership, let begun = try await etcd.get(begunKey) else { return true }
+        if !warnedTermless.withLock({ $0 }) {
+            warnedTermless.withLock { $0 = true }
+            let why = mine.epoch == 0
+                ? "this node's log has no term"
+                : "this node's data directory holds \(recorded.map { "the history of \"\($0)\"" } ?? "no history of a coordinated cluster") (its CLUSTER file), not of \"\(membership)\""
+            server.logger.warning(
+                "cluster \(cluster) has had primaries (first elected: \(begun.value)) and \(why): it does not stand for election; it follows the next primary. If every node lost its data, delete \(begunKey) in etcd to let it stand")
+        }
+        return false
     }
 
     /// A node as it stands for election: the newest epoch it has followed or held, then its durable
@@ -209,6 +231,9 @@ final class Coordinator: Sendable {
             }
             return
         }
+        do { try server.store.directory.recordCluster(membership) } catch {
+            server.logger.warning("could not record the cluster in \(server.store.directory.clusterMarkerPath) (\(error)): this node stands again once it follows a primary")
+        }
         server.logger.info("primary of cluster \(cluster) at epoch \(server.engine.epochs.lastEpoch) (key revision \(epoch)), log position \(server.store.journal.lastDurableLSN)")
     }
 }
@@ -225,8 +250,11 @@ struct EtcdClient: Sendable {
     /// etcd's revision as its answers report it: going back means etcd lost its data (replaced by an
     /// empty one, or restored from an older copy), and with it the leases a primary's fencing counts on.
     let revisions = RevisionWatch()
+    /// etcd's cluster id, as its answers' headers give it (nil before the first answer).
+    var clusterID: String? { revisions.clusterID }
 
-    /// The highest revision seen, and when (monotonic) an answer last reported a lower one.
+    /// The highest revision seen, and when (monotonic) an answer last reported a lower one; and etcd's
+    /// cluster id, as the answers' headers give it.
     final class RevisionWatch: Sendable {
         private let state = Mutex<(highest: Int64, wentBackNanos: UInt64?)>((0, nil))
 
@@ -238,6 +266,10 @@ struct EtcdClient: Sendable {
         }
 
         var wentBackNanos: UInt64? { state.withLock { $0.wentBackNanos } }
+
+        private let id = Mutex<String?>(nil)
+        func observe(clusterID: String) { id.withLock { $0 = clusterID } }
+        var clusterID: String? { id.withLock { $0 } }
     }
 
     /// A request that takes longer is a failed tick (the next one tries again).
@@ -363,6 +395,9 @@ struct EtcdClient: Sendable {
         let header = (object["result"] as? [String: Any])?["header"] ?? object["header"]
         if let revision = ((header as? [String: Any])?["revision"] as? String).flatMap(Int64.init) {
             revisions.observe(revision, nowNanos: monotonicNanos())
+        }
+        if let id = (header as? [String: Any])?["cluster_id"] as? String, !id.isEmpty, id.count <= 32 {
+            revisions.observe(clusterID: id)
         }
         return object
     }

@@ -833,6 +833,12 @@ final class ReplicaLink: Sendable {
             server.replication.updateLink { $0.state = "connected"; $0.linksMade += 1 }
             var sound = false
             server.confirmEvents(through: next - 1)
+            // Under a coordinator, following its cluster's primary makes this directory one of its nodes.
+            if let coordinator = server.coordinator.withLock({ $0 }), coordinator.etcd.clusterID != nil {
+                do { try server.store.directory.recordCluster(coordinator.membership) } catch {
+                    server.logger.warning("could not record the cluster in \(server.store.directory.clusterMarkerPath) (\(error))")
+                }
+            }
             var startingOver = server.replication.rejoin.inProgress || server.store.directory.isStartingOver
             if startingOver { startingOver = endStartingOver(holding: next - 1, primaryHad: caughtUpAt) }
             server.logger.info("replicating from \(host):\(port) at position \(next)")

@@ -133,3 +133,38 @@ def test_a_node_without_a_term_is_not_elected_in_a_cluster_that_had_one(data_dir
         old.stop()
         if fresh:
             fresh.stop()
+
+
+def test_a_node_of_another_data_set_with_terms_of_its_own_is_not_elected(data_dir, etcd):
+    """A node that was the primary of another data set (a term of its own, a high epoch) joins the
+    cluster and the primary dies: ranked on its epoch, it was elected over the caught-up replica, and
+    the replica set the whole sale aside to take its history. Now only nodes whose directory records
+    this cluster stand."""
+    foreign = Server(os.path.join(data_dir, "foreign"), "--shards", "2", "--replica-of", "127.0.0.1:1").start()
+    nodes = []
+    try:
+        f = foreign.client()
+        assert f.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        f.execute_command("SKU.ADD", "other", 5)
+        foreign.stop()
+        nodes = cluster(data_dir, etcd, 2)
+        first = primary_of(nodes)
+        (second,) = [n for n in nodes if n is not first]
+        r = first.client()
+        r.execute_command("SKU.ADD", "tv", 100)
+        for i in range(50):
+            r.execute_command("RESERVE", f"u{i}", "tv", 1)
+        assert r.execute_command("WAIT", 1, 5000) == 1
+        foreign.args = ["--shards", "2", "--coordinator", f"etcd://127.0.0.1:{etcd}", "--cluster", "sale",
+                        "--lease-seconds", str(LEASE_SECONDS)]
+        foreign.start()
+        time.sleep(1.0)
+        first.kill9()
+        assert primary_of([second, foreign], timeout=20) is second, (foreign.logs()[-2000:], second.logs()[-3000:], os.listdir(second.data_dir))
+        assert second.client().execute_command("STOCK", "tv")[5] == 50
+        assert int(second.client().info("everything")["rejoins"]) == 0
+        assert "does not stand for election" in foreign.logs()
+    finally:
+        foreign.stop()
+        for node in nodes:
+            node.stop()
