@@ -44,6 +44,16 @@ class LoopbackListener:
         self.listener.close()
 
 
+class ThreadedLoopbackListener(LoopbackListener):
+    """A LoopbackListener that serves each connection with `serve(conn)` on a thread of its own."""
+
+    def connected(self, conn):
+        threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn):
+        raise NotImplementedError
+
+
 class Server:
     """A stockade server process; stops by SIGTERM (graceful) or SIGKILL (crash)."""
 
@@ -120,3 +130,17 @@ def cli(port, *args, input=None):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     return out.stdout.rstrip("\n").split("\n") if out.stdout.strip() else []
+
+
+def wait_for_stock(server, sku, field, value, timeout=15):
+    """Waits until field `field` of `STOCK sku` (the flat RESP2 array) is `value` on `server` (a
+    replica taking its primary's history: NOSKU until the SKU arrives), then checks it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if server.client().execute_command("STOCK", sku)[field] == value:
+                return
+        except redis.ResponseError:
+            pass
+        time.sleep(0.05)
+    assert server.client().execute_command("STOCK", sku)[field] == value

@@ -2,25 +2,21 @@
 access": every call is bounded as a whole, whatever the peer sends, and the node keeps serving its
 clients), and who may stand for election."""
 import os
-import threading
 import time
 
 import pytest
 import redis
 
-from conftest import LoopbackListener, Server
+from conftest import Server, ThreadedLoopbackListener, wait_for_stock
 
 
-class BadEtcd(LoopbackListener):
+class BadEtcd(ThreadedLoopbackListener):
     """Answers each connection's request the way `behaviour` says, on a thread of its own."""
 
     def __init__(self, behaviour):
         self.behaviour = behaviour
         self.requests = 0
         super().__init__()
-
-    def connected(self, conn):
-        threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
     def serve(self, conn):
         try:
@@ -120,15 +116,7 @@ def test_a_node_without_a_term_is_not_elected_in_a_cluster_that_had_one(data_dir
         assert int(state["rejoins"]) == 0 and not [d for d in os.listdir(old.data_dir) if d.startswith("diverged-")]
         assert old.client().execute_command("STOCK", "tv")[5] == 50
         # The empty node follows the primary and gets its history.
-        deadline = time.time() + 15
-        while time.time() < deadline:
-            try:
-                if fresh.client().execute_command("STOCK", "tv")[5] == 50:
-                    break
-            except redis.ResponseError:
-                pass
-            time.sleep(0.1)
-        assert fresh.client().execute_command("STOCK", "tv")[5] == 50
+        wait_for_stock(fresh, "tv", 5, 50)
     finally:
         old.stop()
         if fresh:

@@ -4,16 +4,15 @@ behind it in its own term, a refusal of an empty log, an epoch past the largest,
 already keeps the most set-aside logs discard nothing."""
 import os
 import socket
-import threading
 import time
 
 import pytest
 import redis
 
-from conftest import LoopbackListener, Server
+from conftest import Server, ThreadedLoopbackListener, wait_for_stock
 
 
-class RefusingPeer(LoopbackListener):
+class RefusingPeer(ThreadedLoopbackListener):
     """Takes AUTH and REPLICATE like a primary and answers REPLICATE with `answer`, then closes;
     counts the REPLICATE requests."""
 
@@ -22,9 +21,6 @@ class RefusingPeer(LoopbackListener):
         self.hold = hold  # keep the link open after answering (a primary that sends nothing yet)
         self.requests = 0
         super().__init__()
-
-    def connected(self, conn):
-        threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
     def serve(self, conn):
         try:
@@ -203,15 +199,7 @@ def test_a_node_restarted_while_starting_over_follows_the_primary_it_is_given(da
         while os.path.exists(os.path.join(node.data_dir, "STARTING-OVER")) and time.time() < deadline:
             time.sleep(0.05)
         assert not os.path.exists(os.path.join(node.data_dir, "STARTING-OVER"))
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                if node.client().execute_command("STOCK", "cam")[3] == 7:
-                    break
-            except redis.ResponseError:
-                pass
-            time.sleep(0.05)
-        assert node.client().execute_command("STOCK", "cam")[3] == 7
+        wait_for_stock(node, "cam", 3, 7)
     finally:
         node.stop()
         primary.stop()
