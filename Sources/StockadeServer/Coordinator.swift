@@ -223,6 +223,10 @@ final class Coordinator: Sendable {
     /// A node that cannot log the term gives the key up (revokes its lease) so another is elected.
     private func becomePrimary(epoch: UInt64, sentNanos: UInt64, lease: Int64) async {
         let until = sentNanos + UInt64(leaseSeconds) * 1_000_000_000 - Self.marginNanos
+        // Recorded first: a crash right after the term begins leaves a node that stands again.
+        do { try server.store.directory.recordCluster(membership) } catch {
+            server.logger.warning("could not record the cluster in \(server.store.directory.clusterMarkerPath) (\(error)): this node stands again once it follows a primary")
+        }
         guard await server.promote(epoch: epoch, writableUntil: until) else {
             unfit.withLock { $0 = true }
             server.logger.error("elected primary of cluster \(cluster) but could not log the new term: giving the key up; this node does not stand again until restarted")
@@ -230,9 +234,6 @@ final class Coordinator: Sendable {
                 server.logger.warning("could not revoke lease \(lease) (\(error)): the key lapses with it")
             }
             return
-        }
-        do { try server.store.directory.recordCluster(membership) } catch {
-            server.logger.warning("could not record the cluster in \(server.store.directory.clusterMarkerPath) (\(error)): this node stands again once it follows a primary")
         }
         server.logger.info("primary of cluster \(cluster) at epoch \(server.engine.epochs.lastEpoch) (key revision \(epoch)), log position \(server.store.journal.lastDurableLSN)")
     }

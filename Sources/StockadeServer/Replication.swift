@@ -814,7 +814,11 @@ final class ReplicaLink: Sendable {
                 guard server.store.journal.lastAppendedLSN > 0 else {
                     throw ReplicationError("\(host):\(port) refused this node's empty log: \(reply.dropFirst())")
                 }
-                let kept = (try? server.store.directory.setAsideNames().count) ?? 0
+                let kept: Int
+                do { kept = try server.store.directory.setAsideNames().count } catch {
+                    throw ReplicationError(
+                        "the primary refused this node's log (\(reply.dropFirst())), and its data directory cannot be listed to count the logs it keeps set aside (\(error)): not starting over", fatal: true)
+                }
                 guard kept < ReplicationLimits.setAsideMax else {
                     throw ReplicationError(
                         "the primary refused this node's log (\(reply.dropFirst())), and its data directory already keeps \(kept) logs set aside (diverged-*), the most it keeps: "
