@@ -18,6 +18,13 @@ def info(r, section="replication"):
     return r.info(section)
 
 
+def wait_for_replicas(client, count=1, timeout=10):
+    """Waits (up to `timeout` s) until the primary behind `client` has `count` replicas connected."""
+    deadline = time.time() + timeout
+    while int(info(client)["connected_slaves"]) < count and time.time() < deadline:
+        time.sleep(0.05)
+
+
 def wait_caught_up(primary, replica, timeout=20):
     """Waits until the replica's log position equals the primary's durable position."""
     p, r = primary.client(), replica.client()
@@ -358,9 +365,7 @@ def test_semi_synchronous_failover_loses_no_acknowledged_order(data_dir):
     replica = Server(os.path.join(data_dir, "replica"), "--shards", "2",
                      "--replica-of", f"127.0.0.1:{primary.port}").start()
     try:
-        deadline = time.time() + 10
-        while int(info(p)["connected_slaves"]) < 1 and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for_replicas(p)
         p.execute_command("SKU.ADD", "tv", 100_000)
         acknowledged = []
         errors = []
@@ -414,9 +419,7 @@ def test_semi_synchronous_change_without_acknowledgement_is_answered_noreplicas(
                      "--replica-of", f"127.0.0.1:{primary.port}").start()
     p = primary.client()
     try:
-        deadline = time.time() + 10
-        while int(info(p)["connected_slaves"]) < 1 and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for_replicas(p)
         p.execute_command("SKU.ADD", "tv", 10)
         os.kill(replica.proc.pid, signal.SIGSTOP)
         try:
@@ -1331,9 +1334,7 @@ def test_events_of_a_semi_synchronous_primary_wait_for_the_replicas_acknowledgem
     p = primary.client()
     waiting = None
     try:
-        deadline = time.time() + 10
-        while int(info(p)["connected_slaves"]) < 1 and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for_replicas(p)
         p.execute_command("SKU.ADD", "tv", 10)
         assert p.execute_command("WAIT", 1, 5000) == 1
         os.kill(replica.proc.pid, signal.SIGSTOP)
@@ -1372,9 +1373,7 @@ def test_events_waiting_for_acknowledgements_cost_no_cpu(data_dir):
     consumers = []
     writer = None
     try:
-        deadline = time.time() + 10
-        while int(info(p)["connected_slaves"]) < 1 and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for_replicas(p)
         p.execute_command("SKU.ADD", "tv", 10)
         os.kill(replica.proc.pid, signal.SIGSTOP)
         writer = socket.create_connection(("127.0.0.1", primary.port))
@@ -1448,9 +1447,7 @@ def test_events_of_a_semi_synchronous_node_serve_only_confirmed_changes_whatever
 
     try:
         pa = a.client()
-        deadline = time.time() + 10
-        while int(info(pa)["connected_slaves"]) < 1 and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for_replicas(pa)
         pa.execute_command("SKU.ADD", "tv", 100)
         pa.execute_command("RESERVE", "u1", "tv", 1)
         acked = wait_caught_up(a, b)
