@@ -68,6 +68,7 @@ public final class Engine: Sendable {
         buffer.epochStarted(epoch)
         let lsn = try log.append(buffer)
         try await log.waitDurable(lsn)
+        for shard in shards { await shard.startTerm(idTag: OrderID.tag(ofEpoch: epoch)) }
         epochHistory.withLock { $0.append(EpochHistory.Term(epoch: epoch, start: lsn)) }
         return lsn
     }
@@ -476,7 +477,7 @@ public final class Engine: Sendable {
                 user: user, lines: lines, requestId: requestId, now: now,
                 deadlineMillis: now + (ttlMillis ?? Limits.ttlMillisDefault))
         case let .orders(user, after, count):
-            // Ids sort by shard, then sequence: a page is the shards' orders in shard order.
+            // A page is the shards' orders in shard order, then sequence (an id's low 32 bits).
             var page: [OrderInfo] = []
             var lsn: UInt64 = 0
             // Every shard is asked (with 0 wanted when the page is full or it is before `after`), so
@@ -484,7 +485,7 @@ public final class Engine: Sendable {
             for (index, shard) in shards.enumerated() {
                 lsn = max(lsn, await expire(shard, now: now))
                 let wanted = index >= (after?.shard ?? 0) ? count - page.count : 0
-                let afterSequence = index == after?.shard ? UInt32(clamping: after!.rawValue & (1 << 56 - 1)) : 0
+                let afterSequence = index == after?.shard ? after!.sequence : 0
                 switch await shard.orders(ofUser: user, afterSequence: afterSequence, count: wanted) {
                 case .success(let (orders, visible)):
                     page += orders

@@ -53,6 +53,12 @@ public struct EngineState: Sendable {
             guard let owner = created.id.shard, owner < shards.count,
                 Int(created.id.sequence) == shards[owner].orders.count + 1
             else { throw ReplayError(reason: "order \(created.id) created out of sequence") }
+            // Orders of a term carry its tag; logs of builds before tags carry 0 until the term's
+            // first tagged order. So a term adds at most two tag runs to a shard.
+            let tag = created.id.tag, current = shards[owner].idTag
+            guard tag == current || (tag == 0 && shards[owner].tagRuns.last?.tag != current) else {
+                throw ReplayError(reason: "order \(created.id) carries tag \(tag) in a term whose orders carry \(current)")
+            }
             var names: [Name] = []
             names.reserveCapacity(created.items.count)
             for item in created.items {
@@ -75,6 +81,7 @@ public struct EngineState: Sendable {
                 throw ReplayError(reason: "epoch \(epoch) started after epoch \(epochs.lastEpoch): epochs only grow, up to \(EpochHistory.epochMax)")
             }
             epochs.append(EpochHistory.Term(epoch: epoch, start: lsn + 1))
+            for shard in shards.indices { shards[shard].idTag = OrderID.tag(ofEpoch: epoch) }
         }
         lsn += 1
     }

@@ -1,13 +1,28 @@
-/// A 64-bit order id. The top byte is the owning shard plus one, the low 56 bits the order's sequence
-/// number within that shard (starting at 1), so any thread can tell which shard owns an order from the id alone.
+/// A 64-bit order id: the top byte is the owning shard plus one, the next 24 bits the tag of the
+/// primary term the order was placed in (``tag(ofEpoch:)``; 0 on a node that never had a term), the low
+/// 32 bits the order's sequence within its shard (starting at 1). Any thread can tell which shard owns
+/// an order from the id alone. The tag keeps ids unique across a failover: a promoted replica that
+/// never received the old primary's last orders gives their sequences to new orders under its own
+/// term's tag, so an id the old primary issued names no order there rather than another user's.
 public struct OrderID: Hashable, Comparable, Sendable, CustomStringConvertible {
     public let rawValue: UInt64
 
+    /// The largest tag: tags take 24 bits.
+    public static let tagMax: UInt32 = 0xFF_FFFF
+
     @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
 
-    @inlinable public init(shard: Int, sequence: UInt32) {
-        precondition(shard >= 0 && shard < Limits.shardCountMax && sequence > 0)
-        rawValue = (UInt64(shard + 1) << 56) | UInt64(sequence)
+    @inlinable public init(shard: Int, tag: UInt32 = 0, sequence: UInt32) {
+        precondition(shard >= 0 && shard < Limits.shardCountMax && tag <= Self.tagMax && sequence > 0)
+        rawValue = (UInt64(shard + 1) << 56) | UInt64(tag) << 32 | UInt64(sequence)
+    }
+
+    /// The tag of the ids of orders placed in the term of `epoch`: 1 ... ``tagMax``, or 0 for no term
+    /// (epoch 0). Two terms' tags are equal only when their epochs are equal modulo 2^24 - 1: a chance
+    /// of 1 in 16.7 million for the random epochs of ``EpochHistory/next(after:using:)``, and for an
+    /// etcd coordinator's epochs (revisions) only when 16.7 million revisions separate the terms.
+    @inlinable public static func tag(ofEpoch epoch: UInt64) -> UInt32 {
+        epoch == 0 ? 0 : UInt32(epoch % UInt64(tagMax)) + 1
     }
 
     /// The shard that owns the order; `nil` when the id cannot be one Stockade issued.
@@ -16,11 +31,11 @@ public struct OrderID: Hashable, Comparable, Sendable, CustomStringConvertible {
         return top == 0 ? nil : top - 1
     }
 
+    /// The tag of the term the order was placed in (see ``tag(ofEpoch:)``).
+    @inlinable public var tag: UInt32 { UInt32(truncatingIfNeeded: rawValue >> 32) & Self.tagMax }
+
     /// The order's sequence number within its shard; 0 for an id that is not ours.
-    @inlinable public var sequence: UInt32 {
-        let low = rawValue & ((1 << 56) - 1)
-        return low > UInt64(UInt32.max) ? 0 : UInt32(low)
-    }
+    @inlinable public var sequence: UInt32 { UInt32(truncatingIfNeeded: rawValue) }
 
     /// Parses a decimal order id as clients send it back.
     public init?(_ text: String) {

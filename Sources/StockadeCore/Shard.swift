@@ -376,6 +376,12 @@ public actor Shard {
         endChange()
     }
 
+    /// Orders placed from now on carry `idTag` in their ids: the tag of the term being started
+    /// (``Engine/startEpoch(_:)``, before the engine takes changes).
+    func startTerm(idTag: UInt32) {
+        state.idTag = idTag
+    }
+
     /// A copy of the state. Costly while the shard keeps changing: its next change then copies every
     /// array the copy shares (copy on write). For counts, use ``counts``.
     public func snapshotState() -> ShardState { state }

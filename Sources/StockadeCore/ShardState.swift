@@ -64,6 +64,11 @@ public struct ShardState: Sendable {
         var requestId: Name
     }
 
+    struct TagRun: Equatable {
+        var firstSequence: UInt32
+        var tag: UInt32
+    }
+
     struct InFlightKey: Hashable {
         var user: Name
         var requestId: Name
@@ -90,6 +95,12 @@ public struct ShardState: Sendable {
     /// count suffices: a user interned later makes the older one unforgettable for good.
     var preparesOfNewestUser: Int? = nil
     var expiry = ExpiryHeap()
+    /// Where the tag of the orders' ids changes (``OrderID/tag``), oldest first: orders from a run's
+    /// first sequence up to the next run's carry its tag, those before the first run tag 0. A term
+    /// adds at most two runs (``EngineState/apply(_:)`` checks it): 8 bytes a term, not an order.
+    var tagRuns: [TagRun] = []
+    /// The tag of the ids of orders placed now: that of the log's newest term.
+    public internal(set) var idTag: UInt32 = 0
     /// Pending orders with items on other shards, by deadline: their expiry changes other shards' stock,
     /// so the engine expires them before a batch touches any shard (see ``nextForeignDeadlineMillis``).
     var foreignExpiry = ExpiryHeap()
@@ -183,20 +194,43 @@ public struct ShardState: Sendable {
 
     /// Every request id with its order (for the simulator's model and tools).
     package var requestIds: [(user: Name, requestId: Name, order: OrderID)] {
-        requests.map { (users[Int($0.key.user)], $0.key.requestId, OrderID(shard: shard, sequence: $0.value)) }
+        requests.map { (users[Int($0.key.user)], $0.key.requestId, orderID(ofSequence: $0.value)) }
     }
 
+    /// The sequence of order `id` here; nil when no order of this shard has that id (another shard's,
+    /// a sequence not issued, or one issued under another term's tag).
     func localSequence(_ id: OrderID) -> UInt32? {
         let seq = id.sequence
-        guard id.shard == shard, seq >= 1, Int(seq) <= orders.count else { return nil }
+        guard id.shard == shard, seq >= 1, Int(seq) <= orders.count, tag(ofSequence: seq) == id.tag else { return nil }
         return seq
+    }
+
+    /// The tag of the id of the order with sequence `seq`.
+    func tag(ofSequence seq: UInt32) -> UInt32 {
+        guard let last = tagRuns.last else { return 0 }
+        if seq >= last.firstSequence { return last.tag }
+        // The last run starting at or before `seq`: binary search over the (few) earlier runs.
+        var low = 0, high = tagRuns.count - 1  // tagRuns[high].firstSequence > seq
+        while low < high {
+            let mid = (low + high) / 2
+            if tagRuns[mid].firstSequence <= seq { low = mid + 1 } else { high = mid }
+        }
+        return low == 0 ? 0 : tagRuns[low - 1].tag
+    }
+
+    /// The id of the order with sequence `seq`.
+    func orderID(ofSequence seq: UInt32) -> OrderID { OrderID(shard: shard, tag: tag(ofSequence: seq), sequence: seq) }
+
+    /// Notes the tag of the order just stored at `seq` (the newest).
+    mutating func noteTag(_ tag: UInt32, at seq: UInt32) {
+        if tag != (tagRuns.last?.tag ?? 0) { tagRuns.append(TagRun(firstSequence: seq, tag: tag)) }
     }
 
     func orderInfo(_ seq: UInt32) -> OrderInfo {
         let slot = orders[Int(seq) - 1]
         let lines = orderLines(seq)
         return OrderInfo(
-            id: OrderID(shard: shard, sequence: seq), user: userIndexByName.names[Int(slot.userIndex)], lines: lines,
+            id: orderID(ofSequence: seq), user: userIndexByName.names[Int(slot.userIndex)], lines: lines,
             state: slot.state, deadlineMillis: slot.deadlineMillis)
     }
 
@@ -282,10 +316,10 @@ public struct ShardState: Sendable {
             applyHold(userIndex: userIndex, index: index, quantity: line.quantity)
             let seq = UInt32(orders.count + 1)
             let deadline = now + ttlMillis
+            let id = OrderID(shard: shard, tag: idTag, sequence: seq)
             storeSingleOrder(
-                seq: seq, userIndex: userIndex, index: index, quantity: UInt32(line.quantity), deadlineMillis: deadline,
+                id: id, userIndex: userIndex, index: index, quantity: UInt32(line.quantity), deadlineMillis: deadline,
                 requestId: requestId)
-            let id = OrderID(shard: shard, sequence: seq)
             log.orderCreated(
                 id: id, deadlineMillis: deadline, user: user, requestId: requestId, shard: shard, skuIndex: index,
                 quantity: UInt32(line.quantity))
@@ -323,7 +357,7 @@ public struct ShardState: Sendable {
     /// The reply to a retried request id: its order, or ``Rejection/requestConflict(_:)`` when the
     /// retry asks for other SKUs or quantities than the order holds (the TTL of a retry is not compared).
     func replayedRequest(_ seq: UInt32, lines: [OrderLine]) -> Reply {
-        let id = OrderID(shard: shard, sequence: seq)
+        let id = orderID(ofSequence: seq)
         guard orderLines(seq) == lines else { return .rejected(.requestConflict(id)) }
         return .reserved(id, deadlineMillis: orders[Int(seq) - 1].deadlineMillis, replayed: true)
     }
@@ -429,7 +463,7 @@ public struct ShardState: Sendable {
     ) -> OrderID {
         let seq = UInt32(orders.count + 1)
         let created = Record.OrderCreated(
-            id: OrderID(shard: shard, sequence: seq), deadlineMillis: deadlineMillis, user: user,
+            id: OrderID(shard: shard, tag: idTag, sequence: seq), deadlineMillis: deadlineMillis, user: user,
             requestId: requestId ?? "", items: items)
         storeOrder(created, skus: names)
         if let requestId { requestsInFlight.remove(InFlightKey(user: user, requestId: requestId)) }
@@ -484,7 +518,7 @@ public struct ShardState: Sendable {
             expiry.pop(orders)
             guard orders[Int(top) - 1].state == .pending else { continue }
             effects += applyTransition(seq: top, to: .expired)
-            log.orderTransition(.orderExpired, OrderID(shard: shard, sequence: top))
+            log.orderTransition(.orderExpired, orderID(ofSequence: top))
         }
         dropSettledForeign()
         return effects
@@ -600,9 +634,11 @@ public struct ShardState: Sendable {
     }
 
     mutating func storeSingleOrder(
-        seq: UInt32, userIndex: UInt32, index: UInt32, quantity: UInt32, deadlineMillis: Int64, requestId: Name?
+        id: OrderID, userIndex: UInt32, index: UInt32, quantity: UInt32, deadlineMillis: Int64, requestId: Name?
     ) {
+        let seq = id.sequence
         precondition(Int(seq) == orders.count + 1 && orders.count < Limits.ordersPerShardMax, "order sequence out of order")
+        noteTag(id.tag, at: seq)
         orders.append(
             OrderSlot(
                 deadlineMillis: deadlineMillis, userIndex: userIndex, skuIndex: index, quantity: quantity,
@@ -619,11 +655,12 @@ public struct ShardState: Sendable {
         let requestId: Name? = created.requestId.isEmpty ? nil : created.requestId
         if created.items.count == 1, created.items[0].shard == shard {
             storeSingleOrder(
-                seq: seq, userIndex: userIndex, index: created.items[0].skuIndex, quantity: created.items[0].quantity,
+                id: created.id, userIndex: userIndex, index: created.items[0].skuIndex, quantity: created.items[0].quantity,
                 deadlineMillis: created.deadlineMillis, requestId: requestId)
             return
         }
         precondition(Int(seq) == orders.count + 1 && orders.count < Limits.ordersPerShardMax, "order sequence out of order")
+        noteTag(created.id.tag, at: seq)
         orders.append(
             OrderSlot(
                 deadlineMillis: created.deadlineMillis, userIndex: userIndex, skuIndex: 0, quantity: 0,

@@ -3,7 +3,9 @@
 extension EngineState {
     /// Image layout version; bump on any change and keep reading the old ones. Version 2 adds the
     /// epoch history after the last shard; version 1 images read as a history without terms.
-    public static let imageVersion: UInt32 = 2
+    /// Version 3 adds each shard's tag runs (``ShardState/tagRuns``) after the history; older
+    /// images read as orders that all carry tag 0, which is what builds before tags issued.
+    public static let imageVersion: UInt32 = 3
 
     /// Encodes every shard. Calls `flush` whenever at least `chunkBytes` are buffered, so a large
     /// state is written out in bounded pieces.
@@ -67,6 +69,11 @@ extension EngineState {
         out.append(epochs.isTruncated ? 1 : 0)
         out.appendLE(UInt32(epochs.terms.count))
         for term in epochs.terms { out.appendLE(term.epoch); out.appendLE(term.start) }
+        for state in shards {
+            out.appendLE(UInt32(state.tagRuns.count))
+            for run in state.tagRuns { out.appendLE(run.firstSequence); out.appendLE(run.tag) }
+            try spill()
+        }
         if !out.isEmpty { try flush(out) }
     }
 
@@ -88,7 +95,7 @@ extension EngineState {
         var r = ByteReader(bytes)
         do {
             let version: UInt32 = try r.read()
-            guard version == 1 || version == imageVersion else {
+            guard version >= 1 && version <= imageVersion else {
                 throw ImageError(reason: "image version \(version), this build reads 1 to \(imageVersion)")
             }
             let lsn: UInt64 = try r.read()
@@ -197,7 +204,25 @@ extension EngineState {
                 }
                 epochs = history
             }
-            guard r.isAtEnd else { throw ImageError(reason: "\(r.remaining) stray bytes after the epoch history") }
+            let idTag = OrderID.tag(ofEpoch: epochs.lastEpoch)
+            for shard in shards.indices {
+                shards[shard].idTag = idTag
+                guard version >= 3 else { continue }
+                let runCount = Int(try r.read() as UInt32)
+                try need(runCount, r, each: 8)
+                var runs: [ShardState.TagRun] = []
+                for _ in 0..<runCount {
+                    let run = ShardState.TagRun(firstSequence: try r.read(), tag: try r.read())
+                    // Runs start at orders that exist, in order, and each changes the tag.
+                    guard run.firstSequence >= 1, Int(run.firstSequence) <= shards[shard].orders.count,
+                        run.firstSequence > (runs.last?.firstSequence ?? 0), run.tag <= OrderID.tagMax,
+                        run.tag != (runs.last?.tag ?? 0)
+                    else { throw ImageError(reason: "tag runs of shard \(shard) are malformed") }
+                    runs.append(run)
+                }
+                shards[shard].tagRuns = runs
+            }
+            guard r.isAtEnd else { throw ImageError(reason: "\(r.remaining) stray bytes after the tag runs") }
             return EngineState(shards: shards, lsn: lsn, epochs: epochs)
         } catch let error as ImageError {
             throw error

@@ -15,6 +15,8 @@ package struct ReferenceModel: Sendable {
     package var skus: [Name: Sku] = [:]
     package var orders: [OrderID: Order] = [:]
     var nextSequence: [UInt32]
+    /// The tag new orders' ids carry: that of the newest term (``OrderID/tag(ofEpoch:)``).
+    var idTag: UInt32 = 0
     var held: [HeldKey: Int64] = [:]
     var requests: [RequestKey: OrderID] = [:]
     struct HeldKey: Hashable { var user: Name, sku: Name }
@@ -28,6 +30,7 @@ package struct ReferenceModel: Sendable {
     /// The model of a state the engine recovered: what a restarted process goes on from.
     package init(from state: EngineState) {
         self.init(shardCount: state.shards.count)
+        idTag = OrderID.tag(ofEpoch: state.epochs.lastEpoch)
         for shard in state.shards {
             for info in shard.allSkus {
                 skus[info.sku] = Sku(
@@ -50,6 +53,9 @@ package struct ReferenceModel: Sendable {
             }
         }
     }
+
+    /// A term started (a promotion): orders placed from now on carry its tag.
+    package mutating func startTerm(epoch: UInt64) { idTag = OrderID.tag(ofEpoch: epoch) }
 
     package func shard(_ sku: Name) -> Int { Engine.shardIndex(of: sku, shardCount: shardCount) }
 
@@ -134,7 +140,7 @@ package struct ReferenceModel: Sendable {
                 if skus[line.sku]!.limit > 0 { held[HeldKey(user: user, sku: line.sku), default: 0] += line.quantity }
             }
             let owner = shard(lines[0].sku)
-            let id = OrderID(shard: owner, sequence: nextSequence[owner])
+            let id = OrderID(shard: owner, tag: idTag, sequence: nextSequence[owner])
             nextSequence[owner] += 1
             let deadline = now + (ttl ?? Limits.ttlMillisDefault)
             orders[id] = Order(user: user, lines: lines, state: .pending, deadline: deadline)
@@ -159,7 +165,10 @@ package struct ReferenceModel: Sendable {
             guard let o = orders[id] else { return .rejected(.noSuchOrder) }
             return .order(OrderInfo(id: id, user: o.user, lines: o.lines, state: o.state, deadlineMillis: o.deadline))
         case let .orders(user, after, count):
-            return .orders(orders.filter { $0.value.user == user && $0.key > (after ?? OrderID(rawValue: 0)) }.sorted { $0.key < $1.key }.prefix(count).map {
+            // Pages go by shard, then sequence (an id's tag does not order it).
+            func place(_ id: OrderID) -> (Int, UInt32) { (id.shard ?? -1, id.sequence) }
+            let start = after.map(place) ?? (-1, 0)
+            return .orders(orders.filter { $0.value.user == user && place($0.key) > start }.sorted { place($0.key) < place($1.key) }.prefix(count).map {
                 OrderInfo(id: $0.key, user: user, lines: $0.value.lines, state: $0.value.state, deadlineMillis: $0.value.deadline)
             })
         case .audit:

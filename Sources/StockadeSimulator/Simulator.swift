@@ -335,6 +335,7 @@ package enum Simulator {
                 engine.role.setReadOnly(false)
                 if case .success(let position) = result {
                     report.epochs += 1
+                    model.startTerm(epoch: epoch)
                     guard position == before + 1, engine.epochs.last == EpochHistory.Term(epoch: epoch, start: position) else {
                         return fail("step \(step): epoch \(epoch) logged at \(position) after \(before), history \(engine.epochs.terms)")
                     }

@@ -139,25 +139,25 @@ import Testing
         #expect(replay.epochs.last == Term(epoch: 12, start: state.lsn + 1))
     }
 
-    /// A version 1 image (no history) still reads, as a state with no terms; a version 2 image whose
-    /// history does not grow is refused.
+    /// A version 1 image (no history) still reads, as a state with no terms; an image whose history
+    /// does not grow is refused.
     @Test func imagesOfBothVersionsRead() throws {
         var state = EngineState(shardCount: 2)
         try state.apply(.skuAdded(shard: 0, skuIndex: 0, sku: "tv", total: 5, limit: 0))
         var v1 = state.encodeImage()
-        v1.removeLast(5)  // the history: truncated flag and a zero count
+        v1.removeLast(5 + 4 * 2)  // the history (truncated flag, zero count) and each shard's zero tag runs
         v1.replaceSubrange(0..<4, with: [1, 0, 0, 0])
         let read = try v1.withUnsafeBytes { try EngineState.decodeImage($0) }
         #expect(read.stateHash() == state.stateHash() && read.epochs == EpochHistory())
 
         try state.apply(.epochStarted(epoch: 8))
         try state.apply(.epochStarted(epoch: 9))
-        let v2 = state.encodeImage()
-        let back = try v2.withUnsafeBytes { try EngineState.decodeImage($0) }
+        let image = state.encodeImage()
+        let back = try image.withUnsafeBytes { try EngineState.decodeImage($0) }
         #expect(back.epochs == state.epochs && back.stateHash() == state.stateHash())
-        var swapped = v2
-        // The second term's epoch (9) written as 8: the history no longer grows.
-        swapped[swapped.count - 16] = 8
+        var swapped = image
+        // The second term's epoch (9) written as 8, before each shard's tag runs: the history no longer grows.
+        swapped[swapped.count - 4 * 2 - 16] = 8
         #expect(throws: EngineState.ImageError.self) { try swapped.withUnsafeBytes { try EngineState.decodeImage($0) } }
     }
 

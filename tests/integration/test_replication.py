@@ -170,6 +170,39 @@ def test_promoted_replica_takes_changes(pair):
     assert replica.client().execute_command("STOCK", "tv")[5] == 5
 
 
+def test_an_order_id_lost_in_a_failover_names_no_order_on_the_new_primary(pair):
+    """Asynchronous mode: the primary acknowledges a hold the replica never gets, then dies. The
+    promoted replica's next order takes the lost order's sequence; a client retrying the lost id must
+    not confirm or cancel that other user's order (ids carry the tag of their term)."""
+    primary, replica = pair
+    p, r = primary.client(), replica.client()
+    p.execute_command("SKU.ADD", "tv", 10)
+    seen = p.execute_command("RESERVE", "ann", "tv", 1)
+    wait_caught_up(primary, replica)
+    assert r.execute_command("REPLICAOF", "127.0.0.1", free_port()) == "OK"  # stops following
+    lost = p.execute_command("RESERVE", "lost", "tv", 1)
+    primary.kill9()
+    assert r.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+    placed = r.execute_command("RESERVE", "bob", "tv", 1)
+    assert placed != lost
+    for command in ("ORDER", "CONFIRM", "CANCEL"):
+        with pytest.raises(redis.ResponseError, match="NOORDER"):
+            r.execute_command(command, lost)
+    order = r.execute_command("ORDER", placed)
+    assert "bob" in order and "PENDING" in order, order
+    assert r.execute_command("CONFIRM", seen) == "PAID"
+    assert r.execute_command("STOCK", "tv")[5] == 8
+    # The ids survive a restart (replay and snapshot alike).
+    r.execute_command("SNAPSHOT")
+    replica.kill9()
+    replica.args = ["--shards", "2"]
+    replica.start()
+    r = replica.client()
+    assert "bob" in r.execute_command("ORDER", placed)
+    with pytest.raises(redis.ResponseError, match="NOORDER"):
+        r.execute_command("CONFIRM", lost)
+
+
 class Relay:
     """A TCP relay between a replica and its primary that can break the first stream: cut it in the
     middle of a block, or flip one byte inside a block. Later connections are relayed as they are."""
