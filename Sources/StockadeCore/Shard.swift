@@ -245,6 +245,9 @@ public actor Shard {
         user: Name, lines: [OrderLine]
     ) -> Result<(items: [Record.Item], internedUser: Bool, visible: UInt64), Rejection> {
         if let refusal = refusal { return .failure(.unavailable(refusal)) }
+        // Checked at each step of a basket, not only at its start: a basket that was begun when the
+        // node took changes may resume after its lease lapsed (a process frozen, then woken).
+        if role.isReadOnly { return .failure(.readOnly) }
         beginChange()
         defer { endChange() }
         var interned = false
@@ -276,6 +279,12 @@ public actor Shard {
         if let refusal = refusal {
             state.abortRequest(user: user, requestId: requestId)
             return .failure(.unavailable(refusal))
+        }
+        // The fence, again at the commit: nothing is logged once the node stopped taking changes (a
+        // newer primary may exist, and a term started since would find an order of the old one after it).
+        if role.isReadOnly {
+            state.abortRequest(user: user, requestId: requestId)
+            return .failure(.readOnly)
         }
         beginChange()
         defer { endChange() }

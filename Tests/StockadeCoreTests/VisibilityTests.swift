@@ -126,6 +126,39 @@ final class ControlledLog: ChangeLog {
         #expect(await reader.value == .stock(SkuInfo(sku: a, total: 1, available: 1, reserved: 0, sold: 0, limit: 0, paused: false)))
     }
 
+    /// A basket begun while the node took changes and resumed after it stopped (its lease lapsed
+    /// while the process was frozen: a newer primary may exist) logs nothing: the step that comes
+    /// next, a hold or the commit, is refused, the holds go back and the request id is free again.
+    @Test func aBasketResumedAfterTheNodeStoppedTakingChangesLogsNothing() async {
+        let engine = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog())
+        _ = await engine.execute([.addSku(sku: a, total: 5, limit: 0), .addSku(sku: b, total: 5, limit: 0)], now: 0)
+        let lines = [OrderLine(sku: a, quantity: 1), OrderLine(sku: b, quantity: 1)]
+        #expect(await engine.shards[0].beginRequest(user: "dan", requestId: "k", lines: lines) == nil)
+        let prepared = await engine.shards[0].prepareHold(user: "dan", lines: [lines[0]])
+        guard case .success(let held) = prepared else { Issue.record("\(prepared)"); return }
+        engine.role.setReadOnly(true)
+        guard case .failure(.readOnly) = await engine.shards[1].prepareHold(user: "dan", lines: [lines[1]]) else {
+            Issue.record("a hold was placed on a node that takes no changes")
+            return
+        }
+        guard case .failure(.readOnly) = await engine.shards[0].commitOrder(
+            user: "dan", requestId: "k", items: held.items, skus: [a], deadlineMillis: 1_000)
+        else {
+            Issue.record("a basket was recorded on a node that takes no changes")
+            return
+        }
+        await engine.shards[0].settle(user: "dan", items: held.items, internedUser: held.internedUser, committedAt: nil)
+        let state = await engine.captureState(lsn: 0)
+        #expect(state.shards.allSatisfy { $0.orderCount == 0 })
+        #expect(state.shards[0].stock(a)?.available == 5 && state.shards[1].stock(b)?.available == 5)
+        engine.role.setReadOnly(false)
+        guard case .reserved(_, _, false) = await engine.execute(.reserve(user: "dan", lines: lines, requestId: "k", ttlMillis: nil), now: 1)
+        else {
+            Issue.record("the request id stayed taken")
+            return
+        }
+    }
+
     /// A request id stands for one request: reusing it with other arguments is refused (#7 B13).
     @Test func aReusedRequestIdWithOtherArgumentsIsAConflict() async {
         let engine = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog())
