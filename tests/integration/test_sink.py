@@ -683,7 +683,13 @@ def test_position_moved_back_while_the_sink_retries_is_not_taken_for_a_gap(data_
         holder = postgres.session(
             "SET lock_timeout = 0",
             "BEGIN; UPDATE stockade_sink_position SET position = position - 20; SELECT pg_sleep(2); COMMIT;")
-        time.sleep(0.3)
+        # The events come once the holder's UPDATE holds the row (it sleeps after it), however long
+        # psql takes to start on a busy machine: else the sink could apply them before the UPDATE,
+        # which then moves the position back behind a sink with nothing more to do.
+        deadline = time.time() + 10
+        while postgres.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'") != [["1"]]:
+            assert time.time() < deadline and holder.poll() is None, "the holder's UPDATE did not run"
+            time.sleep(0.02)
         orders += [r.execute_command("RESERVE", f"b{u}", "tv", 1) for u in range(10)]
         assert holder.wait(timeout=30) == 0, holder.stderr.read()
         assert settle(r, postgres, sink) >= last + 10
