@@ -943,7 +943,8 @@ final class ReplicaLink: Sendable {
             let selfVouching = primaryConfirmed == nil && server.configuration.minReplicasToWrite <= 1
             if let primaryConfirmed {
                 server.confirmEvents(through: primaryConfirmed)
-                try await outbound.write(Self.command(["REPLCONF", "CAPA", "CONFIRMED"]))
+                // A link that already closed says so at the next read, with what it sent before.
+                try? await outbound.write(Self.command(["REPLCONF", "CAPA", "CONFIRMED"]))
             } else if selfVouching {
                 server.confirmEvents(through: next - 1)
             } else if server.configuration.minReplicasToWrite > 1 {
