@@ -1700,3 +1700,44 @@ def test_replica_events_behind_an_older_primary(data_dir):
         for node in (two, one, primary):
             node.stop()
         relay.close()
+
+
+def test_replica_events_down_a_chain_keep_the_primarys_promise(data_dir):
+    """A replica of a replica (R3 follows R1) hears R1's confirmed position, which is no further than
+    the primary's; and R1's own replica acknowledging a change confirms nothing on R1 while R1 follows
+    a primary (with --min-replicas-to-write 1 on R1, R3's acknowledgement would otherwise have made R1
+    serve a change the primary answered -NOREPLICAS). Both serve it once the primary confirms it."""
+    semi = ["--min-replicas-to-write", "2", "--min-replicas-timeout-ms", "500"]
+    primary = Server(os.path.join(data_dir, "p"), "--shards", "2", *semi).start()
+    r1 = Server(os.path.join(data_dir, "r1"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}",
+                "--min-replicas-to-write", "1").start()
+    r2 = Server(os.path.join(data_dir, "r2"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}", *semi).start()
+    r3 = Server(os.path.join(data_dir, "r3"), "--shards", "2", "--replica-of", f"127.0.0.1:{r1.port}", *semi).start()
+    p = primary.client()
+    try:
+        wait_for_replicas(p, 2)
+        assert p.execute_command("SKU.ADD", "tv", 100) == "OK"
+        confirmed = wait_caught_up(primary, r3)
+        for node in (r1, r3):
+            served = node.client().execute_command("EVENTS", 1, "BLOCK", 5000)
+            assert served and served[-1][0] == confirmed, served
+        os.kill(r2.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+                p.execute_command("RESERVE", "unacked", "tv", 1)
+            unacked = wait_caught_up(primary, r3)  # on R1 and R3, acknowledged by R3 to R1
+            assert unacked == confirmed + 1
+            for node in (r1, r3):
+                assert node.client().execute_command("EVENTS", unacked, "BLOCK", 300) == [], node.logs()
+        finally:
+            os.kill(r2.proc.pid, signal.SIGCONT)
+        for node in (r1, r3):
+            events = node.client(socket_timeout=30).execute_command("EVENTS", unacked, "BLOCK", 20000)
+            assert [(e[0], e[3]) for e in events] == [(unacked, "unacked")], events
+    finally:
+        for node in (r3, r2, r1, primary):
+            try:
+                os.kill(node.proc.pid, signal.SIGCONT)
+            except (OSError, AttributeError):
+                pass
+            node.stop()
