@@ -54,18 +54,27 @@ final class DurablePositionWatch: Sendable {
     }
 
     /// Raises the position to `durable` (it never goes back here: see ``restarted(at:)``) and wakes
-    /// every waiter whose `from` is at or below it.
-    func publish(_ durable: UInt64) {
-        let ready: [CheckedContinuation<Bool, Never>] = state.withLock { s in
-            s.published = max(s.published, durable)
+    /// every waiter whose `from` is at or below it. Returns whether the position rose.
+    @discardableResult
+    func publish(_ durable: UInt64) -> Bool {
+        let (ready, raised): ([CheckedContinuation<Bool, Never>], Bool) = state.withLock { s in
+            guard durable > s.published else { return ([], false) }
+            s.published = durable
             var ready: [CheckedContinuation<Bool, Never>] = []
             for (id, waiter) in s.waiters where waiter.from <= durable {
                 ready.append(waiter.continuation)
                 s.waiters[id] = nil
             }
-            return ready
+            return (ready, true)
         }
         for continuation in ready { continuation.resume(returning: true) }
+        return raised
+    }
+
+    /// Lowers the position to `position` when it is above it (it is never raised here): what it
+    /// stood for past `position` no longer holds. Nobody is woken.
+    func cap(at position: UInt64) {
+        state.withLock { $0.published = min($0.published, position) }
     }
 
     /// The log started again at `durable` (a node rejoining a primary): the position published goes

@@ -11,9 +11,12 @@ import Synchronization
 //
 //   replica                                   primary
 //   AUTH password (when the primary has one)  -> +OK
-//   REPLICATE next [LISTENING-PORT p]         -> +CONTINUE next SHARDS n EPOCH e
+//   REPLICATE next [LISTENING-PORT p]         -> +CONTINUE next SHARDS n EPOCH e DURABLE d CONFIRMED c
+//   REPLCONF CAPA CONFIRMED                   ->
 //                                             <- $n <block>  (log blocks as written: header, LZ4
 //                                                 payload, CRC32C; each verified on both sides)
+//                                             <- +CONFIRMED c  (the primary's confirmed position, as
+//                                                 it rises: what the replica's EVENTS may serve)
 //                                             <- +HEARTBEAT durable  (once a second while idle)
 //   REPLACK position (durable on the replica) ->
 //
@@ -58,6 +61,9 @@ final class ReplicationState: Sendable {
         /// The last position the replica said its log made durable.
         var ackedLSN: UInt64
         var lastAckNanos: UInt64
+        /// Set when the replica asked for this node's confirmed position (`REPLCONF CAPA CONFIRMED`):
+        /// called when it rises (``confirmedRaised()``).
+        var confirmedListener: (@Sendable () -> Void)?
     }
 
     struct Link: Sendable {
@@ -68,6 +74,9 @@ final class ReplicationState: Sendable {
         var lastIONanos: UInt64 = 0
         /// The primary's durable position, as its last message said.
         var primaryDurableLSN: UInt64 = 0
+        /// The primary's confirmed position, as its last message said (`+CONTINUE ... CONFIRMED c`,
+        /// `+CONFIRMED c`); nil while this link has not heard one (a primary of an older build).
+        var primaryConfirmedLSN: UInt64?
         /// When this replica last had everything the primary had made durable.
         var caughtUpNanos: UInt64 = 0
         var lastError = ""
@@ -170,27 +179,48 @@ final class ReplicationState: Sendable {
 
     /// The confirmed position of a semi-synchronous node (`--min-replicas-to-write N`), the last one
     /// EVENTS serves (``ServerContext/eventsLimit``): the highest position ``eventsReplicas``
-    /// replicas acknowledged, or that a link to a primary vouched for
-    /// (``ServerContext/confirmEvents(through:)``). It only grows, but for a log that starts over
-    /// (``logStartedOver()``), and is 0 at start. Clients blocked in EVENTS on a
-    /// position durable here but not yet confirmed wait on it: woken when it is (no polling).
+    /// replicas acknowledged while this node follows nobody, or that a link to a primary vouched for
+    /// (``ServerContext/confirmEvents(through:)``: the primary's own confirmed position). It only
+    /// grows, but for a log that starts over (``logStartedOver()``) and a new link, which keeps it
+    /// only for records this log holds (``DurablePositionWatch/cap(at:)``); 0 at start. Clients
+    /// blocked in EVENTS on a position durable here but not yet confirmed wait on it: woken when it
+    /// is (no polling).
     let acknowledgedWatch = DurablePositionWatch()
     /// The replicas whose acknowledgement EVENTS waits for (`--min-replicas-to-write`; 0: none).
     let eventsReplicas = Atomic<Int>(0)
 
     func acknowledged(_ id: Int, lsn: UInt64) {
         let needed = eventsReplicas.load(ordering: .relaxed)
+        var listeners: [@Sendable () -> Void] = []
         let ready: [(@Sendable (Int) -> Void, Int)] = state.withLock { s in
             guard var replica = s.replicas[id] else { return [] }
             replica.ackedLSN = max(replica.ackedLSN, lsn)
             replica.lastAckNanos = monotonicNanos()
             s.replicas[id] = replica
             // Under the lock: ordered with ``logStartedOver()``, so no acknowledgement of the old
-            // log confirms a position of the new one.
-            if needed > 0 { acknowledgedWatch.publish(s.acknowledgedPosition(by: needed)) }
+            // log confirms a position of the new one. A node that follows a primary confirms only
+            // what that primary confirmed: its own replicas' acknowledgements say nothing of the
+            // primary's others.
+            if needed > 0, s.link == nil, acknowledgedWatch.publish(s.acknowledgedPosition(by: needed)) {
+                listeners = s.replicas.values.compactMap(\.confirmedListener)
+            }
             return s.satisfied()
         }
         for (done, count) in ready { done(count) }
+        for listener in listeners { listener() }
+    }
+
+    /// Replica `id` asked to hear this node's confirmed position: `listener` is called each time it
+    /// rises, until the replica's stream ends.
+    func listenConfirmed(_ id: Int, _ listener: @escaping @Sendable () -> Void) {
+        state.withLock { s in s.replicas[id]?.confirmedListener = listener }
+    }
+
+    /// This node's confirmed position rose (a primary's link vouched for more): the replicas that
+    /// listen are told.
+    func confirmedRaised() {
+        let listeners = state.withLock { s in s.replicas.values.compactMap(\.confirmedListener) }
+        for listener in listeners { listener() }
     }
 
     /// This node's log started over (a rejoin): the streams of its replicas are being closed and
@@ -307,6 +337,15 @@ final class ReplicaFeed: @unchecked Sendable {
     /// The last position sent on this stream: an acknowledgement beyond it is capped to it (a client
     /// cannot vouch for records it was never sent).
     private let sentThrough = Atomic<UInt64>(0)
+    /// The replica asked for this node's confirmed position (`REPLCONF CAPA CONFIRMED`).
+    private let wantsConfirmed = Atomic<Bool>(false)
+    /// `+CONTINUE` went out: from then on a `+CONFIRMED` line may go between the stream's writes
+    /// (never inside a full copy, whose file goes out in several).
+    private let streaming = Atomic<Bool>(false)
+    /// The highest confirmed position sent on this stream (``writeConfirmed(into:)``).
+    private let confirmedSent = Atomic<UInt64>(0)
+    /// A ``pushConfirmed()`` is queued on the channel's loop: at most one at a time.
+    private let confirmedPushQueued = Atomic<Bool>(false)
     /// Bytes the replica sent (REPLACK lines); only touched on the channel's loop.
     private var input = ByteBuffer()
     private var parser = RESPParser()
@@ -339,9 +378,50 @@ final class ReplicaFeed: @unchecked Sendable {
             if let id, arguments.count == 2, Word(arguments[0]) == Word("REPLACK"),
                let lsn = arguments[1].withUnsafeReadableBytes({ RESPParser.decimal($0) }), lsn >= 0 {
                 server.replication.acknowledged(id, lsn: min(UInt64(lsn), sentThrough.load(ordering: .acquiring)))
+            } else if let id, arguments.count == 3, Word(arguments[0]) == Word("REPLCONF"), Word(arguments[1]) == Word("CAPA"),
+                      Word(arguments[2]) == Word("CONFIRMED"), !wantsConfirmed.exchange(true, ordering: .acquiringAndReleasing) {
+                // A replica that keeps the promise of --min-replicas-to-write N for its EVENTS: it
+                // hears this node's confirmed position each time it rises. (Other words are ignored,
+                // as an older primary ignores this one.)
+                server.replication.listenConfirmed(id) { [weak self] in self?.pushConfirmed() }
+                pushConfirmed()
             }
         }
         input.discardReadBytes()
+    }
+
+    /// Sends this node's confirmed position (``ServerContext/eventsLimit``) on its own, when it rose
+    /// past what the stream carried (any thread). Coalesced: one write queued on the loop at a time,
+    /// which sends the position then current.
+    private func pushConfirmed() {
+        guard streaming.load(ordering: .acquiring), !confirmedPushQueued.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        channel.eventLoop.execute {
+            self.confirmedPushQueued.store(false, ordering: .releasing)
+            var out = self.channel.allocator.buffer(capacity: 32)
+            guard self.writeConfirmed(into: &out) else { return }
+            self.channel.writeAndFlush(out, promise: nil)
+        }
+    }
+
+    /// Writes `+CONFIRMED c` into `out` when the replica asked for it and `c`, this node's confirmed
+    /// position now, is past what the stream carried; false when there is nothing to say. Lines may
+    /// reach the replica out of order (from the loop and from the stream's task): it keeps the
+    /// highest, so each says only "confirmed at least through c".
+    private func writeConfirmed(into out: inout ByteBuffer) -> Bool {
+        guard wantsConfirmed.load(ordering: .acquiring) else { return false }
+        let confirmed = server.eventsLimit
+        var sent = confirmedSent.load(ordering: .relaxed)
+        while confirmed > sent {
+            let (exchanged, original) = confirmedSent.compareExchange(expected: sent, desired: confirmed, ordering: .relaxed)
+            if exchanged {
+                out.writeStaticString("+CONFIRMED ")
+                out.writeString(String(confirmed))
+                out.writeStaticString("\r\n")
+                return true
+            }
+            sent = original
+        }
+        return false
     }
 
     /// Streams until the link closes or the log cannot serve the replica. Refuses a replica whose
@@ -396,7 +476,14 @@ final class ReplicaFeed: @unchecked Sendable {
         // What the replica holds already (its position, or the full copy just sent) counts as sent.
         sentThrough.store(next - 1, ordering: .releasing)
         server.replication.acknowledged(id, lsn: next - 1)
-        guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount) EPOCH \(epoch) DURABLE \(journal.lastDurableLSN)\r\n") else { return }
+        // CONFIRMED: what this node's EVENTS serves (its confirmed position); a replica of this build
+        // serves no further, an older one ignores the word.
+        let confirmed = server.eventsLimit
+        confirmedSent.store(confirmed, ordering: .relaxed)
+        guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount) EPOCH \(epoch) DURABLE \(journal.lastDurableLSN) CONFIRMED \(confirmed)\r\n") else { return }
+        streaming.store(true, ordering: .releasing)
+        // A REPLCONF that came before (a replica does not send it so early) is answered now.
+        pushConfirmed()
         let reader = LogReader(directory: server.store.directory)
         var lastSentNanos = monotonicNanos()
         var emptySinceNanos: UInt64?
@@ -431,7 +518,10 @@ final class ReplicaFeed: @unchecked Sendable {
                     continue
                 case .success(let blocks):
                     emptySinceNanos = nil
-                    var out = channel.allocator.buffer(capacity: blocks.reduce(0) { $0 + $1.bytes.count + 16 })
+                    var out = channel.allocator.buffer(capacity: blocks.reduce(0) { $0 + $1.bytes.count + 16 } + 32)
+                    // The confirmed position rides with the blocks when it rose: on a node without
+                    // --min-replicas-to-write it is the durable end, which moves with them.
+                    _ = writeConfirmed(into: &out)
                     for block in blocks {
                         out.writeString("$\(block.bytes.count)\r\n")
                         out.writeBytes(block.bytes)
@@ -621,6 +711,9 @@ final class ReplicaLink: Sendable {
     private func session() async throws {
         // The primary's durable end when this link began (``endStartingOver(holding:primaryHad:)``).
         var caughtUpAt: UInt64?
+        // The primary's confirmed position at the handshake (`CONFIRMED c`); nil: an older build,
+        // which never sends it.
+        var primaryConfirmed: UInt64?
         let channel = try await ClientBootstrap(group: group)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .connectTimeout(.seconds(5))
@@ -635,7 +728,7 @@ final class ReplicaLink: Sendable {
         // A link silent for ``ReplicationLimits/silenceSeconds`` (the primary sends heartbeats) is
         // closed, which ends the reads below; so is the link of a cancelled task.
         let raw = channel.channel
-        server.replication.updateLink { $0.lastIONanos = monotonicNanos(); $0.primaryDurableLSN = 0 }
+        server.replication.updateLink { $0.lastIONanos = monotonicNanos(); $0.primaryDurableLSN = 0; $0.primaryConfirmedLSN = nil }
         let silent = Atomic<Bool>(false)
         let watchdog = Task {
             while !Task.isCancelled {
@@ -771,6 +864,9 @@ final class ReplicaLink: Sendable {
                 if let at = words.firstIndex(of: "DURABLE"), at + 1 < words.count, let durable = UInt64(words[at + 1]) {
                     caughtUpAt = durable
                 }
+                if let at = words.firstIndex(of: "CONFIRMED"), at + 1 < words.count, let confirmed = UInt64(words[at + 1]) {
+                    primaryConfirmed = confirmed
+                }
                 guard shards == engine.shardCount else {
                     guard shards >= 1, shards <= Limits.shardCountMax else {
                         throw ReplicationError("the primary's answer names no valid shard count: \(reply.prefix(80))", fatal: true)
@@ -834,9 +930,27 @@ final class ReplicaLink: Sendable {
             }
             // The last error stays until the stream proves sound (its first heartbeat or blocks):
             // a link that breaks at once on each attempt keeps saying why.
-            server.replication.updateLink { $0.state = "connected"; $0.linksMade += 1 }
+            server.replication.updateLink { $0.state = "connected"; $0.linksMade += 1; $0.primaryConfirmedLSN = primaryConfirmed }
             var sound = false
-            server.confirmEvents(through: next - 1)
+            // EVENTS here serves what the primary confirmed (--min-replicas-to-write N: on its disk
+            // and acknowledged by N replicas), no further. What an earlier link confirmed holds for
+            // the records this log keeps (the handshake found them to be this primary's too), not
+            // for positions it does not hold yet: those will be this primary's records.
+            server.replication.acknowledgedWatch.cap(at: next - 1)
+            // A primary of an older build never says what it confirmed. What this replica holds from
+            // it is on the primary and here: the promise of N = 1, kept as before when that is all
+            // this node promises; for N of 2 or more nothing past what was confirmed before.
+            let selfVouching = primaryConfirmed == nil && server.configuration.minReplicasToWrite <= 1
+            if let primaryConfirmed {
+                server.confirmEvents(through: primaryConfirmed)
+                // A link that already closed says so at the next read, with what it sent before.
+                try? await outbound.write(Self.command(["REPLCONF", "CAPA", "CONFIRMED"]))
+            } else if selfVouching {
+                server.confirmEvents(through: next - 1)
+            } else if server.configuration.minReplicasToWrite > 1 {
+                server.logger.warning(
+                    "\(host):\(port) does not send its confirmed position (an older build): EVENTS here serves nothing past position \(server.eventsLimit) while it is the primary (--min-replicas-to-write \(server.configuration.minReplicasToWrite)); upgrade it or read EVENTS from it")
+            }
             // Under a coordinator, following its cluster's primary makes this directory one of its nodes.
             if let coordinator = server.coordinator.withLock({ $0 }), coordinator.etcd.clusterID != nil {
                 do { try server.store.directory.recordCluster(coordinator.membership) } catch {
@@ -855,9 +969,11 @@ final class ReplicaLink: Sendable {
                 var pending = [first]
                 while pending.count < 256, let more = try StreamMessage.parse(&input) { pending.append(more) }
                 var records: [Record] = []
+                var heartbeat = false
                 for item in pending {
                     switch item {
                     case .line(let line) where line.hasPrefix("+HEARTBEAT "):
+                        heartbeat = true
                         if let durable = UInt64(line.dropFirst("+HEARTBEAT ".count)) {
                             if caughtUpAt == nil { caughtUpAt = durable }
                             if startingOver { startingOver = endStartingOver(holding: next - 1, primaryHad: caughtUpAt) }
@@ -865,6 +981,11 @@ final class ReplicaLink: Sendable {
                                 link.primaryDurableLSN = max(link.primaryDurableLSN, durable)
                                 if next > durable { link.caughtUpNanos = monotonicNanos() }
                             }
+                        }
+                    case .line(let line) where line.hasPrefix("+CONFIRMED "):
+                        if let confirmed = UInt64(line.dropFirst("+CONFIRMED ".count)) {
+                            server.confirmEvents(through: confirmed)
+                            server.replication.updateLink { $0.primaryConfirmedLSN = max($0.primaryConfirmedLSN ?? 0, confirmed) }
                         }
                     case .line(let line) where line.hasPrefix("-TRIMMED"):
                         throw ReplicationError(
@@ -890,7 +1011,9 @@ final class ReplicaLink: Sendable {
                     server.replication.updateLink { $0.lastError = "" }
                 }
                 guard !records.isEmpty else {
-                    try await outbound.write(Self.command(["REPLACK", String(journal.lastDurableLSN)]))
+                    // A heartbeat is answered (the primary sees the replica alive); a confirmed
+                    // position alone is not, or each would cost the primary an acknowledgement.
+                    if heartbeat { try await outbound.write(Self.command(["REPLACK", String(journal.lastDurableLSN)])) }
                     continue
                 }
                 // The state first, through recovery's checks; then the replica's own log (same
@@ -924,7 +1047,7 @@ final class ReplicaLink: Sendable {
                 do throws(Rejection) { try await journal.waitDurable(reached) } catch {
                     throw ReplicationError("this replica's log failed: \(error)", fatal: true)
                 }
-                server.confirmEvents(through: reached)
+                if selfVouching { server.confirmEvents(through: reached) }
                 if startingOver { startingOver = endStartingOver(holding: reached, primaryHad: caughtUpAt) }
                 if let failure {
                     throw ReplicationError(

@@ -510,6 +510,8 @@ final class ServerContext: Sendable {
                 ("slave_read_only", "1"), ("replica_lag_records", String(lagRecords)), ("replica_lag_ms", String(lagMillis)),
                 // An INFO value holds no comma or line end (clients split on them).
                 ("master_link_error", infoText(link.lastError)), ("master_links_made", String(link.linksMade)),
+                // -1: the primary has not said (an older build never does).
+                ("master_confirmed_position", link.primaryConfirmedLSN.map { String($0) } ?? "-1"),
                 ("log_epoch", String(engine.epochs.lastEpoch)),
             ] + coordinatorInfo()
         }
@@ -636,20 +638,23 @@ final class ServerContext: Sendable {
     /// its role now. A change that N replicas do not have is not yet answered to its client and may
     /// be lost in a failover: a consumer must not see it before (as Kafka's consumers read up to the
     /// high watermark), nor after the node stepped down, where a rejoin may discard it. Confirmed:
-    /// acknowledged by N replicas (as primary), or vouched for by a primary's link (as replica: the
-    /// handshake checked the log up to its position, and what follows came from the primary); the
-    /// highest position confirmed so far, so 0 after a restart until it is again. BEYOND stays
-    /// relative to the durable end: such a position is this log's, only not yet confirmed.
+    /// acknowledged by N replicas (as primary), or confirmed by the primary a link follows (as
+    /// replica: the primary's own confirmed position, sent in its stream, for the records this log
+    /// holds from it); the highest position confirmed so far, so 0 after a restart until it is
+    /// again. BEYOND stays relative to the durable end: such a position is this log's, only not yet
+    /// confirmed. A primary sends this value to its replicas as its confirmed position.
     var eventsLimit: UInt64 {
         let durable = store.journal.lastDurableLSN
         guard configuration.minReplicasToWrite > 0 else { return durable }
         return min(durable, replication.acknowledgedWatch.position)
     }
 
-    /// A link to a primary vouched for this log through `position` (its handshake, or the records
-    /// it brought, durable here): EVENTS may serve them, and its blocked clients are woken.
+    /// A link to a primary vouched for this log through `position` (the primary's confirmed
+    /// position; from a primary of an older build, at most N = 1: its handshake, or the records it
+    /// brought, durable here): EVENTS may serve them, its blocked clients are woken, and the
+    /// replicas of this node that listen hear it.
     func confirmEvents(through position: UInt64) {
-        replication.acknowledgedWatch.publish(position)
+        if replication.acknowledgedWatch.publish(position) { replication.confirmedRaised() }
     }
 
     func skuName(_ shard: Int, _ index: UInt32) -> Name {

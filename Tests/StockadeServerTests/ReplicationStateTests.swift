@@ -63,6 +63,37 @@ import Testing
         #expect(state.acknowledgedWatch.position == 0)
     }
 
+    /// Replicas that listen hear the confirmed position each time it rises (and only then); a node
+    /// that follows a primary confirms only what the primary says, not what its own replicas
+    /// acknowledged; a new link keeps it only for the records the log holds.
+    @Test func listenersHearTheConfirmedPositionRiseAndAFollowerConfirmsOnlyItsPrimarysWord() {
+        let state = ReplicationState()
+        state.eventsReplicas.store(1, ordering: .relaxed)
+        let heard = Atomic<Int>(0)
+        let a = state.addReplica(.init(address: "a", listeningPort: 1, ackedLSN: 0, lastAckNanos: 0))!
+        state.listenConfirmed(a) { heard.add(1, ordering: .relaxed) }
+        state.acknowledged(a, lsn: 4)
+        #expect(state.acknowledgedWatch.position == 4 && heard.load(ordering: .relaxed) == 1)
+        state.acknowledged(a, lsn: 4)  // no rise, nothing said
+        #expect(heard.load(ordering: .relaxed) == 1)
+        // Following a primary: its replica's acknowledgement confirms nothing here.
+        state.setLink(.init(host: "p", port: 1))
+        state.acknowledged(a, lsn: 9)
+        #expect(state.acknowledgedWatch.position == 4 && heard.load(ordering: .relaxed) == 1)
+        #expect(state.acknowledgedWatch.publish(12))  // the primary's word
+        state.confirmedRaised()
+        #expect(heard.load(ordering: .relaxed) == 2)
+        #expect(!state.acknowledgedWatch.publish(11))
+        state.acknowledgedWatch.cap(at: 10)
+        #expect(state.acknowledgedWatch.position == 10)
+        state.acknowledgedWatch.cap(at: 20)
+        #expect(state.acknowledgedWatch.position == 10)
+        // A stream that ended takes its listener with it.
+        state.removeReplica(a)
+        state.confirmedRaised()
+        #expect(heard.load(ordering: .relaxed) == 2)
+    }
+
     /// Replica streams are bounded like clients: past the bound a stream is refused.
     @Test func replicaStreamsAreBounded() {
         let state = ReplicationState()

@@ -11,7 +11,7 @@ import time
 import pytest
 import redis
 
-from conftest import BINARY, LoopbackListener, Server
+from conftest import BINARY, LoopbackListener, Server, ThreadedLoopbackListener
 
 
 def info(r, section="replication"):
@@ -1551,6 +1551,224 @@ def test_events_of_a_semi_synchronous_node_serve_only_confirmed_changes_whatever
         for node in (a, b, c):
             if node is None:
                 continue
+            try:
+                os.kill(node.proc.pid, signal.SIGCONT)
+            except (OSError, AttributeError):
+                pass
+            node.stop()
+
+
+def test_replica_events_keep_the_promise_of_two_replicas(data_dir):
+    """With --min-replicas-to-write 2, a change only one replica acknowledged is answered -NOREPLICAS
+    and the primary's EVENTS holds it back; a replica's EVENTS served it anyway (it vouched for what
+    it held from the primary: the promise of N = 1). The primary now sends its confirmed position in
+    the stream and a replica serves no further; a consumer blocked on the replica is woken when the
+    other replica acknowledges (the confirmed position moves, no new record comes)."""
+    semi = ["--min-replicas-to-write", "2", "--min-replicas-timeout-ms", "500"]
+    primary = Server(os.path.join(data_dir, "p"), "--shards", "2", *semi).start()
+    r1 = Server(os.path.join(data_dir, "r1"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}", *semi).start()
+    r2 = Server(os.path.join(data_dir, "r2"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}", *semi).start()
+    p = primary.client()
+    try:
+        wait_for_replicas(p, 2)
+        assert p.execute_command("SKU.ADD", "tv", 100) == "OK"  # both replicas acknowledged it
+        confirmed = int(info(p, "persistence")["log_position_durable"])
+        wait_caught_up(primary, r1)
+        os.kill(r2.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+                p.execute_command("RESERVE", "unacked", "tv", 1)
+            unacked = wait_caught_up(primary, r1)  # durable on the primary and on R1, not on R2
+            assert unacked == confirmed + 1
+            assert p.execute_command("EVENTS", unacked, "BLOCK", 300) == []
+            assert r1.client().execute_command("EVENTS", unacked, "BLOCK", 300) == []
+            served = r1.client().execute_command("EVENTS", 1, "COUNT", 100)
+            assert served and served[-1][0] == confirmed, served
+            woken = {}
+            consumer = threading.Thread(target=lambda: woken.setdefault(
+                "events", r1.client(socket_timeout=30).execute_command("EVENTS", unacked, "BLOCK", 20000)))
+            consumer.start()
+            deadline = time.time() + 5
+            while int(info(r1.client(), "clients")["blocked_events_clients"]) < 1 and time.time() < deadline:
+                time.sleep(0.02)
+            assert consumer.is_alive() and int(info(r1.client(), "clients")["blocked_events_clients"]) == 1
+        finally:
+            os.kill(r2.proc.pid, signal.SIGCONT)
+        consumer.join(25)
+        assert not consumer.is_alive()
+        events = woken["events"]
+        assert [(e[0], e[1], e[3]) for e in events] == [(unacked, "created", "unacked")], events
+    finally:
+        for node in (r2, r1, primary):
+            try:
+                os.kill(node.proc.pid, signal.SIGCONT)
+            except (OSError, AttributeError):
+                pass
+            node.stop()
+
+
+def test_replica_events_serve_a_change_two_replicas_acknowledged(data_dir):
+    """The normal case of --min-replicas-to-write 2: both replicas acknowledge a change, and a consumer
+    blocked in EVENTS on a replica gets it, woken by the primary's confirmed position (a replica
+    learns of the second acknowledgement only from the primary: no record follows the change here,
+    and heartbeats do not carry it)."""
+    semi = ["--min-replicas-to-write", "2", "--min-replicas-timeout-ms", "5000"]
+    primary = Server(os.path.join(data_dir, "p"), "--shards", "2", *semi).start()
+    replicas = [Server(os.path.join(data_dir, name), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}", *semi).start()
+                for name in ("r1", "r2")]
+    p = primary.client()
+    try:
+        wait_for_replicas(p, 2)
+        assert p.execute_command("SKU.ADD", "tv", 100) == "OK"
+        position = int(info(p, "persistence")["log_position_durable"]) + 1
+        woken = {}
+        consumers = [threading.Thread(target=lambda node=node: woken.setdefault(
+            node.port, node.client(socket_timeout=30).execute_command("EVENTS", position, "BLOCK", 20000)))
+            for node in replicas]
+        for consumer in consumers:
+            consumer.start()
+        for node in replicas:
+            deadline = time.time() + 5
+            while int(info(node.client(), "clients")["blocked_events_clients"]) < 1 and time.time() < deadline:
+                time.sleep(0.02)
+        assert p.execute_command("RESERVE", "ann", "tv", 2)  # answered: both replicas have it
+        for consumer in consumers:
+            consumer.join(25)
+            assert not consumer.is_alive()
+        for node in replicas:
+            events = woken[node.port]
+            assert [(e[0], e[1], e[3]) for e in events] == [(position, "created", "ann")], events
+            link = info(node.client())
+            assert int(link["master_confirmed_position"]) >= position, link
+    finally:
+        for node in (*replicas, primary):
+            node.stop()
+
+
+class OlderPrimaryRelay(ThreadedLoopbackListener):
+    """Passes a replica's link to a primary through, as a primary of an older build would speak:
+    `+CONTINUE` without its `CONFIRMED c` and no `+CONFIRMED` lines (the stream is parsed message by
+    message: status lines, and blocks as `$n` bulk strings). The replica's words pass unchanged (an
+    older primary ignores what it does not know, as this one is told nothing after the handshake)."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        super().__init__()
+
+    def serve(self, conn):
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        threading.Thread(target=self.pipe_up, args=(conn, upstream), daemon=True).start()
+        buf = b""
+        try:
+            while True:
+                data = upstream.recv(65536)
+                if not data:
+                    break
+                buf += data
+                out = b""
+                while True:
+                    end = buf.find(b"\r\n")
+                    if end < 0:
+                        break
+                    if buf.startswith(b"$"):
+                        size = int(buf[1:end])
+                        if len(buf) < end + 2 + size + 2:
+                            break
+                        out += buf[:end + 2 + size + 2]
+                        buf = buf[end + 2 + size + 2:]
+                        continue
+                    line, buf = buf[:end], buf[end + 2:]
+                    if line.startswith(b"+CONFIRMED "):
+                        continue
+                    if line.startswith(b"+CONTINUE "):
+                        line = line.split(b" CONFIRMED ")[0]
+                    out += line + b"\r\n"
+                conn.sendall(out)
+        except OSError:
+            pass
+        finally:
+            for s in (conn, upstream):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    @staticmethod
+    def pipe_up(source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+
+
+def test_replica_events_behind_an_older_primary(data_dir):
+    """A primary of an older build never sends its confirmed position. A replica that promises N = 1
+    for its EVENTS serves what it holds from it (on the primary and here, as before); one that
+    promises N = 2 cannot prove it and serves nothing past what it had confirmed (INFO says
+    master_confirmed_position:-1). Each gets every record all the same."""
+    primary = Server(os.path.join(data_dir, "p"), "--shards", "2", "--min-replicas-to-write", "1").start()
+    relay = OlderPrimaryRelay(primary.port)
+    one = Server(os.path.join(data_dir, "one"), "--shards", "2", "--replica-of", f"127.0.0.1:{relay.port}",
+                 "--min-replicas-to-write", "1").start()
+    two = Server(os.path.join(data_dir, "two"), "--shards", "2", "--replica-of", f"127.0.0.1:{relay.port}",
+                 "--min-replicas-to-write", "2").start()
+    p = primary.client()
+    try:
+        wait_for_replicas(p, 2)
+        assert p.execute_command("SKU.ADD", "tv", 100) == "OK"
+        position = wait_caught_up(primary, one)
+        assert wait_caught_up(primary, two) == position
+        served = one.client().execute_command("EVENTS", 1, "BLOCK", 5000)
+        assert served and served[-1][0] == position, served
+        assert two.client().execute_command("EVENTS", 1, "BLOCK", 300) == []
+        for node in (one, two):
+            assert info(node.client())["master_confirmed_position"] == -1
+        assert "does not send its confirmed position" in two.logs()
+    finally:
+        for node in (two, one, primary):
+            node.stop()
+        relay.close()
+
+
+def test_replica_events_down_a_chain_keep_the_primarys_promise(data_dir):
+    """A replica of a replica (R3 follows R1) hears R1's confirmed position, which is no further than
+    the primary's; and R1's own replica acknowledging a change confirms nothing on R1 while R1 follows
+    a primary (with --min-replicas-to-write 1 on R1, R3's acknowledgement would otherwise have made R1
+    serve a change the primary answered -NOREPLICAS). Both serve it once the primary confirms it."""
+    semi = ["--min-replicas-to-write", "2", "--min-replicas-timeout-ms", "500"]
+    primary = Server(os.path.join(data_dir, "p"), "--shards", "2", *semi).start()
+    r1 = Server(os.path.join(data_dir, "r1"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}",
+                "--min-replicas-to-write", "1").start()
+    r2 = Server(os.path.join(data_dir, "r2"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}", *semi).start()
+    r3 = Server(os.path.join(data_dir, "r3"), "--shards", "2", "--replica-of", f"127.0.0.1:{r1.port}", *semi).start()
+    p = primary.client()
+    try:
+        wait_for_replicas(p, 2)
+        assert p.execute_command("SKU.ADD", "tv", 100) == "OK"
+        confirmed = wait_caught_up(primary, r3)
+        for node in (r1, r3):
+            served = node.client().execute_command("EVENTS", 1, "BLOCK", 5000)
+            assert served and served[-1][0] == confirmed, served
+        os.kill(r2.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+                p.execute_command("RESERVE", "unacked", "tv", 1)
+            unacked = wait_caught_up(primary, r3)  # on R1 and R3, acknowledged by R3 to R1
+            assert unacked == confirmed + 1
+            for node in (r1, r3):
+                assert node.client().execute_command("EVENTS", unacked, "BLOCK", 300) == [], node.logs()
+        finally:
+            os.kill(r2.proc.pid, signal.SIGCONT)
+        for node in (r1, r3):
+            events = node.client(socket_timeout=30).execute_command("EVENTS", unacked, "BLOCK", 20000)
+            assert [(e[0], e[3]) for e in events] == [(unacked, "unacked")], events
+    finally:
+        for node in (r3, r2, r1, primary):
             try:
                 os.kill(node.proc.pid, signal.SIGCONT)
             except (OSError, AttributeError):
