@@ -35,6 +35,10 @@ public enum Rejection: Error, Equatable, Sendable {
     /// Semi-synchronous replication: the change is durable here, but only `acknowledged` of the
     /// `wanted` replicas had it durably in time, so a failover may lose it.
     case notReplicated(acknowledged: Int, wanted: Int)
+    /// Semi-synchronous replication: the change is durable here, and replicas acknowledged it, but
+    /// only after this node stopped taking changes (its lease lapsed, or it stepped down): a newer
+    /// primary may have been chosen without it, so a failover may lose it.
+    case replicatedTooLate(wanted: Int)
 }
 
 /// A reply from the engine to one ``Command``.

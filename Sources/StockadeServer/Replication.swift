@@ -189,7 +189,9 @@ final class ReplicationState: Sendable {
     /// The replicas whose acknowledgement EVENTS waits for (`--min-replicas-to-write`; 0: none).
     let eventsReplicas = Atomic<Int>(0)
 
-    func acknowledged(_ id: Int, lsn: UInt64) {
+    /// Replica `id` has `lsn` durably. `confirming`: this node takes changes (a primary within its
+    /// lease): only then does an acknowledgement raise its confirmed position.
+    func acknowledged(_ id: Int, lsn: UInt64, confirming: Bool = true) {
         let needed = eventsReplicas.load(ordering: .relaxed)
         var listeners: [@Sendable () -> Void] = []
         let ready: [(@Sendable (Int) -> Void, Int)] = state.withLock { s in
@@ -201,7 +203,7 @@ final class ReplicationState: Sendable {
             // log confirms a position of the new one. A node that follows a primary confirms only
             // what that primary confirmed: its own replicas' acknowledgements say nothing of the
             // primary's others.
-            if needed > 0, s.link == nil, acknowledgedWatch.publish(s.acknowledgedPosition(by: needed)) {
+            if needed > 0, s.link == nil, confirming, acknowledgedWatch.publish(s.acknowledgedPosition(by: needed)) {
                 listeners = s.replicas.values.compactMap(\.confirmedListener)
             }
             return s.satisfied()
@@ -377,7 +379,8 @@ final class ReplicaFeed: @unchecked Sendable {
             guard case .command(let arguments) = outcome else { break }
             if let id, arguments.count == 2, Word(arguments[0]) == Word("REPLACK"),
                let lsn = arguments[1].withUnsafeReadableBytes({ RESPParser.decimal($0) }), lsn >= 0 {
-                server.replication.acknowledged(id, lsn: min(UInt64(lsn), sentThrough.load(ordering: .acquiring)))
+                server.replication.acknowledged(
+                    id, lsn: min(UInt64(lsn), sentThrough.load(ordering: .acquiring)), confirming: !server.engine.role.isReadOnly)
             } else if let id, arguments.count == 3, Word(arguments[0]) == Word("REPLCONF"), Word(arguments[1]) == Word("CAPA"),
                       Word(arguments[2]) == Word("CONFIRMED"), !wantsConfirmed.exchange(true, ordering: .acquiringAndReleasing) {
                 // A replica that keeps the promise of --min-replicas-to-write N for its EVENTS: it
@@ -409,7 +412,7 @@ final class ReplicaFeed: @unchecked Sendable {
     /// highest, so each says only "confirmed at least through c".
     private func writeConfirmed(into out: inout ByteBuffer) -> Bool {
         guard wantsConfirmed.load(ordering: .acquiring) else { return false }
-        let confirmed = server.eventsLimit
+        let confirmed = server.confirmedForReplicas
         var sent = confirmedSent.load(ordering: .relaxed)
         while confirmed > sent {
             let (exchanged, original) = confirmedSent.compareExchange(expected: sent, desired: confirmed, ordering: .relaxed)
@@ -475,10 +478,10 @@ final class ReplicaFeed: @unchecked Sendable {
         }
         // What the replica holds already (its position, or the full copy just sent) counts as sent.
         sentThrough.store(next - 1, ordering: .releasing)
-        server.replication.acknowledged(id, lsn: next - 1)
+        server.replication.acknowledged(id, lsn: next - 1, confirming: !server.engine.role.isReadOnly)
         // CONFIRMED: what this node's EVENTS serves (its confirmed position); a replica of this build
         // serves no further, an older one ignores the word.
-        let confirmed = server.eventsLimit
+        let confirmed = server.confirmedForReplicas
         confirmedSent.store(confirmed, ordering: .relaxed)
         guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount) EPOCH \(epoch) DURABLE \(journal.lastDurableLSN) CONFIRMED \(confirmed)\r\n") else { return }
         streaming.store(true, ordering: .releasing)
@@ -864,7 +867,7 @@ final class ReplicaLink: Sendable {
                 if let at = words.firstIndex(of: "DURABLE"), at + 1 < words.count, let durable = UInt64(words[at + 1]) {
                     caughtUpAt = durable
                 }
-                if let at = words.firstIndex(of: "CONFIRMED"), at + 1 < words.count, let confirmed = UInt64(words[at + 1]) {
+                if let at = words.firstIndex(of: "CONFIRMED"), at + 1 < words.count, let confirmed = Self.position(words[at + 1]) {
                     primaryConfirmed = confirmed
                 }
                 guard shards == engine.shardCount else {
@@ -983,7 +986,7 @@ final class ReplicaLink: Sendable {
                             }
                         }
                     case .line(let line) where line.hasPrefix("+CONFIRMED "):
-                        if let confirmed = UInt64(line.dropFirst("+CONFIRMED ".count)) {
+                        if let confirmed = Self.position(line.dropFirst("+CONFIRMED ".count)) {
                             server.confirmEvents(through: confirmed)
                             server.replication.updateLink { $0.primaryConfirmedLSN = max($0.primaryConfirmedLSN ?? 0, confirmed) }
                         }
@@ -1151,6 +1154,13 @@ final class ReplicaLink: Sendable {
     }
 
     /// A command as a RESP array of bulk strings.
+    /// A log position as a primary writes one: 1 to 20 ASCII digits, nothing else (no sign, no
+    /// spaces), within 64 bits.
+    static func position(_ text: Substring) -> UInt64? {
+        guard !text.isEmpty, text.utf8.count <= 20, text.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }) else { return nil }
+        return UInt64(text)
+    }
+
     static func command(_ words: [String]) -> ByteBuffer {
         var out = ByteBuffer()
         out.writeRESPArrayHeader(words.count)

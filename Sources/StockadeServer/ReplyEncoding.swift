@@ -113,6 +113,8 @@ package enum ReplyEncoding {
         case .readOnly: "READONLY You can't write against a read only replica."
         case .notReplicated(let acknowledged, let wanted):
             "NOREPLICAS the change is durable on this primary, but only \(acknowledged) of \(wanted) replicas acknowledged it in time (--min-replicas-timeout-ms); a failover before they have it loses it"
+        case .replicatedTooLate(let wanted):
+            "NOREPLICAS the change is durable on this primary, but its \(wanted) replicas acknowledged it only after this node stopped taking changes (its lease lapsed, or it stepped down): a newer primary may not have it"
         }
     }
 

@@ -466,10 +466,15 @@ final class ServerContext: Sendable {
         let wanted = configuration.minReplicasToWrite
         let deadline = monotonicNanos() + UInt64(configuration.minReplicasTimeoutMillis) * 1_000_000
         replication.whenAcknowledged(by: wanted, position: position, deadlineNanos: deadline) { acknowledged in
-            guard acknowledged < wanted else { return done(replies) }
+            // Acknowledged in time, and while this node still takes changes: once its lease lapsed
+            // (or it stepped down), another node may have been elected without the change, and
+            // replicas that still follow this one prove nothing about that node.
+            let fenced = self.engine.role.isReadOnly
+            guard acknowledged < wanted || fenced else { return done(replies) }
+            let rejection: Rejection = acknowledged < wanted ? .notReplicated(acknowledged: acknowledged, wanted: wanted) : .replicatedTooLate(wanted: wanted)
             done(zip(batch, replies).map { command, reply in
                 if case .rejected = reply { return reply }
-                return command.isChange ? .rejected(.notReplicated(acknowledged: acknowledged, wanted: wanted)) : reply
+                return command.isChange ? .rejected(rejection) : reply
             })
         }
     }
@@ -646,6 +651,16 @@ final class ServerContext: Sendable {
     var eventsLimit: UInt64 {
         let durable = store.journal.lastDurableLSN
         guard configuration.minReplicasToWrite > 0 else { return durable }
+        return min(durable, replication.acknowledgedWatch.position)
+    }
+
+    /// The position this node tells its replicas is confirmed (`CONFIRMED`, ``ReplicaFeed``): what
+    /// its EVENTS serves, and on a node that follows a primary never past what that primary
+    /// confirmed, whatever this node's own `--min-replicas-to-write` (a replica without it serves its
+    /// whole log, which promises nothing to replicas of its own that run with it).
+    var confirmedForReplicas: UInt64 {
+        let durable = store.journal.lastDurableLSN
+        guard configuration.minReplicasToWrite > 0 || engine.role.isFollower else { return durable }
         return min(durable, replication.acknowledgedWatch.position)
     }
 

@@ -1735,17 +1735,22 @@ def test_replica_events_behind_an_older_primary(data_dir):
         relay.close()
 
 
-def test_replica_events_down_a_chain_keep_the_primarys_promise(data_dir):
+@pytest.mark.parametrize("r1_flags", [["--min-replicas-to-write", "1"], []], ids=["r1-semi", "r1-plain"])
+def test_replica_events_down_a_chain_keep_the_primarys_promise(data_dir, r1_flags):
     """A replica of a replica (R3 follows R1) hears R1's confirmed position, which is no further than
-    the primary's; and R1's own replica acknowledging a change confirms nothing on R1 while R1 follows
-    a primary (with --min-replicas-to-write 1 on R1, R3's acknowledgement would otherwise have made R1
-    serve a change the primary answered -NOREPLICAS). Both serve it once the primary confirms it."""
+    the primary's, also when R1 itself runs without --min-replicas-to-write (it then serves its whole
+    log to its own consumers, but tells R3 only what the primary confirmed); and R1's own replica
+    acknowledging a change confirms nothing on R1 while R1 follows a primary (with
+    --min-replicas-to-write 1 on R1, R3's acknowledgement would otherwise have made R1 serve a change
+    the primary answered -NOREPLICAS). Both serve it once the primary confirms it."""
     semi = ["--min-replicas-to-write", "2", "--min-replicas-timeout-ms", "500"]
     primary = Server(os.path.join(data_dir, "p"), "--shards", "2", *semi).start()
     r1 = Server(os.path.join(data_dir, "r1"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}",
-                "--min-replicas-to-write", "1").start()
+                *r1_flags).start()
     r2 = Server(os.path.join(data_dir, "r2"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}", *semi).start()
     r3 = Server(os.path.join(data_dir, "r3"), "--shards", "2", "--replica-of", f"127.0.0.1:{r1.port}", *semi).start()
+    # The nodes that hold back what the primary did not confirm: R3, and R1 when it runs with the flag.
+    promising = (r1, r3) if r1_flags else (r3,)
     p = primary.client()
     try:
         wait_for_replicas(p, 2)
@@ -1760,7 +1765,7 @@ def test_replica_events_down_a_chain_keep_the_primarys_promise(data_dir):
                 p.execute_command("RESERVE", "unacked", "tv", 1)
             unacked = wait_caught_up(primary, r3)  # on R1 and R3, acknowledged by R3 to R1
             assert unacked == confirmed + 1
-            for node in (r1, r3):
+            for node in promising:
                 assert node.client().execute_command("EVENTS", unacked, "BLOCK", 300) == [], node.logs()
         finally:
             os.kill(r2.proc.pid, signal.SIGCONT)
@@ -1774,3 +1779,48 @@ def test_replica_events_down_a_chain_keep_the_primarys_promise(data_dir):
             except (OSError, AttributeError):
                 pass
             node.stop()
+
+
+def test_a_change_acknowledged_after_its_primary_stopped_taking_changes_is_not_answered_ok(data_dir):
+    """A semi-synchronous change waits for its replica; meanwhile the primary stops taking changes
+    (here REPLICAOF; under a coordinator, its lease lapsing while the process is frozen) and only then
+    the replica acknowledges. By then another primary may have been chosen without the change, so
+    the client gets NOREPLICAS, not OK. (Before, the late acknowledgement answered OK: a review saw
+    such changes lost in a coordinated failover with --min-replicas-to-write 1 on every node.)"""
+    # Started as a replica and promoted: such a node may follow another again at runtime.
+    primary = Server(os.path.join(data_dir, "p"), "--shards", "2", "--min-replicas-to-write", "1",
+                     "--min-replicas-timeout-ms", "15000", "--replica-of", f"127.0.0.1:{free_port()}").start()
+    p = primary.client()
+    assert p.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+    replica = Server(os.path.join(data_dir, "r"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}").start()
+    result = {}
+
+    def reserve():
+        try:
+            result["reply"] = primary.client(socket_timeout=30).execute_command("RESERVE", "late", "tv", 1)
+        except redis.ResponseError as e:
+            result["error"] = str(e)
+
+    try:
+        wait_for_replicas(p)
+        assert p.execute_command("SKU.ADD", "tv", 10) == "OK"
+        wait_caught_up(primary, replica)
+        os.kill(replica.proc.pid, signal.SIGSTOP)
+        try:
+            waiting = threading.Thread(target=reserve)
+            waiting.start()
+            # The RESERVE is durable on the primary and waits for the frozen replica.
+            deadline = time.time() + 10
+            while p.execute_command("STOCK", "tv")[5] != 9:
+                assert time.time() < deadline
+                time.sleep(0.02)
+            assert p.execute_command("REPLICAOF", "127.0.0.1", free_port()) == "OK"
+        finally:
+            os.kill(replica.proc.pid, signal.SIGCONT)
+        waiting.join(timeout=30)
+        assert "error" in result, result
+        assert result["error"].startswith("NOREPLICAS") and "stopped taking changes" in result["error"], result
+    finally:
+        os.kill(replica.proc.pid, signal.SIGCONT)
+        replica.stop()
+        primary.stop()
