@@ -43,6 +43,8 @@ final class Coordinator: Sendable {
 
     /// When this coordinator started (monotonic): it stands in no election before a lease has passed.
     private let startedNanos = monotonicNanos()
+    /// When this node first saw the primary's key absent, since it last saw it held (monotonic).
+    private let keyAbsentSince = Mutex<UInt64?>(nil)
 
     init(etcd: EtcdClient, cluster: String, advertise: String, leaseSeconds: Int, server: ServerContext) {
         self.etcd = etcd
@@ -114,6 +116,7 @@ final class Coordinator: Sendable {
 
     private func decide(lease: Int64, sentNanos: UInt64, stands: (epoch: UInt64, position: UInt64)?) async throws {
         if let holder = try await etcd.get(primaryKey) {
+            keyAbsentSince.withLock { $0 = nil }
             view.withLock { $0.epoch = holder.createRevision; $0.primary = holder.value }
             if holder.value == advertise && holder.lease == lease {
                 if server.isPrimary {
@@ -155,6 +158,16 @@ final class Coordinator: Sendable {
         // lease before it stands: by then any former primary's own bound has passed.
         let quietSince = max(startedNanos, etcd.revisions.wentBackNanos ?? 0)
         guard monotonicNanos() >= quietSince + UInt64(leaseSeconds) * 1_000_000_000 else { return }
+        // Nor before the key has been absent a whole tick: a replica that acknowledged the old
+        // primary's last changes just before its lease lapsed publishes its position at its next
+        // tick, and the election must count it (else a node with less log could win, and changes
+        // answered OK would be lost). Every node publishes once a tick, before it decides.
+        let now = monotonicNanos()
+        let absentSince = keyAbsentSince.withLock { since in
+            if since == nil { since = now }
+            return since!
+        }
+        guard now >= absentSince + UInt64(tickMillis) * 1_000_000 else { return }
         var candidates = try await etcd.prefix(nodesPrefix).compactMap { kv -> Candidate? in
             let address = String(kv.key.dropFirst(nodesPrefix.count))
             guard address != advertise else { return nil }
