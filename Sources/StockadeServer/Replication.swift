@@ -64,6 +64,8 @@ final class ReplicationState: Sendable {
         /// Set when the replica asked for this node's confirmed position (`REPLCONF CAPA CONFIRMED`):
         /// called when it rises (``confirmedRaised()``).
         var confirmedListener: (@Sendable () -> Void)?
+        /// Closes the replica's stream (a newer stream of the same replica replaced it).
+        var close: (@Sendable () -> Void)? = nil
     }
 
     struct Link: Sendable {
@@ -163,13 +165,26 @@ final class ReplicationState: Sendable {
 
     /// Registers a replica's stream; returns its id, or nil when ``ReplicationLimits/replicasMax``
     /// streams are open.
+    /// A replica that names its listening port is known by its address and that port: a new stream
+    /// of it replaces (and closes) an older one that is still open (a link the replica gave up on,
+    /// which the primary has not seen close), so one replica never counts twice towards
+    /// `--min-replicas-to-write` or WAIT.
     func addReplica(_ replica: Replica) -> Int? {
-        state.withLock { s in
-            guard s.replicas.count < ReplicationLimits.replicasMax else { return nil }
+        let (id, replaced): (Int?, [@Sendable () -> Void]) = state.withLock { s in
+            var replaced: [@Sendable () -> Void] = []
+            if replica.listeningPort > 0 {
+                for (old, other) in s.replicas where other.address == replica.address && other.listeningPort == replica.listeningPort {
+                    s.replicas[old] = nil
+                    if let close = other.close { replaced.append(close) }
+                }
+            }
+            guard s.replicas.count < ReplicationLimits.replicasMax else { return (nil, replaced) }
             defer { s.nextReplicaID += 1 }
             s.replicas[s.nextReplicaID] = replica
-            return s.nextReplicaID
+            return (s.nextReplicaID, replaced)
         }
+        for close in replaced { close() }
+        return id
     }
 
     /// The highest position at least `count` replicas have acknowledged (0 with fewer connected).
@@ -364,7 +379,9 @@ final class ReplicaFeed: @unchecked Sendable {
         let address = channel.remoteAddress?.ipAddress ?? "?"
         // Its position counts as acknowledged only once checked to be this log's (``run()``).
         id = server.replication.addReplica(
-            .init(address: address, listeningPort: listeningPort, ackedLSN: 0, lastAckNanos: monotonicNanos()))
+            .init(
+                address: address, listeningPort: listeningPort, ackedLSN: 0, lastAckNanos: monotonicNanos(),
+                close: { [channel] in channel.close(promise: nil) }))
     }
 
     /// Takes bytes the replica sent: REPLACK commands. Called on the channel's loop.

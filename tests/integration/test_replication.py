@@ -1824,3 +1824,32 @@ def test_a_change_acknowledged_after_its_primary_stopped_taking_changes_is_not_a
         os.kill(replica.proc.pid, signal.SIGCONT)
         replica.stop()
         primary.stop()
+
+
+def test_a_replica_that_connects_again_is_counted_once(data_dir):
+    """A replica whose link it gave up on (silent, not closed) connects again: the primary takes the
+    new stream for the same replica (its address and listening port) and closes the old one, so one
+    replica never counts twice towards --min-replicas-to-write. (Before, both streams counted: with
+    N = 2 and one replica, a change answered -NOREPLICAS became confirmed and EVENTS served it.)"""
+    primary = Server(os.path.join(data_dir, "p"), "--shards", "2", "--min-replicas-to-write", "2",
+                     "--min-replicas-timeout-ms", "300").start()
+    replica = Server(os.path.join(data_dir, "r"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}").start()
+    p = primary.client()
+    again = None
+    try:
+        wait_for_replicas(p, 1)
+        with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+            p.execute_command("SKU.ADD", "tv", 10)
+        durable = wait_caught_up(primary, replica)
+        # The replica's second stream, as it opens one after giving up on a silent link.
+        again = socket.create_connection(("127.0.0.1", primary.port), timeout=5)
+        again.sendall(f"REPLICATE {durable + 1} LISTENING-PORT {replica.port}\r\n".encode())
+        assert again.recv(4096).startswith(b"+CONTINUE"), "the second stream was not taken"
+        time.sleep(0.5)
+        assert int(info(p)["connected_slaves"]) <= 1, info(p)
+        assert p.execute_command("EVENTS", 1, "COUNT", 10) == [], "a change one replica acknowledged was served"
+    finally:
+        if again:
+            again.close()
+        replica.stop()
+        primary.stop()
