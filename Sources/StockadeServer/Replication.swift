@@ -1153,6 +1153,10 @@ final class ReplicaLink: Sendable {
                 throw ReplicationError("this replica could not put the full copy in place: \(error)", fatal: true)
             }
             await engine.installReplicated(state)
+            // What was confirmed of the log the copy replaces says nothing of the copy's records (a
+            // primary's snapshot may hold changes it has not confirmed): only the primary's
+            // `CONFIRMED`, which follows, does.
+            server.replication.acknowledgedWatch.restarted(at: 0)
             // Superseded: the log before the copy and older snapshots (best effort: recovery skips them).
             _ = try? journal.removeSegments(coveredThrough: lsn, keep: 0)
             for old in (try? directory.snapshots()) ?? [] where old.path != final { try? directory.storage.remove(old.path) }
