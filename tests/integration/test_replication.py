@@ -25,6 +25,16 @@ def wait_for_replicas(client, count=1, timeout=10):
         time.sleep(0.05)
 
 
+def stop_all(*nodes):
+    """Stops each node, waking it first if a test froze it (SIGSTOP)."""
+    for node in nodes:
+        try:
+            os.kill(node.proc.pid, signal.SIGCONT)
+        except (OSError, AttributeError):
+            pass
+        node.stop()
+
+
 def wait_caught_up(primary, replica, timeout=20):
     """Waits until the replica's log position equals the primary's durable position."""
     p, r = primary.client(), replica.client()
@@ -512,12 +522,7 @@ def test_former_primary_rejoins_as_a_replica_and_starts_over_when_its_log_went_a
         state = info(b.client())
         assert state["rejoins"] == 0 and state["diverged_dirs"] == 1, state
     finally:
-        for node in (a, b):
-            try:
-                os.kill(node.proc.pid, signal.SIGCONT)
-            except (OSError, AttributeError):
-                pass
-            node.stop()
+        stop_all(a, b)
 
 
 def test_the_stream_needs_the_primarys_password(data_dir):
@@ -1548,14 +1553,7 @@ def test_events_of_a_semi_synchronous_node_serve_only_confirmed_changes_whatever
         wait_caught_up(b, a)
         assert [e[0] for e in events_through(a, end)] == list(range(1, end + 1))
     finally:
-        for node in (a, b, c):
-            if node is None:
-                continue
-            try:
-                os.kill(node.proc.pid, signal.SIGCONT)
-            except (OSError, AttributeError):
-                pass
-            node.stop()
+        stop_all(*(node for node in (a, b, c) if node is not None))
 
 
 def test_replica_events_keep_the_promise_of_two_replicas(data_dir):
@@ -1599,12 +1597,7 @@ def test_replica_events_keep_the_promise_of_two_replicas(data_dir):
         events = woken["events"]
         assert [(e[0], e[1], e[3]) for e in events] == [(unacked, "created", "unacked")], events
     finally:
-        for node in (r2, r1, primary):
-            try:
-                os.kill(node.proc.pid, signal.SIGCONT)
-            except (OSError, AttributeError):
-                pass
-            node.stop()
+        stop_all(r2, r1, primary)
 
 
 def test_replica_events_serve_a_change_two_replicas_acknowledged(data_dir):
@@ -1773,12 +1766,7 @@ def test_replica_events_down_a_chain_keep_the_primarys_promise(data_dir, r1_flag
             events = node.client(socket_timeout=30).execute_command("EVENTS", unacked, "BLOCK", 20000)
             assert [(e[0], e[3]) for e in events] == [(unacked, "unacked")], events
     finally:
-        for node in (r3, r2, r1, primary):
-            try:
-                os.kill(node.proc.pid, signal.SIGCONT)
-            except (OSError, AttributeError):
-                pass
-            node.stop()
+        stop_all(r3, r2, r1, primary)
 
 
 def test_a_change_acknowledged_after_its_primary_stopped_taking_changes_is_not_answered_ok(data_dir):
