@@ -208,7 +208,7 @@ final class ReplicationState: Sendable {
     /// lease): only then does an acknowledgement raise its confirmed position.
     func acknowledged(_ id: Int, lsn: UInt64, confirming: Bool = true) {
         let needed = eventsReplicas.load(ordering: .relaxed)
-        var listeners: [@Sendable () -> Void] = []
+        var raised = false
         let ready: [(@Sendable (Int) -> Void, Int)] = state.withLock { s in
             guard var replica = s.replicas[id] else { return [] }
             replica.ackedLSN = max(replica.ackedLSN, lsn)
@@ -218,13 +218,11 @@ final class ReplicationState: Sendable {
             // log confirms a position of the new one. A node that follows a primary confirms only
             // what that primary confirmed: its own replicas' acknowledgements say nothing of the
             // primary's others.
-            if needed > 0, s.link == nil, confirming, acknowledgedWatch.publish(s.acknowledgedPosition(by: needed)) {
-                listeners = s.replicas.values.compactMap(\.confirmedListener)
-            }
+            if needed > 0, s.link == nil, confirming { raised = acknowledgedWatch.publish(s.acknowledgedPosition(by: needed)) }
             return s.satisfied()
         }
         for (done, count) in ready { done(count) }
-        for listener in listeners { listener() }
+        if raised { confirmedRaised() }
     }
 
     /// Replica `id` asked to hear this node's confirmed position: `listener` is called each time it

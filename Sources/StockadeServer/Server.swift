@@ -659,9 +659,7 @@ final class ServerContext: Sendable {
     /// confirmed, whatever this node's own `--min-replicas-to-write` (a replica without it serves its
     /// whole log, which promises nothing to replicas of its own that run with it).
     var confirmedForReplicas: UInt64 {
-        let durable = store.journal.lastDurableLSN
-        guard configuration.minReplicasToWrite > 0 || engine.role.isFollower else { return durable }
-        return min(durable, replication.acknowledgedWatch.position)
+        engine.role.isFollower ? min(store.journal.lastDurableLSN, replication.acknowledgedWatch.position) : eventsLimit
     }
 
     /// A link to a primary vouched for this log through `position` (the primary's confirmed

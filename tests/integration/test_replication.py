@@ -25,6 +25,16 @@ def wait_for_replicas(client, count=1, timeout=10):
         time.sleep(0.05)
 
 
+def shut(*sockets):
+    """Shuts both directions of each socket down, then closes it (a relay's two ends)."""
+    for s in sockets:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
+
+
 def stop_all(*nodes):
     """Stops each node, waking it first if a test froze it (SIGSTOP)."""
     for node in nodes:
@@ -268,12 +278,7 @@ class Relay:
                 sink.sendall(data)
         except OSError:
             pass
-        for s in (source, sink):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+        shut(source, sink)
 
     def close(self):
         self.listener.close()
@@ -1680,12 +1685,7 @@ class OlderPrimaryRelay(ThreadedLoopbackListener):
         except OSError:
             pass
         finally:
-            for s in (conn, upstream):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+            shut(conn, upstream)
 
     @staticmethod
     def pipe_up(source, sink):
