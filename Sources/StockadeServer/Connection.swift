@@ -23,8 +23,6 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     private var carried: Request?
     /// The client half-closed (sent FIN): answer what it sent, then close.
     private var inputClosed = false
-    /// The last write, so a close can wait for it to reach the socket.
-    private var lastWrite: EventLoopFuture<Void>?
     /// A round (batch, then its async step) is running; reads wait.
     private var busy = false
     /// A ``process(context:)`` is scheduled on the loop for the input left after a round.
@@ -53,6 +51,16 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     /// Entries of spare capacity kept per connection: a pipeline of 64 (about 4 KiB), however many
     /// connections there are; larger arrays go back to the allocator.
     private static let spareCapacityMax = 64
+    /// The last round's reply buffers, for the next round: the one its local replies were written
+    /// to and the one its output was encoded into. Once the socket has taken a written buffer, this
+    /// connection holds the only reference and the next round writes into it without an allocation
+    /// (while the socket still holds it, `clear()` allocates a fresh one: never a shared write).
+    private var spareLocal: ByteBuffer?
+    private var spareOut: ByteBuffer?
+    /// Capacity of a reply buffer kept for the next round: enough for the replies of a pipeline of
+    /// about a hundred small commands; a larger buffer goes back to the allocator, so an idle
+    /// connection holds at most two of these.
+    private static let spareBufferBytesMax = 4096
     /// The round whose replies wait for its position to be durable (``awaitDurable``).
     private var awaiting: (round: Round, replies: [Reply], position: UInt64, context: ChannelHandlerContext)?
 
@@ -237,6 +245,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         }
         if round.batch.isEmpty && round.step == nil {
             finish(context: context, round: round, replies: [], tail: nil, closeAfter: round.closeAfter)
+            recycle(round)
             loopNanos = monotonicNanos() - parseStarted
             processOnNextTurn(context: context)
             return
@@ -298,9 +307,13 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     /// step or QUIT or a protocol error ends it, or the replies admitted reach the round's bound.
     /// nil when nothing complete was buffered.
     private func buildRound(context: ChannelHandlerContext) -> Round? {
-        var round = Round(local: context.channel.allocator.buffer(capacity: 256), started: monotonicNanos())
+        var round = Round(local: Self.reuse(&spareLocal, context: context), started: monotonicNanos())
         swap(&round.slots, &spareSlots)
         swap(&round.batch, &spareBatch)
+        // Emptied here, not when the last round ended: by now that round is gone, so these arrays
+        // have one holder and are emptied in place.
+        round.slots.removeAll(keepingCapacity: true)
+        round.batch.removeAll(keepingCapacity: true)
         let replyBudget = min(Self.roundReplyBytesMax, server.configuration.clientOutputBytesMax)
         var replyBytes = 0
         var input = inbound ?? ByteBuffer()
@@ -563,19 +576,25 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         let encodeStarted = monotonicNanos()
         finish(context: context, round: round, replies: replies, tail: tail, closeAfter: closeAfter)
         loopNanos += monotonicNanos() - encodeStarted
-        // Its arrays serve the next round (emptied in place when this was their last holder).
-        var done = round
-        if done.slots.capacity <= Self.spareCapacityMax {
-            done.slots.removeAll(keepingCapacity: true)
-            spareSlots = done.slots
-        }
-        if done.batch.capacity <= Self.spareCapacityMax {
-            done.batch.removeAll(keepingCapacity: true)
-            spareBatch = done.batch
-        }
+        recycle(round)
         // Commands that arrived while this round ran, on the next turn of the loop.
         processOnNextTurn(context: context)
         resumeReading(context: context)
+    }
+
+    /// A finished round's arrays serve the next round (``buildRound(context:)`` empties them), as
+    /// does its local reply buffer if ``finish`` did not keep the one it wrote.
+    private func recycle(_ round: borrowing Round) {
+        if round.slots.capacity <= Self.spareCapacityMax { spareSlots = round.slots }
+        if round.batch.capacity <= Self.spareCapacityMax { spareBatch = round.batch }
+        if spareLocal == nil, round.local.capacity <= Self.spareBufferBytesMax { spareLocal = round.local }
+    }
+
+    /// The spare buffer in `spare`, emptied, or a new one.
+    private static func reuse(_ spare: inout ByteBuffer?, context: ChannelHandlerContext) -> ByteBuffer {
+        guard var buffer = spare.take() else { return context.channel.allocator.buffer(capacity: 256) }
+        buffer.clear()
+        return buffer
     }
 
     /// Writes a round's replies in order with one flush. Checks the output limit while they are
@@ -584,16 +603,26 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     private func finish(context: ChannelHandlerContext, round: Round, replies: [Reply], tail: ByteBuffer?, closeAfter: Bool) {
         guard context.channel.isActive else { return }
         let outputMax = server.configuration.clientOutputBytesMax
-        let unread = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
+        // Bytes written and not yet taken by the socket. A writable channel holds fewer than its
+        // high water mark, so the exact count (a channel option: a dynamic cast and a lookup) is
+        // asked for only when that bound and this round's output could pass the limit.
+        let writable = context.channel.isWritable
+        var unreadExact: Int?
+        func pastLimit(with bytes: Int) -> Bool {
+            if writable && ServerContext.writeBufferHighWaterBytes + bytes <= outputMax { return false }
+            if unreadExact == nil { unreadExact = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0 }
+            return unreadExact! + bytes > outputMax
+        }
         var out: ByteBuffer
         var tally = round.tally
         var overLimit = false
         if round.batch.isEmpty {
             // Only replies written while the round was built: they are the output as they are.
             out = round.local
-            overLimit = unread + out.readableBytes > outputMax
+            overLimit = pastLimit(with: out.readableBytes)
         } else {
-            out = context.channel.allocator.buffer(capacity: round.local.readableBytes + 64 * round.batch.count)
+            out = Self.reuse(&spareOut, context: context)
+            out.reserveCapacity(minimumWritableBytes: round.local.readableBytes + 64 * round.batch.count)
             for slot in round.slots {
                 switch slot {
                 case .local(let start, let end):
@@ -608,7 +637,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                     }
                     tally.add(name, ReplyEncoding.outcome(reply))
                 }
-                if unread + out.readableBytes > outputMax {
+                if pastLimit(with: out.readableBytes) {
                     overLimit = true
                     break
                 }
@@ -619,7 +648,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             server.metrics.roundDuration.record(Duration.nanoseconds(Int64(monotonicNanos() - round.started)))
         }
         if var tail, !overLimit { out.writeBuffer(&tail) }
-        if overLimit || unread + out.readableBytes > outputMax {
+        if overLimit || pastLimit(with: out.readableBytes) {
             server.logger.warning("closing a client with more than \(outputMax) bytes of unread replies (--max-output-bytes)")
             out.writeRESPError("ERR output buffer limit reached: more than \(outputMax) bytes of replies unread (--max-output-bytes); closing")
             context.writeAndFlush(wrapOutboundOut(out), promise: nil)
@@ -628,20 +657,24 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             context.close(promise: nil)
             return
         }
-        if out.readableBytes > 0 { lastWrite = context.writeAndFlush(wrapOutboundOut(out)) }
+        // No promise: a write's outcome matters only before a close (``closeAfterWrites``).
+        if out.readableBytes > 0 { context.writeAndFlush(wrapOutboundOut(out), promise: nil) }
+        // The buffer serves the next round once the socket has taken it (see ``spareOut``).
+        if out.capacity <= Self.spareBufferBytesMax {
+            if round.batch.isEmpty { spareLocal = out } else { spareOut = out }
+        }
         if closeAfter { closeAfterWrites(context: context) }
     }
 
-    /// Closes once everything written so far has reached the socket (or failed).
+    /// Closes once everything written so far has reached the socket (or failed): writes complete in
+    /// order, so an empty write's promise completes after every write before it.
     private func closeAfterWrites(context: ChannelHandlerContext) {
         closing = true
         inbound = nil
         let channel = context.channel
-        if let lastWrite {
-            lastWrite.whenComplete { _ in channel.close(promise: nil) }
-        } else {
-            channel.close(promise: nil)
-        }
+        let written = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(wrapOutboundOut(channel.allocator.buffer(capacity: 0)), promise: written)
+        written.futureResult.whenComplete { _ in channel.close(promise: nil) }
     }
 
     /// The outcome label of the reply written at `start`: "ok", or the error's code in lower case.

@@ -12,6 +12,12 @@ import Synchronization
 
 /// What every connection shares: the engine, the store, limits, counters.
 final class ServerContext: Sendable {
+    /// A client connection's write buffer water marks: past the high mark of replies not yet taken
+    /// by the socket, the channel turns unwritable and the client's next rounds wait (pacing); below
+    /// the low mark they go on.
+    static let writeBufferLowWaterBytes = 256 << 10
+    static let writeBufferHighWaterBytes = 1 << 20
+
     let configuration: ServerConfiguration
     let store: Store
     let engine: Engine
@@ -900,7 +906,7 @@ public final class StockadeServer: Sendable {
             }
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 4)
-            .childChannelOption(.writeBufferWaterMark, value: .init(low: 256 << 10, high: 1 << 20))
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: ServerContext.writeBufferLowWaterBytes, high: ServerContext.writeBufferHighWaterBytes))
             .childChannelOption(.autoRead, value: true)
             .childChannelOption(.allowRemoteHalfClosure, value: true)  // answer a client that half-closed (ConnectionHandler)
             .childChannelInitializer { channel in
