@@ -23,6 +23,11 @@ final class DurableReplies: @unchecked Sendable {
 
     // Confined to `loop`.
     private var waiting: [(lsn: UInt64, waiter: any DurableWaiter)] = []
+    /// The entries one drain pass answers, kept emptied between passes (no allocation per sync).
+    private var spareReady: [(lsn: UInt64, waiter: any DurableWaiter)] = []
+    /// Entries of spare capacity kept: a drain of more rounds than this (a loop with thousands of
+    /// connections waiting) allocates its list, which is then freed.
+    private static let spareReadyMax = 1024
 
     /// The lowest position waited for (UInt64.max: none). Written on the loop, read by the writer.
     /// Sequentially consistent with the journal's durable position: a round that stores its position
@@ -70,7 +75,9 @@ final class DurableReplies: @unchecked Sendable {
         while !waiting.isEmpty {
             let durable = journal.lastDurableLSN
             let reason = journal.terminalReason
-            var ready: [(lsn: UInt64, waiter: any DurableWaiter)] = []
+            // Taken, not borrowed: an answer may start another drain (``wait(for:_:)``).
+            var ready = spareReady
+            spareReady = []
             var lowest = UInt64.max
             waiting.removeAll { entry in
                 if entry.lsn <= durable || reason != nil {
@@ -82,8 +89,13 @@ final class DurableReplies: @unchecked Sendable {
             }
             lowestWaiting.store(lowest, ordering: .sequentiallyConsistent)
             for entry in ready { entry.waiter.durableReached(entry.lsn <= durable ? nil : reason) }
+            let answered = !ready.isEmpty
+            if ready.capacity <= Self.spareReadyMax {
+                ready.removeAll(keepingCapacity: true)
+                spareReady = ready
+            }
             // Stop when nothing left is durable now; a sync after this store queues the next drain.
-            if ready.isEmpty && journal.lastDurableLSN < lowestWaiting.load(ordering: .sequentiallyConsistent)
+            if !answered && journal.lastDurableLSN < lowestWaiting.load(ordering: .sequentiallyConsistent)
                 && journal.terminalReason == nil
             {
                 break
