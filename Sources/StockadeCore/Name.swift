@@ -18,9 +18,26 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
     /// The bytes of a name longer than ``inlineBytesMax``; nil for inline names.
     @usableFromInline let long: LongBytes?
 
-    @usableFromInline final class LongBytes: Sendable {
-        @usableFromInline let bytes: [UInt8]
-        @usableFromInline init(_ bytes: [UInt8]) { self.bytes = bytes }
+    /// The bytes of a long name, in one allocation (a `ManagedBuffer` whose header is their count).
+    /// Written once when made, never after, so sharing it across threads is safe.
+    @usableFromInline struct LongBytes: @unchecked Sendable {
+        @usableFromInline let buffer: ManagedBuffer<Int, UInt8>
+
+        @usableFromInline
+        init(_ bytes: UnsafeRawBufferPointer) {
+            buffer = ManagedBuffer<Int, UInt8>.create(minimumCapacity: bytes.count) { _ in bytes.count }
+            buffer.withUnsafeMutablePointerToElements { elements in
+                if let base = bytes.baseAddress { elements.initialize(from: base.assumingMemoryBound(to: UInt8.self), count: bytes.count) }
+            }
+        }
+
+        @inlinable var count: Int { buffer.header }
+
+        /// Calls `body` with the bytes, without copying.
+        @inlinable
+        func withBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+            try buffer.withUnsafeMutablePointers { count, elements in try body(UnsafeRawBufferPointer(start: elements, count: count.pointee)) }
+        }
     }
 
     /// The empty name (never a valid id; used where a record stores "none").
@@ -42,7 +59,7 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
         } else {
             word0 = 0
             word1 = UInt64(min(count, 255)) << 56
-            long = LongBytes(Array(bytes))
+            long = LongBytes(bytes)
         }
     }
 
@@ -69,12 +86,12 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
     @inlinable public var isEmpty: Bool { count == 0 }
 
     /// 1 to ``Limits/nameBytesMax`` bytes: what an id may be.
-    @inlinable public var isValid: Bool { count >= 1 && count <= Limits.nameBytesMax && (long == nil || long!.bytes.count <= Limits.nameBytesMax) }
+    @inlinable public var isValid: Bool { count >= 1 && count <= Limits.nameBytesMax && (long == nil || long!.count <= Limits.nameBytesMax) }
 
     /// Calls `body` with the bytes, without copying.
     @inlinable
     public func withBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
-        if let long { return try long.bytes.withUnsafeBytes(body) }
+        if let long { return try long.withBytes(body) }
         return try withUnsafeBytes(of: (word0, word1)) { try body(UnsafeRawBufferPointer(rebasing: $0[0..<count])) }
     }
 
@@ -85,7 +102,7 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
     public static func == (a: Name, b: Name) -> Bool {
         if a.long == nil && b.long == nil { return a.word0 == b.word0 && a.word1 == b.word1 }
         guard a.count == b.count, let x = a.long, let y = b.long else { return false }
-        return x === y || x.bytes == y.bytes
+        return x.buffer === y.buffer || x.withBytes { a in y.withBytes { b in a.elementsEqual(b) } }
     }
 
     /// Byte order (shorter first on a common prefix), as Redis orders keys.
@@ -99,7 +116,7 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
     public func hash(into hasher: inout Hasher) {
         if let long {
             hasher.combine(word1)
-            long.bytes.withUnsafeBytes { hasher.combine(bytes: $0) }
+            long.withBytes { hasher.combine(bytes: $0) }
         } else {
             hasher.combine(word0)
             hasher.combine(word1)
