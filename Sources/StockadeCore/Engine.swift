@@ -134,9 +134,14 @@ public final class Engine: Sendable {
         var touched: [Bool]
         /// An earlier command may change stock on any shard (confirm, cancel, a multi-shard command).
         var crossShard = false
+        /// The counter the last sold-out check found, so a batch of commands on one SKU (a pipeline of
+        /// the same request) reads the shard's directory once, not once a command: a directory read
+        /// is an atomic load of a shared reference (a compare-and-swap on a line both loops read).
+        /// Kept only within a batch that runs without waiting (``executeLocally(_:now:localShards:)``).
+        var lastCounter: (owner: Int, sku: Name, counter: StockCounter)?
     }
 
-    private func route(_ command: Command, now: Int64, progress: BatchProgress) -> Route {
+    private func route(_ command: Command, now: Int64, progress: inout BatchProgress) -> Route {
         switch command {
         case let .addSku(sku, _, _), let .restock(sku, _), let .setPaused(sku, _), let .stock(sku):
             return .shard(shardIndex(of: sku))
@@ -145,7 +150,7 @@ public final class Engine: Sendable {
             // The same fast path for the seed's own operation: a deduction the counter cannot cover
             // answers 0 whether or not the SKU is paused (``ShardState/deduct(_:quantity:log:)``).
             if quantity >= 1, quantity <= Limits.quantityMax, !progress.touched[owner], !progress.crossShard,
-               let lsn = soldOutWithoutEntering(owner: owner, sku: sku, now: now, needed: quantity)
+               let lsn = soldOutWithoutEntering(owner: owner, sku: sku, now: now, needed: quantity, progress: &progress)
             {
                 return .immediate(.deducted(0), lsn: lsn)
             }
@@ -163,7 +168,7 @@ public final class Engine: Sendable {
                 // Sold-out fast path, no shard hop: not for requests with an id (a retry must find its
                 // order), and only when nothing earlier in this batch could have changed the SKU.
                 if requestId == nil, !progress.touched[owner], !progress.crossShard,
-                   let lsn = soldOutWithoutEntering(owner: owner, sku: lines[0].sku, now: now, needed: 1)
+                   let lsn = soldOutWithoutEntering(owner: owner, sku: lines[0].sku, now: now, needed: 1, progress: &progress)
                 {
                     return .immediate(.rejected(.soldOut), lsn: lsn)
                 }
@@ -182,14 +187,22 @@ public final class Engine: Sendable {
     /// The position to wait for when the SKU's published counter shows a state, with every record behind
     /// it appended, in which a reservation is sold out; nil when the shard must decide (stock left, a run
     /// or a basket in progress, a hold due to expire, the log failed).
-    private func soldOutWithoutEntering(owner: Int, sku: Name, now: Int64, needed: Int64) -> UInt64? {
+    private func soldOutWithoutEntering(owner: Int, sku: Name, now: Int64, needed: Int64, progress: inout BatchProgress) -> UInt64? {
         let shard = shards[owner]
         let gauges = shard.gauges
         let epoch = gauges.runEpoch.load(ordering: .acquiring)
         guard epoch & 1 == 0, gauges.preparing.load(ordering: .acquiring) == 0,
-              gauges.nextDeadlineMillis.load(ordering: .relaxed) > now,
-              let counter = shard.directory.counter(sku), counter.available < needed
+              gauges.nextDeadlineMillis.load(ordering: .relaxed) > now
         else { return nil }
+        let counter: StockCounter
+        if let last = progress.lastCounter, last.owner == owner, last.sku == sku {
+            counter = last.counter
+        } else {
+            guard let found = shard.directory.counter(sku) else { return nil }
+            progress.lastCounter = (owner, sku, found)
+            counter = found
+        }
+        guard counter.available < needed else { return nil }
         let lsn = gauges.visibleLSN.load(ordering: .acquiring)
         guard gauges.runEpoch.load(ordering: .acquiring) == epoch, log.failureReason == nil else { return nil }
         return lsn
@@ -222,7 +235,9 @@ public final class Engine: Sendable {
             var closing: Int?
             while position < commands.count {
                 let command = commands[position]
-                let route = route(command, now: now, progress: progress)
+                // Groups may run (and wait) between two commands here: no counter is kept across them.
+                progress.lastCounter = nil
+                let route = route(command, now: now, progress: &progress)
                 if case .global = route { break }
                 position += 1
                 switch route {
@@ -312,7 +327,7 @@ public final class Engine: Sendable {
         routes.reserveCapacity(commands.count)
         var progress = BatchProgress(touched: [Bool](repeating: false, count: shards.count))
         for command in commands {
-            let route = route(command, now: now, progress: progress)
+            let route = route(command, now: now, progress: &progress)
             switch route {
             case .global: return .needsAsync
             case .immediate: break
@@ -367,7 +382,8 @@ public final class Engine: Sendable {
     /// ``executeLocally(_:now:localShards:)`` for a batch of one command (every round at pipeline 1):
     /// the same decisions and the same run, without the batch's routes, groups and flags.
     private func executeOneLocally(_ command: Command, now: Int64, localShards: [Bool]) -> LocalOutcome {
-        switch route(command, now: now, progress: BatchProgress(touched: untouched)) {
+        var progress = BatchProgress(touched: untouched)
+        switch route(command, now: now, progress: &progress) {
         case .global:
             return .needsAsync
         case .immediate(let reply, let lsn):
