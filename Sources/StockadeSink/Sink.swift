@@ -290,9 +290,14 @@ public final class Sink: Sendable {
         /// The server's term in force just before `pending` (nil: unknown).
         var pendingTermBefore: LogTerm?
         /// Events per batch: halved after a batch ran past the statement timeout (a role's own
-        /// `statement_timeout` may be shorter than a full batch takes), doubled back after each
-        /// success, so a batch that cannot fit is not retried whole for ever.
+        /// `statement_timeout` may be shorter than a full batch takes), and after a batch's
+        /// statements failed twice in a row with an error that is retried (a `temp_file_limit` or
+        /// `work_mem` a large batch passes: SQLSTATE 53400, 53200); grown back after each success,
+        /// so a batch that cannot fit is not retried whole for ever.
         var batchLimit = configuration.batchEventsMax
+        /// Tries in a row in which the batch's statements themselves failed (not the connection to
+        /// either side): the second halves the batch.
+        var batchFailures = 0
         /// For the log: whether a database was reached in this run, the position this run last left
         /// there, and whether "following" was said since the position or the server changed.
         var databaseSeen = false
@@ -380,7 +385,13 @@ public final class Sink: Sendable {
                     continue
                 }
                 let applyStarted = ContinuousClock.now
-                try await database!.apply(plan, replay: storedState.replaying)
+                do throws(SinkError) {
+                    try await database!.apply(plan, replay: storedState.replaying)
+                } catch {
+                    batchFailures += 1
+                    throw error
+                }
+                batchFailures = 0
                 stored = plan.lastPosition
                 storedState = storedState.after(plan)
                 pending = []
@@ -411,13 +422,18 @@ public final class Sink: Sendable {
                 if isStopping && error.isRetryable { break }
                 switch error.code {
                 case .databaseUnavailable, .databaseTimeout:
-                    if error.code == .databaseTimeout && batchLimit > 1 {
-                        batchLimit /= 2
+                    let timedOut = error.code == .databaseTimeout
+                    if (timedOut || batchFailures >= 2) && batchLimit > 1 {
+                        // Half of what was tried (a short batch that failed is not retried whole).
+                        batchLimit = max(1, (pending.isEmpty ? batchLimit : min(batchLimit, pending.count)) / 2)
                         if pending.count > batchLimit {
                             pending.removeLast(pending.count - batchLimit)
                             pendingReachesEnd = false
                         }
-                        say("a batch ran past the statement timeout: batches of at most \(batchLimit) events until one commits")
+                        batchFailures = 0
+                        say(timedOut
+                            ? "a batch ran past the statement timeout: batches of at most \(batchLimit) events until one commits"
+                            : "a batch failed twice in a row: batches of at most \(batchLimit) events until one commits")
                     }
                     if let database { await database.close() }
                     database = nil
@@ -431,6 +447,7 @@ public final class Sink: Sendable {
                     // Another sink moved the position: what it applied is not applied again.
                     // With a pause: two sinks on one database would otherwise reconnect in a tight loop.
                     say("warning: \(error.message); reading the position again")
+                    batchFailures = 0
                     if let database { await database.close() }
                     database = nil
                     setDatabaseCloser(nil)

@@ -1021,6 +1021,43 @@ def test_a_batch_longer_than_the_statement_timeout_is_split_until_one_fits(data_
         server.stop()
 
 
+
+def test_a_batch_the_database_refuses_every_time_is_split_until_one_commits(data_dir, postgres):
+    """A large batch can pass a limit a DBA set (temp_file_limit, work_mem: SQLSTATE 53400 or
+    53200, which the sink retries) every time it is tried. Here a statement trigger refuses an
+    insert of more than 600 orders with 53400, as such a limit would. The sink retried the same
+    batch whole for ever (the stored position never moved); now a batch whose statements fail twice
+    in a row is halved until one commits, and the sink catches up."""
+    server = Server(data_dir, "--shards", "2").start()
+    sink = None
+    try:
+        r = server.client()
+        r.execute_command("SKU.ADD", "tv", 1000000)
+        sink = SinkProcess(server, postgres)
+        settle(r, postgres, sink)
+        assert sink.stop() == 0
+        postgres.sql("CREATE FUNCTION big_batch() RETURNS trigger AS $$ BEGIN"
+                     " IF (SELECT count(*) FROM new_rows) > 600 THEN"
+                     " RAISE EXCEPTION 'temporary file size exceeds temp_file_limit (256kB)' USING ERRCODE = '53400';"
+                     " END IF; RETURN NULL; END $$ LANGUAGE plpgsql;"
+                     " CREATE TRIGGER big_batch AFTER INSERT ON orders REFERENCING NEW TABLE AS new_rows"
+                     " FOR EACH STATEMENT EXECUTE FUNCTION big_batch()")
+        pipe = r.pipeline(transaction=False)
+        for u in range(2000):
+            pipe.execute_command("RESERVE", f"u{u}", "tv", 1, "TTL", 600000)
+        pipe.execute()
+        sink = SinkProcess(server, postgres, "--batch-events", "2000", "--retry-max-ms", "200")
+        last = durable_position(r)
+        wait_applied(postgres, last, timeout=60, sink=sink)
+        assert "a batch failed twice in a row: batches of at most 1000 events" in sink.logs()
+        assert "batches of at most 500 events" in sink.logs()
+        assert postgres.sql("SELECT count(*) FROM orders") == [["2000"]]
+        assert sink.stop() == 0
+    finally:
+        if sink:
+            sink.stop()
+        server.stop()
+
 class ScriptedServer(LoopbackListener):
     """A Stockade stand-in on a free port that answers from a scripted log, for what no real
     server sends: INFO, LOG.TERM ([0, 0]) and EVENTS as `mode` says."""
