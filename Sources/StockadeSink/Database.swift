@@ -118,6 +118,11 @@ final class Database {
             // position row's lock and a connection slot.
             do {
                 try await database.query(PostgresQuery(unsafeSQL: "SET statement_timeout = \(statementTimeoutMillis)"))
+                // And it checks every second, during a long statement, that the sink is still there: a
+                // sink killed mid-batch leaves no backend running on (holding the position row's lock,
+                // which the next run would wait for) until the statement ends. PostgreSQL 14 and later,
+                // where the system supports it; elsewhere the setting is left alone.
+                try await database.query(PostgresQuery(unsafeSQL: Self.connectionCheck))
             } catch {
                 await database.close()
                 throw error
@@ -129,6 +134,14 @@ final class Database {
             throw Self.classify(error, doing: "connecting to \(address.description)")
         }
     }
+
+    /// Sets `client_connection_check_interval` for the session where the server knows it.
+    static let connectionCheck = """
+        DO $$ BEGIN PERFORM set_config('client_connection_check_interval', '\(connectionCheckMillis)', false);
+        EXCEPTION WHEN OTHERS THEN NULL; END $$
+        """
+    /// How often a backend of the sink checks, during a statement, that the sink is still connected.
+    static let connectionCheckMillis = 1000
 
     /// Closes the connection here, without a word to the server (which may not be answering): a
     /// statement waiting for its answer fails at once.

@@ -1058,6 +1058,45 @@ def test_a_batch_the_database_refuses_every_time_is_split_until_one_commits(data
             sink.stop()
         server.stop()
 
+
+def test_a_sink_killed_mid_batch_leaves_no_backend_running_on(data_dir, postgres):
+    """A sink killed with kill -9 while PostgreSQL runs its batch: the backend noticed only when
+    the statement ended (here a trigger makes it take 30 s), holding the position row's lock that
+    the next run waits for. Now the session checks every second that the sink is still there
+    (client_connection_check_interval), and the backend ends within a few seconds."""
+    server = Server(data_dir, "--shards", "2").start()
+    sink = None
+    try:
+        r = server.client()
+        r.execute_command("SKU.ADD", "tv", 1000)
+        sink = SinkProcess(server, postgres)
+        settle(r, postgres, sink)
+        assert sink.stop() == 0
+        postgres.sql("CREATE FUNCTION slow_batch() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(30); RETURN NULL; END $$ LANGUAGE plpgsql;"
+                     " CREATE TRIGGER slow_batch AFTER INSERT ON orders FOR EACH STATEMENT EXECUTE FUNCTION slow_batch()")
+        for u in range(10):
+            r.execute_command("RESERVE", f"u{u}", "tv", 1, "TTL", 600000)
+        sink = SinkProcess(server, postgres, "--statement-timeout-ms", "120000")
+        running = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%INSERT INTO orders%' AND pid <> pg_backend_pid()"
+        deadline = time.time() + 30
+        while postgres.sql(running) != [["1"]]:
+            assert time.time() < deadline, sink.logs()
+            time.sleep(0.1)
+        sink.kill9()
+        killed = time.time()
+        while postgres.sql(running) != [["0"]]:
+            assert time.time() - killed < 10, "the killed sink's backend still runs its batch"
+            time.sleep(0.1)
+        postgres.sql("DROP TRIGGER slow_batch ON orders")
+        sink = SinkProcess(server, postgres)
+        wait_applied(postgres, durable_position(r), sink=sink)
+        assert postgres.sql("SELECT count(*) FROM orders") == [["10"]]
+        assert sink.stop() == 0
+    finally:
+        if sink:
+            sink.stop()
+        server.stop()
+
 class ScriptedServer(LoopbackListener):
     """A Stockade stand-in on a free port that answers from a scripted log, for what no real
     server sends: INFO, LOG.TERM ([0, 0]) and EVENTS as `mode` says."""
