@@ -38,6 +38,11 @@ public struct RESPReplyScanner: Sendable {
     public var lineBytesMax = 64 * 1024
     public var bulkBytesMax = 64 << 20
     public var elementsMax = 1 << 20
+    /// Bytes of one whole reply. Each bulk, array and level is bounded above, but not their sum: a
+    /// stream of 64 MiB bulks in a huge array grew a reader's buffer until its reply timeout (3 GB
+    /// in 15 s). The largest reply a client of this package reads is an EVENTS page of the sink's
+    /// largest batch (10,000 baskets of 64 lines of 64-byte ids: about 60 MB), well under this.
+    public var replyBytesMax = 256 << 20
     /// Bytes after the reader index already scanned.
     private var scanned = 0
     /// Elements still owed by each open array, innermost last.
@@ -66,6 +71,7 @@ public struct RESPReplyScanner: Sendable {
             case UInt8(ascii: "$"):
                 guard let length = Int(text), length >= -1, length <= bulkBytesMax else { throw .init(message: "bad bulk length") }
                 if length >= 0 {
+                    guard scanned + lineEnd + length + 2 <= replyBytesMax else { throw Self.tooLarge(replyBytesMax) }
                     guard available >= lineEnd + length + 2 else { return false }  // rescanned from this header next time
                     consumed += length + 2
                 }
@@ -76,6 +82,7 @@ public struct RESPReplyScanner: Sendable {
                 break
             }
             scanned += consumed
+            guard scanned <= replyBytesMax else { throw Self.tooLarge(replyBytesMax) }
             if opens > 0 {
                 guard owed.count < Self.depthMax else { throw .init(message: "replies nested deeper than \(Self.depthMax)") }
                 owed.append(opens)
@@ -91,6 +98,10 @@ public struct RESPReplyScanner: Sendable {
             }
             if owed.isEmpty { return true }
         }
+    }
+
+    private static func tooLarge(_ bound: Int) -> RESPReplyParser.ParseError {
+        .init(message: "reply larger than \(bound) bytes")
     }
 
     /// Forgets the reply scanned (after the caller took it out of the buffer).

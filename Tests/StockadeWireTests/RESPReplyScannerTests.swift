@@ -37,6 +37,26 @@ import StockadeWire
         }
     }
 
+    /// A reply's total size is bounded, not only each bulk: an array of many bulks under the bulk
+    /// bound is refused once their sum passes `replyBytesMax`, before the bytes of the bulk that
+    /// would pass it arrive (a reader's buffer grew to gigabytes before).
+    @Test func aReplysTotalSizeIsBounded() throws {
+        var scanner = RESPReplyScanner()
+        scanner.replyBytesMax = 1000
+        var buffer = ByteBuffer(string: "*100\r\n")
+        let bulk = "$300\r\n" + String(repeating: "x", count: 300) + "\r\n"
+        buffer.writeString(bulk + bulk + bulk)
+        #expect(try scanner.complete(buffer) == false, "three bulks of 300 bytes: within the bound, more owed")
+        buffer.writeString("$300\r\n")
+        let error = #expect(throws: RESPReplyParser.ParseError.self) { try scanner.complete(buffer) }
+        #expect(error?.message == "reply larger than 1000 bytes")
+        // A reply of exactly the bound is whole.
+        var exact = RESPReplyScanner()
+        exact.replyBytesMax = 1000
+        let body = String(repeating: "y", count: 1000 - 9)
+        #expect(try exact.complete(ByteBuffer(string: "$991\r\n" + body + "\r\n")) == true)
+    }
+
     @Test func nestingIsBounded() {
         var scanner = RESPReplyScanner()
         let deep = ByteBuffer(string: String(repeating: "*1\r\n", count: 10_000))
