@@ -170,7 +170,7 @@ public final class Sink: Sendable {
         let unfinished = try await follow()
         let p = progress.withLock { $0 }
         say("stopped at position \(p.position) after \(p.events) events in \(p.batches) batches"
-            + (unfinished.map { ", positions \($0) left to the next run (PostgreSQL did not commit them in time; the next run reads whether it did)" } ?? ""))
+            + (unfinished.map { ", positions \($0) left to the next run (not committed before the stop; the next run reads whether they were)" } ?? ""))
     }
 
     /// `--reset`: checks that the server's log still starts at position 1 (else starting over
@@ -302,7 +302,9 @@ public final class Sink: Sendable {
         /// there, and whether "following" was said since the position or the server changed.
         var databaseSeen = false
         var expectedStored: UInt64 = 0
-        var announced = false
+        /// The position "following ... from" was last said for: said again only when it differs (a
+        /// reconnect to the server at the same position adds no line).
+        var announcedFrom: UInt64?
         var pendingReachesEnd = false
         var pendingFetched = ContinuousClock.now
         var backoff = Backoff(maxMillis: configuration.retryDelayMillisMax)
@@ -338,7 +340,7 @@ public final class Sink: Sendable {
                     // (moved by hand or by another sink): a reconnect after each retry adds no line.
                     if !databaseSeen || stored != expectedStored {
                         say("PostgreSQL \(configuration.database.description): applied up to position \(stored)")
-                        announced = false
+                        announcedFrom = nil
                     }
                     databaseSeen = true
                     expectedStored = stored
@@ -354,13 +356,12 @@ public final class Sink: Sendable {
                         // A stop that came before the closer was set: do not start a wait.
                         if isStopping { break }
                         sameLogChecked = false
-                        announced = false
                     }
                     if !sameLogChecked {
                         try await checkSameLog(storedState, source: source!)
                         sameLogChecked = true
-                        if !announced { say("following \(configuration.server.description) from position \(stored + 1)") }
-                        announced = true
+                        if announcedFrom != stored + 1 { say("following \(configuration.server.description) from position \(stored + 1)") }
+                        announcedFrom = stored + 1
                         progress.withLock { $0.waiting = nil }
                     }
                     let asked = ContinuousClock.now
