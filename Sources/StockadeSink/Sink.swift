@@ -298,6 +298,9 @@ public final class Sink: Sendable {
         /// Tries in a row in which the batch's statements themselves failed (not the connection to
         /// either side): the second halves the batch.
         var batchFailures = 0
+        /// The smallest batch limit said in the log since the limit was last whole: a limit that
+        /// settles just under what fits (grown back, halved again) is said once, not at every halving.
+        var smallestLimitSaid: Int?
         /// For the log: whether a database was reached in this run, the position this run last left
         /// there, and whether "following" was said since the position or the server changed.
         var databaseSeen = false
@@ -402,6 +405,7 @@ public final class Sink: Sendable {
                 // Grows back an eighth at a time (halved at once after a timeout): a limit close to
                 // what fits is not doubled straight back into another timeout.
                 batchLimit = min(configuration.batchEventsMax, batchLimit + max(1, batchLimit / 8))
+                if batchLimit == configuration.batchEventsMax { smallestLimitSaid = nil }
                 let seconds = (ContinuousClock.now - applyStarted).seconds
                 metrics.batchSeconds.record(seconds)
                 metrics.events.increment(by: Int64(plan.eventCount))
@@ -432,9 +436,12 @@ public final class Sink: Sendable {
                             pendingReachesEnd = false
                         }
                         batchFailures = 0
-                        say(timedOut
-                            ? "a batch ran past the statement timeout: batches of at most \(batchLimit) events until one commits"
-                            : "a batch failed twice in a row: batches of at most \(batchLimit) events until one commits")
+                        if batchLimit < smallestLimitSaid ?? .max {
+                            smallestLimitSaid = batchLimit
+                            say(timedOut
+                                ? "a batch ran past the statement timeout: batches of at most \(batchLimit) events until one commits"
+                                : "a batch failed twice in a row: batches of at most \(batchLimit) events until one commits")
+                        }
                     }
                     if let database { await database.close() }
                     database = nil
