@@ -991,66 +991,61 @@ def test_a_stop_while_connecting_is_not_held_by_a_silent_server_or_the_migration
         silent.close()
 
 
-def test_a_batch_longer_than_the_statement_timeout_is_split_until_one_fits(data_dir, postgres):
-    """Each order row costs PostgreSQL 1 ms here (a trigger, as a slow disk or a heavy index would),
-    so a batch of 2,000 events cannot commit within a 1 s statement timeout. The sink retried the
-    same batch for ever; now it halves the batch after each timeout until one commits, and catches up."""
+def applied_then(server, postgres, stock, sql):
+    """Adds SKU `tv` with `stock` units, lets a sink apply the log and stop, then runs `sql` (a
+    trigger that gets in the next batch's way); returns a client of the server."""
+    r = server.client()
+    r.execute_command("SKU.ADD", "tv", stock)
+    sink = SinkProcess(server, postgres)
+    settle(r, postgres, sink)
+    assert sink.stop() == 0
+    postgres.sql(sql)
+    return r
+
+
+# Batches that cannot commit whole: (a trigger standing in for the cause, the sink's flags, what it says).
+BATCH_SPLIT_CASES = {
+    # Each order row costs PostgreSQL 1 ms (as a slow disk or a heavy index would): a batch of 2,000
+    # events cannot commit within a 1 s statement timeout.
+    "timeout": (
+        "CREATE FUNCTION slow_row() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END $$ LANGUAGE plpgsql;"
+        " CREATE TRIGGER slow_row BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION slow_row()",
+        ["--statement-timeout-ms", "1000"],
+        ["batches of at most 1000 events"]),
+    # An insert of more than 600 orders is refused with 53400, as a temp_file_limit or work_mem a
+    # DBA set would refuse a large batch every time (the sink retries class 53).
+    "refused": (
+        "CREATE FUNCTION big_batch() RETURNS trigger AS $$ BEGIN"
+        " IF (SELECT count(*) FROM new_rows) > 600 THEN"
+        " RAISE EXCEPTION 'temporary file size exceeds temp_file_limit (256kB)' USING ERRCODE = '53400';"
+        " END IF; RETURN NULL; END $$ LANGUAGE plpgsql;"
+        " CREATE TRIGGER big_batch AFTER INSERT ON orders REFERENCING NEW TABLE AS new_rows"
+        " FOR EACH STATEMENT EXECUTE FUNCTION big_batch()",
+        ["--retry-max-ms", "200"],
+        ["a batch failed twice in a row: batches of at most 1000 events", "batches of at most 500 events"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BATCH_SPLIT_CASES))
+def test_a_batch_that_cannot_commit_whole_is_split_until_one_does(data_dir, postgres, case):
+    """A batch of 2,000 events that PostgreSQL cannot commit whole: past the statement timeout, or
+    refused every time with an error the sink retries. The sink retried the same batch for ever (the
+    stored position never moved); now it halves the batch (at once after a timeout, after two
+    failures in a row otherwise) until one commits, and catches up."""
+    trigger, flags, said = BATCH_SPLIT_CASES[case]
     server = Server(data_dir, "--shards", "2").start()
     sink = None
     try:
-        r = server.client()
-        r.execute_command("SKU.ADD", "tv", 1000000)
-        sink = SinkProcess(server, postgres)
-        settle(r, postgres, sink)
-        assert sink.stop() == 0
-        postgres.sql("CREATE FUNCTION slow_row() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END $$ LANGUAGE plpgsql;"
-                     " CREATE TRIGGER slow_row BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION slow_row()")
+        r = applied_then(server, postgres, 1000000, trigger)
         pipe = r.pipeline(transaction=False)
         for u in range(2000):
             pipe.execute_command("RESERVE", f"u{u}", "tv", 1, "TTL", 600000)
         pipe.execute()
-        sink = SinkProcess(server, postgres, "--statement-timeout-ms", "1000", "--batch-events", "2000")
+        sink = SinkProcess(server, postgres, "--batch-events", "2000", *flags)
         last = durable_position(r)
         wait_applied(postgres, last, timeout=60, sink=sink)
-        assert "batches of at most 1000 events" in sink.logs()
-        assert postgres.sql("SELECT count(*) FROM orders") == [["2000"]]
-        assert sink.stop() == 0
-    finally:
-        if sink:
-            sink.stop()
-        server.stop()
-
-
-
-def test_a_batch_the_database_refuses_every_time_is_split_until_one_commits(data_dir, postgres):
-    """A large batch can pass a limit a DBA set (temp_file_limit, work_mem: SQLSTATE 53400 or
-    53200, which the sink retries) every time it is tried. Here a statement trigger refuses an
-    insert of more than 600 orders with 53400, as such a limit would. The sink retried the same
-    batch whole for ever (the stored position never moved); now a batch whose statements fail twice
-    in a row is halved until one commits, and the sink catches up."""
-    server = Server(data_dir, "--shards", "2").start()
-    sink = None
-    try:
-        r = server.client()
-        r.execute_command("SKU.ADD", "tv", 1000000)
-        sink = SinkProcess(server, postgres)
-        settle(r, postgres, sink)
-        assert sink.stop() == 0
-        postgres.sql("CREATE FUNCTION big_batch() RETURNS trigger AS $$ BEGIN"
-                     " IF (SELECT count(*) FROM new_rows) > 600 THEN"
-                     " RAISE EXCEPTION 'temporary file size exceeds temp_file_limit (256kB)' USING ERRCODE = '53400';"
-                     " END IF; RETURN NULL; END $$ LANGUAGE plpgsql;"
-                     " CREATE TRIGGER big_batch AFTER INSERT ON orders REFERENCING NEW TABLE AS new_rows"
-                     " FOR EACH STATEMENT EXECUTE FUNCTION big_batch()")
-        pipe = r.pipeline(transaction=False)
-        for u in range(2000):
-            pipe.execute_command("RESERVE", f"u{u}", "tv", 1, "TTL", 600000)
-        pipe.execute()
-        sink = SinkProcess(server, postgres, "--batch-events", "2000", "--retry-max-ms", "200")
-        last = durable_position(r)
-        wait_applied(postgres, last, timeout=60, sink=sink)
-        assert "a batch failed twice in a row: batches of at most 1000 events" in sink.logs()
-        assert "batches of at most 500 events" in sink.logs()
+        for line in said:
+            assert line in sink.logs()
         assert postgres.sql("SELECT count(*) FROM orders") == [["2000"]]
         assert sink.stop() == 0
     finally:
@@ -1067,13 +1062,9 @@ def test_a_sink_killed_mid_batch_leaves_no_backend_running_on(data_dir, postgres
     server = Server(data_dir, "--shards", "2").start()
     sink = None
     try:
-        r = server.client()
-        r.execute_command("SKU.ADD", "tv", 1000)
-        sink = SinkProcess(server, postgres)
-        settle(r, postgres, sink)
-        assert sink.stop() == 0
-        postgres.sql("CREATE FUNCTION slow_batch() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(30); RETURN NULL; END $$ LANGUAGE plpgsql;"
-                     " CREATE TRIGGER slow_batch AFTER INSERT ON orders FOR EACH STATEMENT EXECUTE FUNCTION slow_batch()")
+        r = applied_then(server, postgres, 1000,
+                         "CREATE FUNCTION slow_batch() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(30); RETURN NULL; END $$ LANGUAGE plpgsql;"
+                         " CREATE TRIGGER slow_batch AFTER INSERT ON orders FOR EACH STATEMENT EXECUTE FUNCTION slow_batch()")
         for u in range(10):
             r.execute_command("RESERVE", f"u{u}", "tv", 1, "TTL", 600000)
         sink = SinkProcess(server, postgres, "--statement-timeout-ms", "120000")
