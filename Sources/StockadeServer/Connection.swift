@@ -456,8 +456,12 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             rest.discardReadBytes()
             inbound = rest
         }
-        // Only part of a command so far: wait for the next read.
-        if round.slots.isEmpty && round.step == nil { return nil }
+        // Only part of a command so far: wait for the next read (the round's arrays and buffer serve
+        // the next one).
+        if round.slots.isEmpty && round.step == nil {
+            recycle(round)
+            return nil
+        }
         return round
     }
 
