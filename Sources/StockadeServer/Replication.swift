@@ -1172,7 +1172,6 @@ final class ReplicaLink: Sendable {
         if let failure { throw failure }
     }
 
-    /// A command as a RESP array of bulk strings.
     /// A log position as a primary writes one: 1 to 20 ASCII digits, nothing else (no sign, no
     /// spaces), within 64 bits.
     static func position(_ text: Substring) -> UInt64? {
@@ -1180,6 +1179,7 @@ final class ReplicaLink: Sendable {
         return UInt64(text)
     }
 
+    /// A command as a RESP array of bulk strings.
     static func command(_ words: [String]) -> ByteBuffer {
         var out = ByteBuffer()
         out.writeRESPArrayHeader(words.count)
