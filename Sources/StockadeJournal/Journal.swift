@@ -75,6 +75,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     private var stats = Stats()
     private var segments: [(firstLSN: UInt64, path: String)]
     private var observers: [@Sendable (UInt64) -> Void] = []
+    private var batchObservers: [@Sendable (_ records: Int, _ syncNanos: UInt64) -> Void] = []
     /// A ``rebase(to:)`` or ``restart(at:)`` asked of the writer: the position to start again after,
     /// and whether every segment goes (a restart, which may go back).
     private var rebaseTo: (lsn: UInt64, startOver: Bool)?
@@ -245,6 +246,15 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     /// a waiter that publishes itself and then reads ``lastDurableLSN`` (also sequentially consistent)
     /// either sees its position durable or is seen by the observer.
     public func onDurable(_ observer: @escaping @Sendable (UInt64) -> Void) { locked { observers.append(observer) } }
+
+    /// Calls `observer` (on the writer's thread, outside the journal's lock) after each batch is
+    /// written, with its record count and how long its fdatasync took in nanoseconds (0 when the
+    /// policy did not sync it), and after each sync of earlier batches that the policy made later
+    /// (`everysec`: records 0). One call per event, not a sample: what a latency histogram needs.
+    /// Register observers before any traffic.
+    public func onBatch(_ observer: @escaping @Sendable (_ records: Int, _ syncNanos: UInt64) -> Void) {
+        locked { batchObservers.append(observer) }
+    }
 
     private func notifyObservers() {
         let (list, lsn) = locked { (observers, durableLSN) }
@@ -433,7 +443,16 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         pthread_mutex_unlock(mutex)
         do {
             guard count > 0 else {
-                _ = try syncIfDue()
+                let synced = try syncIfDue()
+                if synced > 0 {
+                    let list = locked {
+                        stats.syncs += 1
+                        stats.syncNanosTotal += synced
+                        stats.syncNanosMax = max(stats.syncNanosMax, synced)
+                        return batchObservers
+                    }
+                    for observer in list { observer(0, synced) }
+                }
                 return 0
             }
             framed.removeAll(keepingCapacity: true)
@@ -515,7 +534,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
 
     private func complete(through lsn: UInt64, records: Int, blocks: Int, raw: Int, written: Int, synced: UInt64) {
         var ready: [CheckedContinuation<Bool, Never>] = []
-        locked {
+        let batchList = locked {
             durableLSN = lsn
             durableMirror.store(lsn, ordering: .sequentiallyConsistent)
             stats.batches += 1
@@ -533,7 +552,9 @@ public final class Journal: ChangeLog, @unchecked Sendable {
                 if waiter.lsn <= lsn { ready.append(waiter.continuation) } else { kept.append(waiter) }
             }
             waiters = kept
+            return batchObservers
         }
+        for observer in batchList { observer(records, synced) }
         for continuation in ready { continuation.resume(returning: true) }
         notifyObservers()
     }

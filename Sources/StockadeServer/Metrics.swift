@@ -32,10 +32,10 @@ final class ServerMetrics: Sendable {
             name: "stockade_accept_failures_total", help: "Failed accepts on the client and metrics ports (out of file descriptors).")
         logBatchRecords = registry.makeValueHistogram(
             name: "stockade_log_batch_records", buckets: [1, 4, 16, 64, 256, 1024, 4096, 16384],
-            help: "Records per group-commit batch (one write, one fdatasync).")
+            help: "Records per group-commit batch (one write, one fdatasync), one observation per batch.")
         fsyncSeconds = registry.makeValueHistogram(
             name: "stockade_fsync_seconds", buckets: [0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5],
-            help: "fdatasync latency of the log.")
+            help: "fdatasync latency of the log, one observation per sync.")
         pendingLogBytes = registry.makeGauge(name: "stockade_log_pending_bytes", help: "Records appended but not yet written.")
         snapshotAgeSeconds = registry.makeGauge(name: "stockade_snapshot_age_seconds", help: "Seconds since the last snapshot (or start).")
         snapshotDurationSeconds = registry.makeGauge(name: "stockade_snapshot_duration_seconds", help: "How long the last snapshot took.")
@@ -67,19 +67,17 @@ final class ServerMetrics: Sendable {
         }
     }
 
-    private let lastStats = Mutex(Journal.Stats())
+    /// One group-commit batch written (`records` > 0) and, when the policy synced it, its fdatasync
+    /// (`syncNanos` > 0); a later sync of earlier batches comes with `records` 0. Called on the log
+    /// writer's thread for every batch (``Journal/onBatch(_:)``), so the histograms' counts are the
+    /// batches and syncs themselves and their buckets show the tail, not a mean per interval.
+    func journalBatch(records: Int, syncNanos: UInt64) {
+        if records > 0 { logBatchRecords.record(Double(records)) }
+        if syncNanos > 0 { fsyncSeconds.record(Double(syncNanos) / 1e9) }
+    }
 
-    /// Folds the journal's counters since the last call into the histograms.
+    /// Samples the log's gauges (once a second).
     func observe(_ journal: Journal) {
-        let stats = journal.statistics
-        let previous = lastStats.withLock { last in
-            defer { last = stats }
-            return last
-        }
-        let batches = stats.batches - previous.batches
-        if batches > 0 { logBatchRecords.record(Double(stats.records - previous.records) / Double(batches)) }
-        let syncs = stats.syncs - previous.syncs
-        if syncs > 0 { fsyncSeconds.record(Double(stats.syncNanosTotal - previous.syncNanosTotal) / Double(syncs) / 1e9) }
         pendingLogBytes.set(Double(journal.pendingBytes))
         logPosition.set(Double(journal.lastDurableLSN))
     }

@@ -83,7 +83,9 @@ final class ServerContext: Sendable {
         engine = store.engine
         replicationEpoch = Mutex(store.engine.epochs.lastEpoch)
         replication.eventsReplicas.store(configuration.minReplicasToWrite, ordering: .relaxed)
-        metrics = ServerMetrics()
+        let metrics = ServerMetrics()
+        self.metrics = metrics
+        store.journal.onBatch { records, syncNanos in metrics.journalBatch(records: records, syncNanos: syncNanos) }
         self.logger = logger
         self.blockingWork = blockingWork
         self.requestShutdown = requestShutdown

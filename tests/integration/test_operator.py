@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 
 import pytest
 import redis
@@ -340,6 +341,45 @@ def test_metrics_connections_are_counted_and_time_out(data_dir):
 
 
 # D28: bench says what it sends, reports holds and sales apart, cleans up, and prints errors readably.
+def test_log_histograms_count_every_batch_and_sync(data_dir):
+    """stockade_fsync_seconds and stockade_log_batch_records observe each sync and each batch (their
+    counts are INFO's log_fsyncs and log_batches), not one mean per second: a mean hides the slow
+    fdatasyncs that set a durable server's tail latency."""
+    s = Server(data_dir, "--shards", "1", "--fsync", "always", "--metrics-port", "0").start()
+    try:
+        metrics_port = int(s.logs().split("metrics on http://127.0.0.1:")[1].split("/")[0])
+        r = s.client()
+        r.execute_command("SKU.ADD", "m", 100000)
+
+        def reserve(worker):
+            c = s.client()
+            for i in range(150):
+                assert int(c.execute_command("RESERVE", f"u{worker}-{i}", "m", 1)) > 0
+            c.close()
+
+        threads = [threading.Thread(target=reserve, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        figures = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")}
+        stats, persistence = r.info("stats"), r.info("persistence")
+        syncs, batches, records = int(persistence["log_fsyncs"]), int(stats["log_batches"]), int(stats["log_records"])
+        assert syncs >= 100 and batches >= 100, (syncs, batches)
+        assert figures["stockade_fsync_seconds_count"] == syncs
+        assert figures['stockade_fsync_seconds_bucket{le="+Inf"}'] == syncs
+        assert figures["stockade_log_batch_records_count"] == batches
+        assert figures["stockade_log_batch_records_sum"] == records == 601
+        # The slowest sync is in the buckets: none below it holds every sync.
+        slowest = float(persistence["log_fsync_max_ms"]) / 1000
+        below = [v for k, v in figures.items() if k.startswith("stockade_fsync_seconds_bucket")
+                 and "+Inf" not in k and float(k.split('"')[1]) < slowest]
+        assert all(v < syncs for v in below)
+    finally:
+        s.stop()
+
+
 def test_bench_says_what_it_sends_and_cleans_up(server):
     out = subprocess.run([BINARY, "bench", "sellout", "--target", f"stockade://127.0.0.1:{server.port}", "--skus", "2",
                           "--stock", "50", "-n", "2000", "-c", "4", "-P", "4", "--json"], capture_output=True, text=True, timeout=120)
