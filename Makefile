@@ -38,9 +38,10 @@ demo: release
 build: deps
 	$(SWIFT) build --product stockade
 	$(SWIFT) build --product stockade-sink
+	$(SWIFT) build --product stockade-ceiling
 
 # The crash tests start .build/debug/stockade as a child process, so it is built first; the sink's
-# tests start .build/debug/stockade-sink beside it.
+# tests start .build/debug/stockade-sink and stockade-ceiling beside it.
 test: build
 	STOCKADE_BIN=$(CURDIR)/.build/debug/stockade $(SWIFT) test
 	STOCKADE_BIN=$(CURDIR)/.build/debug/stockade $(PYTHON) -m pytest -q tests/integration

@@ -150,21 +150,32 @@ final class PongHandler: ChannelInboundHandler {
 var host = "127.0.0.1"
 var port = 7380
 var threads = System.coreCount
+let usage = "usage: stockade-ceiling [--host 127.0.0.1] [--port 7380] [--threads N]"
+
+/// A usage error: one line on stderr and exit status 2, as `stockade` does (not a crash report).
+func refuse(_ message: String) -> Never {
+    let text = "stockade-ceiling: \(message)\n\(usage)\n"
+    _ = text.withCString { write(2, $0, strlen($0)) }
+    exit(2)
+}
+
 var arguments = CommandLine.arguments.dropFirst()
 while let flag = arguments.popFirst() {
-    guard let value = arguments.popFirst() else {
-        fatalError("\(flag) needs a value; usage: stockade-ceiling [--host 127.0.0.1] [--port 7380] [--threads N]")
+    if flag == "--help" || flag == "-h" {
+        print(usage)
+        exit(0)
     }
+    guard let value = arguments.popFirst() else { refuse("\(flag) needs a value") }
     switch flag {
     case "--host": host = value
     case "--port":
-        guard let number = Int(value), (0...65535).contains(number) else { fatalError("--port must be 0...65535") }
+        guard let number = Int(value), (0...65535).contains(number) else { refuse("--port must be 0...65535") }
         port = number
     case "--threads":
         // The bound of `stockade serve --io-threads`, so every setting there can be mirrored here.
-        guard let number = Int(value), (1...64).contains(number) else { fatalError("--threads must be 1...64") }
+        guard let number = Int(value), (1...64).contains(number) else { refuse("--threads must be 1...64") }
         threads = number
-    default: fatalError("unknown option \(flag); usage: stockade-ceiling [--host 127.0.0.1] [--port 7380] [--threads N]")
+    default: refuse("unknown option \(flag)")
     }
 }
 

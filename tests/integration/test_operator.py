@@ -97,6 +97,22 @@ def test_localhost_and_loopback_names_are_served(data_dir):
 
 
 # D26: a bare `stockade` prints help; --version; demo writes nowhere unless told.
+@pytest.mark.parametrize("flags, status, says", [
+    (["--help"], 0, "usage: stockade-ceiling"),
+    (["--port"], 2, "--port needs a value"),
+    (["--threads", "0"], 2, "--threads must be 1...64"),
+    (["--bogus", "1"], 2, "unknown option --bogus"),
+])
+def test_the_ceiling_answers_usage_errors_without_crashing(flags, status, says):
+    """The benchmarks' reference server (scripts/compare.py) says what is wrong and exits; it used to
+    stop with a fatal error and a crash report for --help and for every bad flag."""
+    ceiling = os.path.join(os.path.dirname(BINARY), "stockade-ceiling")
+    done = subprocess.run([ceiling, *flags], capture_output=True, text=True, timeout=30)
+    assert done.returncode == status, (done.returncode, done.stderr[:300])
+    assert says in done.stdout + done.stderr
+    assert "crashed" not in done.stderr and len((done.stdout + done.stderr).splitlines()) <= 2
+
+
 def test_bare_stockade_prints_help_and_writes_nothing():
     with tempfile.TemporaryDirectory() as cwd:
         out = run(cwd=cwd)
