@@ -18,8 +18,11 @@ its goal and whether it is met:
 
 All with 50 connections. redis-benchmark 7.0.15 exits at the first error reply, so the sold-out RESERVE
 (`-SOLDOUT`) is driven by this script's own pipelined client (`pipelined_load`), and its ratio is taken
-against the ceiling's PING driven by that same client. Then the harness rows (`stockade bench sustained`)
-and the sellout audit, as before.
+against the ceiling's PING driven by that same client. Two rows put the pipeline-1 latency goal in context
+(no goal of their own): Redis's plain script at -P1 with `appendfsync always` (what a durable Redis gives at
+that depth on this disk), and Stockade with `--io-threads 1` (one event loop: when the load client shares the
+machine's two cores, two loops and the client compete for them, which shows in the tail). Then the harness
+rows (`stockade bench sustained`) and the sellout audit, as before.
 
 Usage: python3 scripts/compare.py [--rounds 3] [--quick] [--stockade PATH] [--ceiling PATH] [--out results.json]
 Needs: a release `stockade` (make release), redis-server, redis-benchmark; builds `stockade-ceiling`
@@ -88,9 +91,9 @@ class Proc:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def stockade_proc(port):
-    return Proc("stockade", [STOCKADE, "serve", "--port", str(port), "--data-dir", "{dir}", "--fsync", "always",
-                             "--snapshot-every-changes", "0", "--snapshot-every-seconds", "0"], port)
+def stockade_proc(port, name="stockade", extra=()):
+    return Proc(name, [STOCKADE, "serve", "--port", str(port), "--data-dir", "{dir}", "--fsync", "always",
+                       "--snapshot-every-changes", "0", "--snapshot-every-seconds", "0", *extra], port)
 
 
 def start_all(names=("stockade", "redis-nopersist", "redis-always"), ceiling=None):
@@ -101,6 +104,9 @@ def start_all(names=("stockade", "redis-nopersist", "redis-always"), ceiling=Non
             port = free_port()
             if name == "stockade":
                 servers[name] = stockade_proc(port)
+            elif name == "stockade-1loop":
+                # One event loop: on a machine whose cores the load client shares, fewer threads compete.
+                servers[name] = stockade_proc(port, name, ("--io-threads", "1"))
             elif name == "redis-nopersist":
                 servers[name] = Proc(name, ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
                                             "--dir", "{dir}"], port)
@@ -261,6 +267,7 @@ LABELS = {
     "stockade/RESERVE-limit/P16": f"Stockade RESERVE -P16, SKU with LIMIT {LIMIT:,} (fsync always)",
     "stockade/DEDUCT/P16": "Stockade DEDUCT -P16 (fsync always)",
     "stockade/RESERVE/P1": "Stockade RESERVE -P1 (fsync always)",
+    "stockade-1loop/RESERVE/P1": "Stockade RESERVE -P1 (fsync always), --io-threads 1",
     "stockade/PING/P16": "Stockade PING -P16",
     "stockade/soldout-DEDUCT/P16": "Stockade DEDUCT on a sold-out SKU -P16",
     "stockade/soldout-RESERVE/P16/own": "Stockade RESERVE on a sold-out SKU -P16 (compare.py's client)",
@@ -272,6 +279,7 @@ LABELS = {
     "redis-always/limit/P16": f"Redis EVALSHA limit script (limit {LIMIT:,}) -P16, appendfsync always",
     "redis-nopersist/limit/P16": f"Redis EVALSHA limit script (limit {LIMIT:,}) -P16, no persistence",
     "redis-nopersist/PING_INLINE/P1": "Redis PING_INLINE -P1",
+    "redis-always/plain/P1": "Redis EVALSHA plain script -P1, appendfsync always",
 }
 
 # (figure, numerator, denominator, goal): a ratio numerator / denominator of at least `goal`; with no
@@ -305,6 +313,7 @@ def measure_round(r, servers, sizes, add):
     cli(s, "SKU.ADD", f"rbl{r}", HUGE_STOCK, "LIMIT", LIMIT)
     cli(s, "SKU.ADD", f"dd{r}", HUGE_STOCK)
     cli(s, "SKU.ADD", f"gone{r}", 0)
+    cli(servers["stockade-1loop"], "SKU.ADD", f"rb{r}", HUGE_STOCK)
     sha = {}
     for name in ("redis-always", "redis-nopersist"):
         p = servers[name]
@@ -330,6 +339,9 @@ def measure_round(r, servers, sizes, add):
         ("stockade/DEDUCT/P16", lambda: redis_benchmark(s, 16, n16, "DEDUCT", f"dd{r}")),
         ("stockade/RESERVE/P1", lambda: redis_benchmark(s, 1, n1, "RESERVE", "user:__rand_int__", f"rb{r}", "1")),
         ("redis-nopersist/PING_INLINE/P1", lambda: redis_benchmark(servers["redis-nopersist"], 1, n1, tests="ping_inline")),
+        ("stockade-1loop/RESERVE/P1", lambda: redis_benchmark(servers["stockade-1loop"], 1, n1, "RESERVE", "user:__rand_int__",
+                                                               f"rb{r}", "1")),
+        ("redis-always/plain/P1", lambda: evalsha("redis-always", "plain", 1, n1)),
         ("stockade/PING/P16", lambda: redis_benchmark(s, 16, n16, "PING")),
         ("ceiling/PING/P16", lambda: redis_benchmark(c, 16, n16, "PING")),
         ("stockade/soldout-DEDUCT/P16", lambda: redis_benchmark(s, 16, n16, "DEDUCT", f"gone{r}")),
@@ -372,7 +384,7 @@ def main():
     def add(key, value):
         results.setdefault(key, []).append(value)
 
-    servers = start_all(("stockade", "redis-nopersist", "redis-always", "ceiling"), ceiling=ceiling)
+    servers = start_all(("stockade", "stockade-1loop", "redis-nopersist", "redis-always", "ceiling"), ceiling=ceiling)
     harnessed = ("stockade", "redis-nopersist", "redis-always")
     try:
         for r in range(rounds):
