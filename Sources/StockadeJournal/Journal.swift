@@ -47,6 +47,8 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         public var records = 0
         public var rawBytes = 0
         public var writtenBytes = 0
+        /// fdatasyncs that made records durable: the policy's, and those made whatever it (a full
+        /// segment before the next starts, the writer's last act, a rebase).
         public var syncs = 0
         public var syncNanosTotal: UInt64 = 0
         public var syncNanosMax: UInt64 = 0
@@ -249,9 +251,11 @@ public final class Journal: ChangeLog, @unchecked Sendable {
 
     /// Calls `observer` (on the writer's thread, outside the journal's lock) after each batch is
     /// written, with its record count and how long its fdatasync took in nanoseconds (0 when the
-    /// policy did not sync it), and after each sync of earlier batches that the policy made later
-    /// (`everysec`: records 0). One call per event, not a sample: what a latency histogram needs.
-    /// Register observers before any traffic.
+    /// policy did not sync it), and after each sync of records written earlier (records 0): the
+    /// policy's later sync (`everysec`), and the syncs made whatever the policy (a full segment
+    /// before the next starts, the writer's last act, a rebase). One call per event, not a sample:
+    /// what a latency histogram needs; ``statistics`` counts the same syncs. Register observers
+    /// before any traffic.
     public func onBatch(_ observer: @escaping @Sendable (_ records: Int, _ syncNanos: UInt64) -> Void) {
         locked { batchObservers.append(observer) }
     }
@@ -356,8 +360,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     /// The writer's side of ``rebase(to:)`` and ``restart(at:)``.
     private func writerStartAgain(after lsn: UInt64, startOver: Bool) {
         do throws(JournalError) {
-            if unsynced { try segment.dataSync() }
-            unsynced = false
+            if unsynced { try syncSegmentNow() }
             segment.close()
             if startOver {
                 // No record of the old log may stay where recovery would replay it.
@@ -423,7 +426,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     /// The writer's last act: sync what the policy left unsynced, close the segment.
     private func finishWriter() {
         if unsynced && locked({ failed == nil }) {
-            do { try segment.dataSync() } catch { fail("\(error)") }
+            do { try syncSegmentNow() } catch { fail("\(error)") }
         }
         segment.close()
         locked { writerFinished = true }
@@ -444,15 +447,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         do {
             guard count > 0 else {
                 let synced = try syncIfDue()
-                if synced > 0 {
-                    let list = locked {
-                        stats.syncs += 1
-                        stats.syncNanosTotal += synced
-                        stats.syncNanosMax = max(stats.syncNanosMax, synced)
-                        return batchObservers
-                    }
-                    for observer in list { observer(0, synced) }
-                }
+                if synced > 0 { recordSync(synced) }
                 return 0
             }
             framed.removeAll(keepingCapacity: true)
@@ -501,8 +496,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         if segmentBytes + framed.count > options.segmentBytesMax && segmentBytes > SegmentHeader.size {
             // Always synced, whatever the policy: a segment that a later one follows must be whole,
             // or recovery would take its lost tail for corruption in the middle of the log.
-            try segment.dataSync()
-            unsynced = false
+            try syncSegmentNow()
             segment.close()
             let path = directory.segmentPath(firstLSN: firstLSN)
             segment = try directory.storage.open(path, .create)
@@ -514,6 +508,27 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         try segment.append(framed)
         segmentBytes += framed.count
         unsynced = true
+    }
+
+    /// An fdatasync of the open segment whatever the policy (a segment that another follows, the
+    /// writer's last act, a rebase), counted and observed as every sync of records is.
+    private func syncSegmentNow() throws(JournalError) {
+        let start = monotonicNanos()
+        try segment.dataSync()
+        unsynced = false
+        recordSync(max(1, monotonicNanos() - start))
+    }
+
+    /// Counts a sync that no batch's ``complete(through:records:blocks:raw:written:synced:)`` counts,
+    /// and tells the batch observers (records 0).
+    private func recordSync(_ nanos: UInt64) {
+        let list = locked {
+            stats.syncs += 1
+            stats.syncNanosTotal += nanos
+            stats.syncNanosMax = max(stats.syncNanosMax, nanos)
+            return batchObservers
+        }
+        for observer in list { observer(0, nanos) }
     }
 
     /// fdatasync as the policy asks; returns the nanoseconds it took (0 when it did not sync).

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 @testable import StockadeCore
 @testable import StockadeJournal
@@ -198,6 +199,39 @@ func recover(_ path: String, repair: Bool = false, truncateCorrupt: Bool = false
         #expect(stats.records == 320)
         #expect(stats.syncs < 320)
         #expect(stats.syncs == stats.batches)
+    }
+
+    /// Every sync that makes records durable is counted and observed, not only the policy's: with
+    /// `fsync none` a full segment is still synced before the next one starts, and so is the last
+    /// one when the writer stops. (The metrics' `stockade_fsync_seconds` is fed by the observer.)
+    @Test func everySyncOfRecordsIsCountedAndObserved() async throws {
+        let path = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        var options = Journal.Options()
+        options.fsync = .none
+        options.segmentBytesMax = 2048
+        let journal = try Journal(directory: DataDirectory(path), shardCount: 1, lsn: 0, options: options)
+        let observed = Mutex<(syncs: Int, records: Int)>((0, 0))
+        journal.onBatch { records, nanos in
+            observed.withLock {
+                $0.records += records
+                if nanos > 0 { $0.syncs += 1 }
+            }
+        }
+        var records = RecordBuffer()
+        records.restocked(shard: 0, skuIndex: 0, delta: 1)
+        for _ in 0..<400 {
+            let lsn = try journal.append(records)
+            try await journal.waitDurable(lsn)
+        }
+        journal.close()
+        let stats = journal.statistics
+        let segments = try DataDirectory(path).segments().count
+        #expect(segments > 3)
+        #expect(stats.syncs >= segments)  // every full segment, and the last one at close
+        let seen = observed.withLock { $0 }
+        #expect(seen.syncs == stats.syncs)
+        #expect(seen.records == 400)
     }
 }
 
