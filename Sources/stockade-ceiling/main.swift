@@ -152,11 +152,19 @@ var port = 7380
 var threads = System.coreCount
 let usage = "usage: stockade-ceiling [--host 127.0.0.1] [--port 7380] [--threads N]"
 
-/// A usage error: one line on stderr and exit status 2, as `stockade` does (not a crash report).
+/// A usage error: the message and the usage on stderr, exit status 2 (not a crash report).
 func refuse(_ message: String) -> Never {
     let text = "stockade-ceiling: \(message)\n\(usage)\n"
     _ = text.withCString { write(2, $0, strlen($0)) }
     exit(2)
+}
+
+/// A failure to serve (the address cannot be listened on): one line on stderr, exit status 1, as
+/// `stockade serve` does.
+func fail(_ message: String) -> Never {
+    let text = "stockade-ceiling: \(message)\n"
+    _ = text.withCString { write(2, $0, strlen($0)) }
+    exit(1)
 }
 
 var arguments = CommandLine.arguments.dropFirst()
@@ -165,6 +173,7 @@ while let flag = arguments.popFirst() {
         print(usage)
         exit(0)
     }
+    guard ["--host", "--port", "--threads"].contains(flag) else { refuse("unknown option \(flag)") }
     guard let value = arguments.popFirst() else { refuse("\(flag) needs a value") }
     switch flag {
     case "--host": host = value
@@ -192,7 +201,12 @@ let bootstrap = ServerBootstrap(group: group)
             try channel.pipeline.syncOperations.addHandler(PongHandler())
         }
     }
-let listener = try bootstrap.bind(host: host, port: port).wait()
+let listener: Channel
+do {
+    listener = try bootstrap.bind(host: host, port: port).wait()
+} catch {
+    fail("cannot listen on \(host):\(port): \(error)")
+}
 print("stockade-ceiling listening on \(host):\(listener.localAddress?.port ?? port), \(threads) event loops")
 fflush(nil)  // all streams: `stdout` itself is shared mutable state to Swift 6
 try listener.closeFuture.wait()

@@ -102,12 +102,23 @@ def test_localhost_and_loopback_names_are_served(data_dir):
     (["--port"], 2, "--port needs a value"),
     (["--threads", "0"], 2, "--threads must be 1...64"),
     (["--bogus", "1"], 2, "unknown option --bogus"),
+    (["--bogus"], 2, "unknown option --bogus"),
+    (["--port", "{taken}"], 1, "cannot listen on 127.0.0.1:"),
+    (["--host", "bogus.invalid", "--port", "0"], 1, "cannot listen on bogus.invalid:0"),
 ])
 def test_the_ceiling_answers_usage_errors_without_crashing(flags, status, says):
     """The benchmarks' reference server (scripts/compare.py) says what is wrong and exits; it used to
-    stop with a fatal error and a crash report for --help and for every bad flag."""
+    stop with a fatal error and a crash report for --help, for every bad flag, and when it could not
+    listen (a port in use, a name that does not resolve)."""
     ceiling = os.path.join(os.path.dirname(BINARY), "stockade-ceiling")
-    done = subprocess.run([ceiling, *flags], capture_output=True, text=True, timeout=30)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    flags = [f.replace("{taken}", str(taken.getsockname()[1])) for f in flags]
+    try:
+        done = subprocess.run([ceiling, *flags], capture_output=True, text=True, timeout=30)
+    finally:
+        taken.close()
     assert done.returncode == status, (done.returncode, done.stderr[:300])
     assert says in done.stdout + done.stderr
     assert "crashed" not in done.stderr and len((done.stdout + done.stderr).splitlines()) <= 2
