@@ -233,6 +233,13 @@ enum CommandTable {
         case .info:
             return arity(args.count <= 1) ?? .info(section: args.first.map(section))
         case .shutdown:
+            // Redis's options: NOSAVE is what Stockade always does (the log is synced; no snapshot is
+            // taken). The others would promise what it does not do, and a typo must not stop the
+            // server, so anything else is refused rather than ignored.
+            guard let option = args.first else { return .shutdown }
+            guard args.count == 1, Word(option) == Word("NOSAVE") else {
+                return .invalid("ERR syntax error: SHUTDOWN takes no option but NOSAVE (every shutdown syncs the log; SNAPSHOT takes a snapshot first)")
+            }
             return .shutdown
         case .snapshot, .save, .bgsave:
             return arity(args.isEmpty) ?? .snapshot
@@ -399,7 +406,11 @@ enum CommandTable {
             guard args.count == 2 else { return wrongArity }
             if Word(arg(0)) == Word("NO"), Word(arg(1)) == Word("ONE") { return .promote }
             guard let port = integer(arg(1)), port >= 1, port <= 65535 else { return .invalid("ERR Invalid master port") }
-            guard arg(0).readableBytes <= 255, let host = String(validating: arg(0).readableBytesView, as: UTF8.self), !host.isEmpty else {
+            // A host name or address: printable ASCII without spaces (it is shown in INFO replication
+            // and the log, one line each, and goes to the resolver as it is).
+            guard arg(0).readableBytes <= 255, arg(0).readableBytesView.allSatisfy({ (0x21...0x7E).contains($0) }),
+                  let host = String(validating: arg(0).readableBytesView, as: UTF8.self), !host.isEmpty
+            else {
                 return .invalid("ERR Invalid master host")
             }
             return .replicaOf(host: host, port: Int(port))

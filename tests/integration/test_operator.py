@@ -254,6 +254,44 @@ def test_blocked_events_readers_do_not_poll(data_dir):
 
 
 # C23: SHUTDOWN answers the EVENTS waiters at once, exits promptly, and schedules nothing on a dead loop.
+def test_shutdown_options_other_than_nosave_are_refused_and_change_nothing(data_dir):
+    """A typo in SHUTDOWN's option (or one of Redis's that Stockade does not keep) gets an error and
+    the server goes on; it used to shut down whatever followed SHUTDOWN. NOSAVE stops it, as Redis's
+    does, with the log synced."""
+    s = Server(data_dir, "--shards", "1").start()
+    try:
+        r = s.client()
+        r.execute_command("SKU.ADD", "kept", 5)
+        for option in (["BOGUS", "x"], ["BOGUS"], ["SAVE"], ["NOW"], ["NOSAVE", "NOW"], ["nosave\r\n"]):
+            with pytest.raises(redis.ResponseError, match="syntax error"):
+                r.execute_command("SHUTDOWN", *option)
+            assert r.ping()
+        assert r.execute_command("DEDUCT", "kept", 2) == 1
+        c = socket.create_connection(("127.0.0.1", s.port))
+        send(c, "SHUTDOWN", "nosave")
+        assert s.proc.wait(timeout=30) == 0
+        c.close()
+        s = Server(data_dir, "--shards", "1").start()
+        stock = s.client().execute_command("STOCK", "kept")
+        assert dict(zip(stock[::2], stock[1::2]))["available"] == 3
+    finally:
+        s.stop()
+
+
+def test_replicaof_refuses_a_host_that_would_break_a_line(data_dir):
+    """REPLICAOF's host goes into INFO replication and the log, one line each: control characters and
+    spaces are refused (a CR LF in it used to split INFO's master_host line)."""
+    s = Server(data_dir, "--shards", "1", "--io-threads", "1").start()
+    try:
+        r = s.client()
+        for host in ("a\r\nb", "a b", "a\x00b", "\x7f", "caf\xc3\xa9"):
+            with pytest.raises(redis.ResponseError, match="Invalid master host"):
+                r.execute_command("REPLICAOF", host.encode("latin-1"), 1)
+        assert r.info("replication")["role"] == "master"
+    finally:
+        s.stop()
+
+
 def test_shutdown_answers_blocked_events_readers_promptly(data_dir):
     s = Server(data_dir, "--shards", "2").start()
     waiters = []
