@@ -96,7 +96,6 @@ def test_localhost_and_loopback_names_are_served(data_dir):
         s.stop()
 
 
-# D26: a bare `stockade` prints help; --version; demo writes nowhere unless told.
 @pytest.mark.parametrize("flags, status, says", [
     (["--help"], 0, "usage: stockade-ceiling"),
     (["--port"], 2, "--port needs a value"),
@@ -124,6 +123,7 @@ def test_the_ceiling_answers_usage_errors_without_crashing(flags, status, says):
     assert "crashed" not in done.stderr and len((done.stdout + done.stderr).splitlines()) <= 2
 
 
+# D26: a bare `stockade` prints help; --version; demo writes nowhere unless told.
 def test_bare_stockade_prints_help_and_writes_nothing():
     with tempfile.TemporaryDirectory() as cwd:
         out = run(cwd=cwd)
@@ -253,7 +253,6 @@ def test_blocked_events_readers_do_not_poll(data_dir):
         s.stop()
 
 
-# C23: SHUTDOWN answers the EVENTS waiters at once, exits promptly, and schedules nothing on a dead loop.
 def test_shutdown_options_other_than_nosave_are_refused_and_change_nothing(data_dir):
     """A typo in SHUTDOWN's option (or one of Redis's that Stockade does not keep) gets an error and
     the server goes on; it used to shut down whatever followed SHUTDOWN. NOSAVE stops it, as Redis's
@@ -292,6 +291,7 @@ def test_replicaof_refuses_a_host_that_would_break_a_line(data_dir):
         s.stop()
 
 
+# C23: SHUTDOWN answers the EVENTS waiters at once, exits promptly, and schedules nothing on a dead loop.
 def test_shutdown_answers_blocked_events_readers_promptly(data_dir):
     s = Server(data_dir, "--shards", "2").start()
     waiters = []
@@ -405,7 +405,6 @@ def test_metrics_connections_are_counted_and_time_out(data_dir):
         s.stop()
 
 
-# D28: bench says what it sends, reports holds and sales apart, cleans up, and prints errors readably.
 def test_log_histograms_count_every_batch_and_sync(data_dir):
     """stockade_fsync_seconds and stockade_log_batch_records observe each sync and each batch (their
     counts are INFO's log_fsyncs and log_batches), not one mean per second: a mean hides the slow
@@ -445,6 +444,7 @@ def test_log_histograms_count_every_batch_and_sync(data_dir):
         s.stop()
 
 
+# D28: bench says what it sends, reports holds and sales apart, cleans up, and prints errors readably.
 def test_bench_says_what_it_sends_and_cleans_up(server):
     out = subprocess.run([BINARY, "bench", "sellout", "--target", f"stockade://127.0.0.1:{server.port}", "--skus", "2",
                           "--stock", "50", "-n", "2000", "-c", "4", "-P", "4", "--json"], capture_output=True, text=True, timeout=120)
