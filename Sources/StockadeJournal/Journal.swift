@@ -523,12 +523,17 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     /// and tells the batch observers (records 0).
     private func recordSync(_ nanos: UInt64) {
         let list = locked {
-            stats.syncs += 1
-            stats.syncNanosTotal += nanos
-            stats.syncNanosMax = max(stats.syncNanosMax, nanos)
+            countSync(nanos)
             return batchObservers
         }
         for observer in list { observer(0, nanos) }
+    }
+
+    /// Adds one sync to ``statistics``. Called with the lock held.
+    private func countSync(_ nanos: UInt64) {
+        stats.syncs += 1
+        stats.syncNanosTotal += nanos
+        stats.syncNanosMax = max(stats.syncNanosMax, nanos)
     }
 
     /// fdatasync as the policy asks; returns the nanoseconds it took (0 when it did not sync).
@@ -557,11 +562,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
             stats.records += records
             stats.rawBytes += raw
             stats.writtenBytes += written
-            if synced > 0 {
-                stats.syncs += 1
-                stats.syncNanosTotal += synced
-                stats.syncNanosMax = max(stats.syncNanosMax, synced)
-            }
+            if synced > 0 { countSync(synced) }
             var kept: [(lsn: UInt64, continuation: CheckedContinuation<Bool, Never>)] = []
             for waiter in waiters {
                 if waiter.lsn <= lsn { ready.append(waiter.continuation) } else { kept.append(waiter) }

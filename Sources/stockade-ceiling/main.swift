@@ -173,16 +173,19 @@ while let flag = arguments.popFirst() {
         print(usage)
         exit(0)
     }
-    guard ["--host", "--port", "--threads"].contains(flag) else { refuse("unknown option \(flag)") }
-    guard let value = arguments.popFirst() else { refuse("\(flag) needs a value") }
+    // The flag is known before its value is asked for: an unknown flag given last is named as unknown.
+    func value() -> String {
+        guard let value = arguments.popFirst() else { refuse("\(flag) needs a value") }
+        return value
+    }
     switch flag {
-    case "--host": host = value
+    case "--host": host = value()
     case "--port":
-        guard let number = Int(value), (0...65535).contains(number) else { refuse("--port must be 0...65535") }
+        guard let number = Int(value()), (0...65535).contains(number) else { refuse("--port must be 0...65535") }
         port = number
     case "--threads":
         // The bound of `stockade serve --io-threads`, so every setting there can be mirrored here.
-        guard let number = Int(value), (1...64).contains(number) else { refuse("--threads must be 1...64") }
+        guard let number = Int(value()), (1...64).contains(number) else { refuse("--threads must be 1...64") }
         threads = number
     default: refuse("unknown option \(flag)")
     }
