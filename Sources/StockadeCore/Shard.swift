@@ -1,5 +1,6 @@
 import Atomics
 import Dispatch
+import Synchronization
 
 /// Where shards send the records of their changes. ``StockadeJournal``'s journal writes them to disk;
 /// ``MemoryChangeLog`` keeps nothing (the engine without durability, for tests and benchmarks).
@@ -19,17 +20,22 @@ public protocol ChangeLog: AnyObject, Sendable {
 
 /// What any thread may read of a shard without entering it: published by the shard, read lock-free
 /// by the engine's sold-out fast path and its expiry pre-pass.
+///
+/// The atomics are stored inline (`Synchronization.Atomic`), not as objects of their own: both event
+/// loops read them for every sold-out answer, and a reference to an atomic object would be retained
+/// and released on each read, a write to a cache line both loops share. The engine reads them
+/// through unretained references (``Engine``'s gauge table) for the same reason.
 public final class ShardGauges: Sendable {
     /// Even between runs, odd while a run (or a prepare) changes state. A reader that sees the same even
     /// value before and after reading a counter read a state whose records are all appended.
-    let runEpoch = ManagedAtomic<UInt64>(0)
+    let runEpoch = Atomic<UInt64>(0)
     /// ``Shard/visiblePosition`` as of the last completed run.
-    let visibleLSN = ManagedAtomic<UInt64>(0)
+    let visibleLSN = Atomic<UInt64>(0)
     /// Basket holds placed here and not yet committed or released.
-    let preparing = ManagedAtomic<Int>(0)
+    let preparing = Atomic<Int>(0)
     /// ``ShardState/nextDeadlineMillis`` and ``ShardState/nextForeignDeadlineMillis`` after the last run.
-    let nextDeadlineMillis = ManagedAtomic<Int64>(.max)
-    let nextForeignDeadlineMillis = ManagedAtomic<Int64>(.max)
+    let nextDeadlineMillis = Atomic<Int64>(.max)
+    let nextForeignDeadlineMillis = Atomic<Int64>(.max)
 
     init() {}
 }
@@ -166,13 +172,13 @@ public actor Shard {
     }
 
     /// Marks a change in progress for lock-free readers (``ShardGauges/runEpoch`` odd).
-    private func beginChange() { gauges.runEpoch.wrappingIncrement(ordering: .acquiringAndReleasing) }
+    private func beginChange() { gauges.runEpoch.wrappingAdd(1, ordering: .acquiringAndReleasing) }
 
     /// Publishes the position and deadlines, then ends the change (epoch even again).
     private func endChange() {
         gauges.visibleLSN.store(visibleLSN, ordering: .releasing)
         publishDeadlines()
-        gauges.runEpoch.wrappingIncrement(ordering: .acquiringAndReleasing)
+        gauges.runEpoch.wrappingAdd(1, ordering: .acquiringAndReleasing)
     }
 
     private func publishDeadlines() {
@@ -218,7 +224,7 @@ public actor Shard {
     }
 
     private func endPrepare() {
-        let left = gauges.preparing.wrappingDecrementThenLoad(ordering: .relaxed)
+        let left = gauges.preparing.wrappingSubtract(1, ordering: .relaxed).newValue
         precondition(left >= 0, "more basket holds settled than placed")
         if left == 0 {
             let waiters = settleWaiters
@@ -254,7 +260,7 @@ public actor Shard {
         switch state.prepareHold(user: user, lines: lines, internedUser: &interned) {
         case .failure(let rejection): return .failure(rejection)
         case .success(let items):
-            gauges.preparing.wrappingIncrement(ordering: .relaxed)
+            gauges.preparing.wrappingAdd(1, ordering: .relaxed)
             return .success((items, interned, visibleLSN))
         }
     }

@@ -1,11 +1,13 @@
 import Atomics
+import Synchronization
 
 /// A SKU's available stock, published by its shard after every change so that any thread can read it
-/// without entering the shard: stock queries and the sold-out fast path.
+/// without entering the shard: stock queries and the sold-out fast path. The atomic is stored inline
+/// (one object a SKU, not two): a reader on another loop touches no reference count of its own.
 public final class StockCounter: Sendable {
-    private let value: ManagedAtomic<Int64>
+    private let value: Atomic<Int64>
 
-    public init(_ available: Int64) { value = ManagedAtomic(available) }
+    public init(_ available: Int64) { value = Atomic(available) }
 
     /// The last published available count. Lock-free; may trail the shard by the change being made.
     @inlinable public var available: Int64 { load() }
