@@ -161,7 +161,9 @@ public final class Engine: Sendable {
         var lastCheck: SoldOutCheck?
     }
 
-    /// One read of a SKU's counter for the sold-out fast path (``BatchProgress/lastCheck``).
+    /// One read of a SKU's counter for the sold-out fast path (``BatchProgress/lastCheck``), made while
+    /// the log had not failed: the log's state is read with the counter, once, so a failure later in
+    /// the same batch comes after these commands, as a failure just after any single check does.
     private struct SoldOutCheck {
         var owner: Int
         var sku: Name
@@ -229,11 +231,11 @@ public final class Engine: Sendable {
                 guard let counter = shards[owner].directory.counter(sku) else { return nil }
                 let available = counter.available
                 let lsn = gauges.visibleLSN.load(ordering: .acquiring)
-                guard gauges.runEpoch.load(ordering: .acquiring) == epoch else { return nil }
+                guard gauges.runEpoch.load(ordering: .acquiring) == epoch, log.failureReason == nil else { return nil }
                 check = SoldOutCheck(owner: owner, sku: sku, epoch: epoch, available: available, lsn: lsn)
                 progress.lastCheck = check
             }
-            guard check.available < needed, log.failureReason == nil else { return nil }
+            guard check.available < needed else { return nil }
             return check.lsn
         }
     }

@@ -213,87 +213,90 @@ enum CommandTable {
             return .invalid("ERR unknown command '\(shown(arguments[0]))'")
         }
         if !authenticated && !verb.allowedBeforeAuth { return noAuth }
-        let args = arguments[1...]
-        func arg(_ i: Int) -> ByteBuffer { args[args.startIndex + i] }
+        // The arguments after the name, read from `arguments` in place: a slice of them (or a copy of
+        // one) would retain the array or the argument's storage for every command.
+        let argc = arguments.count - 1
+        @inline(__always) func arg(_ i: Int) -> ByteBuffer { arguments[1 + i] }
+        var first: ByteBuffer? { argc > 0 ? arguments[1] : nil }
         // Built only when needed: the hot path makes no message.
         var wrongArity: Request { .invalid("ERR wrong number of arguments for '\(verb.name)' command") }
         func arity(_ ok: Bool) -> Request? { ok ? nil : wrongArity }
 
         switch verb {
         case .ping:
-            return arity(args.count <= 1) ?? .ping(args.first)
+            return arity(argc <= 1) ?? .ping(first)
         case .echo:
-            return arity(args.count == 1) ?? .echo(arg(0))
+            return arity(argc == 1) ?? .echo(arg(0))
         case .quit:
             return .quit
         case .auth:
-            if args.count == 1 { return .auth(user: nil, password: arg(0)) }
-            if args.count == 2 { return .auth(user: arg(0), password: arg(1)) }
+            if argc == 1 { return .auth(user: nil, password: arg(0)) }
+            if argc == 2 { return .auth(user: arg(0), password: arg(1)) }
             return wrongArity
         case .info:
-            return arity(args.count <= 1) ?? .info(section: args.first.map(section))
+            return arity(argc <= 1) ?? .info(section: first.map(section))
         case .shutdown:
             // Redis's options: NOSAVE is what Stockade always does (the log is synced; no snapshot is
             // taken). The others would promise what it does not do, and a typo must not stop the
             // server, so anything else is refused rather than ignored.
-            guard let option = args.first else { return .shutdown }
-            guard args.count == 1, Word(option) == Word("NOSAVE") else {
+            guard let option = first else { return .shutdown }
+            guard argc == 1, Word(option) == Word("NOSAVE") else {
                 return .invalid("ERR syntax error: SHUTDOWN takes no option but NOSAVE (every shutdown syncs the log; SNAPSHOT takes a snapshot first)")
             }
             return .shutdown
         case .snapshot, .save, .bgsave:
-            return arity(args.isEmpty) ?? .snapshot
+            return arity(argc == 0) ?? .snapshot
         case .command:
             return .commandInfo
         case .config:
-            guard args.count == 2, Word(arg(0)) == .get else { return .invalid("ERR only CONFIG GET <pattern> is supported") }
+            guard argc == 2, Word(arg(0)) == .get else { return .invalid("ERR only CONFIG GET <pattern> is supported") }
             return .configGet(pattern: lowered(arg(1)))
         case .client:
-            switch args.first.flatMap(Word.init) {
+            switch first.flatMap(Word.init) {
             case Word("SETINFO"), Word("SETNAME"), Word("NO-EVICT"), Word("NO-TOUCH"), Word("REPLY"): return .clientAccepted
             case Word("ID"): return .clientID
             default: return .invalid("ERR unknown CLIENT subcommand")
             }
         case .hello:
-            return hello(args)
+            return hello(arguments[1...])
         case .select:
-            guard args.count == 1 else { return wrongArity }
+            guard argc == 1 else { return wrongArity }
             guard let db = integer(arg(0)) else { return notInteger }
             return .select(Int(db))
 
         case .skuAdd:
-            guard args.count == 2 || args.count == 4 else { return wrongArity }
+            guard argc == 2 || argc == 4 else { return wrongArity }
             if let refusal = idProblem(arg(0), "SKU") { return refusal }
             guard let total = integer(arg(1)) else { return notInteger }
             var limit: Int64 = 0
-            if args.count == 4 {
+            if argc == 4 {
                 guard Word(arg(2)) == .limit else { return .invalid("ERR syntax error: expected LIMIT n") }
                 guard let value = integer(arg(3)) else { return notInteger }
                 limit = value
             }
             return .engine(.addSku(sku: id(arg(0)), total: total, limit: limit))
         case .skuRestock:
-            guard args.count == 2 else { return wrongArity }
+            guard argc == 2 else { return wrongArity }
             if let refusal = idProblem(arg(0), "SKU") { return refusal }
             guard let delta = integer(arg(1)) else { return notInteger }
             return .engine(.restock(sku: id(arg(0)), delta: delta))
         case .skuPause, .skuResume:
-            guard args.count == 1 else { return wrongArity }
+            guard argc == 1 else { return wrongArity }
             if let refusal = idProblem(arg(0), "SKU") { return refusal }
             return .engine(.setPaused(sku: id(arg(0)), paused: verb == .skuPause))
         case .stock:
-            guard args.count == 1 else { return wrongArity }
+            guard argc == 1 else { return wrongArity }
             if let refusal = idProblem(arg(0), "SKU") { return refusal }
             return .engine(.stock(sku: id(arg(0))))
         case .audit:
-            guard args.count <= 1 else { return wrongArity }
-            if let sku = args.first, let refusal = idProblem(sku, "SKU") { return refusal }
-            return .engine(.audit(sku: args.first.map(id)))
+            guard argc <= 1 else { return wrongArity }
+            if let sku = first, let refusal = idProblem(sku, "SKU") { return refusal }
+            return .engine(.audit(sku: first.map(id)))
         case .reserve, .buy:
-            guard args.count >= 3 else { return wrongArity }
-            return reserve(args, basket: verb == .buy)
+            guard argc >= 3 else { return wrongArity }
+            return reserve(arguments[1...], basket: verb == .buy)
         case .confirm, .cancel, .order:
-            guard args.count == 1 else { return wrongArity }
+            guard argc == 1 else { return wrongArity }
             // An id that is not a number cannot be an order of ours.
             let order = orderID(arg(0)) ?? OrderID(rawValue: 0)
             switch verb {
@@ -303,12 +306,12 @@ enum CommandTable {
             }
         case .orders:
             // ORDERS user [AFTER order-id] [COUNT n]
-            guard args.count >= 1, args.count % 2 == 1 else { return wrongArity }
+            guard argc >= 1, argc % 2 == 1 else { return wrongArity }
             if let refusal = idProblem(arg(0), "user") { return refusal }
             var after: OrderID?
             var count = OrdersLimits.countDefault
             var i = 1
-            while i + 1 < args.count {
+            while i + 1 < argc {
                 switch Word(arg(i)) {
                 case .after:
                     guard let order = orderID(arg(i + 1)) else { return .invalid("ERR AFTER needs an order id (an unsigned 64-bit number)") }
@@ -324,20 +327,20 @@ enum CommandTable {
             }
             return .engine(.orders(user: id(arg(0)), after: after, count: count))
         case .deduct:
-            guard args.count == 1 || args.count == 2 else { return wrongArity }
+            guard argc == 1 || argc == 2 else { return wrongArity }
             if let refusal = idProblem(arg(0), "SKU") { return refusal }
             var quantity: Int64 = 1
-            if args.count == 2 {
+            if argc == 2 {
                 guard let value = integer(arg(1)) else { return notInteger }
                 quantity = value
             }
             return .engine(.deduct(sku: id(arg(0)), quantity: quantity))
         case .logTerm:
-            guard args.count == 1 else { return wrongArity }
+            guard argc == 1 else { return wrongArity }
             guard let position = integer(arg(0)), position >= 0 else { return .invalid("ERR position must be 0 to \(Int64.max)") }
             return .logTerm(UInt64(position))
         case .events:
-            guard args.count >= 1, args.count % 2 == 1 else { return wrongArity }
+            guard argc >= 1, argc % 2 == 1 else { return wrongArity }
             // `$`: from the next position, for a consumer that starts "from now".
             let from: UInt64?
             if arg(0).readableBytesView.elementsEqual("$".utf8) {
@@ -349,7 +352,7 @@ enum CommandTable {
             var count = EventLimits.countDefault
             var block = 0
             var i = 1
-            while i + 1 < args.count {
+            while i + 1 < argc {
                 let value = integer(arg(i + 1))
                 switch Word(arg(i)) {
                 case .count:
@@ -368,24 +371,24 @@ enum CommandTable {
             }
             return .events(from: from, count: count, blockMillis: block)
         case .replicate:
-            guard args.count >= 1, args.count <= 9 else { return wrongArity }
+            guard argc >= 1, argc <= 9 else { return wrongArity }
             guard let from = integer(arg(0)), from >= 0 else { return .invalid("ERR position must be 0 to \(Int64.max)") }
             var request = ReplicaRequest(from: UInt64(from))
             var i = 1
-            while i < args.count {
+            while i < argc {
                 if Word(arg(i)) == Word("FULLCOPY") {
                     request.fullCopy = true
                     i += 1
-                } else if Word(arg(i)) == Word("LAST"), i + 1 < args.count,
+                } else if Word(arg(i)) == Word("LAST"), i + 1 < argc,
                           let value = String(validating: arg(i + 1).readableBytesView, as: UTF8.self).flatMap({ UInt64($0, radix: 16) }) {
                     request.last = value
                     i += 2
-                } else if Word(arg(i)) == Word("EPOCH"), i + 2 < args.count, let epoch = integer(arg(i + 1)), epoch > 0,
+                } else if Word(arg(i)) == Word("EPOCH"), i + 2 < argc, let epoch = integer(arg(i + 1)), epoch > 0,
                           let start = integer(arg(i + 2)), start > 0, start < from {
                     // The replica's newest term began at `start`, before the position it asks for.
                     request.lastTerm = EpochHistory.Term(epoch: UInt64(epoch), start: UInt64(start))
                     i += 3
-                } else if Word(arg(i)) == Word("LISTENING-PORT"), i + 1 < args.count, let port = integer(arg(i + 1)), port >= 0, port <= 65535 {
+                } else if Word(arg(i)) == Word("LISTENING-PORT"), i + 1 < argc, let port = integer(arg(i + 1)), port >= 0, port <= 65535 {
                     request.listeningPort = Int(port)
                     i += 2
                 } else {
@@ -394,16 +397,16 @@ enum CommandTable {
             }
             return .replicate(request)
         case .role:
-            return arity(args.isEmpty) ?? .role
+            return arity(argc == 0) ?? .role
         case .wait:
-            guard args.count == 2 else { return wrongArity }
+            guard argc == 2 else { return wrongArity }
             guard let replicas = integer(arg(0)), replicas >= 0, replicas <= 64 else { return .invalid("ERR numreplicas must be 0 to 64") }
             guard let timeout = integer(arg(1)) else { return .invalid("ERR timeout is not an integer or out of range") }
             guard timeout >= 0 else { return .invalid("ERR timeout is negative") }
             // 0 waits without a bound, as in Redis; any bound is held to a day.
             return .wait(replicas: Int(replicas), timeoutMillis: Int(min(timeout, 86_400_000)))
         case .replicaof, .slaveof:
-            guard args.count == 2 else { return wrongArity }
+            guard argc == 2 else { return wrongArity }
             if Word(arg(0)) == Word("NO"), Word(arg(1)) == Word("ONE") { return .promote }
             guard let port = integer(arg(1)), port >= 1, port <= 65535 else { return .invalid("ERR Invalid master port") }
             // A host name or address: printable ASCII without spaces (it is shown in INFO replication

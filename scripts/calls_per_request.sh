@@ -1,0 +1,33 @@
+#!/bin/bash
+# Calls of one library function in the server per request, a count that noise on a shared machine
+# does not disturb: starts BINARY on PORT in a temporary directory, adds the SKUs `rb` (plenty) and
+# `so` (sold out), counts calls to FUNCTION in the server (a perf uprobe, added once) while
+# redis-benchmark runs with the given arguments, and prints calls per request. FUNCTION is `malloc`
+# (jemalloc's: heap allocations) or `swift_retain` (the Swift runtime's: reference counting, a write
+# to the object's header each time; every retain has its release).
+#
+#   bash scripts/calls_per_request.sh malloc .build/release/stockade 7431 -P 16 -n 200000 PING
+#   bash scripts/calls_per_request.sh swift_retain .build/release/stockade 7432 -P 16 -n 200000 DEDUCT so 1
+set -euo pipefail
+FUNCTION=$1; BIN=$2; PORT=$3; shift 3
+case "$FUNCTION" in
+  malloc) LIB=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2; EVENT=probe_libjemalloc:malloc ;;
+  swift_retain) LIB=$(ldd "$BIN" | awk '/libswiftCore.so/ {print $3}'); EVENT=probe_libswiftCore:swift_retain ;;
+  *) echo "FUNCTION is malloc or swift_retain" >&2; exit 2 ;;
+esac
+perf probe -l 2>/dev/null | grep -q "$EVENT" || perf probe -q -x "$LIB" --add "$FUNCTION"
+DIR=$(mktemp -d)
+"$BIN" serve --port "$PORT" --data-dir "$DIR/d" --snapshot-every-changes 0 --snapshot-every-seconds 0 >/dev/null 2>&1 &
+PID=$!
+trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DIR"' EXIT
+for _ in $(seq 50); do redis-cli -p "$PORT" PING >/dev/null 2>&1 && break; sleep 0.1; done
+redis-cli -p "$PORT" SKU.ADD rb 1000000000000 >/dev/null
+redis-cli -p "$PORT" SKU.ADD so 0 >/dev/null
+perf stat -e "$EVENT" -p $PID -o "$DIR/stat" 2>/dev/null &
+STAT=$!
+sleep 0.5
+redis-benchmark -p "$PORT" -c 50 -q "$@" >/dev/null 2>&1
+kill -INT $STAT; wait $STAT 2>/dev/null || true
+n=$(echo "$@" | grep -oP '(?<=-n )\d+')
+m=$(grep "$FUNCTION" "$DIR/stat" | awk '{gsub(",","",$1); print $1}')
+echo "$(basename "$BIN") ${FUNCTION}_per_request=$(echo "scale=2; $m/$n" | bc) ($*)"
