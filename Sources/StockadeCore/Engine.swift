@@ -13,7 +13,7 @@ public final class Engine: Sendable {
     private let log: any ChangeLog
     /// The latest "now" any caller passed: time as the engine sees it never goes back, so a wall clock
     /// stepped backwards cannot make an expired hold pending again on a shard that has not expired it yet.
-    private let clockMillis = ManagedAtomic<Int64>(.min)
+    private let clockMillis = Atomic<Int64>(.min)
     /// The primary terms of the log this engine's state is at (``EpochHistory``): from recovery, then
     /// moved by ``startEpoch(_:)`` and by a primary's records on a replica.
     private let epochHistory: Mutex<EpochHistory>
@@ -648,13 +648,16 @@ public final class Engine: Sendable {
 
 /// Whether an engine takes changes (a primary) or only reads, its state moved by another's log (a
 /// replica). Shared by the engine and its shards; read on every shard run, lock-free.
+///
+/// Every change checks it, from every event loop: its atomics are stored inline, so a check reads
+/// them without retaining an atomic object of their own (a write to a cache line the loops share).
 public final class EngineRole: Sendable {
-    private let readOnly: ManagedAtomic<Bool>
+    private let readOnly: Atomic<Bool>
     /// CLOCK_MONOTONIC nanoseconds after which changes are refused (a coordinator's lease: see
     /// ``setWritableUntil(_:)``); `.max`: no such bound.
-    private let writableUntil = ManagedAtomic<UInt64>(.max)
+    private let writableUntil = Atomic<UInt64>(.max)
 
-    public init(readOnly: Bool = false) { self.readOnly = ManagedAtomic(readOnly) }
+    public init(readOnly: Bool = false) { self.readOnly = Atomic(readOnly) }
 
     /// Changes are refused with ``Rejection/readOnly`` and holds are not expired here: a replica, or
     /// a primary past the end of its lease.

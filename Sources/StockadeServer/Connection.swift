@@ -317,6 +317,11 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         let replyBudget = min(Self.roundReplyBytesMax, server.configuration.clientOutputBytesMax)
         var replyBytes = 0
         var input = inbound ?? ByteBuffer()
+        // Whether changes are refused (a replica, a lapsed lease), read once a round at its first
+        // change: the role is one object shared by every connection of both loops, and reading it
+        // retains it, a write to a cache line the other loop writes too. The shard checks it again
+        // when it runs the batch.
+        var readOnly: Bool?
         parsing: while replyBytes < replyBudget && round.slots.count < Self.roundCommandsMax {
             var request: Request
             if let waiting = carried {
@@ -342,7 +347,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             }
             // Engine commands (the hot path) only join the batch: no reply buffer of their own.
             if case .engine(let command) = request {
-                if command.isChange && server.engine.role.isReadOnly {
+                if command.isChange && (readOnly ?? { readOnly = server.engine.role.isReadOnly; return readOnly! }()) {
                     let start = round.local.writerIndex
                     round.local.writeRESPError(ReplyEncoding.errorText(.readOnly))
                     round.slots.append(.local(start: start, end: round.local.writerIndex))
