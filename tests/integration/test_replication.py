@@ -1024,7 +1024,11 @@ def test_an_epoch_past_the_largest_is_refused(data_dir, where):
             if where == "record":
                 records.append(epoch_started(huge))
             c.sendall(bulk(block(1, records)))
-            while c.recv(4096):
+            try:
+                # The replica drops the link when it refuses the epoch, at times with a reset.
+                while c.recv(4096):
+                    pass
+            except OSError:
                 pass
     fake = Fake(None)
     r = Server(os.path.join(data_dir, "r"), "--shards", "2", "--replica-of", f"127.0.0.1:{fake.port}").start()
