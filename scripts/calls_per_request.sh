@@ -16,13 +16,7 @@ case "$FUNCTION" in
   *) echo "FUNCTION is malloc or swift_retain" >&2; exit 2 ;;
 esac
 perf probe -l 2>/dev/null | grep -q "$EVENT" || perf probe -q -x "$LIB" --add "$FUNCTION"
-DIR=$(mktemp -d)
-"$BIN" serve --port "$PORT" --data-dir "$DIR/d" --snapshot-every-changes 0 --snapshot-every-seconds 0 >/dev/null 2>&1 &
-PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DIR"' EXIT
-for _ in $(seq 50); do redis-cli -p "$PORT" PING >/dev/null 2>&1 && break; sleep 0.1; done
-redis-cli -p "$PORT" SKU.ADD rb 1000000000000 >/dev/null
-redis-cli -p "$PORT" SKU.ADD so 0 >/dev/null
+. "$(dirname "$0")/serve_for_count.sh"
 perf stat -e "$EVENT" -p $PID -o "$DIR/stat" 2>/dev/null &
 STAT=$!
 sleep 0.5

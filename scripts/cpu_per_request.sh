@@ -8,13 +8,7 @@
 #   bash scripts/cpu_per_request.sh .build/release/stockade 7432 -P 16 -n 1000000 DEDUCT so 1
 set -euo pipefail
 BIN=$1; PORT=$2; shift 2
-DIR=$(mktemp -d)
-"$BIN" serve --port "$PORT" --data-dir "$DIR" --snapshot-every-changes 0 --snapshot-every-seconds 0 >/dev/null 2>&1 &
-PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DIR"' EXIT
-for _ in $(seq 50); do redis-cli -p "$PORT" PING >/dev/null 2>&1 && break; sleep 0.1; done
-redis-cli -p "$PORT" SKU.ADD rb 1000000000000 >/dev/null
-redis-cli -p "$PORT" SKU.ADD so 0 >/dev/null
+. "$(dirname "$0")/serve_for_count.sh"
 ticks() { awk '{print $14+$15}' /proc/$PID/stat; }
 before=$(ticks)
 out=$(redis-benchmark -p "$PORT" -c 50 -q "$@" | tr '\r' '\n' | grep "requests per" | tail -1)

@@ -13,13 +13,7 @@ set -euo pipefail
 BIN=$1; PORT=$2; shift 2
 LIB=$(ldd "$BIN" | awk '/libswiftCore.so/ {print $3}')
 perf probe -l 2>/dev/null | grep -q 'probe_libswiftCore:swift_retain_obj' || perf probe -q -x "$LIB" --add 'swift_retain_obj=swift_retain obj=%di:u64'
-DIR=$(mktemp -d)
-"$BIN" serve --port "$PORT" --data-dir "$DIR/d" --snapshot-every-changes 0 --snapshot-every-seconds 0 >/dev/null 2>&1 &
-PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DIR"' EXIT
-for _ in $(seq 50); do redis-cli -p "$PORT" PING >/dev/null 2>&1 && break; sleep 0.1; done
-redis-cli -p "$PORT" SKU.ADD rb 1000000000000 >/dev/null
-redis-cli -p "$PORT" SKU.ADD so 0 >/dev/null
+. "$(dirname "$0")/serve_for_count.sh"
 perf record -q -e probe_libswiftCore:swift_retain_obj --call-graph dwarf,4096 -m 512 -o "$DIR/perf.data" -p $PID 2>/dev/null &
 REC=$!
 sleep 0.5

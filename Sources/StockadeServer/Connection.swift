@@ -347,7 +347,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             }
             // Engine commands (the hot path) only join the batch: no reply buffer of their own.
             if case .engine(let command) = request {
-                if command.isChange && (readOnly ?? { readOnly = server.engine.role.isReadOnly; return readOnly! }()) {
+                if command.isChange && readOnly == nil { readOnly = server.engine.role.isReadOnly }
+                if command.isChange && readOnly == true {
                     let start = round.local.writerIndex
                     round.local.writeRESPError(ReplyEncoding.errorText(.readOnly))
                     round.slots.append(.local(start: start, end: round.local.writerIndex))
