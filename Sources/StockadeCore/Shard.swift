@@ -67,8 +67,11 @@ public actor Shard {
     private var visibleLSN: UInt64 = 0
     /// Set once an append failed: from then on every command is refused with this reason.
     private var failure: String?
-    /// Runs waiting for the basket holds placed here to be committed or released.
-    private var settleWaiters: [CheckedContinuation<Void, Never>] = []
+    /// Tasks waiting in ``settled()`` for the basket holds placed here to settle. Under a lock, with
+    /// the count checked again inside it, so that a waiter cannot join after the last hold settled
+    /// and wait for good (a connection left without replies was seen under a mixed load when the
+    /// check and the join were not one step).
+    private nonisolated let settleWaiters = Mutex<[CheckedContinuation<Void, Never>]>([])
 
     public init(state: ShardState, log: any ChangeLog, executor: (any SerialExecutor)? = nil, role: EngineRole = EngineRole()) {
         index = state.shard
@@ -219,16 +222,25 @@ public actor Shard {
 
     /// Returns once no basket holds are being placed here (at once when none are).
     public func settled() async {
-        guard gauges.preparing.load(ordering: .relaxed) > 0 else { return }
-        await withCheckedContinuation { settleWaiters.append($0) }
+        guard gauges.preparing.load(ordering: .acquiring) > 0 else { return }
+        await withCheckedContinuation { (waiter: CheckedContinuation<Void, Never>) in
+            let settledMeanwhile = settleWaiters.withLock { waiters in
+                guard gauges.preparing.load(ordering: .acquiring) > 0 else { return true }
+                waiters.append(waiter)
+                return false
+            }
+            if settledMeanwhile { waiter.resume() }
+        }
     }
 
     private func endPrepare() {
         let left = gauges.preparing.wrappingSubtract(1, ordering: .relaxed).newValue
         precondition(left >= 0, "more basket holds settled than placed")
         if left == 0 {
-            let waiters = settleWaiters
-            settleWaiters.removeAll()
+            let waiters = settleWaiters.withLock { waiters in
+                defer { waiters.removeAll() }
+                return waiters
+            }
             for waiter in waiters { waiter.resume() }
         }
     }

@@ -1,6 +1,6 @@
-# A mixed concurrent load that, on this 2-core machine, leaves a connection without replies for good
-# in about half of the runs (an open defect, found by review during issue #8; see the closing note of
-# that stop): start a server with `stockade serve --port PORT --data-dir DIR --shards 8 --io-threads 3`,
+# A mixed concurrent load that, on this 2-core machine, left a connection without replies for good in
+# about half of the runs, before `Shard.settled()` checked and joined under one lock (found by review
+# during issue #8; tests/integration/test_fairness.py runs it twice): start a server with `stockade serve --port PORT --data-dir DIR --shards 8 --io-threads 3`,
 # then `python3 scripts/stall/mixed_load.py PORT 20 SEED` (seeds 3 and 6 stalled). Many connections
 # pipeline mostly sold-out DEDUCT / RESERVE / STOCK mixes while others restock, pause, cancel, confirm,
 # let short holds expire and place cross-shard baskets; a pipeline with no reply for 10 s is reported
