@@ -67,10 +67,12 @@ public actor Shard {
     private var visibleLSN: UInt64 = 0
     /// Set once an append failed: from then on every command is refused with this reason.
     private var failure: String?
-    /// Tasks waiting in ``settled()`` for the basket holds placed here to settle. Under a lock, with
-    /// the count checked again inside it, so that a waiter cannot join after the last hold settled
-    /// and wait for good (a connection left without replies was seen under a mixed load when the
-    /// check and the join were not one step).
+    /// Tasks waiting in ``settled()`` for the basket holds placed here to settle. Joined in the
+    /// continuation's body, under a lock, with the count checked again there: other jobs of this shard
+    /// can run between the first check and the body (a round task prefers its connection's loop, and
+    /// the runtime then suspends the `await withCheckedContinuation` before its body and queues the
+    /// body on this shard's executor again), and a waiter that joined after the last hold settled
+    /// would wait for good (a connection left without replies; `SettleWaitTests`).
     private nonisolated let settleWaiters = Mutex<[CheckedContinuation<Void, Never>]>([])
 
     public init(state: ShardState, log: any ChangeLog, executor: (any SerialExecutor)? = nil, role: EngineRole = EngineRole()) {

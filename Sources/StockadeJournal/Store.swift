@@ -198,8 +198,13 @@ package actor AsyncLock {
 
     package func run<T: Sendable>(_ body: @Sendable () async throws -> T) async throws -> T {
         if busy {
-            await withCheckedContinuation { queue.append($0) }
+            // Checked again in the body: the `await` may suspend before the body runs, and the holder
+            // may finish meanwhile; a waiter that joined then would wait for the next caller.
+            await withCheckedContinuation { waiter in
+                if busy { queue.append(waiter) } else { busy = true; waiter.resume() }
+            }
         }
+        // Ours: taken above, or handed over by the previous holder with `busy` left set.
         busy = true
         defer {
             if queue.isEmpty { busy = false } else { queue.removeFirst().resume() }
