@@ -15,9 +15,16 @@ public enum FsyncPolicy: String, Sendable, CaseIterable {
     case none
 }
 
-/// The write-ahead log: shards append encoded records; one writer thread frames them into LZ4 blocks,
-/// writes each batch with one write and one fdatasync (group commit), then answers every caller whose
-/// records the batch held.
+/// The write-ahead log: shards append encoded records; a batch of them is framed into LZ4 blocks,
+/// written with one write and one fdatasync (group commit), and then every caller whose records the
+/// batch held is answered.
+///
+/// Who writes a batch: the writer thread, or, with ``Options/writerWakesOnAppend`` off (the server),
+/// the event loop whose replies wait for it (``writeAsCaller()``, after the loop's reads, the way Redis
+/// syncs in `beforeSleep`), so a durable reply costs no hand-off to another thread and back. One batch
+/// is written at a time (`writing`). A caller writes one batch; records appended meanwhile (by another
+/// loop, which found the write under way) go on to the writer thread as the caller lets go, so no loop
+/// spends its turn writing for the others. The writer thread writes until nothing is pending.
 ///
 /// Its files go through the directory's ``Storage``. With ``Options/writerThread`` off there is no
 /// thread: whoever drives the journal (the deterministic simulator) calls ``writePending()`` to
@@ -37,6 +44,14 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         /// Run the writer on its own thread (the server). Off: nothing is written until the owner
         /// calls ``Journal/writePending()`` (deterministic tests and the simulator).
         public var writerThread = true
+        /// An append wakes the writer thread (on by default). Off (the server): appends leave their
+        /// records pending for whoever waits for them; an event loop writes them itself
+        /// (``Journal/writeAsCaller()``), and the writer thread wakes for a ``Journal/waitDurable(_:)``,
+        /// a ``Journal/requestWrite()``, or records piling up past ``leaderlessBytesMax``.
+        public var writerWakesOnAppend = true
+        /// With ``writerWakesOnAppend`` off: pending bytes past which an append wakes the writer
+        /// anyway, so records that nobody waits for (expiry) cannot fill the pending buffer.
+        public var leaderlessBytesMax = 1 << 20
         public init() {}
     }
 
@@ -70,6 +85,15 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     private var durableLSN: UInt64
     private var waiters: [(lsn: UInt64, continuation: CheckedContinuation<Bool, Never>)] = []
     private var waitingHook: (@Sendable () -> Void)?
+    /// A batch is being written, by the writer thread or a caller (``writeAsCaller()``): the segment,
+    /// the framing buffers and the sync state below belong to whoever set it.
+    private var writing = false
+    /// Someone asked the writer thread to write what is pending (a ``waitDurable(_:)``, a
+    /// ``requestWrite()``, pending bytes past ``Options/leaderlessBytesMax``, or an append when
+    /// ``Options/writerWakesOnAppend`` is on).
+    private var writeRequested = false
+    /// The writer thread waits for a caller's write to end (``writing``) before it acts.
+    private var writerWaitsForCaller = false
     private var failed: String?
     private var stopping = false
     private var closed = false
@@ -94,7 +118,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     /// The writer has finished (closed or failed): nothing more becomes durable.
     private let finishedMirror = Atomic<Bool>(false)
 
-    // Owned by the writer thread.
+    // Owned by whoever holds `writing` (the writer thread, or a caller in ``writeAsCaller()``).
     private var segment: any StorageFile
     private var segmentBytes: Int
     private var lastSyncNanos: UInt64 = 0
@@ -158,7 +182,10 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         pendingRecords += records.count
         appendedLSN += UInt64(records.count)
         let lsn = appendedLSN
-        pthread_cond_signal(wake)
+        if options.writerWakesOnAppend || pending.count >= options.leaderlessBytesMax {
+            writeRequested = true
+            pthread_cond_signal(wake)
+        }
         pthread_mutex_unlock(mutex)
         return lsn
     }
@@ -174,6 +201,9 @@ public final class Journal: ChangeLog, @unchecked Sendable {
                 continuation.resume(returning: false)
             } else {
                 waiters.append((lsn, continuation))
+                // The writer thread writes for a task that waits (no loop writes for it).
+                writeRequested = true
+                pthread_cond_signal(wake)
                 let hook = waitingHook
                 pthread_mutex_unlock(mutex)
                 hook?()
@@ -393,8 +423,9 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     private func writerLoop() {
         while true {
             pthread_mutex_lock(mutex)
-            while pendingRecords == 0 && !stopping && failed == nil && rebaseTo == nil {
-                if unsynced && options.fsync == .everysec {
+            while !(stopping || failed != nil || rebaseTo != nil || (pendingRecords > 0 && writeRequested)) {
+                // `everysec` syncs what earlier batches left unsynced once a second (writeOnce checks).
+                if options.fsync == .everysec {
                     var deadline = timespec()
                     clock_gettime(CLOCK_REALTIME, &deadline)
                     deadline.tv_sec += 1
@@ -403,11 +434,20 @@ public final class Journal: ChangeLog, @unchecked Sendable {
                     pthread_cond_wait(wake, mutex)
                 }
             }
+            // A caller is writing: it lets go with nothing pending (or for the cases below), then wakes us.
+            while writing {
+                writerWaitsForCaller = true
+                pthread_cond_wait(wake, mutex)
+            }
+            writerWaitsForCaller = false
+            writeRequested = false
+            writing = true
             let exit = failed != nil || (stopping && pendingRecords == 0)
             let rebase = pendingRecords == 0 ? rebaseTo : nil
             pthread_mutex_unlock(mutex)
             if let rebase, !exit {
                 writerStartAgain(after: rebase.lsn, startOver: rebase.startOver)
+                locked { writing = false }
                 continue
             }
             if exit {
@@ -416,10 +456,61 @@ public final class Journal: ChangeLog, @unchecked Sendable {
                     rebased.signal()
                 }
                 finishWriter()
+                locked { writing = false }
                 done.signal()
                 return
             }
+            writeUntilDrained()
+        }
+    }
+
+    /// Writes what is pending on the calling thread: an event loop, after its reads, for the replies
+    /// it holds until their records are durable (with ``Options/writerWakesOnAppend`` off). Returns at
+    /// once when nothing is pending, or when another write is under way: whoever runs it writes these
+    /// records, or hands them on to the writer thread as it lets go (``writeUntilDrained(byCaller:)``).
+    /// Closing, a failure and starting again are the writer thread's.
+    public func writeAsCaller() {
+        guard options.writerThread else { return }
+        pthread_mutex_lock(mutex)
+        guard !writing, pendingRecords > 0, failed == nil, !stopping, rebaseTo == nil else {
+            pthread_mutex_unlock(mutex)
+            return
+        }
+        writing = true
+        pthread_mutex_unlock(mutex)
+        writeUntilDrained(byCaller: true)
+    }
+
+    /// Asks the writer thread to write what is pending, if anything is (the server's housekeeping
+    /// tick, for records that nobody waits for).
+    public func requestWrite() {
+        guard options.writerThread, pendingMirror.load(ordering: .relaxed) > 0 else { return }
+        locked {
+            writeRequested = true
+            pthread_cond_signal(wake)
+        }
+    }
+
+    /// Holding `writing`: writes a batch, and (the writer thread) more until nothing is pending, then
+    /// lets go of it. The check and the release are one step under the lock: a record appended before
+    /// the release is written here or handed on (a caller's write wakes the writer thread for what was
+    /// appended meanwhile), and one appended after it is its appender's to have written. Leaves what
+    /// the writer thread must do (closing, a failure, starting again) to it, and wakes it.
+    private func writeUntilDrained(byCaller: Bool = false) {
+        while true {
             writeOnce()
+            pthread_mutex_lock(mutex)
+            if !byCaller && pendingRecords > 0 && failed == nil && !stopping && rebaseTo == nil {
+                pthread_mutex_unlock(mutex)
+                continue
+            }
+            writing = false
+            if writerWaitsForCaller || stopping || rebaseTo != nil || failed != nil || pendingRecords > 0 {
+                writeRequested = true
+                pthread_cond_signal(wake)
+            }
+            pthread_mutex_unlock(mutex)
+            return
         }
     }
 
@@ -434,7 +525,8 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     }
 
     /// Takes everything pending and writes it as one batch; with nothing pending, syncs if the
-    /// policy is due. Returns the number of records written. Writer thread (or manual driver) only.
+    /// policy is due. Returns the number of records written. Only by whoever holds `writing` (or the
+    /// manual driver).
     @discardableResult
     private func writeOnce() -> Int {
         pthread_mutex_lock(mutex)

@@ -11,10 +11,14 @@ protocol DurableWaiter: AnyObject {
 
 /// The rounds of one event loop's connections whose replies wait for a log position to become durable.
 ///
-/// The journal's writer calls ``durable(_:)`` once per sync; when anything here waits for a position
-/// now durable, it wakes the loop once, and the loop answers every such round in one pass (the way
-/// Redis answers its clients after the sync in `beforeSleep`). So a sync costs one cross-thread hand-off
-/// per loop, however many connections it answers.
+/// The loop writes the records its rounds wait for itself: the first round that waits in a turn of
+/// the loop queues one write (``Journal/writeAsCaller()``), which runs after the turn's reads, syncs
+/// once for all of them and answers them in one pass (the way Redis syncs and answers its clients in
+/// `beforeSleep`): no hand-off to another thread and back. When another loop (or the journal's
+/// thread) is writing already, the write returns at once and that writer writes these records too.
+/// Whoever writes calls ``durable(_:)`` once per sync; when anything here waits for a position now
+/// durable, it wakes this loop once, and the loop answers every such round in one pass. So a sync
+/// costs at most one cross-thread hand-off per other loop, however many connections it answers.
 final class DurableReplies: @unchecked Sendable {
     let loop: EventLoop
     private let journal: Journal
@@ -35,6 +39,8 @@ final class DurableReplies: @unchecked Sendable {
     private let lowestWaiting = Atomic<UInt64>(.max)
     /// A drain is queued on the loop: the writer queues at most one at a time.
     private let drainQueued = Atomic<Bool>(false)
+    /// A write is queued on the loop for this turn's rounds (confined to `loop`).
+    private var writeQueued = false
 
     init(loop: EventLoop, journal: Journal, localShards: [Bool]) {
         self.loop = loop
@@ -57,7 +63,22 @@ final class DurableReplies: @unchecked Sendable {
         }
         waiting.append((lsn, waiter))
         if lsn < lowestWaiting.load(ordering: .relaxed) { lowestWaiting.store(lsn, ordering: .sequentiallyConsistent) }
-        if journal.lastDurableLSN >= lsn || journal.terminalReason != nil { drain() }
+        if journal.lastDurableLSN >= lsn || journal.terminalReason != nil {
+            drain()
+            return
+        }
+        if !writeQueued {
+            writeQueued = true
+            // Runs after this turn's reads: one write and one sync for every round they started.
+            loop.execute { self.writeAndAnswer() }
+        }
+    }
+
+    /// On the loop: writes what is pending (unless another writer is at it) and answers what is durable.
+    private func writeAndAnswer() {
+        writeQueued = false
+        journal.writeAsCaller()
+        drain()
     }
 
     /// The journal's observer (writer thread): queues one drain on the loop when something here waits

@@ -826,6 +826,9 @@ public final class StockadeServer: Sendable {
         let loops = Array(group.makeIterator())
         var storeOptions = Store.Options(shardCount: configuration.shards)
         storeOptions.journal.fsync = configuration.fsync
+        // The loops write the records their replies wait for (``DurableReplies``); the writer thread
+        // writes for tasks that wait, and for the housekeeping tick.
+        storeOptions.journal.writerWakesOnAppend = false
         storeOptions.truncateCorrupt = configuration.truncateCorrupt
         storeOptions.coveredSegmentsKept = configuration.eventsRetentionSegments
         // A replica's shards share the first loop: each record of the primary is applied to all of
@@ -1044,6 +1047,8 @@ public final class StockadeServer: Sendable {
             context.eventsWaiters.expireDue(nowNanos: monotonicNanos())
             context.replication.acknowledgedWatch.expireDue(nowNanos: monotonicNanos())
             context.replication.expireDue(nowNanos: monotonicNanos())
+            // Records that nobody waits for (expiry's) are written within a tick.
+            context.store.journal.requestWrite()
             ticks += 1
             if ticks % 100 == 0 {
                 context.metrics.observe(context.store.journal)
