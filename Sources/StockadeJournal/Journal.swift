@@ -52,6 +52,11 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         /// With ``writerWakesOnAppend`` off: pending bytes past which an append wakes the writer
         /// anyway, so records that nobody waits for (expiry) cannot fill the pending buffer.
         public var leaderlessBytesMax = 1 << 20
+        /// A batch whose write and sync took longer than this (a slow or stalled disk) sends the
+        /// callers' batches to the writer thread until one takes less again: while a loop syncs, its
+        /// other clients (PING and INFO too) wait, so a slow disk may hold a loop for one sync, not
+        /// for every one.
+        public var callerWriteNanosMax: UInt64 = 10_000_000
         public init() {}
     }
 
@@ -115,6 +120,9 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     private let pendingMirror = Atomic<Int>(0)
     /// ``failed`` is set.
     private let failedMirror = Atomic<Bool>(false)
+    /// The last batch's write and sync took longer than ``Options/callerWriteNanosMax``: callers leave
+    /// the writing to the writer thread (``writeAsCaller()``) until a batch is fast again.
+    private let diskSlow = Atomic<Bool>(false)
     /// The writer has finished (closed or failed): nothing more becomes durable.
     private let finishedMirror = Atomic<Bool>(false)
 
@@ -471,6 +479,10 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     /// Closing, a failure and starting again are the writer thread's.
     public func writeAsCaller() {
         guard options.writerThread else { return }
+        if diskSlow.load(ordering: .relaxed) {
+            requestWrite()
+            return
+        }
         pthread_mutex_lock(mutex)
         guard !writing, pendingRecords > 0, failed == nil, !stopping, rebaseTo == nil else {
             pthread_mutex_unlock(mutex)
@@ -544,8 +556,10 @@ public final class Journal: ChangeLog, @unchecked Sendable {
             }
             framed.removeAll(keepingCapacity: true)
             let blocks = frame(spare, firstLSN: firstLSN, into: &framed)
+            let started = monotonicNanos()
             try writeBatch(framed, firstLSN: firstLSN)
             let synced = try syncIfDue()
+            diskSlow.store(monotonicNanos() - started > options.callerWriteNanosMax, ordering: .relaxed)
             let rawBytes = spare.count
             spare.removeAll(keepingCapacity: spare.capacity <= 8 << 20)
             complete(

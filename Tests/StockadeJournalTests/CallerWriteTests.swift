@@ -115,4 +115,94 @@ import Testing
         }
         #expect(journal.lastDurableLSN == lsn, "the record appended during the write was left pending")
     }
+
+    /// While a loop syncs, its other clients wait (PING too): after one write and sync slower than
+    /// ``Journal/Options/callerWriteNanosMax``, callers leave the writing to the writer thread until a
+    /// batch is fast again, so a stalled disk holds a loop for one sync, not for every one.
+    @Test func afterASlowSyncCallersLeaveTheWritingToTheWriterThread() async throws {
+        let path = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let storage = SlowSyncStorage()
+        var options = Journal.Options()
+        options.writerWakesOnAppend = false
+        options.callerWriteNanosMax = 20_000_000
+        let journal = try Journal(directory: DataDirectory(path, storage: storage), shardCount: 1, lsn: 0, options: options)
+        defer { journal.close() }
+        let writers = Mutex<[UInt]>([])
+        journal.onBatch { records, _ in
+            if records > 0 { writers.withLock { $0.append(UInt(pthread_self())) } }
+        }
+        func appendOne() throws -> UInt64 {
+            var record = RecordBuffer()
+            record.skuAdded(shard: 0, skuIndex: 0, sku: "s", total: 0, limit: 0)
+            return try journal.append(record)
+        }
+        func durable(_ lsn: UInt64) async throws {
+            let deadline = DispatchTime.now().uptimeNanoseconds + 5_000_000_000
+            while journal.lastDurableLSN < lsn && DispatchTime.now().uptimeNanoseconds < deadline {
+                try await Task.sleep(for: .milliseconds(1))
+            }
+            #expect(journal.lastDurableLSN >= lsn)
+        }
+        /// Appends a record, writes as a caller, and says whether the batch was written on this thread.
+        func writtenHere() async throws -> Bool {
+            let lsn = try appendOne()
+            let before = writers.withLock { $0.count }
+            let me = UInt(pthread_self())
+            journal.writeAsCaller()
+            try await durable(lsn)
+            return writers.withLock { $0.count > before && $0[before] == me }
+        }
+
+        #expect(try await writtenHere(), "a caller did not write its batch on a fast disk")
+        storage.syncDelayMillis.store(100, ordering: .relaxed)
+        #expect(try await writtenHere(), "the first slow sync is the caller's own")
+        #expect(!(try await writtenHere()), "a caller wrote again after a slow sync")
+        storage.syncDelayMillis.store(0, ordering: .relaxed)
+        // One batch by the writer thread finds the disk fast again; then the callers write again.
+        let lsn = try appendOne()
+        journal.requestWrite()
+        try await durable(lsn)
+        #expect(try await writtenHere(), "callers did not write again once the disk was fast")
+    }
+}
+
+/// The real files, with an fdatasync that can be made to take `syncDelayMillis` longer.
+private final class SlowSyncStorage: Storage, @unchecked Sendable {
+    let syncDelayMillis = Atomic<Int>(0)
+    private let real = PosixStorage.shared
+
+    func open(_ path: String, _ access: FileAccess) throws(JournalError) -> any StorageFile {
+        SlowSyncFile(try real.open(path, access), storage: self)
+    }
+    func readAll(_ path: String) throws(JournalError) -> [UInt8] { try real.readAll(path) }
+    func exists(_ path: String) -> Bool { real.exists(path) }
+    func list(_ directory: String) throws(JournalError) -> [String] { try real.list(directory) }
+    func makeDirectory(_ path: String) throws(JournalError) { try real.makeDirectory(path) }
+    func remove(_ path: String) throws(JournalError) { try real.remove(path) }
+    func rename(_ from: String, to: String) throws(JournalError) { try real.rename(from, to: to) }
+    func syncDirectory(_ path: String) throws(JournalError) { try real.syncDirectory(path) }
+    func lock(_ lockPath: String) throws(JournalError) -> any StorageLock { try real.lock(lockPath) }
+}
+
+private final class SlowSyncFile: StorageFile {
+    private let file: any StorageFile
+    private let storage: SlowSyncStorage
+    init(_ file: any StorageFile, storage: SlowSyncStorage) {
+        self.file = file
+        self.storage = storage
+    }
+    var path: String { file.path }
+    func append(_ bytes: UnsafeRawBufferPointer) throws(JournalError) { try file.append(bytes) }
+    func write(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws(JournalError) { try file.write(bytes, at: offset) }
+    func read(at offset: Int, count: Int) throws(JournalError) -> [UInt8] { try file.read(at: offset, count: count) }
+    func size() throws(JournalError) -> Int { try file.size() }
+    func truncate(to length: Int) throws(JournalError) { try file.truncate(to: length) }
+    func dataSync() throws(JournalError) {
+        let millis = storage.syncDelayMillis.load(ordering: .relaxed)
+        if millis > 0 { usleep(UInt32(millis * 1000)) }
+        try file.dataSync()
+    }
+    func sync() throws(JournalError) { try file.sync() }
+    func close() { file.close() }
 }
