@@ -15,7 +15,9 @@ protocol DurableWaiter: AnyObject {
 /// the loop queues one write (``Journal/writeAsCaller()``), which runs after the turn's reads, syncs
 /// once for all of them and answers them in one pass (the way Redis syncs and answers its clients in
 /// `beforeSleep`): no hand-off to another thread and back. When another loop (or the journal's
-/// thread) is writing already, the write returns at once and that writer writes these records too.
+/// thread) is writing already, the write returns at once, and that writer writes these records too or
+/// hands them to the journal's thread; after a slow sync, the journal's thread writes them
+/// (``Journal/Options/callerWriteNanosMax``).
 /// Whoever writes calls ``durable(_:)`` once per sync; when anything here waits for a position now
 /// durable, it wakes this loop once, and the loop answers every such round in one pass. So a sync
 /// costs at most one cross-thread hand-off per other loop, however many connections it answers.
@@ -81,8 +83,9 @@ final class DurableReplies: @unchecked Sendable {
         drain()
     }
 
-    /// The journal's observer (writer thread): queues one drain on the loop when something here waits
-    /// for a position at or before `lsn`, or when nothing will become durable any more.
+    /// The journal's observer (on whichever thread wrote the batch): queues one drain on the loop when
+    /// something here waits for a position at or before `lsn`, or when nothing will become durable any
+    /// more.
     func durable(_ lsn: UInt64) {
         guard lowestWaiting.load(ordering: .sequentiallyConsistent) <= lsn || journal.terminalReason != nil else { return }
         guard !drainQueued.exchange(true, ordering: .acquiringAndReleasing) else { return }
