@@ -43,6 +43,9 @@ final class DurableReplies: @unchecked Sendable {
     private let drainQueued = Atomic<Bool>(false)
     /// A write is queued on the loop for this turn's rounds (confined to `loop`).
     private var writeQueued = false
+    /// This loop is writing (``writeAndAnswer()``), which answers what became durable right after:
+    /// ``durable(_:)``, called by that write on this thread, queues no drain of its own.
+    private var writingHere = false
 
     init(loop: EventLoop, journal: Journal, localShards: [Bool]) {
         self.loop = loop
@@ -79,7 +82,9 @@ final class DurableReplies: @unchecked Sendable {
     /// On the loop: writes what is pending (unless another writer is at it) and answers what is durable.
     private func writeAndAnswer() {
         writeQueued = false
+        writingHere = true
         journal.writeAsCaller()
+        writingHere = false
         drain()
     }
 
@@ -88,6 +93,8 @@ final class DurableReplies: @unchecked Sendable {
     /// more.
     func durable(_ lsn: UInt64) {
         guard lowestWaiting.load(ordering: .sequentiallyConsistent) <= lsn || journal.terminalReason != nil else { return }
+        // `writingHere` is read only on the loop's own thread, where it is written.
+        if loop.inEventLoop && writingHere { return }
         guard !drainQueued.exchange(true, ordering: .acquiringAndReleasing) else { return }
         loop.execute { self.drain() }
     }

@@ -204,7 +204,8 @@ final class ControlledLog: ChangeLog {
     }
 }
 
-private final class Flag: Sendable {
+/// A flag set on one thread and read on another (a test's "has it happened yet").
+final class Flag: Sendable {
     private let value = Atomic<Bool>(false)
     func set() { value.store(true, ordering: .sequentiallyConsistent) }
     var isSet: Bool { value.load(ordering: .sequentiallyConsistent) }

@@ -12,8 +12,9 @@ import Testing
 /// leave their records to their next write; each ends with a write as a caller, as a loop whose
 /// replies wait does. Segments roll over every few batches. Every record must reach the file once,
 /// at its position, in each thread's order, and once the threads stop everything appended must
-/// become durable with no one asking again: a write that lets go with records pending (appended
-/// while it wrote, by callers that then found it under way) must hand them on.
+/// become durable with no one asking again. That a write which lets go with records pending (appended
+/// while it wrote, by callers that then found it under way) hands them on is pinned down by
+/// ``aRecordAppendedDuringACallersWriteIsHandedOn()``, which makes that order on purpose.
 @Suite struct CallerWriteTests {
     @Test(arguments: [FsyncPolicy.always, .none])
     func everyRecordIsWrittenOnceInOrderWhoeverWrites(policy: FsyncPolicy) async throws {
@@ -59,10 +60,7 @@ import Testing
         }
         // Nobody asks any more: what was appended before a caller's write must become durable.
         let total = UInt64(threads * rounds)
-        let deadline = DispatchTime.now().uptimeNanoseconds + 10_000_000_000
-        while journal.lastDurableLSN < journal.lastAppendedLSN && DispatchTime.now().uptimeNanoseconds < deadline {
-            try await Task.sleep(for: .milliseconds(1))
-        }
+        try await waitUntilDurable(journal, journal.lastAppendedLSN, seconds: 10)
         let end = journal.lastAppendedLSN
         #expect(end >= total)
         #expect(journal.lastDurableLSN == end, "records appended were left pending with no writer")
@@ -109,10 +107,7 @@ import Testing
         journal.writeAsCaller()
         let lsn = try #require(second.withLock { $0 })
         #expect(lsn == 2)
-        let deadline = DispatchTime.now().uptimeNanoseconds + 5_000_000_000
-        while journal.lastDurableLSN < lsn && DispatchTime.now().uptimeNanoseconds < deadline {
-            try await Task.sleep(for: .milliseconds(1))
-        }
+        try await waitUntilDurable(journal, lsn)
         #expect(journal.lastDurableLSN == lsn, "the record appended during the write was left pending")
     }
 
@@ -138,10 +133,7 @@ import Testing
             return try journal.append(record)
         }
         func durable(_ lsn: UInt64) async throws {
-            let deadline = DispatchTime.now().uptimeNanoseconds + 5_000_000_000
-            while journal.lastDurableLSN < lsn && DispatchTime.now().uptimeNanoseconds < deadline {
-                try await Task.sleep(for: .milliseconds(1))
-            }
+            try await waitUntilDurable(journal, lsn)
             #expect(journal.lastDurableLSN >= lsn)
         }
         /// Appends a record, writes as a caller, and says whether the batch was written on this thread.
@@ -164,6 +156,15 @@ import Testing
         journal.requestWrite()
         try await durable(lsn)
         #expect(try await writtenHere(), "callers did not write again once the disk was fast")
+    }
+}
+
+/// Polls every millisecond, for up to `seconds`, until `lsn` is durable (nothing here wakes a waiter:
+/// what is checked is that the journal gets there by itself).
+private func waitUntilDurable(_ journal: Journal, _ lsn: UInt64, seconds: UInt64 = 5) async throws {
+    let deadline = DispatchTime.now().uptimeNanoseconds + seconds * 1_000_000_000
+    while journal.lastDurableLSN < lsn && DispatchTime.now().uptimeNanoseconds < deadline {
+        try await Task.sleep(for: .milliseconds(1))
     }
 }
 
