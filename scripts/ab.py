@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Two Stockade binaries side by side in one sitting: redis-benchmark figures, alternating, medians.
 
-Usage: python3 scripts/ab.py OLD_BINARY NEW_BINARY [--rounds 3]
+Usage: python3 scripts/ab.py OLD_BINARY NEW_BINARY [--rounds 3] [--scale 1] [--only RESERVE] [--serve-arg=--io-threads=1]
 Each round starts a fresh server per binary (fsync always, a new data directory, a free loopback port)
 and runs: RESERVE -P 16 and -P 1 on a stocked SKU, DEDUCT -P 16 on a sold-out SKU, PING -P 16.
-Prints requests per second per binary (median of the rounds) and the ratio NEW / OLD.
+Prints requests per second and p99 per binary (medians of the rounds, and each round's figure) and
+the ratio NEW / OLD. `--scale` multiplies the request counts (longer runs); `--only` keeps the
+measurements whose name contains it; each `--serve-arg` is passed to `stockade serve`.
 """
 import argparse
 import re
@@ -29,10 +31,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_server(binary):
+def run_server(binary, serve_args):
     port = free_port()
     directory = tempfile.mkdtemp(prefix="ab-")
-    proc = subprocess.Popen([binary, "serve", "--port", str(port), "--data-dir", directory + "/d"],
+    proc = subprocess.Popen([binary, "serve", "--port", str(port), "--data-dir", directory + "/d", *serve_args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -47,10 +49,14 @@ def run_server(binary):
 
 
 def bench(port, pipeline, requests, command):
+    """Requests per second and p99 in ms (redis-benchmark's CSV line); zeros if it printed none."""
     out = subprocess.run(["redis-benchmark", "-p", str(port), "-c", "50", "-P", str(pipeline), "-n", str(requests),
-                          "-r", "1000000", "-q", *command], capture_output=True, text=True, timeout=600).stdout
-    match = re.findall(r"([0-9.]+) requests per second", out)
-    return float(match[-1]) if match else 0.0
+                          "-r", "100000000", "--csv", *command], capture_output=True, text=True, timeout=600).stdout
+    rows = [line for line in out.splitlines() if line.startswith('"') and not line.startswith('"test"')]
+    if not rows:
+        return 0.0, 0.0
+    fields = [f.strip('"') for f in rows[-1].split(",")]
+    return float(fields[1]), float(fields[6])
 
 
 def main():
@@ -58,24 +64,31 @@ def main():
     parser.add_argument("old")
     parser.add_argument("new")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--only", default="")
+    parser.add_argument("--serve-arg", action="append", default=[])
     args = parser.parse_args()
-    results = {(b, t[0]): [] for b in ("old", "new") for t in TESTS}
+    tests = [t for t in TESTS if args.only in t[0]]
+    results = {(b, t[0]): [] for b in ("old", "new") for t in tests}
     for _ in range(args.rounds):
         for label, binary in (("old", args.old), ("new", args.new)):
-            proc, port, directory = run_server(binary)
+            proc, port, directory = run_server(binary, [a for arg in args.serve_arg for a in arg.split("=", 1)])
             try:
-                for name, pipeline, requests, command in TESTS:
-                    results[(label, name)].append(bench(port, pipeline, requests, command))
+                for name, pipeline, requests, command in tests:
+                    results[(label, name)].append(bench(port, pipeline, int(requests * args.scale), command))
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
                 shutil.rmtree(directory, ignore_errors=True)
-    print(f"| measurement | old | new | new / old |")
-    print("|---|---|---|---|")
-    for name, *_ in TESTS:
-        old = statistics.median(results[("old", name)])
-        new = statistics.median(results[("new", name)])
-        print(f"| {name} | {old / 1000:.0f}k/s | {new / 1000:.0f}k/s | x{new / old if old else 0:.2f} |")
+    print("| measurement | old (rounds) | new (rounds) | new / old | p99 old | p99 new |")
+    print("|---|---|---|---|---|---|")
+    for name, *_ in tests:
+        old, new = results[("old", name)], results[("new", name)]
+        old_rps, new_rps = statistics.median(r for r, _ in old), statistics.median(r for r, _ in new)
+        each = lambda runs: " / ".join(f"{r / 1000:.0f}k" for r, _ in runs)
+        print(f"| {name} | {old_rps / 1000:.0f}k/s ({each(old)}) | {new_rps / 1000:.0f}k/s ({each(new)}) "
+              f"| x{new_rps / old_rps if old_rps else 0:.2f} | {statistics.median(p for _, p in old):.2f} ms "
+              f"| {statistics.median(p for _, p in new):.2f} ms |")
 
 
 if __name__ == "__main__":
