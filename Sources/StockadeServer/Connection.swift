@@ -298,6 +298,9 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         /// Commands counted so far, for the metrics (counted once per round).
         var tally = Tally()
         var batch: [Command] = []
+        /// Whether ``batch`` holds a change (a command that can change state), set as it is built: read
+        /// three times a round, so the batch is not scanned each time.
+        var hasChanges = false
         var step: RoundStep?
         var closeAfter = false
         var started: UInt64
@@ -385,6 +388,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                     }
                 }
                 round.batch.append(command)
+                if command.isChange { round.hasChanges = true }
                 round.slots.append(.engine(round.batch.count - 1, name: request.metricName))
                 continue
             }
@@ -481,7 +485,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     /// continuation. Anything else runs in a task that awaits the shards it needs.
     private func run(_ round: Round, context: ChannelHandlerContext) {
         busy = true
-        server.beginRound(changes: round.batch.contains(where: \.isChange))
+        server.beginRound(changes: round.hasChanges)
         guard round.step == nil, !round.batch.isEmpty, let loopState else {
             runAsync(round, context: context)
             return
@@ -536,8 +540,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         guard let (round, replies, position, context) = awaiting else { preconditionFailure("no round waits") }
         awaiting = nil
         let answered = failure.map { reason in replies.map { _ in Reply.rejected(.unavailable(reason)) } } ?? replies
-        guard failure == nil, server.configuration.minReplicasToWrite > 0, round.batch.contains(where: \.isChange) else {
-            server.endRound(changes: round.batch.contains(where: \.isChange))
+        guard failure == nil, server.configuration.minReplicasToWrite > 0, round.hasChanges else {
+            server.endRound(changes: round.hasChanges)
             complete(round, replies: answered, tail: nil, closeAfter: round.closeAfter, context: context)
             return
         }
@@ -547,7 +551,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         server.awaitReplicas(round.batch, answered, position: position) { replicated in
             loop.execute {
                 let (handler, context) = bound.value
-                handler.server.endRound(changes: round.batch.contains(where: \.isChange))
+                handler.server.endRound(changes: round.hasChanges)
                 handler.complete(round, replies: replicated, tail: nil, closeAfter: round.closeAfter, context: context)
             }
         }
@@ -563,7 +567,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         let presence = self.presence
         Task(executorPreference: executor) {
             var replies = round.batch.isEmpty ? [] : await engine.execute(round.batch, now: wallClockMillis())
-            if server.configuration.minReplicasToWrite > 0, round.batch.contains(where: \.isChange) {
+            if server.configuration.minReplicasToWrite > 0, round.hasChanges {
                 // Every change of the batch is durable here: the durable position covers them.
                 let position = server.store.journal.lastDurableLSN
                 replies = await withCheckedContinuation { continuation in
@@ -571,7 +575,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                 }
             }
             let (tail, stepCloses): (ByteBuffer?, Bool) = if let step = round.step { await server.run(step: step, presence: presence) } else { (nil, false) }
-            server.endRound(changes: round.batch.contains(where: \.isChange))
+            server.endRound(changes: round.hasChanges)
             let answered = replies
             loop.execute {
                 let (handler, context) = bound.value
