@@ -24,7 +24,12 @@ that depth on this disk), and Stockade with `--io-threads 1` (one event loop: wh
 machine's two cores, two loops and the client compete for them, which shows in the tail). Then the harness
 rows (`stockade bench sustained`) and the sellout audit, as before.
 
-Usage: python3 scripts/compare.py [--rounds 3] [--quick] [--stockade PATH] [--ceiling PATH] [--out results.json]
+With `--one-loop`, every Stockade measurement of the goals is also made on the `--io-threads 1` server, each
+right after the default server's, and a second goals table gives them: one loop runs every shard, so no
+request crosses to another thread (no hop to a shard's loop, no hand-off of records to the log's thread),
+and what that table misses is not a hand-off.
+
+Usage: python3 scripts/compare.py [--rounds 3] [--quick] [--one-loop] [--stockade PATH] [--ceiling PATH] [--out results.json]
 Needs: a release `stockade` (make release), redis-server, redis-benchmark; builds `stockade-ceiling`
 (swift build -c release --product stockade-ceiling) unless --ceiling names one. Tables go to stdout,
 progress to stderr.
@@ -305,15 +310,22 @@ GOALS = [
 ]
 
 
-def measure_round(r, servers, sizes, add):
+# The Stockade measurements that goals divide, made on the one-loop server too with `--one-loop`.
+ONE_LOOP_KEYS = ["stockade/RESERVE/P16", "stockade/RESERVE-limit/P16", "stockade/DEDUCT/P16", "stockade/PING/P16",
+                 "stockade/soldout-DEDUCT/P16", "stockade/soldout-RESERVE/P16/own"]
+for _key in ONE_LOOP_KEYS:
+    LABELS[_key.replace("stockade/", "stockade-1loop/", 1)] = LABELS[_key] + ", --io-threads 1"
+
+
+def measure_round(r, servers, sizes, add, one_loop=False):
     """One round of the redis-benchmark figures, systems alternating so that drift hits them alike."""
     s, c = servers["stockade"], servers["ceiling"]
     n16, n1 = sizes["P16"], sizes["P1"]
-    cli(s, "SKU.ADD", f"rb{r}", HUGE_STOCK)
-    cli(s, "SKU.ADD", f"rbl{r}", HUGE_STOCK, "LIMIT", LIMIT)
-    cli(s, "SKU.ADD", f"dd{r}", HUGE_STOCK)
-    cli(s, "SKU.ADD", f"gone{r}", 0)
-    cli(servers["stockade-1loop"], "SKU.ADD", f"rb{r}", HUGE_STOCK)
+    for server in (s, servers["stockade-1loop"]):
+        cli(server, "SKU.ADD", f"rb{r}", HUGE_STOCK)
+        cli(server, "SKU.ADD", f"rbl{r}", HUGE_STOCK, "LIMIT", LIMIT)
+        cli(server, "SKU.ADD", f"dd{r}", HUGE_STOCK)
+        cli(server, "SKU.ADD", f"gone{r}", 0)
     sha = {}
     for name in ("redis-always", "redis-nopersist"):
         p = servers[name]
@@ -328,6 +340,16 @@ def measure_round(r, servers, sizes, add):
             return redis_benchmark(servers[name], pipeline, n, "EVALSHA", sha[name, script], "1", f"stock:rb{r}")
         return redis_benchmark(servers[name], pipeline, n, "EVALSHA", sha[name, script], "2", f"stock:rbl{r}", f"bought:rbl{r}",
                                "user:__rand_int__", str(LIMIT), "1")
+
+    def stockade_steps(key, server):
+        return {
+            "stockade/RESERVE/P16": lambda: redis_benchmark(server, 16, n16, "RESERVE", "user:__rand_int__", f"rb{r}", "1"),
+            "stockade/RESERVE-limit/P16": lambda: redis_benchmark(server, 16, n16, "RESERVE", "user:__rand_int__", f"rbl{r}", "1"),
+            "stockade/DEDUCT/P16": lambda: redis_benchmark(server, 16, n16, "DEDUCT", f"dd{r}"),
+            "stockade/PING/P16": lambda: redis_benchmark(server, 16, n16, "PING"),
+            "stockade/soldout-DEDUCT/P16": lambda: redis_benchmark(server, 16, n16, "DEDUCT", f"gone{r}"),
+            "stockade/soldout-RESERVE/P16/own": lambda: pipelined_load(server, 16, n16, ["RESERVE", "user:1", f"gone{r}", "1"], b"-SOLDOUT"),
+        }[key]
 
     steps = [
         ("stockade/RESERVE/P16", lambda: redis_benchmark(s, 16, n16, "RESERVE", "user:__rand_int__", f"rb{r}", "1")),
@@ -349,6 +371,12 @@ def measure_round(r, servers, sizes, add):
         ("ceiling/PING/P16/own", lambda: pipelined_load(c, 16, n16, ["PING"], b"+PONG")),
         ("stockade/soldout-DEDUCT/P16/own", lambda: pipelined_load(s, 16, n16, ["DEDUCT", f"gone{r}"], b":0")),
     ]
+    if one_loop:
+        # Each right after the default server's same measurement.
+        at = {key: i for i, (key, _) in enumerate(steps)}
+        for key in reversed(ONE_LOOP_KEYS):
+            steps.insert(at[key] + 1, (key.replace("stockade/", "stockade-1loop/", 1),
+                                       stockade_steps(key, servers["stockade-1loop"])))
     for key, run in steps:
         value = run()
         add(key, value)
@@ -370,6 +398,8 @@ def main():
     ap.add_argument("--stockade", default=STOCKADE, help="the stockade binary (default: $STOCKADE_BIN or .build/release/stockade)")
     ap.add_argument("--ceiling", default=None, help="a built stockade-ceiling (default: build it in this tree)")
     ap.add_argument("--out", default=None, help="write every measurement as JSON here")
+    ap.add_argument("--one-loop", action="store_true",
+                    help="also measure the goals' Stockade figures with --io-threads 1 (a second goals table)")
     args = ap.parse_args()
     STOCKADE = os.path.abspath(args.stockade)
     rounds = 1 if args.quick else args.rounds
@@ -389,7 +419,7 @@ def main():
     try:
         for r in range(rounds):
             print(f"round {r + 1} of {rounds}", file=sys.stderr, flush=True)
-            measure_round(r, servers, sizes, add)
+            measure_round(r, servers, sizes, add, one_loop=args.one_loop)
             for name in harnessed:
                 p = servers[name]
                 for pipeline, n in ((16, sizes["harness16"]), (1, sizes["harness1"])):
@@ -407,7 +437,7 @@ def main():
         for p in servers.values():
             p.stop()
 
-    report(results, rounds, sizes, args.quick)
+    report(results, rounds, sizes, args.quick, one_loop=args.one_loop)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"rounds": rounds, "sizes": sizes, "results": results}, f, indent=1)
@@ -417,14 +447,23 @@ def fig(results, key, field="rps"):
     return med([x[field] if x else None for x in results.get(key, [])])
 
 
-def report(results, rounds, sizes, quick):
+def report(results, rounds, sizes, quick, one_loop=False):
     what = f"median of {rounds} rounds" if rounds > 1 else "one round"
     if quick:
         what += ", --quick: fewer requests, a fast look only"
     print(f"### Goals of issue #8 ({what}; redis-benchmark -c {CONNECTIONS}, -P16 n={sizes['P16']:,}, -P1 n={sizes['P1']:,})\n")
+    goals_table(results, GOALS)
+    if one_loop:
+        print(f"\n### The same goals, Stockade with --io-threads 1 (one loop: no request crosses to another thread; {what})\n")
+        one = lambda key: key.replace("stockade/", "stockade-1loop/", 1) if key.startswith("stockade/") else key
+        goals_table(results, [(figure, one(num), den, goal) for figure, num, den, goal in GOALS])
+    every_measurement(results, rounds, sizes, quick, what)
+
+
+def goals_table(results, goals):
     print("| figure | Stockade | reference | ratio | per round | goal | |")
     print("|---|---|---|---|---|---|---|")
-    for figure, num, den, goal in GOALS:
+    for figure, num, den, goal in goals:
         a = fig(results, num)
         if den is None:  # a latency bound
             p99 = fig(results, num, "p99")
@@ -444,6 +483,8 @@ def report(results, rounds, sizes, quick):
         print(f"| {figure} | {a:,.0f}/s | {b:,.0f}/s | **x{ratio:.2f}** | {per_round} | >= {goal:g}x | "
               f"{'met' if ratio >= goal else 'missed'} |")
 
+
+def every_measurement(results, rounds, sizes, quick, what):
     print(f"\n### Every measurement ({what})\n")
     print("The server's CPU is its process's user + system time during the run divided by the requests; "
           "the client's, the share of one core the load client used (near 100%: the client, not the server, "
@@ -451,6 +492,8 @@ def report(results, rounds, sizes, quick):
     print("| measurement | requests/s | p50 | p99 | server CPU per request | client, its CPU |")
     print("|---|---|---|---|---|---|")
     for key, label in LABELS.items():
+        if key not in results and key.replace("stockade-1loop/", "stockade/", 1) in ONE_LOOP_KEYS:
+            continue  # measured only with --one-loop
         xs = [x for x in results.get(key, []) if x]
         if not xs:
             print(f"| {label} | failed | | | | |")
