@@ -118,10 +118,31 @@ package enum ReplyEncoding {
         }
     }
 
-    /// Whether a reply counts as a business rejection (for metrics: outcome label).
+    /// The metrics outcome label of a reply: "ok", or a rejection's error code in lower case (the first
+    /// word of ``errorText(_:to:)``, which `ReplyEncodingTests` checks for every case). String literals:
+    /// this runs for every engine reply, so no string is built, and ``Tally`` compares literals by pointer.
     static func outcome(_ reply: Reply) -> String {
-        if case .rejected(let rejection) = reply { return errorText(rejection).prefix { $0 != " " }.lowercased() }
-        return "ok"
+        guard case .rejected(let rejection) = reply else { return "ok" }
+        return switch rejection {
+        case .soldOut: "soldout"
+        case .insufficient: "insufficient"
+        case .limitReached: "limit"
+        case .noSuchSku: "nosku"
+        case .paused: "paused"
+        case .badQuantity: "badqty"
+        case .badArgument: "err"
+        case .skuExists: "exists"
+        case .belowCommitted: "belowcommitted"
+        case .noSuchOrder: "noorder"
+        case .expired: "expired"
+        case .wrongState: "wrongstate"
+        case .requestInFlight: "inflight"
+        case .requestConflict: "reqconflict"
+        case .busy: "busy"
+        case .unavailable: "unavailable"
+        case .readOnly: "readonly"
+        case .notReplicated, .replicatedTooLate: "noreplicas"
+        }
     }
 
     /// A field/value record: a flat array of `fields * 2` elements (RESP2), or a map (RESP3).
