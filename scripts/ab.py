@@ -3,17 +3,20 @@
 
 Usage: python3 scripts/ab.py OLD_BINARY NEW_BINARY [--rounds 3] [--scale 1] [--only RESERVE] [--serve-arg=--io-threads=1]
 Each round starts a fresh server per binary (fsync always, a new data directory, a free loopback port)
-and runs: RESERVE -P 16 and -P 1 on a stocked SKU, DEDUCT -P 16 on a sold-out SKU, PING -P 16.
+and runs: RESERVE -P 16 and -P 1 on a stocked SKU, DEDUCT -P 16 on a sold-out SKU, PING -P 16, and RESERVE
+-P 16 on a sold-out SKU (with compare.py's client: redis-benchmark stops at an error reply).
 Prints requests per second and p99 per binary (medians of the rounds, and each round's figure) and
 the ratio NEW / OLD. `--scale` multiplies the request counts (longer runs); `--only` keeps the
 measurements whose name contains it; each `--serve-arg` is passed to `stockade serve`.
 """
 import argparse
+import os
 import re
 import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -22,6 +25,8 @@ TESTS = [
     ("RESERVE -P1", 1, 60_000, ["RESERVE", "user:__rand_int__", "tee", "1", "TTL", "600000"]),
     ("DEDUCT sold out -P16", 16, 500_000, ["DEDUCT", "gone"]),
     ("PING -P16", 16, 500_000, ["PING"]),
+    # redis-benchmark stops at the first error reply: compare.py's own client drives this one.
+    ("RESERVE sold out -P16 (compare.py's client)", 16, 500_000, ["RESERVE", "user:1", "gone", "1"]),
 ]
 
 
@@ -46,6 +51,26 @@ def run_server(binary, serve_args):
     subprocess.run(["redis-cli", "-p", str(port), "SKU.ADD", "tee", "100000000"], check=True, capture_output=True)
     subprocess.run(["redis-cli", "-p", str(port), "SKU.ADD", "gone", "0"], check=True, capture_output=True)
     return proc, port, directory
+
+
+class Server:
+    """What compare.py's client needs of a server: its name, port and CPU."""
+
+    def __init__(self, proc, port):
+        self.name, self.port, self.p = "stockade", port, proc
+
+    def cpu_seconds(self):
+        with open(f"/proc/{self.p.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_client(proc, port, pipeline, requests, command):
+    """compare.py's pipelined client, which takes error replies as replies: requests/s and p99 in ms."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import compare
+    result = compare.pipelined_load(Server(proc, port), pipeline, requests, command, b"-")
+    return result["rps"], result["p99"]
 
 
 def bench(port, pipeline, requests, command):
@@ -75,7 +100,9 @@ def main():
             proc, port, directory = run_server(binary, [a for arg in args.serve_arg for a in arg.split("=", 1)])
             try:
                 for name, pipeline, requests, command in tests:
-                    results[(label, name)].append(bench(port, pipeline, int(requests * args.scale), command))
+                    n = int(requests * args.scale)
+                    run = own_client(proc, port, pipeline, n, command) if "compare.py" in name else bench(port, pipeline, n, command)
+                    results[(label, name)].append(run)
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
