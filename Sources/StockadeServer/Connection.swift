@@ -574,8 +574,11 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                     server.awaitReplicas(round.batch, replies, position: position) { continuation.resume(returning: $0) }
                 }
             }
+            // The batch's changes are done (durable, and past the replicas' wait when semi-synchronous):
+            // a step that lets changes in flight finish first (REPLICAOF) must not wait for this round's.
+            if round.hasChanges { server.endChanges() }
             let (tail, stepCloses): (ByteBuffer?, Bool) = if let step = round.step { await server.run(step: step, presence: presence) } else { (nil, false) }
-            server.endRound(changes: round.hasChanges)
+            server.endRound(changes: false)
             let answered = replies
             loop.execute {
                 let (handler, context) = bound.value

@@ -187,6 +187,11 @@ final class ServerContext: Sendable {
         rounds.subtract(1, ordering: .relaxed)
         if changes { changeRounds.subtract(1, ordering: .relaxed) }
     }
+    /// A round's changes are done (before its step runs, which ends it with `endRound(changes: false)`):
+    /// a step that lets changes in flight finish first (REPLICAOF) does not wait for its own round's.
+    func endChanges() {
+        changeRounds.subtract(1, ordering: .relaxed)
+    }
     private let changeRounds = Atomic<Int>(0)
     var roundsInFlight: Int { rounds.load(ordering: .relaxed) }
 

@@ -190,6 +190,30 @@ def test_promoted_replica_takes_changes(pair):
     assert replica.client().execute_command("STOCK", "tv")[5] == 5
 
 
+def test_replicaof_after_a_change_in_the_same_write_does_not_wait_for_that_change(pair):
+    """REPLICAOF lets changes in flight finish (up to 2 s) before the node follows. A change sent in the
+    same write as REPLICAOF is one of them until its round ends, and the round ended after its
+    REPLICAOF step: REPLICAOF waited the whole 2 s for its own round. Its changes are done before the
+    step runs, so it answers at once, after the change."""
+    primary, replica = pair
+    r = replica.client()
+    assert r.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+    assert r.execute_command("SKU.ADD", "tv", 10) == "OK"
+    with socket.create_connection(("127.0.0.1", replica.port), timeout=10) as s:
+        started = time.monotonic()
+        s.sendall(f"RESERVE ann tv 1\r\nREPLICAOF 127.0.0.1 {free_port()}\r\n".encode())
+        reply = b""
+        while reply.count(b"\r\n") < 3:  # the order id ($n + the id), then +OK
+            chunk = s.recv(4096)
+            assert chunk, f"closed after {reply!r}"
+            reply += chunk
+        elapsed = time.monotonic() - started
+    assert reply.startswith(b"$") and reply.endswith(b"+OK\r\n"), reply
+    assert elapsed < 1.0, f"REPLICAOF answered after {elapsed:.2f} s"
+    assert r.execute_command("ROLE")[0] == "slave"
+    assert r.execute_command("STOCK", "tv")[5] == 9
+
+
 def test_an_order_id_lost_in_a_failover_names_no_order_on_the_new_primary(pair):
     """Asynchronous mode: the primary acknowledges a hold the replica never gets, then dies. The
     promoted replica's next order takes the lost order's sequence; a client retrying the lost id must
