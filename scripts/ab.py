@@ -5,8 +5,8 @@ Usage: python3 scripts/ab.py OLD_BINARY NEW_BINARY [--rounds 3] [--scale 1] [--o
 Each round starts a fresh server per binary (fsync always, a new data directory, a free loopback port)
 and runs: RESERVE -P 16 and -P 1 on a stocked SKU, DEDUCT -P 16 on a sold-out SKU, PING -P 16, and RESERVE
 -P 16 on a sold-out SKU (with compare.py's client: redis-benchmark stops at an error reply).
-Prints requests per second and p99 per binary (medians of the rounds, and each round's figure) and
-the ratio NEW / OLD. `--scale` multiplies the request counts (longer runs); `--only` keeps the
+Prints requests per second, p99 and the server's CPU time per request (user + system, from /proc) per
+binary (medians of the rounds, and each round's figure) and the ratio NEW / OLD. `--scale` multiplies the request counts (longer runs); `--only` keeps the
 measurements whose name contains it; each `--serve-arg` is passed to `stockade serve`.
 """
 import argparse
@@ -99,23 +99,26 @@ def main():
         for label, binary in (("old", args.old), ("new", args.new)):
             proc, port, directory = run_server(binary, [a for arg in args.serve_arg for a in arg.split("=", 1)])
             try:
+                server = Server(proc, port)
                 for name, pipeline, requests, command in tests:
                     n = int(requests * args.scale)
-                    run = own_client(proc, port, pipeline, n, command) if "compare.py" in name else bench(port, pipeline, n, command)
-                    results[(label, name)].append(run)
+                    cpu_before = server.cpu_seconds()
+                    rps, p99 = own_client(proc, port, pipeline, n, command) if "compare.py" in name else bench(port, pipeline, n, command)
+                    results[(label, name)].append((rps, p99, (server.cpu_seconds() - cpu_before) * 1e6 / n))
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
                 shutil.rmtree(directory, ignore_errors=True)
-    print("| measurement | old (rounds) | new (rounds) | new / old | p99 old | p99 new |")
-    print("|---|---|---|---|---|---|")
+    print("| measurement | old (rounds) | new (rounds) | new / old | p99 old | p99 new | server CPU per request, old | new |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, *_ in tests:
         old, new = results[("old", name)], results[("new", name)]
-        old_rps, new_rps = statistics.median(r for r, _ in old), statistics.median(r for r, _ in new)
-        each = lambda runs: " / ".join(f"{r / 1000:.0f}k" for r, _ in runs)
+        old_rps, new_rps = statistics.median(r[0] for r in old), statistics.median(r[0] for r in new)
+        each = lambda runs: " / ".join(f"{r[0] / 1000:.0f}k" for r in runs)
+        cpu = lambda runs: " / ".join(f"{r[2]:.2f}" for r in runs) + f" us (median {statistics.median(r[2] for r in runs):.2f})"
         print(f"| {name} | {old_rps / 1000:.0f}k/s ({each(old)}) | {new_rps / 1000:.0f}k/s ({each(new)}) "
-              f"| x{new_rps / old_rps if old_rps else 0:.2f} | {statistics.median(p for _, p in old):.2f} ms "
-              f"| {statistics.median(p for _, p in new):.2f} ms |")
+              f"| x{new_rps / old_rps if old_rps else 0:.2f} | {statistics.median(r[1] for r in old):.2f} ms "
+              f"| {statistics.median(r[1] for r in new):.2f} ms | {cpu(old)} | {cpu(new)} |")
 
 
 if __name__ == "__main__":

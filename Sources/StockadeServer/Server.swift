@@ -185,7 +185,7 @@ final class ServerContext: Sendable {
     }
     func endRound(changes: Bool) {
         rounds.subtract(1, ordering: .relaxed)
-        if changes { changeRounds.subtract(1, ordering: .relaxed) }
+        if changes { endChanges() }
     }
     /// A round's changes are done (before its step runs, which ends it with `endRound(changes: false)`):
     /// a step that lets changes in flight finish first (REPLICAOF) does not wait for its own round's.
