@@ -108,19 +108,23 @@ struct Word: Hashable {
     static let bytesMax = 15
 
     /// nil when the bytes are empty or longer than ``bytesMax``.
-    init?(_ bytes: ByteBuffer) {
-        let count = bytes.readableBytes
+    init?(_ raw: UnsafeRawBufferPointer) {
+        let count = raw.count
         guard count >= 1, count <= Self.bytesMax else { return nil }
         var low: UInt64 = 0, high: UInt64 = 0
-        bytes.withUnsafeReadableBytes { raw in
-            for i in 0..<count {
-                var byte = raw[i]
-                if byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "z") { byte -= 32 }
-                if i < 8 { low |= UInt64(byte) << (8 * UInt64(i)) } else { high |= UInt64(byte) << (8 * UInt64(i - 8)) }
-            }
+        for i in 0..<count {
+            var byte = raw[i]
+            if byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "z") { byte -= 32 }
+            if i < 8 { low |= UInt64(byte) << (8 * UInt64(i)) } else { high |= UInt64(byte) << (8 * UInt64(i - 8)) }
         }
         self.low = low
         self.high = high | UInt64(count) << 56
+    }
+
+    /// nil when the bytes are empty or longer than ``bytesMax``.
+    init?(_ bytes: ByteBuffer) {
+        guard let word = bytes.withUnsafeReadableBytes({ Word($0) }) else { return nil }
+        self = word
     }
 
     init(_ literal: StaticString) {
@@ -198,6 +202,10 @@ enum Verb: CaseIterable {
 enum CommandTable {
     /// An id as the engine takes it: the bytes as sent. The one place that says how an argument
     /// becomes an id.
+    static func id(_ argument: UnsafeRawBufferPointer) -> Name {
+        Name(argument)
+    }
+
     static func id(_ argument: ByteBuffer) -> Name {
         argument.withUnsafeReadableBytes { Name($0) }
     }
@@ -207,7 +215,18 @@ enum CommandTable {
 
     /// The request `arguments` make. Before authentication (`authenticated` false) only the
     /// commands allowed then are looked at beyond their name.
+    static func parse(_ arguments: RESPParser.Arguments, authenticated: Bool = true) -> Request {
+        arguments.withUnsafeArguments { parse($0, authenticated: authenticated) }
+    }
+
+    /// The request of the given arguments (for tests and callers off the hot path).
     static func parse(_ arguments: [ByteBuffer], authenticated: Bool = true) -> Request {
+        parse(RESPParser.Arguments(arguments), authenticated: authenticated)
+    }
+
+    /// The request `arguments` make, read in place: arguments that become part of the request (ids,
+    /// ECHO's message) are copied out of the read buffer, so the request outlives it.
+    private static func parse(_ arguments: RESPParser.UnsafeArguments, authenticated: Bool) -> Request {
         guard let verb = Word(arguments[0]).flatMap(Verb.named) else {
             // Before AUTH too, as Redis 7 answers (its name check comes before the password's).
             return .invalid("ERR unknown command '\(shown(arguments[0]))'")
@@ -216,22 +235,22 @@ enum CommandTable {
         // The arguments after the name, read from `arguments` in place: a slice of them (or a copy of
         // one) would retain the array or the argument's storage for every command.
         let argc = arguments.count - 1
-        @inline(__always) func arg(_ i: Int) -> ByteBuffer { arguments[1 + i] }
-        var first: ByteBuffer? { argc > 0 ? arguments[1] : nil }
+        @inline(__always) func arg(_ i: Int) -> UnsafeRawBufferPointer { arguments[1 + i] }
+        var first: UnsafeRawBufferPointer? { argc > 0 ? arguments[1] : nil }
         // Built only when needed: the hot path makes no message.
         var wrongArity: Request { .invalid("ERR wrong number of arguments for '\(verb.name)' command") }
         func arity(_ ok: Bool) -> Request? { ok ? nil : wrongArity }
 
         switch verb {
         case .ping:
-            return arity(argc <= 1) ?? .ping(first)
+            return arity(argc <= 1) ?? .ping(first.map { ByteBuffer(bytes: $0) })
         case .echo:
-            return arity(argc == 1) ?? .echo(arg(0))
+            return arity(argc == 1) ?? .echo(ByteBuffer(bytes: arg(0)))
         case .quit:
             return .quit
         case .auth:
-            if argc == 1 { return .auth(user: nil, password: arg(0)) }
-            if argc == 2 { return .auth(user: arg(0), password: arg(1)) }
+            if argc == 1 { return .auth(user: nil, password: ByteBuffer(bytes: arg(0))) }
+            if argc == 2 { return .auth(user: ByteBuffer(bytes: arg(0)), password: ByteBuffer(bytes: arg(1))) }
             return wrongArity
         case .info:
             return arity(argc <= 1) ?? .info(section: first.map(section))
@@ -343,7 +362,7 @@ enum CommandTable {
             guard argc >= 1, argc % 2 == 1 else { return wrongArity }
             // `$`: from the next position, for a consumer that starts "from now".
             let from: UInt64?
-            if arg(0).readableBytesView.elementsEqual("$".utf8) {
+            if arg(0).elementsEqual("$".utf8) {
                 from = nil
             } else {
                 guard let value = integer(arg(0)), value >= 0 else { return .invalid("ERR from-position must be $ or 0 to \(Int64.max)") }
@@ -380,7 +399,7 @@ enum CommandTable {
                     request.fullCopy = true
                     i += 1
                 } else if Word(arg(i)) == Word("LAST"), i + 1 < argc,
-                          let value = String(validating: arg(i + 1).readableBytesView, as: UTF8.self).flatMap({ UInt64($0, radix: 16) }) {
+                          let value = String(validating: arg(i + 1), as: UTF8.self).flatMap({ UInt64($0, radix: 16) }) {
                     request.last = value
                     i += 2
                 } else if Word(arg(i)) == Word("EPOCH"), i + 2 < argc, let epoch = integer(arg(i + 1)), epoch > 0,
@@ -411,8 +430,8 @@ enum CommandTable {
             guard let port = integer(arg(1)), port >= 1, port <= 65535 else { return .invalid("ERR Invalid master port") }
             // A host name or address: printable ASCII without spaces (it is shown in INFO replication
             // and the log, one line each, and goes to the resolver as it is).
-            guard arg(0).readableBytes <= 255, arg(0).readableBytesView.allSatisfy({ (0x21...0x7E).contains($0) }),
-                  let host = String(validating: arg(0).readableBytesView, as: UTF8.self), !host.isEmpty
+            guard arg(0).count <= 255, arg(0).allSatisfy({ (0x21...0x7E).contains($0) }),
+                  let host = String(validating: arg(0), as: UTF8.self), !host.isEmpty
             else {
                 return .invalid("ERR Invalid master host")
             }
@@ -421,7 +440,7 @@ enum CommandTable {
     }
 
     /// RESERVE user sku qty [REQ id] [TTL ms]; BUY user sku qty [sku qty ...] [REQ id] [TTL ms].
-    private static func reserve(_ list: ArraySlice<ByteBuffer>, basket: Bool) -> Request {
+    private static func reserve(_ list: Slice<RESPParser.UnsafeArguments>, basket: Bool) -> Request {
         let base = list.startIndex
         if let refusal = idProblem(list[base + 0], "user") { return refusal }
         var lines: [OrderLine] = []
@@ -436,7 +455,7 @@ enum CommandTable {
             i += 2
             if !basket { break }
         }
-        var requestId: ByteBuffer?
+        var requestId: UnsafeRawBufferPointer?
         var ttl: Int64?
         while i < list.count {
             guard i + 1 < list.count else { return .invalid("ERR syntax error: \(shown(list[base + i])) needs a value") }
@@ -456,7 +475,7 @@ enum CommandTable {
 
     /// HELLO [protover [AUTH user password] [SETNAME name]], checked in Redis's order: the version,
     /// then the options. A HELLO refused here changes nothing.
-    private static func hello(_ args: ArraySlice<ByteBuffer>) -> Request {
+    private static func hello(_ args: Slice<RESPParser.UnsafeArguments>) -> Request {
         let list = Array(args)
         guard let first = list.first else { return .hello(version: nil, password: nil) }
         guard let version = integer(first) else { return .invalid("ERR Protocol version is not an integer or out of range") }
@@ -467,7 +486,7 @@ enum CommandTable {
             switch Word(list[i]) {
             case .auth:
                 guard i + 2 < list.count else { return .invalid("ERR Syntax error in HELLO option 'AUTH'") }
-                password = list[i + 2]
+                password = ByteBuffer(bytes: list[i + 2])
                 i += 3
             case .setname:
                 guard i + 1 < list.count else { return .invalid("ERR Syntax error in HELLO option 'SETNAME'") }
@@ -479,30 +498,30 @@ enum CommandTable {
         return .hello(version: Int(version), password: password)
     }
 
-    private static func isOption(_ word: ByteBuffer) -> Bool {
+    private static func isOption(_ word: UnsafeRawBufferPointer) -> Bool {
         let w = Word(word)
         return w == .req || w == .ttl
     }
 
     /// The refusal for an id of the wrong length (checked before the id is used for anything).
     /// The message is the engine's own for the same check.
-    static func idProblem(_ argument: ByteBuffer, _ what: String) -> Request? {
-        let count = argument.readableBytes
+    static func idProblem(_ argument: UnsafeRawBufferPointer, _ what: String) -> Request? {
+        let count = argument.count
         guard count < 1 || count > Limits.nameBytesMax else { return nil }
         return .invalid("ERR \(what) id must be 1 to \(Limits.nameBytesMax) bytes")
     }
 
     /// A signed 64-bit decimal, from ASCII digits.
-    static func integer(_ argument: ByteBuffer) -> Int64? {
-        argument.withUnsafeReadableBytes { RESPParser.decimal($0) }.map { Int64($0) }
+    static func integer(_ argument: UnsafeRawBufferPointer) -> Int64? {
+        RESPParser.decimal(argument).map { Int64($0) }
     }
 
     /// An order id as clients send it back: an unsigned 64-bit decimal.
-    static func orderID(_ argument: ByteBuffer) -> OrderID? {
-        let count = argument.readableBytes
+    static func orderID(_ argument: UnsafeRawBufferPointer) -> OrderID? {
+        let count = argument.count
         guard count >= 1, count <= 20 else { return nil }
         var value: UInt64 = 0
-        for byte in argument.readableBytesView {
+        for byte in argument {
             guard byte >= 48 && byte <= 57 else { return nil }
             let (times10, o1) = value.multipliedReportingOverflow(by: 10)
             let (next, o2) = times10.addingReportingOverflow(UInt64(byte - 48))
@@ -513,29 +532,33 @@ enum CommandTable {
     }
 
     /// ASCII letters lowered, every other byte kept.
-    static func lowered(_ argument: ByteBuffer) -> [UInt8] {
-        argument.readableBytesView.map { $0 >= 65 && $0 <= 90 ? $0 + 32 : $0 }
+    static func lowered(_ argument: UnsafeRawBufferPointer) -> [UInt8] {
+        argument.map { $0 >= 65 && $0 <= 90 ? $0 + 32 : $0 }
     }
 
     /// An INFO section name: at most 32 bytes, lowered (a longer one names no section).
-    private static func section(_ argument: ByteBuffer) -> String {
-        guard argument.readableBytes <= 32 else { return "?" }
+    private static func section(_ argument: UnsafeRawBufferPointer) -> String {
+        guard argument.count <= 32 else { return "?" }
         return String(decoding: lowered(argument), as: UTF8.self)
     }
 
     /// A client's argument in an error message: its first 64 bytes, printable ASCII as is and
     /// everything else as `\xHH`. Bounded and byte-wise: no Unicode work on what a client sent.
     static func shown(_ argument: ByteBuffer) -> String {
+        argument.withUnsafeReadableBytes { shown($0) }
+    }
+
+    static func shown(_ argument: UnsafeRawBufferPointer) -> String {
         let shownBytesMax = 64
         var text = ""
-        for byte in argument.readableBytesView.prefix(shownBytesMax) {
+        for byte in argument.prefix(shownBytesMax) {
             if byte >= 0x20 && byte < 0x7F && byte != UInt8(ascii: "'") && byte != UInt8(ascii: "\\") {
                 text.unicodeScalars.append(Unicode.Scalar(byte))
             } else {
                 text += "\\x" + (byte < 16 ? "0" : "") + String(byte, radix: 16)
             }
         }
-        if argument.readableBytes > shownBytesMax { text += "..." }
+        if argument.count > shownBytesMax { text += "..." }
         return text
     }
 }

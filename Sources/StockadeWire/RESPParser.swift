@@ -4,8 +4,8 @@ import NIOCore
 /// libraries send) and inline commands (a line of words with Redis's quoting rules, what `nc` and
 /// telnet send).
 ///
-/// Arguments are bytes (``ByteBuffer`` slices), never `String`: ids are binary-safe, and no Unicode
-/// work is ever done on what a client sends. Incremental and resumable: a request that arrives in
+/// Arguments are bytes (spans of the read buffer, ``Arguments``), never `String`: ids are
+/// binary-safe, and no Unicode work is ever done on what a client sends. Incremental and resumable: a request that arrives in
 /// parts is taken in where the last read stopped (its complete arguments are kept by the parser),
 /// so the cost of a request is linear in its bytes however it is split. One parser per connection.
 public struct RESPParser: Sendable {
@@ -40,9 +40,92 @@ public struct RESPParser: Sendable {
         public var description: String { message }
     }
 
+    /// Where one argument lies in ``Arguments/bytes``: its first byte's index and its length.
+    public struct Span: Equatable, Sendable {
+        public var start: Int
+        public var count: Int
+    }
+
+    /// One command's arguments (never empty): spans of one buffer.
+    ///
+    /// A command whose request came in one read is spans of that read's buffer, which this value
+    /// shares (one reference for the whole command, where a `ByteBuffer` slice per argument would take
+    /// one each: a retain and a release per argument on the hot path). The parser reuses the spans'
+    /// array once the caller has dropped the value. Values a caller keeps stay as they were, whatever
+    /// it parses or writes next (the buffer and the array are copied on write).
+    public struct Arguments: RandomAccessCollection, Equatable, Sendable {
+        /// The bytes the spans index; its reader index is at or before the first span.
+        public let bytes: ByteBuffer
+        public let spans: [Span]
+
+        init(bytes: ByteBuffer, spans: [Span]) {
+            self.bytes = bytes
+            self.spans = spans
+        }
+
+        /// The given arguments, copied into one buffer (for tests and callers off the hot path).
+        public init(_ arguments: [ByteBuffer]) {
+            var bytes = ByteBuffer()
+            var spans: [Span] = []
+            for var argument in arguments {
+                spans.append(Span(start: bytes.writerIndex, count: argument.readableBytes))
+                bytes.writeBuffer(&argument)
+            }
+            self.init(bytes: bytes, spans: spans)
+        }
+
+        public var startIndex: Int { 0 }
+        public var endIndex: Int { spans.count }
+
+        /// Argument `position` as a slice of ``bytes`` (which takes a reference to them: the hot
+        /// path reads arguments through ``withUnsafeArguments(_:)`` instead).
+        public subscript(position: Int) -> ByteBuffer {
+            bytes.getSlice(at: spans[position].start, length: spans[position].count)!
+        }
+
+        /// Calls `body` with the arguments as raw bytes, valid only inside it: no copy, no reference taken.
+        @inlinable
+        public func withUnsafeArguments<R>(_ body: (UnsafeArguments) throws -> R) rethrows -> R {
+            try bytes.withUnsafeReadableBytes { readable in
+                try spans.withUnsafeBufferPointer { spans in
+                    try body(UnsafeArguments(readable: readable, origin: bytes.readerIndex, spans: spans))
+                }
+            }
+        }
+
+        /// Equal when the arguments' bytes are.
+        public static func == (a: Arguments, b: Arguments) -> Bool {
+            a.count == b.count && zip(a, b).allSatisfy { $0.readableBytesView.elementsEqual($1.readableBytesView) }
+        }
+    }
+
+    /// One command's arguments as raw bytes, valid only inside ``Arguments/withUnsafeArguments(_:)``.
+    public struct UnsafeArguments: RandomAccessCollection {
+        @usableFromInline let readable: UnsafeRawBufferPointer
+        /// The buffer index of `readable`'s first byte.
+        @usableFromInline let origin: Int
+        @usableFromInline let spans: UnsafeBufferPointer<Span>
+
+        @inlinable
+        init(readable: UnsafeRawBufferPointer, origin: Int, spans: UnsafeBufferPointer<Span>) {
+            self.readable = readable
+            self.origin = origin
+            self.spans = spans
+        }
+
+        @inlinable public var startIndex: Int { 0 }
+        @inlinable public var endIndex: Int { spans.count }
+
+        @inlinable
+        public subscript(position: Int) -> UnsafeRawBufferPointer {
+            let span = spans[position]
+            return UnsafeRawBufferPointer(rebasing: readable[(span.start - origin)..<(span.start - origin + span.count)])
+        }
+    }
+
     public enum Outcome: Equatable, Sendable {
         /// One command's arguments (never empty), as bytes.
-        case command([ByteBuffer])
+        case command(Arguments)
         /// More bytes are needed. What was complete has been taken in (the buffer's reader index
         /// moved past it); the parser continues from there on the next call.
         case incomplete
@@ -69,8 +152,8 @@ public struct RESPParser: Sendable {
     /// buffer can be reused; ``heldEnds`` marks where each ends.
     private var held = ByteBuffer()
     private var heldEnds: [Int] = []
-    /// Arguments of the current request taken in by this call: slices of the caller's buffer.
-    private var fresh: [ByteBuffer] = []
+    /// Arguments of the current request taken in by this call: spans of the caller's buffer.
+    private var fresh: [Span] = []
     /// ``fresh`` was handed out whole as the last command: it is emptied when the next call starts,
     /// by when the caller has dropped its copy, so the array's storage is reused, not reallocated
     /// (emptying it while the caller still holds it would copy it: an allocation per command).
@@ -124,13 +207,13 @@ public struct RESPParser: Sendable {
                     guard buffer.getInteger(at: buffer.readerIndex + length, as: UInt8.self) == UInt8(ascii: "\r"),
                           buffer.getInteger(at: buffer.readerIndex + length + 1, as: UInt8.self) == UInt8(ascii: "\n")
                     else { throw ProtocolError(message: "bulk string not followed by CRLF") }
-                    fresh.append(buffer.readSlice(length: length)!)
-                    buffer.moveReaderIndex(forwardBy: 2)
+                    fresh.append(Span(start: buffer.readerIndex, count: length))
+                    buffer.moveReaderIndex(forwardBy: length + 2)
                     if heldEnds.count + fresh.count < count {
                         state = .header(count: count)
                         continue
                     }
-                    return .command(finishRequest())
+                    return .command(finishRequest(buffer))
                 case .inline(let scanned):
                     guard let words = try inline(&buffer, scanned: scanned) else { return .incomplete }
                     state = .idle
@@ -153,40 +236,52 @@ public struct RESPParser: Sendable {
         }
     }
 
-    /// The arguments of the request just completed; the parser is then between requests.
-    private mutating func finishRequest() -> [ByteBuffer] {
-        var arguments: [ByteBuffer]
+    /// The arguments of the request just completed, whose last bytes were in `buffer`; the parser
+    /// is then between requests.
+    private mutating func finishRequest(_ buffer: ByteBuffer) -> Arguments {
         if heldEnds.isEmpty {
-            // The common case: the whole request came in one read. No copy, and the array is
-            // emptied on the next call (see ``freshHandedOut``).
+            // The common case: the whole request came in one read. No copy: the spans index the
+            // caller's buffer (a copy of it whose reader index is the first argument's), and the
+            // array is emptied on the next call (see ``freshHandedOut``).
+            var bytes = buffer
+            bytes.moveReaderIndex(to: fresh[0].start)
             state = .idle
             freshHandedOut = true
-            return fresh
-        } else {
-            arguments = []
-            arguments.reserveCapacity(heldEnds.count + fresh.count)
-            var start = held.readerIndex
-            for end in heldEnds {
-                arguments.append(held.getSlice(at: start, length: end - start)!)
-                start = end
-            }
-            arguments += fresh
+            return Arguments(bytes: bytes, spans: fresh)
         }
+        // Begun in an earlier read: the rest joins the held bytes, and the spans index those.
+        hold(buffer)
+        var spans: [Span] = []
+        spans.reserveCapacity(heldEnds.count)
+        var start = held.readerIndex
+        for end in heldEnds {
+            spans.append(Span(start: start, count: end - start))
+            start = end
+        }
+        let arguments = Arguments(bytes: held, spans: spans)
         held = ByteBuffer()
         heldEnds.removeAll()
-        fresh.removeAll(keepingCapacity: true)
         state = .idle
         return arguments
+    }
+
+    /// Copies this call's arguments (spans of `buffer`) into ``held``.
+    private mutating func hold(_ buffer: ByteBuffer) {
+        guard let first = fresh.first else { return }
+        var buffer = buffer
+        buffer.moveReaderIndex(to: first.start)  // back over the spans (a copy of the caller's indices)
+        for span in fresh {
+            var argument = buffer.getSlice(at: span.start, length: span.count)!
+            held.writeBuffer(&argument)
+            heldEnds.append(held.writerIndex)
+        }
+        fresh.removeAll(keepingCapacity: true)
     }
 
     /// Keeps the arguments this call took in (copying them out of the caller's buffer, which the
     /// caller will reuse) and asks for more bytes.
     private mutating func suspend(_ buffer: inout ByteBuffer) -> Outcome {
-        for var argument in fresh {
-            held.writeBuffer(&argument)
-            heldEnds.append(held.writerIndex)
-        }
-        fresh.removeAll(keepingCapacity: true)
+        hold(buffer)
         return .incomplete
     }
 
@@ -262,7 +357,7 @@ public struct RESPParser: Sendable {
 
     /// An inline line: its words, or nil when its `\n` has not arrived (the bytes searched so far
     /// are remembered, so a long line sent in small reads is searched once).
-    private mutating func inline(_ buffer: inout ByteBuffer, scanned: Int) throws(ProtocolError) -> [ByteBuffer]? {
+    private mutating func inline(_ buffer: inout ByteBuffer, scanned: Int) throws(ProtocolError) -> Arguments? {
         let view = buffer.readableBytesView
         let limit = limits.inlineBytesMax + 2  // the line and its CRLF
         let searchEnd = view.index(view.startIndex, offsetBy: min(view.count, limit))
@@ -280,7 +375,7 @@ public struct RESPParser: Sendable {
         buffer.moveReaderIndex(to: newline + 1)
         guard let words = Self.splitInline(line) else { throw ProtocolError(message: "unbalanced quotes in request") }
         guard words.count <= limits.argumentsMax else { throw ProtocolError(message: "too many arguments in inline request") }
-        return words.map { ByteBuffer(bytes: $0) }
+        return Arguments(words.map { ByteBuffer(bytes: $0) })
     }
 
     /// A byte for an error message: printable ASCII as is, anything else as `\xHH`.
