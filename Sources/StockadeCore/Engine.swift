@@ -259,7 +259,7 @@ public final class Engine: Sendable {
         let now = monotonic(now)
         var replies = [Reply](repeating: .done, count: commands.count)
         var waitFor = await expireBaskets(now: now)
-        var perShard = [[(slot: Int, command: Command)]](repeating: [], count: shards.count)
+        var perShard = [[Int]](repeating: [], count: shards.count)
         var progress = BatchProgress(touched: [Bool](repeating: false, count: shards.count))
         var position = 0
         while position < commands.count {
@@ -274,7 +274,7 @@ public final class Engine: Sendable {
                 position += 1
                 switch route {
                 case .shard(let s):
-                    perShard[s].append((position - 1, command))
+                    perShard[s].append(position - 1)
                     progress.touched[s] = true
                     pending = true
                     if Self.mayAffectOtherShards(command) {
@@ -290,11 +290,11 @@ public final class Engine: Sendable {
             }
             if pending {
                 for s in perShard.indices where !perShard[s].isEmpty && s != closing {
-                    waitFor = max(waitFor, await runGroup(s, perShard[s], now: now, into: &replies))
+                    waitFor = max(waitFor, await runGroup(s, commands, perShard[s], now: now, into: &replies))
                     perShard[s].removeAll(keepingCapacity: true)
                 }
                 if let s = closing {
-                    waitFor = max(waitFor, await runGroup(s, perShard[s], now: now, into: &replies))
+                    waitFor = max(waitFor, await runGroup(s, commands, perShard[s], now: now, into: &replies))
                     perShard[s].removeAll(keepingCapacity: true)
                 }
             }
@@ -353,7 +353,7 @@ public final class Engine: Sendable {
         for s in shards.indices where withGauges(s, { $0.nextForeignDeadlineMillis.load(ordering: .relaxed) <= now }) {
             return .needsAsync
         }
-        if commands.count == 1 { return executeOneLocally(commands[0], now: now, localShards: localShards) }
+        if commands.count == 1 { return executeOneLocally(commands, now: now, localShards: localShards) }
         // Route everything first (nothing runs yet), exactly as `execute` would.
         var routes = [Route]()
         routes.reserveCapacity(commands.count)
@@ -378,7 +378,7 @@ public final class Engine: Sendable {
         // Run: the same stretches and groups as `execute`, each group entered in place.
         var replies = [Reply](repeating: .done, count: commands.count)
         var waitFor: UInt64 = 0
-        var perShard = [[(slot: Int, command: Command)]](repeating: [], count: shards.count)
+        var perShard = [[Int]](repeating: [], count: shards.count)
         var position = 0
         while position < commands.count {
             var closing: Int?
@@ -387,7 +387,7 @@ public final class Engine: Sendable {
                 position += 1
                 switch routes[slot] {
                 case .shard(let s):
-                    perShard[s].append((slot, commands[slot]))
+                    perShard[s].append(slot)
                     if Self.mayAffectOtherShards(commands[slot]) { closing = s }
                 case .immediate(let reply, let lsn):
                     replies[slot] = reply
@@ -398,11 +398,11 @@ public final class Engine: Sendable {
                 if closing != nil { break }
             }
             for s in perShard.indices where !perShard[s].isEmpty && s != closing {
-                waitFor = max(waitFor, runGroupInPlace(s, perShard[s], now: now, into: &replies))
+                waitFor = max(waitFor, runGroupInPlace(s, commands, perShard[s], now: now, into: &replies))
                 perShard[s].removeAll(keepingCapacity: true)
             }
             if let s = closing {
-                waitFor = max(waitFor, runGroupInPlace(s, perShard[s], now: now, into: &replies))
+                waitFor = max(waitFor, runGroupInPlace(s, commands, perShard[s], now: now, into: &replies))
                 perShard[s].removeAll(keepingCapacity: true)
             }
         }
@@ -411,9 +411,9 @@ public final class Engine: Sendable {
 
     /// ``executeLocally(_:now:localShards:)`` for a batch of one command (every round at pipeline 1):
     /// the same decisions and the same run, without the batch's routes, groups and flags.
-    private func executeOneLocally(_ command: Command, now: Int64, localShards: [Bool]) -> LocalOutcome {
+    private func executeOneLocally(_ commands: [Command], now: Int64, localShards: [Bool]) -> LocalOutcome {
         var progress = BatchProgress(touched: untouched)
-        switch route(command, now: now, progress: &progress) {
+        switch route(commands[0], now: now, progress: &progress) {
         case .global:
             return .needsAsync
         case .immediate(let reply, let lsn):
@@ -421,10 +421,10 @@ public final class Engine: Sendable {
         case .shard(let s):
             guard localShards[s] else { return .needsShard(s) }
             guard runsInPlace(s, now: now) else { return .needsAsync }
-            if case let .confirm(id) = command, shards[s].assumeIsolated({ $0.mayAffectOtherShards(id) }) { return .needsAsync }
-            if case let .cancel(id) = command, shards[s].assumeIsolated({ $0.mayAffectOtherShards(id) }) { return .needsAsync }
+            if case let .confirm(id) = commands[0], shards[s].assumeIsolated({ $0.mayAffectOtherShards(id) }) { return .needsAsync }
+            if case let .cancel(id) = commands[0], shards[s].assumeIsolated({ $0.mayAffectOtherShards(id) }) { return .needsAsync }
             var replies: [Reply] = [.done]
-            let waitFor = runGroupInPlace(s, [(0, command)], now: now, into: &replies)
+            let waitFor = runGroupInPlace(s, commands, Self.firstSlot, now: now, into: &replies)
             return .answered(replies, waitFor: waitFor)
         }
     }
@@ -440,10 +440,13 @@ public final class Engine: Sendable {
 
     /// ``runGroup(_:_:now:into:)`` for a shard on the caller's executor, which the caller checked
     /// needs no wait and reaches no other shard.
+    /// The slots of a batch of one command (no array made per round).
+    private static let firstSlot = [0]
+
     private func runGroupInPlace(
-        _ s: Int, _ group: [(slot: Int, command: Command)], now: Int64, into replies: inout [Reply]
+        _ s: Int, _ commands: [Command], _ slots: [Int], now: Int64, into replies: inout [Reply]
     ) -> UInt64 {
-        let result = shards[s].assumeIsolated { $0.run(group, now: now) }
+        let result = shards[s].assumeIsolated { $0.run(commands, slots: slots, now: now) }
         precondition(!result.deferred && result.effects.isEmpty, "a batch run in place reached beyond its shards")
         for (slot, reply) in result.replies { replies[slot] = reply }
         return result.lsn
@@ -452,15 +455,15 @@ public final class Engine: Sendable {
     /// Runs one shard's group, waiting first while basket holds are placed there, applies its effects on
     /// other shards, and returns the position its replies wait for.
     private func runGroup(
-        _ s: Int, _ group: [(slot: Int, command: Command)], now: Int64, into replies: inout [Reply]
+        _ s: Int, _ commands: [Command], _ slots: [Int], now: Int64, into replies: inout [Reply]
     ) async -> UInt64 {
         // A backlog of due orders goes a chunk at a time first, not all at once inside the run.
         var expiredAt: UInt64 = 0
         if shards[s].gauges.nextDeadlineMillis.load(ordering: .relaxed) <= now { expiredAt = await expire(shards[s], now: now) }
-        var result = await shards[s].run(group, now: now)
+        var result = await shards[s].run(commands, slots: slots, now: now)
         while result.deferred {
             await shards[s].settled()
-            result = await shards[s].run(group, now: now)
+            result = await shards[s].run(commands, slots: slots, now: now)
         }
         for (slot, reply) in result.replies { replies[slot] = reply }
         await applyEffects(result.effects, causedAt: result.lsn)

@@ -109,18 +109,20 @@ public actor Shard {
     /// Runs a batch of commands that all belong to this shard, in order. Orders due at `now` expire first.
     /// While a basket's holds are being placed here, nothing runs (``BatchResult/deferred``): a reply
     /// could otherwise show a hold that is not logged yet.
-    public func run(_ batch: [(slot: Int, command: Command)], now: Int64) -> BatchResult {
-        run(batch, now: now, expiryLimit: .max)
+    /// The batch is `commands[slot]` for each of `slots`, in that order; each reply is given with its
+    /// slot. The commands are read in place: none is copied out of the caller's array.
+    public func run(_ commands: [Command], slots: [Int], now: Int64) -> BatchResult {
+        run(commands, slots: slots, now: now, expiryLimit: .max)
     }
 
-    private func run(_ batch: [(slot: Int, command: Command)], now: Int64, expiryLimit: Int) -> BatchResult {
+    private func run(_ commands: [Command], slots: [Int], now: Int64, expiryLimit: Int) -> BatchResult {
         var result = BatchResult()
         if gauges.preparing.load(ordering: .relaxed) > 0 {
             result.deferred = true
             return result
         }
         if let refusal = refusal {
-            result.replies = batch.map { ($0.slot, .rejected(.unavailable(refusal))) }
+            result.replies = slots.map { ($0, .rejected(.unavailable(refusal))) }
             result.lsn = visibleLSN
             result.refused = true
             return result
@@ -128,18 +130,18 @@ public actor Shard {
         beginChange()
         defer { endChange() }
         scratch.removeAll()
-        result.replies.reserveCapacity(batch.count)
+        result.replies.reserveCapacity(slots.count)
         let readOnly = role.isReadOnly
         if !readOnly { result.effects = state.expireDue(now: now, limit: expiryLimit, log: &scratch) }
         let admits = log.admitsChanges
         var added: [(Name, StockCounter)] = []
-        for (slot, command) in batch {
-            if command.isChange && (readOnly || !admits) {
+        for slot in slots {
+            if commands[slot].isChange && (readOnly || !admits) {
                 result.replies.append((slot, .rejected(readOnly ? .readOnly : .busy)))
                 continue
             }
             let reply: Reply
-            switch command {
+            switch commands[slot] {
             case let .addSku(sku, total, limit):
                 reply = state.addSku(sku, total: total, limit: limit, log: &scratch)
                 if reply == .done, let counter = state.counter(sku) { added.append((sku, counter)) }
@@ -168,7 +170,7 @@ public actor Shard {
         if !added.isEmpty { directory.publish(added) }
         if !flush() {
             // Nothing of this run may be seen: not its replies, not its effects on other shards.
-            result.replies = batch.map { ($0.slot, .rejected(.unavailable(failure ?? "journal failed"))) }
+            result.replies = slots.map { ($0, .rejected(.unavailable(failure ?? "journal failed"))) }
             result.effects = []
             result.refused = true
         }
@@ -207,11 +209,11 @@ public actor Shard {
     /// Expires due orders (the engine calls this before a batch for shards whose baskets are due, and a
     /// timer for shards that see no traffic). Does nothing once the log has failed: a change that cannot
     /// be logged must not be made.
-    public func expire(now: Int64) -> BatchResult { run([], now: now) }
+    public func expire(now: Int64) -> BatchResult { run([], slots: [], now: now) }
 
     /// Expires at most `limit` due orders (``ShardState/expireDue(now:limit:log:)``), so one call keeps
     /// the shard's executor (an event loop, in the server) for a bounded time; more may stay due.
-    public func expire(now: Int64, limit: Int) -> BatchResult { run([], now: now, expiryLimit: limit) }
+    public func expire(now: Int64, limit: Int) -> BatchResult { run([], slots: [], now: now, expiryLimit: limit) }
 
     /// Applies effects of another shard's orders on this shard's SKUs; `lsn` is the position of the
     /// record that caused them, which replies from this shard then wait for.
