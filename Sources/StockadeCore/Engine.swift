@@ -358,8 +358,9 @@ public final class Engine: Sendable {
         var routes = [Route]()
         routes.reserveCapacity(commands.count)
         var progress = BatchProgress(touched: [Bool](repeating: false, count: shards.count))
-        for command in commands {
-            let route = route(command, now: now, progress: &progress)
+        // By index: the commands are read in the array, not copied out of it.
+        for i in commands.indices {
+            let route = route(commands[i], now: now, progress: &progress)
             switch route {
             case .global: return .needsAsync
             case .immediate: break
@@ -367,10 +368,10 @@ public final class Engine: Sendable {
                 guard localShards[s] else { return .needsShard(s) }
                 guard runsInPlace(s, now: now) else { return .needsAsync }
                 progress.touched[s] = true
-                if Self.mayAffectOtherShards(command) {
+                if Self.mayAffectOtherShards(commands[i]) {
                     progress.crossShard = true
-                    if case let .confirm(id) = command, shards[s].assumeIsolated({ $0.mayAffectOtherShards(id) }) { return .needsAsync }
-                    if case let .cancel(id) = command, shards[s].assumeIsolated({ $0.mayAffectOtherShards(id) }) { return .needsAsync }
+                    if case let .confirm(id) = commands[i], shards[s].assumeIsolated({ $0.mayAffectOtherShards(id) }) { return .needsAsync }
+                    if case let .cancel(id) = commands[i], shards[s].assumeIsolated({ $0.mayAffectOtherShards(id) }) { return .needsAsync }
                 }
             }
             routes.append(route)

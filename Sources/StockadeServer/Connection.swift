@@ -349,13 +349,16 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                 }
             }
             // Engine commands (the hot path) only join the batch: no reply buffer of their own.
-            if case .engine(let command) = request {
+            if case .engine = request {
+                let name = request.metricName
+                // Moved out of the request, not copied: the command goes on to the batch as it is.
+                guard case .engine(let command) = consume request else { preconditionFailure("an engine request") }
                 if command.isChange && readOnly == nil { readOnly = server.engine.role.isReadOnly }
                 if command.isChange && readOnly == true {
                     let start = round.local.writerIndex
                     round.local.writeRESPError(ReplyEncoding.errorText(.readOnly))
                     round.slots.append(.local(start: start, end: round.local.writerIndex))
-                    round.tally.add(request.metricName, "readonly")
+                    round.tally.add(name, "readonly")
                     replyBytes += round.local.writerIndex - start
                     continue
                 }
@@ -366,13 +369,13 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                     let start = round.local.writerIndex
                     round.local.writeRESPError("NOREPLICAS Not enough good replicas to write.")
                     round.slots.append(.local(start: start, end: round.local.writerIndex))
-                    round.tally.add(request.metricName, "noreplicas")
+                    round.tally.add(name, "noreplicas")
                     replyBytes += round.local.writerIndex - start
                     continue
                 }
                 let replyMax = ReplyEncoding.replyBytesMax(command)
                 if !round.slots.isEmpty, replyBytes + (replyMax ?? replyBudget) > replyBudget {
-                    carried = request  // it starts the next round
+                    carried = .engine(command)  // it starts the next round
                     break
                 }
                 replyBytes += replyMax ?? replyBudget
@@ -383,13 +386,13 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                         let start = round.local.writerIndex
                         round.local.writeRESPError("BUSY rate limit of \(server.configuration.rateLimitPerSecond) changes per second")
                         round.slots.append(.local(start: start, end: round.local.writerIndex))
-                        round.tally.add(request.metricName, "busy")
+                        round.tally.add(name, "busy")
                         continue
                     }
                 }
                 round.batch.append(command)
                 if command.isChange { round.hasChanges = true }
-                round.slots.append(.engine(round.batch.count - 1, name: request.metricName))
+                round.slots.append(.engine(round.batch.count - 1, name: name))
                 continue
             }
             // Local replies go straight into the round's buffer: no buffer of their own.
