@@ -63,6 +63,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     private static let spareBufferBytesMax = 4096
     /// The round whose replies wait for its position to be durable (``awaitDurable``).
     private var awaiting: (round: Round, replies: [Reply], position: UInt64, context: ChannelHandlerContext)?
+    /// The round whose batch hopped to the loop of the shard it needs, until the hop comes back.
+    private var hopping: Round?
 
     init(server: ServerContext) {
         self.server = server
@@ -486,7 +488,9 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     /// back).
     /// The round then waits on this loop's ``DurableReplies`` for its position: no task, no
     /// continuation. Anything else runs in a task that awaits the shards it needs.
-    private func run(_ round: Round, context: ChannelHandlerContext) {
+    /// Takes the round (`consuming`): a round holds a dozen references (its arrays, buffers and tally),
+    /// and it moves from here to the wait for durability and on to ``complete`` without a copy.
+    private func run(_ round: consuming Round, context: ChannelHandlerContext) {
         busy = true
         server.beginRound(changes: round.hasChanges)
         guard round.step == nil, !round.batch.isEmpty, let loopState else {
@@ -514,10 +518,15 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         let batch = round.batch
         let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
         let ownLoop = context.eventLoop
+        // The round waits here, not in the hop's closures: capturing it would copy it (a retain of each
+        // of its references, and a release of each when the closures go).
+        assert(hopping == nil, "one round at a time")
+        hopping = round
         homeState.loop.execute {
             let outcome = engine.executeLocally(batch, now: wallClockMillis(), localShards: homeState.localShards)
             ownLoop.execute {
                 let (handler, context) = bound.value
+                guard let round = handler.hopping.take() else { preconditionFailure("the round that hopped") }
                 if case .answered(let replies, let waitFor) = outcome {
                     handler.awaitDurable(round, replies: replies, waitFor: waitFor, context: context)
                 } else {
@@ -529,7 +538,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
 
     /// Answers a round whose commands ran once its position is durable (on this loop's ``DurableReplies``,
     /// which the journal wakes once per sync), or refuses them all if the log fails first.
-    private func awaitDurable(_ round: Round, replies: [Reply], waitFor: UInt64, context: ChannelHandlerContext) {
+    private func awaitDurable(_ round: consuming Round, replies: [Reply], waitFor: UInt64, context: ChannelHandlerContext) {
         guard let loopState else { preconditionFailure("only connections on a server loop run rounds in place") }
         assert(awaiting == nil, "one round at a time")
         awaiting = (round, replies, waitFor, context)
@@ -540,12 +549,13 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     /// The round in ``awaiting`` is durable (or never will be): answer it, after the replicas'
     /// acknowledgements when semi-synchronous.
     func durableReached(_ failure: String?) {
-        guard let (round, replies, position, context) = awaiting else { preconditionFailure("no round waits") }
-        awaiting = nil
+        // Taken out of `awaiting`, not copied.
+        guard let (round, replies, position, context) = awaiting.take() else { preconditionFailure("no round waits") }
         let answered = failure.map { reason in replies.map { _ in Reply.rejected(.unavailable(reason)) } } ?? replies
         guard failure == nil, server.configuration.minReplicasToWrite > 0, round.hasChanges else {
             server.endRound(changes: round.hasChanges)
-            complete(round, replies: answered, tail: nil, closeAfter: round.closeAfter, context: context)
+            let closeAfter = round.closeAfter
+            complete(round, replies: answered, tail: nil, closeAfter: closeAfter, context: context)
             return
         }
         // Semi-synchronous: then the replicas' acknowledgements, back on this loop.
