@@ -439,11 +439,11 @@ public final class Engine: Sendable {
         }
     }
 
-    /// ``runGroup(_:_:now:into:)`` for a shard on the caller's executor, which the caller checked
-    /// needs no wait and reaches no other shard.
     /// The slots of a batch of one command (no array made per round).
     private static let firstSlot = [0]
 
+    /// ``runGroup(_:_:_:now:into:)`` for a shard on the caller's executor, which the caller checked
+    /// needs no wait and reaches no other shard.
     private func runGroupInPlace(
         _ s: Int, _ commands: [Command], _ slots: [Int], now: Int64, into replies: inout [Reply]
     ) -> UInt64 {
