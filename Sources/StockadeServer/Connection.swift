@@ -520,7 +520,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         let ownLoop = context.eventLoop
         // The round waits here, not in the hop's closures: capturing it would copy it (a retain of each
         // of its references, and a release of each when the closures go).
-        assert(hopping == nil, "one round at a time")
+        // Checked in release builds too: a second round here would overwrite the first one's replies.
+        precondition(hopping == nil, "one round at a time")
         hopping = round
         homeState.loop.execute {
             let outcome = engine.executeLocally(batch, now: wallClockMillis(), localShards: homeState.localShards)
@@ -540,7 +541,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     /// which the journal wakes once per sync), or refuses them all if the log fails first.
     private func awaitDurable(_ round: consuming Round, replies: [Reply], waitFor: UInt64, context: ChannelHandlerContext) {
         guard let loopState else { preconditionFailure("only connections on a server loop run rounds in place") }
-        assert(awaiting == nil, "one round at a time")
+        precondition(awaiting == nil, "one round at a time")
         awaiting = (round, replies, waitFor, context)
         // No closure per round: the loop's DurableReplies calls durableReached(_:) back.
         loopState.wait(for: waitFor, self)

@@ -52,7 +52,9 @@ public struct RESPParser: Sendable {
     /// shares (one reference for the whole command, where a `ByteBuffer` slice per argument would take
     /// one each: a retain and a release per argument on the hot path). The parser reuses the spans'
     /// array once the caller has dropped the value. Values a caller keeps stay as they were, whatever
-    /// it parses or writes next (the buffer and the array are copied on write).
+    /// it parses or writes next (the buffer and the array are copied on write), and keep the whole
+    /// read buffer alive: a caller copies out what it keeps (as `CommandTable` does) and drops the
+    /// value before its next read.
     public struct Arguments: RandomAccessCollection, Equatable, Sendable {
         /// The bytes the spans index; its reader index is at or before the first span.
         public let bytes: ByteBuffer
