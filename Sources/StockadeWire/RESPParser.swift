@@ -5,9 +5,10 @@ import NIOCore
 /// telnet send).
 ///
 /// Arguments are bytes (spans of the read buffer, ``Arguments``), never `String`: ids are
-/// binary-safe, and no Unicode work is ever done on what a client sends. Incremental and resumable: a request that arrives in
-/// parts is taken in where the last read stopped (its complete arguments are kept by the parser),
-/// so the cost of a request is linear in its bytes however it is split. One parser per connection.
+/// binary-safe, and no Unicode work is ever done on what a client sends. Incremental and resumable:
+/// a request that arrives in parts is taken in where the last read stopped (its complete arguments
+/// are kept by the parser), so the cost of a request is linear in its bytes however it is split.
+/// One parser per connection.
 public struct RESPParser: Sendable {
     /// Bounds on what one request may make the server hold.
     public struct Limits: Sendable {
