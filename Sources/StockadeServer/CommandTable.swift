@@ -206,10 +206,6 @@ enum CommandTable {
         Name(argument)
     }
 
-    static func id(_ argument: ByteBuffer) -> Name {
-        argument.withUnsafeReadableBytes { Name($0) }
-    }
-
     static let notInteger = Request.invalid("ERR value is not an integer or out of range")
     static let noAuth = Request.invalid("NOAUTH Authentication required.")
 
@@ -544,10 +540,6 @@ enum CommandTable {
 
     /// A client's argument in an error message: its first 64 bytes, printable ASCII as is and
     /// everything else as `\xHH`. Bounded and byte-wise: no Unicode work on what a client sent.
-    static func shown(_ argument: ByteBuffer) -> String {
-        argument.withUnsafeReadableBytes { shown($0) }
-    }
-
     static func shown(_ argument: UnsafeRawBufferPointer) -> String {
         let shownBytesMax = 64
         var text = ""

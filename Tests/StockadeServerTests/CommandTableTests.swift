@@ -7,6 +7,9 @@ import Testing
 @testable import StockadeServer
 
 /// Parses a command given as words (the bytes of each word, as a client sends them).
+/// An id as the command table makes it from these bytes.
+private func id(_ text: String) -> Name { ByteBuffer(string: text).withUnsafeReadableBytes(CommandTable.id) }
+
 private func parse(_ words: [String], authenticated: Bool = true) -> Request {
     CommandTable.parse(words.map { ByteBuffer(string: $0) }, authenticated: authenticated)
 }
@@ -92,8 +95,8 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
     /// `ſku.add` for SKU.ADD and `reſerve ... ſeq` words likewise.
     @Test func namesAreMatchedAsASCIIBytes() {
         #expect(parse(["rEsErVe", "ann", "tv", "1", "rEq", "r1"])
-            == .engine(.reserve(user: CommandTable.id(ByteBuffer(string: "ann")), lines: [OrderLine(sku: CommandTable.id(ByteBuffer(string: "tv")), quantity: 1)],
-                                requestId: CommandTable.id(ByteBuffer(string: "r1")), ttlMillis: nil)))
+            == .engine(.reserve(user: id("ann"), lines: [OrderLine(sku: id("tv"), quantity: 1)],
+                                requestId: id("r1"), ttlMillis: nil)))
         #expect(parse(["\u{17F}ku.add", "x", "1"]) == .invalid("ERR unknown command '\\xc5\\xbfku.add'"))
         #expect(parse(["RESERVE", "ann", "tv", "1", "RE\u{17F}", "r1"]) == .invalid("ERR syntax error near 'RE\\xc5\\xbf': expected REQ id or TTL ms"))
         #expect(parse(["PING\u{0}"]) == .invalid("ERR unknown command 'PING\\x00'"))
@@ -115,7 +118,7 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
                 #expect(message.utf8.count < 400)
                 guard case .configGet(let lowered) = CommandTable.parse(pattern) else { Issue.record("not CONFIG GET"); return }
                 #expect(!globMatch(lowered, "appendfsync"))
-                #expect(CommandTable.parse([name], authenticated: false) == .invalid("ERR unknown command '\(CommandTable.shown(name))'"))
+                #expect(CommandTable.parse([name], authenticated: false) == .invalid("ERR unknown command '\(name.withUnsafeReadableBytes(CommandTable.shown))'"))
             }
         }
         let small = cost(256 << 10), large = cost(1 << 20)
@@ -163,15 +166,15 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(parse(["ORDERS", "u", "COUNT", "1001"]) == .invalid("ERR COUNT must be 1 to 1000"))
         #expect(parse(["ORDERS", "u", "COUNT", "0"]) == .invalid("ERR COUNT must be 1 to 1000"))
         #expect(parse(["SKU.RESTOCK", "a", "99999999999999999999"]) == .invalid("ERR value is not an integer or out of range"))
-        let restock = Command.restock(sku: CommandTable.id(ByteBuffer(string: "a")), delta: .max)
+        let restock = Command.restock(sku: id("a"), delta: .max)
         #expect(ReplyEncoding.errorText(.badQuantity, to: restock) == "BADQTY delta must be -1099511627776 to 1099511627776")
-        let deduct = Command.deduct(sku: CommandTable.id(ByteBuffer(string: "a")), quantity: 0)
+        let deduct = Command.deduct(sku: id("a"), quantity: 0)
         #expect(ReplyEncoding.errorText(.badQuantity, to: deduct) == "BADQTY quantity must be 1 to 1000000000")
     }
 
     /// (#7 C16) ORDERS pages: AFTER an order id, COUNT 1 to 1000, 100 by default.
     @Test func ordersArePaged() {
-        let u = CommandTable.id(ByteBuffer(string: "u"))
+        let u = id("u")
         #expect(parse(["ORDERS", "u"]) == .engine(.orders(user: u, after: nil, count: 100)))
         #expect(parse(["ORDERS", "u", "after", "72057594037927937", "count", "1000"])
             == .engine(.orders(user: u, after: OrderID(rawValue: 72_057_594_037_927_937), count: 1000)))
