@@ -36,15 +36,16 @@ let package = Package(
         .package(url: "https://github.com/ordo-one/benchmark.git", from: "1.38.1", traits: ["MallocInterposer"]),
     ],
     targets: [
-        // C shims: Debian's liblz4 and jemalloc, and a hardware CRC32C.
+        // C shims: Debian's liblz4 and jemalloc, a hardware CRC32C, and the CPU's prefetch hint.
         .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
         .systemLibrary(name: "CJemalloc", pkgConfig: "jemalloc", providers: [.apt(["libjemalloc-dev"])]),
         .target(name: "CCRC32C"),
+        .target(name: "CPrefetch"),
 
         // The pure, deterministic engine: domain, shard state machines, record encoding.
         .target(
             name: "StockadeCore",
-            dependencies: [.product(name: "Atomics", package: "swift-atomics")],
+            dependencies: ["CPrefetch", .product(name: "Atomics", package: "swift-atomics")],
             swiftSettings: hotPath
         ),
         // Durability: the LZ4 block log, group commit, snapshots, recovery.

@@ -1,3 +1,5 @@
+import CPrefetch
+
 /// Client-chosen ids (SKUs, users) interned to dense indexes 0, 1, 2, …: the names in an array by
 /// index, and an open-addressing hash table from name to index that stores, per slot, only the
 /// index and 32 bits of the name's hash.
@@ -69,6 +71,20 @@ struct NameIndex: Sendable {
                 }
                 i = (i + 1) & mask
             }
+        }
+    }
+
+    /// Starts loading the slot where a lookup of `name` begins, and returns at once; changes nothing.
+    ///
+    /// For a caller about to look up several names: a shard's group of reservations, each from a user
+    /// it may not have seen. In a table of a million users that slot is a cache miss (and in a virtual
+    /// machine often a page walk too) of about 200 ns; prefetched together, the misses overlap instead
+    /// of coming one after another.
+    func prefetch(_ name: Name) {
+        let hash = hash(name)
+        partitions[Self.partition(hash)].slots.withUnsafeBufferPointer { slots in
+            guard !slots.isEmpty, let base = slots.baseAddress else { return }
+            stockade_prefetch(base + (Int(UInt32(truncatingIfNeeded: hash)) & (slots.count - 1)))
         }
     }
 

@@ -135,6 +135,11 @@ public actor Shard {
         if !readOnly { result.effects = state.expireDue(now: now, limit: expiryLimit, log: &scratch) }
         let admits = log.admitsChanges
         var added: [(Name, StockCounter)] = []
+        if slots.count > 1 {
+            // Each reservation looks its user up in a table too large for the cache, most of them a user
+            // never seen before: the loads start here together, so their misses overlap.
+            for slot in slots { if case let .reserve(user, _, _, _) = commands[slot] { state.prefetch(user: user) } }
+        }
         for slot in slots {
             if commands[slot].isChange && (readOnly || !admits) {
                 result.replies.append((slot, .rejected(readOnly ? .readOnly : .busy)))

@@ -290,6 +290,11 @@ public struct ShardState: Sendable {
 
     // MARK: - Orders
 
+    /// Starts loading the part of the user index where ``reserve(user:lines:requestId:ttlMillis:now:log:)``
+    /// will look `user` up (``NameIndex/prefetch(_:)``); changes nothing. Mutating only so that a
+    /// shard calls it on its state in place: a non-mutating call there copies the whole state first.
+    public mutating func prefetch(user: Name) { userIndexByName.prefetch(user) }
+
     /// Places a hold for `lines`, all of which live on this shard, all or nothing.
     /// Arguments must have passed ``ShardState/validateReserve(user:lines:requestId:ttlMillis:)``.
     public mutating func reserve(
