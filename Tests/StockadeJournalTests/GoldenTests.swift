@@ -3,11 +3,14 @@ import Testing
 @testable import StockadeCore
 @testable import StockadeJournal
 
-/// The fixtures in `snapshots/v1`: a snapshot and a log tail written by format version 1, with a
-/// manifest of the state they hold. Every later build must keep reading them (or ship a converter).
+/// The fixtures in `snapshots/v1` and `snapshots/v2`: a snapshot and a log tail written by format
+/// versions 1 and 2 (blocks of that version), with a manifest of the state they hold. Every later
+/// build must keep reading them (or ship a converter).
 @Suite struct GoldenFixtureTests {
-    static let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-        .deletingLastPathComponent().appendingPathComponent("snapshots/v1").path
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("snapshots").path
+    /// The version 1 fixtures (the directory-upgrade tests start from them).
+    static let fixtures = root + "/v1"
 
     /// The manifest: the position, the state hash, and one line per SKU.
     static func manifest(_ state: EngineState) -> String {
@@ -22,21 +25,33 @@ import Testing
         return lines.joined(separator: "\n") + "\n"
     }
 
-    @Test func goldenFixturesStillRecover() throws {
+    /// Each version's fixtures recover to the state their manifest states. (Version 2's were written
+    /// by the server of that version: `SKU.ADD`s with limits, reservations, confirms, cancels, baskets,
+    /// restocks, deducts, pauses, a `SNAPSHOT`, more of the same, a `SHUTDOWN`; its manifest's SKU
+    /// lines agree with what that server's `STOCK` answered.)
+    @Test(arguments: ["v1", "v2"])
+    func goldenFixturesStillRecover(version: String) throws {
         if ProcessInfo.processInfo.environment["STOCKADE_WRITE_FIXTURES"] == "1" { try Self.writeFixtures() }
+        let fixtures = Self.root + "/" + version
         let copy = temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: copy) }
-        for file in try FileManager.default.contentsOfDirectory(atPath: Self.fixtures) {
-            try FileManager.default.copyItem(atPath: Self.fixtures + "/" + file, toPath: copy + "/" + file)
+        for file in try FileManager.default.contentsOfDirectory(atPath: fixtures) {
+            try FileManager.default.copyItem(atPath: fixtures + "/" + file, toPath: copy + "/" + file)
         }
         let (state, report) = try Recovery.recover(DataDirectory(copy), options: .init(shardCount: 1, repair: false))
         #expect(report.snapshotPath != nil && report.recordsReplayed > 0 && report.tornTail == nil)
-        let expected = try String(contentsOfFile: Self.fixtures + "/MANIFEST.txt", encoding: .utf8)
+        let expected = try String(contentsOfFile: fixtures + "/MANIFEST.txt", encoding: .utf8)
         #expect(Self.manifest(state) == expected)
+        // Every block of the fixture's log is of its version.
+        let segment = try [UInt8](Data(contentsOf: URL(fileURLWithPath: try DataDirectory(copy).segments().first!.path)))
+        let first = segment.withUnsafeBytes { BlockHeader.parse(UnsafeRawBufferPointer(rebasing: $0[SegmentHeader.size...])) }
+        #expect(first.map { "v\($0.version)" } == version)
     }
 
-    /// Regenerates the fixtures (only with STOCKADE_WRITE_FIXTURES=1, after a deliberate format change).
+    /// Regenerates the fixtures of the version this build writes, in `snapshots/v<version>` (only with
+    /// STOCKADE_WRITE_FIXTURES=1, after a deliberate format change).
     static func writeFixtures() throws {
+        let fixtures = root + "/v\(BlockHeader.version)"
         try? FileManager.default.removeItem(atPath: fixtures)
         try FileManager.default.createDirectory(atPath: fixtures, withIntermediateDirectories: true)
         let work = temporaryDirectory()
