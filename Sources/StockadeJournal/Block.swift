@@ -1,7 +1,14 @@
 import StockadeCore
 
 /// The framed unit of the log and of snapshots: a header, then the payload (LZ4-compressed when
-/// that is smaller). Layout in docs/FORMAT.md.
+/// that is smaller), then (version 3) a trailer byte. Layout in docs/FORMAT.md.
+///
+/// Version 3 (written since log segments are preallocated) ends every block in ``trailer``, a byte
+/// that is never zero. A segment's space is allocated ahead of its writes and reads as zeros, so a
+/// write that stopped partway leaves its block followed by zeros up to the end of the file; the
+/// trailer tells that apart from a block written whole and damaged since: a block whose trailer is
+/// there was written to its end, a block whose last byte is still zero was not (docs/FORMAT.md,
+/// Recovery).
 ///
 /// Version 2 (written since issue #7) gives the header a CRC32C of its own (bytes 28..<32, over bytes
 /// 0..<28), so a reader can trust a header's lengths before it trusts the payload: a flipped bit in a
@@ -11,9 +18,11 @@ import StockadeCore
 public struct BlockHeader: Equatable, Sendable {
     public static let magic: UInt32 = 0x4B4C_4253  // "SBLK" little-endian
     /// The version this build writes.
-    public static let version: UInt16 = 2
-    /// Versions this build reads: 1 (no header checksum) and 2.
-    public static let versionsRead: ClosedRange<UInt16> = 1...2
+    public static let version: UInt16 = 3
+    /// Versions this build reads: 1 (no header checksum), 2, and 3 (a trailer).
+    public static let versionsRead: ClosedRange<UInt16> = 1...3
+    /// The last byte of a version 3 block, after its payload: never zero.
+    public static let trailer: UInt8 = 0xA5
     public static let size = 36
     /// Largest raw payload of one block: bounds the memory a reader allocates for a block it has not
     /// yet verified, and keeps one block's loss on a torn write small.
@@ -33,7 +42,8 @@ public struct BlockHeader: Equatable, Sendable {
     public var checksum: UInt32
 
     public var isCompressed: Bool { flags & Self.flagCompressed != 0 }
-    public var totalLength: Int { Self.size + payloadLength }
+    /// The block's bytes: header, payload, and the trailer byte from version 3 on.
+    public var totalLength: Int { Self.size + payloadLength + (version >= 3 ? 1 : 0) }
     /// Whether the header checked its own checksum (version 2), so its lengths can be trusted
     /// before the payload is read.
     public var headerVerified: Bool { version >= 2 }
@@ -96,6 +106,7 @@ public enum BlockCodec {
         headerBytes.removeAll(keepingCapacity: true)
         header.encode(into: &headerBytes)
         out.replaceSubrange(headerStart..<payloadStart, with: headerBytes)
+        out.append(BlockHeader.trailer)
     }
 
     /// What reading one block found.
@@ -105,7 +116,8 @@ public enum BlockCodec {
         /// length that a flipped bit made too large (version 1 headers cannot tell these apart;
         /// ``Recovery`` scans on to decide).
         case truncated
-        /// Complete, but the magic, version, a checksum is wrong, or the payload does not decompress.
+        /// Complete, but the magic, version, a checksum or the trailer is wrong, or the payload does not
+        /// decompress.
         case invalid(String)
     }
 
@@ -116,9 +128,11 @@ public enum BlockCodec {
         let headerBytes = UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + BlockHeader.size])
         guard let header = BlockHeader.parse(headerBytes) else { return .invalid("bad block header") }
         guard available >= header.totalLength else { return .truncated }
-        let payload = UnsafeRawBufferPointer(rebasing: bytes[offset + BlockHeader.size..<offset + header.totalLength])
+        let payloadEnd = offset + BlockHeader.size + header.payloadLength
+        let payload = UnsafeRawBufferPointer(rebasing: bytes[offset + BlockHeader.size..<payloadEnd])
         let crc = CRC32C.checksum(payload, continuing: CRC32C.checksum(UnsafeRawBufferPointer(rebasing: headerBytes[0..<32])))
         guard crc == header.checksum else { return .invalid("checksum mismatch") }
+        if header.version >= 3, bytes[payloadEnd] != BlockHeader.trailer { return .invalid("trailer byte is \(bytes[payloadEnd])") }
         if header.isCompressed {
             guard let raw = LZ4.decompress(payload, rawLength: header.rawLength) else {
                 return .invalid("payload does not decompress to \(header.rawLength) bytes")

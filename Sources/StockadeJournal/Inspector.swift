@@ -51,6 +51,10 @@ public enum Inspector {
         var blocks = 0
         var recordCount = 0
         while offset < all.count {
+            if isLast && all[offset...].allSatisfy({ $0 == 0 }) {
+                report(.unwritten(offset: offset), bytes: all.count - offset, emit: emit)
+                break
+            }
             switch BlockCodec.read(all, at: offset) {
             case .block(let h, let payload):
                 blocks += 1
@@ -90,6 +94,8 @@ public enum Inspector {
 
     private static func report(_ outcome: Recovery.SegmentOutcome, bytes: Int, emit: (String) -> Void) {
         switch outcome {
+        case .unwritten(let offset):
+            emit("  @\(offset): \(bytes) bytes of space allocated past the last block, all zeros (not damage); recovery cuts them")
         case .torn(let offset, let why):
             emit("  @\(offset): torn tail, \(bytes) bytes (\(why)): nothing valid follows; recovery cuts it")
         case .corrupt(let offset, let why):

@@ -38,6 +38,12 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         /// A segment file is closed and a new one started past this size: bounds the unit that
         /// snapshots let us delete.
         public var segmentBytesMax = 64 << 20
+        /// The open segment's space is allocated ahead of its writes in steps of this many bytes
+        /// (``StorageFile/preallocate(to:)``), so most batches overwrite allocated zeros and their
+        /// fdatasync need not record a new file length (on ext4 here: 95-120 us against 130-180 us,
+        /// `scripts/fsync_prealloc.py`). A closed segment is cut back to its last block. 0: off,
+        /// the file grows with each batch.
+        public var preallocationBytes = 1 << 20
         /// Records waiting to be written, in bytes, past which changes are refused with BUSY rather
         /// than queued without limit (about a quarter-second of writes at disk speed).
         public var pendingBytesMax = 32 << 20
@@ -128,7 +134,13 @@ public final class Journal: ChangeLog, @unchecked Sendable {
 
     // Owned by whoever holds `writing` (the writer thread, or a caller in ``writeAsCaller()``).
     private var segment: any StorageFile
+    /// Where the open segment's next batch goes: the end of its last block.
     private var segmentBytes: Int
+    /// The open segment's file length: `segmentBytes`, or more where space was allocated ahead
+    /// (zeros past `segmentBytes`).
+    private var segmentAllocated: Int
+    /// False once the open segment's storage refused to allocate ahead: it grows with each write.
+    private var segmentPreallocates = true
     private var lastSyncNanos: UInt64 = 0
     private var unsynced = false
     private var framed: [UInt8] = []
@@ -146,6 +158,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         try directory.create()
         segment = try Self.startSegment(in: directory, shardCount: shardCount, firstLSN: lsn + 1).file
         segmentBytes = SegmentHeader.size
+        segmentAllocated = SegmentHeader.size
         segments = try directory.segments()
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(wake, nil)
@@ -389,7 +402,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     ) throws(JournalError) -> (file: any StorageFile, path: String) {
         let path = directory.segmentPath(firstLSN: firstLSN)
         let file = try directory.storage.open(path, .create)
-        try file.append(SegmentHeader(shardCount: shardCount, firstLSN: firstLSN).encode())
+        try file.write(SegmentHeader(shardCount: shardCount, firstLSN: firstLSN).encode(), at: 0)
         try file.dataSync()
         try directory.storage.syncDirectory(directory.path)
         return (file, path)
@@ -398,8 +411,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     /// The writer's side of ``rebase(to:)`` and ``restart(at:)``.
     private func writerStartAgain(after lsn: UInt64, startOver: Bool) {
         do throws(JournalError) {
-            if unsynced { try syncSegmentNow() }
-            segment.close()
+            try closeSegment()
             if startOver {
                 // No record of the old log may stay where recovery would replay it.
                 let left = try directory.segments()
@@ -410,6 +422,8 @@ public final class Journal: ChangeLog, @unchecked Sendable {
             let (file, path) = try Self.startSegment(in: directory, shardCount: shardCount, firstLSN: lsn + 1)
             segment = file
             segmentBytes = SegmentHeader.size
+            segmentAllocated = SegmentHeader.size
+            segmentPreallocates = true
             locked {
                 segments.removeAll { $0.firstLSN == lsn + 1 }
                 segments.append((lsn + 1, path))
@@ -526,10 +540,11 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         }
     }
 
-    /// The writer's last act: sync what the policy left unsynced, close the segment.
+    /// The writer's last act: sync what the policy left unsynced, cut the segment back to its last
+    /// block, close it. A failed log is left as it is for recovery to read.
     private func finishWriter() {
-        if unsynced && locked({ failed == nil }) {
-            do { try syncSegmentNow() } catch { fail("\(error)") }
+        if locked({ failed == nil }) {
+            do { try closeSegment() } catch { fail("\(error)") }
         }
         segment.close()
         locked { writerFinished = true }
@@ -600,27 +615,62 @@ public final class Journal: ChangeLog, @unchecked Sendable {
 
     private func writeBatch(_ framed: [UInt8], firstLSN: UInt64) throws(JournalError) {
         if segmentBytes + framed.count > options.segmentBytesMax && segmentBytes > SegmentHeader.size {
-            // Always synced, whatever the policy: a segment that a later one follows must be whole,
-            // or recovery would take its lost tail for corruption in the middle of the log.
-            try syncSegmentNow()
-            segment.close()
+            // Always synced, whatever the policy, and cut back to its last block: a segment that a
+            // later one follows must be whole, or recovery would take its lost tail (or its
+            // allocated zeros) for corruption in the middle of the log.
+            try closeSegment()
             let path = directory.segmentPath(firstLSN: firstLSN)
             segment = try directory.storage.open(path, .create)
-            try segment.append(SegmentHeader(shardCount: shardCount, firstLSN: firstLSN).encode())
+            try segment.write(SegmentHeader(shardCount: shardCount, firstLSN: firstLSN).encode(), at: 0)
             try directory.storage.syncDirectory(directory.path)
             segmentBytes = SegmentHeader.size
+            segmentAllocated = SegmentHeader.size
+            segmentPreallocates = true
             locked { segments.append((firstLSN, path)) }
         }
-        try segment.append(framed)
-        segmentBytes += framed.count
+        let end = segmentBytes + framed.count
+        if end > segmentAllocated {
+            // Allocate a step ahead (not past the segment's bound unless this batch is): the next
+            // batches' syncs then find the file's length unchanged.
+            let step = options.preallocationBytes
+            let target = step > 0 ? max(end, min((end + step - 1) / step * step, options.segmentBytesMax)) : end
+            if target > end && segmentPreallocates {
+                if try segment.preallocate(to: target) {
+                    segmentAllocated = target
+                } else {
+                    // Not here (a file system without it, a full disk, a file size limit): this segment
+                    // grows with each write. A refusal may still have grown the file partway.
+                    segmentPreallocates = false
+                    segmentAllocated = max(segmentAllocated, try segment.size())
+                }
+            }
+        }
+        try segment.write(framed, at: segmentBytes)
+        segmentBytes = end
+        segmentAllocated = max(segmentAllocated, end)
         unsynced = true
     }
 
-    /// An fdatasync of the open segment whatever the policy (a segment that another follows, the
-    /// writer's last act, a rebase), counted and observed as every sync of records is.
-    private func syncSegmentNow() throws(JournalError) {
+    /// Makes the open segment whole and closes it: cut back to its last block where space was
+    /// allocated past it, then synced (fsync, which also makes the cut length durable; fdatasync when
+    /// nothing was cut and something is unsynced).
+    private func closeSegment() throws(JournalError) {
+        if segmentAllocated > segmentBytes {
+            try segment.truncate(to: segmentBytes)
+            segmentAllocated = segmentBytes
+            try syncSegmentNow(full: true)
+        } else if unsynced {
+            try syncSegmentNow()
+        }
+        segment.close()
+    }
+
+    /// An fdatasync (an fsync when `full`) of the open segment whatever the policy (a segment that
+    /// another follows, the writer's last act, a rebase), counted and observed as every sync of
+    /// records is.
+    private func syncSegmentNow(full: Bool = false) throws(JournalError) {
         let start = monotonicNanos()
-        try segment.dataSync()
+        if full { try segment.sync() } else { try segment.dataSync() }
         unsynced = false
         recordSync(max(1, monotonicNanos() - start))
     }

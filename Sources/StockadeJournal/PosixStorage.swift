@@ -172,6 +172,21 @@ final class PosixFile: StorageFile {
         guard ftruncate(fd, off_t(length)) == 0 else { throw PosixStorage.error("cannot truncate", path) }
     }
 
+    func preallocate(to length: Int) throws(JournalError) -> Bool {
+        guard length > (try size()) else { return true }
+        while true {
+            // posix_fallocate returns the error instead of setting errno.
+            switch posix_fallocate(fd, 0, off_t(length)) {
+            case 0: return true
+            case EINTR: continue
+            case ENOSPC, EFBIG, EOPNOTSUPP, ENOSYS, EINVAL: return false
+            case let code:
+                errno = code
+                throw PosixStorage.error("cannot allocate space for", path)
+            }
+        }
+    }
+
     func dataSync() throws(JournalError) {
         guard fdatasync(fd) == 0 else { throw PosixStorage.error("fdatasync failed on", path) }
     }

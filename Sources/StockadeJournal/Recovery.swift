@@ -37,6 +37,10 @@ public enum Recovery {
         public var recordsReplayed = 0
         /// A torn last block that was cut off: file, offset, bytes removed.
         public var tornTail: String?
+        /// Zeros past the last block of the last segment, cut off: space the log had allocated ahead
+        /// of its writes and not yet written when the process stopped (or a batch whose write had
+        /// not begun to reach the disk). Not damage; bytes removed, 0 when there were none.
+        public var unwrittenBytesCut = 0
         /// Corruption truncated on request (`truncateCorrupt`).
         public var truncatedCorruption: String?
         public var lsn: UInt64 = 0
@@ -49,6 +53,7 @@ public enum Recovery {
             parts.append(String(format: "in %.3f s", Double(durationNanos) / 1e9))
             for skipped in skippedSnapshots { parts.append("skipped snapshot \(skipped)") }
             if let tornTail { parts.append("cut torn tail: \(tornTail)") }
+            if unwrittenBytesCut > 0 { parts.append("cut \(unwrittenBytesCut) bytes of allocated space past the last block") }
             if let truncatedCorruption { parts.append("TRUNCATED CORRUPTION: \(truncatedCorruption)") }
             return parts.joined(separator: "; ")
         }
@@ -94,6 +99,10 @@ public enum Recovery {
                 index += 1
             case .reachedLimit:
                 break segmentLoop
+            case .unwritten(let offset):
+                report.unwrittenBytesCut = bytes.count - offset
+                if options.repair { try cut(segment.path, at: offset, in: directory) }
+                break segmentLoop
             case .torn(let offset, let why):
                 report.tornTail = "\(segment.path) at offset \(offset), \(bytes.count - offset) bytes (\(why))"
                 if options.repair { try cut(segment.path, at: offset, in: directory) }
@@ -123,6 +132,8 @@ public enum Recovery {
     enum SegmentOutcome {
         case complete
         case reachedLimit
+        /// Only zeros from a block boundary to the end of the last segment: space allocated ahead.
+        case unwritten(offset: Int)
         case torn(offset: Int, String)
         case corrupt(offset: Int, String)
     }
@@ -151,6 +162,7 @@ public enum Recovery {
         var offset = SegmentHeader.size
         var expectedLSN = header.firstLSN
         while offset < all.count {
+            if isLast && all[offset] == 0 && allZero(all, from: offset) { return .unwritten(offset: offset) }
             switch BlockCodec.read(all, at: offset) {
             case .truncated:
                 return damage(all, at: offset, isLast: isLast, "block cut short")
@@ -215,19 +227,33 @@ public enum Recovery {
         if let next = BlockCodec.nextValidBlock(all, from: from) {
             return .corrupt(offset: offset, "\(why); a valid block follows at offset \(next), so this is not a torn tail")
         }
-        // Nothing valid follows. A torn write leaves the last block cut short by the end of the file (or
-        // zeros where a file system extended it); a block that is all there and fails its checksum was
-        // damaged after it was written, and may hold acknowledged records: that is corruption too.
-        let remaining = all.count - offset
-        if remaining < BlockHeader.size || allZero(all, from: offset) {
+        // Nothing valid follows. A torn write leaves the last block cut short: by the end of the file
+        // (an append), or by the zeros that run from where the write stopped to the end of the file
+        // (space allocated ahead, or a file system that extended the file). A block that is all there
+        // and fails its checksum was damaged after it was written, and may hold acknowledged records:
+        // that is corruption too.
+        let zerosFrom = trailingZerosStart(all)
+        if all.count - offset < BlockHeader.size || zerosFrom <= offset {
             return .torn(offset: offset, why)
         }
-        if let header = BlockHeader.parse(UnsafeRawBufferPointer(rebasing: all[offset...])),
-           offset + header.totalLength > all.count
-        {
+        if let header = BlockHeader.parse(UnsafeRawBufferPointer(rebasing: all[offset...])) {
+            if offset + header.totalLength > all.count { return .torn(offset: offset, why) }
+            // Version 3 ends in a trailer that is never zero: zeros reaching into the block mean the
+            // write stopped before its end. (Versions 1 and 2, written by appends, end in any byte.)
+            if header.version >= 3 && zerosFrom < offset + header.totalLength { return .torn(offset: offset, why) }
+        } else if zerosFrom < offset + BlockHeader.size {
+            // The write stopped inside the header: no whole block's header ends in zeros.
             return .torn(offset: offset, why)
         }
         return .corrupt(offset: offset, "\(why); the block is complete up to the end of the file, so it was damaged after it was written, not torn")
+    }
+
+    /// The offset where the run of zero bytes that ends the file begins (`all.count` when the last
+    /// byte is not zero).
+    static func trailingZerosStart(_ all: UnsafeRawBufferPointer) -> Int {
+        var start = all.count
+        while start > 0 && all[start - 1] == 0 { start -= 1 }
+        return start
     }
 
     private static func allZero(_ all: UnsafeRawBufferPointer, from offset: Int) -> Bool {

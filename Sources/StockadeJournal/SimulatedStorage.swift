@@ -14,9 +14,11 @@ import Glibc
 /// - Directory entries (a file created, renamed, removed) are durable only after
 ///   ``Storage/syncDirectory(_:)`` of their directory. Directories themselves are always durable.
 /// - ``crash()`` is a power cut: every file goes back to its synced bytes, plus (with
-///   ``FaultPlan/crashKeepsTornPrefix``) a random prefix of the bytes appended since the last sync, as
-///   a disk that wrote some sectors of a write does; entries not synced into their directory vanish;
-///   locks are dropped; every file handle from before the crash fails from then on.
+///   ``FaultPlan/crashKeepsTornPrefix``) a random prefix of the bytes changed since the last sync,
+///   from the first changed byte on, whether they were appended or written in place over synced
+///   bytes (a preallocated log segment), as a disk that wrote some sectors of a write does; entries
+///   not synced into their directory vanish; locks are dropped; every file handle from before the
+///   crash fails from then on.
 /// - ``FaultPlan`` makes operations fail at random (EIO, ENOSPC, torn writes, slow syncs), and
 ///   ``failNext(_:errno:pathContaining:)`` fails exactly the next matching operation.
 /// - ``flipBit(_:at:bit:)`` and ``flipRandomBit(_:)`` damage the medium (synced and visible bytes alike).
@@ -57,9 +59,12 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
         /// A sync is slow: ``SimulatedStorage/onSlowSync`` is called (a simulator advances its clock
         /// or yields there) and ``Counters/slowSyncs`` counts it. Nothing really sleeps.
         public var slowSync = 0.0
-        /// At ``SimulatedStorage/crash()``, keep a random prefix of each file's bytes appended since its
-        /// last sync (a torn write) instead of none.
+        /// At ``SimulatedStorage/crash()``, keep a random prefix of each file's bytes changed since its
+        /// last sync, appended or written in place (a torn write), instead of none.
         public var crashKeepsTornPrefix = true
+        /// A ``StorageFile/preallocate(to:)`` answers false (a file system without the call, a full
+        /// disk), so the file grows with each write.
+        public var preallocationRefused = 0.0
         /// Only paths containing this are affected by the random faults (nil: every path).
         public var pathContaining: String?
         public init() {}
@@ -154,15 +159,30 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
             var seen = Set<ObjectIdentifier>()
             // In path order: the random torn prefixes must not depend on the dictionary's hash seed.
             for (_, inode) in names.sorted(by: { $0.key < $1.key }) where seen.insert(ObjectIdentifier(inode)).inserted {
-                var survivor = inode.synced
-                if plan.crashKeepsTornPrefix, inode.data.count > inode.synced.count, inode.data.starts(with: inode.synced) {
-                    let extra = inode.data.count - inode.synced.count
-                    survivor += inode.data[inode.synced.count..<inode.synced.count + Int(rng.next() % UInt64(extra + 1))]
-                }
+                let survivor = plan.crashKeepsTornPrefix ? Self.tornSurvivor(inode, &rng) : inode.synced
                 inode.data = survivor
                 inode.synced = survivor
             }
         }
+    }
+
+    /// What a power cut leaves of a file whose bytes changed since its last sync: the synced bytes with
+    /// a random prefix of the change, which runs from its first changed byte to its last (to the end
+    /// of what the process sees, when that grew). Appended bytes extend the file by as many as the
+    /// prefix holds; bytes written in place replace the synced ones as far as it reaches, the rest
+    /// staying as synced. A file cut shorter since its sync goes back to its synced bytes whole.
+    static func tornSurvivor(_ inode: Inode, _ rng: inout SplitMix64) -> [UInt8] {
+        let data = inode.data, synced = inode.synced
+        guard data.count >= synced.count else { return synced }
+        var first = 0
+        while first < synced.count && data[first] == synced[first] { first += 1 }
+        guard first < data.count else { return synced }
+        var end = data.count
+        if end == synced.count {
+            while end > first && data[end - 1] == synced[end - 1] { end -= 1 }
+        }
+        let kept = first + Int(rng.next() % UInt64(end - first + 1))
+        return Array(data[..<kept]) + (kept < synced.count ? synced[kept...] : [])
     }
 
     /// Flips bit `bit` (0-7) of byte `offset` of a file, on the medium and in what the process sees.
@@ -343,6 +363,9 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
 
     func truncateFate(_ path: String) throws(JournalError) { try injectOneShot(.truncate, path) }
 
+    /// Whether a preallocation goes through (``FaultPlan/preallocationRefused``). Under the lock.
+    func preallocationAllowed(_ path: String) -> Bool { !(applies(path) && chance(plan.preallocationRefused)) }
+
     private func slowSyncDue(_ path: String) -> (@Sendable (String) -> Void)? {
         guard applies(path), chance(plan.slowSync) else { return nil }
         count.slowSyncs += 1
@@ -469,6 +492,16 @@ final class SimulatedFile: StorageFile {
             } else {
                 inode.data.append(contentsOf: repeatElement(0, count: length - inode.data.count))
             }
+        }
+    }
+
+    func preallocate(to length: Int) throws(JournalError) -> Bool {
+        try checkOpen(writing: true)
+        return try storage.withFile(self) { () throws(JournalError) -> Bool in
+            guard length > inode.data.count else { return true }
+            guard storage.preallocationAllowed(path) else { return false }
+            inode.data.append(contentsOf: repeatElement(0, count: length - inode.data.count))
+            return true
         }
     }
 

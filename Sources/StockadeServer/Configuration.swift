@@ -23,6 +23,9 @@ public struct ServerConfiguration: Sendable {
     public var snapshotEverySeconds = 3600
     /// Log segments wholly covered by the snapshots that are kept anyway, for EVENTS readers that lag.
     public var eventsRetentionSegments = 4
+    /// The log allocates its open segment's space this many bytes ahead of its writes, so that most
+    /// syncs need not record a new file length (`Journal.Options.preallocationBytes`); 0: off.
+    public var logPreallocateBytes = 1 << 20
     public var requirePassword: String?
     /// Connections beyond this are answered with an error and closed. Each costs a few KiB.
     public var maxClients = 10_000
@@ -108,6 +111,8 @@ public struct ServerConfiguration: Sendable {
         /// More than any log holds between two snapshots (2^40 records).
         public static let snapshotChanges: ClosedRange<UInt64> = 0...(1 << 40)
         public static let retentionSegments = 0...100_000
+        /// Up to a whole segment (64 MiB).
+        public static let preallocateBytes = 0...(64 << 20)
         public static let ioThreads = 0...64
     }
 
@@ -136,6 +141,7 @@ public struct ServerConfiguration: Sendable {
             outside(snapshotEveryChanges, Range.snapshotChanges, "--snapshot-every-changes", " (0: never by count)"),
             outside(snapshotEverySeconds, Range.snapshotSeconds, "--snapshot-every-seconds", " (0: never by time)"),
             outside(eventsRetentionSegments, Range.retentionSegments, "--events-retention-segments"),
+            outside(logPreallocateBytes, Range.preallocateBytes, "--log-preallocate-bytes", " (0: off)"),
             outside(ioThreads, Range.ioThreads, "--io-threads", " (0: one per core)"),
             outside(minReplicasToWrite, 0...64, "--min-replicas-to-write", " (0: answer once durable here)"),
             outside(minReplicasTimeoutMillis, 1...3_600_000, "--min-replicas-timeout-ms"),

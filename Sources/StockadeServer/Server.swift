@@ -836,6 +836,7 @@ public final class StockadeServer: Sendable {
         storeOptions.journal.writerWakesOnAppend = false
         storeOptions.truncateCorrupt = configuration.truncateCorrupt
         storeOptions.coveredSegmentsKept = configuration.eventsRetentionSegments
+        storeOptions.journal.preallocationBytes = configuration.logPreallocateBytes
         // A replica's shards share the first loop: each record of the primary is applied to all of
         // them in one run there (``Engine/applyReplicated(_:at:)``).
         // So do the shards of a node under a coordinator, which may become a replica at any time.

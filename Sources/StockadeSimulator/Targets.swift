@@ -115,6 +115,8 @@ final class DiskTarget: SimulationTarget {
         faults.syncEIO = 0.002
         faults.renameEIO = 0.02
         faults.tornWrite = 0.003
+        // Mostly segments written into allocated space; now and then a file that grows with each write.
+        faults.preallocationRefused = 0.1
         disk = SimulatedStorage(seed: seed)
         directory = DataDirectory("/sim/data", storage: disk)
         var options = Store.Options(shardCount: shardCount)

@@ -27,6 +27,9 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("events-retention-segments"), help: "Log segments kept for EVENTS readers after a snapshot covers them, 0 to 100000.")
     var eventsRetentionSegments = 4
 
+    @Option(name: .customLong("log-preallocate-bytes"), help: "Allocate the log segment's space this far ahead of its writes, 0 to 67108864 (0: the file grows with each write).")
+    var logPreallocateBytes = 1 << 20
+
     @Option(help: "Password clients must send with AUTH.")
     var requirepass: String?
 
@@ -119,6 +122,7 @@ struct Serve: AsyncParsableCommand {
         config.snapshotEveryChanges = snapshotEveryChanges
         config.snapshotEverySeconds = snapshotEverySeconds
         config.eventsRetentionSegments = eventsRetentionSegments
+        config.logPreallocateBytes = logPreallocateBytes
         config.requirePassword = requirepass
         config.maxClients = maxclients
         config.metricsPort = metricsPort

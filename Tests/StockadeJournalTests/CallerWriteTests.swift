@@ -199,6 +199,7 @@ private final class SlowSyncFile: StorageFile {
     func read(at offset: Int, count: Int) throws(JournalError) -> [UInt8] { try file.read(at: offset, count: count) }
     func size() throws(JournalError) -> Int { try file.size() }
     func truncate(to length: Int) throws(JournalError) { try file.truncate(to: length) }
+    func preallocate(to length: Int) throws(JournalError) -> Bool { try file.preallocate(to: length) }
     func dataSync() throws(JournalError) {
         let millis = storage.syncDelayMillis.load(ordering: .relaxed)
         if millis > 0 { usleep(UInt32(millis * 1000)) }

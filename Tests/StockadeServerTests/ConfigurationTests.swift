@@ -65,6 +65,7 @@ import Testing
             ("--maxclients", { $0.maxClients = 0 }),
             ("--rate-limit", { $0.rateLimitPerSecond = -1 }),
             ("--events-retention-segments", { $0.eventsRetentionSegments = .max }),
+            ("--log-preallocate-bytes", { $0.logPreallocateBytes = -1 }),
             ("--io-threads", { $0.ioThreads = 65 }),
             ("--shards", { $0.shards = 0 }),
             ("--metrics-port", { $0.metricsPort = 70_000 }),

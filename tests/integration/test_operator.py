@@ -55,6 +55,7 @@ def send(sock, *words):
     (["--maxclients", "0"], "--maxclients must be"),
     (["--rate-limit=-5"], "--rate-limit must be"),
     (["--events-retention-segments=-1"], "--events-retention-segments must be"),
+    (["--log-preallocate-bytes", "67108865"], "--log-preallocate-bytes must be"),
     (["--metrics-port", "70000"], "--metrics-port must be"),
     (["--io-threads", "1000"], "--io-threads must be"),
     (["--shards", "0"], "--shards must be"),

@@ -1080,8 +1080,9 @@ def test_a_promotion_that_cannot_log_its_term_stays_a_replica(data_dir):
     """A replica whose log could not take the epoch record answered ROLE as a master while it refused
     every write, and followed nobody. Now it says why, and goes on following its primary."""
     x = Server(os.path.join(data_dir, "x"), "--shards", "2").start()
+    # Without space allocated ahead: the file size limit fails a write only where it grows the file.
     r = Server(os.path.join(data_dir, "r"), "--shards", "2", "--replica-of", f"127.0.0.1:{x.port}",
-               preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN)).start()
+               "--log-preallocate-bytes", "0", preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN)).start()
     try:
         x.client().execute_command("SKU.ADD", "tv", 100)
         assert x.client().execute_command("WAIT", 1, 5000) == 1

@@ -367,7 +367,9 @@ def test_log_write_failure_refuses_changes_and_loses_nothing_acknowledged(data_d
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
-    s = Server(data_dir, "--shards", "2", "--snapshot-every-changes", "0", preexec_fn=small_files).start()
+    # Without space allocated ahead: the limit fails a write only where it grows the file.
+    s = Server(data_dir, "--shards", "2", "--snapshot-every-changes", "0", "--log-preallocate-bytes", "0",
+               preexec_fn=small_files).start()
     r = s.client()
     r.execute_command("SKU.ADD", "disk", 1_000_000)
     acknowledged, refused = [], []
@@ -398,3 +400,29 @@ def test_log_write_failure_refuses_changes_and_loses_nothing_acknowledged(data_d
     assert stock(r, "disk")["reserved"] >= len(acknowledged)
     assert audit_ok(r)
     restarted.stop()
+
+
+def test_kill9_leaves_allocated_space_that_the_restart_cuts(data_dir):
+    """The log writes its segment into space allocated ahead (--log-preallocate-bytes, 1 MiB by
+    default): while the server runs the file is longer than its blocks. After kill -9 the restart cuts
+    the zeros past the last block as unwritten space, not as a torn tail or damage, and every
+    acknowledged hold is there; after a clean stop every segment ends at its last block."""
+    s = Server(data_dir, "--shards", "2", "--snapshot-every-changes", "0").start()
+    r = s.client()
+    r.execute_command("SKU.ADD", "tv", 1000)
+    held = [(r.execute_command("RESERVE", f"u{i}", "tv", 1), f"u{i}") for i in range(50)]
+    segment = os.path.join(data_dir, max(f for f in os.listdir(data_dir) if f.startswith("wal-")))
+    assert os.path.getsize(segment) == 1 << 20
+    s.kill9()
+
+    restarted = Server(data_dir, "--shards", "2").start()
+    r = restarted.client()
+    recovery = str(r.info("persistence")["recovery"])
+    assert "bytes of allocated space past the last block" in recovery and "torn" not in recovery, recovery
+    assert os.path.getsize(segment) < 1 << 20
+    for order_id, user in held:
+        assert r.execute_command("ORDER", order_id)[3] == user
+    assert audit_ok(r)
+    assert restarted.stop() == 0
+    inspected = subprocess.run([BINARY, "inspect", data_dir], capture_output=True, text=True)
+    assert inspected.returncode == 0 and "allocated" not in inspected.stdout, inspected.stdout[-2000:]
