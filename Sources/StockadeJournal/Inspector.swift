@@ -3,9 +3,14 @@ import StockadeCore
 
 /// Prints what a data directory holds and verifies every checksum, without changing anything.
 ///
-/// It takes no lock, so it can look at the directory of a running server; the newest block may then
-/// be in the middle of being written and show as cut short.
+/// It takes no lock, so it can look at the directory of a running server. That server writes its last
+/// segment while it is read, into space that reads as zeros: a reading can catch a batch half copied,
+/// or zeros with a newer batch after them. So damage in the last segment is judged only when a second
+/// reading 50 ms later finds it at the same offset with the same bytes; damage that moves or goes away
+/// was a write in progress, and is said to be one.
 public enum Inspector {
+    /// Readings of the last segment taken to see whether damage stays put (50 ms apart).
+    static let readingsMax = 6
     /// Calls `emit` with one line per snapshot, segment and block (and record, with `records`).
     /// Returns false when anything fails verification.
     /// Throws when there is no directory at the path (a typo must not look like an empty, healthy one).
@@ -29,18 +34,89 @@ public enum Inspector {
         }
         let segments = try directory.segments()
         for (index, segment) in segments.enumerated() {
-            let bytes = try directory.storage.readAll(segment.path)
             let isLast = index == segments.count - 1
-            let segmentOK = bytes.withUnsafeBytes { all in
-                inspectSegment(all, path: segment.path, isLast: isLast, records: records, names: &names, emit: emit)
+            var reading = try read(segment.path, isLast: isLast, records: records, names: names, storage: directory.storage)
+            var settled = true
+            if isLast, let first = reading.damage {
+                settled = false
+                var previous = (offset: first, bytes: reading.bytes)
+                for _ in 1..<readingsMax where !settled {
+                    usleep(50_000)
+                    reading = try read(segment.path, isLast: true, records: records, names: names, storage: directory.storage)
+                    guard let offset = reading.damage else {
+                        settled = true
+                        break
+                    }
+                    settled = offset == previous.offset && sameDamagedBlock(previous.bytes, reading.bytes, at: offset)
+                    previous = (offset, reading.bytes)
+                }
             }
-            ok = ok && segmentOK
+            reading.lines.forEach(emit)
+            names = reading.names
+            if let outcome = reading.outcome {
+                if settled {
+                    report(outcome, bytes: reading.bytes.count - reading.stop, emit: emit)
+                } else {
+                    emit("  @\(reading.damage ?? 0): changed while it was read \(readingsMax) times: a server is writing it; not judged from here on")
+                }
+            }
+            ok = ok && (reading.ok || !settled)
         }
         return ok
     }
 
+    /// One reading of a segment: the lines for what verified, and where it stopped, if it did.
+    struct Reading {
+        var bytes: [UInt8]
+        var lines: [String] = []
+        var names: SkuNames
+        var ok = true
+        /// What the first block that failed is (torn, corrupt), or unwritten space at the end.
+        var outcome: Recovery.SegmentOutcome?
+        /// The offset of the first block that failed (nil when none did).
+        var damage: Int?
+        /// Where the reading stopped: the end of the file, or the offset of ``outcome``.
+        var stop = 0
+    }
+
+    private static func read(
+        _ path: String, isLast: Bool, records: Bool, names: SkuNames, storage: any Storage
+    ) throws(JournalError) -> Reading {
+        var reading = Reading(bytes: try storage.readAll(path), names: names)
+        let bytes = reading.bytes
+        var lines: [String] = []
+        var outcome: Recovery.SegmentOutcome?
+        reading.ok = bytes.withUnsafeBytes { all in
+            inspectSegment(all, path: path, isLast: isLast, records: records, names: &reading.names, outcome: &outcome) { lines.append($0) }
+        }
+        reading.lines = lines
+        reading.outcome = outcome
+        reading.stop = bytes.count
+        switch outcome {
+        case .torn(let offset, _), .corrupt(let offset, _):
+            reading.damage = offset
+            reading.stop = offset
+        case .unwritten(let offset):
+            reading.stop = offset
+        case .complete, .reachedLimit, nil:
+            break
+        }
+        return reading
+    }
+
+    /// Whether two readings hold the same bytes in the damaged block at `offset`: as far as its header
+    /// says when that parses in the first, else its header's length.
+    private static func sameDamagedBlock(_ a: [UInt8], _ b: [UInt8], at offset: Int) -> Bool {
+        let length = a.withUnsafeBytes { all in
+            offset < all.count ? BlockHeader.parse(UnsafeRawBufferPointer(rebasing: all[offset...]))?.totalLength : nil
+        } ?? BlockHeader.size
+        let end = min(offset + length, a.count, b.count)
+        return a.count > offset && b.count > offset && a[offset..<end] == b[offset..<end]
+    }
+
     private static func inspectSegment(
-        _ all: UnsafeRawBufferPointer, path: String, isLast: Bool, records: Bool, names: inout SkuNames, emit: (String) -> Void
+        _ all: UnsafeRawBufferPointer, path: String, isLast: Bool, records: Bool, names: inout SkuNames,
+        outcome: inout Recovery.SegmentOutcome?, emit: (String) -> Void
     ) -> Bool {
         guard case .header(let header) = SegmentHeader.parse(all) else {
             emit("segment \(path): INVALID header (\(all.count) bytes)")
@@ -52,7 +128,7 @@ public enum Inspector {
         var recordCount = 0
         while offset < all.count {
             if isLast && all[offset...].allSatisfy({ $0 == 0 }) {
-                report(.unwritten(offset: offset), bytes: all.count - offset, emit: emit)
+                outcome = .unwritten(offset: offset)
                 break
             }
             switch BlockCodec.read(all, at: offset) {
@@ -81,10 +157,10 @@ public enum Inspector {
                 }
                 offset += h.totalLength
             case .truncated:
-                report(Recovery.damage(all, at: offset, isLast: isLast, "block cut short"), bytes: all.count - offset, emit: emit)
+                outcome = Recovery.damage(all, at: offset, isLast: isLast, "block cut short")
                 return false
             case .invalid(let why):
-                report(Recovery.damage(all, at: offset, isLast: isLast, why), bytes: all.count - offset, emit: emit)
+                outcome = Recovery.damage(all, at: offset, isLast: isLast, why)
                 return false
             }
         }
@@ -95,7 +171,7 @@ public enum Inspector {
     private static func report(_ outcome: Recovery.SegmentOutcome, bytes: Int, emit: (String) -> Void) {
         switch outcome {
         case .unwritten(let offset):
-            emit("  @\(offset): \(bytes) bytes of space allocated past the last block, all zeros (not damage); recovery cuts them")
+            emit("  @\(offset): \(bytes) bytes of space allocated past the last block, all zeros (not yet written); recovery cuts them")
         case .torn(let offset, let why):
             emit("  @\(offset): torn tail, \(bytes) bytes (\(why)): nothing valid follows; recovery cuts it")
         case .corrupt(let offset, let why):

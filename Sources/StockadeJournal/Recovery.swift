@@ -39,7 +39,8 @@ public enum Recovery {
         public var tornTail: String?
         /// Zeros past the last block of the last segment, cut off: space the log had allocated ahead
         /// of its writes and not yet written when the process stopped (or a batch whose write had
-        /// not begun to reach the disk). Not damage; bytes removed, 0 when there were none.
+        /// not begun to reach the disk); bytes removed, 0 when there were none. A disk that zeroed
+        /// whole blocks it had synced would look the same (docs/FORMAT.md, Recovery).
         public var unwrittenBytesCut = 0
         /// Corruption truncated on request (`truncateCorrupt`).
         public var truncatedCorruption: String?
