@@ -243,7 +243,8 @@ public enum Recovery {
             // write stopped before its end. (Versions 1 and 2, written by appends, end in any byte.)
             if header.version >= 3 && zerosFrom < offset + header.totalLength { return .torn(offset: offset, why) }
         } else if zerosFrom < offset + BlockHeader.size {
-            // The write stopped inside the header: no whole block's header ends in zeros.
+            // The write stopped inside the header: a whole block has a payload (never all zeros) and,
+            // from version 3, a trailer after its header, so zeros from there on were never written.
             return .torn(offset: offset, why)
         }
         return .corrupt(offset: offset, "\(why); the block is complete up to the end of the file, so it was damaged after it was written, not torn")
