@@ -28,6 +28,14 @@ private func preallocatingJournal(
     return journal
 }
 
+/// Writes `count` batches of one record each, each synced.
+private func writeBatches(_ journal: Journal, _ count: Int) throws {
+    for _ in 0..<count {
+        _ = try journal.append(oneRecord())
+        journal.writePending()
+    }
+}
+
 /// Log segments written in place into allocated space (#8): what the files look like while open and
 /// once closed, what a crash leaves, and how recovery reads it.
 @Suite struct PreallocationTests {
@@ -39,10 +47,7 @@ private func preallocatingJournal(
         defer { try? FileManager.default.removeItem(atPath: path) }
         let directory = DataDirectory(path)
         let journal = try preallocatingJournal(directory, segmentBytesMax: 6_000)
-        for _ in 0..<3 {
-            _ = try journal.append(oneRecord())
-            journal.writePending()
-        }
+        try writeBatches(journal, 3)
         let open = try directory.segments().last!.path
         let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: open)))
         #expect(bytes.count == 4_096 && blocksEnd(bytes) < bytes.count, "open segment: \(bytes.count) bytes, blocks to \(blocksEnd(bytes))")
@@ -71,10 +76,7 @@ private func preallocatingJournal(
         let disk = SimulatedStorage(seed: 7)
         let directory = DataDirectory("/data", storage: disk)
         var journal = try preallocatingJournal(directory)
-        for _ in 0..<5 {
-            _ = try journal.append(oneRecord())
-            journal.writePending()
-        }
+        try writeBatches(journal, 5)
         let first = journal.lastDurableLSN
         disk.crash()
         let (state, report) = try Recovery.recover(directory, options: .init(shardCount: 1))
@@ -83,10 +85,7 @@ private func preallocatingJournal(
         #expect(disk.contents(cutSegment)!.count == blocksEnd(disk.contents(cutSegment)!))
 
         journal = try preallocatingJournal(directory, lsn: state.lsn)
-        for _ in 0..<5 {
-            _ = try journal.append(oneRecord())
-            journal.writePending()
-        }
+        try writeBatches(journal, 5)
         let second = journal.lastDurableLSN
         disk.crash()
         let (again, secondReport) = try Recovery.recover(directory, options: .init(shardCount: 1))
@@ -101,10 +100,7 @@ private func preallocatingJournal(
         let disk = SimulatedStorage(seed: 3)
         let directory = DataDirectory("/data", storage: disk)
         let journal = try preallocatingJournal(directory)
-        for _ in 0..<3 {
-            _ = try journal.append(oneRecord())
-            journal.writePending()
-        }
+        try writeBatches(journal, 3)
         let segment = try directory.segments().last!.path
         let synced = disk.contents(segment)!
         let end = blocksEnd(synced)

@@ -215,13 +215,19 @@ func makeChanges(_ store: Store, tag: String) async {
         #expect(try Inspector.inspect(DataDirectory("/here", storage: disk), records: false) { _ in })
     }
 
-    /// A block damaged in the middle of the log is reported as corruption, one cut short at the end as a torn tail.
-    @Test func damageIsReportedAsTailOrCorruption() async throws {
-        let disk = SimulatedStorage(seed: 2)
+    /// A closed store on a simulated disk whose log holds four blocks (one SKU added each).
+    static func fourBlocks(seed: UInt64) async throws -> (SimulatedStorage, DataDirectory) {
+        let disk = SimulatedStorage(seed: seed)
         let directory = DataDirectory("/data", storage: disk)
         let store = try Store(directory: directory, options: Store.Options(shardCount: 1))
         for i in 0..<4 { _ = await store.engine.execute(.addSku(sku: Name("s\(i)"), total: 1, limit: 0), now: 0) }
         store.close()
+        return (disk, directory)
+    }
+
+    /// A block damaged in the middle of the log is reported as corruption, one cut short at the end as a torn tail.
+    @Test func damageIsReportedAsTailOrCorruption() async throws {
+        let (disk, directory) = try await Self.fourBlocks(seed: 2)
         let segment = try directory.segments().last!.path
         let blocks = blockOffsets(disk.contents(segment)!)
         disk.flipBit(segment, at: blocks[1] + 9, bit: 3)
@@ -247,11 +253,7 @@ func makeChanges(_ store: Store, tag: String) async {
     /// second reading no longer shows is not reported; damage that moves at every reading is said to
     /// be a write in progress; damage that stays is reported as before.
     @Test func aSegmentBeingWrittenIsNotCalledCorrupt() async throws {
-        let disk = SimulatedStorage(seed: 4)
-        let directory = DataDirectory("/data", storage: disk)
-        let store = try Store(directory: directory, options: Store.Options(shardCount: 1))
-        for i in 0..<4 { _ = await store.engine.execute(.addSku(sku: Name("s\(i)"), total: 1, limit: 0), now: 0) }
-        store.close()
+        let (disk, directory) = try await Self.fourBlocks(seed: 4)
         let segment = try directory.segments().last!.path
         let whole = disk.contents(segment)!
         let blocks = blockOffsets(whole)
