@@ -73,10 +73,22 @@ public enum Inspector {
         var ok = true
         /// What the first block that failed is (torn, corrupt), or unwritten space at the end.
         var outcome: Recovery.SegmentOutcome?
+
         /// The offset of the first block that failed (nil when none did).
-        var damage: Int?
-        /// Where the reading stopped: the end of the file, or the offset of ``outcome``.
-        var stop = 0
+        var damage: Int? {
+            switch outcome {
+            case .torn(let offset, _), .corrupt(let offset, _): offset
+            default: nil
+            }
+        }
+
+        /// Where the reading stopped: the offset of ``outcome``, or the end of the file.
+        var stop: Int {
+            switch outcome {
+            case .torn(let offset, _), .corrupt(let offset, _), .unwritten(let offset): offset
+            default: bytes.count
+            }
+        }
     }
 
     private static func read(
@@ -91,16 +103,6 @@ public enum Inspector {
         }
         reading.lines = lines
         reading.outcome = outcome
-        reading.stop = bytes.count
-        switch outcome {
-        case .torn(let offset, _), .corrupt(let offset, _):
-            reading.damage = offset
-            reading.stop = offset
-        case .unwritten(let offset):
-            reading.stop = offset
-        case .complete, .reachedLimit, nil:
-            break
-        }
         return reading
     }
 

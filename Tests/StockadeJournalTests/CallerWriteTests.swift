@@ -169,21 +169,13 @@ private func waitUntilDurable(_ journal: Journal, _ lsn: UInt64, seconds: UInt64
 }
 
 /// The real files, with an fdatasync that can be made to take `syncDelayMillis` longer.
-private final class SlowSyncStorage: Storage, @unchecked Sendable {
+private final class SlowSyncStorage: ForwardingStorage, @unchecked Sendable {
     let syncDelayMillis = Atomic<Int>(0)
-    private let real = PosixStorage.shared
+    let base: any Storage = PosixStorage.shared
 
     func open(_ path: String, _ access: FileAccess) throws(JournalError) -> any StorageFile {
-        SlowSyncFile(try real.open(path, access), storage: self)
+        SlowSyncFile(try base.open(path, access), storage: self)
     }
-    func readAll(_ path: String) throws(JournalError) -> [UInt8] { try real.readAll(path) }
-    func exists(_ path: String) -> Bool { real.exists(path) }
-    func list(_ directory: String) throws(JournalError) -> [String] { try real.list(directory) }
-    func makeDirectory(_ path: String) throws(JournalError) { try real.makeDirectory(path) }
-    func remove(_ path: String) throws(JournalError) { try real.remove(path) }
-    func rename(_ from: String, to: String) throws(JournalError) { try real.rename(from, to: to) }
-    func syncDirectory(_ path: String) throws(JournalError) { try real.syncDirectory(path) }
-    func lock(_ lockPath: String) throws(JournalError) -> any StorageLock { try real.lock(lockPath) }
 }
 
 private final class SlowSyncFile: StorageFile {

@@ -280,27 +280,19 @@ func makeChanges(_ store: Store, tag: String) async {
 
 /// A simulated disk whose file at `path` reads as each of `readings` in turn, then as it is: a file
 /// that changes between readings, as a running server's last segment does.
-private final class ReadingsStorage: Storage, @unchecked Sendable {
-    private let disk: SimulatedStorage
+private final class ReadingsStorage: ForwardingStorage, @unchecked Sendable {
+    let base: any Storage
     private let path: String
     private let readings: Mutex<[[UInt8]]>
 
     init(_ disk: SimulatedStorage, _ path: String, _ readings: [[UInt8]]) {
-        self.disk = disk
+        base = disk
         self.path = path
         self.readings = Mutex(readings)
     }
 
     func readAll(_ path: String) throws(JournalError) -> [UInt8] {
         if path == self.path, let next = readings.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) { return next }
-        return try disk.readAll(path)
+        return try base.readAll(path)
     }
-    func open(_ path: String, _ access: FileAccess) throws(JournalError) -> any StorageFile { try disk.open(path, access) }
-    func exists(_ path: String) -> Bool { disk.exists(path) }
-    func list(_ directory: String) throws(JournalError) -> [String] { try disk.list(directory) }
-    func makeDirectory(_ path: String) throws(JournalError) { try disk.makeDirectory(path) }
-    func remove(_ path: String) throws(JournalError) { try disk.remove(path) }
-    func rename(_ from: String, to: String) throws(JournalError) { try disk.rename(from, to: to) }
-    func syncDirectory(_ path: String) throws(JournalError) { try disk.syncDirectory(path) }
-    func lock(_ lockPath: String) throws(JournalError) -> any StorageLock { try disk.lock(lockPath) }
 }
