@@ -5,16 +5,19 @@
 /// hashed as bytes in another silently disagree; a `Name` is hashed, compared, routed, logged and
 /// returned byte for byte, and invalid UTF-8 is kept as sent.
 ///
-/// Up to ``inlineBytesMax`` bytes live inline in the value (no allocation: most ids are short);
-/// longer ones, up to ``Limits/nameBytesMax``, in a shared immutable buffer. 24 bytes either way.
+/// Up to ``inlineBytesMax`` bytes live inline in the value (no allocation, nothing to count
+/// references of: most ids are short, and `user:` with twelve digits is 17 bytes); longer ones, up
+/// to ``Limits/nameBytesMax``, in a shared immutable buffer. 32 bytes either way.
 public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
-    /// Bytes kept inline: two words, less the length byte.
-    public static let inlineBytesMax = 15
+    /// Bytes kept inline: three words, less the length byte.
+    public static let inlineBytesMax = 23
 
     /// Inline: bytes 0..<8. Long: unused (0).
     @usableFromInline let word0: UInt64
-    /// Inline: bytes 8..<15 in the low 7 bytes, the length in the top byte. Long: the length in the top byte.
+    /// Inline: bytes 8..<16. Long: unused (0).
     @usableFromInline let word1: UInt64
+    /// Inline: bytes 16..<23 in the low 7 bytes, the length in the top byte. Long: the length in the top byte.
+    @usableFromInline let word2: UInt64
     /// The bytes of a name longer than ``inlineBytesMax``; nil for inline names.
     @usableFromInline let long: LongBytes?
 
@@ -48,17 +51,18 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
     public init(_ bytes: UnsafeRawBufferPointer) {
         let count = bytes.count
         if count <= Self.inlineBytesMax {
-            var w0: UInt64 = 0, w1: UInt64 = 0
-            for i in 0..<count {
-                let b = UInt64(bytes[i])
-                if i < 8 { w0 |= b << (8 * UInt64(i)) } else { w1 |= b << (8 * UInt64(i - 8)) }
+            var words: (UInt64, UInt64, UInt64) = (0, 0, 0)
+            if let base = bytes.baseAddress {
+                withUnsafeMutableBytes(of: &words) { $0.baseAddress!.copyMemory(from: base, byteCount: count) }
             }
-            word0 = w0
-            word1 = w1 | UInt64(count) << 56
+            word0 = UInt64(littleEndian: words.0)
+            word1 = UInt64(littleEndian: words.1)
+            word2 = UInt64(littleEndian: words.2) | UInt64(count) << 56
             long = nil
         } else {
             word0 = 0
-            word1 = UInt64(min(count, 255)) << 56
+            word1 = 0
+            word2 = UInt64(min(count, 255)) << 56
             long = LongBytes(bytes)
         }
     }
@@ -82,7 +86,7 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
     }
 
     /// Length in bytes.
-    @inlinable public var count: Int { Int(word1 >> 56) }
+    @inlinable public var count: Int { Int(word2 >> 56) }
     @inlinable public var isEmpty: Bool { count == 0 }
 
     /// 1 to ``Limits/nameBytesMax`` bytes: what an id may be.
@@ -92,7 +96,9 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
     @inlinable
     public func withBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
         if let long { return try long.withBytes(body) }
-        return try withUnsafeBytes(of: (word0, word1)) { try body(UnsafeRawBufferPointer(rebasing: $0[0..<count])) }
+        return try withUnsafeBytes(of: (word0.littleEndian, word1.littleEndian, word2.littleEndian)) {
+            try body(UnsafeRawBufferPointer(rebasing: $0[0..<count]))
+        }
     }
 
     /// The bytes, copied.
@@ -100,7 +106,7 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
 
     @inlinable
     public static func == (a: Name, b: Name) -> Bool {
-        if a.long == nil && b.long == nil { return a.word0 == b.word0 && a.word1 == b.word1 }
+        if a.long == nil && b.long == nil { return a.word0 == b.word0 && a.word1 == b.word1 && a.word2 == b.word2 }
         guard a.count == b.count, let x = a.long, let y = b.long else { return false }
         return x.buffer === y.buffer || x.withBytes { a in y.withBytes { b in a.elementsEqual(b) } }
     }
@@ -115,11 +121,12 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
     /// client compute, offline, any number of request ids with one hash.
     public func hash(into hasher: inout Hasher) {
         if let long {
-            hasher.combine(word1)
+            hasher.combine(word2)
             long.withBytes { hasher.combine(bytes: $0) }
         } else {
             hasher.combine(word0)
             hasher.combine(word1)
+            hasher.combine(word2)
         }
     }
 
@@ -143,13 +150,14 @@ public struct Name: Hashable, Comparable, Sendable, CustomStringConvertible {
     @inlinable
     public func fastHash(seed: UInt64) -> UInt64 {
         if long == nil {
-            // Inline: the two words are the bytes, zero-padded, with the length in the top byte.
-            var h = (seed ^ word0) &* 0xBF58_476D_1CE4_E5B9
-            h ^= h >> 31
-            h = (h ^ word1) &* 0x94D0_49BB_1331_11EB
-            h ^= h >> 29
-            h = h &* 0xBF58_476D_1CE4_E5B9
-            return h ^ (h >> 32)
+            // Inline: the three words are the bytes, zero-padded, with the length in the top byte of
+            // the last; folded in as a long name's words are (a word of data is free in all 64 bits,
+            // so a multiply-xorshift would let one word cancel a flipped top bit of the one before).
+            let key = seed ^ 0xA076_1D64_78BD_642F
+            var h = Self.foldedMultiply(word0 ^ key, seed ^ 0xE703_7ED1_A0B4_28DB)
+            h = Self.foldedMultiply(word1 ^ key, h ^ 0xE703_7ED1_A0B4_28DB)
+            h = Self.foldedMultiply(word2 ^ key, h ^ 0x8EBC_6AF0_9C88_C6E3)
+            return Self.foldedMultiply(h, 0x5899_65CC_7537_4CC3 ^ seed)
         }
         return withBytes { bytes in
             let key = seed ^ 0xA076_1D64_78BD_642F

@@ -7,7 +7,7 @@ import Testing
     /// prefix (only the last bytes differ, so they probe the same partitions' hash bits hardest).
     static func randomName(_ rng: inout SplitMix64) -> Name {
         switch rng.next() % 4 {
-        case 0:  // "user:" + 12 digits: 17 bytes, over the inline limit
+        case 0:  // "user:" + 12 digits: 17 bytes, inline
             let digits = String(rng.next() % 1_000_000_000_000)
             return Name("user:" + String(repeating: "0", count: 12 - digits.count) + digits)
         case 1:  // any bytes, any valid length
