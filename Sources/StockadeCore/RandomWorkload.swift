@@ -15,13 +15,22 @@ package struct SplitMix64: RandomNumberGenerator, Sendable {
 /// (sold out, limits, repeats, cross-shard baskets, bad arguments) happen often.
 package struct RandomWorkload: Sendable {
     package var rng: SplitMix64
-    /// Includes ids equal as Unicode but not as bytes (NFC and NFD "café"), invalid UTF-8 and a
-    /// 64-byte id: each must be its own SKU or user.
+    /// Includes ids equal as Unicode but not as bytes (NFC and NFD "café"), invalid UTF-8, a 64-byte
+    /// id, and ids on both sides of ``Name/inlineBytesMax`` (23 bytes inline, 24 on the heap, the one a
+    /// prefix of the other; two of 23 that differ only in their last byte): each must be its own SKU or
+    /// user.
     package let skus: [Name] = [
         "apple", "pear", "plum", "fig", "kiwi", "caf\u{E9}", "cafe\u{301}", Name(bytes: [0xFF, 0x00, 0xC3]),
         Name(String(repeating: "k", count: Limits.nameBytesMax)),
+        Name(String(repeating: "s", count: Name.inlineBytesMax)),
+        Name(bytes: Array(repeating: UInt8(ascii: "s"), count: Name.inlineBytesMax) + [0]),
     ]
-    package let users: [Name] = ["ann", "bob", "cy", "\u{C5}sa", "A\u{30A}sa", Name(bytes: [0xC0, 0x80])]
+    package let users: [Name] = [
+        "ann", "bob", "cy", "\u{C5}sa", "A\u{30A}sa", Name(bytes: [0xC0, 0x80]), "user:000000000017",
+        Name(String(repeating: "u", count: Name.inlineBytesMax)),
+        Name(String(repeating: "u", count: Name.inlineBytesMax - 1) + "v"),
+        Name(bytes: Array(repeating: UInt8(ascii: "u"), count: Name.inlineBytesMax) + [0]),
+    ]
     /// Order ids handed out so far (confirm and cancel pick from them).
     package var orders: [OrderID] = []
 
@@ -35,7 +44,10 @@ package struct RandomWorkload: Sendable {
         case 8..<12: return .restock(sku: sku, delta: Int64.random(in: -6...8, using: &rng))
         case 12..<15: return .setPaused(sku: sku, paused: Bool.random(using: &rng))
         case 15..<45:
-            let requestId = Bool.random(using: &rng) ? Name("q\(Int.random(in: 0..<6, using: &rng))") : nil
+            // Short request ids, and ids of 23 bytes (inline to the last byte).
+            let requestId = Bool.random(using: &rng)
+                ? Name((Bool.random(using: &rng) ? "q" : "request-000000000000-q") + "\(Int.random(in: 0..<6, using: &rng))")
+                : nil
             let quantity = Int.random(in: 0..<20, using: &rng) == 0 ? 0 : Int64.random(in: 1...3, using: &rng)
             return .reserve(user: user, lines: [OrderLine(sku: sku, quantity: quantity)], requestId: requestId,
                             ttlMillis: Int64.random(in: 1...400, using: &rng))

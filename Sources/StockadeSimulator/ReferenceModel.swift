@@ -3,6 +3,10 @@ import StockadeCore
 /// A deliberately simple model of the engine's rules: dictionaries, no shards, no indexes, commands
 /// applied one by one. The engine must give the same reply to every command, whatever batches and
 /// shards it runs them in.
+///
+/// Ids are keyed and compared here by their bytes (`[UInt8]`), not by `Name`'s own equality and
+/// hashing: a defect there (two ids taken for one) must show as a difference from the engine, not be
+/// repeated by the model.
 package struct ReferenceModel: Sendable {
     package struct Sku: Sendable {
         var total: Int64, available: Int64, reserved: Int64, sold: Int64, limit: Int64, paused: Bool
@@ -12,15 +16,26 @@ package struct ReferenceModel: Sendable {
     }
 
     package let shardCount: Int
-    package var skus: [Name: Sku] = [:]
+    package var skus: [[UInt8]: Sku] = [:]
     package var orders: [OrderID: Order] = [:]
     var nextSequence: [UInt32]
     /// The tag new orders' ids carry: that of the newest term (``OrderID/tag(ofEpoch:)``).
     var idTag: UInt32 = 0
     var held: [HeldKey: Int64] = [:]
     var requests: [RequestKey: OrderID] = [:]
-    struct HeldKey: Hashable { var user: Name, sku: Name }
-    struct RequestKey: Hashable { var user: Name, requestId: Name, shard: Int }
+    struct HeldKey: Hashable {
+        var user: [UInt8], sku: [UInt8]
+        init(user: Name, sku: Name) { (self.user, self.sku) = (user.bytes, sku.bytes) }
+    }
+    struct RequestKey: Hashable {
+        var user: [UInt8], requestId: [UInt8], shard: Int
+        init(user: Name, requestId: Name, shard: Int) { (self.user, self.requestId, self.shard) = (user.bytes, requestId.bytes, shard) }
+    }
+
+    /// Whether two orders' lines are the same, SKUs compared by their bytes.
+    static func sameLines(_ a: [OrderLine], _ b: [OrderLine]) -> Bool {
+        a.count == b.count && zip(a, b).allSatisfy { $0.sku.bytes == $1.sku.bytes && $0.quantity == $1.quantity }
+    }
 
     package init(shardCount: Int) {
         self.shardCount = shardCount
@@ -33,7 +48,7 @@ package struct ReferenceModel: Sendable {
         idTag = OrderID.tag(ofEpoch: state.epochs.lastEpoch)
         for shard in state.shards {
             for info in shard.allSkus {
-                skus[info.sku] = Sku(
+                skus[info.sku.bytes] = Sku(
                     total: info.total, available: info.available, reserved: info.reserved, sold: info.sold, limit: info.limit,
                     paused: info.paused)
             }
@@ -44,7 +59,7 @@ package struct ReferenceModel: Sendable {
             for info in all {
                 orders[info.id] = Order(user: info.user, lines: info.lines, state: info.state, deadline: info.deadlineMillis)
                 guard info.state == .pending || info.state == .paid else { continue }
-                for line in info.lines where skus[line.sku]!.limit > 0 {
+                for line in info.lines where skus[line.sku.bytes]!.limit > 0 {
                     held[HeldKey(user: info.user, sku: line.sku), default: 0] += line.quantity
                 }
             }
@@ -60,7 +75,7 @@ package struct ReferenceModel: Sendable {
     package func shard(_ sku: Name) -> Int { Engine.shardIndex(of: sku, shardCount: shardCount) }
 
     package func info(_ name: Name) -> SkuInfo {
-        let s = skus[name]!
+        let s = skus[name.bytes]!
         return SkuInfo(sku: name, total: s.total, available: s.available, reserved: s.reserved, sold: s.sold, limit: s.limit, paused: s.paused)
     }
 
@@ -74,12 +89,12 @@ package struct ReferenceModel: Sendable {
         orders[id]!.state = state
         for line in order.lines {
             if state == .paid {
-                skus[line.sku]!.reserved -= line.quantity
-                skus[line.sku]!.sold += line.quantity
+                skus[line.sku.bytes]!.reserved -= line.quantity
+                skus[line.sku.bytes]!.sold += line.quantity
             } else {
-                skus[line.sku]!.reserved -= line.quantity
-                skus[line.sku]!.available += line.quantity
-                if skus[line.sku]!.limit > 0 { held[HeldKey(user: order.user, sku: line.sku), default: 0] -= line.quantity }
+                skus[line.sku.bytes]!.reserved -= line.quantity
+                skus[line.sku.bytes]!.available += line.quantity
+                if skus[line.sku.bytes]!.limit > 0 { held[HeldKey(user: order.user, sku: line.sku), default: 0] -= line.quantity }
             }
         }
     }
@@ -88,44 +103,44 @@ package struct ReferenceModel: Sendable {
     package mutating func apply(_ command: Command, now: Int64) -> Reply {
         switch command {
         case let .addSku(sku, total, limit):
-            if skus[sku] != nil { return .rejected(.skuExists) }
-            skus[sku] = Sku(total: total, available: total, reserved: 0, sold: 0, limit: limit, paused: false)
+            if skus[sku.bytes] != nil { return .rejected(.skuExists) }
+            skus[sku.bytes] = Sku(total: total, available: total, reserved: 0, sold: 0, limit: limit, paused: false)
             return .done
         case let .restock(sku, delta):
-            guard var s = skus[sku] else { return .rejected(.noSuchSku) }
+            guard var s = skus[sku.bytes] else { return .rejected(.noSuchSku) }
             if s.total + delta < s.reserved + s.sold { return .rejected(.belowCommitted(committed: s.reserved + s.sold)) }
             s.total += delta
             s.available += delta
-            skus[sku] = s
+            skus[sku.bytes] = s
             return .stock(info(sku))
         case let .setPaused(sku, paused):
-            guard skus[sku] != nil else { return .rejected(.noSuchSku) }
-            skus[sku]!.paused = paused
+            guard skus[sku.bytes] != nil else { return .rejected(.noSuchSku) }
+            skus[sku.bytes]!.paused = paused
             return .done
         case let .stock(sku):
-            return skus[sku] == nil ? .rejected(.noSuchSku) : .stock(info(sku))
+            return skus[sku.bytes] == nil ? .rejected(.noSuchSku) : .stock(info(sku))
         case let .deduct(sku, quantity):
             if quantity < 1 { return .rejected(.badQuantity) }
-            guard let s = skus[sku] else { return .deducted(-1) }
+            guard let s = skus[sku.bytes] else { return .deducted(-1) }
             if s.paused || s.available < quantity { return .deducted(0) }
-            skus[sku]!.available -= quantity
-            skus[sku]!.sold += quantity
+            skus[sku.bytes]!.available -= quantity
+            skus[sku.bytes]!.sold += quantity
             return .deducted(1)
         case let .reserve(user, lines, requestId, ttl):
             if let rejection = ShardState.validateReserve(user: user, lines: lines, requestId: requestId, ttlMillis: ttl ?? Limits.ttlMillisDefault) {
                 return .rejected(rejection)
             }
-            if lines.count == 1, requestId == nil, let s = skus[lines[0].sku], s.available == 0 { return .rejected(.soldOut) }
+            if lines.count == 1, requestId == nil, let s = skus[lines[0].sku.bytes], s.available == 0 { return .rejected(.soldOut) }
             // Request ids are kept by the shard that owns the order (its first SKU's): a retry resends the same command.
             let requestKey = requestId.map { RequestKey(user: user, requestId: $0, shard: shard(lines[0].sku)) }
             if let requestKey, let id = requests[requestKey] {
                 // A request id stands for one request: a retry with other lines is refused.
-                if orders[id]!.lines != lines { return .rejected(.requestConflict(id)) }
+                if !Self.sameLines(orders[id]!.lines, lines) { return .rejected(.requestConflict(id)) }
                 return .reserved(id, deadlineMillis: orders[id]!.deadline, replayed: true)
             }
             let ordered = lines.enumerated().sorted { (shard($0.element.sku), $0.offset) < (shard($1.element.sku), $1.offset) }
             for (_, line) in ordered {
-                guard let s = skus[line.sku] else { return .rejected(.noSuchSku) }
+                guard let s = skus[line.sku.bytes] else { return .rejected(.noSuchSku) }
                 if s.available == 0 { return .rejected(.soldOut) }
                 if s.paused { return .rejected(.paused) }
                 if s.available < line.quantity { return .rejected(.insufficient(available: s.available)) }
@@ -135,9 +150,9 @@ package struct ReferenceModel: Sendable {
                 }
             }
             for line in lines {
-                skus[line.sku]!.available -= line.quantity
-                skus[line.sku]!.reserved += line.quantity
-                if skus[line.sku]!.limit > 0 { held[HeldKey(user: user, sku: line.sku), default: 0] += line.quantity }
+                skus[line.sku.bytes]!.available -= line.quantity
+                skus[line.sku.bytes]!.reserved += line.quantity
+                if skus[line.sku.bytes]!.limit > 0 { held[HeldKey(user: user, sku: line.sku), default: 0] += line.quantity }
             }
             let owner = shard(lines[0].sku)
             let id = OrderID(shard: owner, tag: idTag, sequence: nextSequence[owner])
@@ -168,7 +183,7 @@ package struct ReferenceModel: Sendable {
             // Pages go by shard, then sequence (an id's tag does not order it).
             func place(_ id: OrderID) -> (Int, UInt32) { (id.shard ?? -1, id.sequence) }
             let start = after.map(place) ?? (-1, 0)
-            return .orders(orders.filter { $0.value.user == user && place($0.key) > start }.sorted { place($0.key) < place($1.key) }.prefix(count).map {
+            return .orders(orders.filter { $0.value.user.bytes == user.bytes && place($0.key) > start }.sorted { place($0.key) < place($1.key) }.prefix(count).map {
                 OrderInfo(id: $0.key, user: user, lines: $0.value.lines, state: $0.value.state, deadlineMillis: $0.value.deadline)
             })
         case .audit:
