@@ -16,7 +16,7 @@ import Testing
     }
 
     @Test func bytesRoundTripInlineAndLong() {
-        for length in [0, 1, 7, 8, 14, 15, 16, 17, 63, 64, 65] {
+        for length in [0, 1, 7, 8, 14, 15, 16, 17, 22, 23, 24, 25, 63, 64, 65] {
             let bytes = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 37 &+ 0x80) }
             let name = Name(bytes: bytes)
             #expect(name.bytes == bytes)
