@@ -222,7 +222,7 @@ enum CommandTable {
 
     /// The request `arguments` make, read in place: arguments that become part of the request (ids,
     /// ECHO's message) are copied out of the read buffer, so the request outlives it.
-    private static func parse(_ arguments: RESPParser.UnsafeArguments, authenticated: Bool) -> Request {
+    static func parse(_ arguments: RESPParser.UnsafeArguments, authenticated: Bool) -> Request {
         guard let verb = Word(arguments[0]).flatMap(Verb.named) else {
             // Before AUTH too, as Redis 7 answers (its name check comes before the password's).
             return .invalid("ERR unknown command '\(shown(arguments[0]))'")

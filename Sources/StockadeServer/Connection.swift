@@ -335,8 +335,10 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             } else {
                 guard input.readableBytes > 0 else { break }
                 do {
-                    guard case .command(let arguments) = try parser.next(&input) else { break }
-                    request = CommandTable.parse(arguments, authenticated: authenticated)
+                    let authenticated = authenticated
+                    guard let parsed = try parser.next(&input, { CommandTable.parse($0, authenticated: authenticated) })
+                    else { break }
+                    request = parsed
                 } catch {
                     let start = round.local.writerIndex
                     round.local.writeRESPError("ERR Protocol error: \(error.message)")

@@ -161,6 +161,13 @@ public struct RESPParser: Sendable {
     /// by when the caller has dropped its copy, so the array's storage is reused, not reallocated
     /// (emptying it while the caller still holds it would copy it: an allocation per command).
     private var freshHandedOut = false
+    /// The spans of the last request read whole by ``next(_:_:)``.
+    private var scratchSpans: [Span] = []
+    /// ``next(_:_:)`` reads whole requests in one pass (off: through ``next(_:)`` only, for tests that
+    /// compare the two).
+    var wholeRequests = true
+    /// Requests ``next(_:_:)`` read whole in one pass (for tests: that they exercise it).
+    private(set) var wholeRequestsRead = 0
 
     public init(limits: Limits = Limits()) { self.limits = limits }
 
@@ -228,6 +235,66 @@ public struct RESPParser: Sendable {
             reset()
             throw error
         }
+    }
+
+    /// Parses the next command as ``next(_:)`` does and calls `body` with its arguments as raw bytes,
+    /// valid only inside it; nil when more bytes are needed (nothing for `body`). A multibulk request
+    /// that lies whole and well-formed in `buffer` (nearly every request of a pipeline) is read in one
+    /// pass over the bytes, its spans into a reused array, with no ``Arguments`` value: no reference
+    /// taken, no state stepped through. Anything else (a partial request, an inline command, an empty
+    /// or malformed one, a limit passed) goes to ``next(_:)`` from the same place, untouched: both ways
+    /// take the same bytes, give the same arguments and throw the same errors
+    /// (`RESPParserTests.wholeRequestsParseAsTheStateMachineDoes`).
+    public mutating func next<R>(
+        _ buffer: inout ByteBuffer, _ body: (UnsafeArguments) -> R
+    ) throws(ProtocolError) -> R? {
+        if freshHandedOut {  // as in next(_:): the caller has dropped the last command by now
+            fresh.removeAll(keepingCapacity: true)
+            freshHandedOut = false
+        }
+        if case .idle = state, wholeRequests {
+            let origin = buffer.readerIndex
+            var result: R?
+            let taken = buffer.withUnsafeReadableBytes { raw -> Int in
+                guard let taken = Self.wholeRequest(raw, origin: origin, limits: limits, into: &scratchSpans) else { return 0 }
+                result = scratchSpans.withUnsafeBufferPointer { body(UnsafeArguments(readable: raw, origin: origin, spans: $0)) }
+                return taken
+            }
+            if taken > 0 {
+                buffer.moveReaderIndex(forwardBy: taken)
+                wholeRequestsRead &+= 1
+                return result
+            }
+        }
+        guard case .command(let arguments) = try next(&buffer) else { return nil }
+        return arguments.withUnsafeArguments(body)
+    }
+
+    /// The spans of the multibulk request at the start of `raw` (whose first byte is at buffer index
+    /// `origin`) and the bytes it takes, when it is there whole and within `limits`; nil for anything
+    /// else, which ``next(_:)`` then reads (a partial request, an empty one, a malformed one, one over a
+    /// limit). `spans` is emptied first.
+    static func wholeRequest(
+        _ raw: UnsafeRawBufferPointer, origin: Int, limits: Limits, into spans: inout [Span]
+    ) -> Int? {
+        spans.removeAll(keepingCapacity: true)
+        guard raw.count >= 4, raw[0] == UInt8(ascii: "*"),
+              case .value(let count, var offset) = numberLine(raw),
+              count > 0, count <= limits.argumentsMax
+        else { return nil }
+        while spans.count < count {
+            guard offset < raw.count, raw[offset] == UInt8(ascii: "$"),
+                  case .value(let length, let lineBytes) = numberLine(UnsafeRawBufferPointer(rebasing: raw[offset...])),
+                  length >= 0, length <= limits.bulkBytesMax
+            else { return nil }
+            let start = offset + lineBytes
+            offset = start + length + 2
+            guard offset <= raw.count, offset <= limits.requestBytesMax,
+                  raw[offset - 2] == UInt8(ascii: "\r"), raw[offset - 1] == UInt8(ascii: "\n")
+            else { return nil }
+            spans.append(Span(start: origin + start, count: length))
+        }
+        return offset
     }
 
     /// Adds `bytes` to the current request; past ``Limits/requestBytesMax`` the request is refused

@@ -20,6 +20,14 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
             == .engine(.reserve(user: "ann", lines: [OrderLine(sku: "tv", quantity: 2)], requestId: "r1", ttlMillis: 500)))
         #expect(parse(["BUY", "bob", "a", "1", "b", "2", "REQ", "x"])
             == .engine(.reserve(user: "bob", lines: [OrderLine(sku: "a", quantity: 1), OrderLine(sku: "b", quantity: 2)], requestId: "x", ttlMillis: nil)))
+        // A basket holds up to the limit of lines, in the order given; one more is refused.
+        let skus = (0..<Limits.itemsPerOrderMax + 1).map { "s\($0)" }
+        let full = Array(skus.prefix(Limits.itemsPerOrderMax))
+        #expect(parse(["BUY", "bob"] + full.flatMap { [$0, "1"] })
+            == .engine(.reserve(user: "bob", lines: full.map { OrderLine(sku: Name($0), quantity: 1) },
+                                requestId: nil, ttlMillis: nil)))
+        #expect(parse(["BUY", "bob"] + skus.flatMap { [$0, "1"] })
+            == .invalid("ERR an order has 1 to \(Limits.itemsPerOrderMax) SKUs"))
         #expect(parse(["RESERVE", "ann", "tv", "many"]) == .invalid("ERR value is not an integer or out of range"))
         #expect(parse(["RESERVE", "ann", "tv"]) == .invalid("ERR wrong number of arguments for 'reserve' command"))
         #expect(parse(["BUY", "bob", "a", "1", "TTL"]) == .invalid("ERR syntax error: TTL needs a value"))

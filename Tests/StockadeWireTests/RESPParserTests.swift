@@ -133,6 +133,96 @@ private func encode(_ command: [String]) -> [UInt8] {
     }
 }
 
+/// What one call of a parser gave: a command's arguments, a wait for more bytes, or a protocol error;
+/// with the buffer's reader index after it.
+private enum Step: Equatable {
+    case command([[UInt8]], readerIndex: Int)
+    case incomplete(readerIndex: Int)
+    case error(String, readerIndex: Int)
+}
+
+/// Feeds `stream` in the given cuts to a parser, calling it until it waits after each cut or throws,
+/// through ``RESPParser/next(_:_:)`` with whole requests read in one pass or not (then it is the state
+/// machine of ``RESPParser/next(_:)``). Stops at the first error, as a connection does.
+private func steps(
+    _ stream: [UInt8], cuts: [Int], limits: RESPParser.Limits, wholeRequests: Bool, discards: [Bool]
+) -> (steps: [Step], onePass: Int) {
+    var parser = RESPParser(limits: limits)
+    parser.wholeRequests = wholeRequests
+    var buffer = ByteBufferAllocator().buffer(capacity: 0)
+    var out: [Step] = []
+    var offset = 0
+    for (i, cut) in cuts.enumerated() {
+        if discards[i] { buffer.discardReadBytes() }
+        buffer.writeBytes(stream[offset..<cut])
+        offset = cut
+        while true {
+            do {
+                guard let arguments = try parser.next(&buffer, { $0.map { Array($0) } }) else {
+                    out.append(.incomplete(readerIndex: buffer.readerIndex))
+                    break
+                }
+                out.append(.command(arguments, readerIndex: buffer.readerIndex))
+            } catch {
+                out.append(.error(error.message, readerIndex: buffer.readerIndex))
+                return (out, parser.wholeRequestsRead)
+            }
+        }
+    }
+    return (out, parser.wholeRequestsRead)
+}
+
+@Suite struct RESPParserWholeRequestTests {
+    /// Reading a whole request in one pass is an optimization, never a change of meaning: for
+    /// pipelines of valid, inline, partial, empty, malformed and over-limit requests, cut into random
+    /// reads, the one-pass reader and the state machine give the same commands, waits and errors, and
+    /// leave the buffer at the same place after every call.
+    @Test func wholeRequestsParseAsTheStateMachineDoes() {
+        var rng = SplitMix64(seed: 11)
+        let words: [[UInt8]] = ["RESERVE", "user:000000000017", "rb", "1", "TTL", "600000", "", "é", "\r\n", "x y"]
+            .map { Array($0.utf8) } + [[0, 255, 13], Array(repeating: 65, count: 70)]
+        var onePass = 0
+        for round in 0..<3_000 {
+            var limits = RESPParser.Limits()
+            if Bool.random(using: &rng) {
+                limits.argumentsMax = Int.random(in: 1...6, using: &rng)
+                limits.bulkBytesMax = Int.random(in: 0...80, using: &rng)
+                limits.requestBytesMax = Int.random(in: 20...300, using: &rng)
+            }
+            var stream: [UInt8] = []
+            for _ in 0..<Int.random(in: 1...8, using: &rng) {
+                let args = (0..<Int.random(in: 1...7, using: &rng)).map { _ in words.randomElement(using: &rng)! }
+                var request = Array("*\(args.count)\r\n".utf8)
+                for arg in args { request += Array("$\(arg.count)\r\n".utf8) + arg + [13, 10] }
+                switch Int.random(in: 0..<12, using: &rng) {
+                case 0: request = Array("PING hello\r\n".utf8)  // inline
+                case 1: request = Array("*0\r\n".utf8)  // empty, skipped
+                case 2: request[Int.random(in: 0..<request.count, using: &rng)] = UInt8.random(in: 0...255, using: &rng)
+                case 3: request = Array("*2\r\n$\(Int.random(in: -3...100, using: &rng))\r\n".utf8) + request
+                case 4: request = Array("*\(Int.random(in: -2...9, using: &rng))\r\n".utf8) + request
+                case 5: request = Array("*1\r\n$+3\r\nabc\r\n".utf8)  // a sign the decimal reader takes
+                case 6: request.removeLast(Int.random(in: 1...request.count, using: &rng))
+                default: break
+                }
+                stream += request
+            }
+            var cuts: [Int] = []
+            var at = 0
+            while at < stream.count {
+                at = Bool.random(using: &rng) ? stream.count : min(stream.count, at + Int.random(in: 1...40, using: &rng))
+                cuts.append(at)
+            }
+            let discards = cuts.map { _ in Bool.random(using: &rng) }
+            let fast = steps(stream, cuts: cuts, limits: limits, wholeRequests: true, discards: discards)
+            let machine = steps(stream, cuts: cuts, limits: limits, wholeRequests: false, discards: discards)
+            #expect(fast.steps == machine.steps, "round \(round)")
+            #expect(machine.onePass == 0)
+            onePass += fast.onePass
+        }
+        #expect(onePass > 1_000, "the rounds exercise the one-pass reader")
+    }
+}
+
 /// CPU time of this thread, for comparing the cost of two inputs (not a speed goal: a ratio).
 func threadCPUNanos() -> UInt64 {
     var time = timespec()
