@@ -138,13 +138,28 @@ private struct ReplyLine {
         prepend(13)
     }
 
+    /// "00" to "99": two digits per division (an order id has about 20 digits, one per reply).
+    private static let digitPairs: StaticString = """
+        00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899
+        """
+
     /// The decimal digits of `magnitude` (at most 20).
     mutating func prependDigits(_ magnitude: UInt64) {
+        let pairs = Self.digitPairs.utf8Start
         var rest = magnitude
-        repeat {
-            prepend(UInt8(ascii: "0") + UInt8(truncatingIfNeeded: rest % 10))
-            rest /= 10
-        } while rest > 0
+        while rest >= 100 {
+            let pair = Int(truncatingIfNeeded: rest % 100) &* 2
+            rest /= 100
+            prepend(pairs[pair &+ 1])
+            prepend(pairs[pair])
+        }
+        if rest >= 10 {
+            let pair = Int(truncatingIfNeeded: rest) &* 2
+            prepend(pairs[pair &+ 1])
+            prepend(pairs[pair])
+        } else {
+            prepend(UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: rest))
+        }
     }
 
     /// `value`'s digits after a `-` when negative.
