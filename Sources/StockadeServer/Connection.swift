@@ -336,9 +336,11 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                 guard input.readableBytes > 0 else { break }
                 do {
                     let authenticated = authenticated
-                    guard let parsed = try parser.next(&input, { CommandTable.parse($0, authenticated: authenticated) })
+                    var parsed: Request?
+                    guard try parser.next(&input, { parsed = CommandTable.parse($0, authenticated: authenticated) }),
+                          let taken = parsed.take()  // moved out, not copied
                     else { break }
-                    request = parsed
+                    request = consume taken
                 } catch {
                     let start = round.local.writerIndex
                     round.local.writeRESPError("ERR Protocol error: \(error.message)")

@@ -238,36 +238,38 @@ public struct RESPParser: Sendable {
     }
 
     /// Parses the next command as ``next(_:)`` does and calls `body` with its arguments as raw bytes,
-    /// valid only inside it; nil when more bytes are needed (nothing for `body`). A multibulk request
+    /// valid only inside it; false when more bytes are needed (`body` is not called). Not generic: a
+    /// generic function of another module would look its type metadata up at run time on every call.
+    /// A multibulk request
     /// that lies whole and well-formed in `buffer` (nearly every request of a pipeline) is read in one
     /// pass over the bytes, its spans into a reused array, with no ``Arguments`` value: no reference
     /// taken, no state stepped through. Anything else (a partial request, an inline command, an empty
     /// or malformed one, a limit passed) goes to ``next(_:)`` from the same place, untouched: both ways
     /// take the same bytes, give the same arguments and throw the same errors
     /// (`RESPParserTests.wholeRequestsParseAsTheStateMachineDoes`).
-    public mutating func next<R>(
-        _ buffer: inout ByteBuffer, _ body: (UnsafeArguments) -> R
-    ) throws(ProtocolError) -> R? {
+    public mutating func next(
+        _ buffer: inout ByteBuffer, _ body: (UnsafeArguments) -> Void
+    ) throws(ProtocolError) -> Bool {
         if freshHandedOut {  // as in next(_:): the caller has dropped the last command by now
             fresh.removeAll(keepingCapacity: true)
             freshHandedOut = false
         }
         if case .idle = state, wholeRequests {
             let origin = buffer.readerIndex
-            var result: R?
             let taken = buffer.withUnsafeReadableBytes { raw -> Int in
                 guard let taken = Self.wholeRequest(raw, origin: origin, limits: limits, into: &scratchSpans) else { return 0 }
-                result = scratchSpans.withUnsafeBufferPointer { body(UnsafeArguments(readable: raw, origin: origin, spans: $0)) }
+                scratchSpans.withUnsafeBufferPointer { body(UnsafeArguments(readable: raw, origin: origin, spans: $0)) }
                 return taken
             }
             if taken > 0 {
                 buffer.moveReaderIndex(forwardBy: taken)
                 wholeRequestsRead &+= 1
-                return result
+                return true
             }
         }
-        guard case .command(let arguments) = try next(&buffer) else { return nil }
-        return arguments.withUnsafeArguments(body)
+        guard case .command(let arguments) = try next(&buffer) else { return false }
+        arguments.withUnsafeArguments(body)
+        return true
     }
 
     /// The spans of the multibulk request at the start of `raw` (whose first byte is at buffer index

@@ -158,7 +158,8 @@ private func steps(
         offset = cut
         while true {
             do {
-                guard let arguments = try parser.next(&buffer, { $0.map { Array($0) } }) else {
+                var parsed: [[UInt8]]?
+                guard try parser.next(&buffer, { parsed = $0.map { Array($0) } }), let arguments = parsed else {
                     out.append(.incomplete(readerIndex: buffer.readerIndex))
                     break
                 }
