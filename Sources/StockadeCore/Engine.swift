@@ -172,8 +172,11 @@ public final class Engine: Sendable {
         var lsn: UInt64
     }
 
-    private func route(_ command: Command, now: Int64, progress: inout BatchProgress) -> Route {
-        switch command {
+    /// Where `commands[i]` goes. Given the array and an index, not the command: the switch then reads
+    /// the element in place, where a command passed by value was copied out of the array first (a
+    /// retain and a release of each of its references).
+    private func route(_ commands: [Command], at i: Int, now: Int64, progress: inout BatchProgress) -> Route {
+        switch commands[i] {
         case let .addSku(sku, _, _), let .restock(sku, _), let .setPaused(sku, _), let .stock(sku):
             return .shard(shardIndex(of: sku))
         case let .deduct(sku, quantity):
@@ -266,10 +269,9 @@ public final class Engine: Sendable {
             var pending = false
             var closing: Int?
             while position < commands.count {
-                let command = commands[position]
                 // Groups may run (and wait) between two commands here: no counter is kept across them.
                 progress.lastCheck = nil
-                let route = route(command, now: now, progress: &progress)
+                let route = route(commands, at: position, now: now, progress: &progress)
                 if case .global = route { break }
                 position += 1
                 switch route {
@@ -277,7 +279,7 @@ public final class Engine: Sendable {
                     perShard[s].append(position - 1)
                     progress.touched[s] = true
                     pending = true
-                    if Self.mayAffectOtherShards(command) {
+                    if Self.mayAffectOtherShards(commands[position - 1]) {
                         progress.crossShard = true
                         closing = s
                     }
@@ -360,7 +362,7 @@ public final class Engine: Sendable {
         var progress = BatchProgress(touched: [Bool](repeating: false, count: shards.count))
         // By index: the commands are read in the array, not copied out of it.
         for i in commands.indices {
-            let route = route(commands[i], now: now, progress: &progress)
+            let route = route(commands, at: i, now: now, progress: &progress)
             switch route {
             case .global: return .needsAsync
             case .immediate: break
@@ -414,7 +416,7 @@ public final class Engine: Sendable {
     /// the same decisions and the same run, without the batch's routes, groups and flags.
     private func executeOneLocally(_ commands: [Command], now: Int64, localShards: [Bool]) -> LocalOutcome {
         var progress = BatchProgress(touched: untouched)
-        switch route(commands[0], now: now, progress: &progress) {
+        switch route(commands, at: 0, now: now, progress: &progress) {
         case .global:
             return .needsAsync
         case .immediate(let reply, let lsn):

@@ -396,8 +396,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                         continue
                     }
                 }
-                round.batch.append(command)
                 if command.isChange { round.hasChanges = true }
+                round.batch.append(consume command)  // moved into the batch, not copied
                 round.slots.append(.engine(round.batch.count - 1, name: name))
                 continue
             }
