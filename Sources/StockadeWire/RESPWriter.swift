@@ -139,9 +139,10 @@ private struct ReplyLine {
     }
 
     /// "00" to "99": two digits per division (an order id has about 20 digits, one per reply).
-    private static let digitPairs: StaticString = """
+    /// (Computed, not stored: a stored static would be reached through its lazy initializer's check.)
+    private static var digitPairs: StaticString { """
         00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899
-        """
+        """ }
 
     /// The decimal digits of `magnitude` (at most 20).
     mutating func prependDigits(_ magnitude: UInt64) {
