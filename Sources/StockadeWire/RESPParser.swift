@@ -163,6 +163,8 @@ public struct RESPParser: Sendable {
     private var freshHandedOut = false
     /// The spans of the last request read whole by ``next(_:_:)``.
     private var scratchSpans: [Span] = []
+    /// Spans ``scratchSpans`` keeps room for between requests (a 64-SKU BUY takes about 140).
+    static let spansKeptMax = 256
     /// ``next(_:_:)`` reads whole requests in one pass (off: through ``next(_:)`` only, for tests that
     /// compare the two).
     var wholeRequests = true
@@ -261,6 +263,8 @@ public struct RESPParser: Sendable {
                 scratchSpans.withUnsafeBufferPointer { body(UnsafeArguments(readable: raw, origin: origin, spans: $0)) }
                 return taken
             }
+            // A request of many arguments leaves no large array behind on an idle connection.
+            if scratchSpans.capacity > Self.spansKeptMax { scratchSpans = [] }
             if taken > 0 {
                 buffer.moveReaderIndex(forwardBy: taken)
                 wholeRequestsRead &+= 1
