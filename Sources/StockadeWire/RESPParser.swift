@@ -240,15 +240,15 @@ public struct RESPParser: Sendable {
     }
 
     /// Parses the next command as ``next(_:)`` does and calls `body` with its arguments as raw bytes,
-    /// valid only inside it; false when more bytes are needed (`body` is not called). Not generic: a
-    /// generic function of another module would look its type metadata up at run time on every call.
-    /// A multibulk request
-    /// that lies whole and well-formed in `buffer` (nearly every request of a pipeline) is read in one
-    /// pass over the bytes, its spans into a reused array, with no ``Arguments`` value: no reference
-    /// taken, no state stepped through. Anything else (a partial request, an inline command, an empty
-    /// or malformed one, a limit passed) goes to ``next(_:)`` from the same place, untouched: both ways
-    /// take the same bytes, give the same arguments and throw the same errors
-    /// (`RESPParserTests.wholeRequestsParseAsTheStateMachineDoes`).
+    /// valid only inside it; false when more bytes are needed (`body` is not called).
+    ///
+    /// A multibulk request that lies whole and well-formed in `buffer` (nearly every request of a
+    /// pipeline) is read in one pass over the bytes, its spans into a reused array, with no
+    /// ``Arguments`` value: no reference taken, no state stepped through. Anything else (a partial
+    /// request, an inline command, an empty or malformed one, a limit passed) goes to ``next(_:)`` from
+    /// the same place, untouched: both ways take the same bytes, give the same arguments and throw the
+    /// same errors (`RESPParserWholeRequestTests`). Not generic: a generic function of another module
+    /// would look its type metadata up at run time on every call.
     public mutating func next(
         _ buffer: inout ByteBuffer, _ body: (UnsafeArguments) -> Void
     ) throws(ProtocolError) -> Bool {
