@@ -23,16 +23,8 @@ public struct RESPParser: Sendable {
         /// 64-SKU basket of 64-byte ids, is under 10 KiB; 4 MiB leaves room for ECHO of a full bulk
         /// and stops `*1024` of 512 KiB arguments (512 MiB) from being buffered for one request.
         public var requestBytesMax = 4 << 20
+        /// The server checks its flags' values against `ServerConfiguration.Range` before it uses them.
         public init() {}
-
-        /// Why these limits cannot be used (a flag out of range); nil when they can.
-        public func problem() -> String? {
-            if inlineBytesMax < 16 || inlineBytesMax > 1 << 30 { return "--max-inline-bytes must be 16 to \(1 << 30)" }
-            if bulkBytesMax < 64 || bulkBytesMax > 1 << 30 { return "--max-bulk-bytes must be 64 to \(1 << 30)" }
-            if argumentsMax < 1 || argumentsMax > 1 << 20 { return "--max-arguments must be 1 to \(1 << 20)" }
-            if requestBytesMax < 64 || requestBytesMax > 1 << 30 { return "--max-request-bytes must be 64 to \(1 << 30)" }
-            return nil
-        }
     }
 
     /// A request the stream can no longer be trusted after: the connection is answered and closed.
