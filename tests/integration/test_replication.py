@@ -1596,7 +1596,8 @@ def test_replica_events_keep_the_promise_of_two_replicas(data_dir):
     it held from the primary: the promise of N = 1). The primary now sends its confirmed position in
     the stream and a replica serves no further; a consumer blocked on the replica is woken when the
     other replica acknowledges (the confirmed position moves, no new record comes)."""
-    semi = ["--min-replicas-to-write", "2", "--min-replicas-timeout-ms", "500"]
+    # 2 s: the first change must reach both replicas just after they connected (see the chain test below).
+    semi = ["--min-replicas-to-write", "2", "--min-replicas-timeout-ms", "2000"]
     primary = Server(os.path.join(data_dir, "p"), "--shards", "2", *semi).start()
     r1 = Server(os.path.join(data_dir, "r1"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}", *semi).start()
     r2 = Server(os.path.join(data_dir, "r2"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}", *semi).start()
@@ -1765,7 +1766,10 @@ def test_replica_events_down_a_chain_keep_the_primarys_promise(data_dir, r1_flag
     acknowledging a change confirms nothing on R1 while R1 follows a primary (with
     --min-replicas-to-write 1 on R1, R3's acknowledgement would otherwise have made R1 serve a change
     the primary answered -NOREPLICAS). Both serve it once the primary confirms it."""
-    semi = ["--min-replicas-to-write", "2", "--min-replicas-timeout-ms", "500"]
+    # 2 s for the replicas' acknowledgements: the first change must reach both replicas just after they
+    # connected, and with four servers starting on a loaded 2-core machine 500 ms was once too short
+    # (a CI run answered the first SKU.ADD -NOREPLICAS, 1 of 2 acknowledged in time).
+    semi = ["--min-replicas-to-write", "2", "--min-replicas-timeout-ms", "2000"]
     primary = Server(os.path.join(data_dir, "p"), "--shards", "2", *semi).start()
     r1 = Server(os.path.join(data_dir, "r1"), "--shards", "2", "--replica-of", f"127.0.0.1:{primary.port}",
                 *r1_flags).start()
