@@ -175,10 +175,7 @@ public struct RESPParser: Sendable {
     /// (`*0`, a blank line) are skipped. Throws ``ProtocolError`` for a request that breaks the
     /// protocol or a limit; the parser then forgets the request (the connection is closed anyway).
     public mutating func next(_ buffer: inout ByteBuffer) throws(ProtocolError) -> Outcome {
-        if freshHandedOut {
-            fresh.removeAll(keepingCapacity: true)
-            freshHandedOut = false
-        }
+        reclaimHandedOut()
         do throws(ProtocolError) {
             while true {
                 switch state {
@@ -244,10 +241,7 @@ public struct RESPParser: Sendable {
     public mutating func next(
         _ buffer: inout ByteBuffer, _ body: (UnsafeArguments) -> Void
     ) throws(ProtocolError) -> Bool {
-        if freshHandedOut {  // as in next(_:): the caller has dropped the last command by now
-            fresh.removeAll(keepingCapacity: true)
-            freshHandedOut = false
-        }
+        reclaimHandedOut()
         if case .idle = state, wholeRequests {
             let origin = buffer.readerIndex
             let taken = buffer.withUnsafeReadableBytes { raw -> Int in
@@ -293,6 +287,14 @@ public struct RESPParser: Sendable {
             spans.append(Span(start: origin + start, count: length))
         }
         return offset
+    }
+
+    /// Empties ``fresh`` if it was handed out whole as the last command: by the next call the caller
+    /// has dropped it, so its storage is reused in place (see ``freshHandedOut``).
+    private mutating func reclaimHandedOut() {
+        guard freshHandedOut else { return }
+        fresh.removeAll(keepingCapacity: true)
+        freshHandedOut = false
     }
 
     /// Adds `bytes` to the current request; past ``Limits/requestBytesMax`` the request is refused
