@@ -43,6 +43,15 @@ public struct ServerConfiguration: Sendable {
     /// Changes a client may make per second (token bucket, burst of the same size); 0: no limit.
     public var rateLimitPerSecond = 0
     public var parserLimits = RESPParser.Limits()
+    /// Bytes all connections together may hold for requests they have begun and not finished (a
+    /// request's bytes wait in memory until its last byte arrives). Past it, a connection holding
+    /// more than ``partialRequestRefusalFloor`` of them is answered with an error and closed: idle
+    /// clients that send most of a large request cannot make the server hold `--maxclients` times
+    /// `--max-request-bytes`.
+    public var partialRequestBytesMax = 512 << 20
+    /// What one connection may hold for an unfinished request and never be refused for it, however
+    /// much all of them hold: any of our commands and a request split across reads stay far below it.
+    public static let partialRequestRefusalFloor = 64 << 10
     /// Replies buffered for a client that does not read, past which it is disconnected: a slow
     /// consumer must not hold the server's memory.
     public var clientOutputBytesMax = 64 << 20
@@ -99,6 +108,8 @@ public struct ServerConfiguration: Sendable {
         public static let arguments = 1...(1 << 20)
         /// A whole request: at least a small basket, at most 1 GiB (far past any command of ours).
         public static let requestBytes = 1024...(1 << 30)
+        /// At least one whole request (checked against `--max-request-bytes` too), at most 1 TiB.
+        public static let partialRequestBytes = 1024...(1 << 40)
         /// One descriptor each; no process gets a million.
         public static let clients = 1...1_000_000
         public static let rateLimit = 0...1_000_000_000
@@ -138,6 +149,9 @@ public struct ServerConfiguration: Sendable {
             outside(parserLimits.bulkBytesMax, Range.bulkBytes, "--max-bulk-bytes"),
             outside(parserLimits.argumentsMax, Range.arguments, "--max-arguments"),
             outside(parserLimits.requestBytesMax, Range.requestBytes, "--max-request-bytes"),
+            outside(partialRequestBytesMax, Range.partialRequestBytes, "--max-partial-request-bytes"),
+            partialRequestBytesMax < parserLimits.requestBytesMax
+                ? "--max-partial-request-bytes (\(partialRequestBytesMax)) must be at least --max-request-bytes (\(parserLimits.requestBytesMax)): one request of the largest size must fit" : nil,
             outside(snapshotEveryChanges, Range.snapshotChanges, "--snapshot-every-changes", " (0: never by count)"),
             outside(snapshotEverySeconds, Range.snapshotSeconds, "--snapshot-every-seconds", " (0: never by time)"),
             outside(eventsRetentionSegments, Range.retentionSegments, "--events-retention-segments"),

@@ -65,6 +65,9 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     private var awaiting: (round: Round, replies: [Reply], position: UInt64, context: ChannelHandlerContext)?
     /// The round whose batch hopped to the loop of the shard it needs, until the hop comes back.
     private var hopping: Round?
+    /// This connection's share of ``ServerContext/partialRequests``: what it holds of a request
+    /// begun and not finished, as last counted.
+    private var partialBytesCounted = 0
 
     init(server: ServerContext) {
         self.server = server
@@ -105,6 +108,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     func channelInactive(context: ChannelHandlerContext) {
         presence.leave()
         if counted { server.release(context.channel) }
+        _ = countPartialRequest(bytes: 0, context: context)
         counted = false
         stallTimer?.cancel()
         context.fireChannelInactive()
@@ -327,19 +331,27 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         // retains it, a write to a cache line the other loop writes too. The shard checks it again
         // when it runs the batch.
         var readOnly: Bool?
+        // The parse stopped for want of bytes: a request may be begun and not finished.
+        var starved = false
         parsing: while replyBytes < replyBudget && round.slots.count < Self.roundCommandsMax {
             var request: Request
             if let waiting = carried {
                 request = waiting
                 carried = nil
             } else {
-                guard input.readableBytes > 0 else { break }
+                guard input.readableBytes > 0 else {
+                    starved = true
+                    break
+                }
                 do {
                     let authenticated = authenticated
                     var parsed: Request?
                     guard try parser.next(&input, { parsed = CommandTable.parse($0, authenticated: authenticated) }),
                           let taken = parsed.take()  // moved out, not copied
-                    else { break }
+                    else {
+                        starved = true
+                        break
+                    }
                     request = consume taken
                 } catch {
                     let start = round.local.writerIndex
@@ -475,6 +487,12 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             rest.discardReadBytes()
             inbound = rest
         }
+        if starved {
+            holdPartialRequest(into: &round, context: context)
+        } else if partialBytesCounted != 0 {
+            // Between requests (a round's bound or a step ended the parse): nothing begun is held.
+            _ = countPartialRequest(bytes: 0, context: context)
+        }
         // Only part of a command so far: wait for the next read (the round's arrays and buffer serve
         // the next one).
         if round.slots.isEmpty && round.step == nil {
@@ -482,6 +500,90 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             return nil
         }
         return round
+    }
+
+    /// The input ran out: whatever part of a request this connection holds (the parser's copy of its
+    /// earlier arguments and the input buffer) becomes its share of the bytes all connections hold for
+    /// unfinished requests (``PartialRequestBudget``). Past ``ServerConfiguration/partialRequestBytesMax``
+    /// the oldest unfinished requests are refused and their connections closed: this one's, if it is
+    /// among them, with an error as the round's last reply.
+    private func holdPartialRequest(into round: inout Round, context: ChannelHandlerContext) {
+        // A few bytes left at the end of a large read would keep the whole read buffer (up to 64
+        // KiB) for as long as the client waits: they move to a buffer of their size.
+        if let rest = inbound, rest.capacity >= Self.partialCompactBytes, rest.readableBytes <= rest.capacity / 4 {
+            var small = context.channel.allocator.buffer(capacity: rest.readableBytes)
+            small.writeImmutableBuffer(rest)
+            inbound = small
+        }
+        let bytes = parser.heldBytes + (inbound?.capacity ?? 0)
+        guard countPartialRequest(bytes: bytes, context: context) else { return }
+        let start = round.local.writerIndex
+        round.local.writeRESPError(refusalMessage(bytes))
+        round.slots.append(.local(start: start, end: round.local.writerIndex))
+        round.closeAfter = true
+        refusePartialRequest(context: context)
+    }
+
+    /// Read buffers at least this large are not kept for a small remainder (see ``holdPartialRequest``).
+    private static let partialCompactBytes = 16 << 10
+
+    /// Sets this connection's share of ``ServerContext/partialRequests`` and closes the connections
+    /// (on their loops) whose unfinished requests are refused; returns whether this one's is.
+    private func countPartialRequest(bytes: Int, context: ChannelHandlerContext) -> Bool {
+        guard bytes != partialBytesCounted else { return false }
+        let id = ObjectIdentifier(self)
+        let old = partialBytesCounted
+        partialBytesCounted = bytes
+        let holder = bytes > ServerConfiguration.partialRequestRefusalFloor ? NIOLoopBound((self, context), eventLoop: context.eventLoop) : nil
+        let now = monotonicNanos()
+        let refused = server.partialRequests.withLock { $0.set(id, from: old, to: bytes, now: now, holder: holder) }
+        var this = false
+        for (key, holder) in refused {
+            if key == id {
+                this = true
+            } else {
+                holder.eventLoop.execute {
+                    let (handler, context) = holder.value
+                    handler.partialRequestRefused(context: context)
+                }
+            }
+        }
+        return this
+    }
+
+    /// Another connection's share passed the bound and this connection's unfinished request was the
+    /// oldest: unless it has finished since, the connection is closed, with the error as its last reply
+    /// when no round is running (otherwise without it, as a reply in the middle of a round's would be
+    /// out of order).
+    private func partialRequestRefused(context: ChannelHandlerContext) {
+        guard !closing, server.partialRequests.withLock({ $0.isChosen(ObjectIdentifier(self)) }) else { return }
+        let bytes = partialBytesCounted
+        refusePartialRequest(context: context)
+        if busy {
+            closing = true
+            context.close(promise: nil)
+        } else {
+            var out = context.channel.allocator.buffer(capacity: 256)
+            out.writeRESPError(refusalMessage(bytes))
+            context.write(wrapOutboundOut(out), promise: nil)
+            closeAfterWrites(context: context)
+        }
+    }
+
+    private func refusalMessage(_ bytes: Int) -> String {
+        "ERR unfinished requests of all clients hold over \(server.configuration.partialRequestBytesMax) bytes (--max-partial-request-bytes): refusing the oldest, this client's \(bytes) bytes; closing"
+    }
+
+    /// Lets the refused request's bytes go and counts the refusal.
+    private func refusePartialRequest(context: ChannelHandlerContext) {
+        inbound = nil
+        parser = RESPParser(limits: parser.limits)
+        _ = countPartialRequest(bytes: 0, context: context)
+        server.partialRequestRefusals.add(1, ordering: .relaxed)
+        server.metrics.count("protocol", outcome: "partial_limit")
+        server.protocolErrorLog.record(
+            "closing a connection: its unfinished request was the oldest when the bytes of all of them passed --max-partial-request-bytes",
+            peer: context.remoteAddress.map { "\($0)" } ?? "?", logger: server.logger, loop: context.eventLoop)
     }
 
     private static let wrongPassword = "WRONGPASS invalid username-password pair or user is disabled."

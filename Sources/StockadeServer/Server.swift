@@ -68,6 +68,11 @@ final class ServerContext: Sendable {
 
     private let counters: Mutex<Counters>
     private let rounds = Atomic<Int>(0)
+    /// Bytes all connections hold for requests begun and not finished, and which of them to close
+    /// past ``ServerConfiguration/partialRequestBytesMax`` (each connection sets its own share).
+    let partialRequests: Mutex<PartialRequestBudget<ObjectIdentifier, NIOLoopBound<(ConnectionHandler, ChannelHandlerContext)>>>
+    /// Connections closed because the partial requests of all of them passed that bound.
+    let partialRequestRefusals = Atomic<Int>(0)
     /// Per event loop: the shards it runs and the rounds waiting there for durability.
     private let loopStates: [ObjectIdentifier: DurableReplies]
     /// The loop state of the loop each shard runs on, by shard.
@@ -90,6 +95,8 @@ final class ServerContext: Sendable {
         self.blockingWork = blockingWork
         self.requestShutdown = requestShutdown
         acceptFailures = AcceptFailureLog(logger: logger, metrics: metrics)
+        partialRequests = Mutex(PartialRequestBudget(
+            bound: configuration.partialRequestBytesMax, floor: ServerConfiguration.partialRequestRefusalFloor))
         counters = Mutex(Counters(lastSnapshotLSN: store.recovery.snapshotLSN, lastSnapshotNanos: monotonicNanos()))
         var states: [ObjectIdentifier: DurableReplies] = [:]
         var byIndex: [DurableReplies] = []
@@ -712,11 +719,14 @@ final class ServerContext: Sendable {
             // Waiting for a durable position, or (semi-synchronous) for a durable one to be confirmed.
             ("blocked_events_clients", String(eventsWaiters.count + replication.acknowledgedWatch.count)),
             ("metrics_connections", String(c.metricsConnections)),
+            ("partial_request_bytes", String(partialRequests.withLock { $0.total })),
+            ("max_partial_request_bytes", String(configuration.partialRequestBytesMax)),
             ("open_files_limit", String(openFilesLimit())),
         ])
         add("Stats", [
             ("total_connections_received", String(c.connectionsReceived)), ("rejected_connections", String(c.connectionsRejected)),
             ("rejected_metrics_connections", String(c.metricsConnectionsRejected)),
+            ("partial_request_refusals", String(partialRequestRefusals.load(ordering: .relaxed))),
             ("accept_failures", String(accepts.count)), ("last_accept_failure", infoText(accepts.last)),
             ("log_records", String(stats.records)), ("log_batches", String(stats.batches)),
             ("rounds_in_flight", String(roundsInFlight)),

@@ -171,6 +171,10 @@ public struct RESPParser: Sendable {
         return true
     }
 
+    /// Bytes of memory the parser holds for the request it has begun (its arguments taken in by
+    /// earlier reads, copied out of the caller's buffer); 0 between requests.
+    public var heldBytes: Int { held.capacity }
+
     /// Parses the next command from the buffer's reader index and moves past it. Empty requests
     /// (`*0`, a blank line) are skipped. Throws ``ProtocolError`` for a request that breaks the
     /// protocol or a limit; the parser then forgets the request (the connection is closed anyway).

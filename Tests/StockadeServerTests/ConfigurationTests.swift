@@ -69,6 +69,9 @@ import Testing
             ("--io-threads", { $0.ioThreads = 65 }),
             ("--shards", { $0.shards = 0 }),
             ("--metrics-port", { $0.metricsPort = 70_000 }),
+            ("--max-partial-request-bytes", { $0.partialRequestBytesMax = .max }),
+            // Below one request of the largest size, that request could never arrive.
+            ("--max-partial-request-bytes", { $0.partialRequestBytesMax = $0.parserLimits.requestBytesMax - 1 }),
         ]
         for (flag, change) in cases {
             var config = ServerConfiguration()

@@ -160,6 +160,116 @@ def test_max_request_bytes_flag(data_dir):
     assert out.returncode != 0 and "--max-request-bytes must be" in out.stderr + out.stdout
 
 
+def info_field(r, section, name):
+    return int(r.execute_command("INFO", section)[name])
+
+
+def wait_until(check, timeout=15, step=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return True
+        time.sleep(step)
+    return check()
+
+
+def test_partial_requests_of_all_clients_are_bounded(data_dir):
+    """Clients that send most of a large request and go idle make the server hold those bytes. Past
+    --max-partial-request-bytes across all clients, the oldest unfinished requests over 64 KiB are
+    refused with an error and their connections closed; the others, and clients whose requests are
+    small or split across reads, go on. Without the bound, --maxclients times --max-request-bytes
+    (40 GB by default) could be held."""
+    cap = 8 << 20
+    s = Server(data_dir, "--max-request-bytes", str(2 << 20), "--max-bulk-bytes", str(2 << 20),
+               "--max-partial-request-bytes", str(cap)).start()
+    try:
+        r = s.client()
+        head = b"*2\r\n$4\r\nECHO\r\n$1500000\r\n"
+        holders = []
+        for _ in range(16):
+            c = connect(s, timeout=10)
+            c.sendall(head + b"x" * 1_000_000)  # two thirds of the request, then nothing
+            holders.append(c)
+            time.sleep(0.05)  # so the server takes them in this order
+        # Until every byte sent is either held or let go with its connection.
+        refused, kept = [], []
+
+        def settled():
+            held = info_field(r, "clients", "partial_request_bytes")
+            refusals = info_field(r, "stats", "partial_request_refusals")
+            return refusals > 0 and held >= (16 - refusals) * 1_000_000
+        assert wait_until(settled), r.execute_command("INFO", "clients")
+        for c in holders:
+            c.settimeout(0.5)
+            try:
+                reply = read_until_closed(c)
+            except socket.timeout:
+                kept.append(c)
+                continue
+            assert reply.startswith(b"-ERR unfinished requests of all clients hold over 8388608 bytes "
+                                    b"(--max-partial-request-bytes): refusing the oldest, this client's "), reply[:200]
+            refused.append(c)
+        held = info_field(r, "clients", "partial_request_bytes")
+        assert 8 <= len(refused) <= 15, (len(refused), held)
+        assert refused == holders[:len(refused)]  # the oldest unfinished requests, not the newest
+        assert info_field(r, "stats", "partial_request_refusals") == len(refused)
+        assert len(kept) * 1_000_000 <= held <= cap
+        # Everyone else goes on: a command, and a small request split across two reads.
+        assert r.ping()
+        with connect(s) as c:
+            c.sendall(b"*2\r\n$4\r\nECHO\r\n$5\r\nhel")
+            time.sleep(0.2)
+            c.sendall(b"lo\r\n")
+            reply = b""
+            while len(reply) < 11:
+                reply += c.recv(100)
+            assert reply == b"$5\r\nhello\r\n"
+        # A client that was kept finishes its request and is answered (an older one may make room).
+        c = kept[-1]
+        c.settimeout(10)
+        c.sendall(b"x" * 500_000 + b"\r\n")
+        reply = b""
+        while len(reply) < 1_500_000 + 12:
+            reply += c.recv(1 << 20)
+        assert reply == b"$1500000\r\n" + b"x" * 1_500_000 + b"\r\n"
+        for c in holders:
+            c.close()
+        # Their bytes are let go: a large request fits again.
+        assert wait_until(lambda: info_field(r, "clients", "partial_request_bytes") == 0), \
+            r.execute_command("INFO", "clients")
+        assert r.execute_command("ECHO", "y" * 1_500_000) == "y" * 1_500_000
+    finally:
+        s.stop()
+    import subprocess
+    from conftest import BINARY
+    out = subprocess.run([BINARY, "serve", "--port", "0", "--data-dir", data_dir, "--max-request-bytes", str(2 << 20),
+                          "--max-partial-request-bytes", str(1 << 20)], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "--max-partial-request-bytes (1048576) must be at least --max-request-bytes" in out.stderr + out.stdout
+
+
+def test_a_small_remainder_does_not_keep_a_large_read_buffer(server):
+    """A client whose last read ended a few bytes into a request held the whole read buffer (up to
+    64 KiB) while it waited; those few bytes now move to a buffer of their size, so many such clients
+    hold little and count little against --max-partial-request-bytes."""
+    r = server.client()
+    socks = []
+    for _ in range(40):
+        c = connect(server)
+        c.sendall(encode("ECHO", b"z" * 200_000) + b"*1\r\n$4\r\nPI")
+        reply = b""
+        while len(reply) < 200_000 + 11:
+            reply += c.recv(1 << 20)
+        assert reply.startswith(b"$200000\r\n")
+        socks.append(c)
+    time.sleep(0.3)
+    held = info_field(r, "clients", "partial_request_bytes")
+    assert 0 < held <= 40 * 1024, held
+    for c in socks:
+        assert ask(c, b"NG\r\n") == b"+PONG\r\n"
+        c.close()
+    assert wait_until(lambda: info_field(r, "clients", "partial_request_bytes") == 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # C16: reply amplification; ORDERS pages
 
