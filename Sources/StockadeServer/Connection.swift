@@ -765,14 +765,15 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                 case .local(let start, let end):
                     out.writeImmutableBuffer(round.local.getSlice(at: start, length: end - start)!)
                 case .engine(let index, let name):
-                    let reply = replies[index]
-                    // Only an error's text depends on the command: no copy of it otherwise.
-                    if case .rejected = reply {
-                        ReplyEncoding.write(reply, to: round.batch[index], resp3: resp3, into: &out)
+                    // Read in place, not copied out of the array. Only one error's text depends on
+                    // the command (BADQTY): no copy of the command otherwise (a sold-out answer is
+                    // the common error).
+                    if case .rejected(.badQuantity) = replies[index] {
+                        ReplyEncoding.write(replies[index], to: round.batch[index], resp3: resp3, into: &out)
                     } else {
-                        ReplyEncoding.write(reply, resp3: resp3, into: &out)
+                        ReplyEncoding.write(replies[index], resp3: resp3, into: &out)
                     }
-                    tally.add(name, ReplyEncoding.outcome(reply))
+                    tally.add(name, ReplyEncoding.outcome(replies[index]))
                 }
                 if pastLimit(with: out.readableBytes) {
                     overLimit = true

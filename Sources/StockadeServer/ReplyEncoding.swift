@@ -86,6 +86,7 @@ package enum ReplyEncoding {
     }
 
     /// The error line of a rejection: a stable code, then details naming the bound that applies.
+    /// Only ``Rejection/badQuantity`` reads the command (a connection passes it for that one alone).
     static func errorText(_ rejection: Rejection, to command: Command? = nil) -> String {
         switch rejection {
         case .soldOut: "SOLDOUT"
