@@ -257,7 +257,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             return
         }
         loopNanos = monotonicNanos() - parseStarted
-        run(round, context: context)
+        run(consume round, context: context)
     }
 
     /// The connection becomes a replica's log stream: the replies before REPLICATE are written, then
@@ -607,7 +607,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         let elsewhere: Int
         switch server.engine.executeLocally(round.batch, now: wallClockMillis(), localShards: loopState.localShards) {
         case .answered(let replies, let waitFor):
-            awaitDurable(round, replies: replies, waitFor: waitFor, context: context)
+            awaitDurable(consume round, replies: replies, waitFor: waitFor, context: context)
             return
         case .needsAsync:
             runAsync(round, context: context)
@@ -628,7 +628,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         // of its references, and a release of each when the closures go).
         // Checked in release builds too: a second round here would overwrite the first one's replies.
         precondition(hopping == nil, "one round at a time")
-        hopping = round
+        hopping = consume round
         homeState.loop.execute {
             let outcome = engine.executeLocally(batch, now: wallClockMillis(), localShards: homeState.localShards)
             ownLoop.execute {
