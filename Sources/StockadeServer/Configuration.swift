@@ -44,14 +44,11 @@ public struct ServerConfiguration: Sendable {
     public var rateLimitPerSecond = 0
     public var parserLimits = RESPParser.Limits()
     /// Bytes all connections together may hold for requests they have begun and not finished (a
-    /// request's bytes wait in memory until its last byte arrives). Past it, a connection holding
-    /// more than ``partialRequestRefusalFloor`` of them is answered with an error and closed: idle
-    /// clients that send most of a large request cannot make the server hold `--maxclients` times
+    /// request's bytes wait in memory until its last byte arrives). Past it, the oldest unfinished
+    /// requests are refused and their connections closed (``PartialRequestBudget``): idle clients
+    /// that send most of a large request cannot make the server hold `--maxclients` times
     /// `--max-request-bytes`.
     public var partialRequestBytesMax = 512 << 20
-    /// What one connection may hold for an unfinished request and never be refused for it, however
-    /// much all of them hold: any of our commands and a request split across reads stay far below it.
-    public static let partialRequestRefusalFloor = 64 << 10
     /// Replies buffered for a client that does not read, past which it is disconnected: a slow
     /// consumer must not hold the server's memory.
     public var clientOutputBytesMax = 64 << 20

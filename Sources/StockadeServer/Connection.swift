@@ -68,6 +68,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     /// This connection's share of ``ServerContext/partialRequests``: what it holds of a request
     /// begun and not finished, as last counted.
     private var partialBytesCounted = 0
+    /// The channel went inactive: this connection holds nothing any more.
+    private var gone = false
 
     init(server: ServerContext) {
         self.server = server
@@ -108,6 +110,12 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     func channelInactive(context: ChannelHandlerContext) {
         presence.leave()
         if counted { server.release(context.channel) }
+        // Nothing more is parsed or counted: a round that was running when the client went, and the
+        // next one it schedules, find the connection closing (the next one would count the unfinished
+        // request again, after its share was let go here).
+        closing = true
+        gone = true
+        inbound = nil
         _ = countPartialRequest(bytes: 0, context: context)
         counted = false
         stallTimer?.cancel()
@@ -516,7 +524,10 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             inbound = small
         }
         let bytes = parser.heldBytes + (inbound?.capacity ?? 0)
-        guard countPartialRequest(bytes: bytes, context: context) else { return }
+        // A request that completed in this round means the one now held began after it: its age
+        // starts now. Otherwise it is the request counted before, still arriving.
+        let restart = !round.slots.isEmpty || round.step != nil
+        guard countPartialRequest(bytes: bytes, restart: restart, context: context) else { return }
         let start = round.local.writerIndex
         round.local.writeRESPError(refusalMessage(bytes))
         round.slots.append(.local(start: start, end: round.local.writerIndex))
@@ -527,16 +538,19 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     /// Read buffers at least this large are not kept for a small remainder (see ``holdPartialRequest``).
     private static let partialCompactBytes = 16 << 10
 
-    /// Sets this connection's share of ``ServerContext/partialRequests`` and closes the connections
-    /// (on their loops) whose unfinished requests are refused; returns whether this one's is.
-    private func countPartialRequest(bytes: Int, context: ChannelHandlerContext) -> Bool {
-        guard bytes != partialBytesCounted else { return false }
+    /// Sets this connection's share of ``ServerContext/partialRequests`` (`restart`: of a request
+    /// begun since the last count) and closes the connections (on their loops) whose unfinished
+    /// requests are refused; returns whether this one's is. Once the connection is gone its share
+    /// stays 0, whatever runs after the close.
+    private func countPartialRequest(bytes: Int, restart: Bool = false, context: ChannelHandlerContext) -> Bool {
+        let bytes = gone ? 0 : bytes
+        guard bytes != partialBytesCounted || (restart && bytes > 0) else { return false }
         let id = ObjectIdentifier(self)
         let old = partialBytesCounted
         partialBytesCounted = bytes
-        let holder = bytes > ServerConfiguration.partialRequestRefusalFloor ? NIOLoopBound((self, context), eventLoop: context.eventLoop) : nil
+        let holder = bytes > 0 ? NIOLoopBound((self, context), eventLoop: context.eventLoop) : nil
         let now = monotonicNanos()
-        let refused = server.partialRequests.withLock { $0.set(id, from: old, to: bytes, now: now, holder: holder) }
+        let refused = server.partialRequests.withLock { $0.set(id, from: old, to: bytes, now: now, restart: restart, holder: holder) }
         var this = false
         for (key, holder) in refused {
             if key == id {

@@ -5,69 +5,73 @@
 /// a large request could make the server hold `--maxclients` times `--max-request-bytes`. Past the
 /// bound, the connections whose unfinished request is the oldest are closed, oldest first, until the
 /// rest fit: a client that stalls midway (or trickles) has held its bytes longest, while a real
-/// client's large request finishes in moments. A connection holding at most ``floor`` is never
-/// chosen: any command of ours, and a request split across reads, stays far below it.
+/// client's request, large or split across reads, finishes within moments. The age is the request's,
+/// not the connection's: a share starts again with each request (``set(_:from:to:now:restart:holder:)``).
 ///
 /// Pure bookkeeping: the connections call it under a lock when their share changes (not on a read
-/// that ends between requests, the common case) and close the holders it returns.
+/// that ends between requests, the common case) and close the holders it returns. Choosing scans the
+/// shares (one per connection holding part of a request), and only past the bound.
 struct PartialRequestBudget<Key: Hashable, Holder> {
     let bound: Int
-    let floor: Int
-    /// Bytes held by all connections (large and small shares).
+    /// Bytes held by all connections.
     private(set) var total = 0
-    /// Connections holding more than ``floor``: the ones that may be chosen.
-    private var large: [Key: Entry] = [:]
-    /// Bytes of the large shares already chosen and not yet let go.
+    /// Every connection holding part of a request.
+    private var shares: [Key: Entry] = [:]
+    /// Bytes of the shares already chosen and not yet let go.
     private var chosenBytes = 0
 
     private struct Entry {
         var bytes: Int
-        /// When the share first passed ``floor`` (monotonic nanoseconds).
-        let since: UInt64
+        /// When the request began to be held (monotonic nanoseconds).
+        var since: UInt64
         var chosen: Bool
         let holder: Holder
     }
 
-    init(bound: Int, floor: Int) {
-        precondition(bound >= floor && floor >= 0)
+    init(bound: Int) {
+        precondition(bound >= 0)
         self.bound = bound
-        self.floor = floor
     }
 
     /// Sets the share of `key` from `old` (what it set last, 0 at first) to `new`; returns the
-    /// holders to close, oldest first (empty nearly always). `holder` is needed only for a share
-    /// over ``floor``. A share that falls to ``floor`` or below is no longer chosen, even if it was:
-    /// it finished its request before it was closed.
-    mutating func set(_ key: Key, from old: Int, to new: Int, now: UInt64, holder: Holder?) -> [(Key, Holder)] {
+    /// holders to close, oldest first (empty nearly always). `restart`: the share is of a request
+    /// begun since the last call (its age starts now). `holder` is needed for a share over 0. A share
+    /// that falls to 0 or starts again is no longer chosen, even if it was: its request finished
+    /// before it was closed.
+    mutating func set(_ key: Key, from old: Int, to new: Int, now: UInt64, restart: Bool, holder: Holder?) -> [(Key, Holder)] {
         precondition(old >= 0 && new >= 0)
         total += new - old
         assert(total >= 0, "a share let go that was never counted")
-        if var entry = large[key] {
+        if var entry = shares[key] {
             if entry.chosen { chosenBytes -= entry.bytes }
-            if new > floor {
+            if new > 0 {
                 entry.bytes = new
+                if restart {
+                    entry.since = now
+                    entry.chosen = false
+                }
                 if entry.chosen { chosenBytes += new }
-                large[key] = entry
+                shares[key] = entry
             } else {
-                large[key] = nil
+                shares[key] = nil
             }
-        } else if new > floor {
-            guard let holder else { preconditionFailure("a share over the floor needs its holder") }
-            large[key] = Entry(bytes: new, since: now, chosen: false, holder: holder)
+        } else if new > 0 {
+            guard let holder else { preconditionFailure("a share needs its holder") }
+            shares[key] = Entry(bytes: new, since: now, chosen: false, holder: holder)
         }
         var chosen: [(Key, Holder)] = []
         while total - chosenBytes > bound {
             var oldest: (key: Key, entry: Entry)?
-            for (k, e) in large where !e.chosen && (oldest == nil || e.since < oldest!.entry.since) { oldest = (k, e) }
-            guard let (k, e) = oldest else { break }  // only small shares left: they stay
-            large[k]!.chosen = true
+            for (k, e) in shares where !e.chosen && (oldest == nil || e.since < oldest!.entry.since) { oldest = (k, e) }
+            guard let (k, e) = oldest else { break }  // every share is chosen already
+            shares[k]!.chosen = true
             chosenBytes += e.bytes
             chosen.append((k, e.holder))
         }
-        assert(chosenBytes == large.values.reduce(0) { $0 + ($1.chosen ? $1.bytes : 0) })
+        assert(chosenBytes == shares.values.reduce(0) { $0 + ($1.chosen ? $1.bytes : 0) })
         return chosen
     }
 
-    /// Whether `key` was chosen to be closed and has not let its share go since.
-    func isChosen(_ key: Key) -> Bool { large[key]?.chosen ?? false }
+    /// Whether `key` was chosen to be closed and has not let its share go (or started again) since.
+    func isChosen(_ key: Key) -> Bool { shares[key]?.chosen ?? false }
 }

@@ -95,8 +95,7 @@ final class ServerContext: Sendable {
         self.blockingWork = blockingWork
         self.requestShutdown = requestShutdown
         acceptFailures = AcceptFailureLog(logger: logger, metrics: metrics)
-        partialRequests = Mutex(PartialRequestBudget(
-            bound: configuration.partialRequestBytesMax, floor: ServerConfiguration.partialRequestRefusalFloor))
+        partialRequests = Mutex(PartialRequestBudget(bound: configuration.partialRequestBytesMax))
         counters = Mutex(Counters(lastSnapshotLSN: store.recovery.snapshotLSN, lastSnapshotNanos: monotonicNanos()))
         var states: [ObjectIdentifier: DurableReplies] = [:]
         var byIndex: [DurableReplies] = []

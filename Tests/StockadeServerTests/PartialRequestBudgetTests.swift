@@ -2,34 +2,37 @@ import Testing
 @testable import StockadeServer
 
 /// ``PartialRequestBudget`` against a model of what it must do, over random sequences of shares:
-/// the total is the sum of the shares; past the bound, the oldest large shares are chosen until the
-/// rest fit (or only small ones are left); a small share is never chosen; a share that falls to the
-/// floor is no longer chosen.
+/// the total is the sum of the shares; past the bound, the shares of the oldest requests are chosen
+/// until the rest fit; a share's age is its request's (it starts again with each request); a share
+/// that falls to 0 or starts again is no longer chosen.
 @Suite struct PartialRequestBudgetTests {
-    @Test func choosesTheOldestLargeSharesUntilTheRestFit() {
+    @Test func choosesTheOldestRequestsUntilTheRestFit() {
         var rng = SplitMix(seed: 0x5EED)
         var choices = 0
+        var smallChosen = 0
         for _ in 0..<300 {
-            let floor = Int(rng.next() % 64) + 1
-            let bound = floor + Int(rng.next() % 2000)
-            var budget = PartialRequestBudget<Int, Int>(bound: bound, floor: floor)
+            let bound = Int(rng.next() % 2000) + 1
+            var budget = PartialRequestBudget<Int, Int>(bound: bound)
             var shares = [Int](repeating: 0, count: 12)
-            /// When each share last went over the floor (the budget's `since`), and which were chosen.
+            /// When each share's request began to be held (the budget's `since`), and which were chosen.
             var since = [UInt64?](repeating: nil, count: 12)
             var chosen = Set<Int>()
             for step in 0..<400 {
                 let key = Int(rng.next() % 12)
-                let new: Int
-                switch rng.next() % 4 {
-                case 0: new = 0
-                case 1: new = Int(rng.next() % UInt64(floor + 1))  // small
-                default: new = Int(rng.next() % UInt64(bound / 2 + floor + 2))
+                let new: Int = switch rng.next() % 4 {
+                case 0: 0
+                case 1: Int(rng.next() % 64)  // a few bytes, as a request split across reads holds
+                default: Int(rng.next() % UInt64(bound / 2 + 2))
                 }
+                let restart = rng.next() % 4 == 0
                 let now = UInt64(step)
-                let refused = budget.set(key, from: shares[key], to: new, now: now, holder: new > floor ? key * 1000 : nil)
+                let refused = budget.set(key, from: shares[key], to: new, now: now, restart: restart, holder: new > 0 ? key * 1000 : nil)
                 shares[key] = new
-                if new > floor {
-                    if since[key] == nil { since[key] = now }
+                if new > 0 {
+                    if since[key] == nil || restart {
+                        since[key] = now
+                        chosen.remove(key)
+                    }
                 } else {
                     since[key] = nil
                     chosen.remove(key)
@@ -37,10 +40,11 @@ import Testing
                 #expect(budget.total == shares.reduce(0, +))
                 for (k, holder) in refused {
                     #expect(holder == k * 1000)
-                    #expect(shares[k] > floor, "a small share was chosen")
+                    #expect(shares[k] > 0, "a share of nothing was chosen")
                     #expect(!chosen.contains(k), "a share chosen twice")
+                    if shares[k] < 64 { smallChosen += 1 }
                     // Nothing left unchosen is older.
-                    for other in 0..<12 where other != k && shares[other] > floor && !chosen.contains(other)
+                    for other in 0..<12 where other != k && shares[other] > 0 && !chosen.contains(other)
                         && !refused.contains(where: { $0.0 == other }) {
                         #expect(since[other]! >= since[k]!)
                     }
@@ -48,12 +52,12 @@ import Testing
                 chosen.formUnion(refused.map(\.0))
                 choices += refused.count
                 let unchosen = (0..<12).filter { !chosen.contains($0) }.reduce(0) { $0 + shares[$1] }
-                let largeUnchosen = (0..<12).contains { !chosen.contains($0) && shares[$0] > floor }
-                #expect(unchosen <= bound || !largeUnchosen, "over the bound with a share left to choose")
+                #expect(unchosen <= bound, "over the bound with a share left to choose")
                 for k in 0..<12 { #expect(budget.isChosen(k) == chosen.contains(k)) }
             }
         }
         #expect(choices > 1000, "the sequences passed the bound")
+        #expect(smallChosen > 0, "small shares are chosen too when they are the oldest")
     }
 }
 

@@ -175,8 +175,8 @@ def wait_until(check, timeout=15, step=0.05):
 
 def test_partial_requests_of_all_clients_are_bounded(data_dir):
     """Clients that send most of a large request and go idle make the server hold those bytes. Past
-    --max-partial-request-bytes across all clients, the oldest unfinished requests over 64 KiB are
-    refused with an error and their connections closed; the others, and clients whose requests are
+    --max-partial-request-bytes across all clients, the oldest unfinished requests are refused with
+    an error and their connections closed; the others, and clients whose requests are
     small or split across reads, go on. Without the bound, --maxclients times --max-request-bytes
     (40 GB by default) could be held."""
     cap = 8 << 20
@@ -245,6 +245,63 @@ def test_partial_requests_of_all_clients_are_bounded(data_dir):
     out = subprocess.run([BINARY, "serve", "--port", "0", "--data-dir", data_dir, "--max-request-bytes", str(2 << 20),
                           "--max-partial-request-bytes", str(1 << 20)], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "--max-partial-request-bytes (1048576) must be at least --max-request-bytes" in out.stderr + out.stdout
+
+
+def test_partial_request_bytes_return_to_zero_when_clients_close_mid_round(data_dir):
+    """A client that writes a long pipeline and the start of a request, then closes at once: its round
+    was still running when the connection went, and the next round's parse counted the unfinished
+    request again after the close had let it go, so the total never returned to 0 (a few percent of
+    such connections leaked their share) and, once it passed the bound, refused every large request
+    with no client holding anything."""
+    s = Server(data_dir, "--max-bulk-bytes", str(1 << 20)).start()
+    try:
+        r = s.client()
+        r.execute_command("SKU.ADD", "s", 1_000_000_000)
+        burst = encode("DEDUCT", "s", 1) * 1000 + b"*9\r\n$4\r\nECHO\r\n$100000\r\n" + b"x" * 20000
+        for _ in range(300):
+            c = connect(s)
+            c.sendall(burst)
+            c.close()
+        assert wait_until(lambda: info_field(r, "clients", "connected_clients") == 1, timeout=30)
+        assert wait_until(lambda: info_field(r, "clients", "partial_request_bytes") == 0, timeout=10), \
+            r.execute_command("INFO", "clients")
+    finally:
+        s.stop()
+
+
+def test_idle_holders_at_any_size_are_refused_before_a_newer_request(data_dir):
+    """Idle clients each holding 64 KiB of a request (what the first bound never refused, before AUTH
+    too) filled the bound, and every newer large request was refused while they stayed. The oldest
+    unfinished requests are refused, whatever their size, so a newer request gets through."""
+    cap = 4 << 20
+    s = Server(data_dir, "--max-bulk-bytes", str(1 << 20), "--max-partial-request-bytes", str(cap)).start()
+    try:
+        r = s.client()
+        idle = []
+        for _ in range(100):
+            c = connect(s)
+            c.sendall(b"*2\r\n$100000\r\n" + b"i" * 60_000)  # a 64 KiB buffer held, then nothing
+            idle.append(c)
+        time.sleep(0.5)
+        assert info_field(r, "clients", "partial_request_bytes") <= cap
+        for _ in range(2):
+            with connect(s, timeout=10) as c:
+                c.sendall(b"*2\r\n$4\r\nECHO\r\n$400000\r\n" + b"n" * 200_000)
+                time.sleep(0.1)
+                c.sendall(b"n" * 200_000 + b"\r\n")
+                reply = b""
+                while len(reply) < 400_000 + 11:
+                    chunk = c.recv(1 << 20)
+                    assert chunk, reply[:200]
+                    reply += chunk
+                assert reply == b"$400000\r\n" + b"n" * 400_000 + b"\r\n"
+        refused = info_field(r, "stats", "partial_request_refusals")
+        assert refused >= 1
+        for c in idle:
+            c.close()
+        assert wait_until(lambda: info_field(r, "clients", "partial_request_bytes") == 0)
+    finally:
+        s.stop()
 
 
 def test_a_small_remainder_does_not_keep_a_large_read_buffer(server):
