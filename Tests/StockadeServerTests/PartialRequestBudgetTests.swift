@@ -1,3 +1,4 @@
+import StockadeCore
 import Testing
 @testable import StockadeServer
 
@@ -7,7 +8,7 @@ import Testing
 /// that falls to 0 or starts again is no longer chosen.
 @Suite struct PartialRequestBudgetTests {
     @Test func choosesTheOldestRequestsUntilTheRestFit() {
-        var rng = SplitMix(seed: 0x5EED)
+        var rng = SplitMix64(seed: 0x5EED)
         var choices = 0
         var smallChosen = 0
         for _ in 0..<300 {
@@ -58,18 +59,5 @@ import Testing
         }
         #expect(choices > 1000, "the sequences passed the bound")
         #expect(smallChosen > 0, "small shares are chosen too when they are the oldest")
-    }
-}
-
-/// A small deterministic generator (the tests' sequences repeat run to run).
-private struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
