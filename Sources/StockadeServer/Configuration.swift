@@ -105,8 +105,9 @@ public struct ServerConfiguration: Sendable {
         public static let arguments = 1...(1 << 20)
         /// A whole request: at least a small basket, at most 1 GiB (far past any command of ours).
         public static let requestBytes = 1024...(1 << 30)
-        /// At least one whole request (checked against `--max-request-bytes` too), at most 1 TiB.
-        public static let partialRequestBytes = 1024...(1 << 40)
+        /// At least 1 MiB (a few reads' buffers: below it a request split across two reads could
+        /// pass it alone) and one whole request (checked against `--max-request-bytes` too), at most 1 TiB.
+        public static let partialRequestBytes = (1 << 20)...(1 << 40)
         /// One descriptor each; no process gets a million.
         public static let clients = 1...1_000_000
         public static let rateLimit = 0...1_000_000_000

@@ -549,8 +549,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         let old = partialBytesCounted
         partialBytesCounted = bytes
         let holder = bytes > 0 ? NIOLoopBound((self, context), eventLoop: context.eventLoop) : nil
-        let now = monotonicNanos()
-        let refused = server.partialRequests.withLock { $0.set(id, from: old, to: bytes, now: now, restart: restart, holder: holder) }
+        let refused = server.partialRequests.withLock { $0.set(id, from: old, to: bytes, restart: restart, holder: holder) }
         var this = false
         for (key, holder) in refused {
             if key == id {
