@@ -106,7 +106,8 @@ public struct ServerConfiguration: Sendable {
         /// A whole request: at least a small basket, at most 1 GiB (far past any command of ours).
         public static let requestBytes = 1024...(1 << 30)
         /// At least 1 MiB (a few reads' buffers: below it a request split across two reads could
-        /// pass it alone) and one whole request (checked against `--max-request-bytes` too), at most 1 TiB.
+        /// pass it alone) and twice the largest request (checked against `--max-request-bytes` too:
+        /// a request's buffers grow by doubling), at most 1 TiB.
         public static let partialRequestBytes = (1 << 20)...(1 << 40)
         /// One descriptor each; no process gets a million.
         public static let clients = 1...1_000_000
@@ -148,8 +149,8 @@ public struct ServerConfiguration: Sendable {
             outside(parserLimits.argumentsMax, Range.arguments, "--max-arguments"),
             outside(parserLimits.requestBytesMax, Range.requestBytes, "--max-request-bytes"),
             outside(partialRequestBytesMax, Range.partialRequestBytes, "--max-partial-request-bytes"),
-            partialRequestBytesMax < parserLimits.requestBytesMax
-                ? "--max-partial-request-bytes (\(partialRequestBytesMax)) must be at least --max-request-bytes (\(parserLimits.requestBytesMax)): one request of the largest size must fit" : nil,
+            partialRequestBytesMax < 2 * parserLimits.requestBytesMax
+                ? "--max-partial-request-bytes (\(partialRequestBytesMax)) must be at least twice --max-request-bytes (\(parserLimits.requestBytesMax)): one request of the largest size must fit, and its buffers take up to twice its bytes while they grow" : nil,
             outside(snapshotEveryChanges, Range.snapshotChanges, "--snapshot-every-changes", " (0: never by count)"),
             outside(snapshotEverySeconds, Range.snapshotSeconds, "--snapshot-every-seconds", " (0: never by time)"),
             outside(eventsRetentionSegments, Range.retentionSegments, "--events-retention-segments"),

@@ -63,7 +63,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("max-request-bytes"), help: "Largest request (one command with all its arguments), 1 KiB to 1 GiB.")
     var maxRequestBytes = 4 << 20
 
-    @Option(name: .customLong("max-partial-request-bytes"), help: "Bytes all clients together may hold in requests begun and not finished; past it the oldest unfinished requests are refused and their clients closed. 1 MiB to 1 TiB, and at least --max-request-bytes.")
+    @Option(name: .customLong("max-partial-request-bytes"), help: "Bytes all clients together may hold in requests begun and not finished; past it the oldest unfinished requests are refused and their clients closed. 1 MiB to 1 TiB, and at least twice --max-request-bytes.")
     var maxPartialRequestBytes = 512 << 20
 
     @Option(name: .customLong("io-threads"), help: "Event-loop threads for connections, 0 to 64 (0: one per core).")

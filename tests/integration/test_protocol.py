@@ -244,7 +244,7 @@ def test_partial_requests_of_all_clients_are_bounded(data_dir):
     from conftest import BINARY
     out = subprocess.run([BINARY, "serve", "--port", "0", "--data-dir", data_dir, "--max-request-bytes", str(2 << 20),
                           "--max-partial-request-bytes", str(1 << 20)], capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and "--max-partial-request-bytes (1048576) must be at least --max-request-bytes" in out.stderr + out.stdout
+    assert out.returncode != 0 and "--max-partial-request-bytes (1048576) must be at least twice --max-request-bytes" in out.stderr + out.stdout
 
 
 def test_partial_request_bytes_return_to_zero_when_clients_close_mid_round(data_dir):
@@ -274,7 +274,8 @@ def test_idle_holders_at_any_size_are_refused_before_a_newer_request(data_dir):
     too) filled the bound, and every newer large request was refused while they stayed. The oldest
     unfinished requests are refused, whatever their size, so a newer request gets through."""
     cap = 4 << 20
-    s = Server(data_dir, "--max-bulk-bytes", str(1 << 20), "--max-partial-request-bytes", str(cap)).start()
+    s = Server(data_dir, "--max-request-bytes", str(1 << 20), "--max-bulk-bytes", str(1 << 20),
+               "--max-partial-request-bytes", str(cap)).start()
     try:
         r = s.client()
         idle = []
