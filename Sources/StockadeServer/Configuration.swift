@@ -149,7 +149,8 @@ public struct ServerConfiguration: Sendable {
             outside(parserLimits.argumentsMax, Range.arguments, "--max-arguments"),
             outside(parserLimits.requestBytesMax, Range.requestBytes, "--max-request-bytes"),
             outside(partialRequestBytesMax, Range.partialRequestBytes, "--max-partial-request-bytes"),
-            partialRequestBytesMax < 2 * parserLimits.requestBytesMax
+            // Halved, not doubled: the request limit may be far out of its range (checked above).
+            parserLimits.requestBytesMax > partialRequestBytesMax / 2
                 ? "--max-partial-request-bytes (\(partialRequestBytesMax)) must be at least twice --max-request-bytes (\(parserLimits.requestBytesMax)): one request of the largest size must fit, and its buffers take up to twice its bytes while they grow" : nil,
             outside(snapshotEveryChanges, Range.snapshotChanges, "--snapshot-every-changes", " (0: never by count)"),
             outside(snapshotEverySeconds, Range.snapshotSeconds, "--snapshot-every-seconds", " (0: never by time)"),

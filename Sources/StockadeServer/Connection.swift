@@ -900,10 +900,12 @@ final class ProtocolErrorLog: Sendable {
     /// schedules the summary on `loop` for when the second ends.
     func record(_ message: String, peer: String, logger: Logger, loop: EventLoop?) {
         enum Decision { case log(summary: Int), suppress(scheduleSummary: Bool) }
-        let now = nowNanos()
         let decision: Decision = window.withLock { w in
+            // The time is read under the lock: read before it, it could be older than a window
+            // another loop has just started, and the difference would underflow (a trap).
+            let now = nowNanos()
             var summary = 0
-            if now - w.startNanos >= 1_000_000_000 {
+            if now >= w.startNanos, now - w.startNanos >= 1_000_000_000 {
                 summary = w.suppressed
                 w = Window(startNanos: now)
             }
@@ -927,9 +929,9 @@ final class ProtocolErrorLog: Sendable {
 
     /// Logs how many lines were left out in a second that is over (the next error would say it too).
     func flushSummary(logger: Logger) {
-        let now = nowNanos()
         let summary: Int = window.withLock { w in
-            guard now - w.startNanos >= 1_000_000_000, w.suppressed > 0 else { return 0 }
+            let now = nowNanos()  // under the lock, as in `record`
+            guard now >= w.startNanos, now - w.startNanos >= 1_000_000_000, w.suppressed > 0 else { return 0 }
             defer { w = Window(startNanos: w.startNanos, logged: w.logged, suppressed: 0, summaryScheduled: false) }
             return w.suppressed
         }

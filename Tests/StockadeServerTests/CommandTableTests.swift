@@ -233,6 +233,22 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(lines.all.suffix(1) == ["protocol error again"])
         #expect(lines.all.count == 12)
     }
+
+    /// A time older than the current window (what a loop saw when it read the clock before taking the
+    /// lock, while the other loop started a new window) counts in that window: the difference
+    /// underflowed and trapped, which took the server down under a flood of refusals on both loops.
+    @Test func aTimeBeforeTheWindowCountsInIt() {
+        let lines = Lines()
+        let logger = Logger(label: "test") { _ in Handler(lines: lines) }
+        let clock = Mutex<UInt64>(5_000_000_000)
+        let log = ProtocolErrorLog(nowNanos: { clock.withLock { $0 } })
+        log.record("first", peer: "p", logger: logger, loop: nil)
+        clock.withLock { $0 = 4_500_000_000 }
+        log.record("seen earlier", peer: "p", logger: logger, loop: nil)
+        log.flushSummary(logger: logger)
+        #expect(log.counts == (logged: 2, suppressed: 0))
+        #expect(lines.all == ["first", "seen earlier"])
+    }
 }
 
 /// The least CPU time of this thread over three runs of `body`: for comparing the cost of two

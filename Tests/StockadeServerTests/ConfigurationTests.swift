@@ -70,6 +70,10 @@ import Testing
             ("--shards", { $0.shards = 0 }),
             ("--metrics-port", { $0.metricsPort = 70_000 }),
             ("--max-partial-request-bytes", { $0.partialRequestBytesMax = .max }),
+            // Out of its range, the request limit is refused before the partial bound is compared
+            // with it (doubling it overflowed and trapped).
+            ("--max-request-bytes", { $0.parserLimits.requestBytesMax = .max }),
+            ("--max-request-bytes", { $0.parserLimits.requestBytesMax = 1 << 62 }),
             // Below twice the largest request, that request's buffers alone could pass it.
             ("--max-partial-request-bytes", { $0.partialRequestBytesMax = 2 * $0.parserLimits.requestBytesMax - 1 }),
         ]
