@@ -1117,20 +1117,24 @@ final class AcceptFailureLog: Sendable {
     private let state = Mutex(State())
     private let logger: Logger
     private let metrics: ServerMetrics
+    private let nowNanos: @Sendable () -> UInt64
 
-    init(logger: Logger, metrics: ServerMetrics) {
+    init(logger: Logger, metrics: ServerMetrics, nowNanos: @escaping @Sendable () -> UInt64 = { monotonicNanos() }) {
         self.logger = logger
         self.metrics = metrics
+        self.nowNanos = nowNanos
     }
 
     func record(listener: String, error: Error) {
-        let now = monotonicNanos()
         let reason = (error as? IOError).map { "\(String(cString: strerror($0.errnoCode))) (errno \($0.errnoCode))" } ?? "\(error)"
         let line: String? = state.withLock { s in
+            // Under the lock: a time read before it could be older than the last line's, logged
+            // meanwhile by the other listener's loop, and the difference would underflow (a trap).
+            let now = nowNanos()
             s.count += 1
             s.unlogged += 1
             s.last = "\(listener): \(reason)"
-            guard s.lastLoggedNanos == 0 || now - s.lastLoggedNanos >= Self.logIntervalNanos else { return nil }
+            guard s.lastLoggedNanos == 0 || (now >= s.lastLoggedNanos && now - s.lastLoggedNanos >= Self.logIntervalNanos) else { return nil }
             defer {
                 s.unlogged = 0
                 s.lastLoggedNanos = now

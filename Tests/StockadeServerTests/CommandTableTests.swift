@@ -249,6 +249,20 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(log.counts == (logged: 2, suppressed: 0))
         #expect(lines.all == ["first", "seen earlier"])
     }
+
+    /// The accept-failure log had the same underflow: a time older than the last line's (logged
+    /// meanwhile by the other listener's loop) trapped.
+    @Test func anAcceptFailureSeenBeforeTheLastLineCountsAfterIt() {
+        let lines = Lines()
+        let logger = Logger(label: "test") { _ in Handler(lines: lines) }
+        let clock = Mutex<UInt64>(50_000_000_000)
+        let log = AcceptFailureLog(logger: logger, metrics: ServerMetrics(), nowNanos: { clock.withLock { $0 } })
+        log.record(listener: "client", error: IOError(errnoCode: EMFILE, reason: "accept"))
+        clock.withLock { $0 = 49_000_000_000 }
+        log.record(listener: "metrics", error: IOError(errnoCode: EMFILE, reason: "accept"))
+        #expect(lines.all.count == 1)
+        #expect(log.summary.count == 2)
+    }
 }
 
 /// The least CPU time of this thread over three runs of `body`: for comparing the cost of two
