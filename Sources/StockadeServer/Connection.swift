@@ -246,7 +246,10 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         // Resumed by channelWritabilityChanged once the client has read its replies.
         guard context.channel.isWritable else { return }
         let parseStarted = monotonicNanos()
-        guard let round = buildRound(context: context) else {
+        // Built in place: returned from ``buildRound(into:context:)``, the round was copied.
+        var round = Round(local: Self.reuse(&spareLocal, context: context), started: monotonicNanos())
+        guard buildRound(into: &round, context: context) else {
+            recycle(round)
             if inputClosed {
                 // The client half-closed: everything it sent before is answered; now close.
                 closeAfterWrites(context: context)
@@ -270,7 +273,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
 
     /// The connection becomes a replica's log stream: the replies before REPLICATE are written, then
     /// ``ReplicaFeed`` owns the socket until it closes. REPLICATE always starts a round of its own
-    /// (``buildRound(context:)``), so nothing of the engine is in flight here.
+    /// (``buildRound(into:context:)``), so nothing of the engine is in flight here.
     private func startFeed(context: ChannelHandlerContext, round: Round, request: ReplicaRequest) {
         finish(context: context, round: round, replies: [], tail: nil, closeAfter: false)
         busy = true  // no more rounds on this connection
@@ -322,9 +325,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
 
     /// Parses commands from the buffered input into a round: until the input runs out, an async
     /// step or QUIT or a protocol error ends it, or the replies admitted reach the round's bound.
-    /// nil when nothing complete was buffered.
-    private func buildRound(context: ChannelHandlerContext) -> Round? {
-        var round = Round(local: Self.reuse(&spareLocal, context: context), started: monotonicNanos())
+    /// False when nothing complete was buffered (the caller recycles the round's arrays and buffer).
+    private func buildRound(into round: inout Round, context: ChannelHandlerContext) -> Bool {
         swap(&round.slots, &spareSlots)
         swap(&round.batch, &spareBatch)
         // Emptied here, not when the last round ended: by now that round is gone, so these arrays
@@ -503,11 +505,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         }
         // Only part of a command so far: wait for the next read (the round's arrays and buffer serve
         // the next one).
-        if round.slots.isEmpty && round.step == nil {
-            recycle(round)
-            return nil
-        }
-        return round
+        return !(round.slots.isEmpty && round.step == nil)
     }
 
     /// The input ran out: whatever part of a request this connection holds (the parser's copy of its
@@ -661,7 +659,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     private func awaitDurable(_ round: consuming Round, replies: [Reply], waitFor: UInt64, context: ChannelHandlerContext) {
         guard let loopState else { preconditionFailure("only connections on a server loop run rounds in place") }
         precondition(awaiting == nil, "one round at a time")
-        awaiting = (round, replies, waitFor, context)
+        awaiting = (consume round, replies, waitFor, context)
         // No closure per round: the loop's DurableReplies calls durableReached(_:) back.
         loopState.wait(for: waitFor, self)
     }
@@ -732,7 +730,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         resumeReading(context: context)
     }
 
-    /// A finished round's arrays serve the next round (``buildRound(context:)`` empties them), as
+    /// A finished round's arrays serve the next round (``buildRound(into:context:)`` empties them), as
     /// does its local reply buffer if ``finish`` did not keep the one it wrote.
     private func recycle(_ round: borrowing Round) {
         if round.slots.capacity <= Self.spareCapacityMax { spareSlots = round.slots }
