@@ -1,8 +1,8 @@
 # Sourced by the per-request measurement scripts: starts "$BIN" on "$PORT" in a temporary directory
 # ($DIR, removed on exit with the server, $PID), waits for it, and adds the SKUs `rb` (plenty) and
-# `so` (sold out).
+# `so` (sold out). $SERVE_ARGS, when set, adds arguments to `serve` (e.g. "--io-threads 1").
 DIR=$(mktemp -d)
-"$BIN" serve --port "$PORT" --data-dir "$DIR/d" --snapshot-every-changes 0 --snapshot-every-seconds 0 >/dev/null 2>&1 &
+"$BIN" serve --port "$PORT" --data-dir "$DIR/d" --snapshot-every-changes 0 --snapshot-every-seconds 0 ${SERVE_ARGS:-} >/dev/null 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DIR"' EXIT
 for _ in $(seq 50); do redis-cli -p "$PORT" PING >/dev/null 2>&1 && break; sleep 0.1; done

@@ -247,7 +247,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         guard context.channel.isWritable else { return }
         let parseStarted = monotonicNanos()
         // Built in place: returned from ``buildRound(into:context:)``, the round was copied.
-        var round = Round(local: Self.reuse(&spareLocal, context: context), started: monotonicNanos())
+        var round = Round(local: Self.reuse(&spareLocal, context: context), started: parseStarted)
         guard buildRound(into: &round, context: context) else {
             recycle(round)
             if inputClosed {
