@@ -500,6 +500,32 @@ def test_half_closed_client_gets_every_reply(server):
 
 
 # ---------------------------------------------------------------------------------------------
+# Rounds: a command that waits does not hold the replies before it
+
+def test_replies_before_a_command_that_waits_come_before_the_wait(server):
+    """WAIT and EVENTS ... BLOCK start a round of their own: the replies to the commands before them in
+    one write come at once, as Redis writes them before it blocks a client, not when the wait ends (the
+    review of the round built in place found them held for the whole wait, WAIT 1 0 forever)."""
+    for n, waiting in enumerate((b"WAIT 1 2000\r\n", b"EVENTS $ BLOCK 2000\r\n")):
+        with connect(server) as s:
+            start = time.monotonic()
+            s.sendall(b"SKU.ADD early%d 5\r\nRESERVE u early%d 1\r\nPING\r\n" % (n, n) + waiting)
+            data = b""
+            while data.count(b"\r\n") < 4:  # +OK, the order id's bulk (two lines), +PONG
+                chunk = s.recv(4096)
+                assert chunk, data
+                data += chunk
+            early = time.monotonic() - start
+            assert data.startswith(b"+OK\r\n$") and data.endswith(b"+PONG\r\n"), data
+            assert early < 1.0, f"the replies before {waiting!r} took {early:.2f} s"
+            while not data.endswith(b"+PONG\r\n" + (b":0\r\n" if n == 0 else b"*0\r\n")):
+                chunk = s.recv(4096)
+                assert chunk, data
+                data += chunk
+            assert time.monotonic() - start >= 1.9  # the wait itself is unchanged
+
+
+# ---------------------------------------------------------------------------------------------
 # C24: protocol errors cannot flood the log
 
 def test_protocol_error_log_lines_are_rate_limited(server):
