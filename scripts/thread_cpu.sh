@@ -2,9 +2,10 @@
 # How busy each server thread is while redis-benchmark runs: starts BINARY on PORT in a temporary
 # directory (snapshots off; $SERVE_ARGS adds `serve` arguments), adds the SKUs `rb` (plenty) and `so`
 # (sold out), runs redis-benchmark with the given arguments, and prints each thread's CPU (user +
-# system, /proc/PID/task/*/stat; threads of one name summed) as a share of one core over the run, then the log's sync count and
-# mean from INFO persistence. An event loop below 100% while clients wait spends the rest off the CPU:
-# in fdatasync's wait for the disk (a loop writes and syncs what its own rounds wait for), or idle.
+# system, /proc/PID/task/*/stat; threads of one name summed) as a share of one core over the run,
+# then the log's sync count and mean from INFO persistence. An event loop below 100% while clients
+# wait spends the rest off the CPU: in fdatasync's wait for the disk (a loop writes and syncs what its
+# own rounds wait for), or idle.
 #
 #   SERVE_ARGS="--io-threads 1" bash scripts/thread_cpu.sh .build/release/stockade 7431 \
 #       -P 16 -n 2000000 -r 100000000 RESERVE user:__rand_int__ rb 1 TTL 600000

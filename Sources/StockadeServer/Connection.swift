@@ -246,7 +246,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         // Resumed by channelWritabilityChanged once the client has read its replies.
         guard context.channel.isWritable else { return }
         let parseStarted = monotonicNanos()
-        // Built in place: returned from ``buildRound(into:context:)``, the round was copied.
+        // Built in place, in this variable: a round returned by value was copied (each of its arrays
+        // and buffers retained once more).
         var round = Round(local: Self.reuse(&spareLocal, context: context), started: parseStarted)
         guard buildRound(into: &round, context: context) else {
             recycle(round)
