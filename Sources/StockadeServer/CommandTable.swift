@@ -40,6 +40,18 @@ enum Request: Equatable {
     /// A reply to send as is: a wrong argument, an unknown command.
     case invalid(String)
 
+    /// Whether it runs in a round of its own when commands come before it in the same read: REPLICATE
+    /// (the connection becomes a log stream after it), and the commands that can wait (WAIT, EVENTS ...
+    /// BLOCK), so the replies before them are written before they wait, as Redis writes them before it
+    /// blocks a client.
+    var needsOwnRound: Bool {
+        switch self {
+        case .replicate, .wait: true
+        case .events(_, _, let blockMillis): blockMillis > 0
+        default: false
+        }
+    }
+
     /// The name used in metrics.
     var metricName: String {
         switch self {

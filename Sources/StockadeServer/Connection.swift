@@ -424,6 +424,10 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                 round.slots.append(.engine(round.batch.count - 1, name: name))
                 continue
             }
+            if request.needsOwnRound && !round.slots.isEmpty {
+                carried = request  // it starts the next round
+                break parsing
+            }
             // Local replies go straight into the round's buffer: no buffer of their own.
             let start = round.local.writerIndex
             switch request {
@@ -435,31 +439,12 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             case .snapshot: round.step = .snapshot
             case .shutdown: round.step = .shutdown
             case .info(let section): round.step = .info(section)
-            case .events(let from, let count, let block):
-                // A command that can wait (EVENTS ... BLOCK, WAIT) starts a round of its own: the replies
-                // before it in a pipeline are written first, as Redis writes them before it blocks a client.
-                if block > 0 && !round.slots.isEmpty {
-                    carried = request
-                    break parsing
-                }
-                round.step = .events(from: from, count: count, blockMillis: block, resp3: resp3)
-            case .replicate(let replicaRequest):
-                // A round of its own: the connection becomes a log stream after it.
-                guard round.slots.isEmpty else {
-                    carried = request
-                    break parsing
-                }
-                round.step = .replicate(replicaRequest)
+            case .events(let from, let count, let block): round.step = .events(from: from, count: count, blockMillis: block, resp3: resp3)
+            case .replicate(let replicaRequest): round.step = .replicate(replicaRequest)
             case .role: round.step = .role
             case .replicaOf(let host, let port): round.step = .replicaOf(host: host, port: port)
             case .promote: round.step = .promote
-            case .wait(let replicas, let timeoutMillis):
-                // A round of its own, as EVENTS ... BLOCK above. The changes before it are durable by then.
-                guard round.slots.isEmpty else {
-                    carried = request
-                    break parsing
-                }
-                round.step = .wait(replicas: replicas, timeoutMillis: timeoutMillis)
+            case .wait(let replicas, let timeoutMillis): round.step = .wait(replicas: replicas, timeoutMillis: timeoutMillis)
             case .hello(let version, let password):
                 // Engine replies are encoded when the round ends, in the protocol of that moment: a
                 // HELLO that names a version starts a round of its own after the engine commands before it.

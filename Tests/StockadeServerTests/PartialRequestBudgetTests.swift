@@ -77,8 +77,8 @@ import Testing
         for key in 0..<10_000 { _ = budget.set(key, from: 100, to: 0, restart: false, holder: nil) }
         #expect(budget.set(10_000, from: 1 << 20, to: (1 << 20) - 1000, restart: false, holder: 10_000).isEmpty)
         #expect(budget.total == (1 << 20) - 1000)
-        // Shares that come and go for a long time, none chosen: the queue stays small (its stale
-        // entries are dropped as they pile up), and the next choice still finds the oldest.
+        // Shares that come and go for a long time, none chosen (their stale queue entries are dropped
+        // as they pile up): the next choice still finds the oldest.
         for round in 0..<100_000 {
             let key = 20_000 + round % 50
             _ = budget.set(key, from: round < 50 ? 0 : 10, to: 10, restart: true, holder: key)
