@@ -146,7 +146,7 @@ public final class Engine: Sendable {
 
     /// What earlier commands of the same batch did, which decides whether a later one may be answered
     /// from the published counters (it may only answer what it would have got in order).
-    private struct BatchProgress {
+    fileprivate struct BatchProgress {
         /// Shards that earlier commands of the batch go to.
         var touched: [Bool]
         /// An earlier command may change stock on any shard (confirm, cancel, a multi-shard command).
@@ -164,7 +164,7 @@ public final class Engine: Sendable {
     /// One read of a SKU's counter for the sold-out fast path (``BatchProgress/lastCheck``), made while
     /// the log had not failed: the log's state is read with the counter, once, so a failure later in
     /// the same batch comes after these commands, as a failure just after any single check does.
-    private struct SoldOutCheck {
+    fileprivate struct SoldOutCheck {
         var owner: Int
         var sku: Name
         var epoch: UInt64
@@ -240,6 +240,64 @@ public final class Engine: Sendable {
             }
             guard check.available < needed else { return nil }
             return check.lsn
+        }
+    }
+
+    /// What ``soldOutAnswer(_:memo:)`` keeps between the commands of one read: the time they are
+    /// answered at, whether a basket is due to expire, and the last counter read. Made by
+    /// ``soldOutMemo(now:)`` for one read's commands and dropped with them: it is valid only while
+    /// they are parsed, on one thread, with nothing awaited in between.
+    public struct SoldOutMemo {
+        let now: Int64
+        /// A basket owned by some shard is due to expire: its release may add stock to any shard,
+        /// so no counter answers for it.
+        let basketsDue: Bool
+        fileprivate var progress: BatchProgress
+
+        fileprivate init(now: Int64, basketsDue: Bool, progress: BatchProgress) {
+            self.now = now
+            self.basketsDue = basketsDue
+            self.progress = progress
+        }
+    }
+
+    /// A memo for the sold-out answers of one read's commands, at wall-clock time `now` (milliseconds).
+    public func soldOutMemo(now: Int64) -> SoldOutMemo {
+        let now = monotonic(now)
+        let basketsDue = shards.indices.contains { s in withGauges(s) { $0.nextForeignDeadlineMillis.load(ordering: .relaxed) <= now } }
+        return SoldOutMemo(now: now, basketsDue: basketsDue, progress: BatchProgress(touched: untouched))
+    }
+
+    /// The reply to `command` when its SKU's published counter shows it cannot be covered, decided
+    /// without the shard and without a batch, and the log position the reply waits for; nil when the
+    /// shard must decide. The same answer ``executeLocally(_:now:localShards:)`` and
+    /// ``execute(_:now:)`` give a batch that starts with `command` (their sold-out fast path): for a
+    /// DEDUCT of a valid quantity, or a valid one-line RESERVE without a request id, of a SKU whose
+    /// counter cannot cover it, with no run or basket in progress on its shard, no hold due there
+    /// and no basket due anywhere, and the log not failed. Nothing changes.
+    ///
+    /// A caller answering a read's commands in order may use it for a command only while nothing
+    /// before it in that read joined a batch (a batch runs after the read is parsed: a command
+    /// answered here would be answered before the state the commands before it leave).
+    public func soldOutAnswer(_ command: borrowing Command, memo: inout SoldOutMemo) -> (reply: Reply, lsn: UInt64)? {
+        guard !memo.basketsDue else { return nil }
+        switch command {
+        case let .deduct(sku, quantity):
+            guard quantity >= 1, quantity <= Limits.quantityMax,
+                  let lsn = soldOutWithoutEntering(
+                      owner: shardIndex(of: sku), sku: sku, now: memo.now, needed: quantity, progress: &memo.progress)
+            else { return nil }
+            return (.deducted(0), lsn)
+        case let .reserve(user, lines, requestId, ttlMillis):
+            guard requestId == nil, lines.count == 1,
+                  ShardState.validateReserve(
+                      user: user, lines: lines, requestId: nil, ttlMillis: ttlMillis ?? Limits.ttlMillisDefault) == nil,
+                  let lsn = soldOutWithoutEntering(
+                      owner: shardIndex(of: lines[0].sku), sku: lines[0].sku, now: memo.now, needed: 1, progress: &memo.progress)
+            else { return nil }
+            return (.rejected(.soldOut), lsn)
+        default:
+            return nil
         }
     }
 

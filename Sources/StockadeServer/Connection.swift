@@ -324,6 +324,14 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         var started: UInt64
     }
 
+    /// Whether the engine may answer `command` from its SKU's counter (``Engine/soldOutAnswer(_:memo:)``).
+    private static func mayBeSoldOut(_ command: borrowing Command) -> Bool {
+        switch command {
+        case .deduct, .reserve: true
+        default: false
+        }
+    }
+
     /// Parses commands from the buffered input into a round: until the input runs out, an async
     /// step or QUIT or a protocol error ends it, or the replies admitted reach the round's bound.
     /// False when nothing complete was buffered (the caller recycles the round's arrays and buffer).
@@ -344,6 +352,10 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         var readOnly: Bool?
         // The parse stopped for want of bytes: a request may be begun and not finished.
         var starved = false
+        // Sold-out answers of this parse: made at the first request that may be one.
+        var soldOut: Engine.SoldOutMemo?
+        // A log position seen durable in this parse.
+        var durableSeen: UInt64 = 0
         parsing: while replyBytes < replyBudget && round.slots.count < Self.roundCommandsMax {
             var request: Request
             if let waiting = carried {
@@ -416,6 +428,23 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                         round.local.writeRESPError("BUSY rate limit of \(server.configuration.rateLimitPerSecond) changes per second")
                         round.slots.append(.local(start: start, end: round.local.writerIndex))
                         round.tally.add(name, "busy")
+                        continue
+                    }
+                }
+                // A sold-out answer read from the SKU's counter goes with the local replies while
+                // nothing of this round has joined the batch (a batch runs after the parse, and this
+                // answer must not come before the state the commands before it leave): a round of
+                // sold-out requests then runs no batch at all. Only for a state already durable, and
+                // not when changes wait for replicas, where the batch's wait decides.
+                if round.batch.isEmpty, minReplicas == 0, Self.mayBeSoldOut(command) {
+                    if soldOut == nil { soldOut = server.engine.soldOutMemo(now: wallClockMillis()) }
+                    if let (reply, lsn) = server.engine.soldOutAnswer(command, memo: &soldOut!),
+                       lsn <= durableSeen || lsn <= server.store.journal.lastDurableLSN {
+                        durableSeen = max(durableSeen, lsn)
+                        let start = round.local.writerIndex
+                        ReplyEncoding.write(reply, resp3: resp3, into: &round.local)
+                        round.slots.append(.local(start: start, end: round.local.writerIndex))
+                        round.tally.add(name, ReplyEncoding.outcome(reply))
                         continue
                     }
                 }

@@ -148,6 +148,112 @@ private func skusOnBothShards() -> (Name, Name) {
     }
 }
 
+/// The sold-out answers the front writes while it parses (``Engine/soldOutAnswer(_:memo:)``, #8): what
+/// the commands get when they run, nothing changed, and only what a crash cannot take back.
+@Suite struct SoldOutAnswerTests {
+    /// Over random runs of commands of every kind, each run's first commands asked of one memo (as the
+    /// front asks a read's commands until one joins a batch): every answer is what ``Engine/execute(_:now:)``
+    /// gives that command in order, and answering changes nothing.
+    @Test func answersWhatExecuteAnswersAndChangesNothing() async {
+        let fast = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog())
+        let general = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog())
+        let (a, b) = skusOnBothShards()
+        var rng = SplitMix64(seed: 85)
+        var orders: [OrderID] = []
+        var answered = 0
+        var basketsDueSeen = false
+        func randomCommand() -> Command {
+            let sku = rng.next() % 2 == 0 ? a : b
+            switch rng.next() % 12 {
+            case 0: return .addSku(sku: sku, total: Int64(rng.next() % 3), limit: Int64(rng.next() % 3))
+            case 1: return .restock(sku: sku, delta: Int64(rng.next() % 4) - 1)
+            case 2: return .setPaused(sku: sku, paused: rng.next() % 3 == 0)
+            case 3: return .confirm(orders.isEmpty ? OrderID(rawValue: 1) : orders[Int(rng.next() % UInt64(orders.count))])
+            case 4: return .cancel(orders.isEmpty ? OrderID(rawValue: 1) : orders[Int(rng.next() % UInt64(orders.count))])
+            case 5: return .reserve(user: Name("u\(rng.next() % 4)"), lines: [OrderLine(sku: a, quantity: 1), OrderLine(sku: b, quantity: 1)],
+                                    requestId: nil, ttlMillis: Int64(rng.next() % 20) + 1)
+            case 6: return .reserve(user: Name("u\(rng.next() % 4)"), lines: [OrderLine(sku: sku, quantity: 1)],
+                                    requestId: rng.next() % 2 == 0 ? Name("r\(rng.next() % 8)") : nil, ttlMillis: 10)
+            case 7, 8: return .deduct(sku: sku, quantity: Int64(rng.next() % 4))
+            default: return .reserve(user: Name("u\(rng.next() % 4)"), lines: [OrderLine(sku: sku, quantity: Int64(rng.next() % 3))],
+                                     requestId: nil, ttlMillis: Int64(rng.next() % 30) + 1)
+            }
+        }
+        var now: Int64 = 0
+        for _ in 0..<1500 {
+            now += Int64(rng.next() % 4)
+            var memo = fast.soldOutMemo(now: now)
+            basketsDueSeen = basketsDueSeen || memo.basketsDue
+            var asking = true
+            for _ in 0..<Int(rng.next() % 4) + 1 {
+                let command = randomCommand()
+                let expected = await general.execute([command], now: now)
+                if asking, let (reply, _) = fast.soldOutAnswer(command, memo: &memo) {
+                    #expect([reply] == expected, "\(command) at \(now)")
+                    answered += 1
+                } else {
+                    // Answered by the shard: no later command of this run is asked of the memo.
+                    asking = false
+                    #expect(await fast.execute([command], now: now) == expected, "\(command) at \(now)")
+                }
+                if case .reserved(let id, _, _) = expected.first { orders.append(id) }
+            }
+            #expect(await fast.captureState(lsn: 0).stateHash() == general.captureState(lsn: 0).stateHash())
+        }
+        #expect(answered > 100, "\(answered) answered from the counters")
+        #expect(basketsDueSeen)
+    }
+
+    /// A basket due to expire gives its stock back on every shard it holds before any command sees
+    /// that stock: while it is due, no counter answers, on its own shard or another.
+    @Test func aBasketDueToExpireIsNotAnsweredPast() async {
+        let engine = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog())
+        let (a, b) = skusOnBothShards()
+        _ = await engine.execute([.addSku(sku: a, total: 1, limit: 0), .addSku(sku: b, total: 1, limit: 0)], now: 0)
+        guard case .reserved = await engine.execute(
+            .reserve(user: "u", lines: [OrderLine(sku: a, quantity: 1), OrderLine(sku: b, quantity: 1)], requestId: nil, ttlMillis: 10),
+            now: 1)
+        else { preconditionFailure("setup") }
+        var before = engine.soldOutMemo(now: 5)
+        #expect(engine.soldOutAnswer(.deduct(sku: a, quantity: 1), memo: &before)?.reply == .deducted(0))
+        #expect(engine.soldOutAnswer(.deduct(sku: b, quantity: 1), memo: &before)?.reply == .deducted(0))
+        for sku in [a, b] {
+            var due = engine.soldOutMemo(now: 20)
+            #expect(engine.soldOutAnswer(.deduct(sku: sku, quantity: 1), memo: &due)?.reply == nil, "\(sku)")
+        }
+        #expect(await engine.execute([.deduct(sku: a, quantity: 1), .deduct(sku: b, quantity: 1)], now: 20) == [.deducted(1), .deducted(1)])
+    }
+
+    /// The answer waits for the record that sold the SKU out (a crash before it is durable would take
+    /// the sale back, and the stock with it); after a log failure the counters answer nothing.
+    @Test func waitsForTheRecordThatSoldItOutAndNotAfterALogFailure() async {
+        let log = ControlledLog()
+        let engine = Engine(state: EngineState(shardCount: 2), log: log)
+        _ = await engine.execute(.addSku(sku: "last", total: 1, limit: 0), now: 0)
+        guard case .reserved = await engine.execute(
+            .reserve(user: "u", lines: [OrderLine(sku: "last", quantity: 1)], requestId: nil, ttlMillis: 1_000), now: 1)
+        else { preconditionFailure("setup") }
+        let sale = log.position
+        var memo = engine.soldOutMemo(now: 2)
+        let deduct: Command = .deduct(sku: "last", quantity: 1)
+        guard let (reply, lsn) = engine.soldOutAnswer(deduct, memo: &memo) else {
+            Issue.record("a sold-out SKU was not answered from its counter")
+            return
+        }
+        #expect(reply == .deducted(0))
+        #expect(lsn >= sale, "the answer waits for \(lsn), the sale is at \(sale)")
+        // A hold due to expire gives its stock back first: the shard decides.
+        var later = engine.soldOutMemo(now: 1_001)
+        #expect(engine.soldOutAnswer(deduct, memo: &later)?.reply == nil)
+
+        log.failNextAppend()
+        _ = await engine.execute(.addSku(sku: "other", total: 1, limit: 0), now: 3)
+        #expect(log.failureReason != nil)
+        var failed = engine.soldOutMemo(now: 4)
+        #expect(engine.soldOutAnswer(deduct, memo: &failed)?.reply == nil)
+    }
+}
+
 /// A backlog of due holds (a restart past their deadlines, a clock step) is expired a chunk at a time
 /// on the general path, never all at once where a batch runs in place: on a server loop that would
 /// stall every client of the loop (#8 review: 0.4-0.6 s with 1M due holds).

@@ -372,6 +372,8 @@ def test_log_write_failure_refuses_changes_and_loses_nothing_acknowledged(data_d
                preexec_fn=small_files).start()
     r = s.client()
     r.execute_command("SKU.ADD", "disk", 1_000_000)
+    r.execute_command("SKU.ADD", "gone", 0)
+    assert r.execute_command("DEDUCT", "gone") == 0   # sold out, answered from its counter
     acknowledged, refused = [], []
     for i in range(5000):
         try:
@@ -386,6 +388,9 @@ def test_log_write_failure_refuses_changes_and_loses_nothing_acknowledged(data_d
         r.execute_command("SKU.ADD", "more", 1)
     with pytest.raises(redis.ResponseError, match="^UNAVAILABLE"):
         r.execute_command("STOCK", "disk")                   # it could show a hold that is not durable
+    for sold_out in (["DEDUCT", "gone"], ["RESERVE", "late", "gone", 1]):  # the counters answer nothing now
+        with pytest.raises(redis.ResponseError, match="^UNAVAILABLE"):
+            r.execute_command(*sold_out)
     assert r.ping()
     assert "log write failed" in str(r.info("persistence").get("log_failure"))
     assert r.info("server")["tcp_port"] == s.port     # the bound port, also with --port 0
