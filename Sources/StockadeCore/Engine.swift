@@ -289,11 +289,13 @@ public final class Engine: Sendable {
             else { return nil }
             return (.deducted(0), lsn)
         case let .reserve(user, lines, requestId, ttlMillis):
+            // The counter first: most reservations that get this far are not sold out, and are
+            // validated where they run.
             guard requestId == nil, lines.count == 1,
-                  ShardState.validateReserve(
-                      user: user, lines: lines, requestId: nil, ttlMillis: ttlMillis ?? Limits.ttlMillisDefault) == nil,
                   let lsn = soldOutWithoutEntering(
-                      owner: shardIndex(of: lines[0].sku), sku: lines[0].sku, now: memo.now, needed: 1, progress: &memo.progress)
+                      owner: shardIndex(of: lines[0].sku), sku: lines[0].sku, now: memo.now, needed: 1, progress: &memo.progress),
+                  ShardState.validateReserve(
+                      user: user, lines: lines, requestId: nil, ttlMillis: ttlMillis ?? Limits.ttlMillisDefault) == nil
             else { return nil }
             return (.rejected(.soldOut), lsn)
         default:

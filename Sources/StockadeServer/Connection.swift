@@ -319,6 +319,9 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         /// Whether ``batch`` holds a change (a command that can change state), set as it is built: read
         /// three times a round, so the batch is not scanned each time.
         var hasChanges = false
+        /// Engine commands of the round were answered from the counters while it was parsed: the
+        /// read is timed like one whose batch ran.
+        var soldOutAnswers = false
         var step: RoundStep?
         var closeAfter = false
         var started: UInt64
@@ -445,6 +448,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                         ReplyEncoding.write(reply, resp3: resp3, into: &round.local)
                         round.slots.append(.local(start: start, end: round.local.writerIndex))
                         round.tally.add(name, ReplyEncoding.outcome(reply))
+                        round.soldOutAnswers = true
                         continue
                     }
                 }
@@ -821,7 +825,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             }
         }
         server.metrics.count(tally)
-        if !replies.isEmpty {
+        if !replies.isEmpty || round.soldOutAnswers {
             server.metrics.roundDuration.record(Duration.nanoseconds(Int64(monotonicNanos() - round.started)))
         }
         if var tail, !overLimit { out.writeBuffer(&tail) }
