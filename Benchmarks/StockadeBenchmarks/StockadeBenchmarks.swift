@@ -131,6 +131,29 @@ let benchmarks: @Sendable () -> Void = {
         }
     }
 
+    // The server's way: a read of 16 pipelined commands (one redis-benchmark client at -P 16), each
+    // read whole in one pass and handed over as raw bytes (`RESPParser.next(_:_:)`).
+    func pipeline(_ words: [String]) -> ByteBuffer {
+        var buffer = ByteBufferAllocator().buffer(capacity: 1024)
+        for _ in 0..<16 {
+            buffer.writeRESPArrayHeader(words.count)
+            for word in words { buffer.writeRESPBulk(word) }
+        }
+        return buffer
+    }
+    for (name, words) in [("PING", ["PING"]), ("DEDUCT", ["DEDUCT", "so", "1"]), ("RESERVE", ["RESERVE", "user:000000000017", "rb", "1", "TTL", "600000"])] {
+        let read = pipeline(words)
+        Benchmark("RESP: read 16 pipelined \(name) in one pass each (per command)", configuration: .init(scalingFactor: .mega)) { benchmark in
+            var parser = RESPParser()
+            var arguments = 0
+            for _ in 0..<(benchmark.scaledIterations.count / 16) {
+                var buffer = read
+                while (try? parser.next(&buffer, { arguments &+= $0.count })) == true {}
+            }
+            blackHole(arguments)
+        }
+    }
+
     Benchmark("RESP: encode 64 RESERVE replies into one buffer (per reply)", configuration: .init(scalingFactor: .mega)) { benchmark in
         let replies = (0..<64).map { Reply.reserved(OrderID(shard: 1, sequence: UInt32($0 + 1)), deadlineMillis: 0, replayed: false) }
         var out = ByteBufferAllocator().buffer(capacity: 64 * 32)

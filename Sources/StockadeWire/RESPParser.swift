@@ -153,7 +153,8 @@ public struct RESPParser: Sendable {
     /// by when the caller has dropped its copy, so the array's storage is reused, not reallocated
     /// (emptying it while the caller still holds it would copy it: an allocation per command).
     private var freshHandedOut = false
-    /// The spans of the last request read whole by ``next(_:_:)``.
+    /// The spans of the last request read whole by ``next(_:_:)``, first in the array (the rest are
+    /// left from earlier requests: ``wholeRequest(_:origin:limits:into:)`` overwrites in place).
     private var scratchSpans: [Span] = []
     /// Spans ``scratchSpans`` keeps room for between requests (a 64-SKU BUY takes about 140).
     static let spansKeptMax = 256
@@ -249,8 +250,10 @@ public struct RESPParser: Sendable {
         if case .idle = state, wholeRequests {
             let origin = buffer.readerIndex
             let taken = buffer.withUnsafeReadableBytes { raw -> Int in
-                guard let taken = Self.wholeRequest(raw, origin: origin, limits: limits, into: &scratchSpans) else { return 0 }
-                scratchSpans.withUnsafeBufferPointer { body(UnsafeArguments(readable: raw, origin: origin, spans: $0)) }
+                guard let (taken, count) = Self.wholeRequest(raw, origin: origin, limits: limits, into: &scratchSpans) else { return 0 }
+                scratchSpans.withUnsafeBufferPointer {
+                    body(UnsafeArguments(readable: raw, origin: origin, spans: UnsafeBufferPointer(rebasing: $0[..<count])))
+                }
                 return taken
             }
             // A request of many arguments leaves no large array behind on an idle connection.
@@ -266,31 +269,56 @@ public struct RESPParser: Sendable {
         return true
     }
 
-    /// The spans of the multibulk request at the start of `raw` (whose first byte is at buffer index
-    /// `origin`) and the bytes it takes, when it is there whole and within `limits`; nil for anything
-    /// else, which ``next(_:)`` then reads (a partial request, an empty one, a malformed one, one over a
-    /// limit). `spans` is emptied first.
+    /// The multibulk request at the start of `raw` (whose first byte is at buffer index `origin`),
+    /// when it is there whole and within `limits`: the bytes it takes and its argument count, its
+    /// spans in `spans[0..<count]` (entries past them are left from earlier requests: the array is
+    /// overwritten in place, not emptied, and only grows). nil for anything else, which ``next(_:)``
+    /// then reads (a partial request, an empty one, a malformed one, one over a limit, a number line
+    /// the one pass does not take: see ``digitsLine(_:end:at:)``).
     static func wholeRequest(
         _ raw: UnsafeRawBufferPointer, origin: Int, limits: Limits, into spans: inout [Span]
-    ) -> Int? {
-        spans.removeAll(keepingCapacity: true)
-        guard raw.count >= 4, raw[0] == UInt8(ascii: "*"),
-              case .value(let count, var offset) = numberLine(raw),
-              count > 0, count <= limits.argumentsMax
-        else { return nil }
-        while spans.count < count {
-            guard offset < raw.count, raw[offset] == UInt8(ascii: "$"),
-                  case .value(let length, let lineBytes) = numberLine(UnsafeRawBufferPointer(rebasing: raw[offset...])),
-                  length >= 0, length <= limits.bulkBytesMax
-            else { return nil }
-            let start = offset + lineBytes
+    ) -> (taken: Int, count: Int)? {
+        guard raw.count >= 4, let base = raw.baseAddress, base.load(as: UInt8.self) == UInt8(ascii: "*") else { return nil }
+        let end = raw.count
+        var offset = 1
+        guard let count = digitsLine(base, end: end, at: &offset), count > 0, count <= limits.argumentsMax else { return nil }
+        var argument = 0
+        while argument < count {
+            guard offset < end, base.load(fromByteOffset: offset, as: UInt8.self) == UInt8(ascii: "$") else { return nil }
+            offset += 1
+            guard let length = digitsLine(base, end: end, at: &offset), length <= limits.bulkBytesMax else { return nil }
+            let start = offset
             offset = start + length + 2
-            guard offset <= raw.count, offset <= limits.requestBytesMax,
-                  raw[offset - 2] == UInt8(ascii: "\r"), raw[offset - 1] == UInt8(ascii: "\n")
+            guard offset <= end, offset <= limits.requestBytesMax,
+                  base.load(fromByteOffset: offset - 2, as: UInt8.self) == UInt8(ascii: "\r"),
+                  base.load(fromByteOffset: offset - 1, as: UInt8.self) == UInt8(ascii: "\n")
             else { return nil }
-            spans.append(Span(start: origin + start, count: length))
+            let span = Span(start: origin + start, count: length)
+            if argument < spans.count { spans[argument] = span } else { spans.append(span) }
+            argument += 1
         }
-        return offset
+        return (offset, count)
+    }
+
+    /// Reads `digits\r\n` at `offset` (just after a `*` or `$`) in one pass: its value, with `offset`
+    /// moved past the line. nil for anything else: no digit, a sign, more than 18 digits, a line end
+    /// missing or not yet arrived (the state machine then reads the line, and takes or refuses it).
+    @inline(__always)
+    private static func digitsLine(_ base: UnsafeRawPointer, end: Int, at offset: inout Int) -> Int? {
+        var i = offset
+        var value = 0
+        while i < end {
+            let digit = Int(base.load(fromByteOffset: i, as: UInt8.self)) &- 48
+            guard digit >= 0 && digit <= 9 else { break }
+            value = value &* 10 &+ digit
+            i += 1
+        }
+        guard i > offset, i - offset <= 18, i + 1 < end,
+              base.load(fromByteOffset: i, as: UInt8.self) == UInt8(ascii: "\r"),
+              base.load(fromByteOffset: i + 1, as: UInt8.self) == UInt8(ascii: "\n")
+        else { return nil }
+        offset = i + 2
+        return value
     }
 
     /// Empties ``fresh`` if it was handed out whole as the last command: by the next call the caller

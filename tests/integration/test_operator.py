@@ -445,6 +445,47 @@ def test_log_histograms_count_every_batch_and_sync(data_dir):
         s.stop()
 
 
+def test_command_counts_and_read_times_count_every_command(data_dir):
+    """stockade_commands_total counts every command by its outcome, and stockade_read_duration_seconds
+    every read that carried engine commands, whether they ran in a batch or were answered from the
+    counters while the read was parsed (a sold-out DEDUCT or RESERVE): pipelines mixing outcomes in
+    one write, each pair's count exact."""
+    s = Server(data_dir, "--shards", "2", "--metrics-port", "0").start()
+    try:
+        metrics_port = int(s.logs().split("metrics on http://127.0.0.1:")[1].split("/")[0])
+        r = s.client()
+        r.execute_command("SKU.ADD", "none", 0)
+        r.execute_command("SKU.ADD", "some", 3)
+
+        def figures():
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line and not line.startswith("#")}
+
+        def count(command, outcome):
+            return figures().get(f'stockade_commands_total{{command="{command}",outcome="{outcome}"}}', 0)
+
+        reads_before = figures().get("stockade_read_duration_seconds_count", 0)
+        # Sold-out answers only (no batch), then a mix: sold out, sales, a sellout, errors, PINGs.
+        only_sold_out = [("DEDUCT", "none", 1)] * 7 + [("RESERVE", "u", "none", 1)] * 5
+        mixed = ([("PING",)] * 2 + [("DEDUCT", "none", 1)] * 3 + [("DEDUCT", "some", 1)] * 2 + [("RESERVE", "u", "some", 1)] * 2
+                 + [("RESERVE", "u", "none", 1)] + [("DEDUCT", "missing", 1)] + [("DEDUCT", "some", 0)])
+        for commands in (only_sold_out, mixed):
+            pipe = r.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            pipe.execute(raise_on_error=False)
+        assert count("deduct", "ok") == 7 + 3 + 2 + 1  # :0 and :-1 are replies, not errors
+        assert count("reserve", "soldout") == 5 + 1 + 1  # the third RESERVE on "some" finds it sold out
+        assert count("reserve", "ok") == 1
+        assert count("deduct", "badqty") == 1
+        assert count("ping", "ok") == 2
+        assert r.execute_command("DEDUCT", "some", 1) == 0
+        assert figures()["stockade_read_duration_seconds_count"] >= reads_before + 3
+    finally:
+        s.stop()
+
+
 # D28: bench says what it sends, reports holds and sales apart, cleans up, and prints errors readably.
 def test_bench_says_what_it_sends_and_cleans_up(server):
     out = subprocess.run([BINARY, "bench", "sellout", "--target", f"stockade://127.0.0.1:{server.port}", "--skus", "2",
