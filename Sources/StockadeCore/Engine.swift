@@ -250,22 +250,31 @@ public final class Engine: Sendable {
     public struct SoldOutMemo {
         let now: Int64
         /// A basket owned by some shard is due to expire: its release may add stock to any shard,
-        /// so no counter answers for it.
-        let basketsDue: Bool
+        /// so no counter answers for it. Looked at once, by the first command a counter shows
+        /// sold out (most reads have none).
+        var basketsDue: Bool?
         fileprivate var progress: BatchProgress
 
-        fileprivate init(now: Int64, basketsDue: Bool, progress: BatchProgress) {
+        fileprivate init(now: Int64, progress: BatchProgress) {
             self.now = now
-            self.basketsDue = basketsDue
             self.progress = progress
         }
     }
 
     /// A memo for the sold-out answers of one read's commands, at wall-clock time `now` (milliseconds).
+    /// Cheap when none comes: the engine's clock is read, not advanced (a time behind it is taken as
+    /// it), and nothing else is looked at until a counter shows a SKU sold out.
     public func soldOutMemo(now: Int64) -> SoldOutMemo {
-        let now = monotonic(now)
-        let basketsDue = shards.indices.contains { s in withGauges(s) { $0.nextForeignDeadlineMillis.load(ordering: .relaxed) <= now } }
-        return SoldOutMemo(now: now, basketsDue: basketsDue, progress: BatchProgress(touched: untouched))
+        SoldOutMemo(now: max(now, clockMillis.load(ordering: .relaxed)), progress: BatchProgress(touched: untouched))
+    }
+
+    /// Whether a basket of any shard is due to expire at `now` (``SoldOutMemo/basketsDue``).
+    private func basketsDue(_ memo: inout SoldOutMemo) -> Bool {
+        if let due = memo.basketsDue { return due }
+        let now = memo.now
+        let due = shards.indices.contains { s in withGauges(s) { $0.nextForeignDeadlineMillis.load(ordering: .relaxed) <= now } }
+        memo.basketsDue = due
+        return due
     }
 
     /// The reply to `command` when its SKU's published counter shows it cannot be covered, decided
@@ -280,12 +289,12 @@ public final class Engine: Sendable {
     /// before it in that read joined a batch (a batch runs after the read is parsed: a command
     /// answered here would be answered before the state the commands before it leave).
     public func soldOutAnswer(_ command: borrowing Command, memo: inout SoldOutMemo) -> (reply: Reply, lsn: UInt64)? {
-        guard !memo.basketsDue else { return nil }
         switch command {
         case let .deduct(sku, quantity):
             guard quantity >= 1, quantity <= Limits.quantityMax,
                   let lsn = soldOutWithoutEntering(
-                      owner: shardIndex(of: sku), sku: sku, now: memo.now, needed: quantity, progress: &memo.progress)
+                      owner: shardIndex(of: sku), sku: sku, now: memo.now, needed: quantity, progress: &memo.progress),
+                  !basketsDue(&memo)
             else { return nil }
             return (.deducted(0), lsn)
         case let .reserve(user, lines, requestId, ttlMillis):
@@ -294,6 +303,7 @@ public final class Engine: Sendable {
             guard requestId == nil, lines.count == 1,
                   let lsn = soldOutWithoutEntering(
                       owner: shardIndex(of: lines[0].sku), sku: lines[0].sku, now: memo.now, needed: 1, progress: &memo.progress),
+                  !basketsDue(&memo),
                   ShardState.validateReserve(
                       user: user, lines: lines, requestId: nil, ttlMillis: ttlMillis ?? Limits.ttlMillisDefault) == nil
             else { return nil }
