@@ -156,6 +156,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         durableMirror = Atomic(lsn)
         pendingFirstLSN = lsn + 1
         try directory.create()
+        try Self.syncRecovered(directory)
         segment = try Self.startSegment(in: directory, shardCount: shardCount, firstLSN: lsn + 1).file
         segmentBytes = SegmentHeader.size
         segmentAllocated = SegmentHeader.size
@@ -170,6 +171,22 @@ public final class Journal: ChangeLog, @unchecked Sendable {
             thread.name = "stockade-journal"
             thread.start()
         }
+    }
+
+    /// Syncs every segment already in the directory, and the directory itself. What recovery read may
+    /// be in the page cache only: a process killed between a write and its sync leaves its bytes
+    /// there, and recovery reads them back. They are made durable before the recovered position counts
+    /// as durable (a reply may show their state at once, a sold-out answer included) and before a new
+    /// segment starts after them (a power cut would otherwise take them back and leave a gap in front of
+    /// the new segment that no restart can pass, stranding what was acknowledged after the restart).
+    /// A sync of a segment already on the medium costs little: nothing of it is dirty.
+    private static func syncRecovered(_ directory: DataDirectory) throws(JournalError) {
+        for segment in try directory.segments() {
+            let file = try directory.storage.open(segment.path, .read)
+            defer { file.close() }
+            try file.dataSync()
+        }
+        try directory.storage.syncDirectory(directory.path)
     }
 
     deinit {

@@ -83,6 +83,8 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
         public var slowSyncs = 0
         public var injectedFaults = 0
         public var crashes = 0
+        /// Processes killed (``SimulatedStorage/processKilled()``).
+        public var kills = 0
         public var bitFlips = 0
     }
 
@@ -163,6 +165,19 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
                 inode.data = survivor
                 inode.synced = survivor
             }
+        }
+    }
+
+    /// The process is killed (`kill -9`), the machine keeps running: its locks are dropped and its
+    /// file handles die, but the page cache keeps every byte written and every entry made, synced or
+    /// not, and the next process reads them as they are (a later ``crash()`` still takes back what
+    /// nobody synced).
+    public func processKilled() {
+        locked {
+            count.kills += 1
+            generation += 1
+            lockHolders = [:]
+            oneShots.removeAll()
         }
     }
 

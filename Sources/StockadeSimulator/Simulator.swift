@@ -44,6 +44,9 @@ package enum Simulator {
         package var acknowledged = 0
         package var syncs = 0
         package var crashes = 0
+        /// Crashes that killed the process only: the page cache kept what it had not synced, and the
+        /// next process recovered it (``SimulatedStorage/processKilled()``).
+        package var kills = 0
         package var syncFailures = 0
         package var appendFailures = 0
         package var clockJumpsBack = 0
@@ -65,7 +68,7 @@ package enum Simulator {
         package var description: String {
             let outcome = failure.map { "FAILED: \($0)" } ?? "ok"
             return "seed \(seed): \(outcome) (\(shards) shards, \(batches) batches (\(inPlaceBatches) in place), \(commands) commands, "
-                + "\(acknowledged) acknowledged, \(syncs) syncs, \(crashes) crashes (\(tornTails) with a torn tail), "
+                + "\(acknowledged) acknowledged, \(syncs) syncs, \(crashes) crashes (\(tornTails) with a torn tail, \(kills) of the process alone), "
                 + "\(syncFailures) sync failures, \(appendFailures) append failures, \(clockJumpsBack) clock jumps back, "
                 + "\(durabilityChecks) durability checks, \(quietRecoveries) recoveries compared by state hash, \(epochs) epochs started"
                 + (snapshots + bitFlips + diskFaults > 0
@@ -240,6 +243,10 @@ package enum Simulator {
                 for shard in recovered.shards where !(shard.audit(nil) ?? []).allSatisfy(\.ok) {
                     return fail("step \(step): recovered shard \(shard.shard) fails its audit: \(shard.audit(nil) ?? [])")
                 }
+                // The restarted process shows the recovered state at once: no later crash may take
+                // any of it back (a process killed before its sync leaves records that recovery reads
+                // from the page cache; they must be made durable before they are shown).
+                acknowledgedPosition = max(acknowledgedPosition, recovered.lsn)
                 model = ReferenceModel(from: recovered)
                 modelNow = .min
                 inStep = true

@@ -31,7 +31,8 @@ protocol SimulationTarget: AnyObject {
     func durableState(through position: UInt64) throws -> EngineState
     /// What the last crash damaged at rest, for a failure's message.
     var damage: String? { get }
-    /// A power cut and a restart. Returns the recovered state, or a description of what went wrong.
+    /// A power cut (or, on a disk, sometimes the process killed alone) and a restart. Returns the
+    /// recovered state, or a description of what went wrong.
     /// `flipped` reports whether the disk was damaged at rest on the way (a refusal is then allowed once).
     func crashAndRecover(rng: inout SplitMix64, report: inout Simulator.Report) async -> Result<EngineState, SimulationFailure>
 }
@@ -162,7 +163,14 @@ final class DiskTarget: SimulationTarget {
     }
 
     func crashAndRecover(rng: inout SplitMix64, report: inout Simulator.Report) async -> Result<EngineState, SimulationFailure> {
-        disk.crash()
+        // Now and then the process alone dies (`kill -9`): the page cache keeps what it wrote and did
+        // not sync, which the next process recovers; a later power cut must not take that back.
+        if Int.random(in: 0..<4, using: &rng) == 0 {
+            disk.processKilled()
+            report.kills += 1
+        } else {
+            disk.crash()
+        }
         // The dead process's journal can write no more: its parked replies are failed.
         _ = store.journal.writePending()
         let saved = disk.faults
