@@ -24,11 +24,12 @@ public final class Engine: Sendable {
     /// server's event loops), or on a queue of its own when `executors` is empty.
     public init(state: EngineState, log: any ChangeLog, executors: [any SerialExecutor] = [], readOnly: Bool = false) {
         let role = EngineRole(readOnly: readOnly)
+        let gauges = state.shards.map { _ in ShardGauges() }
         shards = state.shards.map {
             Shard(
                 state: $0, log: log,
                 executor: executors.isEmpty ? nil : executors[Self.executorIndex(ofShard: $0.shard, executorCount: executors.count)],
-                role: role)
+                role: role, gauges: gauges[$0.shard], peers: gauges)
         }
         self.role = role
         self.log = log
@@ -250,8 +251,8 @@ public final class Engine: Sendable {
     public struct SoldOutMemo {
         let now: Int64
         /// A basket owned by some shard is due to expire: its release may add stock to any shard,
-        /// so no counter answers for it. Looked at once, by the first command a counter shows
-        /// sold out (most reads have none).
+        /// so no counter answers for it. Looked at once, by the read's first DEDUCT or RESERVE, before
+        /// any counter (see ``Shard``'s run: what a basket seen expired releases is marked arriving).
         var basketsDue: Bool?
         fileprivate var progress: BatchProgress
 
@@ -262,8 +263,8 @@ public final class Engine: Sendable {
     }
 
     /// A memo for the sold-out answers of one read's commands, at wall-clock time `now` (milliseconds).
-    /// Cheap when none comes: the engine's clock is read, not advanced (a time behind it is taken as
-    /// it), and nothing else is looked at until a counter shows a SKU sold out.
+    /// Cheap: the engine's clock is read, not advanced (a time behind it is taken as it), and nothing
+    /// else is looked at until a DEDUCT or RESERVE is asked about.
     public func soldOutMemo(now: Int64) -> SoldOutMemo {
         SoldOutMemo(now: max(now, clockMillis.load(ordering: .relaxed)), progress: BatchProgress(touched: untouched))
     }
@@ -272,7 +273,7 @@ public final class Engine: Sendable {
     private func basketsDue(_ memo: inout SoldOutMemo) -> Bool {
         if let due = memo.basketsDue { return due }
         let now = memo.now
-        let due = shards.indices.contains { s in withGauges(s) { $0.nextForeignDeadlineMillis.load(ordering: .relaxed) <= now } }
+        let due = shards.indices.contains { s in withGauges(s) { $0.nextForeignDeadlineMillis.load(ordering: .acquiring) <= now } }
         memo.basketsDue = due
         return due
     }
@@ -291,19 +292,19 @@ public final class Engine: Sendable {
     public func soldOutAnswer(_ command: borrowing Command, memo: inout SoldOutMemo) -> (reply: Reply, lsn: UInt64)? {
         switch command {
         case let .deduct(sku, quantity):
-            guard quantity >= 1, quantity <= Limits.quantityMax,
+            // Baskets first, the SKU's shard after: a basket seen expired has its release marked
+            // arriving on that shard by then (``Shard``'s run), so the shard's gauges decline.
+            guard quantity >= 1, quantity <= Limits.quantityMax, !basketsDue(&memo),
                   let lsn = soldOutWithoutEntering(
-                      owner: shardIndex(of: sku), sku: sku, now: memo.now, needed: quantity, progress: &memo.progress),
-                  !basketsDue(&memo)
+                      owner: shardIndex(of: sku), sku: sku, now: memo.now, needed: quantity, progress: &memo.progress)
             else { return nil }
             return (.deducted(0), lsn)
         case let .reserve(user, lines, requestId, ttlMillis):
-            // The counter first: most reservations that get this far are not sold out, and are
-            // validated where they run.
-            guard requestId == nil, lines.count == 1,
+            // Baskets first, as for DEDUCT; then the counter, before the validation: most reservations
+            // that get this far are not sold out, and are validated where they run.
+            guard requestId == nil, lines.count == 1, !basketsDue(&memo),
                   let lsn = soldOutWithoutEntering(
                       owner: shardIndex(of: lines[0].sku), sku: lines[0].sku, now: memo.now, needed: 1, progress: &memo.progress),
-                  !basketsDue(&memo),
                   ShardState.validateReserve(
                       user: user, lines: lines, requestId: nil, ttlMillis: ttlMillis ?? Limits.ttlMillisDefault) == nil
             else { return nil }
@@ -422,7 +423,9 @@ public final class Engine: Sendable {
     public func executeLocally(_ commands: [Command], now: Int64, localShards: [Bool]) -> LocalOutcome {
         precondition(localShards.count == shards.count, "a local flag per shard")
         let now = monotonic(now)
-        for s in shards.indices where withGauges(s, { $0.nextForeignDeadlineMillis.load(ordering: .relaxed) <= now }) {
+        // Before any shard's own gauges (acquiring): a basket seen no longer due has its effects on
+        // other shards marked arriving there already (``Shard``'s run), which ``runsInPlace`` then sees.
+        for s in shards.indices where withGauges(s, { $0.nextForeignDeadlineMillis.load(ordering: .acquiring) <= now }) {
             return .needsAsync
         }
         if commands.count == 1 { return executeOneLocally(commands, now: now, localShards: localShards) }
@@ -547,7 +550,7 @@ public final class Engine: Sendable {
     /// expired, and a command on another shard must see their stock back. Returns the position to wait for.
     private func expireBaskets(now: Int64) async -> UInt64 {
         var lsn: UInt64 = 0
-        for shard in shards where shard.gauges.nextForeignDeadlineMillis.load(ordering: .relaxed) <= now {
+        for shard in shards where shard.gauges.nextForeignDeadlineMillis.load(ordering: .acquiring) <= now {
             lsn = max(lsn, await expire(shard, now: now))
         }
         return lsn
@@ -705,7 +708,11 @@ public final class Engine: Sendable {
         guard !effects.isEmpty else { return }
         var byShard: [Int: [ShardState.ForeignEffect]] = [:]
         for effect in effects { byShard[effect.shard, default: []].append(effect) }
-        for s in byShard.keys.sorted() { await shards[s].apply(byShard[s]!, causedAt: lsn) }
+        for s in byShard.keys.sorted() {
+            await shards[s].apply(byShard[s]!, causedAt: lsn)
+            // The run that made them marked them arriving there (``Shard``'s run): runs there go on.
+            shards[s].effectsArrived()
+        }
     }
 
     /// Expires due orders on every shard; a timer calls this so holds on idle SKUs still come back.

@@ -31,7 +31,10 @@ public final class ShardGauges: Sendable {
     let runEpoch = Atomic<UInt64>(0)
     /// ``Shard/visiblePosition`` as of the last completed run.
     let visibleLSN = Atomic<UInt64>(0)
-    /// Basket holds placed here and not yet committed or released.
+    /// Basket holds placed here and not yet committed or released, and effects of another shard's
+    /// run on their way here (an expired, cancelled or paid basket's release or sale of this shard's
+    /// stock: see ``Shard/effectsArrived()``). Runs here wait while it is above 0, and the sold-out
+    /// fast path answers nothing here: either would show a state that is about to change.
     let preparing = Atomic<Int>(0)
     /// ``ShardState/nextDeadlineMillis`` and ``ShardState/nextForeignDeadlineMillis`` after the last run.
     let nextDeadlineMillis = Atomic<Int64>(.max)
@@ -55,7 +58,10 @@ public actor Shard {
     /// SKU id -> counter, for lock-free reads from any thread.
     public nonisolated let directory: SkuDirectory
     /// Published position, epoch and deadlines (see ``ShardGauges``).
-    public nonisolated let gauges = ShardGauges()
+    public nonisolated let gauges: ShardGauges
+    /// Every shard's gauges, by shard index (empty for a shard made on its own): a run whose effects
+    /// reach other shards marks them there as arriving before it publishes its own state.
+    private nonisolated let peers: [ShardGauges]
     private let log: any ChangeLog
     /// Read-only (a replica): no changes, no expiry here; the primary's records move the state.
     private let role: EngineRole
@@ -75,16 +81,21 @@ public actor Shard {
     /// would wait for good (a connection left without replies; `SettleWaitTests`).
     private nonisolated let settleWaiters = Mutex<[CheckedContinuation<Void, Never>]>([])
 
-    public init(state: ShardState, log: any ChangeLog, executor: (any SerialExecutor)? = nil, role: EngineRole = EngineRole()) {
+    public init(
+        state: ShardState, log: any ChangeLog, executor: (any SerialExecutor)? = nil, role: EngineRole = EngineRole(),
+        gauges: ShardGauges? = nil, peers: [ShardGauges] = []
+    ) {
         index = state.shard
+        self.gauges = gauges ?? ShardGauges()
+        self.peers = peers
         self.executor = executor ?? QueueExecutor(label: "stockade-shard-\(state.shard)")
         self.state = state
         self.log = log
         self.role = role
         directory = SkuDirectory()
         directory.publish(state.counters)
-        gauges.nextDeadlineMillis.store(state.nextDeadlineMillis, ordering: .relaxed)
-        gauges.nextForeignDeadlineMillis.store(state.nextForeignDeadlineMillis, ordering: .relaxed)
+        self.gauges.nextDeadlineMillis.store(state.nextDeadlineMillis, ordering: .relaxed)
+        self.gauges.nextForeignDeadlineMillis.store(state.nextForeignDeadlineMillis, ordering: .relaxed)
     }
 
     /// What a batch did: a reply per command (by its position in the caller's list), effects on other
@@ -179,6 +190,15 @@ public actor Shard {
             result.effects = []
             result.refused = true
         }
+        // The effects reach their shards after this run (``Engine``'s applyEffects, which then calls
+        // ``effectsArrived()`` there). Until then runs there wait and their counters answer nothing:
+        // marked before this run publishes its state (``endChange()``, its deadlines stored with
+        // release ordering after this), so whoever sees this shard's order gone, expired for one,
+        // sees its stock on the way too (found by review: for a few milliseconds after a basket
+        // expired, the other shard still showed its units held, and answered SOLDOUT).
+        if !result.effects.isEmpty, !peers.isEmpty {
+            for target in Set(result.effects.map(\.shard)) { peers[target].preparing.wrappingAdd(1, ordering: .relaxed) }
+        }
         result.lsn = visibleLSN
         return result
     }
@@ -195,7 +215,9 @@ public actor Shard {
 
     private func publishDeadlines() {
         gauges.nextDeadlineMillis.store(state.nextDeadlineMillis, ordering: .relaxed)
-        gauges.nextForeignDeadlineMillis.store(state.nextForeignDeadlineMillis, ordering: .relaxed)
+        // Release: a reader that sees a basket no longer due sees its effects marked arriving on
+        // their shards (``run``), when it reads those after this (acquiring).
+        gauges.nextForeignDeadlineMillis.store(state.nextForeignDeadlineMillis, ordering: .releasing)
     }
 
     /// Appends what the scratch buffer holds. false when the log refused it: the shard then stops
@@ -242,9 +264,13 @@ public actor Shard {
         }
     }
 
-    private func endPrepare() {
+    /// Effects of another shard's run (``run``, which marked them arriving here) have been applied here
+    /// (``apply(_:causedAt:)``): runs here go on once nothing else is arriving or being placed.
+    public nonisolated func effectsArrived() { endPrepare() }
+
+    private nonisolated func endPrepare() {
         let left = gauges.preparing.wrappingSubtract(1, ordering: .relaxed).newValue
-        precondition(left >= 0, "more basket holds settled than placed")
+        precondition(left >= 0, "more basket holds settled (or effects arrived) than placed (or sent)")
         if left == 0 {
             let waiters = settleWaiters.withLock { waiters in
                 defer { waiters.removeAll() }
@@ -433,6 +459,10 @@ public final class QueueExecutor: SerialExecutor, @unchecked Sendable {
     private let queue: DispatchQueue
 
     public init(label: String) { queue = DispatchQueue(label: label) }
+
+    /// For tests: jobs wait in the queue until ``resume()`` (a shard whose loop is busy elsewhere).
+    func suspend() { queue.suspend() }
+    func resume() { queue.resume() }
 
     public func enqueue(_ job: consuming ExecutorJob) {
         let job = UnownedJob(job)

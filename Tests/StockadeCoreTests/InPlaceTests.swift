@@ -223,6 +223,36 @@ private func skusOnBothShards() -> (Name, Name) {
         #expect(await engine.execute([.deduct(sku: a, quantity: 1), .deduct(sku: b, quantity: 1)], now: 20) == [.deducted(1), .deducted(1)])
     }
 
+    /// Failed before (found by review): while the expiry of a basket over two shards was on its way to
+    /// release the units on the shard that does not own it, the basket was no longer due on its owner
+    /// and the other shard still held them, so the counters answered sold out (and a run there showed
+    /// them held) for a few milliseconds after the deadline. The release is now marked arriving there
+    /// before the owner shows the basket expired.
+    @Test func aBasketsReleaseOnItsWayIsNotAnsweredPast() async throws {
+        let participant = QueueExecutor(label: "participant")
+        let engine = Engine(
+            state: EngineState(shardCount: 2), log: MemoryChangeLog(), executors: [QueueExecutor(label: "owner"), participant])
+        let (a, b) = skusOnBothShards()  // the basket's owner is the shard of its first SKU: a's, 0
+        _ = await engine.execute([.addSku(sku: a, total: 1, limit: 0), .addSku(sku: b, total: 1, limit: 0)], now: 0)
+        guard case .reserved = await engine.execute(
+            .reserve(user: "u", lines: [OrderLine(sku: a, quantity: 1), OrderLine(sku: b, quantity: 1)], requestId: nil, ttlMillis: 10),
+            now: 1)
+        else { preconditionFailure("setup") }
+        participant.suspend()  // the release of b waits on its shard's executor
+        let expiry = Task { await engine.expire(now: 20) }
+        while engine.shards[0].gauges.nextForeignDeadlineMillis.load(ordering: .acquiring) <= 20 {
+            try await Task.sleep(for: .milliseconds(1))  // until the owner has expired the basket
+        }
+        var memo = engine.soldOutMemo(now: 20)
+        #expect(engine.soldOutAnswer(.deduct(sku: b, quantity: 1), memo: &memo)?.reply == nil)
+        let reserve: Command = .reserve(user: "v", lines: [OrderLine(sku: b, quantity: 1)], requestId: nil, ttlMillis: nil)
+        #expect(engine.soldOutAnswer(reserve, memo: &memo)?.reply == nil)
+        participant.resume()
+        await expiry.value
+        #expect(await engine.execute(.deduct(sku: b, quantity: 1), now: 21) == .deducted(1))
+        #expect(engine.shards[1].gauges.preparing.load(ordering: .relaxed) == 0)
+    }
+
     /// The answer waits for the record that sold the SKU out (a crash before it is durable would take
     /// the sale back, and the stock with it); after a log failure the counters answer nothing.
     @Test func waitsForTheRecordThatSoldItOutAndNotAfterALogFailure() async {
