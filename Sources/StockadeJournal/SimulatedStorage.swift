@@ -153,10 +153,7 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
     public func crash() {
         locked {
             count.crashes += 1
-            generation += 1
-            lockHolders = [:]
-            // Faults armed for the dead process's next operations die with it.
-            oneShots.removeAll()
+            endProcess()
             names = durableNames
             var seen = Set<ObjectIdentifier>()
             // In path order: the random torn prefixes must not depend on the dictionary's hash seed.
@@ -175,10 +172,16 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
     public func processKilled() {
         locked {
             count.kills += 1
-            generation += 1
-            lockHolders = [:]
-            oneShots.removeAll()
+            endProcess()
         }
+    }
+
+    /// What any end of the process does, under the lock: its file handles die (a new generation), its
+    /// locks are dropped, and faults armed for its next operations die with it.
+    private func endProcess() {
+        generation += 1
+        lockHolders = [:]
+        oneShots.removeAll()
     }
 
     /// What a power cut leaves of a file whose bytes changed since its last sync: the synced bytes with
