@@ -58,6 +58,7 @@ struct Simulate: AsyncParsableCommand {
             total.commands += report.commands
             total.acknowledged += report.acknowledged
             total.crashes += report.crashes
+            total.kills += report.kills
             total.tornTails += report.tornTails
             total.syncFailures += report.syncFailures
             total.appendFailures += report.appendFailures
@@ -81,7 +82,7 @@ struct Simulate: AsyncParsableCommand {
         print("""
             \(ran) seeds (\(from)...\(from &+ ran &- 1)) in \(String(format: "%.1f", elapsed)) s: \(failed.count) failed; \
             \(total.batches) batches (\(total.inPlaceBatches) run in place), \(total.commands) commands, \(total.acknowledged) acknowledged batches, \
-            \(total.crashes) crashes (\(total.tornTails) with a torn tail), \(total.syncFailures) sync failures, \
+            \(total.crashes) crashes (\(total.tornTails) with a torn tail, \(total.kills) of the process alone), \(total.syncFailures) sync failures, \
             \(total.appendFailures) append failures, \(total.clockJumpsBack) clock jumps back, \
             \(total.durabilityChecks) durability checks, \(total.quietRecoveries) recoveries compared by state hash, \(total.epochs) epochs started\
             \(disk ? "; \(total.snapshots) snapshots, \(total.diskFaults) disk faults, \(total.bitFlips) bit flips, \(total.refusedStartUps) refused start-ups" : "")
