@@ -272,7 +272,7 @@ public struct RESPParser: Sendable {
     /// The multibulk request at the start of `raw` (whose first byte is at buffer index `origin`),
     /// when it is there whole and within `limits`: the bytes it takes and its argument count, its
     /// spans in `spans[0..<count]` (entries past them are left from earlier requests: the array is
-    /// overwritten in place, not emptied, and only grows). nil for anything else, which ``next(_:)``
+    /// overwritten in place, not emptied). nil for anything else, which ``next(_:)``
     /// then reads (a partial request, an empty one, a malformed one, one over a limit, a number line
     /// the one pass does not take: see ``digitsLine(_:end:at:)``).
     static func wholeRequest(
