@@ -261,10 +261,22 @@ final class Database {
             try await body()
             try await query("COMMIT")
         } catch {
-            if !connection.isClosed && !dropped.isSet { _ = try? await query("ROLLBACK") }
+            if Self.leavesConnectionUsable(error) && !connection.isClosed && !dropped.isSet { _ = try? await query("ROLLBACK") }
             if let sinkError = error as? SinkError { throw sinkError }
             throw Self.classify(error, doing: what)
         }
+    }
+
+    /// Whether a statement's failure leaves a connection that takes a ROLLBACK: PostgreSQL answered
+    /// it with an error, or the sink's own check threw. A connection-level failure (closed by a stop,
+    /// by the server, by a timeout) is never written to again: PostgresNIO 1.33 fails the query in
+    /// progress before its channel is inactive, so `isClosed` can still be false, and a ROLLBACK
+    /// written then never completes (a stopped `--reset` waited out the statement timeout).
+    /// The caller reconnects after such a failure (``classify(_:doing:)`` makes it unavailable).
+    static func leavesConnectionUsable(_ error: any Error) -> Bool {
+        if let psql = error as? PSQLError { return psql.code == .server }
+        if let sinkError = error as? SinkError { return sinkError.code != .databaseUnavailable && sinkError.code != .databaseTimeout }
+        return true
     }
 
     private func run(_ what: String, _ statement: SinkStatement) async throws(SinkError) {

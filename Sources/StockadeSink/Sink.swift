@@ -182,6 +182,8 @@ public final class Sink: Sendable {
             let database = try await Database.connect(
                 configuration.database, statementTimeoutMillis: Int64(configuration.statementTimeoutMillis), logger: quiet,
                 onChannel: { channel in self.setDatabaseCloser { channel.close(promise: nil) } })
+            // From here a stop marks the connection dropped before it closes it: nothing more is written to it.
+            setDatabaseCloser(database.closer)
             do {
                 try await reset(database)
                 await database.close()
