@@ -278,19 +278,53 @@ public final class Engine: Sendable {
         return due
     }
 
-    /// The reply to `command` when its SKU's published counter shows it cannot be covered, decided
+    /// A command that may be answered from its SKU's counter (``soldOutAnswer(to:memo:)``), in the
+    /// form a front reads it from a request's arguments: no ``Command`` (and for a RESERVE, no
+    /// array of order lines) is built for a request answered this way.
+    public enum SoldOutCandidate: Sendable {
+        /// `DEDUCT sku quantity`.
+        case deduct(sku: Name, quantity: Int64)
+        /// `RESERVE user sku quantity [TTL ms]`: one SKU, no request id.
+        case reserve(user: Name, sku: Name, quantity: Int64, ttlMillis: Int64?)
+
+        /// The command it is.
+        public var command: Command {
+            switch self {
+            case let .deduct(sku, quantity): .deduct(sku: sku, quantity: quantity)
+            case let .reserve(user, sku, quantity, ttlMillis):
+                .reserve(user: user, lines: [OrderLine(sku: sku, quantity: quantity)], requestId: nil, ttlMillis: ttlMillis)
+            }
+        }
+    }
+
+    /// ``soldOutAnswer(to:memo:)`` of a command already built: its DEDUCT, or its one-line RESERVE
+    /// without a request id; nil for any other command.
+    public func soldOutAnswer(_ command: borrowing Command, memo: inout SoldOutMemo) -> (reply: Reply, lsn: UInt64)? {
+        switch command {
+        case let .deduct(sku, quantity):
+            return soldOutAnswer(to: .deduct(sku: sku, quantity: quantity), memo: &memo)
+        case let .reserve(user, lines, requestId, ttlMillis):
+            guard requestId == nil, lines.count == 1 else { return nil }
+            return soldOutAnswer(
+                to: .reserve(user: user, sku: lines[0].sku, quantity: lines[0].quantity, ttlMillis: ttlMillis), memo: &memo)
+        default:
+            return nil
+        }
+    }
+
+    /// The reply to `candidate` when its SKU's published counter shows it cannot be covered, decided
     /// without the shard and without a batch, and the log position the reply waits for; nil when the
     /// shard must decide. The same answer ``executeLocally(_:now:localShards:)`` and
-    /// ``execute(_:now:)`` give a batch that starts with `command` (their sold-out fast path): for a
-    /// DEDUCT of a valid quantity, or a valid one-line RESERVE without a request id, of a SKU whose
+    /// ``execute(_:now:)`` give a batch that starts with the command (their sold-out fast path): for
+    /// a DEDUCT of a valid quantity, or a valid one-line RESERVE without a request id, of a SKU whose
     /// counter cannot cover it, with no run or basket in progress on its shard, no hold due there
     /// and no basket due anywhere, and the log not failed. Nothing changes.
     ///
     /// A caller answering a read's commands in order may use it for a command only while nothing
     /// before it in that read joined a batch (a batch runs after the read is parsed: a command
     /// answered here would be answered before the state the commands before it leave).
-    public func soldOutAnswer(_ command: borrowing Command, memo: inout SoldOutMemo) -> (reply: Reply, lsn: UInt64)? {
-        switch command {
+    public func soldOutAnswer(to candidate: borrowing SoldOutCandidate, memo: inout SoldOutMemo) -> (reply: Reply, lsn: UInt64)? {
+        switch candidate {
         case let .deduct(sku, quantity):
             // Baskets first, the SKU's shard after: a basket seen expired has its release marked
             // arriving on that shard by then (``Shard``'s run), so the shard's gauges decline.
@@ -299,18 +333,15 @@ public final class Engine: Sendable {
                       owner: shardIndex(of: sku), sku: sku, now: memo.now, needed: quantity, progress: &memo.progress)
             else { return nil }
             return (.deducted(0), lsn)
-        case let .reserve(user, lines, requestId, ttlMillis):
+        case let .reserve(user, sku, quantity, ttlMillis):
             // Baskets first, as for DEDUCT; then the counter, before the validation: most reservations
             // that get this far are not sold out, and are validated where they run.
-            guard requestId == nil, lines.count == 1, !basketsDue(&memo),
+            guard !basketsDue(&memo),
                   let lsn = soldOutWithoutEntering(
-                      owner: shardIndex(of: lines[0].sku), sku: lines[0].sku, now: memo.now, needed: 1, progress: &memo.progress),
-                  ShardState.validateReserve(
-                      user: user, lines: lines, requestId: nil, ttlMillis: ttlMillis ?? Limits.ttlMillisDefault) == nil
+                      owner: shardIndex(of: sku), sku: sku, now: memo.now, needed: 1, progress: &memo.progress),
+                  ShardState.isValidReserveOfOne(user: user, sku: sku, quantity: quantity, ttlMillis: ttlMillis ?? Limits.ttlMillisDefault)
             else { return nil }
             return (.rejected(.soldOut), lsn)
-        default:
-            return nil
         }
     }
 

@@ -398,6 +398,14 @@ public struct ShardState: Sendable {
         return nil
     }
 
+    /// Whether ``validateReserve(user:lines:requestId:ttlMillis:)`` accepts a reservation of one
+    /// line without a request id, asked without building the line array (the front's sold-out
+    /// answers, ``Engine/soldOutAnswer(to:memo:)``). The same checks; a test holds the two equal.
+    public static func isValidReserveOfOne(user: Name, sku: Name, quantity: Int64, ttlMillis: Int64) -> Bool {
+        isValidName(user) && ttlMillis >= 1 && ttlMillis <= Limits.ttlMillisMax && isValidName(sku)
+            && quantity >= 1 && quantity <= Limits.quantityMax
+    }
+
     // MARK: Multi-shard orders (the engine coordinates: begin, prepare on each shard, commit or abort)
 
     /// Looks up a request id; when it is new, marks it as being placed. Returns the reply to give

@@ -232,6 +232,39 @@ enum CommandTable {
         parse(RESPParser.Arguments(arguments), authenticated: authenticated)
     }
 
+    /// What ``parse(_:authenticated:)`` makes of `arguments` when it is a DEDUCT, or a RESERVE of
+    /// one SKU without a request id (`RESERVE user sku quantity [TTL ms]`), accepted as an engine
+    /// command, in the form the engine's sold-out answer reads (``Engine/soldOutAnswer(to:memo:)``);
+    /// nil for anything else, which ``parse(_:authenticated:)`` then reads. Builds no request: a
+    /// read of sold-out requests answered from the counters makes no ``Command`` at all.
+    /// `CommandTableTests` holds it to what ``parse(_:authenticated:)`` makes of the same arguments.
+    static func soldOutCandidate(_ arguments: RESPParser.UnsafeArguments, authenticated: Bool) -> Engine.SoldOutCandidate? {
+        guard authenticated, let verb = Word(arguments[0]).flatMap(Verb.named) else { return nil }
+        let argc = arguments.count - 1
+        switch verb {
+        case .deduct:
+            guard argc == 1 || argc == 2, hasIdLength(arguments[1]) else { return nil }
+            var quantity: Int64 = 1
+            if argc == 2 {
+                guard let value = integer(arguments[2]) else { return nil }
+                quantity = value
+            }
+            return .deduct(sku: id(arguments[1]), quantity: quantity)
+        case .reserve:
+            guard argc == 3 || (argc == 5 && Word(arguments[4]) == .ttl),
+                  hasIdLength(arguments[1]), hasIdLength(arguments[2]), let quantity = integer(arguments[3])
+            else { return nil }
+            var ttl: Int64?
+            if argc == 5 {
+                guard let value = integer(arguments[5]) else { return nil }
+                ttl = value
+            }
+            return .reserve(user: id(arguments[1]), sku: id(arguments[2]), quantity: quantity, ttlMillis: ttl)
+        default:
+            return nil
+        }
+    }
+
     /// The request `arguments` make, read in place: arguments that become part of the request (ids,
     /// ECHO's message) are copied out of the read buffer, so the request outlives it.
     static func parse(_ arguments: RESPParser.UnsafeArguments, authenticated: Bool) -> Request {
@@ -514,9 +547,13 @@ enum CommandTable {
     /// The refusal for an id of the wrong length (checked before the id is used for anything).
     /// The message is the engine's own for the same check.
     static func idProblem(_ argument: UnsafeRawBufferPointer, _ what: String) -> Request? {
-        let count = argument.count
-        guard count < 1 || count > Limits.nameBytesMax else { return nil }
+        guard !hasIdLength(argument) else { return nil }
         return .invalid("ERR \(what) id must be 1 to \(Limits.nameBytesMax) bytes")
+    }
+
+    /// Whether an argument has the length of an id: 1 to ``Limits/nameBytesMax`` bytes.
+    static func hasIdLength(_ argument: UnsafeRawBufferPointer) -> Bool {
+        argument.count >= 1 && argument.count <= Limits.nameBytesMax
     }
 
     /// A signed 64-bit decimal, from ASCII digits.

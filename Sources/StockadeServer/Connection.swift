@@ -327,11 +327,17 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         var started: UInt64
     }
 
-    /// Whether the engine may answer `command` from its SKU's counter (``Engine/soldOutAnswer(_:memo:)``).
-    private static func mayBeSoldOut(_ command: borrowing Command) -> Bool {
-        switch command {
-        case .deduct, .reserve: true
-        default: false
+    /// What a sold-out answer counts against a round's reply budget: what its command would count
+    /// had it joined the batch (``ReplyEncoding/replyBytesMax(_:)`` of a DEDUCT or RESERVE), so
+    /// rounds end where they did before these answers.
+    static let soldOutReplyBytesMax = ReplyEncoding.stockBytesMax + ReplyEncoding.errorBytesMax
+
+    /// The metrics name of a command answered from its counter: the name its request has
+    /// (``Request/metricName``).
+    private static func metricName(_ candidate: borrowing Engine.SoldOutCandidate) -> String {
+        switch candidate {
+        case .deduct: "deduct"
+        case .reserve: "reserve"
         }
     }
 
@@ -371,14 +377,49 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                 }
                 do {
                     let authenticated = authenticated
+                    // A sold-out answer read from the SKU's counter goes with the local replies while
+                    // nothing of this round has joined the batch (a batch runs after the parse, and this
+                    // answer must not come before the state the commands before it leave): a round of
+                    // sold-out requests then runs no batch and builds no command. Only for a state
+                    // already durable; not when changes wait for replicas (the batch's wait decides),
+                    // are rate limited (the bucket counts them) or refused (READONLY); not past the
+                    // round's reply budget (the command table's request then starts the next round).
+                    let mayAnswer = round.batch.isEmpty && bucket == nil && server.configuration.minReplicasToWrite == 0
+                        && (round.slots.isEmpty || replyBytes + Self.soldOutReplyBytesMax <= replyBudget)
                     var parsed: Request?
-                    guard try parser.next(&input, { parsed = CommandTable.parse($0, authenticated: authenticated) }),
-                          let taken = parsed.take()  // moved out, not copied
-                    else {
+                    var candidate: Engine.SoldOutCandidate?
+                    guard try parser.next(&input, { arguments in
+                        if mayAnswer, let found = CommandTable.soldOutCandidate(arguments, authenticated: authenticated) {
+                            candidate = found
+                        } else {
+                            parsed = CommandTable.parse(arguments, authenticated: authenticated)
+                        }
+                    }) else {
                         starved = true
                         break
                     }
-                    request = consume taken
+                    if let candidate = candidate.take() {
+                        if readOnly == nil { readOnly = server.engine.role.isReadOnly }
+                        if readOnly == false {
+                            if soldOut == nil { soldOut = server.engine.soldOutMemo(now: wallClockMillis()) }
+                            if let (reply, lsn) = server.engine.soldOutAnswer(to: candidate, memo: &soldOut!),
+                               lsn <= durableSeen || lsn <= server.store.journal.lastDurableLSN {
+                                durableSeen = max(durableSeen, lsn)
+                                let start = round.local.writerIndex
+                                ReplyEncoding.write(reply, resp3: resp3, into: &round.local)
+                                round.slots.append(.local(start: start, end: round.local.writerIndex))
+                                round.tally.add(Self.metricName(candidate), ReplyEncoding.outcome(reply))
+                                replyBytes += Self.soldOutReplyBytesMax
+                                round.soldOutAnswers = true
+                                continue
+                            }
+                        }
+                        // Not answered here: the command the parse makes of the same arguments.
+                        request = .engine(candidate.command)
+                    } else {
+                        guard let taken = parsed.take() else { preconditionFailure("a complete request is parsed") }  // moved out, not copied
+                        request = consume taken
+                    }
                 } catch {
                     let start = round.local.writerIndex
                     round.local.writeRESPError("ERR Protocol error: \(error.message)")
@@ -431,24 +472,6 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                         round.local.writeRESPError("BUSY rate limit of \(server.configuration.rateLimitPerSecond) changes per second")
                         round.slots.append(.local(start: start, end: round.local.writerIndex))
                         round.tally.add(name, "busy")
-                        continue
-                    }
-                }
-                // A sold-out answer read from the SKU's counter goes with the local replies while
-                // nothing of this round has joined the batch (a batch runs after the parse, and this
-                // answer must not come before the state the commands before it leave): a round of
-                // sold-out requests then runs no batch at all. Only for a state already durable, and
-                // not when changes wait for replicas, where the batch's wait decides.
-                if round.batch.isEmpty, minReplicas == 0, Self.mayBeSoldOut(command) {
-                    if soldOut == nil { soldOut = server.engine.soldOutMemo(now: wallClockMillis()) }
-                    if let (reply, lsn) = server.engine.soldOutAnswer(command, memo: &soldOut!),
-                       lsn <= durableSeen || lsn <= server.store.journal.lastDurableLSN {
-                        durableSeen = max(durableSeen, lsn)
-                        let start = round.local.writerIndex
-                        ReplyEncoding.write(reply, resp3: resp3, into: &round.local)
-                        round.slots.append(.local(start: start, end: round.local.writerIndex))
-                        round.tally.add(name, ReplyEncoding.outcome(reply))
-                        round.soldOutAnswers = true
                         continue
                     }
                 }

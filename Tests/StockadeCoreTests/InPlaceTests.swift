@@ -151,6 +151,30 @@ private func skusOnBothShards() -> (Name, Name) {
 /// The sold-out answers the front writes while it parses (``Engine/soldOutAnswer(_:memo:)``, #8): what
 /// the commands get when they run, nothing changed, and only what a crash cannot take back.
 @Suite struct SoldOutAnswerTests {
+    /// The check of a one-line reservation the sold-out answer makes without building its line
+    /// array accepts exactly what ``ShardState/validateReserve(user:lines:requestId:ttlMillis:)`` does.
+    @Test func theCheckOfOneLineIsValidateReservesCheck() {
+        let names: [Name] = [Name(""), Name("u"), Name(String(repeating: "n", count: Limits.nameBytesMax)),
+                             Name(String(repeating: "n", count: Limits.nameBytesMax + 1))]
+        let quantities: [Int64] = [Int64.min, -1, 0, 1, 2, Limits.quantityMax, Limits.quantityMax + 1, Int64.max]
+        let ttls: [Int64] = [Int64.min, 0, 1, Limits.ttlMillisDefault, Limits.ttlMillisMax, Limits.ttlMillisMax + 1]
+        var accepted = 0
+        for user in names {
+            for sku in names {
+                for quantity in quantities {
+                    for ttl in ttls {
+                        let one = ShardState.isValidReserveOfOne(user: user, sku: sku, quantity: quantity, ttlMillis: ttl)
+                        let full = ShardState.validateReserve(
+                            user: user, lines: [OrderLine(sku: sku, quantity: quantity)], requestId: nil, ttlMillis: ttl) == nil
+                        #expect(one == full, "\(user) \(sku) \(quantity) \(ttl)")
+                        if one { accepted += 1 }
+                    }
+                }
+            }
+        }
+        #expect(accepted > 0)
+    }
+
     /// Over random runs of commands of every kind, each run's first commands asked of one memo (as the
     /// front asks a read's commands until one joins a batch): every answer is what ``Engine/execute(_:now:)``
     /// gives that command in order, and answering changes nothing.

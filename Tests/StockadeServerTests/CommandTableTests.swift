@@ -3,6 +3,7 @@ import Logging
 import NIOCore
 import Synchronization
 import StockadeCore
+import StockadeWire
 import Testing
 @testable import StockadeServer
 
@@ -39,6 +40,51 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(parse(["EVENTS", "$", "COUNT", "3"]) == .events(from: nil, count: 3, blockMillis: 0))
         #expect(parse(["HELLO", "3", "AUTH", "default", "pw"]) == .hello(version: 3, password: ByteBuffer(string: "pw")))
         #expect(parse(["nope"]) == .invalid("ERR unknown command 'nope'"))
+    }
+
+    /// The form the front's sold-out answers read (``CommandTable/soldOutCandidate(_:authenticated:)``)
+    /// is what the parse makes of the same arguments: over random argument lists of DEDUCT, RESERVE
+    /// and their neighbours, with ids of every length near the bounds and numbers in and out of
+    /// range, a candidate is only ever made of a DEDUCT or a one-line RESERVE without a request id,
+    /// with the same fields; and every DEDUCT, and every such RESERVE of 3 or 5 arguments, makes one
+    /// (BUY of one SKU does not: it keeps its own name in the metrics).
+    @Test func soldOutCandidatesAreWhatTheParseMakes() {
+        var rng = SplitMix64(seed: 88)
+        let verbs = ["DEDUCT", "deduct", "RESERVE", "Reserve", "BUY", "STOCK", "RESERVEX"]
+        let ids = ["", "a", "tv", "user:42", String(repeating: "k", count: Limits.nameBytesMax),
+                   String(repeating: "k", count: Limits.nameBytesMax + 1), "TTL", "REQ", "1"]
+        let numbers = ["1", "0", "-3", "5", "x", "99999999999999999999", "9223372036854775807", " 1", "ttl", "TTL", "REQ", "600000"]
+        var made = 0
+        for _ in 0..<20_000 {
+            var words = [verbs[Int(rng.next() % UInt64(verbs.count))]]
+            for position in 0..<Int(rng.next() % 7) {
+                let pool = position % 2 == 0 && position < 2 ? ids : (rng.next() % 3 == 0 ? ids : numbers)
+                words.append(pool[Int(rng.next() % UInt64(pool.count))])
+            }
+            let arguments = RESPParser.Arguments(words.map { ByteBuffer(string: $0) })
+            let authenticated = rng.next() % 8 != 0
+            let candidate = arguments.withUnsafeArguments { CommandTable.soldOutCandidate($0, authenticated: authenticated) }
+            let request = parse(words, authenticated: authenticated)
+            switch (candidate, request) {
+            case let (.deduct(sku, quantity)?, .engine(.deduct(parsedSku, parsedQuantity))):
+                #expect(sku == parsedSku && quantity == parsedQuantity, "\(words)")
+                made += 1
+            case let (.reserve(user, sku, quantity, ttl)?, .engine(.reserve(parsedUser, lines, nil, parsedTtl))):
+                #expect(user == parsedUser && lines == [OrderLine(sku: sku, quantity: quantity)] && ttl == parsedTtl, "\(words)")
+                #expect(words.count == 4 || words.count == 6, "\(words)")
+                made += 1
+            case (.some, _):
+                Issue.record("a candidate of \(words), parsed as \(request)")
+            case (nil, .engine(.deduct)):
+                Issue.record("no candidate of \(words), a DEDUCT")
+            case (nil, .engine(.reserve(_, let lines, nil, _)))
+                where words[0].uppercased() == "RESERVE" && lines.count == 1 && (words.count == 4 || words.count == 6):
+                Issue.record("no candidate of \(words), a one-line RESERVE")
+            case (nil, _):
+                break
+            }
+        }
+        #expect(made > 500, "only \(made) candidates: the generator no longer reaches them")
     }
 
     /// Every command is found by its name in any ASCII case, and nothing else is: names one byte
