@@ -244,7 +244,7 @@ public final class Engine: Sendable {
         }
     }
 
-    /// What ``soldOutAnswer(_:memo:)`` keeps between the commands of one read: the time they are
+    /// What ``soldOutAnswer(to:memo:)`` keeps between the commands of one read: the time they are
     /// answered at, whether a basket is due to expire, and the last counter read. Made by
     /// ``soldOutMemo(now:)`` for one read's commands and dropped with them: it is valid only while
     /// they are parsed, on one thread, with nothing awaited in between.
@@ -294,21 +294,6 @@ public final class Engine: Sendable {
             case let .reserve(user, sku, quantity, ttlMillis):
                 .reserve(user: user, lines: [OrderLine(sku: sku, quantity: quantity)], requestId: nil, ttlMillis: ttlMillis)
             }
-        }
-    }
-
-    /// ``soldOutAnswer(to:memo:)`` of a command already built: its DEDUCT, or its one-line RESERVE
-    /// without a request id; nil for any other command.
-    public func soldOutAnswer(_ command: borrowing Command, memo: inout SoldOutMemo) -> (reply: Reply, lsn: UInt64)? {
-        switch command {
-        case let .deduct(sku, quantity):
-            return soldOutAnswer(to: .deduct(sku: sku, quantity: quantity), memo: &memo)
-        case let .reserve(user, lines, requestId, ttlMillis):
-            guard requestId == nil, lines.count == 1 else { return nil }
-            return soldOutAnswer(
-                to: .reserve(user: user, sku: lines[0].sku, quantity: lines[0].quantity, ttlMillis: ttlMillis), memo: &memo)
-        default:
-            return nil
         }
     }
 

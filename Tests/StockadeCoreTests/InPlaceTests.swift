@@ -148,7 +148,24 @@ private func skusOnBothShards() -> (Name, Name) {
     }
 }
 
-/// The sold-out answers the front writes while it parses (``Engine/soldOutAnswer(_:memo:)``, #8): what
+extension Engine {
+    /// ``soldOutAnswer(to:memo:)`` of a command already built (the tests' random runs are of
+    /// commands): its DEDUCT, or its one-line RESERVE without a request id; nil for any other command.
+    func soldOutAnswer(_ command: Command, memo: inout SoldOutMemo) -> (reply: Reply, lsn: UInt64)? {
+        switch command {
+        case let .deduct(sku, quantity):
+            return soldOutAnswer(to: .deduct(sku: sku, quantity: quantity), memo: &memo)
+        case let .reserve(user, lines, requestId, ttlMillis):
+            guard requestId == nil, lines.count == 1 else { return nil }
+            return soldOutAnswer(
+                to: .reserve(user: user, sku: lines[0].sku, quantity: lines[0].quantity, ttlMillis: ttlMillis), memo: &memo)
+        default:
+            return nil
+        }
+    }
+}
+
+/// The sold-out answers the front writes while it parses (``Engine/soldOutAnswer(to:memo:)``, #8): what
 /// the commands get when they run, nothing changed, and only what a crash cannot take back.
 @Suite struct SoldOutAnswerTests {
     /// The check of a one-line reservation the sold-out answer makes without building its line
