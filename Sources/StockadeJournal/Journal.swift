@@ -39,10 +39,11 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         /// snapshots let us delete.
         public var segmentBytesMax = 64 << 20
         /// The open segment's space is allocated ahead of its writes in steps of this many bytes
-        /// (``StorageFile/preallocate(to:)``), so most batches overwrite allocated zeros and their
-        /// fdatasync need not record a new file length (on ext4 here a quarter to a third off the
-        /// sync of a small batch; BENCHMARKS.md). A closed segment is cut back to its last block.
-        /// 0: off, the file grows with each batch.
+        /// (``StorageFile/preallocate(to:)``, zeros written), so most batches overwrite zeros already
+        /// written and their fdatasync writes the batch's data and nothing else: no new file length,
+        /// no blocks to mark written (on ext4 here a quarter to a third off the sync of a small batch,
+        /// and durable RESERVE -P16 about x1.3; BENCHMARKS.md). A closed segment is cut back to its
+        /// last block. 0: off, the file grows with each batch.
         public var preallocationBytes = 1 << 20
         /// Records waiting to be written, in bytes, past which changes are refused with BUSY rather
         /// than queued without limit (about a quarter-second of writes at disk speed).

@@ -62,8 +62,8 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
         /// At ``SimulatedStorage/crash()``, keep a random prefix of each file's bytes changed since its
         /// last sync, appended or written in place (a torn write), instead of none.
         public var crashKeepsTornPrefix = true
-        /// A ``StorageFile/preallocate(to:)`` answers false (a file system without the call, a full
-        /// disk), so the file grows with each write.
+        /// A ``StorageFile/preallocate(to:)`` answers false (a full disk, a file size limit) after
+        /// growing the file by some part of the request, maybe none, so the file grows with each write.
         public var preallocationRefused = 0.0
         /// Only paths containing this are affected by the random faults (nil: every path).
         public var pathContaining: String?
@@ -381,8 +381,13 @@ public final class SimulatedStorage: Storage, @unchecked Sendable {
 
     func truncateFate(_ path: String) throws(JournalError) { try injectOneShot(.truncate, path) }
 
-    /// Whether a preallocation goes through (``FaultPlan/preallocationRefused``). Under the lock.
-    func preallocationAllowed(_ path: String) -> Bool { !(applies(path) && chance(plan.preallocationRefused)) }
+    /// How many of `wanted` bytes a preallocation adds: all of them, or, refused
+    /// (``FaultPlan/preallocationRefused``), some prefix of them (zeros written until the disk was
+    /// full), maybe none. Under the lock.
+    func preallocationGrowth(_ path: String, wanted: Int) -> (bytes: Int, refused: Bool) {
+        guard applies(path) && chance(plan.preallocationRefused) else { return (wanted, false) }
+        return (Int(rng.next() % UInt64(wanted + 1)), true)
+    }
 
     private func slowSyncDue(_ path: String) -> (@Sendable (String) -> Void)? {
         guard applies(path), chance(plan.slowSync) else { return nil }
@@ -517,9 +522,9 @@ final class SimulatedFile: StorageFile {
         try checkOpen(writing: true)
         return try storage.withFile(self) { () throws(JournalError) -> Bool in
             guard length > inode.data.count else { return true }
-            guard storage.preallocationAllowed(path) else { return false }
-            inode.data.append(contentsOf: repeatElement(0, count: length - inode.data.count))
-            return true
+            let growth = storage.preallocationGrowth(path, wanted: length - inode.data.count)
+            inode.data.append(contentsOf: repeatElement(0, count: growth.bytes))
+            return !growth.refused
         }
     }
 

@@ -54,12 +54,12 @@ public protocol StorageFile: AnyObject {
     func size() throws(JournalError) -> Int
     /// Cuts the file to `length` bytes.
     func truncate(to length: Int) throws(JournalError)
-    /// Extends the file to `length` bytes with its space allocated (`posix_fallocate`), the new bytes
-    /// reading as zeros, and returns true; returns false where the file system cannot, the disk is
-    /// full or the file may not grow that far (`RLIMIT_FSIZE`): the file then grows with each write,
-    /// as before, and its length may have grown partway (read ``size()``). A `length` at or below the
-    /// file's changes nothing. The log writes its segments into such space: an fdatasync that need not
-    /// record a new file length costs less.
+    /// Extends the file to `length` bytes of zeros, written (not `posix_fallocate`, whose space a
+    /// later sync must also mark written), and returns true; returns false where the disk is full or
+    /// the file may not grow that far (`RLIMIT_FSIZE`): the file then grows with each write, as
+    /// before, and its length may have grown partway (read ``size()``). A `length` at or below the
+    /// file's changes nothing. The log writes its segments over such zeros: an fdatasync that need
+    /// not record a new file length or newly written blocks costs less.
     func preallocate(to length: Int) throws(JournalError) -> Bool
     /// fdatasync: the file's bytes (not necessarily its metadata other than the length) are durable.
     func dataSync() throws(JournalError)

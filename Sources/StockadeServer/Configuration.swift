@@ -23,8 +23,8 @@ public struct ServerConfiguration: Sendable {
     public var snapshotEverySeconds = 3600
     /// Log segments wholly covered by the snapshots that are kept anyway, for EVENTS readers that lag.
     public var eventsRetentionSegments = 4
-    /// The log allocates its open segment's space this many bytes ahead of its writes, so that most
-    /// syncs need not record a new file length (`Journal.Options.preallocationBytes`); 0: off.
+    /// The log writes zeros this many bytes ahead of its writes in its open segment, so that most
+    /// syncs write only their batch's data (`Journal.Options.preallocationBytes`); 0: off.
     public var logPreallocateBytes = 1 << 20
     public var requirePassword: String?
     /// Connections beyond this are answered with an error and closed. Each costs a few KiB.

@@ -357,18 +357,20 @@ def test_non_loopback_without_password_is_refused(data_dir):
     assert "refusing to listen on 0.0.0.0 without a password" in out.stderr
 
 
-def test_log_write_failure_refuses_changes_and_loses_nothing_acknowledged(data_dir):
+@pytest.mark.parametrize("preallocate", ["0", "1048576"], ids=["growing", "zeros-ahead"])
+def test_log_write_failure_refuses_changes_and_loses_nothing_acknowledged(data_dir, preallocate):
     """The log's file may grow only 64 KiB (RLIMIT_FSIZE): once a write fails, every change is refused with
     UNAVAILABLE (and so are reads that could show a change that never became durable), INFO says why,
-    and after a restart without the limit every acknowledged hold is there."""
+    and after a restart without the limit every acknowledged hold is there. With zeros written ahead
+    (the default), the first megabyte of zeros stops at the limit: the log writes over the zeros it
+    has until a write must grow the file."""
     import resource
 
     def small_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
-    # Without space allocated ahead: the limit fails a write only where it grows the file.
-    s = Server(data_dir, "--shards", "2", "--snapshot-every-changes", "0", "--log-preallocate-bytes", "0",
+    s = Server(data_dir, "--shards", "2", "--snapshot-every-changes", "0", "--log-preallocate-bytes", preallocate,
                preexec_fn=small_files).start()
     r = s.client()
     r.execute_command("SKU.ADD", "disk", 1_000_000)
