@@ -21,7 +21,10 @@ All with 50 connections. redis-benchmark 7.0.15 exits at the first error reply, 
 against the ceiling's PING driven by that same client. Two rows put the pipeline-1 latency goal in context
 (no goal of their own): Redis's plain script at -P1 with `appendfsync always` (what a durable Redis gives at
 that depth on this disk), and Stockade with `--io-threads 1` (one event loop: when the load client shares the
-machine's two cores, two loops and the client compete for them, which shows in the tail). Then the harness
+machine's two cores, two loops and the client compete for them, which shows in the tail). A context table
+(no goals of its own) gives what each miss runs into: the ceiling at -P1 against Redis's PING_INLINE (what a
+SwiftNIO server that does nothing answers at pipeline 1), with both p99s, and a third Stockade, one loop with
+`--fsync none`, at -P16 and -P1 (what the durable rows would give if a sync cost nothing). Then the harness
 rows (`stockade bench sustained`) and the sellout audit, as before.
 
 With `--one-loop`, every Stockade measurement of the goals is also made on the `--io-threads 1` server, each
@@ -96,8 +99,8 @@ class Proc:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def stockade_proc(port, name="stockade", extra=()):
-    return Proc(name, [STOCKADE, "serve", "--port", str(port), "--data-dir", "{dir}", "--fsync", "always",
+def stockade_proc(port, name="stockade", extra=(), fsync="always"):
+    return Proc(name, [STOCKADE, "serve", "--port", str(port), "--data-dir", "{dir}", "--fsync", fsync,
                        "--snapshot-every-changes", "0", "--snapshot-every-seconds", "0", *extra], port)
 
 
@@ -112,6 +115,9 @@ def start_all(names=("stockade", "redis-nopersist", "redis-always"), ceiling=Non
             elif name == "stockade-1loop":
                 # One event loop: on a machine whose cores the load client shares, fewer threads compete.
                 servers[name] = stockade_proc(port, name, ("--io-threads", "1"))
+            elif name == "stockade-nosync":
+                # One loop and no sync: what the durable rows would give if a sync cost nothing.
+                servers[name] = stockade_proc(port, name, ("--io-threads", "1"), fsync="none")
             elif name == "redis-nopersist":
                 servers[name] = Proc(name, ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
                                             "--dir", "{dir}"], port)
@@ -285,6 +291,9 @@ LABELS = {
     "redis-nopersist/limit/P16": f"Redis EVALSHA limit script (limit {LIMIT:,}) -P16, no persistence",
     "redis-nopersist/PING_INLINE/P1": "Redis PING_INLINE -P1",
     "redis-always/plain/P1": "Redis EVALSHA plain script -P1, appendfsync always",
+    "ceiling/PING_INLINE/P1": "ceiling PING_INLINE -P1",
+    "stockade-nosync/RESERVE/P16": "Stockade RESERVE -P16, --fsync none, --io-threads 1",
+    "stockade-nosync/RESERVE/P1": "Stockade RESERVE -P1, --fsync none, --io-threads 1",
 }
 
 # (figure, numerator, denominator, goal): a ratio numerator / denominator of at least `goal`; with no
@@ -310,6 +319,25 @@ GOALS = [
 ]
 
 
+# Context for the misses, no goals of their own (figure, numerator, denominator; no denominator: a p99):
+# what SwiftNIO itself answers at pipeline 1 against Redis, and what the durable rows would give if a
+# sync cost nothing (one loop, `--fsync none`), so that each sitting shows which limit a miss meets.
+CONTEXT = [
+    ("ceiling PING_INLINE -P1 vs Redis PING_INLINE -P1 (a SwiftNIO server that does nothing, at pipeline 1)",
+     "ceiling/PING_INLINE/P1", "redis-nopersist/PING_INLINE/P1"),
+    ("ceiling PING_INLINE -P1, p99", "ceiling/PING_INLINE/P1", None),
+    ("Redis PING_INLINE -P1, p99", "redis-nopersist/PING_INLINE/P1", None),
+    ("RESERVE -P1, no sync, one loop, vs Redis PING_INLINE -P1", "stockade-nosync/RESERVE/P1", "redis-nopersist/PING_INLINE/P1"),
+    ("RESERVE -P1, no sync, one loop, p99", "stockade-nosync/RESERVE/P1", None),
+    ("RESERVE -P16, no sync, one loop, vs the plain script, appendfsync always",
+     "stockade-nosync/RESERVE/P16", "redis-always/plain/P16"),
+    ("RESERVE -P16, no sync, one loop, vs the plain script, no persistence",
+     "stockade-nosync/RESERVE/P16", "redis-nopersist/plain/P16"),
+    ("durable RESERVE -P16, one loop, vs the same without sync (what the syncs leave)",
+     "stockade-1loop/RESERVE/P16", "stockade-nosync/RESERVE/P16"),
+]
+
+
 # The Stockade measurements that goals divide, made on the one-loop server too with `--one-loop`.
 ONE_LOOP_KEYS = ["stockade/RESERVE/P16", "stockade/RESERVE-limit/P16", "stockade/DEDUCT/P16", "stockade/PING/P16",
                  "stockade/soldout-DEDUCT/P16", "stockade/soldout-RESERVE/P16/own"]
@@ -321,7 +349,7 @@ def measure_round(r, servers, sizes, add, one_loop=False):
     """One round of the redis-benchmark figures, systems alternating so that drift hits them alike."""
     s, c = servers["stockade"], servers["ceiling"]
     n16, n1 = sizes["P16"], sizes["P1"]
-    for server in (s, servers["stockade-1loop"]):
+    for server in (s, servers["stockade-1loop"], servers["stockade-nosync"]):
         cli(server, "SKU.ADD", f"rb{r}", HUGE_STOCK)
         cli(server, "SKU.ADD", f"rbl{r}", HUGE_STOCK, "LIMIT", LIMIT)
         cli(server, "SKU.ADD", f"dd{r}", HUGE_STOCK)
@@ -364,6 +392,11 @@ def measure_round(r, servers, sizes, add, one_loop=False):
         ("stockade-1loop/RESERVE/P1", lambda: redis_benchmark(servers["stockade-1loop"], 1, n1, "RESERVE", "user:__rand_int__",
                                                                f"rb{r}", "1")),
         ("redis-always/plain/P1", lambda: evalsha("redis-always", "plain", 1, n1)),
+        ("ceiling/PING_INLINE/P1", lambda: redis_benchmark(c, 1, n1, tests="ping_inline")),
+        ("stockade-nosync/RESERVE/P1", lambda: redis_benchmark(servers["stockade-nosync"], 1, n1, "RESERVE",
+                                                                "user:__rand_int__", f"rb{r}", "1")),
+        ("stockade-nosync/RESERVE/P16", lambda: redis_benchmark(servers["stockade-nosync"], 16, n16, "RESERVE",
+                                                                 "user:__rand_int__", f"rb{r}", "1")),
         ("stockade/PING/P16", lambda: redis_benchmark(s, 16, n16, "PING")),
         ("ceiling/PING/P16", lambda: redis_benchmark(c, 16, n16, "PING")),
         ("stockade/soldout-DEDUCT/P16", lambda: redis_benchmark(s, 16, n16, "DEDUCT", f"gone{r}")),
@@ -414,7 +447,8 @@ def main():
     def add(key, value):
         results.setdefault(key, []).append(value)
 
-    servers = start_all(("stockade", "stockade-1loop", "redis-nopersist", "redis-always", "ceiling"), ceiling=ceiling)
+    servers = start_all(("stockade", "stockade-1loop", "stockade-nosync", "redis-nopersist", "redis-always", "ceiling"),
+                        ceiling=ceiling)
     harnessed = ("stockade", "redis-nopersist", "redis-always")
     try:
         for r in range(rounds):
@@ -457,7 +491,27 @@ def report(results, rounds, sizes, quick, one_loop=False):
         print(f"\n### The same goals, Stockade with --io-threads 1 (one loop: no request crosses to another thread; {what})\n")
         one = lambda key: key.replace("stockade/", "stockade-1loop/", 1) if key.startswith("stockade/") else key
         goals_table(results, [(figure, one(num), den, goal) for figure, num, den, goal in GOALS])
+    print(f"\n### Context for the misses (no goals of their own; {what})\n")
+    context_table(results, CONTEXT)
     every_measurement(results, rounds, sizes, quick, what)
+
+
+def context_table(results, rows):
+    print("| figure | value | reference | ratio | per round |")
+    print("|---|---|---|---|---|")
+    for figure, num, den in rows:
+        if den is None:
+            p99 = fig(results, num, "p99")
+            per_round = ", ".join(f"{x['p99']:.2f}" if x else "n/a" for x in results.get(num, []))
+            print(f"| {figure} | " + (f"p99 {p99:.2f} ms" if p99 is not None else "n/a") + f" | | | {per_round} ms |")
+            continue
+        a, b = fig(results, num), fig(results, den)
+        per_round = ", ".join(f"x{x['rps'] / y['rps']:.2f}" if x and y else "n/a"
+                              for x, y in zip(results.get(num, []), results.get(den, [])))
+        if a is None or b is None:
+            print(f"| {figure} | n/a | n/a | n/a | {per_round} |")
+            continue
+        print(f"| {figure} | {a:,.0f}/s | {b:,.0f}/s | x{a / b:.2f} | {per_round} |")
 
 
 def goals_table(results, goals):
