@@ -121,8 +121,10 @@ public struct ServerConfiguration: Sendable {
         /// More than any log holds between two snapshots (2^40 records).
         public static let snapshotChanges: ClosedRange<UInt64> = 0...(1 << 40)
         public static let retentionSegments = 0...100_000
-        /// Up to a whole segment (64 MiB).
-        public static let preallocateBytes = 0...(64 << 20)
+        /// Up to 4 MiB: the zeros are written on the log's path and the next sync takes them to the
+        /// disk, about 1.5 ms a megabyte here, so a step is a stall of one sync (a 64 MiB step held
+        /// a loop for 80 ms at the first change after start-up; BENCHMARKS.md).
+        public static let preallocateBytes = 0...(4 << 20)
         public static let ioThreads = 0...64
     }
 

@@ -983,8 +983,10 @@ public final class StockadeServer: Sendable {
             logger.info("metrics on http://\(configuration.metricsHost):\(metricsListener?.localAddress?.port ?? metricsPort)/metrics")
         }
 
-        // A line the tests and scripts can wait for, once every listener is up.
-        FileHandle.standardOutput.write(Data("stockade listening on \(configuration.host):\(port)\n".utf8))
+        // A line the tests and scripts can wait for, once every listener is up. A failed write (a
+        // closed pipe, a full disk, a file size limit) is not the server's failure: it serves on.
+        // (`write(_:)` without `contentsOf:` traps on one.)
+        try? FileHandle.standardOutput.write(contentsOf: Data("stockade listening on \(configuration.host):\(port)\n".utf8))
 
         if let primary = configuration.replicaOf {
             _ = await context.follow(host: primary.host, port: primary.port)

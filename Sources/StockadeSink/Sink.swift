@@ -551,7 +551,7 @@ public final class Sink: Sendable {
     }
 
     private func say(_ message: String) {
-        FileHandle.standardError.write(Data("[stockade-sink] \(message)\n".utf8))
+        try? FileHandle.standardError.write(contentsOf: Data("[stockade-sink] \(message)\n".utf8))
     }
 }
 

@@ -54,7 +54,7 @@ struct SinkCommand: AsyncParsableCommand {
         do {
             try await runSink()
         } catch {
-            FileHandle.standardError.write(Data("[stockade-sink] error: \(error.message)\n".utf8))
+            try? FileHandle.standardError.write(contentsOf: Data("[stockade-sink] error: \(error.message)\n".utf8))
             throw ExitCode(1)
         }
     }
@@ -79,7 +79,7 @@ struct SinkCommand: AsyncParsableCommand {
             signal(number, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
             source.setEventHandler {
-                FileHandle.standardError.write(Data("[stockade-sink] \(number == SIGTERM ? "SIGTERM" : "SIGINT"): finishing the current batch\n".utf8))
+                try? FileHandle.standardError.write(contentsOf: Data("[stockade-sink] \(number == SIGTERM ? "SIGTERM" : "SIGINT"): finishing the current batch\n".utf8))
                 sink.stop()
             }
             source.resume()

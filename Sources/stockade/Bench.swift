@@ -87,7 +87,7 @@ struct Bench: AsyncParsableCommand {
         }
         if scenario == .lifecycle, first.isRedis { throw ValidationError("lifecycle needs a Stockade target") }
 
-        let log: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("\($0)\n".utf8)) }
+        let log: @Sendable (String) -> Void = { try? FileHandle.standardError.write(contentsOf: Data("\($0)\n".utf8)) }
         var reports: [BenchReport] = []
         do {
             reports.append(try await Harness.run(options, log: log))

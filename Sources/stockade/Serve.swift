@@ -27,7 +27,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("events-retention-segments"), help: "Log segments kept for EVENTS readers after a snapshot covers them, 0 to 100000.")
     var eventsRetentionSegments = 4
 
-    @Option(name: .customLong("log-preallocate-bytes"), help: "Allocate the log segment's space this far ahead of its writes, 0 to 67108864 (0: the file grows with each write).")
+    @Option(name: .customLong("log-preallocate-bytes"), help: "Write zeros this far ahead of the log's writes in its segment, 0 to 4194304 (0: the file grows with each write).")
     var logPreallocateBytes = 1 << 20
 
     @Option(help: "Password clients must send with AUTH.")

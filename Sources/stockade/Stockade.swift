@@ -52,7 +52,7 @@ struct CommandError: Error, CustomStringConvertible {
 }
 
 func log(_ message: String) {
-    FileHandle.standardError.write(Data("[stockade] \(message)\n".utf8))
+    try? FileHandle.standardError.write(contentsOf: Data("[stockade] \(message)\n".utf8))
 }
 
 /// A built-in flash sale: recover, sell, snapshot, restart, compare. In a temporary directory
@@ -244,7 +244,7 @@ final class AckOutput: Sendable {
     func write(_ text: String) {
         guard !text.isEmpty else { return }
         lock.lock()
-        FileHandle.standardOutput.write(Data(text.utf8))
+        try? FileHandle.standardOutput.write(contentsOf: Data(text.utf8))
         lock.unlock()
     }
 }

@@ -55,7 +55,7 @@ def send(sock, *words):
     (["--maxclients", "0"], "--maxclients must be"),
     (["--rate-limit=-5"], "--rate-limit must be"),
     (["--events-retention-segments=-1"], "--events-retention-segments must be"),
-    (["--log-preallocate-bytes", "67108865"], "--log-preallocate-bytes must be"),
+    (["--log-preallocate-bytes", "4194305"], "--log-preallocate-bytes must be"),
     (["--metrics-port", "70000"], "--metrics-port must be"),
     (["--io-threads", "1000"], "--io-threads must be"),
     (["--shards", "0"], "--shards must be"),
@@ -78,7 +78,8 @@ def test_the_largest_valid_limits_serve_requests():
     the largest accepted values must serve."""
     with tempfile.TemporaryDirectory() as data:
         s = Server(data, "--max-inline-bytes", str(64 << 20), "--max-bulk-bytes", str(512 << 20),
-                   "--client-stall-seconds", "86400", "--snapshot-every-seconds", "31536000").start()
+                   "--client-stall-seconds", "86400", "--snapshot-every-seconds", "31536000",
+                   "--log-preallocate-bytes", str(4 << 20)).start()
         try:
             r = s.client()
             assert r.ping() and r.echo("x" * 1000) == "x" * 1000

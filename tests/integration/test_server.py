@@ -409,6 +409,53 @@ def test_log_write_failure_refuses_changes_and_loses_nothing_acknowledged(data_d
     restarted.stop()
 
 
+def test_output_that_cannot_be_written_does_not_stop_the_server(data_dir):
+    """stdout and stderr go to a file that may not grow (RLIMIT_FSIZE below its size, SIGXFSZ ignored):
+    every line the server writes there fails. The "listening" line's failed write trapped (SIGILL) at
+    start-up; now the server serves, and stops cleanly, saying nothing."""
+    import resource
+    out_path = data_dir + "-out.txt"
+    with open(out_path, "wb") as f:
+        f.write(b"x" * 16384)
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with open(out_path, "ab") as out:
+        proc = subprocess.Popen([BINARY, "serve", "--port", str(port), "--data-dir", data_dir, "--snapshot-every-changes", "0"],
+                                stdout=out, stderr=out, preexec_fn=small_files)
+    try:
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        # The line is written once the listener is up: the failure came just after the first connect.
+        r = redis.Redis(host="127.0.0.1", port=port, decode_responses=True, protocol=2)
+        try:
+            time.sleep(0.5)
+            assert r.ping()
+            r.execute_command("SKU.ADD", "tv", 5)
+            order = r.execute_command("RESERVE", "u1", "tv", 1)
+            assert r.execute_command("ORDER", order)[3] == "u1"
+        except redis.ConnectionError:
+            pytest.fail(f"the server stopped serving: exit status {proc.wait(timeout=10)}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert os.path.getsize(out_path) == 16384       # nothing could be written, and nothing was
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.remove(out_path)
+
+
 def test_kill9_leaves_allocated_space_that_the_restart_cuts(data_dir):
     """The log writes its segment into space allocated ahead (--log-preallocate-bytes, 1 MiB by
     default): while the server runs the file is longer than its blocks. After kill -9 the restart cuts
