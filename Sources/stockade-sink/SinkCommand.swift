@@ -51,6 +51,8 @@ struct SinkCommand: AsyncParsableCommand {
     var reset = false
 
     func run() async throws {
+        // As the server: a closed pipe on stdout or stderr fails a write instead of killing the sink.
+        signal(SIGPIPE, SIG_IGN)
         do {
             try await runSink()
         } catch {

@@ -151,6 +151,10 @@ struct Serve: AsyncParsableCommand {
     }
 
     func run() async throws {
+        // A closed pipe on stdout or stderr (a log collector gone, `| head`) must fail a write, not
+        // kill the server: SwiftNIO ignores SIGPIPE only once it makes its first socket, after
+        // recovery has logged (Redis ignores it at start-up too).
+        signal(SIGPIPE, SIG_IGN)
         let level = Logger.Level(rawValue: logLevel)!
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)

@@ -456,6 +456,33 @@ def test_output_that_cannot_be_written_does_not_stop_the_server(data_dir):
         os.remove(out_path)
 
 
+def test_a_closed_stderr_pipe_does_not_kill_the_server_at_start_up(data_dir):
+    """stderr is a pipe whose reader is gone (a log collector that died, `2>&1 | head -n 1`), SIGPIPE at
+    its default: the first log line ("recovered ...") killed the server by SIGPIPE before it listened
+    (SwiftNIO ignores the signal only once it makes a socket). Now it starts, serves and stops cleanly."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        # subprocess restores SIGPIPE to its default in the child.
+        proc = subprocess.Popen([BINARY, "serve", "--port", "0", "--data-dir", data_dir], stdout=subprocess.PIPE,
+                                stderr=write_end)
+    finally:
+        os.close(write_end)
+    try:
+        line = proc.stdout.readline().decode()
+        assert "listening on" in line, f"no listening line; exit status {proc.wait(timeout=10)}"
+        port = int(line.rsplit(":", 1)[1])
+        r = redis.Redis(host="127.0.0.1", port=port, decode_responses=True, protocol=2)
+        r.execute_command("SKU.ADD", "tv", 5)
+        assert stock(r, "tv")["available"] == 5
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_kill9_leaves_allocated_space_that_the_restart_cuts(data_dir):
     """The log writes its segment into space allocated ahead (--log-preallocate-bytes, 1 MiB by
     default): while the server runs the file is longer than its blocks. After kill -9 the restart cuts
