@@ -41,9 +41,10 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         /// The open segment's space is allocated ahead of its writes in steps of this many bytes
         /// (``StorageFile/preallocate(to:)``, zeros written), so most batches overwrite zeros already
         /// written and their fdatasync writes the batch's data and nothing else: no new file length,
-        /// no blocks to mark written (on ext4 here a quarter to a third off the sync of a small batch,
-        /// and durable RESERVE -P16 about x1.3; BENCHMARKS.md). A closed segment is cut back to its
-        /// last block. 0: off, the file grows with each batch.
+        /// no blocks to mark written (on ext4 here the sync of a -P16 batch about halves against
+        /// space from `fallocate`, and durable RESERVE -P16 gains about x1.3 with one loop;
+        /// BENCHMARKS.md). A closed segment is cut back to its last block. 0: off, the file grows
+        /// with each batch.
         public var preallocationBytes = 1 << 20
         /// Records waiting to be written, in bytes, past which changes are refused with BUSY rather
         /// than queued without limit (about a quarter-second of writes at disk speed).
