@@ -1,6 +1,11 @@
 /// An append-only array stored in fixed-size chunks. Appending never copies what is already stored,
 /// so a shard holding millions of orders does not stall for the tens of milliseconds a contiguous
 /// array takes to double and copy itself.
+///
+/// Each chunk after the first is mapped ahead by ``Prefault`` when it is allocated: an array that
+/// has filled one chunk is growing, and the page faults of the next would otherwise be taken by the
+/// thread that appends (a shard's event loop). The first chunk is not: most arrays (a shard's SKUs,
+/// the tests' small shards) never fill it, and mapping all of it would only grow the process.
 struct ChunkedArray<Element>: RandomAccessCollection {
     /// 65,536 elements a chunk: 1.5 MiB of 24-byte order slots, small enough to allocate without a
     /// noticeable pause, large enough that the chunk table stays tiny.
@@ -31,9 +36,23 @@ struct ChunkedArray<Element>: RandomAccessCollection {
             var chunk: [Element] = []
             chunk.reserveCapacity(Self.chunkSize)
             chunks.append(chunk)
+            chunks[chunks.count - 1].append(element)
+            count += 1
+            if chunks.count > 1 {
+                chunks[chunks.count - 1].withUnsafeBufferPointer { stored in
+                    guard let base = stored.baseAddress else { return }
+                    Prefault.ahead(base, bytes: Self.chunkSize * MemoryLayout<Element>.stride)
+                }
+            }
+            return
         }
         chunks[chunks.count - 1].append(element)
         count += 1
+    }
+
+    /// The address and byte length of chunk `index`'s elements, for tests of the mapping ahead.
+    func chunkStorage(_ index: Int) -> (address: UInt, bytes: Int) {
+        chunks[index].withUnsafeBufferPointer { (UInt(bitPattern: $0.baseAddress), Self.chunkSize * MemoryLayout<Element>.stride) }
     }
 
     /// Removes the last element (a chunk left empty is freed, so that ``append(_:)`` starts the next).
