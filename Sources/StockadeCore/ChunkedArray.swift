@@ -32,22 +32,39 @@ struct ChunkedArray<Element>: RandomAccessCollection {
     }
 
     mutating func append(_ element: Element) {
-        if count & (Self.chunkSize - 1) == 0 {
-            var chunk: [Element] = []
-            chunk.reserveCapacity(Self.chunkSize)
-            chunks.append(chunk)
-            chunks[chunks.count - 1].append(element)
+        let chunk = count >> Self.chunkShift
+        if chunk == chunks.count {
+            var fresh: [Element] = []
+            fresh.reserveCapacity(Self.chunkSize)
+            chunks.append(fresh)
+            chunks[chunk].append(element)
             count += 1
-            if chunks.count > 1 {
-                chunks[chunks.count - 1].withUnsafeBufferPointer { stored in
+            if chunk > 0 {
+                chunks[chunk].withUnsafeBufferPointer { stored in
                     guard let base = stored.baseAddress else { return }
                     Prefault.ahead(base, bytes: Self.chunkSize * MemoryLayout<Element>.stride)
                 }
             }
             return
         }
-        chunks[chunks.count - 1].append(element)
+        chunks[chunk].append(element)
         count += 1
+    }
+
+    /// Removes the last element. A chunk left empty is kept for the next ``append(_:)`` and freed when
+    /// the one before it empties too: a queue that hovers at a chunk boundary (the expiry heap, pushed
+    /// and popped) does not allocate and free a chunk on every step.
+    mutating func removeLast() {
+        precondition(count > 0, "removeLast on an empty ChunkedArray")
+        count -= 1
+        chunks[count >> Self.chunkShift].removeLast()
+        if chunks.count > (count + Self.chunkSize - 1) >> Self.chunkShift + 1 { chunks.removeLast() }
+        assert(chunks.count - ((count + Self.chunkSize - 1) >> Self.chunkShift) <= 1, "more than one empty chunk kept")
+    }
+
+    /// Reserves the chunk table only: chunks are allocated as they fill.
+    mutating func reserveCapacity(_ capacity: Int) {
+        chunks.reserveCapacity((capacity + Self.chunkSize - 1) >> Self.chunkShift)
     }
 
     /// The address and byte length of chunk `index`'s elements, for tests of the mapping ahead.
@@ -55,18 +72,6 @@ struct ChunkedArray<Element>: RandomAccessCollection {
         chunks[index].withUnsafeBufferPointer { (UInt(bitPattern: $0.baseAddress), Self.chunkSize * MemoryLayout<Element>.stride) }
     }
 
-    /// Removes the last element (a chunk left empty is freed, so that ``append(_:)`` starts the next).
-    mutating func removeLast() {
-        precondition(count > 0, "removeLast on an empty ChunkedArray")
-        chunks[chunks.count - 1].removeLast()
-        if chunks[chunks.count - 1].isEmpty { chunks.removeLast() }
-        count -= 1
-    }
-
-    /// Reserves the chunk table only: chunks are allocated as they fill.
-    mutating func reserveCapacity(_ capacity: Int) {
-        chunks.reserveCapacity((capacity + Self.chunkSize - 1) >> Self.chunkShift)
-    }
 }
 
 extension ChunkedArray: Sendable where Element: Sendable {}

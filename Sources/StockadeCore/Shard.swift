@@ -147,9 +147,11 @@ public actor Shard {
         let admits = log.admitsChanges
         var added: [(Name, StockCounter)] = []
         if slots.count > 1 {
-            // Each reservation looks its user up in a table too large for the cache, most of them a user
-            // never seen before: the loads start here together, so their misses overlap.
-            for slot in slots { if case let .reserve(user, _, _, _) = commands[slot] { state.prefetch(user: user) } }
+            // Each reservation looks its user (and its request id, if any) up in a table too large for
+            // the cache, most of them new: the loads start here together, so their misses overlap.
+            for slot in slots {
+                if case let .reserve(user, _, requestId, _) = commands[slot] { state.prefetch(user: user, requestId: requestId) }
+            }
         }
         for slot in slots {
             if commands[slot].isChange && (readOnly || !admits) {

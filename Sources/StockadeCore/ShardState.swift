@@ -59,11 +59,6 @@ public struct ShardState: Sendable {
         var sku: Name
     }
 
-    struct RequestKey: Hashable {
-        var user: UInt32
-        var requestId: Name
-    }
-
     struct TagRun: Equatable {
         var firstSequence: UInt32
         var tag: UInt32
@@ -82,8 +77,8 @@ public struct ShardState: Sendable {
     var lastOrderOfUser = ChunkedArray<UInt32>()
     var orders = ChunkedArray<OrderSlot>()
     var multiItems: [UInt32: [MultiItem]] = [:]
-    /// Request id -> order sequence.
-    var requests: [RequestKey: UInt32] = [:]
+    /// (user, request id) -> order sequence.
+    var requests = RequestIndex()
     /// Multi-shard requests being placed right now (between ``beginRequest(user:requestId:lines:)`` and
     /// commit or abort). Keyed by the ids themselves, so that marking one interns nothing.
     var requestsInFlight: Set<InFlightKey> = []
@@ -194,7 +189,7 @@ public struct ShardState: Sendable {
 
     /// Every request id with its order (for the simulator's model and tools).
     package var requestIds: [(user: Name, requestId: Name, order: OrderID)] {
-        requests.map { (users[Int($0.key.user)], $0.key.requestId, orderID(ofSequence: $0.value)) }
+        requests.entries.map { (users[Int($0.user)], $0.requestId, orderID(ofSequence: $0.sequence)) }
     }
 
     /// The sequence of order `id` here; nil when no order of this shard has that id (another shard's,
@@ -291,9 +286,19 @@ public struct ShardState: Sendable {
     // MARK: - Orders
 
     /// Starts loading the part of the user index where ``reserve(user:lines:requestId:ttlMillis:now:log:)``
-    /// will look `user` up (``NameIndex/prefetch(_:)``); changes nothing. Mutating only so that a
-    /// shard calls it on its state in place: a non-mutating call there copies the whole state first.
-    public mutating func prefetch(user: Name) { userIndexByName.prefetch(user) }
+    /// will look `user` up, and of the request index where it will look `requestId` up
+    /// (``NameIndex/prefetch(hash:)``); changes nothing. Mutating only so that a shard calls it on its
+    /// state in place: a non-mutating call there copies the whole state first.
+    public mutating func prefetch(user: Name, requestId: Name?) {
+        let userHash = userIndexByName.hash(user)
+        userIndexByName.prefetch(hash: userHash)
+        if let requestId { requests.prefetch(hash: requests.hash(userHash: userHash, requestId: requestId)) }
+    }
+
+    /// The hash of `requestId` of the user of index `userIndex` in ``requests``.
+    func requestHash(_ requestId: Name, userIndex: UInt32) -> UInt64 {
+        requests.hash(userHash: userIndexByName.hash(users[Int(userIndex)]), requestId: requestId)
+    }
 
     /// Places a hold for `lines`, all of which live on this shard, all or nothing.
     /// Arguments must have passed ``ShardState/validateReserve(user:lines:requestId:ttlMillis:)``.
@@ -302,8 +307,9 @@ public struct ShardState: Sendable {
     ) -> Reply {
         let userHash = userIndexByName.hash(user)
         let knownUser = userIndexByName.index(of: user, hash: userHash)
-        if let requestId {
-            if let knownUser, let seq = requests[RequestKey(user: knownUser, requestId: requestId)] {
+        let requestHash = requestId.map { requests.hash(userHash: userHash, requestId: $0) }
+        if let requestId, let requestHash {
+            if let knownUser, let seq = requests[user: knownUser, requestId: requestId, hash: requestHash] {
                 return replayedRequest(seq, lines: lines)
             }
             if !requestsInFlight.isEmpty, requestsInFlight.contains(InFlightKey(user: user, requestId: requestId)) {
@@ -324,7 +330,7 @@ public struct ShardState: Sendable {
             let id = OrderID(shard: shard, tag: idTag, sequence: seq)
             storeSingleOrder(
                 id: id, userIndex: userIndex, index: index, quantity: UInt32(line.quantity), deadlineMillis: deadline,
-                requestId: requestId)
+                requestId: requestId, requestHash: requestHash)
             log.orderCreated(
                 id: id, deadlineMillis: deadline, user: user, requestId: requestId, shard: shard, skuIndex: index,
                 quantity: UInt32(line.quantity))
@@ -413,7 +419,10 @@ public struct ShardState: Sendable {
     /// leaves no trace.
     public mutating func beginRequest(user: Name, requestId: Name?, lines: [OrderLine]) -> Reply? {
         guard let requestId else { return nil }
-        if let userIndex = userIndexByName[user], let seq = requests[RequestKey(user: userIndex, requestId: requestId)] {
+        let userHash = userIndexByName.hash(user)
+        if let userIndex = userIndexByName.index(of: user, hash: userHash),
+           let seq = requests[user: userIndex, requestId: requestId, hash: requests.hash(userHash: userHash, requestId: requestId)]
+        {
             return replayedRequest(seq, lines: lines)
         }
         let key = InFlightKey(user: user, requestId: requestId)
@@ -646,8 +655,10 @@ public struct ShardState: Sendable {
         }
     }
 
+    /// `requestHash`, when the caller has it, is `requestId`'s ``requestHash(_:userIndex:)``.
     mutating func storeSingleOrder(
-        id: OrderID, userIndex: UInt32, index: UInt32, quantity: UInt32, deadlineMillis: Int64, requestId: Name?
+        id: OrderID, userIndex: UInt32, index: UInt32, quantity: UInt32, deadlineMillis: Int64, requestId: Name?,
+        requestHash: UInt64? = nil
     ) {
         let seq = id.sequence
         precondition(Int(seq) == orders.count + 1 && orders.count < Limits.ordersPerShardMax, "order sequence out of order")
@@ -657,7 +668,11 @@ public struct ShardState: Sendable {
                 deadlineMillis: deadlineMillis, userIndex: userIndex, skuIndex: index, quantity: quantity,
                 previousOfUser: lastOrderOfUser[Int(userIndex)], state: .pending, isMulti: false))
         lastOrderOfUser[Int(userIndex)] = seq
-        if let requestId, !requestId.isEmpty { requests[RequestKey(user: userIndex, requestId: requestId)] = seq }
+        if let requestId, !requestId.isEmpty {
+            requests.set(
+                seq, user: userIndex, requestId: requestId,
+                hash: requestHash ?? self.requestHash(requestId, userIndex: userIndex))
+        }
         expiry.push(seq, orders)
     }
 
@@ -680,7 +695,9 @@ public struct ShardState: Sendable {
                 previousOfUser: lastOrderOfUser[Int(userIndex)], state: .pending, isMulti: true))
         lastOrderOfUser[Int(userIndex)] = seq
         multiItems[seq] = zip(created.items, names).map { MultiItem(item: $0, sku: $1) }
-        if let requestId { requests[RequestKey(user: userIndex, requestId: requestId)] = seq }
+        if let requestId {
+            requests.set(seq, user: userIndex, requestId: requestId, hash: self.requestHash(requestId, userIndex: userIndex))
+        }
         expiry.push(seq, orders)
         if created.items.contains(where: { $0.shard != shard }) { foreignExpiry.push(seq, orders) }
     }
@@ -715,11 +732,12 @@ public struct ShardState: Sendable {
 
 /// Pending orders by deadline: a binary min-heap of order sequence numbers (4 bytes an order),
 /// ordered by the deadlines in the order slots. Orders that were paid or cancelled stay until their
-/// deadline and are skipped then.
+/// deadline and are skipped then. Chunked like the orders: a contiguous array of millions of pending
+/// holds doubled in one step on the event loop (4 ms at 1M entries, 8 ms at 2M, 36 ms at 8.6M).
 struct ExpiryHeap {
-    private(set) var entries: [UInt32] = []
+    private(set) var entries = ChunkedArray<UInt32>()
 
-    var top: UInt32? { entries.first }
+    var top: UInt32? { entries.isEmpty ? nil : entries[0] }
     var count: Int { entries.count }
 
     mutating func push(_ sequence: UInt32, _ orders: ChunkedArray<ShardState.OrderSlot>) {
@@ -728,14 +746,14 @@ struct ExpiryHeap {
         while child > 0 {
             let parent = (child - 1) / 2
             guard Self.less(entries[child], entries[parent], orders) else { break }
-            entries.swapAt(child, parent)
+            swap(child, parent)
             child = parent
         }
     }
 
     mutating func pop(_ orders: ChunkedArray<ShardState.OrderSlot>) {
         guard !entries.isEmpty else { return }
-        entries.swapAt(0, entries.count - 1)
+        swap(0, entries.count - 1)
         entries.removeLast()
         var parent = 0
         while true {
@@ -745,9 +763,16 @@ struct ExpiryHeap {
             if left < entries.count, Self.less(entries[left], entries[smallest], orders) { smallest = left }
             if right < entries.count, Self.less(entries[right], entries[smallest], orders) { smallest = right }
             if smallest == parent { return }
-            entries.swapAt(parent, smallest)
+            swap(parent, smallest)
             parent = smallest
         }
+    }
+
+    @inline(__always)
+    private mutating func swap(_ a: Int, _ b: Int) {
+        let held = entries[a]
+        entries[a] = entries[b]
+        entries[b] = held
     }
 
     @inline(__always)

@@ -53,10 +53,10 @@ extension EngineState {
                 }
                 try spill()
             }
-            let requests = state.requests.filter { $0.value != 0 }.sorted { ($0.value, $0.key.user) < ($1.value, $1.key.user) }
+            let requests = state.requests.entries.filter { $0.sequence != 0 }.sorted { ($0.sequence, $0.user) < ($1.sequence, $1.user) }
             out.appendLE(UInt32(requests.count))
-            for (i, (key, seq)) in requests.enumerated() {
-                out.appendLE(key.user); out.appendLE(seq); out.appendName(key.requestId)
+            for (i, entry) in requests.enumerated() {
+                out.appendLE(entry.user); out.appendLE(entry.sequence); out.appendName(entry.requestId)
                 if i & 4095 == 0 { try spill() }
             }
             let held = state.heldByUserSku.sorted { $0.key < $1.key }
@@ -182,7 +182,7 @@ extension EngineState {
                     guard Int(user) < userCount, seq >= 1, Int(seq) <= orderCount else {
                         throw ImageError(reason: "request id \(requestId) names a missing order")
                     }
-                    state.requests[ShardState.RequestKey(user: user, requestId: requestId)] = seq
+                    state.requests.set(seq, user: user, requestId: requestId, hash: state.requestHash(requestId, userIndex: user))
                 }
                 let heldCount = Int(try r.read() as UInt32)
                 try need(heldCount, r, each: 12)
@@ -258,7 +258,7 @@ extension EngineState {
                 .sorted { ($0.0, $0.1) < ($1.0, $1.1) }
             h.add(UInt32(held.count))
             for (user, sku, units) in held { h.add(user); h.add(sku); h.add(Int64(units)) }
-            let requests = state.requests.filter { $0.value != 0 }.map { (state.users[Int($0.key.user)], $0.key.requestId, $0.value) }
+            let requests = state.requests.entries.filter { $0.sequence != 0 }.map { (state.users[Int($0.user)], $0.requestId, $0.sequence) }
                 .sorted { ($0.0, $0.1) < ($1.0, $1.1) }
             h.add(UInt32(requests.count))
             for (user, requestId, seq) in requests { h.add(user); h.add(requestId); h.add(seq) }

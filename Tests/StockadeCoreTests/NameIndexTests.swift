@@ -30,7 +30,7 @@ import Testing
         for step in 0..<60_000 {
             let name = Self.randomName(&rng)
             // A hint that must change nothing, on empty partitions (the first steps) as on grown ones.
-            index.prefetch(name)
+            index.prefetch(hash: index.hash(name))
             #expect(index[name] == model[name], "step \(step): lookup of \(name)")
             if model[name] == nil {
                 if rng.next() % 16 == 0, let last = order.last {

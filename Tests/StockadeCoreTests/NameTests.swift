@@ -91,7 +91,7 @@ import Testing
         #expect(Name(bytes: a).fastHash(seed: 1) != Name(bytes: b).fastHash(seed: 1))
     }
 
-    /// Request ids reach `Dictionary` through `hash(into:)` (inside ``ShardState/RequestKey``). It fed
+    /// Request ids reached a `Dictionary` through `hash(into:)` (inside the shard's request key). It fed
     /// the hasher `fastHash(seed: 0)`, which anyone can compute: for inline names the first word
     /// goes through a fixed mix and is then xored with the second, so ids whose second word undoes
     /// the difference of their first all had one hash. Built here the same way, from that formula.
@@ -116,7 +116,8 @@ import Testing
             colliding.append(name(candidate, w1))
         }
         #expect(Set(colliding).count == 4)
-        let keys = colliding.map { ShardState.RequestKey(user: 0, requestId: $0).hashValue }
+        let index = RequestIndex()
+        let keys = colliding.map { index.hash(userHash: Name("u").fastHash(seed: 1), requestId: $0) }
         #expect(Set(keys).count == 4)
         #expect(Set(colliding.map(\.hashValue)).count == 4)
     }
