@@ -83,7 +83,7 @@ public struct ShardState: Sendable {
     /// commit or abort). Keyed by the ids themselves, so that marking one interns nothing.
     var requestsInFlight: Set<InFlightKey> = []
     /// PENDING + PAID units per (user << 32 | sku), kept only for SKUs with a per-user limit.
-    var heldByUserSku: [UInt64: UInt32] = [:]
+    var heldByUserSku = HeldUnits()
     /// How many prepared holds (being placed, or committed by a basket another shard owns) name the
     /// newest user; nil when not known (after a load or a forget), and then that user is never forgotten.
     /// Only the newest user can be forgotten (``releasePrepared(user:items:internedUser:)``), so one
@@ -359,7 +359,7 @@ public struct ShardState: Sendable {
         if available < quantity { return .insufficient(available: available) }
         let limit = skus[i].limit
         if limit > 0 {
-            let bought = knownUser.map { Int64(heldByUserSku[Self.key($0, index)] ?? 0) } ?? 0
+            let bought = knownUser.map { Int64(heldByUserSku[Self.key($0, index)]) } ?? 0
             if bought + quantity > limit { return .limitReached(bought: bought, limit: limit) }
         }
         return nil
@@ -471,7 +471,7 @@ public struct ShardState: Sendable {
         assert(count > 0, "a prepared hold of the newest user was not counted")
         preparesOfNewestUser = count - 1
         if internedUser, count == 1, lastOrderOfUser[Int(index)] == 0 {
-            assert(!items.contains(where: { heldByUserSku[Self.key(index, $0.skuIndex)] != nil }))
+            assert(!items.contains(where: { heldByUserSku[Self.key(index, $0.skuIndex)] != 0 }))
             lastOrderOfUser.removeLast()
             userIndexByName.removeLast()
             preparesOfNewestUser = nil
@@ -614,7 +614,7 @@ public struct ShardState: Sendable {
     mutating func applyHold(userIndex: UInt32, index: UInt32, quantity: Int64) {
         skus[Int(index)].available -= quantity
         skus[Int(index)].reserved += quantity
-        if skus[Int(index)].limit > 0 { heldByUserSku[Self.key(userIndex, index), default: 0] += UInt32(quantity) }
+        if skus[Int(index)].limit > 0 { heldByUserSku.add(UInt32(quantity), to: Self.key(userIndex, index)) }
         publishAndCheck(Int(index))
     }
 
@@ -632,9 +632,9 @@ public struct ShardState: Sendable {
         skus[Int(index)].reserved -= quantity
         if skus[Int(index)].limit > 0, let userIndex {
             let key = Self.key(userIndex, index)
-            let left = Int64(heldByUserSku[key] ?? 0) - quantity
+            let left = Int64(heldByUserSku[key]) - quantity
             assert(left >= 0)
-            heldByUserSku[key] = left > 0 ? UInt32(left) : nil
+            heldByUserSku.set(UInt32(max(0, left)), for: key)
         }
         publishAndCheck(Int(index))
     }

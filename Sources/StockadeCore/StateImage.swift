@@ -59,7 +59,7 @@ extension EngineState {
                 out.appendLE(entry.user); out.appendLE(entry.sequence); out.appendName(entry.requestId)
                 if i & 4095 == 0 { try spill() }
             }
-            let held = state.heldByUserSku.sorted { $0.key < $1.key }
+            let held = state.heldByUserSku.pairs.sorted { $0.pair < $1.pair }
             out.appendLE(UInt32(held.count))
             for (i, (key, units)) in held.enumerated() {
                 out.appendLE(key); out.appendLE(units)
@@ -188,7 +188,10 @@ extension EngineState {
                 try need(heldCount, r, each: 12)
                 for _ in 0..<heldCount {
                     let key: UInt64 = try r.read(), units: UInt32 = try r.read()
-                    state.heldByUserSku[key] = units
+                    guard key >> 32 < UInt64(userCount), key & 0xFFFF_FFFF < UInt64(skuCount), units > 0,
+                          state.heldByUserSku[key] == 0
+                    else { throw ImageError(reason: "held units \(units) of a missing user or SKU, or listed twice") }
+                    state.heldByUserSku.add(units, to: key)
                 }
                 shards.append(state)
             }
@@ -254,7 +257,7 @@ extension EngineState {
                 h.add(info.id.rawValue); h.add(info.user); h.add(info.state.rawValue); h.add(info.deadlineMillis)
                 for line in info.lines { h.add(line.sku); h.add(line.quantity) }
             }
-            let held = state.heldByUserSku.map { (state.users[Int($0.key >> 32)], state.skus[Int($0.key & 0xFFFF_FFFF)].name, $0.value) }
+            let held = state.heldByUserSku.pairs.map { (state.users[Int($0.pair >> 32)], state.skus[Int($0.pair & 0xFFFF_FFFF)].name, $0.units) }
                 .sorted { ($0.0, $0.1) < ($1.0, $1.1) }
             h.add(UInt32(held.count))
             for (user, sku, units) in held { h.add(user); h.add(sku); h.add(Int64(units)) }

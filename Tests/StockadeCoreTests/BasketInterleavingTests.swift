@@ -134,7 +134,7 @@ import Testing
             #expect(info.available + info.reserved == 40)
             guard limit[sku]! > 0 else { continue }
             var counted: Int64 = 0
-            for (key, units) in state.heldByUserSku where key & 0xFFFF_FFFF == UInt64(index) {
+            for (key, units) in state.heldByUserSku.pairs where key & 0xFFFF_FFFF == UInt64(index) {
                 let user = state.users[Int(key >> 32)]
                 #expect(Int64(units) == bought["\(user)|\(sku)"], "seed \(seed): \(user) holds \(units) of \(sku)")
                 counted += Int64(units)

@@ -1,7 +1,7 @@
 import Testing
 @testable import StockadeCore
 
-/// ``ChunkedArray``, ``ExpiryHeap`` and ``RequestIndex`` against plain models, across chunk
+/// ``ChunkedArray``, ``ExpiryHeap``, ``RequestIndex`` and ``HeldUnits`` against plain models, across chunk
 /// boundaries and partition growth.
 @Suite struct ChunkedTablesTests {
     @Test(arguments: [1, 2, 3])
@@ -106,5 +106,33 @@ import Testing
             #expect(index[user: key.user, requestId: key.requestId, hash: hash] == sequence)
         }
         #expect(index.entries.allSatisfy { model[Key(user: $0.user, requestId: $0.requestId)] == $0.sequence })
+    }
+
+    /// Pairs added, grown and emptied at random (removal shifts runs back), past several doublings of
+    /// every partition, then all emptied.
+    @Test(arguments: [8, 9])
+    func heldUnitsMatchADictionary(seed: UInt64) {
+        var rng = SplitMix64(seed: seed)
+        var table = HeldUnits()
+        var model: [UInt64: UInt32] = [:]
+        for step in 0..<120_000 {
+            // Few SKUs, many users: pairs that share their low bits, as a shard's do.
+            let pair = (rng.next() % 30_000) << 32 | rng.next() % 3
+            #expect(table[pair] == model[pair] ?? 0, "step \(step)")
+            if rng.next() % 3 != 0 {
+                let units = UInt32(1 + rng.next() % 4)
+                table.add(units, to: pair)
+                model[pair, default: 0] += units
+            } else {
+                let left = UInt32(rng.next() % 2) * (model[pair] ?? 0) / 2
+                table.set(left, for: pair)
+                model[pair] = left > 0 ? left : nil
+            }
+            #expect(table.count == model.count)
+        }
+        #expect(Dictionary(uniqueKeysWithValues: table.pairs.map { ($0.pair, $0.units) }) == model)
+        for pair in model.keys { table.set(0, for: pair) }
+        #expect(table.count == 0 && table.pairs.isEmpty)
+        for pair in model.keys { #expect(table[pair] == 0) }
     }
 }

@@ -112,4 +112,30 @@ import Testing
         image[at + 1] = UInt8(ascii: "a")
         #expect(throws: EngineState.ImageError.self) { try image.withUnsafeBytes { try EngineState.decodeImage($0) } }
     }
+
+    /// Held units of a user or SKU the image does not have, none at all, or a pair listed twice: a
+    /// corrupt image, refused, where they were taken as they stood.
+    @Test(arguments: ["missing user", "missing SKU", "no units", "twice"])
+    func imageWithBadHeldUnitsIsRefused(damage: String) throws {
+        var state = EngineState(shardCount: 1)
+        var log = RecordBuffer()
+        _ = state.shards[0].addSku("s", total: 10, limit: 5, log: &log)
+        _ = state.shards[0].reserve(
+            user: Name("ua"), lines: [OrderLine(sku: "s", quantity: 2)], requestId: nil, ttlMillis: 1_000, now: 0, log: &log)
+        var image = state.encodeImage()
+        #expect((try? image.withUnsafeBytes { try EngineState.decodeImage($0) }) != nil)
+        // The held section: count 1, then the pair (user 0 << 32 | SKU 0) and its 2 units, little-endian.
+        let held: [UInt8] = [1, 0, 0, 0] + [UInt8](repeating: 0, count: 8) + [2, 0, 0, 0]
+        let at = try #require((0..<image.count - held.count).first { Array(image[$0..<$0 + held.count]) == held })
+        switch damage {
+        case "missing user": image[at + 4 + 4] = 7
+        case "missing SKU": image[at + 4] = 3
+        case "no units": image[at + 12] = 0
+        default:
+            // Two entries of the same pair: the count says 2 and the pair is repeated in place of what followed.
+            image[at] = 2
+            image.insert(contentsOf: image[(at + 4)..<(at + 16)], at: at + 16)
+        }
+        #expect(throws: EngineState.ImageError.self) { try image.withUnsafeBytes { try EngineState.decodeImage($0) } }
+    }
 }
