@@ -118,6 +118,9 @@ extension EngineState {
                     guard available >= 0, reserved >= 0, sold >= 0, available + reserved + sold == total,
                         state.skuIndexByName[name] == nil
                     else { throw ImageError(reason: "SKU \(name) does not add up") }
+                    guard limit >= 0, limit <= Limits.quantityMax else {
+                        throw ImageError(reason: "SKU \(name) has limit \(limit), outside 0...\(Limits.quantityMax)")
+                    }
                     state.skus.append(
                         ShardState.Sku(
                             name: name, total: total, available: available, reserved: reserved, sold: sold, limit: limit,
@@ -186,12 +189,20 @@ extension EngineState {
                 }
                 let heldCount = Int(try r.read() as UInt32)
                 try need(heldCount, r, each: 12)
+                var previousKey: UInt64? = nil
                 for _ in 0..<heldCount {
                     let key: UInt64 = try r.read(), units: UInt32 = try r.read()
-                    guard key >> 32 < UInt64(userCount), key & 0xFFFF_FFFF < UInt64(skuCount), units > 0,
-                          state.heldByUserSku[key] == 0
-                    else { throw ImageError(reason: "held units \(units) of a missing user or SKU, or listed twice") }
+                    // Written in ascending order, each pair once; held units are counted only for SKUs with
+                    // a limit and never exceed it (a reservation past it is refused).
+                    guard key >> 32 < UInt64(userCount), key & 0xFFFF_FFFF < UInt64(skuCount),
+                          previousKey.map({ $0 < key }) ?? true
+                    else { throw ImageError(reason: "held units of a missing user or SKU, or out of order") }
+                    let limit = state.skus[Int(key & 0xFFFF_FFFF)].limit
+                    guard units > 0, Int64(units) <= limit else {
+                        throw ImageError(reason: "held units \(units) of a SKU whose limit is \(limit)")
+                    }
                     state.heldByUserSku.add(units, to: key)
+                    previousKey = key
                 }
                 shards.append(state)
             }

@@ -65,6 +65,8 @@ public enum Recovery {
         var report = Report()
         var state = EngineState(shardCount: options.shardCount)
         var fromSnapshot = false
+        /// The position of the newest snapshot that could not be read (0: none).
+        var skippedLSN: UInt64 = 0
         for snapshot in try directory.snapshots().reversed() {
             if let upTo = options.upToLSN, snapshot.lsn > upTo { continue }
             do {
@@ -75,6 +77,7 @@ public enum Recovery {
                 break
             } catch {
                 report.skippedSnapshots.append("\(snapshot.path): \(error.message)")
+                skippedLSN = max(skippedLSN, snapshot.lsn)
             }
         }
 
@@ -124,6 +127,16 @@ public enum Recovery {
                 }
                 break segmentLoop
             }
+        }
+        // A snapshot that could not be read still says how far the state once reached: recovering to
+        // less (its log already pruned, or never there) would start without acknowledged changes.
+        if skippedLSN > state.lsn, !options.truncateCorrupt {
+            throw JournalError(
+                .gap,
+                "the state once reached log position \(skippedLSN) (\(report.skippedSnapshots.last ?? "a snapshot")), "
+                    + "but no readable snapshot and the log reach past position \(state.lsn): starting would lose the "
+                    + "changes in between. Restore the data directory from a copy, or start with --truncate-corrupt to "
+                    + "keep only what the log holds.")
         }
         report.lsn = state.lsn
         report.durationNanos = monotonicNanos() - started

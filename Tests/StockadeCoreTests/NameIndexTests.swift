@@ -113,9 +113,11 @@ import Testing
         #expect(throws: EngineState.ImageError.self) { try image.withUnsafeBytes { try EngineState.decodeImage($0) } }
     }
 
-    /// Held units of a user or SKU the image does not have, none at all, or a pair listed twice: a
-    /// corrupt image, refused, where they were taken as they stood.
-    @Test(arguments: ["missing user", "missing SKU", "no units", "twice"])
+    /// Held units of a user or SKU the image does not have, none at all, more than the SKU's limit, a
+    /// pair listed twice, or a limit past the largest quantity: a corrupt image, refused, where they
+    /// were taken as they stood (and a limit of 10^10 with 2^32 - 16 units held made the next RESERVE
+    /// overflow and crash the server).
+    @Test(arguments: ["missing user", "missing SKU", "no units", "twice", "over the limit", "huge limit"])
     func imageWithBadHeldUnitsIsRefused(damage: String) throws {
         var state = EngineState(shardCount: 1)
         var log = RecordBuffer()
@@ -131,6 +133,14 @@ import Testing
         case "missing user": image[at + 4 + 4] = 7
         case "missing SKU": image[at + 4] = 3
         case "no units": image[at + 12] = 0
+        case "over the limit": image[at + 12] = 6
+        case "huge limit":
+            // The SKU's limit (i64 5 after its id and four counters) made 10^10.
+            let limit: [UInt8] = withUnsafeBytes(of: Int64(5).littleEndian) { Array($0) }
+            let stocked: [UInt8] = withUnsafeBytes(of: Int64(8).littleEndian) { Array($0) }
+            let sku = try #require((0..<image.count - 16).first { Array(image[$0..<$0 + 8]) == stocked })
+            let field = try #require((sku..<image.count - 8).first { Array(image[$0..<$0 + 8]) == limit })
+            withUnsafeBytes(of: Int64(10_000_000_000).littleEndian) { image.replaceSubrange(field..<field + 8, with: $0) }
         default:
             // Two entries of the same pair: the count says 2 and the pair is repeated in place of what followed.
             image[at] = 2

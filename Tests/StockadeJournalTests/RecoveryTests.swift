@@ -175,6 +175,38 @@ func recover(_ path: String, repair: Bool = false, truncateCorrupt: Bool = false
         #expect(state.stateHash() == live.stateHash())
     }
 
+    /// A snapshot that cannot be read while the log no longer reaches its position (the segments it
+    /// covered are gone): recovery refuses to start rather than start without the changes it held,
+    /// where it used to start empty. With `truncateCorrupt` the operator takes what the log has.
+    @Test(arguments: ["no log", "log removed up to the snapshot"])
+    func anUnreadableSnapshotBeyondTheLogIsRefused(layout: String) async throws {
+        let path = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let store = try Store(path: path, options: Store.Options(shardCount: 3))
+        _ = await store.engine.execute(.addSku(sku: "tv", total: 1_000, limit: 0), now: 0)
+        _ = await store.engine.execute((0..<20).map { Command.reserve(user: Name("u\($0)"), lines: [OrderLine(sku: "tv", quantity: 1)], requestId: nil, ttlMillis: 60_000) }, now: 0)
+        let newest = try await store.snapshot()
+        store.close()
+        let directory = DataDirectory(path)
+        for segment in try directory.segments() {
+            if layout == "no log" || segment.firstLSN <= newest.written.lsn {
+                try FileManager.default.removeItem(atPath: segment.path)
+            }
+        }
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: newest.written.path))
+        bytes[bytes.count - 5] ^= 0xFF
+        try bytes.write(to: URL(fileURLWithPath: newest.written.path))
+        do {
+            let (state, _) = try recover(path)
+            Issue.record("recovery started at position \(state.lsn) without the snapshot's \(newest.written.lsn)")
+        } catch let error as JournalError {
+            #expect(error.code == .gap)
+            #expect(error.message.contains("\(newest.written.lsn)"))
+        }
+        let (state, report) = try recover(path, truncateCorrupt: true)
+        #expect(report.skippedSnapshots.count == 1 && state.lsn < newest.written.lsn)
+    }
+
     /// Group commit: concurrent writers share fdatasyncs, and every append is answered once durable.
     @Test func groupCommitSharesSyncs() async throws {
         let path = temporaryDirectory()
