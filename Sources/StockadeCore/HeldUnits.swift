@@ -75,9 +75,10 @@ struct HeldUnits: Sendable {
         return found ? partitions[p].slots[i].units : 0
     }
 
-    /// Adds `units` (more than 0) to `pair`.
+    /// Adds `units` to `pair` (0 adds nothing: a pair holding nothing is not kept).
     mutating func add(_ units: UInt32, to pair: UInt64) {
-        precondition(units > 0 && pair >> 32 < UInt64(UInt32.max))
+        precondition(pair >> 32 < UInt64(UInt32.max))
+        guard units > 0 else { return }
         var (p, i, found) = locate(pair)
         if found {
             partitions[p].slots[i].units += units
