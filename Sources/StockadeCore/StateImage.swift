@@ -115,8 +115,11 @@ extension EngineState {
                     let reserved: Int64 = try r.read(), sold: Int64 = try r.read()
                     let limit: Int64 = try r.read()
                     let paused = (try r.read() as UInt8) != 0
-                    guard available >= 0, reserved >= 0, sold >= 0, available + reserved + sold == total,
-                        state.skuIndexByName[name] == nil
+                    // Each count bounded first (a SKU's total is at most Limits.stockMax), so that the sum
+                    // cannot overflow and later arithmetic (a restock) cannot either.
+                    let bounded = 0...Limits.stockMax
+                    guard bounded.contains(total), bounded.contains(available), bounded.contains(reserved),
+                        bounded.contains(sold), available + reserved + sold == total, state.skuIndexByName[name] == nil
                     else { throw ImageError(reason: "SKU \(name) does not add up") }
                     guard limit >= 0, limit <= Limits.quantityMax else {
                         throw ImageError(reason: "SKU \(name) has limit \(limit), outside 0...\(Limits.quantityMax)")

@@ -134,9 +134,9 @@ public enum Recovery {
             throw JournalError(
                 .gap,
                 "the state once reached log position \(skippedLSN) (\(report.skippedSnapshots.last ?? "a snapshot")), "
-                    + "but no readable snapshot and the log reach past position \(state.lsn): starting would lose the "
+                    + "but the readable snapshots and the log reach only position \(state.lsn): starting would lose the "
                     + "changes in between. Restore the data directory from a copy, or start with --truncate-corrupt to "
-                    + "keep only what the log holds.")
+                    + "keep only what the log holds (if it starts at the beginning).")
         }
         report.lsn = state.lsn
         report.durationNanos = monotonicNanos() - started

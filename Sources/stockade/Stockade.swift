@@ -29,7 +29,7 @@ struct StoreOptions: ParsableArguments {
     @Option(name: .long, help: "always (answer after fdatasync), everysec, none.")
     var fsync = "always"
 
-    @Flag(name: .long, help: "On mid-log corruption, truncate the log there instead of refusing to start.")
+    @Flag(name: .long, help: "On mid-log corruption, truncate the log there instead of refusing to start; past an unreadable snapshot the log no longer covers, start from what the log holds.")
     var truncateCorrupt = false
 
     func validate() throws {

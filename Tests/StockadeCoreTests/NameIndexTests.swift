@@ -117,7 +117,8 @@ import Testing
     /// pair listed twice, or a limit past the largest quantity: a corrupt image, refused, where they
     /// were taken as they stood (and a limit of 10^10 with 2^32 - 16 units held made the next RESERVE
     /// overflow and crash the server).
-    @Test(arguments: ["missing user", "missing SKU", "no units", "twice", "over the limit", "huge limit"])
+    /// Counts of a SKU past the largest stock that still add up: the next RESTOCK overflowed.
+    @Test(arguments: ["missing user", "missing SKU", "no units", "twice", "over the limit", "huge limit", "huge stock"])
     func imageWithBadHeldUnitsIsRefused(damage: String) throws {
         var state = EngineState(shardCount: 1)
         var log = RecordBuffer()
@@ -134,6 +135,12 @@ import Testing
         case "missing SKU": image[at + 4] = 3
         case "no units": image[at + 12] = 0
         case "over the limit": image[at + 12] = 6
+        case "huge stock":
+            // total (i64 10) and available (i64 8), next to each other: made 2^63 - 9 and 2^63 - 11.
+            let counts: [UInt8] = withUnsafeBytes(of: (Int64(10).littleEndian, Int64(8).littleEndian)) { Array($0) }
+            let field = try #require((0..<image.count - 16).first { Array(image[$0..<$0 + 16]) == counts })
+            withUnsafeBytes(of: (Int64.max - 8).littleEndian) { image.replaceSubrange(field..<field + 8, with: $0) }
+            withUnsafeBytes(of: (Int64.max - 10).littleEndian) { image.replaceSubrange(field + 8..<field + 16, with: $0) }
         case "huge limit":
             // The SKU's limit (i64 5 after its id and four counters) made 10^10.
             let limit: [UInt8] = withUnsafeBytes(of: Int64(5).littleEndian) { Array($0) }
