@@ -133,7 +133,7 @@ public enum Recovery {
         if skippedLSN > state.lsn, !options.truncateCorrupt {
             throw JournalError(
                 .gap,
-                "the state once reached log position \(skippedLSN) (\(report.skippedSnapshots.last ?? "a snapshot")), "
+                "the state once reached log position \(skippedLSN) (\(report.skippedSnapshots.first ?? "a snapshot")), "
                     + "but the readable snapshots and the log reach only position \(state.lsn): starting would lose the "
                     + "changes in between. Restore the data directory from a copy, or start with --truncate-corrupt to "
                     + "keep only what the log holds (if it starts at the beginning).")
