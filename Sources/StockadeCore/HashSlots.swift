@@ -112,7 +112,7 @@ struct HashSlots: Sendable {
 
     /// The partition of a hash: its top bits (the slot comes from the low bits).
     @inline(__always)
-    private static func partition(_ hash: UInt64) -> Int {
+    static func partition(_ hash: UInt64) -> Int {
         Int(truncatingIfNeeded: hash >> 58)
     }
 

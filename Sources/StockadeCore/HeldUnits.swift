@@ -2,7 +2,7 @@
 /// `user index << 32 | SKU index`; pairs holding nothing are not kept.
 ///
 /// Why not a `Dictionary`: a flash sale of a limited SKU adds a pair per new user, millions in a
-/// shard, and a `Dictionary` that doubles rehashes every pair in one step on the event loop (110-119
+/// shard, and a `Dictionary` that doubles rehashes every pair in one step on the event loop (119-267
 /// ms of stall at about 3M orders of new users, redis-benchmark's max latency, one loop). Here the
 /// table is split into ``partitionCount`` partitions by the top bits of the hash, each grown (doubled)
 /// on its own, as ``HashSlots`` is; a slot holds the pair and its units, so a lookup reads one slot
@@ -12,8 +12,9 @@
 /// Hash flooding: pairs hash under two seeds drawn at random for each table, so which pairs share a
 /// partition or a probe run cannot be chosen in advance by choosing users.
 struct HeldUnits: Sendable {
-    static let partitionCount = 64
-    static let partitionSlotsMin = 8
+    /// As ``HashSlots``'s: 64 partitions, each starting at 8 slots and doubled past 3/4 full.
+    static var partitionCount: Int { HashSlots.partitionCount }
+    static var partitionSlotsMin: Int { HashSlots.partitionSlotsMin }
 
     /// 12 bytes: the pair as two 32-bit halves, the user's + 1 (0 is an empty slot; a user index is
     /// below 2^32 - 2). A 64-bit key would make the slot 16 bytes, and with the array's header a
@@ -49,14 +50,11 @@ struct HeldUnits: Sendable {
         return Name.foldedMultiply(h ^ seeds.1, 0x8EBC_6AF0_9C88_C6E3)
     }
 
-    @inline(__always)
-    private static func partition(_ hash: UInt64) -> Int { Int(truncatingIfNeeded: hash >> 58) }
-
     /// The partition of `pair` and the place of its slot there, or of the empty slot that ends its run.
     @inline(__always)
     private func locate(_ pair: UInt64) -> (partition: Int, place: Int, found: Bool) {
         let hash = hash(pair)
-        let p = Self.partition(hash)
+        let p = HashSlots.partition(hash)
         return partitions[p].slots.withUnsafeBufferPointer { slots in
             guard !slots.isEmpty else { return (p, -1, false) }
             let mask = slots.count - 1
