@@ -19,7 +19,8 @@ public struct ShardState: Sendable {
     }
 
     /// One order, 24 bytes. Orders live in a dense, chunked array indexed by sequence - 1; single-SKU orders
-    /// (the common case) keep their item inline, others in ``multiItems``. The state shares a word
+    /// (the common case) keep their item inline, others keep where their items start in ``multiItems``
+    /// and how many there are in the same two fields (``multiItemRange``). The state shares a word
     /// with the quantity (which is below 2^30), the multi-SKU flag with the previous-order link
     /// (sequences are below 2^31).
     struct OrderSlot {
@@ -51,6 +52,20 @@ public struct ShardState: Sendable {
         /// This user's previous order in this shard (sequence), 0 for none: the user's order list.
         var previousOfUser: UInt32 { previousAndMulti & (1 << 31 - 1) }
         var isMulti: Bool { previousAndMulti >> 31 != 0 }
+
+        /// A multi-SKU order's items in ``ShardState/multiItems``: the SKU field holds where they start,
+        /// the quantity field how many there are.
+        var multiItemRange: Range<Int> {
+            assert(isMulti, "a single-SKU order has no items apart")
+            return Int(skuIndex)..<Int(skuIndex) + Int(quantity)
+        }
+
+        /// Points a multi-SKU order at its items (stored as they are made, or loaded from an image).
+        mutating func setMultiItems(start: Int, count: Int) {
+            precondition(isMulti && start >= 0 && start <= Int(UInt32.max) && count >= 1 && count <= Limits.itemsPerOrderMax)
+            skuIndex = UInt32(start)
+            quantityAndState = UInt32(count) | quantityAndState & ~(1 << 30 - 1)
+        }
     }
 
     /// An item of a multi-SKU (or cross-shard) order, with its SKU's id for display.
@@ -76,7 +91,11 @@ public struct ShardState: Sendable {
     /// Each user's newest order here (sequence, 0 for none), by user index.
     var lastOrderOfUser = ChunkedArray<UInt32>()
     var orders = ChunkedArray<OrderSlot>()
-    var multiItems: [UInt32: [MultiItem]] = [:]
+    /// The items of multi-SKU orders, in the order the orders were placed; each such order's slot says
+    /// where its items are (``OrderSlot/multiItemRange``). Append-only like the orders, and chunked for
+    /// the same reason: a `Dictionary` of item arrays stalled the shard for 105-630 ms as it doubled
+    /// past a million baskets, and took an allocation per basket.
+    var multiItems = ChunkedArray<MultiItem>()
     /// (user, request id) -> order sequence.
     var requests = RequestIndex()
     /// Multi-shard requests being placed right now (between ``beginRequest(user:requestId:lines:)`` and
@@ -377,7 +396,7 @@ public struct ShardState: Sendable {
     func orderLines(_ seq: UInt32) -> [OrderLine] {
         let slot = orders[Int(seq) - 1]
         if slot.isMulti {
-            return (multiItems[seq] ?? []).map { OrderLine(sku: $0.sku, quantity: Int64($0.item.quantity)) }
+            return slot.multiItemRange.map { OrderLine(sku: multiItems[$0].sku, quantity: Int64(multiItems[$0].item.quantity)) }
         }
         return [OrderLine(sku: skus[Int(slot.skuIndex)].name, quantity: Int64(slot.quantity))]
     }
@@ -688,13 +707,15 @@ public struct ShardState: Sendable {
             return
         }
         precondition(Int(seq) == orders.count + 1 && orders.count < Limits.ordersPerShardMax, "order sequence out of order")
+        precondition(created.items.count == names.count)
         noteTag(created.id.tag, at: seq)
-        orders.append(
-            OrderSlot(
-                deadlineMillis: created.deadlineMillis, userIndex: userIndex, skuIndex: 0, quantity: 0,
-                previousOfUser: lastOrderOfUser[Int(userIndex)], state: .pending, isMulti: true))
+        var slot = OrderSlot(
+            deadlineMillis: created.deadlineMillis, userIndex: userIndex, skuIndex: 0, quantity: 0,
+            previousOfUser: lastOrderOfUser[Int(userIndex)], state: .pending, isMulti: true)
+        slot.setMultiItems(start: multiItems.count, count: created.items.count)
+        for (item, name) in zip(created.items, names) { multiItems.append(MultiItem(item: item, sku: name)) }
+        orders.append(slot)
         lastOrderOfUser[Int(userIndex)] = seq
-        multiItems[seq] = zip(created.items, names).map { MultiItem(item: $0, sku: $1) }
         if let requestId {
             requests.set(seq, user: userIndex, requestId: requestId, hash: self.requestHash(requestId, userIndex: userIndex))
         }
@@ -720,7 +741,8 @@ public struct ShardState: Sendable {
         }
         var effects: [ForeignEffect] = []
         let user = userIndexByName.names[Int(slot.userIndex)]
-        for multi in multiItems[seq] ?? [] {
+        for position in slot.multiItemRange {
+            let multi = multiItems[position]
             let effect = ForeignEffect(
                 shard: multi.item.shard, skuIndex: multi.item.skuIndex, quantity: Int64(multi.item.quantity), user: user,
                 release: release)

@@ -37,17 +37,19 @@ extension EngineState {
             }
             out.appendLE(UInt32(state.orders.count))
             for (i, o) in state.orders.enumerated() {
-                out.appendLE(o.deadlineMillis); out.appendLE(o.userIndex); out.appendLE(o.skuIndex)
-                out.appendLE(o.quantity); out.appendLE(o.previousOfUser); out.append(o.state.rawValue)
+                // A multi-SKU order's two fields locate its items in memory; the image lists the items
+                // apart and stores 0 there.
+                out.appendLE(o.deadlineMillis); out.appendLE(o.userIndex); out.appendLE(o.isMulti ? 0 : o.skuIndex)
+                out.appendLE(o.isMulti ? 0 : o.quantity); out.appendLE(o.previousOfUser); out.append(o.state.rawValue)
                 out.append(o.isMulti ? 1 : 0)
                 if i & 4095 == 0 { try spill() }
             }
-            let multi = state.multiItems.sorted { $0.key < $1.key }
-            out.appendLE(UInt32(multi.count))
-            for (seq, items) in multi {
-                out.appendLE(seq)
-                out.appendLE(UInt16(items.count))
-                for m in items {
+            out.appendLE(UInt32(state.orders.reduce(0) { $0 + ($1.isMulti ? 1 : 0) }))
+            for (index, o) in state.orders.enumerated() where o.isMulti {
+                out.appendLE(UInt32(index + 1))
+                out.appendLE(UInt16(o.multiItemRange.count))
+                for position in o.multiItemRange {
+                    let m = state.multiItems[position]
                     out.appendLE(UInt16(m.item.shard)); out.appendLE(m.item.skuIndex); out.appendLE(m.item.quantity)
                     out.appendName(m.sku)
                 }
@@ -162,23 +164,40 @@ extension EngineState {
                 }
                 let multiCount = Int(try r.read() as UInt32)
                 try need(multiCount, r, each: 6)
+                var previousSeq: UInt32 = 0
                 for _ in 0..<multiCount {
                     let seq: UInt32 = try r.read()
                     let itemCount = Int(try r.read() as UInt16)
-                    guard seq >= 1, Int(seq) <= orderCount, state.orders[Int(seq) - 1].isMulti else {
-                        throw ImageError(reason: "multi-SKU items for order \(seq) that is not multi-SKU")
+                    // Written in ascending order, each multi-SKU order once with 1 to 64 items: a count
+                    // below that of the multi-SKU orders leaves one without items.
+                    guard seq > previousSeq, Int(seq) <= orderCount, state.orders[Int(seq) - 1].isMulti else {
+                        throw ImageError(reason: "multi-SKU items for order \(seq) that is not multi-SKU, or out of order")
                     }
-                    var items: [ShardState.MultiItem] = []
+                    guard itemCount >= 1, itemCount <= Limits.itemsPerOrderMax else {
+                        throw ImageError(reason: "multi-SKU order \(seq) has \(itemCount) items")
+                    }
+                    guard state.multiItems.count <= Int(UInt32.max) - itemCount else {
+                        throw ImageError(reason: "more multi-SKU items than a shard can address")
+                    }
+                    previousSeq = seq
+                    state.orders[Int(seq) - 1].setMultiItems(start: state.multiItems.count, count: itemCount)
+                    var foreign = false
                     for _ in 0..<itemCount {
                         let itemShard = Int(try r.read() as UInt16)
                         let item = Record.Item(shard: itemShard, skuIndex: try r.read(), quantity: try r.read())
-                        guard itemShard < shardCount else { throw ImageError(reason: "item on shard \(itemShard)") }
-                        items.append(ShardState.MultiItem(item: item, sku: try r.readName()))
+                        // Other shards' SKU indexes are checked once every shard is read.
+                        guard itemShard < shardCount, itemShard != shard || Int(item.skuIndex) < skuCount,
+                            item.quantity >= 1, Int64(item.quantity) <= Limits.quantityMax
+                        else { throw ImageError(reason: "multi-SKU order \(seq) has a malformed item") }
+                        foreign = foreign || itemShard != shard
+                        state.multiItems.append(ShardState.MultiItem(item: item, sku: try r.readName()))
                     }
-                    state.multiItems[seq] = items
-                    if state.orders[Int(seq) - 1].state == .pending, items.contains(where: { $0.item.shard != shard }) {
+                    if state.orders[Int(seq) - 1].state == .pending, foreign {
                         state.foreignExpiry.push(seq, state.orders)
                     }
+                }
+                guard multiCount == state.orders.reduce(0, { $0 + ($1.isMulti ? 1 : 0) }) else {
+                    throw ImageError(reason: "a multi-SKU order of shard \(shard) has no items")
                 }
                 let requestCount = Int(try r.read() as UInt32)
                 try need(requestCount, r, each: 9)
@@ -208,6 +227,11 @@ extension EngineState {
                     previousKey = key
                 }
                 shards.append(state)
+            }
+            for state in shards {
+                for m in state.multiItems where Int(m.item.skuIndex) >= shards[m.item.shard].skus.count {
+                    throw ImageError(reason: "a multi-SKU order of shard \(state.shard) names SKU \(m.item.skuIndex) of shard \(m.item.shard), which has \(shards[m.item.shard].skus.count)")
+                }
             }
             var epochs = EpochHistory()
             if version >= 2 {
