@@ -233,6 +233,7 @@ extension EngineState {
                     throw ImageError(reason: "a multi-SKU order of shard \(state.shard) names SKU \(m.item.skuIndex) of shard \(m.item.shard), which has \(shards[m.item.shard].skus.count)")
                 }
             }
+            try checkHolds(shards)
             var epochs = EpochHistory()
             if version >= 2 {
                 let truncated: UInt8 = try r.read()
@@ -269,6 +270,52 @@ extension EngineState {
             throw error
         } catch {
             throw ImageError(reason: "image is truncated: \(error)")
+        }
+    }
+
+    /// Checks that every SKU's reserved units are those of the pending orders holding it (baskets'
+    /// items included, whichever shard owns the basket), and that the held units of each (user, SKU
+    /// with a limit) are that user's pending and paid units there, pair for pair. That is what replay
+    /// leaves, and an image is always written from a replayed state (a snapshot runs recovery off to the
+    /// side; holds of a basket still being placed are never in it). Counts that disagree would let a
+    /// later CANCEL or expiry drive a count below zero, or a limit admit more than it allows.
+    static func checkHolds(_ shards: [ShardState]) throws(ImageError) {
+        var reserved = shards.map { [Int64](repeating: 0, count: $0.skus.count) }
+        var held = shards.map { _ in HeldUnits() }
+        func hold(_ shard: Int, _ sku: UInt32, user: UInt32?, units: UInt32, pending: Bool) throws(ImageError) {
+            if pending { reserved[shard][Int(sku)] += Int64(units) }
+            guard shards[shard].skus[Int(sku)].limit > 0 else { return }
+            guard let user else { throw ImageError(reason: "an order holds SKU \(sku) of shard \(shard) for a user that shard does not list") }
+            let key = ShardState.key(user, sku)
+            guard Int64(held[shard][key]) + Int64(units) <= Int64(UInt32.max) else {
+                throw ImageError(reason: "orders hold more of SKU \(sku) of shard \(shard) for one user than a limit allows")
+            }
+            held[shard].add(units, to: key)
+        }
+        for state in shards {
+            for order in state.orders where order.state == .pending || order.state == .paid {
+                let pending = order.state == .pending
+                guard order.isMulti else {
+                    try hold(state.shard, order.skuIndex, user: order.userIndex, units: order.quantity, pending: pending)
+                    continue
+                }
+                let user = state.users[Int(order.userIndex)]
+                for position in order.multiItemRange {
+                    let item = state.multiItems[position].item
+                    let holder = item.shard == state.shard ? order.userIndex : shards[item.shard].userIndexByName[user]
+                    try hold(item.shard, item.skuIndex, user: holder, units: item.quantity, pending: pending)
+                }
+            }
+        }
+        for state in shards {
+            for (index, sku) in state.skus.enumerated() where sku.reserved != reserved[state.shard][index] {
+                throw ImageError(reason: "SKU \(sku.name) has \(sku.reserved) units reserved, its pending orders hold \(reserved[state.shard][index])")
+            }
+            let listed = state.heldByUserSku.pairs.sorted { $0.pair < $1.pair }
+            let counted = held[state.shard].pairs.sorted { $0.pair < $1.pair }
+            guard listed.elementsEqual(counted, by: { $0.pair == $1.pair && $0.units == $1.units }) else {
+                throw ImageError(reason: "the held units of shard \(state.shard) are not those of its users' pending and paid orders")
+            }
         }
     }
 
