@@ -121,9 +121,19 @@ func makeChanges(_ store: Store, tag: String) async {
         let reply = await first.engine.execute(.addSku(sku: "tv", total: 1, limit: 0), now: 0)
         #expect(first.journal.failure == nil, "\(reply)")
         first.close()
-        let second = try Store(path: path, options: Store.Options(shardCount: 1))
-        #expect(second.recovery.lsn == 1)
-        second.close()
+        // A child process being started by a test running alongside (this suite's next test starts
+        // one) holds a copy of every descriptor, the lock's too, until its exec closes those marked
+        // close-on-exec; on a loaded machine that can last a moment. The lock is released with the
+        // last copy, so the reopen may wait for it, briefly.
+        var opened = Result { () throws(JournalError) in try Store(path: path, options: Store.Options(shardCount: 1)) }
+        for _ in 1..<100 {
+            guard case .failure(let error) = opened, error.code == .locked else { break }
+            try await Task.sleep(for: .milliseconds(100))
+            opened = Result { () throws(JournalError) in try Store(path: path, options: Store.Options(shardCount: 1)) }
+        }
+        let reopened = try opened.get()
+        #expect(reopened.recovery.lsn == 1)
+        reopened.close()
     }
 
     /// Two real processes: a crash worker holds the directory; a second `stockade snapshot` on it
