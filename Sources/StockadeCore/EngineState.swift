@@ -59,16 +59,23 @@ public struct EngineState: Sendable {
             guard tag == current || (tag == 0 && shards[owner].tagRuns.last?.tag != current) else {
                 throw ReplayError(reason: "order \(created.id) carries tag \(tag) in a term whose orders carry \(current)")
             }
+            // What a reservation's validation allows and no more: 1 to 64 items, each SKU once, each
+            // quantity 1 to 10^9 (the order slot's and the basket store's bounds).
+            guard !created.items.isEmpty, created.items.count <= Limits.itemsPerOrderMax else {
+                throw ReplayError(reason: "order \(created.id) has \(created.items.count) items, not 1 to \(Limits.itemsPerOrderMax)")
+            }
             var names: [Name] = []
             names.reserveCapacity(created.items.count)
-            for item in created.items {
+            for (position, item) in created.items.enumerated() {
                 let s = try sku(item.shard, item.skuIndex)
-                guard item.quantity > 0, s.available >= Int64(item.quantity) else {
+                guard item.quantity > 0, Int64(item.quantity) <= Limits.quantityMax, s.available >= Int64(item.quantity) else {
                     throw ReplayError(reason: "order \(created.id) holds more than available on \(s.name)")
+                }
+                guard !created.items[..<position].contains(where: { $0.shard == item.shard && $0.skuIndex == item.skuIndex }) else {
+                    throw ReplayError(reason: "order \(created.id) names SKU \(s.name) twice")
                 }
                 names.append(s.name)
             }
-            guard !created.items.isEmpty else { throw ReplayError(reason: "order \(created.id) has no items") }
             for item in created.items {
                 shards[item.shard].applyHold(user: created.user, index: item.skuIndex, quantity: Int64(item.quantity))
             }

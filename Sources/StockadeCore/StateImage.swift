@@ -151,8 +151,10 @@ extension EngineState {
                     let previous: UInt32 = try r.read()
                     let stateByte: UInt8 = try r.read()
                     let isMulti = (try r.read() as UInt8) != 0
+                    // A basket's SKU and quantity fields are 0 in the image (its items are listed apart).
                     guard let orderState = OrderState(rawValue: stateByte), Int(userIndex) < userCount,
-                        isMulti || Int(skuIndex) < skuCount, Int(previous) <= index, quantity < 1 << 30
+                        isMulti || (Int(skuIndex) < skuCount && quantity >= 1 && Int64(quantity) <= Limits.quantityMax),
+                        Int(previous) <= index, quantity < 1 << 30
                     else { throw ImageError(reason: "order \(index + 1) of shard \(shard) is malformed") }
                     let seq = UInt32(index + 1)
                     state.orders.append(
@@ -190,6 +192,9 @@ extension EngineState {
                             item.quantity >= 1, Int64(item.quantity) <= Limits.quantityMax
                         else { throw ImageError(reason: "multi-SKU order \(seq) has a malformed item") }
                         foreign = foreign || itemShard != shard
+                        let listed = state.orders[Int(seq) - 1].multiItemRange.lowerBound
+                        guard !state.multiItems[listed...].contains(where: { $0.item.shard == itemShard && $0.item.skuIndex == item.skuIndex })
+                        else { throw ImageError(reason: "multi-SKU order \(seq) names a SKU twice") }
                         state.multiItems.append(ShardState.MultiItem(item: item, sku: try r.readName()))
                     }
                     if state.orders[Int(seq) - 1].state == .pending, foreign {
@@ -229,8 +234,13 @@ extension EngineState {
                 shards.append(state)
             }
             for state in shards {
-                for m in state.multiItems where Int(m.item.skuIndex) >= shards[m.item.shard].skus.count {
-                    throw ImageError(reason: "a multi-SKU order of shard \(state.shard) names SKU \(m.item.skuIndex) of shard \(m.item.shard), which has \(shards[m.item.shard].skus.count)")
+                for m in state.multiItems {
+                    guard Int(m.item.skuIndex) < shards[m.item.shard].skus.count else {
+                        throw ImageError(reason: "a multi-SKU order of shard \(state.shard) names SKU \(m.item.skuIndex) of shard \(m.item.shard), which has \(shards[m.item.shard].skus.count)")
+                    }
+                    guard shards[m.item.shard].skus[Int(m.item.skuIndex)].name == m.sku else {
+                        throw ImageError(reason: "a multi-SKU order of shard \(state.shard) names SKU \(m.sku) where shard \(m.item.shard) lists \(shards[m.item.shard].skus[Int(m.item.skuIndex)].name)")
+                    }
                 }
             }
             try checkHolds(shards)

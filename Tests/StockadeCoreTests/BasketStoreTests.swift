@@ -64,7 +64,8 @@ import Testing
     /// A basket's items that do not hold together: the image is corrupt and refused. Before the items
     /// were checked, all of these loaded (a basket without items, or listed twice, or an item of
     /// quantity 0, or one naming a SKU past its shard's end, which stopped the server at the order's CANCEL).
-    @Test(arguments: ["local SKU", "remote SKU", "no units", "no items", "no entry", "twice"])
+    /// An item whose SKU id is not the one its shard lists loaded too (ORDER showed the stored id).
+    @Test(arguments: ["local SKU", "remote SKU", "no units", "no items", "no entry", "twice", "renamed SKU", "SKU twice"])
     func imageWithBadBasketItemsIsRefused(damage: String) throws {
         var state = EngineState(shardCount: 2)
         var log = RecordBuffer()
@@ -90,6 +91,8 @@ import Testing
         case "local SKU": image[items + 2] = 5
         case "remote SKU": image[items + item0.count + 2] = 5
         case "no units": image[items + 6] = 0
+        case "renamed SKU": image[items + item0.count - 1] = UInt8(ascii: "z")
+        case "SKU twice": image.replaceSubrange(items + item0.count..<items + item0.count + item1.count, with: item0)
         case "no items":
             image[at + 4 + 4] = 0
             image.removeSubrange(items..<items + item0.count + item1.count)
@@ -100,6 +103,48 @@ import Testing
             image[at] = 2
             image.insert(contentsOf: entry, at: at + 4 + entry.count)
         }
+        #expect(throws: EngineState.ImageError.self) { try image.withUnsafeBytes { try EngineState.decodeImage($0) } }
+    }
+
+    /// A logged order that no reservation could have made (checksums valid: a damaged or hand-made
+    /// log, or a primary's stream) is refused by replay and changes nothing. Before, a basket of 65
+    /// items and a single item of 2^31 units stopped the process at start-up (a precondition of the
+    /// order's slot), and the same SKU twice in one basket held past its available stock.
+    @Test(arguments: ["65 items", "huge quantity", "same SKU twice"])
+    func replayRefusesOrdersNoReservationMakes(damage: String) throws {
+        var state = EngineState(shardCount: 1)
+        for index in 0..<66 {
+            try state.apply(.skuAdded(shard: 0, skuIndex: UInt32(index), sku: Name("k\(index)"), total: 1 << 40, limit: 0))
+        }
+        try state.apply(.skuAdded(shard: 0, skuIndex: 66, sku: "few", total: 3, limit: 0))
+        let items: [Record.Item]
+        switch damage {
+        case "65 items": items = (0..<65).map { Record.Item(shard: 0, skuIndex: UInt32($0), quantity: 1) }
+        case "huge quantity": items = [Record.Item(shard: 0, skuIndex: 0, quantity: 1 << 31)]
+        default: items = [Record.Item(shard: 0, skuIndex: 66, quantity: 2), Record.Item(shard: 0, skuIndex: 66, quantity: 2)]
+        }
+        let before = state.stateHash()
+        let created = Record.OrderCreated(
+            id: OrderID(shard: 0, tag: 0, sequence: 1), deadlineMillis: 1_000, user: "u", requestId: "", items: items)
+        #expect(throws: EngineState.ReplayError.self) { try state.apply(.orderCreated(created)) }
+        #expect(state.stateHash() == before && state.shards[0].orderCount == 0)
+    }
+
+    /// A single-SKU order of 0 units (a cancelled one, so that the reserved units still agree) loaded.
+    @Test func imageWithAnOrderOfNoUnitsIsRefused() throws {
+        var state = EngineState(shardCount: 1)
+        var log = RecordBuffer()
+        _ = state.shards[0].addSku("s", total: 10, limit: 0, log: &log)
+        guard case .reserved(let id, _, _) = state.shards[0].reserve(
+            user: "u", lines: [OrderLine(sku: "s", quantity: 1)], requestId: nil, ttlMillis: 1_000, now: 0, log: &log)
+        else { Issue.record("refused"); return }
+        _ = state.shards[0].cancel(id, now: 0, log: &log)
+        var image = state.encodeImage()
+        #expect((try? image.withUnsafeBytes { try EngineState.decodeImage($0) }) != nil)
+        // The order after its deadline: user 0, SKU 0, quantity 1, no previous order, cancelled, single.
+        let order: [UInt8] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 3, 0]
+        let at = try #require((0..<image.count - order.count).first { Array(image[$0..<$0 + order.count]) == order })
+        image[at + 8] = 0
         #expect(throws: EngineState.ImageError.self) { try image.withUnsafeBytes { try EngineState.decodeImage($0) } }
     }
 }
