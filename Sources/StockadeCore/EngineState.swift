@@ -68,7 +68,10 @@ public struct EngineState: Sendable {
             names.reserveCapacity(created.items.count)
             for (position, item) in created.items.enumerated() {
                 let s = try sku(item.shard, item.skuIndex)
-                guard item.quantity > 0, Int64(item.quantity) <= Limits.quantityMax, s.available >= Int64(item.quantity) else {
+                guard item.quantity > 0, Int64(item.quantity) <= Limits.quantityMax else {
+                    throw ReplayError(reason: "order \(created.id) holds \(item.quantity) units of \(s.name), outside 1 to \(Limits.quantityMax)")
+                }
+                guard s.available >= Int64(item.quantity) else {
                     throw ReplayError(reason: "order \(created.id) holds more than available on \(s.name)")
                 }
                 guard !created.items[..<position].contains(where: { $0.shard == item.shard && $0.skuIndex == item.skuIndex }) else {

@@ -208,7 +208,9 @@ public enum Recovery {
                 } catch let error as JournalError {
                     throw error
                 } catch let error as EngineState.ReplayError {
-                    throw JournalError(.replay, "\(path) block at offset \(offset), record \(lsn): \(error.reason)")
+                    // The record that failed is the one after the state's position (`lsn` has
+                    // already moved past it as the closure left).
+                    throw JournalError(.replay, "\(path) block at offset \(offset), record \(state.lsn + 1): \(error.reason)")
                 } catch {
                     return .corrupt(offset: offset, "\(error)")
                 }

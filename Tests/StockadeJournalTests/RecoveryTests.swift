@@ -207,6 +207,29 @@ func recover(_ path: String, repair: Bool = false, truncateCorrupt: Bool = false
         #expect(report.skippedSnapshots.count == 1 && state.lsn < newest.written.lsn)
     }
 
+    /// A logged record that does not fit the state (valid checksums) stops recovery naming its
+    /// position and why. The position named was one past the record (review).
+    @Test func aRecordThatDoesNotFitIsRefusedNamingItsPosition() async throws {
+        let path = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let journal = try Journal(directory: DataDirectory(path), shardCount: 1, lsn: 0)
+        var records = RecordBuffer()
+        records.skuAdded(shard: 0, skuIndex: 0, sku: "k", total: 1 << 40, limit: 0)
+        records.orderCreated(
+            Record.OrderCreated(
+                id: OrderID(shard: 0, tag: 0, sequence: 1), deadlineMillis: 1_000, user: "u", requestId: "",
+                items: [Record.Item(shard: 0, skuIndex: 0, quantity: 1 << 31)]))
+        let lsn = try journal.append(records)
+        try await journal.waitDurable(lsn)
+        journal.close()
+        #expect {
+            try Recovery.recover(DataDirectory(path), options: .init(shardCount: 1))
+        } throws: { error in
+            guard let error = error as? JournalError else { return false }
+            return error.code == .replay && error.message.contains("record 2: ") && error.message.contains("outside 1 to")
+        }
+    }
+
     /// Group commit: concurrent writers share fdatasyncs, and every append is answered once durable.
     @Test func groupCommitSharesSyncs() async throws {
         let path = temporaryDirectory()
