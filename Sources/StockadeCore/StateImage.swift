@@ -182,7 +182,8 @@ extension EngineState {
                         throw ImageError(reason: "more multi-SKU items than a shard can address")
                     }
                     previousSeq = seq
-                    state.orders[Int(seq) - 1].setMultiItems(start: state.multiItems.count, count: itemCount)
+                    let start = state.multiItems.count
+                    state.orders[Int(seq) - 1].setMultiItems(start: start, count: itemCount)
                     var foreign = false
                     for _ in 0..<itemCount {
                         let itemShard = Int(try r.read() as UInt16)
@@ -192,8 +193,7 @@ extension EngineState {
                             item.quantity >= 1, Int64(item.quantity) <= Limits.quantityMax
                         else { throw ImageError(reason: "multi-SKU order \(seq) has a malformed item") }
                         foreign = foreign || itemShard != shard
-                        let listed = state.orders[Int(seq) - 1].multiItemRange.lowerBound
-                        guard !state.multiItems[listed...].contains(where: { $0.item.shard == itemShard && $0.item.skuIndex == item.skuIndex })
+                        guard !state.multiItems[start...].contains(where: { $0.item.shard == itemShard && $0.item.skuIndex == item.skuIndex })
                         else { throw ImageError(reason: "multi-SKU order \(seq) names a SKU twice") }
                         state.multiItems.append(ShardState.MultiItem(item: item, sku: try r.readName()))
                     }

@@ -48,14 +48,14 @@ import Testing
             #expect(state.shards[0].orderLines(id.sequence) == lines)
             #expect(loaded.shards[0].orderLines(id.sequence) == lines)
         }
+        func available(_ sku: Name) -> Int64 { loaded.shards.lazy.compactMap { $0.stock(sku) }.first!.available }
         for (id, lines) in placed.enumerated().filter({ $0.offset % 2 == 0 }).map(\.element) {
-            let before = lines.map { loaded.shards[loaded.shards[0].stock($0.sku) != nil ? 0 : 1].stock($0.sku)!.available }
+            let before = lines.map { available($0.sku) }
             let (reply, effects) = loaded.shards[0].cancel(id, now: 0, log: &log)
             guard case .orderState(_, .cancelled) = reply else { Issue.record("cancel of \(id): \(reply)"); return }
             for effect in effects { loaded.shards[effect.shard].apply(effect) }
             for (line, was) in zip(lines, before) {
-                let owner = loaded.shards[0].stock(line.sku) != nil ? 0 : 1
-                #expect(loaded.shards[owner].stock(line.sku)!.available == was + line.quantity)
+                #expect(available(line.sku) == was + line.quantity)
             }
         }
         #expect(loaded.shards.allSatisfy { $0.audit(nil)?.allSatisfy(\.ok) == true })

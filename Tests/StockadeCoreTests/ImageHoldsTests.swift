@@ -52,7 +52,6 @@ import Testing
             let limit = state.shards[shard].skus[Int(pair & 0xFFFF_FFFF)].limit
             var damaged = state
             damaged.shards[shard].heldByUserSku.set(Int64(units) < limit ? units + 1 : units - 1, for: pair)
-            if units == 1 && Int64(units) >= limit { damaged.shards[shard].heldByUserSku.set(0, for: pair) }
             #expect(!decodes(damaged), "held units \(units) of pair \(pair) on shard \(shard), seed \(seed)")
             damages += 1
         }
