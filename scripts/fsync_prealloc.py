@@ -7,8 +7,10 @@
   fallocate  posix_fallocate extended the file first (its size too); the write lands in that space,
              which ext4 keeps marked unwritten until a sync records it written (the log before dde7793)
   keepsize   fallocate(FALLOC_FL_KEEP_SIZE) reserved the space without changing the file's size
+  direct     as zeros, but the file is opened O_DIRECT | O_DSYNC: each write bypasses the page cache and
+             returns once durable, with no fdatasync after it (--bytes must be a multiple of 4096)
 
-Usage: python3 scripts/fsync_prealloc.py [--rounds 2] [--writes 2000] [--bytes 500] [--dir /tmp]
+Usage: python3 scripts/fsync_prealloc.py [--rounds 2] [--writes 2000] [--bytes 500] [--dir /tmp] [--modes a,b]
 Prints, per mode and round (the modes alternating): the median and p99 of the fdatasync time, and the
 CPU the whole machine spent per write + sync (/proc/stat, every core: the sync's kernel work runs partly
 in other threads, such as ext4's journal thread). A log batch at RESERVE -P16 is 6-16 KB, at -P1 about
@@ -16,6 +18,7 @@ in other threads, such as ext4's journal thread). A log batch at RESERVE -P16 is
 """
 import argparse
 import ctypes
+import mmap
 import os
 import time
 
@@ -34,7 +37,7 @@ def bench(mode, writes, size, directory):
     path = os.path.join(directory, "fsync-prealloc-test.bin")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     total = writes * size + 4096
-    if mode == "zeros":
+    if mode in ("zeros", "direct"):
         for start in range(0, total, 1 << 20):
             os.write(fd, b"\0" * min(1 << 20, total - start))
         os.fsync(fd)
@@ -46,14 +49,25 @@ def bench(mode, writes, size, directory):
             raise OSError(ctypes.get_errno(), "fallocate(FALLOC_FL_KEEP_SIZE)")
         os.fsync(fd)
     data = b"x" * size
+    if mode == "direct":
+        os.close(fd)
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_DSYNC)
+        data = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT requires
+        data.write(b"x" * size)
     times = []
     offset = 0
     busy = machine_busy()
     for _ in range(writes):
-        os.pwrite(fd, data, offset)
-        offset += size
-        start = time.perf_counter()
-        os.fdatasync(fd)
+        if mode == "direct":
+            # The write is the sync: timed whole (the other modes time only the fdatasync).
+            start = time.perf_counter()
+            os.pwritev(fd, [data], offset)
+            offset += size
+        else:
+            os.pwrite(fd, data, offset)
+            offset += size
+            start = time.perf_counter()
+            os.fdatasync(fd)
         times.append(time.perf_counter() - start)
     busy = machine_busy() - busy
     os.close(fd)
@@ -68,9 +82,10 @@ def main():
     parser.add_argument("--writes", type=int, default=2000)
     parser.add_argument("--bytes", type=int, default=500, help="bytes per write (default 500)")
     parser.add_argument("--dir", default="/tmp")
+    parser.add_argument("--modes", default="append,zeros,fallocate,keepsize", help="comma-separated, in turn")
     args = parser.parse_args()
     for _ in range(args.rounds):
-        for mode in ("append", "zeros", "fallocate", "keepsize"):
+        for mode in args.modes.split(","):
             p50, p99, cpu = bench(mode, args.writes, args.bytes, args.dir)
             print(f"{mode:<9} p50 {p50:.0f} us, p99 {p99:.0f} us, machine CPU {cpu:.0f} us per write + sync")
 
