@@ -522,6 +522,15 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                 }
                 server.writeLocal(request, clientID: ObjectIdentifier(self), into: &round.local)
                 if let version { resp3 = version == 3 }
+            case .logTerm:
+                // It reads the durable log: after engine commands of this read, in a round of its own
+                // once their records are durable (answered now, it would not see them: -BEYOND for a
+                // position they wrote, where the same commands sent one by one find it).
+                if !round.batch.isEmpty {
+                    carried = request
+                    break parsing
+                }
+                server.writeLocal(request, clientID: ObjectIdentifier(self), into: &round.local)
             case .auth(_, let password):
                 if let expected = server.configuration.requirePassword, !expected.isEmpty {
                     // A wrong password leaves the connection as it was (as in Redis): an

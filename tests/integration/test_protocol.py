@@ -525,6 +525,25 @@ def test_replies_before_a_command_that_waits_come_before_the_wait(server):
             assert time.monotonic() - start >= 1.9  # the wait itself is unchanged
 
 
+def test_log_term_after_changes_in_one_write_sees_them(server):
+    """LOG.TERM reads the durable log. Sent in one write after changes, it must see their positions, as
+    it does when the same commands are sent one by one (review found it answered while the read was
+    parsed, before the changes ran: -BEYOND for the position the SKU.ADD just before it wrote)."""
+    r = redis.Redis(host="127.0.0.1", port=server.port, protocol=2)  # EVENTS entries as arrays
+    for n in range(4):  # SKUs on both shards
+        last = r.execute_command("EVENTS", 0, "COUNT", 10000)
+        position = (last[-1][0] if last else 0) + 1
+        pipe = r.pipeline(transaction=False)
+        pipe.execute_command("SKU.ADD", f"term{n}", 1)
+        pipe.execute_command("LOG.TERM", position)
+        pipe.execute_command("LOG.TERM", position + 1)
+        added, term, beyond = pipe.execute(raise_on_error=False)
+        assert added in (b"OK", "OK", True), added
+        assert not isinstance(term, Exception), f"pipelined LOG.TERM {position}: {term}"
+        assert term == r.execute_command("LOG.TERM", position)
+        assert isinstance(beyond, redis.ResponseError) and str(beyond).startswith("BEYOND"), beyond
+
+
 # ---------------------------------------------------------------------------------------------
 # C24: protocol errors cannot flood the log
 
