@@ -424,13 +424,50 @@ public final class Engine: Sendable {
         /// Nothing ran: shard `shard`, which is not local, is the first the batch needs. Running it where
         /// that shard is local may succeed.
         case needsShard(Int)
+        /// Part of the batch ran: a shard it had checked turned out, when its group came to run, to be
+        /// waiting for effects that another loop's run marked arriving there meanwhile (a basket on
+        /// that loop cancelled, confirmed or expired). Nothing waits in place, so the commands that
+        /// did not run are left to ``executeRest(_:_:)``.
+        case partlyRan(PartialRun)
     }
+
+    /// What ran of a batch that ``executeLocally(_:now:localShards:)`` could not finish in place.
+    public struct PartialRun: Sendable {
+        /// The replies of the commands that ran (the others' entries are placeholders).
+        public let replies: [Reply]
+        /// The log position the replies that ran wait for.
+        public let waitFor: UInt64
+        /// The slots of the commands that did not run, in the order sent. They run after the ones that
+        /// ran: every command of `rest` either came after all of those or is on a shard none of those
+        /// before it touched in its stretch (and so commutes with them).
+        public let rest: [Int]
+        /// The batch's "now".
+        public let now: Int64
+    }
+
+    /// Finishes a batch that ``executeLocally(_:now:localShards:)`` ran in part: runs the commands it
+    /// left, in order, with ``execute(_:now:)``, and returns every reply of the batch once all it shows
+    /// is durable (or all refused if the log fails first).
+    public func executeRest(_ commands: [Command], _ partial: PartialRun) async -> [Reply] {
+        let rest = partial.rest.map { commands[$0] }
+        let restReplies = await execute(rest, now: partial.now)
+        var replies = partial.replies
+        for (i, slot) in partial.rest.enumerated() { replies[slot] = restReplies[i] }
+        return await repliesWhenDurable(replies, waitFor: partial.waitFor)
+    }
+
+    /// Tests only: called on the caller's thread with a shard's index just before a batch run in place
+    /// enters that shard, where another loop may mark effects arriving there (the race that
+    /// ``LocalOutcome/partlyRan(_:)`` answers).
+    nonisolated(unsafe) var beforeRunInPlace: ((Int) -> Void)?
 
     /// Runs a batch synchronously, on the caller's thread, when every shard it enters runs on the
     /// caller's executor (`localShards[s]` true: the event loop the caller is on): no task, no hop, no
     /// suspension. Replies are the ones ``execute(_:now:)`` would give, in the same order; the caller
     /// answers once `waitFor` is durable (or refuses them all if the log fails first). Decides before
-    /// anything runs, so ``LocalOutcome/needsAsync`` changes nothing.
+    /// anything runs, so ``LocalOutcome/needsAsync`` and ``LocalOutcome/needsShard(_:)`` change
+    /// nothing; a shard that another loop marks waiting after that decision stops the run there
+    /// (``LocalOutcome/partlyRan(_:)``, or ``LocalOutcome/needsAsync`` when nothing had run yet).
     ///
     /// It declines what could reach beyond the local shards or wait: a multi-shard command, a shard on
     /// another executor, basket holds being placed, a basket of any shard due to expire (its expiry
@@ -472,6 +509,13 @@ public final class Engine: Sendable {
         var waitFor: UInt64 = 0
         var perShard = [[Int]](repeating: [], count: shards.count)
         var position = 0
+        var ranAny = false
+        // A group found its shard waiting (``LocalOutcome/partlyRan(_:)``): what has not run goes on elsewhere.
+        func stopped() -> LocalOutcome {
+            guard ranAny else { return .needsAsync }
+            let rest = (perShard.flatMap { $0 } + Array(position..<commands.count)).sorted()
+            return .partlyRan(PartialRun(replies: replies, waitFor: waitFor, rest: rest, now: now))
+        }
         while position < commands.count {
             var closing: Int?
             while position < commands.count {
@@ -490,11 +534,15 @@ public final class Engine: Sendable {
                 if closing != nil { break }
             }
             for s in perShard.indices where !perShard[s].isEmpty && s != closing {
-                waitFor = max(waitFor, runGroupInPlace(s, commands, perShard[s], now: now, into: &replies))
+                guard let lsn = runGroupInPlace(s, commands, perShard[s], now: now, into: &replies) else { return stopped() }
+                waitFor = max(waitFor, lsn)
+                ranAny = true
                 perShard[s].removeAll(keepingCapacity: true)
             }
             if let s = closing {
-                waitFor = max(waitFor, runGroupInPlace(s, commands, perShard[s], now: now, into: &replies))
+                guard let lsn = runGroupInPlace(s, commands, perShard[s], now: now, into: &replies) else { return stopped() }
+                waitFor = max(waitFor, lsn)
+                ranAny = true
                 perShard[s].removeAll(keepingCapacity: true)
             }
         }
@@ -516,7 +564,7 @@ public final class Engine: Sendable {
             if case let .confirm(id) = commands[0], shards[s].assumeIsolated({ $0.mayAffectOtherShards(id) }) { return .needsAsync }
             if case let .cancel(id) = commands[0], shards[s].assumeIsolated({ $0.mayAffectOtherShards(id) }) { return .needsAsync }
             var replies: [Reply] = [.done]
-            let waitFor = runGroupInPlace(s, commands, Self.firstSlot, now: now, into: &replies)
+            guard let waitFor = runGroupInPlace(s, commands, Self.firstSlot, now: now, into: &replies) else { return .needsAsync }
             return .answered(replies, waitFor: waitFor)
         }
     }
@@ -534,12 +582,16 @@ public final class Engine: Sendable {
     private static let firstSlot = [0]
 
     /// ``runGroup(_:_:_:now:into:)`` for a shard on the caller's executor, which the caller checked
-    /// needs no wait and reaches no other shard.
+    /// reaches no other shard. nil, having run nothing, when the shard waits after all: another loop's
+    /// run marked effects arriving here after ``runsInPlace(_:now:)`` looked (found by review: this was
+    /// a precondition, and the race stopped the server).
     private func runGroupInPlace(
         _ s: Int, _ commands: [Command], _ slots: [Int], now: Int64, into replies: inout [Reply]
-    ) -> UInt64 {
+    ) -> UInt64? {
+        beforeRunInPlace?(s)
         let result = shards[s].assumeIsolated { $0.run(commands, slots: slots, now: now) }
-        precondition(!result.deferred && result.effects.isEmpty, "a batch run in place reached beyond its shards")
+        if result.deferred { return nil }
+        precondition(result.effects.isEmpty, "a batch run in place reached beyond its shards")
         for (slot, reply) in result.replies { replies[slot] = reply }
         return result.lsn
     }

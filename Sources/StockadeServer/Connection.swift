@@ -687,6 +687,9 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         case .needsAsync:
             runAsync(round, context: context)
             return
+        case .partlyRan(let partial):
+            runAsync(round, context: context, partial: partial)
+            return
         case .needsShard(let shard):
             elsewhere = shard
         }
@@ -709,9 +712,13 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             ownLoop.execute {
                 let (handler, context) = bound.value
                 guard let round = handler.hopping.take() else { preconditionFailure("the round that hopped") }
-                if case .answered(let replies, let waitFor) = outcome {
+                switch outcome {
+                case .answered(let replies, let waitFor):
                     handler.awaitDurable(round, replies: replies, waitFor: waitFor, context: context)
-                } else {
+                case .partlyRan(let partial):
+                    // What ran there is not run again.
+                    handler.runAsync(round, context: context, partial: partial)
+                case .needsAsync, .needsShard:
                     handler.runAsync(round, context: context)
                 }
             }
@@ -753,15 +760,21 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     }
 
     /// The general path: a task runs the batch with ``Engine/execute(_:now:)`` (which awaits each shard
-    /// it needs) and the round's async step, then finishes the round on the loop.
-    private func runAsync(_ round: Round, context: ChannelHandlerContext) {
+    /// it needs) and the round's async step, then finishes the round on the loop. With `partial`, the
+    /// part of the batch that ran in place is not run again: ``Engine/executeRest(_:_:)`` runs the rest.
+    private func runAsync(_ round: Round, context: ChannelHandlerContext, partial: Engine.PartialRun? = nil) {
         let engine = server.engine
         let server = self.server
         let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
         let loop = context.eventLoop
         let presence = self.presence
         Task(executorPreference: executor) {
-            var replies = round.batch.isEmpty ? [] : await engine.execute(round.batch, now: wallClockMillis())
+            var replies: [Reply]
+            if let partial {
+                replies = await engine.executeRest(round.batch, partial)
+            } else {
+                replies = round.batch.isEmpty ? [] : await engine.execute(round.batch, now: wallClockMillis())
+            }
             if server.configuration.minReplicasToWrite > 0, round.hasChanges {
                 // Every change of the batch is durable here: the durable position covers them.
                 let position = server.store.journal.lastDurableLSN

@@ -297,6 +297,8 @@ package enum Simulator {
                         switch await loop.runLocally(batchEngine, commands, now: batchNow, local: local) {
                         case .answered(let answered, let waitFor):
                             replies = await batchEngine.repliesWhenDurable(answered, waitFor: waitFor)
+                        case .partlyRan(let partial):
+                            replies = await batchEngine.executeRest(commands, partial)
                         case .needsAsync, .needsShard:
                             break
                         }
