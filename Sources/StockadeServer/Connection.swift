@@ -827,6 +827,12 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     /// round is not encoded, the client gets an error and is disconnected.
     private func finish(context: ChannelHandlerContext, round: Round, replies: [Reply], tail: ByteBuffer?, closeAfter: Bool) {
         guard context.channel.isActive else { return }
+        // A write can change the channel's writability, and its handler starts the next round at once:
+        // not while this round is being written (review found the round after an output-limit error,
+        // or after a QUIT, run from inside the write). The caller starts the next round afterwards.
+        let wasBusy = busy
+        busy = true
+        defer { busy = wasBusy }
         let outputMax = server.configuration.clientOutputBytesMax
         // Bytes written and not yet taken by the socket. A writable channel holds fewer than its
         // high water mark, so the exact count (a channel option: a dynamic cast and a lookup) is
@@ -877,9 +883,13 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         if overLimit || pastLimit(with: out.readableBytes) {
             server.logger.warning("closing a client with more than \(outputMax) bytes of unread replies (--max-output-bytes)")
             out.writeRESPError("ERR output buffer limit reached: more than \(outputMax) bytes of replies unread (--max-output-bytes); closing")
-            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+            // Closing before the write: the write can change the channel's writability, whose handler
+            // starts the next round at once (review found the next round run after this error, its
+            // changes applied unanswered).
             closing = true
             inbound = nil
+            carried = nil
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
             context.close(promise: nil)
             return
         }

@@ -544,6 +544,41 @@ def test_log_term_after_changes_in_one_write_sees_them(server):
         assert isinstance(beyond, redis.ResponseError) and str(beyond).startswith("BEYOND"), beyond
 
 
+def test_nothing_runs_after_the_output_limit_error(data_dir):
+    """A client whose replies pass --max-output-bytes is told so and closed: no later command of its
+    pipeline runs. Review found the next round run from inside the write of the error (the write
+    changed the channel's writability, whose handler started it): its PINGs answered after the error,
+    and a SKU.ADD applied with no reply."""
+    s = Server(data_dir, "--shards", "2", "--max-output-bytes", "65536").start()
+    try:
+        r = redis.Redis(host="127.0.0.1", port=s.port, protocol=2)
+        skus = [f"{n:02d}".ljust(60, "s") for n in range(64)]
+        pipe = r.pipeline(transaction=False)
+        for sku in skus:
+            pipe.execute_command("SKU.ADD", sku, 100000)
+        basket = [word for sku in skus for word in (sku, 1)]
+        for _ in range(500):
+            pipe.execute_command("BUY", "victim", *basket, "TTL", 600000)
+        pipe.execute()
+        # A reply of megabytes: its write fills the socket, and the channel's writability changes.
+        orders = encode("ORDERS", "victim", "COUNT", 1000)
+        for n, rest in enumerate((encode("SKU.ADD", "after0", 1),
+                                  encode("PING") * 1023 + encode("SKU.ADD", "after1", 1),
+                                  encode("PING") * 2000)):
+            with connect(s) as c:
+                c.sendall(orders + rest)
+                time.sleep(0.5)  # everything sent is read before the client reads its replies
+                data = read_until_closed(c, limit=64 << 20)
+            at = data.find(b"-ERR output buffer limit reached")
+            assert at >= 0, data[-200:]
+            assert data[at:].count(b"\r\n") == 1, f"replies after the error: {data[at:at + 200]!r}"
+            if n < 2:
+                with pytest.raises(redis.ResponseError, match="NOSKU"):
+                    r.execute_command("STOCK", f"after{n}")
+    finally:
+        s.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # C24: protocol errors cannot flood the log
 
