@@ -37,9 +37,22 @@ public struct EngineState: Sendable {
             guard Int(skuIndex) == shards[shard].skus.count, shards[shard].skuIndexByName[sku] == nil else {
                 throw ReplayError(reason: "SKU \(sku) added at index \(skuIndex) out of order")
             }
+            // What SKU.ADD's validation allows and no more (found by review: a replica applied a total
+            // of -10 from its link, and then wrote snapshots that no start-up would load).
+            guard isValidName(sku), Engine.shardIndex(of: sku, shardCount: shards.count) == shard else {
+                throw ReplayError(reason: "SKU \(sku) added on shard \(shard): not a name SKU.ADD places there")
+            }
+            guard total >= 0, total <= Limits.stockMax, limit >= 0, limit <= Limits.quantityMax else {
+                throw ReplayError(reason: "SKU \(sku) added with total \(total) and limit \(limit), outside 0 to \(Limits.stockMax) and 0 to \(Limits.quantityMax)")
+            }
             shards[shard].applySkuAdded(index: skuIndex, sku: sku, total: total, limit: limit)
         case let .restocked(shard, skuIndex, delta):
             let s = try sku(shard, skuIndex)
+            // Bounded first: a delta near Int64's bounds overflowed the sum below and stopped the process
+            // (found by review, from a primary's record on a replica, again at every restart).
+            guard delta >= -Limits.stockMax, delta <= Limits.stockMax, s.total + delta <= Limits.stockMax else {
+                throw ReplayError(reason: "restock of \(delta) on \(s.name) takes its total outside 0 to \(Limits.stockMax)")
+            }
             guard s.total + delta >= s.reserved + s.sold else { throw ReplayError(reason: "restock below committed on \(s.name)") }
             shards[shard].applyRestocked(index: skuIndex, delta: delta)
         case let .pausedChanged(shard, skuIndex, paused):
