@@ -828,8 +828,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     private func finish(context: ChannelHandlerContext, round: Round, replies: [Reply], tail: ByteBuffer?, closeAfter: Bool) {
         guard context.channel.isActive else { return }
         // A write can change the channel's writability, and its handler starts the next round at once:
-        // not while this round is being written (review found the round after an output-limit error,
-        // or after a QUIT, run from inside the write). The caller starts the next round afterwards.
+        // not while this round is being written (review found the round after an output-limit error
+        // run from inside the write of the error). The caller starts the next round afterwards.
         let wasBusy = busy
         busy = true
         defer { busy = wasBusy }
