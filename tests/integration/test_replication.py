@@ -624,7 +624,7 @@ def test_a_record_that_does_not_fit_leaves_a_directory_that_starts(data_dir):
     the directory no longer started (`replay ... record names unknown ...`). Now only what fits is
     logged."""
     from logblocks import block, bulk, restocked, sku_added
-    good = block(1, [sku_added(0, 0, "tv", 100), sku_added(1, 0, "tv", 100)])
+    good = block(1, [sku_added(0, 0, "cam", 100), sku_added(1, 0, "tv", 100)])
     bad = block(3, [restocked(0, 7, 5)])  # SKU index 7 does not exist
     fake = FakePrimary(lambda: [bulk(good), bulk(bad)])
     replica = Server(os.path.join(data_dir, "replica"), "--shards", "2", "--replica-of", f"127.0.0.1:{fake.port}").start()
@@ -656,7 +656,7 @@ def test_replica_input_stays_bounded_on_a_long_link(data_dir):
     beat = (b"+HEARTBEAT 2 " + b"x" * 4000 + b"\r\n") * 16
 
     def stream():
-        yield bulk(block(1, [sku_added(0, 0, "tv", 100), sku_added(1, 0, "tv", 100)]))
+        yield bulk(block(1, [sku_added(0, 0, "cam", 100), sku_added(1, 0, "tv", 100)]))
         for _ in range((150 << 20) // len(beat)):
             yield beat
 
@@ -811,7 +811,7 @@ class CopyingPrimary(LoopbackListener):
 
     def __init__(self, size, epoch):
         from logblocks import block, bulk, sku_added
-        self.first = b"+CONTINUE 1 SHARDS 2 EPOCH 5\r\n" + bulk(block(1, [sku_added(0, 0, "tv", 100), sku_added(1, 0, "tv", 100)]))
+        self.first = b"+CONTINUE 1 SHARDS 2 EPOCH 5\r\n" + bulk(block(1, [sku_added(0, 0, "cam", 100), sku_added(1, 0, "tv", 100)]))
         self.size, self.epoch = size, epoch
         self.links = 0
         super().__init__()
@@ -1044,7 +1044,7 @@ def test_an_epoch_past_the_largest_is_refused(data_dir, where):
                 data += part
             announced = huge if where == "stream" else 0
             c.sendall(b"+CONTINUE 1 SHARDS 2 EPOCH %d\r\n" % announced)
-            records = [sku_added(0, 0, "tv", 100), sku_added(1, 0, "tv", 100)]
+            records = [sku_added(0, 0, "cam", 100), sku_added(1, 0, "tv", 100)]
             if where == "record":
                 records.append(epoch_started(huge))
             c.sendall(bulk(block(1, records)))
@@ -1066,7 +1066,7 @@ def test_an_epoch_past_the_largest_is_refused(data_dir, where):
         assert int(state["log_epoch"]) == 0
         assert pr.execute_command("REPLICAOF", "NO", "ONE") == "OK"
         assert r.proc.poll() is None
-        pr.execute_command("SKU.ADD", "cam", 1) if where == "record" else None
+        pr.execute_command("SKU.ADD", "radio", 1) if where == "record" else None
         r.kill9()
         r.args = ["--shards", "2"]
         r.start()
