@@ -883,13 +883,9 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         if overLimit || pastLimit(with: out.readableBytes) {
             server.logger.warning("closing a client with more than \(outputMax) bytes of unread replies (--max-output-bytes)")
             out.writeRESPError("ERR output buffer limit reached: more than \(outputMax) bytes of replies unread (--max-output-bytes); closing")
-            // Closing before the write: the write can change the channel's writability, whose handler
-            // starts the next round at once (review found the next round run after this error, its
-            // changes applied unanswered).
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
             closing = true
             inbound = nil
-            carried = nil
-            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
             context.close(promise: nil)
             return
         }
