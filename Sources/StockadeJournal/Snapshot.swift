@@ -20,7 +20,18 @@ public enum SnapshotFile {
     /// Writes `state` as the snapshot covering log position `state.lsn`.
     @discardableResult
     public static func write(_ state: EngineState, to directory: DataDirectory) throws(JournalError) -> Written {
-        let finalPath = directory.snapshotPath(lsn: state.lsn)
+        try write(lsn: state.lsn, shardCount: state.shards.count, to: directory) { emit in
+            try state.encodeImage(chunkBytes: BlockHeader.rawBytesMax, flush: emit)
+        }
+    }
+
+    /// Writes the snapshot covering `lsn` whose image `image` hands over, a chunk at a time, to the
+    /// function it is given. Tests use it to write images of their own.
+    package static func write(
+        lsn: UInt64, shardCount: Int, to directory: DataDirectory,
+        image: (_ emit: ([UInt8]) throws -> Void) throws -> Void
+    ) throws(JournalError) -> Written {
+        let finalPath = directory.snapshotPath(lsn: lsn)
         let tmpPath = finalPath + ".tmp"
         let storage = directory.storage
         let file = try storage.open(tmpPath, .create)
@@ -30,14 +41,14 @@ public enum SnapshotFile {
         do {
             try file.append([UInt8](repeating: 0, count: headerSize))
             var framed: [UInt8] = []
-            try state.encodeImage(chunkBytes: BlockHeader.rawBytesMax) { chunk in
+            try image { chunk in
                 var start = 0
                 while start < chunk.count {
                     let end = min(chunk.count, start + BlockHeader.rawBytesMax)
                     framed.removeAll(keepingCapacity: true)
                     chunk.withUnsafeBytes {
                         BlockCodec.appendBlock(
-                            raw: UnsafeRawBufferPointer(rebasing: $0[start..<end]), firstLSN: state.lsn, recordCount: 0,
+                            raw: UnsafeRawBufferPointer(rebasing: $0[start..<end]), firstLSN: lsn, recordCount: 0,
                             to: &framed)
                     }
                     try file.append(framed)
@@ -48,7 +59,7 @@ public enum SnapshotFile {
                 }
             }
             var header = magic
-            header.appendLE(version); header.appendLE(UInt32(state.shards.count)); header.appendLE(state.lsn)
+            header.appendLE(version); header.appendLE(UInt32(shardCount)); header.appendLE(lsn)
             header.appendLE(UInt64(rawTotal)); header.appendLE(blockCount)
             header.appendLE(CRC32C.checksum(header))
             header.append(contentsOf: repeatElement(0, count: headerSize - header.count))
@@ -66,7 +77,7 @@ public enum SnapshotFile {
             try? storage.remove(tmpPath)
             throw JournalError(.io, "snapshot \(finalPath): \(error)")
         }
-        return Written(path: finalPath, lsn: state.lsn, bytes: written, rawBytes: rawTotal)
+        return Written(path: finalPath, lsn: lsn, bytes: written, rawBytes: rawTotal)
     }
 
     /// Reads and fully verifies a snapshot: header checksum, every block's checksum, lengths, and the image.
@@ -75,16 +86,18 @@ public enum SnapshotFile {
         return try typed { try bytes.withUnsafeBytes { all in try decode(all, path: path) } }
     }
 
-    /// Checks a snapshot's header, every block's checksum and length, and the image length, without
-    /// building the state: what pruning asks before it counts a snapshot as a fallback. Throws what
-    /// ``read(_:storage:)`` would for a damaged file.
+    /// Checks a snapshot exactly as start-up would load it: header, every block's checksum and length,
+    /// and the image decoded (every bound and index it holds checked), the state then dropped. What
+    /// pruning asks before it counts a snapshot as a fallback, and what a full copy asks before it is
+    /// sent. Checksums alone are not enough: an image the decoder refuses, with every checksum valid,
+    /// is as useless to recovery as a torn one, and counting it would let pruning remove the log it
+    /// stands for. Throws what ``read(_:storage:)`` would.
     public static func verify(_ path: String, storage: any Storage = PosixStorage.shared) throws(JournalError) {
-        let bytes = try storage.readAll(path)
-        try typed { try bytes.withUnsafeBytes { all in _ = try checkBlocks(all, path: path, keepImage: false) } }
+        _ = try read(path, storage: storage)
     }
 
     private static func decode(_ all: UnsafeRawBufferPointer, path: String) throws(JournalError) -> EngineState {
-        let (image, lsn, shardCount) = try checkBlocks(all, path: path, keepImage: true)
+        let (image, lsn, shardCount) = try checkBlocks(all, path: path)
         let state: EngineState
         do {
             state = try image.withUnsafeBytes { try EngineState.decodeImage($0) }
@@ -97,10 +110,10 @@ public enum SnapshotFile {
         return state
     }
 
-    /// Verifies the header and every block; returns the image (empty unless `keepImage`), the
-    /// position and the shard count the header states.
+    /// Verifies the header and every block; returns the image, the position and the shard count the
+    /// header states.
     private static func checkBlocks(
-        _ all: UnsafeRawBufferPointer, path: String, keepImage: Bool
+        _ all: UnsafeRawBufferPointer, path: String
     ) throws(JournalError) -> (image: [UInt8], lsn: UInt64, shardCount: UInt32) {
         guard all.count >= headerSize, Array(all[0..<8]) == magic else {
             throw JournalError(.format, "\(path) is not a Stockade snapshot (bad magic or short file)")
@@ -120,14 +133,14 @@ public enum SnapshotFile {
         }
         guard rawTotal <= UInt64(all.count) * 256 else { throw JournalError(.corrupt, "\(path): implausible image size") }
         var image: [UInt8] = []
-        if keepImage { image.reserveCapacity(Int(rawTotal)) }
+        image.reserveCapacity(Int(rawTotal))
         var imageBytes = 0
         var offset = headerSize
         for index in 0..<blockCount {
             switch BlockCodec.read(all, at: offset) {
             case .block(let header, let payload):
                 guard header.firstLSN == lsn else { throw JournalError(.corrupt, "\(path): block \(index) at offset \(offset) is of another snapshot") }
-                if keepImage { image += payload }
+                image += payload
                 imageBytes += payload.count
                 offset += header.totalLength
             case .truncated:

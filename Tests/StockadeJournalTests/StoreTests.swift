@@ -4,12 +4,32 @@ import Testing
 @testable import StockadeCore
 @testable import StockadeJournal
 
-/// Flips one bit in the middle of a snapshot's first block, so that it fails verification.
-func corruptSnapshot(_ path: String) throws {
-    var bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
-    bytes[SnapshotFile.headerSize + BlockHeader.size + 3] ^= 0x10
-    try Data(bytes).write(to: URL(fileURLWithPath: path))
+/// How a test spoils a snapshot.
+enum SnapshotFault: CaseIterable, Sendable {
+    /// One bit flipped in the middle of the first block: a checksum fails.
+    case bitFlip
+    /// Every checksum valid, but the image holds a SKU whose counts do not add up: what a disagreement
+    /// between the engine and the image decoder would leave. Only decoding the image finds it.
+    case imageThatDoesNotDecode
+}
+
+/// Spoils the snapshot at `path` so that it fails verification, the way `fault` says.
+func corruptSnapshot(_ path: String, _ fault: SnapshotFault = .bitFlip) throws {
+    switch fault {
+    case .bitFlip:
+        var bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
+        bytes[SnapshotFile.headerSize + BlockHeader.size + 3] ^= 0x10
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+    case .imageThatDoesNotDecode:
+        var state = try SnapshotFile.read(path)
+        let shard = try #require(state.shards.firstIndex { !$0.skus.isEmpty })
+        state.shards[shard].skus[0].available += 1
+        let directory = DataDirectory((path as NSString).deletingLastPathComponent)
+        let written = try SnapshotFile.write(lsn: state.lsn, shardCount: state.shards.count, to: directory) { try $0(state.encodeImage()) }
+        #expect(written.path == path)
+    }
     #expect(throws: JournalError.self) { try SnapshotFile.read(path) }
+    #expect(throws: JournalError.self) { try SnapshotFile.verify(path) }
 }
 
 /// Some reserves and a restock through a store: changes to recover.
@@ -30,8 +50,11 @@ func makeChanges(_ store: Store, tag: String) async {
 
     /// The repro: S1, restart, S2; S2 corrupted; restart (S2 skipped); changes; S3 deleted S1
     /// and the log after it and kept the bad S2; S3 corrupted: start-up failed with a gap. Then one
-    /// more round of the same, and every state on the way is recovered whole.
-    @Test func aKnownBadSnapshotIsNeverCountedAsTheFallback() async throws {
+    /// more round of the same, and every state on the way is recovered whole. With both kinds of
+    /// fault: a snapshot whose checksums hold but whose image does not decode once counted as good,
+    /// and pruning then removed the log it stood for (start-up refused with a gap).
+    @Test(arguments: SnapshotFault.allCases)
+    func aKnownBadSnapshotIsNeverCountedAsTheFallback(fault: SnapshotFault) async throws {
         let path = temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: path) }
         var store = try Store(path: path, options: Self.options())
@@ -43,7 +66,7 @@ func makeChanges(_ store: Store, tag: String) async {
         await makeChanges(store, tag: "b")
         let s2 = try await store.snapshot()
         store.close()
-        try corruptSnapshot(s2.written.path)
+        try corruptSnapshot(s2.written.path, fault)
         var previousBad = s2.written.path
         for round in 0..<3 {
             store = try Store(path: path, options: Self.options())
@@ -56,7 +79,7 @@ func makeChanges(_ store: Store, tag: String) async {
             let live = await liveState(store)
             store.close()
             // The next fault: the newest snapshot goes bad too.
-            try corruptSnapshot(next.written.path)
+            try corruptSnapshot(next.written.path, fault)
             previousBad = next.written.path
             let (state, report) = try recover(path)
             #expect(state.lsn == live.lsn && state.stateHash() == live.stateHash(), "round \(round): \(report)")
@@ -65,7 +88,8 @@ func makeChanges(_ store: Store, tag: String) async {
 
     /// After every snapshot, each snapshot on disk in turn is corrupted (a copy of the directory each
     /// time): the rest still recovers the live state exactly.
-    @Test func anySingleSnapshotFaultRecoversEverything() async throws {
+    @Test(arguments: SnapshotFault.allCases)
+    func anySingleSnapshotFaultRecoversEverything(fault: SnapshotFault) async throws {
         let path = temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: path) }
         let scratch = path + "-fault"
@@ -82,7 +106,7 @@ func makeChanges(_ store: Store, tag: String) async {
             for victim in snapshots {
                 try copyDirectory(path, to: scratch)
                 // The live segment is still open: recovery of the copy sees exactly the durable bytes.
-                try corruptSnapshot(scratch + "/" + (victim.path as NSString).lastPathComponent)
+                try corruptSnapshot(scratch + "/" + (victim.path as NSString).lastPathComponent, fault)
                 let (state, report) = try recover(scratch)
                 #expect(state.lsn == live.lsn && state.stateHash() == live.stateHash(), "round \(round), \(victim.path) bad: \(report)")
             }
