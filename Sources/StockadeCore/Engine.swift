@@ -679,16 +679,18 @@ public final class Engine: Sendable {
         case let .orders(user, after, count):
             // A page is the shards' orders in shard order, then sequence (an id's low 32 bits).
             var page: [OrderInfo] = []
+            var pageBytes = 0
             var lsn: UInt64 = 0
             // Every shard is asked (with 0 wanted when the page is full or it is before `after`), so
             // a refusal (a log failure) is answered whatever the page holds.
             for (index, shard) in shards.enumerated() {
                 lsn = max(lsn, await expire(shard, now: now))
-                let wanted = index >= (after?.shard ?? 0) ? count - page.count : 0
+                let wanted = index >= (after?.shard ?? 0) && pageBytes < Limits.pageBytesMax ? count - page.count : 0
                 let afterSequence = index == after?.shard ? after!.sequence : 0
-                switch await shard.orders(ofUser: user, afterSequence: afterSequence, count: wanted) {
+                switch await shard.orders(ofUser: user, afterSequence: afterSequence, count: wanted, bytesBefore: pageBytes) {
                 case .success(let (orders, visible)):
                     page += orders
+                    pageBytes += orders.reduce(0) { $0 + $1.pageBytes }
                     lsn = max(lsn, visible)
                 case .failure(let rejection): return (.rejected(rejection), 0)
                 }

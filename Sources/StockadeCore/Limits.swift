@@ -14,6 +14,11 @@ public enum Limits {
     public static let ttlMillisDefault: Int64 = 15 * 60 * 1000
     /// Longest payment window: 7 days. A longer hold is stock leaked in practice.
     public static let ttlMillisMax: Int64 = 7 * 24 * 3600 * 1000
+    /// A page of ORDERS or EVENTS takes no further entry once its entries reach about 1 MiB (it
+    /// holds up to the COUNT asked for, fewer past this, and at least one): a request of 50 bytes
+    /// cannot make the server build tens of megabytes. The client asks for the next page from where
+    /// this one ended, as after a full page.
+    public static let pageBytesMax = 1 << 20
     /// Shards are numbered into the top byte of an order id (see ``OrderID``).
     public static let shardCountMax = 255
     /// Orders per shard: sequences are 31 bits in memory (2 billion orders per shard).

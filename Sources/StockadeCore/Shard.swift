@@ -354,9 +354,9 @@ public actor Shard {
 
     /// A page of this shard's orders of a user (``ShardState/orders(ofUser:afterSequence:count:)``)
     /// and the position the reply must wait for.
-    public func orders(ofUser user: Name, afterSequence: UInt32, count: Int) -> Result<([OrderInfo], UInt64), Rejection> {
+    public func orders(ofUser user: Name, afterSequence: UInt32, count: Int, bytesBefore: Int) -> Result<([OrderInfo], UInt64), Rejection> {
         if let refusal = refusal { return .failure(.unavailable(refusal)) }
-        return .success((state.orders(ofUser: user, afterSequence: afterSequence, count: count), visibleLSN))
+        return .success((state.orders(ofUser: user, afterSequence: afterSequence, count: count, bytesBefore: bytesBefore), visibleLSN))
     }
 
     /// Every SKU's audit and the position the reply must wait for; waits while basket holds are placed.

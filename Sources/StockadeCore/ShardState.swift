@@ -184,8 +184,10 @@ public struct ShardState: Sendable {
     }
 
     /// A page of this shard's orders of `user`, oldest first: the first `count` with a sequence
-    /// above `afterSequence`. Walks the user's orders newer than that, keeping only `count`.
-    public func orders(ofUser user: Name, afterSequence: UInt32, count: Int) -> [OrderInfo] {
+    /// above `afterSequence`, and fewer once the page's bytes reach ``Limits/pageBytesMax``
+    /// (``OrderInfo/pageBytes``; `bytesBefore`: what the page holds from other shards already).
+    /// Walks the user's orders newer than that, keeping only `count`.
+    public func orders(ofUser user: Name, afterSequence: UInt32, count: Int, bytesBefore: Int = 0) -> [OrderInfo] {
         guard count > 0, let userIndex = userIndexByName[user] else { return [] }
         var newest: [UInt32] = []  // a ring of the last `count` sequences seen, walking newest first
         var seen = 0
@@ -197,7 +199,15 @@ public struct ShardState: Sendable {
         }
         // The oldest `count` walked are the page; the ring holds them, the oldest last written.
         let ordered = newest.count < count ? newest : Array(newest[(seen % count)...] + newest[..<(seen % count)])
-        return ordered.reversed().map(orderInfo)
+        var page: [OrderInfo] = []
+        var bytes = bytesBefore
+        for seq in ordered.reversed() {
+            guard bytes < Limits.pageBytesMax else { break }
+            let info = orderInfo(seq)
+            bytes += info.pageBytes
+            page.append(info)
+        }
+        return page
     }
 
     /// Every SKU, in index order (for the simulator's model and tools).

@@ -40,6 +40,10 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     private var executor: EventLoopTaskExecutor?
     /// This connection's loop: its shards and its rounds waiting for durability.
     private var loopState: DurableReplies?
+    /// The loop time its loop's rounds with large replies may take (``HeavyRounds``).
+    private var heavyRounds: HeavyRounds?
+    /// A heavy round built and waiting for its loop's ``heavyRounds`` to allow it.
+    private var parked: Round?
     /// Set once the connection became a replica's log stream (REPLICATE): its input is acknowledgements.
     private var feed: ReplicaFeed?
     /// Whether the client is still there, for steps that wait on its behalf (WAIT).
@@ -92,6 +96,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     func handlerAdded(context: ChannelHandlerContext) {
         executor = EventLoopTaskExecutor(loop: context.eventLoop)
         loopState = server.durableReplies(for: context.eventLoop)
+        heavyRounds = server.heavyRounds(for: context.eventLoop)
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -224,8 +229,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
 
     // MARK: Rounds
 
-    /// Worst-case reply bytes of the commands one round admits (or ``ServerConfiguration/clientOutputBytesMax``
-    /// if smaller). Commands past it wait for the next round, after this one's replies were written:
+    /// Worst-case reply bytes of the commands one round admits (or less under a small output limit:
+    /// ``ServerContext/roundReplyBytes``). Commands past it wait for the next round, after this one's replies were written:
     /// a pipeline of commands with large replies (ORDERS, AUDIT) is answered a few at a time, so the
     /// replies built at once stay bounded whatever one read holds.
     static let roundReplyBytesMax = 4 << 20
@@ -269,7 +274,36 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             return
         }
         loopNanos = monotonicNanos() - parseStarted
+        if round.heavy, let heavyRounds {
+            guard heavyRounds.start(counted: round.heavyCounted, now: monotonicNanos()) else {
+                park(round, heavyRounds, context: context)
+                return
+            }
+            run(consume round, context: context)
+            heavyRounds.charge(monotonicNanos() - parseStarted, now: monotonicNanos())
+            return
+        }
         run(consume round, context: context)
+    }
+
+    /// A heavy round waits, built, in its loop's ``HeavyRounds`` queue while the loop serves its
+    /// other clients, until its turn. Nothing else of the connection runs meanwhile (`busy`); its
+    /// input waits in the buffer.
+    private func park(_ round: consuming Round, _ heavyRounds: HeavyRounds, context: ChannelHandlerContext) {
+        busy = true
+        precondition(parked == nil, "one round at a time")
+        let counted = round.heavyCounted
+        parked = consume round
+        let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
+        heavyRounds.enqueue(counted: counted) {
+            let (handler, context) = bound.value
+            guard let round = handler.parked.take() else { preconditionFailure("the parked round") }
+            let started = monotonicNanos()
+            // Run as it would have been: its commands were received (a client that left meanwhile
+            // gets no reply, as when it leaves during any round).
+            handler.run(round, context: context)
+            heavyRounds.charge(monotonicNanos() - started, now: monotonicNanos())
+        }
     }
 
     /// The connection becomes a replica's log stream: the replies before REPLICATE are written, then
@@ -325,7 +359,18 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         var step: RoundStep?
         var closeAfter = false
         var started: UInt64
+        /// A command of the round can answer with a large page (``heavyReplyBytes``): the round takes
+        /// its turn in its loop's ``HeavyRounds``.
+        var heavy = false
+        /// A heavy round that counts among those running at once: all but an EVENTS that may block
+        /// (it mostly waits).
+        var heavyCounted = false
     }
+
+    /// A command whose reply can take this many bytes or more makes its round heavy (``HeavyRounds``):
+    /// ORDERS of more than a few orders, AUDIT of every SKU, EVENTS. The commands of the hot path
+    /// (RESERVE, DEDUCT, STOCK, CONFIRM) stay far below it.
+    static let heavyReplyBytes = 64 << 10
 
     /// What a sold-out answer counts against a round's reply budget: what its command would count
     /// had it joined the batch (``ReplyEncoding/replyBytesMax(_:)`` of a DEDUCT or RESERVE), so
@@ -351,7 +396,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         // have one holder and are emptied in place.
         round.slots.removeAll(keepingCapacity: true)
         round.batch.removeAll(keepingCapacity: true)
-        let replyBudget = min(Self.roundReplyBytesMax, server.configuration.clientOutputBytesMax)
+        let replyBudget = server.roundReplyBytes
         var replyBytes = 0
         var input = inbound ?? ByteBuffer()
         // Whether changes are refused (a replica, a lapsed lease), read once a round at its first
@@ -464,6 +509,10 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                     break
                 }
                 replyBytes += replyMax ?? replyBudget
+                if (replyMax ?? replyBudget) >= Self.heavyReplyBytes {
+                    round.heavy = true
+                    round.heavyCounted = true
+                }
                 if command.isChange, var tokens = bucket {
                     let allowed = tokens.take(nowNanos: monotonicNanos())
                     bucket = tokens
@@ -495,7 +544,10 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             case .snapshot: round.step = .snapshot
             case .shutdown: round.step = .shutdown
             case .info(let section): round.step = .info(section)
-            case .events(let from, let count, let block): round.step = .events(from: from, count: count, blockMillis: block, resp3: resp3)
+            case .events(let from, let count, let block):
+                round.step = .events(from: from, count: count, blockMillis: block, resp3: resp3)
+                round.heavy = true
+                if block == 0 { round.heavyCounted = true }
             case .replicate(let replicaRequest): round.step = .replicate(replicaRequest)
             case .role: round.step = .role
             case .replicaOf(let host, let port): round.step = .replicaOf(host: host, port: port)
@@ -785,11 +837,13 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             // The batch's changes are done (durable, and past the replicas' wait when semi-synchronous):
             // a step that lets changes in flight finish first (REPLICAOF) must not wait for this round's.
             if round.hasChanges { server.endChanges() }
-            let (tail, stepCloses): (ByteBuffer?, Bool) = if let step = round.step { await server.run(step: step, presence: presence) } else { (nil, false) }
+            let (tail, stepCloses, stepNanos) = if let step = round.step { await server.run(step: step, presence: presence) } else { (nil, false, 0) }
             server.endRound(changes: false)
             let answered = replies
             loop.execute {
                 let (handler, context) = bound.value
+                // The step's reply was encoded on this loop (the task prefers it).
+                if round.heavy, stepNanos > 0 { handler.heavyRounds?.charge(stepNanos, now: monotonicNanos()) }
                 handler.complete(round, replies: answered, tail: tail, closeAfter: round.closeAfter || stepCloses, context: context)
             }
         }
@@ -800,7 +854,12 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         busy = false
         let encodeStarted = monotonicNanos()
         finish(context: context, round: round, replies: replies, tail: tail, closeAfter: closeAfter)
-        loopNanos += monotonicNanos() - encodeStarted
+        let encodeNanos = monotonicNanos() - encodeStarted
+        loopNanos += encodeNanos
+        if round.heavy, let heavyRounds {
+            heavyRounds.charge(encodeNanos, now: monotonicNanos())
+            if round.heavyCounted { heavyRounds.finished() }
+        }
         recycle(round)
         // Commands that arrived while this round ran, on the next turn of the loop.
         processOnNextTurn(context: context)
@@ -840,7 +899,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         let writable = context.channel.isWritable
         var unreadExact: Int?
         func pastLimit(with bytes: Int) -> Bool {
-            if writable && ServerContext.writeBufferHighWaterBytes + bytes <= outputMax { return false }
+            if writable && server.writeBufferHighWaterBytes + bytes <= outputMax { return false }
             if unreadExact == nil { unreadExact = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0 }
             return unreadExact! + bytes > outputMax
         }

@@ -20,8 +20,7 @@ package enum ReplyEncoding {
         case .order(let info):
             writeOrder(info, resp3: resp3, into: &out)
         case .orders(let list):
-            out.writeRESPArrayHeader(list.count)
-            for info in list { writeOrder(info, resp3: resp3, into: &out) }
+            writePage(count: list.count, into: &out) { writeOrder(list[$0], resp3: resp3, into: &$1) }
         case .deducted(let result):
             out.writeRESPInteger(Int64(result))
         case .audit(let findings):
@@ -42,11 +41,35 @@ package enum ReplyEncoding {
     /// of every SKU), so the command gets a round of its own.
     static func replyBytesMax(_ command: Command) -> Int? {
         switch command {
-        case .orders(_, _, let count): 16 + count * orderBytesMax
+        case .orders(_, _, let count): 16 + min(count * orderBytesMax, Limits.pageBytesMax + orderBytesMax)
         case .order: orderBytesMax
         case .audit(let sku): sku == nil ? nil : 256 + errorBytesMax
         default: stockBytesMax + errorBytesMax
         }
+    }
+
+    /// Writes an array of up to `count` entries, `entry(i, &buffer)` writing the i-th, while the
+    /// entries written so far take less than ``Limits/pageBytesMax`` (so at least one; the page of
+    /// an EVENTS, and a second guard on ORDERS, whose engine bounds its pages the same way).
+    /// Returns how many were written.
+    @discardableResult
+    package static func writePage(count: Int, into out: inout ByteBuffer, entry: (Int, inout ByteBuffer) -> Void) -> Int {
+        // The count comes first on the wire, so the entries go to a buffer of their own first (but
+        // for a page of one entry, which always fits).
+        guard count > 1 else {
+            out.writeRESPArrayHeader(count)
+            if count == 1 { entry(0, &out) }
+            return count
+        }
+        var entries = ByteBufferAllocator().buffer(capacity: 1024)
+        var written = 0
+        while written < count && entries.readableBytes < Limits.pageBytesMax {
+            entry(written, &entries)
+            written += 1
+        }
+        out.writeRESPArrayHeader(written)
+        out.writeBuffer(&entries)
+        return written
     }
 
     /// An error line: a code, numbers, a reason (a log failure's text is the longest).

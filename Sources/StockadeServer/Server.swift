@@ -14,9 +14,15 @@ import Synchronization
 final class ServerContext: Sendable {
     /// A client connection's write buffer water marks: past the high mark of replies not yet taken
     /// by the socket, the channel turns unwritable and the client's next rounds wait (pacing); below
-    /// the low mark they go on.
-    static let writeBufferLowWaterBytes = 256 << 10
-    static let writeBufferHighWaterBytes = 1 << 20
+    /// the low mark they go on. 1 MiB and 256 KiB, lower under a small `--max-output-bytes`: at
+    /// most half of it, so that a writable channel (less than the high mark unread) has room for a
+    /// whole round (``roundReplyBytes``) within the limit, and a client that reads slowly is paced
+    /// rather than disconnected.
+    let writeBufferHighWaterBytes: Int
+    let writeBufferLowWaterBytes: Int
+    /// The worst-case reply bytes one round of a client admits: 4 MiB, or what the output limit
+    /// leaves above the high water mark (``ConnectionHandler/roundReplyBytesMax``).
+    let roundReplyBytes: Int
 
     let configuration: ServerConfiguration
     let store: Store
@@ -75,6 +81,8 @@ final class ServerContext: Sendable {
     let partialRequestRefusals = Atomic<Int>(0)
     /// Per event loop: the shards it runs and the rounds waiting there for durability.
     private let loopStates: [ObjectIdentifier: DurableReplies]
+    /// Per event loop: the loop time its rounds with large replies may take (``HeavyRounds``).
+    private let heavyRoundBudgets: [ObjectIdentifier: HeavyRounds]
     /// The loop state of the loop each shard runs on, by shard.
     private let shardLoops: [DurableReplies]
 
@@ -84,6 +92,9 @@ final class ServerContext: Sendable {
     ) {
         self.group = group
         self.configuration = configuration
+        writeBufferHighWaterBytes = min(1 << 20, configuration.clientOutputBytesMax / 2)
+        writeBufferLowWaterBytes = min(256 << 10, writeBufferHighWaterBytes / 4)
+        roundReplyBytes = min(ConnectionHandler.roundReplyBytesMax, configuration.clientOutputBytesMax - writeBufferHighWaterBytes)
         self.store = store
         engine = store.engine
         replicationEpoch = Mutex(store.engine.epochs.lastEpoch)
@@ -112,6 +123,7 @@ final class ServerContext: Sendable {
             store.journal.onDurable { lsn in state.durable(lsn) }
         }
         loopStates = states
+        heavyRoundBudgets = Dictionary(uniqueKeysWithValues: loops.map { (ObjectIdentifier($0), HeavyRounds(loop: $0, now: monotonicNanos())) })
         shardLoops = byIndex.isEmpty || shardLoopCount == 0
             ? [] : (0..<store.engine.shardCount).map { byIndex[Engine.executorIndex(ofShard: $0, executorCount: shardLoopCount)] }
     }
@@ -121,6 +133,9 @@ final class ServerContext: Sendable {
 
     /// The state of the loop a connection runs on (nil for a loop the server did not start, in tests).
     func durableReplies(for loop: EventLoop) -> DurableReplies? { loopStates[ObjectIdentifier(loop)] }
+
+    /// The heavy-round budget of a connection's loop (nil for a loop the server did not start, in tests).
+    func heavyRounds(for loop: EventLoop) -> HeavyRounds? { heavyRoundBudgets[ObjectIdentifier(loop)] }
 
     // MARK: Connections
 
@@ -279,9 +294,11 @@ final class ServerContext: Sendable {
         }
     }
 
-    /// Runs the step that ends a round; returns its reply (nil: none) and whether to close after it.
-    func run(step: RoundStep, presence: ClientPresence? = nil) async -> (ByteBuffer?, Bool) {
+    /// Runs the step that ends a round; returns its reply (nil: none), whether to close after it, and
+    /// how long encoding its reply took (EVENTS; 0 for the others), for ``HeavyRounds``.
+    func run(step: RoundStep, presence: ClientPresence? = nil) async -> (ByteBuffer?, Bool, encodeNanos: UInt64) {
         var out = ByteBufferAllocator().buffer(capacity: 256)
+        var encodeNanos: UInt64 = 0
         switch step {
         case .snapshot:
             do {
@@ -296,12 +313,12 @@ final class ServerContext: Sendable {
             metrics.count("shutdown", outcome: "ok")
             logger.info("SHUTDOWN requested by a client")
             requestShutdown()
-            return (nil, true)
+            return (nil, true, 0)
         case .info(let section):
             out.writeRESPBulk(await info(section: section))
             metrics.count("info", outcome: "ok")
         case .events(let from, let count, let blockMillis, let resp3):
-            await events(from: from, count: count, blockMillis: blockMillis, resp3: resp3, into: &out)
+            await events(from: from, count: count, blockMillis: blockMillis, resp3: resp3, into: &out, encodeNanos: &encodeNanos)
         case .replicate:
             out.writeRESPError("ERR REPLICATE must be the first command of its pipeline")
         case .role:
@@ -343,7 +360,7 @@ final class ServerContext: Sendable {
             out.writeRESPInteger(Int64(acknowledged))
             metrics.count("wait", outcome: "ok")
         }
-        return (out, false)
+        return (out, false, encodeNanos)
     }
 
     // MARK: Replication
@@ -579,7 +596,10 @@ final class ServerContext: Sendable {
     /// timeout). A position past the next one gets `-BEYOND` at once: the consumer saved it from
     /// another log (the data directory was replaced or restored from an older copy), and waiting for
     /// it would hang the consumer for good. `resp3`: each event as a map.
-    func events(from: UInt64?, count: Int, blockMillis: Int, resp3: Bool = false, into out: inout ByteBuffer) async {
+    /// `encodeNanos`: the time the page took to encode (the caller's loop time).
+    func events(
+        from: UInt64?, count: Int, blockMillis: Int, resp3: Bool = false, into out: inout ByteBuffer, encodeNanos: inout UInt64
+    ) async {
         let last = store.journal.lastDurableLSN
         let start = max(from ?? eventsLimit + 1, 1)
         if start > last + 1 {
@@ -597,9 +617,11 @@ final class ServerContext: Sendable {
                 }
                 switch read {
                 case .success(let records) where !records.isEmpty:
-                    out.writeRESPArrayHeader(records.count)
-                    for (position, record) in records {
-                        ReplyEncoding.writeEvent(position: position, record: record, skuName: skuName, resp3: resp3, into: &out)
+                    let encodeStarted = monotonicNanos()
+                    defer { encodeNanos = monotonicNanos() - encodeStarted }
+                    ReplyEncoding.writePage(count: records.count, into: &out) { index, page in
+                        let (position, record) = records[index]
+                        ReplyEncoding.writeEvent(position: position, record: record, skuName: skuName, resp3: resp3, into: &page)
                     }
                     metrics.count("events", outcome: "ok")
                     return
@@ -926,7 +948,7 @@ public final class StockadeServer: Sendable {
             }
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 4)
-            .childChannelOption(.writeBufferWaterMark, value: .init(low: ServerContext.writeBufferLowWaterBytes, high: ServerContext.writeBufferHighWaterBytes))
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: context.writeBufferLowWaterBytes, high: context.writeBufferHighWaterBytes))
             .childChannelOption(.autoRead, value: true)
             .childChannelOption(.allowRemoteHalfClosure, value: true)  // answer a client that half-closed (ConnectionHandler)
             .childChannelInitializer { channel in

@@ -183,9 +183,17 @@ package struct ReferenceModel: Sendable {
             // Pages go by shard, then sequence (an id's tag does not order it).
             func place(_ id: OrderID) -> (Int, UInt32) { (id.shard ?? -1, id.sequence) }
             let start = after.map(place) ?? (-1, 0)
-            return .orders(orders.filter { $0.value.user.bytes == user.bytes && place($0.key) > start }.sorted { place($0.key) < place($1.key) }.prefix(count).map {
+            let all = orders.filter { $0.value.user.bytes == user.bytes && place($0.key) > start }.sorted { place($0.key) < place($1.key) }.prefix(count).map {
                 OrderInfo(id: $0.key, user: user, lines: $0.value.lines, state: $0.value.state, deadlineMillis: $0.value.deadline)
-            })
+            }
+            // An order joins the page while the orders before it count less than a page's bytes.
+            var page: [OrderInfo] = []
+            var bytes = 0
+            for info in all where bytes < Limits.pageBytesMax {
+                page.append(info)
+                bytes += info.pageBytes
+            }
+            return .orders(page)
         case .audit:
             return .done
         }

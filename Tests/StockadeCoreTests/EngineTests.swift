@@ -216,6 +216,42 @@ private func orderID(_ reply: Reply) -> OrderID? {
         ]))
     }
 
+    /// A page of ORDERS stops once its orders reach ``Limits/pageBytesMax`` (review found one ORDERS
+    /// of 1,000 baskets answering 5 MB), across shards, and paging on with AFTER still lists every
+    /// order once, in the engine's order; the reference model pages the same way.
+    @Test func ordersPagesStopAtTheirBytes() async {
+        let engine = makeEngine(shards: 3)
+        var model = ReferenceModel(shardCount: 3)
+        let skus = (0..<64).map { Name(String(format: "%02d", $0) + String(repeating: "s", count: 58)) }
+        var all: [OrderID] = []
+        func both(_ command: Command, now: Int64 = 0) async -> Reply {
+            let reply = await engine.execute(command, now: now)
+            // Compared without printing both (pages of megabytes) when they differ.
+            let expected = model.apply(command, now: now)
+            if expected != reply { Issue.record("the engine and the reference model answer differently") }
+            return reply
+        }
+        for sku in skus { _ = await both(.addSku(sku: sku, total: 10_000, limit: 0)) }
+        for _ in 0..<400 {
+            let reply = await both(.reserve(user: "u", lines: skus.map { OrderLine(sku: $0, quantity: 1) }, requestId: nil, ttlMillis: 600_000))
+            guard let id = orderID(reply) else { Issue.record("\(reply)"); return }
+            all.append(id)
+        }
+        var listed: [OrderID] = []
+        var after: OrderID?
+        var pages = 0
+        while case .orders(let page) = await both(.orders(user: "u", after: after, count: 1000)), let last = page.last {
+            let bytes = page.dropLast().reduce(0) { $0 + $1.pageBytes }
+            #expect(bytes < Limits.pageBytesMax, "the orders before the last one reach a page's bytes already")
+            #expect(page.count == 1000 || listed.count + page.count == all.count || bytes + last.pageBytes >= Limits.pageBytesMax)
+            listed += page.map(\.id)
+            after = last.id
+            pages += 1
+        }
+        #expect(Set(listed) == Set(all) && listed.count == all.count)
+        #expect(pages >= 2)
+    }
+
     @Test func basketRollsBackWhenOneLineFails() async {
         let engine = makeEngine(shards: 4)
         let skus: [Name] = ["a", "b", "c", "d", "e", "f", "g", "h"]

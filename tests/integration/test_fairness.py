@@ -152,3 +152,56 @@ def test_no_connection_is_left_without_replies_under_a_mixed_load(data_dir):
             assert info["rounds_in_flight"] == 1, (seed, info["rounds_in_flight"])
         finally:
             s.stop()
+
+
+def test_many_clients_with_large_replies_do_not_hold_the_loops(data_dir):
+    """Review of #8: connections that each send one ORDERS or EVENTS whose reply takes megabytes, and
+    never read, had their rounds built back to back: with 300 of them, other clients' PING waited
+    9 s and the server grew to 2 GB. Now a page stops at 1 MiB, and the rounds with large replies
+    of a loop take turns (at most two at once, about half of the loop's time): PING stays prompt,
+    and memory grows by about a page per such client at most."""
+    from test_protocol import encode, place_big_baskets
+    server = Server(data_dir, "--shards", "2").start()  # two event loops on two cores
+    try:
+        place_big_baskets(server.client(), "victim", 600)  # replies of about 3 MB
+        pid = server.proc.pid
+        requests = (encode("ORDERS", "victim", "COUNT", 1000), encode("EVENTS", 1, "COUNT", 10000))
+        # How long one such request takes alone, read in full: a PING may wait about one of them (a
+        # round is not cut short), not for all of them.
+        alone = 0.0
+        for request in requests:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=60) as c:
+                started = time.monotonic()
+                c.sendall(request + b"PING\r\n")
+                data = b""
+                while not data.endswith(b"+PONG\r\n"):
+                    data += c.recv(1 << 20)
+                alone = max(alone, time.monotonic() - started)
+        before = vm_hwm(pid)
+        pingers = [socket.create_connection(("127.0.0.1", server.port), timeout=60) for _ in range(2)]
+        hogs = []
+        for n in range(120):
+            hog = socket.socket()
+            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hog.connect(("127.0.0.1", server.port))
+            hogs.append(hog)
+        for n, hog in enumerate(hogs):
+            hog.sendall(requests[n % 2])
+        worst = 0.0
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            for pinger in pingers:  # connections alternate between the loops
+                started = time.monotonic()
+                pinger.sendall(b"PING\r\n")
+                assert pinger.recv(64) == b"+PONG\r\n"
+                worst = max(worst, time.monotonic() - started)
+            time.sleep(0.005)
+        grown = vm_hwm(pid) - before
+        # Before: PING 0.56 s and 0.93 s, 233 and 257 MiB (release build); now about 20 ms, 35 MiB.
+        print(f"one request alone {alone * 1000:.0f} ms; PING worst {worst * 1000:.0f} ms; grown {grown >> 20} MiB")
+        assert worst < max(0.25, 3 * alone), f"PING waited {worst * 1000:.0f} ms behind clients with large replies (one alone: {alone * 1000:.0f} ms)"
+        assert grown < 64 << 20, f"the server grew by {grown >> 20} MiB for 120 requests of 45 bytes"
+        for sock in hogs + pingers:
+            sock.close()
+    finally:
+        server.stop()

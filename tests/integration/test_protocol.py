@@ -60,6 +60,19 @@ def ask(s, payload):
     return data
 
 
+def place_big_baskets(r, user, count):
+    """`count` baskets of 64 SKUs with 60-byte ids for `user`: an ORDER reply or an event of about
+    5 KB each, so that ORDERS and EVENTS answer megabytes."""
+    skus = [f"{n:02d}".ljust(60, "s") for n in range(64)]
+    pipe = r.pipeline(transaction=False)
+    for sku in skus:
+        pipe.execute_command("SKU.ADD", sku, 100000)
+    basket = [word for sku in skus for word in (sku, 1)]
+    for _ in range(count):
+        pipe.execute_command("BUY", user, *basket, "TTL", 600000)
+    pipe.execute(raise_on_error=False)
+
+
 def encode(*words):
     out = b"*%d\r\n" % len(words)
     for w in words:
@@ -377,10 +390,12 @@ def test_orders_are_paged_across_shards(server):
 
 def test_pipelined_orders_do_not_amplify_memory(data_dir):
     """(#7 C16) One write of `ORDERS victim` x 1000 (1000 orders) from a client that never reads: the
-    server builds a round's replies only up to a bound (and a page is 100 orders by default), checks
-    --max-output-bytes as it encodes, answers -ERR and closes. The old server built every reply
+    server builds a round's replies only up to a bound (and a page is 100 orders by default), and the
+    next round only once the client reads (its write buffer's high mark is at most half of
+    --max-output-bytes, so that a round fits under the limit); it closes the client that does not
+    read after --client-stall-seconds, or at the output limit. The old server built every reply
     first (29 MB -> 935 MB for 2000 x 1000 orders)."""
-    s = Server(data_dir, "--shards", "2", "--max-output-bytes", "1000000").start()
+    s = Server(data_dir, "--shards", "2", "--max-output-bytes", "1000000", "--client-stall-seconds", "3").start()
     try:
         r = s.client()
         a, b = two_skus_on_two_shards()
@@ -394,10 +409,11 @@ def test_pipelined_orders_do_not_amplify_memory(data_dir):
         hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         hog.connect(("127.0.0.1", s.port))
         hog.sendall(b"ORDERS victim\r\n" * 1000)
+        closed = ("bytes of unread replies", "has not read its replies")
         deadline = time.time() + 60
-        while time.time() < deadline and "bytes of unread replies" not in s.logs():
+        while time.time() < deadline and not any(why in s.logs() for why in closed):
             time.sleep(0.2)
-        assert "bytes of unread replies" in s.logs()
+        assert any(why in s.logs() for why in closed)
         grown = peak_rss_bytes(pid) - baseline
         assert grown < 16 << 20, f"peak RSS grew {grown >> 20} MiB"
         assert r.ping()
@@ -552,14 +568,7 @@ def test_nothing_runs_after_the_output_limit_error(data_dir):
     s = Server(data_dir, "--shards", "2", "--max-output-bytes", "65536").start()
     try:
         r = redis.Redis(host="127.0.0.1", port=s.port, protocol=2)
-        skus = [f"{n:02d}".ljust(60, "s") for n in range(64)]
-        pipe = r.pipeline(transaction=False)
-        for sku in skus:
-            pipe.execute_command("SKU.ADD", sku, 100000)
-        basket = [word for sku in skus for word in (sku, 1)]
-        for _ in range(500):
-            pipe.execute_command("BUY", "victim", *basket, "TTL", 600000)
-        pipe.execute()
+        place_big_baskets(r, "victim", 500)
         # A reply of megabytes: its write fills the socket, and the channel's writability changes.
         orders = encode("ORDERS", "victim", "COUNT", 1000)
         for n, rest in enumerate((encode("SKU.ADD", "after0", 1),
@@ -760,3 +769,35 @@ def test_random_pipelines_answer_as_commands_run_one_by_one(server):
                 assert shown == expected, (round_number, command, reply, commands)
             answered_sold_out += expected in (0, "SOLDOUT")
     assert answered_sold_out > 1000, answered_sold_out  # the sold-out answers were exercised
+
+
+def test_pages_of_orders_and_events_stop_at_a_megabyte(data_dir):
+    """A page of ORDERS or EVENTS holds up to COUNT entries, and fewer once its reply would pass
+    1 MiB (review found one 45-byte `EVENTS 1 COUNT 10000` answered 44 MB, and twenty clients that
+    sent it and never read held both loops for 9 s and the server at 2 GB). Paging on from where a
+    page ended still reads every entry exactly once."""
+    s = Server(data_dir, "--shards", "2").start()
+    try:
+        r = redis.Redis(host="127.0.0.1", port=s.port, protocol=2)
+        place_big_baskets(r, "victim", 400)  # about 2 MB of ORDER replies, and of events
+        for request in (encode("ORDERS", "victim", "COUNT", 1000), encode("EVENTS", 1, "COUNT", 10000)):
+            with connect(s) as c:
+                c.sendall(request + encode("QUIT"))
+                reply = read_until_closed(c, limit=64 << 20)
+            assert reply.endswith(b"+OK\r\n")
+            assert (1 << 20) - 20_000 < len(reply) <= (1 << 20) + 20_000, (request, len(reply))
+        last = r.info("persistence")["log_position_durable"]
+        position, events, pages = 1, [], 0
+        while page := r.execute_command("EVENTS", position, "COUNT", 10000):
+            assert [e[0] for e in page] == list(range(position, position + len(page)))
+            events, pages = events + page, pages + 1
+            position = page[-1][0] + 1
+        assert len(events) == last and sum(1 for e in events if e[1] == b"created") == 400
+        assert pages >= 2
+        after, orders, pages = [], [], 0
+        while page := r.execute_command("ORDERS", "victim", "COUNT", 1000, *after):
+            orders, pages = orders + [o[1] for o in page], pages + 1
+            after = ["AFTER", page[-1][1]]
+        assert len(orders) == len(set(orders)) == 400 and pages >= 2
+    finally:
+        s.stop()
