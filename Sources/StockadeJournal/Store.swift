@@ -1,5 +1,6 @@
 import Foundation
 import StockadeCore
+import Synchronization
 
 /// A data directory opened for service: recovery, then the engine writing to the journal, with
 /// snapshots taken on demand or by cadence.
@@ -39,6 +40,8 @@ public final class Store: Sendable {
     /// (``DataDirectory/finishSettingAside()``): the subdirectories.
     public let finishedSetAside: [String]
     private let snapshotLock = AsyncLock()
+    /// The snapshot this store wrote last (verified and pruned around), while it is the newest on disk.
+    private let lastWritten = Mutex<SnapshotFile.Written?>(nil)
     private let directoryLock: any StorageLock
 
     /// Opens the data directory at `path` on real files.
@@ -84,7 +87,13 @@ public final class Store: Sendable {
         public var removedSnapshots: [String]
         /// Snapshots that failed verification while pruning (each with why); removed, never counted.
         public var invalidSnapshots: [String] = []
+        /// Nothing was written: the snapshot this store wrote last covers the durable position
+        /// already (`written` is that one).
+        public var unchanged = false
         public var description: String {
+            if unchanged {
+                return "snapshot \(written.path) at position \(written.lsn) covers the log already: nothing written"
+            }
             var text = String(
                 format: "snapshot %@ at position %llu: %d bytes (%d raw) in %.3f s; removed %d segments, %d snapshots",
                 written.path, written.lsn, written.bytes, written.rawBytes, Double(durationNanos) / 1e9,
@@ -119,6 +128,7 @@ public final class Store: Sendable {
             let previous = journal.lastDurableLSN
             let setAside = try directory.setAside(into: name)
             try journal.restart(at: 0)
+            lastWritten.withLock { $0 = nil }
             await engine.installReplicated(EngineState(shardCount: engine.shardCount))
             return StartOver(setAside: setAside, previousLSN: previous)
         }
@@ -130,10 +140,17 @@ public final class Store: Sendable {
         try await snapshotLock.run {
             let started = monotonicNanos()
             let upTo = journal.lastDurableLSN
+            // Nothing new since the last one this store wrote (a pipeline of SNAPSHOTs, a cadence
+            // with no changes): writing the same state again would only cost a core for a while.
+            if let last = lastWritten.withLock({ $0 }), last.lsn == upTo, try directory.snapshots().last?.path == last.path {
+                return SnapshotReport(
+                    written: last, durationNanos: monotonicNanos() - started, removedSegments: [], removedSnapshots: [], unchanged: true)
+            }
             let (state, _) = try Recovery.recover(
                 directory, options: Recovery.Options(shardCount: options.shardCount, repair: false, upToLSN: upTo))
             let written = try SnapshotFile.write(state, to: directory)
             let pruned = try prune(justWritten: written.path)
+            lastWritten.withLock { $0 = written }
             return SnapshotReport(
                 written: written, durationNanos: monotonicNanos() - started, removedSegments: pruned.segments,
                 removedSnapshots: pruned.snapshots, invalidSnapshots: pruned.invalid)

@@ -223,6 +223,10 @@ final class ServerContext: Sendable {
     func snapshot() async throws -> Store.SnapshotReport {
         let store = self.store
         let report = try await withTaskExecutorPreference(blockingWork) { try await store.snapshot() }
+        if report.unchanged {
+            logger.debug("\(report)")
+            return report
+        }
         counters.withLock { c in
             c.lastSnapshotLSN = report.written.lsn
             c.lastSnapshotNanos = monotonicNanos()
