@@ -77,6 +77,16 @@ public struct EngineState: Sendable {
             guard !created.items.isEmpty, created.items.count <= Limits.itemsPerOrderMax else {
                 throw ReplayError(reason: "order \(created.id) has \(created.items.count) items, not 1 to \(Limits.itemsPerOrderMax)")
             }
+            // A user id RESERVE accepts, the shard of the first SKU as owner (where the engine places
+            // an order), and a deadline a clock and a TTL make (found by review: a replica applied an
+            // empty user id, and deadlines of -2^63 and 2^63-1).
+            guard isValidName(created.user) else { throw ReplayError(reason: "order \(created.id) has user id \(created.user): not 1 to \(Limits.nameBytesMax) bytes") }
+            guard created.items[0].shard == owner else {
+                throw ReplayError(reason: "order \(created.id) is owned by shard \(owner), not by its first SKU's shard \(created.items[0].shard)")
+            }
+            guard created.deadlineMillis >= 0, created.deadlineMillis <= Limits.deadlineMillisMax else {
+                throw ReplayError(reason: "order \(created.id) has deadline \(created.deadlineMillis), outside 0 to \(Limits.deadlineMillisMax)")
+            }
             var names: [Name] = []
             names.reserveCapacity(created.items.count)
             for (position, item) in created.items.enumerated() {
@@ -89,6 +99,16 @@ public struct EngineState: Sendable {
                 }
                 guard !created.items[..<position].contains(where: { $0.shard == item.shard && $0.skuIndex == item.skuIndex }) else {
                     throw ReplayError(reason: "order \(created.id) names SKU \(s.name) twice")
+                }
+                // Within the SKU's per-user limit, as RESERVE checks it (``ShardState/check(index:quantity:knownUser:)``):
+                // the image of a user past it does not load.
+                if s.limit > 0 {
+                    let held = shards[item.shard].userIndexByName[created.user].map {
+                        Int64(shards[item.shard].heldByUserSku[ShardState.key($0, item.skuIndex)])
+                    } ?? 0
+                    guard held + Int64(item.quantity) <= s.limit else {
+                        throw ReplayError(reason: "order \(created.id) takes user \(created.user) past the limit \(s.limit) of \(s.name) (holds \(held))")
+                    }
                 }
                 names.append(s.name)
             }

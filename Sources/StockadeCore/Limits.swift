@@ -19,6 +19,9 @@ public enum Limits {
     /// cannot make the server build tens of megabytes. The client asks for the next page from where
     /// this one ended, as after a full page.
     public static let pageBytesMax = 1 << 20
+    /// Latest deadline a log record may carry: 2^52 ms, some 140,000 years of wall clock plus any
+    /// TTL. Replay refuses later ones (and negative ones), so deadline arithmetic cannot overflow.
+    public static let deadlineMillisMax: Int64 = 1 << 52
     /// Shards are numbered into the top byte of an order id (see ``OrderID``).
     public static let shardCountMax = 255
     /// Orders per shard: sequences are 31 bits in memory (2 billion orders per shard).
