@@ -992,7 +992,8 @@ final class ReplicaLink: Sendable {
                     switch item {
                     case .line(let line) where line.hasPrefix("+HEARTBEAT "):
                         heartbeat = true
-                        if let durable = UInt64(line.dropFirst("+HEARTBEAT ".count)) {
+                        // Believed only as a position (review: 2^64 - 1 was shown in INFO as the primary's).
+                        if let durable = Self.position(line.dropFirst("+HEARTBEAT ".count)) {
                             if caughtUpAt == nil { caughtUpAt = durable }
                             if startingOver { startingOver = endStartingOver(holding: next - 1, primaryHad: caughtUpAt) }
                             server.replication.updateLink { link in
@@ -1173,10 +1174,11 @@ final class ReplicaLink: Sendable {
     }
 
     /// A log position as a primary writes one: 1 to 20 ASCII digits, nothing else (no sign, no
-    /// spaces), within 64 bits.
+    /// spaces), at most 2^63 - 1.
     static func position(_ text: Substring) -> UInt64? {
         guard !text.isEmpty, text.utf8.count <= 20, text.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }) else { return nil }
-        return UInt64(text)
+        // Positions are RESP integers, signed: no log reaches past 2^63 - 1.
+        return UInt64(text).flatMap { $0 <= UInt64(Int64.max) ? $0 : nil }
     }
 
     /// A command as a RESP array of bulk strings.

@@ -678,6 +678,30 @@ def test_replica_input_stays_bounded_on_a_long_link(data_dir):
         fake.close()
 
 
+def test_a_heartbeat_past_any_position_is_not_believed(data_dir):
+    """(review) A primary's `+HEARTBEAT 18446744073709551615` was taken as its durable position: INFO
+    showed it as master_repl_offset, with a lag of 2^64 records. Positions end at 2^63 - 1."""
+    from logblocks import block, bulk, sku_added
+
+    def stream():
+        yield bulk(block(1, [sku_added(0, 0, "cam", 100), sku_added(1, 0, "tv", 100)]))
+        yield b"+HEARTBEAT 18446744073709551615\r\n+HEARTBEAT 9223372036854775808\r\n+HEARTBEAT 2\r\n"
+
+    fake = FakePrimary(stream)
+    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2", "--replica-of", f"127.0.0.1:{fake.port}").start()
+    try:
+        deadline = time.time() + 10
+        while int(info(replica.client())["slave_repl_offset"]) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the heartbeats arrive after the block
+        state = info(replica.client())
+        assert int(state["master_repl_offset"]) == 2 and int(state["replica_lag_records"]) == 0, state
+        assert state["master_link_status"] == "up", state
+    finally:
+        replica.stop()
+        fake.close()
+
+
 def test_wait_of_a_client_that_left_is_released(data_dir):
     """`WAIT 1 0` from clients that then closed kept their sockets (and client slots) forever."""
     s = Server(data_dir, "--shards", "2", "--maxclients", "20").start()
