@@ -73,9 +73,10 @@ public struct OrderLine: Hashable, Sendable {
 
 /// An order as clients see it.
 public struct OrderInfo: Equatable, Sendable {
-    /// About the bytes of this order's reply in a page of ORDERS (``Limits/pageBytesMax``): an
-    /// order joins a page while the page's orders before it count less than that.
-    public var pageBytes: Int { 96 + user.count + lines.reduce(0) { $0 + $1.sku.count + 24 } }
+    /// About the bytes of this order's reply in a page of ORDERS (``Limits/pageBytesMax``), a little
+    /// more than its RESP2 array takes: an order joins a page while the page's orders before it
+    /// count less than that.
+    public var pageBytes: Int { 144 + user.count + lines.reduce(0) { $0 + $1.sku.count + 16 } }
 
     public var id: OrderID
     public var user: Name

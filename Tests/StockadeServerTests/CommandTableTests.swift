@@ -234,8 +234,10 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
             == .engine(.orders(user: u, after: OrderID(rawValue: 72_057_594_037_927_937), count: 1000)))
         #expect(parse(["ORDERS", "u", "AFTER", "x"]) == .invalid("ERR AFTER needs an order id (an unsigned 64-bit number)"))
         #expect(parse(["ORDERS", "u", "AFTER"]) == .invalid("ERR wrong number of arguments for 'orders' command"))
-        // The reply bound a round counts on grows with the page.
-        #expect(ReplyEncoding.replyBytesMax(.orders(user: u, after: nil, count: 1000))! > 1000 * ReplyEncoding.orderBytesMax - 1)
+        // The reply bound a round counts on grows with the page, up to a page's bytes and one order.
+        #expect(ReplyEncoding.replyBytesMax(.orders(user: u, after: nil, count: 10))! >= 10 * ReplyEncoding.orderBytesMax)
+        #expect(ReplyEncoding.replyBytesMax(.orders(user: u, after: nil, count: 1000))! >= Limits.pageBytesMax + ReplyEncoding.orderBytesMax)
+        #expect(ReplyEncoding.replyBytesMax(.orders(user: u, after: nil, count: 1000))! < 1000 * ReplyEncoding.orderBytesMax)
         #expect(ReplyEncoding.replyBytesMax(.audit(sku: nil)) == nil)
     }
 }
