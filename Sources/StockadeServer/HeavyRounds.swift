@@ -45,9 +45,6 @@ final class HeavyRounds: @unchecked Sendable {
         refilledAt = now
     }
 
-    /// Heavy rounds waiting to start.
-    var waiting: Int { queue.count }
-
     /// Whether a heavy round may start now; if so it is counted as started (`counted`: in
     /// ``inFlightMax``, until ``finished()``). Not while others wait: they come first.
     func start(counted: Bool, now: UInt64) -> Bool {
