@@ -141,8 +141,12 @@ public final class Store: Sendable {
             let started = monotonicNanos()
             let upTo = journal.lastDurableLSN
             // Nothing new since the last one this store wrote (a pipeline of SNAPSHOTs, a cadence
-            // with no changes): writing the same state again would only cost a core for a while.
-            if let last = lastWritten.withLock({ $0 }), last.lsn == upTo, try directory.snapshots().last?.path == last.path {
+            // with no changes): writing the same state again would only cost a core for a while. Only
+            // while that file is still whole: it was verified in full when written, so its checksums
+            // find any damage since (then it is written again, and pruning removes the damaged one).
+            if let last = lastWritten.withLock({ $0 }), last.lsn == upTo, try directory.snapshots().last?.path == last.path,
+                (try? SnapshotFile.verifyBlocks(last.path, storage: directory.storage)) != nil
+            {
                 return SnapshotReport(
                     written: last, durationNanos: monotonicNanos() - started, removedSegments: [], removedSnapshots: [], unchanged: true)
             }

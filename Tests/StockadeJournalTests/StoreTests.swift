@@ -141,6 +141,36 @@ func makeChanges(_ store: Store, tag: String) async {
         store.close()
     }
 
+    /// Damage done on disk to the snapshot a store wrote last.
+    enum Damage: CaseIterable, Sendable { case bitFlip, cutInHalf }
+
+    /// Review: when the newest snapshot, the one this store wrote last, was damaged on disk since
+    /// (a bit flip, a cut), SNAPSHOT answered OK and wrote nothing, leaving no good snapshot of that
+    /// state. Now it is written again, whole, in place of the damaged one.
+    @Test(arguments: Damage.allCases) func aSnapshotIsWrittenAgainWhenTheLastOneWasDamaged(_ damage: Damage) async throws {
+        let path = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let store = try Store(path: path, options: Self.options())
+        _ = await store.engine.execute(.addSku(sku: "tv", total: 10_000, limit: 0), now: 0)
+        await makeChanges(store, tag: "a")
+        let first = try await store.snapshot()
+        switch damage {
+        case .bitFlip:
+            try corruptSnapshot(first.written.path)
+        case .cutInHalf:
+            let bytes = try Data(contentsOf: URL(fileURLWithPath: first.written.path))
+            try bytes.prefix(bytes.count / 2).write(to: URL(fileURLWithPath: first.written.path))
+            #expect(throws: JournalError.self) { try SnapshotFile.verify(first.written.path) }
+        }
+        let again = try await store.snapshot()
+        #expect(!again.unchanged && again.written.path == first.written.path)
+        try SnapshotFile.verify(first.written.path)
+        #expect(try DataDirectory(path).snapshots().map(\.path) == [first.written.path])
+        // Whole again: the next one writes nothing.
+        #expect(try await store.snapshot().unchanged)
+        store.close()
+    }
+
     /// A `.snap.tmp` left by a crash while a snapshot was written is removed at start-up.
     @Test func leftoverTemporarySnapshotsAreRemovedAtStartUp() async throws {
         let path = temporaryDirectory()
