@@ -274,8 +274,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             return
         }
         loopNanos = monotonicNanos() - parseStarted
-        if round.heavy, let heavyRounds {
-            guard heavyRounds.start(counted: round.heavyCounted, now: monotonicNanos()) else {
+        if round.turnAtStart, let heavyRounds {
+            guard heavyRounds.start(now: monotonicNanos()) else {
                 park(round, heavyRounds, context: context)
                 return
             }
@@ -292,10 +292,9 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     private func park(_ round: consuming Round, _ heavyRounds: HeavyRounds, context: ChannelHandlerContext) {
         busy = true
         precondition(parked == nil, "one round at a time")
-        let counted = round.heavyCounted
         parked = consume round
         let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
-        heavyRounds.enqueue(counted: counted) {
+        heavyRounds.enqueue {
             let (handler, context) = bound.value
             guard let round = handler.parked.take() else { preconditionFailure("the parked round") }
             let started = monotonicNanos()
@@ -359,23 +358,25 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         var step: RoundStep?
         var closeAfter = false
         var started: UInt64
-        /// A command of the round can answer with a large page (``heavyReplyBytes``): the round takes
-        /// its turn in its loop's ``HeavyRounds``.
+        /// The round's replies can be large (``heavyReplyBytes``): it takes a turn in its loop's
+        /// ``HeavyRounds`` and is charged the loop time it takes.
         var heavy = false
-        /// A heavy round that counts among those running at once: all but an EVENTS that may block
-        /// (it mostly waits).
-        var heavyCounted = false
+        /// Its engine commands' replies can be large (ORDERS, AUDIT of every SKU, many ORDER): the
+        /// round takes its turn before it runs, and then holds no change. Otherwise a heavy round
+        /// (an EVENTS step) takes it once its step is about to read (``HeavyTurn``).
+        var turnAtStart = false
     }
 
-    /// A command whose reply can take this many bytes or more makes its round heavy (``HeavyRounds``):
-    /// ORDERS of more than a few orders, AUDIT of every SKU, EVENTS. The commands of the hot path
-    /// (RESERVE, DEDUCT, STOCK, CONFIRM) stay far below it.
+    /// A round whose commands with medium or large replies (``ReplyEncoding/smallReplyBytesMax``
+    /// and up: ORDER, ORDERS, AUDIT of every SKU) can together answer this many bytes or more is
+    /// heavy (``HeavyRounds``), as is a round with an EVENTS. The commands of the hot path (RESERVE,
+    /// DEDUCT, STOCK, CONFIRM) have small replies and never count, however many a round holds.
     static let heavyReplyBytes = 64 << 10
 
     /// What a sold-out answer counts against a round's reply budget: what its command would count
     /// had it joined the batch (``ReplyEncoding/replyBytesMax(_:)`` of a DEDUCT or RESERVE), so
     /// rounds end where they did before these answers.
-    static let soldOutReplyBytesMax = ReplyEncoding.stockBytesMax + ReplyEncoding.errorBytesMax
+    static let soldOutReplyBytesMax = ReplyEncoding.smallReplyBytesMax
 
     /// The metrics name of a command answered from its counter: the name its request has
     /// (``Request/metricName``).
@@ -398,6 +399,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         round.batch.removeAll(keepingCapacity: true)
         let replyBudget = server.roundReplyBytes
         var replyBytes = 0
+        // The reply bytes its commands with medium or large replies can take (``heavyReplyBytes``).
+        var pagedBytes = 0
         var input = inbound ?? ByteBuffer()
         // Whether changes are refused (a replica, a lapsed lease), read once a round at its first
         // change: the role is one object shared by every connection of both loops, and reading it
@@ -508,10 +511,20 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                     carried = .engine(command)  // it starts the next round
                     break
                 }
+                // A heavy round holds no change and a change joins no heavy round (one or the other
+                // starts the next round): a change waits for the disk and, when semi-synchronous, for
+                // replicas, and a heavy round holds its loop's turn until its replies are written.
+                let paged = (replyMax ?? replyBudget) > ReplyEncoding.smallReplyBytesMax ? (replyMax ?? replyBudget) : 0
+                let heavyWith = round.turnAtStart || pagedBytes + paged >= Self.heavyReplyBytes
+                if !round.slots.isEmpty, heavyWith, round.hasChanges || command.isChange {
+                    carried = .engine(command)
+                    break
+                }
                 replyBytes += replyMax ?? replyBudget
-                if (replyMax ?? replyBudget) >= Self.heavyReplyBytes {
+                pagedBytes += paged
+                if heavyWith {
                     round.heavy = true
-                    round.heavyCounted = true
+                    round.turnAtStart = true
                 }
                 if command.isChange, var tokens = bucket {
                     let allowed = tokens.take(nowNanos: monotonicNanos())
@@ -547,7 +560,6 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             case .events(let from, let count, let block):
                 round.step = .events(from: from, count: count, blockMillis: block, resp3: resp3)
                 round.heavy = true
-                if block == 0 { round.heavyCounted = true }
             case .replicate(let replicaRequest): round.step = .replicate(replicaRequest)
             case .role: round.step = .role
             case .replicaOf(let host, let port): round.step = .replicaOf(host: host, port: port)
@@ -820,6 +832,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
         let loop = context.eventLoop
         let presence = self.presence
+        // An EVENTS takes its turn once it is about to read the log, unless its round holds one.
+        let turn = round.heavy && !round.turnAtStart ? heavyRounds.map(HeavyTurn.init) : nil
         Task(executorPreference: executor) {
             var replies: [Reply]
             if let partial {
@@ -837,20 +851,26 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             // The batch's changes are done (durable, and past the replicas' wait when semi-synchronous):
             // a step that lets changes in flight finish first (REPLICAOF) must not wait for this round's.
             if round.hasChanges { server.endChanges() }
-            let (tail, stepCloses, stepNanos) = if let step = round.step { await server.run(step: step, presence: presence) } else { (nil, false, 0) }
+            let (tail, stepCloses, stepNanos) = if let step = round.step { await server.run(step: step, presence: presence, turn: turn) } else { (nil, false, 0) }
             server.endRound(changes: false)
             let answered = replies
             loop.execute {
                 let (handler, context) = bound.value
                 // The step's reply was encoded on this loop (the task prefers it).
                 if round.heavy, stepNanos > 0 { handler.heavyRounds?.charge(stepNanos, now: monotonicNanos()) }
-                handler.complete(round, replies: answered, tail: tail, closeAfter: round.closeAfter || stepCloses, context: context)
+                handler.complete(
+                    round, replies: answered, tail: tail, closeAfter: round.closeAfter || stepCloses, turnTaken: turn?.taken ?? false,
+                    context: context)
             }
         }
     }
 
     /// A round's replies are ready: write them, then go on with the input that arrived meanwhile.
-    private func complete(_ round: consuming Round, replies: [Reply], tail: ByteBuffer?, closeAfter: Bool, context: ChannelHandlerContext) {
+    /// `turnTaken`: its step took a turn in ``heavyRounds`` (``HeavyTurn``), given back here.
+    private func complete(
+        _ round: consuming Round, replies: [Reply], tail: ByteBuffer?, closeAfter: Bool, turnTaken: Bool = false,
+        context: ChannelHandlerContext
+    ) {
         busy = false
         let encodeStarted = monotonicNanos()
         finish(context: context, round: round, replies: replies, tail: tail, closeAfter: closeAfter)
@@ -858,7 +878,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         loopNanos += encodeNanos
         if round.heavy, let heavyRounds {
             heavyRounds.charge(encodeNanos, now: monotonicNanos())
-            if round.heavyCounted { heavyRounds.finished() }
+            if round.turnAtStart || turnTaken { heavyRounds.finished() }
         }
         recycle(round)
         // Commands that arrived while this round ran, on the next turn of the loop.

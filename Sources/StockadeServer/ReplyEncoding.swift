@@ -44,9 +44,12 @@ package enum ReplyEncoding {
         case .orders(_, _, let count): 16 + min(count * orderBytesMax, Limits.pageBytesMax + orderBytesMax)
         case .order: orderBytesMax
         case .audit(let sku): sku == nil ? nil : 256 + errorBytesMax
-        default: stockBytesMax + errorBytesMax
+        default: smallReplyBytesMax
         }
     }
+
+    /// The bound of every reply but ORDER's, ORDERS' and AUDIT's of every SKU: a STOCK array or an error.
+    static let smallReplyBytesMax = stockBytesMax + errorBytesMax
 
     /// Writes an array of up to `count` entries, `entry(i, &buffer)` writing the i-th, while the
     /// entries written so far take less than ``Limits/pageBytesMax`` (so at least one; the page of

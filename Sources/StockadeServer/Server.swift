@@ -300,7 +300,7 @@ final class ServerContext: Sendable {
 
     /// Runs the step that ends a round; returns its reply (nil: none), whether to close after it, and
     /// how long encoding its reply took (EVENTS; 0 for the others), for ``HeavyRounds``.
-    func run(step: RoundStep, presence: ClientPresence? = nil) async -> (ByteBuffer?, Bool, encodeNanos: UInt64) {
+    func run(step: RoundStep, presence: ClientPresence? = nil, turn: HeavyTurn? = nil) async -> (ByteBuffer?, Bool, encodeNanos: UInt64) {
         var out = ByteBufferAllocator().buffer(capacity: 256)
         var encodeNanos: UInt64 = 0
         switch step {
@@ -322,7 +322,7 @@ final class ServerContext: Sendable {
             out.writeRESPBulk(await info(section: section))
             metrics.count("info", outcome: "ok")
         case .events(let from, let count, let blockMillis, let resp3):
-            await events(from: from, count: count, blockMillis: blockMillis, resp3: resp3, into: &out, encodeNanos: &encodeNanos)
+            await events(from: from, count: count, blockMillis: blockMillis, resp3: resp3, turn: turn, into: &out, encodeNanos: &encodeNanos)
         case .replicate:
             out.writeRESPError("ERR REPLICATE must be the first command of its pipeline")
         case .role:
@@ -600,9 +600,12 @@ final class ServerContext: Sendable {
     /// timeout). A position past the next one gets `-BEYOND` at once: the consumer saved it from
     /// another log (the data directory was replaced or restored from an older copy), and waiting for
     /// it would hang the consumer for good. `resp3`: each event as a map.
-    /// `encodeNanos`: the time the page took to encode (the caller's loop time).
+    /// `turn`: taken before the log is read (not while waiting), so pages are read and encoded a
+    /// few at a time per loop (``HeavyRounds``). `encodeNanos`: the time the page took to encode (the
+    /// caller's loop time).
     func events(
-        from: UInt64?, count: Int, blockMillis: Int, resp3: Bool = false, into out: inout ByteBuffer, encodeNanos: inout UInt64
+        from: UInt64?, count: Int, blockMillis: Int, resp3: Bool = false, turn: HeavyTurn? = nil, into out: inout ByteBuffer,
+        encodeNanos: inout UInt64
     ) async {
         let last = store.journal.lastDurableLSN
         let start = max(from ?? eventsLimit + 1, 1)
@@ -616,6 +619,7 @@ final class ServerContext: Sendable {
         while true {
             let durable = eventsLimit
             if start <= durable {
+                await turn?.take()
                 let read: Result<[(position: UInt64, record: Record)], LogReader.ReadError> = await withTaskExecutorPreference(blockingWork) {
                     do throws(LogReader.ReadError) { return .success(try reader.read(from: start, count: count, durable: durable)) } catch { return .failure(error) }
                 }

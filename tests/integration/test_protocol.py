@@ -62,7 +62,7 @@ def ask(s, payload):
 
 def place_big_baskets(r, user, count):
     """`count` baskets of 64 SKUs with 60-byte ids for `user`: an ORDER reply or an event of about
-    5 KB each, so that ORDERS and EVENTS answer megabytes."""
+    5 KB each, so that ORDERS and EVENTS answer megabytes. Returns the BUY replies (the order ids)."""
     skus = [f"{n:02d}".ljust(60, "s") for n in range(64)]
     pipe = r.pipeline(transaction=False)
     for sku in skus:
@@ -70,7 +70,7 @@ def place_big_baskets(r, user, count):
     basket = [word for sku in skus for word in (sku, 1)]
     for _ in range(count):
         pipe.execute_command("BUY", user, *basket, "TTL", 600000)
-    pipe.execute(raise_on_error=False)
+    return pipe.execute(raise_on_error=False)[len(skus):]
 
 
 def encode(*words):
