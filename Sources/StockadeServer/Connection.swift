@@ -515,7 +515,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                 // starts the next round): a change waits for the disk and, when semi-synchronous, for
                 // replicas, and a heavy round holds its loop's turn until its replies are written.
                 let paged = (replyMax ?? replyBudget) > ReplyEncoding.smallReplyBytesMax ? (replyMax ?? replyBudget) : 0
-                let heavyWith = round.turnAtStart || pagedBytes + paged >= Self.heavyReplyBytes
+                // (Unbounded, AUDIT of every SKU, is heavy whatever the round's budget.)
+                let heavyWith = round.turnAtStart || replyMax == nil || pagedBytes + paged >= Self.heavyReplyBytes
                 if !round.slots.isEmpty, heavyWith, round.hasChanges || command.isChange {
                     carried = .engine(command)
                     break

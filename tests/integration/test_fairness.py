@@ -272,3 +272,47 @@ def test_a_change_waiting_for_replicas_holds_no_turn_of_large_replies(data_dir):
         silent.close()
     finally:
         server.stop()
+
+
+def test_audits_of_every_sku_take_turns_under_a_small_output_limit(data_dir):
+    """An AUDIT of every SKU has no bound on its reply: it counted as heavy only when the round's
+    budget reached 64 KiB, and under a small --max-output-bytes that budget is less. Then clients
+    that each sent one had them built back to back, each ending in the output-limit error."""
+    server = Server(data_dir, "--shards", "2", "--max-output-bytes", "65536").start()
+    try:
+        r = server.client()
+        pipe = r.pipeline(transaction=False)
+        for n in range(40000):
+            pipe.execute_command("SKU.ADD", f"sku-{n:05d}".ljust(60, "x"), 10)
+        pipe.execute()
+        audit = b"AUDIT\r\n"
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as c:
+            c.sendall(audit)
+            while c.recv(1 << 20):
+                pass  # the reply passes the limit: the error, then the close
+        alone = time.monotonic() - started
+        pingers = [socket.create_connection(("127.0.0.1", server.port), timeout=60) for _ in range(2)]
+        hogs = []
+        for _ in range(200):
+            hog = socket.socket()
+            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hog.connect(("127.0.0.1", server.port))
+            hogs.append(hog)
+        for hog in hogs:
+            hog.sendall(audit)
+        worst = 0.0
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            for pinger in pingers:
+                started = time.monotonic()
+                pinger.sendall(b"PING\r\n")
+                assert pinger.recv(64) == b"+PONG\r\n"
+                worst = max(worst, time.monotonic() - started)
+            time.sleep(0.005)
+        print(f"one AUDIT alone {alone * 1000:.0f} ms; PING worst {worst * 1000:.0f} ms")
+        assert worst < max(0.25, 3 * alone), f"PING waited {worst * 1000:.0f} ms behind AUDITs (one alone: {alone * 1000:.0f} ms)"
+        for sock in hogs + pingers:
+            sock.close()
+    finally:
+        server.stop()
