@@ -156,6 +156,32 @@ def test_no_connection_is_left_without_replies_under_a_mixed_load(data_dir):
             s.stop()
 
 
+def non_readers(server, count):
+    """`count` connections with a small receive buffer, for clients that never read."""
+    hogs = []
+    for _ in range(count):
+        hog = socket.socket()
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.connect(("127.0.0.1", server.port))
+        hogs.append(hog)
+    return hogs
+
+
+def worst_ping(pingers, seconds):
+    """The longest a PING waited for its answer on any of `pingers` (one per event loop: connections
+    alternate between the loops), pinging each in turn for `seconds`."""
+    worst = 0.0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for pinger in pingers:
+            started = time.monotonic()
+            pinger.sendall(b"PING\r\n")
+            assert pinger.recv(64) == b"+PONG\r\n"
+            worst = max(worst, time.monotonic() - started)
+        time.sleep(0.005)
+    return worst
+
+
 def large_reply_workloads(ids):
     """What each non-reading client sends, by name: requests whose replies take megabytes in all."""
     from test_protocol import encode
@@ -198,23 +224,10 @@ def test_many_clients_with_large_replies_do_not_hold_the_loops(data_dir, workloa
                 alone = max(alone, time.monotonic() - started)
         before = vm_hwm(pid)
         pingers = [socket.create_connection(("127.0.0.1", server.port), timeout=60) for _ in range(2)]
-        hogs = []
-        for n in range(120):
-            hog = socket.socket()
-            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            hog.connect(("127.0.0.1", server.port))
-            hogs.append(hog)
+        hogs = non_readers(server, 120)
         for n, hog in enumerate(hogs):
             hog.sendall(requests[n % len(requests)])
-        worst = 0.0
-        deadline = time.monotonic() + 6
-        while time.monotonic() < deadline:
-            for pinger in pingers:  # connections alternate between the loops
-                started = time.monotonic()
-                pinger.sendall(b"PING\r\n")
-                assert pinger.recv(64) == b"+PONG\r\n"
-                worst = max(worst, time.monotonic() - started)
-            time.sleep(0.005)
+        worst = worst_ping(pingers, seconds=6)
         grown = vm_hwm(pid) - before
         # Before: PING 0.56 s and 0.93 s, 233 and 257 MiB (release build); now about 20 ms, 35 MiB.
         print(f"{workload}: one request alone {alone * 1000:.0f} ms; PING worst {worst * 1000:.0f} ms; grown {grown >> 20} MiB")
@@ -293,23 +306,10 @@ def test_audits_of_every_sku_take_turns_under_a_small_output_limit(data_dir):
                 pass  # the reply passes the limit: the error, then the close
         alone = time.monotonic() - started
         pingers = [socket.create_connection(("127.0.0.1", server.port), timeout=60) for _ in range(2)]
-        hogs = []
-        for _ in range(200):
-            hog = socket.socket()
-            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            hog.connect(("127.0.0.1", server.port))
-            hogs.append(hog)
+        hogs = non_readers(server, 200)
         for hog in hogs:
             hog.sendall(audit)
-        worst = 0.0
-        deadline = time.monotonic() + 4
-        while time.monotonic() < deadline:
-            for pinger in pingers:
-                started = time.monotonic()
-                pinger.sendall(b"PING\r\n")
-                assert pinger.recv(64) == b"+PONG\r\n"
-                worst = max(worst, time.monotonic() - started)
-            time.sleep(0.005)
+        worst = worst_ping(pingers, seconds=4)
         print(f"one AUDIT alone {alone * 1000:.0f} ms; PING worst {worst * 1000:.0f} ms")
         assert worst < max(0.25, 3 * alone), f"PING waited {worst * 1000:.0f} ms behind AUDITs (one alone: {alone * 1000:.0f} ms)"
         for sock in hogs + pingers:
