@@ -547,6 +547,17 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                 carried = request  // it starts the next round
                 break parsing
             }
+            // A round holding a turn of large replies takes no step that can wait (a SNAPSHOT being
+            // written, INFO, REPLICAOF): it starts the next round, so the turn is not held through it.
+            // (An EVENTS without BLOCK only reads; WAIT and a blocking EVENTS have rounds of their own.)
+            if round.turnAtStart {
+                switch request {
+                case .snapshot, .shutdown, .info, .role, .replicaOf, .promote:
+                    carried = request
+                    break parsing
+                default: break
+                }
+            }
             // Local replies go straight into the round's buffer: no buffer of their own.
             let start = round.local.writerIndex
             switch request {

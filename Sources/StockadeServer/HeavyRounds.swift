@@ -16,8 +16,9 @@ import StockadeJournal
 ///   too. A round takes its turn where its heavy work starts: a round of ORDERS before it runs; an
 ///   EVENTS once its step is about to read the log (after a BLOCK's wait, and after the durable and
 ///   replica waits of the changes before it), so a turn is never held while a round waits on a
-///   client, a disk or a replica. A heavy round holds no change for the same reason
-///   (``ConnectionHandler`` ends a round before a change that would join one).
+///   client, a disk or a replica. A heavy round holds no change, and no step that can wait
+///   (SNAPSHOT, INFO, REPLICAOF), for the same reason (``ConnectionHandler`` ends a round before one
+///   that would join it).
 /// - They draw on one bucket of this loop's time: each is charged the time it kept the loop busy
 ///   (parsing, running in place, encoding), the bucket refills at half the rate of the clock up to
 ///   ``burstNanos``, and while it is empty no turn starts. So heavy rounds take at most about half
