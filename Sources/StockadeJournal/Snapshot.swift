@@ -96,13 +96,15 @@ public enum SnapshotFile {
         _ = try read(path, storage: storage)
     }
 
-    /// Checks a snapshot's header and every block's checksum and length, without decoding the image:
-    /// what finds a file damaged on disk since it was written (a bit flip, a cut) when its image was
-    /// already verified in full (``verify(_:storage:)``) right after it was written. Throws what
-    /// ``read(_:storage:)`` would for such damage.
-    public static func verifyBlocks(_ path: String, storage: any Storage = PosixStorage.shared) throws(JournalError) {
+    /// Checks a snapshot's header and every block's checksum and length, and that its header states
+    /// position `lsn`, without decoding the image: what finds a file damaged (a bit flip, a cut) or
+    /// replaced on disk since it was written, when its image was already verified in full
+    /// (``verify(_:storage:)``) right after it was written. Throws what ``read(_:storage:)`` would
+    /// for such damage.
+    public static func verifyBlocks(_ path: String, lsn: UInt64, storage: any Storage = PosixStorage.shared) throws(JournalError) {
         let bytes = try storage.readAll(path)
-        _ = try typed { try bytes.withUnsafeBytes { all in try checkBlocks(all, path: path) } }
+        let stated = try typed { try bytes.withUnsafeBytes { all in try checkBlocks(all, path: path).lsn } }
+        guard stated == lsn else { throw JournalError(.corrupt, "\(path): its header states position \(stated), not \(lsn)") }
     }
 
     private static func decode(_ all: UnsafeRawBufferPointer, path: String) throws(JournalError) -> EngineState {

@@ -26,6 +26,11 @@ public final class Store: Sendable {
         public var shardExecutors: [any SerialExecutor] = []
         /// A replica: the engine starts read-only (``EngineRole``), its state moved by a primary's log.
         public var readOnly = false
+        /// How long the last written snapshot's checksums, once checked, are taken as whole by a
+        /// snapshot with nothing new (which then writes nothing): a pipeline of SNAPSHOTs reads the
+        /// file once per this at most (a read is linear in its size: about 31 ms for 8 MB), and damage
+        /// done to it is found within this.
+        public var snapshotRecheckNanos: UInt64 = 1_000_000_000
         public init(shardCount: Int) { self.shardCount = shardCount }
     }
 
@@ -40,8 +45,9 @@ public final class Store: Sendable {
     /// (``DataDirectory/finishSettingAside()``): the subdirectories.
     public let finishedSetAside: [String]
     private let snapshotLock = AsyncLock()
-    /// The snapshot this store wrote last (verified and pruned around), while it is the newest on disk.
-    private let lastWritten = Mutex<SnapshotFile.Written?>(nil)
+    /// The snapshot this store wrote last (verified and pruned around), while it is the newest on disk,
+    /// and when its checksums were last found whole (monotonic nanoseconds).
+    private let lastWritten = Mutex<(written: SnapshotFile.Written, checkedAt: UInt64)?>(nil)
     private let directoryLock: any StorageLock
 
     /// Opens the data directory at `path` on real files.
@@ -143,18 +149,23 @@ public final class Store: Sendable {
             // Nothing new since the last one this store wrote (a pipeline of SNAPSHOTs, a cadence
             // with no changes): writing the same state again would only cost a core for a while. Only
             // while that file is still whole: it was verified in full when written, so its checksums
-            // find any damage since (then it is written again, and pruning removes the damaged one).
-            if let last = lastWritten.withLock({ $0 }), last.lsn == upTo, try directory.snapshots().last?.path == last.path,
-                (try? SnapshotFile.verifyBlocks(last.path, storage: directory.storage)) != nil
-            {
-                return SnapshotReport(
-                    written: last, durationNanos: monotonicNanos() - started, removedSegments: [], removedSnapshots: [], unchanged: true)
+            // (and its header's position) find any damage since (then it is written again, and
+            // pruning removes the damaged one); checked again once ``Options/snapshotRecheckNanos`` have passed.
+            if let (last, checkedAt) = lastWritten.withLock({ $0 }), last.lsn == upTo, try directory.snapshots().last?.path == last.path {
+                let now = monotonicNanos()
+                let whole = now &- checkedAt < options.snapshotRecheckNanos
+                    || (try? SnapshotFile.verifyBlocks(last.path, lsn: last.lsn, storage: directory.storage)) != nil
+                if whole {
+                    if now &- checkedAt >= options.snapshotRecheckNanos { lastWritten.withLock { $0?.checkedAt = now } }
+                    return SnapshotReport(
+                        written: last, durationNanos: monotonicNanos() - started, removedSegments: [], removedSnapshots: [], unchanged: true)
+                }
             }
             let (state, _) = try Recovery.recover(
                 directory, options: Recovery.Options(shardCount: options.shardCount, repair: false, upToLSN: upTo))
             let written = try SnapshotFile.write(state, to: directory)
             let pruned = try prune(justWritten: written.path)
-            lastWritten.withLock { $0 = written }
+            lastWritten.withLock { $0 = (written, monotonicNanos()) }
             return SnapshotReport(
                 written: written, durationNanos: monotonicNanos() - started, removedSegments: pruned.segments,
                 removedSnapshots: pruned.snapshots, invalidSnapshots: pruned.invalid)
