@@ -70,7 +70,7 @@ public enum Recovery {
         for snapshot in try directory.snapshots().reversed() {
             if let upTo = options.upToLSN, snapshot.lsn > upTo { continue }
             do {
-                state = try SnapshotFile.read(snapshot.path, storage: directory.storage)
+                state = try SnapshotFile.read(snapshot.path, lsn: snapshot.lsn, storage: directory.storage)
                 report.snapshotPath = snapshot.path
                 report.snapshotLSN = snapshot.lsn
                 fromSnapshot = true

@@ -80,10 +80,15 @@ public enum SnapshotFile {
         return Written(path: finalPath, lsn: lsn, bytes: written, rawBytes: rawTotal)
     }
 
-    /// Reads and fully verifies a snapshot: header checksum, every block's checksum, lengths, and the image.
-    public static func read(_ path: String, storage: any Storage = PosixStorage.shared) throws(JournalError) -> EngineState {
+    /// Reads and fully verifies a snapshot: header checksum, every block's checksum, lengths, and the
+    /// image; with `lsn` (the position its name says: ``DataDirectory/snapshots()``), also that it is
+    /// the snapshot of that position. A whole snapshot of another position under the name would
+    /// otherwise count for the position the name says, and pruning would remove the log it needs.
+    public static func read(_ path: String, lsn: UInt64? = nil, storage: any Storage = PosixStorage.shared) throws(JournalError) -> EngineState {
         let bytes = try storage.readAll(path)
-        return try typed { try bytes.withUnsafeBytes { all in try decode(all, path: path) } }
+        let state = try typed { try bytes.withUnsafeBytes { all in try decode(all, path: path) } }
+        if let lsn, state.lsn != lsn { throw JournalError(.corrupt, "\(path): its header states position \(state.lsn), not \(lsn)") }
+        return state
     }
 
     /// Checks a snapshot exactly as start-up would load it: header, every block's checksum and length,
@@ -92,8 +97,8 @@ public enum SnapshotFile {
     /// sent. Checksums alone are not enough: an image the decoder refuses, with every checksum valid,
     /// is as useless to recovery as a torn one, and counting it would let pruning remove the log it
     /// stands for. Throws what ``read(_:storage:)`` would.
-    public static func verify(_ path: String, storage: any Storage = PosixStorage.shared) throws(JournalError) {
-        _ = try read(path, storage: storage)
+    public static func verify(_ path: String, lsn: UInt64? = nil, storage: any Storage = PosixStorage.shared) throws(JournalError) {
+        _ = try read(path, lsn: lsn, storage: storage)
     }
 
     /// Checks a snapshot's header and every block's checksum and length, and that its header states

@@ -190,7 +190,7 @@ public final class Store: Sendable {
                 continue
             }
             do {
-                try SnapshotFile.verify(snapshot.path, storage: directory.storage)
+                try SnapshotFile.verify(snapshot.path, lsn: snapshot.lsn, storage: directory.storage)
                 kept.append(snapshot)
             } catch {
                 invalid.append("\(snapshot.path): \(error.message)")

@@ -587,7 +587,7 @@ final class ReplicaFeed: @unchecked Sendable {
                     // Opened before it is verified: a snapshot pruned meanwhile stays readable.
                     let file = try directory.storage.open(snapshot.path, .read)
                     do throws(JournalError) {
-                        try SnapshotFile.verify(snapshot.path, storage: directory.storage)
+                        try SnapshotFile.verify(snapshot.path, lsn: snapshot.lsn, storage: directory.storage)
                         return .success((snapshot.lsn, file, try file.size()))
                     } catch {
                         file.close()

@@ -11,6 +11,10 @@ enum SnapshotFault: CaseIterable, Sendable {
     /// Every checksum valid, but the image holds a SKU whose counts do not add up: what a disagreement
     /// between the engine and the image decoder would leave. Only decoding the image finds it.
     case imageThatDoesNotDecode
+    /// A whole snapshot of an earlier position under this one's name (a copy put back by hand, a
+    /// restore gone wrong): only comparing its header's position with its name finds it. Pruning
+    /// once counted it for its name's position and removed the log after the position it holds.
+    case earlierPositionUnderThisName
 }
 
 /// Spoils the snapshot at `path` so that it fails verification, the way `fault` says.
@@ -27,9 +31,18 @@ func corruptSnapshot(_ path: String, _ fault: SnapshotFault = .bitFlip) throws {
         let directory = DataDirectory((path as NSString).deletingLastPathComponent)
         let written = try SnapshotFile.write(lsn: state.lsn, shardCount: state.shards.count, to: directory) { try $0(state.encodeImage()) }
         #expect(written.path == path)
+    case .earlierPositionUnderThisName:
+        var state = try SnapshotFile.read(path)
+        let directory = DataDirectory((path as NSString).deletingLastPathComponent)
+        #expect(state.lsn > 0 && !FileManager.default.fileExists(atPath: directory.snapshotPath(lsn: state.lsn - 1)))
+        state.lsn -= 1
+        let written = try SnapshotFile.write(state, to: directory)
+        try FileManager.default.removeItem(atPath: path)
+        try FileManager.default.moveItem(atPath: written.path, toPath: path)
     }
-    #expect(throws: JournalError.self) { try SnapshotFile.read(path) }
-    #expect(throws: JournalError.self) { try SnapshotFile.verify(path) }
+    let lsn = try #require(try DataDirectory((path as NSString).deletingLastPathComponent).snapshots().first { $0.path == path }?.lsn)
+    #expect(throws: JournalError.self) { try SnapshotFile.read(path, lsn: lsn) }
+    #expect(throws: JournalError.self) { try SnapshotFile.verify(path, lsn: lsn) }
 }
 
 /// Some reserves and a restock through a store: changes to recover.
