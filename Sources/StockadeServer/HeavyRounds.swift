@@ -5,7 +5,7 @@ import StockadeJournal
 ///
 /// A round is heavy when its replies can take tens of kilobytes or more: one command that answers
 /// with a page (ORDERS, AUDIT of every SKU), or many with medium replies (a pipeline of ORDER), or an
-/// EVENTS (``ConnectionHandler/heavyReplyBytes``). Building such replies takes milliseconds, and a
+/// EVENTS that can read that many bytes of records (``ConnectionHandler/heavyReplyBytes``). Building such replies takes milliseconds, and a
 /// client's own pacing bounds only that client: a few hundred connections that each send one ORDERS
 /// of a megabyte would otherwise have their rounds run back to back, and every other client (a PING,
 /// a RESERVE) would wait seconds for its turn.
@@ -46,9 +46,12 @@ final class HeavyRounds: @unchecked Sendable {
     /// A pass over ``queue`` is scheduled.
     private var wakeScheduled = false
 
-    init(loop: EventLoop, now: UInt64) {
+    private let metrics: ServerMetrics?
+
+    init(loop: EventLoop, now: UInt64, metrics: ServerMetrics? = nil) {
         self.loop = loop
         refilledAt = now
+        self.metrics = metrics
     }
 
     /// Whether a heavy round may take its turn now; if so it holds it (one of ``inFlightMax``) until
@@ -56,6 +59,7 @@ final class HeavyRounds: @unchecked Sendable {
     func start(now: UInt64) -> Bool {
         guard queue.isEmpty, mayStart(now: now) else { return false }
         inFlight += 1
+        metrics?.heavyRoundsAtOnce.increment()
         return true
     }
 
@@ -95,6 +99,7 @@ final class HeavyRounds: @unchecked Sendable {
             while !queue.isEmpty, mayStart(now: monotonicNanos()) {
                 let next = queue.removeFirst()
                 inFlight += 1
+                metrics?.heavyRoundsWaited.increment()
                 next()
             }
             // Waiting for time (not for a round to finish, which wakes the queue itself).
@@ -109,9 +114,10 @@ final class HeavyRounds: @unchecked Sendable {
     }
 }
 
-/// An EVENTS step's turn in its loop's ``HeavyRounds``, taken once it is about to read the log (not
-/// while it waits for events, a sync or replicas). Its round gives the turn back when its replies
-/// are written, if ``taken``.
+/// An EVENTS step's turn in its loop's ``HeavyRounds``, taken once it is about to read from the log
+/// a page that can be large: not while it waits for events, a sync or replicas, and not for a few
+/// records (a consumer at the end of the log). Its round gives the turn back when its replies are
+/// written, if ``taken``.
 final class HeavyTurn: @unchecked Sendable {
     private let rounds: HeavyRounds
     /// Read and written on the rounds' loop only.

@@ -19,6 +19,9 @@ final class ServerMetrics: Sendable {
     let snapshotAgeSeconds: Gauge
     let snapshotDurationSeconds: Gauge
     let logPosition: Gauge
+    /// Rounds with large replies (``HeavyRounds``) that took their turn at once, and that waited for it.
+    let heavyRoundsAtOnce: Counter
+    let heavyRoundsWaited: Counter
 
     init() {
         roundDuration = registry.makeDurationHistogram(
@@ -40,6 +43,9 @@ final class ServerMetrics: Sendable {
         snapshotAgeSeconds = registry.makeGauge(name: "stockade_snapshot_age_seconds", help: "Seconds since the last snapshot (or start).")
         snapshotDurationSeconds = registry.makeGauge(name: "stockade_snapshot_duration_seconds", help: "How long the last snapshot took.")
         logPosition = registry.makeGauge(name: "stockade_log_position", help: "Position of the last durable record.")
+        let heavyHelp = "Rounds with large replies (pages of ORDERS, EVENTS, AUDIT) by how they took their turn on their event loop: at once, or after waiting while other clients were served."
+        heavyRoundsAtOnce = registry.makeCounter(name: "stockade_heavy_rounds_total", labels: [("turn", "at_once")], help: heavyHelp)
+        heavyRoundsWaited = registry.makeCounter(name: "stockade_heavy_rounds_total", labels: [("turn", "waited")], help: heavyHelp)
     }
 
     /// Counts one command by name and outcome (`ok` or the error code).

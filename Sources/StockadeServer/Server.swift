@@ -123,7 +123,7 @@ final class ServerContext: Sendable {
             store.journal.onDurable { lsn in state.durable(lsn) }
         }
         loopStates = states
-        heavyRoundBudgets = Dictionary(uniqueKeysWithValues: loops.map { (ObjectIdentifier($0), HeavyRounds(loop: $0, now: monotonicNanos())) })
+        heavyRoundBudgets = Dictionary(uniqueKeysWithValues: loops.map { (ObjectIdentifier($0), HeavyRounds(loop: $0, now: monotonicNanos(), metrics: metrics)) })
         shardLoops = byIndex.isEmpty || shardLoopCount == 0
             ? [] : (0..<store.engine.shardCount).map { byIndex[Engine.executorIndex(ofShard: $0, executorCount: shardLoopCount)] }
     }
@@ -600,7 +600,8 @@ final class ServerContext: Sendable {
     /// timeout). A position past the next one gets `-BEYOND` at once: the consumer saved it from
     /// another log (the data directory was replaced or restored from an older copy), and waiting for
     /// it would hang the consumer for good. `resp3`: each event as a map.
-    /// `turn`: taken before the log is read (not while waiting), so pages are read and encoded a
+    /// `turn`: taken before the log is read (not while waiting) when the records it can read may
+    /// answer ``ConnectionHandler/heavyReplyBytes`` or more, so large pages are read and encoded a
     /// few at a time per loop (``HeavyRounds``). `encodeNanos`: the time the page took to encode (the
     /// caller's loop time).
     func events(
@@ -619,7 +620,10 @@ final class ServerContext: Sendable {
         while true {
             let durable = eventsLimit
             if start <= durable {
-                await turn?.take()
+                // A turn only for a page that can be large: a consumer at the end of the log, or woken
+                // by a few new events, reads those few, so a fan-out of many woken consumers waits for no turn.
+                let readable = Int(min(UInt64(count), durable - start + 1))
+                if ReplyEncoding.eventsReplyBytesMax(count: readable) >= ConnectionHandler.heavyReplyBytes { await turn?.take() }
                 let read: Result<[(position: UInt64, record: Record)], LogReader.ReadError> = await withTaskExecutorPreference(blockingWork) {
                     do throws(LogReader.ReadError) { return .success(try reader.read(from: start, count: count, durable: durable)) } catch { return .failure(error) }
                 }

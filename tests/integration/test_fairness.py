@@ -396,3 +396,70 @@ def test_a_turn_of_large_replies_is_not_held_through_a_snapshot(data_dir):
             f"ORDERS waited {p90 * 1000:.0f} ms (p90) behind snapshots of {snapshot_alone * 1000:.0f} ms")
     finally:
         server.stop()
+
+
+def heavy_rounds(metrics_port):
+    """stockade_heavy_rounds_total by turn (at_once, waited), read from /metrics."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("stockade_heavy_rounds_total{"):
+            counts[line.split('turn="')[1].split('"')[0]] = int(float(line.split()[-1]))
+    return counts
+
+
+def test_an_events_of_a_few_records_takes_no_turn_of_large_replies(data_dir):
+    """Review of #8: every EVENTS took a turn among its loop's rounds with large replies, even one that
+    could read a single record (a consumer at the end of the log, or one woken by a new event): with
+    250 blocked consumers woken at once, the last got its event about twice as late, and a consumer's
+    one new event waited in the queue of clients reading pages of megabytes (here: median 14-15 ms
+    against 4 ms, with 6 clients reading ORDERS pages of 1 MiB on the same loop).
+    Now an EVENTS takes a turn only when the records it can read (its COUNT, at most the durable
+    records after its position) can answer 64 KiB or more, as ORDER and ORDERS count."""
+    from test_protocol import encode, place_big_baskets
+    server = Server(data_dir, "--shards", "2", "--metrics-port", "0").start()
+    try:
+        metrics_port = int(server.logs().split("metrics on http://127.0.0.1:")[1].split("/")[0])
+        r = server.client()
+        place_big_baskets(r, "victim", 20)  # events of about 5 KB each
+        r.execute_command("SKU.ADD", "small", 1_000_000)
+        c = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+
+        def ask(request):
+            c.sendall(request + b"PING\r\n")
+            data = b""
+            while not data.endswith(b"+PONG\r\n"):
+                chunk = c.recv(1 << 20)
+                assert chunk, "the server closed the connection"
+                data += chunk
+            return data
+
+        before = heavy_rounds(metrics_port)
+        # A consumer at the end of the log: one new event each time, asked with COUNT 100.
+        for _ in range(100):
+            info = ask(encode("RESERVE", "c", "small", 1, "TTL", 600_000) + encode("INFO", "replication"))
+            position = int(info.split(b"master_repl_offset:")[1].split(b"\r\n")[0])
+            assert ask(encode("EVENTS", position, "COUNT", 100)).startswith(b"*1\r\n")
+        # A consumer woken by one new event.
+        waiter = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+        for _ in range(20):
+            waiter.sendall(encode("EVENTS", "$", "COUNT", 100, "BLOCK", 5000))
+            time.sleep(0.05)
+            ask(encode("RESERVE", "c", "small", 1, "TTL", 600_000))
+            data = b""
+            while not data.startswith(b"*1\r\n") or not data.endswith(b"\r\n"):
+                data += waiter.recv(1 << 16)
+        after_small = heavy_rounds(metrics_port)
+        # A page that can be large still takes its turn: the baskets' events from the start.
+        assert ask(encode("EVENTS", 1, "COUNT", 100)).startswith(b"*100\r\n")
+        after_large = heavy_rounds(metrics_port)
+        small = sum(after_small.values()) - sum(before.values())
+        large = sum(after_large.values()) - sum(after_small.values())
+        print(f"turns taken by 120 EVENTS of one record: {small}; by one EVENTS of 100 records: {large}")
+        assert small == 0, f"{small} turns for large replies taken by EVENTS of one record"
+        assert large == 1, f"an EVENTS of 100 records of up to 7 KB each took {large} turns"
+        c.close()
+        waiter.close()
+    finally:
+        server.stop()
