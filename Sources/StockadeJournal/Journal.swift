@@ -86,6 +86,9 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     public let directory: DataDirectory
     public let shardCount: Int
     public let options: Options
+    /// Where blocks start in the segments, for the readers of this log (``LogReader``); forgotten
+    /// when the log starts again (``rebase(to:)``, ``restart(at:)``).
+    public let blockIndex = BlockIndex()
 
     // Guarded by `mutex`.
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
@@ -429,6 +432,10 @@ public final class Journal: ChangeLog, @unchecked Sendable {
 
     /// The writer's side of ``rebase(to:)`` and ``restart(at:)``.
     private func writerStartAgain(after lsn: UInt64, startOver: Bool) {
+        // Segments may be removed and one of the same name started: what the readers learned of the
+        // old ones is forgotten before, and again after, so a read in between learns nothing.
+        blockIndex.reset()
+        defer { blockIndex.reset() }
         do throws(JournalError) {
             try closeSegment()
             if startOver {

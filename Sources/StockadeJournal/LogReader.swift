@@ -4,8 +4,14 @@ import StockadeCore
 /// are read until the block holding the first wanted position; only verified blocks are returned.
 public struct LogReader: Sendable {
     public let directory: DataDirectory
+    /// Where blocks start, learned by earlier reads (``Journal/blockIndex``); nil: each read walks
+    /// its segments' block headers from their start.
+    public let index: BlockIndex?
 
-    public init(directory: DataDirectory) { self.directory = directory }
+    public init(directory: DataDirectory, index: BlockIndex? = nil) {
+        self.directory = directory
+        self.index = index
+    }
 
     /// Why records could not be read.
     public enum ReadError: Error, Equatable, Sendable {
@@ -19,6 +25,7 @@ public struct LogReader: Sendable {
         guard from <= durable, count > 0 else { return [] }
         let segments: [(firstLSN: UInt64, path: String)]
         do { segments = try directory.segments() } catch { throw .unreadable(error.message) }
+        index?.keep(only: segments.lazy.map(\.path))
         guard let first = segments.first else { return [] }
         guard first.firstLSN <= max(from, 1) else { throw .trimmed(oldest: first.firstLSN) }
         var result: [(position: UInt64, record: Record)] = []
@@ -47,6 +54,7 @@ public struct LogReader: Sendable {
         guard from >= 1, from <= durable else { return [] }
         let segments: [(firstLSN: UInt64, path: String)]
         do { segments = try directory.segments() } catch { throw .unreadable(error.message) }
+        index?.keep(only: segments.lazy.map(\.path))
         guard let first = segments.first else { return [] }
         guard first.firstLSN <= from else { throw .trimmed(oldest: first.firstLSN) }
         var result: [RawBlock] = []
@@ -64,11 +72,14 @@ public struct LogReader: Sendable {
                 throw .unreadable(error.message)
             }
             defer { file.close() }
-            var offset = SegmentHeader.size
-            while offset + BlockHeader.size <= size, bytes < bytesMax {
+            var walk = SegmentWalk(index: index, path: segment.path, position: next, size: size)
+            while walk.offset + BlockHeader.size <= size, bytes < bytesMax {
+                let offset = walk.offset
                 let header: [UInt8]
                 do { header = try file.read(at: offset, count: BlockHeader.size) } catch { throw .unreadable(error.message) }
-                guard header.count == BlockHeader.size, let h = header.withUnsafeBytes({ BlockHeader.parse($0) }) else {
+                let parsed = header.count == BlockHeader.size ? header.withUnsafeBytes({ BlockHeader.parse($0) }) : nil
+                guard walk.accept(parsed, durable: durable) else { continue }
+                guard let h = parsed else {
                     // Past the durable position this may be a block being written; before it, the
                     // log is damaged: said, not taken for the end of the log.
                     if next <= durable {
@@ -82,7 +93,7 @@ public struct LogReader: Sendable {
                 }
                 let last = h.firstLSN + UInt64(h.recordCount) - 1
                 if last < next {
-                    offset += h.totalLength
+                    walk.offset += h.totalLength
                     continue
                 }
                 guard h.firstLSN <= next else { throw .unreadable("\(segment.path) at offset \(offset): block starts at \(h.firstLSN), expected \(next)") }
@@ -97,7 +108,7 @@ public struct LogReader: Sendable {
                 result.append(RawBlock(firstLSN: h.firstLSN, recordCount: h.recordCount, bytes: block))
                 bytes += block.count
                 next = last + 1
-                offset += h.totalLength
+                walk.offset += h.totalLength
             }
         }
         return result
@@ -115,15 +126,18 @@ public struct LogReader: Sendable {
             throw .unreadable(error.message)
         }
         defer { file.close() }
-        var offset = SegmentHeader.size
-        while offset + BlockHeader.size <= size, result.count < count {
+        var walk = SegmentWalk(index: index, path: path, position: max(from, 1), size: size)
+        while walk.offset + BlockHeader.size <= size, result.count < count {
+            let offset = walk.offset
             let header: [UInt8]
             do { header = try file.read(at: offset, count: BlockHeader.size) } catch { throw .unreadable(error.message) }
-            guard header.count == BlockHeader.size, let h = header.withUnsafeBytes({ BlockHeader.parse($0) }) else { return }
+            let parsed = header.count == BlockHeader.size ? header.withUnsafeBytes({ BlockHeader.parse($0) }) : nil
+            guard walk.accept(parsed, durable: durable) else { continue }
+            guard let h = parsed else { return }
             if h.firstLSN > durable { return }
             // (A count of 0 is checked first: position 0 with no records must not underflow.)
             if h.recordCount == 0 || h.firstLSN + UInt64(h.recordCount) - 1 < from {
-                offset += h.totalLength
+                walk.offset += h.totalLength
                 continue
             }
             guard offset + h.totalLength <= size else { return }
@@ -146,8 +160,57 @@ public struct LogReader: Sendable {
             case .truncated, .invalid:
                 throw .unreadable("\(path) at offset \(offset): block fails verification")
             }
-            offset += h.totalLength
+            walk.offset += h.totalLength
         }
+    }
+}
+
+/// A walk over one segment's blocks: from the last block the reader's ``BlockIndex`` knows at or
+/// before the wanted position (or the segment's first), teaching the index blocks it passes.
+private struct SegmentWalk {
+    let index: BlockIndex?
+    let path: String
+    /// The generation of the index the walk began in: what it learns counts only in that one.
+    let generation: UInt64
+    /// Where the next block header is.
+    var offset: Int
+    /// The block the index gave, until its header is checked.
+    private var jumpedTo: BlockIndex.Entry?
+    /// The offset of the last block taught to the index, or where the walk began.
+    private var taughtAt: Int
+
+    /// `size`: the segment's length now (a block the index gives past it is not this segment's).
+    init(index: BlockIndex?, path: String, position: UInt64, size: Int) {
+        self.index = index
+        self.path = path
+        generation = index?.generation ?? 0
+        jumpedTo = index?.block(atOrBefore: position, in: path)
+        if let jumped = jumpedTo, jumped.offset + BlockHeader.size > size {
+            index?.forget(path)
+            jumpedTo = nil
+        }
+        offset = jumpedTo?.offset ?? SegmentHeader.size
+        taughtAt = offset
+    }
+
+    /// Takes the header read at ``offset`` (nil: it does not parse as a block's). False when it is
+    /// the block the index gave and does not check (not a block, or not at that position): the
+    /// index forgets the segment and the walk starts again from its first block.
+    mutating func accept(_ header: BlockHeader?, durable: UInt64) -> Bool {
+        if let expected = jumpedTo {
+            jumpedTo = nil
+            guard let header, header.firstLSN == expected.firstLSN, header.recordCount > 0 else {
+                index?.forget(path)
+                offset = SegmentHeader.size
+                taughtAt = offset
+                return false
+            }
+        }
+        if let index, let header, header.recordCount > 0, header.firstLSN <= durable, offset >= taughtAt + BlockIndex.strideBytes {
+            index.learn(BlockIndex.Entry(firstLSN: header.firstLSN, offset: offset), in: path, generation: generation)
+            taughtAt = offset
+        }
+        return true
     }
 }
 

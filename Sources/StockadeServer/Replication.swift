@@ -472,7 +472,7 @@ final class ReplicaFeed: @unchecked Sendable {
         }
         // And where the logs meet, the record before `next` must be the same on both sides.
         if let last, next > 1 {
-            let reader = LogReader(directory: server.store.directory)
+            let reader = LogReader(directory: server.store.directory, index: server.store.journal.blockIndex)
             let position = next - 1
             let ours = await withTaskExecutorPreference(server.blockingWork) { reader.fingerprint(at: position, durable: durableAtStart) }
             if let ours, ours != last {
@@ -502,7 +502,7 @@ final class ReplicaFeed: @unchecked Sendable {
         streaming.store(true, ordering: .releasing)
         // A REPLCONF that came before (a replica does not send it so early) is answered now.
         pushConfirmed()
-        let reader = LogReader(directory: server.store.directory)
+        let reader = LogReader(directory: server.store.directory, index: server.store.journal.blockIndex)
         var lastSentNanos = monotonicNanos()
         var emptySinceNanos: UInt64?
         while channel.isActive {
@@ -798,7 +798,7 @@ final class ReplicaLink: Sendable {
             }
             var next = journal.lastAppendedLSN + 1
             var request = ["REPLICATE", String(next), "LISTENING-PORT", String(server.listeningPort.withLock { $0 }), "FULLCOPY"]
-            let reader = LogReader(directory: server.store.directory)
+            let reader = LogReader(directory: server.store.directory, index: server.store.journal.blockIndex)
             let durable = journal.lastDurableLSN
             let position = next - 1
             if let last = await withTaskExecutorPreference(server.blockingWork, operation: { reader.fingerprint(at: position, durable: durable) }) {

@@ -616,7 +616,7 @@ final class ServerContext: Sendable {
             return
         }
         let deadline = monotonicNanos() + UInt64(blockMillis) * 1_000_000
-        let reader = LogReader(directory: store.directory)
+        let reader = LogReader(directory: store.directory, index: store.journal.blockIndex)
         while true {
             let durable = eventsLimit
             if start <= durable {

@@ -1,0 +1,114 @@
+import Foundation
+import Testing
+@testable import StockadeCore
+@testable import StockadeJournal
+
+/// Reads that start where the ``BlockIndex`` says a block starts give what a walk from each segment's
+/// start gives, whatever the index holds: what earlier reads taught it, or entries that no longer
+/// match the segment (a log started again, a damaged index).
+@Suite struct BlockIndexTests {
+    /// A log of thousands of small blocks in segments of several index strides each.
+    static func makeLog(seed: UInt64) async throws -> (store: Store, path: String) {
+        let path = temporaryDirectory("blockIndex\(seed)")
+        var options = Store.Options(shardCount: 3)
+        options.journal.fsync = .none
+        options.journal.segmentBytesMax = 5 * BlockIndex.strideBytes
+        let store = try Store(path: path, options: options)
+        let skus: [Name] = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date"]
+        _ = await store.engine.execute(skus.map { .addSku(sku: $0, total: 1_000_000, limit: 0) }, now: 0)
+        // One block a batch, of 1 to 8 records of varied sizes.
+        var rng = SplitMix64(seed: seed)
+        for batch in 0..<5_000 {
+            let commands: [Command] = (0..<Int.random(in: 1...8, using: &rng)).map { n in
+                let lines = (0..<Int.random(in: 1...3, using: &rng)).map { _ in OrderLine(sku: skus.randomElement(using: &rng)!, quantity: 1) }
+                return .reserve(user: Name("user-\(batch)-\(n)"), lines: lines, requestId: nil, ttlMillis: 600_000)
+            }
+            _ = await store.engine.execute(commands, now: 0)
+        }
+        return (store, path)
+    }
+
+    /// Random reads (records and raw blocks) through one shared index equal the same reads without
+    /// one, and the index learned enough that later reads start near their position.
+    @Test(arguments: [41, 42, 43] as [UInt64])
+    func readsThroughTheIndexEqualWalksFromTheStart(seed: UInt64) async throws {
+        let (store, path) = try await Self.makeLog(seed: seed)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let durable = store.journal.lastDurableLSN
+        let segments = try store.directory.segments()
+        #expect(segments.count >= 3, "\(segments.count) segments")
+        print("BlockIndexTests: \(segments.count) segments, \(durable) records")
+        let plain = LogReader(directory: store.directory)
+        let indexed = LogReader(directory: store.directory, index: store.journal.blockIndex)
+        var rng = SplitMix64(seed: seed)
+        for _ in 0..<300 {
+            let from = UInt64.random(in: 1...durable + 1, using: &rng)
+            let count = Int.random(in: 1...400, using: &rng)
+            let bound = Bool.random(using: &rng) ? durable : UInt64.random(in: from...durable + 1, using: &rng)
+            let expected = try plain.read(from: from, count: count, durable: bound)
+            let got = try indexed.read(from: from, count: count, durable: bound)
+            #expect(got.map(\.position) == expected.map(\.position))
+            #expect(got.map(\.record) == expected.map(\.record))
+            let bytesMax = Int.random(in: 1...20_000, using: &rng)
+            let blocks = try indexed.readBlocks(from: max(from, 1), bytesMax: bytesMax, durable: bound)
+            let expectedBlocks = try plain.readBlocks(from: max(from, 1), bytesMax: bytesMax, durable: bound)
+            #expect(blocks.map(\.bytes) == expectedBlocks.map(\.bytes))
+        }
+        // Learned: every segment but a short last one has blocks past its first stride.
+        for segment in segments.dropLast() {
+            let known = store.journal.blockIndex.block(atOrBefore: .max, in: segment.path)
+            #expect((known?.offset ?? 0) >= BlockIndex.strideBytes, "nothing learned of \(segment.path)")
+        }
+        store.close()
+    }
+
+    /// Entries that do not match their segment (a block at another position, an offset inside a
+    /// block, past the end) are not trusted: the read walks from the start, as without the index.
+    @Test func entriesThatDoNotMatchTheSegmentAreNotTrusted() async throws {
+        let (store, path) = try await Self.makeLog(seed: 7)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let durable = store.journal.lastDurableLSN
+        let plain = LogReader(directory: store.directory)
+        let segments = try store.directory.segments()
+        let second = segments[1]
+        // A few positions well inside the second segment.
+        let wanted = [second.firstLSN + 50, second.firstLSN + 400, segments[2].firstLSN - 1]
+        let truth = BlockIndex()
+        for from in wanted { _ = try LogReader(directory: store.directory, index: truth).read(from: from, count: 5, durable: durable) }
+        let real = try #require(truth.block(atOrBefore: segments[2].firstLSN - 1, in: second.path))
+        let bogus: [BlockIndex.Entry] = [
+            BlockIndex.Entry(firstLSN: real.firstLSN + 1, offset: real.offset),  // another position
+            BlockIndex.Entry(firstLSN: real.firstLSN, offset: real.offset + 7),  // inside a block
+            BlockIndex.Entry(firstLSN: second.firstLSN + 10, offset: 5 * BlockIndex.strideBytes + 1_000),  // past the end
+        ]
+        for entry in bogus {
+            let index = BlockIndex()
+            index.learn(entry, in: second.path, generation: index.generation)
+            let reader = LogReader(directory: store.directory, index: index)
+            for from in wanted {
+                let expected = try plain.read(from: from, count: 5, durable: durable)
+                #expect(try reader.read(from: from, count: 5, durable: durable).map(\.record) == expected.map(\.record), "\(entry)")
+                #expect(try reader.readBlocks(from: from, bytesMax: 1, durable: durable).map(\.bytes) == plain.readBlocks(from: from, bytesMax: 1, durable: durable).map(\.bytes))
+            }
+        }
+        store.close()
+    }
+
+    /// A log started again forgets what was learned, and what a read that began before learns is
+    /// not kept.
+    @Test func aLogStartedAgainForgetsItsBlocks() async throws {
+        let (store, path) = try await Self.makeLog(seed: 9)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let index = store.journal.blockIndex
+        let segments = try store.directory.segments()
+        _ = try LogReader(directory: store.directory, index: index).read(from: segments[2].firstLSN - 1, count: 1, durable: store.journal.lastDurableLSN)
+        #expect(index.block(atOrBefore: .max, in: segments[1].path) != nil)
+        let before = index.generation
+        try store.journal.restart(at: store.journal.lastDurableLSN)
+        #expect(index.generation != before)
+        #expect(index.block(atOrBefore: .max, in: segments[1].path) == nil)
+        index.learn(BlockIndex.Entry(firstLSN: 5, offset: 1 << 20), in: segments[1].path, generation: before)
+        #expect(index.block(atOrBefore: .max, in: segments[1].path) == nil)
+        store.close()
+    }
+}
