@@ -66,11 +66,13 @@ public final class BlockIndex: Sendable {
         state.withLock { _ = $0.bySegment.removeValue(forKey: path) }
     }
 
-    /// Segments no longer in the directory (removed after a snapshot) are dropped.
-    public func keep(only paths: some Sequence<String>) {
-        let kept = Set(paths)
+    /// Segments no longer in the directory (removed after a snapshot) are dropped, once the index
+    /// names more segments than `segments` holds (a removed segment's name does not come back
+    /// until the log starts again, which forgets everything, so until then its entries only wait).
+    public func keep(only segments: [(firstLSN: UInt64, path: String)]) {
         state.withLock { state in
-            guard state.bySegment.keys.contains(where: { !kept.contains($0) }) else { return }
+            guard state.bySegment.count > segments.count else { return }
+            let kept = Set(segments.lazy.map(\.path))
             state.bySegment = state.bySegment.filter { kept.contains($0.key) }
         }
     }

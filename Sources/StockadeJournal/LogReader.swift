@@ -25,7 +25,7 @@ public struct LogReader: Sendable {
         guard from <= durable, count > 0 else { return [] }
         let segments: [(firstLSN: UInt64, path: String)]
         do { segments = try directory.segments() } catch { throw .unreadable(error.message) }
-        index?.keep(only: segments.lazy.map(\.path))
+        index?.keep(only: segments)
         guard let first = segments.first else { return [] }
         guard first.firstLSN <= max(from, 1) else { throw .trimmed(oldest: first.firstLSN) }
         var result: [(position: UInt64, record: Record)] = []
@@ -54,7 +54,7 @@ public struct LogReader: Sendable {
         guard from >= 1, from <= durable else { return [] }
         let segments: [(firstLSN: UInt64, path: String)]
         do { segments = try directory.segments() } catch { throw .unreadable(error.message) }
-        index?.keep(only: segments.lazy.map(\.path))
+        index?.keep(only: segments)
         guard let first = segments.first else { return [] }
         guard first.firstLSN <= from else { throw .trimmed(oldest: first.firstLSN) }
         var result: [RawBlock] = []

@@ -111,4 +111,18 @@ import Testing
         #expect(index.block(atOrBefore: .max, in: segments[1].path) == nil)
         store.close()
     }
+
+    /// Entries of segments no longer in the directory are dropped once they outnumber it.
+    @Test func segmentsRemovedAreDropped() {
+        let index = BlockIndex()
+        for (n, path) in ["a", "b", "c"].enumerated() {
+            index.learn(BlockIndex.Entry(firstLSN: UInt64(n * 100 + 50), offset: BlockIndex.strideBytes), in: path, generation: index.generation)
+        }
+        index.keep(only: [(1, "a"), (100, "b"), (200, "c")])
+        #expect(["a", "b", "c"].allSatisfy { index.block(atOrBefore: .max, in: $0) != nil })
+        index.keep(only: [(200, "c"), (300, "d")])
+        #expect(index.block(atOrBefore: .max, in: "a") == nil && index.block(atOrBefore: .max, in: "b") == nil)
+        #expect(index.block(atOrBefore: 250, in: "c") == BlockIndex.Entry(firstLSN: 250, offset: BlockIndex.strideBytes))
+        #expect(index.block(atOrBefore: 249, in: "c") == nil)
+    }
 }
