@@ -4,7 +4,10 @@ one new event at a time. Starts `stockade serve` (the binary given) on a new dat
 RESERVEs with redis-benchmark in steps, and after each step times `EVENTS <last> COUNT 1` (and the
 same from the segment's middle and its start), medians of 21, one connection, loopback.
 
-    python3 scripts/events_tail.py .build/release/stockade [--steps 3] [--per-step 300000]
+    python3 scripts/events_tail.py .build/release/stockade [--steps 3] [--per-step 300000] [--pipeline 16]
+
+At pipeline 1 each group commit holds few records, so a segment holds many more blocks for as many
+records than at pipeline 16.
 """
 import argparse
 import os
@@ -26,6 +29,7 @@ def main():
     parser.add_argument("binary")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--per-step", type=int, default=300_000)
+    parser.add_argument("--pipeline", type=int, default=16)
     args = parser.parse_args()
     data = tempfile.mkdtemp(prefix="stockade-events-tail-")
     port = free_port()
@@ -49,7 +53,7 @@ def main():
 
         ask(b"SKU.ADD s 1000000000\r\n")
         for step in range(args.steps):
-            subprocess.run(["redis-benchmark", "-p", str(port), "-c", "50", "-P", "16", "-n", str(args.per_step),
+            subprocess.run(["redis-benchmark", "-p", str(port), "-c", "50", "-P", str(args.pipeline), "-n", str(args.per_step),
                             "-r", "100000000", "-q", "RESERVE", "user:__rand_int__", "s", "1", "TTL", "600000"],
                            check=True, stdout=subprocess.DEVNULL)
             info = ask(b"INFO replication\r\n")[1]
