@@ -189,6 +189,18 @@ def worst_ping(pingers, seconds):
     return worst
 
 
+def ask_then_ping(c, request):
+    """Sends `request` and a PING on `c`; returns the time until the PONG and every byte up to it."""
+    started = time.monotonic()
+    c.sendall(request + b"PING\r\n")
+    data = b""
+    while not data.endswith(b"+PONG\r\n"):
+        chunk = c.recv(1 << 20)
+        assert chunk, "the server closed the connection"
+        data += chunk
+    return time.monotonic() - started, data
+
+
 def large_reply_workloads(ids):
     """What each non-reading client sends, by name: requests whose replies take megabytes in all."""
     from test_protocol import encode
@@ -346,20 +358,10 @@ def test_a_turn_of_large_replies_is_not_held_through_a_snapshot(data_dir):
             pipe.execute_command("RESERVE", "victim", "s", 1, "TTL", 600_000)
         pipe.execute()
 
-        def ask(c, request):
-            started = time.monotonic()
-            c.sendall(request + b"PING\r\n")
-            data = b""
-            while not data.endswith(b"+PONG\r\n"):
-                chunk = c.recv(1 << 20)
-                assert chunk, "the server closed the connection"
-                data += chunk
-            return time.monotonic() - started, data
-
         victim_orders = encode("ORDERS", "victim", "COUNT", 1000)  # a page that may be large: a turn
         with socket.create_connection(("127.0.0.1", server.port), timeout=60) as c:
-            snapshot_alone, _ = ask(c, encode("RESERVE", "alone", "s", 1) + encode("SNAPSHOT"))
-            orders_alone, _ = ask(c, victim_orders)
+            snapshot_alone, _ = ask_then_ping(c, encode("RESERVE", "alone", "s", 1) + encode("SNAPSHOT"))
+            orders_alone, _ = ask_then_ping(c, victim_orders)
         stop = threading.Event()
         errors = []
 
@@ -367,7 +369,7 @@ def test_a_turn_of_large_replies_is_not_held_through_a_snapshot(data_dir):
             try:
                 with socket.create_connection(("127.0.0.1", server.port), timeout=60) as c:
                     while not stop.is_set():
-                        _, data = ask(c, encode("RESERVE", f"att{n}", "s", 1) + encode("ORDERS", "alone", "COUNT", 1000) + encode("SNAPSHOT"))
+                        _, data = ask_then_ping(c, encode("RESERVE", f"att{n}", "s", 1) + encode("ORDERS", "alone", "COUNT", 1000) + encode("SNAPSHOT"))
                         assert b"-ERR" not in data, data[-200:]
             except Exception as e:  # reported by the main thread
                 errors.append(e)
@@ -380,7 +382,7 @@ def test_a_turn_of_large_replies_is_not_held_through_a_snapshot(data_dir):
         with socket.create_connection(("127.0.0.1", server.port), timeout=60) as c:
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
-                waited, data = ask(c, victim_orders)
+                waited, data = ask_then_ping(c, victim_orders)
                 assert data.startswith(b"*1000\r\n")
                 waits.append(waited)
         stop.set()
@@ -427,13 +429,7 @@ def test_an_events_of_a_few_records_takes_no_turn_of_large_replies(data_dir):
         c = socket.create_connection(("127.0.0.1", server.port), timeout=60)
 
         def ask(request):
-            c.sendall(request + b"PING\r\n")
-            data = b""
-            while not data.endswith(b"+PONG\r\n"):
-                chunk = c.recv(1 << 20)
-                assert chunk, "the server closed the connection"
-                data += chunk
-            return data
+            return ask_then_ping(c, request)[1]
 
         before = heavy_rounds(metrics_port)
         # A consumer at the end of the log: one new event each time, asked with COUNT 100.
