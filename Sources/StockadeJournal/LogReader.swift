@@ -31,9 +31,13 @@ public struct LogReader: Sendable {
         var result: [(position: UInt64, record: Record)] = []
         // The last segment starting at or before `from`, then the ones after it.
         let startIndex = segments.lastIndex { $0.firstLSN <= max(from, 1) } ?? 0
-        for segment in segments[startIndex...] {
+        for i in startIndex..<segments.count {
+            let segment = segments[i]
             if segment.firstLSN > durable || result.count >= count { break }
-            try readSegment(segment.path, from: from, count: count, durable: durable, into: &result)
+            let following = i + 1 < segments.count ? segments[i + 1].firstLSN : nil
+            try readSegment(
+                segment.path, firstLSN: segment.firstLSN, following: following, from: from, count: count, durable: durable,
+                into: &result)
         }
         return result
     }
@@ -114,8 +118,13 @@ public struct LogReader: Sendable {
         return result
     }
 
+    /// Reads segment `path` (its name says it starts at `firstLSN`; the next one starts at
+    /// `following`). A block header that does not parse where the log must go on (a position at or
+    /// below `durable` that the next segment does not start with) is damage, said as such: taking
+    /// it for the segment's end would answer the next segment's records in place of this one's.
     private func readSegment(
-        _ path: String, from: UInt64, count: Int, durable: UInt64, into result: inout [(position: UInt64, record: Record)]
+        _ path: String, firstLSN: UInt64, following: UInt64?, from: UInt64, count: Int, durable: UInt64,
+        into result: inout [(position: UInt64, record: Record)]
     ) throws(ReadError) {
         let file: any StorageFile
         let size: Int
@@ -127,14 +136,32 @@ public struct LogReader: Sendable {
         }
         defer { file.close() }
         var walk = SegmentWalk(index: index, path: path, position: max(from, 1), size: size)
+        // The position the block at the walk's offset starts at.
+        var expected = walk.startLSN ?? firstLSN
         while walk.offset + BlockHeader.size <= size, result.count < count {
             let offset = walk.offset
             let header: [UInt8]
             do { header = try file.read(at: offset, count: BlockHeader.size) } catch { throw .unreadable(error.message) }
             let parsed = header.count == BlockHeader.size ? header.withUnsafeBytes({ BlockHeader.parse($0) }) : nil
-            guard walk.accept(parsed, durable: durable) else { continue }
-            guard let h = parsed else { return }
+            guard walk.accept(parsed, durable: durable) else {
+                expected = firstLSN
+                continue
+            }
+            guard let h = parsed else {
+                // Past the durable position (or where the next segment goes on) this is the end of
+                // the blocks written; before it, the log is damaged.
+                if expected <= durable && expected != following {
+                    throw .unreadable("\(path) at offset \(offset): block header fails verification")
+                }
+                return
+            }
             if h.firstLSN > durable { return }
+            if h.recordCount > 0 {
+                guard h.firstLSN == expected else {
+                    throw .unreadable("\(path) at offset \(offset): block starts at \(h.firstLSN), expected \(expected)")
+                }
+                expected = h.firstLSN + UInt64(h.recordCount)
+            }
             // (A count of 0 is checked first: position 0 with no records must not underflow.)
             if h.recordCount == 0 || h.firstLSN + UInt64(h.recordCount) - 1 < from {
                 walk.offset += h.totalLength
@@ -176,6 +203,8 @@ private struct SegmentWalk {
     var offset: Int
     /// The block the index gave, until its header is checked.
     private var jumpedTo: BlockIndex.Entry?
+    /// The first position of the block the walk starts at, when the index gave it.
+    let startLSN: UInt64?
     /// The offset of the last block taught to the index, or where the walk began.
     private var taughtAt: Int
 
@@ -190,6 +219,7 @@ private struct SegmentWalk {
             jumpedTo = nil
         }
         offset = jumpedTo?.offset ?? SegmentHeader.size
+        startLSN = jumpedTo?.firstLSN
         taughtAt = offset
     }
 

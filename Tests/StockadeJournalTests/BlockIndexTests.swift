@@ -125,4 +125,44 @@ import Testing
         #expect(index.block(atOrBefore: 250, in: "c") == BlockIndex.Entry(firstLSN: 250, offset: BlockIndex.strideBytes))
         #expect(index.block(atOrBefore: 249, in: "c") == nil)
     }
+
+    /// A block header damaged in the middle of a segment is an error for every read that reaches it,
+    /// with or without the index: it was taken for the segment's end, and the next segment's records
+    /// were answered in place of this one's (review of #8: `EVENTS 281337 COUNT 1` answered position
+    /// 564,520).
+    @Test func aDamagedBlockHeaderIsAnErrorNotTheSegmentsEnd() async throws {
+        let (store, path) = try await Self.makeLog(seed: 11)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let durable = store.journal.lastDurableLSN
+        let segments = try store.directory.segments()
+        let second = segments[1]
+        let learned = BlockIndex()
+        _ = try LogReader(directory: store.directory, index: learned).read(from: segments[2].firstLSN - 1, count: 1, durable: durable)
+        let damaged = try #require(learned.block(atOrBefore: second.firstLSN + 1_000, in: second.path))
+        #expect(damaged.firstLSN > second.firstLSN + 10)
+        store.close()
+        // One bit of the header's first position: its checksum fails.
+        let file = try #require(FileHandle(forUpdatingAtPath: second.path))
+        try file.seek(toOffset: UInt64(damaged.offset + 16))
+        let byte = try #require(try file.read(upToCount: 1)).first! ^ 1
+        try file.seek(toOffset: UInt64(damaged.offset + 16))
+        try file.write(contentsOf: [byte])
+        try file.close()
+        let directory = DataDirectory(path)
+        for index in [nil, BlockIndex(), learned] {
+            let reader = LogReader(directory: directory, index: index)
+            // Before the damaged block and into it; inside it; at the block after it.
+            for (from, count) in [(damaged.firstLSN - 3, 50), (damaged.firstLSN, 1), (damaged.firstLSN + 1, 1)] {
+                #expect(throws: LogReader.ReadError.self, "from \(from) count \(count)") {
+                    let got = try reader.read(from: from, count: count, durable: durable)
+                    Issue.record("from \(from): positions \(got.first?.position ?? 0)... of \(got.count)")
+                }
+            }
+            // Before it, whole: read as they are.
+            let before = try reader.read(from: second.firstLSN, count: Int(damaged.firstLSN - second.firstLSN), durable: durable)
+            #expect(before.map(\.position) == Array(second.firstLSN..<damaged.firstLSN))
+            // Past it in a later segment: read as they are.
+            #expect(try reader.read(from: segments[2].firstLSN, count: 3, durable: durable).map(\.position) == Array(segments[2].firstLSN..<segments[2].firstLSN + 3))
+        }
+    }
 }
