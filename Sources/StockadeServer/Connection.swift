@@ -363,15 +363,15 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         var heavy = false
         /// Its engine commands' replies can be large (ORDERS, AUDIT of every SKU, many ORDER): the
         /// round takes its turn before it runs, and then holds no change. Otherwise a heavy round
-        /// (an EVENTS step) takes it once its step is about to read a page that can be large
+        /// (an EVENTS step) takes it once its step is about to read a page, if it needs one
         /// (``HeavyTurn``).
         var turnAtStart = false
     }
 
     /// A round whose commands with medium or large replies (``ReplyEncoding/smallReplyBytesMax``
     /// and up: ORDER, ORDERS, AUDIT of every SKU) can together answer this many bytes or more is
-    /// heavy (``HeavyRounds``), as is a round with an EVENTS whose records can (its step takes the
-    /// turn when it knows how many it can read). The commands of the hot path (RESERVE,
+    /// heavy (``HeavyRounds``), as is a round with an EVENTS of more than one record or of a basket
+    /// (its step takes the turn when it knows). The commands of the hot path (RESERVE,
     /// DEDUCT, STOCK, CONFIRM) have small replies and never count, however many a round holds.
     static let heavyReplyBytes = 64 << 10
 

@@ -5,7 +5,7 @@ import StockadeJournal
 ///
 /// A round is heavy when its replies can take tens of kilobytes or more: one command that answers
 /// with a page (ORDERS, AUDIT of every SKU), or many with medium replies (a pipeline of ORDER), or an
-/// EVENTS that can read that many bytes of records (``ConnectionHandler/heavyReplyBytes``). Building such replies takes milliseconds, and a
+/// EVENTS of more than one record or of a basket (``ConnectionHandler/heavyReplyBytes``). Building such replies takes milliseconds, and a
 /// client's own pacing bounds only that client: a few hundred connections that each send one ORDERS
 /// of a megabyte would otherwise have their rounds run back to back, and every other client (a PING,
 /// a RESERVE) would wait seconds for its turn.
@@ -115,9 +115,9 @@ final class HeavyRounds: @unchecked Sendable {
 }
 
 /// An EVENTS step's turn in its loop's ``HeavyRounds``, taken once it is about to read from the log
-/// a page that can be large: not while it waits for events, a sync or replicas, and not for a few
-/// records (a consumer at the end of the log). Its round gives the turn back when its replies are
-/// written, if ``taken``.
+/// more than one record (not while it waits for events, a sync or replicas), or about to encode one
+/// event larger than a STOCK: a consumer at the end of the log, woken by one small event, takes none.
+/// Its round gives the turn back when its replies are written, if ``taken``.
 final class HeavyTurn: @unchecked Sendable {
     private let rounds: HeavyRounds
     /// Read and written on the rounds' loop only.

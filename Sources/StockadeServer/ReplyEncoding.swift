@@ -48,12 +48,6 @@ package enum ReplyEncoding {
         }
     }
 
-    /// The most bytes an EVENTS reply of at most `count` records can take: a page stops once its
-    /// entries reach ``Limits/pageBytesMax`` (``writePage``), so at most one event past it.
-    static func eventsReplyBytesMax(count: Int) -> Int {
-        16 + min(count * eventBytesMax, Limits.pageBytesMax + eventBytesMax)
-    }
-
     /// The bound of every reply but ORDER's, ORDERS' and AUDIT's of every SKU: a STOCK array or an error.
     static let smallReplyBytesMax = stockBytesMax + errorBytesMax
 
@@ -87,9 +81,14 @@ package enum ReplyEncoding {
     static let stockBytesMax = 512
     /// One ORDER array: 10 elements, ids, and a basket of up to 64 SKUs and quantities.
     static let orderBytesMax = 256 + Limits.itemsPerOrderMax * (Limits.nameBytesMax + 40)
-    /// One event: the largest is an order created with a full basket, an ORDER array's fields with
-    /// the position and type before them (``writeEvent``).
-    static let eventBytesMax = orderBytesMax
+    /// The most bytes the event of `record` can take (``writeEvent``): an ORDER array's bound for
+    /// the basket it holds, with its position and type.
+    static func eventBytesMax(_ record: Record) -> Int {
+        switch record {
+        case .orderCreated(let created): 256 + created.items.count * (Limits.nameBytesMax + 40)
+        default: 256 + Limits.nameBytesMax
+        }
+    }
 
     /// `sku <id> total n available n reserved n sold n limit n paused 0|1`: a flat field/value array,
     /// or a map of those 7 fields under RESP3.

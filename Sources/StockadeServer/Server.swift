@@ -600,9 +600,9 @@ final class ServerContext: Sendable {
     /// timeout). A position past the next one gets `-BEYOND` at once: the consumer saved it from
     /// another log (the data directory was replaced or restored from an older copy), and waiting for
     /// it would hang the consumer for good. `resp3`: each event as a map.
-    /// `turn`: taken before the log is read (not while waiting) when the records it can read may
-    /// answer ``ConnectionHandler/heavyReplyBytes`` or more, so large pages are read and encoded a
-    /// few at a time per loop (``HeavyRounds``). `encodeNanos`: the time the page took to encode (the
+    /// `turn`: taken before the log is read (not while waiting) when it can read more than one
+    /// record, and for one record before its event is encoded when that can take more than a STOCK,
+    /// so pages are read and encoded a few at a time per loop (``HeavyRounds``). `encodeNanos`: the time the page took to encode (the
     /// caller's loop time).
     func events(
         from: UInt64?, count: Int, blockMillis: Int, resp3: Bool = false, turn: HeavyTurn? = nil, into out: inout ByteBuffer,
@@ -620,15 +620,21 @@ final class ServerContext: Sendable {
         while true {
             let durable = eventsLimit
             if start <= durable {
-                // A turn only for a page that can be large: a consumer at the end of the log, or woken
-                // by a few new events, reads those few, so a fan-out of many woken consumers waits for no turn.
-                let readable = Int(min(UInt64(count), durable - start + 1))
-                if ReplyEncoding.eventsReplyBytesMax(count: readable) >= ConnectionHandler.heavyReplyBytes { await turn?.take() }
+                // A page of several records takes its turn before it is read (its read and its replies
+                // grow with it). A consumer at the end of the log, woken by one new event, reads that
+                // one and takes the turn only if its event is larger than a STOCK (a basket): a
+                // fan-out of many woken consumers waits for no turn, and pipelines of basket events
+                // still take turns.
+                let turnFirst = durable - start >= 1 && count > 1
+                if turnFirst { await turn?.take() }
                 let read: Result<[(position: UInt64, record: Record)], LogReader.ReadError> = await withTaskExecutorPreference(blockingWork) {
                     do throws(LogReader.ReadError) { return .success(try reader.read(from: start, count: count, durable: durable)) } catch { return .failure(error) }
                 }
                 switch read {
                 case .success(let records) where !records.isEmpty:
+                    if !turnFirst, let turn, ReplyEncoding.eventBytesMax(records[0].record) > ReplyEncoding.smallReplyBytesMax {
+                        await turn.take()
+                    }
                     let encodeStarted = monotonicNanos()
                     defer { encodeNanos = monotonicNanos() - encodeStarted }
                     ReplyEncoding.writePage(count: records.count, into: &out) { index, page in

@@ -417,8 +417,11 @@ def test_an_events_of_a_few_records_takes_no_turn_of_large_replies(data_dir):
     250 blocked consumers woken at once, the last got its event about twice as late, and a consumer's
     one new event waited in the queue of clients reading pages of megabytes (here: median 14-15 ms
     against 4 ms, with 6 clients reading ORDERS pages of 1 MiB on the same loop).
-    Now an EVENTS takes a turn only when the records it can read (its COUNT, at most the durable
-    records after its position) can answer 64 KiB or more, as ORDER and ORDERS count."""
+    Now an EVENTS takes a turn before it reads when it can read more than one record (its COUNT, at
+    most the durable records after its position), and for one record only when its event can take
+    more than a STOCK (1.5 KiB: a basket). The review of that change found that a threshold of
+    64 KiB let pipelines of `EVENTS p COUNT 9` of baskets (44 KB) run back to back: 200 such clients
+    made another client's PING wait 460 ms (median; one loop), against 0.3 ms with the turns."""
     from test_protocol import encode, place_big_baskets
     server = Server(data_dir, "--shards", "2", "--metrics-port", "0").start()
     try:
@@ -435,8 +438,8 @@ def test_an_events_of_a_few_records_takes_no_turn_of_large_replies(data_dir):
         # A consumer at the end of the log: one new event each time, asked with COUNT 100.
         for _ in range(100):
             info = ask(encode("RESERVE", "c", "small", 1, "TTL", 600_000) + encode("INFO", "replication"))
-            position = int(info.split(b"master_repl_offset:")[1].split(b"\r\n")[0])
-            assert ask(encode("EVENTS", position, "COUNT", 100)).startswith(b"*1\r\n")
+            last = int(info.split(b"master_repl_offset:")[1].split(b"\r\n")[0])
+            assert ask(encode("EVENTS", last, "COUNT", 100)).startswith(b"*1\r\n")
         # A consumer woken by one new event.
         waiter = socket.create_connection(("127.0.0.1", server.port), timeout=60)
         for _ in range(20):
@@ -450,11 +453,24 @@ def test_an_events_of_a_few_records_takes_no_turn_of_large_replies(data_dir):
         # A page that can be large still takes its turn: the baskets' events from the start.
         assert ask(encode("EVENTS", 1, "COUNT", 100)).startswith(b"*100\r\n")
         after_large = heavy_rounds(metrics_port)
+        # One record that turns out large (a basket of 64 SKUs, about 5 KB) takes a turn, and so does
+        # a page of two small ones.
+        for position in range(65, 85):
+            assert ask(encode("EVENTS", position, "COUNT", 1)).startswith(b"*1\r\n")
+        after_baskets = heavy_rounds(metrics_port)
+        for _ in range(10):
+            assert ask(encode("EVENTS", last - 1, "COUNT", 2)).startswith(b"*2\r\n")
+        after_pairs = heavy_rounds(metrics_port)
         small = sum(after_small.values()) - sum(before.values())
         large = sum(after_large.values()) - sum(after_small.values())
-        print(f"turns taken by 120 EVENTS of one record: {small}; by one EVENTS of 100 records: {large}")
+        baskets = sum(after_baskets.values()) - sum(after_large.values())
+        pairs = sum(after_pairs.values()) - sum(after_baskets.values())
+        print(f"turns taken by 120 EVENTS of one record: {small}; by one EVENTS of 100 records: {large}; "
+              f"by 20 EVENTS of one basket: {baskets}; by 10 EVENTS of two records: {pairs}")
         assert small == 0, f"{small} turns for large replies taken by EVENTS of one record"
-        assert large == 1, f"an EVENTS of 100 records of up to 7 KB each took {large} turns"
+        assert large == 1, f"an EVENTS of 100 records took {large} turns"
+        assert baskets == 20, f"20 EVENTS of one basket each took {baskets} turns"
+        assert pairs == 10, f"10 EVENTS of two records each took {pairs} turns"
         c.close()
         waiter.close()
     finally:
