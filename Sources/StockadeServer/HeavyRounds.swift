@@ -5,10 +5,10 @@ import StockadeJournal
 ///
 /// A round is heavy when its replies can take tens of kilobytes or more: one command that answers
 /// with a page (ORDERS, AUDIT of every SKU), or many with medium replies (a pipeline of ORDER), or an
-/// EVENTS of more than one record or of a basket (``ConnectionHandler/heavyReplyBytes``). Building such replies takes milliseconds, and a
-/// client's own pacing bounds only that client: a few hundred connections that each send one ORDERS
-/// of a megabyte would otherwise have their rounds run back to back, and every other client (a PING,
-/// a RESERVE) would wait seconds for its turn.
+/// EVENTS of more than one record or of a basket (``ConnectionHandler/heavyReplyBytes``). Building
+/// such replies takes milliseconds, and a client's own pacing bounds only that client: a few hundred
+/// connections that each send one ORDERS of a megabyte would otherwise have their rounds run back to
+/// back, and every other client (a PING, a RESERVE) would wait seconds for its turn.
 ///
 /// So the heavy rounds of a loop's connections take turns here:
 /// - At most ``inFlightMax`` hold a turn at once (until their replies are written). Their engine

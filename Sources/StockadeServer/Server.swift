@@ -602,8 +602,8 @@ final class ServerContext: Sendable {
     /// it would hang the consumer for good. `resp3`: each event as a map.
     /// `turn`: taken before the log is read (not while waiting) when it can read more than one
     /// record, and for one record before its event is encoded when that can take more than a STOCK,
-    /// so pages are read and encoded a few at a time per loop (``HeavyRounds``). `encodeNanos`: the time the page took to encode (the
-    /// caller's loop time).
+    /// so pages are read and encoded a few at a time per loop (``HeavyRounds``). `encodeNanos`: the
+    /// time the page took to encode (the caller's loop time).
     func events(
         from: UInt64?, count: Int, blockMillis: Int, resp3: Bool = false, turn: HeavyTurn? = nil, into out: inout ByteBuffer,
         encodeNanos: inout UInt64
