@@ -167,7 +167,8 @@ public struct LogReader: Sendable {
                 walk.offset += h.totalLength
                 continue
             }
-            guard offset + h.totalLength <= size else { return }
+            // A durable block was written whole before it was durable: cut short, it is damage.
+            guard offset + h.totalLength <= size else { throw .unreadable("\(path) at offset \(offset): the segment ends inside a block") }
             let block: [UInt8]
             do { block = try file.read(at: offset, count: h.totalLength) } catch { throw .unreadable(error.message) }
             guard block.count == h.totalLength else { throw .unreadable("short read in \(path) at offset \(offset)") }
@@ -188,6 +189,10 @@ public struct LogReader: Sendable {
                 throw .unreadable("\(path) at offset \(offset): block fails verification")
             }
             walk.offset += h.totalLength
+        }
+        // The file ended (cut short on disk, or a lost tail) where the log must go on.
+        if result.count < count && expected <= durable && expected != following {
+            throw .unreadable("\(path) ends before position \(expected), which is durable and does not start the next segment")
         }
     }
 }

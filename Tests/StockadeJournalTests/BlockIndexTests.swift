@@ -165,4 +165,34 @@ import Testing
             #expect(try reader.read(from: segments[2].firstLSN, count: 3, durable: durable).map(\.position) == Array(segments[2].firstLSN..<segments[2].firstLSN + 3))
         }
     }
+
+    /// A segment cut short on disk (a lost tail, a partial copy) where the log must go on is an error
+    /// too, not the segment's end: at a block's start, inside its header, inside the block (review
+    /// of #8: `EVENTS 281330 COUNT 20` answered 281,330...281,335 and then 564,520... in one page).
+    @Test(arguments: [0, 20, BlockHeader.size + 4])
+    func aSegmentCutShortIsAnError(into: Int) async throws {
+        let (store, path) = try await Self.makeLog(seed: 13)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let durable = store.journal.lastDurableLSN
+        let segments = try store.directory.segments()
+        let second = segments[1]
+        let learned = BlockIndex()
+        _ = try LogReader(directory: store.directory, index: learned).read(from: segments[2].firstLSN - 1, count: 1, durable: durable)
+        let cut = try #require(learned.block(atOrBefore: second.firstLSN + 1_000, in: second.path))
+        store.close()
+        try #require(truncate(second.path, off_t(cut.offset + into)) == 0)
+        let directory = DataDirectory(path)
+        for index in [nil, BlockIndex(), learned] {
+            let reader = LogReader(directory: directory, index: index)
+            for (from, count) in [(cut.firstLSN - 3, 20), (cut.firstLSN, 1), (segments[2].firstLSN - 1, 1)] {
+                #expect(throws: LogReader.ReadError.self, "from \(from) count \(count), cut at +\(into)") {
+                    let got = try reader.read(from: from, count: count, durable: durable)
+                    Issue.record("from \(from): positions \(got.map(\.position).prefix(8))... of \(got.count)")
+                }
+            }
+            let before = try reader.read(from: second.firstLSN, count: Int(cut.firstLSN - second.firstLSN), durable: durable)
+            #expect(before.map(\.position) == Array(second.firstLSN..<cut.firstLSN))
+            #expect(try reader.read(from: segments[2].firstLSN, count: 3, durable: durable).map(\.position) == Array(segments[2].firstLSN..<segments[2].firstLSN + 3))
+        }
+    }
 }
