@@ -195,4 +195,29 @@ import Testing
             #expect(try reader.read(from: segments[2].firstLSN, count: 3, durable: durable).map(\.position) == Array(segments[2].firstLSN..<segments[2].firstLSN + 3))
         }
     }
+
+    /// A segment missing between two others (removed, or emptied) is an error for the reads that
+    /// cross it or start in it, not a jump to the next segment (review of #8).
+    @Test(arguments: [false, true])
+    func aMissingSegmentIsAnError(emptied: Bool) async throws {
+        let (store, path) = try await Self.makeLog(seed: 17)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let durable = store.journal.lastDurableLSN
+        let segments = try store.directory.segments()
+        store.close()
+        if emptied {
+            try #require(truncate(segments[1].path, 0) == 0)
+        } else {
+            try FileManager.default.removeItem(atPath: segments[1].path)
+        }
+        let reader = LogReader(directory: DataDirectory(path), index: BlockIndex())
+        for (from, count) in [(segments[1].firstLSN - 2, 5), (segments[1].firstLSN, 1), (segments[2].firstLSN - 1, 1)] {
+            #expect(throws: LogReader.ReadError.self, "from \(from) count \(count)") {
+                let got = try reader.read(from: from, count: count, durable: durable)
+                Issue.record("from \(from): positions \(got.map(\.position).prefix(8))... of \(got.count)")
+            }
+        }
+        #expect(try reader.read(from: segments[1].firstLSN - 2, count: 2, durable: durable).map(\.position) == [segments[1].firstLSN - 2, segments[1].firstLSN - 1])
+        #expect(try reader.read(from: segments[2].firstLSN, count: 3, durable: durable).map(\.position) == Array(segments[2].firstLSN..<segments[2].firstLSN + 3))
+    }
 }
