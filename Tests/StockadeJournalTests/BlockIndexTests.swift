@@ -126,44 +126,60 @@ import Testing
         #expect(index.block(atOrBefore: 249, in: "c") == nil)
     }
 
+    /// A log whose second segment is to be damaged at `block`, a block past its first index stride,
+    /// and an index that learned that block. The store is closed.
+    static func logToDamage(seed: UInt64) async throws -> (
+        path: String, durable: UInt64, segments: [(firstLSN: UInt64, path: String)], learned: BlockIndex, block: BlockIndex.Entry
+    ) {
+        let (store, path) = try await makeLog(seed: seed)
+        let durable = store.journal.lastDurableLSN
+        let segments = try store.directory.segments()
+        let learned = BlockIndex()
+        _ = try LogReader(directory: store.directory, index: learned).read(from: segments[2].firstLSN - 1, count: 1, durable: durable)
+        let block = try #require(learned.block(atOrBefore: segments[1].firstLSN + 1_000, in: segments[1].path))
+        #expect(block.firstLSN > segments[1].firstLSN + 10)
+        store.close()
+        return (path, durable, segments, learned, block)
+    }
+
+    /// With no index, an empty one and `learned`: each read of `refused` throws, and the records
+    /// before `block` in the second segment and the first of the third are read as they are.
+    static func expectReadsOfTheDamageRefused(
+        _ log: (path: String, durable: UInt64, segments: [(firstLSN: UInt64, path: String)], learned: BlockIndex, block: BlockIndex.Entry),
+        refused: [(from: UInt64, count: Int)], _ comment: Comment
+    ) throws {
+        let (second, third) = (log.segments[1], log.segments[2])
+        for index in [nil, BlockIndex(), log.learned] {
+            let reader = LogReader(directory: DataDirectory(log.path), index: index)
+            for (from, count) in refused {
+                #expect(throws: LogReader.ReadError.self, "from \(from) count \(count), \(comment)") {
+                    let got = try reader.read(from: from, count: count, durable: log.durable)
+                    Issue.record("from \(from): positions \(got.map(\.position).prefix(8))... of \(got.count)")
+                }
+            }
+            let before = try reader.read(from: second.firstLSN, count: Int(log.block.firstLSN - second.firstLSN), durable: log.durable)
+            #expect(before.map(\.position) == Array(second.firstLSN..<log.block.firstLSN))
+            #expect(try reader.read(from: third.firstLSN, count: 3, durable: log.durable).map(\.position) == Array(third.firstLSN..<third.firstLSN + 3))
+        }
+    }
+
     /// A block header damaged in the middle of a segment is an error for every read that reaches it,
     /// with or without the index: it was taken for the segment's end, and the next segment's records
     /// were answered in place of this one's (review of #8: `EVENTS 281337 COUNT 1` answered position
     /// 564,520).
     @Test func aDamagedBlockHeaderIsAnErrorNotTheSegmentsEnd() async throws {
-        let (store, path) = try await Self.makeLog(seed: 11)
-        defer { try? FileManager.default.removeItem(atPath: path) }
-        let durable = store.journal.lastDurableLSN
-        let segments = try store.directory.segments()
-        let second = segments[1]
-        let learned = BlockIndex()
-        _ = try LogReader(directory: store.directory, index: learned).read(from: segments[2].firstLSN - 1, count: 1, durable: durable)
-        let damaged = try #require(learned.block(atOrBefore: second.firstLSN + 1_000, in: second.path))
-        #expect(damaged.firstLSN > second.firstLSN + 10)
-        store.close()
+        let log = try await Self.logToDamage(seed: 11)
+        defer { try? FileManager.default.removeItem(atPath: log.path) }
         // One bit of the header's first position: its checksum fails.
-        let file = try #require(FileHandle(forUpdatingAtPath: second.path))
-        try file.seek(toOffset: UInt64(damaged.offset + 16))
+        let file = try #require(FileHandle(forUpdatingAtPath: log.segments[1].path))
+        try file.seek(toOffset: UInt64(log.block.offset + 16))
         let byte = try #require(try file.read(upToCount: 1)).first! ^ 1
-        try file.seek(toOffset: UInt64(damaged.offset + 16))
+        try file.seek(toOffset: UInt64(log.block.offset + 16))
         try file.write(contentsOf: [byte])
         try file.close()
-        let directory = DataDirectory(path)
-        for index in [nil, BlockIndex(), learned] {
-            let reader = LogReader(directory: directory, index: index)
-            // Before the damaged block and into it; inside it; at the block after it.
-            for (from, count) in [(damaged.firstLSN - 3, 50), (damaged.firstLSN, 1), (damaged.firstLSN + 1, 1)] {
-                #expect(throws: LogReader.ReadError.self, "from \(from) count \(count)") {
-                    let got = try reader.read(from: from, count: count, durable: durable)
-                    Issue.record("from \(from): positions \(got.first?.position ?? 0)... of \(got.count)")
-                }
-            }
-            // Before it, whole: read as they are.
-            let before = try reader.read(from: second.firstLSN, count: Int(damaged.firstLSN - second.firstLSN), durable: durable)
-            #expect(before.map(\.position) == Array(second.firstLSN..<damaged.firstLSN))
-            // Past it in a later segment: read as they are.
-            #expect(try reader.read(from: segments[2].firstLSN, count: 3, durable: durable).map(\.position) == Array(segments[2].firstLSN..<segments[2].firstLSN + 3))
-        }
+        // Before the damaged block and into it; inside it; at the block after it.
+        let at = log.block.firstLSN
+        try Self.expectReadsOfTheDamageRefused(log, refused: [(at - 3, 50), (at, 1), (at + 1, 1)], "a header damaged")
     }
 
     /// A segment cut short on disk (a lost tail, a partial copy) where the log must go on is an error
@@ -171,29 +187,12 @@ import Testing
     /// of #8: `EVENTS 281330 COUNT 20` answered 281,330...281,335 and then 564,520... in one page).
     @Test(arguments: [0, 20, BlockHeader.size + 4])
     func aSegmentCutShortIsAnError(into: Int) async throws {
-        let (store, path) = try await Self.makeLog(seed: 13)
-        defer { try? FileManager.default.removeItem(atPath: path) }
-        let durable = store.journal.lastDurableLSN
-        let segments = try store.directory.segments()
-        let second = segments[1]
-        let learned = BlockIndex()
-        _ = try LogReader(directory: store.directory, index: learned).read(from: segments[2].firstLSN - 1, count: 1, durable: durable)
-        let cut = try #require(learned.block(atOrBefore: second.firstLSN + 1_000, in: second.path))
-        store.close()
-        try #require(truncate(second.path, off_t(cut.offset + into)) == 0)
-        let directory = DataDirectory(path)
-        for index in [nil, BlockIndex(), learned] {
-            let reader = LogReader(directory: directory, index: index)
-            for (from, count) in [(cut.firstLSN - 3, 20), (cut.firstLSN, 1), (segments[2].firstLSN - 1, 1)] {
-                #expect(throws: LogReader.ReadError.self, "from \(from) count \(count), cut at +\(into)") {
-                    let got = try reader.read(from: from, count: count, durable: durable)
-                    Issue.record("from \(from): positions \(got.map(\.position).prefix(8))... of \(got.count)")
-                }
-            }
-            let before = try reader.read(from: second.firstLSN, count: Int(cut.firstLSN - second.firstLSN), durable: durable)
-            #expect(before.map(\.position) == Array(second.firstLSN..<cut.firstLSN))
-            #expect(try reader.read(from: segments[2].firstLSN, count: 3, durable: durable).map(\.position) == Array(segments[2].firstLSN..<segments[2].firstLSN + 3))
-        }
+        let log = try await Self.logToDamage(seed: 13)
+        defer { try? FileManager.default.removeItem(atPath: log.path) }
+        try #require(truncate(log.segments[1].path, off_t(log.block.offset + into)) == 0)
+        let at = log.block.firstLSN
+        try Self.expectReadsOfTheDamageRefused(
+            log, refused: [(at - 3, 20), (at, 1), (log.segments[2].firstLSN - 1, 1)], "cut at +\(into)")
     }
 
     /// A segment missing between two others (removed, or emptied) is an error for the reads that
