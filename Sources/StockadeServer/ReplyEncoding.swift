@@ -80,12 +80,13 @@ package enum ReplyEncoding {
     /// The STOCK array: 14 elements, one an id.
     static let stockBytesMax = 512
     /// One ORDER array: 10 elements, ids, and a basket of up to 64 SKUs and quantities.
-    static let orderBytesMax = 256 + Limits.itemsPerOrderMax * (Limits.nameBytesMax + 40)
-    /// The most bytes the event of `record` can take (``writeEvent``): an ORDER array's bound for
-    /// the basket it holds, with its position and type.
+    static let orderBytesMax = orderBytesMax(items: Limits.itemsPerOrderMax)
+    /// An ORDER array (or an order's event, with its position and type) of a basket of `items` SKUs.
+    static func orderBytesMax(items: Int) -> Int { 256 + items * (Limits.nameBytesMax + 40) }
+    /// The most bytes the event of `record` can take (``writeEvent``).
     static func eventBytesMax(_ record: Record) -> Int {
         switch record {
-        case .orderCreated(let created): 256 + created.items.count * (Limits.nameBytesMax + 40)
+        case .orderCreated(let created): orderBytesMax(items: created.items.count)
         default: 256 + Limits.nameBytesMax
         }
     }
