@@ -1,4 +1,4 @@
-import os, socket, subprocess, time, threading, re, shutil, signal
+import os, socket, subprocess, sys, time, threading, re, shutil, signal
 # Data directories go here; a server binary is named by its path.
 D = os.environ.get("EVENTS_FAIRNESS_DIR", "/tmp/stockade-events-fairness")
 os.makedirs(D, exist_ok=True)
@@ -36,12 +36,8 @@ class Srv:
             except subprocess.TimeoutExpired: self.p.kill(); self.p.wait()
         return self.p.returncode
 
-def enc(*args):
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        a = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../stall"))
+from resp import enc  # noqa: E402  (RESP encoding of a command)
 
 class Reader:
     """Minimal RESP reader on a socket."""
