@@ -55,12 +55,14 @@ final class DurableReplies: @unchecked Sendable {
 
     /// On the loop: calls `answer` with nil once `lsn` is durable (at once if it is already), or with
     /// the reason it never will be (the log failed or closed).
-    func wait(for lsn: UInt64, _ answer: @escaping (String?) -> Void) {
-        wait(for: lsn, ClosureWaiter(answer))
+    func wait(for lsn: UInt64, write: Bool = true, _ answer: @escaping (String?) -> Void) {
+        wait(for: lsn, ClosureWaiter(answer), write: write)
     }
 
-    /// As ``wait(for:_:)``, calling `waiter`'s ``DurableWaiter/durableReached(_:)``.
-    func wait(for lsn: UInt64, _ waiter: any DurableWaiter) {
+    /// As ``wait(for:_:)``, calling `waiter`'s ``DurableWaiter/durableReached(_:)``. With `write` false
+    /// the loop queues no write of its own: the records were appended on another loop, which writes
+    /// them (``writeSoon(through:)``), and this loop is woken by that write as by any other.
+    func wait(for lsn: UInt64, _ waiter: any DurableWaiter, write: Bool = true) {
         loop.assertInEventLoop()
         if journal.lastDurableLSN >= lsn {
             waiter.durableReached(nil)
@@ -72,6 +74,22 @@ final class DurableReplies: @unchecked Sendable {
             drain()
             return
         }
+        if write { queueWrite() }
+    }
+
+    /// On the loop: queues this turn's write for records appended here for a round of another loop (a
+    /// pipelined batch that a connection there sent to this loop's shard), when they are not durable
+    /// yet. This loop writes them with its own rounds' records, in one sync, and the connection's loop
+    /// only waits (``wait(for:_:write:)``): were both to write, each would find the other's write
+    /// under way and leave the rest to the journal's thread, which would then sync back to back in
+    /// small batches, every sync costing CPU the loops share.
+    func writeSoon(through lsn: UInt64) {
+        loop.assertInEventLoop()
+        guard journal.lastDurableLSN < lsn else { return }
+        queueWrite()
+    }
+
+    private func queueWrite() {
         if !writeQueued {
             writeQueued = true
             // Runs after this turn's reads: one write and one sync for every round they started.

@@ -62,6 +62,67 @@ private func oneRecord() -> RecordBuffer {
         journal.close()
     }
 
+    /// A pipelined round that crossed to its shard's loop waits on its own loop without writing; the
+    /// shard's loop writes its records (``DurableReplies/writeSoon(through:)``), in the sync of its own
+    /// rounds, and the waiting loop answers it once that sync is done.
+    @Test func aRoundThatRanOnAnotherLoopIsWrittenByThatLoop() throws {
+        let (own, shards) = (EmbeddedEventLoop(), EmbeddedEventLoop())
+        var options = Journal.Options()
+        options.writerWakesOnAppend = false  // as the server runs it: loops write what they wait for
+        options.callerWriteNanosMax = .max  // a slow write (a debug build) must not hand the writing to the thread
+        let journal = try Journal(
+            directory: DataDirectory("/data", storage: SimulatedStorage(seed: 7)), shardCount: 1, lsn: 0, options: options)
+        defer { journal.close() }
+        let ownReplies = DurableReplies(loop: own, journal: journal, localShards: [false])
+        let shardReplies = DurableReplies(loop: shards, journal: journal, localShards: [true])
+        journal.onDurable { ownReplies.durable($0) }
+        journal.onDurable { shardReplies.durable($0) }
+        let answers = Answers()
+
+        // Its own loop writes nothing for it: the record stays pending.
+        let crossed = try journal.append(oneRecord())
+        ownReplies.wait(for: crossed, write: false) { answers.got["crossed"] = $0 }
+        own.run()
+        shards.run()
+        #expect(answers.got.isEmpty)
+        #expect(journal.lastDurableLSN < crossed)
+
+        // The shard's loop writes it.
+        let syncs = journal.statistics.syncs
+        shardReplies.writeSoon(through: crossed)
+        shards.run()
+        #expect(journal.lastDurableLSN == crossed)
+        #expect(journal.statistics.syncs == syncs + 1)
+        #expect(answers.got["crossed"] == nil, "answered off its own loop")
+        own.run()
+        #expect(answers.got["crossed"] == .some(nil))
+
+        // With its own rounds' records, in one sync.
+        let next = try journal.append(oneRecord())
+        ownReplies.wait(for: next, write: false) { answers.got["next"] = $0 }
+        let local = try journal.append(oneRecord())
+        shardReplies.wait(for: local) { answers.got["local"] = $0 }
+        shardReplies.writeSoon(through: next)
+        own.run()
+        shards.run()
+        own.run()
+        #expect(journal.statistics.syncs == syncs + 2)
+        #expect(answers.got["next"] == .some(nil))
+        #expect(answers.got["local"] == .some(nil))
+
+        // A position already durable queues no write.
+        shardReplies.writeSoon(through: crossed)
+        shards.run()
+        #expect(journal.statistics.syncs == syncs + 2)
+
+        // With `write` (a round that ran on its own loop, or a single command that crossed), the
+        // waiting loop writes.
+        let single = try journal.append(oneRecord())
+        ownReplies.wait(for: single) { answers.got["single"] = $0 }
+        own.run()
+        #expect(answers.got["single"] == .some(nil))
+    }
+
     @Test func aFailedSyncRefusesEveryRoundWaiting() throws {
         let loop = EmbeddedEventLoop()
         let (disk, journal) = try journalOnSimulatedDisk()
