@@ -62,13 +62,15 @@ public struct BlockHeader: Equatable, Sendable {
     /// be a block's.
     static func parse(_ bytes: UnsafeRawBufferPointer) -> BlockHeader? {
         guard bytes.count >= size else { return nil }
-        var r = ByteReader(bytes)
-        guard let magic: UInt32 = try? r.read(), magic == Self.magic,
-            let version: UInt16 = try? r.read(), versionsRead.contains(version),
-            let flags: UInt16 = try? r.read(), let payload: UInt32 = try? r.read(), let raw: UInt32 = try? r.read(),
-            let lsn: UInt64 = try? r.read(), let count: UInt32 = try? r.read(), let headerCRC: UInt32 = try? r.read(),
-            let crc: UInt32 = try? r.read()
-        else { return nil }
+        // Loaded in place (this module's code, specialized): a walk over a segment parses a header
+        // per block, and the generic reader of another module costs a metadata lookup per field.
+        func field<T: FixedWidthInteger>(_ offset: Int, _: T.Type) -> T {
+            T(littleEndian: bytes.loadUnaligned(fromByteOffset: offset, as: T.self))
+        }
+        let magic = field(0, UInt32.self), version = field(4, UInt16.self), flags = field(6, UInt16.self)
+        let payload = field(8, UInt32.self), raw = field(12, UInt32.self), lsn = field(16, UInt64.self)
+        let count = field(24, UInt32.self), headerCRC = field(28, UInt32.self), crc = field(32, UInt32.self)
+        guard magic == Self.magic, versionsRead.contains(version) else { return nil }
         if version >= 2 {
             guard headerCRC == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: bytes[0..<28])) else { return nil }
         }
