@@ -175,11 +175,29 @@ extension Record {
     public static func decodeAll(
         _ bytes: UnsafeRawBufferPointer, _ body: (Record) throws -> Void
     ) throws {
+        try decode(bytes, skipping: 0, count: .max, body)
+    }
+
+    /// Decodes up to `count` records of `bytes` after the first `skipping`, calling `body` for each in
+    /// order. The skipped records are stepped over by their framing (kind and length), not decoded:
+    /// a read of one event from a block of baskets decodes one basket, not the block's.
+    public static func decode(
+        _ bytes: UnsafeRawBufferPointer, skipping: Int, count: Int, _ body: (Record) throws -> Void
+    ) throws {
         var reader = ByteReader(bytes)
-        while !reader.isAtEnd {
+        var skipped = 0
+        var decoded = 0
+        while !reader.isAtEnd, decoded < count {
             let recordStart = reader.offset
             do {
+                if skipped < skipping {
+                    _ = try reader.read() as UInt8
+                    _ = try reader.sub(Int(try reader.read() as UInt16))
+                    skipped += 1
+                    continue
+                }
                 let record = try decodeOne(&reader)
+                decoded += 1
                 try body(record)
             } catch let error as ByteReader.Underflow {
                 throw RecordDecodingError(offset: recordStart, reason: error.reason)

@@ -76,11 +76,12 @@ public struct LogReader: Sendable {
                 throw .unreadable(error.message)
             }
             defer { file.close() }
+            var window = ReadWindow(file)
             var walk = SegmentWalk(index: index, path: segment.path, position: next, size: size)
             while walk.offset + BlockHeader.size <= size, bytes < bytesMax {
                 let offset = walk.offset
-                let header: [UInt8]
-                do { header = try file.read(at: offset, count: BlockHeader.size) } catch { throw .unreadable(error.message) }
+                let header: ArraySlice<UInt8>
+                do { header = try window.read(at: offset, count: BlockHeader.size) } catch { throw .unreadable(error.message) }
                 let parsed = header.count == BlockHeader.size ? header.withUnsafeBytes({ BlockHeader.parse($0) }) : nil
                 guard walk.accept(parsed, durable: durable) else { continue }
                 guard let h = parsed else {
@@ -103,13 +104,13 @@ public struct LogReader: Sendable {
                 guard h.firstLSN <= next else { throw .unreadable("\(segment.path) at offset \(offset): block starts at \(h.firstLSN), expected \(next)") }
                 guard last <= durable else { return result }
                 guard offset + h.totalLength <= size else { break }
-                let block: [UInt8]
-                do { block = try file.read(at: offset, count: h.totalLength) } catch { throw .unreadable(error.message) }
+                let block: ArraySlice<UInt8>
+                do { block = try window.read(at: offset, count: h.totalLength) } catch { throw .unreadable(error.message) }
                 guard block.count == h.totalLength else { throw .unreadable("short read in \(segment.path) at offset \(offset)") }
                 guard case .block = block.withUnsafeBytes({ BlockCodec.read($0, at: 0) }) else {
                     throw .unreadable("\(segment.path) at offset \(offset): block fails verification")
                 }
-                result.append(RawBlock(firstLSN: h.firstLSN, recordCount: h.recordCount, bytes: block))
+                result.append(RawBlock(firstLSN: h.firstLSN, recordCount: h.recordCount, bytes: Array(block)))
                 bytes += block.count
                 next = last + 1
                 walk.offset += h.totalLength
@@ -135,13 +136,14 @@ public struct LogReader: Sendable {
             throw .unreadable(error.message)
         }
         defer { file.close() }
+        var window = ReadWindow(file)
         var walk = SegmentWalk(index: index, path: path, position: max(from, 1), size: size)
         // The position the block at the walk's offset starts at.
         var expected = walk.startLSN ?? firstLSN
         while walk.offset + BlockHeader.size <= size, result.count < count {
             let offset = walk.offset
-            let header: [UInt8]
-            do { header = try file.read(at: offset, count: BlockHeader.size) } catch { throw .unreadable(error.message) }
+            let header: ArraySlice<UInt8>
+            do { header = try window.read(at: offset, count: BlockHeader.size) } catch { throw .unreadable(error.message) }
             let parsed = header.count == BlockHeader.size ? header.withUnsafeBytes({ BlockHeader.parse($0) }) : nil
             guard walk.accept(parsed, durable: durable) else {
                 expected = firstLSN
@@ -169,16 +171,18 @@ public struct LogReader: Sendable {
             }
             // A durable block was written whole before it was durable: cut short, it is damage.
             guard offset + h.totalLength <= size else { throw .unreadable("\(path) at offset \(offset): the segment ends inside a block") }
-            let block: [UInt8]
-            do { block = try file.read(at: offset, count: h.totalLength) } catch { throw .unreadable(error.message) }
+            let block: ArraySlice<UInt8>
+            do { block = try window.read(at: offset, count: h.totalLength) } catch { throw .unreadable(error.message) }
             guard block.count == h.totalLength else { throw .unreadable("short read in \(path) at offset \(offset)") }
             switch block.withUnsafeBytes({ BlockCodec.read($0, at: 0) }) {
             case .block(_, let payload):
-                var position = h.firstLSN
+                // Only the records wanted are decoded: those before `from` are stepped over.
+                let skipped = from > h.firstLSN ? Int(from - h.firstLSN) : 0
+                var position = h.firstLSN + UInt64(skipped)
                 do {
                     try payload.withUnsafeBytes { raw in
-                        try Record.decodeAll(raw) { record in
-                            if position >= from, position <= durable, result.count < count { result.append((position, record)) }
+                        try Record.decode(raw, skipping: skipped, count: count - result.count) { record in
+                            if position <= durable { result.append((position, record)) }
                             position += 1
                         }
                     }
@@ -194,6 +198,34 @@ public struct LogReader: Sendable {
         if result.count < count && expected <= durable && expected != following {
             throw .unreadable("\(path) ends before position \(expected), which is durable and does not start the next segment")
         }
+    }
+}
+
+/// A segment read through a window of ``bytes`` bytes: a walk over small blocks (a few dozen bytes
+/// each, compressed) reads one window per ``bytes`` of headers, not one `pread` per header.
+///
+/// What a window holds may be older than the file by the time it is used (the open segment grows
+/// behind the reader). The blocks a read returns are at or below the durable position it was given,
+/// written before that position was published and so before the window was read; past them a window
+/// may show zeros where a block has been written since, which the walk takes for the end of what it
+/// may read, as it would a block beyond the durable position.
+private struct ReadWindow {
+    static let bytes = 64 << 10
+    let file: any StorageFile
+    private var window: [UInt8] = []
+    private var start = 0
+
+    init(_ file: any StorageFile) { self.file = file }
+
+    /// Up to `count` bytes at `offset` (fewer at the file's end).
+    mutating func read(at offset: Int, count: Int) throws(JournalError) -> ArraySlice<UInt8> {
+        if offset >= start, offset + count <= start + window.count {
+            return window[(offset - start)..<(offset - start + count)]
+        }
+        if count > Self.bytes { return try file.read(at: offset, count: count)[...] }
+        window = try file.read(at: offset, count: Self.bytes)
+        start = offset
+        return window[0..<min(count, window.count)]
     }
 }
 

@@ -62,6 +62,33 @@ import Testing
         store.close()
     }
 
+    /// A read that starts inside a block decodes only the records it returns (those before are
+    /// stepped over by their framing): every such read equals the same positions of one read of the
+    /// whole log, which decodes every block from its first record.
+    @Test func readsFromInsideABlockEqualTheWholeLogsRecords() async throws {
+        let (store, path) = try await Self.makeLog(seed: 44)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let durable = store.journal.lastDurableLSN
+        let reader = LogReader(directory: store.directory, index: store.journal.blockIndex)
+        let all = try LogReader(directory: store.directory).read(from: 1, count: Int(durable) + 1, durable: durable)
+        #expect(all.map(\.position) == Array(1...durable))
+        let blockStarts = Set(try reader.readBlocks(from: 1, bytesMax: .max, durable: durable).map(\.firstLSN))
+        var rng = SplitMix64(seed: 44)
+        var inside = 0
+        for _ in 0..<600 {
+            let from = UInt64.random(in: 1...durable, using: &rng)
+            let count = Int.random(in: 1...12, using: &rng)
+            let bound = UInt64.random(in: from...min(durable, from + 20), using: &rng)
+            let got = try reader.read(from: from, count: count, durable: bound)
+            let want = all[Int(from - 1)..<Int(min(from - 1 + UInt64(count), bound))]
+            #expect(got.map(\.position) == want.map(\.position))
+            #expect(got.map(\.record) == want.map(\.record))
+            if !blockStarts.contains(from) { inside += 1 }
+        }
+        #expect(inside > 50, "reads from inside a block: \(inside) of 600")
+        store.close()
+    }
+
     /// Entries that do not match their segment (a block at another position, an offset inside a
     /// block, past the end) are not trusted: the read walks from the start, as without the index.
     @Test func entriesThatDoNotMatchTheSegmentAreNotTrusted() async throws {
