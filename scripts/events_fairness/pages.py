@@ -5,7 +5,9 @@ over the baskets of make_base.py (run it first with any build).
     python3 scripts/events_fairness/make_base.py BINARY
     python3 scripts/events_fairness/pages.py BINARY events|orders|order N K PIPE SECONDS
 """
-# N clients loop: PIPE x REQUEST + PING in one write, read to the PONG. One more client PINGs every 10 ms.
+# N clients loop: PIPE x REQUEST + PING in one write, read to the PONG. One more client PINGs every 10 ms,
+# from a process of its own: in this one it would wait for the interpreter's lock behind the N client
+# threads, and the faster the server answers them the longer (up to 200 ms at N 200).
 # REQUEST: "events" = EVENTS <random position> COUNT K; "orders" = ORDERS victim COUNT K; "order" = ORDER <random id>.
 import sys, os, socket, threading, time, random, subprocess, re, shutil, tempfile
 binary, mode, N, K, PIPE, DUR = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
@@ -34,12 +36,18 @@ def worker(i):
 ths = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(N)]
 for t in ths: t.start()
 time.sleep(1)
+mon = subprocess.run([sys.executable, "-c", """
+import socket, time, sys
+port, dur = int(sys.argv[1]), float(sys.argv[2])
 ps = socket.create_connection(("127.0.0.1", port)); lat = []
 t0 = time.time()
-while time.time() - t0 < DUR:
-    a = time.monotonic(); ps.sendall(b"PING\r\n"); b = b""
-    while not b.endswith(b"\r\n"): b += ps.recv(100)
+while time.time() - t0 < dur:
+    a = time.monotonic(); ps.sendall(b"PING\\r\\n"); b = b""
+    while not b.endswith(b"\\r\\n"): b += ps.recv(100)
     lat.append((time.monotonic() - a) * 1000); time.sleep(0.01)
+print(" ".join("%.3f" % x for x in lat))
+""", str(port), str(DUR)], capture_output=True, text=True)
+lat = [float(x) for x in mon.stdout.split()]
 stop = True
 lat.sort()
 print(os.path.basename(binary), mode, "N", N, "K", K, "PIPE", PIPE, "served", done[0], "PING p50 %.1f p99 %.1f max %.1f ms" % (lat[len(lat)//2], lat[int(len(lat)*.99)], lat[-1]), flush=True)
