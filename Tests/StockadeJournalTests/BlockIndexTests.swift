@@ -89,6 +89,95 @@ import Testing
         store.close()
     }
 
+    /// Blocks larger than the reader's 64 KiB window (a batch of thousands of reservations of
+    /// long, random user ids) among small ones: records and raw blocks read from random positions,
+    /// through the index and without it, equal what the segment files hold, walked whole here
+    /// without the reader (each file read at once, its blocks checked and decoded one after another).
+    @Test func blocksLargerThanTheReadWindowReadAsTheFilesHoldThem() async throws {
+        let path = temporaryDirectory("blockIndexLarge")
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        var options = Store.Options(shardCount: 2)
+        options.journal.fsync = .none
+        options.journal.segmentBytesMax = 1 << 20
+        let store = try Store(path: path, options: options)
+        let skus: [Name] = ["apple", "pear", "plum"]
+        _ = await store.engine.execute(skus.map { .addSku(sku: $0, total: 1_000_000_000, limit: 0) }, now: 0)
+        var rng = SplitMix64(seed: 45)
+        for batch in 0..<400 {
+            let large = batch % 40 == 7
+            let commands: [Command] = (0..<(large ? Int.random(in: 1_500...3_000, using: &rng) : Int.random(in: 1...8, using: &rng))).map { _ in
+                let user = Name(bytes: (0..<Int.random(in: 40...64, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) })
+                return .reserve(user: user, lines: [OrderLine(sku: skus.randomElement(using: &rng)!, quantity: 1)], requestId: nil, ttlMillis: 600_000)
+            }
+            _ = await store.engine.execute(commands, now: 0)
+        }
+        defer { store.close() }
+        let durable = store.journal.lastDurableLSN
+        // The files' truth: every block of every segment, walked from each file read whole.
+        var truthRecords: [(position: UInt64, record: Record)] = []
+        var truthBlocks: [(firstLSN: UInt64, bytes: [UInt8])] = []
+        for segment in try store.directory.segments() {
+            let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: segment.path)))
+            var offset = SegmentHeader.size
+            walk: while true {
+                switch bytes.withUnsafeBytes({ BlockCodec.read($0, at: offset) }) {
+                case .block(let header, let payload):
+                    var position = header.firstLSN
+                    try payload.withUnsafeBytes { raw in
+                        try Record.decodeAll(raw) { record in
+                            truthRecords.append((position, record))
+                            position += 1
+                        }
+                    }
+                    truthBlocks.append((header.firstLSN, Array(bytes[offset..<offset + header.totalLength])))
+                    offset += header.totalLength
+                case .truncated, .invalid:
+                    break walk  // the end of what was written (the rest of the segment is zeros)
+                }
+            }
+        }
+        #expect(truthRecords.map(\.position) == Array(1...durable))
+        let largeBlocks = truthBlocks.filter { $0.bytes.count > 64 << 10 }
+        #expect(largeBlocks.count >= 8, "blocks over 64 KiB: \(largeBlocks.count)")
+        let readers = [LogReader(directory: store.directory), LogReader(directory: store.directory, index: store.journal.blockIndex)]
+        // Positions in, at, just before and just after the large blocks, and anywhere.
+        var starts: [UInt64] = []
+        for block in largeBlocks {
+            let count = UInt64(block.bytes.count)  // an upper bound of its records, for a random position inside
+            starts += [block.firstLSN - 1, block.firstLSN, block.firstLSN + 1, UInt64.random(in: block.firstLSN...block.firstLSN + count / 40, using: &rng)]
+        }
+        for _ in 0..<200 { starts.append(UInt64.random(in: 1...durable, using: &rng)) }
+        for from in starts where from >= 1 && from <= durable {
+            let count = Int.random(in: 1...5_000, using: &rng)
+            let bound = Bool.random(using: &rng) ? durable : UInt64.random(in: from...durable, using: &rng)
+            let want = truthRecords[Int(from - 1)..<Int(min(from - 1 + UInt64(count), bound))]
+            let bytesMax = Int.random(in: 1...300_000, using: &rng)
+            for reader in readers {
+                let got = try reader.read(from: from, count: count, durable: bound)
+                #expect(got.map(\.position) == want.map(\.position), "from \(from) count \(count)")
+                #expect(got.map(\.record) == want.map(\.record), "from \(from) count \(count)")
+                // Raw blocks: from the block holding `from`, whole blocks up to `bound`, until about bytesMax.
+                let blocks = try reader.readBlocks(from: from, bytesMax: bytesMax, durable: bound)
+                var expected: [[UInt8]] = []
+                var total = 0
+                for block in truthBlocks {
+                    let records = try Self.recordCount(block.bytes)
+                    let last = block.firstLSN + UInt64(records) - 1
+                    if last < from { continue }
+                    if last > bound || total >= bytesMax { break }
+                    expected.append(block.bytes)
+                    total += block.bytes.count
+                }
+                #expect(blocks.map(\.bytes) == expected, "blocks from \(from), bytesMax \(bytesMax)")
+            }
+        }
+    }
+
+    /// The record count of a block's header.
+    static func recordCount(_ block: [UInt8]) throws -> Int {
+        try #require(block.withUnsafeBytes { BlockHeader.parse(UnsafeRawBufferPointer(rebasing: $0[0..<BlockHeader.size])) }).recordCount
+    }
+
     /// Entries that do not match their segment (a block at another position, an offset inside a
     /// block, past the end) are not trusted: the read walks from the start, as without the index.
     @Test func entriesThatDoNotMatchTheSegmentAreNotTrusted() async throws {
