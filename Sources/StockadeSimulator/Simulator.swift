@@ -14,7 +14,9 @@ import StockadeJournal
 ///   was sent, and applying the batch to that, gives the same replies;
 /// - after a log failure, every command is refused and nothing more is logged;
 /// - after a crash, the log's surviving records replay without error, the state passes its audit, and
-///   the run goes on from it (the model is rebuilt from the recovered state).
+///   the run goes on from it (the model is rebuilt from the recovered state);
+/// - on the disk, now and then, reads of the durable log as EVENTS and a replica's stream make them
+///   give what its files hold (``SimulationTarget/readEvents(rng:report:)``).
 ///
 /// Clients' batches run one at a time up to the point where they wait for a sync, so the run is
 /// deterministic: a failing seed replays exactly with ``Simulator/run(seed:options:)``.
@@ -61,6 +63,10 @@ package enum Simulator {
         package var quietRecoveries = 0
         /// Terms started (``Engine/startEpoch(_:)``), as a promotion does.
         package var epochs = 0
+        /// Reads of the durable log checked against its files (``SimulationTarget/readEvents(rng:report:)``),
+        /// and how many of them were refused as unreadable where the files themselves were damaged.
+        package var eventReads = 0
+        package var eventReadsRefused = 0
         package var failure: String?
 
         package init(seed: UInt64) { self.seed = seed }
@@ -72,7 +78,8 @@ package enum Simulator {
                 + "\(syncFailures) sync failures, \(appendFailures) append failures, \(clockJumpsBack) clock jumps back, "
                 + "\(durabilityChecks) durability checks, \(quietRecoveries) recoveries compared by state hash, \(epochs) epochs started"
                 + (snapshots + bitFlips + diskFaults > 0
-                    ? ", \(snapshots) snapshots, \(diskFaults) disk faults, \(bitFlips) bit flips, \(refusedStartUps) refused start-ups)" : ")")
+                    ? ", \(snapshots) snapshots, \(diskFaults) disk faults, \(bitFlips) bit flips, \(refusedStartUps) refused start-ups, "
+                        + "\(eventReads) log reads checked (\(eventReadsRefused) refused on damage))" : ")")
         }
     }
 
@@ -350,6 +357,9 @@ package enum Simulator {
                     }
                 }
                 if target.failureReason != nil { inStep = false }
+            case 19 where options.disk && Int.random(in: 0..<2, using: &rng) == 0:
+                // A consumer reads the durable log (EVENTS, a replica's stream) while batches wait.
+                if let problem = target.readEvents(rng: &rng, report: &report) { return fail("step \(step): \(problem)") }
             case 17 where options.disk && Int.random(in: 0..<4, using: &rng) == 0:
                 // A snapshot of what is durable, and pruning behind it (while batches wait for syncs).
                 report.snapshots += 1

@@ -35,6 +35,9 @@ protocol SimulationTarget: AnyObject {
     /// recovered state, or a description of what went wrong.
     /// `flipped` reports whether the disk was damaged at rest on the way (a refusal is then allowed once).
     func crashAndRecover(rng: inout SplitMix64, report: inout Simulator.Report) async -> Result<EngineState, SimulationFailure>
+    /// A consumer's reads of the durable log (EVENTS, a replica's stream) from random positions, each
+    /// checked against the log's files walked whole; nil when every read was right.
+    func readEvents(rng: inout SplitMix64, report: inout Simulator.Report) -> String?
 }
 
 struct SimulationFailure: Error, CustomStringConvertible {
@@ -68,6 +71,7 @@ final class MemoryTarget: SimulationTarget {
     func failNextAppend() { log.failNextAppend("ENOSPC on write (injected)") }
     func snapshot() async -> String? { nil }
     var damage: String? { nil }
+    func readEvents(rng: inout SplitMix64, report: inout Simulator.Report) -> String? { nil }
 
     func durableState(through position: UInt64) throws -> EngineState {
         var state = EngineState(shardCount: shardCount)
@@ -158,6 +162,80 @@ final class DiskTarget: SimulationTarget {
         return nil
     }
 
+    func readEvents(rng: inout SplitMix64, report: inout Simulator.Report) -> String? {
+        let durable = store.journal.lastDurableLSN
+        guard durable > 0 else { return nil }
+        let log: LogFiles
+        do { log = try LogFiles(directory) } catch { return "the log's files could not be listed or read: \(error)" }
+        // The reader the server uses: the journal's block index, taught by every read.
+        let reader = LogReader(directory: directory, index: store.journal.blockIndex)
+        for _ in 0..<Int.random(in: 1...4, using: &rng) {
+            report.eventReads += 1
+            // Mostly near the end (a consumer keeping up), sometimes anywhere.
+            let from = Bool.random(using: &rng)
+                ? UInt64.random(in: 1...durable, using: &rng) : durable - UInt64.random(in: 0...min(durable - 1, 40), using: &rng)
+            let count = Int.random(in: 1...(Bool.random(using: &rng) ? 3 : 300), using: &rng)
+            let end = min(from + UInt64(count), durable + 1)  // positions from..<end are asked for
+            // A read walks a segment's block headers from its start (or from a block it learned): damage
+            // anywhere in a segment it walks may refuse it; none may make it answer wrongly.
+            let clean = !log.damaged(from: from, through: end - 1, durable: durable)
+            do throws(LogReader.ReadError) {
+                let got = try reader.read(from: from, count: count, durable: durable)
+                for (i, event) in got.enumerated() {
+                    guard event.position == from + UInt64(i) else {
+                        return "EVENTS \(from) COUNT \(count) (durable \(durable)): position \(event.position) at index \(i)"
+                    }
+                    if let want = log.records[event.position], want != event.record {
+                        return "EVENTS \(from) COUNT \(count) (durable \(durable)): position \(event.position) read as \(event.record), the file holds \(want)"
+                    }
+                }
+                if clean, got.count != Int(end - from) {
+                    return "EVENTS \(from) COUNT \(count) (durable \(durable)): \(got.count) records, the files hold \(end - from)"
+                }
+                if from < log.oldest { return "EVENTS \(from): answered, but the oldest segment starts at \(log.oldest)" }
+            } catch {
+                switch error {
+                case .trimmed(let oldest):
+                    guard from < log.oldest, oldest == log.oldest else {
+                        return "EVENTS \(from): trimmed at \(oldest), the oldest segment starts at \(log.oldest)"
+                    }
+                case .unreadable(let why):
+                    // Only where the files themselves do not hold the range (damage at rest, a cut segment).
+                    if clean, from >= log.oldest { return "EVENTS \(from) COUNT \(count) (durable \(durable)): unreadable (\(why)), but the files hold it" }
+                    report.eventReadsRefused += 1
+                }
+            }
+            // A replica's stream: whole blocks as written, from the one holding `from`.
+            let bytesMax = Int.random(in: 1...20_000, using: &rng)
+            do throws(LogReader.ReadError) {
+                let blocks = try reader.readBlocks(from: from, bytesMax: bytesMax, durable: durable)
+                var next = from
+                for block in blocks {
+                    guard block.firstLSN <= next, block.lastLSN >= next, block.lastLSN <= durable else {
+                        return "blocks from \(from) (durable \(durable)): block \(block.firstLSN)...\(block.lastLSN) where \(next) was next"
+                    }
+                    if let want = log.blocks[block.firstLSN], want != block.bytes {
+                        return "blocks from \(from): the block at \(block.firstLSN) differs from the file's"
+                    }
+                    next = block.lastLSN + 1
+                }
+                if blocks.isEmpty, from >= log.oldest, !log.damaged(from: from, through: durable, durable: durable) {
+                    return "blocks from \(from) (durable \(durable)): none, but the files hold a durable block there"
+                }
+            } catch {
+                switch error {
+                case .trimmed(let oldest):
+                    guard from < log.oldest, oldest == log.oldest else { return "blocks from \(from): trimmed at \(oldest), oldest \(log.oldest)" }
+                case .unreadable(let why):
+                    if from >= log.oldest, !log.damaged(from: from, through: durable, durable: durable) {
+                        return "blocks from \(from) (durable \(durable)): unreadable (\(why)), but the files hold it"
+                    }
+                }
+            }
+        }
+        return nil
+    }
+
     func durableState(through position: UInt64) throws -> EngineState {
         try Recovery.recover(directory, options: Recovery.Options(shardCount: options.shardCount, repair: false, upToLSN: position)).0
     }
@@ -225,5 +303,75 @@ actor SimulatedLoop {
     /// Runs `commands` in place, treating the shards flagged in `local` as this loop's.
     func runLocally(_ engine: Engine, _ commands: [Command], now: Int64, local: [Bool]) -> Engine.LocalOutcome {
         engine.executeLocally(commands, now: now, localShards: local)
+    }
+}
+
+/// The log as its segment files hold it, walked here without ``LogReader`` (each file read whole,
+/// its blocks checked and decoded one after another): the truth a consumer's reads are held to. A
+/// segment's blocks count up to the first that does not verify (the end of what was written, or
+/// damage) and below the next segment's first position (a tail that recovery left behind a later
+/// segment is not the log's).
+struct LogFiles {
+    /// Records by position.
+    var records: [UInt64: Record] = [:]
+    /// Blocks as written, by their first position.
+    var blocks: [UInt64: [UInt8]] = [:]
+    /// Each segment's first position, the position after its last block that verified, and the
+    /// next segment's first position (nil for the last).
+    private var segments: [(first: UInt64, walkedTo: UInt64, following: UInt64?)] = []
+    /// The first position of the oldest segment (1 with no segment).
+    var oldest: UInt64 = 1
+
+    init(_ directory: DataDirectory) throws {
+        let listed = try directory.segments()
+        oldest = listed.first?.firstLSN ?? 1
+        for (i, segment) in listed.enumerated() {
+            let following = i + 1 < listed.count ? listed[i + 1].firstLSN : nil
+            let bytes = try directory.storage.readAll(segment.path)
+            var offset = SegmentHeader.size
+            var next = segment.firstLSN
+            walk: while offset < bytes.count {
+                switch bytes.withUnsafeBytes({ BlockCodec.read($0, at: offset) }) {
+                case .block(let header, let payload):
+                    guard header.recordCount > 0, header.firstLSN == next,
+                          header.firstLSN + UInt64(header.recordCount) <= following ?? .max
+                    else { break walk }
+                    var position = header.firstLSN
+                    var decoded: [(UInt64, Record)] = []
+                    do {
+                        try payload.withUnsafeBytes { raw in
+                            try Record.decodeAll(raw) { record in
+                                decoded.append((position, record))
+                                position += 1
+                            }
+                        }
+                    } catch {
+                        break walk
+                    }
+                    guard decoded.count == header.recordCount else { break walk }
+                    for (p, record) in decoded { records[p] = record }
+                    blocks[header.firstLSN] = Array(bytes[offset..<offset + header.totalLength])
+                    next = position
+                    offset += header.totalLength
+                case .truncated, .invalid:
+                    break walk
+                }
+            }
+            segments.append((segment.firstLSN, next, following))
+        }
+    }
+
+    /// Whether a segment that holds any of `from...through` stops short of what the log must hold
+    /// there (damage, or a file cut short): up to the next segment's start, or for the last segment
+    /// up to `durable`.
+    func damaged(from: UInt64, through: UInt64, durable: UInt64) -> Bool {
+        for (i, segment) in segments.enumerated() {
+            let end = segment.following ?? (durable + 1)  // the positions this segment must hold: first..<end
+            let holdsAny = segment.first <= through && from < end
+            // A read from inside the previous segment's range begins in the last segment at or before it.
+            let startsHere = segment.first <= from && (i + 1 == segments.count || segments[i + 1].first > from)
+            if (holdsAny || startsHere) && segment.walkedTo < min(end, through + 1) { return true }
+        }
+        return false
     }
 }
