@@ -364,6 +364,7 @@ def test_replica_behind_the_retained_log_takes_a_full_copy(data_dir):
         assert "full copy in place" in replica.logs()
         with pytest.raises(redis.ResponseError, match="NOSKU"):
             replica.client().execute_command("STOCK", "stale")
+        assert_events_after_the_copy(primary, replica)
         # What it holds after the copy is its own: a kill -9 and a restart recover it, and the stream
         # goes on from there.
         replica.kill9()
@@ -371,9 +372,26 @@ def test_replica_behind_the_retained_log_takes_a_full_copy(data_dir):
         replica.start()
         assert_same_state(primary, replica, ["tv", "cam"], orders)
         assert sorted(f for f in os.listdir(replica.data_dir) if f.endswith(".snap"))[:1], "the copy is kept"
+        assert_events_after_the_copy(primary, replica)
     finally:
         replica.stop()
         primary.stop()
+
+
+def assert_events_after_the_copy(primary, replica):
+    """A replica's log starts where the copy it took ends: EVENTS before that is TRIMMED at that
+    position, and from there on (and from inside it, one position at a time) gives the primary's
+    events, position for position."""
+    r, p = replica.client(), primary.client()
+    with pytest.raises(redis.ResponseError, match=r"^TRIMMED (\d+)") as trimmed:
+        r.execute_command("EVENTS", 1, "COUNT", 10)
+    start = int(trimmed.value.args[0].split()[1])
+    assert start > 1
+    events = r.execute_command("EVENTS", start, "COUNT", 10000)
+    assert events and events[0][0] == start
+    assert events == p.execute_command("EVENTS", start, "COUNT", len(events))
+    for position in range(start, start + min(len(events), 40)):
+        assert r.execute_command("EVENTS", position, "COUNT", 1) == [events[position - start]]
 
 
 def test_full_copy_cut_midway_is_resumed(data_dir):
