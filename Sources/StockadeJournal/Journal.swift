@@ -65,6 +65,9 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         /// other clients (PING and INFO too) wait, so a slow disk may hold a loop for one sync, not
         /// for every one.
         public var callerWriteNanosMax: UInt64 = 10_000_000
+        /// Raw bytes of the newest records kept in memory for readers at the end of the log
+        /// (``LogTail``); 0: none, every read goes to the files.
+        public var tailBytesMax = 4 << 20
         public init() {}
     }
 
@@ -89,6 +92,9 @@ public final class Journal: ChangeLog, @unchecked Sendable {
     /// Where blocks start in the segments, for the readers of this log (``LogReader``); forgotten
     /// when the log starts again (``rebase(to:)``, ``restart(at:)``).
     public let blockIndex = BlockIndex()
+    /// The newest records, for readers at the end of the log (``LogTail``): added as each batch is
+    /// written, emptied when the log starts again, cut when segments are removed.
+    public let tail: LogTail
 
     // Guarded by `mutex`.
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
@@ -156,6 +162,7 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         self.directory = directory
         self.shardCount = shardCount
         self.options = options
+        tail = LogTail(bytesMax: options.tailBytesMax)
         appendedLSN = lsn
         durableLSN = lsn
         durableMirror = Atomic(lsn)
@@ -363,7 +370,12 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         for path in doomed { try directory.storage.remove(path) }
         if !doomed.isEmpty {
             try directory.storage.syncDirectory(directory.path)
-            locked { segments.removeAll { doomed.contains($0.path) } }
+            let oldest = locked {
+                segments.removeAll { doomed.contains($0.path) }
+                return segments.first?.firstLSN
+            }
+            // What the files no longer hold is not read from memory either: such a read is TRIMMED.
+            if let oldest { tail.drop(below: oldest) }
         }
         return doomed
     }
@@ -435,7 +447,11 @@ public final class Journal: ChangeLog, @unchecked Sendable {
         // Segments may be removed and one of the same name started: what the readers learned of the
         // old ones is forgotten before, and again after, so a read in between learns nothing.
         blockIndex.reset()
-        defer { blockIndex.reset() }
+        tail.reset()
+        defer {
+            blockIndex.reset()
+            tail.reset()
+        }
         do throws(JournalError) {
             try closeSegment()
             if startOver {
@@ -599,6 +615,9 @@ public final class Journal: ChangeLog, @unchecked Sendable {
             let blocks = frame(spare, firstLSN: firstLSN, into: &framed)
             let started = monotonicNanos()
             try writeBatch(framed, firstLSN: firstLSN)
+            // Kept for readers before the batch is published as durable (copied: `spare` keeps its
+            // capacity for the next batch).
+            if tail.bytesMax > 0 { tail.add(firstLSN: firstLSN, count: count, bytes: Array(spare[...])) }
             let synced = try syncIfDue()
             diskSlow.store(monotonicNanos() - started > options.callerWriteNanosMax, ordering: .relaxed)
             let rawBytes = spare.count

@@ -7,10 +7,14 @@ public struct LogReader: Sendable {
     /// Where blocks start, learned by earlier reads (``Journal/blockIndex``); nil: each read walks
     /// its segments' block headers from their start.
     public let index: BlockIndex?
+    /// The journal's newest records (``Journal/tail``): a read it holds whole is answered from it,
+    /// without the files; nil: every read goes to the files.
+    public let tail: LogTail?
 
-    public init(directory: DataDirectory, index: BlockIndex? = nil) {
+    public init(directory: DataDirectory, index: BlockIndex? = nil, tail: LogTail? = nil) {
         self.directory = directory
         self.index = index
+        self.tail = tail
     }
 
     /// Why records could not be read.
@@ -23,6 +27,7 @@ public struct LogReader: Sendable {
     /// Up to `count` records with positions `from...durable`, oldest first.
     public func read(from: UInt64, count: Int, durable: UInt64) throws(ReadError) -> [(position: UInt64, record: Record)] {
         guard from <= durable, count > 0 else { return [] }
+        if let tail, let held = tail.records(from: max(from, 1), count: count, durable: durable) { return held }
         let segments: [(firstLSN: UInt64, path: String)]
         do { segments = try directory.segments() } catch { throw .unreadable(error.message) }
         index?.keep(only: segments)

@@ -595,7 +595,8 @@ final class ServerContext: Sendable {
     }
 
     /// EVENTS: durable records from `from` (nil: `$`, the next position), waiting up to `blockMillis`
-    /// for the first one. The log is read on ``blockingWork``; a waiter sleeps until the durable
+    /// for the first one. The newest records are read from memory (``Journal/tail``) on the caller's
+    /// loop, older ones from the files on ``blockingWork``; a waiter sleeps until the durable
     /// position passes `from`, the deadline, or shutdown (then it gets an empty array, as on a
     /// timeout). A position past the next one gets `-BEYOND` at once: the consumer saved it from
     /// another log (the data directory was replaced or restored from an older copy), and waiting for
@@ -627,8 +628,14 @@ final class ServerContext: Sendable {
                 // still take turns.
                 let turnFirst = durable - start >= 1 && count > 1
                 if turnFirst { await turn?.take() }
-                let read: Result<[(position: UInt64, record: Record)], LogReader.ReadError> = await withTaskExecutorPreference(blockingWork) {
-                    do throws(LogReader.ReadError) { return .success(try reader.read(from: start, count: count, durable: durable)) } catch { return .failure(error) }
+                let read: Result<[(position: UInt64, record: Record)], LogReader.ReadError>
+                if let held = store.journal.tail.records(from: start, count: count, durable: durable) {
+                    // The newest records are in memory: answered here, on the client's loop.
+                    read = .success(held)
+                } else {
+                    read = await withTaskExecutorPreference(blockingWork) {
+                        do throws(LogReader.ReadError) { return .success(try reader.read(from: start, count: count, durable: durable)) } catch { return .failure(error) }
+                    }
                 }
                 switch read {
                 case .success(let records) where !records.isEmpty:

@@ -67,6 +67,8 @@ package enum Simulator {
         /// and how many of them were refused as unreadable where the files themselves were damaged.
         package var eventReads = 0
         package var eventReadsRefused = 0
+        /// Of the reads, those the journal's newest records in memory answered (``LogTail``).
+        package var eventReadsFromTail = 0
         package var failure: String?
 
         package init(seed: UInt64) { self.seed = seed }
@@ -79,7 +81,7 @@ package enum Simulator {
                 + "\(durabilityChecks) durability checks, \(quietRecoveries) recoveries compared by state hash, \(epochs) epochs started"
                 + (snapshots + bitFlips + diskFaults > 0
                     ? ", \(snapshots) snapshots, \(diskFaults) disk faults, \(bitFlips) bit flips, \(refusedStartUps) refused start-ups, "
-                        + "\(eventReads) log reads checked (\(eventReadsRefused) refused on damage))" : ")")
+                        + "\(eventReads) log reads checked (\(eventReadsFromTail) from memory, \(eventReadsRefused) refused on damage))" : ")")
         }
     }
 

@@ -128,6 +128,8 @@ final class DiskTarget: SimulationTarget {
         options.journal.writerThread = false
         // Small segments, so that snapshots prune and recovery crosses segment boundaries.
         options.journal.segmentBytesMax = 16 << 10
+        // The newest records in memory for readers: none, a few batches' worth, or the whole run.
+        options.journal.tailBytesMax = [0, 512, 4 << 10, 4 << 20][Int(seed % 4)]
         options.shardExecutors = [loop.executor]
         self.options = options
         store = try Store(directory: directory, options: options)
@@ -167,9 +169,15 @@ final class DiskTarget: SimulationTarget {
         guard durable > 0 else { return nil }
         let log: LogFiles
         do { log = try LogFiles(directory) } catch { return "the log's files could not be listed or read: \(error)" }
-        // The reader the server uses: the journal's block index, taught by every read.
-        let reader = LogReader(directory: directory, index: store.journal.blockIndex)
+        // The readers the server uses: the journal's newest records in memory, then the files
+        // through its block index (taught by every read); and the files alone.
+        let journal = store.journal
+        let readers = [
+            LogReader(directory: directory, index: journal.blockIndex, tail: journal.tail),
+            LogReader(directory: directory, index: journal.blockIndex),
+        ]
         for _ in 0..<Int.random(in: 1...4, using: &rng) {
+            let reader = readers[Int.random(in: 0..<2, using: &rng)]
             report.eventReads += 1
             // Mostly near the end (a consumer keeping up), sometimes anywhere.
             let from = Bool.random(using: &rng)
@@ -179,6 +187,7 @@ final class DiskTarget: SimulationTarget {
             // A read walks a segment's block headers from its start (or from a block it learned): damage
             // anywhere in a segment it walks may refuse it; none may make it answer wrongly.
             let clean = !log.damaged(from: from, through: end - 1, durable: durable)
+            if let tail = reader.tail, tail.records(from: from, count: count, durable: durable) != nil { report.eventReadsFromTail += 1 }
             do throws(LogReader.ReadError) {
                 let got = try reader.read(from: from, count: count, durable: durable)
                 for (i, event) in got.enumerated() {

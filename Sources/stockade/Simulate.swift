@@ -73,6 +73,7 @@ struct Simulate: AsyncParsableCommand {
             total.refusedStartUps += report.refusedStartUps
             total.eventReads += report.eventReads
             total.eventReadsRefused += report.eventReadsRefused
+            total.eventReadsFromTail += report.eventReadsFromTail
             if report.failure != nil {
                 failed.append(next)
                 print(report)
@@ -87,7 +88,7 @@ struct Simulate: AsyncParsableCommand {
             \(total.crashes) crashes (\(total.tornTails) with a torn tail, \(total.kills) of the process alone), \(total.syncFailures) sync failures, \
             \(total.appendFailures) append failures, \(total.clockJumpsBack) clock jumps back, \
             \(total.durabilityChecks) durability checks, \(total.quietRecoveries) recoveries compared by state hash, \(total.epochs) epochs started\
-            \(disk ? "; \(total.snapshots) snapshots, \(total.diskFaults) disk faults, \(total.bitFlips) bit flips, \(total.refusedStartUps) refused start-ups, \(total.eventReads) log reads checked (\(total.eventReadsRefused) refused on damage)" : "")
+            \(disk ? "; \(total.snapshots) snapshots, \(total.diskFaults) disk faults, \(total.bitFlips) bit flips, \(total.refusedStartUps) refused start-ups, \(total.eventReads) log reads checked (\(total.eventReadsFromTail) from memory, \(total.eventReadsRefused) refused on damage)" : "")
             """)
         if !failed.isEmpty { throw ExitCode(1) }
     }

@@ -1,0 +1,144 @@
+import StockadeCore
+import Synchronization
+
+/// The log's newest records as the journal wrote them (raw, uncompressed), kept in memory for the
+/// readers at its end: a consumer that keeps up (EVENTS), and the many consumers one new event wakes
+/// at once, are answered from here on their own event loop, without a file, a `pread`, a checksum,
+/// a decompression or a hop to the threads that read files.
+///
+/// Bounded by ``bytesMax`` of raw records; the oldest batches go first. Contiguous: it holds the
+/// positions `first..<end` and nothing else, each batch as the journal wrote it, added after its
+/// write and before its position is published as durable, so every durable position from ``first``
+/// on is here. A read asks for positions up to a durable bound and gets only those; a position this
+/// does not hold is read from the files (``LogReader``).
+///
+/// Kept true by the ``Journal``: emptied when the log starts again (``Journal/rebase(to:)``,
+/// ``Journal/restart(at:)``), cut below the oldest segment when segments are removed (so a position
+/// the files no longer hold is `TRIMMED` here too), and a batch that does not follow the last one
+/// (or is larger than the bound) empties it before it is added (or instead).
+public final class LogTail: Sendable {
+    /// One batch: its first position, its record count and its records' bytes.
+    struct Batch {
+        var firstLSN: UInt64
+        var count: Int
+        var bytes: [UInt8]
+        var end: UInt64 { firstLSN + UInt64(count) }
+    }
+
+    private struct State {
+        /// Batches in position order, from `start` on (those before `start` are gone).
+        var batches: [Batch] = []
+        var start = 0
+        var bytes = 0
+    }
+
+    /// The raw bytes kept at most.
+    public let bytesMax: Int
+    private let state = Mutex(State())
+
+    /// `bytesMax` 0: keeps nothing (every read goes to the files).
+    public init(bytesMax: Int) {
+        self.bytesMax = bytesMax
+    }
+
+    /// Adds a batch the journal has written (before it is published as durable).
+    func add(firstLSN: UInt64, count: Int, bytes: [UInt8]) {
+        guard count > 0 else { return }
+        state.withLock { state in
+            if let last = state.batches.last, state.start < state.batches.count, last.end != firstLSN {
+                state = State()  // not the next batch: what is kept would have a gap
+            }
+            guard bytes.count <= bytesMax else {
+                state = State()
+                return
+            }
+            state.batches.append(Batch(firstLSN: firstLSN, count: count, bytes: bytes))
+            state.bytes += bytes.count
+            while state.bytes > bytesMax, state.start < state.batches.count - 1 {
+                state.bytes -= state.batches[state.start].bytes.count
+                state.start += 1
+            }
+            // The array keeps the batches gone until they are half of it.
+            if state.start > 64, state.start * 2 > state.batches.count {
+                state.batches.removeFirst(state.start)
+                state.start = 0
+            }
+        }
+    }
+
+    /// Forgets every batch (the log starts again).
+    func reset() {
+        state.withLock { $0 = State() }
+    }
+
+    /// Forgets the batches with positions before `lsn` (their segments were removed). A batch is
+    /// never split across segments, so batches go whole.
+    func drop(below lsn: UInt64) {
+        state.withLock { state in
+            while state.start < state.batches.count, state.batches[state.start].firstLSN < lsn {
+                state.bytes -= state.batches[state.start].bytes.count
+                state.start += 1
+            }
+        }
+    }
+
+    /// The positions held: `first..<end` (empty when `first == end`).
+    var range: Range<UInt64> {
+        state.withLock { state in
+            guard state.start < state.batches.count else { return 0..<0 }
+            return state.batches[state.start].firstLSN..<state.batches[state.batches.count - 1].end
+        }
+    }
+
+    /// Up to `count` records with positions `from...durable`, oldest first (as many as there are, up
+    /// to `count`), when this holds them all; nil when it does not (the caller reads the files), or
+    /// when a record does not decode (the files then say what is wrong).
+    public func records(from: UInt64, count: Int, durable: UInt64) -> [(position: UInt64, record: Record)]? {
+        guard count > 0, from >= 1, from <= durable else { return nil }
+        let wanted = Int(min(UInt64(count), durable - from + 1))
+        // The batches holding the positions wanted, taken under the lock; decoded outside it (their
+        // bytes are never changed: arrays shared, not copied).
+        let batches: [Batch]? = state.withLock { state in
+            guard state.start < state.batches.count, state.batches[state.start].firstLSN <= from,
+                  from < state.batches[state.batches.count - 1].end
+            else { return nil }
+            // The last batch starting at or before `from`.
+            var low = state.start, high = state.batches.count - 1
+            while low < high {
+                let mid = (low + high + 1) / 2
+                if state.batches[mid].firstLSN <= from { low = mid } else { high = mid - 1 }
+            }
+            var taken: [Batch] = []
+            var held = 0
+            var i = low
+            while i < state.batches.count, held < wanted {
+                let batch = state.batches[i]
+                taken.append(batch)
+                held += Int(batch.end - max(from, batch.firstLSN))
+                i += 1
+            }
+            // All or nothing: a read this cannot answer whole goes to the files, which answer it as
+            // they always have (every durable position from the first held is here, so this is rare).
+            return held >= wanted ? taken : nil
+        }
+        guard let batches else { return nil }
+        var result: [(position: UInt64, record: Record)] = []
+        result.reserveCapacity(wanted)
+        do {
+            for batch in batches {
+                let skipped = from > batch.firstLSN ? Int(from - batch.firstLSN) : 0
+                var position = batch.firstLSN + UInt64(skipped)
+                try batch.bytes.withUnsafeBytes { raw in
+                    try Record.decode(raw, skipping: skipped, count: wanted - result.count) { record in
+                        result.append((position, record))
+                        position += 1
+                    }
+                }
+                if result.count >= wanted { break }
+            }
+        } catch {
+            return nil
+        }
+        return result
+    }
+}
