@@ -6,7 +6,8 @@ import Synchronization
 /// at once, are answered from here on their own event loop, without a file, a `pread`, a checksum,
 /// a decompression or a hop to the threads that read files.
 ///
-/// Bounded by ``bytesMax`` of raw records; the oldest batches go first. Contiguous: it holds the
+/// Bounded by ``bytesMax``: each batch counts its records' bytes and ``batchOverheadBytes`` (so that a
+/// run of one-record batches, at pipeline 1, stays within the bound too); the oldest batches go first. Contiguous: it holds the
 /// positions `first..<end` and nothing else, each batch as the journal wrote it, added after its
 /// write and before its position is published as durable, so every durable position from ``first``
 /// on is here. A read asks for positions up to a durable bound and gets only those; a position this
@@ -32,8 +33,10 @@ public final class LogTail: Sendable {
         var bytes = 0
     }
 
-    /// The raw bytes kept at most.
+    /// The bytes kept at most, counted as ``cost(_:)`` says.
     public let bytesMax: Int
+    /// What a batch costs beyond its records' bytes: its entry and its array's allocation.
+    static let batchOverheadBytes = 96
     private let state = Mutex(State())
 
     /// `bytesMax` 0: keeps nothing (every read goes to the files).
@@ -48,14 +51,14 @@ public final class LogTail: Sendable {
             if let last = state.batches.last, state.start < state.batches.count, last.end != firstLSN {
                 state = State()  // not the next batch: what is kept would have a gap
             }
-            guard bytes.count <= bytesMax else {
+            guard Self.cost(bytes) <= bytesMax else {
                 state = State()
                 return
             }
             state.batches.append(Batch(firstLSN: firstLSN, count: count, bytes: bytes))
-            state.bytes += bytes.count
+            state.bytes += Self.cost(bytes)
             while state.bytes > bytesMax, state.start < state.batches.count - 1 {
-                state.bytes -= state.batches[state.start].bytes.count
+                state.bytes -= Self.cost(state.batches[state.start].bytes)
                 state.start += 1
             }
             // The array keeps the batches gone until they are half of it.
@@ -65,6 +68,12 @@ public final class LogTail: Sendable {
             }
         }
     }
+
+    /// What a batch of these records' bytes counts against ``bytesMax``.
+    static func cost(_ bytes: [UInt8]) -> Int { bytes.count + batchOverheadBytes }
+
+    /// The bytes held, as counted against ``bytesMax``.
+    var bytesHeld: Int { state.withLock { $0.bytes } }
 
     /// Forgets every batch (the log starts again).
     func reset() {
@@ -76,7 +85,7 @@ public final class LogTail: Sendable {
     func drop(below lsn: UInt64) {
         state.withLock { state in
             while state.start < state.batches.count, state.batches[state.start].firstLSN < lsn {
-                state.bytes -= state.batches[state.start].bytes.count
+                state.bytes -= Self.cost(state.batches[state.start].bytes)
                 state.start += 1
             }
         }

@@ -605,6 +605,11 @@ final class ServerContext: Sendable {
     /// record, and for one record before its event is encoded when that can take more than a STOCK,
     /// so pages are read and encoded a few at a time per loop (``HeavyRounds``). `encodeNanos`: the
     /// time the page took to encode (the caller's loop time).
+    /// An EVENTS of at most this many records that the journal holds in memory (``Journal/tail``) is
+    /// decoded on the client's loop; a larger page is decoded on ``blockingWork``, as a read of the
+    /// files is (a page of 10,000 baskets takes milliseconds to decode).
+    static let eventsInMemoryOnLoopMax: UInt64 = 128
+
     func events(
         from: UInt64?, count: Int, blockMillis: Int, resp3: Bool = false, turn: HeavyTurn? = nil, into out: inout ByteBuffer,
         encodeNanos: inout UInt64
@@ -617,7 +622,7 @@ final class ServerContext: Sendable {
             return
         }
         let deadline = monotonicNanos() + UInt64(blockMillis) * 1_000_000
-        let reader = LogReader(directory: store.directory, index: store.journal.blockIndex)
+        let reader = LogReader(directory: store.directory, index: store.journal.blockIndex, tail: store.journal.tail)
         while true {
             let durable = eventsLimit
             if start <= durable {
@@ -629,10 +634,13 @@ final class ServerContext: Sendable {
                 let turnFirst = durable - start >= 1 && count > 1
                 if turnFirst { await turn?.take() }
                 let read: Result<[(position: UInt64, record: Record)], LogReader.ReadError>
-                if let held = store.journal.tail.records(from: start, count: count, durable: durable) {
-                    // The newest records are in memory: answered here, on the client's loop.
+                if min(UInt64(count), durable - start + 1) <= Self.eventsInMemoryOnLoopMax,
+                   let held = store.journal.tail.records(from: start, count: count, durable: durable)
+                {
+                    // A few of the newest records: decoded from memory here, on the client's loop.
                     read = .success(held)
                 } else {
+                    // From the files, or a larger page from memory, off the loops.
                     read = await withTaskExecutorPreference(blockingWork) {
                         do throws(LogReader.ReadError) { return .success(try reader.read(from: start, count: count, durable: durable)) } catch { return .failure(error) }
                     }

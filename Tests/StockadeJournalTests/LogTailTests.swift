@@ -40,6 +40,7 @@ import Testing
         for n in 0..<200 { tail.add(firstLSN: 10 + UInt64(n) * 4, count: 4, bytes: Self.records(4, first: 100 + Int64(n) * 4)) }
         let range = tail.range
         #expect(range.upperBound == 810 && range.lowerBound > 9)
+        #expect(tail.bytesHeld <= tail.bytesMax && tail.bytesHeld > tail.bytesMax / 2, "\(tail.bytesHeld) bytes held")
         #expect(Self.quantities(tail.records(from: 809, count: 1, durable: 809)) == [899])
         #expect(tail.records(from: range.lowerBound - 1, count: 2, durable: 809) == nil)
         // A read it cannot answer whole (it ends before the durable bound) goes to the files.
