@@ -615,9 +615,10 @@ public final class Journal: ChangeLog, @unchecked Sendable {
             let blocks = frame(spare, firstLSN: firstLSN, into: &framed)
             let started = monotonicNanos()
             try writeBatch(framed, firstLSN: firstLSN)
-            // Kept for readers before the batch is published as durable (copied: `spare` keeps its
-            // capacity for the next batch).
-            if tail.bytesMax > 0 { tail.add(firstLSN: firstLSN, count: count, bytes: Array(spare[...])) }
+            // Kept for readers before the batch is published as durable: a copy of exactly its bytes
+            // (`Array(spare[...])` would share `spare`'s whole buffer, a megabyte or more, and `spare`
+            // would allocate another for the next batch).
+            if tail.bytesMax > 0 { tail.add(firstLSN: firstLSN, count: count, bytes: spare.withUnsafeBytes { [UInt8]($0) }) }
             let synced = try syncIfDue()
             diskSlow.store(monotonicNanos() - started > options.callerWriteNanosMax, ordering: .relaxed)
             let rawBytes = spare.count

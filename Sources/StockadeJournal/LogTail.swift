@@ -69,11 +69,17 @@ public final class LogTail: Sendable {
         }
     }
 
-    /// What a batch of these records' bytes counts against ``bytesMax``.
-    static func cost(_ bytes: [UInt8]) -> Int { bytes.count + batchOverheadBytes }
+    /// What a batch of these records' bytes counts against ``bytesMax``: the memory its array holds
+    /// (its capacity, not only its count), and its entry.
+    static func cost(_ bytes: [UInt8]) -> Int { bytes.capacity + batchOverheadBytes }
 
     /// The bytes held, as counted against ``bytesMax``.
     var bytesHeld: Int { state.withLock { $0.bytes } }
+
+    /// The capacity of the arrays of the batches held (for tests: what ``bytesHeld`` must bound).
+    var capacityHeld: Int {
+        state.withLock { state in state.batches[state.start...].reduce(0) { $0 + $1.bytes.capacity } }
+    }
 
     /// Forgets every batch (the log starts again).
     func reset() {

@@ -10,7 +10,7 @@ import Testing
     static func records(_ count: Int, first: Int64) -> [UInt8] {
         var buffer = RecordBuffer()
         for i in 0..<count { buffer.deducted(shard: 0, skuIndex: 0, quantity: first + Int64(i)) }
-        return buffer.bytes
+        return buffer.bytes.withUnsafeBytes { [UInt8]($0) }  // exactly its bytes, as the journal adds them
     }
 
     static func quantities(_ read: [(position: UInt64, record: Record)]?) -> [Int64]? {
@@ -90,6 +90,26 @@ import Testing
             #expect(got.map(\.record) == want.map(\.record))
         }
         #expect(fromMemory > 200, "\(fromMemory) of 800 reads from memory")
+    }
+
+    /// Batches of one record each (pipeline 1) keep the tail within its bound in memory too: each
+    /// batch holds a copy of exactly its bytes, not the journal's reusable buffer of a megabyte.
+    @Test func smallBatchesStayWithinTheBound() async throws {
+        let path = temporaryDirectory("logTailSmall")
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        var options = Store.Options(shardCount: 1)
+        options.journal.fsync = .none
+        options.journal.tailBytesMax = 64 << 10
+        let store = try Store(path: path, options: options)
+        defer { store.close() }
+        _ = await store.engine.execute([.addSku(sku: "tee", total: 1_000_000, limit: 0)], now: 0)
+        for batch in 0..<3_000 {
+            _ = await store.engine.execute([.reserve(user: Name("user-\(batch)"), lines: [OrderLine(sku: "tee", quantity: 1)], requestId: nil, ttlMillis: 600_000)], now: 0)
+        }
+        let tail = store.journal.tail
+        #expect(tail.bytesHeld <= tail.bytesMax)
+        #expect(tail.capacityHeld <= tail.bytesMax, "\(tail.capacityHeld) bytes of arrays held")
+        #expect(tail.range.count > 300, "\(tail.range.count) records held")
     }
 
     /// Removed segments' positions are TRIMMED from memory too; a log started again forgets it all.
