@@ -94,14 +94,9 @@ import Testing
     /// through the index and without it, equal what the segment files hold, walked whole here
     /// without the reader (each file read at once, its blocks checked and decoded one after another).
     @Test func blocksLargerThanTheReadWindowReadAsTheFilesHoldThem() async throws {
-        let path = temporaryDirectory("blockIndexLarge")
-        defer { try? FileManager.default.removeItem(atPath: path) }
-        var options = Store.Options(shardCount: 2)
-        options.journal.fsync = .none
-        options.journal.segmentBytesMax = 1 << 20
-        let store = try Store(path: path, options: options)
         let skus: [Name] = ["apple", "pear", "plum"]
-        _ = await store.engine.execute(skus.map { .addSku(sku: $0, total: 1_000_000_000, limit: 0) }, now: 0)
+        let (store, path) = try await LogTailTests.store("blockIndexLarge", shards: 2, skus: skus, segmentBytesMax: 1 << 20, tailBytesMax: 0)
+        defer { try? FileManager.default.removeItem(atPath: path) }
         var rng = SplitMix64(seed: 45)
         for batch in 0..<400 {
             let large = batch % 40 == 7

@@ -20,6 +20,27 @@ import Testing
         }
     }
 
+    /// A store (fsync off) with `skus` added, in a new directory the caller removes.
+    static func store(
+        _ name: String, shards: Int, skus: [Name], segmentBytesMax: Int? = nil, tailBytesMax: Int? = nil
+    ) async throws -> (store: Store, path: String) {
+        let path = temporaryDirectory(name)
+        var options = Store.Options(shardCount: shards)
+        options.journal.fsync = .none
+        if let segmentBytesMax { options.journal.segmentBytesMax = segmentBytesMax }
+        if let tailBytesMax { options.journal.tailBytesMax = tailBytesMax }
+        let store = try Store(path: path, options: options)
+        _ = await store.engine.execute(skus.map { .addSku(sku: $0, total: 1_000_000_000, limit: 0) }, now: 0)
+        return (store, path)
+    }
+
+    /// `count` batches of one RESERVE each, of users `user-0`, `user-1`, …
+    static func reserveOneByOne(_ store: Store, count: Int, sku: Name) async {
+        for n in 0..<count {
+            _ = await store.engine.execute([.reserve(user: Name("user-\(n)"), lines: [OrderLine(sku: sku, quantity: 1)], requestId: nil, ttlMillis: 600_000)], now: 0)
+        }
+    }
+
     @Test func holdsContiguousBatchesWithinItsBoundAndAnswersOnlyWhatItHoldsWhole() {
         let tail = LogTail(bytesMax: 1_000)
         let one = Self.records(3, first: 1)  // positions 1...3
@@ -56,15 +77,9 @@ import Testing
     /// A journal's reads with its tail equal the files' reads, for random positions, counts and
     /// durable bounds; those at the end are answered from memory.
     @Test func readsWithTheTailEqualTheFiles() async throws {
-        let path = temporaryDirectory("logTail")
+        let (store, path) = try await Self.store("logTail", shards: 2, skus: ["tee", "cap"], segmentBytesMax: 32 << 10, tailBytesMax: 16 << 10)
         defer { try? FileManager.default.removeItem(atPath: path) }
-        var options = Store.Options(shardCount: 2)
-        options.journal.fsync = .none
-        options.journal.segmentBytesMax = 32 << 10
-        options.journal.tailBytesMax = 16 << 10
-        let store = try Store(path: path, options: options)
         defer { store.close() }
-        _ = await store.engine.execute([.addSku(sku: "tee", total: 1_000_000, limit: 0), .addSku(sku: "cap", total: 1_000_000, limit: 0)], now: 0)
         var rng = SplitMix64(seed: 46)
         for batch in 0..<1_500 {
             let commands: [Command] = (0..<Int.random(in: 1...10, using: &rng)).map { n in
@@ -95,17 +110,10 @@ import Testing
     /// Batches of one record each (pipeline 1) keep the tail within its bound in memory too: each
     /// batch holds a copy of exactly its bytes, not the journal's reusable buffer of a megabyte.
     @Test func smallBatchesStayWithinTheBound() async throws {
-        let path = temporaryDirectory("logTailSmall")
+        let (store, path) = try await Self.store("logTailSmall", shards: 1, skus: ["tee"], tailBytesMax: 64 << 10)
         defer { try? FileManager.default.removeItem(atPath: path) }
-        var options = Store.Options(shardCount: 1)
-        options.journal.fsync = .none
-        options.journal.tailBytesMax = 64 << 10
-        let store = try Store(path: path, options: options)
         defer { store.close() }
-        _ = await store.engine.execute([.addSku(sku: "tee", total: 1_000_000, limit: 0)], now: 0)
-        for batch in 0..<3_000 {
-            _ = await store.engine.execute([.reserve(user: Name("user-\(batch)"), lines: [OrderLine(sku: "tee", quantity: 1)], requestId: nil, ttlMillis: 600_000)], now: 0)
-        }
+        await Self.reserveOneByOne(store, count: 3_000, sku: "tee")
         let tail = store.journal.tail
         #expect(tail.bytesHeld <= tail.bytesMax)
         #expect(tail.capacityHeld <= tail.bytesMax, "\(tail.capacityHeld) bytes of arrays held")
@@ -114,17 +122,10 @@ import Testing
 
     /// Removed segments' positions are TRIMMED from memory too; a log started again forgets it all.
     @Test func removedSegmentsAreTrimmedAndALogStartedAgainForgets() async throws {
-        let path = temporaryDirectory("logTailTrim")
+        let (store, path) = try await Self.store("logTailTrim", shards: 1, skus: ["tee"], segmentBytesMax: 4 << 10)
         defer { try? FileManager.default.removeItem(atPath: path) }
-        var options = Store.Options(shardCount: 1)
-        options.journal.fsync = .none
-        options.journal.segmentBytesMax = 4 << 10
-        let store = try Store(path: path, options: options)
         defer { store.close() }
-        _ = await store.engine.execute([.addSku(sku: "tee", total: 1_000_000, limit: 0)], now: 0)
-        for batch in 0..<300 {
-            _ = await store.engine.execute([.reserve(user: Name("user-\(batch)"), lines: [OrderLine(sku: "tee", quantity: 1)], requestId: nil, ttlMillis: 600_000)], now: 0)
-        }
+        await Self.reserveOneByOne(store, count: 300, sku: "tee")
         let journal = store.journal
         let durable = journal.lastDurableLSN
         #expect(journal.tail.range == 1..<durable + 1, "everything is held")
