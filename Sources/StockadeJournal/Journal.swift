@@ -367,15 +367,15 @@ public final class Journal: ChangeLog, @unchecked Sendable {
             covered.append(s.path)
         }
         let doomed = Array(covered.dropLast(max(0, keep)))
+        // What the files will no longer hold is not read from memory either, from before the first
+        // file goes (and whether or not the removal then fails): such a read is TRIMMED.
+        if let oldest = list.first(where: { !doomed.contains($0.path) })?.firstLSN, !doomed.isEmpty {
+            tail.drop(below: oldest)
+        }
         for path in doomed { try directory.storage.remove(path) }
         if !doomed.isEmpty {
             try directory.storage.syncDirectory(directory.path)
-            let oldest = locked {
-                segments.removeAll { doomed.contains($0.path) }
-                return segments.first?.firstLSN
-            }
-            // What the files no longer hold is not read from memory either: such a read is TRIMMED.
-            if let oldest { tail.drop(below: oldest) }
+            locked { segments.removeAll { doomed.contains($0.path) } }
         }
         return doomed
     }

@@ -14,8 +14,8 @@ import Synchronization
 /// does not hold is read from the files (``LogReader``).
 ///
 /// Kept true by the ``Journal``: emptied when the log starts again (``Journal/rebase(to:)``,
-/// ``Journal/restart(at:)``), cut below the oldest segment when segments are removed (so a position
-/// the files no longer hold is `TRIMMED` here too), and a batch that does not follow the last one
+/// ``Journal/restart(at:)``), cut below the oldest segment kept before segments are removed (so a
+/// position the files no longer hold is `TRIMMED` here too, from before its file goes), and a batch that does not follow the last one
 /// (or is larger than the bound) empties it before it is added (or instead).
 public final class LogTail: Sendable {
     /// One batch: its first position, its record count and its records' bytes.

@@ -120,6 +120,32 @@ import Testing
         #expect(tail.range.count > 300, "\(tail.range.count) records held")
     }
 
+    /// The tail lets go of a removed segment's positions before its file goes: a removal that fails
+    /// after unlinking (the directory's fsync, here) leaves no position answered from memory that
+    /// the files no longer hold.
+    @Test func positionsOfRemovedSegmentsLeaveMemoryBeforeTheirFiles() async throws {
+        let disk = SimulatedStorage(seed: 47)
+        let directory = DataDirectory("/sim/data", storage: disk)
+        var options = Store.Options(shardCount: 1)
+        options.journal.fsync = .none
+        options.journal.segmentBytesMax = 4 << 10
+        let store = try Store(directory: directory, options: options)
+        defer { store.close() }
+        _ = await store.engine.execute([.addSku(sku: "tee", total: 1_000_000, limit: 0)], now: 0)
+        await Self.reserveOneByOne(store, count: 300, sku: "tee")
+        let journal = store.journal
+        let durable = journal.lastDurableLSN
+        #expect(journal.tail.range == 1..<durable + 1)
+        let segments = try directory.segments()
+        #expect(segments.count > 4)
+        disk.failNext(.syncDirectory)
+        #expect(throws: JournalError.self) { try journal.removeSegments(coveredThrough: segments[3].firstLSN - 1, keep: 0) }
+        #expect(!disk.exists(segments[0].path), "the files were unlinked before the failure")
+        let reader = LogReader(directory: directory, index: journal.blockIndex, tail: journal.tail)
+        #expect(throws: LogReader.ReadError.trimmed(oldest: segments[3].firstLSN)) { try reader.read(from: 2, count: 1, durable: durable) }
+        #expect(journal.tail.range.lowerBound == segments[3].firstLSN)
+    }
+
     /// Removed segments' positions are TRIMMED from memory too; a log started again forgets it all.
     @Test func removedSegmentsAreTrimmedAndALogStartedAgainForgets() async throws {
         let (store, path) = try await Self.store("logTailTrim", shards: 1, skus: ["tee"], segmentBytesMax: 4 << 10)
