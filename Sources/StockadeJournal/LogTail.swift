@@ -27,10 +27,18 @@ public final class LogTail: Sendable {
     }
 
     private struct State {
-        /// Batches in position order, from `start` on (those before `start` are gone).
+        /// Batches in position order, from `start` on (those before `start` are gone, their bytes
+        /// already let go).
         var batches: [Batch] = []
         var start = 0
         var bytes = 0
+
+        /// Lets the oldest batch go, its bytes at once.
+        mutating func dropFirst() {
+            bytes -= LogTail.cost(batches[start].bytes)
+            batches[start].bytes = []
+            start += 1
+        }
     }
 
     /// The bytes kept at most, counted as ``cost(_:)`` says.
@@ -57,11 +65,8 @@ public final class LogTail: Sendable {
             }
             state.batches.append(Batch(firstLSN: firstLSN, count: count, bytes: bytes))
             state.bytes += Self.cost(bytes)
-            while state.bytes > bytesMax, state.start < state.batches.count - 1 {
-                state.bytes -= Self.cost(state.batches[state.start].bytes)
-                state.start += 1
-            }
-            // The array keeps the batches gone until they are half of it.
+            while state.bytes > bytesMax, state.start < state.batches.count - 1 { state.dropFirst() }
+            // The array keeps the entries of the batches gone (not their bytes) until they are half of it.
             if state.start > 64, state.start * 2 > state.batches.count {
                 state.batches.removeFirst(state.start)
                 state.start = 0
@@ -81,6 +86,12 @@ public final class LogTail: Sendable {
         state.withLock { state in state.batches[state.start...].reduce(0) { $0 + $1.bytes.capacity } }
     }
 
+    /// The capacity of the arrays of every entry, those of batches gone included (for tests: the
+    /// same as ``capacityHeld``, since a batch lets its bytes go as it goes).
+    var capacityHeldAll: Int {
+        state.withLock { state in state.batches.reduce(0) { $0 + $1.bytes.capacity } }
+    }
+
     /// Forgets every batch (the log starts again).
     func reset() {
         state.withLock { $0 = State() }
@@ -90,10 +101,7 @@ public final class LogTail: Sendable {
     /// never split across segments, so batches go whole.
     func drop(below lsn: UInt64) {
         state.withLock { state in
-            while state.start < state.batches.count, state.batches[state.start].firstLSN < lsn {
-                state.bytes -= Self.cost(state.batches[state.start].bytes)
-                state.start += 1
-            }
+            while state.start < state.batches.count, state.batches[state.start].firstLSN < lsn { state.dropFirst() }
         }
     }
 

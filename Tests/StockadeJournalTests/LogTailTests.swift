@@ -117,6 +117,7 @@ import Testing
         let tail = store.journal.tail
         #expect(tail.bytesHeld <= tail.bytesMax)
         #expect(tail.capacityHeld <= tail.bytesMax, "\(tail.capacityHeld) bytes of arrays held")
+        #expect(tail.capacityHeldAll == tail.capacityHeld, "batches gone still hold \(tail.capacityHeldAll - tail.capacityHeld) bytes")
         #expect(tail.range.count > 300, "\(tail.range.count) records held")
     }
 
