@@ -594,6 +594,11 @@ final class ServerContext: Sendable {
         ]
     }
 
+    /// An EVENTS of at most this many records that the journal holds in memory (``Journal/tail``) is
+    /// decoded on the client's loop; a larger page is decoded on ``blockingWork``, as a read of the
+    /// files is (a page of 10,000 baskets takes milliseconds to decode).
+    static let eventsInMemoryOnLoopMax: UInt64 = 128
+
     /// EVENTS: durable records from `from` (nil: `$`, the next position), waiting up to `blockMillis`
     /// for the first one. The newest records are read from memory (``Journal/tail``) on the caller's
     /// loop, older ones from the files on ``blockingWork``; a waiter sleeps until the durable
@@ -605,11 +610,6 @@ final class ServerContext: Sendable {
     /// record, and for one record before its event is encoded when that can take more than a STOCK,
     /// so pages are read and encoded a few at a time per loop (``HeavyRounds``). `encodeNanos`: the
     /// time the page took to encode (the caller's loop time).
-    /// An EVENTS of at most this many records that the journal holds in memory (``Journal/tail``) is
-    /// decoded on the client's loop; a larger page is decoded on ``blockingWork``, as a read of the
-    /// files is (a page of 10,000 baskets takes milliseconds to decode).
-    static let eventsInMemoryOnLoopMax: UInt64 = 128
-
     func events(
         from: UInt64?, count: Int, blockMillis: Int, resp3: Bool = false, turn: HeavyTurn? = nil, into out: inout ByteBuffer,
         encodeNanos: inout UInt64
