@@ -22,11 +22,22 @@ public enum Inspector {
         var names = SkuNames()
         for snapshot in try directory.snapshots() {
             do {
-                let state = try SnapshotFile.read(snapshot.path, storage: directory.storage)
-                names.learn(from: state)
+                let (state, lastRecord) = try SnapshotFile.load(snapshot.path, storage: directory.storage)
                 let orders = state.shards.reduce(0) { $0 + $1.orderCount }
                 let skus = state.shards.reduce(0) { $0 + $1.skuCount }
-                emit("snapshot \(snapshot.path): position \(state.lsn), \(state.shards.count) shards, \(skus) SKUs, \(orders) orders, checksums OK, state hash \(String(state.stateHash(), radix: 16))")
+                let line = "snapshot \(snapshot.path): position \(state.lsn), \(state.shards.count) shards, \(skus) SKUs, \(orders) orders, checksums OK, state hash \(String(state.stateHash(), radix: 16))"
+                switch Recovery.match(lsn: state.lsn, lastRecord: lastRecord, in: directory) {
+                case .same:
+                    names.learn(from: state)
+                    emit(line + ", last record matches the log")
+                case .cannotTell:
+                    names.learn(from: state)
+                    emit(line + (lastRecord == nil ? ", names no last record" : ", last record no longer in the log"))
+                case .another(let why):
+                    // Recovery skips it; its SKU names are not this log's.
+                    ok = false
+                    emit("snapshot \(snapshot.path): ANOTHER LOG'S: \(why)")
+                }
             } catch {
                 ok = false
                 emit("snapshot \(snapshot.path): INVALID: \(error.message)")

@@ -286,7 +286,36 @@ private struct SegmentWalk {
     }
 }
 
+/// What a snapshot's header keeps of the log record at its position (docs/FORMAT.md): the record's
+/// FNV-1a fingerprint (``LogReader/fingerprint(at:durable:)``) folded to 32 bits, never 0 (zeros in
+/// the header mean none was stored). Recovery compares it with the log's record at that position: a
+/// snapshot copied in from another data directory does not match, where replaying this log's later
+/// records onto its image would mix two stores without an error. 32 bits: a mistaken copy matches by
+/// chance once in 4 billion.
+public struct LogFingerprint: Hashable, Sendable, CustomStringConvertible {
+    public let value: UInt32
+
+    init(value: UInt32) {
+        precondition(value != 0, "a stored fingerprint is never 0")
+        self.value = value
+    }
+
+    /// Folds a record's 64-bit fingerprint.
+    public init(recordFingerprint hash: UInt64) {
+        let folded = UInt32(truncatingIfNeeded: hash ^ (hash >> 32))
+        self.value = folded == 0 ? 1 : folded
+    }
+
+    public var description: String { String(value, radix: 16) }
+}
+
 extension LogReader {
+    /// The folded fingerprint of the record at `position` (what a snapshot of that position stores),
+    /// or nil when the log does not hold it or it cannot be read.
+    public func snapshotFingerprint(at position: UInt64, durable: UInt64) -> LogFingerprint? {
+        fingerprint(at: position, durable: durable).map(LogFingerprint.init(recordFingerprint:))
+    }
+
     /// A fingerprint of the record at `position` (FNV-1a over its encoding), or nil when the log does
     /// not hold it (trimmed, or not written). Two logs whose records at a position have different
     /// fingerprints diverged at or before it: what a replica and its primary compare when they meet.

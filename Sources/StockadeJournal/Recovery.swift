@@ -30,8 +30,17 @@ public enum Recovery {
     public struct Report: Sendable, CustomStringConvertible {
         public var snapshotPath: String?
         public var snapshotLSN: UInt64 = 0
+        /// The fingerprint of the last record that snapshot's header names (nil: none, or no snapshot).
+        public var snapshotLastRecord: LogFingerprint?
+        /// Whether that fingerprint was compared with the log's record at the snapshot's position
+        /// (and matched); false when the log no longer holds it or the snapshot names none.
+        public var snapshotMatchedLog = false
         /// Snapshots that failed verification, each with why; recovery used an older one and more log.
         public var skippedSnapshots: [String] = []
+        /// Snapshots of another log, each with why (also in ``skippedSnapshots``): the fingerprint of
+        /// their last record is not this log's record at that position. Never a sign of how far this
+        /// log reached.
+        public var foreignSnapshots: [String] = []
         public var segmentsRead = 0
         public var blocksRead = 0
         public var recordsReplayed = 0
@@ -70,9 +79,19 @@ public enum Recovery {
         for snapshot in try directory.snapshots().reversed() {
             if let upTo = options.upToLSN, snapshot.lsn > upTo { continue }
             do {
-                state = try SnapshotFile.read(snapshot.path, lsn: snapshot.lsn, storage: directory.storage)
+                let (loaded, lastRecord) = try SnapshotFile.load(snapshot.path, lsn: snapshot.lsn, storage: directory.storage)
+                let matched = match(lsn: snapshot.lsn, lastRecord: lastRecord, in: directory)
+                if case .another(let why) = matched {
+                    // Not this log's: replaying this log after it would build a state neither store had.
+                    report.skippedSnapshots.append("\(snapshot.path): \(why)")
+                    report.foreignSnapshots.append("\(snapshot.path): \(why)")
+                    continue
+                }
+                report.snapshotMatchedLog = matched == .same
+                state = loaded
                 report.snapshotPath = snapshot.path
                 report.snapshotLSN = snapshot.lsn
+                report.snapshotLastRecord = lastRecord
                 fromSnapshot = true
                 break
             } catch {
@@ -141,6 +160,34 @@ public enum Recovery {
         report.lsn = state.lsn
         report.durationNanos = monotonicNanos() - started
         return (state, report)
+    }
+
+    /// Whether a snapshot of position `lsn` whose header names `lastRecord` is a snapshot of the log
+    /// in `directory`. Nothing can be compared when the snapshot names no fingerprint (an older
+    /// build's) or the log does not hold that record (removed after an earlier snapshot, or never
+    /// written here: a replica's full copy starts its log after the copy's position).
+    public enum LogMatch: Equatable, Sendable {
+        /// The log's record at the snapshot's position has the fingerprint the snapshot names.
+        case same
+        /// It has another: the snapshot was taken from another log. Says so, for the report.
+        case another(String)
+        case cannotTell
+    }
+
+    public static func match(lsn: UInt64, lastRecord: LogFingerprint?, in directory: DataDirectory) -> LogMatch {
+        guard let lastRecord, lsn > 0,
+              let logs = LogReader(directory: directory).snapshotFingerprint(at: lsn, durable: lsn)
+        else { return .cannotTell }
+        if logs == lastRecord { return .same }
+        return .another(
+            "it is a snapshot of another log: the fingerprint of its last record (position \(lsn)) is \(lastRecord), "
+                + "this log's record there has \(logs) (a snapshot copied in from another data directory?)")
+    }
+
+    /// Why the snapshot is another log's (``match(lsn:lastRecord:in:)``), or nil.
+    public static func foreignSnapshotReason(lsn: UInt64, lastRecord: LogFingerprint?, in directory: DataDirectory) -> String? {
+        if case .another(let why) = match(lsn: lsn, lastRecord: lastRecord, in: directory) { return why }
+        return nil
     }
 
     enum SegmentOutcome {

@@ -4,6 +4,10 @@ import StockadeCore
 /// Written to a temporary file, fsynced, renamed into place, and the directory fsynced, so a
 /// snapshot is either whole or absent (a crash can leave the `.snap.tmp`; ``Store`` removes it at
 /// start-up). Layout in docs/FORMAT.md.
+///
+/// The header names the log the snapshot was taken from: a fingerprint of the record at its position
+/// (``LogFingerprint``), so that recovery can tell a snapshot copied in from another data directory,
+/// whose image the log's later records would otherwise be replayed onto, from one of its own.
 public enum SnapshotFile {
     public static let magic: [UInt8] = Array("STOCKSNP".utf8)
     public static let version: UInt32 = 1
@@ -17,10 +21,12 @@ public enum SnapshotFile {
         public var rawBytes: Int
     }
 
-    /// Writes `state` as the snapshot covering log position `state.lsn`.
+    /// Writes `state` as the snapshot covering log position `state.lsn`; `lastRecord` is the
+    /// fingerprint of the log's record at that position (nil when unknown: none is stored, and
+    /// recovery cannot compare the snapshot with the log).
     @discardableResult
-    public static func write(_ state: EngineState, to directory: DataDirectory) throws(JournalError) -> Written {
-        try write(lsn: state.lsn, shardCount: state.shards.count, to: directory) { emit in
+    public static func write(_ state: EngineState, lastRecord: LogFingerprint?, to directory: DataDirectory) throws(JournalError) -> Written {
+        try write(lsn: state.lsn, shardCount: state.shards.count, lastRecord: lastRecord, to: directory) { emit in
             try state.encodeImage(chunkBytes: BlockHeader.rawBytesMax, flush: emit)
         }
     }
@@ -28,7 +34,7 @@ public enum SnapshotFile {
     /// Writes the snapshot covering `lsn` whose image `image` hands over, a chunk at a time, to the
     /// function it is given. Tests use it to write images of their own.
     package static func write(
-        lsn: UInt64, shardCount: Int, to directory: DataDirectory,
+        lsn: UInt64, shardCount: Int, lastRecord: LogFingerprint? = nil, to directory: DataDirectory,
         image: (_ emit: ([UInt8]) throws -> Void) throws -> Void
     ) throws(JournalError) -> Written {
         let finalPath = directory.snapshotPath(lsn: lsn)
@@ -62,7 +68,14 @@ public enum SnapshotFile {
             header.appendLE(version); header.appendLE(UInt32(shardCount)); header.appendLE(lsn)
             header.appendLE(UInt64(rawTotal)); header.appendLE(blockCount)
             header.appendLE(CRC32C.checksum(header))
-            header.append(contentsOf: repeatElement(0, count: headerSize - header.count))
+            if let lastRecord {
+                // Bytes 40..<48: the fingerprint, then a CRC32C of everything before it in the header.
+                header.appendLE(lastRecord.value)
+                header.appendLE(CRC32C.checksum(header))
+            } else {
+                header.append(contentsOf: repeatElement(0, count: 8))
+            }
+            assert(header.count == headerSize)
             try file.write(header, at: 0)
             try file.sync()
             file.close()
@@ -85,10 +98,18 @@ public enum SnapshotFile {
     /// the snapshot of that position. A whole snapshot of another position under the name would
     /// otherwise count for the position the name says, and pruning would remove the log it needs.
     public static func read(_ path: String, lsn: UInt64? = nil, storage: any Storage = PosixStorage.shared) throws(JournalError) -> EngineState {
+        try load(path, lsn: lsn, storage: storage).state
+    }
+
+    /// ``read(_:lsn:storage:)``, with the fingerprint of the log record at the snapshot's position
+    /// that its header names (nil: a snapshot written without one, by a build before it).
+    public static func load(
+        _ path: String, lsn: UInt64? = nil, storage: any Storage = PosixStorage.shared
+    ) throws(JournalError) -> (state: EngineState, lastRecord: LogFingerprint?) {
         let bytes = try storage.readAll(path)
-        let state = try typed { try bytes.withUnsafeBytes { all in try decode(all, path: path) } }
+        let (state, lastRecord) = try typed { try bytes.withUnsafeBytes { all in try decode(all, path: path) } }
         if let lsn, state.lsn != lsn { throw JournalError(.corrupt, "\(path): its header states position \(state.lsn), not \(lsn)") }
-        return state
+        return (state, lastRecord)
     }
 
     /// Checks a snapshot exactly as start-up would load it: header, every block's checksum and length,
@@ -98,7 +119,7 @@ public enum SnapshotFile {
     /// is as useless to recovery as a torn one, and counting it would let pruning remove the log it
     /// stands for. Throws what ``read(_:storage:)`` would.
     public static func verify(_ path: String, lsn: UInt64? = nil, storage: any Storage = PosixStorage.shared) throws(JournalError) {
-        _ = try read(path, lsn: lsn, storage: storage)
+        _ = try load(path, lsn: lsn, storage: storage)
     }
 
     /// Checks a snapshot's header and every block's checksum and length, and that its header states
@@ -112,8 +133,8 @@ public enum SnapshotFile {
         guard stated == lsn else { throw JournalError(.corrupt, "\(path): its header states position \(stated), not \(lsn)") }
     }
 
-    private static func decode(_ all: UnsafeRawBufferPointer, path: String) throws(JournalError) -> EngineState {
-        let (image, lsn, shardCount) = try checkBlocks(all, path: path)
+    private static func decode(_ all: UnsafeRawBufferPointer, path: String) throws(JournalError) -> (EngineState, LogFingerprint?) {
+        let (image, lsn, shardCount, lastRecord) = try checkBlocks(all, path: path)
         let state: EngineState
         do {
             state = try image.withUnsafeBytes { try EngineState.decodeImage($0) }
@@ -123,14 +144,14 @@ public enum SnapshotFile {
         guard state.lsn == lsn, state.shards.count == Int(shardCount) else {
             throw JournalError(.corrupt, "\(path): image disagrees with its header")
         }
-        return state
+        return (state, lastRecord)
     }
 
-    /// Verifies the header and every block; returns the image, the position and the shard count the
-    /// header states.
+    /// Verifies the header and every block; returns the image, and the position, the shard count and
+    /// the last record's fingerprint the header states.
     private static func checkBlocks(
         _ all: UnsafeRawBufferPointer, path: String
-    ) throws(JournalError) -> (image: [UInt8], lsn: UInt64, shardCount: UInt32) {
+    ) throws(JournalError) -> (image: [UInt8], lsn: UInt64, shardCount: UInt32, lastRecord: LogFingerprint?) {
         guard all.count >= headerSize, Array(all[0..<8]) == magic else {
             throw JournalError(.format, "\(path) is not a Stockade snapshot (bad magic or short file)")
         }
@@ -146,6 +167,19 @@ public enum SnapshotFile {
         }
         guard version == Self.version else {
             throw JournalError(.format, "\(path): snapshot version \(version), this build reads \(Self.version)")
+        }
+        // Bytes 40..<48: eight zeros (written before fingerprints; also what `lsn` 0 gets), or a
+        // fingerprint and its own CRC32C (over bytes 0..<44, so it also says the fingerprint belongs
+        // to this header).
+        var lastRecord: LogFingerprint?
+        var tail = ByteReader(all, offset: 40)
+        let stored: UInt32 = (try? tail.read()) ?? 0
+        let storedCRC: UInt32 = (try? tail.read()) ?? 0
+        if stored != 0 || storedCRC != 0 {
+            guard stored != 0, storedCRC == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: all[0..<44])) else {
+                throw JournalError(.corrupt, "\(path): the fingerprint of its last record fails its checksum (header offset 40)")
+            }
+            lastRecord = LogFingerprint(value: stored)
         }
         guard rawTotal <= UInt64(all.count) * 256 else { throw JournalError(.corrupt, "\(path): implausible image size") }
         var image: [UInt8] = []
@@ -168,6 +202,6 @@ public enum SnapshotFile {
         guard offset == all.count, imageBytes == Int(rawTotal) else {
             throw JournalError(.corrupt, "\(path): length mismatch (\(all.count - offset) stray bytes, image \(imageBytes) of \(rawTotal))")
         }
-        return (image, lsn, shardCount)
+        return (image, lsn, shardCount, lastRecord)
     }
 }

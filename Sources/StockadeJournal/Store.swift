@@ -161,9 +161,14 @@ public final class Store: Sendable {
                         written: last, durationNanos: monotonicNanos() - started, removedSegments: [], removedSnapshots: [], unchanged: true)
                 }
             }
-            let (state, _) = try Recovery.recover(
+            let (state, recovered) = try Recovery.recover(
                 directory, options: Recovery.Options(shardCount: options.shardCount, repair: false, upToLSN: upTo))
-            let written = try SnapshotFile.write(state, to: directory)
+            // The header names the log's record at the snapshot's position: read back from the log (it
+            // holds every record since the last snapshot), or the fingerprint the snapshot it started
+            // from named, when no record followed that one and its segment is gone.
+            let lastRecord = LogReader(directory: directory).snapshotFingerprint(at: state.lsn, durable: upTo)
+                ?? (state.lsn == recovered.snapshotLSN ? recovered.snapshotLastRecord : nil)
+            let written = try SnapshotFile.write(state, lastRecord: lastRecord, to: directory)
             let pruned = try prune(justWritten: written.path)
             lastWritten.withLock { $0 = (written, monotonicNanos()) }
             return SnapshotReport(
@@ -189,8 +194,13 @@ public final class Store: Sendable {
                 doomed.append(snapshot.path)
                 continue
             }
-            do {
-                try SnapshotFile.verify(snapshot.path, lsn: snapshot.lsn, storage: directory.storage)
+            do throws(JournalError) {
+                let (_, lastRecord) = try SnapshotFile.load(snapshot.path, lsn: snapshot.lsn, storage: directory.storage)
+                // Another log's snapshot (copied in) is no fallback for this one: counting it would let
+                // this log's segments go on its word.
+                if let why = Recovery.foreignSnapshotReason(lsn: snapshot.lsn, lastRecord: lastRecord, in: directory) {
+                    throw JournalError(.corrupt, why)
+                }
                 kept.append(snapshot)
             } catch {
                 invalid.append("\(snapshot.path): \(error.message)")

@@ -69,6 +69,11 @@ package enum Simulator {
         package var eventReadsRefused = 0
         /// Of the reads, those the journal's newest records in memory answered (``LogTail``).
         package var eventReadsFromTail = 0
+        /// Recoveries from a snapshot whose last record's fingerprint was compared with the log's (and
+        /// matched: a mismatch fails the seed).
+        package var snapshotsMatched = 0
+        /// Snapshots of another log copied into the directory before a restart (and skipped by recovery).
+        package var foreignSnapshots = 0
         package var failure: String?
 
         package init(seed: UInt64) { self.seed = seed }
@@ -81,7 +86,7 @@ package enum Simulator {
                 + "\(durabilityChecks) durability checks, \(quietRecoveries) recoveries compared by state hash, \(epochs) epochs started"
                 + (snapshots + bitFlips + diskFaults > 0
                     ? ", \(snapshots) snapshots, \(diskFaults) disk faults, \(bitFlips) bit flips, \(refusedStartUps) refused start-ups, "
-                        + "\(eventReads) log reads checked (\(eventReadsFromTail) from memory, \(eventReadsRefused) refused on damage))" : ")")
+                        + "\(eventReads) log reads checked (\(eventReadsFromTail) from memory, \(eventReadsRefused) refused on damage), \(snapshotsMatched) snapshots matched with the log, \(foreignSnapshots) of another log skipped)" : ")")
         }
     }
 

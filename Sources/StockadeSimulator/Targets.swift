@@ -245,6 +245,26 @@ final class DiskTarget: SimulationTarget {
         return nil
     }
 
+    /// Writes a snapshot of another log into the directory and returns its path, or nil when there
+    /// is no room for one: at a position P the log holds past its newest snapshot, the state this log
+    /// had at P - 1 plus a SKU it never had, naming a last record other than the log's record at P.
+    private func copyInForeignSnapshot(rng: inout SplitMix64) -> String? {
+        let newest = (try? directory.snapshots().last?.lsn) ?? 0
+        let position = newest + UInt64.random(in: 2...60, using: &rng)
+        let reader = LogReader(directory: directory)
+        guard let ours = reader.snapshotFingerprint(at: position, durable: position),
+              var state = try? Recovery.recover(directory, options: Recovery.Options(shardCount: options.shardCount, repair: false, upToLSN: position - 1)).0,
+              state.lsn == position - 1
+        else { return nil }
+        let sku = Name("another-log-\(position)")
+        let shard = Engine.shardIndex(of: sku, shardCount: state.shards.count)
+        guard (try? state.apply(.skuAdded(shard: shard, skuIndex: UInt32(state.shards[shard].skuCount), sku: sku, total: 5, limit: 0))) != nil
+        else { return nil }
+        var theirs = LogFingerprint(recordFingerprint: rng.next())
+        if theirs == ours { theirs = LogFingerprint(recordFingerprint: UInt64(ours.value) + 1) }
+        return try? SnapshotFile.write(state, lastRecord: theirs, to: directory).path
+    }
+
     func durableState(through position: UInt64) throws -> EngineState {
         try Recovery.recover(directory, options: Recovery.Options(shardCount: options.shardCount, repair: false, upToLSN: position)).0
     }
@@ -277,6 +297,10 @@ final class DiskTarget: SimulationTarget {
                 report.bitFlips += 1
             }
         }
+        // Sometimes, with no damage, a snapshot of another log is copied in (a restore into the wrong
+        // directory): at a position this log holds, newer than its own snapshots, of a state this log
+        // never had. Recovery must skip it for its own.
+        let foreign = flipped == nil && Int.random(in: 0..<6, using: &rng) == 0 ? copyInForeignSnapshot(rng: &rng) : nil
         do {
             store = try Store(directory: directory, options: options)
         } catch {
@@ -298,6 +322,22 @@ final class DiskTarget: SimulationTarget {
         }
         if let suspend { store.journal.onWaiting(suspend) }
         if store.recovery.tornTail != nil { report.tornTails += 1 }
+        // Nothing here copies files between logs: a snapshot taken for another log's is a false alarm
+        // (the fingerprint written or compared wrong), which could refuse a start-up it should not.
+        if let foreign {
+            guard store.recovery.foreignSnapshots.count == 1, store.recovery.foreignSnapshots[0].hasPrefix(foreign + ":"),
+                  store.recovery.snapshotPath != foreign
+            else {
+                return .failure(SimulationFailure(description: "a snapshot of another log copied in as \(foreign) was not skipped: \(store.recovery)"))
+            }
+            report.foreignSnapshots += 1
+            // The operator removes it once the start-up log names it.
+            try? disk.remove(foreign)
+            try? disk.syncDirectory(directory.path)
+        } else if !store.recovery.foreignSnapshots.isEmpty {
+            return .failure(SimulationFailure(description: "a snapshot of this log taken for another log's: \(store.recovery)"))
+        }
+        if store.recovery.snapshotMatchedLog { report.snapshotsMatched += 1 }
         return .success(await store.engine.captureState(lsn: store.journal.lastAppendedLSN))
     }
 }

@@ -74,6 +74,8 @@ struct Simulate: AsyncParsableCommand {
             total.eventReads += report.eventReads
             total.eventReadsRefused += report.eventReadsRefused
             total.eventReadsFromTail += report.eventReadsFromTail
+            total.snapshotsMatched += report.snapshotsMatched
+            total.foreignSnapshots += report.foreignSnapshots
             if report.failure != nil {
                 failed.append(next)
                 print(report)
@@ -88,7 +90,7 @@ struct Simulate: AsyncParsableCommand {
             \(total.crashes) crashes (\(total.tornTails) with a torn tail, \(total.kills) of the process alone), \(total.syncFailures) sync failures, \
             \(total.appendFailures) append failures, \(total.clockJumpsBack) clock jumps back, \
             \(total.durabilityChecks) durability checks, \(total.quietRecoveries) recoveries compared by state hash, \(total.epochs) epochs started\
-            \(disk ? "; \(total.snapshots) snapshots, \(total.diskFaults) disk faults, \(total.bitFlips) bit flips, \(total.refusedStartUps) refused start-ups, \(total.eventReads) log reads checked (\(total.eventReadsFromTail) from memory, \(total.eventReadsRefused) refused on damage)" : "")
+            \(disk ? "; \(total.snapshots) snapshots, \(total.diskFaults) disk faults, \(total.bitFlips) bit flips, \(total.refusedStartUps) refused start-ups, \(total.eventReads) log reads checked (\(total.eventReadsFromTail) from memory, \(total.eventReadsRefused) refused on damage), \(total.snapshotsMatched) snapshots matched with the log, \(total.foreignSnapshots) of another log skipped" : "")
             """)
         if !failed.isEmpty { throw ExitCode(1) }
     }

@@ -15,6 +15,11 @@ enum SnapshotFault: CaseIterable, Sendable {
     /// restore gone wrong): only comparing its header's position with its name finds it. Pruning
     /// once counted it for its name's position and removed the log after the position it holds.
     case earlierPositionUnderThisName
+    /// A whole snapshot of this position taken from another data directory (a copy put in the wrong
+    /// place): every checksum holds and its image decodes, but it holds another state, and its last
+    /// record is not this log's. Only comparing its header's fingerprint with the log finds it;
+    /// before that, recovery replayed this log's later records onto the other store's image.
+    case anotherLogsSnapshot
 }
 
 /// Spoils the snapshot at `path` so that it fails verification, the way `fault` says.
@@ -36,9 +41,25 @@ func corruptSnapshot(_ path: String, _ fault: SnapshotFault = .bitFlip) throws {
         let directory = DataDirectory((path as NSString).deletingLastPathComponent)
         #expect(state.lsn > 0 && !FileManager.default.fileExists(atPath: directory.snapshotPath(lsn: state.lsn - 1)))
         state.lsn -= 1
-        let written = try SnapshotFile.write(state, to: directory)
+        let written = try SnapshotFile.write(state, lastRecord: nil, to: directory)
         try FileManager.default.removeItem(atPath: path)
         try FileManager.default.moveItem(atPath: written.path, toPath: path)
+    case .anotherLogsSnapshot:
+        var (state, lastRecord) = try SnapshotFile.load(path)
+        let theirs = LogFingerprint(recordFingerprint: UInt64(try #require(lastRecord).value) &* 0x9E37_79B9_7F4A_7C15)
+        let shard = try #require(state.shards.firstIndex { !$0.skus.isEmpty })
+        state.shards[shard].skus[0].total += 7
+        state.shards[shard].skus[0].available += 7
+        let directory = DataDirectory((path as NSString).deletingLastPathComponent)
+        let written = try SnapshotFile.write(state, lastRecord: theirs, to: directory)
+        #expect(written.path == path)
+        lastRecord = try SnapshotFile.load(path).lastRecord
+        #expect(lastRecord == theirs)
+        // Told apart only where the log still holds the record at its position: always for the newest
+        // snapshot (segments go only up to the oldest one kept), not for an older one whose segment went.
+        let held = LogReader(directory: directory).snapshotFingerprint(at: state.lsn, durable: state.lsn) != nil
+        #expect((Recovery.foreignSnapshotReason(lsn: state.lsn, lastRecord: theirs, in: directory) != nil) == held)
+        return
     }
     let lsn = try #require(try DataDirectory((path as NSString).deletingLastPathComponent).snapshots().first { $0.path == path }?.lsn)
     #expect(throws: JournalError.self) { try SnapshotFile.read(path, lsn: lsn) }

@@ -4,6 +4,7 @@ out of file descriptors, shutdown with waiters). Issue #7: C17, C18, C20, C21, C
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -178,6 +179,53 @@ def test_inspect_records_reads_like_the_protocol(data_dir):
     assert lines[2] == f"#3 paid {order}"
     assert lines[3] == "#4 restocked phone delta 5"
     assert "StockadeCore" not in out.stdout and "orderCreated(" not in out.stdout
+
+
+# A snapshot copied into the wrong data directory (a restore gone wrong) at a position inside that
+# directory's log: recovery took its image and replayed the directory's later records onto it, so
+# `pear` was gone, `apple` held `pear`'s reservations, and AUDIT said OK. Now the snapshot's last
+# record is compared with the log's: the copy is skipped, said so, and flagged by inspect.
+def test_a_snapshot_copied_in_from_another_data_directory_is_not_replayed_onto(data_dir):
+    other = data_dir + "-other"
+    os.makedirs(other)
+    try:
+        a = Server(other, "--shards", "2").start()
+        r = a.client()
+        r.execute_command("SKU.ADD", "apple", 100)
+        for i in range(20):
+            r.execute_command("RESERVE", f"u{i}", "apple", 1)
+        r.execute_command("SNAPSHOT")
+        assert a.stop() == 0
+        (copied,) = [f for f in os.listdir(other) if f.endswith(".snap")]
+
+        b = Server(data_dir, "--shards", "2").start()
+        r = b.client()
+        r.execute_command("SKU.ADD", "pear", 50)
+        for i in range(5):
+            r.execute_command("RESERVE", f"v{i}", "pear", 2)
+        r.execute_command("SNAPSHOT")
+        for i in range(30):
+            r.execute_command("RESERVE", f"w{i}", "pear", 1)
+        pear = r.execute_command("STOCK", "pear")
+        assert b.stop() == 0
+        (own,) = [f for f in os.listdir(data_dir) if f.endswith(".snap")]
+        assert int(own[5:25]) < int(copied[5:25]) < 36
+        shutil.copy(os.path.join(other, copied), os.path.join(data_dir, copied))
+
+        out = run("inspect", data_dir)
+        assert out.returncode != 0 and f"{copied}: ANOTHER LOG'S" in out.stdout, out.stdout
+        assert "last record matches the log" in out.stdout
+
+        b = Server(data_dir, "--shards", "2").start()
+        r = b.client()
+        assert r.execute_command("STOCK", "pear") == pear
+        with pytest.raises(redis.ResponseError, match="NOSKU"):
+            r.execute_command("STOCK", "apple")
+        assert "snapshot of another log" in b.logs()
+        assert b.stop() == 0
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+        shutil.rmtree(other + "-logs", ignore_errors=True)
 
 
 # C17: a snapshot of a large state does not stall the other clients of its event loop.

@@ -1,0 +1,106 @@
+import Foundation
+import Testing
+@testable import StockadeCore
+@testable import StockadeJournal
+
+/// A snapshot names the log record at its position (``LogFingerprint``), so that one copied in from
+/// another data directory is not taken for this log's.
+@Suite struct ForeignSnapshotTests {
+    static func options() -> Store.Options {
+        var options = Store.Options(shardCount: 2)
+        options.journal.segmentBytesMax = 600
+        options.coveredSegmentsKept = 0
+        return options
+    }
+
+    /// Reservations of `count` new users of `sku`, one batch each: one record each.
+    static func reserve(_ store: Store, sku: String, users: Range<Int>) async {
+        for user in users {
+            _ = await store.engine.execute(
+                [.reserve(user: Name("\(sku)-\(user)"), lines: [OrderLine(sku: Name(sku), quantity: 1)], requestId: nil, ttlMillis: 600_000)],
+                now: 0)
+        }
+    }
+
+    /// Found by hand against the server: store B (a SKU `pear`) with the snapshot of store A (a SKU
+    /// `apple`) copied into its directory, at a position inside B's log. Recovery took A's image and
+    /// replayed B's later reservations onto it: `pear` was gone, `apple` held units B's clients had
+    /// reserved of `pear`, and AUDIT found nothing wrong. Now the copy is skipped (and said so), B
+    /// recovers its own state, and its next snapshot does not count the copy as a fallback.
+    @Test func aSnapshotCopiedInFromAnotherDirectoryIsSkipped() async throws {
+        let a = temporaryDirectory("a")
+        let b = temporaryDirectory("b")
+        defer {
+            try? FileManager.default.removeItem(atPath: a)
+            try? FileManager.default.removeItem(atPath: b)
+        }
+        let storeA = try Store(path: a, options: Self.options())
+        _ = await storeA.engine.execute(.addSku(sku: "apple", total: 100, limit: 0), now: 0)
+        await Self.reserve(storeA, sku: "apple", users: 0..<20)
+        let copied = try await storeA.snapshot().written
+        storeA.close()
+
+        var storeB = try Store(path: b, options: Self.options())
+        _ = await storeB.engine.execute(.addSku(sku: "pear", total: 100, limit: 0), now: 0)
+        await Self.reserve(storeB, sku: "pear", users: 0..<5)
+        let own = try await storeB.snapshot().written
+        await Self.reserve(storeB, sku: "pear", users: 5..<35)
+        let live = await liveState(storeB)
+        storeB.close()
+        // A's snapshot falls after B's and inside B's log.
+        #expect(own.lsn < copied.lsn && copied.lsn < live.lsn)
+        let copy = DataDirectory(b).snapshotPath(lsn: copied.lsn)
+        try FileManager.default.copyItem(atPath: copied.path, toPath: copy)
+
+        let (state, report) = try recover(b)
+        #expect(state.lsn == live.lsn && state.stateHash() == live.stateHash(), "\(report)")
+        #expect(report.snapshotPath == own.path)
+        #expect(report.foreignSnapshots.count == 1 && report.foreignSnapshots[0].hasPrefix(copy), "\(report)")
+        #expect(report.description.contains("snapshot of another log"))
+
+        // A store started there serves B's state, and its next snapshot removes the copy as invalid.
+        storeB = try Store(path: b, options: Self.options())
+        #expect(await liveState(storeB).stateHash() == live.stateHash())
+        await Self.reserve(storeB, sku: "pear", users: 35..<36)
+        let next = try await storeB.snapshot()
+        #expect(next.invalidSnapshots.contains { $0.hasPrefix(copy) }, "\(next)")
+        #expect(!FileManager.default.fileExists(atPath: copy))
+        let after = await liveState(storeB)
+        storeB.close()
+        let (again, _) = try recover(b)
+        #expect(again.stateHash() == after.stateHash())
+    }
+
+    /// Every snapshot a store writes names the log's record at its position; the field has its own
+    /// checksum; a header without it (an older build's, eight zeros) still reads, naming none.
+    @Test func snapshotsNameTheLogRecordAtTheirPosition() async throws {
+        let path = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let store = try Store(path: path, options: Self.options())
+        _ = await store.engine.execute(.addSku(sku: "tv", total: 100, limit: 0), now: 0)
+        var written: [SnapshotFile.Written] = []
+        for round in 0..<4 {
+            await Self.reserve(store, sku: "tv", users: (round * 7)..<(round * 7 + 7))
+            written.append(try await store.snapshot().written)
+            let (_, lastRecord) = try SnapshotFile.load(written[round].path)
+            let logs = LogReader(directory: DataDirectory(path)).snapshotFingerprint(at: written[round].lsn, durable: written[round].lsn)
+            #expect(lastRecord != nil && lastRecord == logs)
+        }
+        store.close()
+        let newest = try #require(written.last)
+        let original = try [UInt8](Data(contentsOf: URL(fileURLWithPath: newest.path)))
+        for offset in 40..<48 {
+            var bytes = original
+            bytes[offset] ^= 0x04
+            try Data(bytes).write(to: URL(fileURLWithPath: newest.path))
+            #expect(throws: JournalError.self) { try SnapshotFile.verify(newest.path, lsn: newest.lsn) }
+        }
+        var bytes = original
+        for offset in 40..<48 { bytes[offset] = 0 }
+        try Data(bytes).write(to: URL(fileURLWithPath: newest.path))
+        let (state, lastRecord) = try SnapshotFile.load(newest.path, lsn: newest.lsn)
+        #expect(lastRecord == nil && state.lsn == newest.lsn)
+        let (_, report) = try recover(path)
+        #expect(report.snapshotPath == newest.path && report.foreignSnapshots.isEmpty)
+    }
+}
