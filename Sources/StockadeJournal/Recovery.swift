@@ -53,6 +53,13 @@ public enum Recovery {
         public var unwrittenBytesCut = 0
         /// Corruption truncated on request (`truncateCorrupt`).
         public var truncatedCorruption: String?
+        /// The last position the log's segments read here hold (the position before the first one's
+        /// first record when they hold none): below ``snapshotLSN`` when the snapshot is past the
+        /// log's end. Nil when no segment was read.
+        public var logEnd: UInt64?
+        /// The snapshot used holds changes past the end of the log read after it
+        /// (``snapshotPastLogEnd``): nothing could compare it with this log.
+        public var snapshotPastLogEnd: Bool { logEnd.map { $0 < snapshotLSN } ?? false }
         public var lsn: UInt64 = 0
         public var durationNanos: UInt64 = 0
 
@@ -65,6 +72,12 @@ public enum Recovery {
             if let tornTail { parts.append("cut torn tail: \(tornTail)") }
             if unwrittenBytesCut > 0 { parts.append("cut \(unwrittenBytesCut) bytes of allocated space past the last block") }
             if let truncatedCorruption { parts.append("TRUNCATED CORRUPTION: \(truncatedCorruption)") }
+            if snapshotPastLogEnd, let logEnd {
+                parts.append(
+                    "the snapshot is past the end of the log (position \(logEnd)): its changes after that are in no log here "
+                        + "(a replica's full copy interrupted, a power cut with --fsync everysec or none, or a snapshot copied in "
+                        + "from another data directory, which nothing here can tell apart)")
+            }
             return parts.joined(separator: "; ")
         }
     }
@@ -222,6 +235,7 @@ public enum Recovery {
         }
         var offset = SegmentHeader.size
         var expectedLSN = header.firstLSN
+        report.logEnd = max(report.logEnd ?? 0, header.firstLSN > 0 ? header.firstLSN - 1 : 0)
         while offset < all.count {
             if isLast && all[offset] == 0 && allZero(all, from: offset) { return .unwritten(offset: offset) }
             switch BlockCodec.read(all, at: offset) {
@@ -234,6 +248,8 @@ public enum Recovery {
                     return .corrupt(offset: offset, "block starts at position \(h.firstLSN), expected \(expectedLSN)")
                 }
                 report.blocksRead += 1
+                let (end, overflow) = h.firstLSN.addingReportingOverflow(UInt64(h.recordCount))
+                if !overflow, end > 0 { report.logEnd = max(report.logEnd ?? 0, end - 1) }
                 var lsn = h.firstLSN
                 var decoded = 0
                 do {

@@ -57,6 +57,7 @@ import Testing
         #expect(report.snapshotPath == own.path)
         #expect(report.foreignSnapshots.count == 1 && report.foreignSnapshots[0].hasPrefix(copy), "\(report)")
         #expect(report.description.contains("snapshot of another log"))
+        #expect(!report.snapshotPastLogEnd)
 
         // A store started there serves B's state, and its next snapshot removes the copy as invalid.
         storeB = try Store(path: b, options: Self.options())
@@ -69,6 +70,37 @@ import Testing
         storeB.close()
         let (again, _) = try recover(b)
         #expect(again.stateHash() == after.stateHash())
+    }
+
+    /// A copy whose position is past the end of this log cannot be compared (the log holds no record
+    /// there, as after a replica's full copy): it is used, and the start-up report says the snapshot
+    /// is past the log's end, naming the ways that happens.
+    @Test func aSnapshotPastTheEndOfTheLogIsReportedAsSuch() async throws {
+        let a = temporaryDirectory("a")
+        let b = temporaryDirectory("b")
+        defer {
+            try? FileManager.default.removeItem(atPath: a)
+            try? FileManager.default.removeItem(atPath: b)
+        }
+        let storeA = try Store(path: a, options: Self.options())
+        _ = await storeA.engine.execute(.addSku(sku: "apple", total: 100, limit: 0), now: 0)
+        await Self.reserve(storeA, sku: "apple", users: 0..<30)
+        let copied = try await storeA.snapshot().written
+        storeA.close()
+        let storeB = try Store(path: b, options: Self.options())
+        _ = await storeB.engine.execute(.addSku(sku: "pear", total: 100, limit: 0), now: 0)
+        await Self.reserve(storeB, sku: "pear", users: 0..<5)
+        let live = await liveState(storeB)
+        storeB.close()
+        #expect(live.lsn < copied.lsn)
+        let (own, ownReport) = try recover(b)
+        #expect(own.stateHash() == live.stateHash() && !ownReport.snapshotPastLogEnd, "\(ownReport)")
+
+        try FileManager.default.copyItem(atPath: copied.path, toPath: DataDirectory(b).snapshotPath(lsn: copied.lsn))
+        let (_, report) = try recover(b)
+        #expect(report.snapshotLSN == copied.lsn && report.foreignSnapshots.isEmpty)
+        #expect(report.snapshotPastLogEnd && report.logEnd == live.lsn, "\(report)")
+        #expect(report.description.contains("the snapshot is past the end of the log (position \(live.lsn))"))
     }
 
     /// Every snapshot a store writes names the log's record at its position; the field has its own
