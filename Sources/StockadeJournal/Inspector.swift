@@ -22,17 +22,17 @@ public enum Inspector {
         var names = SkuNames()
         for snapshot in try directory.snapshots() {
             do {
-                let (state, lastRecord) = try SnapshotFile.load(snapshot.path, storage: directory.storage)
+                let (state, lastRecords) = try SnapshotFile.load(snapshot.path, storage: directory.storage)
                 let orders = state.shards.reduce(0) { $0 + $1.orderCount }
                 let skus = state.shards.reduce(0) { $0 + $1.skuCount }
                 let line = "snapshot \(snapshot.path): position \(state.lsn), \(state.shards.count) shards, \(skus) SKUs, \(orders) orders, checksums OK, state hash \(String(state.stateHash(), radix: 16))"
-                switch Recovery.match(lsn: state.lsn, lastRecord: lastRecord, in: directory) {
+                switch Recovery.match(lsn: state.lsn, lastRecords: lastRecords, in: directory) {
                 case .same:
                     names.learn(from: state)
-                    emit(line + ", last record matches the log")
+                    emit(line + ", its last records match the log")
                 case .cannotTell:
                     names.learn(from: state)
-                    emit(line + (lastRecord == nil ? ", names no last record" : ", last record no longer in the log"))
+                    emit(line + (lastRecords == nil ? ", names no last records" : ", its last records are no longer in the log"))
                 case .another(let why):
                     // Recovery skips it; its SKU names are not this log's.
                     ok = false

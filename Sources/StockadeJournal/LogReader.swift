@@ -286,34 +286,92 @@ private struct SegmentWalk {
     }
 }
 
-/// What a snapshot's header keeps of the log record at its position (docs/FORMAT.md): the record's
-/// FNV-1a fingerprint (``LogReader/fingerprint(at:durable:)``) folded to 32 bits, never 0 (zeros in
-/// the header mean none was stored). Recovery compares it with the log's record at that position: a
-/// snapshot copied in from another data directory does not match, where replaying this log's later
-/// records onto its image would mix two stores without an error. 32 bits: a mistaken copy matches by
-/// chance once in 4 billion.
+/// What a snapshot's header keeps of the log it was taken from (docs/FORMAT.md): a fingerprint of the
+/// log's last ``windowMax`` records through the snapshot's position (fewer when the log held fewer
+/// then), and how many. Recovery compares it with the same records of the log: a snapshot copied in
+/// from another data directory does not match, where replaying this log's later records onto its
+/// image would mix two stores without an error.
+///
+/// A window, not one record: records carry no identity of their store, and one record alone (the
+/// CONFIRM of a shard's n-th order, a SKU added under the same name and index) is often the same in
+/// two stores at the same position (found by review). Sixty-four in a row are the same only where two
+/// logs hold the same changes there, down to the millisecond of each reservation's deadline.
 public struct LogFingerprint: Hashable, Sendable, CustomStringConvertible {
-    public let value: UInt32
+    /// Records a window holds at most.
+    public static let windowMax = 64
+    /// How many records end at the snapshot's position: 1 to ``windowMax``.
+    public let records: Int
+    /// FNV-1a over the encodings of those records, oldest first, folded to 24 bits; never 0.
+    public let hash: UInt32
 
-    init(value: UInt32) {
-        precondition(value != 0, "a stored fingerprint is never 0")
-        self.value = value
+    /// The header's 32 bits: `records << 24 | hash`, never 0.
+    public var value: UInt32 { UInt32(records) << 24 | hash }
+
+    /// Reads the header's 32 bits; nil when they cannot be a fingerprint.
+    init?(value: UInt32) {
+        let records = Int(value >> 24)
+        let hash = value & 0xFF_FFFF
+        guard records >= 1, records <= Self.windowMax, hash != 0 else { return nil }
+        self.records = records
+        self.hash = hash
     }
 
-    /// Folds a record's 64-bit fingerprint.
-    public init(recordFingerprint hash: UInt64) {
-        let folded = UInt32(truncatingIfNeeded: hash ^ (hash >> 32))
-        self.value = folded == 0 ? 1 : folded
+    /// The fingerprint of `records` (each with its position, oldest first, consecutive).
+    init(of records: [(position: UInt64, record: Record)]) {
+        precondition(!records.isEmpty && records.count <= Self.windowMax)
+        var buffer = RecordBuffer(capacity: 256)
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for (_, record) in records {
+            buffer.removeAll()
+            buffer.append(record)
+            for byte in buffer.bytes { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+        }
+        let folded = UInt32(truncatingIfNeeded: hash ^ (hash >> 32)) & 0xFF_FFFF
+        self.records = records.count
+        self.hash = folded == 0 ? 1 : folded
     }
 
-    public var description: String { String(value, radix: 16) }
+    private init(records: Int, hash: UInt32) {
+        self.records = records
+        self.hash = hash
+    }
+
+    /// A fingerprint of as many records with another hash: what another log's snapshot names (tests,
+    /// the simulator).
+    package func differing(by salt: UInt32) -> LogFingerprint {
+        var other = (hash ^ (salt | 1)) & 0xFF_FFFF
+        if other == 0 { other = hash == 1 ? 2 : 1 }
+        return LogFingerprint(records: records, hash: other)
+    }
+
+    public var description: String { "\(String(hash, radix: 16)) over \(records) record\(records == 1 ? "" : "s")" }
 }
 
 extension LogReader {
-    /// The folded fingerprint of the record at `position` (what a snapshot of that position stores),
-    /// or nil when the log does not hold it or it cannot be read.
-    public func snapshotFingerprint(at position: UInt64, durable: UInt64) -> LogFingerprint? {
-        fingerprint(at: position, durable: durable).map(LogFingerprint.init(recordFingerprint:))
+    /// The fingerprint of the `records` records ending at `position`, or nil when the log does not
+    /// hold all of them or they cannot be read.
+    public func snapshotFingerprint(through position: UInt64, records: Int, durable: UInt64) -> LogFingerprint? {
+        guard records >= 1, records <= LogFingerprint.windowMax, position >= UInt64(records), position <= durable else { return nil }
+        let from = position - UInt64(records) + 1
+        guard let found = try? read(from: from, count: records, durable: position), found.count == records,
+              found.first?.position == from, found.last?.position == position
+        else { return nil }
+        return LogFingerprint(of: found)
+    }
+
+    /// What a snapshot of `position` stores: the fingerprint of the log's last ``LogFingerprint/windowMax``
+    /// records through it, or of as many as the log still holds; nil when it holds none of them.
+    public func snapshotFingerprint(through position: UInt64, durable: UInt64) -> LogFingerprint? {
+        guard position >= 1, position <= durable else { return nil }
+        var records = Int(min(UInt64(LogFingerprint.windowMax), position))
+        do {
+            _ = try read(from: position - UInt64(records) + 1, count: 1, durable: position)
+        } catch {
+            // Segments before `oldest` are gone: the window starts there.
+            guard case .trimmed(let oldest) = error, oldest <= position else { return nil }
+            records = Int(position - oldest + 1)
+        }
+        return snapshotFingerprint(through: position, records: records, durable: durable)
     }
 
     /// A fingerprint of the record at `position` (FNV-1a over its encoding), or nil when the log does

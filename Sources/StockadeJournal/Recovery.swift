@@ -30,15 +30,15 @@ public enum Recovery {
     public struct Report: Sendable, CustomStringConvertible {
         public var snapshotPath: String?
         public var snapshotLSN: UInt64 = 0
-        /// The fingerprint of the last record that snapshot's header names (nil: none, or no snapshot).
-        public var snapshotLastRecord: LogFingerprint?
-        /// Whether that fingerprint was compared with the log's record at the snapshot's position
-        /// (and matched); false when the log no longer holds it or the snapshot names none.
+        /// The fingerprint of the log's last records that snapshot's header names (nil: none, or no snapshot).
+        public var snapshotLastRecords: LogFingerprint?
+        /// Whether that fingerprint was compared with the log's records through the snapshot's
+        /// position (and matched); false when the log no longer holds them or the snapshot names none.
         public var snapshotMatchedLog = false
         /// Snapshots that failed verification, each with why; recovery used an older one and more log.
         public var skippedSnapshots: [String] = []
-        /// Snapshots of another log, each with why (also in ``skippedSnapshots``): the fingerprint of
-        /// their last record is not this log's record at that position. Never a sign of how far this
+        /// Snapshots of another log, each with why (also in ``skippedSnapshots``): the log's last records
+        /// through their position are not the ones they name. Never a sign of how far this
         /// log reached.
         public var foreignSnapshots: [String] = []
         public var segmentsRead = 0
@@ -92,8 +92,8 @@ public enum Recovery {
         for snapshot in try directory.snapshots().reversed() {
             if let upTo = options.upToLSN, snapshot.lsn > upTo { continue }
             do {
-                let (loaded, lastRecord) = try SnapshotFile.load(snapshot.path, lsn: snapshot.lsn, storage: directory.storage)
-                let matched = match(lsn: snapshot.lsn, lastRecord: lastRecord, in: directory)
+                let (loaded, lastRecords) = try SnapshotFile.load(snapshot.path, lsn: snapshot.lsn, storage: directory.storage)
+                let matched = match(lsn: snapshot.lsn, lastRecords: lastRecords, in: directory)
                 if case .another(let why) = matched {
                     // Not this log's: replaying this log after it would build a state neither store had.
                     report.skippedSnapshots.append("\(snapshot.path): \(why)")
@@ -104,7 +104,7 @@ public enum Recovery {
                 state = loaded
                 report.snapshotPath = snapshot.path
                 report.snapshotLSN = snapshot.lsn
-                report.snapshotLastRecord = lastRecord
+                report.snapshotLastRecords = lastRecords
                 fromSnapshot = true
                 break
             } catch {
@@ -175,31 +175,31 @@ public enum Recovery {
         return (state, report)
     }
 
-    /// Whether a snapshot of position `lsn` whose header names `lastRecord` is a snapshot of the log
+    /// Whether a snapshot of position `lsn` whose header names `lastRecords` is a snapshot of the log
     /// in `directory`. Nothing can be compared when the snapshot names no fingerprint (an older
-    /// build's) or the log does not hold that record (removed after an earlier snapshot, or never
-    /// written here: a replica's full copy starts its log after the copy's position).
+    /// build's) or the log does not hold all the records it covers (removed after a later snapshot,
+    /// or never written here: a replica's full copy starts its log after the copy's position).
     public enum LogMatch: Equatable, Sendable {
-        /// The log's record at the snapshot's position has the fingerprint the snapshot names.
+        /// The log's records through the snapshot's position have the fingerprint the snapshot names.
         case same
         /// It has another: the snapshot was taken from another log. Says so, for the report.
         case another(String)
         case cannotTell
     }
 
-    public static func match(lsn: UInt64, lastRecord: LogFingerprint?, in directory: DataDirectory) -> LogMatch {
-        guard let lastRecord, lsn > 0,
-              let logs = LogReader(directory: directory).snapshotFingerprint(at: lsn, durable: lsn)
+    public static func match(lsn: UInt64, lastRecords: LogFingerprint?, in directory: DataDirectory) -> LogMatch {
+        guard let lastRecords, lsn > 0,
+              let logs = LogReader(directory: directory).snapshotFingerprint(through: lsn, records: lastRecords.records, durable: lsn)
         else { return .cannotTell }
-        if logs == lastRecord { return .same }
+        if logs == lastRecords { return .same }
         return .another(
-            "it is a snapshot of another log: the fingerprint of its last record (position \(lsn)) is \(lastRecord), "
-                + "this log's record there has \(logs) (a snapshot copied in from another data directory?)")
+            "it is a snapshot of another log: the fingerprint of its last records through position \(lsn) is \(lastRecords), "
+                + "this log's records there have \(logs) (a snapshot copied in from another data directory?)")
     }
 
-    /// Why the snapshot is another log's (``match(lsn:lastRecord:in:)``), or nil.
-    public static func foreignSnapshotReason(lsn: UInt64, lastRecord: LogFingerprint?, in directory: DataDirectory) -> String? {
-        if case .another(let why) = match(lsn: lsn, lastRecord: lastRecord, in: directory) { return why }
+    /// Why the snapshot is another log's (``match(lsn:lastRecords:in:)``), or nil.
+    public static func foreignSnapshotReason(lsn: UInt64, lastRecords: LogFingerprint?, in directory: DataDirectory) -> String? {
+        if case .another(let why) = match(lsn: lsn, lastRecords: lastRecords, in: directory) { return why }
         return nil
     }
 

@@ -5,8 +5,8 @@ import StockadeCore
 /// snapshot is either whole or absent (a crash can leave the `.snap.tmp`; ``Store`` removes it at
 /// start-up). Layout in docs/FORMAT.md.
 ///
-/// The header names the log the snapshot was taken from: a fingerprint of the record at its position
-/// (``LogFingerprint``), so that recovery can tell a snapshot copied in from another data directory,
+/// The header names the log the snapshot was taken from: a fingerprint of the log's last records
+/// through its position (``LogFingerprint``), so that recovery can tell a snapshot copied in from another data directory,
 /// whose image the log's later records would otherwise be replayed onto, from one of its own.
 public enum SnapshotFile {
     public static let magic: [UInt8] = Array("STOCKSNP".utf8)
@@ -19,14 +19,16 @@ public enum SnapshotFile {
         public var lsn: UInt64
         public var bytes: Int
         public var rawBytes: Int
+        /// The fingerprint of the log's last records its header names (nil: none).
+        public var lastRecords: LogFingerprint? = nil
     }
 
-    /// Writes `state` as the snapshot covering log position `state.lsn`; `lastRecord` is the
-    /// fingerprint of the log's record at that position (nil when unknown: none is stored, and
-    /// recovery cannot compare the snapshot with the log).
+    /// Writes `state` as the snapshot covering log position `state.lsn`; `lastRecords` is the
+    /// fingerprint of the log's last records through that position (nil when unknown: none is
+    /// stored, and recovery cannot compare the snapshot with the log).
     @discardableResult
-    public static func write(_ state: EngineState, lastRecord: LogFingerprint?, to directory: DataDirectory) throws(JournalError) -> Written {
-        try write(lsn: state.lsn, shardCount: state.shards.count, lastRecord: lastRecord, to: directory) { emit in
+    public static func write(_ state: EngineState, lastRecords: LogFingerprint?, to directory: DataDirectory) throws(JournalError) -> Written {
+        try write(lsn: state.lsn, shardCount: state.shards.count, lastRecords: lastRecords, to: directory) { emit in
             try state.encodeImage(chunkBytes: BlockHeader.rawBytesMax, flush: emit)
         }
     }
@@ -34,7 +36,7 @@ public enum SnapshotFile {
     /// Writes the snapshot covering `lsn` whose image `image` hands over, a chunk at a time, to the
     /// function it is given. Tests use it to write images of their own.
     package static func write(
-        lsn: UInt64, shardCount: Int, lastRecord: LogFingerprint? = nil, to directory: DataDirectory,
+        lsn: UInt64, shardCount: Int, lastRecords: LogFingerprint? = nil, to directory: DataDirectory,
         image: (_ emit: ([UInt8]) throws -> Void) throws -> Void
     ) throws(JournalError) -> Written {
         let finalPath = directory.snapshotPath(lsn: lsn)
@@ -68,9 +70,9 @@ public enum SnapshotFile {
             header.appendLE(version); header.appendLE(UInt32(shardCount)); header.appendLE(lsn)
             header.appendLE(UInt64(rawTotal)); header.appendLE(blockCount)
             header.appendLE(CRC32C.checksum(header))
-            if let lastRecord {
+            if let lastRecords {
                 // Bytes 40..<48: the fingerprint, then a CRC32C of everything before it in the header.
-                header.appendLE(lastRecord.value)
+                header.appendLE(lastRecords.value)
                 header.appendLE(CRC32C.checksum(header))
             } else {
                 header.append(contentsOf: repeatElement(0, count: 8))
@@ -90,7 +92,7 @@ public enum SnapshotFile {
             try? storage.remove(tmpPath)
             throw JournalError(.io, "snapshot \(finalPath): \(error)")
         }
-        return Written(path: finalPath, lsn: lsn, bytes: written, rawBytes: rawTotal)
+        return Written(path: finalPath, lsn: lsn, bytes: written, rawBytes: rawTotal, lastRecords: lastRecords)
     }
 
     /// Reads and fully verifies a snapshot: header checksum, every block's checksum, lengths, and the
@@ -101,15 +103,15 @@ public enum SnapshotFile {
         try load(path, lsn: lsn, storage: storage).state
     }
 
-    /// ``read(_:lsn:storage:)``, with the fingerprint of the log record at the snapshot's position
+    /// ``read(_:lsn:storage:)``, with the fingerprint of the log's last records through its position
     /// that its header names (nil: a snapshot written without one, by a build before it).
     public static func load(
         _ path: String, lsn: UInt64? = nil, storage: any Storage = PosixStorage.shared
-    ) throws(JournalError) -> (state: EngineState, lastRecord: LogFingerprint?) {
+    ) throws(JournalError) -> (state: EngineState, lastRecords: LogFingerprint?) {
         let bytes = try storage.readAll(path)
-        let (state, lastRecord) = try typed { try bytes.withUnsafeBytes { all in try decode(all, path: path) } }
+        let (state, lastRecords) = try typed { try bytes.withUnsafeBytes { all in try decode(all, path: path) } }
         if let lsn, state.lsn != lsn { throw JournalError(.corrupt, "\(path): its header states position \(state.lsn), not \(lsn)") }
-        return (state, lastRecord)
+        return (state, lastRecords)
     }
 
     /// Checks a snapshot exactly as start-up would load it: header, every block's checksum and length,
@@ -134,7 +136,7 @@ public enum SnapshotFile {
     }
 
     private static func decode(_ all: UnsafeRawBufferPointer, path: String) throws(JournalError) -> (EngineState, LogFingerprint?) {
-        let (image, lsn, shardCount, lastRecord) = try checkBlocks(all, path: path)
+        let (image, lsn, shardCount, lastRecords) = try checkBlocks(all, path: path)
         let state: EngineState
         do {
             state = try image.withUnsafeBytes { try EngineState.decodeImage($0) }
@@ -144,14 +146,14 @@ public enum SnapshotFile {
         guard state.lsn == lsn, state.shards.count == Int(shardCount) else {
             throw JournalError(.corrupt, "\(path): image disagrees with its header")
         }
-        return (state, lastRecord)
+        return (state, lastRecords)
     }
 
     /// Verifies the header and every block; returns the image, and the position, the shard count and
     /// the last record's fingerprint the header states.
     private static func checkBlocks(
         _ all: UnsafeRawBufferPointer, path: String
-    ) throws(JournalError) -> (image: [UInt8], lsn: UInt64, shardCount: UInt32, lastRecord: LogFingerprint?) {
+    ) throws(JournalError) -> (image: [UInt8], lsn: UInt64, shardCount: UInt32, lastRecords: LogFingerprint?) {
         guard all.count >= headerSize, Array(all[0..<8]) == magic else {
             throw JournalError(.format, "\(path) is not a Stockade snapshot (bad magic or short file)")
         }
@@ -171,15 +173,15 @@ public enum SnapshotFile {
         // Bytes 40..<48: eight zeros (written before fingerprints; also what `lsn` 0 gets), or a
         // fingerprint and its own CRC32C (over bytes 0..<44, so it also says the fingerprint belongs
         // to this header).
-        var lastRecord: LogFingerprint?
+        var lastRecords: LogFingerprint?
         var tail = ByteReader(all, offset: 40)
         let stored: UInt32 = (try? tail.read()) ?? 0
         let storedCRC: UInt32 = (try? tail.read()) ?? 0
         if stored != 0 || storedCRC != 0 {
-            guard stored != 0, storedCRC == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: all[0..<44])) else {
-                throw JournalError(.corrupt, "\(path): the fingerprint of its last record fails its checksum (header offset 40)")
+            guard storedCRC == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: all[0..<44])), let named = LogFingerprint(value: stored) else {
+                throw JournalError(.corrupt, "\(path): the fingerprint of its last records fails its checksum (header offset 40)")
             }
-            lastRecord = LogFingerprint(value: stored)
+            lastRecords = named
         }
         guard rawTotal <= UInt64(all.count) * 256 else { throw JournalError(.corrupt, "\(path): implausible image size") }
         var image: [UInt8] = []
@@ -202,6 +204,6 @@ public enum SnapshotFile {
         guard offset == all.count, imageBytes == Int(rawTotal) else {
             throw JournalError(.corrupt, "\(path): length mismatch (\(all.count - offset) stray bytes, image \(imageBytes) of \(rawTotal))")
         }
-        return (image, lsn, shardCount, lastRecord)
+        return (image, lsn, shardCount, lastRecords)
     }
 }

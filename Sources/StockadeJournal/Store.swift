@@ -163,13 +163,14 @@ public final class Store: Sendable {
             }
             let (state, recovered) = try Recovery.recover(
                 directory, options: Recovery.Options(shardCount: options.shardCount, repair: false, upToLSN: upTo))
-            // The header names the log's record at the snapshot's position: read back from the log (it
-            // holds every record since the last snapshot), or the fingerprint the snapshot it started
-            // from named, when no record followed that one and its segment is gone.
-            let lastRecord = LogReader(directory: directory).snapshotFingerprint(at: state.lsn, durable: upTo)
-                ?? (state.lsn == recovered.snapshotLSN ? recovered.snapshotLastRecord : nil)
-            let written = try SnapshotFile.write(state, lastRecord: lastRecord, to: directory)
-            let pruned = try prune(justWritten: written.path)
+            // The header names the log's last records through the snapshot's position: read back from
+            // the log (pruning kept the last snapshot's window, and every record since), or the
+            // fingerprint the snapshot it started from named, when no record followed that one and
+            // the log no longer holds any of its window.
+            let lastRecords = LogReader(directory: directory).snapshotFingerprint(through: state.lsn, durable: upTo)
+                ?? (state.lsn == recovered.snapshotLSN ? recovered.snapshotLastRecords : nil)
+            let written = try SnapshotFile.write(state, lastRecords: lastRecords, to: directory)
+            let pruned = try prune(justWritten: written)
             lastWritten.withLock { $0 = (written, monotonicNanos()) }
             return SnapshotReport(
                 written: written, durationNanos: monotonicNanos() - started, removedSegments: pruned.segments,
@@ -184,7 +185,8 @@ public final class Store: Sendable {
     /// So what remains always recovers everything: if any one kept snapshot goes bad later, another
     /// kept one plus the log after the oldest covers it; and a bad one found here is not counted, so a
     /// second fault later is covered the same way.
-    private func prune(justWritten: String) throws(JournalError) -> (snapshots: [String], segments: [String], invalid: [String]) {
+    private func prune(justWritten written: SnapshotFile.Written) throws(JournalError) -> (snapshots: [String], segments: [String], invalid: [String]) {
+        let justWritten = written.path
         let keepCount = max(1, options.snapshotsKept)
         var kept: [(lsn: UInt64, path: String)] = []
         var doomed: [String] = []
@@ -195,10 +197,10 @@ public final class Store: Sendable {
                 continue
             }
             do throws(JournalError) {
-                let (_, lastRecord) = try SnapshotFile.load(snapshot.path, lsn: snapshot.lsn, storage: directory.storage)
+                let (_, lastRecords) = try SnapshotFile.load(snapshot.path, lsn: snapshot.lsn, storage: directory.storage)
                 // Another log's snapshot (copied in) is no fallback for this one: counting it would let
                 // this log's segments go on its word.
-                if let why = Recovery.foreignSnapshotReason(lsn: snapshot.lsn, lastRecord: lastRecord, in: directory) {
+                if let why = Recovery.foreignSnapshotReason(lsn: snapshot.lsn, lastRecords: lastRecords, in: directory) {
                     throw JournalError(.corrupt, why)
                 }
                 kept.append(snapshot)
@@ -217,7 +219,11 @@ public final class Store: Sendable {
         if !doomed.isEmpty { try directory.storage.syncDirectory(directory.path) }
         var segments: [String] = []
         if kept.count == keepCount, let oldest = kept.last {
-            segments = try journal.removeSegments(coveredThrough: oldest.lsn, keep: options.coveredSegmentsKept)
+            // The records the new snapshot's fingerprint covers stay too, so that start-up can
+            // compare it with the log (at most ``LogFingerprint/windowMax`` records: more log is kept
+            // only when the two snapshots are closer than that).
+            let window = UInt64(written.lastRecords?.records ?? 0)
+            segments = try journal.removeSegments(coveredThrough: min(oldest.lsn, written.lsn - window), keep: options.coveredSegmentsKept)
         }
         return (doomed.filter { path in !invalid.contains { $0.hasPrefix(path + ":") } }, segments, invalid)
     }

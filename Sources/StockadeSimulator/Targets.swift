@@ -247,12 +247,12 @@ final class DiskTarget: SimulationTarget {
 
     /// Writes a snapshot of another log into the directory and returns its path, or nil when there
     /// is no room for one: at a position P the log holds past its newest snapshot, the state this log
-    /// had at P - 1 plus a SKU it never had, naming a last record other than the log's record at P.
+    /// had at P - 1 plus a SKU it never had, naming last records other than the log's.
     private func copyInForeignSnapshot(rng: inout SplitMix64) -> String? {
         let newest = (try? directory.snapshots().last?.lsn) ?? 0
         let position = newest + UInt64.random(in: 2...60, using: &rng)
         let reader = LogReader(directory: directory)
-        guard let ours = reader.snapshotFingerprint(at: position, durable: position),
+        guard let ours = reader.snapshotFingerprint(through: position, durable: position),
               var state = try? Recovery.recover(directory, options: Recovery.Options(shardCount: options.shardCount, repair: false, upToLSN: position - 1)).0,
               state.lsn == position - 1
         else { return nil }
@@ -260,9 +260,8 @@ final class DiskTarget: SimulationTarget {
         let shard = Engine.shardIndex(of: sku, shardCount: state.shards.count)
         guard (try? state.apply(.skuAdded(shard: shard, skuIndex: UInt32(state.shards[shard].skuCount), sku: sku, total: 5, limit: 0))) != nil
         else { return nil }
-        var theirs = LogFingerprint(recordFingerprint: rng.next())
-        if theirs == ours { theirs = LogFingerprint(recordFingerprint: UInt64(ours.value) + 1) }
-        return try? SnapshotFile.write(state, lastRecord: theirs, to: directory).path
+        let theirs = ours.differing(by: UInt32(truncatingIfNeeded: rng.next()))
+        return try? SnapshotFile.write(state, lastRecords: theirs, to: directory).path
     }
 
     func durableState(through position: UInt64) throws -> EngineState {

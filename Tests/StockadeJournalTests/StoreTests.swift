@@ -41,24 +41,24 @@ func corruptSnapshot(_ path: String, _ fault: SnapshotFault = .bitFlip) throws {
         let directory = DataDirectory((path as NSString).deletingLastPathComponent)
         #expect(state.lsn > 0 && !FileManager.default.fileExists(atPath: directory.snapshotPath(lsn: state.lsn - 1)))
         state.lsn -= 1
-        let written = try SnapshotFile.write(state, lastRecord: nil, to: directory)
+        let written = try SnapshotFile.write(state, lastRecords: nil, to: directory)
         try FileManager.default.removeItem(atPath: path)
         try FileManager.default.moveItem(atPath: written.path, toPath: path)
     case .anotherLogsSnapshot:
-        var (state, lastRecord) = try SnapshotFile.load(path)
-        let theirs = LogFingerprint(recordFingerprint: UInt64(try #require(lastRecord).value) &* 0x9E37_79B9_7F4A_7C15)
+        var (state, lastRecords) = try SnapshotFile.load(path)
+        let theirs = try #require(lastRecords).differing(by: 0x9E37_79B9)
         let shard = try #require(state.shards.firstIndex { !$0.skus.isEmpty })
         state.shards[shard].skus[0].total += 7
         state.shards[shard].skus[0].available += 7
         let directory = DataDirectory((path as NSString).deletingLastPathComponent)
-        let written = try SnapshotFile.write(state, lastRecord: theirs, to: directory)
+        let written = try SnapshotFile.write(state, lastRecords: theirs, to: directory)
         #expect(written.path == path)
-        lastRecord = try SnapshotFile.load(path).lastRecord
-        #expect(lastRecord == theirs)
+        lastRecords = try SnapshotFile.load(path).lastRecords
+        #expect(lastRecords == theirs)
         // Told apart only where the log still holds the record at its position: always for the newest
         // snapshot (segments go only up to the oldest one kept), not for an older one whose segment went.
-        let held = LogReader(directory: directory).snapshotFingerprint(at: state.lsn, durable: state.lsn) != nil
-        #expect((Recovery.foreignSnapshotReason(lsn: state.lsn, lastRecord: theirs, in: directory) != nil) == held)
+        let held = LogReader(directory: directory).snapshotFingerprint(through: state.lsn, records: theirs.records, durable: state.lsn) != nil
+        #expect((Recovery.foreignSnapshotReason(lsn: state.lsn, lastRecords: theirs, in: directory) != nil) == held)
         return
     }
     let lsn = try #require(try DataDirectory((path as NSString).deletingLastPathComponent).snapshots().first { $0.path == path }?.lsn)
