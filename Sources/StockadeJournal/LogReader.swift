@@ -287,15 +287,15 @@ private struct SegmentWalk {
 }
 
 /// What a snapshot's header keeps of the log it was taken from (docs/FORMAT.md): a fingerprint of the
-/// log's last ``windowMax`` records through the snapshot's position (fewer when the log held fewer
-/// then), and how many. Recovery compares it with the same records of the log: a snapshot copied in
+/// log's last records through the snapshot's position (at most ``windowMax``: fewer when the snapshot
+/// before it is closer, or the log held fewer then), and how many. Recovery compares it with the same records of the log: a snapshot copied in
 /// from another data directory does not match, where replaying this log's later records onto its
 /// image would mix two stores without an error.
 ///
 /// A window, not one record: records carry no identity of their store, and one record alone (the
 /// CONFIRM of a shard's n-th order, a SKU added under the same name and index) is often the same in
-/// two stores at the same position (found by review). Sixty-four in a row are the same only where two
-/// logs hold the same changes there, down to the millisecond of each reservation's deadline.
+/// two stores at the same position (found by review). A run of them is the same only where two logs
+/// hold the same changes there, down to the millisecond of each reservation's deadline.
 public struct LogFingerprint: Hashable, Sendable, CustomStringConvertible {
     /// Records a window holds at most.
     public static let windowMax = 64

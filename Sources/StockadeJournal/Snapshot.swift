@@ -19,8 +19,6 @@ public enum SnapshotFile {
         public var lsn: UInt64
         public var bytes: Int
         public var rawBytes: Int
-        /// The fingerprint of the log's last records its header names (nil: none).
-        public var lastRecords: LogFingerprint? = nil
     }
 
     /// Writes `state` as the snapshot covering log position `state.lsn`; `lastRecords` is the
@@ -92,7 +90,7 @@ public enum SnapshotFile {
             try? storage.remove(tmpPath)
             throw JournalError(.io, "snapshot \(finalPath): \(error)")
         }
-        return Written(path: finalPath, lsn: lsn, bytes: written, rawBytes: rawTotal, lastRecords: lastRecords)
+        return Written(path: finalPath, lsn: lsn, bytes: written, rawBytes: rawTotal)
     }
 
     /// Reads and fully verifies a snapshot: header checksum, every block's checksum, lengths, and the

@@ -163,14 +163,20 @@ public final class Store: Sendable {
             }
             let (state, recovered) = try Recovery.recover(
                 directory, options: Recovery.Options(shardCount: options.shardCount, repair: false, upToLSN: upTo))
-            // The header names the log's last records through the snapshot's position: read back from
-            // the log (pruning kept the last snapshot's window, and every record since), or the
+            // The header names the log's last records through the snapshot's position, read back from
+            // the log: at most ``LogFingerprint/windowMax``, and none at or before the newest snapshot
+            // already there, so that the log keeps them all after this snapshot's pruning (which
+            // removes segments only up to that one) and start-up can compare them. Else the
             // fingerprint the snapshot it started from named, when no record followed that one and
-            // the log no longer holds any of its window.
-            let lastRecords = LogReader(directory: directory).snapshotFingerprint(through: state.lsn, durable: upTo)
+            // the log no longer holds its window.
+            let reader = LogReader(directory: directory)
+            let previous = try directory.snapshots().last { $0.lsn < state.lsn }?.lsn ?? 0
+            let window = Int(min(UInt64(LogFingerprint.windowMax), state.lsn - min(previous, state.lsn)))
+            let lastRecords = reader.snapshotFingerprint(through: state.lsn, records: window, durable: upTo)
+                ?? reader.snapshotFingerprint(through: state.lsn, durable: upTo)
                 ?? (state.lsn == recovered.snapshotLSN ? recovered.snapshotLastRecords : nil)
             let written = try SnapshotFile.write(state, lastRecords: lastRecords, to: directory)
-            let pruned = try prune(justWritten: written)
+            let pruned = try prune(justWritten: written.path)
             lastWritten.withLock { $0 = (written, monotonicNanos()) }
             return SnapshotReport(
                 written: written, durationNanos: monotonicNanos() - started, removedSegments: pruned.segments,
@@ -185,8 +191,7 @@ public final class Store: Sendable {
     /// So what remains always recovers everything: if any one kept snapshot goes bad later, another
     /// kept one plus the log after the oldest covers it; and a bad one found here is not counted, so a
     /// second fault later is covered the same way.
-    private func prune(justWritten written: SnapshotFile.Written) throws(JournalError) -> (snapshots: [String], segments: [String], invalid: [String]) {
-        let justWritten = written.path
+    private func prune(justWritten: String) throws(JournalError) -> (snapshots: [String], segments: [String], invalid: [String]) {
         let keepCount = max(1, options.snapshotsKept)
         var kept: [(lsn: UInt64, path: String)] = []
         var doomed: [String] = []
@@ -219,11 +224,7 @@ public final class Store: Sendable {
         if !doomed.isEmpty { try directory.storage.syncDirectory(directory.path) }
         var segments: [String] = []
         if kept.count == keepCount, let oldest = kept.last {
-            // The records the new snapshot's fingerprint covers stay too, so that start-up can
-            // compare it with the log (at most ``LogFingerprint/windowMax`` records: more log is kept
-            // only when the two snapshots are closer than that).
-            let window = UInt64(written.lastRecords?.records ?? 0)
-            segments = try journal.removeSegments(coveredThrough: min(oldest.lsn, written.lsn - window), keep: options.coveredSegmentsKept)
+            segments = try journal.removeSegments(coveredThrough: oldest.lsn, keep: options.coveredSegmentsKept)
         }
         return (doomed.filter { path in !invalid.contains { $0.hasPrefix(path + ":") } }, segments, invalid)
     }

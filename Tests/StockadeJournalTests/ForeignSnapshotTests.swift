@@ -147,15 +147,18 @@ import Testing
         let path = temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: path) }
         let store = try Store(path: path, options: Self.options())
-        _ = await store.engine.execute(.addSku(sku: "tv", total: 100, limit: 0), now: 0)
+        _ = await store.engine.execute(.addSku(sku: "tv", total: 10_000, limit: 0), now: 0)
         var written: [SnapshotFile.Written] = []
         for round in 0..<4 {
-            await Self.reserve(store, sku: "tv", users: (round * 40)..<(round * 40 + 40))
+            // Snapshots 70 and 20 records apart in turn: windows of 64 and of 20.
+            await Self.reserve(store, sku: "tv", users: (round * 100)..<(round * 100 + (round % 2 == 0 ? 70 : 20)))
             written.append(try await store.snapshot().written)
             let (_, lastRecords) = try SnapshotFile.load(written[round].path)
-            // The window is the log's last 64 records (or all of them), and pruning keeps it.
+            // The window: the log's last 64 records, none at or before the snapshot before (whose
+            // pruning keeps every record after it).
             let named = try #require(lastRecords)
-            #expect(named.records == min(LogFingerprint.windowMax, Int(written[round].lsn)))
+            let previous = round == 0 ? 0 : written[round - 1].lsn
+            #expect(named.records == min(LogFingerprint.windowMax, Int(written[round].lsn - previous)))
             let logs = LogReader(directory: DataDirectory(path)).snapshotFingerprint(
                 through: written[round].lsn, records: named.records, durable: written[round].lsn)
             #expect(named == logs)
