@@ -13,6 +13,26 @@ import Testing
         return options
     }
 
+    /// Runs `body` with two new directories, removed afterwards.
+    static func withTwoDirectories(_ body: (String, String) async throws -> Void) async throws {
+        let first = temporaryDirectory("first")
+        let second = temporaryDirectory("second")
+        defer {
+            try? FileManager.default.removeItem(atPath: first)
+            try? FileManager.default.removeItem(atPath: second)
+        }
+        try await body(first, second)
+    }
+
+    /// The snapshot of another store: a store at `path` with SKU `sku` and `users` reservations of it.
+    static func snapshotOfAnotherStore(at path: String, sku: String, users: Int) async throws -> SnapshotFile.Written {
+        let store = try Store(path: path, options: Self.options())
+        defer { store.close() }
+        _ = await store.engine.execute(.addSku(sku: Name(sku), total: 100, limit: 0), now: 0)
+        await Self.reserve(store, sku: sku, users: 0..<users)
+        return try await store.snapshot().written
+    }
+
     /// Reservations of `count` new users of `sku`, one batch each: one record each.
     static func reserve(_ store: Store, sku: String, users: Range<Int>) async {
         for user in users {
@@ -27,18 +47,8 @@ import Testing
     /// replayed B's later reservations onto it: `pear` was gone, `apple` held units B's clients had
     /// reserved of `pear`, and AUDIT found nothing wrong. Now the copy is skipped (and said so), B
     /// recovers its own state, and its next snapshot does not count the copy as a fallback.
-    @Test func aSnapshotCopiedInFromAnotherDirectoryIsSkipped() async throws {
-        let a = temporaryDirectory("a")
-        let b = temporaryDirectory("b")
-        defer {
-            try? FileManager.default.removeItem(atPath: a)
-            try? FileManager.default.removeItem(atPath: b)
-        }
-        let storeA = try Store(path: a, options: Self.options())
-        _ = await storeA.engine.execute(.addSku(sku: "apple", total: 100, limit: 0), now: 0)
-        await Self.reserve(storeA, sku: "apple", users: 0..<20)
-        let copied = try await storeA.snapshot().written
-        storeA.close()
+    @Test func aSnapshotCopiedInFromAnotherDirectoryIsSkipped() async throws { try await Self.withTwoDirectories { a, b in
+        let copied = try await Self.snapshotOfAnotherStore(at: a, sku: "apple", users: 20)
 
         var storeB = try Store(path: b, options: Self.options())
         _ = await storeB.engine.execute(.addSku(sku: "pear", total: 100, limit: 0), now: 0)
@@ -70,19 +80,13 @@ import Testing
         storeB.close()
         let (again, _) = try recover(b)
         #expect(again.stateHash() == after.stateHash())
-    }
+    } }
 
     /// Review: the fingerprint of one record missed a copy whose record at its position was the same
     /// in both stores (the CONFIRM of each shard's first order: order ids are the same in every store
     /// that never replicated), and recovery replayed this log's later reservation onto the other store's
     /// SKU. The window of records before it differs, so the copy is skipped.
-    @Test func aCopyWhoseLastRecordIsTheSameInBothStoresIsSkipped() async throws {
-        let x = temporaryDirectory("x")
-        let y = temporaryDirectory("y")
-        defer {
-            try? FileManager.default.removeItem(atPath: x)
-            try? FileManager.default.removeItem(atPath: y)
-        }
+    @Test func aCopyWhoseLastRecordIsTheSameInBothStoresIsSkipped() async throws { try await Self.withTwoDirectories { x, y in
         func reserveAndConfirm(_ store: Store, user: String, sku: String, quantity: Int64) async throws {
             let reply = await store.engine.execute(
                 .reserve(user: Name(user), lines: [OrderLine(sku: Name(sku), quantity: quantity)], requestId: nil, ttlMillis: 600_000), now: 0)
@@ -108,23 +112,13 @@ import Testing
         try FileManager.default.copyItem(atPath: copied.path, toPath: DataDirectory(x).snapshotPath(lsn: copied.lsn))
         let (state, report) = try recover(x)
         #expect(state.stateHash() == live.stateHash() && report.foreignSnapshots.count == 1, "\(report)")
-    }
+    } }
 
     /// A copy whose position is past the end of this log cannot be compared (the log holds no record
     /// there, as after a replica's full copy): it is used, and the start-up report says the snapshot
     /// is past the log's end, naming the ways that happens.
-    @Test func aSnapshotPastTheEndOfTheLogIsReportedAsSuch() async throws {
-        let a = temporaryDirectory("a")
-        let b = temporaryDirectory("b")
-        defer {
-            try? FileManager.default.removeItem(atPath: a)
-            try? FileManager.default.removeItem(atPath: b)
-        }
-        let storeA = try Store(path: a, options: Self.options())
-        _ = await storeA.engine.execute(.addSku(sku: "apple", total: 100, limit: 0), now: 0)
-        await Self.reserve(storeA, sku: "apple", users: 0..<30)
-        let copied = try await storeA.snapshot().written
-        storeA.close()
+    @Test func aSnapshotPastTheEndOfTheLogIsReportedAsSuch() async throws { try await Self.withTwoDirectories { a, b in
+        let copied = try await Self.snapshotOfAnotherStore(at: a, sku: "apple", users: 30)
         let storeB = try Store(path: b, options: Self.options())
         _ = await storeB.engine.execute(.addSku(sku: "pear", total: 100, limit: 0), now: 0)
         await Self.reserve(storeB, sku: "pear", users: 0..<5)
@@ -139,7 +133,7 @@ import Testing
         #expect(report.snapshotLSN == copied.lsn && report.foreignSnapshots.isEmpty)
         #expect(report.snapshotPastLogEnd && report.logEnd == live.lsn, "\(report)")
         #expect(report.description.contains("the snapshot is past the end of the log (position \(live.lsn))"))
-    }
+    } }
 
     /// Every snapshot a store writes names the log's last records through its position; the field has
     /// its own checksum; a header without it (an older build's, eight zeros) still reads, naming none.
