@@ -286,13 +286,14 @@ private struct SegmentWalk {
     }
 }
 
-/// What a snapshot's header keeps of the log it was taken from (docs/FORMAT.md): a fingerprint of the
-/// log's last records through the snapshot's position (at most ``windowMax``: fewer when the snapshot
-/// before it is closer, or the log held fewer then), and how many. Recovery compares it with the same records of the log: a snapshot copied in
-/// from another data directory does not match, where replaying this log's later records onto its
-/// image would mix two stores without an error.
+/// What a snapshot's header keeps of the log it was taken from (docs/FORMAT.md): fingerprints of the
+/// log's last records through the snapshot's position (at most ``windowMax``, fewer when the log held
+/// fewer then) and of the last record alone, and how many records the first covers. Recovery compares
+/// them with the log: the window where the log still holds all of it, else the last record where it
+/// holds that. A snapshot copied in from another data directory does not match, where replaying this
+/// log's later records onto its image would mix two stores without an error.
 ///
-/// A window, not one record: records carry no identity of their store, and one record alone (the
+/// A window, not only one record: records carry no identity of their store, and one record alone (the
 /// CONFIRM of a shard's n-th order, a SKU added under the same name and index) is often the same in
 /// two stores at the same position (found by review). A run of them is the same only where two logs
 /// hold the same changes there, down to the millisecond of each reservation's deadline.
@@ -301,50 +302,65 @@ public struct LogFingerprint: Hashable, Sendable, CustomStringConvertible {
     public static let windowMax = 64
     /// How many records end at the snapshot's position: 1 to ``windowMax``.
     public let records: Int
-    /// FNV-1a over the encodings of those records, oldest first, folded to 24 bits; never 0.
-    public let hash: UInt32
+    /// FNV-1a over the encodings of those records, oldest first, folded to 24 bits.
+    public let window: UInt32
+    /// FNV-1a over the encoding of the last record alone, folded to 16 bits.
+    public let last: UInt16
 
-    /// The header's 32 bits: `records << 24 | hash`, never 0.
-    public var value: UInt32 { UInt32(records) << 24 | hash }
+    /// The header's six bytes: the record count, the window's 24 bits, the last record's 16 (little-endian).
+    public var bytes: [UInt8] {
+        [UInt8(records), UInt8(truncatingIfNeeded: window), UInt8(truncatingIfNeeded: window >> 8), UInt8(truncatingIfNeeded: window >> 16),
+         UInt8(truncatingIfNeeded: last), UInt8(truncatingIfNeeded: last >> 8)]
+    }
 
-    /// Reads the header's 32 bits; nil when they cannot be a fingerprint.
-    init?(value: UInt32) {
-        let records = Int(value >> 24)
-        let hash = value & 0xFF_FFFF
-        guard records >= 1, records <= Self.windowMax, hash != 0 else { return nil }
-        self.records = records
-        self.hash = hash
+    /// Reads the header's six bytes; nil when they cannot be a fingerprint.
+    init?(bytes: UnsafeRawBufferPointer) {
+        guard bytes.count == 6, bytes[0] >= 1, Int(bytes[0]) <= Self.windowMax else { return nil }
+        records = Int(bytes[0])
+        window = UInt32(bytes[1]) | UInt32(bytes[2]) << 8 | UInt32(bytes[3]) << 16
+        last = UInt16(bytes[4]) | UInt16(bytes[5]) << 8
     }
 
     /// The fingerprint of `records` (each with its position, oldest first, consecutive).
     init(of records: [(position: UInt64, record: Record)]) {
         precondition(!records.isEmpty && records.count <= Self.windowMax)
         var buffer = RecordBuffer(capacity: 256)
-        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        var window: UInt64 = 0xcbf2_9ce4_8422_2325
+        var last: UInt64 = 0
         for (_, record) in records {
             buffer.removeAll()
             buffer.append(record)
-            for byte in buffer.bytes { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+            last = 0xcbf2_9ce4_8422_2325
+            for byte in buffer.bytes {
+                window = (window ^ UInt64(byte)) &* 0x100_0000_01b3
+                last = (last ^ UInt64(byte)) &* 0x100_0000_01b3
+            }
         }
-        let folded = UInt32(truncatingIfNeeded: hash ^ (hash >> 32)) & 0xFF_FFFF
         self.records = records.count
-        self.hash = folded == 0 ? 1 : folded
+        self.window = UInt32(truncatingIfNeeded: window ^ (window >> 32)) & 0xFF_FFFF
+        self.last = Self.fold16(last)
     }
 
-    private init(records: Int, hash: UInt32) {
+    private init(records: Int, window: UInt32, last: UInt16) {
         self.records = records
-        self.hash = hash
+        self.window = window
+        self.last = last
     }
 
-    /// A fingerprint of as many records with another hash: what another log's snapshot names (tests,
+    static func fold16(_ hash: UInt64) -> UInt16 {
+        let folded = hash ^ (hash >> 32)
+        return UInt16(truncatingIfNeeded: folded ^ (folded >> 16))
+    }
+
+    /// A fingerprint of as many records with other hashes: what another log's snapshot names (tests,
     /// the simulator).
     package func differing(by salt: UInt32) -> LogFingerprint {
-        var other = (hash ^ (salt | 1)) & 0xFF_FFFF
-        if other == 0 { other = hash == 1 ? 2 : 1 }
-        return LogFingerprint(records: records, hash: other)
+        LogFingerprint(records: records, window: (window ^ (salt | 1)) & 0xFF_FFFF, last: last ^ (UInt16(truncatingIfNeeded: salt >> 16) | 1))
     }
 
-    public var description: String { "\(String(hash, radix: 16)) over \(records) record\(records == 1 ? "" : "s")" }
+    public var description: String {
+        "\(String(window, radix: 16)) over \(records) record\(records == 1 ? "" : "s"), \(String(last, radix: 16)) for the last"
+    }
 }
 
 extension LogReader {
@@ -359,7 +375,7 @@ extension LogReader {
         return LogFingerprint(of: found)
     }
 
-    /// What a snapshot of `position` stores: the fingerprint of the log's last ``LogFingerprint/windowMax``
+    /// What a snapshot of `position` stores: the fingerprints of the log's last ``LogFingerprint/windowMax``
     /// records through it, or of as many as the log still holds; nil when it holds none of them.
     public func snapshotFingerprint(through position: UInt64, durable: UInt64) -> LogFingerprint? {
         guard position >= 1, position <= durable else { return nil }
@@ -372,6 +388,12 @@ extension LogReader {
             records = Int(position - oldest + 1)
         }
         return snapshotFingerprint(through: position, records: records, durable: durable)
+    }
+
+    /// The 16-bit fingerprint of the record at `position` alone (``LogFingerprint/last``), or nil when
+    /// the log does not hold it or it cannot be read.
+    public func lastRecordFingerprint(at position: UInt64, durable: UInt64) -> UInt16? {
+        fingerprint(at: position, durable: durable).map(LogFingerprint.fold16)
     }
 
     /// A fingerprint of the record at `position` (FNV-1a over its encoding), or nil when the log does

@@ -75,8 +75,10 @@ public enum Recovery {
             if snapshotPastLogEnd, let logEnd {
                 parts.append(
                     "the snapshot is past the end of the log (position \(logEnd)): its changes after that are in no log here "
-                        + "(a replica's full copy interrupted, a power cut with --fsync everysec or none, or a snapshot copied in "
-                        + "from another data directory, which nothing here can tell apart)")
+                        + (truncatedCorruption != nil
+                            ? "(the log was cut above)"
+                            : "(a replica's full copy interrupted, a power cut with --fsync everysec or none, or a snapshot copied in "
+                                + "from another data directory, which nothing here can tell apart)"))
             }
             return parts.joined(separator: "; ")
         }
@@ -188,13 +190,19 @@ public enum Recovery {
     }
 
     public static func match(lsn: UInt64, lastRecords: LogFingerprint?, in directory: DataDirectory) -> LogMatch {
-        guard let lastRecords, lsn > 0,
-              let logs = LogReader(directory: directory).snapshotFingerprint(through: lsn, records: lastRecords.records, durable: lsn)
-        else { return .cannotTell }
-        if logs == lastRecords { return .same }
+        guard let lastRecords, lsn > 0 else { return .cannotTell }
+        let reader = LogReader(directory: directory)
+        let why = "it is a snapshot of another log (copied in from another data directory?): "
+        // The whole window where the log holds it; else the last record alone (the window's start
+        // removed after a later snapshot of this log, or never here).
+        if let logs = reader.snapshotFingerprint(through: lsn, records: lastRecords.records, durable: lsn) {
+            if logs == lastRecords { return .same }
+            return .another(why + "its fingerprint of the last records through position \(lsn) is \(lastRecords), this log's \(logs)")
+        }
+        guard let last = reader.lastRecordFingerprint(at: lsn, durable: lsn) else { return .cannotTell }
+        if last == lastRecords.last { return .same }
         return .another(
-            "it is a snapshot of another log: the fingerprint of its last records through position \(lsn) is \(lastRecords), "
-                + "this log's records there have \(logs) (a snapshot copied in from another data directory?)")
+            why + "its fingerprint of the record at position \(lsn) is \(String(lastRecords.last, radix: 16)), this log's \(String(last, radix: 16))")
     }
 
     /// Why the snapshot is another log's (``match(lsn:lastRecords:in:)``), or nil.

@@ -69,9 +69,9 @@ public enum SnapshotFile {
             header.appendLE(UInt64(rawTotal)); header.appendLE(blockCount)
             header.appendLE(CRC32C.checksum(header))
             if let lastRecords {
-                // Bytes 40..<48: the fingerprint, then a CRC32C of everything before it in the header.
-                header.appendLE(lastRecords.value)
-                header.appendLE(CRC32C.checksum(header))
+                // Bytes 40..<48: the fingerprints, then the low 16 bits of a CRC32C of the header before them.
+                header += lastRecords.bytes
+                header.appendLE(UInt16(truncatingIfNeeded: CRC32C.checksum(header)))
             } else {
                 header.append(contentsOf: repeatElement(0, count: 8))
             }
@@ -168,16 +168,16 @@ public enum SnapshotFile {
         guard version == Self.version else {
             throw JournalError(.format, "\(path): snapshot version \(version), this build reads \(Self.version)")
         }
-        // Bytes 40..<48: eight zeros (written before fingerprints; also what `lsn` 0 gets), or a
-        // fingerprint and its own CRC32C (over bytes 0..<44, so it also says the fingerprint belongs
-        // to this header).
+        // Bytes 40..<48: eight zeros (written before fingerprints; also what `lsn` 0 gets), or the
+        // fingerprints and a check of their own (the low 16 bits of a CRC32C over bytes 0..<46, so it
+        // also says they belong to this header).
         var lastRecords: LogFingerprint?
-        var tail = ByteReader(all, offset: 40)
-        let stored: UInt32 = (try? tail.read()) ?? 0
-        let storedCRC: UInt32 = (try? tail.read()) ?? 0
-        if stored != 0 || storedCRC != 0 {
-            guard storedCRC == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: all[0..<44])), let named = LogFingerprint(value: stored) else {
-                throw JournalError(.corrupt, "\(path): the fingerprint of its last records fails its checksum (header offset 40)")
+        if all[40..<48].contains(where: { $0 != 0 }) {
+            let check = UInt16(all[46]) | UInt16(all[47]) << 8
+            guard check == UInt16(truncatingIfNeeded: CRC32C.checksum(UnsafeRawBufferPointer(rebasing: all[0..<46]))),
+                  let named = LogFingerprint(bytes: UnsafeRawBufferPointer(rebasing: all[40..<46]))
+            else {
+                throw JournalError(.corrupt, "\(path): the fingerprint of its last records fails its check (header offset 40)")
             }
             lastRecords = named
         }

@@ -164,16 +164,10 @@ public final class Store: Sendable {
             let (state, recovered) = try Recovery.recover(
                 directory, options: Recovery.Options(shardCount: options.shardCount, repair: false, upToLSN: upTo))
             // The header names the log's last records through the snapshot's position, read back from
-            // the log: at most ``LogFingerprint/windowMax``, and none at or before the newest snapshot
-            // already there, so that the log keeps them all after this snapshot's pruning (which
-            // removes segments only up to that one) and start-up can compare them. Else the
-            // fingerprint the snapshot it started from named, when no record followed that one and
-            // the log no longer holds its window.
-            let reader = LogReader(directory: directory)
-            let previous = try directory.snapshots().last { $0.lsn < state.lsn }?.lsn ?? 0
-            let window = Int(min(UInt64(LogFingerprint.windowMax), state.lsn - min(previous, state.lsn)))
-            let lastRecords = reader.snapshotFingerprint(through: state.lsn, records: window, durable: upTo)
-                ?? reader.snapshotFingerprint(through: state.lsn, durable: upTo)
+            // the log (up to ``LogFingerprint/windowMax``, as many as it holds); else the fingerprints
+            // the snapshot it started from named, when no record followed that one and the log no
+            // longer holds any of them.
+            let lastRecords = LogReader(directory: directory).snapshotFingerprint(through: state.lsn, durable: upTo)
                 ?? (state.lsn == recovered.snapshotLSN ? recovered.snapshotLastRecords : nil)
             let written = try SnapshotFile.write(state, lastRecords: lastRecords, to: directory)
             let pruned = try prune(justWritten: written.path)

@@ -57,7 +57,7 @@ func corruptSnapshot(_ path: String, _ fault: SnapshotFault = .bitFlip) throws {
         #expect(lastRecords == theirs)
         // Told apart only where the log still holds the record at its position: always for the newest
         // snapshot (segments go only up to the oldest one kept), not for an older one whose segment went.
-        let held = LogReader(directory: directory).snapshotFingerprint(through: state.lsn, records: theirs.records, durable: state.lsn) != nil
+        let held = LogReader(directory: directory).lastRecordFingerprint(at: state.lsn, durable: state.lsn) != nil
         #expect((Recovery.foreignSnapshotReason(lsn: state.lsn, lastRecords: theirs, in: directory) != nil) == held)
         return
     }
