@@ -178,11 +178,12 @@ public enum Recovery {
     }
 
     /// Whether a snapshot of position `lsn` whose header names `lastRecords` is a snapshot of the log
-    /// in `directory`. Nothing can be compared when the snapshot names no fingerprint (an older
-    /// build's) or the log does not hold all the records it covers (removed after a later snapshot,
-    /// or never written here: a replica's full copy starts its log after the copy's position).
+    /// in `directory`: compared over its whole window where the log holds it, else by the record at
+    /// `lsn` alone. Nothing can be compared when the snapshot names no fingerprint (an older build's)
+    /// or the log does not hold that record (removed after a later snapshot, or never written here:
+    /// a replica's full copy starts its log after the copy's position).
     public enum LogMatch: Equatable, Sendable {
-        /// The log's records through the snapshot's position have the fingerprint the snapshot names.
+        /// The log's records through the snapshot's position have the fingerprints the snapshot names.
         case same
         /// It has another: the snapshot was taken from another log. Says so, for the report.
         case another(String)

@@ -5,9 +5,9 @@ import StockadeCore
 /// snapshot is either whole or absent (a crash can leave the `.snap.tmp`; ``Store`` removes it at
 /// start-up). Layout in docs/FORMAT.md.
 ///
-/// The header names the log the snapshot was taken from: a fingerprint of the log's last records
-/// through its position (``LogFingerprint``), so that recovery can tell a snapshot copied in from another data directory,
-/// whose image the log's later records would otherwise be replayed onto, from one of its own.
+/// The header names the log the snapshot was taken from by its last records through the snapshot's
+/// position (``LogFingerprint``), so that recovery can tell a snapshot copied in from another data
+/// directory, whose image the log's later records would otherwise be replayed onto, from its own.
 public enum SnapshotFile {
     public static let magic: [UInt8] = Array("STOCKSNP".utf8)
     public static let version: UInt32 = 1
@@ -148,7 +148,7 @@ public enum SnapshotFile {
     }
 
     /// Verifies the header and every block; returns the image, and the position, the shard count and
-    /// the last record's fingerprint the header states.
+    /// the fingerprint of the log's last records the header states.
     private static func checkBlocks(
         _ all: UnsafeRawBufferPointer, path: String
     ) throws(JournalError) -> (image: [UInt8], lsn: UInt64, shardCount: UInt32, lastRecords: LogFingerprint?) {
