@@ -376,7 +376,7 @@ extension LogReader {
     }
 
     /// What a snapshot of `position` stores: the fingerprints of the log's last ``LogFingerprint/windowMax``
-    /// records through it, or of as many as the log still holds; nil when it holds none of them.
+    /// records through it, or of as many as the log still holds in a row; nil when it holds none of them.
     public func snapshotFingerprint(through position: UInt64, durable: UInt64) -> LogFingerprint? {
         guard position >= 1, position <= durable else { return nil }
         var records = Int(min(UInt64(LogFingerprint.windowMax), position))
@@ -387,7 +387,12 @@ extension LogReader {
             guard case .trimmed(let oldest) = error, oldest <= position else { return nil }
             records = Int(position - oldest + 1)
         }
-        return snapshotFingerprint(through: position, records: records, durable: durable)
+        if let whole = snapshotFingerprint(through: position, records: records, durable: durable) { return whole }
+        // Records missing inside the window (`--truncate-corrupt` cut the log and it went on after the
+        // position it had reached): the window starts with the segment holding `position`, written
+        // after the gap.
+        guard let segment = try? directory.segments().last(where: { $0.firstLSN <= position }) else { return nil }
+        return snapshotFingerprint(through: position, records: min(records, Int(position - segment.firstLSN + 1)), durable: durable)
     }
 
     /// The 16-bit fingerprint of the record at `position` alone (``LogFingerprint/last``), or nil when

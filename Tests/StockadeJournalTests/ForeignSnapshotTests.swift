@@ -141,6 +141,31 @@ import Testing
         #expect(state.stateHash() == live.stateHash() && report.foreignSnapshots.count == 1, "\(report)")
     } }
 
+    /// Review: after `--truncate-corrupt` cut the log and it went on (a gap of positions between the
+    /// segments), snapshots named nothing until 64 records past the cut: the window read across the
+    /// gap came back short. The window now starts with the segment holding the position.
+    @Test func aWindowAcrossAGapStartsAfterIt() async throws {
+        let path = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let store = try Store(path: path, options: Self.options())
+        _ = await store.engine.execute(.addSku(sku: "tv", total: 10_000, limit: 0), now: 0)
+        await Self.reserve(store, sku: "tv", users: 0..<40)
+        let end = store.journal.lastDurableLSN
+        store.close()
+        let directory = DataDirectory(path)
+        let segments = try directory.segments()
+        #expect(segments.count >= 4 && end < UInt64(LogFingerprint.windowMax))
+        // A segment in the middle of the window gone: positions missing between the others.
+        let gone = segments[segments.count - 3]
+        try FileManager.default.removeItem(atPath: gone.path)
+        let last = try #require(segments.last)
+        let reader = LogReader(directory: directory)
+        #expect(reader.snapshotFingerprint(through: end, records: Int(end), durable: end) == nil)
+        let named = try #require(reader.snapshotFingerprint(through: end, durable: end))
+        #expect(named.records == Int(end - last.firstLSN + 1))
+        #expect(named == reader.snapshotFingerprint(through: end, records: named.records, durable: end))
+    }
+
     /// A copy whose position is past the end of this log cannot be compared (the log holds no record
     /// there, as after a replica's full copy): it is used, and the start-up report says the snapshot
     /// is past the log's end, naming the ways that happens.
