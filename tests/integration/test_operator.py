@@ -181,31 +181,33 @@ def test_inspect_records_reads_like_the_protocol(data_dir):
     assert "StockadeCore" not in out.stdout and "orderCreated(" not in out.stdout
 
 
+def sell(r, sku, total, users, prefix, quantity=1):
+    """SKU.ADD `sku` (when `total` is given), then one RESERVE of `quantity` by each of `users` users."""
+    if total is not None:
+        r.execute_command("SKU.ADD", sku, total)
+    for i in range(users):
+        r.execute_command("RESERVE", f"{prefix}{i}", sku, quantity)
+
+
 # A snapshot copied into the wrong data directory (a restore gone wrong) at a position inside that
 # directory's log: recovery took its image and replayed the directory's later records onto it, so
 # `pear` was gone, `apple` held `pear`'s reservations, and AUDIT said OK. Now the snapshot's last
-# record is compared with the log's: the copy is skipped, said so, and flagged by inspect.
+# records are compared with the log's: the copy is skipped, said so, and flagged by inspect.
 def test_a_snapshot_copied_in_from_another_data_directory_is_not_replayed_onto(data_dir):
     other = data_dir + "-other"
     os.makedirs(other)
     try:
         a = Server(other, "--shards", "2").start()
-        r = a.client()
-        r.execute_command("SKU.ADD", "apple", 100)
-        for i in range(20):
-            r.execute_command("RESERVE", f"u{i}", "apple", 1)
-        r.execute_command("SNAPSHOT")
+        sell(a.client(), "apple", 100, 20, "u")
+        a.client().execute_command("SNAPSHOT")
         assert a.stop() == 0
         (copied,) = [f for f in os.listdir(other) if f.endswith(".snap")]
 
         b = Server(data_dir, "--shards", "2").start()
         r = b.client()
-        r.execute_command("SKU.ADD", "pear", 50)
-        for i in range(5):
-            r.execute_command("RESERVE", f"v{i}", "pear", 2)
+        sell(r, "pear", 50, 5, "v", quantity=2)
         r.execute_command("SNAPSHOT")
-        for i in range(30):
-            r.execute_command("RESERVE", f"w{i}", "pear", 1)
+        sell(r, "pear", None, 30, "w")
         pear = r.execute_command("STOCK", "pear")
         assert b.stop() == 0
         (own,) = [f for f in os.listdir(data_dir) if f.endswith(".snap")]
