@@ -337,6 +337,11 @@ final class DiskTarget: SimulationTarget {
             return .failure(SimulationFailure(description: "a snapshot of this log taken for another log's: \(store.recovery)"))
         }
         if store.recovery.snapshotMatchedLog { report.snapshotsMatched += 1 }
+        // A snapshot holds only what was durable when it was written, and a power cut takes nothing
+        // durable: the log must reach its position unless a flipped bit cut it short.
+        if store.recovery.snapshotPastLogEnd, flipped == nil {
+            return .failure(SimulationFailure(description: "the snapshot used is past the end of the log after a crash alone: \(store.recovery)"))
+        }
         return .success(await store.engine.captureState(lsn: store.journal.lastAppendedLSN))
     }
 }
