@@ -371,8 +371,15 @@ extension EngineState {
 }
 
 /// FNV-1a, 64-bit: stable across processes and builds (Swift's `Hasher` is seeded per process).
-struct FNV64 {
-    private(set) var value: UInt64 = 0xcbf2_9ce4_8422_2325
+package struct FNV64 {
+    package private(set) var value: UInt64 = 0xcbf2_9ce4_8422_2325
+
+    package init() {}
+
+    /// Adds bytes as they are, without a length.
+    package mutating func add(bytes: [UInt8]) {
+        for b in bytes { byte(b) }
+    }
 
     mutating func add<T: FixedWidthInteger>(_ x: T) {
         withUnsafeBytes(of: x.littleEndian) { for b in $0 { byte(b) } }

@@ -325,20 +325,18 @@ public struct LogFingerprint: Hashable, Sendable, CustomStringConvertible {
     init(of records: [(position: UInt64, record: Record)]) {
         precondition(!records.isEmpty && records.count <= Self.windowMax)
         var buffer = RecordBuffer(capacity: 256)
-        var window: UInt64 = 0xcbf2_9ce4_8422_2325
-        var last: UInt64 = 0
+        var window = FNV64()
+        var last = FNV64()
         for (_, record) in records {
             buffer.removeAll()
             buffer.append(record)
-            last = 0xcbf2_9ce4_8422_2325
-            for byte in buffer.bytes {
-                window = (window ^ UInt64(byte)) &* 0x100_0000_01b3
-                last = (last ^ UInt64(byte)) &* 0x100_0000_01b3
-            }
+            window.add(bytes: buffer.bytes)
+            last = FNV64()
+            last.add(bytes: buffer.bytes)
         }
         self.records = records.count
-        self.window = UInt32(truncatingIfNeeded: window ^ (window >> 32)) & 0xFF_FFFF
-        self.last = Self.fold16(last)
+        self.window = UInt32(truncatingIfNeeded: window.value ^ (window.value >> 32)) & 0xFF_FFFF
+        self.last = Self.fold16(last.value)
     }
 
     private init(records: Int, window: UInt32, last: UInt16) {
@@ -410,9 +408,9 @@ extension LogReader {
         else { return nil }
         var buffer = RecordBuffer(capacity: 256)
         buffer.append(found.record)
-        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-        for byte in buffer.bytes { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
-        return hash
+        var hash = FNV64()
+        hash.add(bytes: buffer.bytes)
+        return hash.value
     }
 
     /// The records of one block as the replication stream carries it (``RawBlock/bytes``): verified

@@ -69,8 +69,8 @@ package enum Simulator {
         package var eventReadsRefused = 0
         /// Of the reads, those the journal's newest records in memory answered (``LogTail``).
         package var eventReadsFromTail = 0
-        /// Recoveries from a snapshot whose last record's fingerprint was compared with the log's (and
-        /// matched: a mismatch fails the seed).
+        /// Recoveries from a snapshot whose fingerprints of the log's last records were compared with
+        /// the log (and matched: a mismatch fails the seed).
         package var snapshotsMatched = 0
         /// Snapshots of another log copied into the directory before a restart (and skipped by recovery).
         package var foreignSnapshots = 0

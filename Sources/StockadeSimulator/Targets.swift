@@ -321,8 +321,9 @@ final class DiskTarget: SimulationTarget {
         }
         if let suspend { store.journal.onWaiting(suspend) }
         if store.recovery.tornTail != nil { report.tornTails += 1 }
-        // Nothing here copies files between logs: a snapshot taken for another log's is a false alarm
-        // (the fingerprint written or compared wrong), which could refuse a start-up it should not.
+        // The copy put in above must be skipped, and nothing else: a snapshot of this log taken for
+        // another's is a false alarm (the fingerprint written or compared wrong), which could refuse a
+        // start-up it should not.
         if let foreign {
             guard store.recovery.foreignSnapshots.count == 1, store.recovery.foreignSnapshots[0].hasPrefix(foreign + ":"),
                   store.recovery.snapshotPath != foreign
