@@ -20,9 +20,25 @@ public final class Engine: Sendable {
     /// The epoch ``startEpoch(_:)`` is logging now, if any: one term starts at a time.
     private let epochStarting = Mutex<UInt64?>(nil)
 
+    /// Gives an executor back to its other work until a later turn: the pause long engine work takes
+    /// between its slices on a shard (an AUDIT of every SKU, a backlog of due holds). Called with the
+    /// index of the shard's executor (``executorIndex(ofShard:executorCount:)``) and how long the slice
+    /// before it kept that executor busy. A task that only re-enqueued itself would not do in the
+    /// server: a SwiftNIO loop runs queued work until none is left before it polls its sockets again.
+    public typealias LaterTurn = @Sendable (_ executorIndex: Int, _ busyNanos: UInt64) async -> Void
+
+    private let laterTurn: LaterTurn
+    private let executorCount: Int
+
     /// Starts the engine on a recovered (or empty) state. Shard `i` runs on `executors[i % count]` (the
-    /// server's event loops), or on a queue of its own when `executors` is empty.
-    public init(state: EngineState, log: any ChangeLog, executors: [any SerialExecutor] = [], readOnly: Bool = false) {
+    /// server's event loops), or on a queue of its own when `executors` is empty. `laterTurn`: how
+    /// long work pauses between slices (``LaterTurn``); by default it yields.
+    public init(
+        state: EngineState, log: any ChangeLog, executors: [any SerialExecutor] = [], laterTurn: LaterTurn? = nil,
+        readOnly: Bool = false
+    ) {
+        self.laterTurn = laterTurn ?? { _, _ in await Task.yield() }
+        executorCount = max(1, executors.count)
         let role = EngineRole(readOnly: readOnly)
         let gauges = state.shards.map { _ in ShardGauges() }
         shards = state.shards.map {
@@ -630,18 +646,34 @@ public final class Engine: Sendable {
     /// millisecond of work a chunk.
     public static let expiryChunk = 4096
 
+    /// SKUs audited per call into a shard by an AUDIT of every SKU: the audit of a store of any size
+    /// takes its shards' loops a slice at a time, about a millisecond of work a slice, with their
+    /// other work in between.
+    public static let auditChunk = 4096
+
     /// Holds overdue by more than this send a batch down the general path, which expires them a chunk
     /// at a time before the batch runs, instead of all at once in place. Below it, what is due is what
     /// came due since the housekeeping timer (every 10 ms) last ran: bounded by how fast holds are
     /// placed.
     public static let inPlaceOverdueMillisMax: Int64 = 50
 
-    /// Expires everything due on `shard` at `now`, ``expiryChunk`` orders per call.
+    /// Waits for a later turn of `shard`'s executor (``LaterTurn``), after a slice of work there that
+    /// started at `busySince`.
+    private func pause(_ shard: Shard, busySince: UInt64) async {
+        let busy = EngineRole.monotonicNanos() &- busySince
+        await laterTurn(Self.executorIndex(ofShard: shard.index, executorCount: executorCount), busy)
+    }
+
+    /// Expires everything due on `shard` at `now`, ``expiryChunk`` orders per call, pausing between
+    /// calls (``LaterTurn``).
     private func expire(_ shard: Shard, now: Int64) async -> UInt64 {
         // A replica's holds expire by the primary's records, never by its own clock.
         guard !role.isReadOnly else { return 0 }
         var lsn: UInt64 = 0
+        var started: UInt64?
         while true {
+            if let started { await pause(shard, busySince: started) }
+            started = EngineRole.monotonicNanos()
             var result = await shard.expire(now: now, limit: Self.expiryChunk)
             while result.deferred {
                 await shard.settled()
@@ -697,15 +729,22 @@ public final class Engine: Sendable {
             }
             return (.orders(page), lsn)
         case .audit:
-            var all: [AuditFinding] = []
+            var all = AuditFindings()
             var lsn: UInt64 = 0
             for shard in shards {
                 lsn = max(lsn, await expire(shard, now: now))
-                switch await shard.audit() {
-                case .success(let (findings, visible)):
-                    all += findings
-                    lsn = max(lsn, visible)
-                case .failure(let rejection): return (.rejected(rejection), 0)
+                // A slice per call into the shard: its loop's other work runs in between.
+                var next: Int? = 0
+                while let from = next {
+                    let started = EngineRole.monotonicNanos()
+                    switch await shard.audit(from: from, limit: Self.auditChunk) {
+                    case .success(let (findings, after, visible)):
+                        all.append(findings)
+                        next = after
+                        lsn = max(lsn, visible)
+                    case .failure(let rejection): return (.rejected(rejection), 0)
+                    }
+                    if next != nil { await pause(shard, busySince: started) }
                 }
             }
             return (.audit(all), lsn)
@@ -817,7 +856,7 @@ public final class EngineRole: Sendable {
     public var isReadOnly: Bool {
         if readOnly.load(ordering: .acquiring) { return true }
         let until = writableUntil.load(ordering: .acquiring)
-        return until != .max && Self.monotonicNanos() > until
+        return until != .max && EngineRole.monotonicNanos() > until
     }
 
     /// A replica (its state moved by another's log), whatever the lease says.

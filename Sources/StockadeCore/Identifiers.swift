@@ -128,3 +128,39 @@ public struct AuditFinding: Equatable, Sendable {
         self.problem = problem
     }
 }
+
+/// The findings of an AUDIT in the slices they were gathered in (at most ``Engine/auditChunk`` SKUs
+/// of one shard each): the audit of a million SKUs is never one array that grows by copying itself
+/// or is let go of at once, and its reply is encoded and released a slice at a time.
+public struct AuditFindings: Sequence, Equatable, Sendable {
+    /// Non-empty slices, in SKU order within each shard, shards in order.
+    public private(set) var slices: [[AuditFinding]] = []
+    /// Findings in all slices.
+    public private(set) var count = 0
+
+    public init(_ findings: [AuditFinding] = []) { append(findings) }
+
+    public var isEmpty: Bool { count == 0 }
+
+    /// Adds a slice after the others (nothing if it is empty).
+    public mutating func append(_ slice: [AuditFinding]) {
+        guard !slice.isEmpty else { return }
+        slices.append(slice)
+        count += slice.count
+    }
+
+    /// Takes the first slice out, nil when none is left.
+    public mutating func popFirstSlice() -> [AuditFinding]? {
+        guard !slices.isEmpty else { return nil }
+        let slice = slices.removeFirst()
+        count -= slice.count
+        return slice
+    }
+
+    public func makeIterator() -> FlattenSequence<[[AuditFinding]]>.Iterator { slices.joined().makeIterator() }
+
+    /// The same findings in the same order, however they are sliced.
+    public static func == (lhs: AuditFindings, rhs: AuditFindings) -> Bool {
+        lhs.count == rhs.count && lhs.elementsEqual(rhs)
+    }
+}

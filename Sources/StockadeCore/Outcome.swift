@@ -54,7 +54,7 @@ public enum Reply: Equatable, Sendable {
     case orders([OrderInfo])
     /// The Redis stock script's answer: 1 deducted, 0 not enough stock (or paused), -1 no such SKU.
     case deducted(Int)
-    case audit([AuditFinding])
+    case audit(AuditFindings)
     case rejected(Rejection)
 }
 

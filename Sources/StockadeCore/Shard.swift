@@ -166,7 +166,7 @@ public actor Shard {
             case let .restock(sku, delta): reply = state.restock(sku, delta: delta, log: &scratch)
             case let .setPaused(sku, paused): reply = state.setPaused(sku, paused: paused, log: &scratch)
             case let .stock(sku): reply = state.stock(sku).map(Reply.stock) ?? .rejected(.noSuchSku)
-            case let .audit(sku): reply = state.audit(sku).map(Reply.audit) ?? .rejected(.noSuchSku)
+            case let .audit(sku): reply = state.audit(sku).map { .audit(AuditFindings($0)) } ?? .rejected(.noSuchSku)
             case let .reserve(user, lines, requestId, ttlMillis):
                 reply = state.reserve(
                     user: user, lines: lines, requestId: requestId, ttlMillis: ttlMillis ?? Limits.ttlMillisDefault,
@@ -359,11 +359,15 @@ public actor Shard {
         return .success((state.orders(ofUser: user, afterSequence: afterSequence, count: count, bytesBefore: bytesBefore), visibleLSN))
     }
 
-    /// Every SKU's audit and the position the reply must wait for; waits while basket holds are placed.
-    public func audit() async -> Result<([AuditFinding], UInt64), Rejection> {
+    /// A slice of the audit of every SKU (``ShardState/audit(from:limit:)``), the index the next slice
+    /// starts at (nil: this was the last), and the position the reply must wait for; waits while
+    /// basket holds are placed.
+    public func audit(from index: Int, limit: Int) async -> Result<([AuditFinding], next: Int?, UInt64), Rejection> {
         while gauges.preparing.load(ordering: .relaxed) > 0 { await settled() }
         if let refusal = refusal { return .failure(.unavailable(refusal)) }
-        return .success((state.audit(nil) ?? [], visibleLSN))
+        let findings = state.audit(from: index, limit: limit)
+        let next = index + findings.count
+        return .success((findings, next < state.skuCount ? next : nil, visibleLSN))
     }
 
     // MARK: Replication

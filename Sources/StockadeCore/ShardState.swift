@@ -158,24 +158,34 @@ public struct ShardState: Sendable {
     /// Checks `available + reserved + sold == total`, all non-negative, and that the published counter
     /// agrees; for one SKU or, with nil, all of them.
     public func audit(_ sku: Name?) -> [AuditFinding]? {
-        let indices: [Int]
-        if let sku {
-            guard let index = skuIndexByName[sku] else { return nil }
-            indices = [Int(index)]
-        } else {
-            indices = Array(skus.indices)
+        guard let sku else { return audit(from: 0, limit: skus.count) }
+        guard let index = skuIndexByName[sku] else { return nil }
+        return [finding(Int(index))]
+    }
+
+    /// The audit of up to `limit` SKUs in index order from `index` (fewer at the end): a slice of the
+    /// audit of every SKU. SKUs are only ever added, at the end, so slices taken one after another
+    /// see each SKU once.
+    public func audit(from index: Int, limit: Int) -> [AuditFinding] {
+        precondition(index >= 0 && limit >= 0, "an audit slice starts at a SKU index and takes some")
+        let end = min(skus.count, index + limit)
+        guard index < end else { return [] }
+        return (index..<end).map(finding)
+    }
+
+    private func finding(_ index: Int) -> AuditFinding {
+        let s = skus[index]
+        let published = s.counter.available
+        guard s.available + s.reserved + s.sold != s.total || s.available < 0 || s.reserved < 0 || s.sold < 0
+            || published != s.available
+        else { return AuditFinding(sku: s.name, ok: true, problem: "") }
+        var problems: [String] = []
+        if s.available + s.reserved + s.sold != s.total {
+            problems.append("available \(s.available) + reserved \(s.reserved) + sold \(s.sold) != total \(s.total)")
         }
-        return indices.map { index in
-            let s = skus[index]
-            var problems: [String] = []
-            if s.available + s.reserved + s.sold != s.total {
-                problems.append("available \(s.available) + reserved \(s.reserved) + sold \(s.sold) != total \(s.total)")
-            }
-            if s.available < 0 || s.reserved < 0 || s.sold < 0 { problems.append("negative count") }
-            let published = s.counter.available
-            if published != s.available { problems.append("published counter \(published) != available \(s.available)") }
-            return AuditFinding(sku: s.name, ok: problems.isEmpty, problem: problems.joined(separator: "; "))
-        }
+        if s.available < 0 || s.reserved < 0 || s.sold < 0 { problems.append("negative count") }
+        if published != s.available { problems.append("published counter \(published) != available \(s.available)") }
+        return AuditFinding(sku: s.name, ok: false, problem: problems.joined(separator: "; "))
     }
 
     public func order(_ id: OrderID) -> OrderInfo? {

@@ -24,6 +24,8 @@ public final class Store: Sendable {
         /// Where the shards run (``Engine/init(state:log:executors:)``): the server's event loops.
         /// Empty: each shard on a queue of its own.
         public var shardExecutors: [any SerialExecutor] = []
+        /// How engine work pauses between slices on a shard's executor (``Engine/LaterTurn``); nil: it yields.
+        public var laterTurn: Engine.LaterTurn?
         /// A replica: the engine starts read-only (``EngineRole``), its state moved by a primary's log.
         public var readOnly = false
         /// How long the last written snapshot's checksums, once checked, are taken as whole by a
@@ -77,7 +79,9 @@ public final class Store: Sendable {
                 directory, options: Recovery.Options(shardCount: options.shardCount, truncateCorrupt: options.truncateCorrupt))
             recovery = report
             journal = try Journal(directory: directory, shardCount: state.shards.count, lsn: state.lsn, options: options.journal)
-            engine = Engine(state: state, log: journal, executors: options.shardExecutors, readOnly: options.readOnly)
+            engine = Engine(
+                state: state, log: journal, executors: options.shardExecutors, laterTurn: options.laterTurn,
+                readOnly: options.readOnly)
         } catch {
             lock.release()
             throw error

@@ -327,13 +327,18 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     static let nextRoundDelayNanosMin: UInt64 = 50_000
     static let nextRoundDelayNanosMax: UInt64 = 10_000_000
 
+    /// How long work that kept its loop busy for `busyNanos` waits before it goes on: as long, within
+    /// ``nextRoundDelayNanosMin`` and ``nextRoundDelayNanosMax``.
+    static func nextTurnDelay(busyNanos: UInt64) -> TimeAmount {
+        .nanoseconds(Int64(min(max(busyNanos, nextRoundDelayNanosMin), nextRoundDelayNanosMax)))
+    }
+
     /// Schedules ``process(context:)`` for a later turn of the event loop when input is left.
     private func processOnNextTurn(context: ChannelHandlerContext) {
         guard !closing, !processScheduled, carried != nil || (inbound?.readableBytes ?? 0) > 0 || inputClosed else { return }
         processScheduled = true
         let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
-        let delay = min(max(loopNanos, Self.nextRoundDelayNanosMin), Self.nextRoundDelayNanosMax)
-        context.eventLoop.scheduleTask(in: .nanoseconds(Int64(delay))) {
+        context.eventLoop.scheduleTask(in: Self.nextTurnDelay(busyNanos: loopNanos)) {
             let (handler, context) = bound.value
             handler.processScheduled = false
             handler.process(context: context)
@@ -856,6 +861,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
         let loop = context.eventLoop
         let presence = self.presence
+        let resp3 = self.resp3
         // An EVENTS takes its turn once it is about to read the log, unless its round holds one.
         let turn = round.heavy && !round.turnAtStart ? heavyRounds.map(HeavyTurn.init) : nil
         Task(executorPreference: executor) {
@@ -875,29 +881,36 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             // The batch's changes are done (durable, and past the replicas' wait when semi-synchronous):
             // a step that lets changes in flight finish first (REPLICAOF) must not wait for this round's.
             if round.hasChanges { server.endChanges() }
+            // Replies without a bound (an AUDIT of every SKU) are encoded here a slice at a time,
+            // on this loop (the task prefers it) with its other work in between.
+            var unbounded = ReplyEncoding.Unbounded()
+            if round.turnAtStart { unbounded = await ReplyEncoding.encodeUnbounded(&replies, resp3: resp3, on: loop) }
+            let answered = replies
+            let encoded = unbounded
             let (tail, stepCloses, stepNanos) = if let step = round.step { await server.run(step: step, presence: presence, turn: turn) } else { (nil, false, 0) }
             server.endRound(changes: false)
-            let answered = replies
             loop.execute {
                 let (handler, context) = bound.value
                 // The step's reply was encoded on this loop (the task prefers it).
-                if round.heavy, stepNanos > 0 { handler.heavyRounds?.charge(stepNanos, now: monotonicNanos()) }
+                let charged = stepNanos + encoded.nanos
+                if round.heavy, charged > 0 { handler.heavyRounds?.charge(charged, now: monotonicNanos()) }
                 handler.complete(
-                    round, replies: answered, tail: tail, closeAfter: round.closeAfter || stepCloses, turnTaken: turn?.taken ?? false,
-                    context: context)
+                    round, replies: answered, encoded: encoded.encoded, tail: tail, closeAfter: round.closeAfter || stepCloses,
+                    turnTaken: turn?.taken ?? false, context: context)
             }
         }
     }
 
     /// A round's replies are ready: write them, then go on with the input that arrived meanwhile.
+    /// `encoded`: replies already encoded, by index (``ReplyEncoding/encodeUnbounded(_:resp3:allocator:later:)``).
     /// `turnTaken`: its step took a turn in ``heavyRounds`` (``HeavyTurn``), given back here.
     private func complete(
-        _ round: consuming Round, replies: [Reply], tail: ByteBuffer?, closeAfter: Bool, turnTaken: Bool = false,
-        context: ChannelHandlerContext
+        _ round: consuming Round, replies: [Reply], encoded: [Int: [ByteBuffer]] = [:], tail: ByteBuffer?, closeAfter: Bool,
+        turnTaken: Bool = false, context: ChannelHandlerContext
     ) {
         busy = false
         let encodeStarted = monotonicNanos()
-        finish(context: context, round: round, replies: replies, tail: tail, closeAfter: closeAfter)
+        finish(context: context, round: round, replies: replies, encoded: encoded, tail: tail, closeAfter: closeAfter)
         let encodeNanos = monotonicNanos() - encodeStarted
         loopNanos += encodeNanos
         if round.heavy, let heavyRounds {
@@ -927,8 +940,12 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
 
     /// Writes a round's replies in order with one flush. Checks the output limit while they are
     /// built: past ``ServerConfiguration/clientOutputBytesMax`` of unread replies, the rest of the
-    /// round is not encoded, the client gets an error and is disconnected.
-    private func finish(context: ChannelHandlerContext, round: Round, replies: [Reply], tail: ByteBuffer?, closeAfter: Bool) {
+    /// round is not encoded, the client gets an error and is disconnected. `encoded`: replies
+    /// encoded already, by index, written as they are.
+    private func finish(
+        context: ChannelHandlerContext, round: Round, replies: [Reply], encoded: [Int: [ByteBuffer]] = [:], tail: ByteBuffer?,
+        closeAfter: Bool
+    ) {
         guard context.channel.isActive else { return }
         // A write can change the channel's writability, and its handler starts the next round at once:
         // not while this round is being written (review found the round after an output-limit error
@@ -942,7 +959,10 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         // asked for only when that bound and this round's output could pass the limit.
         let writable = context.channel.isWritable
         var unreadExact: Int?
+        // Bytes of this round handed to the channel already (replies encoded before, written apart).
+        var written = 0
         func pastLimit(with bytes: Int) -> Bool {
+            let bytes = written + bytes
             if writable && server.writeBufferHighWaterBytes + bytes <= outputMax { return false }
             if unreadExact == nil { unreadExact = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0 }
             return unreadExact! + bytes > outputMax
@@ -957,10 +977,28 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         } else {
             out = Self.reuse(&spareOut, context: context)
             out.reserveCapacity(minimumWritableBytes: round.local.readableBytes + 64 * round.batch.count)
-            for slot in round.slots {
+            slots: for slot in round.slots {
                 switch slot {
                 case .local(let start, let end):
                     out.writeImmutableBuffer(round.local.getSlice(at: start, length: end - start)!)
+                case .engine(let index, let name) where !encoded.isEmpty && encoded[index] != nil:
+                    // Written as it is, after what the round has so far (asked for before any write,
+                    // the channel's count of unread bytes leaves this round's out: see `written`);
+                    // not at all when it would pass the output limit.
+                    let reply = encoded[index]!
+                    let bytes = reply.reduce(0) { $0 + $1.readableBytes }
+                    if pastLimit(with: out.readableBytes + bytes) {
+                        overLimit = true
+                        break slots
+                    }
+                    if out.readableBytes > 0 {
+                        written += out.readableBytes
+                        context.write(wrapOutboundOut(out), promise: nil)
+                        out = context.channel.allocator.buffer(capacity: 256)
+                    }
+                    written += bytes
+                    for slice in reply { context.write(wrapOutboundOut(slice), promise: nil) }
+                    tally.add(name, ReplyEncoding.outcome(replies[index]))
                 case .engine(let index, let name):
                     // Read in place, not copied out of the array. Only one error's text depends on
                     // the command (BADQTY): no copy of the command otherwise (a sold-out answer is
@@ -974,7 +1012,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                 }
                 if pastLimit(with: out.readableBytes) {
                     overLimit = true
-                    break
+                    break slots
                 }
             }
         }
@@ -993,7 +1031,11 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             return
         }
         // No promise: a write's outcome matters only before a close (``closeAfterWrites``).
-        if out.readableBytes > 0 { context.writeAndFlush(wrapOutboundOut(out), promise: nil) }
+        if out.readableBytes > 0 {
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        } else if written > 0 {
+            context.flush()
+        }
         // The buffer serves the next round once the socket has taken it (see ``spareOut``).
         if out.capacity <= Self.spareBufferBytesMax {
             if round.batch.isEmpty { spareLocal = out } else { spareOut = out }

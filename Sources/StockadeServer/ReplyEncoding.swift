@@ -1,5 +1,6 @@
 import NIOCore
 import StockadeCore
+import StockadeJournal
 import StockadeWire
 
 /// Engine replies as RESP2, or RESP3 after HELLO 3: then STOCK, ORDER and EVENTS entries are maps of the
@@ -25,13 +26,78 @@ package enum ReplyEncoding {
             out.writeRESPInteger(Int64(result))
         case .audit(let findings):
             out.writeRESPArrayHeader(findings.count * 2)
-            for finding in findings {
-                out.writeRESPBulk(finding.sku)
-                out.writeRESPBulk(finding.ok ? "OK" : finding.problem)
-            }
+            for slice in findings.slices { writeFindings(slice, into: &out) }
         case .rejected(let rejection):
             out.writeRESPError(errorText(rejection, to: command))
         }
+    }
+
+    private static func writeFindings(_ findings: [AuditFinding], into out: inout ByteBuffer) {
+        for finding in findings {
+            out.writeRESPBulk(finding.sku)
+            out.writeRESPBulk(finding.ok ? "OK" : finding.problem)
+        }
+    }
+
+    /// Findings of an AUDIT of every SKU encoded per turn of a loop: its reply has no bound (a pair a
+    /// SKU), so past this many it is encoded a slice at a time (``encodeUnbounded(_:resp3:allocator:later:)``),
+    /// with the loop's other work in between. About a millisecond of work a slice.
+    package static let auditSliceFindings = 4096
+
+    /// Encodes the replies among `replies` too large to encode in one turn (an AUDIT of more than
+    /// ``auditSliceFindings`` SKUs) a slice of findings at a time, into buffers of their own (no
+    /// buffer of megabytes grows and copies itself), and returns them by index with the time spent.
+    /// Each such reply is taken out of `replies` (left empty: its outcome stays "ok") and its slices
+    /// let go of as they are encoded: a million findings destroyed at once would hold the loop too.
+    /// Between slices it awaits `later` with the time the slice took (in the server: a later turn of
+    /// the loop, once it polled its sockets). Every other reply is encoded by
+    /// ``write(_:to:resp3:into:)`` when the round's replies are written.
+    package static func encodeUnbounded(
+        _ replies: inout [Reply], resp3: Bool, allocator: ByteBufferAllocator, later: (_ busyNanos: UInt64) async -> Void
+    ) async -> (encoded: [Int: [ByteBuffer]], nanos: UInt64) {
+        var encoded: [Int: [ByteBuffer]] = [:]
+        var nanos: UInt64 = 0
+        for index in replies.indices {
+            guard case .audit(var findings) = replies[index], findings.count > auditSliceFindings else { continue }
+            replies[index] = .audit(AuditFindings())  // `findings` is now the only reference
+            var buffers: [ByteBuffer] = []
+            var started = monotonicNanos()
+            var out = allocator.buffer(capacity: 0)
+            out.writeRESPArrayHeader(findings.count * 2)
+            while let slice = findings.popFirstSlice() {
+                writeFindings(slice, into: &out)
+                // A buffer holds about a slice's worth (the engine's slices end with each shard).
+                guard out.readableBytes >= bufferBytesMin || findings.isEmpty else { continue }
+                buffers.append(out)
+                let busy = monotonicNanos() - started
+                nanos += busy
+                if !findings.isEmpty {
+                    out = allocator.buffer(capacity: out.readableBytes + out.readableBytes / 8)
+                    await later(busy)
+                    started = monotonicNanos()
+                }
+            }
+            encoded[index] = buffers
+        }
+        return (encoded, nanos)
+    }
+
+    /// A buffer of an AUDIT's reply encoded apart is written once it holds this many bytes.
+    private static let bufferBytesMin = 64 << 10
+
+    /// Replies encoded apart, by index, and the loop time that took.
+    struct Unbounded: Sendable {
+        var encoded: [Int: [ByteBuffer]] = [:]
+        var nanos: UInt64 = 0
+    }
+
+    /// ``encodeUnbounded(_:resp3:allocator:later:)`` on `loop`, pausing between slices until a later
+    /// turn of it (``ConnectionHandler/nextTurnDelay(busyNanos:)``).
+    static func encodeUnbounded(_ replies: inout [Reply], resp3: Bool, on loop: EventLoop) async -> Unbounded {
+        let (encoded, nanos) = await encodeUnbounded(&replies, resp3: resp3, allocator: ByteBufferAllocator()) { busyNanos in
+            try? await loop.scheduleTask(in: ConnectionHandler.nextTurnDelay(busyNanos: busyNanos)) {}.futureResult.get()
+        }
+        return Unbounded(encoded: encoded, nanos: nanos)
     }
 
     /// The most bytes the reply to `command` can take, from the bounds on what it returns: ids of

@@ -905,7 +905,15 @@ public final class StockadeServer: Sendable {
         // them in one run there (``Engine/applyReplicated(_:at:)``).
         // So do the shards of a node under a coordinator, which may become a replica at any time.
         let mayFollow = configuration.replicaOf != nil || configuration.coordinator != nil
-        storeOptions.shardExecutors = mayFollow ? [loops[0].executor] : loops.map { $0.executor }
+        let shardLoops = mayFollow ? [loops[0]] : loops
+        storeOptions.shardExecutors = shardLoops.map { $0.executor }
+        // Long engine work (an AUDIT of every SKU, a backlog of due holds) pauses between its slices
+        // until the shard's loop has polled its sockets: for as long as the slice kept it busy, like a
+        // client's next round (``ConnectionHandler/nextRoundDelayNanosMin``).
+        storeOptions.laterTurn = { index, busyNanos in
+            let delay = ConnectionHandler.nextTurnDelay(busyNanos: busyNanos)
+            try? await shardLoops[index].scheduleTask(in: delay) {}.futureResult.get()
+        }
         // Under a coordinator a node takes no change until etcd made it primary.
         storeOptions.readOnly = mayFollow
         let store: Store
