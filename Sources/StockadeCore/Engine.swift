@@ -856,7 +856,7 @@ public final class EngineRole: Sendable {
     public var isReadOnly: Bool {
         if readOnly.load(ordering: .acquiring) { return true }
         let until = writableUntil.load(ordering: .acquiring)
-        return until != .max && EngineRole.monotonicNanos() > until
+        return until != .max && Self.monotonicNanos() > until
     }
 
     /// A replica (its state moved by another's log), whatever the lease says.

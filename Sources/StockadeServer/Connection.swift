@@ -982,9 +982,10 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                 case .local(let start, let end):
                     out.writeImmutableBuffer(round.local.getSlice(at: start, length: end - start)!)
                 case .engine(let index, let name) where !encoded.isEmpty && encoded[index] != nil:
-                    // Written as it is, after what the round has so far (asked for before any write,
-                    // the channel's count of unread bytes leaves this round's out: see `written`);
-                    // not at all when it would pass the output limit.
+                    // Written as it is, after what the round has so far; not at all when it would
+                    // pass the output limit. The channel's count of unread bytes is taken before the
+                    // round writes anything (`written` counts what it wrote since).
+                    if unreadExact == nil { unreadExact = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0 }
                     let reply = encoded[index]!
                     let bytes = reply.reduce(0) { $0 + $1.readableBytes }
                     if pastLimit(with: out.readableBytes + bytes) {
