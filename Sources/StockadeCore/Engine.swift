@@ -733,19 +733,29 @@ public final class Engine: Sendable {
             var lsn: UInt64 = 0
             for shard in shards {
                 lsn = max(lsn, await expire(shard, now: now))
-                // A slice per call into the shard: its loop's other work runs in between.
+                // A slice per call into the shard: its loop's other work runs in between. If the
+                // shard's state was replaced whole meanwhile (a replica's full copy), its audit
+                // starts over on the new state.
+                var mine = AuditFindings()
+                var generation: UInt64?
                 var next: Int? = 0
                 while let from = next {
                     let started = EngineRole.monotonicNanos()
                     switch await shard.audit(from: from, limit: Self.auditChunk) {
-                    case .success(let (findings, after, visible)):
-                        all.append(findings)
-                        next = after
-                        lsn = max(lsn, visible)
+                    case .success(let slice):
+                        if let generation, generation != slice.generation {
+                            (mine, next) = (AuditFindings(), 0)
+                        } else {
+                            mine.append(slice.findings)
+                            next = slice.next
+                        }
+                        generation = slice.generation
+                        lsn = max(lsn, slice.lsn)
                     case .failure(let rejection): return (.rejected(rejection), 0)
                     }
                     if next != nil { await pause(shard, busySince: started) }
                 }
+                all.append(contentsOf: mine)
             }
             return (.audit(all), lsn)
         default:

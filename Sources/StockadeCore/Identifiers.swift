@@ -149,6 +149,12 @@ public struct AuditFindings: Sequence, Equatable, Sendable {
         count += slice.count
     }
 
+    /// Adds another's slices after these.
+    public mutating func append(contentsOf other: AuditFindings) {
+        slices += other.slices
+        count += other.count
+    }
+
     /// Takes the first slice out, nil when none is left.
     public mutating func popFirstSlice() -> [AuditFinding]? {
         guard !slices.isEmpty else { return nil }

@@ -360,15 +360,28 @@ public actor Shard {
     }
 
     /// A slice of the audit of every SKU (``ShardState/audit(from:limit:)``), the index the next slice
-    /// starts at (nil: this was the last), and the position the reply must wait for; waits while
-    /// basket holds are placed.
-    public func audit(from index: Int, limit: Int) async -> Result<([AuditFinding], next: Int?, UInt64), Rejection> {
+    /// starts at (nil: this was the last), the ``generation`` it was taken in, and the position the
+    /// reply must wait for; waits while basket holds are placed.
+    public func audit(from index: Int, limit: Int) async -> Result<AuditSlice, Rejection> {
         while gauges.preparing.load(ordering: .relaxed) > 0 { await settled() }
         if let refusal = refusal { return .failure(.unavailable(refusal)) }
         let findings = state.audit(from: index, limit: limit)
         let next = index + findings.count
-        return .success((findings, next < state.skuCount ? next : nil, visibleLSN))
+        return .success(AuditSlice(findings: findings, next: next < state.skuCount ? next : nil, generation: generation, lsn: visibleLSN))
     }
+
+    /// A slice of a shard's audit (``audit(from:limit:)``).
+    public struct AuditSlice: Sendable {
+        public var findings: [AuditFinding]
+        public var next: Int?
+        public var generation: UInt64
+        public var lsn: UInt64
+    }
+
+    /// How many times the state was replaced whole (a replica's full copy, ``install(_:at:)``). Work
+    /// that reads the state a slice at a time starts over when it changed between its slices: SKU
+    /// indices of one state mean other SKUs in the next.
+    public private(set) var generation: UInt64 = 0
 
     // MARK: Replication
 
@@ -415,6 +428,7 @@ public actor Shard {
     private func install(_ replacement: ShardState, at lsn: UInt64) {
         beginChange()
         state = replacement
+        generation += 1
         directory.replaceAll(state.counters)
         // The copy's position, even below this one's: a node that starts over goes back.
         visibleLSN = lsn

@@ -58,6 +58,35 @@ import Testing
         #expect(findings.allSatisfy { $0.ok })
     }
 
+    /// A replica's state can be replaced whole (a full copy of its primary) while an AUDIT waits
+    /// between slices; SKU indices then mean other SKUs. The audit of that shard starts over: before,
+    /// it went on from the same index in the new state, reporting the old state's first slice and the
+    /// new state's rest (SKUs of both, some of the new missing).
+    @Test func anAuditStartsAShardOverWhenItsStateIsReplacedBetweenSlices() async throws {
+        func state(_ prefix: String, count: Int) throws -> EngineState {
+            var state = EngineState(shardCount: 3)
+            for n in 0..<count {
+                let sku = Name("\(prefix)-\(n)")
+                let shard = Engine.shardIndex(of: sku, shardCount: 3)
+                try state.apply(.skuAdded(shard: shard, skuIndex: UInt32(state.shards[shard].skuCount), sku: sku, total: 5, limit: 0))
+            }
+            return state
+        }
+        let before = try state("old", count: 15_000)
+        let copy = try state("new", count: 15_000)
+        let pauses = Pauses()
+        // A replica: read-only, every shard on one executor.
+        let engine = Engine(
+            state: before, log: MemoryChangeLog(), executors: [QueueExecutor(label: "replica")], laterTurn: pauses.laterTurn,
+            readOnly: true)
+        pauses.duringPause.withLock { $0 = { await engine.installReplicated(copy) } }
+        let reply = await engine.execute(.audit(sku: nil), now: 0)
+        guard case .audit(let findings) = reply else { Issue.record("audit reply \(reply)"); return }
+        let names = findings.map { String(decoding: $0.sku.bytes, as: UTF8.self) }
+        #expect(Set(names) == Set((0..<15_000).map { "new-\($0)" }) && names.count == 15_000)
+        #expect(findings.allSatisfy { $0.ok })
+    }
+
     @Test func aBacklogOfDueHoldsExpiresAChunkAtATimeWithPausesBetween() async {
         let pauses = Pauses()
         let engine = Engine(state: EngineState(shardCount: 1), log: MemoryChangeLog(), laterTurn: pauses.laterTurn)
