@@ -646,6 +646,11 @@ public final class Engine: Sendable {
     /// millisecond of work a chunk.
     public static let expiryChunk = 4096
 
+    /// A user's orders visited per call into a shard by an ORDERS (a page is the oldest after a
+    /// point, and a user's orders link newest to oldest, so a page walks every newer one): a user
+    /// with millions of orders takes the shard's loop a slice at a time.
+    public static let ordersWalkChunk = 16_384
+
     /// SKUs audited per call into a shard by an AUDIT of every SKU: the audit of a store of any size
     /// takes its shards' loops a slice at a time, about a millisecond of work a slice, with their
     /// other work in between.
@@ -719,12 +724,25 @@ public final class Engine: Sendable {
                 lsn = max(lsn, await expire(shard, now: now))
                 let wanted = index >= (after?.shard ?? 0) && pageBytes < Limits.pageBytesMax ? count - page.count : 0
                 let afterSequence = index == after?.shard ? after!.sequence : 0
-                switch await shard.orders(ofUser: user, afterSequence: afterSequence, count: wanted, bytesBefore: pageBytes) {
-                case .success(let (orders, visible)):
-                    page += orders
-                    pageBytes += orders.reduce(0) { $0 + $1.pageBytes }
-                    lsn = max(lsn, visible)
-                case .failure(let rejection): return (.rejected(rejection), 0)
+                // The walk over the user's orders takes ``ordersWalkChunk`` of them per call into the
+                // shard, with its loop's other work in between.
+                var walk: Shard.OrdersStep?
+                while true {
+                    let started = EngineRole.monotonicNanos()
+                    switch await shard.orders(
+                        ofUser: user, afterSequence: afterSequence, count: wanted, bytesBefore: pageBytes, walk: walk,
+                        steps: Self.ordersWalkChunk)
+                    {
+                    case .success(let step): walk = step
+                    case .failure(let rejection): return (.rejected(rejection), 0)
+                    }
+                    lsn = max(lsn, walk!.lsn)
+                    if let orders = walk!.page {
+                        page += orders
+                        pageBytes += orders.reduce(0) { $0 + $1.pageBytes }
+                        break
+                    }
+                    await pause(shard, busySince: started)
                 }
             }
             return (.orders(page), lsn)

@@ -352,11 +352,28 @@ public actor Shard {
 
     // MARK: Reads for the engine and tests
 
-    /// A page of this shard's orders of a user (``ShardState/orders(ofUser:afterSequence:count:)``)
-    /// and the position the reply must wait for.
-    public func orders(ofUser user: Name, afterSequence: UInt32, count: Int, bytesBefore: Int) -> Result<([OrderInfo], UInt64), Rejection> {
+    /// A step of a page of this shard's orders of a user (``ShardState/OrdersWalk``): starts the walk
+    /// when `walk` is nil, or when the state was replaced whole since it started (`generation`), then
+    /// visits up to `steps` orders. Once the walk is done, the page
+    /// (``ShardState/ordersPage(_:bytesBefore:)``); and the position the reply must wait for.
+    public func orders(
+        ofUser user: Name, afterSequence: UInt32, count: Int, bytesBefore: Int, walk: OrdersStep?, steps: Int
+    ) -> Result<OrdersStep, Rejection> {
         if let refusal = refusal { return .failure(.unavailable(refusal)) }
-        return .success((state.orders(ofUser: user, afterSequence: afterSequence, count: count, bytesBefore: bytesBefore), visibleLSN))
+        var step = walk.flatMap { $0.generation == generation ? $0 : nil }
+            ?? OrdersStep(walk: state.ordersWalk(ofUser: user, afterSequence: afterSequence, count: count), generation: generation)
+        if state.advance(&step.walk, steps: steps) { step.page = state.ordersPage(step.walk, bytesBefore: bytesBefore) }
+        step.lsn = visibleLSN
+        return .success(step)
+    }
+
+    /// Where a walk over a user's orders stands (``orders(ofUser:afterSequence:count:bytesBefore:walk:steps:)``).
+    public struct OrdersStep: Sendable {
+        var walk: ShardState.OrdersWalk
+        let generation: UInt64
+        /// The page, once the walk is done.
+        public var page: [OrderInfo]?
+        public var lsn: UInt64 = 0
     }
 
     /// A slice of the audit of every SKU (``ShardState/audit(from:limit:)``), the index the next slice

@@ -196,17 +196,55 @@ public struct ShardState: Sendable {
     /// A page of this shard's orders of `user`, oldest first: the first `count` with a sequence
     /// above `afterSequence`, and fewer once the page's bytes reach ``Limits/pageBytesMax``
     /// (``OrderInfo/pageBytes``; `bytesBefore`: what the page holds from other shards already).
-    /// Walks the user's orders newer than that, keeping only `count`.
+    /// Walks the user's orders newer than that, keeping only `count` (``OrdersWalk``, in one go).
     public func orders(ofUser user: Name, afterSequence: UInt32, count: Int, bytesBefore: Int = 0) -> [OrderInfo] {
-        guard count > 0, let userIndex = userIndexByName[user] else { return [] }
-        var newest: [UInt32] = []  // a ring of the last `count` sequences seen, walking newest first
+        var walk = ordersWalk(ofUser: user, afterSequence: afterSequence, count: count)
+        while !advance(&walk, steps: .max) {}
+        return ordersPage(walk, bytesBefore: bytesBefore)
+    }
+
+    /// A walk over a user's orders, newest first (each order links to the user's one before it),
+    /// down to a sequence: ``orders(ofUser:afterSequence:count:bytesBefore:)`` a slice at a time.
+    /// Orders are only ever added, at the newest end, and their links never change, so a walk can
+    /// go on from where it stopped while the shard took other commands, as long as its state was
+    /// not replaced whole (``Shard/generation``).
+    public struct OrdersWalk: Sendable {
+        let afterSequence: UInt32
+        let count: Int
+        /// The next order to visit; the walk is done once it is at or below ``afterSequence``.
+        var sequence: UInt32
+        /// A ring of the last `count` sequences visited.
+        var newest: [UInt32] = []
         var seen = 0
-        var seq = lastOrderOfUser[Int(userIndex)]
-        while seq > afterSequence {
-            if newest.count < count { newest.append(seq) } else { newest[seen % count] = seq }
-            seen += 1
-            seq = orders[Int(seq) - 1].previousOfUser
+        public var isDone: Bool { sequence <= afterSequence }
+    }
+
+    /// A walk over `user`'s orders above `afterSequence` that keeps the oldest `count` (none for an
+    /// unknown user or a count of 0).
+    public func ordersWalk(ofUser user: Name, afterSequence: UInt32, count: Int) -> OrdersWalk {
+        let newest = count > 0 ? userIndexByName[user].map { lastOrderOfUser[Int($0)] } ?? 0 : 0
+        return OrdersWalk(afterSequence: afterSequence, count: count, sequence: max(newest, afterSequence))
+    }
+
+    /// Visits up to `steps` more orders of the walk; returns whether it is done.
+    public func advance(_ walk: inout OrdersWalk, steps: Int) -> Bool {
+        var left = steps
+        while walk.sequence > walk.afterSequence && left > 0 {
+            let seq = walk.sequence
+            if walk.newest.count < walk.count { walk.newest.append(seq) } else { walk.newest[walk.seen % walk.count] = seq }
+            walk.seen += 1
+            walk.sequence = orders[Int(seq) - 1].previousOfUser
+            left -= 1
         }
+        return walk.isDone
+    }
+
+    /// The page of a finished walk: its orders as they are now, oldest first, while the page's bytes
+    /// stay under ``Limits/pageBytesMax`` (`bytesBefore`: what it holds from other shards already).
+    public func ordersPage(_ walk: OrdersWalk, bytesBefore: Int = 0) -> [OrderInfo] {
+        precondition(walk.isDone, "a page of a walk not finished")
+        let (newest, seen, count) = (walk.newest, walk.seen, walk.count)
+        guard count > 0 else { return [] }
         // The oldest `count` walked are the page; the ring holds them, the oldest last written.
         let ordered = newest.count < count ? newest : Array(newest[(seen % count)...] + newest[..<(seen % count)])
         var page: [OrderInfo] = []
