@@ -29,15 +29,18 @@ public final class Engine: Sendable {
 
     private let laterTurn: LaterTurn
     private let executorCount: Int
+    /// How long a call into a shard may go on with work sliced by time (``sliceNanosDefault``).
+    let sliceNanos: UInt64
 
     /// Starts the engine on a recovered (or empty) state. Shard `i` runs on `executors[i % count]` (the
     /// server's event loops), or on a queue of its own when `executors` is empty. `laterTurn`: how
     /// long work pauses between slices (``LaterTurn``); by default it yields.
     public init(
         state: EngineState, log: any ChangeLog, executors: [any SerialExecutor] = [], laterTurn: LaterTurn? = nil,
-        readOnly: Bool = false
+        readOnly: Bool = false, sliceNanos: UInt64 = Engine.sliceNanosDefault
     ) {
         self.laterTurn = laterTurn ?? { _, _ in await Task.yield() }
+        self.sliceNanos = sliceNanos
         executorCount = max(1, executors.count)
         let role = EngineRole(readOnly: readOnly)
         let gauges = state.shards.map { _ in ShardGauges() }
@@ -646,10 +649,15 @@ public final class Engine: Sendable {
     /// millisecond of work a chunk.
     public static let expiryChunk = 4096
 
-    /// A user's orders visited per call into a shard by an ORDERS (a page is the oldest after a
-    /// point, and a user's orders link newest to oldest, so a page walks every newer one): a user
-    /// with millions of orders takes the shard's loop a slice at a time.
-    public static let ordersWalkChunk = 16_384
+    /// A user's orders an ORDERS visits between looks at the clock (a page is the oldest after a
+    /// point, and a user's orders link newest to oldest, so a page walks every newer one); it goes on
+    /// in one call into the shard for ``sliceNanos``, so a user with millions of orders takes the
+    /// shard's loop a slice at a time. (Time, not a count: a walk in order of memory costs about
+    /// 4 ns an order, one that misses the cache each step 20 times that.)
+    public static let ordersWalkChunk = 4096
+
+    /// How long a call into a shard may go on with work sliced by time (an ORDERS' walk) by default.
+    public static let sliceNanosDefault: UInt64 = 500_000
 
     /// SKUs audited per call into a shard by an AUDIT of every SKU: the audit of a store of any size
     /// takes its shards' loops a slice at a time, about a millisecond of work a slice, with their
@@ -724,14 +732,14 @@ public final class Engine: Sendable {
                 lsn = max(lsn, await expire(shard, now: now))
                 let wanted = index >= (after?.shard ?? 0) && pageBytes < Limits.pageBytesMax ? count - page.count : 0
                 let afterSequence = index == after?.shard ? after!.sequence : 0
-                // The walk over the user's orders takes ``ordersWalkChunk`` of them per call into the
-                // shard, with its loop's other work in between.
+                // The walk over the user's orders takes about ``sliceNanos`` per call into the shard
+                // (``ordersWalkChunk`` orders at a time), with its loop's other work in between.
                 var walk: Shard.OrdersStep?
                 while true {
                     let started = EngineRole.monotonicNanos()
                     switch await shard.orders(
                         ofUser: user, afterSequence: afterSequence, count: wanted, bytesBefore: pageBytes, walk: walk,
-                        steps: Self.ordersWalkChunk)
+                        steps: Self.ordersWalkChunk, budgetNanos: sliceNanos)
                     {
                     case .success(let step): walk = step
                     case .failure(let rejection): return (.rejected(rejection), 0)

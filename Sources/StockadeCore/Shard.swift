@@ -354,20 +354,26 @@ public actor Shard {
 
     /// A step of a page of this shard's orders of a user (``ShardState/OrdersWalk``): starts the walk
     /// when `walk` is nil, or when the state was replaced whole since it started (`generation`), then
-    /// visits up to `steps` orders. Once the walk is done, the page
-    /// (``ShardState/ordersPage(_:bytesBefore:)``); and the position the reply must wait for.
+    /// visits `steps` orders at a time until it is done or has taken `budgetNanos` (at least once).
+    /// Once the walk is done, the page (``ShardState/ordersPage(_:bytesBefore:)``); and the position
+    /// the reply must wait for.
     public func orders(
-        ofUser user: Name, afterSequence: UInt32, count: Int, bytesBefore: Int, walk: OrdersStep?, steps: Int
+        ofUser user: Name, afterSequence: UInt32, count: Int, bytesBefore: Int, walk: OrdersStep?, steps: Int,
+        budgetNanos: UInt64
     ) -> Result<OrdersStep, Rejection> {
         if let refusal = refusal { return .failure(.unavailable(refusal)) }
+        let started = EngineRole.monotonicNanos()
         var step = walk.flatMap { $0.generation == generation ? $0 : nil }
             ?? OrdersStep(walk: state.ordersWalk(ofUser: user, afterSequence: afterSequence, count: count), generation: generation)
-        if state.advance(&step.walk, steps: steps) { step.page = state.ordersPage(step.walk, bytesBefore: bytesBefore) }
+        while !state.advance(&step.walk, steps: steps) {
+            guard EngineRole.monotonicNanos() &- started < budgetNanos else { break }
+        }
+        if step.walk.isDone { step.page = state.ordersPage(step.walk, bytesBefore: bytesBefore) }
         step.lsn = visibleLSN
         return .success(step)
     }
 
-    /// Where a walk over a user's orders stands (``orders(ofUser:afterSequence:count:bytesBefore:walk:steps:)``).
+    /// Where a walk over a user's orders stands (``orders(ofUser:afterSequence:count:bytesBefore:walk:steps:budgetNanos:)``).
     public struct OrdersStep: Sendable {
         var walk: ShardState.OrdersWalk
         let generation: UInt64
