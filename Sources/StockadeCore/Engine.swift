@@ -29,18 +29,36 @@ public final class Engine: Sendable {
 
     private let laterTurn: LaterTurn
     private let executorCount: Int
-    /// How long a call into a shard may go on with work sliced by time (``sliceNanosDefault``).
-    let sliceNanos: UInt64
+    private let slicing: Slicing
+
+    /// How much unbounded work (an AUDIT of every SKU, an ORDERS' walk) one call into a shard does
+    /// before it pauses (``LaterTurn``). The defaults are the server's; the simulator uses tiny
+    /// slices, so that the work it checks against its model is cut and resumed at every step.
+    public struct Slicing: Sendable {
+        /// SKUs audited per call (``Engine/auditChunk``).
+        public var auditSKUs = Engine.auditChunk
+        /// A user's orders walked between looks at the clock (``Engine/ordersWalkChunk``).
+        public var ordersWalkSteps = Engine.ordersWalkChunk
+        /// How long a call may go on with work sliced by time (``Engine/sliceNanosDefault``); 0: one
+        /// chunk a call.
+        public var nanos = Engine.sliceNanosDefault
+
+        public init(auditSKUs: Int = Engine.auditChunk, ordersWalkSteps: Int = Engine.ordersWalkChunk, nanos: UInt64 = Engine.sliceNanosDefault) {
+            precondition(auditSKUs >= 1 && ordersWalkSteps >= 1, "a slice does some work")
+            (self.auditSKUs, self.ordersWalkSteps, self.nanos) = (auditSKUs, ordersWalkSteps, nanos)
+        }
+    }
 
     /// Starts the engine on a recovered (or empty) state. Shard `i` runs on `executors[i % count]` (the
     /// server's event loops), or on a queue of its own when `executors` is empty. `laterTurn`: how
-    /// long work pauses between slices (``LaterTurn``); by default it yields.
+    /// long work pauses between slices (``LaterTurn``); by default it yields. `slicing`: how large
+    /// those slices are (``Slicing``).
     public init(
         state: EngineState, log: any ChangeLog, executors: [any SerialExecutor] = [], laterTurn: LaterTurn? = nil,
-        readOnly: Bool = false, sliceNanos: UInt64 = Engine.sliceNanosDefault
+        readOnly: Bool = false, slicing: Slicing = Slicing()
     ) {
         self.laterTurn = laterTurn ?? { _, _ in await Task.yield() }
-        self.sliceNanos = sliceNanos
+        self.slicing = slicing
         executorCount = max(1, executors.count)
         let role = EngineRole(readOnly: readOnly)
         let gauges = state.shards.map { _ in ShardGauges() }
@@ -651,7 +669,7 @@ public final class Engine: Sendable {
 
     /// A user's orders an ORDERS visits between looks at the clock (a page is the oldest after a
     /// point, and a user's orders link newest to oldest, so a page walks every newer one); it goes on
-    /// in one call into the shard for ``sliceNanos``, so a user with millions of orders takes the
+    /// in one call into the shard for ``sliceNanosDefault``, so a user with millions of orders takes the
     /// shard's loop a slice at a time. (Time, not a count: a walk in order of memory costs about
     /// 4 ns an order, one that misses the cache each step 20 times that.)
     public static let ordersWalkChunk = 4096
@@ -732,14 +750,15 @@ public final class Engine: Sendable {
                 lsn = max(lsn, await expire(shard, now: now))
                 let wanted = index >= (after?.shard ?? 0) && pageBytes < Limits.pageBytesMax ? count - page.count : 0
                 let afterSequence = index == after?.shard ? after!.sequence : 0
-                // The walk over the user's orders takes about ``sliceNanos`` per call into the shard
-                // (``ordersWalkChunk`` orders at a time), with its loop's other work in between.
+                // The walk over the user's orders takes about ``Slicing/nanos`` per call into the
+                // shard (``Slicing/ordersWalkSteps`` orders at a time), with its loop's other work in
+                // between.
                 var walk: Shard.OrdersStep?
                 while true {
                     let started = EngineRole.monotonicNanos()
                     switch await shard.orders(
                         ofUser: user, afterSequence: afterSequence, count: wanted, bytesBefore: pageBytes, walk: walk,
-                        steps: Self.ordersWalkChunk, budgetNanos: sliceNanos)
+                        steps: slicing.ordersWalkSteps, budgetNanos: slicing.nanos)
                     {
                     case .success(let step): walk = step
                     case .failure(let rejection): return (.rejected(rejection), 0)
@@ -767,7 +786,7 @@ public final class Engine: Sendable {
                 var next: Int? = 0
                 while let from = next {
                     let started = EngineRole.monotonicNanos()
-                    switch await shard.audit(from: from, limit: Self.auditChunk) {
+                    switch await shard.audit(from: from, limit: slicing.auditSKUs) {
                     case .success(let slice):
                         if let generation, generation != slice.generation {
                             (mine, next) = (AuditFindings(), 0)

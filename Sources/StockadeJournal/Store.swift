@@ -26,6 +26,8 @@ public final class Store: Sendable {
         public var shardExecutors: [any SerialExecutor] = []
         /// How engine work pauses between slices on a shard's executor (``Engine/LaterTurn``); nil: it yields.
         public var laterTurn: Engine.LaterTurn?
+        /// How large those slices are (``Engine/Slicing``).
+        public var slicing = Engine.Slicing()
         /// A replica: the engine starts read-only (``EngineRole``), its state moved by a primary's log.
         public var readOnly = false
         /// How long the last written snapshot's checksums, once checked, are taken as whole by a
@@ -81,7 +83,7 @@ public final class Store: Sendable {
             journal = try Journal(directory: directory, shardCount: state.shards.count, lsn: state.lsn, options: options.journal)
             engine = Engine(
                 state: state, log: journal, executors: options.shardExecutors, laterTurn: options.laterTurn,
-                readOnly: options.readOnly)
+                readOnly: options.readOnly, slicing: options.slicing)
         } catch {
             lock.release()
             throw error

@@ -127,7 +127,7 @@ package enum Simulator {
                 return report
             }
         } else {
-            target = MemoryTarget(shardCount: shardCount)
+            target = MemoryTarget(shardCount: shardCount, seed: seed)
         }
         /// The highest position an acknowledged batch wrote: recovery must reach it.
         var acknowledgedPosition: UInt64 = 0

@@ -51,10 +51,13 @@ final class MemoryTarget: SimulationTarget {
     let shardCount: Int
     let loop = SimulatedLoop()
 
-    init(shardCount: Int) {
+    let slicing: Engine.Slicing
+
+    init(shardCount: Int, seed: UInt64) {
         self.shardCount = shardCount
+        slicing = Engine.Slicing(simulating: seed)
         log = SimulatedLog()
-        engine = Engine(state: EngineState(shardCount: shardCount), log: log, executors: [loop.executor])
+        engine = Engine(state: EngineState(shardCount: shardCount), log: log, executors: [loop.executor], slicing: slicing)
     }
 
     var appendedPosition: UInt64 { log.appendedPosition }
@@ -97,7 +100,7 @@ final class MemoryTarget: SimulationTarget {
         }
         log = SimulatedLog(records: surviving)
         if let suspend { log.onSuspend(suspend) }
-        engine = Engine(state: recovered, log: log, executors: [loop.executor])
+        engine = Engine(state: recovered, log: log, executors: [loop.executor], slicing: slicing)
         return .success(recovered)
     }
 }
@@ -131,6 +134,7 @@ final class DiskTarget: SimulationTarget {
         // The newest records in memory for readers: none, a few batches' worth, or the whole run.
         options.journal.tailBytesMax = [0, 512, 4 << 10, 4 << 20][Int(seed % 4)]
         options.shardExecutors = [loop.executor]
+        options.slicing = Engine.Slicing(simulating: seed)
         self.options = options
         store = try Store(directory: directory, options: options)
         disk.faults = faults
@@ -427,5 +431,18 @@ struct LogFiles {
             if (holdsAny || startsHere) && segment.walkedTo < min(end, through + 1) { return true }
         }
         return false
+    }
+}
+
+extension Engine.Slicing {
+    /// A seed's slicing: in two seeds of three, an AUDIT of every SKU and an ORDERS' walk are cut
+    /// into slices of one to three SKUs or orders (one per call, no time budget), so that the model's
+    /// check covers work resumed across calls (and across the other batches of a run); otherwise the
+    /// server's.
+    init(simulating seed: UInt64) {
+        switch seed % 3 {
+        case 0: self.init()
+        default: self.init(auditSKUs: Int(seed / 3 % 3) + 1, ordersWalkSteps: Int(seed / 9 % 3) + 1, nanos: 0)
+        }
     }
 }

@@ -117,7 +117,7 @@ final class Pauses: Sendable {
     func ordersOfAUserWithManyOrdersWalkASliceAtATime(afterIndex: Int) async {
         let pauses = Pauses()
         // No time for more than one chunk of the walk per call: the calls are counted.
-        let engine = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog(), laterTurn: pauses.laterTurn, sliceNanos: 0)
+        let engine = Engine(state: EngineState(shardCount: 2), log: MemoryChangeLog(), laterTurn: pauses.laterTurn, slicing: Engine.Slicing(nanos: 0))
         let orders = 8 * Engine.ordersWalkChunk + 1_000
         #expect(await engine.execute(.addSku(sku: "s", total: 1_000_000, limit: 0), now: 0) == .done)
         var ids: [OrderID] = []
@@ -169,7 +169,7 @@ final class Pauses: Sendable {
             return await engine.captureState(lsn: 0)
         }()
         let pauses = Pauses()
-        let engine = Engine(state: before, log: MemoryChangeLog(), laterTurn: pauses.laterTurn, readOnly: true, sliceNanos: 0)
+        let engine = Engine(state: before, log: MemoryChangeLog(), laterTurn: pauses.laterTurn, readOnly: true, slicing: Engine.Slicing(nanos: 0))
         pauses.duringPause.withLock { $0 = { await engine.installReplicated(copy) } }
         let reply = await engine.execute(.orders(user: "bot", after: nil, count: 5), now: 0)
         guard case .orders(let page) = reply else { Issue.record("\(reply)"); return }
