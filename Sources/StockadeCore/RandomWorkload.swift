@@ -65,6 +65,8 @@ package struct RandomWorkload: Sendable {
         default:
             // Pages: from the start or after a known order, of 1 to 3 orders or the default. Chosen
             // from what was drawn already (no draw of its own), so seeds keep their sequences.
+            // Now and then an AUDIT of every SKU instead, chosen the same way.
+            if orders.count % 5 == 4 { return .audit(sku: nil) }
             let after = orders.isEmpty || orders.count % 3 == 0 ? nil : orders[orders.count / 2]
             return .orders(user: user, after: after, count: [1, 2, 3, 100][orders.count % 4])
         }

@@ -10,6 +10,8 @@ import StockadeCore
 package struct ReferenceModel: Sendable {
     package struct Sku: Sendable {
         var total: Int64, available: Int64, reserved: Int64, sold: Int64, limit: Int64, paused: Bool
+        /// When it was added, among every SKU: on its shard, the order AUDIT reports SKUs in.
+        var added = 0
     }
     package struct Order: Sendable {
         var user: Name, lines: [OrderLine], state: OrderState, deadline: Int64
@@ -17,6 +19,8 @@ package struct ReferenceModel: Sendable {
 
     package let shardCount: Int
     package var skus: [[UInt8]: Sku] = [:]
+    /// SKUs added so far (``Sku/added``).
+    var skusAdded = 0
     package var orders: [OrderID: Order] = [:]
     var nextSequence: [UInt32]
     /// The tag new orders' ids carry: that of the newest term (``OrderID/tag(ofEpoch:)``).
@@ -50,7 +54,8 @@ package struct ReferenceModel: Sendable {
             for info in shard.allSkus {
                 skus[info.sku.bytes] = Sku(
                     total: info.total, available: info.available, reserved: info.reserved, sold: info.sold, limit: info.limit,
-                    paused: info.paused)
+                    paused: info.paused, added: skusAdded)
+                skusAdded += 1
             }
         }
         for shard in state.shards {
@@ -104,7 +109,8 @@ package struct ReferenceModel: Sendable {
         switch command {
         case let .addSku(sku, total, limit):
             if skus[sku.bytes] != nil { return .rejected(.skuExists) }
-            skus[sku.bytes] = Sku(total: total, available: total, reserved: 0, sold: 0, limit: limit, paused: false)
+            skus[sku.bytes] = Sku(total: total, available: total, reserved: 0, sold: 0, limit: limit, paused: false, added: skusAdded)
+            skusAdded += 1
             return .done
         case let .restock(sku, delta):
             guard var s = skus[sku.bytes] else { return .rejected(.noSuchSku) }
@@ -194,8 +200,17 @@ package struct ReferenceModel: Sendable {
                 bytes += info.pageBytes
             }
             return .orders(page)
-        case .audit:
-            return .done
+        case let .audit(sku):
+            // Every SKU adds up here: the engine's must too. Its shards in order, each one's SKUs in
+            // the order they were added.
+            if let sku {
+                guard skus[sku.bytes] != nil else { return .rejected(.noSuchSku) }
+                return .audit(AuditFindings([AuditFinding(sku: sku, ok: true, problem: "")]))
+            }
+            let all = skus.map { (bytes: $0.key, shard: shard(Name(bytes: $0.key)), added: $0.value.added) }
+                .sorted { ($0.shard, $0.added) < ($1.shard, $1.added) }
+                .map { AuditFinding(sku: Name(bytes: $0.bytes), ok: true, problem: "") }
+            return .audit(AuditFindings(all))
         }
     }
 }
