@@ -333,6 +333,13 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         .nanoseconds(Int64(min(max(busyNanos, nextRoundDelayNanosMin), nextRoundDelayNanosMax)))
     }
 
+    /// Waits until a later turn of `loop`, once it polled its sockets: work sliced across turns
+    /// (an AUDIT's encoding, the engine's slices on a shard) pauses so between slices, for as long as
+    /// the slice before kept the loop busy (``nextTurnDelay(busyNanos:)``).
+    static func laterTurn(on loop: EventLoop, busyNanos: UInt64) async {
+        try? await loop.scheduleTask(in: nextTurnDelay(busyNanos: busyNanos)) {}.futureResult.get()
+    }
+
     /// Schedules ``process(context:)`` for a later turn of the event loop when input is left.
     private func processOnNextTurn(context: ChannelHandlerContext) {
         guard !closing, !processScheduled, carried != nil || (inbound?.readableBytes ?? 0) > 0 || inputClosed else { return }
@@ -959,13 +966,16 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         // asked for only when that bound and this round's output could pass the limit.
         let writable = context.channel.isWritable
         var unreadExact: Int?
+        func unread() -> Int {
+            if unreadExact == nil { unreadExact = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0 }
+            return unreadExact!
+        }
         // Bytes of this round handed to the channel already (replies encoded before, written apart).
         var written = 0
         func pastLimit(with bytes: Int) -> Bool {
             let bytes = written + bytes
             if writable && server.writeBufferHighWaterBytes + bytes <= outputMax { return false }
-            if unreadExact == nil { unreadExact = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0 }
-            return unreadExact! + bytes > outputMax
+            return unread() + bytes > outputMax
         }
         var out: ByteBuffer
         var tally = round.tally
@@ -985,7 +995,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                     // Written as it is, after what the round has so far; not at all when it would
                     // pass the output limit. The channel's count of unread bytes is taken before the
                     // round writes anything (`written` counts what it wrote since).
-                    if unreadExact == nil { unreadExact = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0 }
+                    _ = unread()
                     let reply = encoded[index]!
                     let bytes = reply.reduce(0) { $0 + $1.readableBytes }
                     if pastLimit(with: out.readableBytes + bytes) {

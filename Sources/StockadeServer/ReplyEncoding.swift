@@ -39,13 +39,8 @@ package enum ReplyEncoding {
         }
     }
 
-    /// Findings of an AUDIT of every SKU encoded per turn of a loop: its reply has no bound (a pair a
-    /// SKU), so past this many it is encoded a slice at a time (``encodeUnbounded(_:resp3:allocator:later:)``),
-    /// with the loop's other work in between. About a millisecond of work a slice.
-    package static let auditSliceFindings = 4096
-
-    /// Encodes the replies among `replies` too large to encode in one turn (an AUDIT of more than
-    /// ``auditSliceFindings`` SKUs) a slice of findings at a time, into buffers of their own (no
+    /// Encodes the replies among `replies` too large to encode in one turn (an AUDIT of more SKUs
+    /// than one slice of the engine's, ``Engine/auditChunk``) a slice of findings at a time, into buffers of their own (no
     /// buffer of megabytes grows and copies itself), and returns them by index with the time spent.
     /// Each such reply is taken out of `replies` (left empty: its outcome stays "ok") and its slices
     /// let go of as they are encoded: a million findings destroyed at once would hold the loop too.
@@ -58,7 +53,7 @@ package enum ReplyEncoding {
         var encoded: [Int: [ByteBuffer]] = [:]
         var nanos: UInt64 = 0
         for index in replies.indices {
-            guard case .audit(var findings) = replies[index], findings.count > auditSliceFindings else { continue }
+            guard case .audit(var findings) = replies[index], findings.count > Engine.auditChunk else { continue }
             replies[index] = .audit(AuditFindings())  // `findings` is now the only reference
             var buffers: [ByteBuffer] = []
             var started = monotonicNanos()
@@ -92,10 +87,10 @@ package enum ReplyEncoding {
     }
 
     /// ``encodeUnbounded(_:resp3:allocator:later:)`` on `loop`, pausing between slices until a later
-    /// turn of it (``ConnectionHandler/nextTurnDelay(busyNanos:)``).
+    /// turn of it (``ConnectionHandler/laterTurn(on:busyNanos:)``).
     static func encodeUnbounded(_ replies: inout [Reply], resp3: Bool, on loop: EventLoop) async -> Unbounded {
         let (encoded, nanos) = await encodeUnbounded(&replies, resp3: resp3, allocator: ByteBufferAllocator()) { busyNanos in
-            try? await loop.scheduleTask(in: ConnectionHandler.nextTurnDelay(busyNanos: busyNanos)) {}.futureResult.get()
+            await ConnectionHandler.laterTurn(on: loop, busyNanos: busyNanos)
         }
         return Unbounded(encoded: encoded, nanos: nanos)
     }

@@ -909,11 +909,8 @@ public final class StockadeServer: Sendable {
         storeOptions.shardExecutors = shardLoops.map { $0.executor }
         // Long engine work (an AUDIT of every SKU, a backlog of due holds) pauses between its slices
         // until the shard's loop has polled its sockets: for as long as the slice kept it busy, like a
-        // client's next round (``ConnectionHandler/nextRoundDelayNanosMin``).
-        storeOptions.laterTurn = { index, busyNanos in
-            let delay = ConnectionHandler.nextTurnDelay(busyNanos: busyNanos)
-            try? await shardLoops[index].scheduleTask(in: delay) {}.futureResult.get()
-        }
+        // client's next round (``ConnectionHandler/laterTurn(on:busyNanos:)``).
+        storeOptions.laterTurn = { index, busyNanos in await ConnectionHandler.laterTurn(on: shardLoops[index], busyNanos: busyNanos) }
         // Under a coordinator a node takes no change until etcd made it primary.
         storeOptions.readOnly = mayFollow
         let store: Store

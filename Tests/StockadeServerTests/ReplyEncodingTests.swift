@@ -65,7 +65,7 @@ import Testing
         let (encoded, nanos) = await ReplyEncoding.encodeUnbounded(&replies, resp3: resp3, allocator: ByteBufferAllocator()) {
             pauses.append($0)
         }
-        guard count > ReplyEncoding.auditSliceFindings else {
+        guard count > Engine.auditChunk else {
             // Small enough for one turn: left to the round's own encoding.
             #expect(encoded.isEmpty && pauses.isEmpty && nanos == 0)
             #expect(replies == [.done, audit, .deducted(1)])
