@@ -166,7 +166,10 @@ public actor Shard {
             case let .restock(sku, delta): reply = state.restock(sku, delta: delta, log: &scratch)
             case let .setPaused(sku, paused): reply = state.setPaused(sku, paused: paused, log: &scratch)
             case let .stock(sku): reply = state.stock(sku).map(Reply.stock) ?? .rejected(.noSuchSku)
-            case let .audit(sku): reply = state.audit(sku).map { .audit(AuditFindings($0)) } ?? .rejected(.noSuchSku)
+            case let .audit(sku):
+                // An audit of every SKU is routed to every shard a slice at a time (``audit(from:limit:)``).
+                guard let sku else { preconditionFailure("an AUDIT of every SKU in a shard's batch") }
+                reply = state.audit(sku).map { .audit(AuditFindings($0)) } ?? .rejected(.noSuchSku)
             case let .reserve(user, lines, requestId, ttlMillis):
                 reply = state.reserve(
                     user: user, lines: lines, requestId: requestId, ttlMillis: ttlMillis ?? Limits.ttlMillisDefault,
@@ -180,7 +183,9 @@ public actor Shard {
                 reply = r
                 result.effects += effects
             case let .order(id): reply = state.order(id).map(Reply.order) ?? .rejected(.noSuchOrder)
-            case let .orders(user, _, count): reply = .orders(state.orders(ofUser: user, afterSequence: 0, count: count))
+            case .orders:
+                // A page of a user's orders is routed to every shard, a walk at a time (``orders(ofUser:afterSequence:count:bytesBefore:walk:steps:budgetNanos:)``).
+                preconditionFailure("ORDERS in a shard's batch")
             case let .deduct(sku, quantity): reply = state.deduct(sku, quantity: quantity, log: &scratch)
             }
             result.replies.append((slot, reply))
