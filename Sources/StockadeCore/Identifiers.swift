@@ -69,6 +69,14 @@ public struct OrderLine: Hashable, Sendable {
         self.sku = sku
         self.quantity = quantity
     }
+
+    /// Whether two orders' lines hold the same SKUs with the same quantities, in whatever order they
+    /// are listed (a basket's SKUs are each listed once): what a retried request id is checked by.
+    public static func sameItems(_ a: [OrderLine], _ b: [OrderLine]) -> Bool {
+        guard a.count == b.count else { return false }
+        if a.count == 1 || a == b { return a == b }
+        return a.sorted { $0.sku < $1.sku } == b.sorted { $0.sku < $1.sku }
+    }
 }
 
 /// An order as clients see it.

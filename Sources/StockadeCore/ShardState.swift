@@ -443,10 +443,11 @@ public struct ShardState: Sendable {
     }
 
     /// The reply to a retried request id: its order, or ``Rejection/requestConflict(_:)`` when the
-    /// retry asks for other SKUs or quantities than the order holds (the TTL of a retry is not compared).
+    /// retry asks for other SKUs or quantities than the order holds, in whatever order it lists them
+    /// (the TTL of a retry is not compared).
     func replayedRequest(_ seq: UInt32, lines: [OrderLine]) -> Reply {
         let id = orderID(ofSequence: seq)
-        guard orderLines(seq) == lines else { return .rejected(.requestConflict(id)) }
+        guard OrderLine.sameItems(orderLines(seq), lines) else { return .rejected(.requestConflict(id)) }
         return .reserved(id, deadlineMillis: orders[Int(seq) - 1].deadlineMillis, replayed: true)
     }
 

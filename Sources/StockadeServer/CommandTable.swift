@@ -17,8 +17,9 @@ enum Request: Equatable {
     case events(from: UInt64?, count: Int, blockMillis: Int)
     /// LOG.TERM position: the primary term in force at a durable position of the log.
     case logTerm(UInt64)
-    /// COMMAND and its subcommands: answered with an empty array (clients only use it for hints).
-    case commandInfo
+    /// COMMAND and its subcommands: answered with an empty array or map (clients only use it for
+    /// hints), COMMAND COUNT with the number of commands.
+    case commandInfo(count: Bool)
     /// CONFIG GET: the pattern's bytes, ASCII letters lowered.
     case configGet(pattern: [UInt8])
     /// CLIENT SETINFO / SETNAME and the like: accepted and ignored.
@@ -37,6 +38,11 @@ enum Request: Equatable {
     case promote
     /// WAIT numreplicas timeout: until that many replicas acknowledged every change made before it.
     case wait(replicas: Int, timeoutMillis: Int)
+    /// MULTI, EXEC, DISCARD: a transaction is opened and closed as in Redis, so a client's state stays
+    /// in step, but no command runs inside it (see ``CommandTable/parseInTransaction(_:)``).
+    case multi
+    case exec
+    case discard
     /// A reply to send as is: a wrong argument, an unknown command.
     case invalid(String)
 
@@ -87,6 +93,9 @@ enum Request: Equatable {
         case .role: "role"
         case .replicaOf, .promote: "replicaof"
         case .wait: "wait"
+        case .multi: "multi"
+        case .exec: "exec"
+        case .discard: "discard"
         case .invalid: "invalid"
         }
     }
@@ -152,7 +161,7 @@ struct Word: Hashable {
 enum Verb: CaseIterable {
     case ping, echo, quit, auth, info, shutdown, snapshot, save, bgsave, command, config, client, hello, select
     case skuAdd, skuRestock, skuPause, skuResume, stock, audit, reserve, buy, confirm, cancel, order, orders, deduct, events, logTerm
-    case replicate, role, replicaof, slaveof, wait
+    case replicate, role, replicaof, slaveof, wait, multi, exec, discard
 
     /// The name as clients spell it (in lower case, as Redis shows it in errors).
     var name: String {
@@ -307,18 +316,40 @@ enum CommandTable {
         case .snapshot, .save, .bgsave:
             return arity(argc == 0) ?? .snapshot
         case .command:
-            return .commandInfo
+            return .commandInfo(count: argc == 1 && Word(arg(0)) == Word("COUNT"))
         case .config:
             guard argc == 2, Word(arg(0)) == .get else { return .invalid("ERR only CONFIG GET <pattern> is supported") }
             return .configGet(pattern: lowered(arg(1)))
         case .client:
             switch first.flatMap(Word.init) {
-            case Word("SETINFO"), Word("SETNAME"), Word("NO-EVICT"), Word("NO-TOUCH"), Word("REPLY"): return .clientAccepted
+            case Word("SETNAME"):
+                guard argc == 2 else { return wrongArity }
+                return clientNameProblem(arg(1)) ?? .clientAccepted
+            case Word("SETINFO"):
+                guard argc == 3 else { return wrongArity }
+                guard Word(arg(1)) == Word("LIB-NAME") || Word(arg(1)) == Word("LIB-VER") else {
+                    return .invalid("ERR Unrecognized option '\(shown(arg(1)))'")
+                }
+                return clientNameProblem(arg(2)) ?? .clientAccepted
+            case Word("NO-EVICT"), Word("NO-TOUCH"): return .clientAccepted
+            case Word("REPLY"):
+                // Replies cannot be turned off: a client that believed them off would read each
+                // later reply as the answer to a later command.
+                guard argc == 2, Word(arg(1)) == Word("ON") else {
+                    return .invalid("ERR CLIENT REPLY takes only ON here: every command is answered")
+                }
+                return .clientAccepted
             case Word("ID"): return .clientID
             default: return .invalid("ERR unknown CLIENT subcommand")
             }
         case .hello:
             return hello(arguments[1...])
+        case .multi:
+            return arity(argc == 0) ?? .multi
+        case .exec:
+            return arity(argc == 0) ?? .exec
+        case .discard:
+            return arity(argc == 0) ?? .discard
         case .select:
             guard argc == 1 else { return wrongArity }
             guard let db = integer(arg(0)) else { return notInteger }
@@ -424,7 +455,9 @@ enum CommandTable {
                     guard let value, value >= 0, value <= Int64(EventLimits.blockMillisMax) else {
                         return .invalid("ERR BLOCK must be 0 to \(EventLimits.blockMillisMax) ms")
                     }
-                    block = Int(value)
+                    // BLOCK 0 waits as long as any wait may: Redis's XREAD BLOCK 0 waits for ever,
+                    // and a consumer ported from it would otherwise ask again at once, in a loop.
+                    block = value == 0 ? EventLimits.blockMillisMax : Int(value)
                 default: return .invalid("ERR syntax error near '\(shown(arg(i)))': expected COUNT n or BLOCK ms")
                 }
                 i += 2
@@ -511,6 +544,10 @@ enum CommandTable {
             }
             i += 2
         }
+        // A basket's SKUs in byte order: the order's first SKU, whose shard keeps its request id, is
+        // then the same whatever order a retry lists them in (a client that builds the basket from a
+        // hash map lists them in another order each time).
+        if lines.count > 1 { lines.sort { $0.sku < $1.sku } }
         return .engine(.reserve(user: id(list[base + 0]), lines: lines, requestId: requestId.map(id), ttlMillis: ttl))
     }
 
@@ -531,12 +568,35 @@ enum CommandTable {
                 i += 3
             case .setname:
                 guard i + 1 < list.count else { return .invalid("ERR Syntax error in HELLO option 'SETNAME'") }
+                if let problem = clientNameProblem(list[i + 1]) { return problem }
                 i += 2
             default:
                 return .invalid("ERR Syntax error in HELLO option '\(shown(list[i]))'")
             }
         }
         return .hello(version: Int(version), password: password)
+    }
+
+    /// Redis's rule for a client name (and CLIENT SETINFO's values): printable ASCII without spaces.
+    private static func clientNameProblem(_ name: UnsafeRawBufferPointer) -> Request? {
+        name.allSatisfy { $0 > 0x20 && $0 < 0x7F }
+            ? nil : .invalid("ERR Client names cannot contain spaces, newlines or special characters.")
+    }
+
+    /// The request `arguments` make inside a transaction (after MULTI, until EXEC or DISCARD): Stockade
+    /// runs no command there, so every one but those that end it (and QUIT) is refused, not queued, and
+    /// the transaction's EXEC then answers EXECABORT, as Redis does when a command could not be queued.
+    /// Nothing of the transaction runs. Before AUTH, MULTI itself is refused, so this is only reached
+    /// by an authenticated connection.
+    static func parseInTransaction(_ arguments: RESPParser.UnsafeArguments) -> Request {
+        let verb = Word(arguments[0]).flatMap(Verb.named)
+        switch verb {
+        case .exec, .discard, .multi, .quit:
+            return parse(arguments, authenticated: true)
+        default:
+            let name = verb?.name ?? shown(arguments[0])
+            return .invalid("ERR Stockade runs no command inside MULTI: '\(name)' was not run, and EXEC will answer EXECABORT (send commands as a pipeline without MULTI; BUY places an order over several SKUs, all or nothing)")
+        }
     }
 
     private static func isOption(_ word: UnsafeRawBufferPointer) -> Bool {

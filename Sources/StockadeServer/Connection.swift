@@ -35,6 +35,13 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     private var authenticated: Bool
     /// HELLO 3 was accepted: STOCK, ORDER and EVENTS entries are maps (RESP2: flat arrays).
     private var resp3 = false
+    /// CLIENT ID, and HELLO's `id`.
+    private let clientNumber: Int64
+    /// After MULTI, until EXEC or DISCARD: every other command is refused, not run
+    /// (``CommandTable/parseInTransaction(_:)``).
+    private var inTransaction = false
+    /// A command was refused in the open transaction: its EXEC answers EXECABORT.
+    private var transactionRefused = false
     private var bucket: TokenBucket?
     private var stallTimer: Scheduled<Void>?
     private var executor: EventLoopTaskExecutor?
@@ -77,6 +84,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
 
     init(server: ServerContext) {
         self.server = server
+        clientNumber = server.nextClientID.add(1, ordering: .relaxed).oldValue
         authenticated = (server.configuration.requirePassword ?? "").isEmpty
         parser = RESPParser(limits: authenticated ? server.configuration.parserLimits : Self.unauthenticatedLimits(server.configuration.parserLimits))
         if server.configuration.rateLimitPerSecond > 0 {
@@ -446,13 +454,16 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                     // already durable; not when changes wait for replicas (the batch's wait decides),
                     // are rate limited (the bucket counts them) or refused (READONLY); not past the
                     // round's reply budget (the command table's request then starts the next round).
+                    let inTransaction = inTransaction
                     let mayAnswer = round.batch.isEmpty && bucket == nil && server.configuration.minReplicasToWrite == 0
-                        && (round.slots.isEmpty || replyBytes + Self.soldOutReplyBytesMax <= replyBudget)
+                        && (round.slots.isEmpty || replyBytes + Self.soldOutReplyBytesMax <= replyBudget) && !inTransaction
                     var parsed: Request?
                     var candidate: Engine.SoldOutCandidate?
                     guard try parser.next(&input, { arguments in
                         if mayAnswer, let found = CommandTable.soldOutCandidate(arguments, authenticated: authenticated) {
                             candidate = found
+                        } else if inTransaction {
+                            parsed = CommandTable.parseInTransaction(arguments)
                         } else {
                             parsed = CommandTable.parse(arguments, authenticated: authenticated)
                         }
@@ -610,7 +621,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                     round.local.writeRESPError("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time")
                     break
                 }
-                server.writeLocal(request, clientID: ObjectIdentifier(self), into: &round.local)
+                server.writeLocal(request, client: clientNumber, resp3: resp3, into: &round.local)
                 if let version { resp3 = version == 3 }
             case .logTerm:
                 // It reads the durable log: after engine commands of this read, in a round of its own
@@ -620,7 +631,29 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                     carried = request
                     break parsing
                 }
-                server.writeLocal(request, clientID: ObjectIdentifier(self), into: &round.local)
+                server.writeLocal(request, client: clientNumber, resp3: resp3, into: &round.local)
+            case .multi:
+                if inTransaction {
+                    round.local.writeRESPError("ERR MULTI calls can not be nested")
+                } else {
+                    (inTransaction, transactionRefused) = (true, false)
+                    round.local.writeRESPSimple("OK")
+                }
+            case .exec:
+                if !inTransaction {
+                    round.local.writeRESPError("ERR EXEC without MULTI")
+                } else if transactionRefused {
+                    round.local.writeRESPError("EXECABORT Transaction discarded because of previous errors.")
+                } else {
+                    round.local.writeRESPArrayHeader(0)  // nothing was queued, nothing ran
+                }
+                inTransaction = false
+            case .discard:
+                if inTransaction { round.local.writeRESPSimple("OK") } else { round.local.writeRESPError("ERR DISCARD without MULTI") }
+                inTransaction = false
+            case .invalid where inTransaction:
+                transactionRefused = true
+                server.writeLocal(request, client: clientNumber, resp3: resp3, into: &round.local)
             case .auth(_, let password):
                 if let expected = server.configuration.requirePassword, !expected.isEmpty {
                     // A wrong password leaves the connection as it was (as in Redis): an
@@ -635,7 +668,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                     round.local.writeRESPError("ERR AUTH called without any password configured")
                 }
             default:
-                server.writeLocal(request, clientID: ObjectIdentifier(self), into: &round.local)
+                server.writeLocal(request, client: clientNumber, resp3: resp3, into: &round.local)
             }
             if round.step == nil {
                 round.tally.add(request.metricName, outcomeOf(round.local, at: start))

@@ -32,6 +32,8 @@ final class ServerContext: Sendable {
     let protocolErrorLog = ProtocolErrorLog()
     /// The port the listener got (the configured one, or the one `--port 0` was given).
     let listeningPort = Mutex<Int>(0)
+    /// The next connection's id (CLIENT ID, HELLO's `id`): from 1, never reused while the process runs.
+    let nextClientID = Atomic<Int64>(1)
     let startedNanos = monotonicNanos()
     let startedWallMillis = wallClockMillis()
     /// Called by SHUTDOWN.
@@ -251,27 +253,31 @@ final class ServerContext: Sendable {
 
     // MARK: Commands answered without the engine
 
-    func writeLocal(_ request: Request, clientID: ObjectIdentifier, into out: inout ByteBuffer) {
+    /// `client`: the connection's id (CLIENT ID, HELLO); `resp3`: the protocol its replies are in.
+    func writeLocal(_ request: Request, client: Int64, resp3: Bool, into out: inout ByteBuffer) {
         switch request {
         case .ping(let message):
             if let message { out.writeRESPBulk(message) } else { out.writeRESPPong() }
         case .echo(let message):
             out.writeRESPBulk(message)
-        case .commandInfo:
-            out.writeRESPArrayHeader(0)
+        case .commandInfo(let count):
+            // COMMAND COUNT: how many commands there are; the rest (COMMAND, COMMAND DOCS, ...) gives no
+            // hints: an empty array, or under RESP3 an empty map (COMMAND DOCS is a map there in Redis).
+            if count { out.writeRESPInteger(Int64(Verb.allCases.count)) } else if resp3 { out.writeRESP3MapHeader(0) } else { out.writeRESPArrayHeader(0) }
         case .configGet(let pattern):
             let values: [(String, String)] = [
                 ("save", ""), ("appendonly", configuration.fsync == .none ? "no" : "yes"),
                 ("appendfsync", configuration.fsync.rawValue), ("maxclients", String(configuration.maxClients)),
-                ("port", String(configuration.port)), ("databases", "1"),
+                ("port", String(listeningPort.withLock { $0 })), ("databases", "1"),
             ]
             let matching = values.filter { globMatch(pattern, $0.0) }
-            out.writeRESPArrayHeader(matching.count * 2)
+            // A map under RESP3, as Redis answers (and as RESP3 clients read it).
+            if resp3 { out.writeRESP3MapHeader(matching.count) } else { out.writeRESPArrayHeader(matching.count * 2) }
             for (key, value) in matching { out.writeRESPBulk(key); out.writeRESPBulk(value) }
         case .clientAccepted:
             out.writeRESPSimple("OK")
         case .clientID:
-            out.writeRESPInteger(Int64(truncatingIfNeeded: UInt64(UInt(bitPattern: clientID.hashValue)) >> 1))
+            out.writeRESPInteger(client)
         case .hello(let version, _):
             // Both are accepted. Under 3, this reply and STOCK, ORDER and EVENTS entries are maps
             // (the connection switches once this is answered); the rest is the same in both.
@@ -283,7 +289,7 @@ final class ServerContext: Sendable {
             out.writeRESPBulk("server"); out.writeRESPBulk("stockade")
             out.writeRESPBulk("version"); out.writeRESPBulk(stockadeVersion)
             out.writeRESPBulk("proto"); out.writeRESPInteger(Int64(version ?? 2))
-            out.writeRESPBulk("id"); out.writeRESPInteger(1)
+            out.writeRESPBulk("id"); out.writeRESPInteger(client)
             out.writeRESPBulk("mode"); out.writeRESPBulk("standalone")
             out.writeRESPBulk("role"); out.writeRESPBulk("master")
             out.writeRESPBulk("modules"); out.writeRESPArrayHeader(0)
@@ -938,7 +944,12 @@ public final class StockadeServer: Sendable {
             let metricsShare = configuration.metricsPort == nil ? 0 : min(configuration.metricsConnectionsMax, max(1, available / 4))
             let clients = max(1, available - metricsShare)
             if configuration.maxClients > clients || configuration.metricsConnectionsMax > max(1, metricsShare) {
-                logger.warning("the open-files limit (\(limit), ulimit -n) allows \(clients) clients and \(max(1, metricsShare)) metrics connections, keeping \(Self.descriptorsReserved) descriptors for the server's own files: --maxclients \(configuration.maxClients) lowered to \(min(configuration.maxClients, clients)); raise the limit for more")
+                var lowered: [String] = []
+                if configuration.maxClients > clients { lowered.append("--maxclients \(configuration.maxClients) lowered to \(clients)") }
+                if configuration.metricsConnectionsMax > max(1, metricsShare) {
+                    lowered.append("metrics connections \(configuration.metricsConnectionsMax) lowered to \(max(1, metricsShare))")
+                }
+                logger.warning("the open-files limit (\(limit), ulimit -n) allows \(clients) clients and \(max(1, metricsShare)) metrics connections, keeping \(Self.descriptorsReserved) descriptors for the server's own files: \(lowered.joined(separator: ", ")); raise the limit for more")
                 configuration.maxClients = min(configuration.maxClients, clients)
                 configuration.metricsConnectionsMax = min(configuration.metricsConnectionsMax, max(1, metricsShare))
             }

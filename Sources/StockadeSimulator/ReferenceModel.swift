@@ -37,8 +37,12 @@ package struct ReferenceModel: Sendable {
     }
 
     /// Whether two orders' lines are the same, SKUs compared by their bytes.
+    /// The same SKUs (as bytes) with the same quantities, listed in any order.
     static func sameLines(_ a: [OrderLine], _ b: [OrderLine]) -> Bool {
-        a.count == b.count && zip(a, b).allSatisfy { $0.sku.bytes == $1.sku.bytes && $0.quantity == $1.quantity }
+        func items(_ lines: [OrderLine]) -> [([UInt8], Int64)] {
+            lines.map { ($0.sku.bytes, $0.quantity) }.sorted { $0.0.lexicographicallyPrecedes($1.0) }
+        }
+        return a.count == b.count && zip(items(a), items(b)).allSatisfy { $0.0 == $1.0 && $0.1 == $1.1 }
     }
 
     package init(shardCount: Int) {

@@ -21,11 +21,11 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
             == .engine(.reserve(user: "ann", lines: [OrderLine(sku: "tv", quantity: 2)], requestId: "r1", ttlMillis: 500)))
         #expect(parse(["BUY", "bob", "a", "1", "b", "2", "REQ", "x"])
             == .engine(.reserve(user: "bob", lines: [OrderLine(sku: "a", quantity: 1), OrderLine(sku: "b", quantity: 2)], requestId: "x", ttlMillis: nil)))
-        // A basket holds up to the limit of lines, in the order given; one more is refused.
+        // A basket holds up to the limit of lines, in SKU byte order; one more is refused.
         let skus = (0..<Limits.itemsPerOrderMax + 1).map { "s\($0)" }
         let full = Array(skus.prefix(Limits.itemsPerOrderMax))
         #expect(parse(["BUY", "bob"] + full.flatMap { [$0, "1"] })
-            == .engine(.reserve(user: "bob", lines: full.map { OrderLine(sku: Name($0), quantity: 1) },
+            == .engine(.reserve(user: "bob", lines: full.sorted().map { OrderLine(sku: Name($0), quantity: 1) },
                                 requestId: nil, ttlMillis: nil)))
         #expect(parse(["BUY", "bob"] + skus.flatMap { [$0, "1"] })
             == .invalid("ERR an order has 1 to \(Limits.itemsPerOrderMax) SKUs"))
@@ -40,6 +40,56 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(parse(["EVENTS", "$", "COUNT", "3"]) == .events(from: nil, count: 3, blockMillis: 0))
         #expect(parse(["HELLO", "3", "AUTH", "default", "pw"]) == .hello(version: 3, password: ByteBuffer(string: "pw")))
         #expect(parse(["nope"]) == .invalid("ERR unknown command 'nope'"))
+        // BLOCK 0 is the longest wait (a consumer of XREAD BLOCK 0 asked again at once, in a loop).
+        #expect(parse(["EVENTS", "$", "BLOCK", "0"]) == .events(from: nil, count: 100, blockMillis: 60_000))
+    }
+
+    /// A basket's lines come in SKU byte order, so a retry that lists them in another order names the
+    /// same first SKU (whose shard keeps the request id) and the same lines.
+    @Test func aBasketsLinesAreInByteOrder() {
+        let lines = [OrderLine(sku: "a", quantity: 2), OrderLine(sku: "b", quantity: 1), OrderLine(sku: "c\u{301}", quantity: 3)]
+        for order in [["b", "1", "a", "2", "c\u{301}", "3"], ["c\u{301}", "3", "b", "1", "a", "2"], ["a", "2", "b", "1", "c\u{301}", "3"]] {
+            #expect(parse(["BUY", "u"] + order + ["REQ", "k"]) == .engine(.reserve(user: "u", lines: lines, requestId: "k", ttlMillis: nil)))
+        }
+        #expect(OrderLine.sameItems(lines, lines.reversed()))
+        #expect(!OrderLine.sameItems(lines, [lines[0], lines[1], OrderLine(sku: "c", quantity: 3)]))
+        #expect(!OrderLine.sameItems(lines, [lines[0], lines[1], OrderLine(sku: "c\u{301}", quantity: 2)]))
+        #expect(!OrderLine.sameItems(lines, Array(lines.prefix(2))))
+    }
+
+    /// MULTI, EXEC, DISCARD and QUIT end or open a transaction; inside one, every other command is
+    /// refused whole (read as nothing but its name), the sold-out and hot-path commands too.
+    @Test func insideATransactionOnlyItsOwnCommandsAreRead() {
+        func inTransaction(_ words: [String]) -> Request {
+            RESPParser.Arguments(words.map { ByteBuffer(string: $0) }).withUnsafeArguments { CommandTable.parseInTransaction($0) }
+        }
+        #expect(parse(["MULTI"]) == .multi && parse(["exec"]) == .exec && parse(["Discard"]) == .discard)
+        #expect(parse(["MULTI", "x"]) == .invalid("ERR wrong number of arguments for 'multi' command"))
+        #expect(inTransaction(["EXEC"]) == .exec && inTransaction(["DISCARD"]) == .discard)
+        #expect(inTransaction(["MULTI"]) == .multi && inTransaction(["QUIT"]) == .quit)
+        for words in [["RESERVE", "u", "s", "1"], ["DEDUCT", "s"], ["PING"], ["SKU.ADD", "s", "x"], ["nope", "1"]] {
+            guard case .invalid(let message) = inTransaction(words) else {
+                Issue.record("\(words) ran inside a transaction")
+                continue
+            }
+            #expect(message.hasPrefix("ERR Stockade runs no command inside MULTI: '\(words[0].lowercased())' was not run"))
+        }
+    }
+
+    /// Client names as Redis takes them; CLIENT REPLY cannot turn replies off; COMMAND COUNT is a count.
+    @Test func clientSubcommandsAreCheckedLikeRedis() {
+        let badName = Request.invalid("ERR Client names cannot contain spaces, newlines or special characters.")
+        #expect(parse(["CLIENT", "SETNAME", "worker-1"]) == .clientAccepted)
+        #expect(parse(["CLIENT", "SETNAME", "a b"]) == badName)
+        #expect(parse(["CLIENT", "SETNAME"]) == .invalid("ERR wrong number of arguments for 'client' command"))
+        #expect(parse(["CLIENT", "SETINFO", "lib-name", "redis-py"]) == .clientAccepted)
+        #expect(parse(["CLIENT", "SETINFO", "lib-ver", "1\n"]) == badName)
+        #expect(parse(["CLIENT", "SETINFO", "other", "x"]) == .invalid("ERR Unrecognized option 'other'"))
+        #expect(parse(["CLIENT", "REPLY", "ON"]) == .clientAccepted)
+        #expect(parse(["CLIENT", "REPLY", "OFF"]) == .invalid("ERR CLIENT REPLY takes only ON here: every command is answered"))
+        #expect(parse(["HELLO", "3", "SETNAME", "a\tb"]) == badName)
+        #expect(parse(["COMMAND", "COUNT"]) == .commandInfo(count: true))
+        #expect(parse(["COMMAND", "DOCS"]) == .commandInfo(count: false))
     }
 
     /// The form the front's sold-out answers read (``CommandTable/soldOutCandidate(_:authenticated:)``)

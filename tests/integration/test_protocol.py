@@ -803,3 +803,128 @@ def test_pages_of_orders_and_events_stop_at_a_megabyte(data_dir):
         assert len(orders) == len(set(orders)) == 400 and pages >= 2
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Transactions and the connection's own commands, as Redis clients use them
+
+def read_replies(s, count, timeout=10):
+    """Reads `count` top-level replies of simple kinds (+ - : $ and empty or flat *), as raw lines."""
+    s.settimeout(timeout)
+    data = b""
+    replies = []
+    while len(replies) < count:
+        while b"\r\n" not in data:
+            chunk = s.recv(65536)
+            assert chunk, f"closed after {replies}"
+            data += chunk
+        line, data = data.split(b"\r\n", 1)
+        if line.startswith(b"$") and int(line[1:]) >= 0:
+            while len(data) < int(line[1:]) + 2:
+                data += s.recv(65536)
+            line += b"\r\n" + data[:int(line[1:])]
+            data = data[int(line.split(b"\r\n")[0][1:]) + 2:]
+        replies.append(line)
+    return replies
+
+
+def test_a_transaction_is_refused_whole_and_changes_nothing(server):
+    """redis-py's `pipeline()` is a transaction (MULTI, the commands, EXEC, in one write). Stockade
+    runs no command inside one: each is refused, EXEC answers EXECABORT, and nothing of it runs.
+    Before, MULTI and EXEC were unknown commands and the commands between them ran: the client was
+    told the transaction failed while its RESERVEs held stock."""
+    r = server.client()
+    assert r.execute_command("SKU.ADD", "tx", 5) == "OK"
+    pipe = r.pipeline()  # transaction=True by default
+    pipe.execute_command("RESERVE", "u", "tx", 2)
+    pipe.execute_command("SKU.RESTOCK", "tx", 10)
+    with pytest.raises(redis.ResponseError, match="runs no command inside MULTI: 'reserve' was not run"):
+        pipe.execute()
+    stock = r.execute_command("STOCK", "tx")
+    assert dict(zip(stock[0::2], stock[1::2])) == {
+        "sku": "tx", "total": 5, "available": 5, "reserved": 0, "sold": 0, "limit": 0, "paused": 0}
+    assert r.execute_command("ORDERS", "u") == []
+    assert [e[1] for e in r.execute_command("EVENTS", 0)] == ["sku-added"]
+    # The same pipeline without a transaction runs, in order.
+    pipe = r.pipeline(transaction=False)
+    pipe.execute_command("RESERVE", "u", "tx", 2)
+    pipe.execute_command("STOCK", "tx")
+    placed, stock = pipe.execute()
+    assert dict(zip(stock[0::2], stock[1::2]))["reserved"] == 2 and [o[1] for o in r.execute_command("ORDERS", "u")] == [placed]
+
+    with connect(server) as c:
+        # Redis's replies for the transaction's states, the sold-out path included (a DEDUCT the
+        # counter would answer is refused too), and the connection goes on as before after EXEC.
+        c.sendall(b"MULTI\r\nDEDUCT gone 1\r\nMULTI\r\nEXEC\r\nEXEC\r\nDISCARD\r\n"
+                  b"MULTI\r\nEXEC\r\nMULTI\r\nSKU.ADD tx2 1\r\nDISCARD\r\nSKU.ADD tx3 1\r\nMULTI extra\r\n")
+        replies = read_replies(c, 13)
+    assert replies[0] == b"+OK"
+    assert replies[1].startswith(b"-ERR Stockade runs no command inside MULTI: 'deduct' was not run")
+    assert replies[2] == b"-ERR MULTI calls can not be nested"
+    assert replies[3] == b"-EXECABORT Transaction discarded because of previous errors."
+    assert replies[4] == b"-ERR EXEC without MULTI"
+    assert replies[5] == b"-ERR DISCARD without MULTI"
+    assert replies[6:8] == [b"+OK", b"*0"]  # an empty transaction: nothing to run
+    assert replies[8] == b"+OK" and replies[9].startswith(b"-ERR Stockade runs no command inside MULTI")
+    assert replies[10] == b"+OK" and replies[11] == b"+OK"  # DISCARD, then SKU.ADD tx3 runs
+    assert replies[12] == b"-ERR wrong number of arguments for 'multi' command"
+    with pytest.raises(redis.ResponseError, match="^NOSKU"):
+        r.execute_command("STOCK", "tx2")
+    assert r.execute_command("STOCK", "tx3")[1] == "tx3"
+
+
+def test_client_ids_config_and_command_replies_are_what_redis_clients_read(server):
+    """HELLO's `id` is the connection's CLIENT ID, and each connection has its own (every HELLO said 1);
+    CONFIG GET is a map under RESP3 with the port listened on (`--port 0` said 0); COMMAND COUNT is an
+    integer; client names with spaces and CLIENT REPLY OFF are refused, not ignored (a client that
+    believed its replies off would read each later reply as another command's)."""
+    ids = []
+    for _ in range(3):
+        r = server.client()
+        hello = r.execute_command("HELLO", 2)
+        fields = dict(zip(hello[0::2], hello[1::2]))
+        assert fields["id"] == r.execute_command("CLIENT", "ID")
+        ids.append(fields["id"])
+        r.close()
+    assert len(set(ids)) == 3
+    r3 = server.client(protocol=3)
+    config = r3.config_get("*")
+    assert config["port"] == str(server.port) and config["maxclients"] == "10000"
+    assert r3.command_count() > 30 and server.client().command_count() == r3.command_count()
+    r = server.client()
+    for args, message in [
+        (("CLIENT", "SETNAME", "a b"), "Client names cannot contain spaces"),
+        (("CLIENT", "SETINFO", "bogus", "x"), "Unrecognized option 'bogus'"),
+        (("CLIENT", "SETINFO", "LIB-VER", "1\n"), "Client names cannot contain spaces"),
+        (("CLIENT", "REPLY", "OFF"), "CLIENT REPLY takes only ON"),
+        (("CLIENT", "REPLY", "SKIP"), "CLIENT REPLY takes only ON"),
+        (("HELLO", 3, "SETNAME", "a b"), "Client names cannot contain spaces"),
+    ]:
+        with pytest.raises(redis.ResponseError, match=message):
+            r.execute_command(*args)
+    assert r.execute_command("CLIENT", "SETNAME", "worker-1") == "OK"
+    assert r.execute_command("CLIENT", "REPLY", "ON") == "OK"
+    assert r.ping()
+
+
+def test_a_basket_retried_with_its_skus_in_another_order_is_the_same_request(server):
+    """A request id is kept by the shard of the order's first SKU. A retry that listed a basket's SKUs
+    in another order (a client building it from a hash map) looked on the other shard, did not find
+    it and placed a second order: every SKU held twice. Now a basket's SKUs are taken in byte order,
+    and a retry in any order gets the original order back."""
+    a, b = two_skus_on_two_shards()
+    first, second = sorted([a, b])
+    r = server.client()
+    for sku in (a, b):
+        r.execute_command("SKU.ADD", sku, 10)
+    placed = r.execute_command("BUY", "u", second, 2, first, 1, "REQ", "k")
+    assert r.execute_command("BUY", "u", first, 1, second, 2, "REQ", "k") == placed
+    assert r.execute_command("BUY", "u", second, 2, first, 1, "REQ", "k") == placed
+    with pytest.raises(redis.ResponseError, match=f"^REQCONFLICT request id already used for order {placed}"):
+        r.execute_command("BUY", "u", second, 1, first, 2, "REQ", "k")
+    order = r.execute_command("ORDER", placed)
+    assert dict(zip(order[0::2], order[1::2]))["items"] == [first, 1, second, 2]
+    for sku, held in ((first, 1), (second, 2)):
+        stock = r.execute_command("STOCK", sku)
+        assert dict(zip(stock[0::2], stock[1::2]))["reserved"] == held
+    assert len(r.execute_command("ORDERS", "u")) == 1
