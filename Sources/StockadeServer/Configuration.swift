@@ -112,8 +112,11 @@ public struct ServerConfiguration: Sendable {
         /// One descriptor each; no process gets a million.
         public static let clients = 1...1_000_000
         public static let rateLimit = 0...1_000_000_000
-        /// Below 64 KiB a client could not receive one large reply (ORDERS, EVENTS); above 1 TiB is no limit.
-        public static let outputBytes = (64 << 10)...(1 << 40)
+        /// At least 4 MiB: a page of ORDERS or EVENTS (about 1 MiB) fits beside the write buffer's high
+        /// mark (1 MiB) with room, so every reply of bounded size reaches a client that reads (at 64 KiB,
+        /// the least this once took, one page passed the limit and closed the client each time it was
+        /// asked for). Above 1 TiB is no limit.
+        public static let outputBytes = (4 << 20)...(1 << 40)
         /// A day.
         public static let stallSeconds = 1...86_400
         /// A year.

@@ -1014,13 +1014,27 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         var tally = round.tally
         var overLimit = false
         if round.batch.isEmpty {
-            // Only replies written while the round was built: they are the output as they are.
+            // Only replies written while the round was built: they are the output as they are, up to
+            // the one that would pass the limit, whose place the error takes.
             out = round.local
-            overLimit = pastLimit(with: out.readableBytes)
+            if pastLimit(with: out.readableBytes) {
+                overLimit = true
+                let base = out.readerIndex
+                var fits = base
+                for case .local(_, let end) in round.slots {
+                    if pastLimit(with: end - base) { break }
+                    fits = end
+                }
+                out.moveWriterIndex(to: fits)
+            }
         } else {
             out = Self.reuse(&spareOut, context: context)
             out.reserveCapacity(minimumWritableBytes: round.local.readableBytes + 64 * round.batch.count)
             slots: for slot in round.slots {
+                // Where this slot's reply begins: a reply that passes the limit is taken back, and
+                // the error takes its place (written after it, a large reply could fill the socket,
+                // and the close drop the error with it).
+                var before = out.writerIndex
                 switch slot {
                 case .local(let start, let end):
                     out.writeImmutableBuffer(round.local.getSlice(at: start, length: end - start)!)
@@ -1042,6 +1056,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                     }
                     written += bytes
                     for slice in reply { context.write(wrapOutboundOut(slice), promise: nil) }
+                    before = out.writerIndex  // written apart: nothing of it in `out` to take back
                     tally.add(name, ReplyEncoding.outcome(replies[index]))
                 case .engine(let index, let name):
                     // Read in place, not copied out of the array. Only one error's text depends on
@@ -1055,6 +1070,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                     tally.add(name, ReplyEncoding.outcome(replies[index]))
                 }
                 if pastLimit(with: out.readableBytes) {
+                    out.moveWriterIndex(to: before)
                     overLimit = true
                     break slots
                 }

@@ -45,7 +45,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("rate-limit"), help: "Changes per second per client, 0 to 1000000000 (0: no limit); over it: -BUSY.")
     var rateLimit = 0
 
-    @Option(name: .customLong("max-output-bytes"), help: "Unread reply bytes after which a client is disconnected, 64 KiB to 1 TiB.")
+    @Option(name: .customLong("max-output-bytes"), help: "Unread reply bytes after which a client is disconnected, 4 MiB to 1 TiB.")
     var maxOutputBytes = 64 << 20
 
     @Option(name: .customLong("client-stall-seconds"), help: "Seconds a client may leave its replies unread before it is disconnected, 1 to 86400.")

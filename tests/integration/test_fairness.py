@@ -73,10 +73,10 @@ def test_a_pipelining_client_does_not_hold_its_event_loop(data_dir):
 
 
 def test_a_slow_reader_is_paced_not_disconnected(data_dir):
-    server = Server(data_dir, "--max-output-bytes", str(1 << 20)).start()
+    server = Server(data_dir, "--max-output-bytes", str(4 << 20)).start()
     try:
         reply_bytes = setup_victim(server)
-        copies = 60  # about 8 MB of replies, eight times --max-output-bytes
+        copies = 150  # about 20 MB of replies, five times --max-output-bytes
         s = socket.create_connection(("127.0.0.1", server.port), timeout=60)
         s.sendall(ORDERS * copies)
         received = 0
@@ -311,12 +311,12 @@ def test_audits_of_every_sku_take_turns_under_a_small_output_limit(data_dir):
     """An AUDIT of every SKU has no bound on its reply: it counted as heavy only when the round's
     budget reached 64 KiB, and under a small --max-output-bytes that budget is less. Then clients
     that each sent one had them built back to back, each ending in the output-limit error."""
-    server = Server(data_dir, "--shards", "2", "--max-output-bytes", "65536").start()
+    server = Server(data_dir, "--shards", "2", "--max-output-bytes", str(4 << 20)).start()
     try:
         r = server.client()
         pipe = r.pipeline(transaction=False)
-        for n in range(40000):
-            pipe.execute_command("SKU.ADD", f"sku-{n:05d}".ljust(60, "x"), 10)
+        for n in range(60000):  # an AUDIT of about 5.2 MB, past the least --max-output-bytes
+            pipe.execute_command("SKU.ADD", f"sku-{n:05d}".ljust(64, "x"), 10)
         pipe.execute()
         audit = b"AUDIT\r\n"
         alone = 0.0

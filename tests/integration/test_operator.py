@@ -53,6 +53,7 @@ def send(sock, *words):
     (["--client-stall-seconds", "9223372036854775807"], "--client-stall-seconds must be"),
     (["--snapshot-every-seconds", "9223372036854775807"], "--snapshot-every-seconds must be"),
     (["--max-output-bytes=-1"], "--max-output-bytes must be"),
+    (["--max-output-bytes", "4194303"], "--max-output-bytes must be 4194304 to"),
     (["--maxclients", "0"], "--maxclients must be"),
     (["--rate-limit=-5"], "--rate-limit must be"),
     (["--events-retention-segments=-1"], "--events-retention-segments must be"),

@@ -281,7 +281,7 @@ def test_malformed_input_does_not_disturb_other_clients(server):
 def test_auth_and_limits(data_dir):
     s = Server(data_dir, "--requirepass", "s3cret", "--maxclients", "3", "--rate-limit", "20",
                "--max-inline-bytes", "1024", "--max-bulk-bytes", "4096", "--max-arguments", "8",
-               "--client-stall-seconds", "1", "--max-output-bytes", "200000").start()
+               "--client-stall-seconds", "1", "--max-output-bytes", str(4 << 20)).start()
     try:
         with socket.create_connection(("127.0.0.1", s.port), timeout=5) as anon:
             def ask(line):
