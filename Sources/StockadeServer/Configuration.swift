@@ -136,6 +136,10 @@ public struct ServerConfiguration: Sendable {
 
     /// Why the configuration cannot be served (a sentence naming the flag); nil when it can.
     /// Checked before anything is recovered or bound. Resolves `host` (and `metricsHost`).
+    /// The least open-files limit (`ulimit -n`) the server starts under: the descriptors it keeps for
+    /// its own files and 8 for clients and the metrics listener.
+    public static let openFilesLimitMin = StockadeServer.descriptorsReserved + 8
+
     public func problem() -> String? {
         func outside<T: Comparable>(_ value: T, _ range: ClosedRange<T>, _ flag: String, _ note: String = "") -> String? {
             range.contains(value) ? nil : "\(flag) must be \(range.lowerBound) to \(range.upperBound)\(note), not \(value)"
@@ -169,6 +173,13 @@ public struct ServerConfiguration: Sendable {
             cluster.isEmpty || cluster.utf8.count > 128 || cluster.contains("/") ? "--cluster must be 1 to 128 bytes without '/'" : nil,
         ]
         if let first = checks.compactMap({ $0 }).first { return first }
+        // Not a flag, but checked with them: the process's open-files limit must leave room for clients
+        // beside the descriptors the server keeps for its own files. Below that it accepted no client
+        // and, its descriptors gone, the runtime's thread-pool monitor trapped the process.
+        let filesLimit = openFilesLimit()
+        if filesLimit > 0, filesLimit < Self.openFilesLimitMin {
+            return "the open-files limit (ulimit -n) must be at least \(Self.openFilesLimitMin), not \(filesLimit): the server keeps \(StockadeServer.descriptorsReserved) descriptors for its own files (log, snapshots, loops) and needs room for clients besides"
+        }
         // AUTH must fit the limits a client has before it is authenticated (and the configured ones).
         let passwordBytesMax = min(Self.passwordBytesMax, parserLimits.bulkBytesMax, parserLimits.requestBytesMax - 64)
         if let password = requirePassword, password.utf8.count > passwordBytesMax {

@@ -946,10 +946,11 @@ public final class StockadeServer: Sendable {
             if configuration.maxClients > clients || configuration.metricsConnectionsMax > max(1, metricsShare) {
                 var lowered: [String] = []
                 if configuration.maxClients > clients { lowered.append("--maxclients \(configuration.maxClients) lowered to \(clients)") }
-                if configuration.metricsConnectionsMax > max(1, metricsShare) {
+                let metrics = configuration.metricsPort != nil
+                if metrics, configuration.metricsConnectionsMax > max(1, metricsShare) {
                     lowered.append("metrics connections \(configuration.metricsConnectionsMax) lowered to \(max(1, metricsShare))")
                 }
-                logger.warning("the open-files limit (\(limit), ulimit -n) allows \(clients) clients and \(max(1, metricsShare)) metrics connections, keeping \(Self.descriptorsReserved) descriptors for the server's own files: \(lowered.joined(separator: ", ")); raise the limit for more")
+                logger.warning("the open-files limit (\(limit), ulimit -n) allows \(clients) clients\(metrics ? " and \(max(1, metricsShare)) metrics connections" : ""), keeping \(Self.descriptorsReserved) descriptors for the server's own files: \(lowered.joined(separator: ", ")); raise the limit for more")
                 configuration.maxClients = min(configuration.maxClients, clients)
                 configuration.metricsConnectionsMax = min(configuration.metricsConnectionsMax, max(1, metricsShare))
             }

@@ -75,6 +75,31 @@ def test_bad_flags_are_usage_errors_before_anything_is_opened(flags, message):
         assert not os.path.exists(data), "the data directory was opened before the flags were checked"
 
 
+def test_an_open_files_limit_without_room_for_clients_is_refused_at_start_up():
+    """Under `ulimit -n 20` the server started, said it was listening, accepted no client (every
+    accept failed, the descriptors went to its own files) and trapped seconds later (SIGILL, the
+    runtime's thread-pool monitor). A limit below the server's 32 descriptors and 8 for clients is now
+    refused with the flags, before anything is opened."""
+    for limit, refused in ((20, True), (39, True), (40, False)):
+        with tempfile.TemporaryDirectory() as parent:
+            data = os.path.join(parent, "data")
+            def few_files(limit=limit):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            if refused:
+                out = subprocess.run([BINARY, "serve", "--port", "0", "--data-dir", data], preexec_fn=few_files,
+                                     capture_output=True, text=True, timeout=60)
+                assert out.returncode == 64, (out.returncode, out.stderr)
+                assert f"the open-files limit (ulimit -n) must be at least 40, not {limit}" in out.stderr, out.stderr
+                assert not os.path.exists(data), "the data directory was opened before the limit was checked"
+            else:
+                s = Server(data, preexec_fn=few_files).start()
+                try:
+                    assert s.client().ping() and "--maxclients 10000 lowered to 8;" in s.logs()
+                    assert "metrics connections" not in s.logs()  # no metrics listener to lower
+                finally:
+                    assert s.stop() == 0
+
+
 def test_the_largest_valid_limits_serve_requests():
     """The old server accepted --max-inline-bytes Int.max and died (overflow) on the first request;
     the largest accepted values must serve."""
