@@ -120,17 +120,35 @@ public enum Recovery {
         var first = 0
         while first + 1 < segments.count, segments[first + 1].firstLSN <= state.lsn + 1 { first += 1 }
         var index = first
+        /// The refusal when a snapshot that could not be read once reached further than what can be
+        /// recovered: it names that snapshot, the file to restore (`gap`: where the log stops first).
+        func lostState(gap: String? = nil) -> JournalError {
+            JournalError(
+                .gap,
+                "the state once reached log position \(skippedLSN) (\(report.skippedSnapshots.first ?? "a snapshot")), "
+                    + "but the readable snapshots and the log reach only position \(state.lsn)"
+                    + (gap.map { " (\($0): the log before it was removed after that snapshot)" } ?? "")
+                    + ": starting would lose the changes in between. Restore the data directory (or that snapshot) from a copy"
+                    + (gap == nil ? ", or start with --truncate-corrupt to keep only what the log holds (if it starts at the beginning)." : "."))
+        }
         segmentLoop: while index < segments.count {
             let segment = segments[index]
             let isLast = index == segments.count - 1
             let bytes = try directory.storage.readAll(segment.path)
             report.segmentsRead += 1
-            let outcome = try typed {
-                try bytes.withUnsafeBytes { all in
-                  try replaySegment(
-                    all, path: segment.path, isLast: isLast, state: &state, adoptShardCount: !fromSnapshot && state.lsn == 0,
-                    options: options, report: &report)
+            let outcome: SegmentOutcome
+            do {
+                outcome = try typed {
+                    try bytes.withUnsafeBytes { all in
+                      try replaySegment(
+                        all, path: segment.path, isLast: isLast, state: &state, adoptShardCount: !fromSnapshot && state.lsn == 0,
+                        options: options, report: &report)
+                    }
                 }
+            } catch where error.code == .gap && skippedLSN > state.lsn {
+                // Records are missing because the snapshot that held them could not be read: that is
+                // what to restore, not a log segment (the log before it was pruned by design).
+                throw lostState(gap: error.message)
             }
             switch outcome {
             case .complete:
@@ -164,14 +182,7 @@ public enum Recovery {
         }
         // A snapshot that could not be read still says how far the state once reached: recovering to
         // less (its log already pruned, or never there) would start without acknowledged changes.
-        if skippedLSN > state.lsn, !options.truncateCorrupt {
-            throw JournalError(
-                .gap,
-                "the state once reached log position \(skippedLSN) (\(report.skippedSnapshots.first ?? "a snapshot")), "
-                    + "but the readable snapshots and the log reach only position \(state.lsn): starting would lose the "
-                    + "changes in between. Restore the data directory from a copy, or start with --truncate-corrupt to "
-                    + "keep only what the log holds (if it starts at the beginning).")
-        }
+        if skippedLSN > state.lsn, !options.truncateCorrupt { throw lostState() }
         report.lsn = state.lsn
         report.durationNanos = monotonicNanos() - started
         return (state, report)

@@ -207,6 +207,42 @@ func recover(_ path: String, repair: Bool = false, truncateCorrupt: Bool = false
         #expect(report.skippedSnapshots.count == 1 && state.lsn < newest.written.lsn)
     }
 
+    /// The same with the log going on after the snapshot (a restart began a segment after it, the
+    /// segments before were pruned): the refusal names the snapshot to restore, with or without
+    /// `truncateCorrupt`. It named the first segment, "records after 0 are missing", and no file was
+    /// missing (review).
+    @Test func anUnreadableSnapshotBeforeAPrunedLogIsNamedAsWhatToRestore() async throws {
+        let path = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        var store = try Store(path: path, options: Store.Options(shardCount: 2))
+        _ = await store.engine.execute(.addSku(sku: "tv", total: 1_000, limit: 0), now: 0)
+        _ = await store.engine.execute((0..<20).map { Command.reserve(user: Name("u\($0)"), lines: [OrderLine(sku: "tv", quantity: 1)], requestId: nil, ttlMillis: 60_000) }, now: 0)
+        let newest = try await store.snapshot()
+        store.close()
+        store = try Store(path: path, options: Store.Options(shardCount: 2))
+        _ = await store.engine.execute(.restock(sku: "tv", delta: 5), now: 0)
+        store.close()
+        let directory = DataDirectory(path)
+        let segments = try directory.segments()
+        #expect(segments.contains { $0.firstLSN == newest.written.lsn + 1 })
+        for segment in segments where segment.firstLSN <= newest.written.lsn {
+            try FileManager.default.removeItem(atPath: segment.path)
+        }
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: newest.written.path))
+        bytes[100] ^= 0xFF
+        try bytes.write(to: URL(fileURLWithPath: newest.written.path))
+        for truncateCorrupt in [false, true] {
+            do {
+                let (state, _) = try recover(path, truncateCorrupt: truncateCorrupt)
+                Issue.record("recovery started at position \(state.lsn) without the snapshot's \(newest.written.lsn)")
+            } catch let error as JournalError {
+                #expect(error.code == .gap)
+                #expect(error.message.hasPrefix("the state once reached log position \(newest.written.lsn) (\(newest.written.path): "))
+                #expect(error.message.contains("starts at log position \(newest.written.lsn + 1); records after 0 are missing"))
+            }
+        }
+    }
+
     /// A logged record that does not fit the state (valid checksums) stops recovery naming its
     /// position and why. The position named was one past the record (review).
     @Test func aRecordThatDoesNotFitIsRefusedNamingItsPosition() async throws {
