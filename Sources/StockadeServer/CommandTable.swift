@@ -621,10 +621,11 @@ enum CommandTable {
         RESPParser.decimal(argument).map { Int64($0) }
     }
 
-    /// An order id as clients send it back: an unsigned 64-bit decimal.
+    /// An order id as clients send it back: an unsigned 64-bit decimal, without a leading zero (as
+    /// every other number: one id, one spelling).
     static func orderID(_ argument: UnsafeRawBufferPointer) -> OrderID? {
         let count = argument.count
-        guard count >= 1, count <= 20 else { return nil }
+        guard count >= 1, count <= 20, argument[0] != UInt8(ascii: "0") || count == 1 else { return nil }
         var value: UInt64 = 0
         for byte in argument {
             guard byte >= 48 && byte <= 57 else { return nil }

@@ -434,16 +434,19 @@ public struct RESPParser: Sendable {
         return .value(value, lineBytes: newline + 1)
     }
 
-    /// A decimal integer with an optional sign, as ASCII bytes; nil if it is not one or overflows Int64.
+    /// A decimal integer as Redis reads one (`string2ll`): an optional `-`, then `0` alone or digits
+    /// without a leading zero (so `+1`, `01` and `-0` are not numbers: one number, one spelling);
+    /// nil if it is not one or overflows Int64.
     public static func decimal(_ bytes: UnsafeRawBufferPointer) -> Int? {
         guard !bytes.isEmpty, bytes.count <= 32 else { return nil }
         var i = 0
         var negative = false
-        if bytes[0] == UInt8(ascii: "-") || bytes[0] == UInt8(ascii: "+") {
-            negative = bytes[0] == UInt8(ascii: "-")
+        if bytes[0] == UInt8(ascii: "-") {
+            negative = true
             i = 1
             guard bytes.count > 1 else { return nil }
         }
+        if bytes[i] == UInt8(ascii: "0") && (negative || bytes.count > i + 1) { return nil }
         var value = 0
         while i < bytes.count {
             let digit = Int(bytes[i]) - 48

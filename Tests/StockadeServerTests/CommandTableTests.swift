@@ -40,6 +40,13 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(parse(["EVENTS", "$", "COUNT", "3"]) == .events(from: nil, count: 3, blockMillis: 0))
         #expect(parse(["HELLO", "3", "AUTH", "default", "pw"]) == .hello(version: 3, password: ByteBuffer(string: "pw")))
         #expect(parse(["nope"]) == .invalid("ERR unknown command 'nope'"))
+        // One spelling for each number, as Redis: `+1`, `01` and `-0` are not numbers, nor an order id
+        // with a leading zero (which named the order without it).
+        for number in ["+1", "01", "-0"] {
+            #expect(parse(["RESERVE", "ann", "tv", number]) == .invalid("ERR value is not an integer or out of range"))
+        }
+        #expect(parse(["ORDER", "0123"]) == .engine(.order(OrderID(rawValue: 0))))
+        #expect(parse(["ORDER", "123"]) == .engine(.order(OrderID(rawValue: 123))))
         // BLOCK 0 is the longest wait (a consumer of XREAD BLOCK 0 asked again at once, in a loop).
         #expect(parse(["EVENTS", "$", "BLOCK", "0"]) == .events(from: nil, count: 100, blockMillis: 60_000))
     }

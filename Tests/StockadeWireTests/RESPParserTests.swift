@@ -201,7 +201,7 @@ private func steps(
                 case 2: request[Int.random(in: 0..<request.count, using: &rng)] = UInt8.random(in: 0...255, using: &rng)
                 case 3: request = Array("*2\r\n$\(Int.random(in: -3...100, using: &rng))\r\n".utf8) + request
                 case 4: request = Array("*\(Int.random(in: -2...9, using: &rng))\r\n".utf8) + request
-                case 5: request = Array("*1\r\n$+3\r\nabc\r\n".utf8)  // a sign the decimal reader takes
+                case 5: request = Array("*1\r\n$+3\r\nabc\r\n".utf8)  // a sign the decimal reader refuses, as Redis
                 case 6: request.removeLast(Int.random(in: 1...request.count, using: &rng))
                 default: break
                 }
@@ -221,6 +221,22 @@ private func steps(
             onePass += fast.onePass
         }
         #expect(onePass > 1_000, "the rounds exercise the one-pass reader")
+    }
+}
+
+/// Numbers as Redis's `string2ll` reads them: one spelling each.
+@Suite struct DecimalTests {
+    @Test func oneSpellingForEachNumber() {
+        func read(_ text: String) -> Int? { Array(text.utf8).withUnsafeBytes { RESPParser.decimal($0) } }
+        for (text, value) in [("0", 0), ("7", 7), ("-1", -1), ("10", 10), ("9223372036854775807", Int.max), ("-9223372036854775808", Int.min)] {
+            #expect(read(text) == value, "\(text)")
+        }
+        for text in ["", "-", "+1", "01", "-0", "-01", "00", " 1", "1 ", "1e3", "9223372036854775808", "-9223372036854775809"] {
+            #expect(read(text) == nil, "\(text)")
+        }
+        #expect(parseAll(Array("*01\r\n$4\r\nPING\r\n".utf8)).error != nil)
+        #expect(parseAll(Array("*1\r\n$04\r\nPING\r\n".utf8)).error != nil)
+        #expect(parseAll(Array("*1\r\n$4\r\nPING\r\n".utf8)).commands == [["PING"]])
     }
 }
 
