@@ -9,6 +9,8 @@ import Synchronization
 final class ServerMetrics: Sendable {
     let registry = PrometheusCollectorRegistry()
     private let commandCounters = Mutex<[Tally.Key: Counter]>([:])
+    /// Every command counted by ``count(_:)-(Tally)`` (INFO's `total_commands_processed`).
+    let commandsProcessed = Atomic<Int>(0)
     let roundDuration: DurationHistogram
     let connectedClients: Gauge
     let rejectedConnections: Counter
@@ -60,7 +62,10 @@ final class ServerMetrics: Sendable {
         guard !tally.isEmpty else { return }
         // Counters increment atomically; doing it under the lock saves collecting them first.
         commandCounters.withLock { counters in
+            var total = 0
+            defer { commandsProcessed.add(total, ordering: .relaxed) }
             tally.forEach { key, n in
+                total += n
                 let counter = counters[key] ?? {
                     let made = registry.makeCounter(
                         name: "stockade_commands_total", labels: [("command", key.command), ("outcome", key.outcome)],

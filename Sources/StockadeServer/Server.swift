@@ -778,13 +778,17 @@ final class ServerContext: Sendable {
             ("connected_clients", String(c.clients.count)), ("maxclients", String(configuration.maxClients)),
             // Waiting for a durable position, or (semi-synchronous) for a durable one to be confirmed.
             ("blocked_events_clients", String(eventsWaiters.count + replication.acknowledgedWatch.count)),
+            // Redis's name for the same (redis-cli --stat reads it).
+            ("blocked_clients", String(eventsWaiters.count + replication.acknowledgedWatch.count)),
             ("metrics_connections", String(c.metricsConnections)),
             ("partial_request_bytes", String(partialRequests.withLock { $0.total })),
             ("max_partial_request_bytes", String(configuration.partialRequestBytesMax)),
             ("open_files_limit", String(openFilesLimit())),
         ])
         add("Stats", [
-            ("total_connections_received", String(c.connectionsReceived)), ("rejected_connections", String(c.connectionsRejected)),
+            ("total_connections_received", String(c.connectionsReceived)),
+            ("total_commands_processed", String(metrics.commandsProcessed.load(ordering: .relaxed))),
+            ("rejected_connections", String(c.connectionsRejected)),
             ("rejected_metrics_connections", String(c.metricsConnectionsRejected)),
             ("partial_request_refusals", String(partialRequestRefusals.load(ordering: .relaxed))),
             ("accept_failures", String(accepts.count)), ("last_accept_failure", infoText(accepts.last)),
