@@ -313,7 +313,9 @@ public struct RESPParser: Sendable {
             value = value &* 10 &+ digit
             i += 1
         }
-        guard i > offset, i - offset <= 18, i + 1 < end,
+        // A leading zero (`$04`) is not a length (``decimal(_:)``): the reader the one-pass one falls
+        // back to refuses it, whatever the reads it came in.
+        guard i > offset, i - offset <= 18, i + 1 < end, i - offset == 1 || base.load(fromByteOffset: offset, as: UInt8.self) != UInt8(ascii: "0"),
               base.load(fromByteOffset: i, as: UInt8.self) == UInt8(ascii: "\r"),
               base.load(fromByteOffset: i + 1, as: UInt8.self) == UInt8(ascii: "\n")
         else { return nil }
