@@ -823,6 +823,17 @@ public final class Engine: Sendable {
         }
         var byShard: [Int: [OrderLine]] = [:]
         for line in lines { byShard[shardIndex(of: line.sku), default: []].append(line) }
+        // A retry that lists the basket's SKUs in another order names another first SKU, so another
+        // owner: the order it retries is kept by the shard of one of its SKUs, looked up there too (a
+        // client that builds a basket from a hash map lists its SKUs in another order each time).
+        if let requestId {
+            for s in byShard.keys.sorted() where s != owner {
+                if let reply = await shards[s].knownRequest(user: user, requestId: requestId, lines: lines) {
+                    await shards[owner].abortRequest(user: user, requestId: requestId)
+                    return (reply, await shards[s].visiblePosition)
+                }
+            }
+        }
         // Holds due at `now` are expired first, so that the basket sees the stock they return.
         var expiredAt: UInt64 = 0
         for s in byShard.keys.sorted() where shards[s].gauges.nextDeadlineMillis.load(ordering: .relaxed) <= now {

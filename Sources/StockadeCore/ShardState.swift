@@ -497,16 +497,21 @@ public struct ShardState: Sendable {
     /// leaves no trace.
     public mutating func beginRequest(user: Name, requestId: Name?, lines: [OrderLine]) -> Reply? {
         guard let requestId else { return nil }
-        let userHash = userIndexByName.hash(user)
-        if let userIndex = userIndexByName.index(of: user, hash: userHash),
-           let seq = requests[user: userIndex, requestId: requestId, hash: requests.hash(userHash: userHash, requestId: requestId)]
-        {
-            return replayedRequest(seq, lines: lines)
-        }
+        if let known = knownRequest(user: user, requestId: requestId, lines: lines) { return known }
         let key = InFlightKey(user: user, requestId: requestId)
         if requestsInFlight.contains(key) { return .rejected(.requestInFlight) }
         requestsInFlight.insert(key)
         return nil
+    }
+
+    /// The reply to a request id this shard placed an order under (``replayedRequest(_:lines:)``), or
+    /// nil: a lookup that marks nothing.
+    public func knownRequest(user: Name, requestId: Name, lines: [OrderLine]) -> Reply? {
+        let userHash = userIndexByName.hash(user)
+        guard let userIndex = userIndexByName.index(of: user, hash: userHash),
+              let seq = requests[user: userIndex, requestId: requestId, hash: requests.hash(userHash: userHash, requestId: requestId)]
+        else { return nil }
+        return replayedRequest(seq, lines: lines)
     }
 
     /// Withdraws a request marked by ``beginRequest(user:requestId:lines:)`` whose order was not placed.

@@ -544,10 +544,6 @@ enum CommandTable {
             }
             i += 2
         }
-        // A basket's SKUs in byte order: the order's first SKU, whose shard keeps its request id, is
-        // then the same whatever order a retry lists them in (a client that builds the basket from a
-        // hash map lists them in another order each time).
-        if lines.count > 1 { lines.sort { $0.sku < $1.sku } }
         return .engine(.reserve(user: id(list[base + 0]), lines: lines, requestId: requestId.map(id), ttlMillis: ttl))
     }
 

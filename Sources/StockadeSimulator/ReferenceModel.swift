@@ -141,8 +141,14 @@ package struct ReferenceModel: Sendable {
                 return .rejected(rejection)
             }
             if lines.count == 1, requestId == nil, let s = skus[lines[0].sku.bytes], s.available == 0 { return .rejected(.soldOut) }
-            // Request ids are kept by the shard that owns the order (its first SKU's): a retry resends the same command.
-            let requestKey = requestId.map { RequestKey(user: user, requestId: $0, shard: shard(lines[0].sku)) }
+            // Request ids are kept by the shard that owns the order (its first SKU's); a basket's retry
+            // is looked up on the shards of its other SKUs too (after the first's, in shard order), so
+            // its SKUs may come in any order.
+            let owner = shard(lines[0].sku)
+            let others = Set(lines.map { shard($0.sku) }).subtracting([owner]).sorted()
+            let requestKey = requestId.flatMap { id in
+                ([owner] + others).lazy.map { RequestKey(user: user, requestId: id, shard: $0) }.first { requests[$0] != nil }
+            }
             if let requestKey, let id = requests[requestKey] {
                 // A request id stands for one request: a retry with other lines is refused.
                 if !Self.sameLines(orders[id]!.lines, lines) { return .rejected(.requestConflict(id)) }
@@ -164,12 +170,11 @@ package struct ReferenceModel: Sendable {
                 skus[line.sku.bytes]!.reserved += line.quantity
                 if skus[line.sku.bytes]!.limit > 0 { held[HeldKey(user: user, sku: line.sku), default: 0] += line.quantity }
             }
-            let owner = shard(lines[0].sku)
             let id = OrderID(shard: owner, tag: idTag, sequence: nextSequence[owner])
             nextSequence[owner] += 1
             let deadline = now + (ttl ?? Limits.ttlMillisDefault)
             orders[id] = Order(user: user, lines: lines, state: .pending, deadline: deadline)
-            if let requestKey { requests[requestKey] = id }
+            if let requestId { requests[RequestKey(user: user, requestId: requestId, shard: owner)] = id }
             return .reserved(id, deadlineMillis: deadline, replayed: false)
         case let .confirm(id), let .cancel(id):
             guard let order = orders[id] else { return .rejected(.noSuchOrder) }
