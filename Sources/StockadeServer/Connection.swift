@@ -1084,10 +1084,11 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         if overLimit || pastLimit(with: out.readableBytes) {
             server.logger.warning("closing a client with more than \(outputMax) bytes of unread replies (--max-output-bytes)")
             out.writeRESPError("ERR output buffer limit reached: more than \(outputMax) bytes of replies unread (--max-output-bytes); closing")
-            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
-            closing = true
-            inbound = nil
-            context.close(promise: nil)
+            // Closed once what is written reaches the socket (a client that does not read is closed by
+            // the stall timer): closed at once, the writes still pending were dropped, the error with
+            // them, and a client that read slowly got a reply cut short and no error (review).
+            context.write(wrapOutboundOut(out), promise: nil)
+            closeAfterWrites(context: context)
             return
         }
         // No promise: a write's outcome matters only before a close (``closeAfterWrites``).

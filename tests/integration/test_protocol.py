@@ -4,6 +4,7 @@ import os
 import random
 import re
 import socket
+import threading
 import time
 
 import pytest
@@ -959,5 +960,33 @@ def test_every_page_reaches_a_client_at_the_least_output_limit(data_dir):
         pages = pipe.execute()
         assert all(len(page) == len(pages[0]) > 100 for page in pages)
         assert [o[1] for o in pages[0]] == ids[:len(pages[0])]
+    finally:
+        s.stop()
+
+
+def test_a_slow_reader_past_the_output_limit_gets_every_reply_before_it_then_the_error(data_dir):
+    """Past the output limit the connection was closed at once: the writes still pending were dropped,
+    and a client that started reading a little late (a small receive buffer, a pause of 0.3 s) got
+    16 of its 20 replies, the 17th cut short, and no error. Now the connection closes once the
+    replies before the error, and the error, have reached the socket."""
+    s = Server(data_dir, "--max-output-bytes", str(4 << 20), "--max-bulk-bytes", str(8 << 20),
+               "--max-request-bytes", str(16 << 20), "--fsync", "none").start()
+    try:
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        c.connect(("127.0.0.1", s.port))
+        small = encode("ECHO", b"q" * (256 << 10))
+        sender = threading.Thread(target=c.sendall, args=(small * 20 + encode("ECHO", b"y" * (6 << 20)) + encode("PING"),),
+                                  daemon=True)
+        sender.start()
+        time.sleep(0.3)
+        c.settimeout(30)
+        data = read_until_closed(c, limit=64 << 20)
+        c.close()
+        reply = b"$%d\r\n%s\r\n" % (256 << 10, b"q" * (256 << 10))
+        assert data.startswith(reply * 20), f"{data.count(reply)} whole replies of 20"
+        assert data[len(reply) * 20:].startswith(b"-ERR output buffer limit reached"), data[len(reply) * 20:][:100]
+        assert data.endswith(b"\r\n") and data[len(reply) * 20:].count(b"\r\n") == 1
+        assert s.client().ping()
     finally:
         s.stop()
