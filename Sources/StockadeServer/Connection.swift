@@ -634,6 +634,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
                 server.writeLocal(request, client: clientNumber, resp3: resp3, into: &round.local)
             case .multi:
                 if inTransaction {
+                    // As in Redis 7: an error while the transaction is open aborts its EXEC.
+                    transactionRefused = true
                     round.local.writeRESPError("ERR MULTI calls can not be nested")
                 } else {
                     (inTransaction, transactionRefused) = (true, false)

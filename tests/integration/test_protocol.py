@@ -860,8 +860,9 @@ def test_a_transaction_is_refused_whole_and_changes_nothing(server):
         # Redis's replies for the transaction's states, the sold-out path included (a DEDUCT the
         # counter would answer is refused too), and the connection goes on as before after EXEC.
         c.sendall(b"MULTI\r\nDEDUCT gone 1\r\nMULTI\r\nEXEC\r\nEXEC\r\nDISCARD\r\n"
-                  b"MULTI\r\nEXEC\r\nMULTI\r\nSKU.ADD tx2 1\r\nDISCARD\r\nSKU.ADD tx3 1\r\nMULTI extra\r\n")
-        replies = read_replies(c, 13)
+                  b"MULTI\r\nEXEC\r\nMULTI\r\nSKU.ADD tx2 1\r\nDISCARD\r\nSKU.ADD tx3 1\r\nMULTI extra\r\n"
+                  b"MULTI\r\nMULTI\r\nEXEC\r\n")
+        replies = read_replies(c, 16)
     assert replies[0] == b"+OK"
     assert replies[1].startswith(b"-ERR Stockade runs no command inside MULTI: 'deduct' was not run")
     assert replies[2] == b"-ERR MULTI calls can not be nested"
@@ -872,6 +873,8 @@ def test_a_transaction_is_refused_whole_and_changes_nothing(server):
     assert replies[8] == b"+OK" and replies[9].startswith(b"-ERR Stockade runs no command inside MULTI")
     assert replies[10] == b"+OK" and replies[11] == b"+OK"  # DISCARD, then SKU.ADD tx3 runs
     assert replies[12] == b"-ERR wrong number of arguments for 'multi' command"
+    # A nested MULTI aborts the transaction, as in Redis 7.
+    assert replies[13:] == [b"+OK", b"-ERR MULTI calls can not be nested", b"-EXECABORT Transaction discarded because of previous errors."]
     with pytest.raises(redis.ResponseError, match="^NOSKU"):
         r.execute_command("STOCK", "tx2")
     assert r.execute_command("STOCK", "tx3")[1] == "tx3"
