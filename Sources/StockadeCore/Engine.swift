@@ -825,13 +825,21 @@ public final class Engine: Sendable {
         for line in lines { byShard[shardIndex(of: line.sku), default: []].append(line) }
         // A retry that lists the basket's SKUs in another order names another first SKU, so another
         // owner: the order it retries is kept by the shard of one of its SKUs, looked up there too (a
-        // client that builds a basket from a hash map lists its SKUs in another order each time).
-        if let requestId {
+        // client that builds a basket from a hash map lists its SKUs in another order each time). The
+        // request is marked in flight on each of them until this basket is placed or refused, so two
+        // retries in different orders at once cannot both place it: the second gets INFLIGHT.
+        var marked: [Int] = []
+        func unmark() async {
+            for s in marked { await shards[s].abortRequest(user: user, requestId: requestId) }
+        }
+        if requestId != nil {
             for s in byShard.keys.sorted() where s != owner {
-                if let reply = await shards[s].knownRequest(user: user, requestId: requestId, lines: lines) {
+                if let reply = await shards[s].beginRequest(user: user, requestId: requestId, lines: lines) {
+                    await unmark()
                     await shards[owner].abortRequest(user: user, requestId: requestId)
                     return (reply, await shards[s].visiblePosition)
                 }
+                marked.append(s)
             }
         }
         // Holds due at `now` are expired first, so that the basket sees the stock they return.
@@ -855,6 +863,7 @@ public final class Engine: Sendable {
                 var shown = await shards[s].visiblePosition
                 for h in held.keys { shown = max(shown, held[h]!.visible) }
                 await settleAll(committedAt: nil)
+                await unmark()
                 await shards[owner].abortRequest(user: user, requestId: requestId)
                 return (.rejected(rejection), max(expiredAt, shown))
             }
@@ -872,9 +881,11 @@ public final class Engine: Sendable {
         {
         case .success(let (id, lsn)):
             await settleAll(committedAt: lsn)
+            await unmark()  // the owner's index holds the request id now
             return (.reserved(id, deadlineMillis: deadlineMillis, replayed: false), lsn)
         case .failure(let rejection):
             await settleAll(committedAt: nil)
+            await unmark()
             return (.rejected(rejection), 0)
         }
     }

@@ -367,3 +367,75 @@ private final class FullChangeLog: ChangeLog {
             == .stock(SkuInfo(sku: "tv", total: 5, available: 5, reserved: 0, sold: 0, limit: 0, paused: false)))
     }
 }
+
+/// A basket's request id is kept by the shard of its first SKU; a retry may list the SKUs in another
+/// order (another first SKU), and is looked up on the shards of all of them.
+@Suite struct BasketRetryTests {
+    /// SKUs on each of the engine's four shards.
+    private func skusOnEveryShard(_ engine: Engine) -> [Name] {
+        (0..<4).map { shard in (0..<1_000).lazy.map { Name("sku-\($0)") }.first { engine.shardIndex(of: $0) == shard }! }
+    }
+
+    /// Retries in every order, one after another: the first order back each time, and REQCONFLICT
+    /// for other quantities in any order.
+    @Test func aRetryInAnyOrderFindsTheOrder() async {
+        let engine = makeEngine(shards: 4)
+        let skus = skusOnEveryShard(engine)
+        for sku in skus { _ = await engine.execute(.addSku(sku: sku, total: 100, limit: 0), now: 0) }
+        let lines = skus.enumerated().map { OrderLine(sku: $1, quantity: Int64($0 + 1)) }
+        guard let placed = orderID(await engine.execute(.reserve(user: "u", lines: lines, requestId: "k", ttlMillis: 60_000), now: 0)) else {
+            Issue.record("not placed")
+            return
+        }
+        var rng = SplitMix64(seed: 7)
+        for _ in 0..<20 {
+            let retry = await engine.execute(.reserve(user: "u", lines: lines.shuffled(using: &rng), requestId: "k", ttlMillis: 60_000), now: 0)
+            #expect(orderID(retry) == placed)
+        }
+        var other = lines
+        other[2].quantity += 1
+        #expect(await engine.execute(.reserve(user: "u", lines: other.reversed(), requestId: "k", ttlMillis: 60_000), now: 0)
+            == .rejected(.requestConflict(placed)))
+        for (i, sku) in skus.enumerated() {
+            #expect(await engine.execute(.stock(sku: sku), now: 0).stockAvailable == 100 - Int64(i + 1))
+        }
+    }
+
+    /// Retries in different orders at once (each names another owner): one order at most per request
+    /// id, the others get it back or INFLIGHT; never a second hold.
+    @Test func retriesInDifferentOrdersAtOncePlaceOneOrder() async {
+        let engine = makeEngine(shards: 4)
+        let skus = skusOnEveryShard(engine)
+        for sku in skus { _ = await engine.execute(.addSku(sku: sku, total: 10_000, limit: 0), now: 0) }
+        for round in 0..<50 {
+            let request = Name("r\(round)")
+            let replies = await withTaskGroup(of: Reply.self) { group in
+                for k in 0..<4 {
+                    let order = (0..<4).map { skus[($0 + k) % 4] }
+                    group.addTask {
+                        await engine.execute(
+                            .reserve(user: "u", lines: order.map { OrderLine(sku: $0, quantity: 1) }, requestId: request, ttlMillis: 60_000),
+                            now: 0)
+                    }
+                }
+                return await group.reduce(into: [Reply]()) { $0.append($1) }
+            }
+            // Each saw the others' marks, or one placed it (all may have stepped back: a retry then places it).
+            var placed = Set(replies.compactMap(orderID))
+            #expect(placed.count <= 1, "round \(round): \(replies)")
+            #expect(replies.allSatisfy { orderID($0) != nil || $0 == .rejected(.requestInFlight) }, "round \(round): \(replies)")
+            let retry = await engine.execute(
+                .reserve(user: "u", lines: skus.reversed().map { OrderLine(sku: $0, quantity: 1) }, requestId: request, ttlMillis: 60_000), now: 0)
+            placed.formUnion([orderID(retry)].compactMap { $0 })
+            #expect(placed.count == 1, "round \(round): \(replies), then \(retry)")
+        }
+        for sku in skus { #expect(await engine.execute(.stock(sku: sku), now: 0).stockAvailable == 10_000 - 50) }
+    }
+}
+
+private extension Reply {
+    var stockAvailable: Int64? {
+        if case .stock(let info) = self { return info.available }
+        return nil
+    }
+}
