@@ -818,29 +818,34 @@ public final class Engine: Sendable {
         if let reason = log.failureReason { return (.rejected(.unavailable(reason)), 0) }
         guard log.admitsChanges else { return (.rejected(.busy), 0) }
         let owner = shardIndex(of: lines[0].sku)
-        if let reply = await shards[owner].beginRequest(user: user, requestId: requestId, lines: lines) {
-            return (reply, await shards[owner].visiblePosition)
-        }
         var byShard: [Int: [OrderLine]] = [:]
         for line in lines { byShard[shardIndex(of: line.sku), default: []].append(line) }
         // A retry that lists the basket's SKUs in another order names another first SKU, so another
         // owner: the order it retries is kept by the shard of one of its SKUs, looked up there too (a
         // client that builds a basket from a hash map lists its SKUs in another order each time). The
         // request is marked in flight on each of them until this basket is placed or refused, so two
-        // retries in different orders at once cannot both place it: the second gets INFLIGHT.
+        // retries in different orders at once cannot both place it: the second gets INFLIGHT. An order
+        // of these lines under the id is the reply wherever it is kept; REQCONFLICT only when no shard
+        // keeps one (the same id may name two orders whose SKUs lie on different shards).
         var marked: [Int] = []
         func unmark() async {
             for s in marked { await shards[s].abortRequest(user: user, requestId: requestId) }
         }
-        if requestId != nil {
-            for s in byShard.keys.sorted() where s != owner {
-                if let reply = await shards[s].beginRequest(user: user, requestId: requestId, lines: lines) {
-                    await unmark()
-                    await shards[owner].abortRequest(user: user, requestId: requestId)
-                    return (reply, await shards[s].visiblePosition)
-                }
+        var conflict: (reply: Reply, shard: Int)?
+        for s in [owner] + (requestId == nil ? [] : byShard.keys.sorted().filter { $0 != owner }) {
+            switch await shards[s].beginRequest(user: user, requestId: requestId, lines: lines) {
+            case nil:
                 marked.append(s)
+            case .rejected(.requestConflict(let id))? where byShard.count > 1:
+                if conflict == nil { conflict = (.rejected(.requestConflict(id)), s) }
+            case let reply?:
+                await unmark()
+                return (reply, await shards[s].visiblePosition)
             }
+        }
+        if let conflict {
+            await unmark()
+            return (conflict.reply, await shards[conflict.shard].visiblePosition)
         }
         // Holds due at `now` are expired first, so that the basket sees the stock they return.
         var expiredAt: UInt64 = 0
@@ -864,7 +869,6 @@ public final class Engine: Sendable {
                 for h in held.keys { shown = max(shown, held[h]!.visible) }
                 await settleAll(committedAt: nil)
                 await unmark()
-                await shards[owner].abortRequest(user: user, requestId: requestId)
                 return (.rejected(rejection), max(expiredAt, shown))
             }
         }
@@ -881,7 +885,7 @@ public final class Engine: Sendable {
         {
         case .success(let (id, lsn)):
             await settleAll(committedAt: lsn)
-            await unmark()  // the owner's index holds the request id now
+            await unmark()  // the owner's index holds the request id now (its own mark went with the commit)
             return (.reserved(id, deadlineMillis: deadlineMillis, replayed: false), lsn)
         case .failure(let rejection):
             await settleAll(committedAt: nil)

@@ -146,10 +146,11 @@ package struct ReferenceModel: Sendable {
             // its SKUs may come in any order.
             let owner = shard(lines[0].sku)
             let others = Set(lines.map { shard($0.sku) }).subtracting([owner]).sorted()
-            let requestKey = requestId.flatMap { id in
-                ([owner] + others).lazy.map { RequestKey(user: user, requestId: id, shard: $0) }.first { requests[$0] != nil }
-            }
-            if let requestKey, let id = requests[requestKey] {
+            // An order of these lines under the id, wherever it is kept, before one of other lines.
+            let found = requestId.map { id in
+                ([owner] + others).compactMap { requests[RequestKey(user: user, requestId: id, shard: $0)] }
+            } ?? []
+            if let id = found.first(where: { Self.sameLines(orders[$0]!.lines, lines) }) ?? found.first {
                 // A request id stands for one request: a retry with other lines is refused.
                 if !Self.sameLines(orders[id]!.lines, lines) { return .rejected(.requestConflict(id)) }
                 return .reserved(id, deadlineMillis: orders[id]!.deadline, replayed: true)
