@@ -823,29 +823,31 @@ public final class Engine: Sendable {
         // A retry that lists the basket's SKUs in another order names another first SKU, so another
         // owner: the order it retries is kept by the shard of one of its SKUs, looked up there too (a
         // client that builds a basket from a hash map lists its SKUs in another order each time). The
-        // request is marked in flight on each of them until this basket is placed or refused, so two
-        // retries in different orders at once cannot both place it: the second gets INFLIGHT. An order
-        // of these lines under the id is the reply wherever it is kept; REQCONFLICT only when no shard
-        // keeps one (the same id may name two orders whose SKUs lie on different shards).
+        // request is marked in flight on each of them until this basket is placed or refused, in shard
+        // order whatever the basket's order, so of retries at once in different orders one marks them
+        // all and the others meet its mark and get INFLIGHT (marked in the basket's order, each could
+        // meet another's mark and all give up). An order of these lines under the id is the reply
+        // wherever it is kept; else REQCONFLICT for the owner's order, or the first shard's (the same
+        // id may name two orders whose SKUs lie on different shards).
         var marked: [Int] = []
         func unmark() async {
             for s in marked { await shards[s].abortRequest(user: user, requestId: requestId) }
         }
-        var conflict: (reply: Reply, shard: Int)?
-        for s in [owner] + (requestId == nil ? [] : byShard.keys.sorted().filter { $0 != owner }) {
+        var conflicts: [Int: Reply] = [:]
+        for s in requestId == nil ? [owner] : byShard.keys.sorted() {
             switch await shards[s].beginRequest(user: user, requestId: requestId, lines: lines) {
             case nil:
                 marked.append(s)
-            case .rejected(.requestConflict(let id))? where byShard.count > 1:
-                if conflict == nil { conflict = (.rejected(.requestConflict(id)), s) }
+            case .rejected(.requestConflict(let id))?:
+                conflicts[s] = .rejected(.requestConflict(id))
             case let reply?:
                 await unmark()
                 return (reply, await shards[s].visiblePosition)
             }
         }
-        if let conflict {
+        if let s = conflicts[owner] != nil ? owner : conflicts.keys.min() {
             await unmark()
-            return (conflict.reply, await shards[conflict.shard].visiblePosition)
+            return (conflicts[s]!, await shards[s].visiblePosition)
         }
         // Holds due at `now` are expired first, so that the basket sees the stock they return.
         var expiredAt: UInt64 = 0
