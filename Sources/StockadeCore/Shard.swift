@@ -295,12 +295,6 @@ public actor Shard {
         return state.beginRequest(user: user, requestId: requestId, lines: lines)
     }
 
-    /// The reply to a request id an order of this shard was placed under, or nil (``ShardState/knownRequest(user:requestId:lines:)``).
-    public func knownRequest(user: Name, requestId: Name, lines: [OrderLine]) -> Reply? {
-        if let refusal = refusal { return .rejected(.unavailable(refusal)) }
-        return state.knownRequest(user: user, requestId: requestId, lines: lines)
-    }
-
     public func abortRequest(user: Name, requestId: Name?) {
         state.abortRequest(user: user, requestId: requestId)
     }

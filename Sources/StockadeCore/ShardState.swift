@@ -506,7 +506,7 @@ public struct ShardState: Sendable {
 
     /// The reply to a request id this shard placed an order under (``replayedRequest(_:lines:)``), or
     /// nil: a lookup that marks nothing.
-    public func knownRequest(user: Name, requestId: Name, lines: [OrderLine]) -> Reply? {
+    func knownRequest(user: Name, requestId: Name, lines: [OrderLine]) -> Reply? {
         let userHash = userIndexByName.hash(user)
         guard let userIndex = userIndexByName.index(of: user, hash: userHash),
               let seq = requests[user: userIndex, requestId: requestId, hash: requests.hash(userHash: userHash, requestId: requestId)]

@@ -134,12 +134,12 @@ public struct ServerConfiguration: Sendable {
     /// Longest password: what one argument may be before AUTH (16 KiB, as the connection limits it).
     public static let passwordBytesMax = 16 << 10
 
-    /// Why the configuration cannot be served (a sentence naming the flag); nil when it can.
-    /// Checked before anything is recovered or bound. Resolves `host` (and `metricsHost`).
     /// The least open-files limit (`ulimit -n`) the server starts under: the descriptors it keeps for
     /// its own files and 8 for clients and the metrics listener.
     public static let openFilesLimitMin = StockadeServer.descriptorsReserved + 8
 
+    /// Why the configuration cannot be served (a sentence naming the flag); nil when it can.
+    /// Checked before anything is recovered or bound. Resolves `host` (and `metricsHost`).
     public func problem() -> String? {
         func outside<T: Comparable>(_ value: T, _ range: ClosedRange<T>, _ flag: String, _ note: String = "") -> String? {
             range.contains(value) ? nil : "\(flag) must be \(range.lowerBound) to \(range.upperBound)\(note), not \(value)"

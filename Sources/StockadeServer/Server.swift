@@ -774,12 +774,12 @@ final class ServerContext: Sendable {
             ("shards", String(engine.shardCount)), ("data_dir", store.directory.path),
         ])
         let accepts = acceptFailures.summary
+        let blocked = eventsWaiters.count + replication.acknowledgedWatch.count
         add("Clients", [
             ("connected_clients", String(c.clients.count)), ("maxclients", String(configuration.maxClients)),
             // Waiting for a durable position, or (semi-synchronous) for a durable one to be confirmed.
-            ("blocked_events_clients", String(eventsWaiters.count + replication.acknowledgedWatch.count)),
-            // Redis's name for the same (redis-cli --stat reads it).
-            ("blocked_clients", String(eventsWaiters.count + replication.acknowledgedWatch.count)),
+            ("blocked_events_clients", String(blocked)),
+            ("blocked_clients", String(blocked)),  // Redis's name for the same (redis-cli --stat reads it)
             ("metrics_connections", String(c.metricsConnections)),
             ("partial_request_bytes", String(partialRequests.withLock { $0.total })),
             ("max_partial_request_bytes", String(configuration.partialRequestBytesMax)),
@@ -954,7 +954,8 @@ public final class StockadeServer: Sendable {
                 if metrics, configuration.metricsConnectionsMax > max(1, metricsShare) {
                     lowered.append("metrics connections \(configuration.metricsConnectionsMax) lowered to \(max(1, metricsShare))")
                 }
-                logger.warning("the open-files limit (\(limit), ulimit -n) allows \(clients) clients\(metrics ? " and \(max(1, metricsShare)) metrics connections" : ""), keeping \(Self.descriptorsReserved) descriptors for the server's own files: \(lowered.joined(separator: ", ")); raise the limit for more")
+                // Without a metrics listener its bound is lowered silently: nothing an operator set.
+                if !lowered.isEmpty { logger.warning("the open-files limit (\(limit), ulimit -n) allows \(clients) clients\(metrics ? " and \(max(1, metricsShare)) metrics connections" : ""), keeping \(Self.descriptorsReserved) descriptors for the server's own files: \(lowered.joined(separator: ", ")); raise the limit for more") }
                 configuration.maxClients = min(configuration.maxClients, clients)
                 configuration.metricsConnectionsMax = min(configuration.metricsConnectionsMax, max(1, metricsShare))
             }
