@@ -31,6 +31,16 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     private var loopNanos: UInt64 = 0
     private var readWanted = false
     private var closing = false
+    /// The output is shut after the last reply and input is read only to be dropped, until the client
+    /// closes or ``lingerSeconds`` pass (``closeAfterWrites(context:)``).
+    private var lingering = false
+    private var lingerTimer: Scheduled<Void>?
+    /// The longest a closing connection reads and drops what its client still sends.
+    static let lingerSeconds: Int64 = 5
+    /// The most it drops: a client that sends more is not finishing a pipeline but streaming, and is
+    /// cut off at once (its socket reset).
+    static let lingerBytesMax = 256 * 1024
+    private var lingerBytes = 0
     private var counted = false
     private var authenticated: Bool
     /// HELLO 3 was accepted: STOCK, ORDER and EVENTS entries are maps (RESP2: flat arrays).
@@ -132,6 +142,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         _ = countPartialRequest(bytes: 0, context: context)
         counted = false
         stallTimer?.cancel()
+        lingerTimer?.cancel()
         context.fireChannelInactive()
     }
 
@@ -142,6 +153,10 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case ChannelEvent.inputClosed = event {
             inputClosed = true
+            if lingering {
+                context.close(promise: nil)
+                return
+            }
             presence.leave()
             // A replica that closed its side is gone: its stream ends (the socket is not kept half open).
             if feed != nil {
@@ -158,7 +173,13 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     // MARK: Reading
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard !closing else { return }
+        guard !closing else {
+            if lingering {
+                lingerBytes += unwrapInboundIn(data).readableBytes
+                if lingerBytes > Self.lingerBytesMax { context.close(promise: nil) }
+            }
+            return
+        }
         var bytes = unwrapInboundIn(data)
         if let feed {
             feed.received(&bytes)
@@ -178,6 +199,10 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     private static let inboundHoldBytes = 256 * 1024
 
     func read(context: ChannelHandlerContext) {
+        if lingering {
+            context.read()
+            return
+        }
         // Work waiting (a round running, or the next one scheduled) and much input already buffered.
         let flooding = (busy || processScheduled) && (inbound?.readableBytes ?? 0) >= Self.inboundHoldBytes
         if flooding || closing || !context.channel.isWritable {
@@ -1106,15 +1131,34 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         if closeAfter { closeAfterWrites(context: context) }
     }
 
-    /// Closes once everything written so far has reached the socket (or failed): writes complete in
-    /// order, so an empty write's promise completes after every write before it.
+    /// Closes once everything written so far has reached the socket (or failed), and the client has
+    /// read it. The close lingers, as a web server's does: the output is shut once the writes reach
+    /// the socket (the client reads every reply, then the end of the stream), and what the client
+    /// still sends is read and dropped until it closes too, for at most ``lingerSeconds`` and
+    /// ``lingerBytesMax``. A socket
+    /// closed with unread input is answered with a reset, which drops the replies still in its send
+    /// queue: a slow reader that went on sending after QUIT lost its last replies and the `+OK`.
     private func closeAfterWrites(context: ChannelHandlerContext) {
         closing = true
         inbound = nil
-        let channel = context.channel
-        let written = context.eventLoop.makePromise(of: Void.self)
-        context.writeAndFlush(wrapOutboundOut(channel.allocator.buffer(capacity: 0)), promise: written)
-        written.futureResult.whenComplete { _ in channel.close(promise: nil) }
+        let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
+        let shut = context.eventLoop.makePromise(of: Void.self)
+        // Shuts the socket's output once every pending write is on it (SwiftNIO keeps the order).
+        context.flush()
+        context.close(mode: .output, promise: shut)
+        shut.futureResult.whenComplete { result in
+            let (handler, context) = bound.value
+            guard case .success = result, !handler.gone, !handler.inputClosed else {
+                context.close(promise: nil)
+                return
+            }
+            handler.lingering = true
+            let channel = context.channel
+            handler.lingerTimer = context.eventLoop.scheduleTask(in: .seconds(Self.lingerSeconds)) {
+                channel.close(promise: nil)
+            }
+            context.read()
+        }
     }
 
     /// The outcome label of the reply written at `start`: "ok", or the error's code in lower case.

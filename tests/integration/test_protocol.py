@@ -967,6 +967,94 @@ def test_every_page_reaches_a_client_at_the_least_output_limit(data_dir):
         s.stop()
 
 
+def read_to_the_end(c):
+    """Reads until the server closes; returns the bytes and how it closed ("EOF" or "reset")."""
+    data = b""
+    while True:
+        try:
+            chunk = c.recv(1 << 20)
+        except ConnectionResetError:
+            return data, "reset"
+        if not chunk:
+            return data, "EOF"
+        data += chunk
+
+
+@pytest.mark.parametrize("ending", ["QUIT", "output limit"])
+def test_a_client_that_goes_on_sending_after_the_close_still_gets_every_reply(data_dir, ending):
+    """A close with unread input makes the kernel answer with a reset, which drops the replies still
+    in the server's send queue: a slow reader that went on sending after QUIT (or after the request
+    that crossed the output limit) got 6 of 16 replies, no +OK, and a reset. Now the server shuts its
+    output after the last reply and drops what the client still sends until the client closes: every
+    reply arrives, then the end of the stream."""
+    s = Server(data_dir, "--max-output-bytes", str(4 << 20), "--max-bulk-bytes", str(8 << 20),
+               "--max-request-bytes", str(16 << 20), "--fsync", "none").start()
+    try:
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.connect(("127.0.0.1", s.port))
+        reply = b"$%d\r\n%s\r\n" % (256 << 10, b"q" * (256 << 10))
+        last = encode("QUIT") if ending == "QUIT" else encode("ECHO", b"y" * (6 << 20))
+
+        def send():
+            try:
+                c.sendall(encode("ECHO", b"q" * (256 << 10)) * 14 + last)
+                for _ in range(20):
+                    c.sendall(encode("PING"))
+                    time.sleep(0.005)
+            except OSError:
+                pass
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        time.sleep(1)
+        c.settimeout(30)
+        data, how = read_to_the_end(c)
+        sender.join(10)
+        c.close()
+        assert data.startswith(reply * 14), f"{data.count(reply)} whole replies of 14"
+        end = b"+OK\r\n" if ending == "QUIT" else b"-ERR output buffer limit reached"
+        assert data[len(reply) * 14:].startswith(end), data[len(reply) * 14:][:100]
+        assert data.endswith(b"\r\n") and data[len(reply) * 14:].count(b"\r\n") == 1
+        assert how == "EOF"
+        assert s.client().ping()
+    finally:
+        s.stop()
+
+
+def test_a_client_that_sends_forever_after_quit_is_closed_after_the_linger(server):
+    """The lingering close drops what a client sends after QUIT only until the client closes or 5 s
+    pass (or 256 KiB, not reached here: 28 KB/s): one that goes on sending is cut off then, and its
+    slot is free again."""
+    r = server.client()
+    c = connect(server)
+    c.sendall(encode("QUIT"))
+    start = time.monotonic()
+    got = b""
+    ended = None
+    c.settimeout(0.05)
+    at_end = False
+    while time.monotonic() - start < 20:
+        try:
+            c.sendall(encode("PING") * 100)
+        except OSError:
+            ended = time.monotonic() - start
+            break
+        try:
+            chunk = c.recv(4096) if not at_end else b""
+            got += chunk
+            at_end = at_end or not chunk
+        except socket.timeout:
+            pass
+        except OSError:
+            ended = time.monotonic() - start
+            break
+        time.sleep(0.05)
+    c.close()
+    assert got == b"+OK\r\n"
+    assert ended is not None and 4 <= ended <= 8, ended
+    assert wait_until(lambda: info_field(r, "clients", "connected_clients") == 1)
+
+
 def test_a_slow_reader_past_the_output_limit_gets_every_reply_before_it_then_the_error(data_dir):
     """Past the output limit the connection was closed at once: the writes still pending were dropped,
     and a client that started reading a little late (a small receive buffer, a pause of 0.3 s) got
