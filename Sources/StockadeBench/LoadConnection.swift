@@ -11,9 +11,11 @@ final class RunState: Sendable {
     let dialect: Dialect
     let skuNames: [String]
     let userPrefix: String
-    let startNanos: UInt64
-    /// Issue no reservation after this (duration runs).
-    let deadlineNanos: UInt64?
+    private let start = Atomic<UInt64>(0)
+    /// When the load began (``begin()``): every connection was open and answering by then.
+    var startNanos: UInt64 { start.load(ordering: .acquiring) }
+    /// Issue no reservation intended at or after this (duration runs).
+    var deadlineNanos: UInt64? { options.durationSeconds.map { startNanos + UInt64($0 * 1e9) } }
     private let issued = Atomic<Int>(0)
     let completed = Atomic<Int>(0)
     private let interval = Mutex(Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three))
@@ -25,9 +27,6 @@ final class RunState: Sendable {
         self.dialect = dialect
         self.skuNames = skuNames
         self.userPrefix = userPrefix
-        let start = monotonicNanos()
-        startNanos = start
-        deadlineNanos = options.durationSeconds.map { start + UInt64($0 * 1e9) }
         if let s = options.zipf, skuNames.count > 1 {
             var weights = (1...skuNames.count).map { 1 / pow(Double($0), s) }
             let total = weights.reduce(0, +)
@@ -42,9 +41,13 @@ final class RunState: Sendable {
         }
     }
 
-    /// A ticket for one more reservation, or false when the budget (count or time) is spent.
-    func takeTicket(now: UInt64) -> Bool {
-        if let deadlineNanos, now >= deadlineNanos { return false }
+    /// Starts the clock; the connections start sending when told (``LoadConnection/Start``).
+    func begin() { start.store(monotonicNanos(), ordering: .releasing) }
+
+    /// A ticket for one more reservation meant to be sent at `intended` (now, in a closed loop), or
+    /// false when the budget (count or time) is spent.
+    func takeTicket(intended: UInt64) -> Bool {
+        if let deadlineNanos, intended >= deadlineNanos { return false }
         if options.durationSeconds == nil {
             let (old, _) = issued.add(1, ordering: .relaxed)
             return old < options.requests
@@ -52,6 +55,15 @@ final class RunState: Sendable {
         issued.add(1, ordering: .relaxed)
         return true
     }
+
+    /// No reservation meant for `intended` or later will be sent.
+    func budgetSpent(from intended: UInt64) -> Bool {
+        if let deadlineNanos { return intended >= deadlineNanos }
+        return issued.load(ordering: .relaxed) >= options.requests
+    }
+
+    /// Open loop: how far the sending fell behind the schedule at worst, in nanoseconds.
+    let sendLagNanos = Atomic<UInt64>(0)
 
     func pickSku(_ rng: inout SplitMix64) -> Int {
         if skuCDF.isEmpty { return Int(rng.next() % UInt64(skuNames.count)) }
@@ -101,12 +113,20 @@ enum LifecycleAction: String, Sendable {
 
 /// One pipelined connection of the load: keeps `pipeline` requests in flight (closed loop) or sends
 /// at its share of the offered rate (open loop), and measures each reply from its intended send time.
+///
+/// Once connected it authenticates and sends PING, and `ready` completes with the PONG (or fails
+/// with the refusal, e.g. the server's client limit); the load starts with ``Start``, once every
+/// connection is ready, so the measured window has all of them open.
 final class LoadConnection: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
+    /// The user event that starts the load (after ``RunState/begin()``).
+    struct Start: Sendable {}
+
     private enum Request {
         case auth
+        case ping
         case reserve(user: Int, sku: Int)
         case follow(orderIndex: Int)
     }
@@ -117,6 +137,9 @@ final class LoadConnection: ChannelInboundHandler {
     }
 
     private let state: RunState
+    private let index: Int
+    private let ready: EventLoopPromise<Void>
+    private var isReady = false
     private let done: EventLoopPromise<ConnectionResult>
     private let parser = RESPReplyParser()
     private var inbound: ByteBuffer?
@@ -128,19 +151,19 @@ final class LoadConnection: ChannelInboundHandler {
     private var finishedIssuing = false
     private var pacer: RepeatedTask?
     private var nextIntendedNanos: UInt64 = 0
-    private let intervalNanos: UInt64
+    /// Open loop: the number, in the whole run, of this connection's next request.
+    private var scheduled = 0
     private var out: ByteBuffer
     private var reported = false
+    /// ``Start`` came in a closed loop: replies are answered with new requests.
+    private var started = false
 
-    init(state: RunState, index: Int, done: EventLoopPromise<ConnectionResult>) {
+    init(state: RunState, index: Int, ready: EventLoopPromise<Void>, done: EventLoopPromise<ConnectionResult>) {
         self.state = state
+        self.index = index
+        self.ready = ready
         self.done = done
         rng = SplitMix64(seed: state.options.seed &* 1_000_003 &+ UInt64(index))
-        if let rate = state.options.rate {
-            intervalNanos = UInt64(Double(state.options.connections) / rate * 1e9)
-        } else {
-            intervalNanos = 0
-        }
         out = ByteBufferAllocator().buffer(capacity: 4096)
     }
 
@@ -152,35 +175,69 @@ final class LoadConnection: ChannelInboundHandler {
             encode(["AUTH", password])
             pending.append(Pending(intendedNanos: now, request: .auth))
         }
-        if state.options.rate != nil {
-            nextIntendedNanos = now
+        encode(["PING"])
+        pending.append(Pending(intendedNanos: now, request: .ping))
+        flush(context: context)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard event is Start else { return context.fireUserInboundEventTriggered(event) }
+        let now = monotonicNanos()
+        if let rate = state.options.rate {
+            // Request k of the whole run is meant for start + k / rate, and goes to connection
+            // k mod connections: together they offer the rate from the first request on.
+            scheduled = index
+            nextIntendedNanos = intendedNanos(of: scheduled, rate: rate)
             let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
             pacer = context.eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(1)) { _ in
                 let (handler, context) = bound.value
                 handler.pace(context: context)
             }
         } else {
+            started = true
             for _ in 0..<state.options.pipeline { issue(intended: now) }
             flush(context: context)
-            // A connection that opens after the budget is spent has nothing to do.
+            // A connection with nothing left of the budget (fewer requests than connections) ends.
             checkDone(context: context)
         }
     }
 
-    /// Open loop: sends every request whose intended time has come.
+    /// When request `k` of the whole open-loop run is meant to be sent.
+    private func intendedNanos(of k: Int, rate: Double) -> UInt64 {
+        state.startNanos + UInt64(Double(k) / rate * 1e9)
+    }
+
+    /// The connection was refused before the load (a password, the server's client limit).
+    private func refuse(context: ChannelHandlerContext, _ message: String) {
+        result.protocolError = message
+        if !isReady {
+            isReady = true
+            ready.fail(BenchError(message))
+        }
+        context.close(promise: nil)
+    }
+
+    /// Open loop: sends every request whose intended time has come, late if need be (its latency
+    /// counts from the intended time), and ends once the schedule or the count is done.
     private func pace(context: ChannelHandlerContext) {
         guard !finishedIssuing else { return }
         let now = monotonicNanos()
+        if state.budgetSpent(from: nextIntendedNanos) { finishedIssuing = true }
         while nextIntendedNanos <= now, inFlight < 100_000, !finishedIssuing {
             issue(intended: nextIntendedNanos)
-            nextIntendedNanos += intervalNanos
+            if !finishedIssuing {
+                let lag = now - nextIntendedNanos
+                if lag > state.sendLagNanos.load(ordering: .relaxed) { state.sendLagNanos.store(lag, ordering: .relaxed) }
+            }
+            scheduled += state.options.connections
+            nextIntendedNanos = intendedNanos(of: scheduled, rate: state.options.rate!)
         }
         flush(context: context)
         checkDone(context: context)
     }
 
     private func issue(intended: UInt64) {
-        guard state.takeTicket(now: monotonicNanos()) else {
+        guard state.takeTicket(intended: intended) else {
             finishedIssuing = true
             return
         }
@@ -225,20 +282,34 @@ final class LoadConnection: ChannelInboundHandler {
             }
             let request = pending[pendingHead]
             pendingHead += 1
-            if case .auth = request.request {
-                if case .error(let message) = reply { result.protocolError = "AUTH: \(message)" }
+            switch request.request {
+            case .auth:
+                if case .error(let message) = reply { refuse(context: context, "AUTH: \(message)") }
                 continue
+            case .ping:
+                if case .error(let message) = reply { refuse(context: context, message) }
+                else if !isReady {
+                    isReady = true
+                    ready.succeed()
+                }
+                continue
+            default:
+                break
             }
             let micros = max(1, (now &- request.intendedNanos) / 1000)
             _ = result.latency.record(micros)
             _ = intervalLatency.record(micros)
             state.completed.add(1, ordering: .relaxed)
             handle(reply, for: request.request, now: now)
-            if state.options.rate == nil && !finishedIssuing { issue(intended: now) }
         }
         if pendingHead > 4096 && pendingHead * 2 > pending.count {
             pending.removeFirst(pendingHead)
             pendingHead = 0
+        }
+        // Closed loop: the connection keeps `pipeline` requests in flight (a lifecycle's CONFIRM or
+        // CANCEL takes the place of the RESERVE it follows).
+        if isReady, started, state.options.rate == nil {
+            while !finishedIssuing && inFlight < state.options.pipeline { issue(intended: now) }
         }
         if intervalLatency.totalCount >= 256 { state.mergeInterval(&intervalLatency) }
         flush(context: context)
@@ -247,7 +318,7 @@ final class LoadConnection: ChannelInboundHandler {
 
     private func handle(_ reply: RESPReply, for request: Request, now: UInt64) {
         switch request {
-        case .auth:
+        case .auth, .ping:
             break
         case .reserve(let user, let sku):
             let outcome = state.dialect.classify(reply)
@@ -273,6 +344,14 @@ final class LoadConnection: ChannelInboundHandler {
             }
         case .follow(let index):
             let expected = result.orders[index].action.rawValue
+            if reply.errorCode == "EXPIRED" {
+                // The hold's deadline passed before the CONFIRM or CANCEL arrived: the order is
+                // EXPIRED on the server, and that is what the audit must find.
+                result.outcomes["follow-up:EXPIRED", default: 0] += 1
+                result.orders[index].action = .expire
+                result.orders[index].acknowledged = true
+                return
+            }
             let ok = reply.string == expected
             result.outcomes[ok ? "\(expected.lowercased())" : "follow-up:\(reply.errorCode ?? "unexpected")", default: 0] += 1
             result.orders[index].acknowledged = ok
@@ -295,12 +374,15 @@ final class LoadConnection: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        result.protocolError = readableError(error, target: state.options.target)
-        context.close(promise: nil)
+        refuse(context: context, readableError(error, target: state.options.target))
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         pacer?.cancel()
+        if !isReady {
+            isReady = true
+            ready.fail(BenchError(result.protocolError ?? "the connection was closed before the load"))
+        }
         if !(finishedIssuing && inFlight == 0) {
             result.protocolError = result.protocolError ?? "connection closed with \(inFlight) requests in flight"
         }

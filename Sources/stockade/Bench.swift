@@ -85,14 +85,49 @@ struct Bench: AsyncParsableCommand {
         guard (1...604_800_000).contains(ttl), (1...604_800_000).contains(holdTTL) else {
             throw ValidationError("--ttl and --hold-ttl must be 1 to 604800000 ms (7 days)")
         }
-        if scenario == .lifecycle, first.isRedis { throw ValidationError("lifecycle needs a Stockade target") }
+        // Every flag is checked here, before anything is sent: a run refused later would leave its
+        // SKUs on the target.
+        if let rate, !(rate.isFinite && rate >= 1 && rate <= 100_000_000) {
+            throw ValidationError("--rate must be 1 to 100000000 requests a second")
+        }
+        if let duration, !(duration.isFinite && duration > 0 && duration <= 86_400) {
+            throw ValidationError("--duration must be more than 0 and at most 86400 s")
+        }
+        if let zipf, !(zipf.isFinite && zipf >= 0 && zipf <= 100) {
+            throw ValidationError("--zipf must be 0 to 100")
+        }
+        guard (0...100).contains(confirm), (0...100).contains(cancel), confirm + cancel <= 100 else {
+            throw ValidationError("--confirm and --cancel are percents of the holds: each 0 to 100, together at most 100")
+        }
+        guard limit >= 0, (1...1024).contains(clientThreads) else {
+            throw ValidationError("--limit must be 0 or more, --client-threads 1 to 1024")
+        }
+        let most = users.multipliedReportingOverflow(by: limit)
+        if scenario == .sellout, limit > 0, !most.overflow, most.partialValue < stock {
+            throw ValidationError("\(users) users with a limit of \(limit) can hold at most \(users * limit) units of a SKU of \(stock): the sale cannot sell out (raise --users or --limit)")
+        }
+        if scenario == .lifecycle {
+            if first.isRedis { throw ValidationError("lifecycle needs a Stockade target") }
+            if let compare, BenchTarget(url: compare)?.isRedis == true {
+                throw ValidationError("lifecycle needs a Stockade target: Redis + Lua has no orders to confirm or cancel, so --compare would set two different loads side by side")
+            }
+            if acknowledgedOrders != nil {
+                throw ValidationError("--acknowledged-orders is for sellout and sustained: lifecycle's holds are confirmed, cancelled or left to expire")
+            }
+        }
+        if let compare, BenchTarget(url: compare) == nil {
+            throw ValidationError("--compare must be stockade://host:port or redis://host:port")
+        }
+        // The file is written when the run ends; a path that cannot be written is found now.
+        if let acknowledgedOrders, !FileManager.default.createFile(atPath: acknowledgedOrders, contents: nil) {
+            throw ValidationError("--acknowledged-orders: cannot create \(acknowledgedOrders)")
+        }
 
         let log: @Sendable (String) -> Void = { try? FileHandle.standardError.write(contentsOf: Data("\($0)\n".utf8)) }
         var reports: [BenchReport] = []
         do {
             reports.append(try await Harness.run(options, log: log))
-            if let compare {
-                guard let second = BenchTarget(url: compare) else { throw ValidationError("--compare must be stockade://host:port or redis://host:port") }
+            if let compare, let second = BenchTarget(url: compare) {
                 options.target = second
                 reports.append(try await Harness.run(options, log: log))
             }
@@ -105,7 +140,9 @@ struct Bench: AsyncParsableCommand {
             print(String(decoding: try encoder.encode(reports.count == 1 ? AnyReports.one(reports[0]) : AnyReports.many(reports)), as: UTF8.self))
         } else {
             for report in reports { print(report.text) }
-            if reports.count == 2 {
+            if reports.count == 2, reports.contains(where: { !$0.auditPassed }) {
+                print("no ratio: an audit failed, so the two runs did not do the same work")
+            } else if reports.count == 2 {
                 let (a, b) = (reports[0], reports[1])
                 print(String(format: "%@ / %@: throughput x%.2f; p50 %.3f ms against %.3f ms; p99 %.3f ms against %.3f ms",
                              a.system, b.system, a.throughput / b.throughput,
