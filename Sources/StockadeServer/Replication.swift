@@ -349,8 +349,8 @@ final class ReplicaFeed: @unchecked Sendable {
     private let last: UInt64?
     /// The replica's newest primary term (nil: none in its log).
     private let lastTerm: EpochHistory.Term?
-    /// The last position sent on this stream: an acknowledgement beyond it is capped to it (a client
-    /// cannot vouch for records it was never sent).
+    /// The last position sent on this stream (or being written to it): an acknowledgement beyond it
+    /// is capped to it (a client cannot vouch for records it was never sent).
     private let sentThrough = Atomic<UInt64>(0)
     /// The replica asked for this node's confirmed position (`REPLCONF CAPA CONFIRMED`).
     private let wantsConfirmed = Atomic<Bool>(false)
@@ -545,9 +545,12 @@ final class ReplicaFeed: @unchecked Sendable {
                         out.writeBytes(block.bytes)
                         out.writeString("\r\n")
                     }
-                    guard await send(out) else { return }
+                    // Counted as sent before the write completes: the replica may have them, synced,
+                    // and acknowledged them before this task resumes, and an acknowledgement capped
+                    // below them would wait for the next one (a second, at a heartbeat).
                     next = blocks.last!.lastLSN + 1
                     sentThrough.store(next - 1, ordering: .releasing)
+                    guard await send(out) else { return }
                     lastSentNanos = monotonicNanos()
                 }
                 continue
