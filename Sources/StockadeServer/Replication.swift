@@ -442,6 +442,14 @@ final class ReplicaFeed: @unchecked Sendable {
         return false
     }
 
+    /// The refusal of a REPLICATE from this node's own link to a primary.
+    static let selfRefusal = "-ERR a node cannot replicate from itself"
+
+    /// An address as both ends of a connection name it: `ip:port`.
+    static func addressKey(_ address: SocketAddress) -> String {
+        "\(address.ipAddress ?? "?"):\(address.port ?? -1)"
+    }
+
     /// Streams until the link closes or the log cannot serve the replica. Refuses a replica whose
     /// position is ahead of this log (it holds records this primary never made durable).
     func run() async {
@@ -450,6 +458,10 @@ final class ReplicaFeed: @unchecked Sendable {
             return
         }
         defer { server.replication.removeReplica(id) }
+        if let own = server.ownLinkAddress.withLock({ $0 }), channel.remoteAddress.map(Self.addressKey) == own {
+            await send("\(Self.selfRefusal): the replica is this node (REPLICAOF names its own address)\r\n", close: true)
+            return
+        }
         let journal = server.store.journal
         let durableAtStart = journal.lastDurableLSN
         // The replica's log must be a prefix of this one. By terms first: its newest term must be one
@@ -764,6 +776,8 @@ final class ReplicaLink: Sendable {
             }
         }
         defer { watchdog.cancel() }
+        server.ownLinkAddress.withLock { $0 = raw.localAddress.map(ReplicaFeed.addressKey) }
+        defer { server.ownLinkAddress.withLock { $0 = nil } }
         try await withTaskCancellationHandler {
           try await channel.executeThenClose { inbound, outbound in
             var iterator = inbound.makeAsyncIterator()
@@ -944,6 +958,10 @@ final class ReplicaLink: Sendable {
                 var error = ReplicationError("the primary refused: \(reply.dropFirst())")
                 error.divergence = .init(primaryEpoch: tail.epoch, from: tail.from)
                 throw error
+            case .line(let reply)? where reply.hasPrefix(ReplicaFeed.selfRefusal):
+                throw ReplicationError(
+                    "\(host):\(port) is this node itself: it cannot follow its own log. Name another primary (REPLICAOF host port), or REPLICAOF NO ONE",
+                    fatal: true)
             case .line(let reply)? where reply.hasPrefix("-"):
                 throw ReplicationError("the primary refused: \(reply.dropFirst())")
             case let other:

@@ -49,6 +49,9 @@ final class ServerContext: Sendable {
     let replication = ReplicationState()
     /// The link to the primary while this server is a replica.
     let replicaLink = Mutex<ReplicaLink?>(nil)
+    /// The local address (`ip:port`) of that link's connection while it is open: a REPLICATE that
+    /// comes from it is this node following itself (``ReplicaFeed/run()``).
+    let ownLinkAddress = Mutex<String?>(nil)
     /// The loops, for the replica's link to the primary.
     let group: EventLoopGroup?
     /// The highest primary epoch this node has seen (its log's newest term, the coordinator's key, a

@@ -556,6 +556,38 @@ def test_a_replica_linked_throughout_acknowledges_every_change_in_time(data_dir)
         primary.stop()
 
 
+@pytest.mark.parametrize("how", ["REPLICAOF", "--replica-of"])
+def test_a_node_told_to_follow_itself_stops_with_a_clear_error(data_dir, how):
+    """REPLICAOF naming the node's own address was accepted: the node followed itself, reported its
+    link up, and refused every write with READONLY for ever. Now its link stops with an error that
+    says so (INFO replication), and REPLICAOF NO ONE makes it a primary again."""
+    if how == "REPLICAOF":
+        node = Server(os.path.join(data_dir, "a"), "--shards", "2", "--io-threads", "1").start()
+        r = node.client()
+        r.execute_command("SKU.ADD", "tv", 10)
+        assert r.execute_command("REPLICAOF", "127.0.0.1", node.port) == "OK"
+    else:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        node = Server(os.path.join(data_dir, "a"), "--shards", "2", "--port", str(port),
+                      "--replica-of", f"127.0.0.1:{port}").start()
+        r = node.client()
+    try:
+        def stopped():
+            link = info(r)
+            return link.get("master_link_status") == "down" and "cannot follow its own log" in str(link.get("master_link_error", ""))
+        deadline = time.time() + 10
+        while not stopped() and time.time() < deadline:
+            time.sleep(0.05)
+        assert stopped(), info(r)
+        assert r.execute_command("REPLICAOF", "NO", "ONE") == "OK"
+        r.execute_command("SKU.ADD", "radio", 5)
+        assert int(info(r)["connected_slaves"]) == 0
+    finally:
+        node.stop()
+
+
 def test_former_primary_rejoins_as_a_replica_and_starts_over_when_its_log_went_another_way(data_dir):
     a = Server(os.path.join(data_dir, "a"), "--shards", "2").start()
     b = Server(os.path.join(data_dir, "b"), "--shards", "2", "--replica-of", f"127.0.0.1:{a.port}").start()
