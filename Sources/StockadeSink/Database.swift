@@ -23,6 +23,10 @@ public struct DatabaseAddress: Sendable, Equatable {
             throw SinkError(.configuration, "--to: sslmode=\(value) is not supported; the sink connects without TLS (use it on a trusted network, or through a local tunnel)")
         }
         let database = parts.path.isEmpty ? user : parts.path
+        // PostgreSQL's start-up and password messages end each string at a NUL byte.
+        guard ![user, database, parts.password ?? ""].contains(where: { $0.utf8.contains(0) }) else {
+            throw SinkError(.configuration, "--to \(parts.redacted): the user, password and database cannot hold a NUL byte (%00)")
+        }
         return DatabaseAddress(host: parts.host, port: parts.port, user: user, password: parts.password ?? environment["PGPASSWORD"], database: database)
     }
 
