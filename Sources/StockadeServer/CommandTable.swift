@@ -533,11 +533,15 @@ enum CommandTable {
         var ttl: Int64?
         while i < list.count {
             guard i + 1 < list.count else { return .invalid("ERR syntax error: \(shown(list[base + i])) needs a value") }
+            // Each option once: a request id given twice is a client's mistake, not a choice to make
+            // for it (which id keys the order?), as Redis's SET refuses EX twice.
             switch Word(list[base + i]) {
             case .req:
+                guard requestId == nil else { return .invalid("ERR syntax error: REQ given twice") }
                 if let refusal = idProblem(list[base + i + 1], "request") { return refusal }
                 requestId = list[base + i + 1]
             case .ttl:
+                guard ttl == nil else { return .invalid("ERR syntax error: TTL given twice") }
                 guard let value = integer(list[base + i + 1]) else { return notInteger }
                 ttl = value
             default: return .invalid("ERR syntax error near '\(shown(list[base + i]))': expected REQ id or TTL ms")

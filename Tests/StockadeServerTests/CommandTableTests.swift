@@ -32,6 +32,9 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(parse(["RESERVE", "ann", "tv", "many"]) == .invalid("ERR value is not an integer or out of range"))
         #expect(parse(["RESERVE", "ann", "tv"]) == .invalid("ERR wrong number of arguments for 'reserve' command"))
         #expect(parse(["BUY", "bob", "a", "1", "TTL"]) == .invalid("ERR syntax error: TTL needs a value"))
+        // Each option once: the last of two was taken (the order keyed under the second REQ).
+        #expect(parse(["RESERVE", "ann", "tv", "1", "REQ", "first", "REQ", "second"]) == .invalid("ERR syntax error: REQ given twice"))
+        #expect(parse(["BUY", "bob", "a", "1", "b", "1", "TTL", "100000", "REQ", "r", "TTL", "50"]) == .invalid("ERR syntax error: TTL given twice"))
         #expect(parse(["SKU.ADD", "x", "5", "LIMIT", "1"]) == .engine(.addSku(sku: "x", total: 5, limit: 1)))
         #expect(parse(["DEDUCT", "x"]) == .engine(.deduct(sku: "x", quantity: 1)))
         #expect(parse(["CONFIRM", "not-a-number"]) == .engine(.confirm(OrderID(rawValue: 0))))
