@@ -1173,8 +1173,31 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
 /// waits for it (WAIT) stops waiting once it is gone, so a closed socket is not held open.
 final class ClientPresence: Sendable {
     private let gone = Atomic<Bool>(false)
-    func leave() { gone.store(true, ordering: .releasing) }
+    /// The hook of a blocked EVENTS wait, called once when the client leaves, or nil once called.
+    private let onLeave = Mutex<(@Sendable () -> Void)?>(nil)
+
+    /// The client half-closed or closed (the server cannot tell them apart until it writes): steps
+    /// that wait on its behalf (WAIT) stop waiting, and a blocked EVENTS wait ends now.
+    func leave() {
+        gone.store(true, ordering: .releasing)
+        takeHook()?()
+    }
+
     var isGone: Bool { gone.load(ordering: .acquiring) }
+
+    /// Calls `hook` when the client leaves, or now if it has (replacing an earlier hook); nil
+    /// clears it.
+    func whenGone(_ hook: (@Sendable () -> Void)?) {
+        onLeave.withLock { $0 = hook }
+        if hook != nil, isGone { takeHook()?() }
+    }
+
+    private func takeHook() -> (@Sendable () -> Void)? {
+        onLeave.withLock { hook in
+            defer { hook = nil }
+            return hook
+        }
+    }
 }
 
 /// Compares without returning early, so the time taken does not reveal how much of a guess matched.

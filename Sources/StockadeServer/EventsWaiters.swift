@@ -35,22 +35,34 @@ final class DurablePositionWatch: Sendable {
     /// The position published last (what waits from at or below it return at once for).
     var position: UInt64 { state.withLock { $0.published } }
 
-    /// Waits until the durable position is at least `from` (true), or the deadline passes or the
-    /// server shuts down (false).
-    func wait(from: UInt64, deadlineNanos: UInt64) async -> Bool {
-        await withCheckedContinuation { continuation in
-            let (immediate, follower): (Bool?, CheckedContinuation<Bool, Never>?) = state.withLock { s in
-                if s.closed { return (false, nil) }
-                if s.published >= from { return (true, nil) }
-                s.waiters[s.nextID] = Waiter(from: from, deadlineNanos: deadlineNanos, continuation: continuation)
+    /// Waits until the durable position is at least `from` (true), or the deadline passes, the
+    /// server shuts down or the client of `presence` leaves (false).
+    func wait(from: UInt64, deadlineNanos: UInt64, presence: ClientPresence? = nil) async -> Bool {
+        let woken: Bool = await withCheckedContinuation { continuation in
+            let (immediate, follower, id): (Bool?, CheckedContinuation<Bool, Never>?, Int?) = state.withLock { s in
+                if s.closed { return (false, nil, nil) }
+                if s.published >= from { return (true, nil, nil) }
+                let id = s.nextID
+                s.waiters[id] = Waiter(from: from, deadlineNanos: deadlineNanos, continuation: continuation)
                 s.nextID += 1
                 s.earliestDeadlineNanos = min(s.earliestDeadlineNanos, deadlineNanos)
                 defer { s.follower = nil }
-                return (nil, s.follower)
+                return (nil, s.follower, id)
             }
             if let immediate { continuation.resume(returning: immediate) }
             follower?.resume(returning: true)
+            // A client that closes its side ends its wait now, as in Redis (and as WAIT's): it stops
+            // counting in INFO's blocked_clients and holds nothing until its deadline.
+            if let id, let presence { presence.whenGone { [self] in end(id) } }
         }
+        presence?.whenGone(nil)
+        return woken
+    }
+
+    /// Ends one wait now (its client left), if it is still waiting.
+    private func end(_ id: Int) {
+        let continuation = state.withLock { $0.waiters.removeValue(forKey: id)?.continuation }
+        continuation?.resume(returning: false)
     }
 
     /// Raises the position to `durable` (it never goes back here: see ``restarted(at:)``) and wakes

@@ -331,7 +331,7 @@ final class ServerContext: Sendable {
             out.writeRESPBulk(await info(section: section))
             metrics.count("info", outcome: "ok")
         case .events(let from, let count, let blockMillis, let resp3):
-            await events(from: from, count: count, blockMillis: blockMillis, resp3: resp3, turn: turn, into: &out, encodeNanos: &encodeNanos)
+            await events(from: from, count: count, blockMillis: blockMillis, resp3: resp3, turn: turn, presence: presence, into: &out, encodeNanos: &encodeNanos)
         case .replicate:
             out.writeRESPError("ERR REPLICATE must be the first command of its pipeline")
         case .role:
@@ -620,8 +620,8 @@ final class ServerContext: Sendable {
     /// so pages are read and encoded a few at a time per loop (``HeavyRounds``). `encodeNanos`: the
     /// time the page took to encode (the caller's loop time).
     func events(
-        from: UInt64?, count: Int, blockMillis: Int, resp3: Bool = false, turn: HeavyTurn? = nil, into out: inout ByteBuffer,
-        encodeNanos: inout UInt64
+        from: UInt64?, count: Int, blockMillis: Int, resp3: Bool = false, turn: HeavyTurn? = nil, presence: ClientPresence? = nil,
+        into out: inout ByteBuffer, encodeNanos: inout UInt64
     ) async {
         let last = store.journal.lastDurableLSN
         let start = max(from ?? eventsLimit + 1, 1)
@@ -685,10 +685,10 @@ final class ServerContext: Sendable {
             if blockMillis == 0 || monotonicNanos() >= deadline { break }
             if store.journal.lastDurableLSN >= start {
                 // Durable here but not yet acknowledged by enough replicas: the acknowledgement wakes it.
-                guard await replication.acknowledgedWatch.wait(from: start, deadlineNanos: deadline) else { break }
+                guard await replication.acknowledgedWatch.wait(from: start, deadlineNanos: deadline, presence: presence) else { break }
                 continue
             }
-            guard await eventsWaiters.wait(from: start, deadlineNanos: deadline) else { break }
+            guard await eventsWaiters.wait(from: start, deadlineNanos: deadline, presence: presence) else { break }
         }
         out.writeRESPArrayHeader(0)
         metrics.count("events", outcome: "ok")

@@ -339,6 +339,46 @@ def test_blocked_events_readers_do_not_poll(data_dir):
         s.stop()
 
 
+def test_a_blocked_events_reader_that_closes_stops_counting_at_once(data_dir):
+    """A blocked EVENTS wait went on until its deadline after its client closed: INFO's
+    blocked_clients counted 200 gone clients for up to a minute. Now a client that closes its side
+    ends its wait at once, as in Redis; one that only half-closed is answered an empty array."""
+    s = Server(data_dir, "--shards", "2").start()
+    try:
+        r = s.client()
+        r.execute_command("SKU.ADD", "w", 100)
+        waiters = []
+        for _ in range(200):
+            c = socket.create_connection(("127.0.0.1", s.port))
+            send(c, "EVENTS", "$", "BLOCK", 60000)
+            waiters.append(c)
+        deadline = time.time() + 10
+        while int(r.info("clients")["blocked_clients"]) < 200:
+            assert time.time() < deadline, r.info("clients")
+            time.sleep(0.05)
+        for c in waiters[1:]:
+            c.close()
+        deadline = time.time() + 2
+        while int(r.info("clients")["blocked_clients"]) > 1:
+            assert time.time() < deadline, r.info("clients")
+            time.sleep(0.05)
+        half = waiters[0]
+        half.shutdown(socket.SHUT_WR)
+        half.settimeout(5)
+        data = b""
+        while chunk := half.recv(4096):
+            data += chunk
+        assert data == b"*0\r\n"
+        half.close()
+        deadline = time.time() + 5
+        while int(r.info("clients")["connected_clients"]) > 1:
+            assert time.time() < deadline, r.info("clients")
+            time.sleep(0.05)
+        assert int(r.info("clients")["blocked_clients"]) == 0
+    finally:
+        s.stop()
+
+
 def test_shutdown_options_other_than_nosave_are_refused_and_change_nothing(data_dir):
     """A typo in SHUTDOWN's option (or one of Redis's that Stockade does not keep) gets an error and
     the server goes on; it used to shut down whatever followed SHUTDOWN. NOSAVE stops it, as Redis's
