@@ -22,11 +22,20 @@ enum Request: Equatable {
     case commandInfo(count: Bool)
     /// CONFIG GET: the pattern's bytes, ASCII letters lowered.
     case configGet(pattern: [UInt8])
-    /// CLIENT SETINFO / SETNAME and the like: accepted and ignored.
+    /// CLIENT NO-EVICT, NO-TOUCH, REPLY ON: accepted (nothing to change).
     case clientAccepted
     case clientID
+    /// CLIENT SETNAME, CLIENT SETINFO LIB-NAME / LIB-VER (shown by CLIENT LIST).
+    case clientSet(ClientField, String)
+    case clientGetName
+    /// CLIENT INFO: this connection's line of CLIENT LIST.
+    case clientInfo
+    /// CLIENT LIST [TYPE normal|replica|master|pubsub] [ID id ...]: `replica` nil for any type,
+    /// `matchesNone` for the types Stockade has none of.
+    case clientList(ids: [Int64]?, replica: Bool?, matchesNone: Bool)
+    case clientKill(ClientKillFilter)
     /// HELLO [2|3 [AUTH user password] [SETNAME name]]: the version is nil, 2 or 3 (others are refused here).
-    case hello(version: Int?, password: ByteBuffer?)
+    case hello(version: Int?, password: ByteBuffer?, name: String? = nil)
     case select(Int)
     /// REPLICATE next [LISTENING-PORT port] [LAST fingerprint] [EPOCH epoch start] [FULLCOPY]: this
     /// connection becomes a replica's log stream (see ``ReplicaRequest``).
@@ -86,7 +95,7 @@ enum Request: Equatable {
         case .logTerm: "log.term"
         case .commandInfo: "command"
         case .configGet: "config"
-        case .clientAccepted, .clientID: "client"
+        case .clientAccepted, .clientID, .clientSet, .clientGetName, .clientInfo, .clientList, .clientKill: "client"
         case .hello: "hello"
         case .select: "select"
         case .replicate: "replicate"
@@ -324,13 +333,24 @@ enum CommandTable {
             switch first.flatMap(Word.init) {
             case Word("SETNAME"):
                 guard argc == 2 else { return wrongArity }
-                return clientNameProblem(arg(1)) ?? .clientAccepted
+                return clientNameProblem(arg(1)) ?? .clientSet(.name, String(decoding: arg(1), as: UTF8.self))
             case Word("SETINFO"):
                 guard argc == 3 else { return wrongArity }
-                guard Word(arg(1)) == Word("LIB-NAME") || Word(arg(1)) == Word("LIB-VER") else {
-                    return .invalid("ERR Unrecognized option '\(shown(arg(1)))'")
+                let field: ClientField
+                switch Word(arg(1)) {
+                case Word("LIB-NAME"): field = .libraryName
+                case Word("LIB-VER"): field = .libraryVersion
+                default: return .invalid("ERR Unrecognized option '\(shown(arg(1)))'")
                 }
-                return clientNameProblem(arg(2)) ?? .clientAccepted
+                return clientNameProblem(arg(2)) ?? .clientSet(field, String(decoding: arg(2), as: UTF8.self))
+            case Word("GETNAME"):
+                return arity(argc == 1) ?? .clientGetName
+            case Word("INFO"):
+                return arity(argc == 1) ?? .clientInfo
+            case Word("LIST"):
+                return clientList(arguments[2...])
+            case Word("KILL"):
+                return clientKill(arguments[2...])
             case Word("NO-EVICT"), Word("NO-TOUCH"): return .clientAccepted
             case Word("REPLY"):
                 // Replies cannot be turned off: a client that believed them off would read each
@@ -559,6 +579,7 @@ enum CommandTable {
         guard let version = integer(first) else { return .invalid("ERR Protocol version is not an integer or out of range") }
         guard version == 2 || version == 3 else { return .invalid("NOPROTO unsupported protocol version") }
         var password: ByteBuffer?
+        var name: String?
         var i = 1
         while i < list.count {
             switch Word(list[i]) {
@@ -569,12 +590,84 @@ enum CommandTable {
             case .setname:
                 guard i + 1 < list.count else { return .invalid("ERR Syntax error in HELLO option 'SETNAME'") }
                 if let problem = clientNameProblem(list[i + 1]) { return problem }
+                name = String(decoding: list[i + 1], as: UTF8.self)
                 i += 2
             default:
                 return .invalid("ERR Syntax error in HELLO option '\(shown(list[i]))'")
             }
         }
-        return .hello(version: Int(version), password: password)
+        return .hello(version: Int(version), password: password, name: name)
+    }
+
+    /// CLIENT LIST [TYPE normal|replica|slave|master|pubsub] [ID id ...], as Redis reads it.
+    private static func clientList(_ args: Slice<RESPParser.UnsafeArguments>) -> Request {
+        let list = Array(args)
+        var ids: [Int64]?
+        var replica: Bool?
+        var matchesNone = false
+        var i = 0
+        while i < list.count {
+            switch Word(list[i]) {
+            case Word("TYPE") where i + 1 < list.count:
+                switch Word(list[i + 1]) {
+                case Word("NORMAL"): replica = false
+                case Word("REPLICA"), Word("SLAVE"): replica = true
+                case Word("MASTER"), Word("PUBSUB"): matchesNone = true
+                default: return .invalid("ERR Unknown client type '\(shown(list[i + 1]))'")
+                }
+                i += 2
+            case Word("ID") where i + 1 < list.count:
+                var chosen: [Int64] = []
+                for word in list[(i + 1)...] {
+                    guard let id = integer(word), id > 0 else { return .invalid("ERR Invalid client ID") }
+                    chosen.append(id)
+                }
+                ids = chosen
+                i = list.count
+            default:
+                return .invalid("ERR syntax error")
+            }
+        }
+        return .clientList(ids: ids, replica: replica, matchesNone: matchesNone)
+    }
+
+    /// CLIENT KILL ip:port (the old form), or CLIENT KILL with filters: ID, ADDR, LADDR, TYPE, SKIPME.
+    private static func clientKill(_ args: Slice<RESPParser.UnsafeArguments>) -> Request {
+        let list = Array(args)
+        var filter = ClientKillFilter()
+        if list.count == 1 {
+            filter.address = String(decoding: list[0], as: UTF8.self)
+            filter.oldForm = true
+            filter.skipMe = false
+            return .clientKill(filter)
+        }
+        guard !list.isEmpty, list.count % 2 == 0 else { return .invalid("ERR syntax error") }
+        for i in stride(from: 0, to: list.count, by: 2) {
+            let value = list[i + 1]
+            switch Word(list[i]) {
+            case Word("ID"):
+                guard let id = integer(value), id > 0 else { return .invalid("ERR client-id should be greater than 0") }
+                filter.id = id
+            case Word("ADDR"): filter.address = String(decoding: value, as: UTF8.self)
+            case Word("LADDR"): filter.localAddress = String(decoding: value, as: UTF8.self)
+            case Word("TYPE"):
+                switch Word(value) {
+                case Word("NORMAL"): filter.replica = false
+                case Word("REPLICA"), Word("SLAVE"): filter.replica = true
+                case Word("MASTER"), Word("PUBSUB"): filter.matchesNone = true
+                default: return .invalid("ERR Unknown client type '\(shown(value))'")
+                }
+            case Word("SKIPME"):
+                switch Word(value) {
+                case Word("YES"): filter.skipMe = true
+                case Word("NO"): filter.skipMe = false
+                default: return .invalid("ERR syntax error")
+                }
+            default:
+                return .invalid("ERR syntax error")
+            }
+        }
+        return .clientKill(filter)
     }
 
     /// Redis's rule for a client name (and CLIENT SETINFO's values): printable ASCII without spaces.

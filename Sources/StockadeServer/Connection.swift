@@ -47,6 +47,8 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     private var resp3 = false
     /// CLIENT ID, and HELLO's `id`.
     private let clientNumber: Int64
+    /// This connection in ``ServerContext/clients`` (CLIENT LIST), once admitted.
+    private var record: ClientRecord?
     /// After MULTI, until EXEC or DISCARD: every other command is refused, not run
     /// (``CommandTable/parseInTransaction(_:)``).
     private var inTransaction = false
@@ -127,11 +129,15 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             return
         }
         counted = true
+        let record = ClientRecord(id: clientNumber, channel: context.channel, nowNanos: monotonicNanos())
+        self.record = record
+        server.clients.add(record)
         context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         presence.leave()
+        if record != nil { server.clients.remove(clientNumber) }
         if counted { server.release(context.channel) }
         // Nothing more is parsed or counted: a round that was running when the client went, and the
         // next one it schedules, find the connection closing (the next one would count the unfinished
@@ -284,6 +290,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         // Resumed by channelWritabilityChanged once the client has read its replies.
         guard context.channel.isWritable else { return }
         let parseStarted = monotonicNanos()
+        record?.lastActiveNanos.store(parseStarted, ordering: .relaxed)
         // Built in place, in this variable: a round returned by value was copied (each of its arrays
         // and buffers retained once more).
         var round = Round(local: Self.reuse(&spareLocal, context: context), started: parseStarted)
@@ -346,6 +353,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         busy = true  // no more rounds on this connection
         let feed = ReplicaFeed(server: server, channel: context.channel, request: request)
         self.feed = feed
+        record?.isReplica.store(true, ordering: .relaxed)
         if var rest = inbound, rest.readableBytes > 0 { feed.received(&rest) }
         inbound = nil
         server.logger.info("a replica at \(context.remoteAddress.map { "\($0)" } ?? "?") follows the log from position \(request.from)")
@@ -627,7 +635,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
             case .replicaOf(let host, let port): round.step = .replicaOf(host: host, port: port)
             case .promote: round.step = .promote
             case .wait(let replicas, let timeoutMillis): round.step = .wait(replicas: replicas, timeoutMillis: timeoutMillis)
-            case .hello(let version, let password):
+            case .hello(let version, let password, _):
                 // Engine replies are encoded when the round ends, in the protocol of that moment: a
                 // HELLO that names a version starts a round of its own after the engine commands before it.
                 if version != nil && !round.batch.isEmpty {

@@ -34,6 +34,8 @@ final class ServerContext: Sendable {
     let listeningPort = Mutex<Int>(0)
     /// The next connection's id (CLIENT ID, HELLO's `id`): from 1, never reused while the process runs.
     let nextClientID = Atomic<Int64>(1)
+    /// Every client connection (CLIENT LIST, CLIENT KILL).
+    let clients = ClientRegistry()
     let startedNanos = monotonicNanos()
     let startedWallMillis = wallClockMillis()
     /// Called by SHUTDOWN.
@@ -281,7 +283,31 @@ final class ServerContext: Sendable {
             out.writeRESPSimple("OK")
         case .clientID:
             out.writeRESPInteger(client)
-        case .hello(let version, _):
+        case .clientSet(let field, let value):
+            clients.record(client)?.set(field, value)
+            out.writeRESPSimple("OK")
+        case .clientGetName:
+            let name = clients.record(client)?.name ?? ""
+            out.writeRESPBulk(name.isEmpty ? nil : name)
+        case .clientInfo:
+            out.writeRESPBulk((clients.record(client)?.line(nowNanos: monotonicNanos()) ?? "id=\(client)") + "\n")
+        case .clientList(let ids, let replica, let matchesNone):
+            let now = monotonicNanos()
+            let listed = matchesNone ? [] : clients.all.filter { record in
+                (ids.map { $0.contains(record.id) } ?? true)
+                    && (replica.map { $0 == record.isReplica.load(ordering: .relaxed) } ?? true)
+            }
+            out.writeRESPBulk(listed.map { $0.line(nowNanos: now) + "\n" }.joined())
+        case .clientKill(let filter):
+            let killed = clients.kill(filter, me: client)
+            if !filter.oldForm {
+                out.writeRESPInteger(Int64(killed))
+            } else if killed > 0 {
+                out.writeRESPSimple("OK")
+            } else {
+                out.writeRESPError("ERR No such client")
+            }
+        case .hello(let version, _, let name):
             // Both are accepted. Under 3, this reply and STOCK, ORDER and EVENTS entries are maps
             // (the connection switches once this is answered); the rest is the same in both.
             if let version, version != 2 && version != 3 {
@@ -296,6 +322,10 @@ final class ServerContext: Sendable {
             out.writeRESPBulk("mode"); out.writeRESPBulk("standalone")
             out.writeRESPBulk("role"); out.writeRESPBulk("master")
             out.writeRESPBulk("modules"); out.writeRESPArrayHeader(0)
+            if let record = clients.record(client) {
+                if let name { record.set(.name, name) }
+                if let version { record.protocolVersion.store(version, ordering: .relaxed) }
+            }
         case .logTerm(let position):
             writeTerm(at: position, into: &out)
         case .select(let db):

@@ -86,10 +86,10 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
     /// Client names as Redis takes them; CLIENT REPLY cannot turn replies off; COMMAND COUNT is a count.
     @Test func clientSubcommandsAreCheckedLikeRedis() {
         let badName = Request.invalid("ERR Client names cannot contain spaces, newlines or special characters.")
-        #expect(parse(["CLIENT", "SETNAME", "worker-1"]) == .clientAccepted)
+        #expect(parse(["CLIENT", "SETNAME", "worker-1"]) == .clientSet(.name, "worker-1"))
         #expect(parse(["CLIENT", "SETNAME", "a b"]) == badName)
         #expect(parse(["CLIENT", "SETNAME"]) == .invalid("ERR wrong number of arguments for 'client' command"))
-        #expect(parse(["CLIENT", "SETINFO", "lib-name", "redis-py"]) == .clientAccepted)
+        #expect(parse(["CLIENT", "SETINFO", "lib-name", "redis-py"]) == .clientSet(.libraryName, "redis-py"))
         #expect(parse(["CLIENT", "SETINFO", "lib-ver", "1\n"]) == badName)
         #expect(parse(["CLIENT", "SETINFO", "other", "x"]) == .invalid("ERR Unrecognized option 'other'"))
         #expect(parse(["CLIENT", "REPLY", "ON"]) == .clientAccepted)
@@ -97,6 +97,17 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(parse(["HELLO", "3", "SETNAME", "a\tb"]) == badName)
         #expect(parse(["COMMAND", "COUNT"]) == .commandInfo(count: true))
         #expect(parse(["COMMAND", "DOCS"]) == .commandInfo(count: false))
+        #expect(parse(["HELLO", "3", "SETNAME", "w"]) == .hello(version: 3, password: nil, name: "w"))
+        // CLIENT LIST and KILL read their options as Redis does.
+        #expect(parse(["CLIENT", "LIST"]) == .clientList(ids: nil, replica: nil, matchesNone: false))
+        #expect(parse(["client", "list", "type", "slave", "id", "3", "4"]) == .clientList(ids: [3, 4], replica: true, matchesNone: false))
+        #expect(parse(["CLIENT", "LIST", "TYPE", "pubsub"]) == .clientList(ids: nil, replica: nil, matchesNone: true))
+        #expect(parse(["CLIENT", "LIST", "ID", "0"]) == .invalid("ERR Invalid client ID"))
+        #expect(parse(["CLIENT", "KILL", "1.2.3.4:5"]) == .clientKill(ClientKillFilter(address: "1.2.3.4:5", skipMe: false, oldForm: true)))
+        #expect(parse(["CLIENT", "KILL", "ID", "7", "SKIPME", "no"]) == .clientKill(ClientKillFilter(id: 7, skipMe: false)))
+        #expect(parse(["CLIENT", "KILL", "ID", "7", "SKIPME"]) == .invalid("ERR syntax error"))
+        #expect(parse(["CLIENT", "GETNAME"]) == .clientGetName)
+        #expect(parse(["CLIENT", "INFO", "x"]) == .invalid("ERR wrong number of arguments for 'client' command"))
     }
 
     /// The form the front's sold-out answers read (``CommandTable/soldOutCandidate(_:authenticated:)``)
@@ -265,7 +276,7 @@ private func parse(_ words: [String], authenticated: Bool = true) -> Request {
         #expect(parse(["HELLO", "x", "AUTH", "u", "pw"]) == .invalid("ERR Protocol version is not an integer or out of range"))
         #expect(parse(["HELLO", "3", "AUTH", "u", "pw", "SETNAME"]) == .invalid("ERR Syntax error in HELLO option 'SETNAME'"))
         #expect(parse(["HELLO", "3", "AUTH", "u"]) == .invalid("ERR Syntax error in HELLO option 'AUTH'"))
-        #expect(parse(["HELLO", "2", "auth", "u", "pw", "setname", "n"]) == .hello(version: 2, password: ByteBuffer(string: "pw")))
+        #expect(parse(["HELLO", "2", "auth", "u", "pw", "setname", "n"]) == .hello(version: 2, password: ByteBuffer(string: "pw"), name: "n"))
         #expect(parse(["HELLO"]) == .hello(version: nil, password: nil))
     }
 

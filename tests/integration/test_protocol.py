@@ -4,6 +4,7 @@ import os
 import random
 import re
 import socket
+import subprocess
 import threading
 import time
 
@@ -912,6 +913,48 @@ def test_client_ids_config_and_command_replies_are_what_redis_clients_read(serve
     assert r.execute_command("CLIENT", "SETNAME", "worker-1") == "OK"
     assert r.execute_command("CLIENT", "REPLY", "ON") == "OK"
     assert r.ping()
+
+
+def test_client_list_info_getname_and_kill_as_operators_use_them(server):
+    """CLIENT LIST, CLIENT INFO, CLIENT GETNAME and CLIENT KILL were unknown subcommands: an operator
+    could not see who is connected (redis-cli CLIENT LIST, redis-py's client_list()) nor close one."""
+    app = server.client(client_name="checkout-7")
+    app.ping()
+    other = server.client()
+    other_id = other.client_id()
+    listed = {c["name"]: c for c in app.client_list()}
+    mine = listed["checkout-7"]
+    assert int(mine["id"]) == app.client_id() and mine["lib-name"] == "redis-py" and mine["flags"] == "N"
+    assert mine["laddr"] == f"127.0.0.1:{server.port}" and mine["addr"].startswith("127.0.0.1:")
+    assert app.client_getname() == "checkout-7" and other.client_getname() is None
+    assert app.client_info()["name"] == "checkout-7"
+    assert [int(c["id"]) for c in app.client_list(client_id=[other_id])] == [other_id]
+    assert app.client_list(_type="replica") == [] and app.client_list(_type="pubsub") == []
+    # redis-cli, as an operator types it
+    out = subprocess.run(["redis-cli", "-p", str(server.port), "CLIENT", "LIST"], capture_output=True, text=True, timeout=10)
+    assert "name=checkout-7 " in out.stdout and out.stdout.count("id=") >= 3
+
+    raw = connect(server)
+    raw.sendall(encode("CLIENT", "ID"))
+    raw_id = int(raw.recv(100)[1:-2])
+    assert app.client_kill_filter(_id=raw_id) == 1
+    raw.settimeout(5)
+    assert read_until_closed(raw) == b""
+    by_address = [c for c in app.client_list() if int(c["id"]) == other_id][0]["addr"]
+    assert app.execute_command("CLIENT", "KILL", by_address) in (b"OK", "OK", True)
+    with pytest.raises(redis.ResponseError, match="No such client"):
+        app.execute_command("CLIENT", "KILL", "127.0.0.1:1")
+    assert app.client_kill_filter(_id=app.client_id()) == 0  # SKIPME yes by default
+    for args, message in [
+        (("CLIENT", "LIST", "TYPE", "x"), "Unknown client type 'x'"),
+        (("CLIENT", "LIST", "ID", "a"), "Invalid client ID"),
+        (("CLIENT", "KILL", "ID", "0"), "client-id should be greater than 0"),
+        (("CLIENT", "KILL", "NAME", "x"), "syntax error"),
+        (("CLIENT", "GETNAME", "x"), "wrong number of arguments"),
+    ]:
+        with pytest.raises(redis.ResponseError, match=message):
+            app.execute_command(*args)
+    assert app.ping()
 
 
 def test_a_basket_retried_with_its_skus_in_another_order_is_the_same_request(server):
