@@ -1010,6 +1010,20 @@ def test_every_page_reaches_a_client_at_the_least_output_limit(data_dir):
         s.stop()
 
 
+def output_limit_server(data_dir):
+    """A server at the least output limit, with ECHOs large enough to cross it."""
+    return Server(data_dir, "--max-output-bytes", str(4 << 20), "--max-bulk-bytes", str(8 << 20),
+                  "--max-request-bytes", str(16 << 20), "--fsync", "none").start()
+
+
+def slow_reader(server, receive_buffer):
+    """A client socket with a small receive buffer: replies pile up in the server's send queue."""
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    c.connect(("127.0.0.1", server.port))
+    return c
+
+
 def read_to_the_end(c):
     """Reads until the server closes; returns the bytes and how it closed ("EOF" or "reset")."""
     data = b""
@@ -1030,12 +1044,9 @@ def test_a_client_that_goes_on_sending_after_the_close_still_gets_every_reply(da
     that crossed the output limit) got 6 of 16 replies, no +OK, and a reset. Now the server shuts its
     output after the last reply and drops what the client still sends until the client closes: every
     reply arrives, then the end of the stream."""
-    s = Server(data_dir, "--max-output-bytes", str(4 << 20), "--max-bulk-bytes", str(8 << 20),
-               "--max-request-bytes", str(16 << 20), "--fsync", "none").start()
+    s = output_limit_server(data_dir)
     try:
-        c = socket.socket()
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        c.connect(("127.0.0.1", s.port))
+        c = slow_reader(s, 4096)
         reply = b"$%d\r\n%s\r\n" % (256 << 10, b"q" * (256 << 10))
         last = encode("QUIT") if ending == "QUIT" else encode("ECHO", b"y" * (6 << 20))
 
@@ -1103,12 +1114,9 @@ def test_a_slow_reader_past_the_output_limit_gets_every_reply_before_it_then_the
     and a client that started reading a little late (a small receive buffer, a pause of 0.3 s) got
     16 of its 20 replies, the 17th cut short, and no error. Now the connection closes once the
     replies before the error, and the error, have reached the socket."""
-    s = Server(data_dir, "--max-output-bytes", str(4 << 20), "--max-bulk-bytes", str(8 << 20),
-               "--max-request-bytes", str(16 << 20), "--fsync", "none").start()
+    s = output_limit_server(data_dir)
     try:
-        c = socket.socket()
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        c.connect(("127.0.0.1", s.port))
+        c = slow_reader(s, 65536)
         small = encode("ECHO", b"q" * (256 << 10))
         sender = threading.Thread(target=c.sendall, args=(small * 20 + encode("ECHO", b"y" * (6 << 20)) + encode("PING"),),
                                   daemon=True)

@@ -502,11 +502,17 @@ def test_semi_synchronous_failover_loses_no_acknowledged_order(data_dir):
         primary.stop()
 
 
-def test_semi_synchronous_change_without_acknowledgement_is_answered_noreplicas(data_dir):
+def semi_synchronous_pair(data_dir, timeout_ms):
+    """A primary answering changes once one replica has them (--min-replicas-to-write 1), and its replica."""
     primary = Server(os.path.join(data_dir, "primary"), "--shards", "2",
-                     "--min-replicas-to-write", "1", "--min-replicas-timeout-ms", "300").start()
+                     "--min-replicas-to-write", "1", "--min-replicas-timeout-ms", str(timeout_ms)).start()
     replica = Server(os.path.join(data_dir, "replica"), "--shards", "2",
                      "--replica-of", f"127.0.0.1:{primary.port}").start()
+    return primary, replica
+
+
+def test_semi_synchronous_change_without_acknowledgement_is_answered_noreplicas(data_dir):
+    primary, replica = semi_synchronous_pair(data_dir, 300)
     p = primary.client()
     try:
         wait_for_replicas(p)
@@ -531,10 +537,7 @@ def test_a_replica_linked_throughout_acknowledges_every_change_in_time(data_dir)
     one client's RESERVEs, one at a time, took about 1 s now and then, and with a timeout under a
     second were answered NOREPLICAS though the replica had them. A race, so this test may pass
     without the fix: 1 to 6 in 15 s here, one client at a time (with three clients, none)."""
-    primary = Server(os.path.join(data_dir, "primary"), "--shards", "2",
-                     "--min-replicas-to-write", "1", "--min-replicas-timeout-ms", "400").start()
-    replica = Server(os.path.join(data_dir, "replica"), "--shards", "2",
-                     "--replica-of", f"127.0.0.1:{primary.port}").start()
+    primary, replica = semi_synchronous_pair(data_dir, 400)
     p = primary.client()
     try:
         wait_for_replicas(p)
