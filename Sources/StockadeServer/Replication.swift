@@ -349,9 +349,12 @@ final class ReplicaFeed: @unchecked Sendable {
     private let last: UInt64?
     /// The replica's newest primary term (nil: none in its log).
     private let lastTerm: EpochHistory.Term?
-    /// The last position sent on this stream (or being written to it): an acknowledgement beyond it
-    /// is capped to it (a client cannot vouch for records it was never sent).
+    /// The last position written to this stream: an acknowledgement beyond it is capped to it (a
+    /// client cannot vouch for records it was never sent).
     private let sentThrough = Atomic<UInt64>(0)
+    /// The highest position the replica acknowledged, before the cap: applied again, capped, once
+    /// the blocks it names are written (``run()``).
+    private let ackHeard = Atomic<UInt64>(0)
     /// The replica asked for this node's confirmed position (`REPLCONF CAPA CONFIRMED`).
     private let wantsConfirmed = Atomic<Bool>(false)
     /// `+CONTINUE` went out: from then on a `+CONFIRMED` line may go between the stream's writes
@@ -394,6 +397,7 @@ final class ReplicaFeed: @unchecked Sendable {
             guard case .command(let arguments) = outcome else { break }
             if let id, arguments.count == 2, Word(arguments[0]) == Word("REPLACK"),
                let lsn = arguments[1].withUnsafeReadableBytes({ RESPParser.decimal($0) }), lsn >= 0 {
+                ackHeard.max(UInt64(lsn), ordering: .acquiringAndReleasing)
                 server.replication.acknowledged(
                     id, lsn: min(UInt64(lsn), sentThrough.load(ordering: .acquiring)), confirming: !server.engine.role.isReadOnly)
             } else if let id, arguments.count == 3, Word(arguments[0]) == Word("REPLCONF"), Word(arguments[1]) == Word("CAPA"),
@@ -442,14 +446,6 @@ final class ReplicaFeed: @unchecked Sendable {
         return false
     }
 
-    /// The refusal of a REPLICATE from this node's own link to a primary.
-    static let selfRefusal = "-ERR a node cannot replicate from itself"
-
-    /// An address as both ends of a connection name it: `ip:port`.
-    static func addressKey(_ address: SocketAddress) -> String {
-        "\(address.ipAddress ?? "?"):\(address.port ?? -1)"
-    }
-
     /// Streams until the link closes or the log cannot serve the replica. Refuses a replica whose
     /// position is ahead of this log (it holds records this primary never made durable).
     func run() async {
@@ -458,10 +454,6 @@ final class ReplicaFeed: @unchecked Sendable {
             return
         }
         defer { server.replication.removeReplica(id) }
-        if let own = server.ownLinkAddress.withLock({ $0 }), channel.remoteAddress.map(Self.addressKey) == own {
-            await send("\(Self.selfRefusal): the replica is this node (REPLICAOF names its own address)\r\n", close: true)
-            return
-        }
         let journal = server.store.journal
         let durableAtStart = journal.lastDurableLSN
         // The replica's log must be a prefix of this one. By terms first: its newest term must be one
@@ -510,7 +502,10 @@ final class ReplicaFeed: @unchecked Sendable {
         // serves no further, an older one ignores the word.
         let confirmed = server.confirmedForReplicas
         confirmedSent.store(confirmed, ordering: .relaxed)
-        guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount) EPOCH \(epoch) DURABLE \(journal.lastDurableLSN) CONFIRMED \(confirmed)\r\n") else { return }
+        // ROOT: the node at the top of this chain (this one, or the root its own link last heard), so a
+        // replica can tell it would follow itself (a replica of an older build ignores the word).
+        let root = server.engine.role.isReadOnly ? server.upstreamRoot.withLock { $0 } ?? server.runID : server.runID
+        guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount) EPOCH \(epoch) DURABLE \(journal.lastDurableLSN) CONFIRMED \(confirmed) ROOT \(root)\r\n") else { return }
         streaming.store(true, ordering: .releasing)
         // A REPLCONF that came before (a replica does not send it so early) is answered now.
         pushConfirmed()
@@ -557,12 +552,16 @@ final class ReplicaFeed: @unchecked Sendable {
                         out.writeBytes(block.bytes)
                         out.writeString("\r\n")
                     }
-                    // Counted as sent before the write completes: the replica may have them, synced,
-                    // and acknowledged them before this task resumes, and an acknowledgement capped
-                    // below them would wait for the next one (a second, at a heartbeat).
+                    guard await send(out) else { return }
                     next = blocks.last!.lastLSN + 1
                     sentThrough.store(next - 1, ordering: .releasing)
-                    guard await send(out) else { return }
+                    // The replica may have had these, synced them and acknowledged them before this
+                    // task resumed: that acknowledgement was capped below them, and would otherwise
+                    // wait for the next one (a second later, at a heartbeat). It counts now.
+                    let heard = ackHeard.load(ordering: .acquiring)
+                    if heard > from - 1 {
+                        server.replication.acknowledged(id, lsn: min(heard, next - 1), confirming: !server.engine.role.isReadOnly)
+                    }
                     lastSentNanos = monotonicNanos()
                 }
                 continue
@@ -776,8 +775,6 @@ final class ReplicaLink: Sendable {
             }
         }
         defer { watchdog.cancel() }
-        server.ownLinkAddress.withLock { $0 = raw.localAddress.map(ReplicaFeed.addressKey) }
-        defer { server.ownLinkAddress.withLock { $0 = nil } }
         try await withTaskCancellationHandler {
           try await channel.executeThenClose { inbound, outbound in
             var iterator = inbound.makeAsyncIterator()
@@ -902,6 +899,18 @@ final class ReplicaLink: Sendable {
                 if let at = words.firstIndex(of: "CONFIRMED"), at + 1 < words.count, let confirmed = Self.position(words[at + 1]) {
                     primaryConfirmed = confirmed
                 }
+                // The run id of the node at the top of the primary's chain (an older primary does not
+                // say): this node's own means its log would come from itself, directly (its own
+                // address, a forwarder) or round a loop of replicas.
+                if let at = words.firstIndex(of: "ROOT"), at + 1 < words.count {
+                    let root = String(words[at + 1])
+                    guard root != server.runID else {
+                        throw ReplicationError(
+                            "\(host):\(port) leads back to this node (its log would come from this node itself): it cannot follow its own log. Name another primary (REPLICAOF host port), or REPLICAOF NO ONE",
+                            fatal: true)
+                    }
+                    server.upstreamRoot.withLock { $0 = root }
+                }
                 guard shards == engine.shardCount else {
                     guard shards >= 1, shards <= Limits.shardCountMax else {
                         throw ReplicationError("the primary's answer names no valid shard count: \(reply.prefix(80))", fatal: true)
@@ -958,10 +967,6 @@ final class ReplicaLink: Sendable {
                 var error = ReplicationError("the primary refused: \(reply.dropFirst())")
                 error.divergence = .init(primaryEpoch: tail.epoch, from: tail.from)
                 throw error
-            case .line(let reply)? where reply.hasPrefix(ReplicaFeed.selfRefusal):
-                throw ReplicationError(
-                    "\(host):\(port) is this node itself: it cannot follow its own log. Name another primary (REPLICAOF host port), or REPLICAOF NO ONE",
-                    fatal: true)
             case .line(let reply)? where reply.hasPrefix("-"):
                 throw ReplicationError("the primary refused: \(reply.dropFirst())")
             case let other:

@@ -51,9 +51,11 @@ final class ServerContext: Sendable {
     let replication = ReplicationState()
     /// The link to the primary while this server is a replica.
     let replicaLink = Mutex<ReplicaLink?>(nil)
-    /// The local address (`ip:port`) of that link's connection while it is open: a REPLICATE that
-    /// comes from it is this node following itself (``ReplicaFeed/run()``).
-    let ownLinkAddress = Mutex<String?>(nil)
+    /// This process's id, 40 hex digits as Redis's `run_id` (INFO server): a replica's stream tells
+    /// its replica the id at the top of its chain (`ROOT`), so a node never follows itself.
+    let runID: String = String((0..<40).map { _ in "0123456789abcdef".randomElement()! })
+    /// The `ROOT` this node's link to a primary last heard (nil: none yet).
+    let upstreamRoot = Mutex<String?>(nil)
     /// The loops, for the replica's link to the primary.
     let group: EventLoopGroup?
     /// The highest primary epoch this node has seen (its log's newest term, the coordinator's key, a
@@ -473,6 +475,8 @@ final class ServerContext: Sendable {
             await changesInFlightFinish()
         }
         let link = ReplicaLink(host: host, port: port, server: self, group: group)
+        // What the former link heard does not hold for the new primary's chain.
+        upstreamRoot.withLock { $0 = nil }
         replicaLink.withLock { $0 = link }
         link.start()
         logger.info("following \(host):\(port) (REPLICAOF): read-only")
@@ -802,7 +806,7 @@ final class ServerContext: Sendable {
             text += "\r\n"
         }
         add("Server", [
-            ("stockade_version", stockadeVersion), ("redis_version", "7.0.0-stockade"), ("process_id", String(getpid())),
+            ("stockade_version", stockadeVersion), ("redis_version", "7.0.0-stockade"), ("process_id", String(getpid())), ("run_id", runID),
             ("tcp_port", String(listeningPort.withLock { $0 })), ("uptime_in_seconds", String((monotonicNanos() - startedNanos) / 1_000_000_000)),
             ("shards", String(engine.shardCount)), ("data_dir", store.directory.path),
         ])

@@ -249,9 +249,10 @@ def test_an_order_id_lost_in_a_failover_names_no_order_on_the_new_primary(pair):
 
 class Relay:
     """A TCP relay between a replica and its primary that can break the first stream: cut it in the
-    middle of a block, or flip one byte inside a block. Later connections are relayed as they are."""
+    middle of a block, or flip one byte inside a block ("relay": neither). Later connections are
+    relayed as they are."""
 
-    def __init__(self, target_port, mode):
+    def __init__(self, target_port, mode="relay"):
         self.target_port = target_port
         self.mode = mode
         self.listener = socket.socket()
@@ -271,7 +272,7 @@ class Relay:
                 return
             self.connections += 1
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            first = self.connections == 1
+            first = self.connections == 1 and self.mode != "relay"
             threading.Thread(target=self.pipe, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self.pipe, args=(upstream, client, first), daemon=True).start()
 
@@ -559,23 +560,35 @@ def test_a_replica_linked_throughout_acknowledges_every_change_in_time(data_dir)
         primary.stop()
 
 
-@pytest.mark.parametrize("how", ["REPLICAOF", "--replica-of"])
+@pytest.mark.parametrize("how", ["REPLICAOF", "--replica-of", "a forwarder", "each other"])
 def test_a_node_told_to_follow_itself_stops_with_a_clear_error(data_dir, how):
     """REPLICAOF naming the node's own address was accepted: the node followed itself, reported its
-    link up, and refused every write with READONLY for ever. Now its link stops with an error that
-    says so (INFO replication), and REPLICAOF NO ONE makes it a primary again."""
-    if how == "REPLICAOF":
-        node = Server(os.path.join(data_dir, "a"), "--shards", "2", "--io-threads", "1").start()
-        r = node.client()
-        r.execute_command("SKU.ADD", "tv", 10)
-        assert r.execute_command("REPLICAOF", "127.0.0.1", node.port) == "OK"
-    else:
+    link up, and refused every write with READONLY for ever. So did a node reaching itself through a
+    forwarder, and two nodes told to follow each other. The stream now names the run id at the top
+    of the primary's chain (ROOT): a node that hears its own stops its link with an error that says
+    so (INFO replication), and REPLICAOF NO ONE makes it a primary again."""
+    other = None
+    forwarder = None
+    if how == "--replica-of":
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         node = Server(os.path.join(data_dir, "a"), "--shards", "2", "--port", str(port),
                       "--replica-of", f"127.0.0.1:{port}").start()
         r = node.client()
+    else:
+        node = Server(os.path.join(data_dir, "a"), "--shards", "2", "--io-threads", "1").start()
+        r = node.client()
+        r.execute_command("SKU.ADD", "tv", 10)
+        if how == "REPLICAOF":
+            assert r.execute_command("REPLICAOF", "127.0.0.1", node.port) == "OK"
+        elif how == "a forwarder":
+            forwarder = Relay(node.port)
+            assert r.execute_command("REPLICAOF", "127.0.0.1", forwarder.port) == "OK"
+        else:
+            other = Server(os.path.join(data_dir, "b"), "--shards", "2", "--replica-of", f"127.0.0.1:{node.port}").start()
+            wait_for_replicas(r)
+            assert r.execute_command("REPLICAOF", "127.0.0.1", other.port) == "OK"
     try:
         def stopped():
             link = info(r)
@@ -586,9 +599,27 @@ def test_a_node_told_to_follow_itself_stops_with_a_clear_error(data_dir, how):
         assert stopped(), info(r)
         assert r.execute_command("REPLICAOF", "NO", "ONE") == "OK"
         r.execute_command("SKU.ADD", "radio", 5)
-        assert int(info(r)["connected_slaves"]) == 0
+        if other is not None:
+            # The other node followed this one throughout, and still does.
+            assert wait_until_same(lambda: other.client().execute_command("STOCK", "radio")[5], 5)
     finally:
+        if forwarder is not None:
+            forwarder.close()
+        if other is not None:
+            other.stop()
         node.stop()
+
+
+def wait_until_same(read, expected, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if read() == expected:
+                return True
+        except redis.ResponseError:
+            pass
+        time.sleep(0.05)
+    return False
 
 
 def test_former_primary_rejoins_as_a_replica_and_starts_over_when_its_log_went_another_way(data_dir):
