@@ -41,6 +41,11 @@ struct URLParts {
         guard let host = components.host, !host.isEmpty else {
             throw SinkError(.configuration, "'\(redacted)' names no host")
         }
+        // Printable ASCII without spaces: a decoded %00 cut the name short
+        // where it was resolved, and the sink connected to another host than the one shown.
+        guard host.utf8.allSatisfy({ (0x21...0x7E).contains($0) }) else {
+            throw SinkError(.configuration, "'\(redacted)': the host name must be printable ASCII without spaces or %-escapes of other bytes")
+        }
         let port = components.port ?? defaultPort
         guard (1...65535).contains(port) else { throw SinkError(.configuration, "'\(redacted)': port must be 1 to 65535") }
         let path = components.percentEncodedPath.drop { $0 == "/" }

@@ -82,7 +82,8 @@ private func bulk(_ bytes: [UInt8]) -> RESPReply { .bytes(bytes) }
         // A NUL byte cannot go into PostgreSQL's start-up message (its strings end at one): the
         // server answered a protocol error, which the sink retried for ever.
         for wrong in ["mysql://a@b/c", "postgres://db/shop", "postgres://a@b:0/c", "not a url", "postgres://a@b/c?sslmode=require",
-                      "postgres://a@b/sink%00x", "postgres://a%00b@h/c", "postgres://a:p%00w@h/c"] {
+                      "postgres://a@b/sink%00x", "postgres://a%00b@h/c", "postgres://a:p%00w@h/c",
+                      "postgres://a@127.0.0.1%00.db.example:5432/c", "postgres://a@h%20x/c"] {
             #expect(throws: SinkError.self) { try DatabaseAddress.parse(wrong, environment: [:]) }
         }
     }
@@ -91,6 +92,8 @@ private func bulk(_ bytes: [UInt8]) -> RESPReply { .bytes(bytes) }
         #expect(try ServerAddress.parse("redis://127.0.0.1:7379") == ServerAddress(host: "127.0.0.1", port: 7379, password: nil))
         #expect(try ServerAddress.parse("redis://:pw@h") == ServerAddress(host: "h", port: 7379, password: "pw"))
         #expect(throws: SinkError.self) { try ServerAddress.parse("rediss://h:1") }
+        #expect(throws: SinkError.self) { try ServerAddress.parse("redis://127.0.0.1%00.example:7379") }
+        #expect(throws: Never.self) { try ServerAddress.parse("redis://[::1]:7379") }
     }
 
     @Test func configurationBoundsNameTheirFlag() {
