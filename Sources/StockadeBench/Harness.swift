@@ -263,9 +263,11 @@ public enum Harness {
         var channels: [Channel] = []
         var dones: [EventLoopFuture<ConnectionResult>] = []
         var errors: [String] = []
+        var tried = 0
         for batch in stride(from: 0, to: options.connections, by: 256) {
             var pending: [(EventLoopFuture<Channel>, EventLoopFuture<Void>)] = []
             for index in batch..<min(options.connections, batch + 256) {
+                tried += 1
                 let loop = group.next()
                 let ready = loop.makePromise(of: Void.self)
                 let done = loop.makePromise(of: ConnectionResult.self)
@@ -294,7 +296,7 @@ public enum Harness {
         }
         if !errors.isEmpty {
             for channel in channels { channel.close(promise: nil) }
-            throw BenchError("\(errors.count) of \(options.connections) connections could not be opened before the load (nothing was created): "
+            throw BenchError("\(errors.count) of the \(tried) connections tried (of \(options.connections)) could not be opened before the load (nothing was created): "
                 + collapse(errors).joined(separator: "; "))
         }
         return (channels, dones)
@@ -405,6 +407,8 @@ public enum Harness {
     }
 
     /// Leaves the target as it was, as far as the protocol allows: holds cancelled, SKUs emptied and paused.
+    /// A command refused BUSY (the server's --rate-limit, or its log's queue full) is sent again, for
+    /// at most a minute; what is still refused then is reported as left.
     private static func cleanUp(
         _ options: BenchOptions, control: CommandClient, skuNames: [String], held: [UInt64], log: @Sendable (String) -> Void
     ) async throws -> [String] {
@@ -412,24 +416,55 @@ public enum Harness {
             _ = try await control.pipeline(skuNames.map { ["DEL", "stock:\($0)", "bought:\($0)"] })
             return ["deleted the keys of \(skuNames.count) SKUs"]
         }
-        var cancelled = 0
+        let deadline = monotonicNanos() + 60_000_000_000
+        var cancelled = 0, expired = 0, other = 0, busy = 0
         if !held.isEmpty { log("cleanup: cancelling \(held.count) holds") }
         for chunk in stride(from: 0, to: held.count, by: 512) {
-            let replies = try await control.pipeline(held[chunk..<min(held.count, chunk + 512)].map { ["CANCEL", String($0)] })
-            cancelled += replies.filter { $0 == .simple("CANCELLED") }.count
+            let replies = try await sendRetryingBusy(
+                control, held[chunk..<min(held.count, chunk + 512)].map { ["CANCEL", String($0)] }, until: deadline)
+            for reply in replies {
+                switch reply.errorCode {
+                case nil where reply == .simple("CANCELLED"): cancelled += 1
+                case "EXPIRED": expired += 1
+                case "BUSY": busy += 1
+                default: other += 1
+                }
+            }
         }
-        var emptied = 0
+        var emptied = 0, paused = 0
         for sku in skuNames {
             let available = try await stockInfo(control, sku)["available", default: 0]
-            if available > 0, case .array = try await control.send(["SKU.RESTOCK", sku, String(-available)]) { emptied += 1 }
-            _ = try await control.send(["SKU.PAUSE", sku])
+            var commands = [["SKU.PAUSE", sku]]
+            if available > 0 { commands.insert(["SKU.RESTOCK", sku, String(-available)], at: 0) }
+            let replies = try await sendRetryingBusy(control, commands, until: deadline)
+            if available > 0, case .array = replies[0] { emptied += 1 }
+            if replies.last == .simple("OK") { paused += 1 }
         }
         var lines: [String] = []
         if !held.isEmpty {
-            lines.append("cancelled \(cancelled) of \(held.count) holds" + (cancelled < held.count ? " (the others had expired)" : ""))
+            var line = "cancelled \(cancelled) of \(held.count) holds"
+            if expired > 0 { line += ", \(expired) had expired" }
+            if other > 0 { line += ", \(other) were no longer pending" }
+            if busy > 0 { line += ", \(busy) still refused BUSY after a minute: LEFT HELD until their TTL" }
+            lines.append(line)
         }
-        lines.append("\(skuNames.count) SKUs paused with no stock left (\(emptied) emptied); sales stay sold")
+        lines.append("\(paused) of \(skuNames.count) SKUs paused with no stock left (\(emptied) emptied); sales stay sold"
+            + (paused < skuNames.count ? "; the others were LEFT as they are (refused BUSY)" : ""))
         return lines
+    }
+
+    /// Sends `commands` in one pipeline, and again those answered BUSY, a quarter of a second apart,
+    /// until `deadline`; returns the last reply of each.
+    private static func sendRetryingBusy(_ control: CommandClient, _ commands: [[String]], until deadline: UInt64) async throws -> [RESPReply] {
+        var replies = try await control.pipeline(commands)
+        while monotonicNanos() < deadline {
+            let refused = replies.indices.filter { replies[$0].errorCode == "BUSY" }
+            if refused.isEmpty { break }
+            try await Task.sleep(for: .milliseconds(250))
+            let again = try await control.pipeline(refused.map { commands[$0] })
+            for (index, reply) in zip(refused, again) { replies[index] = reply }
+        }
+        return replies
     }
 
     private static func stockInfo(_ control: CommandClient, _ sku: String) async throws -> [String: Int] {

@@ -195,7 +195,7 @@ final class LoadConnection: ChannelInboundHandler {
             }
         } else {
             started = true
-            for _ in 0..<state.options.pipeline { issue(intended: now) }
+            for _ in 0..<state.options.pipeline where !finishedIssuing { issue(intended: now) }
             flush(context: context)
             // A connection with nothing left of the budget (fewer requests than connections) ends.
             checkDone(context: context)

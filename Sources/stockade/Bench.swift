@@ -99,6 +99,9 @@ struct Bench: AsyncParsableCommand {
         guard (0...100).contains(confirm), (0...100).contains(cancel), confirm + cancel <= 100 else {
             throw ValidationError("--confirm and --cancel are percents of the holds: each 0 to 100, together at most 100")
         }
+        guard connections <= 100_000, pipeline <= 100_000 else {
+            throw ValidationError("-c and -P must be at most 100000 (-c: each connection a socket, -P: requests in flight on each)")
+        }
         guard limit >= 0, (1...1024).contains(clientThreads) else {
             throw ValidationError("--limit must be 0 or more, --client-threads 1 to 1024")
         }

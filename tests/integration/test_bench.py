@@ -141,7 +141,7 @@ def test_every_connection_is_open_before_the_clock_starts(data_dir):
         target = f"stockade://127.0.0.1:{s.port}"
         out = bench("sellout", "--target", target, "-c", 60, "-P", 1, "-n", 1000)
         assert out.returncode != 0
-        assert "connections could not be opened before the load (nothing was created)" in out.stderr, out.stderr
+        assert "could not be opened before the load (nothing was created)" in out.stderr, out.stderr
         assert "max number of clients reached" in out.stderr, out.stderr
         assert skus_on(s) == []
 
@@ -220,13 +220,32 @@ def test_the_audit_names_a_stock_another_client_changed(server):
         assert "OVERSOLD" not in problems and "send more requests" not in problems, (how, problems)
 
 
-def test_refusals_counted_in_the_rate_are_noted(data_dir):
+def test_refusals_counted_in_the_rate_are_noted_and_the_cleanup_outlasts_them(data_dir):
     """Under --rate-limit most requests were refused BUSY, and the headline rate counted them with no
-    word of it."""
+    word of it. The cleanup's CANCELs and SKU.PAUSEs were refused BUSY too, and it reported the holds
+    it had not cancelled as expired and the SKUs as paused: 7,756 units stayed held."""
     s = Server(data_dir, "--rate-limit", "500").start()
     try:
         out = subprocess.run([BINARY, "bench", "sellout", "--target", f"stockade://127.0.0.1:{s.port}", "--skus", "1",
-                              "--stock", "100", "-n", "5000", "-c", "2", "--quiet"], capture_output=True, text=True, timeout=60)
+                              "--stock", "1500", "-n", "20000", "-c", "4", "--quiet"], capture_output=True, text=True, timeout=120)
         assert "requests were refused BUSY" in out.stdout, out.stdout
+        assert "cleanup: cancelled 1500 of 1500 holds" in out.stdout, out.stdout
+        assert "cleanup: 1 of 1 SKUs paused" in out.stdout, out.stdout
+        r = s.client()
+        for sku in skus_on(s):
+            fields = r.execute_command("STOCK", sku)
+            info = dict(zip(fields[::2], fields[1::2]))
+            assert int(info["reserved"]) == 0 and int(info["paused"]) == 1, info
     finally:
         s.stop()
+
+
+def test_a_pipeline_deeper_than_the_requests_ends_with_them(server):
+    """-P 100000000 with -n 200 went on taking tickets after the 200 were gone, and that time was
+    counted as latency (p50 893 ms); -P now stops at 100,000 and the opening stops with the budget."""
+    target = f"stockade://127.0.0.1:{server.port}"
+    out = bench("sustained", "--target", target, "-c", 2, "-n", 200, "-P", 100_000_000)
+    assert out.returncode == 64 and "-P must be at most 100000" in out.stderr, out.stderr
+    out = bench("sustained", "--target", target, "-c", 2, "-n", 200, "-P", 100_000)
+    report = json.loads(out.stdout)
+    assert out.returncode == 0 and report["requests"] == 200 and report["seconds"] < 2, report
