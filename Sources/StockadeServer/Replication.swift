@@ -502,10 +502,8 @@ final class ReplicaFeed: @unchecked Sendable {
         // serves no further, an older one ignores the word.
         let confirmed = server.confirmedForReplicas
         confirmedSent.store(confirmed, ordering: .relaxed)
-        // ROOT: the node at the top of this chain (this one, or the root its own link last heard), so a
-        // replica can tell it would follow itself (a replica of an older build ignores the word).
-        let root = server.engine.role.isReadOnly ? server.upstreamRoot.withLock { $0 } ?? server.runID : server.runID
-        guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount) EPOCH \(epoch) DURABLE \(journal.lastDurableLSN) CONFIRMED \(confirmed) ROOT \(root)\r\n") else { return }
+        // RUNID: this process's, so a replica can tell it reached itself (an older one ignores the word).
+        guard await send("+CONTINUE \(next) SHARDS \(server.engine.shardCount) EPOCH \(epoch) DURABLE \(journal.lastDurableLSN) CONFIRMED \(confirmed) RUNID \(server.runID)\r\n") else { return }
         streaming.store(true, ordering: .releasing)
         // A REPLCONF that came before (a replica does not send it so early) is answered now.
         pushConfirmed()
@@ -899,17 +897,12 @@ final class ReplicaLink: Sendable {
                 if let at = words.firstIndex(of: "CONFIRMED"), at + 1 < words.count, let confirmed = Self.position(words[at + 1]) {
                     primaryConfirmed = confirmed
                 }
-                // The run id of the node at the top of the primary's chain (an older primary does not
-                // say): this node's own means its log would come from itself, directly (its own
-                // address, a forwarder) or round a loop of replicas.
-                if let at = words.firstIndex(of: "ROOT"), at + 1 < words.count {
-                    let root = String(words[at + 1])
-                    guard root != server.runID else {
-                        throw ReplicationError(
-                            "\(host):\(port) leads back to this node (its log would come from this node itself): it cannot follow its own log. Name another primary (REPLICAOF host port), or REPLICAOF NO ONE",
-                            fatal: true)
-                    }
-                    server.upstreamRoot.withLock { $0 = root }
+                // The primary's run id (an older primary does not say): this node's own means the
+                // link came back to this node (its own address, another name for it, a forwarder).
+                if let at = words.firstIndex(of: "RUNID"), at + 1 < words.count, words[at + 1] == server.runID {
+                    throw ReplicationError(
+                        "\(host):\(port) is this node itself: it cannot follow its own log. Name another primary (REPLICAOF host port), or REPLICAOF NO ONE",
+                        fatal: true)
                 }
                 guard shards == engine.shardCount else {
                     guard shards >= 1, shards <= Limits.shardCountMax else {

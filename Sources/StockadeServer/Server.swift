@@ -51,11 +51,9 @@ final class ServerContext: Sendable {
     let replication = ReplicationState()
     /// The link to the primary while this server is a replica.
     let replicaLink = Mutex<ReplicaLink?>(nil)
-    /// This process's id, 40 hex digits as Redis's `run_id` (INFO server): a replica's stream tells
-    /// its replica the id at the top of its chain (`ROOT`), so a node never follows itself.
+    /// This process's id, 40 random hex digits as Redis's `run_id` (INFO server): a primary's stream
+    /// names it (`RUNID`), so a node whose link came back to itself can tell.
     let runID: String = String((0..<40).map { _ in "0123456789abcdef".randomElement()! })
-    /// The `ROOT` this node's link to a primary last heard (nil: none yet).
-    let upstreamRoot = Mutex<String?>(nil)
     /// The loops, for the replica's link to the primary.
     let group: EventLoopGroup?
     /// The highest primary epoch this node has seen (its log's newest term, the coordinator's key, a
@@ -475,8 +473,6 @@ final class ServerContext: Sendable {
             await changesInFlightFinish()
         }
         let link = ReplicaLink(host: host, port: port, server: self, group: group)
-        // What the former link heard does not hold for the new primary's chain.
-        upstreamRoot.withLock { $0 = nil }
         replicaLink.withLock { $0 = link }
         link.start()
         logger.info("following \(host):\(port) (REPLICAOF): read-only")
