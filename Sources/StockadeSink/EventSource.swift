@@ -38,9 +38,11 @@ struct URLParts {
         guard schemes.contains(scheme) else {
             throw SinkError(.configuration, "'\(redacted)': the scheme must be \(schemes.map { $0 + "://" }.joined(separator: " or "))")
         }
-        guard let host = components.host, !host.isEmpty else {
+        guard var host = components.host, !host.isEmpty else {
             throw SinkError(.configuration, "'\(redacted)' names no host")
         }
+        // An IPv6 address is written in brackets in a URL, and resolved without them.
+        if host.hasPrefix("["), host.hasSuffix("]"), host.count > 2 { host = String(host.dropFirst().dropLast()) }
         // Printable ASCII without spaces: a decoded %00 cut the name short
         // where it was resolved, and the sink connected to another host than the one shown.
         guard host.utf8.allSatisfy({ (0x21...0x7E).contains($0) }) else {

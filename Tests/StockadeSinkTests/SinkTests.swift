@@ -93,7 +93,9 @@ private func bulk(_ bytes: [UInt8]) -> RESPReply { .bytes(bytes) }
         #expect(try ServerAddress.parse("redis://:pw@h") == ServerAddress(host: "h", port: 7379, password: "pw"))
         #expect(throws: SinkError.self) { try ServerAddress.parse("rediss://h:1") }
         #expect(throws: SinkError.self) { try ServerAddress.parse("redis://127.0.0.1%00.example:7379") }
-        #expect(throws: Never.self) { try ServerAddress.parse("redis://[::1]:7379") }
+        // An IPv6 address in brackets is resolved without them (the sink looked the brackets up by name).
+        #expect(try ServerAddress.parse("redis://[::1]:7379").host == "::1")
+        #expect(try DatabaseAddress.parse("postgres://u@[::1]:5432/d", environment: [:]).host == "::1")
     }
 
     @Test func configurationBoundsNameTheirFlag() {
