@@ -152,7 +152,7 @@ public enum Harness {
 
         // The load's connections, all open and answering PING before anything is created or timed:
         // a connection refused (the server's client limit, a password) stops the run here.
-        let (channels, dones) = try await openLoadConnections(options, group: group, state: state)
+        let (channels, dones, recorders) = try await openLoadConnections(options, group: group, state: state)
 
         // Setup: fresh SKU names per run, so runs never collide in one server.
         do {
@@ -182,7 +182,6 @@ public enum Harness {
         for future in futures {
             do {
                 let result = try await future.get()
-                merged.latency.add(result.latency)
                 merged.outcomes.merge(result.outcomes, uniquingKeysWith: +)
                 merged.successesPerSku.merge(result.successesPerSku, uniquingKeysWith: +)
                 merged.perUserSku.merge(result.perUserSku, uniquingKeysWith: +)
@@ -195,6 +194,11 @@ public enum Harness {
             }
         }
         let seconds = Double(monotonicNanos() - state.startNanos) / 1e9
+        for channel in channels { channel.close(promise: nil) }
+        var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
+        for recorder in recorders {
+            latency.add(try await recorder.eventLoop.submit { recorder.value.latency }.get())
+        }
         if let path = options.acknowledgedOrdersPath {
             let text = merged.heldOrders.map { "\($0)\n" }.joined()
             if !FileManager.default.createFile(atPath: path, contents: Data(text.utf8)) {
@@ -232,7 +236,7 @@ public enum Harness {
         let holds = options.target.isRedis ? 0 : (merged.outcomes["held"] ?? 0)
         let sales = options.target.isRedis ? successes : (merged.outcomes["paid"] ?? 0)
 
-        let h = merged.latency
+        let h = latency
         let requests = Int(h.totalCount)
         var notes: [String] = []
         if let busy = merged.outcomes["BUSY"], busy > 0 {
@@ -259,7 +263,12 @@ public enum Harness {
     /// answered PING. Any failure closes them all and stops the run with one line per kind of error.
     private static func openLoadConnections(
         _ options: BenchOptions, group: MultiThreadedEventLoopGroup, state: RunState
-    ) async throws -> ([Channel], [EventLoopFuture<ConnectionResult>]) {
+    ) async throws -> ([Channel], [EventLoopFuture<ConnectionResult>], [NIOLoopBound<LatencyRecorder>]) {
+        // One recorder a loop, made on it.
+        var recorders: [ObjectIdentifier: NIOLoopBound<LatencyRecorder>] = [:]
+        for loop in group.makeIterator() {
+            recorders[ObjectIdentifier(loop)] = try await loop.submit { NIOLoopBound(LatencyRecorder(), eventLoop: loop) }.get()
+        }
         var channels: [Channel] = []
         var dones: [EventLoopFuture<ConnectionResult>] = []
         var errors: [String] = []
@@ -269,6 +278,7 @@ public enum Harness {
             for index in batch..<min(options.connections, batch + 256) {
                 tried += 1
                 let loop = group.next()
+                let recorder = recorders[ObjectIdentifier(loop)]!
                 let ready = loop.makePromise(of: Void.self)
                 let done = loop.makePromise(of: ConnectionResult.self)
                 let bootstrap = ClientBootstrap(group: loop)
@@ -276,7 +286,7 @@ public enum Harness {
                     .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {
                             try channel.pipeline.syncOperations.addHandler(
-                                LoadConnection(state: state, index: index, ready: ready, done: done))
+                                LoadConnection(state: state, index: index, recorder: recorder, ready: ready, done: done))
                         }
                     }
                 let connected = bootstrap.connect(host: options.target.host, port: options.target.port)
@@ -299,7 +309,7 @@ public enum Harness {
             throw BenchError("\(errors.count) of the \(tried) connections tried (of \(options.connections)) could not be opened before the load (nothing was created): "
                 + collapse(errors).joined(separator: "; "))
         }
-        return (channels, dones)
+        return (channels, dones, Array(recorders.values))
     }
 
     /// Checks the sale against the target, SKU by SKU: what the harness was acknowledged must be
