@@ -34,6 +34,7 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
     /// The output is shut after the last reply and input is read only to be dropped, until the client
     /// closes or ``lingerSeconds`` pass (``closeAfterWrites(context:)``).
     private var lingering = false
+    private var outputShutRequested = false
     private var lingerTimer: Scheduled<Void>?
     /// The longest a closing connection reads and drops what its client still sends.
     static let lingerSeconds: Int64 = 5
@@ -1139,14 +1140,15 @@ final class ConnectionHandler: ChannelDuplexHandler, DurableWaiter {
         if closeAfter { closeAfterWrites(context: context) }
     }
 
-    /// Closes once everything written so far has reached the socket (or failed), and the client has
-    /// read it. The close lingers, as a web server's does: the output is shut once the writes reach
-    /// the socket (the client reads every reply, then the end of the stream), and what the client
-    /// still sends is read and dropped until it closes too, for at most ``lingerSeconds`` and
-    /// ``lingerBytesMax``. A socket
-    /// closed with unread input is answered with a reset, which drops the replies still in its send
-    /// queue: a slow reader that went on sending after QUIT lost its last replies and the `+OK`.
+    /// Closes after everything written so far, lingering as a web server's close does: the output is
+    /// shut once the writes reach the socket (the client reads every reply, then the end of the
+    /// stream), and what the client still sends is read and dropped until it closes too, for at most
+    /// ``lingerSeconds`` and ``lingerBytesMax``. A socket closed with unread input is answered with a
+    /// reset, which drops the replies still in its send queue: a slow reader that went on sending
+    /// after QUIT lost its last replies and the `+OK`. Called once a connection (later calls return).
     private func closeAfterWrites(context: ChannelHandlerContext) {
+        guard !outputShutRequested else { return }
+        outputShutRequested = true
         closing = true
         inbound = nil
         let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)

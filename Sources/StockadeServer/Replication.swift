@@ -352,9 +352,6 @@ final class ReplicaFeed: @unchecked Sendable {
     /// The last position written to this stream: an acknowledgement beyond it is capped to it (a
     /// client cannot vouch for records it was never sent).
     private let sentThrough = Atomic<UInt64>(0)
-    /// The highest position the replica acknowledged, before the cap: applied again, capped, once
-    /// the blocks it names are written (``run()``).
-    private let ackHeard = Atomic<UInt64>(0)
     /// The replica asked for this node's confirmed position (`REPLCONF CAPA CONFIRMED`).
     private let wantsConfirmed = Atomic<Bool>(false)
     /// `+CONTINUE` went out: from then on a `+CONFIRMED` line may go between the stream's writes
@@ -397,7 +394,6 @@ final class ReplicaFeed: @unchecked Sendable {
             guard case .command(let arguments) = outcome else { break }
             if let id, arguments.count == 2, Word(arguments[0]) == Word("REPLACK"),
                let lsn = arguments[1].withUnsafeReadableBytes({ RESPParser.decimal($0) }), lsn >= 0 {
-                ackHeard.max(UInt64(lsn), ordering: .acquiringAndReleasing)
                 server.replication.acknowledged(
                     id, lsn: min(UInt64(lsn), sentThrough.load(ordering: .acquiring)), confirming: !server.engine.role.isReadOnly)
             } else if let id, arguments.count == 3, Word(arguments[0]) == Word("REPLCONF"), Word(arguments[1]) == Word("CAPA"),
@@ -550,16 +546,8 @@ final class ReplicaFeed: @unchecked Sendable {
                         out.writeBytes(block.bytes)
                         out.writeString("\r\n")
                     }
-                    guard await send(out) else { return }
+                    guard await send(out, through: blocks.last!.lastLSN) else { return }
                     next = blocks.last!.lastLSN + 1
-                    sentThrough.store(next - 1, ordering: .releasing)
-                    // The replica may have had these, synced them and acknowledged them before this
-                    // task resumed: that acknowledgement was capped below them, and would otherwise
-                    // wait for the next one (a second later, at a heartbeat). It counts now.
-                    let heard = ackHeard.load(ordering: .acquiring)
-                    if heard > from - 1 {
-                        server.replication.acknowledged(id, lsn: min(heard, next - 1), confirming: !server.engine.role.isReadOnly)
-                    }
                     lastSentNanos = monotonicNanos()
                 }
                 continue
@@ -642,10 +630,19 @@ final class ReplicaFeed: @unchecked Sendable {
     }
 
     /// Writes and waits until the socket took the bytes; a replica that leaves them unread for
-    /// ``ReplicationLimits/stallSeconds`` is cut off. false when the link is gone.
-    private func send(_ buffer: ByteBuffer, close: Bool = false) async -> Bool {
+    /// ``ReplicationLimits/stallSeconds`` is cut off. false when the link is gone. `through`: the
+    /// last position the bytes carry, counted as sent (``sentThrough``) on the channel's loop the
+    /// moment the socket takes them: before the replica can read them, so before its acknowledgement
+    /// (read on the same loop) can be capped below them. Counted once this task resumed, an
+    /// acknowledgement that came first was capped, and the change waited for the next one, a second
+    /// later at a heartbeat.
+    private func send(_ buffer: ByteBuffer, through: UInt64? = nil, close: Bool = false) async -> Bool {
         let channel = self.channel
         let written = channel.eventLoop.makePromise(of: Void.self)
+        if let through {
+            // Attached before the write, so it runs as the promise completes, on the loop.
+            written.futureResult.whenSuccess { self.sentThrough.store(through, ordering: .releasing) }
+        }
         channel.writeAndFlush(buffer, promise: written)
         let stall = channel.eventLoop.scheduleTask(in: .seconds(ReplicationLimits.stallSeconds)) {
             channel.close(promise: nil)
