@@ -126,6 +126,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "StockadeSinkTests", dependencies: ["StockadeSink"]),
+        .testTarget(name: "StockadeBenchTests", dependencies: ["StockadeBench"]),
         .testTarget(name: "StockadeCoreTests", dependencies: ["StockadeCore", "StockadeSimulator"]),
         .testTarget(name: "StockadeSimulatorTests", dependencies: ["StockadeSimulator", "StockadeCore", "StockadeJournal"]),
         .testTarget(name: "StockadeJournalTests", dependencies: ["StockadeCore", "StockadeJournal"]),

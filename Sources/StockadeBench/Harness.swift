@@ -195,7 +195,7 @@ public enum Harness {
         }
         let seconds = Double(monotonicNanos() - state.startNanos) / 1e9
         for channel in channels { channel.close(promise: nil) }
-        var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
+        var latency = Histogram<UInt64>(highestTrackableValue: LatencyRecorder.microsMax, numberOfSignificantValueDigits: .three)
         for recorder in recorders {
             latency.add(try await recorder.eventLoop.submit { recorder.value.latency }.get())
         }

@@ -18,7 +18,7 @@ final class RunState: Sendable {
     var deadlineNanos: UInt64? { options.durationSeconds.map { startNanos + UInt64($0 * 1e9) } }
     private let issued = Atomic<Int>(0)
     let completed = Atomic<Int>(0)
-    private let interval = Mutex(Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three))
+    private let interval = Mutex(Histogram<UInt64>(highestTrackableValue: LatencyRecorder.microsMax, numberOfSignificantValueDigits: .three))
     /// Cumulative distribution of SKU choice (Zipf), or empty for uniform.
     private let skuCDF: [Double]
 
@@ -95,13 +95,18 @@ final class RunState: Sendable {
 /// connection (a histogram of three significant digits up to 60 s is about 140 KB: with one a
 /// connection, -c 2000 took 600 MB, and merging them held the loop for hundreds of milliseconds).
 final class LatencyRecorder {
-    var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
+    var latency = Histogram<UInt64>(highestTrackableValue: microsMax, numberOfSignificantValueDigits: .three)
     /// Since the last fold into the progress line's histogram.
-    var interval = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
+    var interval = Histogram<UInt64>(highestTrackableValue: microsMax, numberOfSignificantValueDigits: .three)
+
+    /// The histograms' bound: a latency past it is recorded at it (a request the histogram refused
+    /// went uncounted: an open loop far behind its schedule reported fewer requests than it sent).
+    static let microsMax: UInt64 = 60_000_000
 
     func record(_ micros: UInt64) {
-        _ = latency.record(micros)
-        _ = interval.record(micros)
+        let bounded = min(micros, Self.microsMax)
+        let recorded = (latency.record(bounded), interval.record(bounded))
+        assert(recorded == (true, true), "a latency within the bound is always recorded")
     }
 }
 

@@ -181,9 +181,11 @@ def test_the_open_loop_sends_its_whole_schedule_at_the_offered_rate(server):
     report = json.loads(out.stdout)
     assert report["requests"] == 20000, report["requests"]
 
-    out = bench("sustained", "--target", target, "--rate", 5_000_000, "--duration", 0.5, "-c", 4)
+    # Far more than the server (or a debug build of this client) makes: every request is still sent
+    # and counted, the latest with their wait from the schedule.
+    out = bench("sustained", "--target", target, "--rate", 1_000_000, "--duration", 0.2, "-c", 4)
     report = json.loads(out.stdout)
-    assert report["requests"] == 2_500_000, report["requests"]
+    assert report["requests"] == 200_000, report["requests"]
     assert any("fell behind its schedule" in note for note in report["notes"]), report["notes"]
 
 
