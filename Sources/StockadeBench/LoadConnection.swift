@@ -247,8 +247,7 @@ final class LoadConnection: ChannelInboundHandler {
         while nextIntendedNanos <= now, inFlight < 100_000, !finishedIssuing {
             issue(intended: nextIntendedNanos)
             if !finishedIssuing {
-                let lag = now - nextIntendedNanos
-                if lag > state.sendLagNanos.load(ordering: .relaxed) { state.sendLagNanos.store(lag, ordering: .relaxed) }
+                state.sendLagNanos.max(now - nextIntendedNanos, ordering: .relaxed)
             }
             scheduled += state.options.connections
             nextIntendedNanos = intendedNanos(of: scheduled, rate: state.options.rate!)

@@ -93,16 +93,21 @@ final class ClientRegistry: Sendable {
     /// All of them, by id.
     var all: [ClientRecord] { clients.withLock { Array($0.values) }.sorted { $0.id < $1.id } }
 
+    /// Those every given condition holds for, by id (CLIENT LIST; CLIENT KILL's filters).
+    func matching(ids: [Int64]? = nil, address: String? = nil, localAddress: String? = nil, replica: Bool? = nil) -> [ClientRecord] {
+        all.filter { record in
+            (ids.map { $0.contains(record.id) } ?? true)
+                && (address.map { $0 == record.address } ?? true)
+                && (localAddress.map { $0 == record.localAddress } ?? true)
+                && (replica.map { $0 == record.isReplica.load(ordering: .relaxed) } ?? true)
+        }
+    }
+
     /// The connections `filter` names (for the client `me`), closed; returns how many.
     func kill(_ filter: ClientKillFilter, me: Int64) -> Int {
         guard !filter.matchesNone else { return 0 }
-        let chosen = all.filter { record in
-            (filter.id.map { $0 == record.id } ?? true)
-                && (filter.address.map { $0 == record.address } ?? true)
-                && (filter.localAddress.map { $0 == record.localAddress } ?? true)
-                && (filter.replica.map { $0 == record.isReplica.load(ordering: .relaxed) } ?? true)
-                && !(filter.skipMe && record.id == me)
-        }
+        let chosen = matching(ids: filter.id.map { [$0] }, address: filter.address, localAddress: filter.localAddress, replica: filter.replica)
+            .filter { !(filter.skipMe && $0.id == me) }
         for record in chosen { record.channel.close(promise: nil) }
         return chosen.count
     }

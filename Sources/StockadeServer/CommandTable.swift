@@ -609,12 +609,8 @@ enum CommandTable {
         while i < list.count {
             switch Word(list[i]) {
             case Word("TYPE") where i + 1 < list.count:
-                switch Word(list[i + 1]) {
-                case Word("NORMAL"): replica = false
-                case Word("REPLICA"), Word("SLAVE"): replica = true
-                case Word("MASTER"), Word("PUBSUB"): matchesNone = true
-                default: return .invalid("ERR Unknown client type '\(shown(list[i + 1]))'")
-                }
+                guard let type = clientType(list[i + 1]) else { return unknownClientType(list[i + 1]) }
+                (replica, matchesNone) = type
                 i += 2
             case Word("ID") where i + 1 < list.count:
                 var chosen: [Int64] = []
@@ -629,6 +625,22 @@ enum CommandTable {
             }
         }
         return .clientList(ids: ids, replica: replica, matchesNone: matchesNone)
+    }
+
+    /// A client type of CLIENT LIST and KILL: whether it names replicas' streams (nil: any connection),
+    /// and whether it names none (Stockade has no master links or pub/sub clients to list); nil for
+    /// a word that is no type.
+    private static func clientType(_ word: UnsafeRawBufferPointer) -> (replica: Bool?, matchesNone: Bool)? {
+        switch Word(word) {
+        case Word("NORMAL"): (false, false)
+        case Word("REPLICA"), Word("SLAVE"): (true, false)
+        case Word("MASTER"), Word("PUBSUB"): (nil, true)
+        default: nil
+        }
+    }
+
+    private static func unknownClientType(_ word: UnsafeRawBufferPointer) -> Request {
+        .invalid("ERR Unknown client type '\(shown(word))'")
     }
 
     /// CLIENT KILL ip:port (the old form), or CLIENT KILL with filters: ID, ADDR, LADDR, TYPE, SKIPME.
@@ -651,12 +663,8 @@ enum CommandTable {
             case Word("ADDR"): filter.address = String(decoding: value, as: UTF8.self)
             case Word("LADDR"): filter.localAddress = String(decoding: value, as: UTF8.self)
             case Word("TYPE"):
-                switch Word(value) {
-                case Word("NORMAL"): filter.replica = false
-                case Word("REPLICA"), Word("SLAVE"): filter.replica = true
-                case Word("MASTER"), Word("PUBSUB"): filter.matchesNone = true
-                default: return .invalid("ERR Unknown client type '\(shown(value))'")
-                }
+                guard let type = clientType(value) else { return unknownClientType(value) }
+                (filter.replica, filter.matchesNone) = type
             case Word("SKIPME"):
                 switch Word(value) {
                 case Word("YES"): filter.skipMe = true

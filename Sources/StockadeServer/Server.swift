@@ -293,10 +293,7 @@ final class ServerContext: Sendable {
             out.writeRESPBulk((clients.record(client)?.line(nowNanos: monotonicNanos()) ?? "id=\(client)") + "\n")
         case .clientList(let ids, let replica, let matchesNone):
             let now = monotonicNanos()
-            let listed = matchesNone ? [] : clients.all.filter { record in
-                (ids.map { $0.contains(record.id) } ?? true)
-                    && (replica.map { $0 == record.isReplica.load(ordering: .relaxed) } ?? true)
-            }
+            let listed = matchesNone ? [] : clients.matching(ids: ids, replica: replica)
             out.writeRESPBulk(listed.map { $0.line(nowNanos: now) + "\n" }.joined())
         case .clientKill(let filter):
             let killed = clients.kill(filter, me: client)
